@@ -1,0 +1,1 @@
+"""benchmarks: the measurement harness (backends, quality / latency / memory metrics, reports)."""

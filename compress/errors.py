@@ -1,0 +1,79 @@
+"""Exceptions. Bad input (config, paths, corrupted checkpoints, unsupported models) is a
+`CompressInputError`; the CLI maps it to exit code 2 and anything else to 1."""
+
+
+class CompressError(Exception):
+    """Base class of the suite's own errors."""
+
+
+class CompressInputError(CompressError):
+    """The user's input is wrong: the message names the field or file and the fix."""
+
+
+class ConfigError(CompressInputError):
+    """A pipeline config or pass option is invalid."""
+
+
+class CheckpointError(CompressInputError):
+    """A checkpoint directory is missing, incomplete or corrupted."""
+
+
+class ModelSourceError(CompressInputError):
+    """A model source cannot be resolved or loaded."""
+
+
+class DataSourceError(CompressInputError):
+    """A data source cannot be resolved or read."""
+
+
+class UnsupportedModelError(CompressInputError):
+    """A pass does not support this model (architecture, task or checkpoint kind)."""
+
+
+def _model_at(model_cls, loc):
+    """The pydantic model class that holds the field at `loc` (best effort, for suggestions)."""
+    import typing
+
+    from pydantic import BaseModel
+
+    current = model_cls
+    for part in loc:
+        if not (isinstance(current, type) and issubclass(current, BaseModel)):
+            return None
+        field = current.model_fields.get(part) if isinstance(part, str) else None
+        if field is None:
+            return current if part == loc[-1] else None
+        ann = field.annotation
+        for _ in range(3):  # unwrap Optional[...] / list[...] / Union
+            args = [a for a in typing.get_args(ann) if a is not type(None)]
+            if isinstance(ann, type) and issubclass(ann, BaseModel):
+                break
+            ann = args[0] if args else ann
+        current = ann
+    return current
+
+
+def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
+    """One line per problem: the field path, the bad value, what is allowed and (for typos) a suggestion."""
+    import difflib
+
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        where = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
+        kind = err["type"]
+        if kind == "extra_forbidden":
+            holder = _model_at(model_cls, loc[:-1]) if model_cls else None
+            allowed = sorted(getattr(holder, "model_fields", {}) or {})
+            near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
+            msg = f"{where}: unknown option {loc[-1]!r}"
+            if near:
+                msg += f"; did you mean {near[0]!r}?"
+            if allowed:
+                msg += f" (allowed: {', '.join(allowed)})"
+        elif kind == "missing":
+            msg = f"{where}: required option is missing"
+        else:
+            msg = f"{where}: {err['msg']} (got {err.get('input')!r})"
+        lines.append(msg)
+    return "\n".join(lines)

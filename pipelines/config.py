@@ -1,0 +1,202 @@
+"""The pipeline config: YAML in, validated by pydantic, JSON Schema out.
+
+Errors name the field, the bad value and what is allowed; a misspelt pass or option gets a suggestion."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from benchmarks.config import BenchmarkConfig
+from compress import passes as pass_registry
+from compress.data import DataSpec, default_split
+from compress.errors import ConfigError, format_validation_error
+from compress.models import TASKS
+from compress.passes.base import Pass
+
+
+class ModelSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    source: str = Field(description="builtin:<name>, hf:<hub id>, or a local directory")
+    trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
+
+
+class DataConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train: DataSpec | None = Field(None, description="training data (distillation, recovery, calibration)")
+    eval: DataSpec | None = Field(None, description="held-out evaluation data for the benchmarks")
+    calibration: DataSpec | None = Field(None, description="calibration data (default: the training data)")
+
+
+class PipelineConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name: runs/<name>/")
+    model: ModelSpec
+    task: Literal["causal-lm", "sequence-classification", "feature-extraction"] = "causal-lm"
+    data: DataConfig = Field(default_factory=DataConfig)
+    passes: list[dict[str, dict[str, Any] | None]] = Field(
+        default_factory=list, description="run top to bottom; each item is {pass name: options}")
+    benchmark: BenchmarkConfig | None = Field(None, description="what to measure on every checkpoint")
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch threads for the passes (default: all cores)")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where passes run; auto = cuda if present")
+    output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
+
+
+assert set(TASKS) == {"causal-lm", "sequence-classification", "feature-extraction"}
+
+
+@dataclass
+class Pipeline:
+    """A validated config plus its instantiated passes."""
+
+    config: PipelineConfig
+    passes: list[Pass]
+    path: Path | None = None
+
+
+def _instantiate_passes(items: list[dict]) -> tuple[list[Pass], list[str]]:
+    out, errors = [], []
+    for i, item in enumerate(items):
+        if len(item) != 1:
+            errors.append(f"passes.{i}: each pass is a mapping with one key, the pass name (got {list(item)})")
+            continue
+        (name, options), = item.items()
+        try:
+            out.append(pass_registry.get(name)(**(options or {})))
+        except ConfigError as exc:
+            errors.append("\n".join(f"passes.{i}.{line}" if not line.startswith("unknown pass") else
+                                    f"passes.{i}: {line}" for line in str(exc).splitlines()))
+    return out, errors
+
+
+def check_order(passes: list[Pass]) -> list[str]:
+    """Problems that make an order impossible, found before any work starts."""
+    errors: list[str] = []
+    kind, produced_by, quantized_by = "torch", None, None
+    for i, p in enumerate(passes):
+        label = f"passes.{i} ({p.name})"
+        if kind not in p.input_kinds():
+            if kind == "torch":
+                errors.append(f"{label} needs an ONNX model, but the model is still a torch model at that point: "
+                              "add an `export` pass before it")
+            else:
+                errors.append(f"{label} runs on torch models, but {produced_by} already exported to ONNX: "
+                              f"move `{p.name}` before the export")
+            continue
+        if quantized_by and p.quantizes():
+            errors.append(f"{label} would quantize a model that {quantized_by} already quantized: "
+                          "quantizing twice is not supported, keep one quantize pass")
+        elif quantized_by and not p.accepts_quantized:
+            errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them: "
+                          f"move `{p.name}` before the quantize pass")
+        if p.quantizes():
+            quantized_by = label
+        if p.output_kind() != kind:
+            produced_by = label
+        kind = p.output_kind()
+    return errors
+
+
+def _check_data(cfg: PipelineConfig) -> list[str]:
+    train, ev = cfg.data.train, cfg.data.eval
+    if train is None or ev is None or train.source != ev.source:
+        return []
+    ts, es = train.split or default_split(train.source, "train"), ev.split or default_split(ev.source, "eval")
+    if ts == es or "all" in (ts, es):
+        return [f"data.eval: uses the same source as data.train ({train.source}) and the splits overlap "
+                f"({ts} / {es}): set `split:` on both, e.g. train and test"]
+    return []
+
+
+def validate(raw: dict) -> Pipeline:
+    """Validate a parsed config; raise ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        cfg = PipelineConfig(**raw)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, PipelineConfig)) from None
+    passes, errors = _instantiate_passes(cfg.passes)
+    if not errors:
+        errors += check_order(passes)
+    errors += _check_data(cfg)
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return Pipeline(cfg, passes)
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.0.c=value` overrides (value parsed as YAML) to a parsed config."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. passes.0.distill.max_steps=5")
+        dotted, value = item.split("=", 1)
+        keys = dotted.split(".")
+        node: Any = raw
+        for depth, key in enumerate(keys[:-1]):
+            where = ".".join(keys[: depth + 1])
+            if isinstance(node, list):
+                if not key.isdigit() or int(key) >= len(node):
+                    raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
+                node = node[int(key)]
+            elif isinstance(node, dict):
+                if node.get(key) is None:
+                    node[key] = {}
+                node = node[key]
+            else:
+                raise ConfigError(f"--set {dotted}: {where} is not a mapping or list")
+        last = keys[-1]
+        parsed = yaml.safe_load(value)
+        if isinstance(node, list):
+            if not last.isdigit() or int(last) >= len(node):
+                raise ConfigError(f"--set {dotted}: {last} is not an index of a list of {len(node)}")
+            node[int(last)] = parsed
+        elif isinstance(node, dict):
+            node[last] = parsed
+        else:
+            raise ConfigError(f"--set {dotted}: the parent is not a mapping or list")
+    return raw
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    pipeline = validate(apply_overrides(raw or {}, overrides or []))
+    pipeline.path = path
+    return pipeline
+
+
+def json_schema() -> dict:
+    """JSON Schema of the config, with each pass's options under `passes`."""
+    from pydantic.json_schema import models_json_schema
+
+    registry = pass_registry.available()
+    models = [(PipelineConfig, "validation")] + [(cls.Config, "validation") for cls in registry.values()]
+    _, top = models_json_schema(models, ref_template="#/$defs/{model}")
+    defs = top["$defs"]
+    schema = copy.deepcopy(defs.pop(PipelineConfig.__name__))
+    schema["properties"]["passes"]["items"] = {
+        "oneOf": [
+            {"type": "object", "additionalProperties": False, "required": [name],
+             "properties": {name: {"$ref": f"#/$defs/{cls.Config.__name__}", "description": cls.description}}}
+            for name, cls in registry.items()
+        ]
+    }
+    schema["$defs"] = defs
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "compress pipeline"
+    return schema

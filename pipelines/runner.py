@@ -1,0 +1,180 @@
+"""Runs a pipeline: passes in order, one checkpoint each, reusing every checkpoint whose cache key matches.
+
+A checkpoint's key hashes its parent's key, the pass name, the pass's resolved options and the data the
+pipeline declares, so changing a pass's options recomputes that pass and every one after it, while the
+ones before are reused. A run killed mid-pass leaves only a hidden temporary directory, removed on the
+next run, so that pass is redone from its (finished) parent."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from compress import checkpoint
+from compress.checkpoint import Artifact
+from compress.data import PipelineData
+from compress.errors import CheckpointError
+from compress.models import load_model, source_fingerprint
+from compress.passes.base import PassContext
+from compress.runtime import seed_everything, set_threads
+
+from .config import Pipeline
+
+_DATA_ROLES = ("train", "eval", "calibration")
+
+
+@dataclass
+class StepRecord:
+    index: int
+    pass_name: str
+    path: str
+    key: str
+    reused: bool
+    seconds: float
+    kind: str
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    source: str
+    source_key: str
+    steps: list[StepRecord] = field(default_factory=list)
+    report: Path | None = None
+
+    def to_json(self) -> dict:
+        return {"run_dir": str(self.run_dir), "source": self.source, "source_key": self.source_key,
+                "steps": [asdict(s) for s in self.steps], "report": str(self.report) if self.report else None}
+
+
+def _hash(*parts: str) -> str:
+    h = hashlib.sha256()
+    for p in parts:
+        h.update(p.encode())
+        h.update(b"\0")
+    return h.hexdigest()[:20]
+
+
+def step_dir_name(index: int, pass_name: str) -> str:
+    return f"{index + 1:02d}-{pass_name}"
+
+
+class Runner:
+    def __init__(self, pipeline: Pipeline, *, output_dir: str | Path | None = None, show_progress: bool = True,
+                 log=print):
+        self.pipeline = pipeline
+        cfg = pipeline.config
+        self.run_dir = Path(output_dir or cfg.output_dir) / cfg.name
+        self.show_progress = show_progress
+        self.log = log
+        self.data = PipelineData(cfg.data.train, cfg.data.eval, cfg.data.calibration)
+        self.source_key = _hash("source", source_fingerprint(cfg.model.source), cfg.task,
+                                str(checkpoint.FORMAT_VERSION))
+
+    def step_keys(self) -> list[str]:
+        """The cache key of every step, derived before any work: parent key + pass + options + data."""
+        data_fp = self.data.fingerprint(*_DATA_ROLES)
+        keys, parent = [], self.source_key
+        for p in self.pipeline.passes:
+            options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
+            parent = _hash(parent, p.name, options, data_fp)
+            keys.append(parent)
+        return keys
+
+    def _device(self) -> torch.device:
+        want = self.pipeline.config.device
+        if want == "cuda" and not torch.cuda.is_available():
+            from compress.errors import ConfigError
+
+            raise ConfigError("device: cuda was asked for but CUDA is not available here; use auto or cpu")
+        return torch.device("cuda" if want in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
+
+    def _load_source(self) -> Artifact:
+        cfg = self.pipeline.config
+        label_names = self.data.dataset("train").label_names if cfg.task == "sequence-classification" else None
+        model, tok = load_model(cfg.model.source, cfg.task, label_names=label_names,
+                                trust_remote_code=cfg.model.trust_remote_code)
+        return Artifact(kind="torch", task=cfg.task, tokenizer=tok, model=model)
+
+    def _clean_stale(self) -> None:
+        for tmp in self.run_dir.glob(".*.tmp-*"):
+            self.log(f"removing unfinished checkpoint {tmp.name} from an interrupted run")
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _reusable(self, path: Path, key: str) -> bool:
+        if not (path / checkpoint.MANIFEST).exists():
+            return False
+        try:
+            manifest = checkpoint.read_manifest(path)
+            if manifest.get("key") != key:
+                return False
+            checkpoint.verify(path, manifest)
+            return True
+        except CheckpointError as exc:
+            self.log(f"not reusing {path.name}: {exc}")
+            return False
+
+    def run(self) -> RunResult:
+        cfg = self.pipeline.config
+        threads = set_threads(cfg.threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._clean_stale()
+        (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        result = RunResult(self.run_dir, cfg.model.source, self.source_key)
+        keys = self.step_keys()
+        device = self._device()
+        current: Artifact | None = None  # loaded lazily: a fully reused prefix loads nothing
+        parent_path, parent_key = None, self.source_key
+        n = len(self.pipeline.passes)
+        for i, (p, key) in enumerate(zip(self.pipeline.passes, keys)):
+            path = self.run_dir / step_dir_name(i, p.name)
+            start = time.perf_counter()
+            if self._reusable(path, key):
+                self.log(f"[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
+                current = None
+                result.steps.append(StepRecord(i, p.name, str(path), key, True, 0.0,
+                                               checkpoint.read_manifest(path)["kind"]))
+                parent_path, parent_key = path, key
+                continue
+            self.log(f"[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
+            if current is None:
+                current = checkpoint.load(parent_path) if parent_path else self._load_source()
+            seed_everything(cfg.seed + i)
+            ctx = PassContext(source=cfg.model.source, task=cfg.task, data=self.data, device=device,
+                              seed=cfg.seed + i, threads=threads, scratch=self.run_dir / ".scratch",
+                              show_progress=self.show_progress)
+            ctx.scratch.mkdir(exist_ok=True)
+            out = p.run(current, ctx)
+            out.info.setdefault("seconds", round(time.perf_counter() - start, 2))
+            checkpoint.save(
+                out, path,
+                key=key,
+                source=cfg.model.source,
+                parent={"path": str(parent_path) if parent_path else cfg.model.source, "key": parent_key},
+                **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
+                threads=threads,
+            )
+            seconds = time.perf_counter() - start
+            self.log(f"[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
+            result.steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind))
+            current, parent_path, parent_key = out, path, key
+        shutil.rmtree(self.run_dir / ".scratch", ignore_errors=True)
+        if cfg.benchmark is not None:
+            result.report = self._benchmark(result)
+        (self.run_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
+
+    def _benchmark(self, result: RunResult) -> Path | None:
+        try:
+            from benchmarks.pipeline import benchmark_run
+        except ImportError:
+            self.log("benchmark: the harness is not part of this version yet; skipping measurements")
+            return None
+        return benchmark_run(self.pipeline.config, result, self.data, log=self.log,
+                             show_progress=self.show_progress)

@@ -1,0 +1,81 @@
+"""Tiny real-architecture models and a real (small) tokenizer, built in seconds for logic tests.
+
+The tokenizer is a byte-level BPE trained on a slice of the packaged Shakespeare text; the models are
+Llama (GQA), GPT-2 and BERT with a few dimensions, saved with save_pretrained like any user model."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from compress.data import DataSpec, load_dataset
+
+    text = load_dataset(DataSpec(source="builtin:shakespeare", split="train", max_examples=2)).texts
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<pad>", "<eos>", "<unk>", "[CLS]", "[SEP]"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator([t[:200_000] for t in text], trainer)
+    return tok.to_str()
+
+
+def tiny_tokenizer(kind: str = "causal"):
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.from_str(_tokenizer_json())
+    if kind == "encoder":  # BERT-style [CLS] ... [SEP]
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 3), ("[SEP]", 4)])
+        return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>",
+                                       cls_token="[CLS]", sep_token="[SEP]", eos_token="<eos>")
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
+
+
+def tiny_llama(num_kv_heads: int = 2, **overrides):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, num_key_value_heads=num_kv_heads, max_position_embeddings=256,
+               tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=1)
+    cfg.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+
+
+def tiny_gpt2(**overrides):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, pad_token_id=0,
+               eos_token_id=1, bos_token_id=1)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def tiny_bert(task: str = "sequence-classification", num_labels: int = 5, **overrides):
+    from transformers import BertConfig, BertForSequenceClassification, BertModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+               num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, num_labels=num_labels)
+    cfg.update(overrides)
+    cls = BertForSequenceClassification if task == "sequence-classification" else BertModel
+    return cls(BertConfig(**cfg)).eval()
+
+
+def save_tiny(model, path: Path, tokenizer_kind: str | None = None) -> Path:
+    """save_pretrained a tiny model with its tokenizer, like a user's local model folder."""
+    kind = tokenizer_kind or ("encoder" if model.config.model_type == "bert" else "causal")
+    model.save_pretrained(path)
+    tiny_tokenizer(kind).save_pretrained(path)
+    return Path(path)
