@@ -1,0 +1,274 @@
+"""Run an exported checkpoint with ONNX Runtime alone: numpy, onnxruntime and tokenizers, never torch.
+
+This file is self-contained on purpose. The export pass copies it into every ONNX checkpoint as
+``edge_runner.py``, so a device that has only ``pip install onnxruntime numpy tokenizers`` can run
+
+    python edge_runner.py <checkpoint dir> "Once upon a time" --max-new-tokens 32     # causal LM
+    python edge_runner.py <checkpoint dir> "Some news text" --classify               # classifier
+    python edge_runner.py <checkpoint dir> "A sentence" --embed                      # sentence embedding
+
+or, from Python, ``EdgeModel(dir).generate_text("Once upon a time", 32)``. Inside the suite it is
+importable as ``compress.edge``, but note that ``import compress.edge`` runs ``compress/__init__.py``,
+which imports torch; on a torch-free device use the copied ``edge_runner.py`` (or this file) directly.
+
+A decoder exported with past key values is one ``model.onnx`` used for both phases: prefill feeds an empty
+past (length 0), each decode step feeds the presents of the previous call back as the past.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+__all__ = ["EdgeModel", "DecodeState"]
+
+_NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+             "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
+
+
+class DecodeState:
+    """What a decoder carries between steps: the attention mask so far and the past keys/values."""
+
+    def __init__(self, attention_mask: np.ndarray, past: dict[str, np.ndarray]):
+        self.attention_mask = attention_mask  # [B, tokens so far], int64
+        self.past = past  # input name (past_key_values.N.key/value) -> array
+
+    @property
+    def length(self) -> int:
+        return int(self.attention_mask.shape[1])
+
+
+class EdgeModel:
+    """An exported checkpoint directory (model.onnx, config.json, tokenizer.json, manifest.json)."""
+
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+        self.path = Path(path)
+        onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
+        if self.path.is_file():
+            self.path = self.path.parent
+        if not onnx_file.exists():
+            raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
+        self.config = _read_json(self.path / "config.json")
+        self.manifest = _read_json(self.path / "manifest.json")
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(str(onnx_file), sess_options=opts,
+                                            providers=providers or ["CPUExecutionProvider"])
+        self.inputs = {i.name: i for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
+        self.task = self.manifest.get("task") or self._guess_task()
+        self._tokenizer = None
+
+    # ------------------------------------------------------------------ shape helpers
+    def _guess_task(self) -> str:
+        if "last_hidden_state" in self.output_names:
+            return "feature-extraction"
+        if self.past_names or "position_ids" in self.inputs:
+            return "causal-lm"
+        return "sequence-classification"
+
+    def _feed(self, input_ids: np.ndarray, attention_mask: np.ndarray | None) -> dict[str, np.ndarray]:
+        input_ids = np.asarray(input_ids, dtype=np.int64)
+        if input_ids.ndim == 1:
+            input_ids = input_ids[None, :]
+        mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
+        if mask.ndim == 1:
+            mask = mask[None, :]
+        feed = {"input_ids": input_ids}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = mask
+        if "token_type_ids" in self.inputs:
+            feed["token_type_ids"] = np.zeros_like(input_ids)
+        return feed
+
+    def _empty_past(self, batch: int) -> dict[str, np.ndarray]:
+        past = {}
+        for name in self.past_names:
+            meta = self.inputs[name]
+            # [batch, kv heads, past length, head dim]; the two middle-free dims are fixed numbers
+            _, heads, _, head_dim = meta.shape
+            past[name] = np.zeros((batch, heads, 0, head_dim), dtype=_NP_TYPES.get(meta.type, np.float32))
+        return past
+
+    def _run_decoder(self, input_ids: np.ndarray, mask_so_far: np.ndarray, past: dict[str, np.ndarray]):
+        """One call: `input_ids` [B, T] new tokens, `mask_so_far` [B, past + T]; returns (logits, presents)."""
+        feed = {"input_ids": input_ids}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = mask_so_far
+        if "position_ids" in self.inputs:
+            # Positions count real tokens only, so left-padded batches line up with unpadded ones.
+            positions = np.cumsum(mask_so_far, axis=1) - 1
+            positions = np.where(mask_so_far == 0, 1, positions)
+            feed["position_ids"] = positions[:, -input_ids.shape[1]:].astype(np.int64)
+        if "use_cache_branch" in self.inputs:  # a merged decoder (optimum's decoder_model_merged)
+            feed["use_cache_branch"] = np.array([bool(past) and next(iter(past.values())).shape[2] > 0])
+        feed.update(past)
+        outputs = self.session.run(None, feed)
+        named = dict(zip(self.output_names, outputs))
+        presents = {name: named[name.replace("past_key_values.", "present.")] for name in self.past_names}
+        return named["logits"], presents
+
+    # ------------------------------------------------------------------ the contract
+    def logits(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Full-sequence logits [B, T, V] for a causal LM; class logits [B, C] for a classifier."""
+        feed = self._feed(input_ids, attention_mask)
+        if self.task == "causal-lm":
+            batch = feed["input_ids"].shape[0]
+            mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
+            logits, _ = self._run_decoder(feed["input_ids"], mask, self._empty_past(batch))
+            return logits
+        named = dict(zip(self.output_names, self.session.run(None, feed)))
+        if "logits" not in named:
+            raise ValueError(f"this model ({self.task}) has no logits output; outputs: {self.output_names}")
+        return named["logits"]
+
+    def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
+        feed = self._feed(input_ids, attention_mask)
+        named = dict(zip(self.output_names, self.session.run(None, feed)))
+        if "last_hidden_state" not in named:
+            raise ValueError(f"this model ({self.task}) has no last_hidden_state output; outputs: "
+                             f"{self.output_names}")
+        return named["last_hidden_state"]
+
+    def embed(self, input_ids, attention_mask=None) -> np.ndarray:
+        """Mean-pooled sentence embeddings [B, H] (as sentence-transformers pools MiniLM)."""
+        feed = self._feed(input_ids, attention_mask)
+        hidden = self.hidden_states(feed["input_ids"], feed.get("attention_mask"))
+        mask = feed.get("attention_mask", np.ones(hidden.shape[:2], dtype=np.int64))[..., None].astype(hidden.dtype)
+        return (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
+
+    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, DecodeState]:
+        """Process a prompt: (logits of its last position [B, V], state for decode_step)."""
+        self._require_past()
+        feed = self._feed(input_ids, attention_mask)
+        mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
+        logits, presents = self._run_decoder(feed["input_ids"], mask, self._empty_past(mask.shape[0]))
+        return logits[:, -1, :], DecodeState(mask, presents)
+
+    def decode_step(self, next_ids, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
+        """Feed one new token per row ([B, 1]) with the cache: (logits [B, V], the new state)."""
+        next_ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
+        mask = np.concatenate([state.attention_mask, np.ones_like(next_ids)], axis=1)
+        logits, presents = self._run_decoder(next_ids, mask, state.past)
+        return logits[:, -1, :], DecodeState(mask, presents)
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
+                 eos_token_id: int | None = None) -> np.ndarray:
+        """Greedy decoding with the KV cache. Returns prompt + new tokens [B, T + n] (like HF generate);
+        with `eos_token_id`, stops once every row has produced it (finished rows are padded with it)."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64)
+        if prompt.ndim == 1:
+            prompt = prompt[None, :]
+        logits, state = self.prefill(prompt, attention_mask)
+        out, done = [], np.zeros(prompt.shape[0], dtype=bool)
+        for step in range(max_new_tokens):
+            nxt = logits.argmax(-1).astype(np.int64)
+            if eos_token_id is not None:
+                nxt = np.where(done, eos_token_id, nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt)
+            if step == max_new_tokens - 1 or (eos_token_id is not None and done.all()):
+                break
+            logits, state = self.decode_step(nxt[:, None], state)
+        return np.concatenate([prompt, np.stack(out, axis=1)], axis=1) if out else prompt
+
+    def _require_past(self) -> None:
+        if self.task != "causal-lm":
+            raise ValueError(f"generation needs a causal LM; this checkpoint is {self.task}")
+        if not self.past_names:
+            raise ValueError("this causal LM was exported without past key values (with_past: false), so it "
+                             "cannot decode incrementally; use logits() or re-export with with_past: true")
+
+    # ------------------------------------------------------------------ text level
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from tokenizers import Tokenizer
+
+            file = self.path / "tokenizer.json"
+            if not file.exists():
+                raise FileNotFoundError(f"{file} not found: the checkpoint has no fast tokenizer")
+            self._tokenizer = Tokenizer.from_file(str(file))
+            tcfg = _read_json(self.path / "tokenizer_config.json")
+            pad = _token_text(tcfg.get("pad_token"))
+            pad_id = self._tokenizer.token_to_id(pad) if pad else None
+            if pad_id is not None:
+                self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad,
+                                               direction="left" if self.task == "causal-lm" else "right")
+            else:
+                self._tokenizer.no_padding()
+            max_len = self.config.get("max_position_embeddings")
+            if self.task != "causal-lm" and max_len:
+                self._tokenizer.enable_truncation(max_length=int(min(max_len, tcfg.get("model_max_length", max_len))))
+        return self._tokenizer
+
+    def encode(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        encs = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in encs], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+        return ids, mask
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
+        ids, mask = self.encode(prompt)
+        eos = self.config.get("eos_token_id")
+        eos = eos[0] if isinstance(eos, list) else eos
+        out = self.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)
+        return self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+    def classify(self, texts: str | list[str]) -> list[tuple[str, float]]:
+        """(label, probability) of the most likely class for each text."""
+        ids, mask = self.encode(texts)
+        logits = self.logits(ids, mask).astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        names = self.config.get("id2label") or {}
+        return [(names.get(str(int(i)), str(int(i))), float(p[i])) for i, p in zip(probs.argmax(-1), probs)]
+
+    def embed_texts(self, texts: str | list[str]) -> np.ndarray:
+        ids, mask = self.encode(texts)
+        return self.embed(ids, mask)
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _token_text(tok) -> str | None:
+    return tok.get("content") if isinstance(tok, dict) else tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Run an exported compress checkpoint with ONNX Runtime only.")
+    ap.add_argument("checkpoint", help="directory holding model.onnx, tokenizer.json, config.json")
+    ap.add_argument("text", nargs="+", help="prompt(s) or text(s)")
+    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=None)
+    mode = ap.add_mutually_exclusive_group()
+    mode.add_argument("--classify", action="store_true")
+    mode.add_argument("--embed", action="store_true")
+    args = ap.parse_args(argv)
+    model = EdgeModel(args.checkpoint, threads=args.threads)
+    if args.classify or model.task == "sequence-classification":
+        for text, (label, p) in zip(args.text, model.classify(args.text)):
+            print(json.dumps({"text": text, "label": label, "probability": round(p, 4)}))
+    elif args.embed or model.task == "feature-extraction":
+        for text, vec in zip(args.text, model.embed_texts(args.text)):
+            print(json.dumps({"text": text, "embedding": [round(float(v), 6) for v in vec]}))
+    else:
+        for text in args.text:
+            print(json.dumps({"prompt": text, "completion": model.generate_text(text, args.max_new_tokens)}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

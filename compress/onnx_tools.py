@@ -1,0 +1,182 @@
+"""ONNX helpers shared by the export and quantize passes: saving (inline or external data), graph
+optimization, the inputs of the discrepancy check and the check itself."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CompressError
+
+ONNX_FILE = "model.onnx"
+EXTERNAL_DATA = "model.onnx.data"
+PROTOBUF_LIMIT = 2 * 1024**3  # one protobuf message cannot exceed 2 GiB
+# Files of an ONNX bundle besides the graph: what a later ONNX pass carries over from its parent.
+BUNDLE_FILES = ("config.json", "generation_config.json", "edge_runner.py")
+
+
+class DiscrepancyError(CompressError):
+    """The ONNX model's outputs differ from its parent's by more than the pass's tolerance."""
+
+
+def onnx_size(folder: Path) -> int:
+    """Bytes of the graph and its external data."""
+    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(ONNX_FILE) or
+               f.suffix == ".data" or f.name.endswith("_data"))
+
+
+def save_model(model, folder: Path, external: str = "auto") -> Path:
+    """Write `model` (onnx.ModelProto, external data already loaded) as folder/model.onnx.
+
+    external: "auto" puts the weights in model.onnx.data only when the graph would exceed the protobuf
+    limit, "always" always does, "never" never does (and fails over the limit)."""
+    import onnx
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in folder.iterdir():  # stale graph / data files from an earlier save
+        if f.name.startswith(ONNX_FILE) or f.suffix == ".data" or f.name.endswith("_data"):
+            f.unlink()
+    use_external = external == "always" or (external == "auto" and model.ByteSize() > PROTOBUF_LIMIT - (64 << 20))
+    path = folder / ONNX_FILE
+    if use_external:
+        onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=EXTERNAL_DATA, size_threshold=1024)
+    else:
+        onnx.save_model(model, str(path))
+    return path
+
+
+def copy_bundle(src: Path, dst: Path) -> None:
+    """Copy the non-graph files of an ONNX bundle (config, runner) from `src` to `dst`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in BUNDLE_FILES:
+        if (Path(src) / name).exists():
+            shutil.copy2(Path(src) / name, dst / name)
+
+
+def copy_edge_runner(dst: Path) -> None:
+    """The torch-free runner, copied into every ONNX checkpoint as edge_runner.py."""
+    shutil.copy2(Path(__file__).with_name("edge.py"), Path(dst) / "edge_runner.py")
+
+
+# ----------------------------------------------------------------------------- graph optimization
+_OPTIMIZER_TYPES = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2"}
+
+
+def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int) -> dict:
+    """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
+    place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0)."""
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    mt = _OPTIMIZER_TYPES.get(model_type, "bert")
+    opt = optimize_model(str(Path(folder) / ONNX_FILE), model_type=mt, num_heads=num_heads,
+                         hidden_size=hidden_size, opt_level=0)
+    fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
+    save_model(opt.model, folder)
+    return {"optimizer_model_type": mt, "fused_operators": fused}
+
+
+# ----------------------------------------------------------------------------- check inputs
+def check_inputs(tokenizer, task: str, data=None, *, samples: int = 4, seq_len: int = 32,
+                 vocab_size: int | None = None, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, attention_mask) [samples, <=seq_len] for the discrepancy check: windows of the pipeline's
+    calibration (else eval, else train) text when it has any, random tokens otherwise."""
+    dataset = None
+    if data is not None:
+        for role in ("calibration", "eval", "train"):
+            if data.specs.get(role) is not None:
+                dataset = data.dataset(role)
+                break
+    if dataset is not None and task == "causal-lm":
+        from .data import lm_windows
+
+        windows = lm_windows(tokenizer, dataset, seq_len, max_tokens=samples * seq_len).numpy()
+        return windows.astype(np.int64), np.ones_like(windows, dtype=np.int64)
+    if dataset is not None:
+        enc = tokenizer(dataset.texts[:samples], padding=True, truncation=True, max_length=seq_len,
+                        return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    rng = np.random.default_rng(seed)
+    vocab = vocab_size or len(tokenizer)
+    ids = rng.integers(5, vocab, size=(samples, seq_len), dtype=np.int64)
+    mask = np.ones_like(ids)
+    if task != "causal-lm":  # ragged lengths exercise the padding mask
+        for i in range(samples):
+            mask[i, seq_len - i * (seq_len // (2 * samples)):] = 0
+    return ids, mask
+
+
+# ----------------------------------------------------------------------------- the check
+def outputs_of(edge, task: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """What the check compares: logits (LM / classifier) or the last hidden state (encoder)."""
+    if task == "feature-extraction":
+        return edge.hidden_states(ids, mask)
+    return edge.logits(ids, mask)
+
+
+def torch_outputs(model, task: str, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    import torch
+
+    with torch.no_grad():
+        out = model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask))
+    ref = out.last_hidden_state if task == "feature-extraction" else out.logits
+    return ref.float().numpy()
+
+
+def compare(ref: np.ndarray, got: np.ndarray, mask: np.ndarray, task: str) -> dict:
+    """max abs error, mean abs error and top-1 agreement (cosine for encoders) over real tokens."""
+    ref, got = ref.astype(np.float64), got.astype(np.float64)
+    if task == "sequence-classification":
+        keep = np.ones(ref.shape[0], dtype=bool)
+    else:
+        keep = mask.astype(bool)
+    r, g = ref[keep], got[keep]
+    diff = np.abs(r - g)
+    out = {"max_abs_error": float(diff.max()), "mean_abs_error": float(diff.mean()),
+           "reference_abs_max": float(np.abs(r).max()), "compared": int(keep.sum())}
+    if task == "feature-extraction":
+        m = mask[..., None].astype(np.float64)
+        er, eg = (ref * m).sum(1) / m.sum(1), (got * m).sum(1) / m.sum(1)
+        cos = (er * eg).sum(-1) / (np.linalg.norm(er, axis=-1) * np.linalg.norm(eg, axis=-1) + 1e-12)
+        out["embedding_cosine_min"] = float(cos.min())
+        out["embedding_cosine_mean"] = float(cos.mean())
+    else:
+        out["top1_agreement"] = float((r.argmax(-1) == g.argmax(-1)).mean())
+    return out
+
+
+def decode_path_error(edge, ids: np.ndarray, full_ref: np.ndarray) -> float:
+    """Max abs error of the KV-cache path: prefill all but the last token, decode the last one, compare
+    with the reference's full-sequence logits at the last position."""
+    _, state = edge.prefill(ids[:, :-1])
+    last, _ = edge.decode_step(ids[:, -1:], state)
+    return float(np.abs(last.astype(np.float64) - full_ref[:, -1, :]).max())
+
+
+def check(ref: np.ndarray, edge, task: str, ids: np.ndarray, mask: np.ndarray, *, max_abs_error: float | None,
+          min_agreement: float | None, what: str) -> dict:
+    """Run the ONNX model, compare with `ref`, raise DiscrepancyError with the numbers if out of tolerance."""
+    got = outputs_of(edge, task, ids, mask)
+    figures = compare(ref, got, mask, task)
+    if task == "causal-lm" and edge.past_names:
+        figures["decode_max_abs_error"] = decode_path_error(edge, ids, ref)
+    figures["tolerance"] = {"max_abs_error": max_abs_error, "min_agreement": min_agreement}
+    agreement = figures.get("top1_agreement", figures.get("embedding_cosine_min"))
+    problems = []
+    worst = max(figures["max_abs_error"], figures.get("decode_max_abs_error", 0.0))
+    if max_abs_error is not None and worst > max_abs_error:
+        problems.append(f"max abs error {worst:.4g} > {max_abs_error:g}")
+    if min_agreement is not None and agreement < min_agreement:
+        name = "top-1 agreement" if "top1_agreement" in figures else "min embedding cosine"
+        problems.append(f"{name} {agreement:.4f} < {min_agreement:g}")
+    figures["passed"] = not problems
+    if problems:
+        raise DiscrepancyError(
+            f"{what}: the ONNX model's outputs differ from the reference on {figures['compared']} "
+            f"{'examples' if task == 'sequence-classification' else 'tokens'}: {'; '.join(problems)} "
+            f"(mean abs error {figures['mean_abs_error']:.4g}, reference |max| {figures['reference_abs_max']:.4g}). "
+            "Raise the tolerance only if this loss is acceptable."
+        )
+    return figures

@@ -1,0 +1,117 @@
+"""export: torch -> ONNX through optimum's exporter, with a torch-vs-ONNX discrepancy check.
+
+The output is an edge bundle: model.onnx (+ model.onnx.data over the protobuf limit), config.json, the
+tokenizer (written by the runner), edge_runner.py (compress/edge.py, runs with onnxruntime + numpy +
+tokenizers only) and the manifest with the check's figures."""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+
+from .. import onnx_tools
+from ..checkpoint import Artifact
+from ..errors import UnsupportedModelError
+from . import register
+from .base import Pass, PassConfig, PassContext
+
+# optimum's task names for the suite's tasks
+OPTIMUM_TASKS = {"causal-lm": "text-generation", "sequence-classification": "text-classification",
+                 "feature-extraction": "feature-extraction"}
+
+
+class ExportConfig(PassConfig):
+    format: Literal["onnx"] = Field("onnx", description="export format (ONNX is the only one)")
+    with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
+                            "generation is incremental (one model.onnx for prefill and decode)")
+    opset: int | None = Field(None, ge=14, description="ONNX opset; default: optimum's choice for the "
+                              "architecture")
+    optimize: bool = Field(False, description="apply ONNX Runtime's transformer fusions (attention, layer "
+                           "norm, GELU); the fused graph is validated by the discrepancy check")
+    external_data: Literal["auto", "always", "never"] = Field(
+        "auto", description="weights in model.onnx.data: auto = only over the 2 GB protobuf limit")
+    check_samples: int = Field(4, ge=1, description="sequences in the discrepancy check")
+    check_seq_len: int = Field(32, ge=2, description="tokens per sequence in the discrepancy check")
+    max_abs_error: float | None = Field(1e-2, gt=0, description="fail if any output differs from torch by "
+                                        "more than this (null: report only)")
+    min_agreement: float | None = Field(0.98, ge=0, le=1, description="fail if top-1 agreement (LM, "
+                                        "classifier) or the worst embedding cosine (encoder) is below this")
+
+
+@register
+class Export(Pass):
+    name = "export"
+    description = "Export to ONNX (optimum; decoders with KV cache), optional ORT fusions, discrepancy check"
+    Config = ExportConfig
+    accepts_quantized = False
+
+    def input_kinds(self) -> tuple[str, ...]:
+        return ("torch",)
+
+    def output_kind(self) -> str:
+        return "onnx"
+
+    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+        import onnx
+
+        from ..edge import EdgeModel
+
+        cfg = self.config
+        if model.kind != "torch" or model.model is None:
+            raise UnsupportedModelError(f"export needs a torch model, got a {model.kind} checkpoint")
+        if model.quantization:
+            raise UnsupportedModelError(
+                f"export: the model is already quantized ({model.quantization.get('method')}); export the float "
+                "model and quantize on the ONNX side afterwards (quantize: {method: ort-int8-dynamic})")
+        torch_model = model.model.float().eval().to("cpu")  # no-op for the fp32 models this accepts
+        task = model.task
+        decoder = task == "causal-lm"
+        optimum_task = OPTIMUM_TASKS[task] + ("-with-past" if decoder and cfg.with_past else "")
+
+        ctx.scratch.mkdir(parents=True, exist_ok=True)
+        out = Path(tempfile.mkdtemp(prefix="export-", dir=ctx.scratch))
+        raw = Path(tempfile.mkdtemp(prefix="export-raw-", dir=ctx.scratch))
+        try:
+            self._export(torch_model, raw, optimum_task)
+            graph = onnx.load(str(raw / onnx_tools.ONNX_FILE))  # external data, if any, loaded too
+            onnx_tools.save_model(graph, out, cfg.external_data)
+            del graph
+            onnx_tools.copy_bundle(raw, out)
+        finally:
+            shutil.rmtree(raw, ignore_errors=True)
+        info: dict = {"optimum_task": optimum_task, "opset": cfg.opset, "with_past": decoder and cfg.with_past}
+        if cfg.optimize:
+            c = torch_model.config
+            info["optimization"] = onnx_tools.optimize_graph(
+                out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0)
+        onnx_tools.copy_edge_runner(out)
+
+        ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,
+                                            seq_len=cfg.check_seq_len,
+                                            vocab_size=getattr(torch_model.config, "vocab_size", None),
+                                            seed=ctx.seed)
+        ref = onnx_tools.torch_outputs(torch_model, task, ids, mask)
+        edge = EdgeModel(out, threads=ctx.threads)
+        edge.task = task
+        info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
+                                               min_agreement=cfg.min_agreement, what="export")
+        info["onnx_bytes"] = onnx_tools.onnx_size(out)
+        info["external_data"] = (out / onnx_tools.EXTERNAL_DATA).exists()
+        if model.structure:  # torch-side structure is baked into the graph; kept as lineage only
+            info["torch_structure"] = model.structure
+        return model.derive(kind="onnx", model=None, onnx_dir=out, structure=[], info=info)
+
+    def _export(self, torch_model, folder: Path, optimum_task: str) -> None:
+        from optimum.exporters.onnx import onnx_export_from_model
+
+        try:
+            # A model object, not a path: non-stock structure (low-rank factors, pruned widths) exports as is.
+            onnx_export_from_model(torch_model, folder, task=optimum_task, opset=self.config.opset,
+                                   do_validation=False)  # our own check below is stricter and recorded
+        except (ValueError, KeyError) as exc:
+            raise UnsupportedModelError(
+                f"export: optimum cannot export this {torch_model.config.model_type} model for {optimum_task}: "
+                f"{exc}") from exc
