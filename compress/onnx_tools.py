@@ -65,7 +65,8 @@ def copy_edge_runner(dst: Path) -> None:
 _OPTIMIZER_TYPES = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2"}
 
 
-def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int) -> dict:
+def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int,
+                   external: str = "auto") -> dict:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
     place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0)."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -74,7 +75,7 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     opt = optimize_model(str(Path(folder) / ONNX_FILE), model_type=mt, num_heads=num_heads,
                          hidden_size=hidden_size, opt_level=0)
     fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
-    save_model(opt.model, folder)
+    save_model(opt.model, folder, external)
     return {"optimizer_model_type": mt, "fused_operators": fused}
 
 

@@ -86,7 +86,8 @@ class Export(Pass):
         if cfg.optimize:
             c = torch_model.config
             info["optimization"] = onnx_tools.optimize_graph(
-                out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0)
+                out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0,
+                cfg.external_data)
         onnx_tools.copy_edge_runner(out)
 
         ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,

@@ -1,0 +1,85 @@
+"""The edge runner copied into an exported bundle runs without torch or transformers."""
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import tiny_bert, tiny_llama, tiny_tokenizer
+
+from compress import save
+from compress.checkpoint import Artifact
+from compress.edge import EdgeModel
+from compress.passes import PassContext, get
+
+# Raises on any attempt to import torch or transformers, then runs the bundle's own edge_runner.py.
+BLOCKER = textwrap.dedent("""
+    import builtins, runpy, sys
+    real_import = builtins.__import__
+    def guarded(name, *args, **kwargs):
+        if name.split(".")[0] in ("torch", "transformers", "compress", "optimum"):
+            raise ImportError(f"blocked import of {name}")
+        return real_import(name, *args, **kwargs)
+    builtins.__import__ = guarded
+    sys.argv = sys.argv[1:]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+""")
+
+
+def bundle(model, task, kind, tmp_path):
+    art = Artifact(kind="torch", task=task, tokenizer=tiny_tokenizer(kind), model=model)
+    out = get("export")().run(art, PassContext(task=task, scratch=tmp_path / "scratch"))
+    return save(out, tmp_path / "bundle")
+
+
+def run_blocked(path, *args):
+    proc = subprocess.run([sys.executable, "-c", BLOCKER, str(path / "edge_runner.py"), str(path), *args],
+                          capture_output=True, text=True, timeout=120, cwd=path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_bundle_generates_without_torch(tmp_path):
+    model = tiny_llama()
+    path = bundle(model, "causal-lm", "causal", tmp_path)
+    [out] = run_blocked(path, "To be, or not to be", "--max-new-tokens", "12")
+    # Same text as torch's greedy generation from the same tokens.
+    tok = tiny_tokenizer("causal")
+    ids = tok("To be, or not to be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=0, eos_token_id=1)
+    assert out["completion"] == tok.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
+    assert EdgeModel(path).generate_text("To be, or not to be", 12) == out["completion"]
+
+
+def test_bundle_classifies_and_tokenizes_like_transformers(tmp_path):
+    model = tiny_bert()
+    path = bundle(model, "sequence-classification", "encoder", tmp_path)
+    texts = ["Friends, Romans, countrymen", "lend me your ears and more words here"]
+    rows = run_blocked(path, *texts)
+    tok = tiny_tokenizer("encoder")
+    enc = tok(texts, padding=True, return_tensors="pt")
+    edge = EdgeModel(path)
+    ids, mask = edge.encode(texts)
+    assert (ids == enc.input_ids.numpy()).all() and (mask == enc.attention_mask.numpy()).all()
+    with torch.no_grad():
+        probs = model(**enc).logits.softmax(-1).numpy()
+    for row, p in zip(rows, probs):
+        assert row["label"] == model.config.id2label[int(p.argmax())]
+        assert row["probability"] == pytest.approx(float(p.max()), abs=1e-3)
+
+
+def test_embed_matches_mean_pooled_torch(tmp_path):
+    model = tiny_bert("feature-extraction")
+    path = bundle(model, "feature-extraction", "encoder", tmp_path)
+    texts = ["a short one", "and a somewhat longer sentence than the first"]
+    [row, _] = run_blocked(path, "--embed", *texts)
+    from compress.models import mean_pool
+
+    enc = tiny_tokenizer("encoder")(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        want = mean_pool(model(**enc).last_hidden_state, enc.attention_mask).numpy()
+    np.testing.assert_allclose(EdgeModel(path).embed_texts(texts), want, atol=1e-5)
+    np.testing.assert_allclose(row["embedding"], want[0], atol=1e-5)
