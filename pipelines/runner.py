@@ -106,6 +106,11 @@ class Runner:
         for tmp in self.run_dir.glob(".*.tmp-*"):
             self.log(f"removing unfinished checkpoint {tmp.name} from an interrupted run")
             shutil.rmtree(tmp, ignore_errors=True)
+        names = {step_dir_name(i, p.name) for i, p in enumerate(self.pipeline.passes)}
+        for old in self.run_dir.glob("[0-9][0-9]-*"):
+            if old.is_dir() and old.name not in names:  # from an earlier version of this pipeline
+                self.log(f"removing {old.name}: no longer a step of this pipeline")
+                shutil.rmtree(old, ignore_errors=True)
 
     def _reusable(self, path: Path, key: str) -> bool:
         if not (path / checkpoint.MANIFEST).exists():

@@ -1,0 +1,117 @@
+"""Every config error path: a message naming the field, the bad value and the fix; exit code 2."""
+import json
+
+import pytest
+import yaml
+
+from pipelines.cli import main
+from pipelines.config import json_schema, load_config
+
+BASE = {
+    "name": "t",
+    "model": {"source": "builtin:smollm2-135m"},
+    "data": {"train": {"source": "builtin:shakespeare"}, "eval": {"source": "builtin:wikipedia"}},
+    "passes": [{"quantize": {"method": "bf16"}}],
+}
+
+
+def _write(tmp_path, cfg, name="c.yaml"):
+    path = tmp_path / name
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg))
+    return str(path)
+
+
+def _with(**changes):
+    cfg = json.loads(json.dumps(BASE))
+    cfg.update(changes)
+    return cfg
+
+
+CASES = [
+    ("unknown pass", _with(passes=[{"quantise": {"method": "bf16"}}]), ["passes.0", "'quantise'", "did you mean 'quantize'"]),
+    ("unknown option", _with(passes=[{"quantize": {"metod": "bf16"}}]), ["passes.0.quantize.metod", "did you mean 'method'"]),
+    ("bad value", _with(passes=[{"quantize": {"method": "int3"}}]), ["passes.0.quantize.method", "'int3'", "'bf16'"]),
+    ("quantize twice", _with(passes=[{"quantize": {"method": "bf16"}}, {"quantize": {"method": "fp16"}}]),
+     ["passes.1 (quantize)", "quantizing twice"]),
+    ("unknown top-level key", _with(pases=[]), ["pases", "did you mean 'passes'"]),
+    ("bad task", _with(task="clm"), ["task", "'clm'", "causal-lm"]),
+    ("missing source", _with(model={}), ["model.source", "missing"]),
+    ("two keys in a pass item", _with(passes=[{"quantize": {}, "export": {}}]), ["passes.0", "one key"]),
+    ("overlapping data", _with(data={"train": {"source": "builtin:wikipedia"}, "eval": {"source": "builtin:wikipedia",
+                                                                                     "split": "train"}}),
+     ["data.eval", "overlap", "split"]),
+    ("bad name", _with(name="a b/c"), ["name", "'a b/c'"]),
+    ("bad data option", _with(data={"train": {"source": "builtin:shakespeare", "max_token": 5}}),
+     ["data.train.max_token", "did you mean 'max_tokens'"]),
+]
+
+
+@pytest.mark.parametrize("label,cfg,expected", CASES, ids=[c[0] for c in CASES])
+def test_config_errors_name_the_field_and_exit_2(tmp_path, capsys, label, cfg, expected):
+    code = main(["validate", _write(tmp_path, cfg)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    for fragment in expected:
+        assert fragment in err, f"{fragment!r} not in: {err}"
+
+
+def test_file_and_yaml_errors_exit_2(tmp_path, capsys):
+    assert main(["validate", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["validate", _write(tmp_path, "name: [unclosed")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    assert main(["validate", _write(tmp_path, "- a list")]) == 2
+    assert "mapping at the top level" in capsys.readouterr().err
+
+
+def test_overrides(tmp_path, capsys):
+    path = _write(tmp_path, BASE)
+    pipeline = load_config(path, ["passes.0.quantize.method=fp16", "data.eval.max_tokens=100", "seed=3"])
+    assert pipeline.passes[0].config.method == "fp16"
+    assert pipeline.config.data.eval.max_tokens == 100 and pipeline.config.seed == 3
+    assert main(["validate", path, "--set", "passes.5.quantize.method=fp16"]) == 2
+    assert "passes.5" in capsys.readouterr().err
+    assert main(["validate", path, "--set", "seed"]) == 2
+    assert "KEY=VALUE" in capsys.readouterr().err
+
+
+def test_unknown_model_source_at_run_time_exits_2(tmp_path, capsys):
+    cfg = _with(model={"source": str(tmp_path / "no-such-model")}, passes=[], data={})
+    assert main(["run", _write(tmp_path, cfg), "--output-dir", str(tmp_path / "runs")]) == 2
+    err = capsys.readouterr().err
+    assert "not found" in err and "builtin:" in err
+    cfg = _with(model={"source": "builtin:gpt5"}, passes=[], data={})
+    assert main(["run", _write(tmp_path, cfg), "--output-dir", str(tmp_path / "runs")]) == 2
+    assert "unknown builtin model 'gpt5'" in capsys.readouterr().err
+
+
+def test_missing_hub_model_fails_fast_and_suggests_a_local_path(monkeypatch):
+    import time
+
+    from compress.errors import ModelSourceError
+    from compress.models import load_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    start = time.perf_counter()
+    with pytest.raises(ModelSourceError, match="local path"):
+        load_model("hf:nobody/no-such-model", "causal-lm")
+    assert time.perf_counter() - start < 10
+
+
+def test_schema_and_passes_listing(tmp_path, capsys):
+    out = tmp_path / "schema.json"
+    assert main(["schema", "-o", str(out)]) == 0
+    schema = json.loads(out.read_text())
+    names = [next(iter(item["properties"])) for item in schema["properties"]["passes"]["items"]["oneOf"]]
+    assert "quantize" in names
+    assert schema["$defs"]["QuantizeConfig"]["additionalProperties"] is False
+    assert main(["passes"]) == 0
+    listing = capsys.readouterr().out
+    assert "quantize" in listing and "method" in listing and "default 'bf16'" in listing
+
+
+def test_valid_config_passes_validation(tmp_path, capsys):
+    assert main(["validate", _write(tmp_path, BASE)]) == 0
+    assert "ok" in capsys.readouterr().out
+    for config in sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")):
+        assert main(["validate", str(config)]) == 0, f"{config} does not validate"

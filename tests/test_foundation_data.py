@@ -1,0 +1,75 @@
+import json
+
+import pytest
+import torch
+
+from compress.data import SPLITS, DataSpec, PipelineData, lm_windows, load_dataset, text_batches
+from compress.errors import DataSourceError
+from tiny_models import tiny_tokenizer
+
+
+@pytest.mark.parametrize("source", ["builtin:shakespeare", "builtin:wikipedia", "builtin:bbc-news"])
+def test_builtin_splits_are_disjoint_complete_and_deterministic(source):
+    parts = {s: load_dataset(DataSpec(source=source, split=s)) for s in SPLITS}
+    ids = {s: set(d.ids) for s, d in parts.items()}
+    assert not ids["train"] & ids["validation"] and not ids["train"] & ids["test"]
+    assert not ids["validation"] & ids["test"]
+    assert all(len(v) > 0 for v in ids.values())
+    texts = {s: set(d.texts) for s, d in parts.items()}
+    assert not texts["train"] & texts["test"], "the same text is in train and test"
+    again = load_dataset(DataSpec(source=source, split="test"))
+    assert again.ids == parts["test"].ids and again.texts == parts["test"].texts
+    # a different read order, the same documents
+    reordered = load_dataset(DataSpec(source=source, split="test", seed=1))
+    assert set(reordered.ids) == ids["test"]
+
+
+def test_bbc_news_labels_come_from_folder_names():
+    ds = load_dataset(DataSpec(source="builtin:bbc-news", split="train"))
+    assert ds.label_names == ["business", "entertainment", "politics", "sports", "tech"]
+    assert len(ds) > 1500
+    for doc_id, label in zip(ds.ids[:50], ds.labels[:50]):
+        assert doc_id.split("/")[0] == ds.label_names[label]
+
+
+def test_pipeline_defaults_keep_train_and_eval_apart():
+    data = PipelineData(train=DataSpec(source="builtin:wikipedia"), eval=DataSpec(source="builtin:wikipedia"))
+    assert data.dataset("train").split == "train" and data.dataset("eval").split == "test"
+    assert not set(data.dataset("train").ids) & set(data.dataset("eval").ids)
+    assert data.dataset("calibration").ids == data.dataset("train").ids
+    with pytest.raises(DataSourceError, match="data.eval"):
+        PipelineData(train=DataSpec(source="builtin:wikipedia")).dataset("eval")
+
+
+def test_lm_windows_shape_limit_and_determinism():
+    tok = tiny_tokenizer()
+    ds = load_dataset(DataSpec(source="builtin:shakespeare", split="validation"))
+    w = lm_windows(tok, ds, seq_len=64, max_tokens=1000)
+    assert w.shape == (1000 // 64, 64) and w.dtype == torch.long
+    assert torch.equal(w, lm_windows(tok, ds, seq_len=64, max_tokens=1000))
+    first = tok(ds.texts[0], add_special_tokens=False).input_ids
+    assert w.flatten()[:200].tolist() == first[:200]
+    with pytest.raises(DataSourceError, match="fewer than one window"):
+        lm_windows(tok, ds, seq_len=64, max_tokens=10)
+
+
+def test_local_text_glob_and_jsonl(tmp_path):
+    (tmp_path / "a.txt").write_text("first document " * 50)
+    (tmp_path / "b.txt").write_text("second document " * 50)
+    ds = load_dataset(DataSpec(source=str(tmp_path / "*.txt")))
+    assert ds.split == "all" and sorted(ds.texts)[0].startswith("first")
+    rows = [{"body": f"text {i}", "topic": ["cats", "dogs"][i % 2]} for i in range(10)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    spec = DataSpec(source=str(tmp_path / "d.jsonl"), text_field="body", label_field="topic")
+    ds = load_dataset(spec)
+    assert ds.label_names == ["cats", "dogs"] and len(ds) == 10
+    assert all(ds.label_names[label] == ["cats", "dogs"][int(t.split()[1]) % 2] for t, label in zip(ds.texts, ds.labels))
+    batch = next(text_batches(tiny_tokenizer("encoder"), ds, batch_size=4, max_length=16))
+    assert batch["input_ids"].shape[0] == 4 and batch["labels"].shape == (4,)
+    assert load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"), text_field="body", max_examples=3)).texts.__len__() == 3
+    with pytest.raises(DataSourceError, match="text_field"):
+        load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
+    with pytest.raises(DataSourceError, match="no such file"):
+        load_dataset(DataSpec(source=str(tmp_path / "nothing*.txt")))
+    with pytest.raises(DataSourceError, match="unknown builtin data 'wikipeda'"):
+        load_dataset(DataSpec(source="builtin:wikipeda"))

@@ -1,0 +1,109 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import compress
+import helper_passes  # noqa: F401  (registers the test-scale pass)
+from pipelines.config import load_config
+from pipelines.runner import Runner
+
+TESTS = Path(__file__).parent
+
+
+def _config(tmp_path, model_dir, factors=(1.0, 2.0), last="bf16", filename="pipeline.yaml") -> Path:
+    cfg = {
+        "name": "tiny",
+        "model": {"source": str(model_dir)},
+        "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 64}},
+        "passes": [{"test-scale": {"factor": f}} for f in factors] + [{"quantize": {"method": last}}],
+        "threads": 1,
+    }
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _run(config_path, out_dir, **overrides):
+    return Runner(load_config(config_path), output_dir=out_dir, show_progress=False, log=lambda *_: None).run()
+
+
+def _created(path) -> str:
+    return json.loads((Path(path) / "manifest.json").read_text())["created"] + str(
+        (Path(path) / "manifest.json").stat().st_mtime_ns)
+
+
+def test_rerun_reuses_and_a_changed_option_recomputes_from_that_pass_on(tiny_llama_dir, tmp_path):
+    out = tmp_path / "runs"
+    first = _run(_config(tmp_path, tiny_llama_dir), out)
+    assert [s.reused for s in first.steps] == [False, False, False]
+    stamps = [_created(s.path) for s in first.steps]
+
+    again = _run(_config(tmp_path, tiny_llama_dir), out)
+    assert [s.reused for s in again.steps] == [True, True, True]
+    assert [_created(s.path) for s in again.steps] == stamps
+
+    changed = _run(_config(tmp_path, tiny_llama_dir, factors=(1.0, 3.0)), out)
+    assert [s.reused for s in changed.steps] == [True, False, False]
+    assert _created(changed.steps[0].path) == stamps[0]
+    assert changed.steps[1].key != first.steps[1].key and changed.steps[2].key != first.steps[2].key
+    # the recomputed checkpoints hold the new weights: 3x the source, in bf16
+    src = compress.load(out / "tiny" / "01-test-scale").model
+    final = compress.load(changed.steps[2].path).model
+    w0 = src.model.layers[0].mlp.up_proj.weight
+    assert final.dtype == torch.bfloat16
+    assert torch.allclose(final.model.layers[0].mlp.up_proj.weight.float(), (w0 * 3).bfloat16().float())
+    assert json.loads((out / "tiny" / "run.json").read_text())["steps"][1]["reused"] is False
+
+
+def test_corrupted_finished_checkpoint_is_recomputed_not_reused(tiny_llama_dir, tmp_path):
+    out = tmp_path / "runs"
+    first = _run(_config(tmp_path, tiny_llama_dir), out)
+    weights = Path(first.steps[1].path) / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    again = _run(_config(tmp_path, tiny_llama_dir), out)
+    # step 2 is redone; step 3's key still matches (keys derive from configs, not contents), so it stays
+    assert [s.reused for s in again.steps] == [True, False, True]
+    compress.load(again.steps[1].path)  # verified again
+
+
+def test_run_killed_mid_pass_resumes_there(tiny_llama_dir, tmp_path):
+    out = tmp_path / "runs"
+    # 01-test-scale + 02-quantize finish; then a longer pipeline shares step 1 and hangs in step 2
+    _run(_config(tmp_path, tiny_llama_dir, factors=(1.0,), filename="short.yaml"), out)
+    config2 = _config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0), filename="long.yaml")
+    marker = tmp_path / "started"
+    script = (
+        "import sys; sys.path.insert(0, sys.argv[3]); import helper_passes\n"
+        "from pipelines.config import load_config; from pipelines.runner import Runner\n"
+        "Runner(load_config(sys.argv[1]), output_dir=sys.argv[2], show_progress=False).run()\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1", COMPRESS_TEST_SLEEP=str(marker))
+    proc = subprocess.Popen([sys.executable, "-c", script, str(config2), str(out), str(TESTS)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not marker.exists():
+        assert proc.poll() is None, proc.stderr.read().decode()
+        assert time.time() < deadline, "the slow pass never started"
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    run_dir = out / "tiny"
+    # step 1 was reused (it never slept); step 2 was killed mid-pass and left no checkpoint
+    assert (run_dir / "01-test-scale" / "manifest.json").exists()
+    assert not (run_dir / "02-test-scale").exists()
+    stamp = _created(run_dir / "01-test-scale")
+    (run_dir / ".02-test-scale.tmp-stale").mkdir()  # as a kill during the final write would leave
+    result = _run(config2, out)
+    assert [s.reused for s in result.steps] == [True, False, False]
+    assert _created(run_dir / "01-test-scale") == stamp
+    assert not list(run_dir.glob(".*tmp*"))
+    assert not (run_dir / "02-quantize").exists(), "a step of the old pipeline was left beside the new ones"
+    assert (run_dir / "03-quantize" / "manifest.json").exists()
