@@ -1,0 +1,131 @@
+"""The two kinds of backend, behind one interface: they only turn token ids into numpy outputs.
+
+Both expose EdgeModel's interface (compress/edge.py): `logits`, `embed`, `prefill`, `decode_step`, plus
+`params` and `sync()`. The torch one is written here; the ORT one is EdgeModel itself, so ONNX decoding
+has a single implementation in the suite. Imported only inside the measuring subprocess (benchmarks/worker.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .metrics import mean_pool
+
+
+class TorchBackend:
+    def __init__(self, target: str, kind: str, task: str, device: str, threads: int):
+        import torch
+
+        from compress.runtime import set_threads
+
+        set_threads(threads)
+        self.torch, self.task, self.device = torch, task, torch.device(device)
+        if kind == "checkpoint":
+            from compress.checkpoint import load
+
+            model = load(target).model
+        else:
+            from compress.models import load_model
+
+            model, _ = load_model(target, task)
+        from compress.models import count_parameters
+
+        self.params = count_parameters(model)
+        self.model = model.to(self.device).eval()
+        self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
+        self.providers = None
+
+    def _t(self, a: np.ndarray):
+        return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+
+    def _np(self, t) -> np.ndarray:
+        return t.float().cpu().numpy()
+
+    def sync(self) -> None:
+        if self.device.type == "cuda":
+            self.torch.cuda.synchronize()
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self._t(input_ids), attention_mask=self._t(attention_mask))
+        return self._np(out.logits)
+
+    def embed(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self._t(input_ids), attention_mask=self._t(attention_mask))
+        return mean_pool(self._np(out.last_hidden_state), attention_mask)
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        mask = self._t(attention_mask)
+        with self.torch.inference_mode():
+            out = self.model(input_ids=self._t(input_ids), attention_mask=mask, use_cache=True)
+        return self._np(out.logits[:, -1]), {"past": out.past_key_values, "mask": mask}
+
+    def decode_step(self, next_ids: np.ndarray, state: dict):
+        torch = self.torch
+        mask = torch.cat([state["mask"], torch.ones_like(state["mask"][:, :1])], dim=1)
+        with torch.inference_mode():
+            out = self.model(input_ids=self._t(next_ids), attention_mask=mask, past_key_values=state["past"],
+                             use_cache=True)
+        return self._np(out.logits[:, -1]), {"past": out.past_key_values, "mask": mask}
+
+    def cuda_peak_mb(self) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        return round(self.torch.cuda.max_memory_allocated() / 2**20, 1)
+
+
+class OrtBackend:
+    """compress.edge.EdgeModel on the CPU or CUDA execution provider."""
+
+    def __init__(self, target: str, task: str, device: str, threads: int):
+        EdgeModel = _edge_module().EdgeModel
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
+            ["CPUExecutionProvider"]
+        self.model = EdgeModel(target, providers=providers, threads=threads)
+        self.task = task
+        self.params = None  # counted from the graph by the parent
+        self.dtype = None
+        session = getattr(self.model, "session", None)
+        self.providers = session.get_providers() if session is not None else providers
+
+    def sync(self) -> None:  # ORT calls return when their outputs are on the host
+        pass
+
+    def logits(self, input_ids, attention_mask):
+        return np.asarray(self.model.logits(input_ids, attention_mask), dtype=np.float32)
+
+    def embed(self, input_ids, attention_mask):
+        return np.asarray(self.model.embed(input_ids, attention_mask), dtype=np.float32)
+
+    def prefill(self, input_ids, attention_mask):
+        return self.model.prefill(input_ids, attention_mask)
+
+    def decode_step(self, next_ids, state):
+        return self.model.decode_step(next_ids, state)
+
+    def cuda_peak_mb(self) -> float | None:
+        return None
+
+
+def _edge_module():
+    """compress/edge.py loaded as a standalone module: `import compress.edge` would run compress/__init__.py,
+    which imports torch, and torch's few hundred MB would then count in the ORT backend's peak memory.
+    edge.py is self-contained by design (it is copied next to every ONNX export)."""
+    import importlib.util
+    import sys
+
+    if "compress.edge" in sys.modules:
+        return sys.modules["compress.edge"]
+    path = Path(__file__).resolve().parent.parent / "compress" / "edge.py"
+    spec = importlib.util.spec_from_file_location("compress_edge_standalone", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def open_backend(target: str, kind: str, task: str, backend: str, threads: int):
+    device = "cuda" if backend.endswith("cuda") else "cpu"
+    if backend.startswith("torch"):
+        return TorchBackend(target, kind, task, device, threads)
+    return OrtBackend(str(Path(target)), task, device, threads)

@@ -1,0 +1,154 @@
+"""`compress bench` and `compress report` (added to the `compress` command by pipelines/cli.py)."""
+from __future__ import annotations
+
+import shlex
+import sys
+from pathlib import Path
+
+from compress.errors import ConfigError
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def settings_from_args(args):
+    from pydantic import ValidationError
+
+    from compress.errors import format_validation_error
+
+    from .config import BenchmarkConfig
+
+    raw: dict = {"backends": _csv(args.backends), "quality": _csv(args.quality), "threads": args.threads,
+                 "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
+    if args.data:
+        data = {"source": args.data, "split": args.split, "max_tokens": args.max_tokens,
+                "max_examples": args.max_examples}
+        if args.max_length:
+            data["max_length"] = args.max_length
+        raw["data"] = {k: v for k, v in data.items() if v is not None}
+    elif args.max_tokens or args.max_examples or args.split:
+        raise ConfigError("--max-tokens / --max-examples / --split need --data (the eval data source)")
+    if args.no_latency:
+        raw["latency"] = None
+    else:
+        lat = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+               "seq_tokens": args.seq_tokens, "throughput_batch": args.throughput_batch, "warmup": args.warmup,
+               "repeats": args.repeats}
+        raw["latency"] = {k: v for k, v in lat.items() if v is not None}
+    try:
+        return BenchmarkConfig(**{k: v for k, v in raw.items() if v is not None or k == "latency"})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, BenchmarkConfig, prefix="bench.")) from None
+
+
+def _labels(targets: list[str]) -> list[str]:
+    out = []
+    for t in targets:
+        name = t if t.startswith(("builtin:", "hf:")) else Path(t).name or t
+        out.append(name if name not in out else f"{name}#{len(out) + 1}")
+    return out
+
+
+def print_table(records: list[dict]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from .report import _measured, _results_table
+
+    console = Console() if sys.stdout.isatty() else Console(width=240)
+    for task in dict.fromkeys(r["task"] for r in records):
+        rs = [r for r in _measured(records) if r["task"] == task]
+        if rs:
+            head, rows = _results_table(task, rs)
+            table = Table(title=task)
+            for h in head:
+                table.add_column(h, justify="left" if h in ("checkpoint", "backend") else "right")
+            for row in rows:
+                table.add_row(*row)
+            console.print(table)
+    for r in records:
+        if "skipped" in r or "error" in r:
+            console.print(f"[yellow]{r['label']} on {r['backend']}: "
+                          f"{r.get('skipped') or 'error: ' + str(r.get('error'))}[/yellow]")
+
+
+def cmd_bench(args) -> int:
+    from .harness import measure
+    from .report import write_report
+
+    settings = settings_from_args(args)
+    out = Path(args.output)
+    work_dir = Path(args.work_dir) if args.work_dir else out / ".bench"
+    show = False if args.no_progress else None
+    targets = list(args.targets)
+    labels = _labels(targets)
+    base_index = None
+    if args.baseline:
+        if args.baseline in targets:
+            base_index = targets.index(args.baseline)
+        else:
+            targets.insert(0, args.baseline)
+            labels.insert(0, "baseline")
+            base_index = 0
+    records = []
+    for i, (target, label) in enumerate(zip(targets, labels)):
+        for backend in settings.backends:
+            print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
+            r = measure(target, backend=backend, settings=settings, baseline=args.baseline, task=args.task,
+                        label=label, work_dir=work_dir, show_progress=show)
+            # Ratios are to the baseline, else to the first target.
+            r["is_baseline"] = i == (base_index if base_index is not None else 0)
+            records.append(r)
+    command = "compress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
+        if len(sys.argv) > 1 and sys.argv[1] == "bench" else args.command_text
+    path = write_report(records, out, args.title or "compress bench", command=command)
+    print_table(records)
+    print(f"results: {out / 'results.json'}\nreport: {path} and {out / 'report.html'}")
+    failed = [r for r in records if "error" in r]
+    return 1 if failed else 0
+
+
+def cmd_report(args) -> int:
+    from .report import rebuild
+
+    path = rebuild(args.run_dir)
+    print(f"report rebuilt: {path} and {Path(args.run_dir) / 'report.html'}")
+    return 0
+
+
+def add_commands(sub) -> None:
+    p = sub.add_parser("bench", help="measure checkpoints (or model sources, or ONNX folders) on backends")
+    p.add_argument("targets", nargs="+", metavar="CKPT_OR_ONNX", help="checkpoint dirs, ONNX dirs or model sources")
+    p.add_argument("--backends", default="torch-cpu", help="comma list of torch-cpu, torch-cuda, ort-cpu, ort-cuda")
+    p.add_argument("--quality", default="perplexity,accuracy,teacher-agreement",
+                   help="comma list of perplexity, accuracy, teacher-agreement (each where the task allows)")
+    p.add_argument("--baseline", help="reference model for teacher-agreement and ratios (checkpoint or source)")
+    p.add_argument("--task", choices=["causal-lm", "sequence-classification", "feature-extraction"],
+                   help="needed only for model sources / ONNX folders whose task cannot be read from config.json")
+    p.add_argument("--data", help="eval data source (default: builtin:wikipedia for LMs, builtin:bbc-news else)")
+    p.add_argument("--split", choices=["train", "validation", "test", "all"], help="split of --data")
+    p.add_argument("--max-tokens", type=int, help="eval token cap (LMs)")
+    p.add_argument("--max-examples", type=int, help="eval example cap (encoders)")
+    p.add_argument("--max-length", type=int, help="truncation length of encoder eval inputs")
+    p.add_argument("--window", type=int, help="perplexity window (default: 256)")
+    p.add_argument("--stride", type=int, help="perplexity stride (default: the window)")
+    p.add_argument("--eval-batch", type=int, help="sequences per forward pass when scoring")
+    p.add_argument("--threads", type=int, help="intra-op threads (default: all cores); recorded")
+    p.add_argument("--batch", type=int, help="decoder latency: prompts at once")
+    p.add_argument("--prompt-tokens", type=int, help="decoder latency: prompt length")
+    p.add_argument("--new-tokens", type=int, help="decoder latency: greedy tokens")
+    p.add_argument("--seq-tokens", type=int, help="encoder latency: input length")
+    p.add_argument("--throughput-batch", type=int, help="encoder latency: throughput batch")
+    p.add_argument("--warmup", type=int, help="untimed runs")
+    p.add_argument("--repeats", type=int, help="timed runs")
+    p.add_argument("--no-latency", action="store_true", help="quality, memory and size only")
+    p.add_argument("--output", default="runs/bench", help="writes results.json, report.md/html here")
+    p.add_argument("--work-dir", help="cache of inputs, references, exports (default: OUTPUT/.bench)")
+    p.add_argument("--title", help="report title")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=cmd_bench, command_text=None)
+
+    p = sub.add_parser("report", help="rebuild report.md / report.html / plots from RUN_DIR/results.json")
+    p.add_argument("run_dir", help="a directory with results.json (a run or a bench output)")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,345 @@
+"""`measure`: one checkpoint (or model source) on one backend, in its own subprocess, as one JSON record.
+
+The parent side (this module) resolves the target, checks the backend, tokenizes the eval data once into an
+.npz the worker reads, makes sure the baseline's reference outputs exist (for agreement), then starts
+`python -m benchmarks.worker` with explicit thread settings and adds the static figures (file size, machine,
+settings, load average) to what the worker measured."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from compress.errors import CompressInputError, ModelSourceError
+
+from .config import BenchmarkConfig
+from .machine import machine_record
+
+HARNESS_VERSION = 1
+_WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".bin", ".data")
+
+
+@dataclass
+class Target:
+    ref: str  # what the user named
+    path: Path  # the directory with the weights
+    kind: str  # torch | onnx
+    loader: str  # checkpoint | source (how the worker loads a torch model)
+    task: str
+    key: str  # changes when the model changes
+    quantization: dict | None = None
+    exported_from: str | None = None
+
+
+def _hash(*parts) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _task_from_config(path: Path) -> str | None:
+    try:
+        archs = json.loads((path / "config.json").read_text()).get("architectures") or []
+    except (OSError, json.JSONDecodeError):
+        return None
+    for arch in archs:
+        if arch.endswith(("ForCausalLM", "LMHeadModel")):
+            return "causal-lm"
+        if arch.endswith("ForSequenceClassification"):
+            return "sequence-classification"
+    return "feature-extraction" if archs else None
+
+
+def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target:
+    """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, or a model source."""
+    from compress.checkpoint import read_manifest
+    from compress.models import resolve_source, source_fingerprint
+
+    ref = str(target)
+    path = Path(ref).expanduser()
+    if path.is_dir() and (path / "manifest.json").exists():
+        m = read_manifest(path)
+        if task and m["task"] != task:
+            raise ModelSourceError(f"{path} is a {m['task']} checkpoint, not {task}")
+        return Target(ref, path, m["kind"], "checkpoint", m["task"], m.get("key") or _hash(m.get("files")),
+                      m.get("quantization"))
+    if path.is_dir() and (path / "model.onnx").exists():
+        task = task or _task_from_config(path)
+        if not task:
+            raise ModelSourceError(f"{path}: cannot tell the task of this ONNX folder; pass --task")
+        return Target(ref, path, "onnx", "checkpoint", task, _hash("onnx", str(path.resolve()),
+                                                                  (path / "model.onnx").stat().st_mtime))
+    _, location = resolve_source(ref)
+    location = Path(location)
+    task = task or (_task_from_config(location) if location.is_dir() else None)
+    if not task:
+        raise ModelSourceError(f"{ref}: cannot tell the model's task from its config.json; pass --task")
+    return Target(ref, location, "torch", "source", task, _hash("source", source_fingerprint(ref), task))
+
+
+def weights_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
+
+
+def onnx_params(path: Path) -> int:
+    """Elements of the graph's initializers (quantized weights count once each; scales and zero points add
+    a little)."""
+    import onnx
+
+    model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    total = 0
+    for init in model.graph.initializer:
+        n = 1
+        for d in init.dims:
+            n *= d
+        total += n if len(init.dims) else 0
+    return total
+
+
+# ----------------------------------------------------------------------------- backends
+def backend_problem(backend: str) -> str | None:
+    """Why `backend` cannot run here (None when it can)."""
+    if backend == "torch-cpu":
+        return None
+    if backend == "torch-cuda":
+        import torch
+
+        return None if torch.cuda.is_available() else "torch-cuda: CUDA is not available on this machine"
+    try:
+        import onnxruntime
+    except ImportError:
+        return f"{backend}: onnxruntime is not installed"
+    if not (Path(__file__).resolve().parent.parent / "compress" / "edge.py").exists():
+        return f"{backend}: compress.edge (the ONNX Runtime runner) is not part of this version"
+    if backend == "ort-cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "ort-cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
+    return None
+
+
+def _export_on_the_fly(t: Target, work_dir: Path) -> Target | str:
+    """The ONNX export of torch target `t`, cached by its key; a string says why there is none."""
+    from compress import checkpoint, passes
+
+    if "export" not in passes.available():
+        return "the export pass is not available in this version, so a torch model cannot run on ONNX Runtime"
+    out = work_dir / "onnx" / t.key
+    if not (out / "manifest.json").exists():
+        from compress.checkpoint import Artifact
+        from compress.models import load_model
+        from compress.passes.base import PassContext
+
+        try:
+            if t.loader == "checkpoint":
+                art = checkpoint.load(t.path)
+            else:
+                model, tok = load_model(t.ref, t.task)
+                art = Artifact(kind="torch", task=t.task, tokenizer=tok, model=model)
+            exporter = passes.get("export")()
+            ctx = PassContext(source=t.ref, task=t.task, scratch=work_dir / "scratch", show_progress=False)
+            ctx.scratch.mkdir(parents=True, exist_ok=True)
+            if art.quantization and not exporter.accepts_quantized:
+                return f"export on the fly: the export pass does not take quantized models ({art.quantization})"
+            checkpoint.save(exporter.run(art, ctx), out, key=t.key, source=t.ref,
+                            parent={"path": str(t.path), "key": t.key},
+                            **{"pass": {"name": "export", "config": exporter.config.model_dump(mode="json")}})
+        except CompressInputError as exc:
+            return f"export on the fly failed: {exc}"
+    return Target(t.ref, out, "onnx", "checkpoint", t.task, t.key, t.quantization, exported_from=str(t.path))
+
+
+# ----------------------------------------------------------------------------- inputs
+def _tokenizer(t: Target):
+    from transformers import AutoTokenizer
+
+    from compress.models import load_tokenizer, prepare_tokenizer
+
+    if t.loader == "source":
+        return load_tokenizer(t.ref)
+    return prepare_tokenizer(AutoTokenizer.from_pretrained(t.path))
+
+
+def build_inputs(t: Target, s: BenchmarkConfig) -> dict[str, np.ndarray]:
+    """The eval and latency inputs of `t` under resolved settings `s`, as int64 arrays."""
+    from compress.data import lm_windows, load_dataset
+
+    tok = _tokenizer(t)
+    ds = load_dataset(s.data, "eval")
+    lat = s.latency
+    if t.task == "causal-lm":
+        tokens = lm_windows(tok, ds, 1, s.data.max_tokens).view(-1).numpy().astype(np.int64)
+        out = {"tokens": tokens}
+        if lat:
+            need = lat.batch * lat.prompt_tokens
+            reps = -(-need // len(tokens))
+            out["prompt"] = np.tile(tokens, reps)[:need].reshape(lat.batch, lat.prompt_tokens)
+        return out
+    enc = tok(ds.texts, padding=True, truncation=True, max_length=s.data.max_length, return_tensors="np")
+    out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
+    if ds.labels is not None and t.task == "sequence-classification":
+        out["labels"] = np.asarray(ds.labels, dtype=np.int64)
+    if lat:
+        fixed = tok(ds.texts[: lat.throughput_batch], padding="max_length", truncation=True,
+                    max_length=lat.seq_tokens, return_tensors="np")
+        out["lat_ids"] = fixed["input_ids"].astype(np.int64)
+        out["lat_mask"] = fixed["attention_mask"].astype(np.int64)
+    return out
+
+
+def _save_inputs(arrays: dict[str, np.ndarray], work_dir: Path) -> tuple[Path, str]:
+    digest = hashlib.sha256()
+    for name in sorted(arrays):
+        digest.update(name.encode())
+        digest.update(np.ascontiguousarray(arrays[name]).tobytes())
+    h = digest.hexdigest()[:16]
+    path = work_dir / "inputs" / f"{h}.npz"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        tmp.replace(path)
+    return path, h
+
+
+# ----------------------------------------------------------------------------- the subprocess
+def _show_progress(show: bool | None) -> bool:
+    if show is not None:
+        return show
+    return os.environ.get("COMPRESS_PROGRESS", "1") != "0" and sys.stderr.isatty()
+
+
+def run_worker(spec: dict, threads: int, timeout_s: int) -> dict:
+    """Run one worker process; its record, or {"error": ...}."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+               TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
+        spec_file.write_text(json.dumps(spec))
+        try:
+            proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_file), str(out_file)],
+                                  env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                                  if not spec.get("show_progress") else None, text=True, timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return {"error": f"the measurement took longer than timeout_s={timeout_s} s"}
+        if out_file.exists():
+            return json.loads(out_file.read_text())
+        tail = (proc.stderr or "")[-3000:]
+        return {"error": f"the measuring process exited with code {proc.returncode}" + (f":\n{tail}" if tail else
+                                                                                          " (its output is above)")}
+
+
+def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkConfig, work_dir: Path,
+               show: bool) -> Path | dict:
+    """The baseline's outputs on these inputs (top-1 and top-k log-probs / labels / embeddings), made once."""
+    ref = work_dir / "refs" / f"{_hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch)}.npz"
+    if ref.exists():
+        return ref
+    ref.parent.mkdir(parents=True, exist_ok=True)
+    tmp = ref.with_name(ref.stem + f".tmp{os.getpid()}.npz")
+    spec = {"target": str(baseline.path if baseline.loader == "checkpoint" else baseline.ref),
+            "kind": baseline.loader, "task": baseline.task, "backend": "torch-cpu",
+            "settings": s.model_dump(mode="json"), "inputs": str(inputs), "write_reference": str(tmp),
+            "latency": False, "label": "baseline reference", "show_progress": show}
+    out = run_worker(spec, s.threads, s.timeout_s)
+    if "error" in out:
+        return out
+    tmp.replace(ref)
+    return ref
+
+
+def _header(t: Target, backend: str, s: BenchmarkConfig, label: str | None, baseline: Target | None) -> dict:
+    return {"label": label or t.ref, "target": t.ref, "kind": t.kind, "task": t.task, "backend": backend,
+            "key": t.key, "baseline": baseline.ref if baseline else None,
+            "baseline_key": baseline.key if baseline else None, "settings": s.model_dump(mode="json"),
+            "threads": s.threads, "harness_version": HARNESS_VERSION}
+
+
+def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, task: str | None = None,
+            label: str | None = None, data=None, work_dir: str | os.PathLike | None = None,
+            show_progress: bool | None = None) -> dict:
+    """Measure `target` (checkpoint dir, ONNX folder or model source) on `backend` in a fresh process.
+
+    Returns one JSON-able record, {"skipped": reason, ...} when the backend cannot run it here, or
+    {"error": ..., ...} when the measurement failed. `baseline` (a target) enables teacher-agreement;
+    `data` is the eval DataSpec when `settings.data` is unset; `work_dir` caches inputs, references and
+    on-the-fly exports (default: the user cache)."""
+    from compress.runtime import cache_dir
+
+    work_dir = Path(work_dir) if work_dir else Path(cache_dir()) / "bench"
+    t = resolve_target(target, task)
+    base = resolve_target(baseline, t.task) if baseline is not None else None
+    s = settings.resolved(t.task, data)
+    record = _header(t, backend, s, label, base)
+    record["machine"] = machine_record()
+    problem = backend_problem(backend)
+    if problem is None and t.kind == "onnx" and backend.startswith("torch"):
+        problem = f"{backend}: {t.ref} is an ONNX checkpoint; it runs on the ort-* backends"
+    if problem:
+        return {**record, "skipped": problem}
+    run_t = t
+    if t.kind == "torch" and backend.startswith("ort"):
+        exported = _export_on_the_fly(t, work_dir)
+        if isinstance(exported, str):
+            return {**record, "skipped": f"{backend}: {exported}"}
+        run_t = exported
+        record["exported_on_the_fly"] = str(exported.path)
+    show = _show_progress(show_progress)
+    arrays = build_inputs(t, s)
+    inputs, inputs_hash = _save_inputs(arrays, work_dir)
+    record["inputs_sha"] = inputs_hash
+    spec = {"target": str(run_t.path if run_t.loader == "checkpoint" else run_t.ref), "kind": run_t.loader,
+            "task": t.task, "backend": backend, "settings": s.model_dump(mode="json"), "inputs": str(inputs),
+            "label": record["label"], "show_progress": show,
+            "quality": bool(set(s.quality) & _applicable(t.task))}
+    notes = []
+    if base is not None and "teacher-agreement" in s.quality:
+        if _save_inputs(build_inputs(base, s), work_dir)[1] != inputs_hash:
+            notes.append("teacher-agreement skipped: the baseline tokenizes the eval data differently")
+        else:
+            ref = _reference(base, inputs, inputs_hash, s, work_dir, show)
+            if isinstance(ref, dict):
+                return {**record, "error": "baseline reference: " + ref["error"]}
+            spec["reference"] = str(ref)
+    record["loadavg_before"] = list(os.getloadavg())
+    start = time.time()
+    out = run_worker(spec, s.threads, s.timeout_s)
+    record["loadavg_after"] = list(os.getloadavg())
+    record["seconds"] = round(time.time() - start, 2)
+    record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
+    if "error" in out:
+        return {**record, **out}
+    record.update(out)
+    record["quality"] = _filter_quality(out.get("quality", {}), s.quality)
+    record["size_bytes"] = weights_size(run_t.path)
+    if run_t.kind == "onnx":
+        record["params"] = onnx_params(run_t.path)
+    record["quantization"] = t.quantization
+    if notes:
+        record["notes"] = notes
+    return record
+
+
+_METRIC_GROUPS = {
+    "perplexity": {"perplexity", "nll", "scored_tokens", "windows"},
+    "accuracy": {"accuracy", "macro_f1"},
+    "teacher-agreement": {"top1_agreement", "kl", "label_agreement", "cosine", "cosine_min", "nn_agreement"},
+}
+_TASK_GROUPS = {"causal-lm": {"perplexity", "teacher-agreement"},
+                "sequence-classification": {"accuracy", "teacher-agreement"},
+                "feature-extraction": {"teacher-agreement"}}
+
+
+def _applicable(task: str) -> set[str]:
+    return _TASK_GROUPS[task]
+
+
+def _filter_quality(quality: dict, wanted: list[str]) -> dict:
+    keep = {"examples"} | set().union(*(_METRIC_GROUPS[w] for w in wanted))
+    return {k: v for k, v in quality.items() if k in keep}

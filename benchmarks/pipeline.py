@@ -1,0 +1,76 @@
+"""Benchmarks after `compress run`: the source model and every checkpoint of the run, on every backend.
+
+Results are cached in runs/<name>/.bench/results/, keyed by the checkpoint's cache key, the backend, the
+resolved benchmark settings, the baseline and the harness version: a rerun measures only what changed."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from .harness import HARNESS_VERSION, _hash, measure, resolve_target
+from .report import write_report
+
+
+def result_key(target_key: str, backend: str, settings_digest: str, baseline_key: str | None) -> str:
+    return _hash("bench", target_key, backend, settings_digest, baseline_key, HARNESS_VERSION)
+
+
+def measure_cached(target: str, *, label: str, backend: str, settings, baseline: str | None, task: str,
+                   data, work_dir: Path, log=print, show_progress: bool | None = None,
+                   is_baseline: bool = False) -> dict:
+    """`measure`, reusing a stored record when nothing it depends on changed (skips and errors are not
+    stored, so they are retried)."""
+    t = resolve_target(target, task)
+    base_key = resolve_target(baseline, task).key if baseline is not None else None
+    from compress.data import fingerprint
+
+    resolved = settings.resolved(t.task, data)
+    digest = resolved.digest() + fingerprint(resolved.data, "eval")
+    cache = work_dir / "results" / f"{result_key(t.key, backend, digest, base_key)}.json"
+    if cache.exists():
+        log(f"benchmark: {label} on {backend}: reusing the stored result (nothing changed)")
+        record = json.loads(cache.read_text())
+    else:
+        log(f"benchmark: {label} on {backend}: measuring")
+        record = measure(target, backend=backend, settings=settings, baseline=baseline, task=task, label=label,
+                         data=data, work_dir=work_dir, show_progress=show_progress)
+        if "skipped" in record:
+            log(f"benchmark: {label} on {backend}: skipped - {record['skipped']}")
+        elif "error" in record:
+            log(f"benchmark: {label} on {backend}: FAILED - {record['error']}")
+        else:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_suffix(".tmp")
+            tmp.write_text(json.dumps(record, default=str))
+            tmp.replace(cache)
+    record["label"], record["is_baseline"] = label, is_baseline
+    return record
+
+
+def _command(run_dir: Path) -> str:
+    argv0 = Path(sys.argv[0]).name if sys.argv else ""
+    if argv0 == "compress" and len(sys.argv) > 1 and sys.argv[1] == "run":
+        return " ".join(["compress"] + sys.argv[1:])
+    return f"compress run {run_dir / 'pipeline.yaml'}"
+
+
+def benchmark_run(config, result, data, log=print, show_progress: bool = True) -> Path:
+    """Measure the source (baseline) and each step of `result` on config.benchmark.backends; write the
+    report into the run directory and return the path of report.md."""
+    settings = config.benchmark
+    run_dir = Path(result.run_dir)
+    work_dir = run_dir / ".bench"
+    eval_spec = data.specs.get("eval") if data is not None else None
+    source = config.model.source
+    targets = [("source", source, True)] + [(Path(s.path).name, s.path, False) for s in result.steps]
+    records = []
+    for label, target, is_base in targets:
+        for backend in settings.backends:
+            records.append(measure_cached(target, label=label, backend=backend, settings=settings, baseline=source,
+                                          task=config.task, data=eval_spec, work_dir=work_dir, log=log,
+                                          show_progress=show_progress, is_baseline=is_base))
+    path = write_report(records, run_dir, f"{config.name}: what each pass bought and cost",
+                        command=_command(run_dir))
+    log(f"benchmark: report written to {path} (and report.html, results.json)")
+    return path

@@ -1,0 +1,267 @@
+"""Reports from benchmark records: results.json, report.md, a self-contained report.html and PNG plots.
+
+Everything is derived from the records alone, so `compress report RUN_DIR` rebuilds the same files
+(byte for byte) from results.json. Each row is one checkpoint on one backend, in the order given (pipeline
+order); every figure comes with its ratio to the baseline (the source model) on the same backend."""
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+from .plots import QUALITY_AXIS, scatter
+
+RESULTS = "results.json"
+
+
+def _get(r: dict, *path):
+    for p in path:
+        if not isinstance(r, dict) or p not in r or r[p] is None:
+            return None
+        r = r[p]
+    return r
+
+
+def _fmt(v, digits: int) -> str:
+    return "-" if v is None else f"{v:,.{digits}f}"
+
+
+def _cell(v, base, digits: int) -> str:
+    if v is None:
+        return "-"
+    ratio = f" ({v / base:.2f}x)" if base not in (None, 0) else ""
+    return _fmt(v, digits) + ratio
+
+
+# (header, getter, digits, with ratio) per task
+_COMMON_HEAD = [("params (M)", lambda r: r["params"] / 1e6 if r.get("params") else None, 2, True),
+                ("size (MB)", lambda r: r["size_bytes"] / 1e6 if r.get("size_bytes") is not None else None, 1, True)]
+_COMMON_TAIL = [("peak RSS (MB)", lambda r: _get(r, "memory", "peak_rss_mb"), 0, True)]
+COLUMNS = {
+    "causal-lm": _COMMON_HEAD + [
+        ("perplexity", lambda r: _get(r, "quality", "perplexity"), 3, True),
+        ("top-1 agreement", lambda r: _get(r, "quality", "top1_agreement"), 4, False),
+        ("KL", lambda r: _get(r, "quality", "kl"), 4, False),
+        ("prefill ms", lambda r: _get(r, "latency", "prefill", "median_ms"), 1, True),
+        ("decode tok/s", lambda r: _get(r, "latency", "decode_tokens_per_s"), 1, True),
+    ] + _COMMON_TAIL,
+    "sequence-classification": _COMMON_HEAD + [
+        ("accuracy", lambda r: _get(r, "quality", "accuracy"), 4, True),
+        ("macro-F1", lambda r: _get(r, "quality", "macro_f1"), 4, True),
+        ("label agreement", lambda r: _get(r, "quality", "label_agreement"), 4, False),
+        ("batch-1 ms", lambda r: _get(r, "latency", "batch1", "median_ms"), 2, True),
+        ("items/s", lambda r: _get(r, "latency", "throughput_items_per_s"), 1, True),
+    ] + _COMMON_TAIL,
+    "feature-extraction": _COMMON_HEAD + [
+        ("cosine", lambda r: _get(r, "quality", "cosine"), 4, False),
+        ("NN agreement", lambda r: _get(r, "quality", "nn_agreement"), 4, False),
+        ("batch-1 ms", lambda r: _get(r, "latency", "batch1", "median_ms"), 2, True),
+        ("items/s", lambda r: _get(r, "latency", "throughput_items_per_s"), 1, True),
+    ] + _COMMON_TAIL,
+}
+
+
+def _measured(records):
+    return [r for r in records if "skipped" not in r and "error" not in r]
+
+
+def _baseline_for(record: dict, records: list[dict]) -> dict | None:
+    """The baseline's record on the same backend (else on any backend) for ratios."""
+    bases = [r for r in _measured(records) if r.get("is_baseline") and r["task"] == record["task"]]
+    same = [r for r in bases if r["backend"] == record["backend"]]
+    return (same or bases or [None])[0]
+
+
+def _safe(getter, r):
+    try:
+        return getter(r)
+    except (KeyError, TypeError, ZeroDivisionError):
+        return None
+
+
+def _results_table(task: str, records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    cols = COLUMNS[task]
+    head = ["checkpoint", "backend"] + [c[0] for c in cols]
+    rows = []
+    for r in records:
+        base = _baseline_for(r, records)
+        cells = [r["label"], r["backend"]]
+        for _, getter, digits, ratio in cols:
+            v = _safe(getter, r)
+            b = _safe(getter, base) if (ratio and base is not None) else None
+            cells.append(_cell(v, b, digits))
+        rows.append(cells)
+    return head, rows
+
+
+def _spread(lat: dict | None) -> str:
+    if not lat:
+        return "-"
+    return f"{lat['median_ms']:.2f} (p90 {lat['p90_ms']:.2f}, min {lat['min_ms']:.2f}, max {lat['max_ms']:.2f})"
+
+
+def _timing_table(records: list[dict]) -> tuple[list[str], list[list[str]]]:
+    head = ["checkpoint", "backend", "threads", "loadavg before", "loadavg after", "timing 1 (ms)",
+            "timing 2 (ms)", "max/min"]
+    rows = []
+    for r in records:
+        lat = r.get("latency") or {}
+        first, second = (lat.get("prefill"), lat.get("decode")) if r["task"] == "causal-lm" else \
+            (lat.get("batch1"), lat.get("throughput"))
+        ratios = [t["max_ms"] / t["min_ms"] for t in (first, second) if t and t.get("min_ms")]
+        load = lambda k: " ".join(f"{x:.2f}" for x in r.get(k) or []) or "-"  # noqa: E731
+        rows.append([r["label"], r["backend"], str(r.get("threads")), load("loadavg_before"), load("loadavg_after"),
+                     _spread(first), _spread(second), f"{max(ratios):.2f}" if ratios else "-"])
+    return head, rows
+
+
+def _settings_lines(records: list[dict]) -> list[str]:
+    seen, out = set(), []
+    for r in records:
+        s = r.get("settings") or {}
+        text = json.dumps(s, sort_keys=True)
+        if text in seen:
+            continue
+        seen.add(text)
+        d, lat = s.get("data") or {}, s.get("latency")
+        line = (f"{r['task']}: eval data `{d.get('source')}` split `{d.get('split')}` (max_tokens "
+                f"{d.get('max_tokens')}, max_examples {d.get('max_examples')}, max_length {d.get('max_length')}); "
+                f"perplexity window {s.get('window')} stride {s.get('stride')}; KL over the source's top "
+                f"{s.get('kl_top_k')} tokens + rest; threads {s.get('threads')}")
+        if lat:
+            line += (f"; latency: batch {lat['batch']}, prompt {lat['prompt_tokens']}, new tokens "
+                     f"{lat['new_tokens']} (decoders) / {lat['seq_tokens']} tokens, throughput batch "
+                     f"{lat['throughput_batch']} (encoders); {lat['warmup']} warm-up + {lat['repeats']} timed runs")
+        out.append(line)
+    return out
+
+
+def build_blocks(records: list[dict], title: str, command: str | None, out_dir: Path) -> list[tuple]:
+    """The report as blocks: ("h1"|"h2"|"p"|"li", text), ("table", head, rows), ("img", file, alt)."""
+    blocks: list[tuple] = [("h1", title)]
+    if command:
+        blocks.append(("p", f"Made by: `{command}`"))
+    blocks.append(("p", "Each row is one checkpoint on one backend, in pipeline order. A figure in brackets is its "
+                        "ratio to the source model (baseline) on the same backend. Latency figures are medians."))
+    tasks = list(dict.fromkeys(r["task"] for r in records))
+    for task in tasks:
+        rs = [r for r in _measured(records) if r["task"] == task]
+        if not rs:
+            continue
+        blocks.append(("h2", f"Results: {task}"))
+        blocks.append(("table", *_results_table(task, rs)))
+        for cost in ("latency", "size"):
+            name = f"{task}-quality-vs-{cost}.png"
+            if scatter(rs, task, cost, out_dir / name) is not None:
+                blocks.append(("img", name, f"{QUALITY_AXIS[task][1]} against {cost}; the dashed line joins the "
+                                            "Pareto front"))
+    others = [r for r in records if "skipped" in r or "error" in r]
+    if others:
+        blocks.append(("h2", "Not measured"))
+        for r in others:
+            why = r.get("skipped") or ("error: " + str(r.get("error")).splitlines()[0])
+            blocks.append(("li", f"{r['label']} on {r['backend']}: {why}"))
+    measured = _measured(records)
+    if measured:
+        blocks.append(("h2", "Measurement conditions"))
+        blocks.append(("p", "Timing 1 is prefill (decoders) or batch-1 latency (encoders); timing 2 is the decode "
+                            "loop or the throughput batch. max/min shows how noisy the machine was."))
+        blocks.append(("table", *_timing_table(measured)))
+        for line in _settings_lines(measured):
+            blocks.append(("li", line))
+        m = measured[0].get("machine") or {}
+        versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
+        blocks.append(("li", f"machine: {m.get('cpu')} ({', '.join(m.get('cpu_flags') or []) or 'no flags read'}), "
+                             f"{m.get('usable_cores')} usable cores of {m.get('cores')}, {m.get('memory_gb')} GB, "
+                             f"GPU: {', '.join(m.get('gpus') or []) or 'none'}"))
+        blocks.append(("li", f"suite commit: {m.get('git_commit')}; {versions}"))
+        times = sorted(r["measured_at"] for r in measured if r.get("measured_at"))
+        if times:
+            blocks.append(("li", f"measured {times[0]} to {times[-1]}"))
+    return blocks
+
+
+def _md(blocks) -> str:
+    out = []
+    for b in blocks:
+        if b[0] == "h1":
+            out.append(f"# {b[1]}\n")
+        elif b[0] == "h2":
+            out.append(f"\n## {b[1]}\n")
+        elif b[0] == "p":
+            out.append(f"{b[1]}\n")
+        elif b[0] == "li":
+            out.append(f"- {b[1]}")
+        elif b[0] == "table":
+            head, rows = b[1], b[2]
+            out.append("| " + " | ".join(head) + " |")
+            out.append("|" + "|".join(["---"] * len(head)) + "|")
+            out += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows]
+            out.append("")
+        elif b[0] == "img":
+            out.append(f"\n![{b[2]}]({b[1]})\n")
+    return "\n".join(out).rstrip() + "\n"
+
+
+def _inline(text: str) -> str:
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _html(blocks, title: str, out_dir: Path) -> str:
+    body, in_list = [], False
+    for b in blocks:
+        if b[0] != "li" and in_list:
+            body.append("</ul>")
+            in_list = False
+        if b[0] in ("h1", "h2", "p"):
+            body.append(f"<{b[0]}>{_inline(b[1])}</{b[0]}>")
+        elif b[0] == "li":
+            if not in_list:
+                body.append("<ul>")
+                in_list = True
+            body.append(f"<li>{_inline(b[1])}</li>")
+        elif b[0] == "table":
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in b[1]) + "</tr>")
+            body += ["<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in b[2]]
+            body.append("</table>")
+        elif b[0] == "img":
+            data = base64.b64encode((out_dir / b[1]).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(b[2])}" src="data:image/png;base64,{data}"></p>')
+    if in_list:
+        body.append("</ul>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
+             "text-align:right}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def write_report(records: list[dict], out_dir, title: str, *, command: str | None = None) -> Path:
+    """Write results.json, report.md, report.html (plots embedded) and the PNG plots; return report.md."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    results = {"title": title, "command": command, "records": records}
+    (out_dir / RESULTS).write_text(json.dumps(results, indent=1, default=str) + "\n")
+    blocks = build_blocks(records, title, command, out_dir)
+    (out_dir / "report.md").write_text(_md(blocks))
+    (out_dir / "report.html").write_text(_html(blocks, title, out_dir))
+    return out_dir / "report.md"
+
+
+def rebuild(run_dir) -> Path:
+    """Rebuild every report file of `run_dir` from its results.json."""
+    from compress.errors import CompressInputError
+
+    run_dir = Path(run_dir)
+    path = run_dir / RESULTS
+    if not path.exists():
+        raise CompressInputError(f"{run_dir} has no {RESULTS}: give a run directory written by `compress run` "
+                                 "or `compress bench`")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CompressInputError(f"{path} is not valid JSON: {exc}") from None
+    return write_report(results["records"], run_dir, results.get("title") or run_dir.name,
+                        command=results.get("command"))

@@ -1,0 +1,165 @@
+"""One measurement in a fresh process: `python -m benchmarks.worker SPEC.json OUT.json`.
+
+The parent (benchmarks/harness.py) prepares the inputs (token ids as .npz) so this process loads nothing
+but the model and its runtime: the ORT worker never imports torch, and the peak memory read from this
+process's own VmHWM is the model's and its workload's alone."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import metrics
+from .latency import decoder_latency, encoder_latency
+
+
+def _status_mb(field: str) -> float | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _bar(total: int, desc: str, show: bool):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+def _lm_quality(backend, inputs, spec, bar) -> tuple[dict, dict]:
+    """Scores every perplexity window; returns (quality figures, reference arrays to save)."""
+    s = spec["settings"]
+    tokens = inputs["tokens"]
+    windows = metrics.ppl_windows(len(tokens), s["window"], s["stride"])
+    n_targets = sum(e - f for _, e, f in windows)
+    want_ref = spec.get("write_reference") is not None
+    ref = np.load(spec["reference"]) if spec.get("reference") else None
+    if ref is not None and ref["top1"].shape != (n_targets,):
+        raise RuntimeError("the baseline was scored on other tokens: its eval data or tokenizer differs")
+    parts, offset, i = [], 0, 0
+    while i < len(windows):  # batch consecutive windows of equal length
+        group = [windows[i]]
+        while (len(group) < s["eval_batch"] and i + len(group) < len(windows)
+               and windows[i + len(group)][1] - windows[i + len(group)][0] == group[0][1] - group[0][0]):
+            group.append(windows[i + len(group)])
+        ids = np.stack([tokens[b:e] for b, e, _ in group]).astype(np.int64)
+        logits = backend.logits(ids, np.ones_like(ids))
+        for row, (b, e, first) in zip(logits, group):
+            n = e - first
+            r = (ref["topk_idx"][offset:offset + n], ref["topk_logp"][offset:offset + n]) if ref is not None else None
+            parts.append(metrics.score_window(row, tokens, b, e, first, s["kl_top_k"] if want_ref else None, r))
+            offset += n
+        i += len(group)
+        if bar is not None:
+            bar.update(len(group))
+    scores = metrics.concat_scores(parts)
+    quality = {"perplexity": metrics.perplexity(scores.nll), "nll": float(scores.nll.mean()),
+               "scored_tokens": int(scores.nll.size), "windows": len(windows)}
+    if ref is not None:
+        quality["top1_agreement"] = metrics.agreement(scores.top1, ref["top1"])
+        quality["kl"] = float(scores.kl.mean())
+    refs = {"top1": scores.top1, "topk_idx": scores.topk_idx, "topk_logp": scores.topk_logp} if want_ref else {}
+    return quality, refs
+
+
+def _batches(inputs, batch: int):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    for start in range(0, len(ids), batch):
+        m = mask[start:start + batch]
+        width = int(m.sum(1).max())  # trim the padding this batch does not need
+        yield ids[start:start + batch, :width], m[:, :width]
+
+
+def _encoder_quality(backend, task, inputs, spec, bar) -> tuple[dict, dict]:
+    s = spec["settings"]
+    ref = np.load(spec["reference"]) if spec.get("reference") else None
+    outs = []
+    for ids, mask in _batches(inputs, s["eval_batch"]):
+        outs.append(backend.embed(ids, mask) if task == "feature-extraction" else backend.logits(ids, mask))
+        if bar is not None:
+            bar.update(len(ids))
+    out = np.concatenate(outs)
+    quality: dict = {"examples": int(len(out))}
+    if task == "feature-extraction":
+        if ref is not None:
+            cos = metrics.cosine(out, ref["embeddings"])
+            quality.update(cosine=float(cos.mean()), cosine_min=float(cos.min()),
+                           nn_agreement=metrics.agreement(metrics.nearest_neighbours(out),
+                                                          metrics.nearest_neighbours(ref["embeddings"])))
+        return quality, {"embeddings": out}
+    pred = out.argmax(-1)
+    if "labels" in inputs.files:
+        acc, f1 = metrics.accuracy_f1(pred, inputs["labels"], out.shape[-1])
+        quality.update(accuracy=acc, macro_f1=f1)
+    if ref is not None:
+        quality["label_agreement"] = metrics.agreement(pred, ref["pred"])
+    return quality, {"pred": pred}
+
+
+def run(spec: dict) -> dict:
+    s, task, backend_name = spec["settings"], spec["task"], spec["backend"]
+    show = spec.get("show_progress", False)
+    start = time.perf_counter()
+    from .backends import open_backend
+
+    backend = open_backend(spec["target"], spec["kind"], task, backend_name, s["threads"])
+    load_s = time.perf_counter() - start
+    rss_loaded = _status_mb("VmRSS")
+    inputs = np.load(spec["inputs"])
+    record: dict = {"load_s": load_s, "params": backend.params, "dtype": backend.dtype,
+                    "providers": backend.providers}
+    quality, refs = {}, {}
+    if spec.get("quality", True):
+        n = len(metrics.ppl_windows(len(inputs["tokens"]), s["window"], s["stride"])) if task == "causal-lm" \
+            else len(inputs["input_ids"])
+        bar = _bar(n, f"quality {spec['label']}", show)
+        quality, refs = (_lm_quality if task == "causal-lm" else
+                         lambda b, i, sp, br: _encoder_quality(b, task, i, sp, br))(backend, inputs, spec, bar)
+        if bar is not None:
+            bar.close()
+    if spec.get("write_reference"):
+        np.savez(spec["write_reference"], **refs)
+    record["quality"] = quality
+    lat = s.get("latency")
+    if lat and spec.get("latency", True):
+        bar = _bar(lat["repeats"] * (1 if task == "causal-lm" else 2), f"latency {spec['label']}", show)
+        if task == "causal-lm":
+            record["latency"] = decoder_latency(backend, inputs["prompt"], lat["new_tokens"], lat["warmup"],
+                                                lat["repeats"], bar)
+        else:
+            record["latency"] = encoder_latency(backend, task, inputs["lat_ids"], inputs["lat_mask"],
+                                                lat["throughput_batch"], lat["warmup"], lat["repeats"], bar)
+        if bar is not None:
+            bar.close()
+    record["memory"] = {"peak_rss_mb": _status_mb("VmHWM"), "rss_after_load_mb": rss_loaded,
+                        "cuda_peak_allocated_mb": backend.cuda_peak_mb(), "torch_imported": "torch" in sys.modules}
+    record["worker_s"] = time.perf_counter() - start
+    return record
+
+
+def main(argv: list[str]) -> int:
+    spec = json.loads(Path(argv[0]).read_text())
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        record = run(spec)
+    except Exception as exc:  # reported in the record: the parent turns it into an error record
+        import traceback
+
+        record = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-4000:]}
+    tmp = Path(argv[1] + ".tmp")
+    tmp.write_text(json.dumps(record, default=float))
+    tmp.replace(argv[1])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
