@@ -24,7 +24,9 @@ def register_structure(kind: str):
 
 
 def apply_structure(model: nn.Module, entries: list[dict]) -> None:
-    import compress.passes  # noqa: F401  (imports every pass, which registers its appliers)
+    import compress.passes
+
+    compress.passes.available()  # imports every pass module, which registers its appliers
 
     for entry in entries:
         kind = entry.get("type")

@@ -1,0 +1,204 @@
+"""lowrank: replace linear layers by two thinner ones from a truncated SVD, where that saves parameters.
+
+Rank per layer: fixed (`rank`), by retained singular-value energy (`energy`), or by a parameter budget
+(`param_ratio` of each layer's weights). `method: asvd` / `whiten` use calibration activations so the
+truncation keeps what the data uses (compress/pruning/lowrank.py). A layer is factorized only when the
+factors are smaller than `max_param_ratio` of the dense weight: near full rank the two matmuls are slower
+than the one they replace (measured in benchmarks/results/prune_lowrank/). The (tied) embedding can be
+factorized too. Factors are `LowRankLinear` modules with `first` / `second` children, recorded as a
+`lowrank` structure entry that `compress.load` re-applies before loading the weights."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..checkpoint import Artifact
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..models import count_parameters
+from ..pruning import importance as imp
+from ..pruning.arch import is_linear, linear_weight, set_module
+from ..pruning.lowrank import (LowRankEmbedding, LowRankLinear, LowRankLMHead, build_lowrank, choose_rank,
+                               factor_rank_limit, svd_factors, whitening)
+from ..structure import register_structure
+from . import register
+from .base import Pass, PassConfig, PassContext
+
+
+class LowRankConfig(PassConfig):
+    method: Literal["svd", "asvd", "whiten"] = Field(
+        "svd", description="svd (plain truncated SVD), asvd (columns scaled by calibration activation "
+        "magnitude) or whiten (SVD of W times the Cholesky factor of the activation covariance)")
+    rank: int | None = Field(None, ge=1, description="fixed rank for every targeted layer")
+    energy: float | None = Field(None, gt=0.0, le=1.0, description="smallest rank keeping this fraction of "
+                                 "the squared singular values (default 0.95 when no rule is given)")
+    param_ratio: float | None = Field(None, gt=0.0, lt=1.0, description="rank so that the factors hold this "
+                                      "fraction of each layer's parameters")
+    targets: list[str] = Field(["*"], description="module-name patterns (fnmatch) of the linear layers to "
+                               "factorize; the output (LM) head is never a target")
+    ignore: list[str] = Field([], description="module-name patterns to leave dense")
+    max_param_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="leave a layer dense unless its factors "
+                                   "are at most this fraction of its parameters (near full rank the two "
+                                   "matmuls are slower than one)")
+    round_to: int = Field(8, ge=1, description="ranks rounded up to a multiple of this")
+    alpha: float = Field(0.5, ge=0.0, le=2.0, description="asvd: exponent of the activation scaling")
+    embedding_rank: int | None = Field(None, ge=1, description="factorize the (tied) embedding matrix to this "
+                                       "rank; none: leave it dense")
+    calibration_samples: int = Field(8, ge=1, description="calibration sequences for asvd / whiten")
+    calibration_seq_len: int = Field(128, ge=2, description="tokens per calibration sequence")
+    batch_size: int = Field(4, ge=1, description="calibration batch size")
+
+    @model_validator(mode="after")
+    def _one_rule(self):
+        rules = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
+        if len(rules) > 1:
+            raise ValueError(f"give one of rank, energy, param_ratio (got {', '.join(rules)})")
+        if not rules:
+            self.energy = 0.95
+        return self
+
+
+def _candidates(net: nn.Module) -> list[str]:
+    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
+    return [n for n, m in net.named_modules() if is_linear(m) and m is not head and n]
+
+
+@register
+class LowRank(Pass):
+    name = "lowrank"
+    description = "Factorize linear layers by truncated SVD (plain or activation-aware) where it saves parameters"
+    Config = LowRankConfig
+
+    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+        c = self.config
+        if model.kind != "torch" or model.model is None:
+            raise UnsupportedModelError("lowrank needs a torch model; move it before the export pass")
+        if any(e.get("type") == "lowrank" for e in model.structure):
+            raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
+        net = copy.deepcopy(model.model).float().eval()
+        names = [n for n in _candidates(net)
+                 if any(fnmatch.fnmatchcase(n, p) for p in c.targets)
+                 and not any(fnmatch.fnmatchcase(n, p) for p in c.ignore)]
+        if not names and c.embedding_rank is None:
+            raise ConfigError(f"lowrank.targets {c.targets} (minus ignore {c.ignore}) match no linear layer; "
+                              f"layers look like {_candidates(net)[:3]}")
+        stats = self._activation_stats(net, names, model, ctx) if c.method != "svd" else {}
+        before = count_parameters(net)
+        ranks, layers, skipped = {}, {}, {}
+        for name in names:
+            m = net.get_submodule(name)
+            w = linear_weight(m)
+            out_f, in_f = w.shape
+            scale = stats[name].clamp_min(1e-6).pow(c.alpha) if c.method == "asvd" else None
+            L, L_inv = whitening(stats[name]) if c.method == "whiten" else (None, None)
+            u, s, vh = svd_factors(w, scale=scale, whiten=L)
+            r = choose_rank(s, in_f, out_f, rank=c.rank, energy=c.energy, param_ratio=c.param_ratio,
+                            round_to=c.round_to)
+            ratio = r * (in_f + out_f) / (in_f * out_f)
+            if r > factor_rank_limit(in_f, out_f) or ratio > c.max_param_ratio:
+                skipped[name] = {"rank": r, "params_ratio": round(ratio, 3)}
+                continue
+            set_module(net, name, build_lowrank(w, m.bias, u, s, vh, r, scale=scale, whiten_inv=L_inv))
+            ranks[name] = r
+            layers[name] = {"rank": r, "params_ratio": round(ratio, 3),
+                            "energy": round(float(s[:r].pow(2).sum() / s.pow(2).sum()), 4)}
+        structure = list(model.structure)
+        if ranks:
+            structure.append({"type": "lowrank", "ranks": ranks})
+        info: dict[str, Any] = {"method": c.method, "factorized": len(ranks), "left_dense": len(skipped),
+                                "layers": layers, "skipped": skipped}
+        if c.embedding_rank is not None:
+            info["embedding"] = factorize_embedding(net, c.embedding_rank)
+            structure.append({"type": "lowrank_embedding", "rank": c.embedding_rank})
+        if not ranks and c.embedding_rank is None:
+            info["note"] = ("no layer saved enough parameters at this rank rule (see `skipped`); lower energy / "
+                            "param_ratio or raise max_param_ratio")
+        info["params_before"], info["params_after"] = before, count_parameters(net)
+        info["params_ratio"] = round(info["params_after"] / before, 4)
+        return model.derive(model=net, structure=structure, info=info)
+
+    def _activation_stats(self, net, names, model: Artifact, ctx) -> dict[str, torch.Tensor]:
+        """asvd: mean |x_j| per input feature; whiten: X^T X / n, for every targeted layer."""
+        c = self.config
+        batches = imp.calibration_batches(ctx, model.tokenizer, model.task, samples=c.calibration_samples,
+                                          seq_len=c.calibration_seq_len, batch_size=c.batch_size,
+                                          why=f"lowrank.method: {c.method}")
+        sums: dict[str, torch.Tensor] = {}
+        counts = dict.fromkeys(names, 0)
+        mask_now: list[torch.Tensor | None] = [None]
+
+        def make_hook(name):
+            def hook(mod, args):
+                x = args[0].detach().float().reshape(-1, args[0].shape[-1])
+                if mask_now[0] is not None and mask_now[0].numel() == x.shape[0]:  # per-token input
+                    x = x[mask_now[0].reshape(-1).bool()]
+                v = x.abs().sum(0) if c.method == "asvd" else x.t() @ x
+                sums[name] = sums[name] + v.double() if name in sums else v.double()
+                counts[name] += x.shape[0]
+            return hook
+
+        handles = [net.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    mask_now[0] = batch.get("attention_mask")
+                    imp._forward(net, batch, model.task)
+        finally:
+            for h in handles:
+                h.remove()
+        return {n: sums[n] / max(counts[n], 1) for n in names}
+
+
+def factorize_embedding(net: nn.Module, rank: int) -> dict:
+    """E [V, d] ~ (U_r S_r) [V, r] @ Vh_r [r, d]; a tied LM head uses the same two factors."""
+    emb = net.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise UnsupportedModelError(f"lowrank.embedding_rank: the input embedding is a {type(emb).__name__}, "
+                                    "not an nn.Embedding (already factorized?)")
+    V, d = emb.weight.shape
+    if rank >= factor_rank_limit(V, d) + 1:
+        raise ConfigError(f"lowrank.embedding_rank={rank} saves nothing for a {V} x {d} embedding; "
+                          f"use a rank below {factor_rank_limit(V, d) + 1}")
+    u, s, vh = torch.linalg.svd(emb.weight.detach().double(), full_matrices=False)
+    new = _install_embedding(net, rank)
+    with torch.no_grad():
+        new.weight.copy_((u[:, :rank] * s[:rank]).float())
+        new.proj.weight.copy_(vh[:rank].t().float())
+    return {"rank": rank, "shape": [V, d], "tied": _tied(net),
+            "energy": round(float(s[:rank].pow(2).sum() / s.pow(2).sum()), 4)}
+
+
+def _tied(net: nn.Module) -> bool:
+    return bool(getattr(net.config, "tie_word_embeddings", False)) and net.get_output_embeddings() is not None
+
+
+def _install_embedding(net: nn.Module, rank: int) -> LowRankEmbedding:
+    emb = net.get_input_embeddings()
+    tied = _tied(net)
+    new = LowRankEmbedding(emb.num_embeddings, emb.embedding_dim, rank, emb.padding_idx)
+    net.set_input_embeddings(new)
+    if tied:
+        net.set_output_embeddings(LowRankLMHead(new))
+    return new
+
+
+@register_structure("lowrank")
+def _apply_lowrank(model: nn.Module, entry: dict) -> None:
+    for name, r in entry["ranks"].items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"lowrank structure names {name}, which the model does not have") from None
+        w = linear_weight(m)
+        set_module(model, name, LowRankLinear(w.shape[1], w.shape[0], r, bias=m.bias is not None))
+
+
+@register_structure("lowrank_embedding")
+def _apply_lowrank_embedding(model: nn.Module, entry: dict) -> None:
+    _install_embedding(model, entry["rank"])
+
+

@@ -1,0 +1,292 @@
+"""prune: structured pruning that removes real structure (MLP channels, attention heads, whole blocks).
+
+Width: MLP intermediate channels go through torch-pruning's dependency graph; attention heads through our
+own GQA-aware code (compress/pruning/width.py says why). Depth: blocks that change their input least on
+calibration data are dropped. Uniform pruning keeps a stock Hugging Face config (plain `from_pretrained`
+works); a global ratio gives per-layer MLP widths, recorded as an `mlp_widths` structure entry that
+`compress.load` re-applies. Per-layer *head* counts are not offered: Hugging Face's Llama config and the
+ONNX exporter's KV-cache shapes assume one head count for every layer."""
+from __future__ import annotations
+
+import copy
+import fnmatch
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, field_validator
+
+from ..checkpoint import Artifact
+from ..errors import ConfigError, UnsupportedModelError
+from ..models import count_parameters
+from ..pruning import importance as imp
+from ..pruning.arch import Adapter, adapter, is_linear
+from ..pruning.depth import drop_layers
+from ..pruning.width import (original_head_ids, prune_hf_heads, prune_llama_heads, prune_mlp_channels,
+                             resize_mlp, set_llama_heads)
+from ..structure import register_structure
+from . import register
+from .base import Pass, PassConfig, PassContext
+
+
+class PruneConfig(PassConfig):
+    targets: list[Literal["mlp", "heads", "layers"]] = Field(
+        ["mlp"], min_length=1, description="what to remove: mlp (intermediate channels), heads, layers (blocks)")
+    ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads to remove")
+    layer_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="fraction of blocks to remove (target `layers`); default: ratio")
+    importance: Literal["magnitude", "taylor", "activation"] = Field(
+        "magnitude", description="magnitude (weight norm, data-free), taylor (first-order loss change from "
+        "gradients on calibration batches) or activation (mean contribution on calibration batches)")
+    norm: Literal[1, 2] = Field(2, description="magnitude importance: L1 or L2 norm")
+    scope: Literal["uniform", "global"] = Field(
+        "uniform", description="uniform: every layer loses `ratio` (stock config); global: one ranking over "
+        "all layers, per-layer MLP widths recorded in the manifest (MLP only)")
+    min_keep: float = Field(0.1, gt=0.0, le=1.0,
+                            description="global scope: each layer keeps at least this fraction of its channels")
+    round_to: int = Field(8, ge=1, description="MLP channel counts are rounded to a multiple of this (8/16/64 "
+                          "keep matmul kernels fast)")
+    gqa: Literal["groups", "query"] = Field(
+        "groups", description="grouped-query attention: remove whole KV groups (q heads + their k/v head) or "
+        "the same number of query heads inside every group")
+    ignore: list[str] = Field([], description="module-name patterns (fnmatch) of blocks / MLPs / attentions "
+                              "to leave untouched, e.g. 'model.layers.0*'")
+    calibration_samples: int = Field(8, ge=1, description="calibration sequences for taylor / activation / "
+                                     "layer scores")
+    calibration_seq_len: int = Field(128, ge=2, description="tokens per calibration sequence")
+    batch_size: int = Field(4, ge=1, description="calibration batch size")
+    recover: dict[str, Any] | None = Field(
+        None, description="options of a short distillation from the unpruned model after pruning (the "
+        "distill pass's options, e.g. {max_steps: 50}); none: no recovery")
+
+    @field_validator("recover")
+    @classmethod
+    def _check_recover(cls, v):
+        if v is None:
+            return v
+        from . import available
+
+        if "distill" not in available():
+            raise ValueError("recover needs the distill pass, which this version of the suite does not have")
+        available()["distill"](**v)  # validates the options now, not after pruning
+        return v
+
+
+def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
+    exact = n * (1 - ratio)
+    if round(exact) < 1:
+        raise ConfigError(f"prune.ratio={ratio} would leave no {what} (of {n}); use a smaller ratio")
+    if round_to <= 1 or round_to >= n:
+        return min(n, max(1, round(exact)))
+    return min(n, max(round_to, round(exact / round_to) * round_to))
+
+
+@register
+class Prune(Pass):
+    name = "prune"
+    description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers"
+    Config = PruneConfig
+
+    # ------------------------------------------------------------------ entry point
+    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+        c = self.config
+        if model.kind != "torch" or model.model is None:
+            raise UnsupportedModelError("prune needs a torch model; move it before the export pass")
+        if c.scope == "global" and "heads" in c.targets:
+            raise ConfigError("prune.scope: global gives per-layer widths, which is supported for MLP channels "
+                              "only (per-layer head counts break stock configs and ONNX cache shapes); "
+                              "use scope: uniform for heads, or a second prune pass")
+        net = copy.deepcopy(model.model).float().eval()
+        ad = adapter(net)
+        self._check_plain(net, ad)
+        self.ctx, self.task, self.tok = ctx, model.task, model.tokenizer
+        self._batches = None
+        structure = list(model.structure)
+        info: dict[str, Any] = {"params_before": count_parameters(net), "importance": c.importance,
+                                "scope": c.scope}
+        if "layers" in c.targets:
+            if structure:
+                raise ConfigError("prune: targets `layers` cannot follow a pass that recorded per-layer structure "
+                                  f"({[e['type'] for e in structure]}); prune layers first")
+            info["layers"] = self._prune_layers(net, ad)
+        if "heads" in c.targets:
+            info["heads"] = self._prune_heads(net, ad)
+        if "mlp" in c.targets:
+            info["mlp"], entry = self._prune_mlp(net, ad)
+            if entry:
+                if any(e["type"] == "mlp_widths" for e in structure):
+                    raise ConfigError("prune: this model already has per-layer MLP widths; prune it once")
+                structure.append(entry)
+        net.config.use_cache = getattr(model.model.config, "use_cache", None)
+        info["params_after"] = count_parameters(net)
+        info["params_ratio"] = round(info["params_after"] / info["params_before"], 4)
+        out = model.derive(model=net, structure=structure, info=info)
+        if c.recover is not None:
+            out = self._recover(model, out, ctx)
+        return out
+
+    def _check_plain(self, net, ad: Adapter) -> None:
+        for i in range(ad.num_layers()):
+            for name in [*ad.mlp_in(i), ad.mlp_out(i), ad.attn_out(i)]:
+                if not is_linear(net.get_submodule(name)):
+                    raise UnsupportedModelError(
+                        f"prune: {name} is a {type(net.get_submodule(name)).__name__}, not a plain linear layer "
+                        "(low-rank factorized or quantized?); run prune before lowrank / quantize")
+
+    def _ignored(self, *names: str) -> bool:
+        return any(fnmatch.fnmatchcase(n, p) for n in names for p in self.config.ignore)
+
+    def _calib(self, why: str):
+        if self._batches is None:
+            c = self.config
+            self._batches = imp.calibration_batches(
+                self.ctx, self.tok, self.task, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
+                batch_size=c.batch_size, why=why)
+        return self._batches
+
+    # ------------------------------------------------------------------ depth
+    def _prune_layers(self, net, ad: Adapter) -> dict:
+        c = self.config
+        ratio = c.ratio if c.layer_ratio is None else c.layer_ratio
+        n = ad.num_layers()
+        n_drop = round(n * ratio)
+        if n_drop >= n:
+            raise ConfigError(f"prune.layer_ratio={ratio} would remove all {n} layers; use a smaller ratio")
+        scores = imp.block_scores(net, ad, self._calib("prune targets: layers"), self.task)
+        candidates = [i for i in range(n) if not self._ignored(ad.layer_name(i))]
+        drop = sorted(sorted(candidates, key=lambda i: scores[i].item())[:n_drop])
+        drop_layers(net, ad, drop)
+        return {"dropped": drop, "kept": n - len(drop), "of": n, "ratio_actual": round(len(drop) / n, 4),
+                "scores": [round(s, 5) for s in scores.tolist()]}
+
+    # ------------------------------------------------------------------ heads
+    def _head_scores(self, net, ad: Adapter) -> list[torch.Tensor]:
+        """Per query head of every block."""
+        c = self.config
+        n = ad.num_layers()
+        if c.importance == "magnitude":
+            return [imp.head_magnitude(net, ad, i, c.norm) for i in range(n)]
+        outs = [ad.attn_out(i) for i in range(n)]
+        s = imp.output_unit_scores(net, outs, ad.head_dim(), self._calib(f"importance: {c.importance}"),
+                                   self.task, c.importance)
+        return [s[o] for o in outs]
+
+    def _prune_heads(self, net, ad: Adapter) -> dict:
+        c = self.config
+        n = ad.num_layers()
+        active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.attn_name(i))]
+        if not active:
+            return {"removed": 0, "note": "every layer is ignored"}
+        if ad.family == "llama" and len(active) < n:
+            raise ConfigError("prune.ignore: skipping some layers would give Llama per-layer head counts, which "
+                              "a stock config cannot express; prune heads in every layer (ignore fits mlp)")
+        scores = self._head_scores(net, ad)
+        n_q = ad.num_heads(active[0])
+        if ad.family == "llama":
+            return self._prune_llama_heads(net, ad, scores)
+        keep = _round_keep(n_q, c.ratio, 1, "attention heads")
+        heads = {}
+        for i in active:
+            present = original_head_ids(net, i, net.config.num_attention_heads)
+            order = torch.argsort(scores[i], descending=True).tolist()
+            heads[i] = sorted(present[j] for j in order[keep:])
+        prune_hf_heads(net, heads)
+        return {"heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
+                "pruned": {str(i): h for i, h in heads.items()}}
+
+    def _prune_llama_heads(self, net, ad: Adapter, scores: list[torch.Tensor]) -> dict:
+        c = self.config
+        n_q, n_kv = ad.num_heads(0), ad.num_kv_heads(0)
+        rep = n_q // n_kv
+        mode = c.gqa if rep > 1 else "groups"  # MHA: a group is one head, both modes are the same
+        if mode == "groups":
+            keep_groups = _round_keep(n_kv, c.ratio, 1, "KV groups")
+            per_group = rep
+        else:
+            keep_groups, per_group = n_kv, _round_keep(rep, c.ratio, 1, "query heads per KV group")
+        kept = {}
+        for i in range(ad.num_layers()):
+            q = scores[i].view(n_kv, rep)
+            if mode == "groups":
+                g_score = q.sum(1)
+                if c.importance == "magnitude":
+                    g_score = (q.pow(2).sum(1) + imp.kv_magnitude(net, ad, i, c.norm).pow(2)).sqrt()
+                groups = sorted(torch.argsort(g_score, descending=True)[:keep_groups].tolist())
+                keep_q = [g * rep + r for g in groups for r in range(rep)]
+            else:
+                groups = list(range(n_kv))
+                keep_q = [g * rep + r for g in groups
+                          for r in sorted(torch.argsort(q[g], descending=True)[:per_group].tolist())]
+            prune_llama_heads(net, ad, i, keep_q, groups)
+            kept[str(i)] = {"q": keep_q, "kv": groups}
+        new_q, new_kv = keep_groups * per_group, keep_groups
+        set_llama_heads(net, new_q, new_kv)
+        return {"gqa": mode, "num_attention_heads": [n_q, new_q], "num_key_value_heads": [n_kv, new_kv],
+                "ratio_actual": round(1 - new_q / n_q, 4), "kept": kept}
+
+    # ------------------------------------------------------------------ MLP
+    def _mlp_scores(self, net, ad: Adapter, layers: list[int]) -> dict[int, torch.Tensor]:
+        c = self.config
+        if c.importance == "magnitude":
+            return {i: imp.mlp_magnitude(net, ad, i, c.norm) for i in layers}
+        outs = {i: ad.mlp_out(i) for i in layers}
+        s = imp.output_unit_scores(net, list(outs.values()), 1, self._calib(f"importance: {c.importance}"),
+                                   self.task, c.importance)
+        return {i: s[o] for i, o in outs.items()}
+
+    def _prune_mlp(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+        c = self.config
+        n = ad.num_layers()
+        before = [ad.mlp_width(i) for i in range(n)]
+        active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.mlp_name(i))]
+        if not active:
+            return {"widths": before, "note": "every layer is ignored"}, None
+        scores = self._mlp_scores(net, ad, active)
+        keep = {i: _round_keep(before[i], c.ratio, c.round_to, f"MLP channels in layer {i}") for i in active}
+        if c.scope == "global":
+            keep = self._global_widths(scores, before, active)
+        for i in active:
+            order = torch.argsort(scores[i], descending=True)
+            prune_mlp_channels(net, ad, i, sorted(order[keep[i]:].tolist()))
+        widths = [ad.mlp_width(i) for i in range(n)]
+        total_before, total_after = sum(before[i] for i in active), sum(widths[i] for i in active)
+        info = {"widths": widths, "of": before, "ratio_actual": round(1 - total_after / total_before, 4)}
+        if len(set(widths)) == 1:  # uniform: a stock config says it all
+            setattr(net.config, ad.intermediate_field, widths[0])
+            return info, None
+        return info, {"type": "mlp_widths", "widths": widths}
+
+    def _global_widths(self, scores: dict[int, torch.Tensor], before: list[int], active: list[int]) -> dict:
+        """One ranking over every active layer's channels; each layer keeps its share of the top ones."""
+        c = self.config
+        total = sum(before[i] for i in active)
+        n_keep = round(total * (1 - c.ratio))
+        if n_keep < len(active):
+            raise ConfigError(f"prune.ratio={c.ratio} would leave some layers without MLP channels")
+        flat = torch.cat([scores[i].double() for i in active])
+        owner = torch.cat([torch.full((before[i],), i) for i in active])
+        top = owner[torch.argsort(flat, descending=True)[:n_keep]]
+        out = {}
+        for i in active:
+            k = int((top == i).sum())
+            k = max(k, int(before[i] * c.min_keep + 0.999), 1)
+            if c.round_to > 1 and before[i] > c.round_to:
+                k = min(before[i], max(c.round_to, round(k / c.round_to) * c.round_to))
+            out[i] = k
+        return out
+
+    # ------------------------------------------------------------------ recovery
+    def _recover(self, unpruned: Artifact, pruned: Artifact, ctx: PassContext) -> Artifact:
+        from . import get
+
+        raise NotImplementedError  # filled in once the distill pass's teacher API is known
+
+
+@register_structure("mlp_widths")
+def _apply_mlp_widths(model, entry: dict) -> None:
+    ad = adapter(model)
+    widths = entry["widths"]
+    if len(widths) != ad.num_layers():
+        raise ConfigError(f"mlp_widths lists {len(widths)} layers, the model has {ad.num_layers()}")
+    for i, w in enumerate(widths):
+        if w != ad.mlp_width(i):
+            resize_mlp(model, ad, i, w)

@@ -1,0 +1,212 @@
+"""Importance criteria for structured pruning, all measured at the input of a block's output projection.
+
+A *unit* is what gets removed together: one MLP intermediate channel (the j-th input column of down_proj
+and the rows of gate/up that make it) or one attention head (a head_dim-wide slice of o_proj's input and
+the q/k/v rows that make it). Removing a unit is the same as zeroing its slice of the output projection's
+input, which gives the three criteria a common form:
+
+- ``magnitude``: the L1 or L2 norm of every weight that belongs to the unit (data-free);
+- ``activation``: the mean norm, over calibration tokens, of the unit's contribution to the block output,
+  ``||W_out[:, unit] @ x[unit]||`` (for a single channel: ``|x_j| * ||W_out[:, j]||``). A channel with large
+  activations but tiny outgoing weights contributes little, so plain ``mean |x_j|`` would rank it wrongly;
+- ``taylor``: the first-order estimate of the loss change when the unit is removed,
+  ``sum(W_out[:, unit] * dL/dW_out[:, unit]) = sum_t x_unit(t) . dL/dx_unit(t)``, squared per calibration
+  batch and summed over batches (Molchanov et al. 2019), so that its sign and batch noise do not cancel out.
+
+Scores are comparable across blocks for activation and taylor (residual-stream units, loss units), which is
+what a global ranking needs; magnitude is only comparable within one block."""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .arch import Adapter, linear_weight
+
+CRITERIA = ("magnitude", "taylor", "activation")
+
+
+# ---------------------------------------------------------------------- calibration data
+def calibration_batches(ctx, tokenizer, task: str, *, samples: int, seq_len: int, batch_size: int,
+                        why: str) -> list[dict[str, torch.Tensor]]:
+    """`samples` sequences of calibration text in batches: LM windows for causal LMs, padded texts otherwise."""
+    if ctx is None or ctx.data is None or (ctx.data.specs.get("calibration") is None):
+        raise ConfigError(
+            f"{why} needs calibration data: set `data.calibration` (or `data.train`) in the pipeline config "
+            "(or pass a PassContext with data), or use importance: magnitude"
+        )
+    if task == "causal-lm":
+        windows = ctx.data.lm_windows("calibration", tokenizer, seq_len, max_tokens=samples * seq_len)
+        return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
+    from ..data import text_batches
+
+    ds = ctx.data.dataset("calibration")
+    out, n = [], 0
+    for batch in text_batches(tokenizer, ds, batch_size, seq_len):
+        out.append(batch)
+        n += len(batch["input_ids"])
+        if n >= samples:
+            break
+    return out
+
+
+def _forward(model: nn.Module, batch: dict, task: str, with_loss: bool = False):
+    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    if with_loss:
+        if task == "causal-lm":
+            inputs["labels"] = batch["input_ids"]
+        elif task == "sequence-classification" and "labels" in batch:
+            inputs["labels"] = batch["labels"]
+        else:
+            raise ConfigError(
+                f"importance: taylor needs a training loss, and a {task} model without labels has none; "
+                "use importance: activation or magnitude (or labelled calibration data for classifiers)"
+            )
+    return model(**inputs, use_cache=False) if task == "causal-lm" else model(**inputs)
+
+
+@contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------------- data-driven scores
+def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, batches: list[dict],
+                       task: str, criterion: str) -> dict[str, torch.Tensor]:
+    """Per-unit scores [in_features // unit_size] for each output projection in `out_names`."""
+    modules = {n: model.get_submodule(n) for n in out_names}
+    scores = {n: torch.zeros(linear_weight(m).shape[1] // unit_size, dtype=torch.float64)
+              for n, m in modules.items()}
+    counts = dict.fromkeys(out_names, 0)
+    mask_now: list[torch.Tensor | None] = [None]
+
+    if criterion == "activation":
+        def make_hook(name):
+            def hook(mod, args):
+                x = args[0].detach().float()
+                x = x.reshape(-1, x.shape[-1])
+                if mask_now[0] is not None and mask_now[0].numel() == x.shape[0]:  # per-token input
+                    x = x[mask_now[0].reshape(-1).bool()]
+                w = linear_weight(mod).detach().float()  # [out, in]
+                if unit_size == 1:
+                    contrib = x.abs() * w.norm(dim=0)  # |x_j| * ||W[:, j]||
+                else:
+                    u = w.shape[1] // unit_size
+                    contrib = torch.einsum("nus,ous->nuo", x.view(-1, u, unit_size),
+                                           w.view(w.shape[0], u, unit_size)).norm(dim=-1)
+                scores[name] += contrib.sum(0).double()
+                counts[name] += x.shape[0]
+            return hook
+
+        handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+        with _hooks(handles), torch.no_grad():
+            for batch in batches:
+                mask_now[0] = batch.get("attention_mask")
+                _forward(model, batch, task)
+        return {n: s / max(counts[n], 1) for n, s in scores.items()}
+
+    if criterion == "taylor":
+        was_training = model.training
+        model.eval()  # no dropout: the estimate is for the deployed model
+        try:
+            for batch in batches:
+                model.zero_grad(set_to_none=True)
+                with torch.enable_grad():
+                    _forward(model, batch, task, with_loss=True).loss.backward()
+                for n in out_names:
+                    m = modules[n]
+                    wg = (linear_weight(m).detach() * _grad_as_linear(m)).double()  # [out, in]
+                    per_unit = wg.sum(0).view(-1, unit_size).sum(1)
+                    scores[n] += per_unit.pow(2)
+        finally:
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return scores
+
+    raise ValueError(criterion)
+
+
+def _grad_as_linear(m: nn.Module) -> torch.Tensor:
+    g = m.weight.grad
+    if g is None:
+        return torch.zeros_like(linear_weight(m))
+    return g.t() if type(m).__name__ == "Conv1D" else g
+
+
+# ---------------------------------------------------------------------- magnitude
+def _norm(rows: Iterable[torch.Tensor], p: int) -> torch.Tensor:
+    """Sum over tensors [units, ...] of |w|^p per unit, then the p-th root: the norm of the unit's weights."""
+    total = None
+    for r in rows:
+        v = r.detach().double().abs().pow(p).reshape(r.shape[0], -1).sum(1)
+        total = v if total is None else total + v
+    return total.pow(1.0 / p)
+
+
+def mlp_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+    ins = [linear_weight(model.get_submodule(n)) for n in ad.mlp_in(i)]  # [width, hidden]
+    out = linear_weight(model.get_submodule(ad.mlp_out(i)))  # [hidden, width]
+    return _norm([*ins, out.t()], p)
+
+
+def head_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+    """Per query head: its q rows and o columns (k/v are shared within a KV group and scored there)."""
+    hd, h = ad.head_dim(), ad.num_heads(i)
+    q = _q_weight(model, ad, i).reshape(h, hd, -1)
+    o = linear_weight(model.get_submodule(ad.attn_out(i))).t().reshape(h, hd, -1)
+    return _norm([q, o], p)
+
+
+def kv_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+    """Per KV head (Llama): its k and v rows."""
+    hd, kv = ad.head_dim(), ad.num_kv_heads(i)
+    a = ad.attn_name(i)
+    k = model.get_submodule(a + ".k_proj").weight.reshape(kv, hd, -1)
+    v = model.get_submodule(a + ".v_proj").weight.reshape(kv, hd, -1)
+    return _norm([k, v], p)
+
+
+def _q_weight(model, ad: Adapter, i: int) -> torch.Tensor:
+    a = ad.attn_name(i)
+    if ad.family == "llama":
+        return model.get_submodule(a + ".q_proj").weight
+    if ad.family == "bert":  # q, k and v rows of a head move together: score them together
+        return torch.cat([model.get_submodule(f"{a}.self.{p}").weight for p in ("query", "key", "value")], 1)
+    c_attn = linear_weight(model.get_submodule(a + ".c_attn"))  # GPT-2: [3 * width, hidden] (q, k, v)
+    width = c_attn.shape[0] // 3
+    # q, k and v rows of a head move together in GPT-2 / BERT: score them together
+    return torch.cat([c_attn[:width], c_attn[width:2 * width], c_attn[2 * width:]], dim=1)
+
+
+# ---------------------------------------------------------------------- block (depth) importance
+def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str) -> torch.Tensor:
+    """How much each block changes its input: mean over tokens of 1 - cos(h_in, h_out). Low = removable."""
+    n = ad.num_layers()
+    total = torch.zeros(n, dtype=torch.float64)
+    count = torch.zeros(n, dtype=torch.float64)
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def make_hook(i):
+        def hook(mod, args, kwargs, output):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = output[0] if isinstance(output, tuple) else output
+            cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
+            if mask_now[0] is not None:
+                cos = cos[mask_now[0].bool()]
+            total[i] += (1 - cos).sum().double()
+            count[i] += cos.numel()
+        return hook
+
+    handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(ad.layers())]
+    with _hooks(handles), torch.no_grad():
+        for batch in batches:
+            mask_now[0] = batch.get("attention_mask")
+            _forward(model, batch, task)
+    return total / count.clamp_min(1)

@@ -1,0 +1,124 @@
+"""Low-rank factorization: modules and the truncated (activation-aware) SVD.
+
+A linear layer W [out, in] becomes ``second(first(x))`` with first: in -> r and second: r -> out, which
+saves parameters and time only when r * (in + out) < in * out. Plain SVD keeps the directions with the
+most weight energy; the activation-aware variants keep those the calibration data uses:
+
+- ``asvd``: scale input column j by s_j = mean|x_j|^alpha before the SVD and undo it after (ASVD,
+  Yuan et al. 2023): columns fed by large activations are truncated less;
+- ``whiten``: multiply by the Cholesky factor L of the input covariance X^T X (SVD-LLM, Wang et al. 2024),
+  so the truncation minimizes the output error ||(W - W_r) X|| rather than the weight error."""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LowRankLinear(nn.Module):
+    """x -> second(first(x)): a rank-r replacement of a Linear (or GPT-2 Conv1D) layer."""
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.first = nn.Linear(in_features, rank, bias=False, dtype=dtype)
+        self.second = nn.Linear(rank, out_features, bias=bias, dtype=dtype)
+
+    def forward(self, x):
+        return self.second(self.first(x))
+
+
+class LowRankEmbedding(nn.Module):
+    """An embedding table E [V, d] stored as weight [V, r] @ proj [r -> d].
+
+    `weight` keeps the name Hugging Face ties to the LM head, so a tied LowRankLMHead shares it."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank, self.padding_idx = (
+            num_embeddings, embedding_dim, rank, padding_idx)
+        self.weight = nn.Parameter(torch.empty(num_embeddings, rank, dtype=dtype))
+        self.proj = nn.Linear(rank, embedding_dim, bias=False, dtype=dtype)
+
+    def forward(self, ids):
+        return self.proj(F.embedding(ids, self.weight, self.padding_idx))
+
+
+class LowRankLMHead(nn.Module):
+    """logits = h @ E^T with E factorized as in `embedding`: h -> [r] (proj^T) -> [V] (weight, tied)."""
+
+    def __init__(self, embedding: LowRankEmbedding):
+        super().__init__()
+        object.__setattr__(self, "_embedding", embedding)  # a reference, not a submodule: no duplicate keys
+        self.weight = embedding.weight
+        self.out_features = embedding.num_embeddings
+
+    def forward(self, h):
+        return F.linear(F.linear(h, self._embedding.proj.weight.t()), self.weight)
+
+
+def factor_rank_limit(in_features: int, out_features: int) -> int:
+    """The largest rank that still saves parameters: r * (in + out) < in * out."""
+    return math.ceil(in_features * out_features / (in_features + out_features)) - 1
+
+
+def svd_factors(weight: torch.Tensor, *, scale: torch.Tensor | None = None, whiten: torch.Tensor | None = None):
+    """(U, S, Vh) of the (scaled / whitened) weight in float64, plus the map that undoes the transform on Vh."""
+    w = weight.detach().double()
+    if scale is not None:
+        w = w * scale.double()[None, :]
+    elif whiten is not None:
+        w = w @ whiten
+    u, s, vh = torch.linalg.svd(w, full_matrices=False)
+    return u, s, vh
+
+
+def choose_rank(s: torch.Tensor, in_f: int, out_f: int, *, rank: int | None, energy: float | None,
+                param_ratio: float | None, round_to: int) -> int:
+    if rank is not None:
+        r = rank
+    elif param_ratio is not None:
+        r = int(param_ratio * in_f * out_f / (in_f + out_f))
+    else:
+        e = (s.pow(2).cumsum(0) / s.pow(2).sum()).tolist()
+        r = next((k + 1 for k, v in enumerate(e) if v >= energy - 1e-12), len(e))
+    if round_to > 1:
+        r = max(round_to, math.ceil(r / round_to) * round_to)
+    return max(1, min(r, len(s)))
+
+
+def build_lowrank(weight: torch.Tensor, bias: torch.Tensor | None, u, s, vh, r: int, *,
+                  scale: torch.Tensor | None = None, whiten_inv: torch.Tensor | None = None) -> LowRankLinear:
+    """first = sqrt(S_r) Vh_r T^-1, second = U_r sqrt(S_r), where T is the transform applied before the SVD."""
+    out_f, in_f = weight.shape
+    root = s[:r].sqrt()
+    first = root[:, None] * vh[:r]
+    if scale is not None:
+        first = first / scale.double()[None, :]
+    elif whiten_inv is not None:
+        first = first @ whiten_inv
+    second = u[:, :r] * root[None, :]
+    mod = LowRankLinear(in_f, out_f, r, bias=bias is not None, dtype=weight.dtype)
+    with torch.no_grad():
+        mod.first.weight.copy_(first.to(weight.dtype))
+        mod.second.weight.copy_(second.to(weight.dtype))
+        if bias is not None:
+            mod.second.bias.copy_(bias.detach())
+    return mod
+
+
+def whitening(cov: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with L L^T = cov + damping, the damping growing until the Cholesky succeeds."""
+    cov = cov.double()
+    damp = eps * cov.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(cov.shape[0], dtype=cov.dtype)
+    for _ in range(8):
+        L, info = torch.linalg.cholesky_ex(cov + damp * eye)
+        if int(info) == 0:
+            return L, torch.linalg.solve_triangular(L, eye, upper=False)
+        damp *= 10
+    raise RuntimeError("activation covariance is not positive definite even with damping")
