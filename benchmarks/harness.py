@@ -235,10 +235,14 @@ def run_worker(spec: dict, threads: int, timeout_s: int) -> dict:
                                                                                           " (its output is above)")}
 
 
+def _reference_path(baseline: Target, inputs_hash: str, s: BenchmarkConfig, work_dir: Path) -> Path:
+    return work_dir / "refs" / f"{_hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch)}.npz"
+
+
 def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkConfig, work_dir: Path,
                show: bool) -> Path | dict:
     """The baseline's outputs on these inputs (top-1 and top-k log-probs / labels / embeddings), made once."""
-    ref = work_dir / "refs" / f"{_hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch)}.npz"
+    ref = _reference_path(baseline, inputs_hash, s, work_dir)
     if ref.exists():
         return ref
     ref.parent.mkdir(parents=True, exist_ok=True)
@@ -298,9 +302,14 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
             "task": t.task, "backend": backend, "settings": s.model_dump(mode="json"), "inputs": str(inputs),
             "label": record["label"], "show_progress": show,
             "quality": bool(set(s.quality) & _applicable(t.task))}
-    notes = []
+    notes, self_ref = [], None
     if base is not None and "teacher-agreement" in s.quality:
-        if _save_inputs(build_inputs(base, s), work_dir)[1] != inputs_hash:
+        if base.key == t.key and backend == "torch-cpu" and not _reference_path(base, inputs_hash, s, work_dir).exists():
+            # The baseline itself: one run measures it and writes the reference the others compare with.
+            self_ref = _reference_path(base, inputs_hash, s, work_dir)
+            self_ref.parent.mkdir(parents=True, exist_ok=True)
+            spec.update(self_reference=True, write_reference=str(self_ref.with_name(self_ref.stem + ".tmp.npz")))
+        elif _save_inputs(build_inputs(base, s), work_dir)[1] != inputs_hash:
             notes.append("teacher-agreement skipped: the baseline tokenizes the eval data differently")
         else:
             ref = _reference(base, inputs, inputs_hash, s, work_dir, show)
@@ -315,6 +324,8 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
     record["measured_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start))
     if "error" in out:
         return {**record, **out}
+    if self_ref is not None:
+        Path(spec["write_reference"]).replace(self_ref)
     record.update(out)
     record["quality"] = _filter_quality(out.get("quality", {}), s.quality)
     record["size_bytes"] = weights_size(run_t.path)

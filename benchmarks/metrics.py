@@ -83,17 +83,20 @@ class LMScores:
 
 
 def score_window(logits: np.ndarray, tokens: np.ndarray, begin: int, end: int, first: int,
-                 k: int | None = None, ref: tuple[np.ndarray, np.ndarray] | None = None) -> LMScores:
+                 k: int | None = None, ref: tuple[np.ndarray, np.ndarray] | str | None = None) -> LMScores:
     """Figures for the targets [first, end) of one window; `logits` [end-begin, V] are that window's.
 
     `k`: also keep this window's top-k (for a baseline reference); `ref`: the reference's (top-k indices,
-    log-probs) for these targets, to compute the KL while the logits are at hand."""
+    log-probs) for these targets, to compute the KL while the logits are at hand, or "self" when this model is
+    its own reference (the baseline measured once, writing its reference as it goes)."""
     rows = logits[first - 1 - begin: end - 1 - begin]
     targets = tokens[first:end]
     idx = logp = kl = None
     if k:
         idx, logp = top_k(rows, k)
-    if ref is not None:
+    if isinstance(ref, str):
+        kl = topk_kl(idx, logp, rows)
+    elif ref is not None:
         kl = topk_kl(ref[0], ref[1], rows)
     return LMScores(token_nll(rows, targets), rows.argmax(-1), idx, logp, kl)
 

@@ -42,6 +42,7 @@ def _lm_quality(backend, inputs, spec, bar) -> tuple[dict, dict]:
     windows = metrics.ppl_windows(len(tokens), s["window"], s["stride"])
     n_targets = sum(e - f for _, e, f in windows)
     want_ref = spec.get("write_reference") is not None
+    self_ref = bool(spec.get("self_reference"))  # the baseline itself: compare with its own outputs
     ref = np.load(spec["reference"]) if spec.get("reference") else None
     if ref is not None and ref["top1"].shape != (n_targets,):
         raise RuntimeError("the baseline was scored on other tokens: its eval data or tokenizer differs")
@@ -55,7 +56,8 @@ def _lm_quality(backend, inputs, spec, bar) -> tuple[dict, dict]:
         logits = backend.logits(ids, np.ones_like(ids))
         for row, (b, e, first) in zip(logits, group):
             n = e - first
-            r = (ref["topk_idx"][offset:offset + n], ref["topk_logp"][offset:offset + n]) if ref is not None else None
+            r = (ref["topk_idx"][offset:offset + n], ref["topk_logp"][offset:offset + n]) if ref is not None else \
+                "self" if self_ref else None
             parts.append(metrics.score_window(row, tokens, b, e, first, s["kl_top_k"] if want_ref else None, r))
             offset += n
         i += len(group)
@@ -64,8 +66,8 @@ def _lm_quality(backend, inputs, spec, bar) -> tuple[dict, dict]:
     scores = metrics.concat_scores(parts)
     quality = {"perplexity": metrics.perplexity(scores.nll), "nll": float(scores.nll.mean()),
                "scored_tokens": int(scores.nll.size), "windows": len(windows)}
-    if ref is not None:
-        quality["top1_agreement"] = metrics.agreement(scores.top1, ref["top1"])
+    if ref is not None or self_ref:
+        quality["top1_agreement"] = metrics.agreement(scores.top1, scores.top1 if self_ref else ref["top1"])
         quality["kl"] = float(scores.kl.mean())
     refs = {"top1": scores.top1, "topk_idx": scores.topk_idx, "topk_logp": scores.topk_logp} if want_ref else {}
     return quality, refs
@@ -88,6 +90,8 @@ def _encoder_quality(backend, task, inputs, spec, bar) -> tuple[dict, dict]:
         if bar is not None:
             bar.update(len(ids))
     out = np.concatenate(outs)
+    if spec.get("self_reference"):  # the baseline itself: compare with its own outputs
+        ref = {"embeddings": out, "pred": out.argmax(-1) if out.ndim == 2 else None}
     quality: dict = {"examples": int(len(out))}
     if task == "feature-extraction":
         if ref is not None:

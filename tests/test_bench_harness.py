@@ -1,0 +1,141 @@
+"""The harness end to end on tiny models: each measurement runs in its own subprocess (a few seconds each)."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from benchmarks.config import BenchmarkConfig
+from benchmarks.harness import measure
+from compress.data import DataSpec, load_dataset
+
+DATA = {"source": "builtin:wikipedia", "max_tokens": 600, "seq_len": 64}
+# Shared by the tests so the baseline reference of tiny_llama_dir is made once (same inputs, same settings).
+SETTINGS = BenchmarkConfig(threads=1, data=DATA, window=64, stride=32, kl_top_k=16,
+                           latency={"warmup": 1, "repeats": 2, "new_tokens": 8, "prompt_tokens": 16})
+
+
+@pytest.fixture(scope="module")
+def work_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("bench-work")
+
+
+def plain_perplexity(model, tokenizer, max_tokens, window, stride):
+    """The sliding-window loop of the Hugging Face perplexity guide, written independently of the harness."""
+    ds = load_dataset(DataSpec(**DATA), "eval")
+    ids = []
+    for text in ds.texts:
+        ids += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(ids) >= max_tokens:
+            break
+    ids = torch.tensor(ids[:max_tokens])[None]
+    nll_sum, n_scored, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + window, ids.size(1))
+        trg_len = end - prev_end
+        inp = ids[:, begin:end]
+        labels = inp.clone()
+        labels[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = model(inp, labels=labels).loss
+        n = int((labels[:, 1:] != -100).sum())
+        nll_sum += float(loss) * n
+        n_scored += n
+        prev_end = end
+        if end == ids.size(1):
+            break
+    return float(np.exp(nll_sum / n_scored))
+
+
+def test_lm_record_matches_plain_torch(tiny_llama_dir, work_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS, baseline=str(tiny_llama_dir),
+                work_dir=work_dir, label="tiny")
+    assert "error" not in r and "skipped" not in r, r
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    q = r["quality"]
+    assert q["perplexity"] == pytest.approx(plain_perplexity(model, tok, 600, 64, 32), rel=1e-5)
+    assert q["scored_tokens"] == 599 and q["top1_agreement"] == 1.0 and q["kl"] < 1e-6
+    # the greedy decode loop produces what transformers' generate produces
+    prompt = torch.tensor(np.load(next((work_dir / "inputs").glob(f"{r['inputs_sha']}.npz")))["prompt"])
+    ref = model.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert r["latency"]["generated_ids"] == ref[0, 16:].tolist()
+    assert r["latency"]["prefill"]["n"] == 2 and r["latency"]["decode_tokens_per_s"] > 0
+    assert r["params"] == sum(p.numel() for p in model.parameters())
+    assert r["memory"]["peak_rss_mb"] >= r["memory"]["rss_after_load_mb"] > 50
+    assert r["threads"] == 1 and r["settings"]["threads"] == 1 and r["machine"]["cpu"]
+    assert r["size_bytes"] == (tiny_llama_dir / "model.safetensors").stat().st_size
+    json.dumps(r)  # JSON-able
+
+
+def test_uniform_model_has_vocab_perplexity_and_disagrees(tiny_llama_dir, tmp_path, work_dir):
+    from tiny_models import VOCAB, save_tiny, tiny_llama
+
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.embed_tokens.weight.zero_()  # every hidden state is 0: logits are all 0 (tied head)
+    uniform = save_tiny(model, tmp_path / "uniform")
+    r = measure(str(uniform), backend="torch-cpu", settings=SETTINGS, baseline=str(tiny_llama_dir),
+                work_dir=work_dir)
+    q = r["quality"]
+    assert q["perplexity"] == pytest.approx(VOCAB, rel=1e-5)
+    assert q["top1_agreement"] < 0.2 and q["kl"] > 1e-4  # the random tiny model is itself nearly uniform
+
+
+def test_ort_backend_scores_like_torch(tiny_llama_dir, work_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    plain = plain_perplexity(model, AutoTokenizer.from_pretrained(tiny_llama_dir), 600, 64, 32)
+    r = measure(str(tiny_llama_dir), backend="ort-cpu", settings=SETTINGS, baseline=str(tiny_llama_dir),
+                work_dir=work_dir)
+    if "skipped" in r:
+        pytest.skip(r["skipped"])
+    assert "error" not in r, r.get("error")
+    assert r["quality"]["perplexity"] == pytest.approx(plain, rel=1e-4)
+    assert r["quality"]["top1_agreement"] > 0.99 and r["quality"]["kl"] < 1e-4
+    assert r["exported_on_the_fly"] and r["params"] > 0
+    assert r["memory"]["torch_imported"] is False  # the ORT worker's memory is ORT's alone
+
+
+def test_missing_backends_give_skip_records(tiny_llama_dir, tmp_path, work_dir, monkeypatch):
+    if not torch.cuda.is_available():
+        r = measure(str(tiny_llama_dir), backend="torch-cuda", settings=SETTINGS, work_dir=work_dir)
+        assert "CUDA is not available" in r["skipped"] and r["backend"] == "torch-cuda"
+    import onnxruntime
+
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        r = measure(str(tiny_llama_dir), backend="ort-cuda", settings=SETTINGS, work_dir=work_dir)
+        assert "CUDAExecutionProvider" in r["skipped"]
+    onnx_ckpt = tmp_path / "onnx-ckpt"
+    onnx_ckpt.mkdir()
+    (onnx_ckpt / "manifest.json").write_text(json.dumps(
+        {"format_version": 1, "kind": "onnx", "task": "causal-lm", "files": {}, "key": "k"}))
+    r = measure(str(onnx_ckpt), backend="torch-cpu", settings=SETTINGS, work_dir=work_dir)
+    assert "ONNX checkpoint" in r["skipped"]
+    import compress.passes
+
+    monkeypatch.setattr(compress.passes, "available", lambda: {})
+    r = measure(str(tiny_llama_dir), backend="ort-cpu", settings=SETTINGS, work_dir=tmp_path / "w")
+    assert "export pass is not available" in r["skipped"]
+
+
+@pytest.mark.parametrize("task", ["sequence-classification", "feature-extraction"])
+def test_encoder_records(task, tmp_path):
+    from tiny_models import save_tiny, tiny_bert
+
+    d = save_tiny(tiny_bert(task), tmp_path / task)
+    s = BenchmarkConfig(threads=1, data={"source": "builtin:bbc-news", "max_examples": 12, "max_length": 48},
+                        latency={"warmup": 1, "repeats": 2, "seq_tokens": 32, "throughput_batch": 4})
+    r = measure(str(d), backend="torch-cpu", settings=s, baseline=str(d), task=task, work_dir=tmp_path / "w")
+    assert "error" not in r, r.get("error")
+    q = r["quality"]
+    assert q["examples"] == 12
+    if task == "sequence-classification":
+        assert 0 <= q["accuracy"] <= 1 and 0 <= q["macro_f1"] <= 1 and q["label_agreement"] == 1.0
+    else:
+        assert q["cosine"] == pytest.approx(1.0, abs=1e-6) and q["nn_agreement"] == 1.0
+    assert r["latency"]["batch1"]["n"] == 2 and r["latency"]["throughput_batch"] == 4
+    assert r["latency"]["throughput_items_per_s"] > 0

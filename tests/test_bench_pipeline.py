@@ -1,0 +1,78 @@
+"""`compress run` benchmarks every checkpoint and caches results; `compress bench` writes records and reports."""
+import json
+
+import pytest
+
+import benchmarks.pipeline
+from pipelines.config import validate
+from pipelines.runner import Runner
+
+
+def _pipeline(source, out, window=32):
+    return validate({
+        "name": "bench-demo", "model": {"source": str(source)}, "task": "causal-lm", "output_dir": str(out),
+        "data": {"eval": {"source": "builtin:wikipedia", "max_tokens": 300, "seq_len": 32}},
+        "passes": [{"quantize": {"method": "bf16"}}],
+        "benchmark": {"threads": 1, "window": window, "kl_top_k": 8,
+                      "latency": {"warmup": 0, "repeats": 1, "prompt_tokens": 8, "new_tokens": 4}},
+    })
+
+
+def test_run_benchmarks_each_checkpoint_and_reuses_results(tiny_llama_dir, tmp_path, monkeypatch):
+    result = Runner(_pipeline(tiny_llama_dir, tmp_path), show_progress=False, log=lambda *a: None).run()
+    run_dir = tmp_path / "bench-demo"
+    assert result.report == run_dir / "report.md"
+    records = json.loads((run_dir / "results.json").read_text())["records"]
+    assert [(r["label"], r["backend"], r["is_baseline"]) for r in records] == [
+        ("source", "torch-cpu", True), ("01-quantize", "torch-cpu", False)]
+    src, bf16 = (r["quality"] for r in records)
+    assert src["top1_agreement"] == 1.0 and src["kl"] < 1e-6
+    assert abs(bf16["perplexity"] / src["perplexity"] - 1) < 0.05 and 0.5 < bf16["top1_agreement"] <= 1.0
+    assert records[1]["settings"]["data"]["max_tokens"] == 300  # the pipeline's data.eval
+    md = (run_dir / "report.md").read_text()
+    assert "| 01-quantize | torch-cpu |" in md and (run_dir / "report.html").exists()
+    before = (run_dir / "results.json").read_bytes()
+
+    calls = []
+
+    def fake_measure(target, **kw):
+        calls.append(target)
+        return {"label": kw["label"], "backend": kw["backend"], "task": "causal-lm", "skipped": "stub"}
+
+    monkeypatch.setattr(benchmarks.pipeline, "measure", fake_measure)
+    Runner(_pipeline(tiny_llama_dir, tmp_path), show_progress=False, log=lambda *a: None).run()
+    assert calls == []  # nothing changed: every result reused
+    assert (run_dir / "results.json").read_bytes() == before
+    Runner(_pipeline(tiny_llama_dir, tmp_path, window=16), show_progress=False, log=lambda *a: None).run()
+    assert len(calls) == 2  # a benchmark setting changed: both measured again
+
+
+def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch, capsys):
+    import benchmarks.harness
+
+    seen = []
+
+    def fake_measure(target, **kw):
+        seen.append((target, kw["backend"], kw["baseline"]))
+        return {"label": kw["label"], "target": target, "backend": kw["backend"], "task": "causal-lm",
+                "skipped": "stub"}
+
+    monkeypatch.setattr(benchmarks.harness, "measure", fake_measure)
+    from pipelines.cli import main
+
+    rc = main(["bench", "a-ckpt", "b-ckpt", "--baseline", "base", "--backends", "torch-cpu,ort-cpu",
+               "--output", str(tmp_path), "--no-progress", "--repeats", "3"])
+    assert rc == 0
+    assert seen[0] == ("base", "torch-cpu", "base") and len(seen) == 6
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [r["is_baseline"] for r in records] == [True, True, False, False, False, False]
+    assert "stub" in capsys.readouterr().out
+
+
+def test_bench_cli_rejects_bad_options(tmp_path):
+    from pipelines.cli import main
+
+    assert main(["bench", "x", "--backends", "torch-gpu", "--output", str(tmp_path)]) == 2
+    assert main(["bench", "x", "--max-tokens", "100", "--output", str(tmp_path)]) == 2
+    with pytest.raises(SystemExit):
+        main(["bench"])

@@ -1,0 +1,68 @@
+"""Reports: ratios to the baseline, skip records listed, rebuilt byte-identically from results.json."""
+import json
+
+from benchmarks.report import rebuild, write_report
+
+
+def _lat(ms):
+    return {"median_ms": ms, "p90_ms": ms * 1.1, "min_ms": ms * 0.9, "max_ms": ms * 1.2, "mean_ms": ms, "n": 5}
+
+
+def _record(label, ppl, prefill, tok_s, size, params, base=False, backend="torch-cpu"):
+    return {"label": label, "target": f"runs/x/{label}", "kind": "torch", "task": "causal-lm", "backend": backend,
+            "key": label, "is_baseline": base, "threads": 2, "params": params, "size_bytes": size,
+            "settings": {"data": {"source": "builtin:wikipedia", "split": "test", "max_tokens": 4096}, "window": 256,
+                         "stride": 256, "kl_top_k": 64, "threads": 2, "latency": {
+                             "batch": 1, "prompt_tokens": 128, "new_tokens": 32, "seq_tokens": 128,
+                             "throughput_batch": 16, "warmup": 2, "repeats": 5}},
+            "quality": {"perplexity": ppl, "top1_agreement": 1.0 if base else 0.8, "kl": 0.0 if base else 0.3},
+            "latency": {"prefill": _lat(prefill), "decode": _lat(320.0), "decode_tokens_per_s": tok_s,
+                        "decode_ms_per_token": 1000 / tok_s},
+            "memory": {"peak_rss_mb": 900.0 if base else 600.0},
+            "machine": {"cpu": "Test CPU", "cpu_flags": ["AVX2"], "cores": 2, "usable_cores": 2, "versions": {"torch": "x"},
+                        "git_commit": "abc"},
+            "loadavg_before": [0.1, 0.2, 0.3], "loadavg_after": [0.2, 0.2, 0.3], "measured_at": "2026-01-01T00:00:00Z"}
+
+
+def _records():
+    return [
+        _record("source", 20.0, 250.0, 24.0, 540_000_000, 134_500_000, base=True),
+        _record("01-quantize", 20.5, 100.0, 30.0, 270_000_000, 134_500_000),
+        {"label": "01-quantize", "backend": "torch-cuda", "task": "causal-lm", "key": "q",
+         "skipped": "torch-cuda: CUDA is not available on this machine"},
+    ]
+
+
+def test_report_has_ratios_to_the_source_and_lists_skips(tmp_path):
+    path = write_report(_records(), tmp_path, "demo", command="compress run demo.yaml")
+    md = path.read_text()
+    assert "compress run demo.yaml" in md
+    row = next(line for line in md.splitlines() if line.startswith("| 01-quantize | torch-cpu"))
+    assert "20.500 (1.02x)" in row and "270.0 (0.50x)" in row and "100.0 (0.40x)" in row and "30.0 (1.25x)" in row
+    assert "01-quantize on torch-cuda: torch-cuda: CUDA is not available" in md
+    assert "1.33" in md  # max/min spread of the timings (1.2 / 0.9)
+    html = (tmp_path / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2  # plots embedded: self-contained
+    assert (tmp_path / "causal-lm-quality-vs-latency.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "results.json").read_text())["records"][2]["skipped"]
+
+
+def test_report_is_rebuilt_byte_identically_from_results_json(tmp_path):
+    write_report(_records(), tmp_path, "demo", command="compress bench a b")
+    names = ["results.json", "report.md", "report.html", "causal-lm-quality-vs-latency.png",
+             "causal-lm-quality-vs-size.png"]
+    before = {n: (tmp_path / n).read_bytes() for n in names}
+    for n in names[1:]:
+        (tmp_path / n).unlink()
+    from pipelines.cli import main
+
+    assert main(["report", str(tmp_path)]) == 0
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+    rebuild(tmp_path)
+    assert {n: (tmp_path / n).read_bytes() for n in names} == before
+
+
+def test_report_of_a_directory_without_results_is_bad_input(tmp_path):
+    from pipelines.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2
