@@ -1,0 +1,124 @@
+"""Building students: keep some of the teacher's layers (DistilBERT-style initialization), or a fresh model
+from the teacher's config with changed sizes.
+
+The same code handles Llama-family (model.layers), GPT-2 (transformer.h) and BERT-family (encoder.layer)
+models. The result is a stock architecture: only `num_hidden_layers` (and per-layer config lists such as
+`layer_types`) change, so plain `from_pretrained` loads the saved student."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnsupportedModelError
+
+# Where the stack of transformer blocks lives, per architecture family (first match wins).
+_LAYER_PATHS = ("model.layers", "transformer.h", "bert.encoder.layer", "roberta.encoder.layer",
+                "encoder.layer", "layers", "h")
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def layer_path(model: nn.Module) -> str:
+    """The dotted attribute path of the model's ModuleList of blocks."""
+    for path in _LAYER_PATHS:
+        layers = _get(model, path)
+        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
+            return path
+    raise UnsupportedModelError(
+        f"cannot find the transformer blocks of {type(model).__name__} (looked for {', '.join(_LAYER_PATHS)}); "
+        "distill's student.keep_layers supports Llama-family, GPT-2 and BERT-family models"
+    )
+
+
+def get_layers(model: nn.Module) -> nn.ModuleList:
+    return _get(model, layer_path(model))
+
+
+def num_layers(model: nn.Module) -> int:
+    return len(get_layers(model))
+
+
+def resolve_keep(spec, total: int) -> list[int]:
+    """`every_other` (layers 0, 2, 4, ...), a count (evenly spaced, first and last kept) or a list of
+    indices (negative counts from the end) -> sorted layer indices."""
+    if spec == "every_other":
+        return list(range(0, total, 2))
+    if isinstance(spec, bool):
+        raise ConfigError("distill.student.keep_layers: expected every_other, a count or a list of indices")
+    if isinstance(spec, int):
+        if not 1 <= spec <= total:
+            raise ConfigError(f"distill.student.keep_layers: {spec} layers asked for, the model has {total}; "
+                              f"give a count between 1 and {total}")
+        if spec == 1:
+            return [total - 1]
+        return sorted({int(round(i * (total - 1) / (spec - 1))) for i in range(spec)})
+    if isinstance(spec, (list, tuple)):
+        out = []
+        for i in spec:
+            j = i + total if i < 0 else i
+            if not 0 <= j < total:
+                raise ConfigError(f"distill.student.keep_layers: layer {i} does not exist (the model has "
+                                  f"{total} layers, 0..{total - 1})")
+            out.append(j)
+        if len(set(out)) != len(out) or not out:
+            raise ConfigError("distill.student.keep_layers: list each layer once (and at least one)")
+        return sorted(out)
+    raise ConfigError(f"distill.student.keep_layers: {spec!r} is not every_other, a count or a list")
+
+
+def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
+    """A copy of `model` with only the blocks `keep` (their weights copied), a consistent config and
+    renumbered per-layer indices (`layer_idx`, used by the KV cache of decoder models)."""
+    total = num_layers(model)
+    student = copy.deepcopy(model)
+    path = layer_path(student)
+    parent_path, _, attr = path.rpartition(".")
+    parent = _get(student, parent_path) if parent_path else student
+    old = getattr(parent, attr)
+    setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
+    for new_idx, block in enumerate(getattr(parent, attr)):
+        for module in block.modules():
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = new_idx
+    cfg = student.config
+    cfg.num_hidden_layers = len(keep)  # GPT-2's config maps this name to n_layer
+    for name in ("layer_types", "sliding_window_layers"):  # per-layer lists some configs carry
+        value = getattr(cfg, name, None)
+        if isinstance(value, list) and len(value) == total:
+            setattr(cfg, name, [value[i] for i in keep])
+    return student
+
+
+def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
+    """A new model of the teacher's architecture with some config values changed and fresh weights."""
+    from ..models import auto_class
+
+    cfg = copy.deepcopy(model.config)
+    unknown = [k for k in overrides if not hasattr(cfg, k)]
+    if unknown:
+        raise ConfigError(
+            f"distill.student.config: {', '.join(unknown)} is not a {type(cfg).__name__} field; use names "
+            "such as num_hidden_layers, hidden_size, num_attention_heads, intermediate_size"
+        )
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    if "num_hidden_layers" in overrides and isinstance(getattr(cfg, "layer_types", None), list):
+        cfg.layer_types = cfg.layer_types[:1] * cfg.num_hidden_layers
+    heads = getattr(cfg, "num_attention_heads", None)
+    if heads and getattr(cfg, "hidden_size", 0) % heads:
+        raise ConfigError(f"distill.student.config: hidden_size {cfg.hidden_size} is not divisible by "
+                          f"num_attention_heads {heads}")
+    if getattr(cfg, "num_key_value_heads", None) and heads and heads % cfg.num_key_value_heads:
+        cfg.num_key_value_heads = heads  # plain multi-head attention when the old GQA grouping no longer fits
+    if "head_dim" in cfg.to_dict() and "hidden_size" in overrides and "head_dim" not in overrides and heads:
+        cfg.head_dim = cfg.hidden_size // heads
+    student = auto_class(task).from_config(cfg, dtype=torch.float32)
+    return student

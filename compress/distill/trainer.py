@@ -1,0 +1,230 @@
+"""The training loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, bf16
+autocast, step / token / time budgets, periodic evaluation with the best weights kept, a progress bar,
+and data parallelism under `accelerate launch`.
+
+Batches are defined globally: `batch_size` examples per optimizer step, split into `grad_accum`
+micro-batches, each split evenly across processes. Gradients are averaged over processes, so with the same
+global batch 2 processes give the same update as 1 (up to float rounding)."""
+from __future__ import annotations
+
+import copy
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .examples import Examples
+
+
+@dataclass
+class TrainSettings:
+    lr: float = 5e-5
+    weight_decay: float = 0.01
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int | None = None
+    epochs: float | None = None
+    max_tokens: int | None = None
+    max_time: float | None = None
+    warmup_ratio: float = 0.05
+    min_lr_ratio: float = 0.1
+    max_grad_norm: float | None = 1.0
+    precision: str = "auto"
+    eval_every: int | None = None
+    log_every: int = 10
+    keep_best: bool = True
+    seed: int = 0
+
+
+def distributed_accelerator(device: torch.device):
+    """An `accelerate.Accelerator` when launched with several processes (accelerate launch / torchrun),
+    else None: a single process trains without any wrapper."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return None
+    from accelerate import Accelerator
+
+    return Accelerator(cpu=device.type == "cpu")
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware runs it natively (CUDA with bf16, CPUs with AVX512-BF16/AMX), else fp32."""
+    if precision == "fp32":
+        return None
+    if device.type == "cuda":
+        supported = torch.cuda.is_bf16_supported()
+    else:
+        supported = bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)())
+    if precision == "bf16" and not supported and device.type == "cuda":
+        raise ConfigError("distill.precision: bf16 was asked for but this GPU does not support it; use fp32")
+    return torch.bfloat16 if (supported or precision == "bf16") else None
+
+
+def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], float]:
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
+
+
+def plan_steps(s: TrainSettings, n_examples: int, tokens_per_example: float) -> int:
+    """Optimizer steps of the schedule: max_steps, else epochs, else max_tokens (else one epoch)."""
+    per_epoch = max(1, n_examples // s.batch_size)
+    candidates = []
+    if s.max_steps:
+        candidates.append(s.max_steps)
+    if s.epochs:
+        candidates.append(max(1, int(round(s.epochs * per_epoch))))
+    if s.max_tokens:
+        candidates.append(max(1, math.ceil(s.max_tokens / (s.batch_size * tokens_per_example))))
+    return min(candidates) if candidates else per_epoch
+
+
+def check_batching(s: TrainSettings, world: int, n_examples: int) -> int:
+    """The per-process micro-batch size; refuses splits that would not divide evenly."""
+    if s.batch_size % (s.grad_accum * world):
+        raise ConfigError(
+            f"distill.batch_size {s.batch_size} must be divisible by grad_accum ({s.grad_accum}) x processes "
+            f"({world}); it is the global batch per optimizer step"
+        )
+    if n_examples < s.batch_size:
+        raise ConfigError(f"distill: the training data has {n_examples} examples, fewer than batch_size "
+                          f"{s.batch_size}; lower batch_size or give more data")
+    return s.batch_size // (s.grad_accum * world)
+
+
+def train(
+    module: nn.Module,
+    loss_fn: Callable[[nn.Module, dict, int], tuple[torch.Tensor, dict]],
+    data: Examples,
+    settings: TrainSettings,
+    *,
+    device: torch.device,
+    progress,
+    evaluate: Callable[[nn.Module], dict] | None = None,
+    student_of: Callable[[nn.Module], nn.Module] = lambda m: m,
+    accelerator=None,
+) -> dict:
+    """Train `module` in place on `loss_fn(module, batch, step)`; return the figures for the manifest.
+
+    `evaluate(module) -> {"metric": value, "higher_is_better": bool, ...}` runs every `eval_every` steps
+    and at the end; with `keep_best` the best-evaluated weights are restored at the end."""
+    s = settings
+    acc = accelerator
+    world = acc.num_processes if acc else 1
+    rank = acc.process_index if acc else 0
+    micro = check_batching(s, world, len(data))
+    total = plan_steps(s, len(data), data.tokens() / len(data))
+    warmup = int(round(s.warmup_ratio * total))
+    params = [p for p in module.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, s.min_lr_ratio))
+    model = acc.prepare_model(module) if acc else module
+    amp = autocast_dtype(s.precision, device)
+    gen = torch.Generator().manual_seed(s.seed)
+    order: list[int] = []
+    curve, evals = [], []
+    best = {"metric": None, "step": None, "state": None}
+    tokens = 0
+    start = time.perf_counter()
+    stopped = "max_steps"
+
+    eval_seconds = 0.0
+
+    def run_eval(step: int) -> None:
+        nonlocal eval_seconds
+        if evaluate is None:
+            return
+        t0 = time.perf_counter()
+        model.eval()
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+            result = evaluate(acc.unwrap_model(model) if acc else model)
+        model.train()
+        evals.append({"step": step, **{k: v for k, v in result.items() if k != "higher_is_better"}})
+        m, hib = result["metric"], result.get("higher_is_better", False)
+        if best["metric"] is None or (m > best["metric"] if hib else m < best["metric"]):
+            best.update(metric=m, step=step,
+                        state={k: v.detach().clone() for k, v in student_of(module).state_dict().items()}
+                        if s.keep_best else None)
+        eval_seconds += time.perf_counter() - t0
+
+    bar = progress(total=total, desc="distill")
+    model.train()
+    step = 0
+    for step in range(total):
+        if s.max_time and time.perf_counter() - start > s.max_time:
+            stopped = "max_time"
+            break
+        if s.max_tokens and tokens >= s.max_tokens:
+            stopped = "max_tokens"
+            break
+        if len(order) < s.batch_size:  # a new epoch: a fresh seeded permutation
+            order += torch.randperm(len(data), generator=gen).tolist()
+        global_batch, order = order[: s.batch_size], order[s.batch_size:]
+        opt.zero_grad(set_to_none=True)
+        parts_sum: dict[str, float] = {}
+        for a in range(s.grad_accum):
+            chunk = global_batch[a * micro * world: (a + 1) * micro * world]
+            batch = data.batch(chunk[rank * micro: (rank + 1) * micro])
+            tokens += int(batch["attention_mask"].sum()) * world
+            batch = {k: v.to(device) for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                loss, parts = loss_fn(model, batch, step)
+            loss = loss / s.grad_accum
+            if acc:
+                acc.backward(loss)
+            else:
+                loss.backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / s.grad_accum
+        if s.max_grad_norm:
+            if acc:
+                acc.clip_grad_norm_(params, s.max_grad_norm)
+            else:
+                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+        opt.step()
+        sched.step()
+        elapsed = time.perf_counter() - start - eval_seconds
+        if step % s.log_every == 0 or step == total - 1:
+            curve.append({"step": step + 1, "lr": sched.get_last_lr()[0], "tokens": tokens,
+                          **{k: round(v, 5) for k, v in parts_sum.items()}})
+        bar.update(1)
+        bar.set_postfix(loss=f"{parts_sum.get('loss', 0):.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < total:
+            run_eval(step + 1)
+    else:
+        step = total
+    bar.close()
+    steps_done = step if stopped != "max_steps" else total
+    train_seconds = time.perf_counter() - start - eval_seconds  # training only: evaluation excluded
+    run_eval(steps_done)
+    restored = False
+    if s.keep_best and best["state"] is not None and best["step"] != steps_done:
+        student_of(module).load_state_dict(best["state"])
+        restored = True
+    return {
+        "steps": steps_done,
+        "planned_steps": total,
+        "stopped_by": stopped,
+        "tokens": tokens,
+        "seconds": round(train_seconds, 2),
+        "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1),
+        "precision": "bf16" if amp is not None else "fp32",
+        "processes": world,
+        "micro_batch": micro,
+        "loss_curve": curve,
+        "eval_curve": evals,
+        "best_step": best["step"],
+        "best_metric": best["metric"],
+        "restored_best": restored,
+    }

@@ -1,0 +1,115 @@
+"""Unit tests of the distillation losses and student construction (tiny models, seconds)."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from compress.distill import losses
+from compress.distill.students import get_layers, keep_layers, resolve_keep
+from compress.errors import ConfigError
+
+
+def test_kl_zero_when_student_equals_teacher_and_positive_otherwise():
+    torch.manual_seed(0)
+    z = torch.randn(3, 5, 11)
+    for kind in losses.KD_LOSSES:
+        same = losses.soft_loss(z, losses.teacher_log_probs(z, 2.0), 2.0, kind)
+        assert abs(float(same)) < 1e-6, kind
+        other = losses.soft_loss(z + torch.randn_like(z), losses.teacher_log_probs(z, 2.0), 2.0, kind)
+        assert float(other) > 1e-3, kind
+
+
+def test_kl_matches_definition_and_t_squared_scaling():
+    torch.manual_seed(1)
+    s, t = torch.randn(4, 7), torch.randn(4, 7)
+    for T in (1.0, 2.0, 4.0):
+        p = F.softmax(t / T, -1)
+        q = F.softmax(s / T, -1)
+        kl = (p * (p.log() - q.log())).sum(-1).mean()
+        got = losses.soft_loss(s, losses.teacher_log_probs(t, T), T, "kl")
+        assert torch.allclose(got, T**2 * kl, atol=1e-5)
+    # the T^2 factor: the loss divided by T^2 is the plain divergence
+    d4 = losses.soft_loss(s, losses.teacher_log_probs(t, 4.0), 4.0) / 16
+    assert torch.allclose(d4, F.kl_div(F.log_softmax(s / 4, -1), F.log_softmax(t / 4, -1), log_target=True,
+                                       reduction="batchmean"), atol=1e-6)
+
+
+def test_mask_excludes_padding_rows():
+    torch.manual_seed(2)
+    s, t = torch.randn(2, 6, 9), torch.randn(2, 6, 9)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]])
+    s2 = s.clone()
+    s2[0, 3:] += 100.0  # garbage where masked must not change the loss
+    a = losses.soft_loss(s, losses.teacher_log_probs(t, 2.0), 2.0, mask=mask)
+    b = losses.soft_loss(s2, losses.teacher_log_probs(t, 2.0), 2.0, mask=mask)
+    assert torch.allclose(a, b)
+    labels = torch.randint(0, 9, (2, 6))
+    assert torch.allclose(losses.hard_loss(s, labels, mask), losses.hard_loss(s2, labels, mask))
+    ce = F.cross_entropy(s.reshape(-1, 9), labels.reshape(-1))
+    assert torch.allclose(losses.hard_loss(s, labels), ce)
+
+
+def test_topk_loss_zero_on_match_and_multi_teacher_average():
+    torch.manual_seed(3)
+    z = torch.randn(2, 4, 50)
+    top = z.topk(8, dim=-1)
+    assert abs(float(losses.topk_soft_loss(z, top.values.half(), top.indices.int(), 2.0))) < 1e-3
+    assert float(losses.topk_soft_loss(torch.randn_like(z), top.values, top.indices, 2.0)) > 0.01
+    a, b = torch.randn(3, 10), torch.randn(3, 10)
+    avg = losses.teacher_log_probs([a, b], 2.0, [3.0, 1.0]).exp()
+    expect = 0.75 * F.softmax(a / 2, -1) + 0.25 * F.softmax(b / 2, -1)
+    assert torch.allclose(avg, expect, atol=1e-6)
+    assert torch.allclose(losses.teacher_log_probs([a, a], 2.0), losses.teacher_log_probs(a, 2.0), atol=1e-6)
+
+
+def test_layer_map_and_temperature_schedule():
+    assert losses.default_layer_map(3, 6) == {0: 1, 1: 3, 2: 5}
+    assert losses.default_layer_map(15, 30)[14] == 29
+    assert losses.temperature_at(0, 11, 4.0, 1.0, "linear") == 4.0
+    assert losses.temperature_at(10, 11, 4.0, 1.0, "linear") == 1.0
+    assert math.isclose(losses.temperature_at(5, 11, 4.0, 1.0, "linear"), 2.5)
+    assert losses.temperature_at(5, 11, 4.0, 1.0, "constant") == 4.0
+    assert float(losses.attention_loss(torch.full((1, 2, 3, 3), 1 / 3), torch.full((1, 2, 3, 3), 1 / 3))) == 0.0
+
+
+def test_resolve_keep():
+    assert resolve_keep("every_other", 6) == [0, 2, 4]
+    assert resolve_keep(3, 7) == [0, 3, 6]
+    assert resolve_keep(15, 30)[-1] == 29 and len(resolve_keep(15, 30)) == 15
+    assert resolve_keep([0, -1], 4) == [0, 3]
+    for bad in (0, 9, [0, 0], [5], "all"):
+        with pytest.raises(ConfigError):
+            resolve_keep(bad, 4)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_keep_layers_copies_the_chosen_blocks(family, tmp_path):
+    from tiny_models import tiny_bert, tiny_gpt2, tiny_llama
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    teacher = {"llama": tiny_llama, "gpt2": tiny_gpt2, "bert": tiny_bert}[family]()
+    keep = [0, 3]
+    student = keep_layers(teacher, keep)
+    t_layers, s_layers = get_layers(teacher), get_layers(student)
+    assert len(s_layers) == 2 and len(t_layers) == 4 and student.config.num_hidden_layers == 2
+    for new, old in enumerate(keep):
+        t_state, s_state = t_layers[old].state_dict(), s_layers[new].state_dict()
+        assert t_state.keys() == s_state.keys()
+        for k in t_state:
+            assert torch.equal(t_state[k], s_state[k]), (family, k)
+            assert s_state[k].data_ptr() != t_state[k].data_ptr()  # a copy, not shared storage
+        for m in s_layers[new].modules():
+            if hasattr(m, "layer_idx"):
+                assert m.layer_idx == new
+    # a stock config: plain from_pretrained reloads exactly the same model
+    student.save_pretrained(tmp_path)
+    loader = AutoModelForSequenceClassification if family == "bert" else AutoModelForCausalLM
+    reloaded = loader.from_pretrained(tmp_path).eval()
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(student.eval()(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
+        if family != "bert":  # the KV cache indexes layers by layer_idx: generation must match a no-cache run
+            g1 = student.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
+            g2 = student.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
+            assert torch.equal(g1, g2)
