@@ -175,7 +175,8 @@ class Distill(Pass):
 
     def _needs_teacher(self, task: str) -> bool:
         c = self.config
-        return c.alpha > 0 or c.hidden_weight > 0 or c.attention_weight > 0 or task == "feature-extraction"
+        return (c.alpha > 0 or c.hidden_weight > 0 or c.attention_weight > 0 or task == "feature-extraction"
+                or c.sequence_level is not None)
 
     def _teachers(self, model: Artifact, ctx: PassContext, in_place: bool):
         from ..distill.objective import Teacher
@@ -293,11 +294,14 @@ class Distill(Pass):
         examples = self._examples(ctx, s_tok, task)
         if c.sequence_level is not None:
             if task != "causal-lm" or not teachers:
-                raise ConfigError("distill.sequence_level: needs a causal LM and a teacher (alpha > 0)")
+                raise ConfigError("distill.sequence_level: only for causal LMs (task causal-lm)")
             examples, n = self._sequence_level(examples, teachers, s_tok, ctx)
             info["sequence_level"] = {"prompts": n, "tokens_per_sequence": int(examples.rows.shape[1])}
-        eval_examples = self._examples(ctx, s_tok, task, "validation",
-                                       c.eval_tokens if task == "causal-lm" else c.eval_examples)
+        try:
+            eval_examples = self._examples(ctx, s_tok, task, "validation",
+                                           c.eval_tokens if task == "causal-lm" else c.eval_examples)
+        except DataSourceError as exc:  # e.g. a small local corpus without validation documents
+            eval_examples, info["eval_skipped"] = None, str(exc)
 
         s_layers = students.num_layers(student)
         layer_map: dict[int, int] = {}
@@ -333,7 +337,7 @@ class Distill(Pass):
             objective.cache, info["teacher_cache"] = self._cache(teachers, examples, task, device, acc, ctx)
 
         figures = train(module, objective, examples, settings, device=device, progress=ctx.progress,
-                        evaluate=self._evaluator(task, eval_examples, teachers, device),
+                        evaluate=self._evaluator(task, eval_examples, teachers, device) if eval_examples else None,
                         student_of=lambda m: m.student, accelerator=acc)
         for m, impl in attn_impls:
             m.set_attn_implementation(impl)

@@ -1,0 +1,239 @@
+"""The distill pass on tiny real-architecture models: training, students, teachers, cache, refusals."""
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from compress.checkpoint import Artifact
+from compress.data import DataSpec, PipelineData
+from compress.errors import ConfigError
+from compress.models import load_model
+from compress.passes import PassContext, get
+
+FAST = dict(precision="fp32", eval_tokens=256, eval_examples=16, log_every=1, seed=0)
+
+
+def lm_data(max_tokens=4096, seq_len=32):
+    return PipelineData(train=DataSpec(source="builtin:shakespeare", max_tokens=max_tokens, seq_len=seq_len))
+
+
+def bbc_data():
+    return PipelineData(train=DataSpec(source="builtin:bbc-news", max_examples=48, max_length=48))
+
+
+def art(path, task="causal-lm", label_names=None):
+    m, tok = load_model(str(path), task, label_names=label_names)
+    return Artifact("torch", task, tok, m)
+
+
+def run(options, model, ctx):
+    return get("distill")(**{**FAST, **options}).run(model, ctx)
+
+
+def weights(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+@pytest.fixture(scope="module")
+def trained_llama_dir(tiny_llama_dir, tmp_path_factory):
+    """A tiny Llama fine-tuned on Shakespeare (alpha 0, in place), so that it has something to teach."""
+    a = art(tiny_llama_dir)
+    out = run(dict(alpha=0.0, max_steps=40, lr=3e-3, batch_size=8), a, PassContext(task="causal-lm", data=lm_data()))
+    path = tmp_path_factory.mktemp("trained-llama")
+    out.model.save_pretrained(path)
+    out.tokenizer.save_pretrained(path)
+    return path
+
+
+def test_hard_label_training_in_place_needs_no_teacher_and_lowers_the_loss(tiny_llama_dir):
+    a = art(tiny_llama_dir)
+    before = weights(a.model)
+    ctx = PassContext(source=None, task="causal-lm", data=lm_data())  # ctx.teacher() would raise
+    out = run(dict(alpha=0.0, max_steps=20, lr=3e-3, batch_size=8), a, ctx)
+    assert out.model is a.model  # the input model itself was trained
+    assert any(not torch.equal(before[k], v) for k, v in out.model.state_dict().items())
+    curve = out.info["loss_curve"]
+    assert curve[-1]["hard"] < curve[0]["hard"] - 0.3
+    assert out.info["teachers"] == [] and out.info["steps"] == 20
+    assert out.info["eval_curve"][-1]["perplexity"] < 384  # better than uniform over the vocabulary
+
+
+def test_same_seed_gives_identical_weights(tiny_llama_dir):
+    results = []
+    for _ in range(2):
+        a = art(tiny_llama_dir)
+        ctx = PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data())
+        out = run(dict(student={"keep_layers": 2}, alpha=0.5, max_steps=5, lr=1e-3, batch_size=4,
+                       hidden_weight=0.5), a, ctx)
+        results.append(weights(out.model))
+    assert results[0].keys() == results[1].keys()
+    assert all(torch.equal(results[0][k], results[1][k]) for k in results[0])
+
+
+def test_kd_loss_decreases_and_layer_kept_student_starts_from_teacher(trained_llama_dir):
+    teacher = art(trained_llama_dir)
+    ctx = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data())
+    out = run(dict(student={"keep_layers": [0, 3]}, alpha=1.0, temperature=2.0, max_steps=30, lr=3e-3,
+                   batch_size=8), teacher, ctx)
+    curve = out.info["loss_curve"]
+    assert curve[0]["soft"] > 0
+    assert curve[-1]["soft"] < 0.7 * curve[0]["soft"]
+    assert out.model.config.num_hidden_layers == 2 and out.info["kept_layers"] == [0, 3]
+    assert out.info["teachers"][0]["model"] == "source"
+    assert all(not p.requires_grad for p in ctx.teacher().model.parameters())
+
+
+def test_kd_beats_hard_labels_on_agreement_with_the_teacher(trained_llama_dir):
+    """At equal steps, soft targets bring a layer-dropped student closer to the teacher than hard labels."""
+    teacher = art(trained_llama_dir).model
+    ids = lm_data(max_tokens=2048).lm_windows("train", art(trained_llama_dir).tokenizer)[:16]
+    with torch.no_grad():
+        t_top = teacher(input_ids=ids).logits.argmax(-1)
+    agreement = {}
+    for alpha in (0.0, 1.0):
+        ctx = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data())
+        out = run(dict(student={"keep_layers": 1}, alpha=alpha, max_steps=30, lr=3e-3, batch_size=8),
+                  art(trained_llama_dir), ctx)
+        with torch.no_grad():
+            agreement[alpha] = float((out.model(input_ids=ids).logits.argmax(-1) == t_top).float().mean())
+    assert agreement[1.0] > agreement[0.0]
+
+
+def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
+    opts = dict(student={"keep_layers": 2}, alpha=0.7, max_steps=6, lr=1e-3, batch_size=4, teacher_cache=True,
+                cache_top_k=16, eval_tokens=64)
+    ctx = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    first = run(opts, art(trained_llama_dir), ctx)
+    info = first.info["teacher_cache"]
+    assert info["hit"] is False
+    cache_dir = tmp_path / "teacher-cache" / info["key"]
+    values, indices = np.load(cache_dir / "values.npy"), np.load(cache_dir / "indices.npy")
+    assert values.dtype == np.float16 and indices.dtype == np.int32
+    assert values.shape == (2048 // 32, 32, 16) and info["bytes"] >= values.nbytes + indices.nbytes
+    # the cached top-k are the teacher's own top-k logits
+    with torch.no_grad():
+        z = ctx.teacher().model(input_ids=lm_data(2048).lm_windows("train", ctx.teacher().tokenizer)[:1]).logits
+    assert torch.equal(z[0].topk(16, -1).indices, torch.from_numpy(indices[0]).long())
+
+    # a rerun reads the cache: the teacher is never run (its forward raises)
+    ctx2 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    teacher = ctx2.teacher().model
+    teacher.forward = lambda *a, **k: (_ for _ in ()).throw(AssertionError("teacher ran despite the cache"))
+    second = run(opts, art(trained_llama_dir), ctx2)
+    assert second.info["teacher_cache"]["hit"] is True and second.info["teacher_cache"]["key"] == info["key"]
+    assert all(torch.equal(a, b) for a, b in zip(first.model.state_dict().values(),
+                                                  second.model.state_dict().values()))
+    # other k, other data or another teacher -> another key
+    ctx3 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    assert run({**opts, "cache_top_k": 8}, art(trained_llama_dir), ctx3).info["teacher_cache"]["hit"] is False
+    ctx4 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(1024))
+    k4 = run(opts, art(trained_llama_dir), ctx4).info["teacher_cache"]
+    assert k4["hit"] is False and k4["key"] != info["key"]
+
+
+def test_tokenizer_mismatch_is_refused(tiny_llama_dir, tmp_path):
+    from tiny_models import tiny_llama, tiny_tokenizer
+
+    other = tiny_tokenizer()
+    other.add_tokens(["<extra-token>"])
+    tiny_llama().save_pretrained(tmp_path)
+    other.save_pretrained(tmp_path)
+    ctx = PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data())
+    with pytest.raises(ConfigError, match="different tokenizers"):
+        run(dict(teacher=str(tmp_path), max_steps=1), art(tiny_llama_dir), ctx)
+    with pytest.raises(ConfigError, match="different tokenizers"):  # every teacher of a multi-teacher list
+        run(dict(teacher=[{"model": "source"}, {"model": str(tmp_path)}], max_steps=1), art(tiny_llama_dir), ctx)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ConfigError, match="exactly one"):
+        get("distill")(student={"keep_layers": 2, "source": "x"})
+    with pytest.raises(ConfigError, match="temperature_end"):
+        get("distill")(temperature_schedule="linear")
+    with pytest.raises(ConfigError, match="alpha"):
+        get("distill")(alpha=1.5)
+    with pytest.raises(ConfigError, match="tempreature|unknown option"):
+        get("distill")(tempreature=2)
+
+
+def test_classifier_finetune_then_distill_from_input(tiny_bert_dir):
+    """The BBC pipeline shape: distill(alpha 0) fine-tunes the input, then distill(keep_layers, teacher input)."""
+    data = bbc_data()
+    names = data.dataset("train").label_names
+    a = art(tiny_bert_dir, "sequence-classification", names)
+    ctx = PassContext(task="sequence-classification", data=data)
+    tuned = run(dict(alpha=0.0, epochs=2, batch_size=8, lr=2e-3), a, ctx)
+    assert tuned.info["eval_curve"][-1]["accuracy"] >= 0.0 and tuned.info["teachers"] == []
+    before = weights(tuned.model)
+    student = run(dict(student={"keep_layers": 2}, teacher="input", alpha=0.9, max_steps=4, batch_size=8,
+                       lr=1e-3), tuned, PassContext(task="sequence-classification", data=data))
+    assert student.info["teachers"][0]["model"] == "input"
+    assert student.info["teachers"][0]["fingerprint"].startswith("weights:")
+    assert student.model.config.num_hidden_layers == 2 and student.model.config.num_labels == 5
+    assert all(torch.equal(before[k], v) for k, v in tuned.model.state_dict().items())  # teacher untouched
+    hist = student.info["loss_curve"]
+    assert hist[0]["soft"] > 0 and "hard" in hist[0]
+
+
+def test_feature_extraction_student_with_projection(tmp_path):
+    from tiny_models import save_tiny, tiny_bert
+
+    path = save_tiny(tiny_bert("feature-extraction"), tmp_path / "fe")
+    a = art(path, "feature-extraction")
+    data = PipelineData(train=DataSpec(source="builtin:bbc-news", max_examples=32, max_length=32))
+    ctx = PassContext(source=str(path), task="feature-extraction", data=data)
+    out = run(dict(student={"config": {"hidden_size": 16, "num_attention_heads": 2, "num_hidden_layers": 2,
+                                       "intermediate_size": 32}},
+                   hidden_weight=1.0, hidden_loss="cosine", max_steps=25, lr=5e-3, batch_size=8), a, ctx)
+    assert out.model.config.hidden_size == 16 and "lm_head" not in dict(out.model.named_modules())
+    curve = out.info["loss_curve"]
+    assert curve[-1]["embed"] < curve[0]["embed"] and curve[-1]["hidden"] < curve[0]["hidden"]
+    assert out.info["layer_map"] == {"0": 1, "1": 3}
+
+
+def test_multi_teacher_attention_and_linear_temperature(tiny_llama_dir, trained_llama_dir):
+    ctx = PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data(2048))
+    a = art(tiny_llama_dir)
+    impl = a.model.config._attn_implementation
+    out = run(dict(student={"keep_layers": 2}, teacher=[{"model": str(trained_llama_dir), "weight": 3},
+                                                         {"model": "source", "weight": 1}],
+                   attention_weight=1.0, temperature=4.0, temperature_schedule="linear", temperature_end=1.0,
+                   max_steps=4, batch_size=4), a, ctx)
+    assert [t["weight"] for t in out.info["teachers"]] == [3.0, 1.0]
+    curve = out.info["loss_curve"]
+    assert curve[0]["temperature"] == 4.0 and curve[-1]["temperature"] == 1.0
+    assert curve[0]["attention"] > 0
+    assert impl != "eager" and out.model.config._attn_implementation == impl  # eager only while training
+
+
+def test_sequence_level_distillation_trains_on_teacher_text(trained_llama_dir):
+    ctx = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    out = run(dict(student={"keep_layers": 2}, alpha=0.0, teacher="source",
+                   sequence_level={"prompts": 8, "prompt_tokens": 8, "new_tokens": 12}, max_steps=2, batch_size=4),
+              art(trained_llama_dir), ctx)
+    assert out.info["sequence_level"] == {"prompts": 8, "tokens_per_sequence": 20}
+    assert out.info["train_examples"] == 8
+
+
+def test_pipeline_checkpoint_reloads_with_plain_from_pretrained(tiny_llama_dir, tmp_path):
+    import compress
+    from pipelines.config import validate
+    from pipelines.runner import Runner
+    from transformers import AutoModelForCausalLM
+
+    pipe = validate({"name": "kd", "model": {"source": str(tiny_llama_dir)}, "task": "causal-lm",
+                     "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 2048, "seq_len": 32}},
+                     "passes": [{"distill": {"student": {"keep_layers": "every_other"}, "max_steps": 3,
+                                             "batch_size": 4, "precision": "fp32", "eval_tokens": 64}}],
+                     "threads": 1})
+    result = Runner(pipe, output_dir=tmp_path, show_progress=False, log=lambda *a: None).run()
+    path = result.steps[0].path
+    loaded = compress.load(path)
+    plain = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert plain.config.num_hidden_layers == 2
+    assert loaded.manifest["info"]["loss_curve"] and loaded.manifest["info"]["kept_layers"] == [0, 2]
+    ids = torch.randint(5, 300, (1, 10))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
