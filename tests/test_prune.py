@@ -260,3 +260,33 @@ def test_smollm2_mlp_prune_reloads_with_from_pretrained(tmp_path):
     expected = logits(out.model)
     torch.testing.assert_close(torch.tensor(fresh["plain"]), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(torch.tensor(fresh["load"]), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_recover_distills_from_the_unpruned_model():
+    """recover: runs the distill pass on the pruned model with the unpruned one as teacher: the pruned
+    model moves back towards the unpruned one (KL on training windows goes down)."""
+    if "distill" not in passes.available():
+        pytest.skip("the distill pass is not part of this version yet")
+    data = PipelineData(train=DataSpec(source="builtin:shakespeare", max_tokens=20000, seq_len=32))
+    rctx = PassContext(data=data, show_progress=False)
+    m = tiny_llama()
+    with torch.no_grad():  # larger weights: a model whose outputs pruning visibly changes
+        for p in m.parameters():
+            if p.dim() == 2:
+                p.mul_(8)
+    ids = data.lm_windows("train", tiny_tokenizer(), 32)[:8]
+
+    def kl(student):
+        with torch.no_grad():
+            p, q = m(input_ids=ids).logits.log_softmax(-1), student(input_ids=ids).logits.log_softmax(-1)
+        return (p.exp() * (p - q)).sum(-1).mean().item()
+
+    plain = prune(art(m), rctx, targets=["mlp"], ratio=0.5)
+    recovered = prune(art(m), rctx, targets=["mlp"], ratio=0.5, recover=dict(
+        max_steps=20, lr=3e-3, alpha=1.0, batch_size=4, eval_tokens=512, precision="fp32"))
+    assert recovered.info["recover"]["steps"] == 20
+    assert recovered.info["recover"]["teacher"] == "the unpruned input"
+    assert recovered.model.config.intermediate_size == 32
+    assert kl(recovered.model) < 0.9 * kl(plain.model)
+    with pytest.raises(ConfigError, match="recover.student"):
+        passes.get("prune")(recover={"student": {"keep_layers": 2}})

@@ -63,6 +63,8 @@ class PruneConfig(PassConfig):
     def _check_recover(cls, v):
         if v is None:
             return v
+        if "student" in v:
+            raise ValueError("recover trains the pruned model itself; remove recover.student")
         from . import available
 
         if "distill" not in available():
@@ -276,9 +278,23 @@ class Prune(Pass):
 
     # ------------------------------------------------------------------ recovery
     def _recover(self, unpruned: Artifact, pruned: Artifact, ctx: PassContext) -> Artifact:
+        """A short distillation of the pruned model (trained in place) from the unpruned one, through the
+        distill pass itself: the unpruned model is handed over as the context's teacher."""
+        from dataclasses import replace
+
         from . import get
 
-        raise NotImplementedError  # filled in once the distill pass's teacher API is known
+        opts = dict(self.config.recover or {})
+        teacher_name = opts.get("teacher", "the unpruned input")
+        if "teacher" not in opts:  # default teacher: this pass's unpruned input, not the pipeline source
+            teacher = Artifact(kind="torch", task=unpruned.task, tokenizer=unpruned.tokenizer,
+                               model=copy.deepcopy(unpruned.model))
+            ctx = replace(ctx, source=ctx.source or "prune-input", _teacher=teacher)
+            opts["teacher"] = "source"
+        result = get("distill")(**opts).run(pruned, ctx)
+        recover = {"options": self.config.recover, "teacher": teacher_name, **result.info}
+        recover.pop("teachers", None)
+        return result.derive(model=result.model, structure=pruned.structure, info=dict(pruned.info, recover=recover))
 
 
 @register_structure("mlp_widths")

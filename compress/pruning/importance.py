@@ -115,6 +115,7 @@ def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, b
     if criterion == "taylor":
         was_training = model.training
         model.eval()  # no dropout: the estimate is for the deployed model
+        model.requires_grad_(True)  # a copy of a frozen teacher would have none
         try:
             for batch in batches:
                 model.zero_grad(set_to_none=True)
