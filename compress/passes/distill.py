@@ -367,9 +367,12 @@ class Distill(Pass):
         hit = cache.exists()
         main = acc is None or acc.is_main_process
         if not hit and main:
+            from ..distill.trainer import autocast_dtype
+
+            amp = autocast_dtype(c.precision, device)  # the teacher runs as it would on the fly
+
             def logits(batch):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=c.precision != "fp32"
-                                    and device.type == "cuda"):
+                with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                     return t.model(input_ids=batch["input_ids"].to(device),
                                    attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
             batches = ctx.progress(examples.batches(c.batch_size), total=math.ceil(len(examples) / c.batch_size),

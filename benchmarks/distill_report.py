@@ -1,0 +1,104 @@
+"""Writes benchmarks/results/distill/{report.md, results.json, loss_curves.png} from the JSON files the
+distillation benchmarks leave there (smollm2.json, bbc.json, cache.json).
+
+    python benchmarks/distill_report.py
+"""
+from __future__ import annotations
+
+import json
+
+from benchmarks.distill_common import RESULTS
+
+
+def _load(name: str) -> dict:
+    path = RESULTS / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _plot(smol: dict, bbc: dict) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = False
+    for key in ("b", "c", "d"):
+        curve = (smol.get(key) or {}).get("loss_curve") or []
+        if curve and "hard" in curve[0]:
+            axes[0].plot([r["step"] for r in curve], [r["hard"] for r in curve], label=smol[key]["label"])
+            drawn = True
+    axes[0].set(title="SmolLM2 15-layer student: next-token CE on the training batches",
+                xlabel="step", ylabel="cross-entropy (nats)")
+    for key in ("teacher", "labels_only", "kd"):
+        curve = (bbc.get(key) or {}).get("loss_curve") or []
+        if curve:
+            axes[1].plot([r["step"] for r in curve], [r["loss"] for r in curve], label=bbc[key]["label"])
+            drawn = True
+    axes[1].set(title="BBC News: total training loss", xlabel="step", ylabel="loss")
+    for ax in axes:
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    if not drawn:
+        return None
+    out = RESULTS / "loss_curves.png"
+    fig.savefig(out, dpi=110)
+    return out.name
+
+
+def main() -> None:
+    smol, bbc, cache = _load("smollm2"), _load("bbc"), _load("cache")
+    (RESULTS / "results.json").write_text(json.dumps({"smollm2": smol, "bbc": bbc, "cache": cache}, indent=2) + "\n")
+    lines = ["# Distillation benchmarks", ""]
+    if smol:
+        m = next((v["machine"] for v in smol.values() if "machine" in v), {})
+        lines += ["## SmolLM2-135M -> 15-layer student (Shakespeare train, Wikipedia test eval)", "",
+                  f"Threads {m.get('threads')}, load average at the end of each row in results.json "
+                  f"(e.g. {m.get('loadavg_1m_5m_15m')}). Perplexity and top-1 agreement on "
+                  f"{smol.get('teacher', {}).get('eval_tokens')} held-out Wikipedia tokens (test split), "
+                  "computed in benchmarks/distill_common.py (the harness was not available yet).", "",
+                  "| variant | steps | perplexity | top-1 agreement with teacher | train tokens/s |",
+                  "| --- | ---: | ---: | ---: | ---: |"]
+        for key in ("teacher", "a", "b", "c", "d"):
+            if key in smol:
+                r = smol[key]
+                lines.append(f"| {key}: {r['label']} | {r.get('steps', '-') if key != 'teacher' else '-'} | "
+                             f"{r['perplexity']:.2f} | {r['top1_agreement']:.4f} | {r.get('train_tokens_per_s') or '-'} |")
+        lines.append("")
+    if bbc:
+        lines += ["## BBC News classification (MiniLM-L6 teacher, layer-kept student)", "",
+                  "| model | layers | parameters | test accuracy | share of teacher accuracy | train tokens/s |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        t_acc = bbc.get("teacher", {}).get("test_accuracy")
+        for key in ("teacher", "labels_only", "kd"):
+            if key in bbc:
+                r = bbc[key]
+                share = f"{r['test_accuracy'] / t_acc:.1%}" if t_acc else "-"
+                lines.append(f"| {r['label']} | {r['layers']} | {r['parameters']:,} | {r['test_accuracy']:.4f} | "
+                             f"{share} | {r.get('train_tokens_per_s')} |")
+        lines.append("")
+    if cache:
+        s = cache.get("summary", {})
+        lines += ["## Cached teacher outputs vs on-the-fly teacher (2 epochs, same data, one process)", "",
+                  "| mode | pass seconds | pass tokens/s | training tokens/s |", "| --- | ---: | ---: | ---: |"]
+        for key in ("on_the_fly", "cache_cold", "cache_warm"):
+            if key in cache:
+                r = cache[key]
+                lines.append(f"| {key} | {r['pass_seconds']} | {r['pass_tokens_per_s']} | {r['train_tokens_per_s']} |")
+        lines += ["", f"Speed-up, cache built in this run: {s.get('speedup_cold_vs_on_the_fly')}x; rerun with the "
+                  f"cache on disk: {s.get('speedup_warm_vs_on_the_fly')}x. Cache size: {s.get('cache_bytes')} bytes "
+                  f"for {s.get('cache_tokens')} tokens at k = {s.get('k')}, i.e. "
+                  f"{s.get('cache_mb_per_million_tokens')} MiB per million tokens (fp16 values + int32 indices).", ""]
+    png = _plot(smol, bbc)
+    if png:
+        lines += [f"![loss curves]({png})", ""]
+    notes = RESULTS / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text()]
+    (RESULTS / "report.md").write_text("\n".join(lines) + "\n")
+    print((RESULTS / "report.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
