@@ -131,6 +131,11 @@ def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_
     ctx4 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(1024))
     k4 = run(opts, art(trained_llama_dir), ctx4).info["teacher_cache"]
     assert k4["hit"] is False and k4["key"] != info["key"]
+    ctx5 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    with torch.no_grad():  # same source name, other weights (e.g. a model handed over as the teacher)
+        ctx5.teacher().model.model.norm.weight.mul_(1.01)
+    k5 = run(opts, art(trained_llama_dir), ctx5).info["teacher_cache"]
+    assert k5["hit"] is False and k5["key"] != info["key"]
 
 
 def test_tokenizer_mismatch_is_refused(tiny_llama_dir, tmp_path):

@@ -363,7 +363,12 @@ class Distill(Pass):
             raise ConfigError("distill.teacher_cache: hidden-state / attention matching needs the teacher "
                               "running; set hidden_weight and attention_weight to 0, or teacher_cache: false")
         t = teachers[0]
-        cache = TeacherCache(cache_key(t.fingerprint, examples.digest(), c.cache_top_k))
+        # The weights' digest as well as the name: a context may hand over any model as its "source"
+        # teacher (prune's recover block does), and a cache must never be read for another model.
+        from ..distill.teacher_cache import model_digest
+
+        fingerprint = f"{t.fingerprint}|{model_digest(t.model)}"
+        cache = TeacherCache(cache_key(fingerprint, examples.digest(), c.cache_top_k))
         hit = cache.exists()
         main = acc is None or acc.is_main_process
         if not hit and main:
