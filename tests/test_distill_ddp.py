@@ -37,6 +37,14 @@ WORKER = textwrap.dedent('''
 ''')
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_two_processes_match_one(tiny_llama_dir, tmp_path):
     from safetensors.torch import load_file
 
@@ -49,7 +57,7 @@ def test_two_processes_match_one(tiny_llama_dir, tmp_path):
     # `--cpu` alone would start ONE process (accelerate spreads CPU jobs only through mpirun); the torchrun
     # launcher behind --multi_gpu starts two, and Accelerator(cpu=True) then joins them over gloo (MULTI_CPU).
     proc = subprocess.run([accelerate, "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29517",
+                           "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
                            str(script), str(tiny_llama_dir), str(tmp_path / "ddp.safetensors"), "2"],
                           env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
