@@ -156,11 +156,12 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
             if scatter(rs, task, cost, out_dir / name) is not None:
                 blocks.append(("img", name, f"{QUALITY_AXIS[task][1]} against {cost}; the dashed line joins the "
                                             "Pareto front"))
-    others = [r for r in records if "skipped" in r or "error" in r]
+    others = [r for r in records if "skipped" in r or "error" in r or r.get("latency_error")]
     if others:
         blocks.append(("h2", "Not measured"))
         for r in others:
-            why = r.get("skipped") or ("error: " + str(r.get("error")).splitlines()[0])
+            why = r.get("skipped") or ("error: " + str(r.get("error")).splitlines()[0] if "error" in r else
+                                       "latency: " + str(r.get("latency_error")))
             blocks.append(("li", f"{r['label']} on {r['backend']}: {why}"))
     measured = _measured(records)
     if measured:

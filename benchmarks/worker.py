@@ -136,12 +136,15 @@ def run(spec: dict) -> dict:
     lat = s.get("latency")
     if lat and spec.get("latency", True):
         bar = _bar(lat["repeats"] * (1 if task == "causal-lm" else 2), f"latency {spec['label']}", show)
-        if task == "causal-lm":
-            record["latency"] = decoder_latency(backend, inputs["prompt"], lat["new_tokens"], lat["warmup"],
-                                                lat["repeats"], bar)
-        else:
-            record["latency"] = encoder_latency(backend, task, inputs["lat_ids"], inputs["lat_mask"],
-                                                lat["throughput_batch"], lat["warmup"], lat["repeats"], bar)
+        try:
+            if task == "causal-lm":
+                record["latency"] = decoder_latency(backend, inputs["prompt"], lat["new_tokens"], lat["warmup"],
+                                                    lat["repeats"], bar)
+            else:
+                record["latency"] = encoder_latency(backend, task, inputs["lat_ids"], inputs["lat_mask"],
+                                                    lat["throughput_batch"], lat["warmup"], lat["repeats"], bar)
+        except ValueError as exc:  # e.g. an ONNX decoder exported without past key values cannot decode
+            record["latency_error"] = str(exc)
         if bar is not None:
             bar.close()
     record["memory"] = {"peak_rss_mb": _status_mb("VmHWM"), "rss_after_load_mb": rss_loaded,
