@@ -1,38 +1,209 @@
 """quantize: lower the precision of a model's weights.
 
-Torch-side dtype methods live here (fp32, bf16, fp16); the ONNX Runtime, bitsandbytes and torch int8
-methods plug into the same pass."""
+torch -> torch: fp32 / bf16 / fp16 (dtype casts), torch-int8-dynamic, bnb-int8, bnb-nf4, bnb-fp4.
+onnx -> onnx (after `export`): ort-int8-dynamic, ort-int8-static (QDQ, calibrated), ort-fp16.
+
+Every ONNX-side method ends with the discrepancy check against its (float) ONNX parent, whose own check
+against torch the export pass recorded; the figures go into the manifest and a check out of tolerance
+fails the pass with the numbers. Torch-side int8/4-bit layers are recorded as structure so `compress.load`
+rebuilds them (compress/quant/torch_side.py)."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 import torch
 from pydantic import Field
 
+from .. import onnx_tools
 from ..checkpoint import Artifact
+from ..errors import ConfigError, UnsupportedModelError
+from ..quant import torch_side
 from . import register
 from .base import Pass, PassConfig, PassContext
 
 DTYPE_METHODS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TORCH_INT_METHODS = ("torch-int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4")
+ORT_METHODS = ("ort-int8-dynamic", "ort-int8-static", "ort-fp16")
+METHODS = tuple(DTYPE_METHODS) + TORCH_INT_METHODS + ORT_METHODS
+BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "torch-int8-dynamic": 8, "bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4,
+        "ort-int8-static": 8, "ort-fp16": 16}
+# Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
+DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
 
 
 class QuantizeConfig(PassConfig):
-    method: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="fp32 / bf16 / fp16: cast every floating-point weight to that dtype")
+    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
+        "bf16", description="fp32/bf16/fp16: cast weights (torch); torch-int8-dynamic, bnb-int8, bnb-nf4, bnb-fp4: "
+        "int8/4-bit linear layers (torch); ort-int8-dynamic, ort-int8-static, ort-fp16: ONNX Runtime (after export)")
+    exclude: list[str] | None = Field(
+        None, description="glob patterns of layers left unquantized: torch module names (e.g. '*lm_head') for "
+        "torch methods, ONNX node or weight names (e.g. '*lm_head*', '/model/layers.0/*') for ort-* methods. "
+        "Default: the LM head (torch int8/4-bit, ort-int8-static)")
+    # ort-int8-dynamic
+    kernel: Literal["matmulnbits", "matmulinteger"] = Field(
+        "matmulnbits", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
+        "quantized per block at run time (MatMulNBits, accuracy level 4); matmulinteger = classic "
+        "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces")
+    weight_bits: Literal[4, 8] = Field(8, description="ort-int8-dynamic with matmulnbits: 8 or 4-bit weights")
+    block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
+                            "(a power of two)")
+    per_channel: bool = Field(True, description="matmulinteger and ort-int8-static: one weight scale per output "
+                              "channel instead of per tensor")
+    # ort-int8-static
+    calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
+        "percentile", description="ort-int8-static: how activation ranges are chosen from calibration data")
+    calibration_batches: int = Field(8, ge=1, description="ort-int8-static: batches of calibration data")
+    calibration_batch_size: int = Field(1, ge=1, description="ort-int8-static: sequences per calibration batch")
+    calibration_seq_len: int = Field(128, ge=8, description="ort-int8-static: tokens per calibration sequence")
+    # bitsandbytes
+    bnb_threshold: float = Field(6.0, ge=0, description="bnb-int8: outlier threshold (LLM.int8); 0 disables")
+    bnb_blocksize: int = Field(64, ge=32, description="bnb-nf4/fp4: weights per quantization block")
+    bnb_compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bnb-nf4/fp4: compute dtype")
+    # the check (ONNX-side methods)
+    check_samples: int = Field(4, ge=1, description="ort-*: sequences in the discrepancy check")
+    check_seq_len: int = Field(64, ge=2, description="ort-*: tokens per sequence in the discrepancy check")
+    max_abs_error: float | None = Field(None, gt=0, description="ort-*: fail above this max abs output error "
+                                        "(null: report only)")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="ort-*: fail below this top-1 agreement (LM, classifier) or worst embedding "
+        "cosine (encoder) with the parent; default 0.75 / 0.9 / 0.95 by task")
+    check: bool = Field(True, description="ort-*: run the discrepancy check (figures always recorded when on)")
 
 
 @register
 class Quantize(Pass):
     name = "quantize"
-    description = "Lower weight precision (torch dtypes; INT8 methods for ONNX Runtime and bitsandbytes)"
+    description = "Lower weight precision: torch dtypes, torch/bitsandbytes int8 and 4-bit, ONNX Runtime int8/fp16"
     Config = QuantizeConfig
+
+    def input_kinds(self) -> tuple[str, ...]:
+        return ("onnx",) if self.config.method in ORT_METHODS else ("torch",)
+
+    def output_kind(self) -> str:
+        return self.input_kinds()[0]
 
     def quantizes(self) -> bool:
         return self.config.method != "fp32"  # fp32 is a plain cast back, allowed after anything torch-side
 
     def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+        method = self.config.method
+        want = self.input_kinds()[0]
+        if model.kind != want:
+            fix = ("add an `export` pass before it" if want == "onnx"
+                   else "use an ort-* method after the export, or move this quantize pass before the export")
+            raise UnsupportedModelError(f"quantize: method {method} needs a {want} model, got {model.kind}: {fix}")
+        if model.quantization and method != "fp32":
+            raise UnsupportedModelError(
+                f"quantize: the model is already quantized ({model.quantization.get('method')}); quantizing twice "
+                "is not supported: quantize the float model once")
+        if method in DTYPE_METHODS:
+            return self._cast(model)
+        if method in TORCH_INT_METHODS:
+            return self._torch_int(model)
+        return self._ort(model, ctx)
+
+    # ------------------------------------------------------------------ torch side
+    def _cast(self, model: Artifact) -> Artifact:
         dtype = DTYPE_METHODS[self.config.method]
         module = model.model.to(dtype)
         module.config.dtype = dtype  # `config.json` then says what the weights are
         q = None if self.config.method == "fp32" else {"method": self.config.method, "bits": 16}
         return model.derive(model=module, quantization=q, info={"dtype": str(dtype).removeprefix("torch.")})
+
+    def _torch_int(self, model: Artifact) -> Artifact:
+        cfg, method = self.config, self.config.method
+        module = model.model.float().eval()
+        exclude = ["lm_head", "*.lm_head"] if cfg.exclude is None else cfg.exclude
+        settings = {}
+        if method == "bnb-int8":
+            settings = {"threshold": cfg.bnb_threshold}
+        elif method.startswith("bnb-"):
+            settings = {"blocksize": cfg.bnb_blocksize, "compute_dtype": cfg.bnb_compute_dtype}
+        entry = torch_side.quantize_linears(module, method, exclude, **settings)
+        if not entry["modules"]:
+            raise ConfigError(f"quantize.exclude: {exclude} leaves no nn.Linear layer to quantize")
+        q = {"method": method, "bits": BITS[method], "exclude": exclude, "layers": len(entry["modules"]), **settings}
+        info = {"quantized_layers": len(entry["modules"]), "excluded_patterns": exclude}
+        return model.derive(model=module, quantization=q, structure=[*model.structure, entry], info=info)
+
+    # ------------------------------------------------------------------ ONNX side
+    def _ort(self, model: Artifact, ctx: PassContext) -> Artifact:
+        from ..quant import ort
+
+        cfg, method, task = self.config, self.config.method, model.task
+        src = Path(model.onnx_dir)
+        ctx.scratch.mkdir(parents=True, exist_ok=True)
+        dst = Path(tempfile.mkdtemp(prefix="quantize-", dir=ctx.scratch))
+        exclude = list(cfg.exclude or [])
+        q: dict = {"method": method}
+        if method == "ort-int8-dynamic":
+            if cfg.kernel == "matmulnbits":
+                details = ort.weight_only(src, dst, bits=cfg.weight_bits, block_size=cfg.block_size,
+                                          accuracy_level=4, symmetric=True, exclude=exclude)
+                q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4)
+            else:
+                details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
+                                           op_types=["MatMul", "Gemm", "Attention"])
+                q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
+        elif method == "ort-int8-static":
+            if cfg.exclude is None and task == "causal-lm":
+                exclude = ["*lm_head*"]
+            feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx), cfg.calibration_batch_size)
+            details = ort.static_int8(src, dst, feeds, calibrate=cfg.calibration_method, per_channel=cfg.per_channel,
+                                      exclude=exclude, op_types=["MatMul", "Gemm"])
+            scales = details.pop("activation_scales")
+            details["calibration"] = {"method": cfg.calibration_method, "batches": len(feeds),
+                                      "tokens": int(sum(f["input_ids"].size for f in feeds)),
+                                      "activation_tensors": len(scales),
+                                      "scale_mean": float(sum(scales.values()) / max(1, len(scales)))}
+            q.update(bits=8, format="QDQ", per_channel=cfg.per_channel, calibration=cfg.calibration_method)
+        else:
+            details = ort.fp16(src, dst, exclude=exclude)
+            q.update(bits=16, keep_io_types=True)
+        q["exclude"] = exclude
+        q["excluded_nodes"] = details["excluded_nodes"]
+        onnx_tools.copy_edge_runner(dst)
+        info = {**details, "onnx_bytes": onnx_tools.onnx_size(dst),
+                "parent_onnx_bytes": onnx_tools.onnx_size(src)}
+        if model.info.get("discrepancy"):
+            info["export_discrepancy"] = model.info["discrepancy"]
+        if cfg.check:
+            info["discrepancy"] = self._check(model, src, dst, ctx)
+        return model.derive(onnx_dir=dst, quantization=q, info=info)
+
+    def _calibration_inputs(self, model: Artifact, ctx: PassContext):
+        import numpy as np
+
+        cfg = self.config
+        data = ctx.data
+        role = next((r for r in ("calibration", "train") if data is not None and data.specs.get(r) is not None), None)
+        if role is None:
+            raise ConfigError("quantize: ort-int8-static needs calibration data: set data.calibration "
+                              "(or data.train) in the pipeline config")
+        n = cfg.calibration_batches * cfg.calibration_batch_size
+        if model.task == "causal-lm":
+            windows = data.lm_windows(role, model.tokenizer, seq_len=cfg.calibration_seq_len,
+                                      max_tokens=n * cfg.calibration_seq_len).numpy()
+            return windows.astype(np.int64), np.ones_like(windows, dtype=np.int64)
+        enc = model.tokenizer(data.dataset(role).texts[:n], padding="max_length", truncation=True,
+                              max_length=cfg.calibration_seq_len, return_tensors="np")
+        return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+
+    def _check(self, model: Artifact, src: Path, dst: Path, ctx: PassContext) -> dict:
+        from ..edge import EdgeModel
+
+        cfg, task = self.config, model.task
+        ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,
+                                            seq_len=cfg.check_seq_len, seed=ctx.seed)
+        parent = EdgeModel(src, threads=ctx.threads)
+        parent.task = task
+        ref = onnx_tools.outputs_of(parent, task, ids, mask)
+        edge = EdgeModel(dst, threads=ctx.threads)
+        edge.task = task
+        min_agree = cfg.min_agreement if cfg.min_agreement is not None else DEFAULT_MIN_AGREEMENT[task]
+        figures = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
+                                   min_agreement=min_agree, what=f"quantize ({cfg.method})")
+        figures["reference"] = "parent ONNX model (float)"
+        return figures

@@ -1,0 +1,1 @@
+"""Quantization back ends used by the quantize pass (ONNX Runtime, bitsandbytes, torch int8)."""

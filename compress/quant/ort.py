@@ -1,0 +1,193 @@
+"""ONNX-side quantization with ONNX Runtime's tools: dynamic int8, weight-only int8/int4 (MatMulNBits),
+static QDQ int8 (calibrated) and fp16. Each function reads folder/model.onnx and writes another folder.
+
+Node exclusion takes glob patterns over ONNX node names (e.g. ``*lm_head*``, ``/model/layers.0/*``) or
+over the names of the node's weight initializers (``*embed_tokens*``), so users can name torch modules."""
+from __future__ import annotations
+
+import fnmatch
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .. import onnx_tools
+
+
+def matching_nodes(model, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
+    """Names of the nodes (of `op_types`, if given) whose name or a weight's name matches a pattern."""
+    weights = {i.name for i in model.graph.initializer}
+    out = []
+    for node in model.graph.node:
+        if op_types and node.op_type not in op_types:
+            continue
+        names = [node.name, *(i for i in node.input if i in weights)]
+        if any(fnmatch.fnmatchcase(n, p) for p in patterns for n in names):
+            out.append(node.name)
+    return out
+
+
+def lm_head_nodes(model) -> list[str]:
+    """The MatMul producing `logits` (the LM head), found by walking back from the output."""
+    producers = {o: n for n in model.graph.node for o in n.output}
+    name = "logits"
+    for _ in range(4):  # through a Reshape/Cast or two
+        node = producers.get(name)
+        if node is None:
+            return []
+        if node.op_type in ("MatMul", "Gemm", "MatMulNBits", "MatMulInteger"):
+            return [node.name]
+        name = node.input[0]
+    return []
+
+
+def _named_nodes(model) -> None:
+    """ORT's quantizers address nodes by name: give unnamed ones a name."""
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+
+
+QUANTIZABLE = ("MatMul", "Gemm", "Gather", "Attention", "Conv")
+
+
+def _load(src: Path):
+    import onnx
+
+    model = onnx.load(str(Path(src) / onnx_tools.ONNX_FILE))
+    _named_nodes(model)
+    del model.graph.value_info[:]  # stale shape info breaks quantization shape inference (STACK.md)
+    return model
+
+
+def _finish(model, dst: Path, src: Path, external: str = "auto") -> None:
+    onnx_tools.save_model(model, dst, external)
+    onnx_tools.copy_bundle(src, dst)
+
+
+def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str], op_types: list[str],
+                 reduce_range: bool = False) -> dict:
+    """Weights int8 (QInt8) offline, activations quantized per tensor at run time (MatMulInteger)."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    model = _load(src)
+    excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "q.onnx"
+        quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
+                         reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
+                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+        _finish(onnx.load(str(out)), dst, src)
+    return {"excluded_nodes": excluded}
+
+
+def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
+                exclude: list[str]) -> dict:
+    """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
+    accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
+    0 computes in fp32."""
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    model = _load(src)
+    excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                             accuracy_level=accuracy_level or None, nodes_to_exclude=excluded,
+                             op_types_to_quantize=("MatMul",))
+    q.process()
+    _finish(q.model.model, dst, src)
+    return {"excluded_nodes": excluded}
+
+
+class _Batches:
+    """ORT CalibrationDataReader over a fixed list of feeds."""
+
+    def __init__(self, feeds: list[dict]):
+        self.feeds, self.i = feeds, 0
+
+    def get_next(self):
+        if self.i >= len(self.feeds):
+            return None
+        self.i += 1
+        return self.feeds[self.i - 1]
+
+    def rewind(self):
+        self.i = 0
+
+
+def calibration_feeds(src: Path, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict]:
+    """Model feeds (empty past for decoders) for each batch of calibration token windows."""
+    from ..edge import EdgeModel
+
+    edge = EdgeModel(src)
+    feeds = []
+    for start in range(0, len(ids), batch_size):
+        b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
+        feed = {"input_ids": b_ids}
+        if "attention_mask" in edge.inputs:
+            feed["attention_mask"] = b_mask
+        if "token_type_ids" in edge.inputs:
+            feed["token_type_ids"] = np.zeros_like(b_ids)
+        if "position_ids" in edge.inputs:
+            feed["position_ids"] = np.broadcast_to(np.arange(b_ids.shape[1]), b_ids.shape).astype(np.int64)
+        feed.update(edge._empty_past(len(b_ids)))
+        feeds.append(feed)
+    return feeds
+
+
+def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_channel: bool,
+                exclude: list[str], op_types: list[str], percentile: float = 99.999) -> dict:
+    """QDQ int8: activation ranges calibrated on `feeds` (MinMax / Entropy / Percentile), weights QInt8."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+               "percentile": CalibrationMethod.Percentile}
+    model = _load(src)
+    excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    with tempfile.TemporaryDirectory() as tmp:
+        # The calibrator writes augmented models into the working directory: keep them in tmp.
+        cwd = os.getcwd()
+        os.chdir(tmp)
+        try:
+            out = Path(tmp) / "q.onnx"
+            quantize_static(model, out, _Batches(feeds), quant_format=QuantFormat.QDQ,
+                            op_types_to_quantize=op_types, per_channel=per_channel,
+                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excluded, use_external_data_format=True,
+                            calibrate_method=methods[calibrate],
+                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
+                                           "CalibPercentile": percentile, "CalibTensorRangeSymmetric": True})
+            qmodel = onnx.load(str(out))
+        finally:
+            os.chdir(cwd)
+        _finish(qmodel, dst, src)
+    return {"excluded_nodes": excluded, "activation_scales": activation_scales(qmodel)}
+
+
+def activation_scales(model) -> dict[str, float]:
+    """Scale of every QuantizeLinear on a non-constant tensor (the calibrated activation ranges)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    out = {}
+    for node in model.graph.node:
+        if node.op_type == "QuantizeLinear" and node.input[0] not in inits and node.input[1] in inits:
+            out[node.input[0]] = float(numpy_helper.to_array(inits[node.input[1]]).ravel()[0])
+    return out
+
+
+def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
+    """Float16 weights and compute, fp32 inputs/outputs (keep_io_types), excluded nodes stay fp32."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = _load(src)
+    excluded = matching_nodes(model, exclude)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded or None,
+                                         disable_shape_infer=model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
+    _finish(converted, dst, src)
+    return {"excluded_nodes": excluded}

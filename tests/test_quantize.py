@@ -1,0 +1,159 @@
+"""The quantize pass on tiny models: ONNX-side methods with their discrepancy check, calibration that
+follows the data it is given, and torch-side int8/4-bit layers that reload exactly in a fresh process."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from tiny_models import tiny_bert, tiny_llama, tiny_tokenizer
+
+from compress import load, save
+from compress.checkpoint import Artifact
+from compress.data import DataSpec, PipelineData
+from compress.edge import EdgeModel
+from compress.errors import ConfigError, UnsupportedModelError
+from compress.onnx_tools import DiscrepancyError
+from compress.passes import PassContext, get
+from compress.quant.ort import activation_scales
+
+SHAKESPEARE = PipelineData(train=DataSpec(source="builtin:shakespeare", max_examples=2))
+
+
+@pytest.fixture(scope="module")
+def onnx_llama(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("onnx-llama")
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
+    out = get("export")().run(art, PassContext(task="causal-lm", scratch=tmp / "scratch"))
+    return load(save(out, tmp / "ck"))
+
+
+def quantize(parent, tmp_path, data=SHAKESPEARE, **options):
+    ctx = PassContext(task=parent.task, scratch=tmp_path / "scratch", data=data)
+    out = get("quantize")(**options).run(parent, ctx)
+    return load(save(out, tmp_path / f"q-{options['method']}"))
+
+
+@pytest.mark.parametrize("options", [
+    {"method": "ort-int8-dynamic"},  # default: MatMulNBits int8, block-wise activations
+    {"method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": False},
+    {"method": "ort-int8-dynamic", "weight_bits": 4},
+    {"method": "ort-int8-static", "calibration_batches": 2},
+    {"method": "ort-fp16"},
+])
+def test_ort_methods(onnx_llama, tmp_path, options):
+    q = quantize(onnx_llama, tmp_path, **options)
+    assert q.kind == "onnx" and q.quantization["method"] == options["method"]
+    d = q.info["discrepancy"]
+    assert d["passed"] and d["top1_agreement"] >= 0.75 and d["decode_max_abs_error"] < 0.2
+    ops = {n.op_type for n in onnx.load(str(q.path / "model.onnx")).graph.node}
+    expect = {"ort-int8-dynamic": "MatMulNBits" if options.get("kernel") != "matmulinteger" else "MatMulInteger",
+              "ort-int8-static": "QuantizeLinear", "ort-fp16": "Cast"}[options["method"]]
+    assert expect in ops
+    if options["method"] != "ort-int8-static":  # QDQ keeps float weights beside the int8 ones on disk
+        assert q.info["onnx_bytes"] < q.info["parent_onnx_bytes"]
+    edge = EdgeModel(q.path)  # still generates with the KV cache, fp32 inputs and outputs
+    ids = np.array([[10, 20, 30, 40]])
+    assert edge.generate(ids, 5).shape == (1, 9)
+    assert edge.logits(ids).dtype == np.float32
+
+
+def test_exclusion_by_pattern(onnx_llama, tmp_path):
+    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=["*layers.0/*", "*down_proj*"])
+    excluded = q.quantization["excluded_nodes"]
+    assert excluded and all("layers.0/" in n or "down_proj" in n for n in excluded)
+    nodes = onnx.load(str(q.path / "model.onnx")).graph.node
+    float_matmuls = {n.name for n in nodes if n.op_type == "MatMul"}
+    assert "/model/layers.0/self_attn/q_proj/MatMul" in float_matmuls
+    assert "/model/layers.1/mlp/down_proj/MatMul" in float_matmuls
+    assert "/model/layers.1/mlp/up_proj/MatMul" not in float_matmuls
+
+
+def test_static_calibration_follows_the_data(onnx_llama, tmp_path):
+    other = PipelineData(train=DataSpec(source="builtin:wikipedia", max_examples=2))
+    a = quantize(onnx_llama, tmp_path / "a", method="ort-int8-static", calibration_batches=2)
+    b = quantize(onnx_llama, tmp_path / "b", method="ort-int8-static", calibration_batches=2, data=other)
+    a2 = quantize(onnx_llama, tmp_path / "a2", method="ort-int8-static", calibration_batches=2)
+    sa, sb, sa2 = (activation_scales(onnx.load(str(q.path / "model.onnx"))) for q in (a, b, a2))
+    assert sa.keys() == sb.keys() and len(sa) > 10
+    assert sa == sa2  # same data, same scales
+    changed = sum(abs(sa[k] - sb[k]) > 1e-6 * max(sa[k], 1e-12) for k in sa)
+    assert changed > len(sa) // 2  # different data, different scales
+    assert a.info["calibration"]["tokens"] == 2 * 128
+
+
+def test_static_without_calibration_data_is_refused(onnx_llama, tmp_path):
+    with pytest.raises(ConfigError, match="data.calibration"):
+        quantize(onnx_llama, tmp_path, data=None, method="ort-int8-static")
+
+
+def test_quantize_check_fails_with_numbers(onnx_llama, tmp_path):
+    with pytest.raises(DiscrepancyError, match=r"top-1 agreement [0-9.]+ < 1"):
+        quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", weight_bits=4, min_agreement=1.0,
+                 check_samples=8)
+
+
+def test_refusals(onnx_llama, tmp_path):
+    torch_art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
+    with pytest.raises(UnsupportedModelError, match="add an `export` pass"):
+        get("quantize")(method="ort-int8-dynamic").run(torch_art, PassContext(scratch=tmp_path))
+    with pytest.raises(UnsupportedModelError, match="needs a torch model"):
+        get("quantize")(method="bnb-int8").run(onnx_llama, PassContext(scratch=tmp_path))
+    q = quantize(onnx_llama, tmp_path, method="ort-fp16")
+    with pytest.raises(UnsupportedModelError, match="quantizing twice"):
+        get("quantize")(method="ort-int8-dynamic").run(q, PassContext(scratch=tmp_path))
+
+
+RELOAD = """
+import sys, torch, compress
+torch.set_num_threads(1)
+ids = torch.load(sys.argv[1])
+outs = {}
+for path in sys.argv[2:]:
+    with torch.no_grad():
+        outs[path] = compress.load(path).model(input_ids=ids).logits.float()
+torch.save(outs, sys.argv[1] + ".out")
+"""
+TORCH_METHODS = ["torch-int8-dynamic", "bnb-int8", "bnb-nf4", "bnb-fp4"]
+
+
+def test_torch_side_round_trip_in_fresh_process(tmp_path):
+    """Every torch-side method on Llama and BERT: saved, reloaded by compress.load in ONE fresh process
+    (to keep the test fast), bit-identical logits."""
+    ids = torch.randint(5, 384, (2, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    before, refs = {}, {}
+    for arch in ("llama", "bert"):
+        task = "causal-lm" if arch == "llama" else "sequence-classification"
+        build = tiny_llama if arch == "llama" else tiny_bert
+        with torch.no_grad():
+            refs[arch] = build()(input_ids=ids).logits
+        for method in TORCH_METHODS:
+            art = Artifact(kind="torch", task=task, model=build(),
+                           tokenizer=tiny_tokenizer("causal" if arch == "llama" else "encoder"))
+            out = get("quantize")(method=method).run(art, PassContext(task=task))
+            with torch.no_grad():
+                logits = out.model(input_ids=ids).logits.float()
+            path = save(out, tmp_path / f"{arch}-{method}")
+            before[str(path)] = (arch, method, logits)
+            manifest = json.loads((path / "manifest.json").read_text())
+            assert manifest["quantization"]["method"] == method
+            entry = manifest["structure"][-1]
+            assert entry["type"] == "quantized-linear" and entry["method"] == method
+            assert "lm_head" not in entry["modules"] and len(entry["modules"]) == (28 if arch == "llama" else 26)
+    proc = subprocess.run([sys.executable, "-c", RELOAD, str(tmp_path / "ids.pt"), *before],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = torch.load(str(tmp_path / "ids.pt") + ".out")
+    for path, (arch, method, logits) in before.items():
+        assert torch.equal(logits, after[path]), (arch, method)  # bit-identical after reload
+        err = (logits - refs[arch]).abs().max().item()
+        assert 0 < err < (0.02 if method in ("torch-int8-dynamic", "bnb-int8") else 0.3), (arch, method, err)
+
+
+def test_fp32_cast_keeps_working(tmp_path):
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
+    out = get("quantize")(method="bf16").run(art, PassContext())
+    assert next(out.model.parameters()).dtype == torch.bfloat16 and out.quantization == {"method": "bf16", "bits": 16}

@@ -1,0 +1,44 @@
+"""The runner refuses impossible quantize orders before any work, naming the fix."""
+import pytest
+
+from compress.errors import ConfigError
+from pipelines.config import validate
+
+BASE = {"name": "order", "model": {"source": "builtin:smollm2-135m"}, "task": "causal-lm"}
+
+
+def check(passes):
+    return validate({**BASE, "passes": passes})
+
+
+def test_ort_method_before_export_is_refused():
+    with pytest.raises(ConfigError, match=r"passes.0 \(quantize\) needs an ONNX model.*add an `export` pass"):
+        check([{"quantize": {"method": "ort-int8-dynamic"}}, {"export": {}}])
+
+
+def test_quantizing_twice_is_refused():
+    with pytest.raises(ConfigError, match=r"passes.1 \(quantize\) would quantize.*quantizing twice"):
+        check([{"quantize": {"method": "bf16"}}, {"quantize": {"method": "bnb-int8"}}])
+    with pytest.raises(ConfigError, match="quantizing twice"):
+        check([{"export": {}}, {"quantize": {"method": "ort-fp16"}}, {"quantize": {"method": "ort-int8-dynamic"}}])
+
+
+def test_torch_method_after_export_is_refused():
+    with pytest.raises(ConfigError, match=r"passes.1 \(quantize\) runs on torch models.*move `quantize` before"):
+        check([{"export": {}}, {"quantize": {"method": "bnb-nf4"}}])
+
+
+def test_export_of_a_quantized_torch_model_is_refused():
+    with pytest.raises(ConfigError, match=r"passes.1 \(export\).*after passes.0 \(quantize\)"):
+        check([{"quantize": {"method": "bf16"}}, {"export": {}}])
+
+
+def test_valid_orders_pass():
+    assert [p.name for p in check([{"export": {"optimize": True}}, {"quantize": {"method": "ort-int8-static"}}]).passes] \
+        == ["export", "quantize"]
+    assert len(check([{"quantize": {"method": "torch-int8-dynamic"}}]).passes) == 1
+
+
+def test_unknown_method_names_the_choices():
+    with pytest.raises(ConfigError, match="ort-int8-dynamic"):
+        check([{"export": {}}, {"quantize": {"method": "ort-int4"}}])
