@@ -31,7 +31,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=60)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--keep", type=int, default=15)
+    ap.add_argument("--keep", type=int, default=15, help="keep this many evenly spaced layers")
+    ap.add_argument("--keep-list", type=int, nargs="+", help="keep exactly these layers instead")
+    ap.add_argument("--name", default="smollm2", help="results file: results/distill/<name>.json")
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--alpha", type=float, default=0.8)
     ap.add_argument("--temperature", type=float, default=2.0)
@@ -50,7 +52,8 @@ def main() -> None:
     t0 = time.perf_counter()
     teacher_argmax = [lg[:, :-1].argmax(-1) for lg in lm_logits(teacher, wiki)]
     teacher_q = lm_quality(teacher, wiki, teacher_argmax)
-    common = dict(student={"keep_layers": args.keep}, max_steps=args.steps, batch_size=args.batch, lr=args.lr,
+    keep = args.keep_list or resolve_keep(args.keep, 30)
+    common = dict(student={"keep_layers": keep}, max_steps=args.steps, batch_size=args.batch, lr=args.lr,
                   temperature=args.temperature, precision=args.precision, eval_tokens=1024, keep_best=False,
                   log_every=5, seed=0)
     options = {
@@ -61,13 +64,13 @@ def main() -> None:
     labels = {"a": "layer-dropped, no training", "b": "hard labels only (alpha 0)",
               "c": f"KD soft targets (alpha {args.alpha}, T {args.temperature})",
               "d": f"KD + hidden-state matching (cosine, weight 1)"}
-    update_results("smollm2", "teacher", {"label": "teacher SmolLM2-135M (30 layers)", **teacher_q,
+    update_results(args.name, "teacher", {"label": "teacher SmolLM2-135M (30 layers)", **teacher_q,
                                           "seconds": round(time.perf_counter() - t0, 1)})
     for v in args.variants:
         seed_everything(0)
         t0 = time.perf_counter()
         if v == "a":
-            student = keep_layers(teacher, resolve_keep(args.keep, 30))
+            student = keep_layers(teacher, keep)
             info = {"steps": 0}
         else:
             ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
@@ -75,13 +78,13 @@ def main() -> None:
             art = get("distill")(**options[v]).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
             student, info = art.model, art.info
         q = lm_quality(student, wiki, teacher_argmax)
-        rec = {"label": labels[v], **q, "options": options.get(v), "steps": info["steps"],
+        rec = {"label": labels[v], **q, "kept_layers": keep, "options": options.get(v), "steps": info["steps"],
                "train_tokens": info.get("tokens"), "train_tokens_per_s": info.get("tokens_per_s"),
                "train_seconds": info.get("seconds"), "precision": info.get("precision"),
                "loss_curve": info.get("loss_curve"), "eval_curve": info.get("eval_curve"),
                "student_parameters": sum(p.numel() for p in student.parameters()),
                "wall_seconds": round(time.perf_counter() - t0, 1), "machine": machine(threads)}
-        update_results("smollm2", v, rec)
+        update_results(args.name, v, rec)
         print(v, labels[v], q, "tok/s", info.get("tokens_per_s"), "load", os.getloadavg(), flush=True)
         del student
 
