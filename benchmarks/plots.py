@@ -71,6 +71,8 @@ def scatter(records: list[dict], task: str, cost: str, path: Path) -> Path | Non
     ax.set_xlabel(xlabel)
     ax.set_ylabel(qlabel)
     ax.set_title(f"{task}: quality vs {cost}")
+    ax.ticklabel_format(useOffset=False, axis="both")
+    ax.margins(x=0.15, y=0.1)  # room for the point labels
     ax.grid(alpha=0.3)
     ax.legend(loc="best", fontsize=8)
     fig.tight_layout()
