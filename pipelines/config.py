@@ -4,7 +4,7 @@ Errors name the field, the bad value and what is allowed; a misspelt pass or opt
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,6 +35,18 @@ class DataConfig(BaseModel):
     calibration: DataSpec | None = Field(None, description="calibration data (default: the training data)")
 
 
+class BranchConfig(BaseModel):
+    """Extra passes that start from the source model or from a step of the main chain, so a report can put
+    alternatives side by side (e.g. quantize-only next to distill + prune + quantize)."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="runs/<name>/<branch name>/")
+    start: str | int = Field("source", alias="from", description="source, or a step of `passes`: its number "
+                             "(1 = the first pass) or its directory name such as 02-prune")
+    passes: list[dict[str, dict[str, Any] | None]] = Field(description="run top to bottom from `from`")
+
+
 class PipelineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -44,6 +56,8 @@ class PipelineConfig(BaseModel):
     data: DataConfig = Field(default_factory=DataConfig)
     passes: list[dict[str, dict[str, Any] | None]] = Field(
         default_factory=list, description="run top to bottom; each item is {pass name: options}")
+    branches: list[BranchConfig] = Field(default_factory=list, description="alternative chains measured "
+                                         "beside the main one")
     benchmark: BenchmarkConfig | None = Field(None, description="what to measure on every checkpoint")
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch threads for the passes (default: all cores)")
@@ -55,35 +69,57 @@ assert set(TASKS) == {"causal-lm", "sequence-classification", "feature-extractio
 
 
 @dataclass
+class Branch:
+    name: str
+    start: int  # number of main-chain steps it starts after (0 = the source model)
+    passes: list[Pass]
+
+
+@dataclass
 class Pipeline:
     """A validated config plus its instantiated passes."""
 
     config: PipelineConfig
     passes: list[Pass]
     path: Path | None = None
+    branches: list[Branch] = field(default_factory=list)
 
 
-def _instantiate_passes(items: list[dict]) -> tuple[list[Pass], list[str]]:
+def step_dir_name(index: int, pass_name: str) -> str:
+    return f"{index + 1:02d}-{pass_name}"
+
+
+def _instantiate_passes(items: list[dict], where: str = "passes") -> tuple[list[Pass], list[str]]:
     out, errors = [], []
     for i, item in enumerate(items):
         if len(item) != 1:
-            errors.append(f"passes.{i}: each pass is a mapping with one key, the pass name (got {list(item)})")
+            errors.append(f"{where}.{i}: each pass is a mapping with one key, the pass name (got {list(item)})")
             continue
         (name, options), = item.items()
         try:
             out.append(pass_registry.get(name)(**(options or {})))
         except ConfigError as exc:
-            errors.append("\n".join(f"passes.{i}.{line}" if not line.startswith("unknown pass") else
-                                    f"passes.{i}: {line}" for line in str(exc).splitlines()))
+            errors.append("\n".join(f"{where}.{i}.{line}" if not line.startswith("unknown pass") else
+                                    f"{where}.{i}: {line}" for line in str(exc).splitlines()))
     return out, errors
 
 
-def check_order(passes: list[Pass]) -> list[str]:
-    """Problems that make an order impossible, found before any work starts."""
+@dataclass
+class _ChainState:
+    kind: str = "torch"
+    produced_by: str | None = None
+    quantized_by: str | None = None
+
+
+def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | None = None,
+                states: list | None = None) -> list[str]:
+    """Problems that make an order impossible, found before any work starts. `states`, if given, receives
+    the state after each pass (so a branch can start from any step)."""
     errors: list[str] = []
-    kind, produced_by, quantized_by = "torch", None, None
+    st = state or _ChainState()
+    kind, produced_by, quantized_by = st.kind, st.produced_by, st.quantized_by
     for i, p in enumerate(passes):
-        label = f"passes.{i} ({p.name})"
+        label = f"{where}.{i} ({p.name})"
         if kind not in p.input_kinds():
             if kind == "torch":
                 errors.append(f"{label} needs an ONNX model, but the model is still a torch model at that point: "
@@ -103,7 +139,21 @@ def check_order(passes: list[Pass]) -> list[str]:
         if p.output_kind() != kind:
             produced_by = label
         kind = p.output_kind()
+        if states is not None:
+            states.append(_ChainState(kind, produced_by, quantized_by))
     return errors
+
+
+def _branch_start(branch: BranchConfig, main_passes: list[Pass], where: str) -> tuple[int | None, str | None]:
+    names = [step_dir_name(i, p.name) for i, p in enumerate(main_passes)]
+    if branch.start == "source":
+        return 0, None
+    if isinstance(branch.start, int) and 1 <= branch.start <= len(names):
+        return branch.start, None
+    if branch.start in names:
+        return names.index(branch.start) + 1, None
+    return None, (f"{where}.from: {branch.start!r} is not a step of `passes`; use source, a number from 1 to "
+                  f"{len(names)}, or one of {', '.join(names) or '(no passes)'}")
 
 
 def _check_data(cfg: PipelineConfig) -> list[str]:
@@ -130,12 +180,25 @@ def validate(raw: dict) -> Pipeline:
         check_source(cfg.model.source)
     except ModelSourceError as exc:
         errors.append(f"model.source: {exc}")
+    states: list[_ChainState] = [_ChainState()]
     if not errors:
-        errors += check_order(passes)
+        errors += check_order(passes, states=states)
+    branches = []
+    if len({b.name for b in cfg.branches}) != len(cfg.branches):
+        errors.append("branches: two branches have the same name")
+    for j, b in enumerate(cfg.branches):
+        where = f"branches.{j}"
+        start, problem = _branch_start(b, passes, where)
+        bpasses, perrors = _instantiate_passes(b.passes, f"{where}.passes")
+        errors += [problem] if problem else []
+        errors += perrors
+        if not problem and not perrors and len(states) > start:
+            errors += check_order(bpasses, f"{where}.passes", state=states[start])
+        branches.append(Branch(b.name, start or 0, bpasses))
     errors += _check_data(cfg)
     if errors:
         raise ConfigError("\n".join(errors))
-    return Pipeline(cfg, passes)
+    return Pipeline(cfg, passes, branches=branches)
 
 
 def apply_overrides(raw: dict, overrides: list[str]) -> dict:
@@ -194,7 +257,7 @@ def json_schema() -> dict:
     _, top = models_json_schema(models, ref_template="#/$defs/{model}")
     defs = top["$defs"]
     schema = copy.deepcopy(defs.pop(PipelineConfig.__name__))
-    schema["properties"]["passes"]["items"] = {
+    schema["properties"]["passes"]["items"] = defs[BranchConfig.__name__]["properties"]["passes"]["items"] = {
         "oneOf": [
             {"type": "object", "additionalProperties": False, "required": [name],
              "properties": {name: {"$ref": f"#/$defs/{cls.Config.__name__}", "description": cls.description}}}

@@ -24,7 +24,7 @@ from compress.models import load_model, source_fingerprint
 from compress.passes.base import PassContext
 from compress.runtime import seed_everything, set_threads
 
-from .config import Pipeline
+from .config import Pipeline, step_dir_name
 
 _DATA_ROLES = ("train", "eval", "calibration")
 
@@ -38,6 +38,13 @@ class StepRecord:
     reused: bool
     seconds: float
     kind: str
+    branch: str | None = None
+
+    @property
+    def label(self) -> str:
+        """How reports name the step: its directory, prefixed by its branch."""
+        name = Path(self.path).name
+        return f"{self.branch}/{name}" if self.branch else name
 
 
 @dataclass
@@ -61,10 +68,6 @@ def _hash(*parts: str) -> str:
     return h.hexdigest()[:20]
 
 
-def step_dir_name(index: int, pass_name: str) -> str:
-    return f"{index + 1:02d}-{pass_name}"
-
-
 class Runner:
     def __init__(self, pipeline: Pipeline, *, output_dir: str | Path | None = None, show_progress: bool = True,
                  log=print):
@@ -77,11 +80,11 @@ class Runner:
         self.source_key = _hash("source", source_fingerprint(cfg.model.source), cfg.task,
                                 str(checkpoint.FORMAT_VERSION))
 
-    def step_keys(self) -> list[str]:
+    def step_keys(self, passes=None, parent: str | None = None) -> list[str]:
         """The cache key of every step, derived before any work: parent key + pass + options + data."""
         data_fp = self.data.fingerprint(*_DATA_ROLES)
-        keys, parent = [], self.source_key
-        for p in self.pipeline.passes:
+        keys, parent = [], parent or self.source_key
+        for p in self.pipeline.passes if passes is None else passes:
             options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
             parent = _hash(parent, p.name, options, data_fp)
             keys.append(parent)
@@ -103,14 +106,18 @@ class Runner:
         return Artifact(kind="torch", task=cfg.task, tokenizer=tok, model=model)
 
     def _clean_stale(self) -> None:
-        for tmp in self.run_dir.glob(".*.tmp-*"):
-            self.log(f"removing unfinished checkpoint {tmp.name} from an interrupted run")
-            shutil.rmtree(tmp, ignore_errors=True)
-        names = {step_dir_name(i, p.name) for i, p in enumerate(self.pipeline.passes)}
-        for old in self.run_dir.glob("[0-9][0-9]-*"):
-            if old.is_dir() and old.name not in names:  # from an earlier version of this pipeline
-                self.log(f"removing {old.name}: no longer a step of this pipeline")
-                shutil.rmtree(old, ignore_errors=True)
+        """Remove what an interrupted run or an earlier version of the config left behind."""
+        chains = [(self.run_dir, self.pipeline.passes)]
+        chains += [(self.run_dir / b.name, b.passes) for b in self.pipeline.branches]
+        for chain_dir, passes in chains:
+            for tmp in chain_dir.glob(".*.tmp-*"):
+                self.log(f"removing unfinished checkpoint {tmp.name} from an interrupted run")
+                shutil.rmtree(tmp, ignore_errors=True)
+            names = {step_dir_name(i, p.name) for i, p in enumerate(passes)}
+            for old in chain_dir.glob("[0-9][0-9]-*"):
+                if old.is_dir() and old.name not in names:
+                    self.log(f"removing {old.relative_to(self.run_dir)}: no longer a step of this pipeline")
+                    shutil.rmtree(old, ignore_errors=True)
 
     def _reusable(self, path: Path, key: str) -> bool:
         if not (path / checkpoint.MANIFEST).exists():
@@ -127,32 +134,48 @@ class Runner:
 
     def run(self) -> RunResult:
         cfg = self.pipeline.config
-        threads = set_threads(cfg.threads)
+        self.threads = set_threads(cfg.threads)
+        self.device = self._device()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._clean_stale()
-        (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
+                                                                   sort_keys=False))
         result = RunResult(self.run_dir, cfg.model.source, self.source_key)
-        keys = self.step_keys()
-        device = self._device()
+        result.steps += self._run_chain(self.pipeline.passes, self.run_dir, None, self.source_key)
+        for b in self.pipeline.branches:
+            start = result.steps[b.start - 1] if b.start else None
+            result.steps += self._run_chain(b.passes, self.run_dir / b.name, start and Path(start.path),
+                                            start.key if start else self.source_key, branch=b.name)
+        shutil.rmtree(self.run_dir / ".scratch", ignore_errors=True)
+        if cfg.benchmark is not None:
+            result.report = self._benchmark(result)
+        (self.run_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        return result
+
+    def _run_chain(self, passes, chain_dir: Path, parent_path: Path | None, parent_key: str,
+                   branch: str | None = None) -> list[StepRecord]:
+        """Run `passes` from the checkpoint at `parent_path` (None: the source model) into `chain_dir`."""
+        cfg = self.pipeline.config
+        steps: list[StepRecord] = []
+        keys = self.step_keys(passes, parent_key)
         current: Artifact | None = None  # loaded lazily: a fully reused prefix loads nothing
-        parent_path, parent_key = None, self.source_key
-        n = len(self.pipeline.passes)
-        for i, (p, key) in enumerate(zip(self.pipeline.passes, keys)):
-            path = self.run_dir / step_dir_name(i, p.name)
+        n, prefix = len(passes), f"{branch}: " if branch else ""
+        for i, (p, key) in enumerate(zip(passes, keys)):
+            path = chain_dir / step_dir_name(i, p.name)
             start = time.perf_counter()
             if self._reusable(path, key):
-                self.log(f"[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
+                self.log(f"{prefix}[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
                 current = None
-                result.steps.append(StepRecord(i, p.name, str(path), key, True, 0.0,
-                                               checkpoint.read_manifest(path)["kind"]))
+                steps.append(StepRecord(i, p.name, str(path), key, True, 0.0,
+                                        checkpoint.read_manifest(path)["kind"], branch))
                 parent_path, parent_key = path, key
                 continue
-            self.log(f"[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
+            self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
             if current is None:
                 current = checkpoint.load(parent_path) if parent_path else self._load_source()
             seed_everything(cfg.seed + i)
-            ctx = PassContext(source=cfg.model.source, task=cfg.task, data=self.data, device=device,
-                              seed=cfg.seed + i, threads=threads, scratch=self.run_dir / ".scratch",
+            ctx = PassContext(source=cfg.model.source, task=cfg.task, data=self.data, device=self.device,
+                              seed=cfg.seed + i, threads=self.threads, scratch=self.run_dir / ".scratch",
                               show_progress=self.show_progress)
             ctx.scratch.mkdir(exist_ok=True)
             out = p.run(current, ctx)
@@ -163,17 +186,13 @@ class Runner:
                 source=cfg.model.source,
                 parent={"path": str(parent_path) if parent_path else cfg.model.source, "key": parent_key},
                 **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
-                threads=threads,
+                threads=self.threads,
             )
             seconds = time.perf_counter() - start
-            self.log(f"[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
-            result.steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind))
+            self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
+            steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind, branch))
             current, parent_path, parent_key = out, path, key
-        shutil.rmtree(self.run_dir / ".scratch", ignore_errors=True)
-        if cfg.benchmark is not None:
-            result.report = self._benchmark(result)
-        (self.run_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
-        return result
+        return steps
 
     def _benchmark(self, result: RunResult) -> Path | None:
         try:

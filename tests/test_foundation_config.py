@@ -41,6 +41,12 @@ CASES = [
                                                                                      "split": "train"}}),
      ["data.eval", "overlap", "split"]),
     ("bad name", _with(name="a b/c"), ["name", "'a b/c'"]),
+    ("branch from a missing step", _with(branches=[{"name": "b", "from": "07-prune", "passes": []}]),
+     ["branches.0.from", "'07-prune'", "01-quantize"]),
+    ("branch quantizes twice", _with(branches=[{"name": "b", "from": 1, "passes": [{"quantize": {"method": "fp16"}}]}]),
+     ["branches.0.passes.0 (quantize)", "quantizing twice"]),
+    ("branch pass typo", _with(branches=[{"name": "b", "passes": [{"quantize": {"methd": "fp16"}}]}]),
+     ["branches.0.passes.0.quantize.methd", "did you mean 'method'"]),
     ("bad data option", _with(data={"train": {"source": "builtin:shakespeare", "max_token": 5}}),
      ["data.train.max_token", "did you mean 'max_tokens'"]),
 ]

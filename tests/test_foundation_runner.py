@@ -107,3 +107,24 @@ def test_run_killed_mid_pass_resumes_there(tiny_llama_dir, tmp_path):
     assert not list(run_dir.glob(".*tmp*"))
     assert not (run_dir / "02-quantize").exists(), "a step of the old pipeline was left beside the new ones"
     assert (run_dir / "03-quantize" / "manifest.json").exists()
+
+
+def test_branches_start_from_a_step_and_are_reused(tiny_llama_dir, tmp_path):
+    cfg = yaml.safe_load(_config(tmp_path, tiny_llama_dir, factors=(2.0,), last="fp32").read_text())
+    cfg["branches"] = [{"name": "half", "from": "01-test-scale", "passes": [{"quantize": {"method": "fp16"}}]},
+                       {"name": "from-source", "passes": [{"quantize": {"method": "bf16"}}]}]
+    path = tmp_path / "branched.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "runs"
+    result = _run(path, out)
+    assert [s.label for s in result.steps] == ["01-test-scale", "02-quantize", "half/01-quantize",
+                                               "from-source/01-quantize"]
+    run = out / "tiny"
+    half = compress.load(run / "half" / "01-quantize")
+    assert half.manifest["parent"]["key"] == result.steps[0].key and half.model.dtype == torch.float16
+    scaled = compress.load(run / "01-test-scale").model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(half.model.model.layers[0].mlp.up_proj.weight, scaled.half())
+    src = compress.load(run / "from-source" / "01-quantize")
+    assert src.manifest["parent"]["key"] == result.source_key
+    again = _run(path, out)
+    assert all(s.reused for s in again.steps)
