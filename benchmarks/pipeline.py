@@ -63,7 +63,7 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     work_dir = run_dir / ".bench"
     eval_spec = data.specs.get("eval") if data is not None else None
     source = config.model.source
-    targets = [("source", source, True)] + [(Path(s.path).name, s.path, False) for s in result.steps]
+    targets = [("source", source, True)] + [(s.label, s.path, False) for s in result.steps]
     records = []
     for label, target, is_base in targets:
         for backend in settings.backends:
