@@ -118,7 +118,6 @@ class Prune(Pass):
                 if any(e["type"] == "mlp_widths" for e in structure):
                     raise ConfigError("prune: this model already has per-layer MLP widths; prune it once")
                 structure.append(entry)
-        net.config.use_cache = getattr(model.model.config, "use_cache", None)
         info["params_after"] = count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / info["params_before"], 4)
         out = model.derive(model=net, structure=structure, info=info)
@@ -192,8 +191,11 @@ class Prune(Pass):
             order = torch.argsort(scores[i], descending=True).tolist()
             heads[i] = sorted(present[j] for j in order[keep:])
         prune_hf_heads(net, heads)
-        return {"heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
+        info = {"heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
                 "pruned": {str(i): h for i, h in heads.items()}}
+        if ad.family == "gpt2":  # optimum sizes the exported KV cache from n_head, which prune_heads keeps
+            info["note"] = "export this model with `export: {with_past: false}`"
+        return info
 
     def _prune_llama_heads(self, net, ad: Adapter, scores: list[torch.Tensor]) -> dict:
         c = self.config
