@@ -15,57 +15,69 @@ def _load(name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
-def _plot(smol: dict, bbc: dict) -> str | None:
+def _plot(smols: dict[str, dict], bbc: dict) -> str | None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    drawn = False
-    for key in ("b", "c", "d"):
-        curve = (smol.get(key) or {}).get("loss_curve") or []
-        if curve and "hard" in curve[0]:
-            axes[0].plot([r["step"] for r in curve], [r["hard"] for r in curve], label=smol[key]["label"])
-            drawn = True
-    axes[0].set(title="SmolLM2 15-layer student: next-token CE on the training batches",
-                xlabel="step", ylabel="cross-entropy (nats)")
-    for key in ("teacher", "labels_only", "kd"):
-        curve = (bbc.get(key) or {}).get("loss_curve") or []
-        if curve:
-            axes[1].plot([r["step"] for r in curve], [r["loss"] for r in curve], label=bbc[key]["label"])
-            drawn = True
-    axes[1].set(title="BBC News: total training loss", xlabel="step", ylabel="loss")
-    for ax in axes:
+    panels = [(name, smol) for name, smol in smols.items()] + ([("bbc", bbc)] if bbc else [])
+    if not panels:
+        return None
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (name, res) in zip(axes[0], panels):
+        if name == "bbc":
+            for key in ("teacher", "labels_only", "kd"):
+                curve = (res.get(key) or {}).get("loss_curve") or []
+                if curve:
+                    ax.plot([r["step"] for r in curve], [r["loss"] for r in curve], label=res[key]["label"])
+            ax.set(title="BBC News: total training loss", xlabel="step", ylabel="loss")
+        else:
+            for key in ("b", "c", "d"):
+                curve = (res.get(key) or {}).get("loss_curve") or []
+                if curve and "hard" in curve[0]:
+                    ax.plot([r["step"] for r in curve], [r["hard"] for r in curve], label=res[key]["label"])
+            kept = next((v.get("kept_layers") for v in res.values() if v.get("kept_layers")), None)
+            ax.set(title=f"SmolLM2 student ({name}): next-token CE, train batches", xlabel="step",
+                   ylabel="cross-entropy (nats)")
+            if kept:
+                ax.text(0.02, 0.02, f"kept layers {kept}", transform=ax.transAxes, fontsize=6)
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    if not drawn:
-        return None
     out = RESULTS / "loss_curves.png"
     fig.savefig(out, dpi=110)
     return out.name
 
 
+def _smollm2_section(name: str, smol: dict) -> list[str]:
+    m = next((v["machine"] for v in smol.values() if "machine" in v), {})
+    kept = next((v.get("kept_layers") for v in smol.values() if v.get("kept_layers")), None)
+    lines = [f"## SmolLM2-135M -> 15-layer student ({name}): Shakespeare train, Wikipedia test eval", "",
+             f"Kept layers: {kept}. Threads {m.get('threads')}; the load "
+             "average is recorded per row in results.json. Perplexity and top-1 agreement on "
+             f"{smol.get('teacher', {}).get('eval_tokens')} held-out Wikipedia tokens (test split), computed in "
+             "benchmarks/distill_common.py.", "",
+             "| variant | steps | perplexity | top-1 agreement with teacher | train tokens/s |",
+             "| --- | ---: | ---: | ---: | ---: |"]
+    for key in ("teacher", "a", "b", "c", "d"):
+        if key in smol:
+            r = smol[key]
+            lines.append(f"| {key}: {r['label']} | {r.get('steps', '-') if key != 'teacher' else '-'} | "
+                         f"{r['perplexity']:.2f} | {r['top1_agreement']:.4f} | {r.get('train_tokens_per_s') or '-'} |")
+    return lines + [""]
+
+
 def main() -> None:
-    smol, bbc, cache = _load("smollm2"), _load("bbc"), _load("cache")
-    (RESULTS / "results.json").write_text(json.dumps({"smollm2": smol, "bbc": bbc, "cache": cache}, indent=2) + "\n")
+    smols = {p.stem: json.loads(p.read_text()) for p in sorted(RESULTS.glob("smollm2*.json"))}
+    bbc, cache = _load("bbc"), _load("cache")
+    (RESULTS / "results.json").write_text(json.dumps({**smols, "bbc": bbc, "cache": cache}, indent=2) + "\n")
     lines = ["# Distillation benchmarks", ""]
-    if smol:
-        m = next((v["machine"] for v in smol.values() if "machine" in v), {})
-        lines += ["## SmolLM2-135M -> 15-layer student (Shakespeare train, Wikipedia test eval)", "",
-                  f"Threads {m.get('threads')}, load average at the end of each row in results.json "
-                  f"(e.g. {m.get('loadavg_1m_5m_15m')}). Perplexity and top-1 agreement on "
-                  f"{smol.get('teacher', {}).get('eval_tokens')} held-out Wikipedia tokens (test split), "
-                  "computed in benchmarks/distill_common.py (the harness was not available yet).", "",
-                  "| variant | steps | perplexity | top-1 agreement with teacher | train tokens/s |",
-                  "| --- | ---: | ---: | ---: | ---: |"]
-        for key in ("teacher", "a", "b", "c", "d"):
-            if key in smol:
-                r = smol[key]
-                lines.append(f"| {key}: {r['label']} | {r.get('steps', '-') if key != 'teacher' else '-'} | "
-                             f"{r['perplexity']:.2f} | {r['top1_agreement']:.4f} | {r.get('train_tokens_per_s') or '-'} |")
-        lines.append("")
+    notes = RESULTS / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text(), ""]
+    for name, smol in smols.items():
+        lines += _smollm2_section(name, smol)
     if bbc:
         lines += ["## BBC News classification (MiniLM-L6 teacher, layer-kept student)", "",
                   "| model | layers | parameters | test accuracy | share of teacher accuracy | train tokens/s |",
@@ -90,12 +102,9 @@ def main() -> None:
                   f"cache on disk: {s.get('speedup_warm_vs_on_the_fly')}x. Cache size: {s.get('cache_bytes')} bytes "
                   f"for {s.get('cache_tokens')} tokens at k = {s.get('k')}, i.e. "
                   f"{s.get('cache_mb_per_million_tokens')} MiB per million tokens (fp16 values + int32 indices).", ""]
-    png = _plot(smol, bbc)
+    png = _plot(smols, bbc)
     if png:
         lines += [f"![loss curves]({png})", ""]
-    notes = RESULTS / "notes.md"
-    if notes.exists():
-        lines += [notes.read_text()]
     (RESULTS / "report.md").write_text("\n".join(lines) + "\n")
     print((RESULTS / "report.md").read_text())
 
