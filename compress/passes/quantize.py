@@ -29,6 +29,10 @@ ORT_METHODS = ("ort-int8-dynamic", "ort-int8-static", "ort-fp16")
 METHODS = tuple(DTYPE_METHODS) + TORCH_INT_METHODS + ORT_METHODS
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "torch-int8-dynamic": 8, "bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4,
         "ort-int8-static": 8, "ort-fp16": 16}
+# ort-int8-dynamic's kernel when `kernel: auto`: decoding is weight-bandwidth-bound (MatMulNBits wins and keeps
+# quality); encoders process whole sequences, where MatMulInteger is faster (summary.md in the results).
+AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulinteger",
+               "feature-extraction": "matmulinteger"}
 # Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
 DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
 
@@ -42,10 +46,13 @@ class QuantizeConfig(PassConfig):
         "torch methods, ONNX node or weight names (e.g. '*lm_head*', '/model/layers.0/*') for ort-* methods. "
         "Default: the LM head (torch int8/4-bit, ort-int8-static)")
     # ort-int8-dynamic
-    kernel: Literal["matmulnbits", "matmulinteger"] = Field(
-        "matmulnbits", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
+    kernel: Literal["auto", "matmulnbits", "matmulinteger"] = Field(
+        "auto", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
         "quantized per block at run time (MatMulNBits, accuracy level 4); matmulinteger = classic "
-        "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces")
+        "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
+        "causal LMs, matmulinteger for encoders (benchmarks/results/quantize/summary.md has the evidence)")
+    quantize_embeddings: bool = Field(True, description="ort-int8-dynamic: embedding tables (Gather) to int8 "
+                                      "too; a tied LM head shares the int8 table")
     weight_bits: Literal[4, 8] = Field(8, description="ort-int8-dynamic with matmulnbits: 8 or 4-bit weights")
     block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
                             "(a power of two)")
@@ -139,14 +146,18 @@ class Quantize(Pass):
         exclude = list(cfg.exclude or [])
         q: dict = {"method": method}
         if method == "ort-int8-dynamic":
-            if cfg.kernel == "matmulnbits":
+            kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
+            if kernel == "matmulnbits":
                 details = ort.weight_only(src, dst, bits=cfg.weight_bits, block_size=cfg.block_size,
-                                          accuracy_level=4, symmetric=True, exclude=exclude)
+                                          accuracy_level=4, symmetric=True, exclude=exclude,
+                                          embeddings=cfg.quantize_embeddings)
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4)
             else:
                 details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
-                                           op_types=["MatMul", "Gemm", "Attention"])
+                                           op_types=["MatMul", "Gemm", "Attention"],
+                                           embeddings=cfg.quantize_embeddings)
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
+            q["embeddings_int8"] = cfg.quantize_embeddings
         elif method == "ort-int8-static":
             if cfg.exclude is None and task == "causal-lm":
                 exclude = ["*lm_head*"]

@@ -67,7 +67,7 @@ def _finish(model, dst: Path, src: Path, external: str = "auto") -> None:
 
 
 def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str], op_types: list[str],
-                 reduce_range: bool = False) -> dict:
+                 reduce_range: bool = False, embeddings: bool = False) -> dict:
     """Weights int8 (QInt8) offline, activations quantized per tensor at run time (MatMulInteger)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
@@ -76,7 +76,8 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
+        quantize_dynamic(model, out, op_types_to_quantize=[*op_types, *(["Gather"] if embeddings else [])],
+                         per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
         _finish(onnx.load(str(out)), dst, src)
@@ -84,10 +85,10 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
 
 
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
-                exclude: list[str]) -> dict:
+                exclude: list[str], embeddings: bool = False) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
-    0 computes in fp32."""
+    0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below)."""
     import logging
 
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
@@ -99,8 +100,26 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
                              accuracy_level=accuracy_level or None, nodes_to_exclude=excluded,
                              op_types_to_quantize=("MatMul",))
     q.process()
-    _finish(q.model.model, dst, src)
+    model = q.model.model
+    if embeddings:
+        model = _int8_gathers(model, excluded)
+    _finish(model, dst, src)
     return {"excluded_nodes": excluded}
+
+
+def _int8_gathers(model, excluded: list[str]):
+    """Embedding tables to int8 with one scale per row, gathered before dequantizing. MatMulNBits' own
+    Gather path is 4-bit only, so this uses quantize_dynamic restricted to Gather. A tied LM head (a
+    Transpose of the same table) then reads the dequantized int8 table: stored once on disk."""
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
+        onnx.save_model(model, str(src), save_as_external_data=True, location="in.data")
+        quantize_dynamic(src, out, op_types_to_quantize=["Gather"], per_channel=True,
+                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=True)
+        return onnx.load(str(out))
 
 
 class _Batches:

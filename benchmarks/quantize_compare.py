@@ -1,0 +1,193 @@
+"""Export and quantization of SmolLM2-135M and MiniLM-L6, measured side by side with the harness.
+
+    flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py [--models smollm2 minilm]
+        [--only LABEL ...] [--threads 2] [--work /tmp/compress-quantize-bench]
+
+Every variant is built with the suite's own passes (export, quantize) from the fp32 source, except the
+`optimum ORTQuantizer` row: optimum's own quantizer with its `AutoQuantizationConfig.avx512_vnni` dynamic
+defaults on the same fp32 export, for the side-by-side comparison the issue asks for. Each variant is then
+measured by `benchmarks.harness.measure` in its own process (quality against the torch fp32 source, latency,
+peak memory, size). Results: benchmarks/results/quantize/ (results.json, report.md/.html, plots, summary.md).
+Built checkpoints are cached in --work; measurements are redone on every run (one JSON per row, so --only
+re-measures some rows and keeps the others)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.config import BenchmarkConfig, LatencyConfig  # noqa: E402
+from benchmarks.harness import measure  # noqa: E402
+from benchmarks.report import write_report  # noqa: E402
+from compress import load, save  # noqa: E402
+from compress.checkpoint import Artifact  # noqa: E402
+from compress.data import DataSpec, PipelineData  # noqa: E402
+from compress.models import load_model  # noqa: E402
+from compress.passes import PassContext, get  # noqa: E402
+from compress.runtime import set_threads  # noqa: E402
+
+OUT = ROOT / "benchmarks" / "results" / "quantize"
+MODELS = {
+    "smollm2": {"source": "builtin:smollm2-135m", "task": "causal-lm",
+                "eval": DataSpec(source="builtin:wikipedia", max_tokens=4096, seq_len=256),
+                "calibration": DataSpec(source="builtin:wikipedia", split="train", max_tokens=4096)},
+    "minilm": {"source": "builtin:minilm-l6", "task": "feature-extraction",
+               "eval": DataSpec(source="builtin:bbc-news", max_examples=64, max_length=128),
+               "calibration": DataSpec(source="builtin:bbc-news", split="train", max_examples=64)},
+}
+NO_CHECK = {"min_agreement": 0.0}  # record the check's figures but let weak variants through for the table
+
+# label -> (backend, how to build it). Builders: "source", ("quantize-torch", options), "export",
+# ("quantize-onnx", options), "optimum".
+VARIANTS = {
+    "torch fp32": ("torch-cpu", "source"),
+    "torch bf16": ("torch-cpu", ("quantize-torch", {"method": "bf16"})),
+    "ORT fp32": ("ort-cpu", "export"),
+    "ORT int8 dynamic (suite default)": ("ort-cpu", ("quantize-onnx", {"method": "ort-int8-dynamic"})),
+    "ORT int8 MatMulNBits b32, embeddings float": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulnbits", "quantize_embeddings": False})),
+    "ORT int8 MatMulNBits b32 + int8 embeddings": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulnbits"})),
+    "ORT int8 MatMulNBits b128 + int8 embeddings": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulnbits", "block_size": 128})),
+    "ORT int4 MatMulNBits b32 + int8 embeddings": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulnbits", "weight_bits": 4})),
+    "ORT int8 MatMulInteger per-tensor (quantize_dynamic defaults)": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": False})),
+    "ORT int8 MatMulInteger per-channel": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True})),
+    "ORT int8 MatMulInteger per-channel, down_proj / FFN-out float": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True,
+        "exclude": ["*down_proj*", "*layer.*/output/dense*"]})),
+    "ORT int8 static (QDQ)": ("ort-cpu", ("quantize-onnx", {"method": "ort-int8-static"})),
+    "ORT fp16": ("ort-cpu", ("quantize-onnx", {"method": "ort-fp16"})),
+    "optimum ORTQuantizer (avx512_vnni dynamic)": ("ort-cpu", "optimum"),
+    "bnb int8": ("torch-cpu", ("quantize-torch", {"method": "bnb-int8"})),
+    "bnb nf4": ("torch-cpu", ("quantize-torch", {"method": "bnb-nf4"})),
+}
+
+
+def slug(label: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
+
+
+def build(model_name: str, label: str, how, work: Path, log) -> str:
+    """The checkpoint (or source) a variant is measured from; built once and cached in `work`."""
+    spec = MODELS[model_name]
+    if how == "source":
+        return spec["source"]
+    path = work / model_name / slug(label)
+    if (path / "manifest.json").exists() or (path / "model.onnx").exists():
+        return str(path)
+    data = PipelineData(train=spec["calibration"], eval=spec["eval"], calibration=spec["calibration"])
+    ctx = PassContext(source=spec["source"], task=spec["task"], data=data, scratch=work / "scratch",
+                      threads=None, show_progress=False)
+    start = time.time()
+    if how == "export" or how == "optimum":
+        export_dir = work / model_name / "ort-fp32"
+        if not (export_dir / "manifest.json").exists():
+            model, tok = load_model(spec["source"], spec["task"])
+            out = get("export")().run(Artifact(kind="torch", task=spec["task"], tokenizer=tok, model=model), ctx)
+            save(out, export_dir, **{"pass": {"name": "export", "config": get("export")().config.model_dump()}})
+        if how == "export":
+            return str(export_dir)
+        _optimum_quantize(export_dir, path)
+    elif how[0] == "quantize-torch":
+        model, tok = load_model(spec["source"], spec["task"])
+        p = get("quantize")(**how[1])
+        out = p.run(Artifact(kind="torch", task=spec["task"], tokenizer=tok, model=model), ctx)
+        save(out, path, **{"pass": {"name": "quantize", "config": p.config.model_dump()}})
+    else:
+        parent = load(build(model_name, "ORT fp32", "export", work, log))
+        p = get("quantize")(**{**NO_CHECK, **how[1]})
+        out = p.run(parent, ctx)
+        save(out, path, **{"pass": {"name": "quantize", "config": p.config.model_dump()}})
+    log(f"  built {label} in {time.time() - start:.0f} s")
+    return str(path)
+
+
+def _optimum_quantize(export_dir: Path, dst: Path) -> None:
+    """optimum's ORTQuantizer with AutoQuantizationConfig.avx512_vnni defaults (dynamic, per-tensor)."""
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    quantizer = ORTQuantizer.from_pretrained(export_dir, file_name="model.onnx")
+    quantizer.quantize(save_dir=tmp, quantization_config=AutoQuantizationConfig.avx512_vnni(is_static=False))
+    (tmp / "model_quantized.onnx").rename(tmp / "model.onnx")
+    for f in export_dir.iterdir():  # tokenizer, config, runner; not the fp32 graph
+        if f.is_file() and not f.name.startswith("model.onnx") and not (tmp / f.name).exists() \
+                and f.name != "manifest.json":
+            shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(dst, ignore_errors=True)
+    tmp.rename(dst)
+
+
+def settings(model_name: str, threads: int) -> BenchmarkConfig:
+    spec = MODELS[model_name]
+    return BenchmarkConfig(backends=["torch-cpu", "ort-cpu"], threads=threads, data=spec["eval"],
+                           quality=["perplexity", "accuracy", "teacher-agreement"],
+                           latency=LatencyConfig(warmup=1, repeats=5, throughput_batch=8))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    ap.add_argument("--only", nargs="+", default=None, help="labels to (re)measure; others are kept")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/compress-quantize-bench"))
+    args = ap.parse_args(argv)
+    set_threads(args.threads)
+    rows_dir = OUT / "rows"
+    rows_dir.mkdir(parents=True, exist_ok=True)
+    log = lambda msg: print(msg, flush=True)  # noqa: E731
+    for model_name in args.models:
+        spec = MODELS[model_name]
+        for label, (backend, how) in VARIANTS.items():
+            if args.only and label not in args.only:
+                continue
+            log(f"[{model_name}] {label}: building")
+            try:
+                target = build(model_name, label, how, args.work, log)
+            except Exception as exc:  # one failed variant must not lose the others
+                rec = {"label": f"{model_name}: {label}", "task": spec["task"], "backend": backend,
+                       "error": f"build failed: {type(exc).__name__}: {exc}"}
+            else:
+                log(f"[{model_name}] {label}: measuring {target} on {backend}")
+                rec = measure(target, backend=backend, settings=settings(model_name, args.threads),
+                              baseline=spec["source"], task=spec["task"], label=f"{model_name}: {label}",
+                              work_dir=args.work / "harness")
+                manifest = Path(target) / "manifest.json"
+                if manifest.exists():
+                    info = json.loads(manifest.read_text()).get("info") or {}
+                    rec["pass_check"] = info.get("discrepancy")
+            rec["variant"], rec["model"] = label, model_name
+            (rows_dir / f"{model_name}--{slug(label)}.json").write_text(json.dumps(rec, indent=1, default=str))
+            log(f"  -> {json.dumps(_brief(rec))}")
+    records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
+    order = {label: i for i, label in enumerate(VARIANTS)}
+    records.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["variant"], 99)))
+    report = write_report(records, OUT, "Export and quantization: SmolLM2-135M and MiniLM-L6",
+                          command="flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py")
+    log(f"report: {report}")
+    return 0
+
+
+def _brief(rec: dict) -> dict:
+    q, lat = rec.get("quality") or {}, rec.get("latency") or {}
+    return {"size_mb": round(rec.get("size_bytes", 0) / 1e6, 1), **{k: q.get(k) for k in (
+        "perplexity", "top1_agreement", "cosine", "nn_agreement")},
+        "decode_tok_s": lat.get("decode_tokens_per_s"), "error": rec.get("error"), "skipped": rec.get("skipped"),
+        "loadavg": os.getloadavg()}
+
+
+if __name__ == "__main__":
+    sys.exit(main())
