@@ -290,3 +290,12 @@ def test_recover_distills_from_the_unpruned_model():
     assert kl(recovered.model) < 0.9 * kl(plain.model)
     with pytest.raises(ConfigError, match="recover.student"):
         passes.get("prune")(recover={"student": {"keep_layers": 2}})
+
+
+def test_pruning_twice_keeps_one_widths_entry(ctx, tmp_path):
+    first = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.25, ignore=["model.layers.0*"])
+    second = prune(first, ctx, targets=["mlp"], ratio=0.5, round_to=8)
+    assert second.structure == [{"type": "mlp_widths", "widths": [32, 24, 24, 24]}]
+    path = save(second, tmp_path / "twice")
+    fresh = fresh_outputs([(str(path), False)])[str(path)]
+    torch.testing.assert_close(torch.tensor(fresh["load"]), logits(second.model), atol=1e-5, rtol=1e-5)

@@ -114,10 +114,8 @@ class Prune(Pass):
             info["heads"] = self._prune_heads(net, ad)
         if "mlp" in c.targets:
             info["mlp"], entry = self._prune_mlp(net, ad)
-            if entry:
-                if any(e["type"] == "mlp_widths" for e in structure):
-                    raise ConfigError("prune: this model already has per-layer MLP widths; prune it once")
-                structure.append(entry)
+            # the widths now in the model replace any recorded by an earlier prune pass
+            structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
         info["params_after"] = count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / info["params_before"], 4)
         out = model.derive(model=net, structure=structure, info=info)
