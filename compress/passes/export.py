@@ -77,12 +77,17 @@ class Export(Pass):
         try:
             self._export(torch_model, raw, optimum_task)
             graph = onnx.load(str(raw / onnx_tools.ONNX_FILE))  # external data, if any, loaded too
+            opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+            dynamic = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim if d.dim_param]
+                       for i in graph.graph.input}
             onnx_tools.save_model(graph, out, cfg.external_data)
             del graph
             onnx_tools.copy_bundle(raw, out)
         finally:
             shutil.rmtree(raw, ignore_errors=True)
-        info: dict = {"optimum_task": optimum_task, "opset": cfg.opset, "with_past": decoder and cfg.with_past}
+        info: dict = {"optimum_task": optimum_task, "opset": opset, "with_past": decoder and cfg.with_past,
+                      "dynamic_axes": {k: v for k, v in dynamic.items() if not k.startswith("past_key_values.")
+                                       or k == "past_key_values.0.key"}}
         if cfg.optimize:
             c = torch_model.config
             info["optimization"] = onnx_tools.optimize_graph(
