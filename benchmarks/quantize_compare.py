@@ -59,7 +59,7 @@ VARIANTS = {
         "method": "ort-int8-dynamic", "kernel": "matmulnbits", "block_size": 128})),
     "ORT int4 MatMulNBits b32 + int8 embeddings": ("ort-cpu", ("quantize-onnx", {
         "method": "ort-int8-dynamic", "kernel": "matmulnbits", "weight_bits": 4})),
-    "ORT int8 MatMulInteger per-tensor (quantize_dynamic defaults)": ("ort-cpu", ("quantize-onnx", {
+    "ORT int8 MatMulInteger per-tensor": ("ort-cpu", ("quantize-onnx", {
         "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": False})),
     "ORT int8 MatMulInteger per-channel": ("ort-cpu", ("quantize-onnx", {
         "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True})),

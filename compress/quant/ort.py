@@ -76,11 +76,13 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
-        quantize_dynamic(model, out, op_types_to_quantize=[*op_types, *(["Gather"] if embeddings else [])],
-                         per_channel=per_channel,
+        quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
                          use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
-        _finish(onnx.load(str(out)), dst, src)
+        qmodel = onnx.load(str(out))
+    if embeddings:
+        qmodel = _int8_gathers(qmodel, excluded)
+    _finish(qmodel, dst, src)
     return {"excluded_nodes": excluded}
 
 
@@ -108,18 +110,50 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
 
 
 def _int8_gathers(model, excluded: list[str]):
-    """Embedding tables to int8 with one scale per row, gathered before dequantizing. MatMulNBits' own
-    Gather path is 4-bit only, so this uses quantize_dynamic restricted to Gather. A tied LM head (a
-    Transpose of the same table) then reads the dequantized int8 table: stored once on disk."""
-    import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+    """Embedding tables (float initializers read by Gather) to int8 with one scale per row: the Gather
+    reads int8 rows, which are then cast and scaled. Any other reader of the table (a tied LM head's
+    Transpose) gets the dequantized table, which ONNX Runtime folds into a constant when the session
+    starts: stored once, as int8, on disk. (MatMulNBits' own Gather path is 4-bit only, and
+    quantize_dynamic's uses one scale for the whole table: 3x the error here.)"""
+    from onnx import helper, numpy_helper
 
-    with tempfile.TemporaryDirectory() as tmp:
-        src, out = Path(tmp) / "in.onnx", Path(tmp) / "out.onnx"
-        onnx.save_model(model, str(src), save_as_external_data=True, location="in.data")
-        quantize_dynamic(src, out, op_types_to_quantize=["Gather"], per_channel=True,
-                         weight_type=QuantType.QInt8, nodes_to_exclude=excluded, use_external_data_format=True)
-        return onnx.load(str(out))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    gathers = [n for n in graph.node if n.op_type == "Gather" and n.name not in excluded and n.input[0] in inits
+               and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1]
+    for table in sorted({n.input[0] for n in gathers}):
+        w = numpy_helper.to_array(inits[table]).astype(np.float32)
+        scale = np.maximum(np.abs(w).max(axis=1, keepdims=True) / 127.0, 1e-12).astype(np.float32)
+        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        graph.initializer.remove(inits[table])
+        graph.initializer.extend([numpy_helper.from_array(q, table + "_int8"),
+                                  numpy_helper.from_array(scale, table + "_row_scale")])
+        new_nodes, rest = [], []
+        for node in list(graph.node):
+            if node.op_type == "Gather" and node.input[0] == table and node in gathers:
+                out, idx = node.output[0], node.input[1]
+                new_nodes.append((node, [
+                    helper.make_node("Gather", [table + "_int8", idx], [out + "_int8"], name=node.name, axis=0),
+                    helper.make_node("Cast", [out + "_int8"], [out + "_f"], name=node.name + "_cast", to=1),
+                    helper.make_node("Gather", [table + "_row_scale", idx], [out + "_scale"],
+                                     name=node.name + "_scale", axis=0),
+                    helper.make_node("Mul", [out + "_f", out + "_scale"], [out], name=node.name + "_dequant")]))
+            elif table in node.input:
+                rest.append(node)
+        if rest:  # e.g. a tied LM head: read the dequantized table
+            for node in rest:
+                node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
+            deq = [helper.make_node("Cast", [table + "_int8"], [table + "_int8_f"], name=table + "_cast", to=1),
+                   helper.make_node("Mul", [table + "_int8_f", table + "_row_scale"], [table + "_dequant"],
+                                    name=table + "_dequant")]
+            for k, n in enumerate(deq):
+                graph.node.insert(k, n)
+        for old, replacement in new_nodes:
+            pos = list(graph.node).index(old)
+            graph.node.remove(old)
+            for k, n in enumerate(replacement):
+                graph.node.insert(pos + k, n)
+    return model
 
 
 class _Batches:
