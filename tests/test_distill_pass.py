@@ -159,6 +159,10 @@ def test_bad_options_are_refused():
         get("distill")(temperature_schedule="linear")
     with pytest.raises(ConfigError, match="alpha"):
         get("distill")(alpha=1.5)
+    with pytest.raises(ConfigError, match="teacher_cache keeps only"):
+        get("distill")(teacher_cache=True, hidden_weight=1.0)
+    with pytest.raises(ConfigError, match="single teacher"):
+        get("distill")(teacher_cache=True, teacher=[{"model": "source"}, {"model": "input"}])
     with pytest.raises(ConfigError, match="tempreature|unknown option"):
         get("distill")(tempreature=2)
 

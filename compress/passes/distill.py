@@ -125,6 +125,13 @@ class DistillConfig(PassConfig):
     def _checks(self):
         if self.temperature_schedule == "linear" and self.temperature_end is None:
             raise ValueError("temperature_schedule linear needs temperature_end (e.g. 1.0)")
+        if self.teacher_cache and (self.hidden_weight > 0 or self.attention_weight > 0):
+            raise ValueError("teacher_cache keeps only the teacher's logits; hidden-state / attention matching "
+                             "needs the teacher running. Set hidden_weight and attention_weight to 0, or "
+                             "teacher_cache: false")
+        if self.teacher_cache and isinstance(self.teacher, list) and len(self.teacher) > 1:
+            raise ValueError("teacher_cache works with a single teacher; remove the extra teachers or set "
+                             "teacher_cache: false")
         return self
 
 
