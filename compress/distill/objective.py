@@ -78,7 +78,7 @@ class Objective:
     kd_loss: str = "kl"
     embedding_loss: str = "cosine"
     hidden_weight: float = 0.0
-    hidden_loss: str = "mse"
+    hidden_loss: str = "cosine"
     attention_weight: float = 0.0
     layer_map: dict[int, int] = field(default_factory=dict)
     cache: tuple[np.ndarray, np.ndarray] | None = None  # top-k (values, indices) by example index

@@ -84,7 +84,9 @@ class DistillConfig(PassConfig):
     embedding_loss: Literal["mse", "cosine"] = Field(
         "cosine", description="feature-extraction models: loss between student and teacher sentence embeddings")
     hidden_weight: float = Field(0.0, ge=0, description="weight of hidden-state matching (0 = off)")
-    hidden_loss: Literal["mse", "cosine"] = Field("mse", description="loss of hidden-state matching")
+    hidden_loss: Literal["mse", "cosine"] = Field(
+        "cosine", description="loss of hidden-state matching: cosine (scale-free, the default: residual streams "
+        "of decoder LMs carry a few huge activations that dominate an MSE) or mse")
     attention_weight: float = Field(0.0, ge=0, description="weight of attention-map matching (KL; eager "
                                     "attention is switched on for it). 0 = off")
     layer_map: dict[int, int] | None = Field(
