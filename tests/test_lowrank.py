@@ -142,3 +142,32 @@ def test_prune_refuses_a_factorized_model(factorized, ctx):
     out = factorized[0][("llama-gqa", "svd")][0]
     with pytest.raises(UnsupportedModelError, match="run prune before lowrank"):
         passes.get("prune")(ratio=0.5).run(out, ctx)
+
+
+def test_pipeline_prune_then_lowrank_then_export(tiny_llama_dir, tmp_path):
+    """Through the runner and a YAML config: prune (global widths) -> lowrank -> export; the lowrank
+    checkpoint carries both structure entries and reloads; a rerun reuses every step."""
+    import yaml
+
+    import compress
+    from pipelines.config import load_config
+    from pipelines.runner import Runner
+
+    cfg = {"name": "pl", "model": {"source": str(tiny_llama_dir)}, "threads": 1,
+           "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 4000, "seq_len": 32}},
+           "passes": [{"prune": {"targets": ["mlp", "heads"], "ratio": 0.5, "importance": "taylor",
+                                 "ignore": ["model.layers.0.mlp"]}},
+                      {"lowrank": {"method": "whiten", "rank": 8, "targets": ["*.mlp.*"]}}]}
+    if "export" in passes.available():
+        cfg["passes"].append({"export": {}})
+    path = tmp_path / "pl.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    run = Runner(load_config(path), output_dir=tmp_path / "runs", show_progress=False, log=lambda *_: None).run()
+    assert [s.reused for s in run.steps] == [False] * len(cfg["passes"])
+    art = compress.load(run.steps[1].path)
+    assert [e["type"] for e in art.structure] == ["mlp_widths", "lowrank"]
+    assert art.model.config.num_key_value_heads == 1
+    assert isinstance(art.model.model.layers[1].mlp.down_proj, LowRankLinear)
+    assert art.model.model.layers[0].mlp.gate_proj.out_features == 64
+    again = Runner(load_config(path), output_dir=tmp_path / "runs", show_progress=False, log=lambda *_: None).run()
+    assert all(s.reused for s in again.steps)
