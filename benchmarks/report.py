@@ -125,14 +125,17 @@ def _settings_lines(records: list[dict]) -> list[str]:
             continue
         seen.add(text)
         d, lat = s.get("data") or {}, s.get("latency")
-        line = (f"{r['task']}: eval data `{d.get('source')}` split `{d.get('split')}` (max_tokens "
-                f"{d.get('max_tokens')}, max_examples {d.get('max_examples')}, max_length {d.get('max_length')}); "
-                f"perplexity window {s.get('window')} stride {s.get('stride')}; KL over the source's top "
-                f"{s.get('kl_top_k')} tokens + rest; threads {s.get('threads')}")
+        caps = ", ".join(f"{k} {d[k]}" for k in ("max_tokens", "max_examples", "max_length") if d.get(k) and
+                         (k != "max_length" or r["task"] != "causal-lm"))
+        line = f"{r['task']}: eval data `{d.get('source')}` split `{d.get('split')}` ({caps}); threads {s.get('threads')}"
+        if r["task"] == "causal-lm":
+            line += (f"; perplexity window {s.get('window')} stride {s.get('stride')}; KL over the source's top "
+                     f"{s.get('kl_top_k')} tokens + rest")
         if lat:
-            line += (f"; latency: batch {lat['batch']}, prompt {lat['prompt_tokens']}, new tokens "
-                     f"{lat['new_tokens']} (decoders) / {lat['seq_tokens']} tokens, throughput batch "
-                     f"{lat['throughput_batch']} (encoders); {lat['warmup']} warm-up + {lat['repeats']} timed runs")
+            work = (f"batch {lat['batch']}, prompt {lat['prompt_tokens']} tokens, {lat['new_tokens']} new tokens"
+                    if r["task"] == "causal-lm" else
+                    f"{lat['seq_tokens']} tokens, batch 1 and batch {lat['throughput_batch']}")
+            line += f"; latency: {work}; {lat['warmup']} warm-up + {lat['repeats']} timed runs"
         out.append(line)
     return out
 
