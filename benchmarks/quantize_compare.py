@@ -144,12 +144,13 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="labels to (re)measure; others are kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-quantize-bench"))
+    ap.add_argument("--report-only", action="store_true", help="rebuild the report from the saved rows")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     rows_dir = OUT / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
-    for model_name in args.models:
+    for model_name in ([] if args.report_only else args.models):
         spec = MODELS[model_name]
         for label, (backend, how) in VARIANTS.items():
             if args.only and label not in args.only:
@@ -177,8 +178,47 @@ def main(argv=None) -> int:
     records.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["variant"], 99)))
     report = write_report(records, OUT, "Export and quantization: SmolLM2-135M and MiniLM-L6",
                           command="flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py")
+    (OUT / "summary.md").write_text(summary(records))
     log(f"report: {report}")
     return 0
+
+
+def _q(r, *keys):
+    v = r
+    for k in keys:
+        v = (v or {}).get(k) if isinstance(v, dict) else None
+    return v
+
+
+def summary(records: list[dict]) -> str:
+    """The issue's targets and the optimum side-by-side, computed from the measured rows."""
+    by = {(r["model"], r["variant"]): r for r in records if not r.get("error") and not r.get("skipped")}
+    lines = ["# Targets and the optimum comparison (computed from results.json)", ""]
+    fp32, d, opt = (by.get(("smollm2", k)) for k in ("torch fp32", "ORT int8 dynamic (suite default)",
+                                                      "optimum ORTQuantizer (avx512_vnni dynamic)"))
+    if fp32 and d:
+        size = fp32["size_bytes"] / d["size_bytes"]
+        tps = _q(d, "latency", "decode_tokens_per_s") / _q(fp32, "latency", "decode_tokens_per_s")
+        ppl = _q(d, "quality", "perplexity") / _q(fp32, "quality", "perplexity") - 1
+        lines += ["SmolLM2-135M, ORT int8 dynamic (suite default) against torch fp32:", "",
+                  f"- size on disk {size:.2f}x smaller (target >= 3.5x): {'met' if size >= 3.5 else 'NOT met'}",
+                  f"- decode tokens/s {tps:.2f}x (target >= 2x): {'met' if tps >= 2 else 'NOT met'}",
+                  f"- perplexity {ppl * 100:+.2f}% (target within 3%): {'met' if abs(ppl) <= 0.03 else 'NOT met'}",
+                  f"- top-1 agreement with fp32 {_q(d, 'quality', 'top1_agreement'):.4f}", ""]
+    for model, quality in (("smollm2", ("perplexity", "top1_agreement")), ("minilm", ("cosine", "nn_agreement"))):
+        d = by.get((model, "ORT int8 dynamic (suite default)"))
+        o = by.get((model, "optimum ORTQuantizer (avx512_vnni dynamic)"))
+        if not (d and o):
+            continue
+        speed = ("latency", "decode_tokens_per_s") if model == "smollm2" else ("latency", "batch1", "median_ms")
+        lines.append(f"{model}: suite default vs optimum ORTQuantizer defaults (same fp32 export):")
+        lines.append("")
+        for key in quality:
+            lines.append(f"- {key}: suite {_q(d, 'quality', key):.4f}, optimum {_q(o, 'quality', key):.4f}")
+        lines.append(f"- {'/'.join(speed[1:])}: suite {_q(d, *speed):.2f}, optimum {_q(o, *speed):.2f}")
+        lines.append(f"- size: suite {d['size_bytes'] / 1e6:.1f} MB, optimum {o['size_bytes'] / 1e6:.1f} MB")
+        lines.append("")
+    return "\n".join(lines) + "\n"
 
 
 def _brief(rec: dict) -> dict:

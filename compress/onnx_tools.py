@@ -75,6 +75,8 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     opt = optimize_model(str(Path(folder) / ONNX_FILE), model_type=mt, num_heads=num_heads,
                          hidden_size=hidden_size, opt_level=0)
     fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
+    if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # the fused ops' domain
+        opt.model.opset_import.add(domain="com.microsoft", version=1)
     save_model(opt.model, folder, external)
     return {"optimizer_model_type": mt, "fused_operators": fused}
 

@@ -60,6 +60,17 @@ def test_ort_methods(onnx_llama, tmp_path, options):
     assert edge.logits(ids).dtype == np.float32
 
 
+@pytest.mark.parametrize("method", ["ort-int8-dynamic", "ort-int8-static", "ort-fp16"])
+def test_quantize_after_fused_export(tmp_path, method):
+    """ORT fusions (contrib ops such as RotaryEmbedding) must not defeat the quantizers' type inference."""
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
+    fused = load(save(get("export")(optimize=True).run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "f"))
+    assert fused.info["optimization"]["fused_operators"]
+    kernel = {"kernel": "matmulinteger"} if method == "ort-int8-dynamic" else {}
+    q = quantize(fused, tmp_path, method=method, calibration_batches=1, **kernel)
+    assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.75
+
+
 def test_exclusion_by_pattern(onnx_llama, tmp_path):
     q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=["*layers.0/*", "*down_proj*"])
     excluded = q.quantization["excluded_nodes"]

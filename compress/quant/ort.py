@@ -78,7 +78,9 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
                          reduce_range=reduce_range, weight_type=QuantType.QInt8, nodes_to_exclude=excluded,
-                         use_external_data_format=True, extra_options={"MatMulConstBOnly": True})
+                         use_external_data_format=True,
+                         # DefaultTensorType: fused contrib ops (export optimize: true) defeat type inference
+                         extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         qmodel = onnx.load(str(out))
     if embeddings:
         qmodel = _int8_gathers(qmodel, excluded)
@@ -214,6 +216,7 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
                             nodes_to_exclude=excluded, use_external_data_format=True,
                             calibrate_method=methods[calibrate],
                             extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
+                                           "DefaultTensorType": onnx.TensorProto.FLOAT,
                                            "CalibPercentile": percentile, "CalibTensorRangeSymmetric": True})
             qmodel = onnx.load(str(out))
         finally:
