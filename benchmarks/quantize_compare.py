@@ -73,6 +73,10 @@ VARIANTS = {
     "bnb nf4": ("torch-cpu", ("quantize-torch", {"method": "bnb-nf4"})),
 }
 
+# Rows that would repeat another row for that model (SmolLM2's default is MatMulNBits b32 + int8 embeddings)
+# or that an earlier exploration already settled (per-channel alone: perplexity 40.4 vs 26.4), to save time.
+SKIP = {("smollm2", "ORT int8 MatMulNBits b32 + int8 embeddings"), ("smollm2", "ORT int8 MatMulInteger per-channel")}
+
 
 def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
@@ -153,7 +157,7 @@ def main(argv=None) -> int:
     for model_name in ([] if args.report_only else args.models):
         spec = MODELS[model_name]
         for label, (backend, how) in VARIANTS.items():
-            if args.only and label not in args.only:
+            if (args.only and label not in args.only) or (model_name, label) in SKIP:
                 continue
             log(f"[{model_name}] {label}: building")
             try:
