@@ -66,8 +66,11 @@ def scatter(records: list[dict], task: str, cost: str, path: Path) -> Path | Non
     ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=2)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", marker="o",
             fillstyle="none", markersize=11, linestyle="--", label="Pareto front", zorder=1)
-    for (x, y), name in zip(pts, names):
-        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+    labels: dict[tuple[float, float], list[str]] = {}
+    for p, name in zip(pts, names):  # points at the same spot share one label
+        labels.setdefault(p, []).append(name)
+    for (x, y), group in labels.items():
+        ax.annotate("\n".join(group), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(qlabel)
     ax.set_title(f"{task}: quality vs {cost}")
