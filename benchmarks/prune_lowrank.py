@@ -110,6 +110,29 @@ def layer_timing(threads: int, repeats: int = 40) -> list[dict]:
     return rows
 
 
+def criteria_overlap(base: Artifact, ctx: PassContext, ratio: float = 0.5) -> dict:
+    """How much the channels each criterion keeps at `ratio` overlap (Jaccard, mean over layers)."""
+    from compress.passes.prune import Prune
+    from compress.pruning.arch import adapter
+
+    net = base.model
+    ad = adapter(net)
+    kept = {}
+    for crit in CRITERIA:
+        p = Prune(targets=["mlp"], ratio=ratio, importance=crit)
+        p.ctx, p.task, p.tok, p._batches = ctx, base.task, base.tokenizer, None
+        scores = p._mlp_scores(net, ad, list(range(ad.num_layers())))
+        k = int(ad.mlp_width(0) * (1 - ratio))
+        kept[crit] = [set(torch.argsort(scores[i], descending=True)[:k].tolist()) for i in scores]
+    out = {}
+    for a in CRITERIA:
+        for b in CRITERIA:
+            if a < b:
+                j = [len(x & y) / len(x | y) for x, y in zip(kept[a], kept[b])]
+                out[f"{a} vs {b}"] = {"mean": round(sum(j) / len(j), 3), "per_layer": [round(v, 2) for v in j]}
+    return out
+
+
 # ---------------------------------------------------------------------- report
 def _g(r, *path):
     for p in path:
@@ -173,6 +196,12 @@ def write_outputs(out: Path, rows: list[dict], ort: list[dict], timing: list[dic
             cells = [t for t in timing if (t["layer"], t["in"], t["out"], t["tokens"]) == k]
             lines.append(f"| {k[0]} ({k[1]}x{k[2]}) | {k[3]} | " + " | ".join(
                 f"{c['lowrank_ms'] / c['dense_ms']:.2f}" for c in cells) + " |")
+    overlap = meta.get("criteria_overlap_at_50")
+    if overlap and "error" not in overlap:
+        lines += ["", "## Do the criteria keep the same MLP channels? (50%, Jaccard overlap of kept sets)", "",
+                  "| pair | mean over layers | first 5 layers | last 5 layers |", "| --- | --- | --- | --- |"]
+        for pair, v in overlap.items():
+            lines.append(f"| {pair} | {v['mean']} | {v['per_layer'][:5]} | {v['per_layer'][-5:]} |")
     lines += ["", "## Findings", "", meta.get("findings", "(see results.json)"), ""]
     (out / "report.md").write_text("\n".join(lines))
     plot(rows, out / "perplexity_vs_params.png")
@@ -288,6 +317,11 @@ def main(argv=None) -> None:
     if best and not args.quick:
         rec = [v for v in variants(best, args.recover_steps, emb_rank) if v[0].endswith("+recover")][0]
         do(*rec)
+    try:
+        overlap = criteria_overlap(base, ctx)
+        print("criteria overlap:", {k: v["mean"] for k, v in overlap.items()}, flush=True)
+    except Exception as exc:
+        overlap = {"error": f"{type(exc).__name__}: {exc}"}
     ort = []
     if not args.quick:
         targets = [("dense", args.model)] + [(r["label"], r["path"]) for r in rows
@@ -295,7 +329,9 @@ def main(argv=None) -> None:
         for label, target in targets:
             ort.append({"label": label, "measure": run_measure(target, "ort-cpu")})
     timing = [] if args.quick else layer_timing(args.threads)
-    write_outputs(Path(args.out), rows, ort, timing, meta(best))
+    final = meta(best)
+    final["criteria_overlap_at_50"] = overlap
+    write_outputs(Path(args.out), rows, ort, timing, final)
     print(f"wrote {args.out}/report.md")
 
 
