@@ -48,7 +48,8 @@ class LowRankConfig(PassConfig):
     alpha: float = Field(0.5, ge=0.0, le=2.0, description="asvd: exponent of the activation scaling")
     embedding_rank: int | None = Field(None, ge=1, description="factorize the (tied) embedding matrix to this "
                                        "rank; none: leave it dense")
-    calibration_samples: int = Field(8, ge=1, description="calibration sequences for asvd / whiten")
+    calibration_samples: int = Field(32, ge=1, description="calibration sequences for asvd / whiten (whitening "
+                                     "wants more tokens than a layer has input features)")
     calibration_seq_len: int = Field(128, ge=2, description="tokens per calibration sequence")
     batch_size: int = Field(4, ge=1, description="calibration batch size")
 

@@ -111,8 +111,11 @@ def build_lowrank(weight: torch.Tensor, bias: torch.Tensor | None, u, s, vh, r: 
     return mod
 
 
-def whitening(cov: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L, L^-1) with L L^T = cov + damping, the damping growing until the Cholesky succeeds."""
+def whitening(cov: torch.Tensor, eps: float = 1e-2) -> tuple[torch.Tensor, torch.Tensor]:
+    """(L, L^-1) with L L^T = cov + damping, the damping growing until the Cholesky succeeds.
+
+    Damping (1% of the mean variance, as GPTQ does) keeps directions the few calibration tokens never
+    visited from being treated as unused: with fewer tokens than input features X^T X is singular."""
     cov = cov.double()
     damp = eps * cov.diagonal().mean().clamp_min(1e-12)
     eye = torch.eye(cov.shape[0], dtype=cov.dtype)
