@@ -274,6 +274,23 @@ def main(argv=None) -> None:
               flush=True)
         return rec
 
+    failures: list[dict] = []
+    state = {"best": None, "ort": [], "timing": [], "overlap": None}
+
+    def meta():
+        return {"command": "flock /tmp/compress-heavy.lock python -m benchmarks.prune_lowrank "
+                           + " ".join(argv if argv is not None else sys.argv[1:]),
+                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                "threads": args.threads, "eval": f"{eval_spec.source} test split, {args.eval_tokens} tokens, "
+                "windows of 256", "calibration": "8 x 128 tokens of builtin:wikipedia train split",
+                "latency": "128-token prompt, then 32 greedy tokens with the KV cache", "repeats": args.repeats,
+                "best_criterion_at_50": state["best"], "failures": failures,
+                "criteria_overlap_at_50": state["overlap"], "findings": FINDINGS}
+
+    def write():  # after every step: partial results survive an interruption
+        write_outputs(Path(args.out), rows, state["ort"], state["timing"], meta())
+
     rows = [{"label": "dense", "group": "dense", "params": count_parameters(model),
              "measure": run_measure(args.model), "details": "SmolLM2-135M-Instruct fp32"}]
 
@@ -294,44 +311,36 @@ def main(argv=None) -> None:
                "params": info["params_after"], "info": _slim(info), "details": _details(info),
                "measure": run_measure(str(path))}
         rows.append(row)
-        write_outputs(Path(args.out), rows, [], [], meta(None))  # partial results survive an interruption
+        write()
         return row
 
     emb_rank = 256 if model.config.hidden_size >= 512 else model.config.hidden_size // 3
-    failures: list[dict] = []
-
-    def meta(best):
-        return {"command": "flock /tmp/compress-heavy.lock python -m benchmarks.prune_lowrank "
-                           + " ".join(argv if argv is not None else sys.argv[1:]),
-                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-                "threads": args.threads, "eval": f"{eval_spec.source} test split, {args.eval_tokens} tokens, "
-                "windows of 256", "calibration": "8 x 128 tokens of builtin:wikipedia train split",
-                "latency": "128-token prompt, then 32 greedy tokens with the KV cache", "repeats": args.repeats,
-                "best_criterion_at_50": best, "failures": failures, "findings": FINDINGS}
-
-    for v in variants(None, args.recover_steps, emb_rank):
+    todo = variants(None, args.recover_steps, emb_rank)
+    # The figures the issue requires first (50% MLP, its ORT speed-up, layer timing), the rest after.
+    for v in [v for v in todo if v[0].startswith("mlp50-")]:
         do(*v)
     at50 = [r for r in rows if r["label"].startswith("mlp50-") and _g(r["measure"], "quality", "perplexity")]
     best = min(at50, key=lambda r: r["measure"]["quality"]["perplexity"])["label"].split("-", 1)[1] if at50 else None
-    if best and not args.quick:
-        rec = [v for v in variants(best, args.recover_steps, emb_rank) if v[0].endswith("+recover")][0]
-        do(*rec)
-    try:
-        overlap = criteria_overlap(base, ctx)
-        print("criteria overlap:", {k: v["mean"] for k, v in overlap.items()}, flush=True)
-    except Exception as exc:
-        overlap = {"error": f"{type(exc).__name__}: {exc}"}
-    ort = []
+    state["best"] = best
     if not args.quick:
-        targets = [("dense", args.model)] + [(r["label"], r["path"]) for r in rows
-                                             if r["label"] == f"mlp50-{best}"]
+        targets = [("dense", args.model)] + [(r["label"], r["path"]) for r in rows if r["label"] == f"mlp50-{best}"]
         for label, target in targets:
-            ort.append({"label": label, "measure": run_measure(target, "ort-cpu")})
-    timing = [] if args.quick else layer_timing(args.threads)
-    final = meta(best)
-    final["criteria_overlap_at_50"] = overlap
-    write_outputs(Path(args.out), rows, ort, timing, final)
+            state["ort"].append({"label": label, "measure": run_measure(target, "ort-cpu")})
+            write()
+        state["timing"] = layer_timing(args.threads)
+        write()
+    for v in [v for v in todo if not v[0].startswith("mlp50-")]:
+        do(*v)
+    if best and not args.quick:
+        do(*[v for v in variants(best, args.recover_steps, emb_rank) if v[0].endswith("+recover")][0])
+    try:
+        state["overlap"] = criteria_overlap(base, ctx)
+        print("criteria overlap:", {k: v["mean"] for k, v in state["overlap"].items()}, flush=True)
+    except Exception as exc:
+        state["overlap"] = {"error": f"{type(exc).__name__}: {exc}"}
+    rows.sort(key=lambda r: [v[0] for v in variants(best, 0, emb_rank)].index(r["label"])
+              if r["label"] != "dense" else -1)
+    write()
     print(f"wrote {args.out}/report.md")
 
 
