@@ -62,19 +62,21 @@ def test_only_layers_that_save_are_factorized(ctx):
     from tiny_models import tiny_llama
 
     # hidden 32, MLP 64: rank 16 saves on 32x64 (16*96 < 2048, ratio 0.75) but not on 32x32 (16*64 = 1024)
-    out = lowrank(art(tiny_llama()), ctx, rank=16, max_param_ratio=0.99)
+    out = lowrank(art(tiny_llama()), ctx, rank=16, max_param_ratio=0.99, min_params=0)
     assert set(out.info["layers"]) == {f"model.layers.{i}.mlp.{p}" for i in range(4)
                                        for p in ("gate_proj", "up_proj", "down_proj")}
     assert "model.layers.0.self_attn.q_proj" in out.info["skipped"]
-    # the default max_param_ratio (0.6) leaves the 0.75-ratio layers dense: near full rank they are slower
-    out = lowrank(art(tiny_llama()), ctx, rank=16)
+    # the default max_param_ratio (0.6) leaves the 0.75-ratio layers dense: near full rank they are slower;
+    # the default min_params leaves every layer of this tiny model dense
+    assert lowrank(art(tiny_llama()), ctx, rank=8).info["factorized"] == 0
+    out = lowrank(art(tiny_llama()), ctx, rank=16, min_params=0)
     assert out.info["factorized"] == 0 and "note" in out.info and out.structure == []
 
 
 def test_targets_and_ignore(ctx):
     from tiny_models import tiny_llama
 
-    out = lowrank(art(tiny_llama()), ctx, rank=8, targets=["*.mlp.*"], ignore=["model.layers.3.*"])
+    out = lowrank(art(tiny_llama()), ctx, rank=8, targets=["*.mlp.*"], ignore=["model.layers.3.*"], min_params=0)
     assert len(out.info["layers"]) == 9 and not any(".3." in n or "attn" in n for n in out.info["layers"])
     with pytest.raises(ConfigError, match="match no linear layer"):
         lowrank(art(tiny_llama()), ctx, targets=["nothing*"])
@@ -82,9 +84,9 @@ def test_targets_and_ignore(ctx):
 
 # ---------------------------------------------------------------------- per family: reload, export
 SETTINGS = {
-    "svd": dict(method="svd", rank=8),
-    "asvd-embedding": dict(method="asvd", param_ratio=0.3, embedding_rank=16),
-    "whiten": dict(method="whiten", energy=0.8),
+    "svd": dict(method="svd", rank=8, min_params=0),
+    "asvd-embedding": dict(method="asvd", param_ratio=0.3, embedding_rank=16, min_params=0),
+    "whiten": dict(method="whiten", energy=0.8, min_params=0),
 }
 
 
@@ -157,7 +159,7 @@ def test_pipeline_prune_then_lowrank_then_export(tiny_llama_dir, tmp_path):
            "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 4000, "seq_len": 32}},
            "passes": [{"prune": {"targets": ["mlp", "heads"], "ratio": 0.5, "importance": "taylor",
                                  "ignore": ["model.layers.0.mlp"]}},
-                      {"lowrank": {"method": "whiten", "rank": 8, "targets": ["*.mlp.*"]}}]}
+                      {"lowrank": {"method": "whiten", "rank": 8, "targets": ["*.mlp.*"], "min_params": 0}}]}
     if "export" in passes.available():
         cfg["passes"].append({"export": {}})
     path = tmp_path / "pl.yaml"

@@ -44,6 +44,9 @@ class LowRankConfig(PassConfig):
     max_param_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="leave a layer dense unless its factors "
                                    "are at most this fraction of its parameters (near full rank the two "
                                    "matmuls are slower than one)")
+    min_params: int = Field(150_000, ge=0, description="leave layers with fewer weights dense: at batch-1 "
+                            "decoding a small layer's extra matmul costs more than it saves (SmolLM2's 576x192 "
+                            "k/v projections were slower factorized at every rank)")
     round_to: int = Field(8, ge=1, description="ranks rounded up to a multiple of this")
     alpha: float = Field(0.5, ge=0.0, le=2.0, description="asvd: exponent of the activation scaling")
     embedding_rank: int | None = Field(None, ge=1, description="factorize the (tied) embedding matrix to this "
@@ -100,7 +103,7 @@ class LowRank(Pass):
             r = choose_rank(s, in_f, out_f, rank=c.rank, energy=c.energy, param_ratio=c.param_ratio,
                             round_to=c.round_to)
             ratio = r * (in_f + out_f) / (in_f * out_f)
-            if r > factor_rank_limit(in_f, out_f) or ratio > c.max_param_ratio:
+            if r > factor_rank_limit(in_f, out_f) or ratio > c.max_param_ratio or in_f * out_f < c.min_params:
                 skipped[name] = {"rank": r, "params_ratio": round(ratio, 3)}
                 continue
             set_module(net, name, build_lowrank(w, m.bias, u, s, vh, r, scale=scale, whiten_inv=L_inv))
