@@ -33,9 +33,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     args = ap.parse_args()
     os.environ.setdefault("COMPRESS_PROGRESS", "0")
-    os.environ["COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="distill-cache-bench-")  # a cold cache
     threads = set_threads(args.threads)
     teacher, tok = load_model(SOURCE, "causal-lm")
+    os.environ["COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="distill-cache-bench-")  # a cold teacher cache
     data = PipelineData(train=DataSpec(source="builtin:shakespeare", seq_len=args.seq_len,
                                        max_tokens=args.windows * args.seq_len))
     opts = dict(student={"keep_layers": 15}, alpha=0.8, temperature=2.0, epochs=2, batch_size=args.batch,

@@ -58,11 +58,14 @@ def soft_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperat
 
 def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
                    temperature: float, kind: str = "kl", mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The soft term against cached top-k teacher logits: both distributions are renormalized over the
-    teacher's top-k support, so the term is zero when the student's logits there match the teacher's."""
-    student_top = student_logits.gather(-1, top_indices.long())
+    """The soft term against cached top-k teacher logits.
+
+    The teacher's distribution is its top-k renormalized (zero elsewhere); the student's is its full softmax.
+    KL(p_topk || q) then only needs q at the k indices, is >= 0, and is zero exactly when the student matches
+    the truncated teacher, so it also pushes student mass off the tokens the teacher considers unlikely."""
+    student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, top_indices.long())
     teacher_logp = F.log_softmax(top_values.float() / temperature, dim=-1)
-    return soft_loss(student_top, teacher_logp, temperature, kind, mask)
+    return temperature**2 * _masked_mean(divergence(teacher_logp, student_logp, kind), mask)
 
 
 def hard_loss(student_logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
