@@ -58,8 +58,12 @@ def variants(best: str | None, recover_steps: int, emb_rank: int = 256) -> list[
     for method in ("svd", "asvd", "whiten"):
         out.append((f"lowrank-mlp50-{method}", "lowrank",
                     dict(method=method, param_ratio=0.5, targets=["*.mlp.*"]), f"low-rank {method}"))
-    out.append((f"lowrank-embedding{emb_rank}", "lowrank", dict(targets=["none"], embedding_rank=emb_rank),
-                "low-rank embedding"))
+    for method in ("svd", "whiten"):  # a milder budget, past the default speed limit (max_param_ratio 0.6)
+        out.append((f"lowrank-mlp75-{method}", "lowrank", dict(method=method, param_ratio=0.75, targets=["*.mlp.*"],
+                                                                max_param_ratio=0.8), f"low-rank {method}"))
+    for rank in (emb_rank, emb_rank * 7 // 4):  # 256 and 448 for SmolLM2 (hidden 576)
+        out.append((f"lowrank-embedding{rank}", "lowrank", dict(targets=["none"], embedding_rank=rank),
+                    "low-rank embedding"))
     return out
 
 
@@ -265,9 +269,19 @@ def main(argv=None) -> None:
     hw = str(work / "harness")
 
     def run_measure(target, backend="torch-cpu"):
+        """measure(), its record cached under --work by target key + settings: a rerun measures only
+        what is new (cached rows keep the load average of their own run)."""
         t = time.time()
+        from .harness import resolve_target
+
+        cache = work / "records" / f"{resolve_target(target, 'causal-lm').key}-{backend}-{settings.digest()}.json"
+        if cache.exists():
+            return json.loads(cache.read_text())
         rec = measure(target, backend=backend, settings=settings, baseline=args.model, task="causal-lm",
                       work_dir=hw, show_progress=False)
+        if "error" not in rec and "skipped" not in rec:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_text(json.dumps(rec, default=str))
         print(f"  measured {target} on {backend} in {time.time() - t:.0f} s: "
               f"ppl {_g(rec, 'quality', 'perplexity')}, prefill {_g(rec, 'latency', 'prefill', 'median_ms')} ms, "
               f"decode {_g(rec, 'latency', 'decode_tokens_per_s')} tok/s {rec.get('error') or rec.get('skipped') or ''}",
@@ -327,7 +341,13 @@ def main(argv=None) -> None:
         for label, target in targets:
             state["ort"].append({"label": label, "measure": run_measure(target, "ort-cpu")})
             write()
-        state["timing"] = layer_timing(args.threads)
+        timing_cache = work / "records" / f"layer_timing-{args.threads}.json"
+        if timing_cache.exists():
+            state["timing"] = json.loads(timing_cache.read_text())
+        else:
+            state["timing"] = layer_timing(args.threads)
+            timing_cache.parent.mkdir(parents=True, exist_ok=True)
+            timing_cache.write_text(json.dumps(state["timing"]))
         write()
     for v in [v for v in todo if not v[0].startswith("mlp50-")]:
         do(*v)
