@@ -137,6 +137,55 @@ def criteria_overlap(base: Artifact, ctx: PassContext, ratio: float = 0.5) -> di
     return out
 
 
+def why_magnitude(base: Artifact, ctx: PassContext, eval_ids: torch.Tensor, ratio: float = 0.25) -> dict:
+    """Which high-contribution channels magnitude pruning removes, and what removing only those costs.
+
+    Per layer: the channels whose mean output contribution (the activation score) is among the top 1% but
+    which a magnitude ranking at `ratio` would prune. Then the dense model's perplexity with only those
+    channels zeroed (their down_proj columns): if that alone explodes, magnitude fails because it cannot see
+    the few channels that carry very large activations."""
+    import copy
+    import math
+
+    from compress.passes.prune import Prune
+    from compress.pruning.arch import adapter
+
+    net = base.model
+    ad = adapter(net)
+    layers = list(range(ad.num_layers()))
+    scores = {}
+    for crit in ("magnitude", "activation"):
+        p = Prune(targets=["mlp"], ratio=ratio, importance=crit)
+        p.ctx, p.task, p.tok, p._batches = ctx, base.task, base.tokenizer, None
+        scores[crit] = p._mlp_scores(net, ad, layers)
+    width = ad.mlp_width(0)
+    n_prune, n_top = int(width * ratio), max(1, width // 100)
+    lost = {}
+    for i in layers:
+        pruned = set(torch.argsort(scores["magnitude"][i])[:n_prune].tolist())
+        top = torch.argsort(scores["activation"][i], descending=True)[:n_top].tolist()
+        hit = [j for j in top if j in pruned]
+        if hit:
+            lost[i] = hit
+    zeroed = copy.deepcopy(net)
+    with torch.no_grad():
+        for i, chans in lost.items():
+            zeroed.get_submodule(ad.mlp_out(i)).weight[:, chans] = 0
+
+    def ppl(m):
+        nll, n = 0.0, 0
+        with torch.no_grad():
+            for b in eval_ids.split(4):
+                k = b.numel() - b.shape[0]
+                nll += m(input_ids=b, labels=b).loss.item() * k
+                n += k
+        return math.exp(nll / n)
+
+    return {"ratio": ratio, "top_channels_per_layer": n_top, "removed_top_channels": {str(k): v for k, v in lost.items()},
+            "n_removed_top": sum(len(v) for v in lost.values()), "dense_ppl": round(ppl(net), 3),
+            "ppl_with_only_those_zeroed": round(ppl(zeroed), 3)}
+
+
 # ---------------------------------------------------------------------- report
 def _g(r, *path):
     for p in path:
@@ -206,6 +255,13 @@ def write_outputs(out: Path, rows: list[dict], ort: list[dict], timing: list[dic
                   "| pair | mean over layers | first 5 layers | last 5 layers |", "| --- | --- | --- | --- |"]
         for pair, v in overlap.items():
             lines.append(f"| {pair} | {v['mean']} | {v['per_layer'][:5]} | {v['per_layer'][-5:]} |")
+    why = meta.get("why_magnitude")
+    if why and "error" not in why:
+        lines += ["", "## Why magnitude fails here", "",
+                  f"Channels among the top {why['top_channels_per_layer']} of a layer by mean output contribution "
+                  f"(activation score) that magnitude pruning at {why['ratio']:.0%} removes: {why['n_removed_top']} "
+                  f"in layers {sorted(int(k) for k in why['removed_top_channels'])}. Zeroing only those "
+                  f"channels in the dense model: perplexity {why['dense_ppl']} -> {why['ppl_with_only_those_zeroed']}."]
     lines += ["", "## Findings", "", meta.get("findings", "(see results.json)"), ""]
     (out / "report.md").write_text("\n".join(lines))
     plot(rows, out / "perplexity_vs_params.png")
@@ -300,7 +356,8 @@ def main(argv=None) -> None:
                 "windows of 256", "calibration": "8 x 128 tokens of builtin:wikipedia train split",
                 "latency": "128-token prompt, then 32 greedy tokens with the KV cache", "repeats": args.repeats,
                 "best_criterion_at_50": state["best"], "failures": failures,
-                "criteria_overlap_at_50": state["overlap"], "findings": FINDINGS}
+                "criteria_overlap_at_50": state["overlap"], "why_magnitude": state.get("why_magnitude"),
+                "findings": FINDINGS}
 
     def write():  # after every step: partial results survive an interruption
         write_outputs(Path(args.out), rows, state["ort"], state["timing"], meta())
@@ -353,6 +410,11 @@ def main(argv=None) -> None:
         do(*v)
     if best and not args.quick:
         do(*[v for v in variants(best, args.recover_steps, emb_rank) if v[0].endswith("+recover")][0])
+    try:
+        state["why_magnitude"] = why_magnitude(base, ctx, data.lm_windows("eval", tok))
+        print("why magnitude:", state["why_magnitude"], flush=True)
+    except Exception as exc:
+        state["why_magnitude"] = {"error": f"{type(exc).__name__}: {exc}"}
     try:
         state["overlap"] = criteria_overlap(base, ctx)
         print("criteria overlap:", {k: v["mean"] for k, v in state["overlap"].items()}, flush=True)
