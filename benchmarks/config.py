@@ -43,6 +43,9 @@ class BenchmarkConfig(BaseModel):
         ["perplexity", "accuracy", "teacher-agreement"],
         description="perplexity (causal-lm), accuracy + macro-F1 (sequence-classification), teacher-agreement "
         "with the source model (all tasks); each is computed where the task allows")
+    baseline: str = Field("source", description="what ratios and teacher-agreement compare against: source "
+                          "(the pipeline's source model) or a step of the run, e.g. 01-distill (a fine-tuned "
+                          "teacher) or int8-only/02-quantize")
     threads: int | None = Field(None, gt=0, description="intra-op threads for every measurement "
                                 "(default: all cores); recorded with the results")
     data: DataSpec | None = Field(None, description="eval data (default: the pipeline's data.eval, else "

@@ -63,13 +63,14 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     work_dir = run_dir / ".bench"
     eval_spec = data.specs.get("eval") if data is not None else None
     source = config.model.source
-    targets = [("source", source, True)] + [(s.label, s.path, False) for s in result.steps]
+    targets = [("source", source)] + [(s.label, s.path) for s in result.steps]
+    baseline = dict(targets)[settings.baseline]  # the config validator checked the name
     records = []
-    for label, target, is_base in targets:
+    for label, target in targets:
         for backend in settings.backends:
-            records.append(measure_cached(target, label=label, backend=backend, settings=settings, baseline=source,
-                                          task=config.task, data=eval_spec, work_dir=work_dir, log=log,
-                                          show_progress=show_progress, is_baseline=is_base))
+            records.append(measure_cached(target, label=label, backend=backend, settings=settings,
+                                          baseline=baseline, task=config.task, data=eval_spec, work_dir=work_dir,
+                                          log=log, show_progress=show_progress, is_baseline=target == baseline))
     path = write_report(records, run_dir, f"{config.name}: what each pass bought and cost",
                         command=_command(run_dir))
     log(f"benchmark: report written to {path} (and report.html, results.json)")

@@ -2,7 +2,8 @@
 
 Everything is derived from the records alone, so `compress report RUN_DIR` rebuilds the same files
 (byte for byte) from results.json. Each row is one checkpoint on one backend, in the order given (pipeline
-order); every figure comes with its ratio to the baseline (the source model) on the same backend."""
+order); every figure comes with its ratio to the baseline (the source model, or the step that
+`benchmark.baseline` names) on the same backend."""
 from __future__ import annotations
 
 import base64
@@ -146,7 +147,7 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
     if command:
         blocks.append(("p", f"Made by: `{command}`"))
     blocks.append(("p", "Each row is one checkpoint on one backend, in pipeline order. A figure in brackets is its "
-                        "ratio to the source model (baseline) on the same backend. Latency figures are medians."))
+                        "ratio to the baseline on the same backend. Latency figures are medians."))
     tasks = list(dict.fromkeys(r["task"] for r in records))
     for task in tasks:
         rs = [r for r in _measured(records) if r["task"] == task]

@@ -188,7 +188,7 @@ def validate(raw: dict) -> Pipeline:
         errors.append("branches: two branches have the same name")
     for j, b in enumerate(cfg.branches):
         where = f"branches.{j}"
-        start, problem = _branch_start(b, passes, where)
+        start, problem = _branch_start(b, passes, where) if len(passes) == len(cfg.passes) else (0, None)
         bpasses, perrors = _instantiate_passes(b.passes, f"{where}.passes")
         errors += [problem] if problem else []
         errors += perrors
@@ -196,6 +196,12 @@ def validate(raw: dict) -> Pipeline:
             errors += check_order(bpasses, f"{where}.passes", state=states[start])
         branches.append(Branch(b.name, start or 0, bpasses))
     errors += _check_data(cfg)
+    if cfg.benchmark is not None and cfg.benchmark.baseline != "source":
+        labels = [step_dir_name(i, p.name) for i, p in enumerate(passes)]
+        labels += [f"{b.name}/{step_dir_name(i, p.name)}" for b in branches for i, p in enumerate(b.passes)]
+        if cfg.benchmark.baseline not in labels:
+            errors.append(f"benchmark.baseline: {cfg.benchmark.baseline!r} is not a step of this pipeline; use "
+                          f"source or one of {', '.join(labels) or '(no steps)'}")
     if errors:
         raise ConfigError("\n".join(errors))
     return Pipeline(cfg, passes, branches=branches)

@@ -45,6 +45,8 @@ CASES = [
      ["branches.0.from", "'07-prune'", "01-quantize"]),
     ("branch quantizes twice", _with(branches=[{"name": "b", "from": 1, "passes": [{"quantize": {"method": "fp16"}}]}]),
      ["branches.0.passes.0 (quantize)", "quantizing twice"]),
+    ("unknown benchmark baseline", _with(benchmark={"baseline": "02-distill"}),
+     ["benchmark.baseline", "'02-distill'", "01-quantize"]),
     ("branch pass typo", _with(branches=[{"name": "b", "passes": [{"quantize": {"methd": "fp16"}}]}]),
      ["branches.0.passes.0.quantize.methd", "did you mean 'method'"]),
     ("bad data option", _with(data={"train": {"source": "builtin:shakespeare", "max_token": 5}}),
