@@ -83,3 +83,16 @@ def test_embed_matches_mean_pooled_torch(tmp_path):
         want = mean_pool(model(**enc).last_hidden_state, enc.attention_mask).numpy()
     np.testing.assert_allclose(EdgeModel(path).embed_texts(texts), want, atol=1e-5)
     np.testing.assert_allclose(row["embedding"], want[0], atol=1e-5)
+
+
+def test_edge_module_imports_only_onnxruntime_numpy_tokenizers():
+    import ast
+    from pathlib import Path
+
+    import compress.edge
+
+    tree = ast.parse(Path(compress.edge.__file__).read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert roots <= {"__future__", "json", "os", "sys", "pathlib", "argparse", "numpy", "onnxruntime",
+                     "tokenizers"}, roots
