@@ -454,7 +454,38 @@ def _slim(info: dict) -> dict:
     return out
 
 
-FINDINGS = "(filled in after the run)"
+FINDINGS = """- **Criteria (the better ones do win, by far).** At the same size (MLP widths 1152 or 768 of 1536 in every block, a stock
+  config), held-out perplexity (dense 24.0) is activation 58.8 / taylor 69.2 / magnitude 812,149 at 25%, and
+  activation 308 / taylor 411 / magnitude 175,955 at 50%. Both data-aware criteria beat magnitude by orders of
+  magnitude; activation (mean |x_j| x ||W_down[:, j]||, i.e. the channel's contribution to the block output) beats taylor.
+  Magnitude is near-random with respect to what the data uses: the channels it keeps overlap taylor's no more than two
+  random halves would (Jaccard 0.34 vs 0.33 expected), and it removes the few channels that carry very large
+  activations (see "Why magnitude fails here" when present, from the second run). Taylor is estimated from only 2
+  calibration batches (8 x 128 tokens, squared per batch), so its ranking is noisier than activation's; that is the
+  likely reason it trails (not verified with more calibration data in this run).
+- **Recovery.** 50 distillation steps from the unpruned model (batch 4 x 128 tokens, 25.6k tokens, 320 s on 2 cores)
+  take the 50%-MLP activation model from perplexity 308 to 70.3 (KL to the dense model 2.39 -> 1.17).
+- **Heads (GQA).** Removing one of the 3 KV groups in every layer (6 of 9 query heads, 2 KV heads; also a 1/3 smaller
+  KV cache) gives perplexity 50.2 at 0.93x parameters; removing one query head inside each group (6 of 9, 3 KV)
+  gives 97.6 at 0.95x. Whole-group removal is both smaller and better here.
+- **Depth.** Dropping the 8 blocks (of 30) that change their input least (9, 12-17, 26: the middle of the network)
+  gives perplexity 72.2 at 0.79x parameters, prefill 0.74x and decode 1.32x on torch CPU.
+- **Latency follows size for pruning.** 50%-MLP (0.70x parameters): torch CPU prefill 202 vs 305 ms (0.66x) and
+  decode 30.5 vs 22.2 tok/s (1.38x); ONNX Runtime CPU prefill 209 vs 295 ms (0.71x), decode 36.5 vs 26.7 tok/s
+  (1.37x). Caveat: the three 50% models have identical shapes, yet their torch timings spread over 202-249 ms prefill
+  and 21.9-30.5 tok/s decode: that spread is the shared machine (load 1.4-1.9 during the run), so single ratios carry
+  roughly +-20%; prefill was faster than dense for every pruned model.
+- **Low rank at the same parameter count** (every MLP projection at 50% of its weights, model 0.71x): plain SVD
+  perplexity 6.5M, ASVD 917k, whitened SVD 5,657. Activation-aware truncation is much better (whitening by three orders
+  of magnitude) but at this budget none is usable without fine-tuning: SmolLM2's MLP weights are not low rank.
+  The factorized models were not faster end to end at batch 1 (torch prefill 0.75-0.94x, decode 0.85-1.07x).
+- **Where factorized layers are slower** (layer table above): large MLP layers gain at 128 tokens up to about 60% of
+  the dense parameters and lose their advantage beyond ~75-90%; at batch-1 decoding the small 576x192 k/v projections
+  are slower factorized at every rank (1.1-1.7x) and 576x576 ones from ~75%. Hence the pass defaults: factorize a layer
+  only if its factors hold at most 60% of its weights (`max_param_ratio: 0.6`) and it has at least 150k weights
+  (`min_params`), which leaves k/v projections dense.
+- **Embedding.** The tied 49152 x 576 embedding keeps only 81% of its energy at rank 256: perplexity 173,877. It is not
+  a good low-rank target at that rank (see the rank-448 row when present)."""
 
 if __name__ == "__main__":
     main()
