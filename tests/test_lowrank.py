@@ -85,8 +85,8 @@ def test_targets_and_ignore(ctx):
 # ---------------------------------------------------------------------- per family: reload, export
 SETTINGS = {
     "svd": dict(method="svd", rank=8, min_params=0),
-    "asvd-embedding": dict(method="asvd", param_ratio=0.3, embedding_rank=16, min_params=0),
-    "whiten": dict(method="whiten", energy=0.8, min_params=0),
+    "asvd-embedding": dict(method="asvd", param_ratio=0.3, embedding_rank=16, min_params=0, calibration_samples=8),
+    "whiten": dict(method="whiten", energy=0.8, min_params=0, calibration_samples=8),
 }
 
 
