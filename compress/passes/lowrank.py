@@ -3,8 +3,9 @@
 Rank per layer: fixed (`rank`), by retained singular-value energy (`energy`), or by a parameter budget
 (`param_ratio` of each layer's weights). `method: asvd` / `whiten` use calibration activations so the
 truncation keeps what the data uses (compress/pruning/lowrank.py). A layer is factorized only when the
-factors are smaller than `max_param_ratio` of the dense weight: near full rank the two matmuls are slower
-than the one they replace (measured in benchmarks/results/prune_lowrank/). The (tied) embedding can be
+factors are smaller than `max_param_ratio` of the dense weight and the layer has at least `min_params`
+weights: near full rank, and for small layers at batch-1 decoding, the two matmuls are slower than the one
+they replace (measured in benchmarks/results/prune_lowrank/). The (tied) embedding can be
 factorized too. Factors are `LowRankLinear` modules with `first` / `second` children, recorded as a
 `lowrank` structure entry that `compress.load` re-applies before loading the weights."""
 from __future__ import annotations
