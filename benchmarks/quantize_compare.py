@@ -75,8 +75,7 @@ VARIANTS = {
 
 # Rows that would repeat another row for that model (SmolLM2's default is MatMulNBits b32 + int8 embeddings)
 # or that an earlier exploration already settled (per-channel alone: perplexity 40.4 vs 26.4), to save time.
-SKIP = {("smollm2", "ORT int8 MatMulNBits b32 + int8 embeddings"), ("smollm2", "ORT int8 MatMulInteger per-channel"),
-        ("smollm2", "ORT int8 MatMulNBits b128 + int8 embeddings")}
+SKIP = {("smollm2", "ORT int8 MatMulNBits b32 + int8 embeddings"), ("smollm2", "ORT int8 MatMulInteger per-channel")}
 
 
 def slug(label: str) -> str:
