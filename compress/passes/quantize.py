@@ -30,7 +30,7 @@ METHODS = tuple(DTYPE_METHODS) + TORCH_INT_METHODS + ORT_METHODS
 BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "torch-int8-dynamic": 8, "bnb-int8": 8, "bnb-nf4": 4, "bnb-fp4": 4,
         "ort-int8-static": 8, "ort-fp16": 16}
 # ort-int8-dynamic's kernel when `kernel: auto`: decoding is weight-bandwidth-bound (MatMulNBits wins and keeps
-# quality); encoders process whole sequences, where MatMulInteger is faster (summary.md in the results).
+# quality); encoders process whole sequences, where MatMulInteger is faster (README.md in the results).
 AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulinteger",
                "feature-extraction": "matmulinteger"}
 # Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
@@ -50,7 +50,8 @@ class QuantizeConfig(PassConfig):
         "auto", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
         "quantized per block at run time (MatMulNBits, accuracy level 4); matmulinteger = classic "
         "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
-        "causal LMs, matmulinteger for encoders (benchmarks/results/quantize/summary.md has the evidence)")
+        "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
+        "has the evidence). For decoding speed on a causal LM use matmulinteger with exclude: ['*down_proj*']")
     quantize_embeddings: bool = Field(True, description="ort-int8-dynamic: embedding tables (Gather) to int8 "
                                       "too; a tied LM head shares the int8 table")
     weight_bits: Literal[4, 8] = Field(8, description="ort-int8-dynamic with matmulnbits: 8 or 4-bit weights")
