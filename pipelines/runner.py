@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -58,6 +59,17 @@ class RunResult:
     def to_json(self) -> dict:
         return {"run_dir": str(self.run_dir), "source": self.source, "source_key": self.source_key,
                 "steps": [asdict(s) for s in self.steps], "report": str(self.report) if self.report else None}
+
+
+def _is_main_process() -> bool:
+    """Under `accelerate launch` / torchrun every process runs the pipeline (they train together), but only
+    rank 0 writes checkpoints, reports and benchmarks."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
 
 
 def _hash(*parts: str) -> str:
@@ -136,16 +148,20 @@ class Runner:
         cfg = self.pipeline.config
         self.threads = set_threads(cfg.threads)
         self.device = self._device()
+        self.main = _is_main_process()
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self._clean_stale()
-        (self.run_dir / "pipeline.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True),
-                                                                   sort_keys=False))
+        if self.main:
+            self._clean_stale()
+            (self.run_dir / "pipeline.yaml").write_text(
+                yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
         result = RunResult(self.run_dir, cfg.model.source, self.source_key)
         result.steps += self._run_chain(self.pipeline.passes, self.run_dir, None, self.source_key)
         for b in self.pipeline.branches:
             start = result.steps[b.start - 1] if b.start else None
             result.steps += self._run_chain(b.passes, self.run_dir / b.name, start and Path(start.path),
                                             start.key if start else self.source_key, branch=b.name)
+        if not self.main:
+            return result
         shutil.rmtree(self.run_dir / ".scratch", ignore_errors=True)
         if cfg.benchmark is not None:
             result.report = self._benchmark(result)
@@ -180,14 +196,16 @@ class Runner:
             ctx.scratch.mkdir(exist_ok=True)
             out = p.run(current, ctx)
             out.info.setdefault("seconds", round(time.perf_counter() - start, 2))
-            checkpoint.save(
-                out, path,
-                key=key,
-                source=cfg.model.source,
-                parent={"path": str(parent_path) if parent_path else cfg.model.source, "key": parent_key},
-                **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
-                threads=self.threads,
-            )
+            if self.main:
+                checkpoint.save(
+                    out, path,
+                    key=key,
+                    source=cfg.model.source,
+                    parent={"path": str(parent_path) if parent_path else cfg.model.source, "key": parent_key},
+                    **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
+                    threads=self.threads,
+                )
+            _barrier()  # other processes go on only once the checkpoint exists
             seconds = time.perf_counter() - start
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
             steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind, branch))

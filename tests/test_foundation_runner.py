@@ -128,3 +128,11 @@ def test_branches_start_from_a_step_and_are_reused(tiny_llama_dir, tmp_path):
     assert src.manifest["parent"]["key"] == result.source_key
     again = _run(path, out)
     assert all(s.reused for s in again.steps)
+
+
+def test_only_the_main_process_writes(tiny_llama_dir, tmp_path, monkeypatch):
+    """Under accelerate launch every rank runs the passes; ranks other than 0 write nothing."""
+    monkeypatch.setenv("RANK", "1")
+    result = _run(_config(tmp_path, tiny_llama_dir), tmp_path / "runs")
+    assert [s.pass_name for s in result.steps] == ["test-scale", "test-scale", "quantize"]
+    assert not any((tmp_path / "runs" / "tiny").iterdir())
