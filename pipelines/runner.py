@@ -117,6 +117,10 @@ class Runner:
                                 trust_remote_code=cfg.model.trust_remote_code)
         return Artifact(kind="torch", task=cfg.task, tokenizer=tok, model=model)
 
+    def _scratch(self) -> Path:
+        """Temporary files of the passes (one folder per process), removed at the end of the run."""
+        return self.run_dir / (".scratch" if self.main else f".scratch-rank{os.environ.get('RANK')}")
+
     def _clean_stale(self) -> None:
         """Remove what an interrupted run or an earlier version of the config left behind."""
         chains = [(self.run_dir, self.pipeline.passes)]
@@ -160,9 +164,9 @@ class Runner:
             start = result.steps[b.start - 1] if b.start else None
             result.steps += self._run_chain(b.passes, self.run_dir / b.name, start and Path(start.path),
                                             start.key if start else self.source_key, branch=b.name)
+        shutil.rmtree(self._scratch(), ignore_errors=True)
         if not self.main:
             return result
-        shutil.rmtree(self.run_dir / ".scratch", ignore_errors=True)
         if cfg.benchmark is not None:
             result.report = self._benchmark(result)
         (self.run_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
@@ -191,7 +195,7 @@ class Runner:
                 current = checkpoint.load(parent_path) if parent_path else self._load_source()
             seed_everything(cfg.seed + i)
             ctx = PassContext(source=cfg.model.source, task=cfg.task, data=self.data, device=self.device,
-                              seed=cfg.seed + i, threads=self.threads, scratch=self.run_dir / ".scratch",
+                              seed=cfg.seed + i, threads=self.threads, scratch=self._scratch(),
                               show_progress=self.show_progress)
             ctx.scratch.mkdir(exist_ok=True)
             out = p.run(current, ctx)
