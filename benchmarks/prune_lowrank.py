@@ -460,7 +460,9 @@ FINDINGS = """- **Criteria (the better ones do win, by far).** At the same size 
   magnitude; activation (mean |x_j| x ||W_down[:, j]||, i.e. the channel's contribution to the block output) beats taylor.
   Magnitude is near-random with respect to what the data uses: the channels it keeps overlap taylor's no more than two
   random halves would (Jaccard 0.34 vs 0.33 expected), and it removes the few channels that carry very large
-  activations (see "Why magnitude fails here" when present, from the second run). Taylor is estimated from only 2
+  activations: at 25% it prunes 232 channels that are among the top 1% of their layer by output contribution, and
+  zeroing only those 232 (of the 11,520 it removes) already takes the dense model from 24.0 to 105.9; the rest of the
+  damage comes from the many other channels it ranks without seeing the data. Taylor is estimated from only 2
   calibration batches (8 x 128 tokens, squared per batch), so its ranking is noisier than activation's; that is the
   likely reason it trails (not verified with more calibration data in this run).
 - **Recovery.** 50 distillation steps from the unpruned model (batch 4 x 128 tokens, 25.6k tokens, 320 s on 2 cores)
@@ -479,13 +481,16 @@ FINDINGS = """- **Criteria (the better ones do win, by far).** At the same size 
   perplexity 6.5M, ASVD 917k, whitened SVD 5,657. Activation-aware truncation is much better (whitening by three orders
   of magnitude) but at this budget none is usable without fine-tuning: SmolLM2's MLP weights are not low rank.
   The factorized models were not faster end to end at batch 1 (torch prefill 0.75-0.94x, decode 0.85-1.07x).
+  At a milder budget (MLP factors at 75% of their weights, model 0.86x; beyond the default speed limit) whitened SVD
+  reaches perplexity 657 against plain SVD's 233k, and it is slower than dense (decode 0.77x), as the layer table predicts.
 - **Where factorized layers are slower** (layer table above): large MLP layers gain at 128 tokens up to about 60% of
   the dense parameters and lose their advantage beyond ~75-90%; at batch-1 decoding the small 576x192 k/v projections
   are slower factorized at every rank (1.1-1.7x) and 576x576 ones from ~75%. Hence the pass defaults: factorize a layer
   only if its factors hold at most 60% of its weights (`max_param_ratio: 0.6`) and it has at least 150k weights
   (`min_params`), which leaves k/v projections dense.
 - **Embedding.** The tied 49152 x 576 embedding keeps only 81% of its energy at rank 256: perplexity 173,877. It is not
-  a good low-rank target at that rank (see the rank-448 row when present)."""
+  a good low-rank target: even rank 448 (94.7% energy, 0.96x parameters) gives perplexity 13,713, because the tied
+  factors also distort every output logit."""
 
 if __name__ == "__main__":
     main()
