@@ -68,8 +68,11 @@ def _is_main_process() -> bool:
 
 
 def _barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    """Wait for every process of a multi-process launch (a no-op in a single process)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState  # joins the process group the launcher described
+
+        PartialState().wait_for_everyone()
 
 
 def _hash(*parts: str) -> str:
@@ -178,21 +181,20 @@ class Runner:
         cfg = self.pipeline.config
         steps: list[StepRecord] = []
         keys = self.step_keys(passes, parent_key)
-        current: Artifact | None = None  # loaded lazily: a fully reused prefix loads nothing
         n, prefix = len(passes), f"{branch}: " if branch else ""
         for i, (p, key) in enumerate(zip(passes, keys)):
             path = chain_dir / step_dir_name(i, p.name)
             start = time.perf_counter()
             if self._reusable(path, key):
                 self.log(f"{prefix}[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
-                current = None
                 steps.append(StepRecord(i, p.name, str(path), key, True, 0.0,
                                         checkpoint.read_manifest(path)["kind"], branch))
                 parent_path, parent_key = path, key
                 continue
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
-            if current is None:
-                current = checkpoint.load(parent_path) if parent_path else self._load_source()
+            # Every pass starts from what its parent wrote (not from memory), so it sees exactly what
+            # `compress.load` gives; a fully reused prefix loads nothing.
+            current = checkpoint.load(parent_path) if parent_path else self._load_source()
             seed_everything(cfg.seed + i)
             ctx = PassContext(source=cfg.model.source, task=cfg.task, data=self.data, device=self.device,
                               seed=cfg.seed + i, threads=self.threads, scratch=self._scratch(),
@@ -213,7 +215,7 @@ class Runner:
             seconds = time.perf_counter() - start
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
             steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind, branch))
-            current, parent_path, parent_key = out, path, key
+            parent_path, parent_key = path, key
         return steps
 
     def _benchmark(self, result: RunResult) -> Path | None:

@@ -131,8 +131,13 @@ def test_branches_start_from_a_step_and_are_reused(tiny_llama_dir, tmp_path):
 
 
 def test_only_the_main_process_writes(tiny_llama_dir, tmp_path, monkeypatch):
-    """Under accelerate launch every rank runs the passes; ranks other than 0 write nothing."""
+    """Under accelerate launch every rank runs the pipeline; ranks other than 0 write nothing."""
+    out = tmp_path / "runs"
+    _run(_config(tmp_path, tiny_llama_dir), out)
+    for name in ("run.json", "pipeline.yaml"):
+        (out / "tiny" / name).unlink()
     monkeypatch.setenv("RANK", "1")
-    result = _run(_config(tmp_path, tiny_llama_dir), tmp_path / "runs")
-    assert [s.pass_name for s in result.steps] == ["test-scale", "test-scale", "quantize"]
-    assert not any((tmp_path / "runs" / "tiny").iterdir())
+    result = _run(_config(tmp_path, tiny_llama_dir, last="fp16"), out)  # step 3 must be recomputed
+    assert [s.reused for s in result.steps] == [True, True, False]
+    assert sorted(p.name for p in (out / "tiny").iterdir()) == ["01-test-scale", "02-test-scale", "03-quantize"]
+    assert compress.load(out / "tiny" / "03-quantize").model.dtype == torch.bfloat16, "rank 1 overwrote it"
