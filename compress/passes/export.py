@@ -7,9 +7,11 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Literal
 
+import torch
 from pydantic import Field
 
 from .. import onnx_tools
@@ -115,8 +117,13 @@ class Export(Pass):
 
         try:
             # A model object, not a path: non-stock structure (low-rank factors, pruned widths) exports as is.
-            onnx_export_from_model(torch_model, folder, task=optimum_task, opset=self.config.opset,
-                                   do_validation=False)  # our own check below is stricter and recorded
+            with warnings.catch_warnings():
+                # The tracer's notes on shape-dependent Python branches are expected for HF models; the
+                # discrepancy check afterwards is what tells whether the graph is right.
+                warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+                warnings.filterwarnings("ignore", message=".*aten::index.*", category=UserWarning)
+                onnx_export_from_model(torch_model, folder, task=optimum_task, opset=self.config.opset,
+                                       do_validation=False)  # our own check below is stricter and recorded
         except (ValueError, KeyError) as exc:
             raise UnsupportedModelError(
                 f"export: optimum cannot export this {torch_model.config.model_type} model for {optimum_task}: "
