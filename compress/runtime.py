@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import random
+from pathlib import Path
 
 import torch
 
@@ -33,10 +34,8 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def cache_dir() -> "os.PathLike[str]":
+def cache_dir() -> Path:
     """The suite's user cache (converted builtin models, teacher caches); respects XDG_CACHE_HOME."""
-    from pathlib import Path
-
     root = os.environ.get("COMPRESS_CACHE_DIR")
     if root:
         return Path(root)

@@ -138,18 +138,19 @@ class Runner:
                     self.log(f"removing {old.relative_to(self.run_dir)}: no longer a step of this pipeline")
                     shutil.rmtree(old, ignore_errors=True)
 
-    def _reusable(self, path: Path, key: str) -> bool:
+    def _reusable(self, path: Path, key: str) -> dict | None:
+        """The manifest of a finished, intact checkpoint at `path` with this key, else None."""
         if not (path / checkpoint.MANIFEST).exists():
-            return False
+            return None
         try:
             manifest = checkpoint.read_manifest(path)
             if manifest.get("key") != key:
-                return False
+                return None
             checkpoint.verify(path, manifest)
-            return True
+            return manifest
         except CheckpointError as exc:
             self.log(f"not reusing {path.name}: {exc}")
-            return False
+            return None
 
     def run(self) -> RunResult:
         cfg = self.pipeline.config
@@ -185,10 +186,10 @@ class Runner:
         for i, (p, key) in enumerate(zip(passes, keys)):
             path = chain_dir / step_dir_name(i, p.name)
             start = time.perf_counter()
-            if self._reusable(path, key):
+            manifest = self._reusable(path, key)
+            if manifest is not None:
                 self.log(f"{prefix}[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
-                steps.append(StepRecord(i, p.name, str(path), key, True, 0.0,
-                                        checkpoint.read_manifest(path)["kind"], branch))
+                steps.append(StepRecord(i, p.name, str(path), key, True, 0.0, manifest["kind"], branch))
                 parent_path, parent_key = path, key
                 continue
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
