@@ -96,6 +96,43 @@ def _results_table(task: str, records: list[dict]) -> tuple[list[str], list[list
     return head, rows
 
 
+# The headline of each task against one reference row: (quality name, getter), (speed name, getter, higher is
+# faster). Deployment targets are stated this way ("ORT int8 vs the fp32 model on torch"), across backends.
+HEADLINE = {
+    "causal-lm": (("perplexity", COLUMNS["causal-lm"][2][1]),
+                  ("decode speed", lambda r: _get(r, "latency", "decode_tokens_per_s"), True)),
+    "sequence-classification": (("accuracy", COLUMNS["sequence-classification"][2][1]),
+                                ("batch-1 speed", lambda r: _get(r, "latency", "batch1", "median_ms"), False)),
+    "feature-extraction": (("cosine", COLUMNS["feature-extraction"][2][1]),
+                           ("batch-1 speed", lambda r: _get(r, "latency", "batch1", "median_ms"), False)),
+}
+
+
+def _against_reference(task: str, records: list[dict]) -> tuple[dict, list[str], list[list[str]]] | None:
+    """Every row against the baseline on the first backend measured (e.g. fp32 on torch-cpu), when a run
+    spans several backends; None otherwise."""
+    if len({r["backend"] for r in records}) < 2:
+        return None
+    ref = next((r for r in records if r.get("is_baseline")), None)
+    if ref is None:
+        return None
+    (qname, quality), (sname, speed, higher) = HEADLINE[task]
+    head = ["checkpoint", "backend", "size: times smaller", f"{qname}: ratio", f"{sname}: times faster"]
+    rows = []
+    for r in records:
+        if r is ref:
+            continue
+        size = _ratio(_safe(lambda x: x["size_bytes"], ref), _safe(lambda x: x["size_bytes"], r))
+        q = _ratio(_safe(quality, r), _safe(quality, ref), digits=3)
+        fast = _ratio(_safe(speed, r), _safe(speed, ref)) if higher else _ratio(_safe(speed, ref), _safe(speed, r))
+        rows.append([r["label"], r["backend"], size, q, fast])
+    return ref, head, rows
+
+
+def _ratio(a, b, digits: int = 2) -> str:
+    return "-" if a is None or not b else f"{a / b:.{digits}f}x"
+
+
 def _spread(lat: dict | None) -> str:
     if not lat:
         return "-"
@@ -155,6 +192,12 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
             continue
         blocks.append(("h2", f"Results: {task}"))
         blocks.append(("table", *_results_table(task, rs)))
+        against = _against_reference(task, rs)
+        if against is not None:
+            ref, head, rows = against
+            blocks.append(("p", f"Against the baseline `{ref['label']}` on {ref['backend']}, across backends "
+                                "(what a deployment gains over the model it replaces):"))
+            blocks.append(("table", head, rows))
         for cost in ("latency", "size"):
             name = f"{task}-quality-vs-{cost}.png"
             if scatter(rs, task, cost, out_dir / name) is not None:

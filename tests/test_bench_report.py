@@ -66,3 +66,13 @@ def test_report_of_a_directory_without_results_is_bad_input(tmp_path):
     from pipelines.cli import main
 
     assert main(["report", str(tmp_path)]) == 2
+
+
+def test_report_compares_every_row_with_the_baseline_across_backends(tmp_path):
+    ort = _record("01-quantize", 22.0, 80.0, 48.0, 135_000_000, 134_500_000, backend="ort-cpu")
+    md = write_report(_records()[:2] + [ort], tmp_path, "demo").read_text()
+    section = md.split("Against the baseline `source` on torch-cpu", 1)[1]
+    row = next(line for line in section.splitlines() if line.startswith("| 01-quantize | ort-cpu"))
+    assert row == "| 01-quantize | ort-cpu | 4.00x | 1.100x | 2.00x |"  # 540/135 MB, 22/20 ppl, 48/24 tok/s
+    single = write_report(_records(), tmp_path / "one", "demo").read_text()
+    assert "Against the baseline" not in single  # one backend: the main table already says it
