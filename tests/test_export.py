@@ -64,9 +64,14 @@ def test_export_bundle_and_check(name, with_past, tmp_path):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
-def test_edge_greedy_generation_equals_torch(name, tmp_path):
-    path, torch_model = export(name, tmp_path)
+@pytest.mark.parametrize("name,optimize", [("gpt2", False), ("llama-gqa", False), ("llama-gqa", True)])
+def test_edge_greedy_generation_equals_torch(name, optimize, tmp_path):
+    path, torch_model = export(name, tmp_path, optimize=optimize)
+    if optimize:  # Llama's RMSNorms and rotary embeddings fused into ONNX Runtime's contrib ops
+        fused = json.loads((path / "manifest.json").read_text())["info"]["optimization"]["fused_operators"]
+        layers = torch_model.config.num_hidden_layers
+        assert fused.get("SkipSimplifiedLayerNormalization", 0) >= layers
+        assert fused.get("RotaryEmbedding", 0) == 2 * layers  # queries and keys of every block
     edge = EdgeModel(path)
     prompt = torch.randint(5, 384, (2, 7))
     with torch.no_grad():
