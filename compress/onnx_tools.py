@@ -66,7 +66,7 @@ _OPTIMIZER_TYPES = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "mistral": 
 
 
 def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int,
-                   external: str = "auto") -> dict:
+                   external: str = "auto", max_positions: int | None = None) -> dict:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
     place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0)."""
     from onnxruntime.transformers.optimizer import optimize_model
@@ -77,8 +77,25 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
     if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # the fused ops' domain
         opt.model.opset_import.add(domain="com.microsoft", version=1)
+    trimmed = _trim_rotary_caches(opt.model, max_positions) if max_positions else 0
     save_model(opt.model, folder, external)
-    return {"optimizer_model_type": mt, "fused_operators": fused}
+    return {"optimizer_model_type": mt, "fused_operators": fused, **({"rotary_cache_rows": trimmed} if trimmed else {})}
+
+
+def _trim_rotary_caches(model, max_positions: int) -> int:
+    """The rotary fusion stores cos/sin tables for 131,072 positions (33 MB for SmolLM2, more than its int8
+    MLPs save per block); rows past the model's max_position_embeddings are never read, so they are cut.
+    Returns the rows kept (0 if nothing was cut)."""
+    from onnx import numpy_helper
+
+    names = {n.input[i] for n in model.graph.node if n.op_type == "RotaryEmbedding" for i in (2, 3)
+             if len(n.input) > i}
+    kept = 0
+    for init in model.graph.initializer:
+        if init.name in names and init.dims and init.dims[0] > max_positions:
+            init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init)[:max_positions].copy(), init.name))
+            kept = max_positions
+    return kept
 
 
 # ----------------------------------------------------------------------------- check inputs

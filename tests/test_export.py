@@ -68,8 +68,12 @@ def test_export_bundle_and_check(name, with_past, tmp_path):
 def test_edge_greedy_generation_equals_torch(name, optimize, tmp_path):
     path, torch_model = export(name, tmp_path, optimize=optimize)
     if optimize:  # Llama's RMSNorms and rotary embeddings fused into ONNX Runtime's contrib ops
-        fused = json.loads((path / "manifest.json").read_text())["info"]["optimization"]["fused_operators"]
-        layers = torch_model.config.num_hidden_layers
+        optimization = json.loads((path / "manifest.json").read_text())["info"]["optimization"]
+        fused, layers = optimization["fused_operators"], torch_model.config.num_hidden_layers
+        # the fused rotary tables are cut to the positions the model has (the fusion stores 131,072 rows)
+        assert optimization["rotary_cache_rows"] == torch_model.config.max_position_embeddings
+        caches = [t for t in onnx.load(str(path / "model.onnx")).graph.initializer if t.name.endswith("_cache")]
+        assert caches and all(t.dims[0] == torch_model.config.max_position_embeddings for t in caches)
         assert fused.get("SkipSimplifiedLayerNormalization", 0) >= layers
         assert fused.get("RotaryEmbedding", 0) == 2 * layers  # queries and keys of every block
     edge = EdgeModel(path)

@@ -94,7 +94,7 @@ class Export(Pass):
             c = torch_model.config
             info["optimization"] = onnx_tools.optimize_graph(
                 out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0,
-                cfg.external_data)
+                cfg.external_data, max_positions=getattr(c, "max_position_embeddings", None))
         onnx_tools.copy_edge_runner(out)
 
         ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,
