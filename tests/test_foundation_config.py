@@ -121,5 +121,6 @@ def test_schema_and_passes_listing(tmp_path, capsys):
 def test_valid_config_passes_validation(tmp_path, capsys):
     assert main(["validate", _write(tmp_path, BASE)]) == 0
     assert "ok" in capsys.readouterr().out
-    for config in sorted(__import__("pathlib").Path(__file__).parents[1].glob("configs/*.yaml")):
+    root = __import__("pathlib").Path(__file__).parents[1]
+    for config in sorted([*root.glob("configs/*.yaml"), *root.glob("benchmarks/configs/*.yaml")]):
         assert main(["validate", str(config)]) == 0, f"{config} does not validate"
