@@ -91,17 +91,18 @@ def main() -> None:
                              f"{share} | {r.get('train_tokens_per_s')} |")
         lines.append("")
     if cache:
-        s = cache.get("summary", {})
         lines += ["## Cached teacher outputs vs on-the-fly teacher (2 epochs, same data, one process)", "",
-                  "| mode | pass seconds | pass tokens/s | training tokens/s |", "| --- | ---: | ---: | ---: |"]
-        for key in ("on_the_fly", "cache_cold", "cache_warm"):
-            if key in cache:
-                r = cache[key]
-                lines.append(f"| {key} | {r['pass_seconds']} | {r['pass_tokens_per_s']} | {r['train_tokens_per_s']} |")
-        lines += ["", f"Speed-up, cache built in this run: {s.get('speedup_cold_vs_on_the_fly')}x; rerun with the "
-                  f"cache on disk: {s.get('speedup_warm_vs_on_the_fly')}x. Cache size: {s.get('cache_bytes')} bytes "
-                  f"for {s.get('cache_tokens')} tokens at k = {s.get('k')}, i.e. "
-                  f"{s.get('cache_mb_per_million_tokens')} MiB per million tokens (fp16 values + int32 indices).", ""]
+                  "| student | mode | pass seconds | pass tokens/s | training tokens/s | speed-up | final hard loss |",
+                  "| --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+        for name, rows in cache.items():
+            base = rows["on_the_fly"]["pass_seconds"]
+            for key in ("on_the_fly", "cache_cold", "cache_warm"):
+                r = rows[key]
+                lines.append(f"| {name} | {key} | {r['pass_seconds']} | {r['pass_tokens_per_s']} | "
+                             f"{r['train_tokens_per_s']} | {base / r['pass_seconds']:.2f}x | {r['final_hard_loss']} |")
+        s = next(iter(cache.values()))["summary"]
+        lines += ["", f"Cache size: {s['cache_bytes']} bytes for {s['cache_tokens']} tokens at k = {s['k']}, i.e. "
+                  f"{s['cache_mb_per_million_tokens']} MiB per million tokens (fp16 values + int32 indices).", ""]
     png = _plot(smols, bbc)
     if png:
         lines += [f"![loss curves]({png})", ""]
