@@ -59,6 +59,8 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     """Measure the source (baseline) and each step of `result` on config.benchmark.backends; write the
     report into the run directory and return the path of report.md."""
     settings = config.benchmark
+    if settings.threads is None and config.threads:  # the pipeline's thread count, unless the section sets one
+        settings = settings.model_copy(update={"threads": config.threads})
     run_dir = Path(result.run_dir)
     work_dir = run_dir / ".bench"
     eval_spec = data.specs.get("eval") if data is not None else None

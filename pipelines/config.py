@@ -60,7 +60,8 @@ class PipelineConfig(BaseModel):
                                          "beside the main one")
     benchmark: BenchmarkConfig | None = Field(None, description="what to measure on every checkpoint")
     seed: int = 0
-    threads: int | None = Field(None, gt=0, description="torch threads for the passes (default: all cores)")
+    threads: int | None = Field(None, gt=0, description="torch threads for the passes, and for the benchmarks "
+                                "unless benchmark.threads says otherwise (default: all cores)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where passes run; auto = cuda if present")
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
 
