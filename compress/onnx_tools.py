@@ -83,8 +83,8 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
 
 
 def _trim_rotary_caches(model, max_positions: int) -> int:
-    """The rotary fusion stores cos/sin tables for 131,072 positions (33 MB for SmolLM2, more than its int8
-    MLPs save per block); rows past the model's max_position_embeddings are never read, so they are cut.
+    """The rotary fusion stores cos/sin tables for 131,072 positions (33 MB for SmolLM2, as much as 8 of its
+    blocks in int8); rows past the model's max_position_embeddings are never read, so they are cut.
     Returns the rows kept (0 if nothing was cut)."""
     from onnx import numpy_helper
 
