@@ -23,6 +23,16 @@ def set_threads(threads: int | None) -> int:
     return n
 
 
+def launched_processes() -> int:
+    """How many processes `accelerate launch` / torchrun started for this job (1 when run directly)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a multi-process launch, or the only process: the one that writes files."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)

@@ -23,7 +23,7 @@ from compress.data import PipelineData
 from compress.errors import CheckpointError
 from compress.models import load_model, source_fingerprint
 from compress.passes.base import PassContext
-from compress.runtime import seed_everything, set_threads
+from compress.runtime import is_main_process, launched_processes, seed_everything, set_threads
 
 from .config import Pipeline, step_dir_name
 
@@ -61,15 +61,9 @@ class RunResult:
                 "steps": [asdict(s) for s in self.steps], "report": str(self.report) if self.report else None}
 
 
-def _is_main_process() -> bool:
-    """Under `accelerate launch` / torchrun every process runs the pipeline (they train together), but only
-    rank 0 writes checkpoints, reports and benchmarks."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def _barrier() -> None:
     """Wait for every process of a multi-process launch (a no-op in a single process)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if launched_processes() > 1:
         from accelerate import PartialState  # joins the process group the launcher described
 
         PartialState().wait_for_everyone()
@@ -156,7 +150,9 @@ class Runner:
         cfg = self.pipeline.config
         self.threads = set_threads(cfg.threads)
         self.device = self._device()
-        self.main = _is_main_process()
+        # Under accelerate launch / torchrun every process runs the pipeline (they train together), but only
+        # rank 0 writes checkpoints, reports and benchmarks.
+        self.main = is_main_process()
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
             self._clean_stale()

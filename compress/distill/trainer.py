@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 from dataclasses import dataclass
 from typing import Callable
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..runtime import launched_processes
 from .examples import Examples
 
 
@@ -44,7 +44,7 @@ class TrainSettings:
 def distributed_accelerator(device: torch.device):
     """An `accelerate.Accelerator` when launched with several processes (accelerate launch / torchrun),
     else None: a single process trains without any wrapper."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    if launched_processes() <= 1:
         return None
     from accelerate import Accelerator
 
