@@ -54,21 +54,22 @@ def main() -> None:
 def measure(student: dict, teacher, tok, data, args, threads: int) -> dict:
     opts = dict(student=student, alpha=0.8, temperature=2.0, epochs=2, batch_size=args.batch,
                 lr=2e-4, precision="bf16", eval_tokens=256, keep_best=False, seed=0, cache_top_k=args.k)
-    os.environ["COMPRESS_CACHE_DIR"] = tempfile.mkdtemp(prefix="distill-cache-bench-")  # a cold teacher cache
     rows = {}
-    for key, cache in [("on_the_fly", False), ("cache_cold", True), ("cache_warm", True)]:
-        ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
-        ctx._teacher = Artifact("torch", "causal-lm", tok, teacher)
-        t0 = time.perf_counter()
-        out = get("distill")(**opts, teacher_cache=cache).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
-        wall = time.perf_counter() - t0
-        info = out.info
-        rows[key] = {"pass_seconds": round(wall, 1), "train_seconds": info["seconds"], "tokens": info["tokens"],
-                     "pass_tokens_per_s": round(info["tokens"] / wall, 1), "steps": info["steps"],
-                     "train_tokens_per_s": info["tokens_per_s"], "teacher_cache": info.get("teacher_cache"),
-                     "final_hard_loss": info["loss_curve"][-1].get("hard"), "machine": machine(threads)}
-        print(student, key, rows[key], flush=True)
-        del out
+    with tempfile.TemporaryDirectory(prefix="distill-cache-bench-") as cold:  # a cold teacher cache per student
+        os.environ["COMPRESS_CACHE_DIR"] = cold
+        for key, cache in [("on_the_fly", False), ("cache_cold", True), ("cache_warm", True)]:
+            ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
+            ctx._teacher = Artifact("torch", "causal-lm", tok, teacher)
+            t0 = time.perf_counter()
+            out = get("distill")(**opts, teacher_cache=cache).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
+            wall = time.perf_counter() - t0
+            info = out.info
+            rows[key] = {"pass_seconds": round(wall, 1), "train_seconds": info["seconds"], "tokens": info["tokens"],
+                         "pass_tokens_per_s": round(info["tokens"] / wall, 1), "steps": info["steps"],
+                         "train_tokens_per_s": info["tokens_per_s"], "teacher_cache": info.get("teacher_cache"),
+                         "final_hard_loss": info["loss_curve"][-1].get("hard"), "machine": machine(threads)}
+            print(student, key, rows[key], flush=True)
+            del out
     c = rows["cache_cold"]["teacher_cache"]
     rows["summary"] = {
         "student": student,

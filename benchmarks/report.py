@@ -35,29 +35,49 @@ def _cell(v, base, digits: int) -> str:
     return _fmt(v, digits) + ratio
 
 
+def _perplexity(r):
+    return _get(r, "quality", "perplexity")
+
+
+def _accuracy(r):
+    return _get(r, "quality", "accuracy")
+
+
+def _cosine(r):
+    return _get(r, "quality", "cosine")
+
+
+def _batch1_ms(r):
+    return _get(r, "latency", "batch1", "median_ms")
+
+
+def _decode_tok_s(r):
+    return _get(r, "latency", "decode_tokens_per_s")
+
+
 # (header, getter, digits, with ratio) per task
 _COMMON_HEAD = [("params (M)", lambda r: r["params"] / 1e6 if r.get("params") else None, 2, True),
                 ("size (MB)", lambda r: r["size_bytes"] / 1e6 if r.get("size_bytes") is not None else None, 1, True)]
 _COMMON_TAIL = [("peak RSS (MB)", lambda r: _get(r, "memory", "peak_rss_mb"), 0, True)]
 COLUMNS = {
     "causal-lm": _COMMON_HEAD + [
-        ("perplexity", lambda r: _get(r, "quality", "perplexity"), 3, True),
+        ("perplexity", _perplexity, 3, True),
         ("top-1 agreement", lambda r: _get(r, "quality", "top1_agreement"), 4, False),
         ("KL", lambda r: _get(r, "quality", "kl"), 4, False),
         ("prefill ms", lambda r: _get(r, "latency", "prefill", "median_ms"), 1, True),
-        ("decode tok/s", lambda r: _get(r, "latency", "decode_tokens_per_s"), 1, True),
+        ("decode tok/s", _decode_tok_s, 1, True),
     ] + _COMMON_TAIL,
     "sequence-classification": _COMMON_HEAD + [
-        ("accuracy", lambda r: _get(r, "quality", "accuracy"), 4, True),
+        ("accuracy", _accuracy, 4, True),
         ("macro-F1", lambda r: _get(r, "quality", "macro_f1"), 4, True),
         ("label agreement", lambda r: _get(r, "quality", "label_agreement"), 4, False),
-        ("batch-1 ms", lambda r: _get(r, "latency", "batch1", "median_ms"), 2, True),
+        ("batch-1 ms", _batch1_ms, 2, True),
         ("items/s", lambda r: _get(r, "latency", "throughput_items_per_s"), 1, True),
     ] + _COMMON_TAIL,
     "feature-extraction": _COMMON_HEAD + [
-        ("cosine", lambda r: _get(r, "quality", "cosine"), 4, False),
+        ("cosine", _cosine, 4, False),
         ("NN agreement", lambda r: _get(r, "quality", "nn_agreement"), 4, False),
-        ("batch-1 ms", lambda r: _get(r, "latency", "batch1", "median_ms"), 2, True),
+        ("batch-1 ms", _batch1_ms, 2, True),
         ("items/s", lambda r: _get(r, "latency", "throughput_items_per_s"), 1, True),
     ] + _COMMON_TAIL,
 }
@@ -99,12 +119,9 @@ def _results_table(task: str, records: list[dict]) -> tuple[list[str], list[list
 # The headline of each task against one reference row: (quality name, getter), (speed name, getter, higher is
 # faster). Deployment targets are stated this way ("ORT int8 vs the fp32 model on torch"), across backends.
 HEADLINE = {
-    "causal-lm": (("perplexity", COLUMNS["causal-lm"][2][1]),
-                  ("decode speed", lambda r: _get(r, "latency", "decode_tokens_per_s"), True)),
-    "sequence-classification": (("accuracy", COLUMNS["sequence-classification"][2][1]),
-                                ("batch-1 speed", lambda r: _get(r, "latency", "batch1", "median_ms"), False)),
-    "feature-extraction": (("cosine", COLUMNS["feature-extraction"][2][1]),
-                           ("batch-1 speed", lambda r: _get(r, "latency", "batch1", "median_ms"), False)),
+    "causal-lm": (("perplexity", _perplexity), ("decode speed", _decode_tok_s, True)),
+    "sequence-classification": (("accuracy", _accuracy), ("batch-1 speed", _batch1_ms, False)),
+    "feature-extraction": (("cosine", _cosine), ("batch-1 speed", _batch1_ms, False)),
 }
 
 
