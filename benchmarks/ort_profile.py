@@ -1,0 +1,60 @@
+"""Where a decode step of an exported causal LM spends its time, per ONNX operator type (ONNX Runtime's profiler).
+
+    python benchmarks/ort_profile.py runs/smollm2-edge/int8-only/02-quantize [--steps 32] [--threads 2]
+
+Runs one 128-token prefill and `--steps` greedy decode steps with the KV cache through compress.edge, then
+prints each operator type's share of the kernel time and how many nodes of it ran per call. On SmolLM2's
+int8 export this is what shows that MatMulNBits takes about a third of a step and the per-block shape
+operators (Unsqueeze, Concat, Gather, Shape, ...) about as much again."""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from benchmarks.backends import _edge_module  # noqa: E402  (compress.edge without importing torch)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("checkpoint", help="an ONNX checkpoint directory of a causal LM (exported with past)")
+    ap.add_argument("--steps", type=int, default=32)
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args(argv)
+
+    model = _edge_module().EdgeModel(args.checkpoint, threads=args.threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
+    opts.enable_profiling = True
+    opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "profile")
+    model.session = ort.InferenceSession(str(Path(args.checkpoint) / "model.onnx"), opts,
+                                         providers=["CPUExecutionProvider"])
+    prompt = np.random.RandomState(0).randint(100, 20000, (1, 128)).astype(np.int64)
+    model.generate(prompt, args.steps + 1)  # one prefill + `steps` decode steps
+    events = json.loads(Path(model.session.end_profiling()).read_text())
+
+    calls = args.steps + 1
+    time_us, nodes = collections.Counter(), collections.Counter()
+    for e in events:
+        if e.get("cat") == "Node" and e["name"].endswith("_kernel_time"):
+            op = e["args"].get("op_name", "?")
+            time_us[op] += e["dur"]
+            nodes[op] += 1
+    total = sum(time_us.values())
+    print(f"{args.checkpoint}: {sum(nodes.values()) / calls:.0f} nodes per call, "
+          f"{total / 1e3 / calls:.1f} ms kernel time per call ({calls} calls, {args.threads} threads)")
+    for op, us in time_us.most_common(15):
+        print(f"  {op:34s} {us / total:6.1%}  {nodes[op] / calls:6.0f} nodes per call")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
