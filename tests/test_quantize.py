@@ -17,8 +17,9 @@ from compress.edge import EdgeModel
 from compress.errors import ConfigError, UnsupportedModelError
 from compress.onnx_tools import DiscrepancyError
 from compress.passes import PassContext, get
-from compress.quant.ort import activation_scales
+from compress.quant.ort import activation_scales, lm_head_nodes
 
+VOCAB_ROWS = tiny_llama().config.vocab_size
 SHAKESPEARE = PipelineData(train=DataSpec(source="builtin:shakespeare", max_examples=2))
 
 
@@ -80,6 +81,33 @@ def test_exclusion_by_pattern(onnx_llama, tmp_path):
     assert "/model/layers.0/self_attn/q_proj/MatMul" in float_matmuls
     assert "/model/layers.1/mlp/down_proj/MatMul" in float_matmuls
     assert "/model/layers.1/mlp/up_proj/MatMul" not in float_matmuls
+
+
+@pytest.mark.parametrize("exclude", [None, ["*lm_head*"]])
+def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
+    """The embedding table is stored once, as int8 blocks: the Gather reads it and so does the tied LM head
+    (an int8 MatMulNBits over the same bytes), or the dequantized table when the head is excluded."""
+    from onnx import numpy_helper
+
+    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=exclude)
+    model = onnx.load(str(q.path / "model.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    assert q.info["int8_embedding_tables"] == ["model.embed_tokens.weight"]
+    assert not any(w.dtype == np.float32 and w.size >= VOCAB_ROWS * 32 for w in inits.values())
+    packed, scale = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale"]
+    assert packed.dtype == np.uint8 and packed.shape == (VOCAB_ROWS, 1, 32) and scale.shape == (VOCAB_ROWS, 1)
+    parent = numpy_helper.to_array(next(i for i in onnx.load(str(onnx_llama.path / "model.onnx")).graph.initializer
+                                        if i.name == "model.embed_tokens.weight"))
+    table = ((packed.astype(np.float32) - 128) * scale[..., None]).reshape(parent.shape)
+    assert np.abs(table - parent).max() <= scale.max() / 2 + 1e-7  # round-to-nearest in each block
+    nodes = {n.name: n for n in model.graph.node}
+    head = nodes[lm_head_nodes(model)[0]]
+    assert [n.op_type for n in model.graph.node].count("GatherBlockQuantized") == (1 if exclude is None else 2)
+    if exclude is None:
+        assert head.op_type == "MatMulNBits" and head.input[1] == "model.embed_tokens.weight_uint8"
+    else:
+        assert head.op_type == "MatMul" and q.quantization["excluded_nodes"] == ["/lm_head/MatMul"]
+    assert q.info["discrepancy"]["top1_agreement"] >= 0.9
 
 
 def test_static_calibration_follows_the_data(onnx_llama, tmp_path):

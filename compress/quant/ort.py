@@ -82,10 +82,9 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
                          # DefaultTensorType: fused contrib ops (export optimize: true) defeat type inference
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         qmodel = onnx.load(str(out))
-    if embeddings:
-        qmodel = _int8_gathers(qmodel, excluded)
+    tables = _int8_gathers(qmodel, excluded) if embeddings else []
     _finish(qmodel, dst, src)
-    return {"excluded_nodes": excluded}
+    return {"excluded_nodes": excluded, "int8_embedding_tables": tables}
 
 
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
@@ -105,57 +104,100 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
                              op_types_to_quantize=("MatMul",))
     q.process()
     model = q.model.model
-    if embeddings:
-        model = _int8_gathers(model, excluded)
+    tables = _int8_gathers(model, excluded) if embeddings else []
     _finish(model, dst, src)
-    return {"excluded_nodes": excluded}
+    return {"excluded_nodes": excluded, "int8_embedding_tables": tables}
 
 
-def _int8_gathers(model, excluded: list[str]):
-    """Embedding tables (float initializers read by Gather) to int8 with one scale per row: the Gather
-    reads int8 rows, which are then cast and scaled. Any other reader of the table (a tied LM head's
-    Transpose) gets the dequantized table, which ONNX Runtime folds into a constant when the session
-    starts: stored once, as int8, on disk. (MatMulNBits' own Gather path is 4-bit only, and
-    quantize_dynamic's uses one scale for the whole table: 3x the error here.)"""
+def _table_block(width: int) -> int | None:
+    """Block size of an int8 embedding table: the largest of 128/64/32/16 dividing the row width (finer
+    than one scale per row, and a size MatMulNBits and GatherBlockQuantized both take); None if none does."""
+    return next((block for block in (128, 64, 32, 16) if width % block == 0), None)
+
+
+def _int8_gathers(model, excluded: list[str]) -> list[str]:
+    """Embedding tables (float initializers read by Gather) to int8 in blocks along the row, stored once in
+    MatMulNBits' layout: Gathers become GatherBlockQuantized, and a tied LM head (a MatMul reading the table
+    through a Transpose) becomes an int8 MatMulNBits over the same bytes, so decoding reads the vocabulary
+    matrix as int8 rather than fp32 (it is ~20% of SmolLM2's weights). Any other reader gets the dequantized
+    table, which ONNX Runtime folds into a constant when the session starts. (quantize_dynamic's own Gather
+    path uses one scale for the whole table: 3x the error of even one scale per row.) Returns the tables
+    quantized (a table whose width is not a multiple of 16 stays float)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.name not in excluded and n.input[0] in inits
                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1]
-    for table in sorted({n.input[0] for n in gathers}):
+    tables = [t for t in sorted({n.input[0] for n in gathers}) if _table_block(inits[t].dims[1])]
+    for table in tables:
         w = numpy_helper.to_array(inits[table]).astype(np.float32)
-        scale = np.maximum(np.abs(w).max(axis=1, keepdims=True) / 127.0, 1e-12).astype(np.float32)
-        q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
+        rows, width = w.shape
+        block = _table_block(width)
+        blocks = w.reshape(rows, width // block, block)
+        scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
+        # uint8 with zero point 128: the default of both contrib ops when no zero_points input is given
+        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        packed, scales = table + "_uint8", table + "_scale"
         graph.initializer.remove(inits[table])
-        graph.initializer.extend([numpy_helper.from_array(q, table + "_int8"),
-                                  numpy_helper.from_array(scale, table + "_row_scale")])
-        new_nodes, rest = [], []
+        graph.initializer.extend([numpy_helper.from_array(q, packed), numpy_helper.from_array(scale, scales),
+                                  numpy_helper.from_array(np.array([rows, width], np.int64), table + "_shape")])
+        rows_view = table + "_uint8_rows"  # [rows, width] view for the Gather, folded at session start
+        new_nodes = [helper.make_node("Reshape", [packed, table + "_shape"], [rows_view], name=table + "_rows")]
+        dequantized = False
         for node in list(graph.node):
-            if node.op_type == "Gather" and node.input[0] == table and node in gathers:
-                out, idx = node.output[0], node.input[1]
-                new_nodes.append((node, [
-                    helper.make_node("Gather", [table + "_int8", idx], [out + "_int8"], name=node.name, axis=0),
-                    helper.make_node("Cast", [out + "_int8"], [out + "_f"], name=node.name + "_cast", to=1),
-                    helper.make_node("Gather", [table + "_row_scale", idx], [out + "_scale"],
-                                     name=node.name + "_scale", axis=0),
-                    helper.make_node("Mul", [out + "_f", out + "_scale"], [out], name=node.name + "_dequant")]))
-            elif table in node.input:
-                rest.append(node)
-        if rest:  # e.g. a tied LM head: read the dequantized table
-            for node in rest:
-                node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
-            deq = [helper.make_node("Cast", [table + "_int8"], [table + "_int8_f"], name=table + "_cast", to=1),
-                   helper.make_node("Mul", [table + "_int8_f", table + "_row_scale"], [table + "_dequant"],
-                                    name=table + "_dequant")]
-            for k, n in enumerate(deq):
-                graph.node.insert(k, n)
-        for old, replacement in new_nodes:
-            pos = list(graph.node).index(old)
-            graph.node.remove(old)
-            for k, n in enumerate(replacement):
-                graph.node.insert(pos + k, n)
-    return model
+            if table not in node.input:
+                continue
+            if node in gathers:
+                _replace(graph, node, helper.make_node(
+                    "GatherBlockQuantized", [rows_view, node.input[1], scales], list(node.output), name=node.name,
+                    domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+                continue
+            head = _tied_head(graph, node, excluded)
+            if head is not None:
+                _replace(graph, head, helper.make_node(
+                    "MatMulNBits", [head.input[0], packed, scales], list(head.output), name=head.name,
+                    domain="com.microsoft", bits=8, block_size=block, K=width, N=rows, accuracy_level=4))
+                graph.node.remove(node)
+                continue
+            node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
+            dequantized = True
+        if dequantized:  # gather every row: the float table, computed once when the session starts
+            graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), f"{table}_{name}")
+                                      for name, v in (("start", 0), ("stop", rows), ("step", 1))])
+            new_nodes += [
+                helper.make_node("Range", [f"{table}_start", f"{table}_stop", f"{table}_step"], [table + "_all"],
+                                 name=table + "_all"),
+                helper.make_node("GatherBlockQuantized", [rows_view, table + "_all", scales], [table + "_dequant"],
+                                 name=table + "_dequant", domain="com.microsoft", bits=8, block_size=block,
+                                 gather_axis=0, quantize_axis=1)]
+        for k, n in enumerate(new_nodes):  # they read only initializers
+            graph.node.insert(k, n)
+    _use_contrib_domain(model)
+    return tables
+
+
+def _replace(graph, old, new) -> None:
+    pos = list(graph.node).index(old)
+    graph.node.remove(old)
+    graph.node.insert(pos, new)
+
+
+def _tied_head(graph, node, excluded):
+    """The MatMul computing hidden @ table^T when `node` is the table's Transpose feeding only it, else None."""
+    if node.op_type != "Transpose" or [list(a.ints) for a in node.attribute if a.name == "perm"] not in ([], [[1, 0]]):
+        return None
+    readers = [n for n in graph.node if node.output[0] in n.input]
+    if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[1] != node.output[0]:
+        return None
+    return None if readers[0].name in excluded else readers[0]
+
+
+def _use_contrib_domain(model) -> None:
+    from onnx import helper
+
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 class _Batches:
