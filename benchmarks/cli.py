@@ -34,7 +34,7 @@ def settings_from_args(args):
     else:
         lat = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
                "seq_tokens": args.seq_tokens, "throughput_batch": args.throughput_batch, "warmup": args.warmup,
-               "repeats": args.repeats}
+               "repeats": args.repeats, "rounds": args.rounds}
         raw["latency"] = {k: v for k, v in lat.items() if v is not None}
     try:
         return BenchmarkConfig(**{k: v for k, v in raw.items() if v is not None or k == "latency"})
@@ -74,7 +74,7 @@ def print_table(records: list[dict]) -> None:
 
 
 def cmd_bench(args) -> int:
-    from .harness import measure
+    from .harness import measure, timing_rounds
     from .report import write_report
 
     settings = settings_from_args(args)
@@ -91,15 +91,18 @@ def cmd_bench(args) -> int:
             targets.insert(0, args.baseline)
             labels.insert(0, "baseline")
             base_index = 0
-    records = []
+    records, jobs = [], []
     for i, (target, label) in enumerate(zip(targets, labels)):
         for backend in settings.backends:
             print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
-            r = measure(target, backend=backend, settings=settings, baseline=args.baseline, task=args.task,
-                        label=label, work_dir=work_dir, show_progress=show)
+            job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
+                       work_dir=work_dir, show_progress=show)
+            r = measure(**job, settings=settings)
             # Ratios are to the baseline, else to the first target.
             r["is_baseline"] = i == (base_index if base_index is not None else 0)
             records.append(r)
+            jobs.append(job)
+    timing_rounds(records, jobs, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     command = "compress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else args.command_text
     path = write_report(records, out, args.title or "compress bench", command=command)
@@ -142,6 +145,7 @@ def add_commands(sub) -> None:
     p.add_argument("--throughput-batch", type=int, help="encoder latency: throughput batch")
     p.add_argument("--warmup", type=int, help="untimed runs")
     p.add_argument("--repeats", type=int, help="timed runs")
+    p.add_argument("--rounds", type=int, help="timing rounds, the rows taking turns (default 1)")
     p.add_argument("--no-latency", action="store_true", help="quality, memory and size only")
     p.add_argument("--output", default="runs/bench", help="writes results.json, report.md/html here")
     p.add_argument("--work-dir", help="cache of inputs, references, exports (default: OUTPUT/.bench)")

@@ -32,6 +32,9 @@ class LatencyConfig(BaseModel):
     throughput_batch: int = Field(16, gt=0, description="encoders: batch size of the throughput measurement")
     warmup: int = Field(2, ge=0, description="untimed runs before timing")
     repeats: int = Field(10, gt=0, description="timed runs; the report gives median, p90, min and max")
+    rounds: int = Field(1, gt=0, description="timing rounds: with N > 1 every row is timed again N - 1 times "
+                        "(fresh processes, timing only), the rows taking turns, and its runs are pooled; a "
+                        "machine whose speed drifts then slows every row alike, so ratios between rows hold")
 
 
 class BenchmarkConfig(BaseModel):

@@ -354,3 +354,25 @@ def _applicable(task: str) -> set[str]:
 def _filter_quality(quality: dict, wanted: list[str]) -> dict:
     keep = {"examples"} | set().union(*(_METRIC_GROUPS[w] for w in wanted))
     return {k: v for k, v in quality.items() if k in keep}
+
+
+def timing_rounds(records: list[dict], jobs: list[dict | None], settings: BenchmarkConfig, log=print) -> None:
+    """Rounds 2..N of the timing (`latency.rounds`): each measured row is timed again in a fresh process,
+    the rows taking turns, and the runs are pooled into its record. `jobs[i]` holds the `measure` arguments
+    of `records[i]` (None: leave that row as it is, e.g. a stored result)."""
+    from .latency import pool
+
+    rounds = settings.latency.rounds if settings.latency else 1
+    timing_only = settings.model_copy(update={"quality": []})
+    for k in range(2, rounds + 1):
+        for record, job in zip(records, jobs):
+            if job is None or "latency" not in record:
+                continue
+            log(f"benchmark: {record['label']} on {record['backend']}: timing round {k}/{rounds}")
+            extra = measure(**job, settings=timing_only)
+            if "latency" not in extra:
+                record.setdefault("notes", []).append(f"timing round {k}: {extra.get('error') or extra.get('skipped')}")
+                continue
+            record["latency"] = pool(record["latency"], extra["latency"])
+            record["loadavg_after"] = extra["loadavg_after"]
+            record["seconds"] = round(record["seconds"] + extra["seconds"], 2)

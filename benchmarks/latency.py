@@ -2,7 +2,8 @@
 
 Decoders: prefill a [batch, prompt_tokens] prompt, then `new_tokens` greedy decode steps with the KV cache
 (each step feeds the previous step's argmax). Prefill time and decode time are timed separately in each
-repeat. Encoders: one forward pass at batch 1, and one at `throughput_batch` (items/s)."""
+repeat. Encoders: one forward pass at batch 1, and one at `throughput_batch` (items/s). Each summary keeps
+its raw runs, so timing rounds measured in separate processes can be pooled (`pool`)."""
 from __future__ import annotations
 
 import time
@@ -15,7 +16,32 @@ def summarize(seconds: list[float]) -> dict:
     """Median, p90, min, max and mean of repeated timings, in milliseconds."""
     ms = np.asarray(seconds, dtype=np.float64) * 1e3
     return {"median_ms": float(np.median(ms)), "p90_ms": float(np.percentile(ms, 90)),
-            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "mean_ms": float(ms.mean()), "n": int(ms.size)}
+            "min_ms": float(ms.min()), "max_ms": float(ms.max()), "mean_ms": float(ms.mean()), "n": int(ms.size),
+            "runs_ms": [round(float(x), 3) for x in ms]}
+
+
+SUMMARIES = ("prefill", "decode", "batch1", "throughput")
+
+
+def _rates(lat: dict) -> dict:
+    """The per-token / per-item figures derived from the medians."""
+    if "decode" in lat:
+        n, batch = lat["new_tokens"], lat["batch"]
+        return {"decode_ms_per_token": lat["decode"]["median_ms"] / n,
+                "decode_tokens_per_s": batch * n / (lat["decode"]["median_ms"] / 1e3),
+                "prefill_tokens_per_s": batch * lat["prompt_tokens"] / (lat["prefill"]["median_ms"] / 1e3)}
+    return {"throughput_items_per_s": lat["throughput_batch"] / (lat["throughput"]["median_ms"] / 1e3)}
+
+
+def pool(first: dict, other: dict) -> dict:
+    """`first` with the runs of `other` (the same workload, timed again in another process) added."""
+    out = dict(first)
+    for key in SUMMARIES:
+        if key in first:
+            out[key] = summarize([x / 1e3 for x in first[key]["runs_ms"] + other[key]["runs_ms"]])
+    out.update(_rates(out))
+    out["rounds"] = first.get("rounds", 1) + other.get("rounds", 1)
+    return out
 
 
 def time_runs(fn: Callable[[], object], warmup: int, repeats: int, sync: Callable[[], None] = lambda: None,
@@ -62,18 +88,13 @@ def decoder_latency(backend, prompt: np.ndarray, new_tokens: int, warmup: int, r
         decode.append(d)
         if progress is not None:
             progress.update(1)
-    batch = prompt.shape[0]
-    dec = summarize(decode)
-    return {
-        "prefill": summarize(prefill),
-        "decode": dec,
-        "decode_ms_per_token": dec["median_ms"] / new_tokens,
-        "decode_tokens_per_s": batch * new_tokens / (dec["median_ms"] / 1e3),
-        "prefill_tokens_per_s": batch * prompt.shape[1] / (summarize(prefill)["median_ms"] / 1e3),
-        "batch": batch, "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
+    lat = {
+        "prefill": summarize(prefill), "decode": summarize(decode),
+        "batch": prompt.shape[0], "prompt_tokens": int(prompt.shape[1]), "new_tokens": new_tokens,
         # greedy continuation of the first prompt: lets a reader check two backends decode the same tokens
         "generated_ids": generated[0].tolist(),
     }
+    return {**lat, **_rates(lat)}
 
 
 def encoder_latency(backend, task: str, ids: np.ndarray, mask: np.ndarray, throughput_batch: int, warmup: int,
@@ -84,5 +105,5 @@ def encoder_latency(backend, task: str, ids: np.ndarray, mask: np.ndarray, throu
     big_ids, big_mask = np.tile(ids, (reps, 1))[:throughput_batch], np.tile(mask, (reps, 1))[:throughput_batch]
     one = summarize(time_runs(lambda: call(ids[:1], mask[:1]), warmup, repeats, backend.sync, progress))
     many = summarize(time_runs(lambda: call(big_ids, big_mask), warmup, repeats, backend.sync, progress))
-    return {"batch1": one, "throughput": many, "throughput_items_per_s": throughput_batch / (many["median_ms"] / 1e3),
-            "seq_tokens": int(ids.shape[1]), "throughput_batch": throughput_batch}
+    lat = {"batch1": one, "throughput": many, "seq_tokens": int(ids.shape[1]), "throughput_batch": throughput_batch}
+    return {**lat, **_rates(lat)}

@@ -8,7 +8,7 @@ import json
 import sys
 from pathlib import Path
 
-from .harness import HARNESS_VERSION, _hash, measure, resolve_target
+from .harness import HARNESS_VERSION, _hash, measure, resolve_target, timing_rounds
 from .report import write_report
 
 
@@ -16,36 +16,23 @@ def result_key(target_key: str, backend: str, settings_digest: str, baseline_key
     return _hash("bench", target_key, backend, settings_digest, baseline_key, HARNESS_VERSION)
 
 
-def measure_cached(target: str, *, label: str, backend: str, settings, baseline: str | None, task: str,
-                   data, work_dir: Path, log=print, show_progress: bool | None = None,
-                   is_baseline: bool = False) -> dict:
-    """`measure`, reusing a stored record when nothing it depends on changed (skips and errors are not
-    stored, so they are retried)."""
-    t = resolve_target(target, task)
-    base_key = resolve_target(baseline, task).key if baseline is not None else None
+def stored_result_path(target: str, *, backend: str, settings, baseline: str | None, task: str, data,
+                       work_dir: Path) -> Path:
+    """Where the record of this measurement is stored: keyed by everything it depends on."""
     from compress.data import fingerprint
 
+    t = resolve_target(target, task)
+    base_key = resolve_target(baseline, task).key if baseline is not None else None
     resolved = settings.resolved(t.task, data)
     digest = resolved.digest() + fingerprint(resolved.data, "eval")
-    cache = work_dir / "results" / f"{result_key(t.key, backend, digest, base_key)}.json"
-    if cache.exists():
-        log(f"benchmark: {label} on {backend}: reusing the stored result (nothing changed)")
-        record = json.loads(cache.read_text())
-    else:
-        log(f"benchmark: {label} on {backend}: measuring")
-        record = measure(target, backend=backend, settings=settings, baseline=baseline, task=task, label=label,
-                         data=data, work_dir=work_dir, show_progress=show_progress)
-        if "skipped" in record:
-            log(f"benchmark: {label} on {backend}: skipped - {record['skipped']}")
-        elif "error" in record:
-            log(f"benchmark: {label} on {backend}: FAILED - {record['error']}")
-        else:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_suffix(".tmp")
-            tmp.write_text(json.dumps(record, default=str))
-            tmp.replace(cache)
-    record["label"], record["is_baseline"] = label, is_baseline
-    return record
+    return work_dir / "results" / f"{result_key(t.key, backend, digest, base_key)}.json"
+
+
+def _store(path: Path, record: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)
 
 
 def _command(run_dir: Path) -> str:
@@ -67,12 +54,31 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     source = config.model.source
     targets = [("source", source)] + [(s.label, s.path) for s in result.steps]
     baseline = dict(targets)[settings.baseline]  # the config validator checked the name
-    records = []
+    records, jobs, stores = [], [], []
     for label, target in targets:
         for backend in settings.backends:
-            records.append(measure_cached(target, label=label, backend=backend, settings=settings,
-                                          baseline=baseline, task=config.task, data=eval_spec, work_dir=work_dir,
-                                          log=log, show_progress=show_progress, is_baseline=target == baseline))
+            store = stored_result_path(target, backend=backend, settings=settings, baseline=baseline,
+                                       task=config.task, data=eval_spec, work_dir=work_dir)
+            job = None
+            if store.exists():
+                log(f"benchmark: {label} on {backend}: reusing the stored result (nothing changed)")
+                record = json.loads(store.read_text())
+            else:
+                log(f"benchmark: {label} on {backend}: measuring")
+                job = dict(target=target, backend=backend, baseline=baseline, task=config.task, label=label,
+                           data=eval_spec, work_dir=work_dir, show_progress=show_progress)
+                record = measure(**job, settings=settings)
+                if "skipped" in record or "error" in record:
+                    log(f"benchmark: {label} on {backend}: {'skipped' if 'skipped' in record else 'FAILED'} - "
+                        f"{record.get('skipped') or record.get('error')}")
+            record["label"], record["is_baseline"] = label, target == baseline
+            records.append(record)
+            jobs.append(job)
+            stores.append(store)
+    timing_rounds(records, jobs, settings, log)
+    for record, job, store in zip(records, jobs, stores):
+        if job is not None and "skipped" not in record and "error" not in record:  # skips and errors are retried
+            _store(store, record)
     path = write_report(records, run_dir, f"{config.name}: what each pass bought and cost",
                         command=_command(run_dir))
     log(f"benchmark: report written to {path} (and report.html, results.json)")

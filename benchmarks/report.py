@@ -191,6 +191,9 @@ def _settings_lines(records: list[dict]) -> list[str]:
                     if r["task"] == "causal-lm" else
                     f"{lat['seq_tokens']} tokens, batch 1 and batch {lat['throughput_batch']}")
             line += f"; latency: {work}; {lat['warmup']} warm-up + {lat['repeats']} timed runs"
+            if lat.get("rounds", 1) > 1:
+                line += (f" in each of {lat['rounds']} rounds (fresh processes, the rows taking turns; "
+                         "medians over all runs)")
         out.append(line)
     return out
 

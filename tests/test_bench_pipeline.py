@@ -8,13 +8,13 @@ from pipelines.config import validate
 from pipelines.runner import Runner
 
 
-def _pipeline(source, out, window=32):
+def _pipeline(source, out, window=32, **latency):
     return validate({
         "name": "bench-demo", "model": {"source": str(source)}, "task": "causal-lm", "output_dir": str(out),
         "data": {"eval": {"source": "builtin:wikipedia", "max_tokens": 300, "seq_len": 32}},
         "passes": [{"quantize": {"method": "bf16"}}],
         "benchmark": {"threads": 1, "window": window, "kl_top_k": 8,
-                      "latency": {"warmup": 0, "repeats": 1, "prompt_tokens": 8, "new_tokens": 4}},
+                      "latency": {"warmup": 0, "repeats": 1, "prompt_tokens": 8, "new_tokens": 4, **latency}},
     })
 
 
@@ -76,3 +76,42 @@ def test_bench_cli_rejects_bad_options(tmp_path):
     assert main(["bench", "x", "--max-tokens", "100", "--output", str(tmp_path)]) == 2
     with pytest.raises(SystemExit):
         main(["bench"])
+
+
+def test_pooled_rounds_resummarize_runs():
+    from benchmarks.latency import pool, summarize
+
+    a = {"prefill": summarize([0.1, 0.3]), "decode": summarize([1.0, 1.2]), "batch": 1, "prompt_tokens": 8,
+         "new_tokens": 4}
+    b = {**a, "prefill": summarize([0.2]), "decode": summarize([2.0])}
+    p = pool(a, b)
+    assert p["rounds"] == 2 and p["decode"]["n"] == 3 and p["decode"]["median_ms"] == pytest.approx(1200)
+    assert p["decode"]["max_ms"] == pytest.approx(2000) and p["prefill"]["median_ms"] == pytest.approx(200)
+    assert p["decode_tokens_per_s"] == pytest.approx(4 / 1.2) and p["prefill_tokens_per_s"] == pytest.approx(40)
+    assert pool(p, b)["rounds"] == 3
+
+
+def test_timing_rounds_take_turns_and_pool_runs(tiny_llama_dir, tmp_path, monkeypatch):
+    import benchmarks.harness
+
+    real, calls = benchmarks.harness.measure, []
+
+    def logged(target, **kw):
+        calls.append((kw["label"], bool(kw["settings"].quality)))
+        return real(target, **kw)
+
+    monkeypatch.setattr(benchmarks.pipeline, "measure", logged)
+    monkeypatch.setattr(benchmarks.harness, "measure", logged)
+    config = _pipeline(tiny_llama_dir, tmp_path, repeats=2, rounds=2)
+    Runner(config, show_progress=False, log=lambda *a: None).run()
+    # round 1 measures everything; round 2 times each row again, the rows taking turns
+    assert calls == [("source", True), ("01-quantize", True)] + [("source", False), ("01-quantize", False)]
+    records = json.loads((tmp_path / "bench-demo" / "results.json").read_text())["records"]
+    for r in records:
+        assert r["latency"]["rounds"] == 2 and r["latency"]["decode"]["n"] == 4 and "perplexity" in r["quality"]
+        runs = sorted(r["latency"]["decode"]["runs_ms"])
+        assert r["latency"]["decode"]["median_ms"] == pytest.approx((runs[1] + runs[2]) / 2, abs=1e-2)
+    assert "in each of 2 rounds" in (tmp_path / "bench-demo" / "report.md").read_text()
+    calls.clear()
+    Runner(config, show_progress=False, log=lambda *a: None).run()
+    assert calls == []  # the pooled records were stored
