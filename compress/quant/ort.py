@@ -162,15 +162,16 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
                 continue
             node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
             dequantized = True
-        if dequantized:  # gather every row: the float table, computed once when the session starts
-            graph.initializer.extend([numpy_helper.from_array(np.array(v, np.int64), f"{table}_{name}")
-                                      for name, v in (("start", 0), ("stop", rows), ("step", 1))])
+        if dequantized:  # the float table from standard ops, which ONNX Runtime folds at session start
+            t = table
+            graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
+                                      numpy_helper.from_array(np.array([rows, width // block, 1]), t + "_scale_shape")])
             new_nodes += [
-                helper.make_node("Range", [f"{table}_start", f"{table}_stop", f"{table}_step"], [table + "_all"],
-                                 name=table + "_all"),
-                helper.make_node("GatherBlockQuantized", [rows_view, table + "_all", scales], [table + "_dequant"],
-                                 name=table + "_dequant", domain="com.microsoft", bits=8, block_size=block,
-                                 gather_axis=0, quantize_axis=1)]
+                helper.make_node("Cast", [packed], [t + "_f"], name=t + "_cast", to=1),
+                helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
+                helper.make_node("Reshape", [scales, t + "_scale_shape"], [t + "_scale3"], name=t + "_scale3"),
+                helper.make_node("Mul", [t + "_centred", t + "_scale3"], [t + "_blocks"], name=t + "_scaled"),
+                helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t + "_dequant"], name=t + "_dequant")]
         for k, n in enumerate(new_nodes):  # they read only initializers
             graph.node.insert(k, n)
     _use_contrib_domain(model)
