@@ -1,13 +1,15 @@
 """Export and quantization of SmolLM2-135M and MiniLM-L6, measured side by side with the harness.
 
     flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py [--models smollm2 minilm]
-        [--only LABEL ...] [--threads 2] [--work /tmp/compress-quantize-bench]
+        [--only LABEL ...] [--threads 2] [--rounds 3] [--work /tmp/compress-quantize-bench]
 
 Every variant is built with the suite's own passes (export, quantize) from the fp32 source, except the
 `optimum ORTQuantizer` row: optimum's own quantizer with its `AutoQuantizationConfig.avx512_vnni` dynamic
 defaults on the same fp32 export, for the side-by-side comparison the issue asks for. Each variant is then
 measured by `benchmarks.harness.measure` in its own process (quality against the torch fp32 source, latency,
-peak memory, size). Results: benchmarks/results/quantize/ (results.json, report.md/.html, plots, summary.md).
+peak memory, size), then timed again in further rounds, the rows of a model taking turns (`latency.rounds`),
+so the machine's drift slows every row alike. Results: benchmarks/results/quantize/ (results.json,
+report.md/.html, plots, summary.md).
 Built checkpoints are cached in --work; measurements are redone on every run (one JSON per row, so --only
 re-measures some rows and keeps the others)."""
 from __future__ import annotations
@@ -24,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.config import BenchmarkConfig, LatencyConfig  # noqa: E402
-from benchmarks.harness import measure  # noqa: E402
+from benchmarks.harness import measure, timing_rounds  # noqa: E402
 from benchmarks.report import write_report  # noqa: E402
 from compress import load, save  # noqa: E402
 from compress.checkpoint import Artifact  # noqa: E402
@@ -67,6 +69,8 @@ VARIANTS = {
         "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True,
         "exclude": ["*down_proj*", "*layer.*/output/dense*"]})),
     "ORT int8 static (QDQ)": ("ort-cpu", ("quantize-onnx", {"method": "ort-int8-static"})),
+    "ORT int8 static (QDQ), down_proj / FFN-out float": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-static", "exclude": ["*lm_head*", "*down_proj*", "*layer.*/output/dense*"]})),
     "ORT fp16": ("ort-cpu", ("quantize-onnx", {"method": "ort-fp16"})),
     "optimum ORTQuantizer (avx512_vnni dynamic)": ("ort-cpu", "optimum"),
     "bnb int8": ("torch-cpu", ("quantize-torch", {"method": "bnb-int8"})),
@@ -135,11 +139,11 @@ def _optimum_quantize(export_dir: Path, dst: Path) -> None:
     tmp.rename(dst)
 
 
-def settings(model_name: str, threads: int) -> BenchmarkConfig:
+def settings(model_name: str, threads: int, rounds: int) -> BenchmarkConfig:
     spec = MODELS[model_name]
     return BenchmarkConfig(backends=["torch-cpu", "ort-cpu"], threads=threads, data=spec["eval"],
                            quality=["perplexity", "accuracy", "teacher-agreement"],
-                           latency=LatencyConfig(warmup=1, repeats=3, throughput_batch=8))
+                           latency=LatencyConfig(warmup=1, repeats=3, throughput_batch=8, rounds=rounds))
 
 
 def main(argv=None) -> int:
@@ -147,6 +151,7 @@ def main(argv=None) -> int:
     ap.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
     ap.add_argument("--only", nargs="+", default=None, help="labels to (re)measure; others are kept")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the rows of a model taking turns")
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-quantize-bench"))
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the saved rows")
     args = ap.parse_args(argv)
@@ -156,10 +161,12 @@ def main(argv=None) -> int:
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     for model_name in ([] if args.report_only else args.models):
         spec = MODELS[model_name]
+        rows, jobs = [], []
         for label, (backend, how) in VARIANTS.items():
             if (args.only and label not in args.only) or (model_name, label) in SKIP:
                 continue
             log(f"[{model_name}] {label}: building")
+            job = None
             try:
                 target = build(model_name, label, how, args.work, log)
             except Exception as exc:  # one failed variant must not lose the others
@@ -167,16 +174,20 @@ def main(argv=None) -> int:
                        "error": f"build failed: {type(exc).__name__}: {exc}"}
             else:
                 log(f"[{model_name}] {label}: measuring {target} on {backend}")
-                rec = measure(target, backend=backend, settings=settings(model_name, args.threads),
-                              baseline=spec["source"], task=spec["task"], label=f"{model_name}: {label}",
-                              work_dir=args.work / "harness")
+                job = dict(target=target, backend=backend, baseline=spec["source"], task=spec["task"],
+                           label=f"{model_name}: {label}", work_dir=args.work / "harness")
+                rec = measure(**job, settings=settings(model_name, args.threads, args.rounds))
                 manifest = Path(target) / "manifest.json"
                 if manifest.exists():
                     info = json.loads(manifest.read_text()).get("info") or {}
                     rec["pass_check"] = info.get("discrepancy")
             rec["variant"], rec["model"] = label, model_name
-            (rows_dir / f"{model_name}--{slug(label)}.json").write_text(json.dumps(rec, indent=1, default=str))
+            rows.append(rec)
+            jobs.append(job)
             log(f"  -> {json.dumps(_brief(rec))}")
+        timing_rounds(rows, jobs, settings(model_name, args.threads, args.rounds), log)
+        for rec in rows:
+            (rows_dir / f"{model_name}--{slug(rec['variant'])}.json").write_text(json.dumps(rec, indent=1, default=str))
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     order = {label: i for i, label in enumerate(VARIANTS)}
     records.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["variant"], 99)))
