@@ -123,8 +123,8 @@ def main(argv=None) -> int:
     enc = BenchmarkConfig(threads=args.threads, data=ENC_DATA, latency=LATENCY)
     src = "builtin:smollm2-135m"
     models = [("smollm2-135m fp32", src, lm, src, smollm2_folder(), "float32", 2),
-              ("smollm2-135m bf16", str(bf16), lm, src, bf16, "bfloat16", 1),
-              ("minilm-l6", "builtin:minilm-l6", enc, "builtin:minilm-l6", minilm_folder(), "float32", 3)]
+              ("smollm2-135m bf16", str(bf16), lm, src, bf16, "bfloat16", 3),
+              ("minilm-l6", "builtin:minilm-l6", enc, "builtin:minilm-l6", minilm_folder(), "float32", 4)]
     # This VM's speed moves in bursts, so plain timings and harness measurements alternate (P H P H P ...) and
     # the harness's mean is compared with the plain timings' mean; how far the plain timings of the same thing
     # were apart shows how much the machine itself moved meanwhile.
@@ -180,6 +180,7 @@ def compare(label: str, measured: list[dict], timings: list[dict], loads: list[f
     harness = {k: sum(harness_ms(r)[k] for r in measured) / len(measured) for k in timings[0]}
     plain = {k: sum(t[k] for t in timings) / len(timings) for k in timings[0]}
     return {"label": label, "harness": harness, "plain": plain, "plain_runs": timings, "loadavg": loads,
+            "harness_runs": len(measured),
             "ratio": {k: harness[k] / plain[k] for k in plain},
             "plain_drift": {k: max(t[k] for t in timings) / min(t[k] for t in timings) for k in plain}}
 
@@ -199,8 +200,9 @@ def checks_md(c: dict) -> str:
         f"- decode median ({LATENCY['new_tokens']} tokens): {rep['decode_median_ms'][0]:.1f} ms vs "
         f"{rep['decode_median_ms'][1]:.1f} ms ({pct(*rep['decode_median_ms'])} apart)", "",
         "## Harness vs a plain timing loop (plain transformers in a fresh process, same inputs and threads)", "",
-        "Plain timings and harness measurements alternate (plain, harness, plain, ...: 2 harness runs of "
-        "SmolLM2 fp32, 1 of bf16, 3 of MiniLM); the table compares their means. `plain drift` is how far the "
+        "Plain timings and harness measurements alternate (plain, harness, plain, ...: "
+        + ", ".join(f"{p['harness_runs']} harness runs of {p['label']}" for p in c["plain_timing"])
+        + "); the table compares their means. `plain drift` is how far the "
         "plain timings of the same thing were apart (max/min - 1), i.e. how much the machine itself moved "
         "meanwhile.", "",
         "| model | figure | harness (ms) | plain (ms) | harness / plain | plain drift | loadavg |",
