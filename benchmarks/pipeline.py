@@ -54,6 +54,7 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     source = config.model.source
     targets = [("source", source)] + [(s.label, s.path) for s in result.steps]
     baseline = dict(targets)[settings.baseline]  # the config validator checked the name
+    rounds = settings.latency.rounds if settings.latency else 1
     records, jobs, stores = [], [], []
     for label, target in targets:
         for backend in settings.backends:
@@ -71,14 +72,17 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
                 if "skipped" in record or "error" in record:
                     log(f"benchmark: {label} on {backend}: {'skipped' if 'skipped' in record else 'FAILED'} - "
                         f"{record.get('skipped') or record.get('error')}")
+                elif rounds == 1:  # stored at once, so an interrupted run keeps what it measured
+                    _store(store, record)
             record["label"], record["is_baseline"] = label, target == baseline
             records.append(record)
             jobs.append(job)
             stores.append(store)
-    timing_rounds(records, jobs, settings, log)
-    for record, job, store in zip(records, jobs, stores):
-        if job is not None and "skipped" not in record and "error" not in record:  # skips and errors are retried
-            _store(store, record)
+    if rounds > 1:
+        timing_rounds(records, jobs, settings, log)
+        for record, job, store in zip(records, jobs, stores):
+            if job is not None and "skipped" not in record and "error" not in record:  # skips and errors are retried
+                _store(store, record)
     path = write_report(records, run_dir, f"{config.name}: what each pass bought and cost",
                         command=_command(run_dir))
     log(f"benchmark: report written to {path} (and report.html, results.json)")
