@@ -63,6 +63,11 @@ class BenchmarkConfig(BaseModel):
                                           description="timing workload; null to skip timing")
     timeout_s: int = Field(3600, gt=0, description="give up on one measurement after this many seconds")
 
+    @property
+    def rounds(self) -> int:
+        """Timing rounds per row (`latency.rounds`; 1 without timing)."""
+        return self.latency.rounds if self.latency else 1
+
     @field_validator("backends", "quality")
     @classmethod
     def _unique(cls, v: list) -> list:

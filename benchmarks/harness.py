@@ -362,7 +362,7 @@ def timing_rounds(records: list[dict], jobs: list[dict | None], settings: Benchm
     of `records[i]` (None: leave that row as it is, e.g. a stored result)."""
     from .latency import pool
 
-    rounds = settings.latency.rounds if settings.latency else 1
+    rounds = settings.rounds
     timing_only = settings.model_copy(update={"quality": []})
     for k in range(2, rounds + 1):
         for record, job in zip(records, jobs):

@@ -30,13 +30,10 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
 
-    model = _edge_module().EdgeModel(args.checkpoint, threads=args.threads)
     opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = args.threads, 1
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "profile")
-    model.session = ort.InferenceSession(str(Path(args.checkpoint) / "model.onnx"), opts,
-                                         providers=["CPUExecutionProvider"])
+    model = _edge_module().EdgeModel(args.checkpoint, threads=args.threads, session_options=opts)
     prompt = np.random.RandomState(0).randint(100, 20000, (1, 128)).astype(np.int64)
     model.generate(prompt, args.steps + 1)  # one prefill + `steps` decode steps
     events = json.loads(Path(model.session.end_profiling()).read_text())

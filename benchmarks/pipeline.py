@@ -54,7 +54,7 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     source = config.model.source
     targets = [("source", source)] + [(s.label, s.path) for s in result.steps]
     baseline = dict(targets)[settings.baseline]  # the config validator checked the name
-    rounds = settings.latency.rounds if settings.latency else 1
+    rounds = settings.rounds
     records, jobs, stores = [], [], []
     for label, target in targets:
         for backend in settings.backends:

@@ -45,7 +45,8 @@ class DecodeState:
 class EdgeModel:
     """An exported checkpoint directory (model.onnx, config.json, tokenizer.json, manifest.json)."""
 
-    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
+                 session_options: "ort.SessionOptions | None" = None):
         self.path = Path(path)
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
@@ -54,7 +55,7 @@ class EdgeModel:
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
         self.config = _read_json(self.path / "config.json")
         self.manifest = _read_json(self.path / "manifest.json")
-        opts = ort.SessionOptions()
+        opts = session_options or ort.SessionOptions()  # e.g. with profiling enabled
         if threads:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1

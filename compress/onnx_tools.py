@@ -65,6 +65,12 @@ def copy_edge_runner(dst: Path) -> None:
 _OPTIMIZER_TYPES = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2"}
 
 
+def use_contrib_domain(model) -> None:
+    """Declare ONNX Runtime's contrib-op domain (com.microsoft), which fused and quantized ops live in."""
+    if not any(o.domain == "com.microsoft" for o in model.opset_import):
+        model.opset_import.add(domain="com.microsoft", version=1)
+
+
 def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int,
                    external: str = "auto", max_positions: int | None = None) -> dict:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
@@ -75,8 +81,7 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     opt = optimize_model(str(Path(folder) / ONNX_FILE), model_type=mt, num_heads=num_heads,
                          hidden_size=hidden_size, opt_level=0)
     fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
-    if not any(o.domain == "com.microsoft" for o in opt.model.opset_import):  # the fused ops' domain
-        opt.model.opset_import.add(domain="com.microsoft", version=1)
+    use_contrib_domain(opt.model)  # the fused ops' domain
     trimmed = _trim_rotary_caches(opt.model, max_positions) if max_positions else 0
     save_model(opt.model, folder, external)
     return {"optimizer_model_type": mt, "fused_operators": fused, **({"rotary_cache_rows": trimmed} if trimmed else {})}

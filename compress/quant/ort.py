@@ -129,11 +129,12 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
     inits = {i.name: i for i in graph.initializer}
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.name not in excluded and n.input[0] in inits
                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1]
-    tables = [t for t in sorted({n.input[0] for n in gathers}) if _table_block(inits[t].dims[1])]
+    blocks_of = {t: _table_block(inits[t].dims[1]) for t in sorted({n.input[0] for n in gathers})}
+    tables = [t for t, block in blocks_of.items() if block]
     for table in tables:
         w = numpy_helper.to_array(inits[table]).astype(np.float32)
         rows, width = w.shape
-        block = _table_block(width)
+        block = blocks_of[table]
         blocks = w.reshape(rows, width // block, block)
         scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
         # uint8 with zero point 128: the default of both contrib ops when no zero_points input is given
@@ -174,7 +175,7 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
                 helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t + "_dequant"], name=t + "_dequant")]
         for k, n in enumerate(new_nodes):  # they read only initializers
             graph.node.insert(k, n)
-    _use_contrib_domain(model)
+    onnx_tools.use_contrib_domain(model)
     return tables
 
 
@@ -192,13 +193,6 @@ def _tied_head(graph, node, excluded):
     if len(readers) != 1 or readers[0].op_type != "MatMul" or readers[0].input[1] != node.output[0]:
         return None
     return None if readers[0].name in excluded else readers[0]
-
-
-def _use_contrib_domain(model) -> None:
-    from onnx import helper
-
-    if not any(o.domain == "com.microsoft" for o in model.opset_import):
-        model.opset_import.append(helper.make_opsetid("com.microsoft", 1))
 
 
 class _Batches:
