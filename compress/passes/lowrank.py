@@ -140,7 +140,7 @@ class LowRank(Pass):
             def hook(mod, args):
                 x = args[0].detach().float().reshape(-1, args[0].shape[-1])
                 if mask_now[0] is not None and mask_now[0].numel() == x.shape[0]:  # per-token input
-                    x = x[mask_now[0].reshape(-1).bool()]
+                    x = x[mask_now[0].reshape(-1).bool().to(x.device)]
                 v = x.abs().sum(0) if c.method == "asvd" else x.t() @ x
                 sums[name] = sums[name] + v.double() if name in sums else v.double()
                 counts[name] += x.shape[0]
@@ -148,14 +148,14 @@ class LowRank(Pass):
 
         handles = [net.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
         try:
-            with torch.no_grad():
+            with imp.on_device(net, ctx.device), torch.no_grad():  # the pipeline's GPU when it has one
                 for batch in batches:
                     mask_now[0] = batch.get("attention_mask")
                     imp._forward(net, batch, model.task)
         finally:
             for h in handles:
                 h.remove()
-        return {n: sums[n] / max(counts[n], 1) for n in names}
+        return {n: (sums[n] / max(counts[n], 1)).cpu() for n in names}
 
 
 def factorize_embedding(net: nn.Module, rank: int) -> dict:

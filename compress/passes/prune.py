@@ -150,7 +150,7 @@ class Prune(Pass):
         n_drop = round(n * ratio)
         if n_drop >= n:
             raise ConfigError(f"prune.layer_ratio={ratio} would remove all {n} layers; use a smaller ratio")
-        scores = imp.block_scores(net, ad, self._calib("prune targets: layers"), self.task)
+        scores = imp.block_scores(net, ad, self._calib("prune targets: layers"), self.task, self.ctx.device)
         candidates = [i for i in range(n) if not self._ignored(ad.layer_name(i))]
         drop = sorted(sorted(candidates, key=lambda i: scores[i].item())[:n_drop])
         drop_layers(net, ad, drop)
@@ -166,7 +166,7 @@ class Prune(Pass):
             return [imp.head_magnitude(net, ad, i, c.norm) for i in range(n)]
         outs = [ad.attn_out(i) for i in range(n)]
         s = imp.output_unit_scores(net, outs, ad.head_dim(), self._calib(f"importance: {c.importance}"),
-                                   self.task, c.importance)
+                                   self.task, c.importance, self.ctx.device)
         return [s[o] for o in outs]
 
     def _prune_heads(self, net, ad: Adapter) -> dict:
@@ -232,7 +232,7 @@ class Prune(Pass):
             return {i: imp.mlp_magnitude(net, ad, i, c.norm) for i in layers}
         outs = {i: ad.mlp_out(i) for i in layers}
         s = imp.output_unit_scores(net, list(outs.values()), 1, self._calib(f"importance: {c.importance}"),
-                                   self.task, c.importance)
+                                   self.task, c.importance, self.ctx.device)
         return {i: s[o] for i, o in outs.items()}
 
     def _prune_mlp(self, net, ad: Adapter) -> tuple[dict, dict | None]:

@@ -54,7 +54,8 @@ def calibration_batches(ctx, tokenizer, task: str, *, samples: int, seq_len: int
 
 
 def _forward(model: nn.Module, batch: dict, task: str, with_loss: bool = False):
-    inputs = {k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    device = next(model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
     if with_loss:
         if task == "causal-lm":
             inputs["labels"] = batch["input_ids"]
@@ -69,6 +70,21 @@ def _forward(model: nn.Module, batch: dict, task: str, with_loss: bool = False):
 
 
 @contextmanager
+def on_device(model: nn.Module, device: torch.device | str | None):
+    """Run the calibration forwards on `device` (the pipeline's GPU when it has one). The model comes back to
+    the CPU afterwards, where the pruning surgery and the factorizations happen; scores are kept on the CPU."""
+    device = torch.device(device or "cpu")
+    if device.type == "cpu":
+        yield
+        return
+    model.to(device)
+    try:
+        yield
+    finally:
+        model.to("cpu")
+
+
+@contextmanager
 def _hooks(handles: list):
     try:
         yield
@@ -79,8 +95,14 @@ def _hooks(handles: list):
 
 # ---------------------------------------------------------------------- data-driven scores
 def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, batches: list[dict],
-                       task: str, criterion: str) -> dict[str, torch.Tensor]:
-    """Per-unit scores [in_features // unit_size] for each output projection in `out_names`."""
+                       task: str, criterion: str, device=None) -> dict[str, torch.Tensor]:
+    """Per-unit scores [in_features // unit_size] for each output projection in `out_names`, computed on
+    `device`."""
+    with on_device(model, device):
+        return _output_unit_scores(model, out_names, unit_size, batches, task, criterion)
+
+
+def _output_unit_scores(model, out_names, unit_size, batches, task, criterion):
     modules = {n: model.get_submodule(n) for n in out_names}
     scores = {n: torch.zeros(linear_weight(m).shape[1] // unit_size, dtype=torch.float64)
               for n, m in modules.items()}
@@ -93,7 +115,7 @@ def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, b
                 x = args[0].detach().float()
                 x = x.reshape(-1, x.shape[-1])
                 if mask_now[0] is not None and mask_now[0].numel() == x.shape[0]:  # per-token input
-                    x = x[mask_now[0].reshape(-1).bool()]
+                    x = x[mask_now[0].reshape(-1).bool().to(x.device)]
                 w = linear_weight(mod).detach().float()  # [out, in]
                 if unit_size == 1:
                     contrib = x.abs() * w.norm(dim=0)  # |x_j| * ||W[:, j]||
@@ -101,7 +123,7 @@ def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, b
                     u = w.shape[1] // unit_size
                     contrib = torch.einsum("nus,ous->nuo", x.view(-1, u, unit_size),
                                            w.view(w.shape[0], u, unit_size)).norm(dim=-1)
-                scores[name] += contrib.sum(0).double()
+                scores[name] += contrib.sum(0).double().cpu()
                 counts[name] += x.shape[0]
             return hook
 
@@ -125,7 +147,7 @@ def output_unit_scores(model: nn.Module, out_names: list[str], unit_size: int, b
                     m = modules[n]
                     wg = (linear_weight(m).detach() * _grad_as_linear(m)).double()  # [out, in]
                     per_unit = wg.sum(0).view(-1, unit_size).sum(1)
-                    scores[n] += per_unit.pow(2)
+                    scores[n] += per_unit.pow(2).cpu()
         finally:
             model.zero_grad(set_to_none=True)
             model.train(was_training)
@@ -187,7 +209,7 @@ def _q_weight(model, ad: Adapter, i: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- block (depth) importance
-def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str) -> torch.Tensor:
+def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str, device=None) -> torch.Tensor:
     """How much each block changes its input: mean over tokens of 1 - cos(h_in, h_out). Low = removable."""
     n = ad.num_layers()
     total = torch.zeros(n, dtype=torch.float64)
@@ -200,13 +222,13 @@ def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str) 
             h_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
             if mask_now[0] is not None:
-                cos = cos[mask_now[0].bool()]
-            total[i] += (1 - cos).sum().double()
+                cos = cos[mask_now[0].bool().to(cos.device)]
+            total[i] += (1 - cos).sum().double().cpu()
             count[i] += cos.numel()
         return hook
 
     handles = [layer.register_forward_hook(make_hook(i), with_kwargs=True) for i, layer in enumerate(ad.layers())]
-    with _hooks(handles), torch.no_grad():
+    with on_device(model, device), _hooks(handles), torch.no_grad():
         for batch in batches:
             mask_now[0] = batch.get("attention_mask")
             _forward(model, batch, task)
