@@ -219,6 +219,7 @@ def train(
         "tokens": tokens,
         "seconds": round(train_seconds, 2),
         "tokens_per_s": round(tokens / max(train_seconds, 1e-9), 1),
+        "device": str(device),
         "precision": "bf16" if amp is not None else "fp32",
         "processes": world,
         "micro_batch": micro,

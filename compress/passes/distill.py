@@ -350,7 +350,7 @@ class Distill(Pass):
                         student_of=lambda m: m.student, accelerator=acc)
         for m, impl in attn_impls:
             m.set_attn_implementation(impl)
-        student.eval()
+        student.eval().cpu()  # every pass hands its model back on the CPU; the next one moves it where it runs
         info.update(figures)
         info.update({
             "task": task, "alpha": objective.alpha, "temperature": c.temperature, "kd_loss": c.kd_loss,
