@@ -92,6 +92,20 @@ def _bnb_int8_class():
                 self.bias = nn.Parameter(state_dict[prefix + "bias"].clone(), requires_grad=False)
             self.state.CB, self.state.SCB = None, None
 
+        def _apply(self, fn, *args, **kwargs):
+            """`model.to("cuda")` moves the weight's data but not the int8 matrix (CB) and row scales (SCB)
+            that bitsandbytes keeps beside it (its own `Linear8bitLt.to` runs only when the layer itself is
+            moved): keep them with the weight, or the first forward mixes devices."""
+            super()._apply(fn, *args, **kwargs)
+            w = self.weight
+            if w.dtype == torch.int8:
+                for holder in (w, self.state):
+                    if getattr(holder, "CB", None) is not None:
+                        holder.CB = w.data
+                    if getattr(holder, "SCB", None) is not None:
+                        holder.SCB = holder.SCB.to(w.device)
+            return self
+
     return BnbLinear8bit
 
 
