@@ -1,5 +1,6 @@
 """The quantize pass on tiny models: ONNX-side methods with their discrepancy check, calibration that
 follows the data it is given, and torch-side int8/4-bit layers that reload exactly in a fresh process."""
+import collections
 import json
 import subprocess
 import sys
@@ -203,3 +204,78 @@ def test_fp32_cast_keeps_working(tmp_path):
     art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
     out = get("quantize")(method="bf16").run(art, PassContext())
     assert next(out.model.parameters()).dtype == torch.bfloat16 and out.quantization == {"method": "bf16", "bits": 16}
+
+
+
+def _logits(model, feed) -> np.ndarray:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["logits"], feed)[0]
+
+
+def test_smoothing_keeps_the_function_and_flattens_the_outliers(onnx_llama):
+    """SmoothQuant-style smoothing is exact in float; it finds the projection groups of every block of the
+    tiny Llama (q/k/v after the input norm, gate/up after the post-attention norm, down after the SwiGLU
+    product) and flattens an outlier channel like those RMSNorm gains make."""
+    from onnx import numpy_helper
+
+    from compress.quant.ort import _load, calibration_feeds
+    from compress.quant.smooth import channel_absmax, find_groups, smooth
+
+    model = _load(onnx_llama.path)
+    ids = np.random.default_rng(0).integers(5, 300, (4, 16))
+    feeds = calibration_feeds(onnx_llama.path, ids, np.ones_like(ids), batch_size=2)
+    groups = find_groups(model)
+    layers = tiny_llama().config.num_hidden_layers
+    sizes = [len(g.consumers) for g in groups]
+    assert sizes.count(3) == layers and sizes.count(2) == layers  # q/k/v and gate/up of every block
+    assert sum(g.divide_columns is not None for g in groups) == layers  # down_proj: via up_proj's columns
+    qkv = next(g for g in groups if len(g.consumers) == 3)
+    gain = next(i for i in model.graph.initializer if i.name == qkv.divide_vectors[0])
+    planted = numpy_helper.to_array(gain).copy()
+    planted[3] *= 50.0  # one channel 50x larger, as in real Llama-family models
+    gain.CopyFrom(numpy_helper.from_array(planted, gain.name))
+    before_out = _logits(model, feeds[0])
+    before = channel_absmax(model, [qkv.activation], feeds)[qkv.activation]
+
+    info = smooth(model, feeds, alpha=0.5)
+    after = channel_absmax(model, [qkv.activation], feeds)[qkv.activation]
+    assert info["groups"] == len(groups)
+    np.testing.assert_allclose(_logits(model, feeds[0]), before_out, rtol=1e-4, atol=1e-4)  # same function
+    assert before.max() / np.median(before) > 20
+    assert after.max() / np.median(after) < before.max() / np.median(before) / 4  # the outlier is flattened
+    assert info["max_over_median_after"] < info["max_over_median_before"]
+    assert not find_groups(model, skip={c.name for g in groups for c in g.consumers})  # all skipped: none
+
+
+def test_static_int8_runs_integer_kernels_and_smoothing_helps_an_outlier_model(tmp_path):
+    """uint8 activations become integer matmuls in ONNX Runtime's CPU graph (int8 ones mostly stay float),
+    the products of two activations (attention) stay float, and on a tiny Llama with a planted outlier
+    channel smoothing raises agreement with the float model."""
+    import onnxruntime as ort
+
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] = 60.0
+            layer.post_attention_layernorm.weight[5] = 60.0
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=model)
+    parent = load(save(get("export")().run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "ck"))
+    agreement, fused_ops = {}, {}
+    for name, opts in {"plain": {"smooth_alpha": None}, "smoothed": {"smooth_alpha": 0.5},
+                       "int8-acts": {"smooth_alpha": None, "activations": "int8"}}.items():
+        q = quantize(parent, tmp_path / name, method="ort-int8-static", calibration_batches=4,
+                     min_agreement=0.0, **opts)
+        agreement[name] = q.info["discrepancy"]["top1_agreement"]
+        opt = ort.SessionOptions()
+        opt.optimized_model_filepath = str(tmp_path / f"{name}-optimized.onnx")
+        ort.InferenceSession(str(q.path / "model.onnx"), opt, providers=["CPUExecutionProvider"])
+        fused_ops[name] = collections.Counter(n.op_type for n in onnx.load(opt.optimized_model_filepath).graph.node)
+        assert (q.info["smoothing"] is not None) == (name == "smoothed")
+    integer = {k: ops["QLinearMatMul"] + ops["MatMulIntegerToFloat"] for k, ops in fused_ops.items()}
+    # q/k/v/o/gate/up of every block and nothing else: down_proj, the LM head and the attention products
+    # stay float by default
+    assert integer["plain"] == integer["smoothed"] == 6 * model.config.num_hidden_layers
+    assert integer["int8-acts"] < integer["plain"] / 2  # int8 activations: most stay dequantize + float
+    assert agreement["smoothed"] > agreement["plain"], agreement

@@ -34,6 +34,13 @@ BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "torch-int8-dynamic": 8, "bnb-int8":
 AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulinteger",
                "feature-extraction": "matmulinteger"}
 # Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
+# ort-int8-static leaves these in float by default: the LM head, and the MLP output projections, whose inputs
+# (the SwiGLU / GELU products) carry outliers that one static scale per tensor cannot hold even after
+# smoothing (SmolLM2: perplexity 57.8 with them int8, 24.9 without; MiniLM: embedding cosine 0.942 vs 0.995;
+# benchmarks/results/quantize/static/). BERT's FFN output is `layer.N/output/dense`, not `attention/output`.
+_BERT_FFN_OUT = ("*layer.?/output/dense*", "*layer.??/output/dense*")
+STATIC_FLOAT = {"causal-lm": ("*lm_head*", "*down_proj*", "*mlp/c_proj*"),
+                "sequence-classification": _BERT_FFN_OUT, "feature-extraction": _BERT_FFN_OUT}
 DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
 
 
@@ -44,7 +51,8 @@ class QuantizeConfig(PassConfig):
     exclude: list[str] | None = Field(
         None, description="glob patterns of layers left unquantized: torch module names (e.g. '*lm_head') for "
         "torch methods, ONNX node or weight names (e.g. '*lm_head*', '/model/layers.0/*') for ort-* methods. "
-        "Default: the LM head (torch int8/4-bit, ort-int8-static)")
+        "Default: the LM head (torch int8/4-bit); for ort-int8-static the MLP output projections (down_proj, "
+        "c_proj, BERT's output.dense) and the LM head")
     # ort-int8-dynamic
     kernel: Literal["auto", "matmulnbits", "matmulinteger"] = Field(
         "auto", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
@@ -65,6 +73,12 @@ class QuantizeConfig(PassConfig):
     calibration_batches: int = Field(8, ge=1, description="ort-int8-static: batches of calibration data")
     calibration_batch_size: int = Field(1, ge=1, description="ort-int8-static: sequences per calibration batch")
     calibration_seq_len: int = Field(128, ge=8, description="ort-int8-static: tokens per calibration sequence")
+    activations: Literal["uint8", "int8"] = Field(
+        "uint8", description="ort-int8-static: activation type; uint8 (asymmetric) runs as integer matmuls on "
+        "ONNX Runtime's x86 CPU kernels, int8 (symmetric) falls back to float there (for ARM / NPU targets)")
+    smooth_alpha: float | None = Field(
+        0.5, ge=0, le=1, description="ort-int8-static: SmoothQuant-style smoothing before calibration: moves "
+        "activation outliers into the weights with this strength (0 = none moved, 1 = all); null: no smoothing")
     # bitsandbytes
     bnb_threshold: float = Field(6.0, ge=0, description="bnb-int8: outlier threshold (LLM.int8); 0 disables")
     bnb_blocksize: int = Field(64, ge=32, description="bnb-nf4/fp4: weights per quantization block")
@@ -160,17 +174,19 @@ class Quantize(Pass):
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
             q["embeddings_int8"] = cfg.quantize_embeddings
         elif method == "ort-int8-static":
-            if cfg.exclude is None and task == "causal-lm":
-                exclude = ["*lm_head*"]
+            if cfg.exclude is None:
+                exclude = list(STATIC_FLOAT[task])
             feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx), cfg.calibration_batch_size)
             details = ort.static_int8(src, dst, feeds, calibrate=cfg.calibration_method, per_channel=cfg.per_channel,
-                                      exclude=exclude, op_types=["MatMul", "Gemm"])
+                                      exclude=exclude, op_types=["MatMul", "Gemm"], activations=cfg.activations,
+                                      smooth_alpha=cfg.smooth_alpha)
             scales = details.pop("activation_scales")
             details["calibration"] = {"method": cfg.calibration_method, "batches": len(feeds),
                                       "tokens": int(sum(f["input_ids"].size for f in feeds)),
                                       "activation_tensors": len(scales),
                                       "scale_mean": float(sum(scales.values()) / max(1, len(scales)))}
-            q.update(bits=8, format="QDQ", per_channel=cfg.per_channel, calibration=cfg.calibration_method)
+            q.update(bits=8, format="QDQ", per_channel=cfg.per_channel, calibration=cfg.calibration_method,
+                     activations=cfg.activations, smooth_alpha=cfg.smooth_alpha)
         else:
             details = ort.fp16(src, dst, exclude=exclude)
             q.update(bits=16, keep_io_types=True)

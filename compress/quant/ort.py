@@ -232,15 +232,29 @@ def calibration_feeds(src: Path, ids: np.ndarray, mask: np.ndarray, batch_size: 
 
 
 def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_channel: bool,
-                exclude: list[str], op_types: list[str], percentile: float = 99.999) -> dict:
-    """QDQ int8: activation ranges calibrated on `feeds` (MinMax / Entropy / Percentile), weights QInt8."""
+                exclude: list[str], op_types: list[str], activations: str = "uint8",
+                smooth_alpha: float | None = None, percentile: float = 99.999) -> dict:
+    """QDQ int8: activation ranges calibrated on `feeds` (MinMax / Entropy / Percentile), weights QInt8.
+
+    activations "uint8" (asymmetric) is what ONNX Runtime's x86 CPU kernels fuse into integer matmuls; with
+    "int8" (symmetric) they fall back to dequantize + float MatMul there, several times slower than fp32.
+    `smooth_alpha` first moves activation outliers into the weights (compress/quant/smooth.py)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    from .smooth import constant_source, smooth
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
     model = _load(src)
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    smoothing = smooth(model, feeds, smooth_alpha, skip=set(excluded)) if smooth_alpha is not None else None
+    # Products of two activations (attention scores, probabilities x values) stay float: one static scale
+    # per tensor flattens the small attention probabilities to zero. (MatMulConstBOnly is ignored by QDQ.)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    activation_products = [n.name for n in model.graph.node if n.op_type == "MatMul"
+                           and constant_source(model, n.input[1], producers) is None]
+    unsigned = activations == "uint8"
     with tempfile.TemporaryDirectory() as tmp:
         # The calibrator writes augmented models into the working directory: keep them in tmp.
         cwd = os.getcwd()
@@ -249,17 +263,20 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
             out = Path(tmp) / "q.onnx"
             quantize_static(model, out, _Batches(feeds), quant_format=QuantFormat.QDQ,
                             op_types_to_quantize=op_types, per_channel=per_channel,
-                            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
-                            nodes_to_exclude=excluded, use_external_data_format=True,
+                            activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+                            weight_type=QuantType.QInt8,
+                            nodes_to_exclude=excluded + activation_products, use_external_data_format=True,
                             calibrate_method=methods[calibrate],
-                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": True,
+                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": not unsigned,
                                            "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                           "CalibPercentile": percentile, "CalibTensorRangeSymmetric": True})
+                                           "CalibPercentile": percentile,
+                                           "CalibTensorRangeSymmetric": not unsigned})
             qmodel = onnx.load(str(out))
         finally:
             os.chdir(cwd)
         _finish(qmodel, dst, src)
-    return {"excluded_nodes": excluded, "activation_scales": activation_scales(qmodel)}
+    return {"excluded_nodes": excluded, "float_activation_products": len(activation_products),
+            "activation_scales": activation_scales(qmodel), "smoothing": smoothing}
 
 
 def activation_scales(model) -> dict[str, float]:

@@ -1,0 +1,184 @@
+"""SmoothQuant-style smoothing of an ONNX graph before static int8 (Xiao et al., 2023).
+
+Static int8 gives each activation tensor ONE scale, fixed at calibration. In Llama-family models a few
+input channels of the projections carry values two orders of magnitude above the rest (the RMSNorm gains
+amplify them, and the SwiGLU product feeding `down_proj` has its own), so one scale rounds the typical
+channels to a handful of levels. Smoothing divides channel j of such an activation by s_j and multiplies
+row j of the consuming weights by s_j: the float model computes exactly the same function, but the outliers
+move into the weights, which are quantized per output channel and tolerate them. With
+s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), alpha sets how much of the difficulty moves.
+
+Only exact rewrites are made, where the division can be folded into a constant of the producer:
+- `Mul(x, gamma)` (an RMSNorm's gain) or a LayerNormalization-family node's scale (and bias), whose output
+  feeds only MatMuls with constant weights (q/k/v, gate/up) and shape queries;
+- `Mul(act(gate), up)` where `up` is a MatMul with a constant weight used nowhere else: its weight's
+  columns are divided instead (the input of `down_proj`).
+Every weight matrix touched must belong to that one node, so no other path of the graph changes; a norm
+gain the exporter shared between nodes (identical values, through Identity nodes) gets a copy of its own."""
+from __future__ import annotations
+
+import tempfile
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+_NORMS = {  # op type -> input indices of the per-channel scale (and bias) applied to output 0
+    "LayerNormalization": (1, 2),
+    "SimplifiedLayerNormalization": (1,),
+    "SkipLayerNormalization": (2, 3),
+    "SkipSimplifiedLayerNormalization": (2,),
+}
+
+
+@dataclass
+class Group:
+    activation: str          # the tensor whose channels are smoothed
+    consumers: list          # MatMul nodes reading it (constant weights [K, N])
+    producer: object         # the node that makes it
+    divide_vectors: list     # initializers [K] of the producer to divide by s (norm gain / bias)
+    divide_columns: str | None = None  # an initializer [*, K] whose columns are divided by s (up_proj)
+
+
+def find_groups(model, skip: set[str] = frozenset()) -> list[Group]:
+    """Every activation that can be smoothed exactly (see the module docstring). Groups whose MatMuls are
+    all in `skip` (left in float) are left alone."""
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    uses: dict[str, int] = defaultdict(int)
+    consumers: dict[str, list] = defaultdict(list)
+    for node in g.node:
+        for name in node.input:
+            uses[name] += 1
+            consumers[name].append(node)
+    producers = {o: n for n in g.node for o in n.output}
+    outputs = {o.name for o in g.output}
+
+    def own(name: str) -> bool:
+        return name in inits and uses[name] == 1
+
+    def weight_matmul(node) -> bool:
+        return node.op_type == "MatMul" and own(node.input[1]) and len(inits[node.input[1]].dims) == 2
+
+    def vector(name: str, k: int) -> bool:  # shared vectors are fine: smooth() gives the node its own copy
+        source = constant_source(model, name, producers)
+        return source is not None and list(inits[source].dims) == [k]
+
+    groups = []
+    for tensor, readers in consumers.items():
+        cons = [c for c in readers if c.op_type != "Shape"]  # a Shape reads no values: smoothing keeps it
+        if tensor in outputs or tensor in inits or not cons or not all(weight_matmul(c) for c in cons):
+            continue
+        if all(c.name in skip for c in cons):
+            continue
+        k = inits[cons[0].input[1]].dims[0]
+        if any(inits[c.input[1]].dims[0] != k for c in cons):
+            continue
+        p = producers.get(tensor)
+        if p is None:
+            continue
+        if p.op_type in _NORMS and p.output[0] == tensor:
+            vecs = [p.input[i] for i in _NORMS[p.op_type] if i < len(p.input) and p.input[i]]
+            if vecs and all(vector(v, k) for v in vecs):
+                groups.append(Group(tensor, cons, p, vecs))
+        elif p.op_type == "Mul":
+            vec = [i for i in p.input if vector(i, k)]
+            if vec:
+                groups.append(Group(tensor, cons, p, vec[:1]))
+                continue
+            for i in p.input:  # Mul(act(gate), up): divide up_proj's columns
+                up = producers.get(i)
+                if up is not None and weight_matmul(up) and consumers[i] == [p] and i not in outputs \
+                        and inits[up.input[1]].dims[1] == k:
+                    groups.append(Group(tensor, cons, p, [], divide_columns=up.input[1]))
+                    break
+    return groups
+
+
+def constant_source(model, name: str, producers: dict | None = None) -> str | None:
+    """The initializer a tensor is, directly or through Identity nodes (how the exporter shares
+    deduplicated weights); None for a computed tensor."""
+    inits = {i.name for i in model.graph.initializer}
+    producers = producers if producers is not None else {o: n for n in model.graph.node for o in n.output}
+    for _ in range(8):
+        if name in inits:
+            return name
+        node = producers.get(name)
+        if node is None or node.op_type != "Identity":
+            return None
+        name = node.input[0]
+    return None
+
+
+def channel_absmax(model, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
+    """max |x| per last-axis channel of each tensor over all calibration feeds (ONNX Runtime, CPU)."""
+    import onnx
+    import onnxruntime as ort
+
+    from .. import onnx_tools
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    for name in tensors:
+        probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    with tempfile.TemporaryDirectory() as tmp:
+        path = onnx_tools.save_model(probe, Path(tmp), "always")
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL  # keep the probed tensors
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        amax: dict[str, np.ndarray] = {}
+        for feed in feeds:
+            for name, value in zip(tensors, session.run(tensors, feed)):
+                m = np.abs(value.reshape(-1, value.shape[-1])).max(axis=0)
+                amax[name] = m if name not in amax else np.maximum(amax[name], m)
+    return amax
+
+
+def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset()) -> dict:
+    """Smooth `model` in place; return what was done (for the manifest)."""
+    from onnx import numpy_helper
+
+    groups = find_groups(model, skip)
+    if not groups:
+        return {"alpha": alpha, "groups": 0}
+    inits = {i.name: i for i in model.graph.initializer}
+    amax = channel_absmax(model, [gr.activation for gr in groups], feeds)
+    uses: dict[str, int] = defaultdict(int)
+    for node in model.graph.node:
+        for name in node.input:
+            uses[name] += 1
+    for gr in groups:  # a norm gain shared with other nodes (deduplicated by the exporter) gets its own copy
+        for j, name in enumerate(gr.divide_vectors):
+            if name in inits and uses[name] == 1:
+                continue
+            source = constant_source(model, name)
+            copy = numpy_helper.from_array(numpy_helper.to_array(inits[source]), f"{source}.smooth.{gr.producer.name}")
+            model.graph.initializer.append(copy)
+            inits[copy.name] = model.graph.initializer[-1]
+            gr.producer.input[list(gr.producer.input).index(name)] = copy.name
+            uses[name] -= 1
+            gr.divide_vectors[j] = copy.name
+
+    def replace(name: str, array: np.ndarray) -> None:
+        inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
+
+    ratios = []
+    for gr in groups:
+        weights = {c.input[1]: numpy_helper.to_array(inits[c.input[1]]) for c in gr.consumers}
+        x_max = amax[gr.activation].astype(np.float64)
+        w_max = np.max([np.abs(w).max(axis=1) for w in weights.values()], axis=0).astype(np.float64)
+        s = np.power(np.maximum(x_max, 1e-5), alpha) / np.power(np.maximum(w_max, 1e-5), 1 - alpha)
+        s = np.where(x_max > 0, np.clip(s, 1e-4, 1e4), 1.0)
+        for name, w in weights.items():
+            replace(name, w * s[:, None])
+        for name in gr.divide_vectors:
+            replace(name, numpy_helper.to_array(inits[name]) / s)
+        if gr.divide_columns:
+            replace(gr.divide_columns, numpy_helper.to_array(inits[gr.divide_columns]) / s[None, :])
+        smoothed = x_max / s
+        ratios.append((float(x_max.max() / max(np.median(x_max), 1e-12)),
+                       float(smoothed.max() / max(np.median(smoothed), 1e-12))))
+    return {"alpha": alpha, "groups": len(groups),
+            "max_over_median_before": round(float(np.median([r[0] for r in ratios])), 2),
+            "max_over_median_after": round(float(np.median([r[1] for r in ratios])), 2)}
