@@ -3,6 +3,7 @@ teacher of configs/minilm-bbc.yaml, read from runs/minilm-bbc/01-distill), measu
 
     flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py
         [--models smollm2 minilm minilm-bbc] [--only LABEL ...] [--threads 2] [--rounds 3] [--work /tmp/compress-quantize-bench]
+        [--out benchmarks/results/quantize] [--title TITLE]
 
 Every variant is built with the suite's own passes (export, quantize) from the fp32 source, except the
 `optimum ORTQuantizer` row: optimum's own quantizer with its `AutoQuantizationConfig.avx512_vnni` dynamic
@@ -16,6 +17,7 @@ re-measures some rows and keeps the others)."""
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shutil
@@ -73,9 +75,17 @@ VARIANTS = {
     "ORT int8 MatMulInteger per-channel, down_proj / FFN-out float": ("ort-cpu", ("quantize-onnx", {
         "method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True,
         "exclude": ["*down_proj*", "*layer.*/output/dense*"]})),
+    # static: the default (smoothing 0.5, uint8 activations, MLP output projections and LM head float), then
+    # one change each
     "ORT int8 static (QDQ)": ("ort-cpu", ("quantize-onnx", {"method": "ort-int8-static"})),
-    "ORT int8 static (QDQ), down_proj / FFN-out float": ("ort-cpu", ("quantize-onnx", {
-        "method": "ort-int8-static", "exclude": ["*lm_head*", "*down_proj*", "*layer.*/output/dense*"]})),
+    "ORT int8 static (QDQ), every projection int8": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-static", "exclude": ["*lm_head*"]})),
+    "ORT int8 static (QDQ), smoothing alpha 0.8": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-static", "smooth_alpha": 0.8})),
+    "ORT int8 static (QDQ), no smoothing": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-static", "smooth_alpha": None})),
+    "ORT int8 static (QDQ), int8 activations": ("ort-cpu", ("quantize-onnx", {
+        "method": "ort-int8-static", "activations": "int8"})),
     "ORT fp16": ("ort-cpu", ("quantize-onnx", {"method": "ort-fp16"})),
     "optimum ORTQuantizer (avx512_vnni dynamic)": ("ort-cpu", "optimum"),
     "bnb int8": ("torch-cpu", ("quantize-torch", {"method": "bnb-int8"})),
@@ -96,7 +106,8 @@ def build(model_name: str, label: str, how, work: Path, log) -> str:
     spec = MODELS[model_name]
     if how == "source":
         return spec["source"]
-    path = work / model_name / slug(label)
+    # the options are part of the name, so a variant whose options change is built again, never reused
+    path = work / model_name / f"{slug(label)}-{hashlib.sha256(repr(how).encode()).hexdigest()[:8]}"
     if (path / "manifest.json").exists() or (path / "model.onnx").exists():
         return str(path)
     data = PipelineData(train=spec["calibration"], eval=spec["eval"], calibration=spec["calibration"])
@@ -159,9 +170,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="timing rounds, the rows of a model taking turns")
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-quantize-bench"))
     ap.add_argument("--report-only", action="store_true", help="rebuild the report from the saved rows")
+    ap.add_argument("--out", type=Path, default=OUT, help="where rows/ and the report go")
+    ap.add_argument("--title", default="Export and quantization: SmolLM2-135M, MiniLM-L6 and its BBC News classifier")
     args = ap.parse_args(argv)
     set_threads(args.threads)
-    rows_dir = OUT / "rows"
+    out = args.out
+    rows_dir = out / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     for model_name in ([] if args.report_only else args.models):
@@ -199,9 +213,12 @@ def main(argv=None) -> int:
     records = [json.loads(p.read_text()) for p in sorted(rows_dir.glob("*.json"))]
     order = {label: i for i, label in enumerate(VARIANTS)}
     records.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["variant"], 99)))
-    report = write_report(records, OUT, "Export and quantization: SmolLM2-135M, MiniLM-L6 and its BBC News classifier",
-                          command="flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py")
-    (OUT / "summary.md").write_text(summary(records))
+    command = "flock /tmp/compress-heavy.lock .venv/bin/python " + " ".join(
+        [f"benchmarks/{Path(sys.argv[0]).name}", *(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))])
+    if args.report_only and (out / "results.json").exists():  # the rows were measured by the earlier command
+        command = json.loads((out / "results.json").read_text()).get("command") or command
+    report = write_report(records, out, args.title, command=command)
+    (out / "summary.md").write_text(summary(records))
     log(f"report: {report}")
     return 0
 
