@@ -153,7 +153,8 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
             if name in inits and uses[name] == 1:
                 continue
             source = constant_source(model, name)
-            copy = numpy_helper.from_array(numpy_helper.to_array(inits[source]), f"{source}.smooth.{gr.producer.name}")
+            copy = numpy_helper.from_array(numpy_helper.to_array(inits[source]),
+                                           f"{source}.smooth.{gr.producer.name}")
             model.graph.initializer.append(copy)
             inits[copy.name] = model.graph.initializer[-1]
             gr.producer.input[list(gr.producer.input).index(name)] = copy.name
