@@ -33,7 +33,6 @@ BITS = {"fp32": 32, "bf16": 16, "fp16": 16, "torch-int8-dynamic": 8, "bnb-int8":
 # quality); encoders process whole sequences, where MatMulInteger is faster (README.md in the results).
 AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulinteger",
                "feature-extraction": "matmulinteger"}
-# Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
 # ort-int8-static leaves these in float by default: the LM head, and the MLP output projections, whose inputs
 # (the SwiGLU / GELU products) carry outliers that one static scale per tensor cannot hold even after
 # smoothing (SmolLM2: perplexity 57.8 with them int8, 24.9 without; MiniLM: embedding cosine 0.942 vs 0.995;
@@ -41,6 +40,7 @@ AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulint
 _BERT_FFN_OUT = ("*layer.?/output/dense*", "*layer.??/output/dense*")
 STATIC_FLOAT = {"causal-lm": ("*lm_head*", "*down_proj*", "*mlp/c_proj*"),
                 "sequence-classification": _BERT_FFN_OUT, "feature-extraction": _BERT_FFN_OUT}
+# Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
 DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
 
 

@@ -242,7 +242,7 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-    from .smooth import constant_source, smooth
+    from .smooth import GraphIndex, smooth
 
     methods = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
                "percentile": CalibrationMethod.Percentile}
@@ -250,10 +250,11 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     smoothing = smooth(model, feeds, smooth_alpha, skip=set(excluded)) if smooth_alpha is not None else None
     # Products of two activations (attention scores, probabilities x values) stay float: one static scale
-    # per tensor flattens the small attention probabilities to zero. (MatMulConstBOnly is ignored by QDQ.)
-    producers = {o: n for n in model.graph.node for o in n.output}
-    activation_products = [n.name for n in model.graph.node if n.op_type == "MatMul"
-                           and constant_source(model, n.input[1], producers) is None]
+    # per tensor flattens the small attention probabilities to zero. (The QDQ quantizer ignores its
+    # MatMulConstBOnly option, so they are excluded by name.)
+    index = GraphIndex.of(model)
+    activation_products = [n.name for n in model.graph.node
+                           if n.op_type == "MatMul" and index.constant_source(n.input[1]) is None]
     unsigned = activations == "uint8"
     with tempfile.TemporaryDirectory() as tmp:
         # The calibrator writes augmented models into the working directory: keep them in tmp.
@@ -267,7 +268,7 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
                             weight_type=QuantType.QInt8,
                             nodes_to_exclude=excluded + activation_products, use_external_data_format=True,
                             calibrate_method=methods[calibrate],
-                            extra_options={"MatMulConstBOnly": True, "ActivationSymmetric": not unsigned,
+                            extra_options={"ActivationSymmetric": not unsigned,
                                            "DefaultTensorType": onnx.TensorProto.FLOAT,
                                            "CalibPercentile": percentile,
                                            "CalibTensorRangeSymmetric": not unsigned})

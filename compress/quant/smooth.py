@@ -41,19 +41,45 @@ class Group:
     divide_columns: str | None = None  # an initializer [*, K] whose columns are divided by s (up_proj)
 
 
-def find_groups(model, skip: set[str] = frozenset()) -> list[Group]:
+@dataclass
+class GraphIndex:
+    """Who makes and who reads each tensor of a graph, built once and shared by the passes over it."""
+    inits: dict      # initializer name -> TensorProto
+    uses: dict       # tensor name -> how many node inputs read it
+    consumers: dict  # tensor name -> nodes reading it
+    producers: dict  # tensor name -> the node making it
+    outputs: set     # graph output names
+
+    @classmethod
+    def of(cls, model) -> "GraphIndex":
+        g = model.graph
+        uses: dict[str, int] = defaultdict(int)
+        consumers: dict[str, list] = defaultdict(list)
+        for node in g.node:
+            for name in node.input:
+                uses[name] += 1
+                consumers[name].append(node)
+        return cls({i.name: i for i in g.initializer}, uses, consumers,
+                   {o: n for n in g.node for o in n.output}, {o.name for o in g.output})
+
+    def constant_source(self, name: str) -> str | None:
+        """The initializer a tensor is, directly or through Identity nodes (how the exporter shares
+        deduplicated weights); None for a computed tensor."""
+        for _ in range(8):
+            if name in self.inits:
+                return name
+            node = self.producers.get(name)
+            if node is None or node.op_type != "Identity":
+                return None
+            name = node.input[0]
+        return None
+
+
+def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = None) -> list[Group]:
     """Every activation that can be smoothed exactly (see the module docstring). Groups whose MatMuls are
     all in `skip` (left in float) are left alone."""
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    uses: dict[str, int] = defaultdict(int)
-    consumers: dict[str, list] = defaultdict(list)
-    for node in g.node:
-        for name in node.input:
-            uses[name] += 1
-            consumers[name].append(node)
-    producers = {o: n for n in g.node for o in n.output}
-    outputs = {o.name for o in g.output}
+    ix = index or GraphIndex.of(model)
+    inits, uses, consumers, producers, outputs = ix.inits, ix.uses, ix.consumers, ix.producers, ix.outputs
 
     def own(name: str) -> bool:
         return name in inits and uses[name] == 1
@@ -62,7 +88,7 @@ def find_groups(model, skip: set[str] = frozenset()) -> list[Group]:
         return node.op_type == "MatMul" and own(node.input[1]) and len(inits[node.input[1]].dims) == 2
 
     def vector(name: str, k: int) -> bool:  # shared vectors are fine: smooth() gives the node its own copy
-        source = constant_source(model, name, producers)
+        source = ix.constant_source(name)
         return source is not None and list(inits[source].dims) == [k]
 
     groups = []
@@ -96,21 +122,6 @@ def find_groups(model, skip: set[str] = frozenset()) -> list[Group]:
     return groups
 
 
-def constant_source(model, name: str, producers: dict | None = None) -> str | None:
-    """The initializer a tensor is, directly or through Identity nodes (how the exporter shares
-    deduplicated weights); None for a computed tensor."""
-    inits = {i.name for i in model.graph.initializer}
-    producers = producers if producers is not None else {o: n for n in model.graph.node for o in n.output}
-    for _ in range(8):
-        if name in inits:
-            return name
-        node = producers.get(name)
-        if node is None or node.op_type != "Identity":
-            return None
-        name = node.input[0]
-    return None
-
-
 def channel_absmax(model, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
     """max |x| per last-axis channel of each tensor over all calibration feeds (ONNX Runtime, CPU)."""
     import onnx
@@ -139,20 +150,17 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
     """Smooth `model` in place; return what was done (for the manifest)."""
     from onnx import numpy_helper
 
-    groups = find_groups(model, skip)
+    ix = GraphIndex.of(model)
+    groups = find_groups(model, skip, ix)
     if not groups:
         return {"alpha": alpha, "groups": 0}
-    inits = {i.name: i for i in model.graph.initializer}
+    inits, uses = ix.inits, ix.uses
     amax = channel_absmax(model, [gr.activation for gr in groups], feeds)
-    uses: dict[str, int] = defaultdict(int)
-    for node in model.graph.node:
-        for name in node.input:
-            uses[name] += 1
     for gr in groups:  # a norm gain shared with other nodes (deduplicated by the exporter) gets its own copy
         for j, name in enumerate(gr.divide_vectors):
             if name in inits and uses[name] == 1:
                 continue
-            source = constant_source(model, name)
+            source = ix.constant_source(name)
             copy = numpy_helper.from_array(numpy_helper.to_array(inits[source]),
                                            f"{source}.smooth.{gr.producer.name}")
             model.graph.initializer.append(copy)
