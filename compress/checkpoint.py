@@ -180,8 +180,8 @@ def _load_torch_model(path: Path, manifest: dict) -> nn.Module:
     from safetensors.torch import load_file
     from transformers import AutoConfig
 
-    from .models import auto_class
     from .structure import apply_structure
+    from .tasks import auto_class
 
     dtype = getattr(torch, manifest.get("dtype") or "float32")
     loader = auto_class(manifest["task"])
@@ -234,3 +234,23 @@ def load(path: str | os.PathLike, *, verify_hashes: bool = True) -> Artifact:
     else:
         raise CheckpointError(f"{path}: unknown checkpoint kind {art.kind!r}")
     return art
+
+
+def load_source(source: str, task: str, *, label_names: list[str] | None = None,
+                trust_remote_code: bool = False) -> Artifact:
+    """Any model source as an Artifact: a compress checkpoint through `load` (its structure re-applied, its
+    files verified), a builtin, hub or save_pretrained source through `models.load_model`."""
+    from .errors import ModelSourceError
+    from .models import load_model, resolve_source
+
+    kind, location = resolve_source(source)
+    if kind == "checkpoint":
+        art = load(location)
+        if art.task != task:
+            raise ModelSourceError(f"checkpoint {location} is for task {art.task!r}, not {task!r}")
+        if art.kind != "torch":
+            raise ModelSourceError(f"checkpoint {location} is an ONNX model; a torch model is needed here "
+                                   "(use the checkpoint the export started from)")
+        return art
+    model, tok = load_model(source, task, label_names=label_names, trust_remote_code=trust_remote_code)
+    return Artifact(kind="torch", task=task, tokenizer=tok, model=model)

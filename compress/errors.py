@@ -66,7 +66,8 @@ def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
             holder = _model_at(model_cls, loc[:-1]) if model_cls else None
             allowed = sorted(getattr(holder, "model_fields", {}) or {})
             near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
-            msg = f"{where}: unknown option {loc[-1]!r}"
+            scope = getattr(holder, "options_of", "")
+            msg = f"{where}: unknown option {loc[-1]!r}" + (f" for {scope}" if scope else "")
             if near:
                 msg += f"; did you mean {near[0]!r}?"
             if allowed:

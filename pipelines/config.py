@@ -16,7 +16,8 @@ from compress import passes as pass_registry
 from compress.data import DataSpec, default_split
 from compress.errors import ConfigError, format_validation_error
 from compress.errors import ModelSourceError
-from compress.models import TASKS, check_source
+from compress.models import check_source
+from compress.tasks import TASKS
 from compress.passes.base import Pass
 
 
@@ -132,7 +133,7 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
         if quantized_by and p.quantizes():
             errors.append(f"{label} would quantize a model that {quantized_by} already quantized: "
                           "quantizing twice is not supported, keep one quantize pass")
-        elif quantized_by and not p.accepts_quantized:
+        elif quantized_by and not p.accepts_quantized_input():
             errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them: "
                           f"move `{p.name}` before the quantize pass")
         if p.quantizes():
@@ -260,14 +261,19 @@ def json_schema() -> dict:
     from pydantic.json_schema import models_json_schema
 
     registry = pass_registry.available()
-    models = [(PipelineConfig, "validation")] + [(cls.Config, "validation") for cls in registry.values()]
+    models = [(PipelineConfig, "validation")] + [(c, "validation") for cls in registry.values()
+                                                  for c in cls.config_classes()]
     _, top = models_json_schema(models, ref_template="#/$defs/{model}")
     defs = top["$defs"]
     schema = copy.deepcopy(defs.pop(PipelineConfig.__name__))
+
+    def options(cls) -> dict:  # one options model, or one of several chosen by a discriminator (quantize)
+        refs = [{"$ref": f"#/$defs/{c.__name__}"} for c in cls.config_classes()]
+        return {**(refs[0] if len(refs) == 1 else {"oneOf": refs}), "description": cls.description}
+
     schema["properties"]["passes"]["items"] = defs[BranchConfig.__name__]["properties"]["passes"]["items"] = {
         "oneOf": [
-            {"type": "object", "additionalProperties": False, "required": [name],
-             "properties": {name: {"$ref": f"#/$defs/{cls.Config.__name__}", "description": cls.description}}}
+            {"type": "object", "additionalProperties": False, "required": [name], "properties": {name: options(cls)}}
             for name, cls in registry.items()
         ]
     }

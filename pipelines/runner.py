@@ -21,7 +21,7 @@ from compress import checkpoint
 from compress.checkpoint import Artifact
 from compress.data import PipelineData
 from compress.errors import CheckpointError
-from compress.models import load_model, source_fingerprint
+from compress.models import source_fingerprint
 from compress.passes.base import PassContext
 from compress.runtime import is_main_process, launched_processes, seed_everything, set_threads
 
@@ -110,9 +110,8 @@ class Runner:
     def _load_source(self) -> Artifact:
         cfg = self.pipeline.config
         label_names = self.data.dataset("train").label_names if cfg.task == "sequence-classification" else None
-        model, tok = load_model(cfg.model.source, cfg.task, label_names=label_names,
-                                trust_remote_code=cfg.model.trust_remote_code)
-        return Artifact(kind="torch", task=cfg.task, tokenizer=tok, model=model)
+        return checkpoint.load_source(cfg.model.source, cfg.task, label_names=label_names,
+                                      trust_remote_code=cfg.model.trust_remote_code)
 
     def _scratch(self) -> Path:
         """Temporary files of the passes (one folder per process), removed at the end of the run."""

@@ -11,7 +11,7 @@ from compress import checkpoint
 from compress.checkpoint import Artifact
 from compress.errors import CheckpointError
 from compress.models import load_model
-from compress.structure import register_structure
+from compress import structure
 
 TESTS = Path(__file__).parent
 IDS = torch.tensor([[5, 17, 42, 99, 7, 3, 250, 11]])
@@ -100,7 +100,6 @@ class _Doubled(torch.nn.Module):
         return self.second(self.first(x))
 
 
-@register_structure("test-doubled")
 def _apply_doubled(model, entry):
     for name in entry["modules"]:
         parent, attr = name.rsplit(".", 1)
@@ -108,7 +107,9 @@ def _apply_doubled(model, entry):
         setattr(owner, attr, _Doubled(getattr(owner, attr)))
 
 
-def test_structure_entries_are_reapplied_before_weights_load(tiny_llama_dir, tmp_path):
+def test_structure_entries_are_reapplied_before_weights_load(tiny_llama_dir, tmp_path, monkeypatch):
+    known = structure.appliers()
+    monkeypatch.setattr(structure, "appliers", lambda: {**known, "test-doubled": _apply_doubled})
     model, tok = load_model(str(tiny_llama_dir), "causal-lm")
     target = "model.layers.0.mlp.down_proj"
     _apply_doubled(model, {"modules": [target]})

@@ -112,7 +112,10 @@ def test_schema_and_passes_listing(tmp_path, capsys):
     schema = json.loads(out.read_text())
     names = [next(iter(item["properties"])) for item in schema["properties"]["passes"]["items"]["oneOf"]]
     assert "quantize" in names
-    assert schema["$defs"]["QuantizeConfig"]["additionalProperties"] is False
+    quantize = next(i for i in schema["properties"]["passes"]["items"]["oneOf"] if "quantize" in i["properties"])
+    members = [ref["$ref"].split("/")[-1] for ref in quantize["properties"]["quantize"]["oneOf"]]
+    assert "OrtDynamicConfig" in members and "CastConfig" in members
+    assert all(schema["$defs"][m]["additionalProperties"] is False for m in members)
     assert main(["passes"]) == 0
     listing = capsys.readouterr().out
     assert "quantize" in listing and "method" in listing and "default 'bf16'" in listing
@@ -122,5 +125,5 @@ def test_valid_config_passes_validation(tmp_path, capsys):
     assert main(["validate", _write(tmp_path, BASE)]) == 0
     assert "ok" in capsys.readouterr().out
     root = __import__("pathlib").Path(__file__).parents[1]
-    for config in sorted([*root.glob("configs/*.yaml"), *root.glob("benchmarks/configs/*.yaml")]):
+    for config in sorted([*root.glob("configs/*.yaml"), *root.glob("studies/configs/*.yaml")]):
         assert main(["validate", str(config)]) == 0, f"{config} does not validate"

@@ -180,11 +180,11 @@ def test_full_rank_embedding_factors_reproduce_the_model():
     save nothing, so the modules are filled here directly)."""
     from tiny_models import tiny_llama
 
-    from compress.passes.lowrank import _install_embedding
+    from compress.pruning.lowrank import install_embedding
 
     m, ref = tiny_llama(), tiny_llama()
     u, s, vh = torch.linalg.svd(m.get_input_embeddings().weight.detach().double(), full_matrices=False)
-    emb = _install_embedding(m, 32)
+    emb = install_embedding(m, 32)
     with torch.no_grad():
         emb.weight.copy_((u * s).float())
         emb.proj.weight.copy_(vh.t().float())

@@ -68,9 +68,23 @@ def test_quantize_after_fused_export(tmp_path, method):
     art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
     fused = load(save(get("export")(optimize=True).run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "f"))
     assert fused.info["optimization"]["fused_operators"]
-    kernel = {"kernel": "matmulinteger"} if method == "ort-int8-dynamic" else {}
-    q = quantize(fused, tmp_path, method=method, calibration_batches=1, **kernel)
+    options = {"ort-int8-dynamic": {"kernel": "matmulinteger"}, "ort-int8-static": {"calibration_batches": 1}}
+    q = quantize(fused, tmp_path, method=method, **options.get(method, {}))
     assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.75
+
+
+def test_each_method_takes_only_its_own_options():
+    """quantize's options are a union discriminated on `method`: another method's option is an error that
+    names the method, and a resolved config holds (and hashes) only the chosen method's options."""
+    with pytest.raises(ConfigError, match="unknown option 'bnb_threshold' for method ort-int8-dynamic"):
+        get("quantize")(method="ort-int8-dynamic", bnb_threshold=3.0)
+    with pytest.raises(ConfigError, match="unknown option 'exclude' for the dtype casts"):
+        get("quantize")(method="bf16", exclude=["*lm_head"])
+    with pytest.raises(ConfigError, match="unknown method 'ort-int8'; did you mean"):
+        get("quantize")(method="ort-int8")
+    dumped = get("quantize")(method="bnb-nf4").config.model_dump()
+    assert set(dumped) == {"method", "exclude", "bnb_blocksize", "bnb_compute_dtype"}
+    assert get("quantize")().config.model_dump() == {"method": "bf16"}
 
 
 def test_exclusion_by_pattern(onnx_llama, tmp_path):

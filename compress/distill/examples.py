@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import DataSpec, load_dataset, lm_windows
+from ..errors import DataSourceError
 from .teacher_cache import tensor_digest
 
 
@@ -64,3 +66,43 @@ def text_examples(tokenizer, texts: list[str], labels: list[int] | None, max_len
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     lab = torch.tensor(labels, dtype=torch.long) if labels is not None else None
     return Examples(rows=rows, pad_id=pad, labels=lab)
+
+
+def training_examples(config, ctx, tok, task: str, split: str = "train", limit: int | None = None) -> Examples:
+    """Examples from the pipeline's `data.train` for distill options `config`: its train split, or (split
+    "validation") its validation split for evaluation, never the eval data's test split. `limit` caps
+    validation tokens (causal LMs) or examples (the others)."""
+    if ctx.data is None:
+        raise DataSourceError("distill needs `data.train` in the pipeline config")
+    spec = ctx.data.spec("train")
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    if split == "train":
+        ds = ctx.data.dataset("train")
+    else:
+        ds = load_dataset(DataSpec(**{**spec.model_dump(), "split": "validation", "max_tokens": None,
+                                      "max_examples": limit if task != "causal-lm" else None}), "train")
+    if task == "causal-lm":
+        seq_len = config.seq_len or spec.seq_len
+        max_tokens = spec.max_tokens if split == "train" else limit
+        return lm_examples(lm_windows(tok, ds, seq_len, max_tokens), pad)
+    if task == "sequence-classification" and ds.labels is None:
+        raise DataSourceError(f"distill: {spec.source} has no labels; a classifier needs labelled data "
+                              "(a builtin labelled corpus or a .jsonl with label_field)")
+    labels = ds.labels if task == "sequence-classification" else None
+    return text_examples(tok, ds.texts, labels, config.max_length or spec.max_length)
+
+
+def teacher_generated(examples: Examples, teacher: torch.nn.Module, options, device, progress) -> Examples:
+    """Sequence-level distillation: the first `options.prompts` training windows cut to `prompt_tokens`, each
+    continued by the teacher for `new_tokens` (greedy, or sampled with top-p 0.95)."""
+    prompts = examples.rows[: options.prompts, : options.prompt_tokens].to(device)
+    gen_args = dict(max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
+                    do_sample=options.sample, pad_token_id=examples.pad_id)
+    if options.sample:
+        gen_args.update(top_p=0.95, temperature=1.0, top_k=0)
+    rows = []
+    with torch.no_grad():
+        for start in progress(range(0, len(prompts), 8), desc="teacher generates"):
+            p = prompts[start: start + 8]
+            rows.append(teacher.generate(p, attention_mask=torch.ones_like(p), **gen_args).cpu())
+    return lm_examples(torch.cat(rows), examples.pad_id)

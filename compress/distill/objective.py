@@ -17,15 +17,8 @@ from torch import nn
 
 from ..models import mean_pool
 from . import losses
-
-
-@dataclass
-class Teacher:
-    model: nn.Module
-    tokenizer: object
-    weight: float
-    name: str
-    fingerprint: str
+from .config import LossConfig
+from .teachers import Teacher
 
 
 def hidden_width(model: nn.Module) -> int:
@@ -68,29 +61,27 @@ class DistillModule(nn.Module):
 
 @dataclass
 class Objective:
+    """The loss of one training step. `loss` holds the options; the rest is resolved by the distill pass."""
+
     task: str
     teachers: list[Teacher]
-    alpha: float
-    temperature: float
-    temperature_end: float | None = None
-    temperature_schedule: str = "constant"
+    loss: LossConfig
     total_steps: int = 1
-    kd_loss: str = "kl"
-    embedding_loss: str = "cosine"
-    hidden_weight: float = 0.0
-    hidden_loss: str = "cosine"
-    attention_weight: float = 0.0
     layer_map: dict[int, int] = field(default_factory=dict)
     cache: tuple[np.ndarray, np.ndarray] | None = None  # top-k (values, indices) by example index
 
+    @property
+    def alpha(self) -> float:
+        """Feature-extraction models have no logits: their embedding loss replaces the soft and hard terms."""
+        return 0.0 if self.task == "feature-extraction" else self.loss.alpha
+
     def needs_teacher_forward(self) -> bool:
         soft = self.alpha > 0 and self.task != "feature-extraction" and self.cache is None
-        return bool(self.teachers) and (soft or self.task == "feature-extraction"
-                                        or self.hidden_weight > 0 or self.attention_weight > 0)
+        return bool(self.teachers) and (soft or self.task == "feature-extraction" or self.loss.matches_features())
 
     @torch.no_grad()
     def teacher_outputs(self, batch: dict) -> list:
-        want_h, want_a = self.hidden_weight > 0, self.attention_weight > 0
+        want_h, want_a = self.loss.hidden_weight > 0, self.loss.attention_weight > 0
         outs = []
         for i, t in enumerate(self.teachers):
             primary = i == 0  # feature and attention matching use the first teacher
@@ -100,10 +91,12 @@ class Objective:
         return outs
 
     def temperature_at(self, step: int) -> float:
-        return losses.temperature_at(step, self.total_steps, self.temperature, self.temperature_end,
-                                     self.temperature_schedule)
+        c = self.loss
+        return losses.temperature_at(step, self.total_steps, c.temperature, c.temperature_end,
+                                     c.temperature_schedule)
 
     def __call__(self, module: nn.Module, batch: dict, step: int) -> tuple[torch.Tensor, dict]:
+        c = self.loss
         T = self.temperature_at(step)
         ids, mask = batch["input_ids"], batch["attention_mask"]
         out = module(input_ids=ids, attention_mask=mask)
@@ -112,7 +105,7 @@ class Objective:
         total = torch.zeros((), device=ids.device)
         if self.task == "feature-extraction":
             t_emb = mean_pool(t_outs[0].last_hidden_state, mask)
-            parts["embed"] = losses.representation_loss(out["embedding"], t_emb, self.embedding_loss)
+            parts["embed"] = losses.representation_loss(out["embedding"], t_emb, c.embedding_loss)
             total = total + parts["embed"]
         else:
             logits = out["logits"]
@@ -129,25 +122,25 @@ class Objective:
                     values, indices = self._cached(batch["index"], ids.device)
                     if self.task == "causal-lm":
                         values, indices = values[:, :-1], indices[:, :-1]
-                    parts["soft"] = losses.topk_soft_loss(logits, values, indices, T, self.kd_loss, row_mask)
+                    parts["soft"] = losses.topk_soft_loss(logits, values, indices, T, c.kd_loss, row_mask)
                 else:
                     t_logits = [o.logits[:, :-1] if self.task == "causal-lm" else o.logits for o in t_outs]
                     t_logp = losses.teacher_log_probs(t_logits if len(t_logits) > 1 else t_logits[0], T,
                                                       [t.weight for t in self.teachers])
-                    parts["soft"] = losses.soft_loss(logits, t_logp, T, self.kd_loss, row_mask)
+                    parts["soft"] = losses.soft_loss(logits, t_logp, T, c.kd_loss, row_mask)
                 total = total + self.alpha * parts["soft"]
-        if self.hidden_weight > 0:
+        if c.hidden_weight > 0:
             t_hidden = t_outs[0].hidden_states
-            terms = [losses.representation_loss(h, t_hidden[j + 1], self.hidden_loss, mask)
+            terms = [losses.representation_loss(h, t_hidden[j + 1], c.hidden_loss, mask)
                      for h, j in zip(out["hidden"], self.layer_map.values())]
             parts["hidden"] = torch.stack(terms).mean()
-            total = total + self.hidden_weight * parts["hidden"]
-        if self.attention_weight > 0:
+            total = total + c.hidden_weight * parts["hidden"]
+        if c.attention_weight > 0:
             t_attn = t_outs[0].attentions
             terms = [losses.attention_loss(a, t_attn[j], mask)
                      for a, j in zip(out["attentions"], self.layer_map.values())]
             parts["attention"] = torch.stack(terms).mean()
-            total = total + self.attention_weight * parts["attention"]
+            total = total + c.attention_weight * parts["attention"]
         parts["loss"] = total
         parts["temperature"] = torch.tensor(T)
         return total, {k: v.detach() for k, v in parts.items()}

@@ -99,7 +99,7 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
 
 def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
     """A new model of the teacher's architecture with some config values changed and fresh weights."""
-    from ..models import auto_class
+    from ..tasks import auto_class
 
     cfg = copy.deepcopy(model.config)
     unknown = [k for k in overrides if not hasattr(cfg, k)]
@@ -122,3 +122,27 @@ def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
         cfg.head_dim = cfg.hidden_size // heads
     student = auto_class(task).from_config(cfg, dtype=torch.float32)
     return student
+
+
+def build_student(spec, model, ctx) -> tuple[nn.Module, object, list, dict]:
+    """(student module, tokenizer, structure, figures) for distill's `student:` options (a StudentConfig or
+    None) and the pass's input Artifact `model`."""
+    if spec is None:
+        return model.model, model.tokenizer, list(model.structure), {"student": "input (trained in place)"}
+    if spec.keep_layers is not None:
+        if model.structure:
+            raise UnsupportedModelError(
+                "distill.student.keep_layers: the input model has non-stock structure "
+                f"({', '.join(e.get('type', '?') for e in model.structure)}); build layer-dropped "
+                "students before prune / lowrank, or omit `student` to train the input in place")
+        total = num_layers(model.model)
+        keep = resolve_keep(spec.keep_layers, total)
+        return (keep_layers(model.model, keep), model.tokenizer, [],
+                {"student": "keep_layers", "kept_layers": keep, "teacher_layers": total})
+    if spec.config is not None:
+        return (fresh_student(model.model, spec.config, model.task), model.tokenizer, [],
+                {"student": "fresh", "student_config": spec.config})
+    from ..checkpoint import load_source
+
+    art = load_source(spec.source, model.task, label_names=ctx.label_names())
+    return art.model, art.tokenizer, list(art.structure), {"student": spec.source}

@@ -87,3 +87,31 @@ def compute_topk(logit_fn, batches, k: int) -> tuple[np.ndarray, np.ndarray]:
         vals.append(top.values.to(torch.float16).numpy())
         idxs.append(top.indices.to(torch.int32).numpy())
     return np.concatenate(vals), np.concatenate(idxs)
+
+
+def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int, amp, device, accelerator, progress):
+    """The teacher's top-k logits over `examples`, from the cache or computed once (by the main process of a
+    multi-process launch) and stored. Returns ((values, indices), figures for the manifest).
+
+    The key holds the weights' digest as well as the teacher's name: a context may hand over any model as
+    its "source" teacher (prune's recovery does), and a cache must never be read for another model."""
+    import math
+
+    fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
+    cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
+    hit = cache.exists()
+    if not hit and (accelerator is None or accelerator.is_main_process):
+        def logits(batch):  # the teacher runs as it would on the fly (same autocast)
+            with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+                return teacher.model(input_ids=batch["input_ids"].to(device),
+                                     attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+        batches = progress(examples.batches(batch_size), total=math.ceil(len(examples) / batch_size),
+                           desc="teacher cache")
+        values, indices = compute_topk(logits, batches, k)
+        cache.write(values, indices, {"teacher": teacher.fingerprint, "data": examples.digest(), "k": k,
+                                      "examples": len(examples), "tokens": examples.tokens(), "task": task})
+    if accelerator is not None:
+        accelerator.wait_for_everyone()
+    values, indices, meta = cache.load()
+    return (values, indices), {"key": cache.key, "hit": hit, "bytes": cache.size_bytes(),
+                               "tokens": meta["tokens"], "k": meta["k"]}

@@ -7,10 +7,8 @@ micro-batches, each split evenly across processes. Gradients are averaged over p
 global batch 2 processes give the same update as 1 (up to float rounding)."""
 from __future__ import annotations
 
-import copy
 import math
 import time
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -18,27 +16,8 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..runtime import launched_processes
+from .config import TrainConfig
 from .examples import Examples
-
-
-@dataclass
-class TrainSettings:
-    lr: float = 5e-5
-    weight_decay: float = 0.01
-    batch_size: int = 8
-    grad_accum: int = 1
-    max_steps: int | None = None
-    epochs: float | None = None
-    max_tokens: int | None = None
-    max_time: float | None = None
-    warmup_ratio: float = 0.05
-    min_lr_ratio: float = 0.1
-    max_grad_norm: float | None = 1.0
-    precision: str = "auto"
-    eval_every: int | None = None
-    log_every: int = 10
-    keep_best: bool = True
-    seed: int = 0
 
 
 def distributed_accelerator(device: torch.device):
@@ -74,7 +53,7 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-def plan_steps(s: TrainSettings, n_examples: int, tokens_per_example: float) -> int:
+def plan_steps(s: TrainConfig, n_examples: int, tokens_per_example: float) -> int:
     """Optimizer steps of the schedule: max_steps, else epochs, else max_tokens (else one epoch)."""
     per_epoch = max(1, n_examples // s.batch_size)
     candidates = []
@@ -87,7 +66,7 @@ def plan_steps(s: TrainSettings, n_examples: int, tokens_per_example: float) -> 
     return min(candidates) if candidates else per_epoch
 
 
-def check_batching(s: TrainSettings, world: int, n_examples: int) -> int:
+def check_batching(s: TrainConfig, world: int, n_examples: int) -> int:
     """The per-process micro-batch size; refuses splits that would not divide evenly."""
     if s.batch_size % (s.grad_accum * world):
         raise ConfigError(
@@ -104,8 +83,9 @@ def train(
     module: nn.Module,
     loss_fn: Callable[[nn.Module, dict, int], tuple[torch.Tensor, dict]],
     data: Examples,
-    settings: TrainSettings,
+    settings: TrainConfig,
     *,
+    seed: int,
     device: torch.device,
     progress,
     evaluate: Callable[[nn.Module], dict] | None = None,
@@ -131,7 +111,7 @@ def train(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, s.min_lr_ratio))
     model = acc.prepare_model(module) if acc else module
     amp = autocast_dtype(s.precision, device)
-    gen = torch.Generator().manual_seed(s.seed)
+    gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
     curve, evals = [], []
     best = {"metric": None, "step": None, "state": None}

@@ -2,22 +2,18 @@
 from __future__ import annotations
 
 import os
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from ..checkpoint import Artifact
 from ..data import PipelineData
-from ..errors import ConfigError, format_validation_error
-
-
-class PassConfig(BaseModel):
-    """Base of every pass's options: unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid")
+from ..errors import ConfigError, UnsupportedModelError, format_validation_error
+from ..options import PassConfig
 
 
 @dataclass
@@ -32,7 +28,7 @@ class PassContext:
     threads: int | None = None
     scratch: Path = field(default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")))
     show_progress: bool = True
-    _teacher: Artifact | None = None
+    _teacher: Artifact | None = field(default=None, repr=False)
 
     def progress(self, iterable=None, total: int | None = None, desc: str = "", **kwargs):
         """A progress bar (tqdm) on stderr; silent when disabled or COMPRESS_PROGRESS=0."""
@@ -46,11 +42,22 @@ class PassContext:
         if self._teacher is None:
             if self.source is None:
                 raise ConfigError("this pass needs the source model, but the context has none")
-            from ..models import load_model
+            from ..checkpoint import load_source
 
-            model, tok = load_model(self.source, self.task, label_names=self.label_names())
-            self._teacher = Artifact(kind="torch", task=self.task, tokenizer=tok, model=model)
+            self._teacher = load_source(self.source, self.task, label_names=self.label_names())
         return self._teacher
+
+    def with_teacher(self, teacher: Artifact, name: str | None = None) -> "PassContext":
+        """A copy of this context whose source model (`teacher()`, the default teacher) is `teacher`, already
+        loaded: prune's recovery hands over the unpruned model this way, and a study can share one loaded
+        model between passes. `name` replaces the source name in fingerprints (default: kept)."""
+        import dataclasses
+
+        if teacher.kind != "torch" or teacher.model is None:
+            raise ConfigError("a teacher must be a torch model")
+        ctx = dataclasses.replace(self, source=name or self.source or "in-memory teacher")
+        ctx._teacher = teacher
+        return ctx
 
     def label_names(self) -> list[str] | None:
         if self.task != "sequence-classification" or self.data is None:
@@ -59,26 +66,43 @@ class PassContext:
 
 
 class Pass:
-    """A compression step. Subclasses set `name`, `Config`, `description` and implement `run`.
+    """A compression step. Subclasses set `name`, `Config`, `description` and implement `apply`.
 
-    The runner, not the pass, writes checkpoints: `run` returns an Artifact (usually `model.derive(...)`)
-    with its figures in `info` and any non-stock structure appended to `structure`."""
+    `run` is the template: it checks the input once (its kind, a torch model present, quantized input) and
+    then calls `apply`. The runner, not the pass, writes checkpoints: `apply` returns an Artifact (usually
+    `model.derive(...)`) with its figures in `info` and any non-stock structure appended to `structure`."""
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
-    Config: ClassVar[type[PassConfig]] = PassConfig
+    Config: ClassVar[Any] = PassConfig  # a PassConfig class, or a union of them (see `config_class`)
     accepts_quantized: ClassVar[bool] = False  # passes that train or reshape weights refuse quantized input
+    quantized_input_fix: ClassVar[str] = "run it before the quantize pass (quantizing twice is not supported)"
 
     def __init__(self, config: PassConfig | dict | None = None, **options: Any):
         if isinstance(config, PassConfig):
             self.config = config
             return
+        options = {**(config or {}), **options}
+        cls = self.config_class(options)
         try:
-            self.config = self.Config(**{**(config or {}), **options})
+            self.config = cls(**options)
         except ValidationError as exc:
-            raise ConfigError(format_validation_error(exc, self.Config, prefix=f"{self.name}.")) from None
+            raise ConfigError(format_validation_error(exc, cls, prefix=f"{self.name}.")) from None
 
-    # What the runner checks before any work starts.
+    @classmethod
+    def config_class(cls, options: dict) -> type[PassConfig]:
+        """The options class for these options: `Config` itself, or the member of a union they select."""
+        return cls.Config
+
+    @classmethod
+    def config_classes(cls) -> tuple[type[PassConfig], ...]:
+        """Every options class of this pass: `Config` itself, or each member of its union."""
+        if isinstance(cls.Config, type):
+            return (cls.Config,)
+        union = typing.get_args(cls.Config)[0]  # Annotated[Union[...], Field(discriminator=...)]
+        return typing.get_args(union)
+
+    # What the runner checks before any work starts, and `run` checks again on the model it is given.
     def input_kinds(self) -> tuple[str, ...]:
         return ("torch",)
 
@@ -88,7 +112,24 @@ class Pass:
     def quantizes(self) -> bool:
         return False
 
-    def run(self, model: Artifact, ctx: PassContext) -> Artifact:  # pragma: no cover - abstract
+    def accepts_quantized_input(self) -> bool:
+        return self.accepts_quantized
+
+    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+        want = self.input_kinds()
+        if model.kind not in want:
+            fix = ("add an `export` pass before it" if "onnx" in want
+                   else f"move `{self.name}` before the export pass")
+            raise UnsupportedModelError(f"{self.name} needs a {' or '.join(want)} model, got {model.kind}: {fix}")
+        if model.kind == "torch" and model.model is None:
+            raise UnsupportedModelError(f"{self.name}: the torch artifact has no model")
+        if model.quantization and not self.accepts_quantized_input():
+            raise UnsupportedModelError(
+                f"{self.name}: the model is already quantized ({model.quantization.get('method')}) and "
+                f"{self.name} needs float weights: {self.quantized_input_fix}")
+        return self.apply(model, ctx)
+
+    def apply(self, model: Artifact, ctx: PassContext) -> Artifact:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def __repr__(self) -> str:

@@ -48,26 +48,18 @@ class Export(Pass):
     name = "export"
     description = "Export to ONNX (optimum; decoders with KV cache), optional ORT fusions, discrepancy check"
     Config = ExportConfig
-    accepts_quantized = False
-
-    def input_kinds(self) -> tuple[str, ...]:
-        return ("torch",)
+    quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
+                           "(quantize: {method: ort-int8-dynamic})")
 
     def output_kind(self) -> str:
         return "onnx"
 
-    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+    def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         import onnx
 
         from ..edge import EdgeModel
 
         cfg = self.config
-        if model.kind != "torch" or model.model is None:
-            raise UnsupportedModelError(f"export needs a torch model, got a {model.kind} checkpoint")
-        if model.quantization:
-            raise UnsupportedModelError(
-                f"export: the model is already quantized ({model.quantization.get('method')}); export the float "
-                "model and quantize on the ONNX side afterwards (quantize: {method: ort-int8-dynamic})")
         torch_model = model.model.float().eval().to("cpu")  # no-op for the fp32 models this accepts
         task = model.task
         decoder = task == "causal-lm"

@@ -19,13 +19,11 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..checkpoint import Artifact
-from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
-from ..pruning.lowrank import (LowRankEmbedding, LowRankLinear, LowRankLMHead, build_lowrank, choose_rank,
-                               factor_rank_limit, svd_factors, whitening)
-from ..structure import register_structure
+from ..pruning.lowrank import build_lowrank, choose_rank, factor_rank_limit, factorize_embedding, svd_factors, whitening
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -78,10 +76,8 @@ class LowRank(Pass):
     description = "Factorize linear layers by truncated SVD (plain or activation-aware) where it saves parameters"
     Config = LowRankConfig
 
-    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+    def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        if model.kind != "torch" or model.model is None:
-            raise UnsupportedModelError("lowrank needs a torch model; move it before the export pass")
         if any(e.get("type") == "lowrank" for e in model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
         net = copy.deepcopy(model.model).float().eval()
@@ -156,54 +152,3 @@ class LowRank(Pass):
             for h in handles:
                 h.remove()
         return {n: (sums[n] / max(counts[n], 1)).cpu() for n in names}
-
-
-def factorize_embedding(net: nn.Module, rank: int) -> dict:
-    """E [V, d] ~ (U_r S_r) [V, r] @ Vh_r [r, d]; a tied LM head uses the same two factors."""
-    emb = net.get_input_embeddings()
-    if not isinstance(emb, nn.Embedding):
-        raise UnsupportedModelError(f"lowrank.embedding_rank: the input embedding is a {type(emb).__name__}, "
-                                    "not an nn.Embedding (already factorized?)")
-    V, d = emb.weight.shape
-    if rank >= factor_rank_limit(V, d) + 1:
-        raise ConfigError(f"lowrank.embedding_rank={rank} saves nothing for a {V} x {d} embedding; "
-                          f"use a rank below {factor_rank_limit(V, d) + 1}")
-    u, s, vh = torch.linalg.svd(emb.weight.detach().double(), full_matrices=False)
-    new = _install_embedding(net, rank)
-    with torch.no_grad():
-        new.weight.copy_((u[:, :rank] * s[:rank]).float())
-        new.proj.weight.copy_(vh[:rank].t().float())
-    return {"rank": rank, "shape": [V, d], "tied": _tied(net),
-            "energy": round(float(s[:rank].pow(2).sum() / s.pow(2).sum()), 4)}
-
-
-def _tied(net: nn.Module) -> bool:
-    return bool(getattr(net.config, "tie_word_embeddings", False)) and net.get_output_embeddings() is not None
-
-
-def _install_embedding(net: nn.Module, rank: int) -> LowRankEmbedding:
-    emb = net.get_input_embeddings()
-    tied = _tied(net)
-    new = LowRankEmbedding(emb.num_embeddings, emb.embedding_dim, rank, emb.padding_idx)
-    net.set_input_embeddings(new)
-    if tied:
-        net.set_output_embeddings(LowRankLMHead(new))
-    return new
-
-
-@register_structure("lowrank")
-def _apply_lowrank(model: nn.Module, entry: dict) -> None:
-    for name, r in entry["ranks"].items():
-        try:
-            m = model.get_submodule(name)
-        except AttributeError:
-            raise CheckpointError(f"lowrank structure names {name}, which the model does not have") from None
-        w = linear_weight(m)
-        set_module(model, name, LowRankLinear(w.shape[1], w.shape[0], r, bias=m.bias is not None))
-
-
-@register_structure("lowrank_embedding")
-def _apply_lowrank_embedding(model: nn.Module, entry: dict) -> None:
-    _install_embedding(model, entry["rank"])
-
-

@@ -13,17 +13,17 @@ import fnmatch
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from ..checkpoint import Artifact
+from ..distill.config import RecoverConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import Adapter, adapter, is_linear
 from ..pruning.depth import drop_layers
 from ..pruning.width import (original_head_ids, prune_hf_heads, prune_llama_heads, prune_mlp_channels,
-                             resize_mlp, set_llama_heads)
-from ..structure import register_structure
+                             set_llama_heads)
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -54,23 +54,9 @@ class PruneConfig(PassConfig):
                                      "layer scores")
     calibration_seq_len: int = Field(128, ge=2, description="tokens per calibration sequence")
     batch_size: int = Field(4, ge=1, description="calibration batch size")
-    recover: dict[str, Any] | None = Field(
-        None, description="options of a short distillation from the unpruned model after pruning (the "
-        "distill pass's options, e.g. {max_steps: 50}); none: no recovery")
-
-    @field_validator("recover")
-    @classmethod
-    def _check_recover(cls, v):
-        if v is None:
-            return v
-        if "student" in v:
-            raise ValueError("recover trains the pruned model itself; remove recover.student")
-        from . import available
-
-        if "distill" not in available():
-            raise ValueError("recover needs the distill pass, which this version of the suite does not have")
-        available()["distill"](**v)  # validates the options now, not after pruning
-        return v
+    recover: RecoverConfig | None = Field(
+        None, description="a short distillation from the unpruned model after pruning (the distill pass's "
+        "options, e.g. {max_steps: 50}; the default teacher is the unpruned input); none: no recovery")
 
 
 def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
@@ -89,10 +75,8 @@ class Prune(Pass):
     Config = PruneConfig
 
     # ------------------------------------------------------------------ entry point
-    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+    def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        if model.kind != "torch" or model.model is None:
-            raise UnsupportedModelError("prune needs a torch model; move it before the export pass")
         if c.scope == "global" and "heads" in c.targets:
             raise ConfigError("prune.scope: global gives per-layer widths, which is supported for MLP channels "
                               "only (per-layer head counts break stock configs and ONNX cache shapes); "
@@ -228,12 +212,9 @@ class Prune(Pass):
     # ------------------------------------------------------------------ MLP
     def _mlp_scores(self, net, ad: Adapter, layers: list[int]) -> dict[int, torch.Tensor]:
         c = self.config
-        if c.importance == "magnitude":
-            return {i: imp.mlp_magnitude(net, ad, i, c.norm) for i in layers}
-        outs = {i: ad.mlp_out(i) for i in layers}
-        s = imp.output_unit_scores(net, list(outs.values()), 1, self._calib(f"importance: {c.importance}"),
-                                   self.task, c.importance, self.ctx.device)
-        return {i: s[o] for i, o in outs.items()}
+        batches = None if c.importance == "magnitude" else self._calib(f"importance: {c.importance}")
+        return imp.mlp_channel_scores(net, ad, layers, c.importance, batches=batches, task=self.task,
+                                      norm=c.norm, device=self.ctx.device)
 
     def _prune_mlp(self, net, ad: Adapter) -> tuple[dict, dict | None]:
         c = self.config
@@ -280,29 +261,16 @@ class Prune(Pass):
     def _recover(self, unpruned: Artifact, pruned: Artifact, ctx: PassContext) -> Artifact:
         """A short distillation of the pruned model (trained in place) from the unpruned one, through the
         distill pass itself: the unpruned model is handed over as the context's teacher."""
-        from dataclasses import replace
+        from .distill import Distill
 
-        from . import get
-
-        opts = dict(self.config.recover or {})
-        teacher_name = opts.get("teacher", "the unpruned input")
-        if "teacher" not in opts:  # default teacher: this pass's unpruned input, not the pipeline source
+        options = self.config.recover
+        given = options.model_dump(exclude_unset=True)
+        teacher_name = given.get("teacher", "the unpruned input")
+        if "teacher" not in given:  # default teacher: this pass's unpruned input, not the pipeline source
             teacher = Artifact(kind="torch", task=unpruned.task, tokenizer=unpruned.tokenizer,
                                model=copy.deepcopy(unpruned.model))
-            ctx = replace(ctx, source=ctx.source or "prune-input", _teacher=teacher)
-            opts["teacher"] = "source"
-        result = get("distill")(**opts).run(pruned, ctx)
-        recover = {"options": self.config.recover, "teacher": teacher_name, **result.info}
+            ctx = ctx.with_teacher(teacher, name=ctx.source or "prune-input")
+        result = Distill(options).run(pruned, ctx)
+        recover = {"options": given, "teacher": teacher_name, **result.info}
         recover.pop("teachers", None)
         return result.derive(model=result.model, structure=pruned.structure, info=dict(pruned.info, recover=recover))
-
-
-@register_structure("mlp_widths")
-def _apply_mlp_widths(model, entry: dict) -> None:
-    ad = adapter(model)
-    widths = entry["widths"]
-    if len(widths) != ad.num_layers():
-        raise ConfigError(f"mlp_widths lists {len(widths)} layers, the model has {ad.num_layers()}")
-    for i, w in enumerate(widths):
-        if w != ad.mlp_width(i):
-            resize_mlp(model, ad, i, w)

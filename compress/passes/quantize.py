@@ -9,16 +9,17 @@ fails the pass with the numbers. Torch-side int8/4-bit layers are recorded as st
 rebuilds them (compress/quant/torch_side.py)."""
 from __future__ import annotations
 
+import difflib
 import tempfile
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, ClassVar, Literal, Union, get_args
 
 import torch
 from pydantic import Field
 
 from .. import onnx_tools
 from ..checkpoint import Artifact
-from ..errors import ConfigError, UnsupportedModelError
+from ..errors import ConfigError
 from ..quant import torch_side
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -44,54 +45,105 @@ STATIC_FLOAT = {"causal-lm": ("*lm_head*", "*down_proj*", "*mlp/c_proj*"),
 DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
 
 
-class QuantizeConfig(PassConfig):
-    method: Literal[METHODS] = Field(  # type: ignore[valid-type]
-        "bf16", description="fp32/bf16/fp16: cast weights (torch); torch-int8-dynamic, bnb-int8, bnb-nf4, bnb-fp4: "
-        "int8/4-bit linear layers (torch); ort-int8-dynamic, ort-int8-static, ort-fp16: ONNX Runtime (after export)")
+class _Method(PassConfig):
+    method: str  # each member narrows it to its own methods
+    options_of: ClassVar[str] = ""  # named in "unknown option" errors
+
+
+class _Exclude(_Method):
     exclude: list[str] | None = Field(
         None, description="glob patterns of layers left unquantized: torch module names (e.g. '*lm_head') for "
         "torch methods, ONNX node or weight names (e.g. '*lm_head*', '/model/layers.0/*') for ort-* methods. "
         "Default: the LM head (torch int8/4-bit); for ort-int8-static the MLP output projections (down_proj, "
         "c_proj, BERT's output.dense) and the LM head")
-    # ort-int8-dynamic
+
+
+class _Check(_Exclude):
+    """The discrepancy check every ONNX-side method ends with."""
+
+    check_samples: int = Field(4, ge=1, description="sequences in the discrepancy check")
+    check_seq_len: int = Field(64, ge=2, description="tokens per sequence in the discrepancy check")
+    max_abs_error: float | None = Field(None, gt=0, description="fail above this max abs output error "
+                                        "(null: report only)")
+    min_agreement: float | None = Field(
+        None, ge=0, le=1, description="fail below this top-1 agreement (LM, classifier) or worst embedding "
+        "cosine (encoder) with the parent; default 0.75 / 0.9 / 0.95 by task")
+    check: bool = Field(True, description="run the discrepancy check (figures always recorded when on)")
+
+
+class CastConfig(_Method):
+    method: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="cast every weight to this dtype (torch)")
+    options_of: ClassVar[str] = "the dtype casts (fp32, bf16, fp16)"
+
+
+class TorchInt8Config(_Exclude):
+    method: Literal["torch-int8-dynamic"] = Field(
+        description="int8 linear layers with dynamic activation quantization (torch)")
+    options_of: ClassVar[str] = "method torch-int8-dynamic"
+
+
+class BnbInt8Config(_Exclude):
+    method: Literal["bnb-int8"] = Field(description="bitsandbytes LLM.int8 linear layers")
+    bnb_threshold: float = Field(6.0, ge=0, description="outlier threshold (LLM.int8); 0 disables")
+    options_of: ClassVar[str] = "method bnb-int8"
+
+
+class Bnb4bitConfig(_Exclude):
+    method: Literal["bnb-nf4", "bnb-fp4"] = Field(description="bitsandbytes 4-bit linear layers")
+    bnb_blocksize: int = Field(64, ge=32, description="weights per quantization block")
+    bnb_compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
+    options_of: ClassVar[str] = "methods bnb-nf4 / bnb-fp4"
+
+
+class OrtDynamicConfig(_Check):
+    method: Literal["ort-int8-dynamic"] = Field(
+        description="ONNX Runtime int8 weights, activations quantized at run time")
     kernel: Literal["auto", "matmulnbits", "matmulinteger"] = Field(
-        "auto", description="ort-int8-dynamic: matmulnbits = int8 weights in blocks with activations "
+        "auto", description="matmulnbits = int8 weights in blocks with activations "
         "quantized per block at run time (MatMulNBits, accuracy level 4); matmulinteger = classic "
         "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
         "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
         "has the evidence). For decoding speed on a causal LM use matmulinteger with exclude: ['*down_proj*']")
-    quantize_embeddings: bool = Field(True, description="ort-int8-dynamic: embedding tables (Gather) to int8 "
-                                      "too; a tied LM head shares the int8 table")
-    weight_bits: Literal[4, 8] = Field(8, description="ort-int8-dynamic with matmulnbits: 8 or 4-bit weights")
+    quantize_embeddings: bool = Field(True, description="embedding tables (Gather) to int8 too; a tied LM head "
+                                      "shares the int8 table")
+    weight_bits: Literal[4, 8] = Field(8, description="matmulnbits: 8 or 4-bit weights")
     block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
                             "(a power of two)")
-    per_channel: bool = Field(True, description="matmulinteger and ort-int8-static: one weight scale per output "
-                              "channel instead of per tensor")
-    # ort-int8-static
+    per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
+                              "per tensor")
+    options_of: ClassVar[str] = "method ort-int8-dynamic"
+
+
+class OrtStaticConfig(_Check):
+    method: Literal["ort-int8-static"] = Field(
+        description="ONNX Runtime int8 QDQ with activation ranges calibrated on data")
+    per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
-        "percentile", description="ort-int8-static: how activation ranges are chosen from calibration data")
-    calibration_batches: int = Field(8, ge=1, description="ort-int8-static: batches of calibration data")
-    calibration_batch_size: int = Field(1, ge=1, description="ort-int8-static: sequences per calibration batch")
-    calibration_seq_len: int = Field(128, ge=8, description="ort-int8-static: tokens per calibration sequence")
+        "percentile", description="how activation ranges are chosen from calibration data")
+    calibration_batches: int = Field(8, ge=1, description="batches of calibration data")
+    calibration_batch_size: int = Field(1, ge=1, description="sequences per calibration batch")
+    calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration sequence")
     activations: Literal["uint8", "int8"] = Field(
-        "uint8", description="ort-int8-static: activation type; uint8 (asymmetric) runs as integer matmuls on "
+        "uint8", description="activation type; uint8 (asymmetric) runs as integer matmuls on "
         "ONNX Runtime's x86 CPU kernels, int8 (symmetric) falls back to float there (for ARM / NPU targets)")
     smooth_alpha: float | None = Field(
-        0.5, ge=0, le=1, description="ort-int8-static: SmoothQuant-style smoothing before calibration: moves "
+        0.5, ge=0, le=1, description="SmoothQuant-style smoothing before calibration: moves "
         "activation outliers into the weights with this strength (0 = none moved, 1 = all); null: no smoothing")
-    # bitsandbytes
-    bnb_threshold: float = Field(6.0, ge=0, description="bnb-int8: outlier threshold (LLM.int8); 0 disables")
-    bnb_blocksize: int = Field(64, ge=32, description="bnb-nf4/fp4: weights per quantization block")
-    bnb_compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="bnb-nf4/fp4: compute dtype")
-    # the check (ONNX-side methods)
-    check_samples: int = Field(4, ge=1, description="ort-*: sequences in the discrepancy check")
-    check_seq_len: int = Field(64, ge=2, description="ort-*: tokens per sequence in the discrepancy check")
-    max_abs_error: float | None = Field(None, gt=0, description="ort-*: fail above this max abs output error "
-                                        "(null: report only)")
-    min_agreement: float | None = Field(
-        None, ge=0, le=1, description="ort-*: fail below this top-1 agreement (LM, classifier) or worst embedding "
-        "cosine (encoder) with the parent; default 0.75 / 0.9 / 0.95 by task")
-    check: bool = Field(True, description="ort-*: run the discrepancy check (figures always recorded when on)")
+    options_of: ClassVar[str] = "method ort-int8-static"
+
+
+class OrtFp16Config(_Check):
+    method: Literal["ort-fp16"] = Field(description="ONNX Runtime fp16 weights and compute")
+    options_of: ClassVar[str] = "method ort-fp16"
+
+
+MEMBERS = (CastConfig, TorchInt8Config, BnbInt8Config, Bnb4bitConfig, OrtDynamicConfig, OrtStaticConfig,
+           OrtFp16Config)
+# The options of `quantize`: one model per method, chosen by `method` (a stray option is an error naming it).
+QuantizeConfig = Annotated[Union[MEMBERS], Field(discriminator="method")]  # type: ignore[valid-type]
+METHOD_CONFIGS: dict[str, type[_Method]] = {
+    m: cls for cls in MEMBERS for m in get_args(cls.model_fields["method"].annotation)}
+assert set(METHOD_CONFIGS) == set(METHODS)
 
 
 @register
@@ -99,6 +151,16 @@ class Quantize(Pass):
     name = "quantize"
     description = "Lower weight precision: torch dtypes, torch/bitsandbytes int8 and 4-bit, ONNX Runtime int8/fp16"
     Config = QuantizeConfig
+
+    @classmethod
+    def config_class(cls, options: dict) -> type[PassConfig]:
+        method = options.get("method", "bf16")
+        if method not in METHOD_CONFIGS:
+            near = difflib.get_close_matches(str(method), METHODS, n=1)
+            hint = f"; did you mean {near[0]!r}?" if near else ""
+            allowed = ", ".join(map(repr, METHODS))
+            raise ConfigError(f"quantize.method: unknown method {method!r}{hint} (allowed: {allowed})")
+        return METHOD_CONFIGS[method]
 
     def input_kinds(self) -> tuple[str, ...]:
         return ("onnx",) if self.config.method in ORT_METHODS else ("torch",)
@@ -109,17 +171,11 @@ class Quantize(Pass):
     def quantizes(self) -> bool:
         return self.config.method != "fp32"  # fp32 is a plain cast back, allowed after anything torch-side
 
-    def run(self, model: Artifact, ctx: PassContext) -> Artifact:
+    def accepts_quantized_input(self) -> bool:
+        return not self.quantizes()
+
+    def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         method = self.config.method
-        want = self.input_kinds()[0]
-        if model.kind != want:
-            fix = ("add an `export` pass before it" if want == "onnx"
-                   else "use an ort-* method after the export, or move this quantize pass before the export")
-            raise UnsupportedModelError(f"quantize: method {method} needs a {want} model, got {model.kind}: {fix}")
-        if model.quantization and method != "fp32":
-            raise UnsupportedModelError(
-                f"quantize: the model is already quantized ({model.quantization.get('method')}); quantizing twice "
-                "is not supported: quantize the float model once")
         if method in DTYPE_METHODS:
             return self._cast(model)
         if method in TORCH_INT_METHODS:

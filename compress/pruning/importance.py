@@ -173,6 +173,20 @@ def _norm(rows: Iterable[torch.Tensor], p: int) -> torch.Tensor:
     return total.pow(1.0 / p)
 
 
+def mlp_channel_scores(model: nn.Module, ad: Adapter, layers: list[int], criterion: str, *,
+                       batches: list[dict] | None = None, task: str = "causal-lm", norm: int = 2,
+                       device=None) -> dict[int, torch.Tensor]:
+    """Per MLP intermediate channel of each block in `layers`: the `criterion` score (magnitude needs no
+    batches; activation and taylor need calibration `batches`, see `calibration_batches`)."""
+    if criterion == "magnitude":
+        return {i: mlp_magnitude(model, ad, i, norm) for i in layers}
+    if batches is None:
+        raise ConfigError(f"importance: {criterion} needs calibration batches")
+    outs = {i: ad.mlp_out(i) for i in layers}
+    s = output_unit_scores(model, list(outs.values()), 1, batches, task, criterion, device)
+    return {i: s[o] for i, o in outs.items()}
+
+
 def mlp_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
     ins = [linear_weight(model.get_submodule(n)) for n in ad.mlp_in(i)]  # [width, hidden]
     out = linear_weight(model.get_submodule(ad.mlp_out(i)))  # [hidden, width]

@@ -16,6 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import CheckpointError, ConfigError, UnsupportedModelError
+from .arch import linear_weight, set_module
+
 
 class LowRankLinear(nn.Module):
     """x -> second(first(x)): a rank-r replacement of a Linear (or GPT-2 Conv1D) layer."""
@@ -125,3 +128,55 @@ def whitening(cov: torch.Tensor, eps: float = 1e-2) -> tuple[torch.Tensor, torch
             return L, torch.linalg.solve_triangular(L, eye, upper=False)
         damp *= 10
     raise RuntimeError("activation covariance is not positive definite even with damping")
+
+
+# ----------------------------------------------------------------------------- embeddings
+def factorize_embedding(net: nn.Module, rank: int) -> dict:
+    """E [V, d] ~ (U_r S_r) [V, r] @ Vh_r [r, d]; a tied LM head uses the same two factors."""
+    emb = net.get_input_embeddings()
+    if not isinstance(emb, nn.Embedding):
+        raise UnsupportedModelError(f"lowrank.embedding_rank: the input embedding is a {type(emb).__name__}, "
+                                    "not an nn.Embedding (already factorized?)")
+    V, d = emb.weight.shape
+    if rank >= factor_rank_limit(V, d) + 1:
+        raise ConfigError(f"lowrank.embedding_rank={rank} saves nothing for a {V} x {d} embedding; "
+                          f"use a rank below {factor_rank_limit(V, d) + 1}")
+    u, s, vh = torch.linalg.svd(emb.weight.detach().double(), full_matrices=False)
+    new = install_embedding(net, rank)
+    with torch.no_grad():
+        new.weight.copy_((u[:, :rank] * s[:rank]).float())
+        new.proj.weight.copy_(vh[:rank].t().float())
+    return {"rank": rank, "shape": [V, d], "tied": _tied(net),
+            "energy": round(float(s[:rank].pow(2).sum() / s.pow(2).sum()), 4)}
+
+
+def _tied(net: nn.Module) -> bool:
+    return bool(getattr(net.config, "tie_word_embeddings", False)) and net.get_output_embeddings() is not None
+
+
+def install_embedding(net: nn.Module, rank: int) -> LowRankEmbedding:
+    emb = net.get_input_embeddings()
+    tied = _tied(net)
+    new = LowRankEmbedding(emb.num_embeddings, emb.embedding_dim, rank, emb.padding_idx)
+    net.set_input_embeddings(new)
+    if tied:
+        net.set_output_embeddings(LowRankLMHead(new))
+    return new
+
+
+def apply_lowrank(model: nn.Module, entry: dict) -> None:
+    """Structure entry `lowrank`: the named linear layers become empty LowRankLinear of the recorded ranks."""
+    for name, r in entry["ranks"].items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise CheckpointError(f"lowrank structure names {name}, which the model does not have") from None
+        w = linear_weight(m)
+        set_module(model, name, LowRankLinear(w.shape[1], w.shape[0], r, bias=m.bias is not None))
+
+
+def apply_lowrank_embedding(model: nn.Module, entry: dict) -> None:
+    """Structure entry `lowrank_embedding`: a factorized (tied) embedding of the recorded rank."""
+    install_embedding(model, entry["rank"])
+
+

@@ -6,7 +6,7 @@ torch-pruning's DependencyGraph, traced on that view, finds every layer coupled 
 converted to nn.Linear for the pruning and back afterwards (the checkpoint stays a stock GPT-2).
 
 Attention heads are pruned by our own code, not torch-pruning: its dependency-graph grouping hangs on
-Llama with grouped-query attention (torch-pruning 1.6, see shared/STACK.md). For Llama we remove whole KV
+Llama with grouped-query attention (torch-pruning 1.6.1, measured here: it never returned on SmolLM2). For Llama we remove whole KV
 groups or the same number of query heads inside every group, so the result is a valid GQA layout; GPT-2 and
 BERT use Hugging Face's own `prune_heads`, which records `pruned_heads` in the config so that plain
 `from_pretrained` rebuilds the smaller attention."""
@@ -16,7 +16,8 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from .arch import Adapter, empty_like_linear, is_conv1d, linear_weight, out_features, set_module, to_conv1d, to_linear
+from ..errors import CheckpointError
+from .arch import Adapter, adapter, empty_like_linear, is_conv1d, linear_weight, out_features, set_module, to_conv1d, to_linear
 
 
 class _MLPView(nn.Module):
@@ -121,3 +122,14 @@ def original_head_ids(model: nn.Module, i: int, n_original: int) -> list[int]:
 
 __all__ = ["linear_weight", "prune_mlp_channels", "resize_mlp", "prune_llama_heads", "set_llama_heads",
            "prune_hf_heads", "original_head_ids"]
+
+
+def apply_mlp_widths(model: nn.Module, entry: dict) -> None:
+    """Structure entry `mlp_widths`: every block's MLP resized to its recorded width (per-layer pruning)."""
+    ad = adapter(model)
+    widths = entry["widths"]
+    if len(widths) != ad.num_layers():
+        raise CheckpointError(f"mlp_widths lists {len(widths)} layers, the model has {ad.num_layers()}")
+    for i, w in enumerate(widths):
+        if w != ad.mlp_width(i):
+            resize_mlp(model, ad, i, w)

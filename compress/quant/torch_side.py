@@ -15,7 +15,6 @@ import fnmatch
 import torch
 from torch import nn
 
-from ..structure import get_submodule_parent, register_structure
 
 STRUCTURE_TYPE = "quantized-linear"
 
@@ -166,7 +165,7 @@ def quantize_linears(model: nn.Module, method: str, exclude: list[str], **settin
     names = select_linears(model, exclude)
     shapes = {}
     for name in names:
-        parent, attr = get_submodule_parent(model, name)
+        parent, attr = _parent(model, name)
         lin = getattr(parent, attr)
         shapes[name] = [lin.out_features, lin.in_features, lin.bias is not None]
         new = Int8DynamicLinear.from_linear(lin) if method == "torch-int8-dynamic" else quantize_bnb(lin, method, entry)
@@ -182,14 +181,20 @@ def _untie_quantized(model: nn.Module, names: list[str]) -> None:
         model.config.tie_word_embeddings = False
 
 
-@register_structure(STRUCTURE_TYPE)
-def _rebuild(model: nn.Module, entry: dict) -> None:
+def rebuild_quantized(model: nn.Module, entry: dict) -> None:
+    """Structure entry `quantized_linears`: empty int8 / 4-bit modules where the recorded linears were."""
     method = entry["method"]
     for name, (out_f, in_f, bias) in entry["modules"].items():
-        parent, attr = get_submodule_parent(model, name)
+        parent, attr = _parent(model, name)
         if method == "torch-int8-dynamic":
             new = Int8DynamicLinear(in_f, out_f, bias)
         else:
             new = _empty_bnb(method, (out_f, in_f, bias), entry)
         setattr(parent, attr, new)
     _untie_quantized(model, list(entry["modules"]))
+
+
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """(parent module, attribute name) of the submodule called `name`."""
+    parent_name, _, attr = name.rpartition(".")
+    return (model.get_submodule(parent_name) if parent_name else model), attr
