@@ -10,17 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from .metrics import mean_pool
+from .worker_spec import Backend
 
 
 class TorchBackend:
-    def __init__(self, target: str, kind: str, task: str, device: str, threads: int):
+    def __init__(self, target: str, loader: str, task: str, device: str, threads: int):
         import torch
 
         from compress.runtime import set_threads
 
         set_threads(threads)
         self.torch, self.task, self.device = torch, task, torch.device(device)
-        if kind == "checkpoint":
+        if loader == "checkpoint":
             from compress.checkpoint import load
 
             model = load(target).model
@@ -79,7 +80,8 @@ class OrtBackend:
     """compress.edge.EdgeModel on the CPU or CUDA execution provider."""
 
     def __init__(self, target: str, task: str, device: str, threads: int):
-        EdgeModel = _edge_module().EdgeModel
+        from compress.edge import EdgeModel
+
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
         self.model = EdgeModel(target, providers=providers, threads=threads)
@@ -108,24 +110,7 @@ class OrtBackend:
         return None
 
 
-def _edge_module():
-    """compress/edge.py loaded as a standalone module: `import compress.edge` would run compress/__init__.py,
-    which imports torch, and torch's few hundred MB would then count in the ORT backend's peak memory.
-    edge.py is self-contained by design (it is copied next to every ONNX export)."""
-    import importlib.util
-    import sys
-
-    if "compress.edge" in sys.modules:
-        return sys.modules["compress.edge"]
-    path = Path(__file__).resolve().parent.parent / "compress" / "edge.py"
-    spec = importlib.util.spec_from_file_location("compress_edge_standalone", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def open_backend(target: str, kind: str, task: str, backend: str, threads: int):
-    device = "cuda" if backend.endswith("cuda") else "cpu"
-    if backend.startswith("torch"):
-        return TorchBackend(target, kind, task, device, threads)
-    return OrtBackend(str(Path(target)), task, device, threads)
+def open_backend(target: str, loader: str, task: str, backend: Backend, threads: int):
+    if backend.runtime == "torch":
+        return TorchBackend(target, loader, task, backend.device, threads)
+    return OrtBackend(str(Path(target)), task, backend.device, threads)

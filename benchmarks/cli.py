@@ -7,6 +7,8 @@ from pathlib import Path
 
 from compress.errors import ConfigError
 
+from .worker_spec import BACKENDS
+
 
 def _csv(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
@@ -123,7 +125,7 @@ def cmd_report(args) -> int:
 def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="measure checkpoints (or model sources, or ONNX folders) on backends")
     p.add_argument("targets", nargs="+", metavar="CKPT_OR_ONNX", help="checkpoint dirs, ONNX dirs or model sources")
-    p.add_argument("--backends", default="torch-cpu", help="comma list of torch-cpu, torch-cuda, ort-cpu, ort-cuda")
+    p.add_argument("--backends", default="torch-cpu", help=f"comma list of {', '.join(BACKENDS)}")
     p.add_argument("--quality", default="perplexity,accuracy,teacher-agreement",
                    help="comma list of perplexity, accuracy, teacher-agreement (each where the task allows)")
     p.add_argument("--baseline", help="reference model for teacher-agreement and ratios (checkpoint or source)")

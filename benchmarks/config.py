@@ -9,7 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.data import DataSpec
 
-BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda")
+from .worker_spec import BACKENDS, Backend  # noqa: F401  (defined there, as the worker cannot import this module)
+
 QUALITY = ("perplexity", "accuracy", "teacher-agreement")
 # Where `data` is not given: held-out text a task can be scored on (the test split of a builtin corpus).
 DEFAULT_EVAL = {
@@ -40,8 +41,8 @@ class LatencyConfig(BaseModel):
 class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    backends: list[Literal["torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda"]] = Field(
-        ["torch-cpu"], description="torch-cpu, torch-cuda, ort-cpu, ort-cuda (CUDA ones are skipped without CUDA)")
+    backends: list[Literal[BACKENDS]] = Field(
+        ["torch-cpu"], description=f"{', '.join(BACKENDS)} (CUDA ones are skipped without CUDA)")
     quality: list[Literal["perplexity", "accuracy", "teacher-agreement"]] = Field(
         ["perplexity", "accuracy", "teacher-agreement"],
         description="perplexity (causal-lm), accuracy + macro-F1 (sequence-classification), teacher-agreement "

@@ -13,8 +13,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -22,8 +23,10 @@ from compress.errors import CompressInputError, ModelSourceError
 
 from .config import BenchmarkConfig
 from .machine import machine_record
+from .worker_spec import Backend, WorkerSpec
 
 HARNESS_VERSION = 1
+REFERENCE_BACKEND = Backend("torch", "cpu")  # where the baseline's reference outputs are made
 _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".bin", ".data")
 
 
@@ -32,7 +35,7 @@ class Target:
     ref: str  # what the user named
     path: Path  # the directory with the weights
     kind: str  # torch | onnx
-    loader: str  # checkpoint | source (how the worker loads a torch model)
+    loader: Literal["checkpoint", "source"]  # how the worker loads a torch model
     task: str
     key: str  # changes when the model changes
     quantization: dict | None = None
@@ -103,22 +106,23 @@ def onnx_params(path: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- backends
-def backend_problem(backend: str) -> str | None:
+def backend_problem(backend: Backend | str) -> str | None:
     """Why `backend` cannot run here (None when it can)."""
-    if backend == "torch-cpu":
-        return None
-    if backend == "torch-cuda":
+    backend = Backend.parse(backend)
+    if backend.runtime == "torch":
+        if backend.device == "cpu":
+            return None
         import torch
 
-        return None if torch.cuda.is_available() else "torch-cuda: CUDA is not available on this machine"
+        return None if torch.cuda.is_available() else f"{backend}: CUDA is not available on this machine"
     try:
         import onnxruntime
     except ImportError:
         return f"{backend}: onnxruntime is not installed"
     if not (Path(__file__).resolve().parent.parent / "compress" / "edge.py").exists():
         return f"{backend}: compress.edge (the ONNX Runtime runner) is not part of this version"
-    if backend == "ort-cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
-        return "ort-cuda: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
+    if backend.device == "cuda" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return f"{backend}: onnxruntime has no CUDAExecutionProvider here (install onnxruntime-gpu on a CUDA machine)"
     return None
 
 
@@ -213,7 +217,15 @@ def _show_progress(show: bool | None) -> bool:
     return os.environ.get("COMPRESS_PROGRESS", "1") != "0" and sys.stderr.isatty()
 
 
-def run_worker(spec: dict, threads: int, timeout_s: int) -> dict:
+def _worker_spec(t: Target, backend: Backend, s: BenchmarkConfig, inputs: Path, label: str, show: bool,
+                 **options) -> WorkerSpec:
+    """What the worker runs: `t` on `backend` under resolved settings `s` (`options`: WorkerSpec's others)."""
+    return WorkerSpec(target=str(t.path if t.loader == "checkpoint" else t.ref), loader=t.loader, task=t.task,
+                      backend=backend, settings=s.model_dump(mode="json"), inputs=str(inputs), label=label,
+                      show_progress=show, **options)
+
+
+def run_worker(spec: WorkerSpec, threads: int, timeout_s: int) -> dict:
     """Run one worker process; its record, or {"error": ...}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                TOKENIZERS_PARALLELISM="false", PYTHONHASHSEED="0")
@@ -221,11 +233,11 @@ def run_worker(spec: dict, threads: int, timeout_s: int) -> dict:
     env["PYTHONPATH"] = root + os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else root
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        spec_file.write_text(json.dumps(spec))
+        spec_file.write_text(spec.to_json())
         try:
             proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_file), str(out_file)],
                                   env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
-                                  if not spec.get("show_progress") else None, text=True, timeout=timeout_s)
+                                  if not spec.show_progress else None, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"error": f"the measurement took longer than timeout_s={timeout_s} s"}
         if out_file.exists():
@@ -247,10 +259,8 @@ def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkCon
         return ref
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(ref.stem + f".tmp{os.getpid()}.npz")
-    spec = {"target": str(baseline.path if baseline.loader == "checkpoint" else baseline.ref),
-            "kind": baseline.loader, "task": baseline.task, "backend": "torch-cpu",
-            "settings": s.model_dump(mode="json"), "inputs": str(inputs), "write_reference": str(tmp),
-            "latency": False, "label": "baseline reference", "show_progress": show}
+    spec = _worker_spec(baseline, REFERENCE_BACKEND, s, inputs, "baseline reference", show,
+                        write_reference=str(tmp), latency=False)
     out = run_worker(spec, s.threads, s.timeout_s)
     if "error" in out:
         return out
@@ -258,14 +268,14 @@ def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkCon
     return ref
 
 
-def _header(t: Target, backend: str, s: BenchmarkConfig, label: str | None, baseline: Target | None) -> dict:
-    return {"label": label or t.ref, "target": t.ref, "kind": t.kind, "task": t.task, "backend": backend,
+def _header(t: Target, backend: Backend, s: BenchmarkConfig, label: str | None, baseline: Target | None) -> dict:
+    return {"label": label or t.ref, "target": t.ref, "kind": t.kind, "task": t.task, "backend": str(backend),
             "key": t.key, "baseline": baseline.ref if baseline else None,
             "baseline_key": baseline.key if baseline else None, "settings": s.model_dump(mode="json"),
             "threads": s.threads, "harness_version": HARNESS_VERSION}
 
 
-def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, task: str | None = None,
+def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseline=None, task: str | None = None,
             label: str | None = None, data=None, work_dir: str | os.PathLike | None = None,
             show_progress: bool | None = None) -> dict:
     """Measure `target` (checkpoint dir, ONNX folder or model source) on `backend` in a fresh process.
@@ -276,6 +286,7 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
     on-the-fly exports (default: the user cache)."""
     from compress.runtime import cache_dir
 
+    backend = Backend.parse(backend)
     work_dir = Path(work_dir) if work_dir else Path(cache_dir()) / "bench"
     t = resolve_target(target, task)
     base = resolve_target(baseline, t.task) if baseline is not None else None
@@ -283,12 +294,12 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
     record = _header(t, backend, s, label, base)
     record["machine"] = machine_record()
     problem = backend_problem(backend)
-    if problem is None and t.kind == "onnx" and backend.startswith("torch"):
+    if problem is None and t.kind == "onnx" and backend.runtime == "torch":
         problem = f"{backend}: {t.ref} is an ONNX checkpoint; it runs on the ort-* backends"
     if problem:
         return {**record, "skipped": problem}
     run_t = t
-    if t.kind == "torch" and backend.startswith("ort"):
+    if t.kind == "torch" and backend.runtime == "ort":
         exported = _export_on_the_fly(t, work_dir)
         if isinstance(exported, str):
             return {**record, "skipped": f"{backend}: {exported}"}
@@ -298,24 +309,24 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
     arrays = build_inputs(t, s)
     inputs, inputs_hash = _save_inputs(arrays, work_dir)
     record["inputs_sha"] = inputs_hash
-    spec = {"target": str(run_t.path if run_t.loader == "checkpoint" else run_t.ref), "kind": run_t.loader,
-            "task": t.task, "backend": backend, "settings": s.model_dump(mode="json"), "inputs": str(inputs),
-            "label": record["label"], "show_progress": show,
-            "quality": bool(set(s.quality) & _applicable(t.task))}
+    spec = _worker_spec(run_t, backend, s, inputs, record["label"], show,
+                        quality=bool(set(s.quality) & _applicable(t.task)))
     notes, self_ref = [], None
     if base is not None and "teacher-agreement" in s.quality:
-        if base.key == t.key and backend == "torch-cpu" and not _reference_path(base, inputs_hash, s, work_dir).exists():
+        ref_path = _reference_path(base, inputs_hash, s, work_dir)
+        if base.key == t.key and backend == REFERENCE_BACKEND and not ref_path.exists():
             # The baseline itself: one run measures it and writes the reference the others compare with.
-            self_ref = _reference_path(base, inputs_hash, s, work_dir)
+            self_ref = ref_path
             self_ref.parent.mkdir(parents=True, exist_ok=True)
-            spec.update(self_reference=True, write_reference=str(self_ref.with_name(self_ref.stem + ".tmp.npz")))
+            spec = replace(spec, self_reference=True,
+                           write_reference=str(self_ref.with_name(self_ref.stem + ".tmp.npz")))
         elif _save_inputs(build_inputs(base, s), work_dir)[1] != inputs_hash:
             notes.append("teacher-agreement skipped: the baseline tokenizes the eval data differently")
         else:
             ref = _reference(base, inputs, inputs_hash, s, work_dir, show)
             if isinstance(ref, dict):
                 return {**record, "error": "baseline reference: " + ref["error"]}
-            spec["reference"] = str(ref)
+            spec = replace(spec, reference=str(ref))
     record["loadavg_before"] = list(os.getloadavg())
     start = time.time()
     out = run_worker(spec, s.threads, s.timeout_s)
@@ -325,7 +336,7 @@ def measure(target, *, backend: str, settings: BenchmarkConfig, baseline=None, t
     if "error" in out:
         return {**record, **out}
     if self_ref is not None:
-        Path(spec["write_reference"]).replace(self_ref)
+        Path(spec.write_reference).replace(self_ref)
     record.update(out)
     record["quality"] = _filter_quality(out.get("quality", {}), s.quality)
     record["size_bytes"] = weights_size(run_t.path)

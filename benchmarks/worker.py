@@ -1,4 +1,5 @@
-"""One measurement in a fresh process: `python -m benchmarks.worker SPEC.json OUT.json`.
+"""One measurement in a fresh process: `python -m benchmarks.worker SPEC.json OUT.json` (SPEC.json: a
+`WorkerSpec`, benchmarks/worker_spec.py).
 
 The parent (benchmarks/harness.py) prepares the inputs (token ids as .npz) so this process loads nothing
 but the model and its runtime: the ORT worker never imports torch, and the peak memory read from this
@@ -15,6 +16,7 @@ import numpy as np
 
 from . import metrics
 from .latency import decoder_latency, encoder_latency
+from .worker_spec import WorkerSpec
 
 
 def _status_mb(field: str) -> float | None:
@@ -35,15 +37,15 @@ def _bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _lm_quality(backend, inputs, spec, bar) -> tuple[dict, dict]:
+def _lm_quality(backend, inputs, spec: WorkerSpec, bar) -> tuple[dict, dict]:
     """Scores every perplexity window; returns (quality figures, reference arrays to save)."""
-    s = spec["settings"]
+    s = spec.settings
     tokens = inputs["tokens"]
     windows = metrics.ppl_windows(len(tokens), s["window"], s["stride"])
     n_targets = sum(e - f for _, e, f in windows)
-    want_ref = spec.get("write_reference") is not None
-    self_ref = bool(spec.get("self_reference"))  # the baseline itself: compare with its own outputs
-    ref = np.load(spec["reference"]) if spec.get("reference") else None
+    want_ref = spec.write_reference is not None
+    self_ref = spec.self_reference  # the baseline itself: compare with its own outputs
+    ref = np.load(spec.reference) if spec.reference else None
     if ref is not None and ref["top1"].shape != (n_targets,):
         raise RuntimeError("the baseline was scored on other tokens: its eval data or tokenizer differs")
     parts, offset, i = [], 0, 0
@@ -81,16 +83,16 @@ def _batches(inputs, batch: int):
         yield ids[start:start + batch, :width], m[:, :width]
 
 
-def _encoder_quality(backend, task, inputs, spec, bar) -> tuple[dict, dict]:
-    s = spec["settings"]
-    ref = np.load(spec["reference"]) if spec.get("reference") else None
+def _encoder_quality(backend, inputs, spec: WorkerSpec, bar) -> tuple[dict, dict]:
+    s, task = spec.settings, spec.task
+    ref = np.load(spec.reference) if spec.reference else None
     outs = []
     for ids, mask in _batches(inputs, s["eval_batch"]):
         outs.append(backend.embed(ids, mask) if task == "feature-extraction" else backend.logits(ids, mask))
         if bar is not None:
             bar.update(len(ids))
     out = np.concatenate(outs)
-    if spec.get("self_reference"):  # the baseline itself: compare with its own outputs
+    if spec.self_reference:  # the baseline itself: compare with its own outputs
         ref = {"embeddings": out, "pred": out.argmax(-1) if out.ndim == 2 else None}
     quality: dict = {"examples": int(len(out))}
     if task == "feature-extraction":
@@ -109,23 +111,22 @@ def _encoder_quality(backend, task, inputs, spec, bar) -> tuple[dict, dict]:
     return quality, {"pred": pred}
 
 
-def run(spec: dict) -> dict:
-    s, task, backend_name = spec["settings"], spec["task"], spec["backend"]
-    show = spec.get("show_progress", False)
+def run(spec: WorkerSpec) -> dict:
+    s, task, show = spec.settings, spec.task, spec.show_progress
     start = time.perf_counter()
     from .backends import open_backend
 
-    backend = open_backend(spec["target"], spec["kind"], task, backend_name, s["threads"])
+    backend = open_backend(spec.target, spec.loader, task, spec.backend, s["threads"])
     load_s = time.perf_counter() - start
     rss_loaded = _status_mb("VmRSS")
-    inputs = np.load(spec["inputs"])
+    inputs = np.load(spec.inputs)
     record: dict = {"load_s": load_s, "params": backend.params, "dtype": backend.dtype,
                     "providers": backend.providers}
     # Latency first: the peak RSS read right after it is the model plus the latency workload, what a
     # deployment would need; scoring quality holds large logit arrays and is reported separately.
     lat = s.get("latency")
-    if lat and spec.get("latency", True):
-        bar = _bar(lat["repeats"] * (1 if task == "causal-lm" else 2), f"latency {spec['label']}", show)
+    if lat and spec.latency:
+        bar = _bar(lat["repeats"] * (1 if task == "causal-lm" else 2), f"latency {spec.label}", show)
         try:
             if task == "causal-lm":
                 record["latency"] = decoder_latency(backend, inputs["prompt"], lat["new_tokens"], lat["warmup"],
@@ -140,16 +141,16 @@ def run(spec: dict) -> dict:
     memory = {"peak_rss_mb": _status_mb("VmHWM"), "rss_after_load_mb": rss_loaded,
               "cuda_peak_allocated_mb": backend.cuda_peak_mb()}
     quality, refs = {}, {}
-    if spec.get("quality", True):
+    if spec.quality:
         n = len(metrics.ppl_windows(len(inputs["tokens"]), s["window"], s["stride"])) if task == "causal-lm" \
             else len(inputs["input_ids"])
-        bar = _bar(n, f"quality {spec['label']}", show)
-        quality, refs = (_lm_quality if task == "causal-lm" else
-                         lambda b, i, sp, br: _encoder_quality(b, task, i, sp, br))(backend, inputs, spec, bar)
+        bar = _bar(n, f"quality {spec.label}", show)
+        score = _lm_quality if task == "causal-lm" else _encoder_quality
+        quality, refs = score(backend, inputs, spec, bar)
         if bar is not None:
             bar.close()
-    if spec.get("write_reference"):
-        np.savez(spec["write_reference"], **refs)
+    if spec.write_reference:
+        np.savez(spec.write_reference, **refs)
     record["quality"] = quality
     memory.update(peak_rss_with_quality_mb=_status_mb("VmHWM"), torch_imported="torch" in sys.modules)
     record["memory"] = memory
@@ -158,10 +159,9 @@ def run(spec: dict) -> dict:
 
 
 def main(argv: list[str]) -> int:
-    spec = json.loads(Path(argv[0]).read_text())
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        record = run(spec)
+        record = run(WorkerSpec.from_json(Path(argv[0]).read_text()))
     except Exception as exc:  # reported in the record: the parent turns it into an error record
         import traceback
 

@@ -8,8 +8,7 @@ This file is self-contained on purpose. The export pass copies it into every ONN
     python edge_runner.py <checkpoint dir> "A sentence" --embed                      # sentence embedding
 
 or, from Python, ``EdgeModel(dir).generate_text("Once upon a time", 32)``. Inside the suite it is
-importable as ``compress.edge``, but note that ``import compress.edge`` runs ``compress/__init__.py``,
-which imports torch; on a torch-free device use the copied ``edge_runner.py`` (or this file) directly.
+``compress.edge``, whose import loads no torch either (``compress/__init__.py`` imports lazily).
 
 A decoder exported with past key values is one ``model.onnx`` used for both phases: prefill feeds an empty
 past (length 0), each decode step feeds the presents of the previous call back as the past.

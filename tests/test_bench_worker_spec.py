@@ -1,0 +1,38 @@
+"""The backend names and the worker's spec: parsed once, written and read back unchanged."""
+import pytest
+
+from benchmarks.config import BACKENDS, BenchmarkConfig
+from benchmarks.worker_spec import Backend, WorkerSpec
+
+
+def test_backend_names_round_trip():
+    parsed = [Backend.parse(name) for name in BACKENDS]
+    assert [(b.runtime, b.device) for b in parsed] == [("torch", "cpu"), ("torch", "cuda"), ("ort", "cpu"),
+                                                       ("ort", "cuda")]
+    assert [str(b) for b in parsed] == list(BACKENDS)
+    assert Backend.parse(parsed[0]) is parsed[0] and parsed[0] == Backend("torch", "cpu")
+
+
+@pytest.mark.parametrize("name", ["torch", "onnx-cpu", "ort-gpu", "Torch-CPU", ""])
+def test_unknown_backend_names_the_allowed_ones(name):
+    with pytest.raises(ValueError, match="allowed: torch-cpu, torch-cuda, ort-cpu, ort-cuda"):
+        Backend.parse(name)
+
+
+def test_config_accepts_exactly_the_backend_names():
+    assert BenchmarkConfig(backends=list(BACKENDS)).backends == list(BACKENDS)
+    with pytest.raises(ValueError):
+        BenchmarkConfig(backends=["ort-gpu"])
+
+
+def test_worker_spec_json_round_trip():
+    settings = BenchmarkConfig(threads=1).model_dump(mode="json")
+    spec = WorkerSpec(target="runs/x/01-quantize", loader="checkpoint", task="causal-lm", backend="ort-cpu",
+                      settings=settings, inputs="/tmp/in.npz", label="q", reference="/tmp/ref.npz")
+    assert spec.backend == Backend("ort", "cpu")
+    text = spec.to_json()
+    assert '"backend": "ort-cpu"' in text and '"loader": "checkpoint"' in text
+    assert WorkerSpec.from_json(text) == spec
+    with pytest.raises(ValueError, match="loader"):
+        WorkerSpec(target="t", loader="torch", task="causal-lm", backend="torch-cpu", settings={}, inputs="i",
+                   label="l")
