@@ -5,7 +5,7 @@ Every model is trained with the `distill` pass: the teacher is the pass with alp
 only (alpha 0) or with soft targets (teacher: input). Accuracy is measured on the BBC test split, which no
 training or model selection sees (selection uses the validation split).
 
-    flock /tmp/compress-heavy.lock python benchmarks/distill_bbc.py
+    flock /tmp/compress-heavy.lock python -m studies.distill_bbc
 """
 from __future__ import annotations
 
@@ -16,12 +16,13 @@ import time
 
 import torch
 
-from benchmarks.distill_common import machine, update_results
 from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData, load_dataset, text_batches
 from compress.models import load_model
 from compress.passes import PassContext, get
 from compress.runtime import set_threads
+
+from studies.distill_common import machine, update_results
 
 SOURCE = "builtin:minilm-l6"
 TASK = "sequence-classification"

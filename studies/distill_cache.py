@@ -8,7 +8,7 @@ and a narrow fresh one (6 layers of width 256). With student step S and teacher 
 is bounded by 2(S + T) / (2S + T) and the warm one by (S + T) / S, so the smaller the student, the more the
 cache buys.
 
-    flock /tmp/compress-heavy.lock python benchmarks/distill_cache.py --threads 2
+    flock /tmp/compress-heavy.lock python -m studies.distill_cache --threads 2
 """
 from __future__ import annotations
 
@@ -17,12 +17,13 @@ import os
 import tempfile
 import time
 
-from benchmarks.distill_common import machine, update_results
 from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData
 from compress.models import load_model
 from compress.passes import PassContext, get
 from compress.runtime import set_threads
+
+from studies.distill_common import machine, update_results
 
 SOURCE = "builtin:smollm2-135m"
 STUDENTS = {
@@ -59,7 +60,7 @@ def measure(student: dict, teacher, tok, data, args, threads: int) -> dict:
         os.environ["COMPRESS_CACHE_DIR"] = cold
         for key, cache in [("on_the_fly", False), ("cache_cold", True), ("cache_warm", True)]:
             ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
-            ctx._teacher = Artifact("torch", "causal-lm", tok, teacher)
+            ctx = ctx.with_teacher(Artifact("torch", "causal-lm", tok, teacher))
             t0 = time.perf_counter()
             out = get("distill")(**opts, teacher_cache=cache).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
             wall = time.perf_counter() - t0

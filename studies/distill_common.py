@@ -1,26 +1,28 @@
-"""Shared helpers of the distillation benchmarks: machine record, result files, quality metrics.
+"""Shared helpers of the distillation studies: machine record, result files, quality on fixed windows.
 
-The harness (benchmarks.harness) was not available when these scripts were written, so perplexity and
-top-1 agreement are computed here directly: next-token cross-entropy over fixed, non-overlapping windows,
-and the fraction of positions where the student's argmax equals the teacher's argmax."""
+Perplexity and top-1 agreement use the harness's metrics (benchmarks.metrics: token NLL, perplexity,
+agreement) on fixed, non-overlapping windows: every target after a window's first token is scored, and
+agreement is the fraction of those positions where the student's argmax equals the teacher's."""
 from __future__ import annotations
 
 import json
-import math
 import os
-import platform
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
-RESULTS = Path(__file__).parent / "results" / "distill"
+from benchmarks import metrics
+from benchmarks.machine import machine_record
+
+RESULTS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "distill"
 
 
 def machine(threads: int) -> dict:
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": threads,
-            "torch": torch.__version__, "loadavg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()],
+    """The harness's machine record plus what changes per row: torch threads, load average, time."""
+    return {**machine_record(), "threads": threads, "torch": torch.__version__,
+            "loadavg_1m_5m_15m": [round(x, 2) for x in os.getloadavg()],
             "when": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
@@ -45,15 +47,16 @@ def lm_logits(model, windows: torch.Tensor, batch: int = 4) -> list[torch.Tensor
 @torch.no_grad()
 def lm_quality(model, windows: torch.Tensor, teacher_argmax: list[torch.Tensor] | None = None) -> dict:
     """Perplexity of `model` on `windows` and top-1 agreement with the teacher's next-token argmax."""
-    nll, n, agree = 0.0, 0, 0
+    nll, top1, ref = [], [], []
     for j, logits in enumerate(lm_logits(model, windows)):
         ids = windows[j * 4: j * 4 + logits.shape[0]]
-        pred = logits[:, :-1]
-        nll += F.cross_entropy(pred.reshape(-1, pred.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum").item()
-        n += ids[:, 1:].numel()
+        pred = logits[:, :-1].reshape(-1, logits.shape[-1]).numpy()
+        nll.append(metrics.token_nll(pred, ids[:, 1:].reshape(-1).numpy()))
+        top1.append(pred.argmax(-1))
         if teacher_argmax is not None:
-            agree += int((pred.argmax(-1) == teacher_argmax[j]).sum())
-    out = {"perplexity": round(math.exp(nll / n), 3), "eval_tokens": n}
+            ref.append(teacher_argmax[j].reshape(-1).numpy())
+    nll = np.concatenate(nll)
+    out = {"perplexity": round(metrics.perplexity(nll), 3), "eval_tokens": int(nll.size)}
     if teacher_argmax is not None:
-        out["top1_agreement"] = round(agree / n, 4)
+        out["top1_agreement"] = round(metrics.agreement(np.concatenate(top1), np.concatenate(ref)), 4)
     return out

@@ -1,17 +1,18 @@
 """Which 15 of SmolLM2's 30 layers to keep: perplexity of untrained layer-kept students on the Wikipedia
 validation split (the test split stays reserved for the a-d comparison). Results: results/distill/layer_choice.json.
 
-    flock /tmp/compress-heavy.lock python benchmarks/distill_layer_choice.py
+    flock /tmp/compress-heavy.lock python -m studies.distill_layer_choice
 """
 from __future__ import annotations
 
 import json
 
-from benchmarks.distill_common import RESULTS, lm_quality, machine
 from compress.data import DataSpec, load_dataset, lm_windows
 from compress.distill.students import keep_layers, resolve_keep
 from compress.models import load_model
 from compress.runtime import set_threads
+
+from studies.distill_common import RESULTS, lm_quality, machine
 
 CANDIDATES = {
     "even15": resolve_keep(15, 30),

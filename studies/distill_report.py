@@ -1,13 +1,13 @@
 """Writes benchmarks/results/distill/{report.md, results.json, loss_curves.png} from the JSON files the
 distillation benchmarks leave there (smollm2.json, bbc.json, cache.json).
 
-    python benchmarks/distill_report.py
+    python -m studies.distill_report
 """
 from __future__ import annotations
 
 import json
 
-from benchmarks.distill_common import RESULTS
+from studies.distill_common import RESULTS
 
 
 def _load(name: str) -> dict:
@@ -57,7 +57,7 @@ def _smollm2_section(name: str, smol: dict) -> list[str]:
              f"Kept layers: {kept}. Threads {m.get('threads')}; the load "
              "average is recorded per row in results.json. Perplexity and top-1 agreement on "
              f"{smol.get('teacher', {}).get('eval_tokens')} held-out Wikipedia tokens (test split), computed in "
-             "benchmarks/distill_common.py.", "",
+             "studies/distill_common.py.", "",
              "| variant | steps | perplexity | top-1 agreement with teacher | train tokens/s |",
              "| --- | ---: | ---: | ---: | ---: |"]
     for key in ("teacher", "a", "b", "c", "d"):

@@ -4,7 +4,7 @@ Variants at the same number of steps and data: (a) layer-dropped student, no tra
 (alpha 0); (c) KD with soft targets; (d) KD + hidden-state matching. Reports perplexity on the Wikipedia test
 split, top-1 agreement with the teacher and training tokens/s.
 
-    flock /tmp/compress-heavy.lock python benchmarks/distill_smollm2.py --variants a b c d
+    flock /tmp/compress-heavy.lock python -m studies.distill_smollm2 --variants a b c d
 """
 from __future__ import annotations
 
@@ -14,13 +14,14 @@ import time
 
 import torch
 
-from benchmarks.distill_common import lm_logits, lm_quality, machine, update_results
 from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData, load_dataset, lm_windows
 from compress.distill.students import keep_layers, resolve_keep
 from compress.models import load_model
 from compress.passes import PassContext, get
 from compress.runtime import seed_everything, set_threads
+
+from studies.distill_common import lm_logits, lm_quality, machine, update_results
 
 SOURCE = "builtin:smollm2-135m"
 
@@ -74,7 +75,7 @@ def main() -> None:
             info = {"steps": 0}
         else:
             ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
-            ctx._teacher = Artifact("torch", "causal-lm", tok, teacher)  # share the loaded teacher
+            ctx = ctx.with_teacher(Artifact("torch", "causal-lm", tok, teacher))  # share the loaded teacher
             art = get("distill")(**options[v]).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
             student, info = art.model, art.info
         q = lm_quality(student, wiki, teacher_argmax)

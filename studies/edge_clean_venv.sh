@@ -3,7 +3,7 @@
 # virtual environment with those three packages (no torch, no transformers, no compress) and runs the
 # bundle's own edge_runner.py. Writes the transcript to benchmarks/results/quantize/edge_clean_venv.txt.
 #
-#   benchmarks/edge_clean_venv.sh [BUNDLE_DIR] ["prompt"]
+#   bash studies/edge_clean_venv.sh [BUNDLE_DIR] ["prompt"]
 #
 # Without BUNDLE_DIR it exports builtin:smollm2-135m with the suite (under the shared heavy-job lock) into
 # /tmp/compress-edge-bundle first.

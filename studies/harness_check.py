@@ -1,6 +1,6 @@
 """Checks the harness against independent measurements and writes benchmarks/results/harness/.
 
-    flock /tmp/compress-heavy.lock python benchmarks/harness_check.py [--threads 2] [--out DIR]
+    flock /tmp/compress-heavy.lock python -m studies.harness_check [--threads 2] [--out DIR]
 
 Measures SmolLM2-135M fp32, its bf16 (the quantize pass) and MiniLM-L6 on torch-cpu; then
 - repeatability: the same SmolLM2 measurement a second time, back to back (what two `compress bench` runs
@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 LM_DATA = {"source": "builtin:wikipedia", "max_tokens": 4096, "seq_len": 256}
 ENC_DATA = {"source": "builtin:bbc-news", "max_examples": 64, "max_length": 128}
@@ -77,8 +76,8 @@ def run_plain(spec: dict) -> dict:
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
         json.dump(spec, fh)
     env = dict(os.environ, OMP_NUM_THREADS=str(spec["threads"]))
-    out = subprocess.run([sys.executable, __file__, "--plain", fh.name], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run([sys.executable, "-m", "studies.harness_check", "--plain", fh.name], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
     os.unlink(fh.name)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -88,7 +87,7 @@ def make_bf16(path: Path) -> Path:
     from compress import checkpoint, passes
     from compress.checkpoint import Artifact
     from compress.models import load_model
-    from compress.passes.base import PassContext
+    from compress.passes import PassContext
 
     if (path / "manifest.json").exists():
         return path
@@ -150,7 +149,7 @@ def main(argv=None) -> int:
         records += measured
         plain.append(compare(label, measured, timings, loads))
     out = Path(args.out)
-    command = "flock /tmp/compress-heavy.lock python benchmarks/harness_check.py" + (
+    command = "flock /tmp/compress-heavy.lock python -m studies.harness_check" + (
         f" --threads {args.threads}" if args.threads else "")
     write_report(records, out, "Harness check: SmolLM2-135M fp32 / bf16 and MiniLM-L6 on torch-cpu", command=command)
 
@@ -213,7 +212,7 @@ def checks_md(c: dict) -> str:
             lines.append(f"| {p['label']} | {k.removesuffix('_ms')} | {p['harness'][k]:.1f} | {p['plain'][k]:.1f} | "
                          f"{p['ratio'][k]:.3f} | {(p['plain_drift'][k] - 1) * 100:.1f}% | "
                          f"{p['loadavg'][0]:.2f} -> {p['loadavg'][-1]:.2f} |")
-    lines += ["", "The plain loop is a few lines of transformers code in benchmarks/harness_check.py (`plain_timing`): "
+    lines += ["", "The plain loop is a few lines of transformers code in studies/harness_check.py (`plain_timing`): "
               "a timed forward pass for prefill, and a timed loop of greedy steps with `past_key_values`.", ""]
     return "\n".join(lines)
 

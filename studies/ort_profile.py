@@ -1,11 +1,10 @@
 """Where a decode step of an exported causal LM spends its time, per ONNX operator type (ONNX Runtime's profiler).
 
-    python benchmarks/ort_profile.py runs/smollm2-edge/int8-only/02-quantize [--steps 32] [--threads 2]
+    python -m studies.ort_profile runs/smollm2-edge/int8-only/02-quantize [--steps 32] [--threads 2]
 
 Runs one 128-token prefill and `--steps` greedy decode steps with the KV cache through compress.edge, then
-prints each operator type's share of the kernel time and how many nodes of it ran per call. On SmolLM2's
-int8 export this is what shows that MatMulNBits takes about a third of a step and the per-block shape
-operators (Unsqueeze, Concat, Gather, Shape, ...) about as much again."""
+prints each operator type's share of the kernel time and how many nodes of it ran per call. What it showed
+on SmolLM2's int8 export is in README.md (Results, Edge LLM)."""
 from __future__ import annotations
 
 import argparse
@@ -19,8 +18,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks.backends import _edge_module  # noqa: E402  (compress.edge without importing torch)
+from compress.edge import EdgeModel  # the ONNX Runtime runner; does not import torch
 
 
 def main(argv=None) -> int:
@@ -33,7 +31,7 @@ def main(argv=None) -> int:
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "profile")
-    model = _edge_module().EdgeModel(args.checkpoint, threads=args.threads, session_options=opts)
+    model = EdgeModel(args.checkpoint, threads=args.threads, session_options=opts)
     prompt = np.random.RandomState(0).randint(100, 20000, (1, 128)).astype(np.int64)
     model.generate(prompt, args.steps + 1)  # one prefill + `steps` decode steps
     events = json.loads(Path(model.session.end_profiling()).read_text())

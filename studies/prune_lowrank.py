@@ -1,14 +1,15 @@
 """Structured pruning and low-rank factorization of SmolLM2-135M: quality against size and speed.
 
-    flock /tmp/compress-heavy.lock python -m benchmarks.prune_lowrank            # full run (~20-30 min)
-    python -m benchmarks.prune_lowrank --model /path/to/tiny-llama --quick       # logic check on a tiny model
+    flock /tmp/compress-heavy.lock python -m studies.prune_lowrank               # full run (~20-30 min)
+    python -m studies.prune_lowrank --model /path/to/tiny-llama --quick          # logic check on a tiny model
 
 Every variant is made by the real passes (compress.passes prune / lowrank), saved as a checkpoint under
 --work, and measured by benchmarks.harness.measure in its own process: held-out Wikipedia perplexity
 (test split), top-1 agreement and KL against the dense model, torch-CPU prefill / decode latency, and
 ORT-CPU latency for the dense model and the best 50%-MLP model. A micro-benchmark times single factorized
 layers against dense ones at SmolLM2's shapes to show where low rank stops paying. Writes report.md,
-results.json and perplexity_vs_params.png to --out."""
+results.json and perplexity_vs_params.png to --out; what the committed run found is in
+benchmarks/results/prune_lowrank/README.md."""
 from __future__ import annotations
 
 import argparse
@@ -22,15 +23,16 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.config import BenchmarkConfig, LatencyConfig
+from benchmarks.harness import measure, resolve_target
 from compress import checkpoint
 from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData
 from compress.models import count_parameters, load_model
 from compress.passes import PassContext, get
+from compress.pruning import importance
+from compress.pruning.arch import adapter
 from compress.runtime import set_threads
-
-from .config import BenchmarkConfig, LatencyConfig
-from .harness import measure
 
 SOURCE = "builtin:smollm2-135m"
 CRITERIA = ("magnitude", "taylor", "activation")
@@ -114,18 +116,25 @@ def layer_timing(threads: int, repeats: int = 40) -> list[dict]:
     return rows
 
 
+def mlp_scores(base: Artifact, ctx: PassContext, criterion: str, layers: list[int]) -> dict:
+    """Per MLP channel of each block in `layers`: the prune pass's `criterion` score, with the pass's default
+    calibration (its Config's samples, sequence length and batch size) and norm."""
+    c = get("prune")(targets=["mlp"], importance=criterion).config
+    batches = None
+    if criterion != "magnitude":
+        batches = importance.calibration_batches(
+            ctx, base.tokenizer, base.task, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
+            batch_size=c.batch_size, why=f"importance: {criterion}")
+    return importance.mlp_channel_scores(base.model, adapter(base.model), layers, criterion, batches=batches,
+                                         task=base.task, norm=c.norm, device=ctx.device)
+
+
 def criteria_overlap(base: Artifact, ctx: PassContext, ratio: float = 0.5) -> dict:
     """How much the channels each criterion keeps at `ratio` overlap (Jaccard, mean over layers)."""
-    from compress.passes.prune import Prune
-    from compress.pruning.arch import adapter
-
-    net = base.model
-    ad = adapter(net)
+    ad = adapter(base.model)
     kept = {}
     for crit in CRITERIA:
-        p = Prune(targets=["mlp"], ratio=ratio, importance=crit)
-        p.ctx, p.task, p.tok, p._batches = ctx, base.task, base.tokenizer, None
-        scores = p._mlp_scores(net, ad, list(range(ad.num_layers())))
+        scores = mlp_scores(base, ctx, crit, list(range(ad.num_layers())))
         k = int(ad.mlp_width(0) * (1 - ratio))
         kept[crit] = [set(torch.argsort(scores[i], descending=True)[:k].tolist()) for i in scores]
     out = {}
@@ -147,17 +156,10 @@ def why_magnitude(base: Artifact, ctx: PassContext, eval_ids: torch.Tensor, rati
     import copy
     import math
 
-    from compress.passes.prune import Prune
-    from compress.pruning.arch import adapter
-
     net = base.model
     ad = adapter(net)
     layers = list(range(ad.num_layers()))
-    scores = {}
-    for crit in ("magnitude", "activation"):
-        p = Prune(targets=["mlp"], ratio=ratio, importance=crit)
-        p.ctx, p.task, p.tok, p._batches = ctx, base.task, base.tokenizer, None
-        scores[crit] = p._mlp_scores(net, ad, layers)
+    scores = {crit: mlp_scores(base, ctx, crit, layers) for crit in ("magnitude", "activation")}
     width = ad.mlp_width(0)
     n_prune, n_top = int(width * ratio), max(1, width // 100)
     lost = {}
@@ -262,7 +264,8 @@ def write_outputs(out: Path, rows: list[dict], ort: list[dict], timing: list[dic
                   f"(activation score) that magnitude pruning at {why['ratio']:.0%} removes: {why['n_removed_top']} "
                   f"in layers {sorted(int(k) for k in why['removed_top_channels'])}. Zeroing only those "
                   f"channels in the dense model: perplexity {why['dense_ppl']} -> {why['ppl_with_only_those_zeroed']}."]
-    lines += ["", "## Findings", "", meta.get("findings", "(see results.json)"), ""]
+    lines += ["", "## Findings", "", "What the committed run found: [README.md](README.md) (written by hand from this "
+              "report; a new run does not update it).", ""]
     (out / "report.md").write_text("\n".join(lines))
     plot(rows, out / "perplexity_vs_params.png")
 
@@ -328,8 +331,6 @@ def main(argv=None) -> None:
         """measure(), its record cached under --work by target key + settings: a rerun measures only
         what is new (cached rows keep the load average of their own run)."""
         t = time.time()
-        from .harness import resolve_target
-
         cache = work / "records" / f"{resolve_target(target, 'causal-lm').key}-{backend}-{settings.digest()}.json"
         if cache.exists():
             return json.loads(cache.read_text())
@@ -348,7 +349,7 @@ def main(argv=None) -> None:
     state = {"best": None, "ort": [], "timing": [], "overlap": None}
 
     def meta():
-        return {"command": "flock /tmp/compress-heavy.lock python -m benchmarks.prune_lowrank "
+        return {"command": "flock /tmp/compress-heavy.lock python -m studies.prune_lowrank "
                            + " ".join(argv if argv is not None else sys.argv[1:]),
                 "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
                 "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
@@ -356,8 +357,7 @@ def main(argv=None) -> None:
                 "windows of 256", "calibration": "8 x 128 tokens of builtin:wikipedia train split",
                 "latency": "128-token prompt, then 32 greedy tokens with the KV cache", "repeats": args.repeats,
                 "best_criterion_at_50": state["best"], "failures": failures,
-                "criteria_overlap_at_50": state["overlap"], "why_magnitude": state.get("why_magnitude"),
-                "findings": FINDINGS}
+                "criteria_overlap_at_50": state["overlap"], "why_magnitude": state.get("why_magnitude")}
 
     def write():  # after every step: partial results survive an interruption
         write_outputs(Path(args.out), rows, state["ort"], state["timing"], meta())
@@ -453,44 +453,6 @@ def _slim(info: dict) -> dict:
         out["recover"] = {k: v for k, v in info["recover"].items() if k != "loss_curve"}
     return out
 
-
-FINDINGS = """- **Criteria (the better ones do win, by far).** At the same size (MLP widths 1152 or 768 of 1536 in every block, a stock
-  config), held-out perplexity (dense 24.0) is activation 58.8 / taylor 69.2 / magnitude 812,149 at 25%, and
-  activation 308 / taylor 411 / magnitude 175,955 at 50%. Both data-aware criteria beat magnitude by orders of
-  magnitude; activation (mean |x_j| x ||W_down[:, j]||, i.e. the channel's contribution to the block output) beats taylor.
-  Magnitude is near-random with respect to what the data uses: the channels it keeps overlap taylor's no more than two
-  random halves would (Jaccard 0.34 vs 0.33 expected), and it removes the few channels that carry very large
-  activations: at 25% it prunes 232 channels that are among the top 1% of their layer by output contribution, and
-  zeroing only those 232 (of the 11,520 it removes) already takes the dense model from 24.0 to 105.9; the rest of the
-  damage comes from the many other channels it ranks without seeing the data. Taylor is estimated from only 2
-  calibration batches (8 x 128 tokens, squared per batch), so its ranking is noisier than activation's; that is the
-  likely reason it trails (not verified with more calibration data in this run).
-- **Recovery.** 50 distillation steps from the unpruned model (batch 4 x 128 tokens, 25.6k tokens, 320 s on 2 cores)
-  take the 50%-MLP activation model from perplexity 308 to 70.3 (KL to the dense model 2.39 -> 1.17).
-- **Heads (GQA).** Removing one of the 3 KV groups in every layer (6 of 9 query heads, 2 KV heads; also a 1/3 smaller
-  KV cache) gives perplexity 50.2 at 0.93x parameters; removing one query head inside each group (6 of 9, 3 KV)
-  gives 97.6 at 0.95x. Whole-group removal is both smaller and better here.
-- **Depth.** Dropping the 8 blocks (of 30) that change their input least (9, 12-17, 26: the middle of the network)
-  gives perplexity 72.2 at 0.79x parameters, prefill 0.74x and decode 1.32x on torch CPU.
-- **Latency follows size for pruning.** 50%-MLP (0.70x parameters): torch CPU prefill 202 vs 305 ms (0.66x) and
-  decode 30.5 vs 22.2 tok/s (1.38x); ONNX Runtime CPU prefill 209 vs 295 ms (0.71x), decode 36.5 vs 26.7 tok/s
-  (1.37x). Caveat: the three 50% models have identical shapes, yet their torch timings spread over 202-249 ms prefill
-  and 21.9-30.5 tok/s decode: that spread is the shared machine (load 1.4-1.9 during the run), so single ratios carry
-  roughly +-20%; prefill was faster than dense for every pruned model.
-- **Low rank at the same parameter count** (every MLP projection at 50% of its weights, model 0.71x): plain SVD
-  perplexity 6.5M, ASVD 917k, whitened SVD 5,657. Activation-aware truncation is much better (whitening by three orders
-  of magnitude) but at this budget none is usable without fine-tuning: SmolLM2's MLP weights are not low rank.
-  The factorized models were not faster end to end at batch 1 (torch prefill 0.75-0.94x, decode 0.85-1.07x).
-  At a milder budget (MLP factors at 75% of their weights, model 0.86x; beyond the default speed limit) whitened SVD
-  reaches perplexity 657 against plain SVD's 233k, and it is slower than dense (decode 0.77x), as the layer table predicts.
-- **Where factorized layers are slower** (layer table above): large MLP layers gain at 128 tokens up to about 60% of
-  the dense parameters and lose their advantage beyond ~75-90%; at batch-1 decoding the small 576x192 k/v projections
-  are slower factorized at every rank (1.1-1.7x) and 576x576 ones from ~75%. Hence the pass defaults: factorize a layer
-  only if its factors hold at most 60% of its weights (`max_param_ratio: 0.6`) and it has at least 150k weights
-  (`min_params`), which leaves k/v projections dense.
-- **Embedding.** The tied 49152 x 576 embedding keeps only 81% of its energy at rank 256: perplexity 173,877. It is not
-  a good low-rank target: even rank 448 (94.7% energy, 0.96x parameters) gives perplexity 13,713, because the tied
-  factors also distort every output logit."""
 
 if __name__ == "__main__":
     main()

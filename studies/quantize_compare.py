@@ -1,7 +1,7 @@
 """Export and quantization of SmolLM2-135M, MiniLM-L6 and the BBC News classifier fine-tuned from it (the
 teacher of configs/minilm-bbc.yaml, read from runs/minilm-bbc/01-distill), measured side by side.
 
-    flock /tmp/compress-heavy.lock .venv/bin/python benchmarks/quantize_compare.py
+    flock /tmp/compress-heavy.lock .venv/bin/python -m studies.quantize_compare
         [--models smollm2 minilm minilm-bbc] [--only LABEL ...] [--threads 2] [--rounds 3] [--work /tmp/compress-quantize-bench]
         [--out benchmarks/results/quantize] [--title TITLE]
 
@@ -25,18 +25,17 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.config import BenchmarkConfig, LatencyConfig
+from benchmarks.harness import measure, timing_rounds
+from benchmarks.report import write_report
+from compress import load, save
+from compress.checkpoint import Artifact
+from compress.data import DataSpec, PipelineData
+from compress.models import load_model
+from compress.passes import PassContext, get
+from compress.runtime import set_threads
 
-from benchmarks.config import BenchmarkConfig, LatencyConfig  # noqa: E402
-from benchmarks.harness import measure, timing_rounds  # noqa: E402
-from benchmarks.report import write_report  # noqa: E402
-from compress import load, save  # noqa: E402
-from compress.checkpoint import Artifact  # noqa: E402
-from compress.data import DataSpec, PipelineData  # noqa: E402
-from compress.models import load_model  # noqa: E402
-from compress.passes import PassContext, get  # noqa: E402
-from compress.runtime import set_threads  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
 
 OUT = ROOT / "benchmarks" / "results" / "quantize"
 MODELS = {
@@ -214,7 +213,7 @@ def main(argv=None) -> int:
     order = {label: i for i, label in enumerate(VARIANTS)}
     records.sort(key=lambda r: (list(MODELS).index(r["model"]), order.get(r["variant"], 99)))
     command = "flock /tmp/compress-heavy.lock .venv/bin/python " + " ".join(
-        [f"benchmarks/{Path(sys.argv[0]).name}", *(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))])
+        ["-m studies.quantize_compare", *(f"'{a}'" if " " in a else a for a in (argv or sys.argv[1:]))])
     if args.report_only and (out / "results.json").exists():  # the rows were measured by the earlier command
         command = json.loads((out / "results.json").read_text()).get("command") or command
     report = write_report(records, out, args.title, command=command)

@@ -25,7 +25,7 @@ def test_smollm2_fifteen_layer_student():
     del student
     data = PipelineData(train=DataSpec(source="builtin:shakespeare", max_tokens=2048, seq_len=64))
     ctx = PassContext(source="builtin:smollm2-135m", task="causal-lm", data=data, show_progress=False)
-    ctx._teacher = Artifact("torch", "causal-lm", tok, teacher)
+    ctx = ctx.with_teacher(Artifact("torch", "causal-lm", tok, teacher))
     out = get("distill")(student={"keep_layers": 15}, alpha=0.8, max_steps=3, batch_size=2, lr=2e-4,
                          eval_tokens=256, log_every=1, seed=0).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
     curve = out.info["loss_curve"]
