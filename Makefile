@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt requirements-nodeps.txt
 quickstart: setup
 	$(VENV)/bin/compress run configs/quickstart.yaml
 
-# Two workers with one torch thread each (see STACK.md: oversubscribed threads are ~1000x slower).
+# Two workers with one torch thread each (docs/stack.md: oversubscribed threads are ~1000x slower).
 test: setup
 	$(PY) -m pytest -n 2 -q
 

@@ -16,7 +16,7 @@ def set_threads(threads: int | None) -> int:
     """Set torch's intra-op threads (default: the cores this process may use) and return the number.
 
     On the 2-core machines this suite targets, torch's defaults oversubscribe the cores as soon as
-    anything else runs, which made small ops ~1000x slower (shared/STACK.md)."""
+    anything else runs, which made small ops ~1000x slower (docs/stack.md)."""
     n = threads or physical_cores()
     torch.set_num_threads(n)
     os.environ.setdefault("OMP_NUM_THREADS", str(n))

@@ -35,4 +35,4 @@ def test_smollm2_perplexity_equals_plain_transformers(tmp_path):
     plain = float(np.exp(np.mean(losses)))  # every window scores 255 tokens, so the mean of means is exact
     assert r["quality"]["perplexity"] == pytest.approx(plain, rel=1e-3)
     assert r["quality"]["scored_tokens"] == 4 * 255
-    assert 5 < plain < 60  # SmolLM2 on Wikipedia is about 20 (shared/STACK.md)
+    assert 5 < plain < 60  # SmolLM2 on Wikipedia is about 20 (docs/stack.md)

@@ -57,7 +57,7 @@ def _load(src: Path):
 
     model = onnx.load(str(Path(src) / onnx_tools.ONNX_FILE))
     _named_nodes(model)
-    del model.graph.value_info[:]  # stale shape info breaks quantization shape inference (STACK.md)
+    del model.graph.value_info[:]  # stale shape info breaks quantization shape inference (docs/stack.md)
     return model
 
 
