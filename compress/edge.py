@@ -10,8 +10,14 @@ This file is self-contained on purpose. The export pass copies it into every ONN
 or, from Python, ``EdgeModel(dir).generate_text("Once upon a time", 32)``. Inside the suite it is
 ``compress.edge``, whose import loads no torch either (``compress/__init__.py`` imports lazily).
 
-A decoder exported with past key values is one ``model.onnx`` used for both phases: prefill feeds an empty
-past (length 0), each decode step feeds the presents of the previous call back as the past.
+A decoder exported with past key values is one ``model.onnx`` used for both phases. Two loops run it:
+- the plain loop (any decoder graph): prefill feeds an empty past (length 0), each decode step feeds the
+  presents of the previous call back as the past, so every step copies the whole cache;
+- the shared-cache loop (graphs written by compress.fused, marked ``compress.graph: fused``): each layer's
+  keys and values live in one preallocated buffer bound (IO binding) as both past input and present output,
+  and GroupQueryAttention writes each new token's entries in place: no copy of the cache per step. The
+  buffer grows (doubling, one copy) only when a sequence outgrows it. ``EdgeModel(dir, shared_cache=False)``
+  runs such a graph with the plain loop, the reference the tests compare with.
 """
 from __future__ import annotations
 
@@ -30,11 +36,15 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
 
 
 class DecodeState:
-    """What a decoder carries between steps: the attention mask so far and the past keys/values."""
+    """What a decoder carries between steps: the attention mask so far and the past keys/values.
 
-    def __init__(self, attention_mask: np.ndarray, past: dict[str, np.ndarray]):
+    In the shared-cache loop `past` holds the buffers ([B, kv heads, capacity, head dim], valid up to
+    `length`) and `values` the OrtValues that alias them."""
+
+    def __init__(self, attention_mask: np.ndarray, past: dict[str, np.ndarray], values: dict | None = None):
         self.attention_mask = attention_mask  # [B, tokens so far], int64
         self.past = past  # input name (past_key_values.N.key/value) -> array
+        self.values = values
 
     @property
     def length(self) -> int:
@@ -44,8 +54,10 @@ class DecodeState:
 class EdgeModel:
     """An exported checkpoint directory (model.onnx, config.json, tokenizer.json, manifest.json)."""
 
+    HEADROOM = 256  # decode steps a prefill reserves cache room for, when the caller does not say
+
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
-                 session_options: "ort.SessionOptions | None" = None):
+                 session_options: "ort.SessionOptions | None" = None, shared_cache: bool | None = None):
         self.path = Path(path)
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
@@ -64,6 +76,12 @@ class EdgeModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.task = self.manifest.get("task") or self._guess_task()
+        fused = self.session.get_modelmeta().custom_metadata_map.get("compress.graph") == "fused"
+        if shared_cache and not fused:
+            raise ValueError("shared_cache needs a graph written by compress.fused (GroupQueryAttention); this "
+                             "one concatenates its past, so it runs with the plain loop")
+        self.fused = fused  # positions come from the token count: batches must be unpadded
+        self.shared_cache = fused if shared_cache is None else shared_cache
         self._tokenizer = None
 
     # ------------------------------------------------------------------ shape helpers
@@ -99,6 +117,7 @@ class EdgeModel:
 
     def _run_decoder(self, input_ids: np.ndarray, mask_so_far: np.ndarray, past: dict[str, np.ndarray]):
         """One call: `input_ids` [B, T] new tokens, `mask_so_far` [B, past + T]; returns (logits, presents)."""
+        self._check_unpadded(mask_so_far)
         feed = {"input_ids": input_ids}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask_so_far
@@ -114,6 +133,35 @@ class EdgeModel:
         named = dict(zip(self.output_names, outputs))
         presents = {name: named[name.replace("past_key_values.", "present.")] for name in self.past_names}
         return named["logits"], presents
+
+    def _check_unpadded(self, mask: np.ndarray) -> None:
+        if self.fused and not mask.all():
+            raise ValueError("this fused decoder graph takes unpadded batches (GroupQueryAttention derives "
+                             "positions from the token count); run padded prompts one at a time")
+
+    def _buffers(self, batch: int, capacity: int, old: DecodeState | None = None):
+        """Zeroed cache buffers of `capacity` positions (holding `old`'s valid entries) and their OrtValues."""
+        past = {}
+        for name in self.past_names:
+            _, heads, _, head_dim = self.inputs[name].shape
+            dtype = _NP_TYPES.get(self.inputs[name].type, np.float32)
+            past[name] = np.zeros((batch, heads, capacity, head_dim), dtype)
+            if old is not None:
+                past[name][:, :, : old.length] = old.past[name][:, :, : old.length]
+        return past, {name: ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in past.items()}
+
+    def _run_shared(self, input_ids: np.ndarray, state: DecodeState) -> np.ndarray:
+        """One call of the shared-cache loop: the buffers are both past and present (written in place)."""
+        self._check_unpadded(state.attention_mask)
+        io = self.session.io_binding()
+        io.bind_cpu_input("input_ids", input_ids)
+        io.bind_cpu_input("attention_mask", state.attention_mask)
+        io.bind_output("logits", "cpu")
+        for name, value in state.values.items():
+            io.bind_ortvalue_input(name, value)
+            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        self.session.run_with_iobinding(io)
+        return io.get_outputs()[0].numpy()
 
     # ------------------------------------------------------------------ the contract
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -144,18 +192,32 @@ class EdgeModel:
         mask = feed.get("attention_mask", np.ones(hidden.shape[:2], dtype=np.int64))[..., None].astype(hidden.dtype)
         return (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
 
-    def prefill(self, input_ids, attention_mask=None) -> tuple[np.ndarray, DecodeState]:
-        """Process a prompt: (logits of its last position [B, V], state for decode_step)."""
+    def prefill(self, input_ids, attention_mask=None,
+                max_new_tokens: int | None = None) -> tuple[np.ndarray, DecodeState]:
+        """Process a prompt: (logits of its last position [B, V], state for decode_step). `max_new_tokens`
+        sizes the shared cache (default HEADROOM; it grows if a sequence outgrows it)."""
         self._require_past()
         feed = self._feed(input_ids, attention_mask)
         mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
+        if self.shared_cache:
+            past, values = self._buffers(mask.shape[0], mask.shape[1] + (max_new_tokens or self.HEADROOM))
+            state = DecodeState(mask, past, values)
+            return self._run_shared(feed["input_ids"], state)[:, -1, :], state
         logits, presents = self._run_decoder(feed["input_ids"], mask, self._empty_past(mask.shape[0]))
         return logits[:, -1, :], DecodeState(mask, presents)
 
     def decode_step(self, next_ids, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
-        """Feed one new token per row ([B, 1]) with the cache: (logits [B, V], the new state)."""
+        """Feed one new token per row ([B, 1]) with the cache: (logits [B, V], the new state). In the
+        shared-cache loop the returned state shares (and the call has updated) `state`'s buffers."""
         next_ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
         mask = np.concatenate([state.attention_mask, np.ones_like(next_ids)], axis=1)
+        if state.values is not None:
+            capacity = next(iter(state.past.values())).shape[2]
+            past, values = state.past, state.values
+            if mask.shape[1] > capacity:  # outgrown: double the buffers, copying once
+                past, values = self._buffers(mask.shape[0], 2 * capacity, state)
+            new = DecodeState(mask, past, values)
+            return self._run_shared(next_ids, new)[:, -1, :], new
         logits, presents = self._run_decoder(next_ids, mask, state.past)
         return logits[:, -1, :], DecodeState(mask, presents)
 
@@ -166,7 +228,7 @@ class EdgeModel:
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         if prompt.ndim == 1:
             prompt = prompt[None, :]
-        logits, state = self.prefill(prompt, attention_mask)
+        logits, state = self.prefill(prompt, attention_mask, max_new_tokens=max_new_tokens)
         out, done = [], np.zeros(prompt.shape[0], dtype=bool)
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1).astype(np.int64)

@@ -8,7 +8,7 @@ from torch import nn
 
 from compress.errors import UnsupportedModelError
 from compress.fused import build_llama
-from compress.fused.run import empty_past, forward, greedy, make_session
+from compress.edge import EdgeModel
 
 VOCAB, LAYERS = 128, 4
 
@@ -33,15 +33,19 @@ def prompt(batch: int = 1, length: int = 10) -> torch.Tensor:
     return torch.randint(2, VOCAB, (batch, length), generator=torch.Generator().manual_seed(1))
 
 
-def export(model, tmp_path):
+def export(model, tmp_path, **edge_options):
     figures = build_llama(model, tmp_path)
-    return figures, make_session(figures["path"])
+    return figures, EdgeModel(tmp_path, threads=1, **edge_options)
 
 
-def assert_logits_match(model, session, ids):
+def greedy(edge: EdgeModel, ids: np.ndarray, n: int) -> np.ndarray:
+    return edge.generate(ids, n)[:, ids.shape[1]:]
+
+
+def assert_logits_match(model, edge, ids):
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.numpy()
-    logits, _ = forward(session, ids.numpy(), empty_past(session, ids.shape[0]))
+    logits = edge.logits(ids.numpy())
     assert logits.shape == ref.shape
     np.testing.assert_allclose(logits, ref, atol=1e-4, rtol=0)
 
@@ -50,13 +54,13 @@ def assert_logits_match(model, session, ids):
 def test_matches_torch_logits_and_greedy_tokens(tmp_path, kv_heads, tied):
     torch.set_num_threads(1)
     model = tiny(kv_heads=kv_heads, tie_word_embeddings=tied)
-    figures, session = export(model, tmp_path)
+    figures, edge = export(model, tmp_path)
     ids = prompt()
-    assert_logits_match(model, session, ids)
+    assert_logits_match(model, edge, ids)
 
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
-    np.testing.assert_array_equal(greedy(session, ids.numpy(), 8), ref[:, ids.shape[1]:].numpy())
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, ids.shape[1]:].numpy())
 
     # the whole point: a small constant per block, no per-block shape arithmetic
     assert figures["layers"] == LAYERS and figures["tied_embeddings"] == tied
@@ -64,18 +68,40 @@ def test_matches_torch_logits_and_greedy_tokens(tmp_path, kv_heads, tied):
     assert figures["nodes"] <= 12 * LAYERS + 20
     assert not {"Concat", "Unsqueeze", "Reshape", "Range", "Expand", "Where"} & set(figures["ops"])
     assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["Shape"] == 1
-    # a tied table is stored once
+    # a tied table is stored once (the head reads it through a Transpose)
     names = [i.name for i in onnx.load(figures["path"], load_external_data=False).graph.initializer]
-    assert ("model.embed_tokens.weight" in names) != tied and "lm_head.weight" in names
+    assert "model.embed_tokens.weight" in names and ("lm_head.weight" in names) != tied
+    assert edge.shared_cache  # compress.edge runs the graph with past and present in one buffer
+
+
+def test_shared_cache_loop_equals_the_plain_loop_and_grows(tmp_path, monkeypatch):
+    """The copy-free loop (one buffer per layer bound as past and present) gives the plain loop's tokens,
+    also when the sequence outgrows the buffer the prefill reserved (it doubles, copying once)."""
+    model = tiny()
+    _, shared = export(model, tmp_path)
+    plain = EdgeModel(tmp_path, threads=1, shared_cache=False)
+    ids = prompt().numpy()
+    np.testing.assert_array_equal(greedy(shared, ids, 12), greedy(plain, ids, 12))
+    logits, state = shared.prefill(ids, max_new_tokens=2)
+    buffer = state.past["past_key_values.0.key"]
+    assert buffer.shape[2] == ids.shape[1] + 2
+    tokens = []
+    for _ in range(6):
+        tokens.append(logits.argmax(-1))
+        logits, state = shared.decode_step(tokens[-1][:, None], state)
+    assert state.past["past_key_values.0.key"].shape[2] == 2 * (ids.shape[1] + 2)  # grew once
+    np.testing.assert_array_equal(np.stack(tokens, 1), greedy(plain, ids, 6))
+    with pytest.raises(ValueError, match="unpadded"):
+        shared.logits(np.ones((2, 4), np.int64), np.array([[0, 1, 1, 1], [1, 1, 1, 1]]))
 
 
 def test_batch_of_equal_length_prompts(tmp_path):
     model = tiny()
-    _, session = export(model, tmp_path)
+    _, edge = export(model, tmp_path)
     ids = prompt(batch=2, length=6)
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False)
-    np.testing.assert_array_equal(greedy(session, ids.numpy(), 5), ref[:, ids.shape[1]:].numpy())
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 5), ref[:, ids.shape[1]:].numpy())
 
 
 def test_depth_pruned_model(tmp_path):
@@ -84,9 +110,9 @@ def test_depth_pruned_model(tmp_path):
     for i, layer in enumerate(model.model.layers):
         layer.self_attn.layer_idx = i
     model.config.num_hidden_layers = 2
-    figures, session = export(model, tmp_path)
-    assert figures["layers"] == 2 and len([i for i in session.get_inputs() if "past" in i.name]) == 4
-    assert_logits_match(model, session, prompt())
+    figures, edge = export(model, tmp_path)
+    assert figures["layers"] == 2 and len(edge.past_names) == 4
+    assert_logits_match(model, edge, prompt())
 
 
 def test_per_layer_widths_heads_and_low_rank(tmp_path):
@@ -106,26 +132,26 @@ def test_per_layer_widths_heads_and_low_rank(tmp_path):
     for m in (layers[3].self_attn.k_proj, layers[3].mlp.down_proj):
         for lin in (m.first, m.second):
             nn.init.normal_(lin.weight, std=0.15)
-    figures, session = export(model, tmp_path)
+    figures, edge = export(model, tmp_path)
     assert figures["ops"]["MatMul"] == 21 + 2 + 2  # unpacked q, k, v: +2; low-rank k and down: +1 each
-    assert_logits_match(model, session, prompt())
+    assert_logits_match(model, edge, prompt())
     with torch.no_grad():
         ref = model.generate(prompt(), max_new_tokens=6, do_sample=False)
-    np.testing.assert_array_equal(greedy(session, prompt().numpy(), 6), ref[:, 10:].numpy())
+    np.testing.assert_array_equal(greedy(edge, prompt().numpy(), 6), ref[:, 10:].numpy())
 
 
 def test_qwen2_with_qkv_bias(tmp_path):
     model = tiny("qwen2", use_sliding_window=False)
-    figures, session = export(model, tmp_path)
+    figures, edge = export(model, tmp_path)
     assert figures["max_nodes_per_block"] == 12  # the packed QKV bias adds one Add
-    assert_logits_match(model, session, prompt())
+    assert_logits_match(model, edge, prompt())
 
 
 def test_llama3_rope_scaling_and_unsupported_rope(tmp_path):
     scaled = tiny(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
-    _, session = export(scaled, tmp_path / "llama3")
-    assert_logits_match(scaled, session, prompt(length=40))
+    _, edge = export(scaled, tmp_path / "llama3")
+    assert_logits_match(scaled, edge, prompt(length=40))
 
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
         build_llama(tiny(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), tmp_path / "dynamic")

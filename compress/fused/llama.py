@@ -18,8 +18,12 @@ Every width is read from the modules themselves, so depth-pruned models, per-lay
 counts and low-rank factorized projections (`.first` / `.second` Linears: two MatMuls, and then Q/K/V are fed
 to GroupQueryAttention unpacked) all export. A bias adds one Add node.
 
-Tied embeddings are stored once, as the lm_head's [hidden, vocab] matrix; the embedding lookup is a Gather
-along axis 1 of that matrix followed by a Transpose (two nodes, no second copy in the file or in memory).
+Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
+Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
+quantizer (compress/quant/ort.py) turns the pair into GatherBlockQuantized + MatMulNBits over one int8 table.
+
+The graph is marked `compress.graph: fused` in its metadata: compress.edge then runs it with past and present
+sharing one preallocated buffer per layer (GroupQueryAttention writes the new keys / values in place).
 
 GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraints the writer checks or relies on:
 - fp32 is supported (T = float); seqlens_k is int32 [batch] = total length - 1, total_sequence_length an int32
@@ -29,9 +33,10 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 - positions come from seqlens_k: 0..S-1 for a prompt (sequence_length == total length), seqlens_k for a
   one-token step. So prompts are assumed right-padded (or unpadded); left padding as used by Hugging Face's
   batched generate gives wrong positions. A prompt continued on a past (S > 1 with past) needs batch 1;
-- past_key / past_value are BNSH [batch, kv_heads, past_len, head_size]; without a shared buffer the present
-  has the total length (max(total_sequence_length, past_len)), so the caller feeds present back as the next
-  past (see run.py).
+- past_key / past_value are BNSH [batch, kv_heads, past_len, head_size]. Without a shared buffer the present
+  has the total length and is fed back as the next past (compress.edge's plain loop). When past and present
+  are bound to the same buffer (IO binding) of capacity C >= the total length, the present has length C and
+  the kernel writes the new keys / values in place at seqlens_k (compress.edge's loop for these graphs).
 
 Not supported yet (refused with UnsupportedModelError): sequence-length dependent rope types (dynamic,
 longrope), sliding-window attention, activations other than SiLU, non-Linear modules (quantized layers,
@@ -50,6 +55,7 @@ from ..errors import UnsupportedModelError
 FAMILIES = ("llama", "qwen2")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
 MS = "com.microsoft"
+GRAPH_KEY = "compress.graph"  # model metadata naming the writer; compress.edge reads it
 
 
 def _np(t) -> np.ndarray:
@@ -157,16 +163,11 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
     total_len = g.op("Cast", [g.op("Shape", ["attention_mask"], "/model/attn_mask/Shape", start=1, end=2)],
                      "/model/attn_mask/Shape/Cast", to=TensorProto.INT32)
 
-    # embedding; a tied table is stored once, as lm_head's [hidden, vocab]
+    # embedding; a tied LM head reads the same [vocab, hidden] table through a Transpose (see the docstring)
     embed, head = model.model.embed_tokens, model.lm_head
     tied = head.weight.data_ptr() == embed.weight.data_ptr() and head.bias is None
-    if tied:
-        table = g.const("lm_head.weight", _np(head.weight).T)
-        cols = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", axis=1)  # [hidden, B, S]
-        x = g.op("Transpose", [cols], "/model/embed_tokens/Transpose", perm=[1, 2, 0])
-    else:
-        x = g.op("Gather", [g.const("model.embed_tokens.weight", _np(embed.weight)), "input_ids"],
-                 "/model/embed_tokens/Gather", axis=0)
+    table = g.const("model.embed_tokens.weight", _np(embed.weight))
+    x = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", axis=0)
 
     head_dims = {layer.self_attn.head_dim for layer in layers}
     if len(head_dims) > 1:
@@ -194,7 +195,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
         past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
         present = [f"present.{i}.key", f"present.{i}.value"]
         inputs += [_kv_info(n, n_kv, "past_sequence_length", head_dim) for n in past]
-        outputs += [_kv_info(n, n_kv, "total_sequence_length", head_dim) for n in present]
+        outputs += [_kv_info(n, n_kv, "present_sequence_length", head_dim) for n in present]
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len, cos, sin], f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
                  scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
@@ -207,7 +208,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
 
     x, _ = _norm(g, model.model.norm, pending, residual, "/model/norm", last=True)
     if tied:
-        g.op("MatMul", [x, table], "/lm_head/MatMul", outputs=["logits"])
+        table_t = g.op("Transpose", [table], "/lm_head/Transpose", perm=[1, 0])
+        g.op("MatMul", [x, table_t], "/lm_head/MatMul", outputs=["logits"])
     else:
         g.linear(x, [head], "/lm_head")
         g.nodes[-1].output[0] = "logits"  # the last node writes the graph output
@@ -216,6 +218,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
                               producer_name="compress.fused")
     proto.ir_version = 10  # what onnxruntime >= 1.16 reads, whatever IR the installed onnx writes
+    helper.set_model_props(proto, {GRAPH_KEY: "fused"})
     ops = Counter(n.op_type for n in g.nodes)
     per_block = Counter(n.name.split("/")[2] for n in g.nodes if n.name.startswith("/model/layers."))
     figures = {"path": str(out), "nodes": len(g.nodes), "ops": dict(sorted(ops.items())), "layers": len(layers),
