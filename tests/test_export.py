@@ -143,3 +143,73 @@ def test_export_refuses_quantized_torch_model(tmp_path):
                    quantization={"method": "bf16", "bits": 16})
     with pytest.raises(UnsupportedModelError, match="already quantized"):
         get("export")().run(art, PassContext(scratch=tmp_path))
+
+
+def _fusable_llama(**overrides):
+    """head_dim 16, the smallest GroupQueryAttention's rotary takes (tiny_llama's head_dim 8 is too small)."""
+    return tiny_llama(num_kv_heads=2, hidden_size=64, initializer_range=0.1, **overrides)
+
+
+def test_auto_writes_a_fused_graph_for_llama_that_reloads_and_generates(tmp_path):
+    path, model = export("llama-gqa", tmp_path, model=_fusable_llama())
+    info = load(path).info
+    assert info["graph"] == "fused" and info["discrepancy"]["passed"]
+    assert info["discrepancy"]["max_abs_error"] < 1e-4 and info["discrepancy"]["decode_max_abs_error"] < 1e-4
+    assert info["nodes"] <= 11 * 4 + 20 and info["fused"]["max_nodes_per_block"] <= 11
+    ops = {n.op_type for n in onnx.load(str(path / "model.onnx")).graph.node}
+    assert "GroupQueryAttention" in ops and not {"Concat", "Unsqueeze", "Where", "Expand"} & ops
+    edge = EdgeModel(path)
+    assert edge.shared_cache
+    ids = torch.randint(5, 384, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(edge.generate(ids.numpy(), 8), ref.numpy())
+
+
+def test_fused_graph_quantizes_to_matmulnbits_with_one_int8_table(tmp_path):
+    path, _ = export("llama-gqa", tmp_path, model=_fusable_llama())
+    out = get("quantize")(method="ort-int8-dynamic").run(load(path), PassContext(scratch=tmp_path / "s"))
+    graph = onnx.load(str(out.onnx_dir / "model.onnx"))
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("MatMulNBits") == 4 * 5 + 1  # qkv, o, gate, up, down per block + the tied head
+    assert ops.count("GatherBlockQuantized") == 1 and "MatMul" not in ops
+    assert out.info["int8_embedding_tables"] == ["model.embed_tokens.weight"]
+    assert out.info["discrepancy"]["passed"] and out.info["discrepancy"]["top1_agreement"] > 0.9
+    assert EdgeModel(out.onnx_dir).shared_cache  # the quantized graph keeps the copy-free loop
+
+
+def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
+    """auto takes optimum where the fused writer does not apply and says why; fused refuses instead."""
+    path, _ = export("gpt2", tmp_path / "auto")
+    info = load(path).info
+    assert info["graph"] == "optimum" and "gpt2" in info["fused_fallback"]
+    with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2"):
+        export("gpt2", tmp_path / "fused", graph="fused")
+    with pytest.raises(UnsupportedModelError, match="head_dim 8"):  # tiny_llama's heads are too narrow
+        export("llama-gqa", tmp_path / "narrow", graph="fused")
+    path, _ = export("llama-gqa", tmp_path / "optimum", model=_fusable_llama(), graph="optimum")
+    assert load(path).info["graph"] == "optimum" and "fused_fallback" not in load(path).info
+
+
+def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
+    """k-quant and HQQ choose a better 4-bit grid than round-to-nearest (lower output error on the same
+    weights); GPTQ runs on the calibration data; an untied LM head stays 8-bit."""
+    from collections import Counter
+
+    from compress.data import DataSpec, PipelineData
+
+    data = PipelineData(train=DataSpec(source="builtin:shakespeare", split="train", max_tokens=2048, seq_len=32))
+    ctx = PassContext(scratch=tmp_path / "s", data=data)
+    path, _ = export("llama-gqa", tmp_path, model=_fusable_llama(tie_word_embeddings=False))
+    error = {}
+    for algorithm in ("rtn", "hqq", "k_quant", "gptq"):
+        out = get("quantize")(method="ort-int8-dynamic", weight_bits=4, algorithm=algorithm, min_agreement=0.0,
+                              calibration_batches=2, calibration_seq_len=32).run(load(path), ctx)
+        bits = Counter((n.op_type, next((a.i for a in n.attribute if a.name == "bits"), None))
+                       for n in onnx.load(str(out.onnx_dir / "model.onnx")).graph.node)
+        assert bits[("MatMulNBits", 4)] == 4 * 5 and bits[("MatMulNBits", 8)] == 1, bits  # the head: 8-bit
+        assert out.info["int8_head"] == ["/lm_head/MatMul"] and out.quantization["algorithm"] == algorithm
+        error[algorithm] = out.info["discrepancy"]["mean_abs_error"]
+    assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"], error
+    with pytest.raises(Exception, match="k_quant quantizes to 4 bits"):
+        get("quantize")(method="ort-int8-dynamic", algorithm="k_quant")

@@ -1,4 +1,10 @@
-"""export: torch -> ONNX through optimum's exporter, with a torch-vs-ONNX discrepancy check.
+"""export: torch -> ONNX, with a torch-vs-ONNX discrepancy check.
+
+Two writers. Decoders the suite's own writer knows (Llama-family, Qwen2; compress/fused) become a fused
+graph: GroupQueryAttention with rotary inside, packed QKV, skip RMSNorms, about 11 nodes per block, and
+compress.edge runs it with a copy-free KV cache. Everything else (encoders, GPT-2, other families, decoders
+without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a decoder.
+`graph: auto` picks the fused writer where it applies and records why it did not otherwise.
 
 The output is an edge bundle: model.onnx (+ model.onnx.data over the protobuf limit), config.json, the
 tokenizer (written by the runner), edge_runner.py (compress/edge.py, runs with onnxruntime + numpy +
@@ -27,12 +33,19 @@ OPTIMUM_TASKS = {"causal-lm": "text-generation", "sequence-classification": "tex
 
 class ExportConfig(PassConfig):
     format: Literal["onnx"] = Field("onnx", description="export format (ONNX is the only one)")
+    graph: Literal["auto", "fused", "optimum"] = Field(
+        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, ~11 nodes per block, "
+        "copy-free KV cache; Llama-family and Qwen2); optimum = optimum's traced export; auto = fused where the "
+        "model is supported, else optimum, with the reason in the manifest")
+    max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
+                                   "rotary cache length); default the model's max_position_embeddings")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, description="ONNX opset; default: optimum's choice for the "
                               "architecture")
-    optimize: bool = Field(False, description="apply ONNX Runtime's transformer fusions (attention, layer "
-                           "norm, GELU); the fused graph is validated by the discrepancy check")
+    optimize: bool = Field(False, description="optimum graphs: apply ONNX Runtime's transformer fusions "
+                           "(attention, layer norm, GELU), validated by the discrepancy check (a fused graph "
+                           "is fused already)")
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="weights in model.onnx.data: auto = only over the 2 GB protobuf limit")
     check_samples: int = Field(4, ge=1, description="sequences in the discrepancy check")
@@ -69,20 +82,21 @@ class Export(Pass):
         out = Path(tempfile.mkdtemp(prefix="export-", dir=ctx.scratch))
         raw = Path(tempfile.mkdtemp(prefix="export-raw-", dir=ctx.scratch))
         try:
-            self._export(torch_model, raw, optimum_task)
+            info = self._write(torch_model, raw, task, optimum_task)
             graph = onnx.load(str(raw / onnx_tools.ONNX_FILE))  # external data, if any, loaded too
-            opset = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
+            info["opset"] = next((o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")), None)
             dynamic = {i.name: [d.dim_param for d in i.type.tensor_type.shape.dim if d.dim_param]
                        for i in graph.graph.input}
+            info["dynamic_axes"] = {k: v for k, v in dynamic.items()
+                                    if not k.startswith("past_key_values.") or k == "past_key_values.0.key"}
+            info["nodes"] = len(graph.graph.node)
             onnx_tools.save_model(graph, out, cfg.external_data)
             del graph
             onnx_tools.copy_bundle(raw, out)
         finally:
             shutil.rmtree(raw, ignore_errors=True)
-        info: dict = {"optimum_task": optimum_task, "opset": opset, "with_past": decoder and cfg.with_past,
-                      "dynamic_axes": {k: v for k, v in dynamic.items() if not k.startswith("past_key_values.")
-                                       or k == "past_key_values.0.key"}}
-        if cfg.optimize:
+        info["with_past"] = decoder and cfg.with_past
+        if cfg.optimize and info["graph"] == "optimum":
             c = torch_model.config
             info["optimization"] = onnx_tools.optimize_graph(
                 out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0,
@@ -103,6 +117,37 @@ class Export(Pass):
         if model.structure:  # torch-side structure is baked into the graph; kept as lineage only
             info["torch_structure"] = model.structure
         return model.derive(kind="onnx", model=None, onnx_dir=out, structure=[], info=info)
+
+    def _write(self, torch_model, folder: Path, task: str, optimum_task: str) -> dict:
+        """Write folder/model.onnx and config.json with the writer `graph` selects; the figures to record."""
+        cfg = self.config
+        fallback = None
+        if cfg.graph != "optimum":
+            if task != "causal-lm":
+                fallback = f"the fused writer handles causal LMs, this is a {task} model"
+            elif not cfg.with_past:
+                fallback = "with_past: false (a fused graph always carries the KV cache)"
+            else:
+                from ..fused import build_llama
+
+                try:
+                    figures = build_llama(torch_model, folder, max_length=cfg.max_length)
+                except UnsupportedModelError as exc:
+                    fallback = str(exc)
+                else:
+                    torch_model.config.save_pretrained(folder)
+                    if getattr(torch_model, "generation_config", None) is not None:
+                        torch_model.generation_config.save_pretrained(folder)
+                    figures.pop("path")
+                    return {"graph": "fused", "fused": figures}
+            if cfg.graph == "fused":
+                raise UnsupportedModelError(f"export.graph: fused: {fallback}; use graph: auto (optimum where "
+                                            "the fused writer does not apply) or graph: optimum")
+        self._export(torch_model, folder, optimum_task)
+        info = {"graph": "optimum", "optimum_task": optimum_task}
+        if fallback and task == "causal-lm":
+            info["fused_fallback"] = fallback  # why auto did not write a fused graph
+        return info
 
     def _export(self, torch_model, folder: Path, optimum_task: str) -> None:
         from optimum.exporters.onnx import onnx_export_from_model
