@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union, get_args
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .. import onnx_tools
 from ..checkpoint import Artifact
@@ -71,6 +71,14 @@ class _Check(_Exclude):
     check: bool = Field(True, description="run the discrepancy check (figures always recorded when on)")
 
 
+class _Calibration(_Check):
+    """Calibration data for the methods that use it (from data.calibration, else data.train)."""
+
+    calibration_batches: int = Field(8, ge=1, description="batches of calibration data")
+    calibration_batch_size: int = Field(1, ge=1, description="sequences per calibration batch")
+    calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration sequence")
+
+
 class CastConfig(_Method):
     method: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="cast every weight to this dtype (torch)")
     options_of: ClassVar[str] = "the dtype casts (fp32, bf16, fp16)"
@@ -95,7 +103,7 @@ class Bnb4bitConfig(_Exclude):
     options_of: ClassVar[str] = "methods bnb-nf4 / bnb-fp4"
 
 
-class OrtDynamicConfig(_Check):
+class OrtDynamicConfig(_Calibration):
     method: Literal["ort-int8-dynamic"] = Field(
         description="ONNX Runtime int8 weights, activations quantized at run time")
     kernel: Literal["auto", "matmulnbits", "matmulinteger"] = Field(
@@ -109,20 +117,29 @@ class OrtDynamicConfig(_Check):
     weight_bits: Literal[4, 8] = Field(8, description="matmulnbits: 8 or 4-bit weights")
     block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
                             "(a power of two)")
+    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = Field(
+        "rtn", description="matmulnbits: how the weight grid is chosen: rtn (round to nearest), hqq (half-quadratic "
+        "scale / zero-point search), k_quant (llama.cpp's k-quant search) or gptq (error compensation on the "
+        "calibration data); k_quant and gptq are 4-bit only")
     per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
                               "per tensor")
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
+    @model_validator(mode="after")
+    def _algorithm_bits(self):
+        if self.algorithm in ("k_quant", "gptq") and self.weight_bits != 4:
+            raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
+        if self.algorithm != "rtn" and self.kernel == "matmulinteger":
+            raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
+        return self
 
-class OrtStaticConfig(_Check):
+
+class OrtStaticConfig(_Calibration):
     method: Literal["ort-int8-static"] = Field(
         description="ONNX Runtime int8 QDQ with activation ranges calibrated on data")
     per_channel: bool = Field(True, description="one weight scale per output channel instead of per tensor")
     calibration_method: Literal["minmax", "entropy", "percentile"] = Field(
         "percentile", description="how activation ranges are chosen from calibration data")
-    calibration_batches: int = Field(8, ge=1, description="batches of calibration data")
-    calibration_batch_size: int = Field(1, ge=1, description="sequences per calibration batch")
-    calibration_seq_len: int = Field(128, ge=8, description="tokens per calibration sequence")
     activations: Literal["uint8", "int8"] = Field(
         "uint8", description="activation type; uint8 (asymmetric) runs as integer matmuls on "
         "ONNX Runtime's x86 CPU kernels, int8 (symmetric) falls back to float there (for ARM / NPU targets)")
@@ -219,10 +236,15 @@ class Quantize(Pass):
         if method == "ort-int8-dynamic":
             kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
             if kernel == "matmulnbits":
+                feeds = None
+                if cfg.algorithm == "gptq":
+                    feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx),
+                                                  cfg.calibration_batch_size)
                 details = ort.weight_only(src, dst, bits=cfg.weight_bits, block_size=cfg.block_size,
-                                          accuracy_level=4, symmetric=True, exclude=exclude,
-                                          embeddings=cfg.quantize_embeddings)
-                q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4)
+                                          accuracy_level=4, symmetric=cfg.algorithm == "rtn", exclude=exclude,
+                                          embeddings=cfg.quantize_embeddings, algorithm=cfg.algorithm, feeds=feeds)
+                q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
+                         algorithm=cfg.algorithm)
             else:
                 details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
                                            op_types=["MatMul", "Gemm", "Attention"],
@@ -264,8 +286,8 @@ class Quantize(Pass):
         data = ctx.data
         role = next((r for r in ("calibration", "train") if data is not None and data.specs.get(r) is not None), None)
         if role is None:
-            raise ConfigError("quantize: ort-int8-static needs calibration data: set data.calibration "
-                              "(or data.train) in the pipeline config")
+            raise ConfigError(f"quantize: {cfg.method} ({getattr(cfg, 'algorithm', 'static')}) needs calibration "
+                              "data: set data.calibration (or data.train) in the pipeline config")
         n = cfg.calibration_batches * cfg.calibration_batch_size
         if model.task == "causal-lm":
             windows = data.lm_windows(role, model.tokenizer, seq_len=cfg.calibration_seq_len,

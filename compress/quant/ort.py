@@ -5,7 +5,9 @@ Node exclusion takes glob patterns over ONNX node names (e.g. ``*lm_head*``, ``/
 over the names of the node's weight initializers (``*embed_tokens*``), so users can name torch modules."""
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -87,26 +89,58 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
     return {"excluded_nodes": excluded, "int8_embedding_tables": tables}
 
 
+ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")  # gptq needs calibration feeds; k_quant and gptq are 4-bit only
+
+
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
-                exclude: list[str], embeddings: bool = False) -> dict:
+                exclude: list[str], embeddings: bool = False, algorithm: str = "rtn",
+                feeds: list[dict] | None = None) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
-    0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below)."""
+    0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below).
+
+    `algorithm` picks how the 4-bit grid is chosen: rtn (round to nearest, symmetric unless `symmetric` is
+    false), hqq (half-quadratic optimization of scale and zero point, data-free), k_quant (llama.cpp's
+    k-quant search, data-free) or gptq (error-compensating, on calibration `feeds`). At 4 bits an untied LM
+    head stays 8-bit: it is the layer whose error shows most in the output distribution."""
     import logging
 
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     model = _load(src)
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
-    q = MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                             accuracy_level=accuracy_level or None, nodes_to_exclude=excluded,
-                             op_types_to_quantize=("MatMul",))
-    q.process()
-    model = q.model.model
+    head = [n for n in lm_head_nodes(model) if n not in excluded and _has_weight(model, n)] if bits == 4 else []
+    if head:  # the 8-bit head first, then the rest at 4 bits
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
+        q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                                     accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                     op_types_to_quantize=("MatMul",))
+        q.process()
+        model = q.model.model
+    config = {
+        "rtn": None,
+        "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",)),
+        "k_quant": lambda: mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)),
+        "gptq": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Batches(feeds or []),
+                                                      op_types_to_quantize=("MatMul",)),
+    }[algorithm]
+    q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                 accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head,
+                                 op_types_to_quantize=("MatMul",), algo_config=config() if config else None)
+    with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
+        q.process()
+    model = q.model.model if hasattr(q.model, "model") else q.model
     tables = _int8_gathers(model, excluded) if embeddings else []
     _finish(model, dst, src)
-    return {"excluded_nodes": excluded, "int8_embedding_tables": tables}
+    return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "int8_head": head}
+
+
+def _has_weight(model, node_name: str) -> bool:
+    """The node multiplies by an initializer (an untied head; a tied one reads the table through a Transpose)."""
+    inits = {i.name for i in model.graph.initializer}
+    return any(n.name == node_name and n.input[1] in inits for n in model.graph.node)
 
 
 def _table_block(width: int) -> int | None:
@@ -209,6 +243,9 @@ class _Batches:
 
     def rewind(self):
         self.i = 0
+
+    def __iter__(self):  # GPTQ iterates the reader
+        return iter(self.feeds)
 
 
 def calibration_feeds(src: Path, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> list[dict]:
