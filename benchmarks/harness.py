@@ -23,6 +23,7 @@ from compress.errors import CompressInputError, ModelSourceError
 
 from .config import BenchmarkConfig
 from .machine import machine_record
+from .roofline import weight_bytes_per_token
 from .worker_spec import Backend, WorkerSpec
 
 HARNESS_VERSION = 1
@@ -340,6 +341,8 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     record.update(out)
     record["quality"] = _filter_quality(out.get("quality", {}), s.quality)
     record["size_bytes"] = weights_size(run_t.path)
+    if t.task == "causal-lm":  # for the roofline: decode speed against bandwidth / bytes per token
+        record["weight_bytes_per_token"] = weight_bytes_per_token(run_t.path, run_t.kind)
     if run_t.kind == "onnx":
         record["params"] = onnx_params(run_t.path)
     record["quantization"] = t.quantization

@@ -65,6 +65,8 @@ def git_commit() -> str | None:
 def machine_record() -> dict:
     from compress.checkpoint import library_versions
 
+    from .roofline import memory_bandwidth_gb_s
+
     model, flags = _cpuinfo()
     versions = {"python": platform.python_version(), **library_versions()}
     try:
@@ -79,6 +81,9 @@ def machine_record() -> dict:
         "cores": os.cpu_count(),
         "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
         "memory_gb": _mem_total_gb(),
+        # all usable cores copying: the bandwidth a decoder's weight reads can reach (benchmarks/roofline.py)
+        "memory_bandwidth_gb_s": memory_bandwidth_gb_s(len(os.sched_getaffinity(0))
+                                                       if hasattr(os, "sched_getaffinity") else os.cpu_count()),
         "gpus": _gpus(),
         "os": f"{platform.system()} {platform.release()}",
         "hostname": platform.node(),

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from .plots import QUALITY_AXIS, scatter
+from .roofline import percent_of_bound
 
 RESULTS = "results.json"
 
@@ -55,6 +56,12 @@ def _decode_tok_s(r):
     return _get(r, "latency", "decode_tokens_per_s")
 
 
+def _bound_percent(r):
+    """Decode speed as a share of memory bandwidth / weight bytes read per token (benchmarks/roofline.py)."""
+    return percent_of_bound(_decode_tok_s(r), r.get("weight_bytes_per_token"),
+                            _get(r, "machine", "memory_bandwidth_gb_s"))
+
+
 # (header, getter, digits, with ratio) per task
 _COMMON_HEAD = [("params (M)", lambda r: r["params"] / 1e6 if r.get("params") else None, 2, True),
                 ("size (MB)", lambda r: r["size_bytes"] / 1e6 if r.get("size_bytes") is not None else None, 1, True)]
@@ -66,6 +73,7 @@ COLUMNS = {
         ("KL", lambda r: _get(r, "quality", "kl"), 4, False),
         ("prefill ms", lambda r: _get(r, "latency", "prefill", "median_ms"), 1, True),
         ("decode tok/s", _decode_tok_s, 1, True),
+        ("% of bandwidth bound", _bound_percent, 0, False),
     ] + _COMMON_TAIL,
     "sequence-classification": _COMMON_HEAD + [
         ("accuracy", _accuracy, 4, True),
@@ -242,7 +250,9 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
         versions = ", ".join(f"{k} {v}" for k, v in (m.get("versions") or {}).items())
         blocks.append(("li", f"machine: {m.get('cpu')} ({', '.join(m.get('cpu_flags') or []) or 'no flags read'}), "
                              f"{m.get('usable_cores')} usable cores of {m.get('cores')}, {m.get('memory_gb')} GB, "
-                             f"GPU: {', '.join(m.get('gpus') or []) or 'none'}"))
+                             f"GPU: {', '.join(m.get('gpus') or []) or 'none'}; memory bandwidth "
+                             f"{m.get('memory_bandwidth_gb_s', 'not measured')} GB/s (copy benchmark: the decode "
+                             "bound is this over the weight bytes read per token)"))
         blocks.append(("li", f"suite commit: {m.get('git_commit')}; {versions}"))
         times = sorted(r["measured_at"] for r in measured if r.get("measured_at"))
         if times:
