@@ -121,7 +121,7 @@ def build(model_name: str, label: str, how, work: Path, log) -> str:
             save(out, export_dir, **{"pass": {"name": "export", "config": get("export")().config.model_dump()}})
         if how == "export":
             return str(export_dir)
-        _optimum_quantize(export_dir, path)
+        optimum_quantize(export_dir, path)
     elif how[0] == "quantize-torch":
         model, tok = load_model(spec["source"], spec["task"])
         p = get("quantize")(**how[1])
@@ -136,7 +136,7 @@ def build(model_name: str, label: str, how, work: Path, log) -> str:
     return str(path)
 
 
-def _optimum_quantize(export_dir: Path, dst: Path) -> None:
+def optimum_quantize(export_dir: Path, dst: Path) -> None:
     """optimum's ORTQuantizer with AutoQuantizationConfig.avx512_vnni defaults (dynamic, per-tensor)."""
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
