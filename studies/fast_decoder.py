@@ -146,9 +146,9 @@ def main(argv=None) -> int:
 
 
 def llama_cpp_problem() -> str:
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
+    import importlib.util
+
+    if importlib.util.find_spec("llama_cpp") is None:
         return ("llama-cpp-python is not installed: it is a benchmark-only extra that compiles llama.cpp "
                 "(pip install llama-cpp-python, about 25 minutes on 2 cores); these rows are not measured here")
     return "llama.cpp rows are not wired into this study yet"

@@ -210,6 +210,11 @@ def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
         assert bits[("MatMulNBits", 4)] == 4 * 5 and bits[("MatMulNBits", 8)] == 1, bits  # the head: 8-bit
         assert out.info["int8_head"] == ["/lm_head/MatMul"] and out.quantization["algorithm"] == algorithm
         error[algorithm] = out.info["discrepancy"]["mean_abs_error"]
+        if algorithm == "hqq":  # float zero points rewritten as integer codes + exact per-block offsets
+            graph = onnx.load(str(out.onnx_dir / "model.onnx"))
+            zero_points = {n.input[3] for n in graph.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3}
+            assert out.info["offset_corrections"] == 4 * 5
+            assert all(i.data_type == onnx.TensorProto.UINT8 for i in graph.graph.initializer if i.name in zero_points)
     assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"], error
     with pytest.raises(Exception, match="k_quant quantizes to 4 bits"):
         get("quantize")(method="ort-int8-dynamic", algorithm="k_quant")
