@@ -92,13 +92,18 @@ def weights_size(path: Path) -> int:
 
 
 def onnx_params(path: Path) -> int:
-    """Elements of the graph's initializers (quantized weights count once each; scales and zero points add
-    a little)."""
+    """Elements of the graph's weight initializers (quantized weights count once each; scales and zero points
+    add a little). Not parameters: integer shape / axis constants and the rotary cos / sin caches a fused
+    graph stores (torch derives them from the config too)."""
     import onnx
 
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
+    buffers = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
+               for i in (7, 8) if len(n.input) > i}
     total = 0
     for init in model.graph.initializer:
+        if init.name in buffers or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+            continue
         n = 1
         for d in init.dims:
             n *= d

@@ -82,6 +82,8 @@ def test_each_method_takes_only_its_own_options():
         get("quantize")(method="bf16", exclude=["*lm_head"])
     with pytest.raises(ConfigError, match="unknown method 'ort-int8'; did you mean"):
         get("quantize")(method="ort-int8")
+    with pytest.raises(ConfigError, match=r"unknown method \['bf16'\]"):
+        get("quantize")(method=["bf16"])
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
     assert set(dumped) == {"method", "exclude", "bnb_blocksize", "bnb_compute_dtype"}
     assert get("quantize")().config.model_dump() == {"method": "bf16"}

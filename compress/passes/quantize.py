@@ -172,7 +172,7 @@ class Quantize(Pass):
     @classmethod
     def config_class(cls, options: dict) -> type[PassConfig]:
         method = options.get("method", "bf16")
-        if method not in METHOD_CONFIGS:
+        if not isinstance(method, str) or method not in METHOD_CONFIGS:
             near = difflib.get_close_matches(str(method), METHODS, n=1)
             hint = f"; did you mean {near[0]!r}?" if near else ""
             allowed = ", ".join(map(repr, METHODS))
