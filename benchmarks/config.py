@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.data import DataSpec
 
-from .worker_spec import BACKENDS, Backend  # noqa: F401  (defined there, as the worker cannot import this module)
+from .worker_spec import BACKENDS  # defined there: the worker cannot import this module (it imports torch)
 
 QUALITY = ("perplexity", "accuracy", "teacher-agreement")
 # Where `data` is not given: held-out text a task can be scored on (the test split of a builtin corpus).

@@ -153,7 +153,7 @@ def _export_on_the_fly(t: Target, work_dir: Path) -> Target | str:
             exporter = passes.get("export")()
             ctx = PassContext(source=t.ref, task=t.task, scratch=work_dir / "scratch", show_progress=False)
             ctx.scratch.mkdir(parents=True, exist_ok=True)
-            if art.quantization and not exporter.accepts_quantized:
+            if art.quantization and not exporter.accepts_quantized_input():
                 return f"export on the fly: the export pass does not take quantized models ({art.quantization})"
             checkpoint.save(exporter.run(art, ctx), out, key=t.key, source=t.ref,
                             parent={"path": str(t.path), "key": t.key},

@@ -57,12 +57,8 @@ def weight_bytes_per_token(path: Path, kind: str) -> int | None:
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     has_head = any(name.endswith("lm_head.weight") for name in tensors)
     tied = config.get("tie_word_embeddings", True) and not has_head
-    total = 0
-    for name, nbytes in tensors.items():
-        lookup_only = name.endswith(_TORCH_TABLES) and not (tied and name.endswith(("embed_tokens.weight",
-                                                                                     "wte.weight")))
-        total += 0 if lookup_only else nbytes
-    return total
+    head_tables = ("embed_tokens.weight", "wte.weight") if tied else ()  # the tied head multiplies by these
+    return sum(n for name, n in tensors.items() if not name.endswith(_TORCH_TABLES) or name.endswith(head_tables))
 
 
 def _safetensors_header(path: Path) -> dict[str, int]:

@@ -39,12 +39,12 @@ class DecodeState:
     """What a decoder carries between steps: the attention mask so far and the past keys/values.
 
     In the shared-cache loop `past` holds the buffers ([B, kv heads, capacity, head dim], valid up to
-    `length`) and `values` the OrtValues that alias them."""
+    `length`) and `binding` the IO binding that has them bound as past and present."""
 
-    def __init__(self, attention_mask: np.ndarray, past: dict[str, np.ndarray], values: dict | None = None):
+    def __init__(self, attention_mask: np.ndarray, past: dict[str, np.ndarray], binding=None):
         self.attention_mask = attention_mask  # [B, tokens so far], int64
         self.past = past  # input name (past_key_values.N.key/value) -> array
-        self.values = values
+        self.binding = binding
 
     @property
     def length(self) -> int:
@@ -140,7 +140,8 @@ class EdgeModel:
                              "positions from the token count); run padded prompts one at a time")
 
     def _buffers(self, batch: int, capacity: int, old: DecodeState | None = None):
-        """Zeroed cache buffers of `capacity` positions (holding `old`'s valid entries) and their OrtValues."""
+        """Zeroed cache buffers of `capacity` positions (holding `old`'s valid entries) and an IO binding
+        with each bound as both past input and present output (bound once, reused every step)."""
         past = {}
         for name in self.past_names:
             _, heads, _, head_dim = self.inputs[name].shape
@@ -148,20 +149,22 @@ class EdgeModel:
             past[name] = np.zeros((batch, heads, capacity, head_dim), dtype)
             if old is not None:
                 past[name][:, :, : old.length] = old.past[name][:, :, : old.length]
-        return past, {name: ort.OrtValue.ortvalue_from_numpy(buf) for name, buf in past.items()}
+        binding = self.session.io_binding()
+        binding.bind_output("logits", "cpu")  # first, so it stays output 0 when bound again
+        for name, buf in past.items():
+            value = ort.OrtValue.ortvalue_from_numpy(buf)  # aliases the numpy buffer, no copy
+            binding.bind_ortvalue_input(name, value)
+            binding.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
+        return past, binding
 
     def _run_shared(self, input_ids: np.ndarray, state: DecodeState) -> np.ndarray:
         """One call of the shared-cache loop: the buffers are both past and present (written in place)."""
         self._check_unpadded(state.attention_mask)
-        io = self.session.io_binding()
-        io.bind_cpu_input("input_ids", input_ids)
-        io.bind_cpu_input("attention_mask", state.attention_mask)
-        io.bind_output("logits", "cpu")
-        for name, value in state.values.items():
-            io.bind_ortvalue_input(name, value)
-            io.bind_ortvalue_output(name.replace("past_key_values.", "present."), value)
-        self.session.run_with_iobinding(io)
-        return io.get_outputs()[0].numpy()
+        state.binding.bind_cpu_input("input_ids", input_ids)
+        state.binding.bind_cpu_input("attention_mask", state.attention_mask)
+        state.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes between calls
+        self.session.run_with_iobinding(state.binding)
+        return state.binding.get_outputs()[0].numpy()
 
     # ------------------------------------------------------------------ the contract
     def logits(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -200,8 +203,8 @@ class EdgeModel:
         feed = self._feed(input_ids, attention_mask)
         mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
         if self.shared_cache:
-            past, values = self._buffers(mask.shape[0], mask.shape[1] + (max_new_tokens or self.HEADROOM))
-            state = DecodeState(mask, past, values)
+            past, binding = self._buffers(mask.shape[0], mask.shape[1] + (max_new_tokens or self.HEADROOM))
+            state = DecodeState(mask, past, binding)
             return self._run_shared(feed["input_ids"], state)[:, -1, :], state
         logits, presents = self._run_decoder(feed["input_ids"], mask, self._empty_past(mask.shape[0]))
         return logits[:, -1, :], DecodeState(mask, presents)
@@ -211,12 +214,12 @@ class EdgeModel:
         shared-cache loop the returned state shares (and the call has updated) `state`'s buffers."""
         next_ids = np.asarray(next_ids, dtype=np.int64).reshape(-1, 1)
         mask = np.concatenate([state.attention_mask, np.ones_like(next_ids)], axis=1)
-        if state.values is not None:
+        if state.binding is not None:
             capacity = next(iter(state.past.values())).shape[2]
-            past, values = state.past, state.values
+            past, binding = state.past, state.binding
             if mask.shape[1] > capacity:  # outgrown: double the buffers, copying once
-                past, values = self._buffers(mask.shape[0], 2 * capacity, state)
-            new = DecodeState(mask, past, values)
+                past, binding = self._buffers(mask.shape[0], 2 * capacity, state)
+            new = DecodeState(mask, past, binding)
             return self._run_shared(next_ids, new)[:, -1, :], new
         logits, presents = self._run_decoder(next_ids, mask, state.past)
         return logits[:, -1, :], DecodeState(mask, presents)

@@ -75,7 +75,6 @@ class Pass:
     name: ClassVar[str]
     description: ClassVar[str] = ""
     Config: ClassVar[Any] = PassConfig  # a PassConfig class, or a union of them (see `config_class`)
-    accepts_quantized: ClassVar[bool] = False  # passes that train or reshape weights refuse quantized input
     quantized_input_fix: ClassVar[str] = "run it before the quantize pass (quantizing twice is not supported)"
 
     def __init__(self, config: PassConfig | dict | None = None, **options: Any):
@@ -113,7 +112,8 @@ class Pass:
         return False
 
     def accepts_quantized_input(self) -> bool:
-        return self.accepts_quantized
+        """Passes that train or reshape weights refuse quantized input; quantize's fp32 cast takes it."""
+        return False
 
     def run(self, model: Artifact, ctx: PassContext) -> Artifact:
         want = self.input_kinds()

@@ -138,7 +138,8 @@ class Export(Pass):
                     torch_model.config.save_pretrained(folder)
                     if getattr(torch_model, "generation_config", None) is not None:
                         torch_model.generation_config.save_pretrained(folder)
-                    figures.pop("path")
+                    for duplicate in ("path", "nodes"):  # the folder moves; info["nodes"] counts them
+                        figures.pop(duplicate)
                     return {"graph": "fused", "fused": figures}
             if cfg.graph == "fused":
                 raise UnsupportedModelError(f"export.graph: fused: {fallback}; use graph: auto (optimum where "

@@ -286,8 +286,9 @@ class Quantize(Pass):
         data = ctx.data
         role = next((r for r in ("calibration", "train") if data is not None and data.specs.get(r) is not None), None)
         if role is None:
-            raise ConfigError(f"quantize: {cfg.method} ({getattr(cfg, 'algorithm', 'static')}) needs calibration "
-                              "data: set data.calibration (or data.train) in the pipeline config")
+            what = "algorithm gptq" if cfg.method == "ort-int8-dynamic" else cfg.method
+            raise ConfigError(f"quantize: {what} needs calibration data: set data.calibration (or data.train) "
+                              "in the pipeline config")
         n = cfg.calibration_batches * cfg.calibration_batch_size
         if model.task == "causal-lm":
             windows = data.lm_windows(role, model.tokenizer, seq_len=cfg.calibration_seq_len,

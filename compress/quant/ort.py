@@ -102,7 +102,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     `algorithm` picks how the 4-bit grid is chosen: rtn (round to nearest, symmetric unless `symmetric` is
     false), hqq (half-quadratic optimization of scale and zero point, data-free), k_quant (llama.cpp's
     k-quant search, data-free) or gptq (error-compensating, on calibration `feeds`). At 4 bits an untied LM
-    head stays 8-bit: it is the layer whose error shows most in the output distribution."""
+    head stays 8-bit (a tied one is the int8 embedding table, see `embeddings`)."""
     import logging
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -119,16 +119,19 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
                                      op_types_to_quantize=("MatMul",))
         q.process()
         model = q.model.model
-    config = {
-        "rtn": None,
-        "hqq": lambda: mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=("MatMul",)),
-        "k_quant": lambda: mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=("MatMul",)),
-        "gptq": lambda: mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Batches(feeds or []),
-                                                      op_types_to_quantize=("MatMul",)),
-    }[algorithm]
+    matmuls = ("MatMul",)
+    if algorithm == "hqq":
+        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=matmuls)
+    elif algorithm == "k_quant":
+        config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=matmuls)
+    elif algorithm == "gptq":
+        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Batches(feeds or []),
+                                               op_types_to_quantize=matmuls)
+    else:  # rtn: the quantizer's default
+        config = None
     q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                  accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head,
-                                 op_types_to_quantize=("MatMul",), algo_config=config() if config else None)
+                                 op_types_to_quantize=matmuls, algo_config=config)
     with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
         q.process()
     model = q.model.model if hasattr(q.model, "model") else q.model
