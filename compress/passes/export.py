@@ -128,10 +128,10 @@ class Export(Pass):
             elif not cfg.with_past:
                 fallback = "with_past: false (a fused graph always carries the KV cache)"
             else:
-                from ..fused import build_llama
+                from ..fused import build_fused
 
                 try:
-                    figures = build_llama(torch_model, folder, max_length=cfg.max_length)
+                    figures = build_fused(torch_model, folder, max_length=cfg.max_length)
                 except UnsupportedModelError as exc:
                     fallback = str(exc)
                 else:
