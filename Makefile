@@ -25,7 +25,7 @@ test: setup
 	$(PY) -m pytest -n 2 -q
 
 test-fast: setup
-	$(PY) -m pytest -n 2 -q -m "not real"
+	$(PY) -m pytest -n 2 -q -m "not real and not slow"
 
 clean-venv:
 	rm -rf $(VENV)

@@ -15,7 +15,9 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import math
 import shutil
+import stat
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +30,7 @@ from .errors import CheckpointError
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+MODEL_CARD = "README.md"  # written beside the finished checkpoint (compress/model_card.py); no loader reads it
 KINDS = ("torch", "onnx")
 _VERSIONED = ["compress-suite", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
               "torch-pruning", "bitsandbytes", "safetensors"]
@@ -105,7 +108,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
             if artifact.onnx_dir is None or not (Path(artifact.onnx_dir) / "model.onnx").exists():
                 raise CheckpointError(f"ONNX artifact has no model.onnx in {artifact.onnx_dir}")
             for f in Path(artifact.onnx_dir).iterdir():
-                if f.is_file() and f.name != MANIFEST:
+                if f.is_file() and f.name not in (MANIFEST, MODEL_CARD):
                     shutil.copy2(f, tmp / f.name)
         else:
             raise CheckpointError(f"unknown artifact kind {artifact.kind!r}; expected one of {KINDS}")
@@ -124,7 +127,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
             "versions": library_versions(),
             "files": _file_table(tmp),
         }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        (tmp / MANIFEST).write_text(_strict_json(manifest, path))
         if path.exists():  # an outdated checkpoint (other key): replaced whole
             shutil.rmtree(path)
         os.rename(tmp, path)
@@ -133,6 +136,32 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
         raise
     artifact.path, artifact.manifest = path, manifest
     return path
+
+
+def _strict_json(manifest: dict, where: Path) -> str:
+    """The manifest as strict JSON: a NaN or infinity (which plain json.dumps writes as bare NaN) is an error
+    naming the field."""
+    def non_finite(obj, at):
+        if isinstance(obj, float) and not math.isfinite(obj):
+            return at
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+        return next((found for k, v in items if (found := non_finite(v, f"{at}.{k}" if at else str(k)))), None)
+
+    bad = non_finite(manifest, "")
+    if bad:
+        raise CheckpointError(f"{where}: the manifest field {bad} is {_dig(manifest, bad)!r}, not a finite number; "
+                              "the pass produced a non-finite figure (a diverged run?), so no checkpoint is written")
+    return json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n"
+
+
+def _dig(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
+    return obj
+
+
+def _refuse_constant(name: str):
+    raise ValueError(f"{name} is not valid in strict JSON")
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -146,24 +175,97 @@ def read_manifest(path: str | os.PathLike) -> dict:
             "folder use it as a model source instead)"
         )
     try:
-        manifest = json.loads(mf.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(mf.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{mf} is corrupted: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{mf} is corrupted: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(
             f"{path} has checkpoint format {manifest.get('format_version')}, this suite reads {FORMAT_VERSION}"
         )
+    check_manifest(path, manifest)
     return manifest
 
 
+# The file that must be in the table for each kind: what the loader starts from.
+_REQUIRED_FILE = {"torch": "config.json", "onnx": "model.onnx"}
+
+
+def check_manifest(path: Path, manifest: dict) -> None:
+    """The manifest's own consistency, before any file is opened: one message naming the field."""
+    mf = Path(path) / MANIFEST
+    kind, files, dtype = manifest.get("kind"), manifest.get("files"), manifest.get("dtype")
+    if kind not in KINDS:
+        raise CheckpointError(f"{mf}: kind is {kind!r}; expected one of {', '.join(KINDS)}")
+    if not isinstance(manifest.get("task"), str):
+        raise CheckpointError(f"{mf}: task is missing or not a string")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{mf}: the file table `files` is missing or empty; a checkpoint is trusted only "
+                              "when every file it holds is listed with its size and sha256. Re-run the pass.")
+    for name, meta in files.items():
+        _check_name(path, name)
+        if not (isinstance(meta, dict) and isinstance(meta.get("size"), int) and isinstance(meta.get("sha256"), str)):
+            raise CheckpointError(f"{mf}: files[{name!r}] needs an integer size and a sha256 string, got {meta!r}")
+    if _REQUIRED_FILE[kind] not in files:
+        raise CheckpointError(f"{mf}: kind {kind} needs {_REQUIRED_FILE[kind]} in the file table, and it is not "
+                              "there (wrong kind, or an incomplete checkpoint)")
+    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+        raise CheckpointError(f"{mf}: dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
+    structure = manifest.get("structure") or []
+    if not isinstance(structure, list) or not all(isinstance(e, dict) for e in structure):
+        raise CheckpointError(f"{mf}: structure must be a list of {{\"type\": ...}} entries")
+
+
+def content_hash(manifest: dict) -> str:
+    """What a checkpoint holds, as a child sees it: its files' hashes and how they load (no timestamps), so
+    a recomputed parent with other weights changes its children's cache keys."""
+    held = {k: manifest.get(k) for k in ("kind", "task", "dtype", "structure", "quantization", "files")}
+    return hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def _check_name(path: Path, name: str) -> None:
+    """A file-table name is a plain relative path inside the checkpoint folder (checked before opening)."""
+    if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or "\0" in name:
+        raise CheckpointError(f"{Path(path) / MANIFEST}: file name {name!r} is not a plain relative path inside "
+                              "the checkpoint folder; refusing to open it")
+
+
+def _member(path: Path, name: str) -> Path:
+    """The regular file `name` inside `path`, refusing symlinks that leave the folder and non-regular files."""
+    f = path / name
+    try:
+        st = os.stat(f)  # follows links: what open() would read
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing") from None
+    if not f.resolve().is_relative_to(path.resolve()):
+        raise CheckpointError(f"checkpoint {path}: {name} is a link to {f.resolve()}, outside the checkpoint "
+                              "folder; refusing to read it")
+    if not stat.S_ISREG(st.st_mode):
+        raise CheckpointError(f"checkpoint {path}: {name} is not a regular file (device, pipe or folder); "
+                              "refusing to read it")
+    return f
+
+
+def _unlisted(path: Path, files: dict) -> list[str]:
+    """Files in the folder that the table does not list (any of them could be read by a loader)."""
+    on_disk = [p for p in path.rglob("*") if p.is_symlink() or not p.is_dir()]
+    names = (p.relative_to(path).as_posix() for p in on_disk)
+    return sorted(n for n in names if n not in (MANIFEST, MODEL_CARD) and n not in files)
+
+
 def verify(path: str | os.PathLike, manifest: dict | None = None, *, hashes: bool = True) -> None:
-    """Raise CheckpointError if a file is missing, truncated or (with `hashes`) altered."""
+    """Raise CheckpointError unless the folder holds exactly the files of the manifest's table, each a regular
+    file inside the folder with the listed size and (with `hashes`) sha256."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
+    check_manifest(path, manifest)
+    extra = _unlisted(path, manifest["files"])
+    if extra:
+        raise CheckpointError(f"checkpoint {path} holds files its manifest does not list: {', '.join(extra[:5])}; "
+                              "refusing to load them. Remove them or re-run the pass.")
     for name, meta in manifest["files"].items():
-        f = path / name
-        if not f.exists():
-            raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
+        f = _member(path, name)
         if f.stat().st_size != meta["size"]:
             raise CheckpointError(
                 f"checkpoint {path} is corrupted: {name} has {f.stat().st_size} bytes, the manifest says "
@@ -191,11 +293,19 @@ def _load_torch_model(path: Path, manifest: dict) -> nn.Module:
         return model.eval()
     config = AutoConfig.from_pretrained(path)
     model = loader.from_config(config, dtype=torch.float32)
-    apply_structure(model, structure)
     state: dict[str, torch.Tensor] = {}
-    for f in sorted(path.glob("*.safetensors")):
-        state.update(load_file(f))
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    for name in sorted(manifest["files"]):  # only listed files (verify refused any other)
+        if name.endswith(".safetensors"):
+            state.update(load_file(path / name))
+    try:  # a damaged entry (a missing key, a module that does not exist, a rank larger than stored)
+        apply_structure(model, structure)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except CheckpointError as exc:
+        raise CheckpointError(f"{path / MANIFEST}: {exc}") from exc
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:300]
+        raise CheckpointError(f"{path / MANIFEST}: its structure entries do not fit the model and weights "
+                              f"({type(exc).__name__}: {detail}); the manifest is damaged. Re-run the pass.") from exc
     model.tie_weights()
     tied = set(getattr(model, "_tied_weights_keys", None) or [])
     really_missing = [k for k in missing if k not in tied]

@@ -52,7 +52,7 @@ class DataSpec(BaseModel):
     source: str = Field(description="builtin:<name>, a .txt file/dir/glob, or a .jsonl file")
     split: Literal["train", "validation", "test", "all"] | None = Field(
         None, description="which part of the source; default: train for training data, test for eval data "
-        "(builtin corpora) or all (local files)")
+        "(builtin corpora, local folders and globs), all for a single local file")
     max_tokens: int | None = Field(None, gt=0, description="stop after this many tokens (language modelling)")
     max_examples: int | None = Field(None, gt=0, description="use at most this many documents / examples")
     seq_len: int = Field(256, gt=1, description="window length in tokens for language modelling")
@@ -158,13 +158,21 @@ def _local_files(source: str) -> list[Path]:
 
 def _read_jsonl(path: Path, spec: DataSpec):
     ids, texts, raw_labels = [], [], []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    try:
+        lines = path.read_bytes().decode("utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise DataSourceError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                              "save the JSONL file as UTF-8") from None
+    for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataSourceError(f"{path}:{n}: not valid JSON ({exc})") from exc
+        if not isinstance(row, dict):
+            raise DataSourceError(f"{path}:{n}: each line must be a JSON object with a {spec.text_field!r} field, "
+                                  f"got {type(row).__name__}")
         if spec.text_field not in row:
             raise DataSourceError(
                 f"{path}:{n}: no field {spec.text_field!r} (fields: {', '.join(row)}); set data.*.text_field"
@@ -214,11 +222,39 @@ def _unique(texts: list[str]) -> list[int]:
     return out
 
 
+def _single_local_file(source: str) -> bool:
+    """A local source that is one file (a .txt: one document; a .jsonl), not a folder or glob of files."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return False
+    if path.is_file():
+        return True
+    files = _local_files(source)
+    return len(files) == 1 and files[0].suffix == ".jsonl"
+
+
 def default_split(source: str, role: str) -> str:
-    """train for training/calibration roles; test for eval; `all` for local sources."""
-    if not source.startswith("builtin:"):
+    """test for eval, train for training / calibration: for builtin corpora and for local folders and globs
+    of text files (split by file); `all` for a single local file (.txt or .jsonl)."""
+    if not source.startswith("builtin:") and _single_local_file(source):
         return "all"
     return "test" if role == "eval" else "train"
+
+
+_GLOB_CHARS = set("*?[")
+
+
+def _local_split_key(source: str, file_id: str) -> str:
+    """A local text file's split key: its path relative to the folder the source names (the part of a glob
+    before its first wildcard), so `data/` and `data/*.txt` split the same files the same way, and a moved
+    folder keeps its splits."""
+    parts = Path(source).expanduser().parts
+    root = Path(*[p for p in parts[: next((i for i, p in enumerate(parts) if _GLOB_CHARS & set(p)), len(parts))]]
+                 or ["."])
+    try:
+        return Path(file_id).relative_to(root).as_posix()
+    except ValueError:
+        return Path(file_id).name
 
 
 def load_dataset(spec: DataSpec, role: str = "train") -> TextDataset:
@@ -226,12 +262,22 @@ def load_dataset(spec: DataSpec, role: str = "train") -> TextDataset:
     split = spec.split or default_split(spec.source, role)
     ids, texts, labels, label_names = _read_source(spec)
     name = spec.source.split(":", 1)[1] if spec.source.startswith("builtin:") else spec.source
-    keep = [i for i in _unique(texts) if split == "all" or split_of(name, ids[i]) == split]
+    local_text = not spec.source.startswith("builtin:") and not _single_local_file(spec.source)
+    if local_text:  # text files, one document each
+        name, ids_for_split = "local-text", [_local_split_key(spec.source, i) for i in ids]
+    else:
+        ids_for_split = ids
+    keep = [i for i in _unique(texts) if split == "all" or split_of(name, ids_for_split[i]) == split]
     random.Random(spec.seed).shuffle(keep)
     if spec.max_examples:
         keep = keep[: spec.max_examples]
     if not keep:
-        raise DataSourceError(f"data source {spec.source!r} has no documents in split {split!r}")
+        hint = ""
+        if local_text and split != "all":
+            hint = (f" (a local folder or glob is split by file, 90/5/5 by a hash of each file's path: its "
+                    f"{len(texts)} file(s) leave {split} empty; add files, or set `split: all` and give the "
+                    "other role other files)")
+        raise DataSourceError(f"data source {spec.source!r} has no documents in split {split!r}{hint}")
     return TextDataset(
         source=spec.source,
         split=split,

@@ -30,6 +30,14 @@ class UnsupportedModelError(CompressInputError):
     """A pass does not support this model (architecture, task or checkpoint kind)."""
 
 
+class TrainingDivergedError(CompressInputError):
+    """Training reached a non-finite loss: an option (learning rate, temperature, ...) needs changing."""
+
+
+class RunBusyError(CompressInputError):
+    """Another run holds the run folder."""
+
+
 def _model_at(model_cls, loc):
     """The pydantic model class that holds the field at `loc` (best effort, for suggestions)."""
     import typing

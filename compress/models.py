@@ -17,7 +17,6 @@ import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import os
 import shutil
 import tempfile
@@ -143,8 +142,8 @@ def source_fingerprint(source: str) -> str:
         return source
     path = Path(source).expanduser().resolve()
     manifest = path / "manifest.json"
-    if manifest.exists():
-        return "checkpoint:" + json.loads(manifest.read_text()).get("key", str(path))
+    if manifest.exists():  # the whole manifest: its file hashes change when the checkpoint is recomputed
+        return "checkpoint:" + hashlib.sha256(manifest.read_bytes()).hexdigest()[:20]
     h = hashlib.sha256()
     for f in sorted(path.glob("*")):
         if f.is_file():

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import sys
 import traceback
@@ -9,19 +10,24 @@ import traceback
 from compress.errors import CompressInputError
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+# A read-only, full or forbidden folder: exit 1 with one line, not a traceback.
+DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _cmd_run(args) -> int:
+    from compress.logs import capture, suite_log
+
     from .config import load_config
+    from .console import log, print_summary
     from .runner import Runner
 
     pipeline = load_config(args.config, args.set)
-    result = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress).run()
-    print(f"\nrun written to {result.run_dir}")
-    for s in result.steps:
-        print(f"  {s.path}  ({'reused' if s.reused else f'{s.seconds:.1f} s'})")
-    if result.report:
-        print(f"report: {result.report}")
+    runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log)
+    # other libraries' warnings and notices go to run.log (and to the terminal only with --verbose)
+    with capture(runner.run_dir / "run.log", verbose=args.verbose):
+        suite_log(f"compress {' '.join(sys.argv[1:]) or 'run ' + str(args.config)}")
+        result = runner.run()
+    print_summary(result, pipeline.config)
     return EXIT_OK
 
 
@@ -36,25 +42,9 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_passes(args) -> int:
-    from compress import passes
+    from .listing import list_passes
 
-    for name, cls in passes.available().items():
-        print(f"{name}: {cls.description}")
-        members = cls.config_classes()
-        for options in members:
-            indent = "    "
-            if len(members) > 1:  # options that depend on a choice (quantize's method)
-                print(f"  {options.options_of}:")
-                indent = "      "
-            for field_name, field in options.model_fields.items():
-                ann = field.annotation
-                ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
-                default = ("required" if field.is_required()
-                           else f"default {field.get_default(call_default_factory=True)!r}")
-                print(f"{indent}{field_name:<22} {ann:<34} {default}")
-                if field.description:
-                    print(f"{indent}    {field.description}")
-        print()
+    print(list_passes(args.name, as_json=args.json))
     return EXIT_OK
 
 
@@ -84,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(p)
     p.add_argument("--output-dir", help="write runs here instead of the config's output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and notices "
+                   "(always kept in runs/<name>/run.log)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="check a config without running it")
@@ -91,6 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_validate)
 
     p = sub.add_parser("passes", help="list the passes and every option with its default")
+    p.add_argument("name", nargs="?", help="only this pass")
+    p.add_argument("--json", action="store_true", help="as JSON, for tools")
     p.set_defaults(func=_cmd_passes)
 
     p = sub.add_parser("schema", help="print the JSON Schema of pipeline configs")
@@ -116,6 +110,14 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except OSError as exc:
+        if exc.errno not in DISK_ERRNOS:
+            traceback.print_exc()
+        else:  # the environment, not a bug: one line naming the path and the cause
+            print(f"error: {exc.filename or 'the output folder'}: {exc.strerror} "
+                  f"({errno.errorcode.get(exc.errno, exc.errno)}); free space or fix the folder's permissions, "
+                  "then run again (finished steps are reused)", file=sys.stderr)
         return EXIT_FAILURE
     except Exception:  # a bug or an environment failure, with the trace for the report
         traceback.print_exc()

@@ -4,12 +4,13 @@ Errors name the field, the bad value and what is allowed; a misspelt pass or opt
 from __future__ import annotations
 
 import copy
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from benchmarks.config import BenchmarkConfig
 from compress import passes as pass_registry
@@ -46,6 +47,14 @@ class BranchConfig(BaseModel):
     start: str | int = Field("source", alias="from", description="source, or a step of `passes`: its number "
                              "(1 = the first pass) or its directory name such as 02-prune")
     passes: list[dict[str, dict[str, Any] | None]] = Field(description="run top to bottom from `from`")
+
+    @field_validator("name")
+    @classmethod
+    def _not_a_step_name(cls, name: str) -> str:
+        if looks_like_step_dir(name):
+            raise ValueError(f"{name!r} looks like a step folder (two digits and a dash, e.g. 01-quantize), which "
+                             "the runner owns; a branch name must not start with digits and a dash (e.g. alt-99)")
+        return name
 
 
 class PipelineConfig(BaseModel):
@@ -89,6 +98,11 @@ class Pipeline:
 
 def step_dir_name(index: int, pass_name: str) -> str:
     return f"{index + 1:02d}-{pass_name}"
+
+
+def looks_like_step_dir(name: str) -> bool:
+    """A name of the form step_dir_name gives (digits, a dash, a pass name): the runner owns such folders."""
+    return re.fullmatch(r"[0-9]{2,}-.*", name) is not None
 
 
 def _instantiate_passes(items: list[dict], where: str = "passes") -> tuple[list[Pass], list[str]]:
@@ -231,7 +245,12 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             else:
                 raise ConfigError(f"--set {dotted}: {where} is not a mapping or list")
         last = keys[-1]
-        parsed = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except yaml.YAMLError as exc:
+            problem = str(exc).splitlines()[0]
+            raise ConfigError(f"--set {dotted}: the value {value!r} is not valid YAML ({problem}); quote it, "
+                              f"e.g. --set '{dotted}=\"...\"'") from None
         if isinstance(node, list):
             if not last.isdigit() or int(last) >= len(node):
                 raise ConfigError(f"--set {dotted}: {last} is not an index of a list of {len(node)}")
@@ -248,7 +267,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipelin
     if not path.is_file():
         raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save the config as UTF-8") from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
     pipeline = validate(apply_overrides(raw or {}, overrides or []))

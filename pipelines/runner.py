@@ -1,11 +1,17 @@
 """Runs a pipeline: passes in order, one checkpoint each, reusing every checkpoint whose cache key matches.
 
-A checkpoint's key hashes its parent's key, the pass name, the pass's resolved options and the data the
-pipeline declares, so changing a pass's options recomputes that pass and every one after it, while the
-ones before are reused. A run killed mid-pass leaves only a hidden temporary directory, removed on the
-next run, so that pass is redone from its (finished) parent."""
+A checkpoint's key hashes its parent's key and content (the hashes of its files, so a recomputed parent with
+other weights invalidates its children), the pass name, the pass's resolved options, the data the pipeline
+declares and the seed the pass gets, so changing a pass's options recomputes that pass and every one after
+it, while the ones before are reused. A run killed mid-pass leaves only a hidden temporary directory, removed
+on the next run, so that pass is redone from its (finished) parent.
+
+A run holds an exclusive lock on runs/<name>/.lock (a second run on the same folder is refused), and its
+passes' temporary files live in runs/<name>/.scratch-<pid>, so no run removes another's work."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -17,10 +23,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from compress import checkpoint
+from compress import checkpoint, model_card
 from compress.checkpoint import Artifact
 from compress.data import PipelineData
-from compress.errors import CheckpointError
+from compress.describe import options_line
+from compress.errors import CheckpointError, RunBusyError
 from compress.models import source_fingerprint
 from compress.passes.base import PassContext
 from compress.runtime import is_main_process, launched_processes, seed_everything, set_threads
@@ -69,6 +76,29 @@ def _barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def _pid_alive(pid: str) -> bool:
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        pass
+    return True
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a file whole or not at all (a full disk leaves the old one, and a stray temp file the next run
+    removes)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _hash(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -89,15 +119,14 @@ class Runner:
         self.source_key = _hash("source", source_fingerprint(cfg.model.source), cfg.task,
                                 str(checkpoint.FORMAT_VERSION))
 
-    def step_keys(self, passes=None, parent: str | None = None) -> list[str]:
-        """The cache key of every step, derived before any work: parent key + pass + options + data."""
-        data_fp = self.data.fingerprint(*_DATA_ROLES)
-        keys, parent = [], parent or self.source_key
-        for p in self.pipeline.passes if passes is None else passes:
-            options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
-            parent = _hash(parent, p.name, options, data_fp)
-            keys.append(parent)
-        return keys
+    def step_key(self, parent_key: str, parent_content: str, p, seed: int, data_fp: str) -> str:
+        """A step's cache key: its parent's key and content hash, the pass, its options, the data and its seed."""
+        options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
+        return _hash(parent_key, parent_content, p.name, options, data_fp, f"seed={seed}")
+
+    def _content(self, path: Path | None) -> str:
+        """What a child starts from: the checkpoint's content hash, or the source model's key."""
+        return checkpoint.content_hash(checkpoint.read_manifest(path)) if path else self.source_key
 
     def _device(self) -> torch.device:
         want = self.pipeline.config.device
@@ -115,16 +144,39 @@ class Runner:
 
     def _scratch(self) -> Path:
         """Temporary files of the passes (one folder per process), removed at the end of the run."""
-        return self.run_dir / (".scratch" if self.main else f".scratch-rank{os.environ.get('RANK')}")
+        return self.run_dir / f".scratch-{os.getpid()}"
+
+    @contextlib.contextmanager
+    def _folder_lock(self):
+        """Hold runs/<name>/.lock for the whole run (the main process: other ranks belong to the same run)."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if not is_main_process():
+            yield
+            return
+        with open(self.run_dir / ".lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.seek(0)
+                raise RunBusyError(f"another run holds {self.run_dir} (pid {fh.read().strip() or '?'}); wait for "
+                                   "it to finish, or give this run another name or --output-dir") from None
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"{os.getpid()}\n")
+            fh.flush()
+            yield  # closing the file releases the lock (so does the process ending, however it ends)
 
     def _clean_stale(self) -> None:
         """Remove what an interrupted run or an earlier version of the config left behind."""
         chains = [(self.run_dir, self.pipeline.passes)]
         chains += [(self.run_dir / b.name, b.passes) for b in self.pipeline.branches]
+        for old in self.run_dir.glob(".scratch*"):  # a killed run's (its pid is gone), never a live one's
+            if not _pid_alive(old.name.rsplit("-", 1)[-1]):
+                shutil.rmtree(old, ignore_errors=True)
         for chain_dir, passes in chains:
             for tmp in chain_dir.glob(".*.tmp-*"):
-                self.log(f"removing unfinished checkpoint {tmp.name} from an interrupted run")
-                shutil.rmtree(tmp, ignore_errors=True)
+                self.log(f"removing unfinished {tmp.name} from an interrupted run")
+                shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             names = {step_dir_name(i, p.name) for i, p in enumerate(passes)}
             for old in chain_dir.glob("[0-9][0-9]-*"):
                 if old.is_dir() and old.name not in names:
@@ -146,6 +198,13 @@ class Runner:
             return None
 
     def run(self) -> RunResult:
+        with self._folder_lock():
+            try:
+                return self._run()
+            finally:
+                shutil.rmtree(self._scratch(), ignore_errors=True)
+
+    def _run(self) -> RunResult:
         cfg = self.pipeline.config
         self.threads = set_threads(cfg.threads)
         self.device = self._device()
@@ -155,20 +214,21 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
             self._clean_stale()
-            (self.run_dir / "pipeline.yaml").write_text(
-                yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+            _write_atomic(self.run_dir / "pipeline.yaml",
+                          yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
         result = RunResult(self.run_dir, cfg.model.source, self.source_key)
         result.steps += self._run_chain(self.pipeline.passes, self.run_dir, None, self.source_key)
         for b in self.pipeline.branches:
             start = result.steps[b.start - 1] if b.start else None
             result.steps += self._run_chain(b.passes, self.run_dir / b.name, start and Path(start.path),
                                             start.key if start else self.source_key, branch=b.name)
-        shutil.rmtree(self._scratch(), ignore_errors=True)
         if not self.main:
             return result
         if cfg.benchmark is not None:
             result.report = self._benchmark(result)
-        (self.run_dir / "run.json").write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        model_card.write_cards([s.path for s in result.steps], run_name=cfg.name,  # with the measured figures
+                               results=self.run_dir / "results.json" if cfg.benchmark is not None else None)
+        _write_atomic(self.run_dir / "run.json", json.dumps(result.to_json(), indent=2) + "\n")
         return result
 
     def _run_chain(self, passes, chain_dir: Path, parent_path: Path | None, parent_key: str,
@@ -176,9 +236,10 @@ class Runner:
         """Run `passes` from the checkpoint at `parent_path` (None: the source model) into `chain_dir`."""
         cfg = self.pipeline.config
         steps: list[StepRecord] = []
-        keys = self.step_keys(passes, parent_key)
+        data_fp = self.data.fingerprint(*_DATA_ROLES)
         n, prefix = len(passes), f"{branch}: " if branch else ""
-        for i, (p, key) in enumerate(zip(passes, keys)):
+        for i, p in enumerate(passes):
+            key = self.step_key(parent_key, self._content(parent_path), p, cfg.seed + i, data_fp)
             path = chain_dir / step_dir_name(i, p.name)
             start = time.perf_counter()
             manifest = self._reusable(path, key)
@@ -187,7 +248,7 @@ class Runner:
                 steps.append(StepRecord(i, p.name, str(path), key, True, 0.0, manifest["kind"], branch))
                 parent_path, parent_key = path, key
                 continue
-            self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running {json.dumps(p.config.model_dump(mode='json'))}")
+            self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running ({options_line(p.config)})")
             # Every pass starts from what its parent wrote (not from memory), so it sees exactly what
             # `compress.load` gives; a fully reused prefix loads nothing.
             current = checkpoint.load(parent_path) if parent_path else self._load_source()
@@ -207,6 +268,7 @@ class Runner:
                     **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
                     threads=self.threads,
                 )
+                model_card.write_card(path, run_name=cfg.name)  # README.md beside the finished checkpoint
             _barrier()  # other processes go on only once the checkpoint exists
             seconds = time.perf_counter() - start
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")

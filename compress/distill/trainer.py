@@ -14,7 +14,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, TrainingDivergedError
 from ..runtime import launched_processes
 from .config import TrainConfig
 from .examples import Examples
@@ -77,6 +77,15 @@ def check_batching(s: TrainConfig, world: int, n_examples: int) -> int:
         raise ConfigError(f"distill: the training data has {n_examples} examples, fewer than batch_size "
                           f"{s.batch_size}; lower batch_size or give more data")
     return s.batch_size // (s.grad_accum * world)
+
+
+def _diverged_message(s: TrainConfig, value: float, step: int, total: int) -> str:
+    options = {k: getattr(s, k) for k in ("lr", "temperature", "alpha", "hidden_weight", "attention_weight")
+               if hasattr(s, k)}
+    named = ", ".join(f"{k}={v}" for k, v in options.items())
+    return (f"distill: the training loss became {value} at step {step + 1} of {total}, so training stopped and "
+            f"nothing was saved. Likely an option out of a workable range ({named}): lower lr, use a temperature "
+            "near 1-4, or check the data")
 
 
 def train(
@@ -160,6 +169,9 @@ def train(
             batch = {k: v.to(device) for k, v in batch.items()}
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 loss, parts = loss_fn(model, batch, step)
+            if not torch.isfinite(loss.detach()).all():
+                value = float(loss.detach().float().mean())
+                raise TrainingDivergedError(_diverged_message(s, value, step, total))
             loss = loss / s.grad_accum
             if acc:
                 acc.backward(loss)

@@ -1,0 +1,556 @@
+"""Issue 15: a checkpoint is trusted only when all of it verifies, no input ends in a traceback, and runs that
+share a folder, diverge or hit a full disk stay safe. Tiny models, CPU; the SIGKILL test is marked `slow`."""
+import errno
+import fcntl
+import json
+import os
+import random
+import shutil
+import multiprocessing
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import compress
+import helper_passes  # noqa: F401  (registers the test-scale pass)
+from compress import checkpoint
+from compress.checkpoint import Artifact
+from compress.errors import CheckpointError
+from compress.models import load_model
+from compress.pruning.lowrank import apply_lowrank
+from pipelines.cli import main
+from pipelines.config import load_config
+from pipelines.runner import Runner
+
+LOWRANK = "model.layers.0.mlp.down_proj"
+
+
+# ----------------------------------------------------------------------------- helpers
+def _cli(capsys, *argv) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _write_config(path: Path, cfg: dict) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def _scale_config(model_dir, factors=(1.0, 2.0), last="bf16") -> dict:
+    return {"name": "tiny", "model": {"source": str(model_dir)}, "threads": 1,
+            "passes": [{"test-scale": {"factor": f}} for f in factors] + [{"quantize": {"method": last}}]}
+
+
+def _run(config_path, out_dir):
+    return Runner(load_config(config_path), output_dir=out_dir, show_progress=False, log=lambda *_: None).run()
+
+
+def _child_run(config: str, out: str, env: dict) -> None:
+    os.environ.update(env)
+    _run(config, out)
+
+
+def _start_run(config, out, **env) -> multiprocessing.Process:
+    """A pipeline run in a forked process (no second import of torch), for tests that kill it or run beside it."""
+    proc = multiprocessing.get_context("fork").Process(target=_child_run, args=(str(config), str(out), env))
+    proc.start()
+    return proc
+
+
+def _kill(proc: multiprocessing.Process) -> None:
+    if proc.exitcode is None:  # not reaped yet, so the pid is still this child's (at worst a zombie)
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.join()
+
+
+def _leftovers(run_dir: Path) -> list[str]:
+    """Temporary files or folders a run left behind (an interrupted run's are removed by the next)."""
+    return sorted(p.name for p in run_dir.rglob(".*") if p.name != ".lock")
+
+
+@pytest.fixture(scope="module")
+def lowrank_ckpt(tmp_path_factory, tiny_llama_dir) -> Path:
+    """A checkpoint with re-applied structure (layer 0's down_proj factorized to rank 4)."""
+    model, tok = load_model(str(tiny_llama_dir), "causal-lm")
+    entry = {"type": "lowrank", "ranks": {LOWRANK: 4}}
+    apply_lowrank(model, entry)
+    path = tmp_path_factory.mktemp("lowrank") / "ckpt"
+    checkpoint.save(Artifact(kind="torch", task="causal-lm", tokenizer=tok, model=model, structure=[entry]), path,
+                    key="k")
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_manifest(ckpt: Path, change) -> None:
+    mf = ckpt / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    change(manifest)
+    mf.write_text(json.dumps(manifest))
+
+
+# ----------------------------------------------------------------------------- 1. the manifest is the whole truth
+def test_an_unlisted_weight_file_is_refused_not_loaded(lowrank_ckpt, tmp_path):
+    from safetensors.torch import save_file
+
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    compress.load(ckpt)  # intact: loads
+    save_file({"model.norm.weight": torch.full((32,), 7.0)}, ckpt / "zz-extra.safetensors")
+    with pytest.raises(CheckpointError, match="does not list: zz-extra.safetensors"):
+        compress.load(ckpt)
+
+
+def test_an_empty_file_table_is_refused_even_with_altered_weights(lowrank_ckpt, tmp_path):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    _edit_manifest(ckpt, lambda m: m.update(files={}))
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + b"\0\0\0\0")
+    with pytest.raises(CheckpointError, match="file table `files` is missing or empty"):
+        compress.load(ckpt)
+
+
+def test_a_listed_file_that_is_missing_is_named(lowrank_ckpt, tmp_path):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    (ckpt / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing"):
+        compress.load(ckpt)
+
+
+def test_a_rehashed_file_whose_manifest_lies_about_its_size_is_refused(lowrank_ckpt, tmp_path):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b" ")
+    _edit_manifest(ckpt, lambda m: m["files"]["model.safetensors"].update(sha256=checkpoint._sha256(weights)))
+    with pytest.raises(CheckpointError, match="model.safetensors has .* bytes, the manifest says"):
+        compress.load(ckpt)
+
+
+# ----------------------------------------------------------------------------- 2. names stay inside the folder
+@pytest.mark.parametrize("name", ["../../secret.txt", "/etc/hostname", "/dev/zero", "sub/../../x"])
+def test_file_names_outside_the_folder_are_refused_before_opening(lowrank_ckpt, tmp_path, name):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    _edit_manifest(ckpt, lambda m: m["files"].update({name: {"size": 0, "sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match="not a plain relative path"):
+        compress.load(ckpt)  # /dev/zero: refused at once, never read
+
+
+def test_a_symlink_out_of_the_folder_is_refused(lowrank_ckpt, tmp_path):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (ckpt / "notes.txt").symlink_to(outside)
+    listed = {"notes.txt": {"size": 6, "sha256": checkpoint._sha256(outside)}}
+    _edit_manifest(ckpt, lambda m: m["files"].update(listed))
+    with pytest.raises(CheckpointError, match="notes.txt is a link to .*outside the checkpoint folder"):
+        compress.load(ckpt)
+
+
+def test_a_pipe_in_the_folder_is_refused_without_hanging(lowrank_ckpt, tmp_path):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    os.mkfifo(ckpt / "weights.pipe")  # opening it for reading would block forever
+    _edit_manifest(ckpt, lambda m: m["files"].update({"weights.pipe": {"size": 0, "sha256": "0" * 64}}))
+    with pytest.raises(CheckpointError, match="weights.pipe is not a regular file"):
+        compress.load(ckpt)
+
+
+# ----------------------------------------------------------------------------- 3. non-finite runs and values
+def test_a_nan_loss_stops_the_run_names_the_step_and_writes_nothing(tiny_llama_dir, tmp_path, capsys):
+    model, tok = load_model(str(tiny_llama_dir), "causal-lm")
+    with torch.no_grad():
+        model.model.norm.weight[0] = float("nan")  # every logit is NaN from the first step
+    model.save_pretrained(tmp_path / "nan-model")
+    tok.save_pretrained(tmp_path / "nan-model")
+    cfg = {"name": "nan", "model": {"source": str(tmp_path / "nan-model")}, "threads": 1,
+           "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 32}},
+           "passes": [{"distill": {"alpha": 0.0, "max_steps": 3, "batch_size": 2, "precision": "fp32"}}]}
+    rc, _, err = _cli(capsys, "run", _write_config(tmp_path / "nan.yaml", cfg), "--output-dir", tmp_path / "runs",
+                      "--no-progress")
+    assert rc == 2 and "Traceback" not in err
+    assert "training loss became nan at step 1 of 3" in err and "temperature" in err and "lr=" in err
+    run_dir = tmp_path / "runs" / "nan"
+    assert not (run_dir / "01-distill").exists() and _leftovers(run_dir) == []
+
+
+def test_manifests_are_strict_json(tiny_llama_dir, tmp_path):
+    model, tok = load_model(str(tiny_llama_dir), "causal-lm")
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tok, model=model,
+                   info={"eval": [{"loss": float("inf")}]})
+    with pytest.raises(CheckpointError, match="manifest field info.eval.0.loss is inf"):
+        checkpoint.save(art, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary folder
+    art.info = {"loss": 1.5}
+    checkpoint.save(art, tmp_path / "ckpt")
+    json.loads((tmp_path / "ckpt" / "manifest.json").read_text(), parse_constant=lambda c: 1 / 0)
+    _edit_manifest(tmp_path / "ckpt", lambda m: m["info"].update(loss=float("nan")))  # json.dumps writes NaN
+    with pytest.raises(CheckpointError, match="NaN is not valid in strict JSON"):
+        compress.load(tmp_path / "ckpt")
+
+
+# ----------------------------------------------------------------------------- 4. bad input: exit 2, no traceback
+def _jsonl(rows) -> bytes:
+    return b"".join((r if isinstance(r, bytes) else json.dumps(r).encode()) + b"\n" for r in rows)
+
+
+def _drop(key):
+    return lambda c: c.pop(key)
+
+
+def _set(dotted, value):
+    def change(c):
+        node, keys = c, dotted.split(".")
+        for k in keys[:-1]:
+            node = node[int(k)] if isinstance(node, list) else node.setdefault(k, {})
+        node[keys[-1]] = value
+    return change
+
+
+def _passes(*items):
+    return lambda c: c.update(passes=list(items))
+
+
+def _branch(name, start="source"):
+    return lambda c: c.update(branches=[{"name": name, "from": start, "passes": [{"quantize": {"method": "fp16"}}]}])
+
+
+def _manifest(change):
+    return lambda ckpt: _edit_manifest(ckpt, change)
+
+
+def _structure(entry):
+    return _manifest(lambda m: m.update(structure=[entry]))
+
+
+def _add_file(name, data=b"x", listed=False):
+    def change(ckpt):
+        (ckpt / name).write_bytes(data)
+        if listed:
+            _edit_manifest(ckpt, lambda m: m["files"].update({name: {"size": len(data), "sha256": "0" * 64}}))
+    return change
+
+
+def _alter(name, how):
+    def change(ckpt):
+        f = ckpt / name
+        data = f.read_bytes()
+        f.write_bytes(data[:-16] if how == "truncate" else data[:-1] + bytes([data[-1] ^ 1]))
+    return change
+
+
+def _lie_about_size(ckpt):
+    f = ckpt / "config.json"
+    f.write_bytes(f.read_bytes() + b"\n")
+    _edit_manifest(ckpt, lambda m: m["files"]["config.json"].update(sha256=checkpoint._sha256(f)))
+
+
+# (id, kind, change, text the message must contain). kind: config / set (`compress validate` on a valid base
+# config changed by `change`), data (`compress run` of a distill pass on a data file), manifest (`compress run`
+# from a damaged copy of a low-rank checkpoint).
+BAD_INPUTS = [
+    ("config-not-utf8", "raw", b"name: caf\xe9\nmodel: {source: x}\n", "not UTF-8"),
+    ("config-not-yaml", "raw", b"name: [unclosed\n", "not valid YAML"),
+    ("config-a-list", "raw", b"- name: x\n", "expected a mapping at the top level"),
+    ("config-missing", "raw", None, "not found"),
+    ("no-name", "config", _drop("name"), "name: required"),
+    ("no-model", "config", _drop("model"), "model: required"),
+    ("name-with-slash", "config", _set("name", "../up"), "name:"),
+    ("unknown-key", "config", _set("pases", []), "unknown option 'pases'"),
+    ("bad-task", "config", _set("task", "translation"), "task:"),
+    ("threads-zero", "config", _set("threads", 0), "threads:"),
+    ("bad-device", "config", _set("device", "tpu"), "device:"),
+    ("seed-text", "config", _set("seed", "abc"), "seed:"),
+    ("seed-float-nan", "config", _set("seed", float("nan")), "seed:"),
+    ("source-missing-dir", "config", _set("model.source", "/nonexistent/model"), "model.source"),
+    ("source-bad-builtin", "config", _set("model.source", "builtin:gpt-17"), "model.source"),
+    ("source-extra-key", "config", _set("model.revision", "main"), "unknown option 'revision'"),
+    ("unknown-pass", "config", _passes({"distil": {}}), "passes.0"),
+    ("two-pass-names", "config", _passes({"quantize": {"method": "bf16"}, "export": {}}), "passes.0"),
+    ("pass-options-scalar", "config", _passes({"quantize": 5}), "passes"),
+    ("passes-a-mapping", "config", _set("passes", {"quantize": {}}), "passes"),
+    ("quantize-bad-method", "config", _passes({"quantize": {"method": "int3"}}), "method"),
+    ("quantize-typo", "config", _passes({"quantize": {"metod": "bf16"}}), "metod"),
+    ("temperature-inf", "config", _passes({"distill": {"temperature": float("inf")}}), "temperature"),
+    ("lr-nan", "config", _passes({"distill": {"lr": float("nan")}}), "lr"),
+    ("temperature-negative", "config", _passes({"distill": {"temperature": -1}}), "temperature"),
+    ("alpha-above-one", "config", _passes({"distill": {"alpha": 2}}), "alpha"),
+    ("max-steps-zero", "config", _passes({"distill": {"max_steps": 0}}), "max_steps"),
+    ("batch-size-text", "config", _passes({"distill": {"batch_size": "eight"}}), "batch_size"),
+    ("warmup-one", "config", _passes({"distill": {"warmup_ratio": 1}}), "warmup_ratio"),
+    ("linear-schedule-no-end", "config", _passes({"distill": {"temperature_schedule": "linear"}}),
+     "temperature_end"),
+    ("prune-recover-typo", "config", _passes({"prune": {"recover": {"max_step": 5}}}), "max_step"),
+    ("quantize-twice", "config", _passes({"quantize": {"method": "bf16"}}, {"quantize": {"method": "fp16"}}),
+     "passes.1"),
+    ("ort-before-export", "config", _passes({"quantize": {"method": "ort-int8-dynamic"}}), "passes.0"),
+    ("branch-like-a-step", "config", _branch("99-alt"), "branches.0.name"),
+    ("branch-like-main-step", "config", _branch("01-quantize"), "branches.0.name"),
+    ("branch-with-slash", "config", _branch("a/b"), "branches.0.name"),
+    ("branch-bad-from", "config", _branch("alt", "07-prune"), "branches.0.from"),
+    ("branch-duplicate", "config", lambda c: c.update(branches=[
+        {"name": "alt", "passes": []}, {"name": "alt", "passes": []}]), "branches"),
+    ("data-unknown-key", "config", _set("data.train", {"source": "builtin:shakespeare", "max_token": 5}),
+     "max_token"),
+    ("data-bad-split", "config", _set("data.train", {"source": "builtin:shakespeare", "split": "dev"}), "split"),
+    ("data-negative-tokens", "config", _set("data.train", {"source": "builtin:shakespeare", "max_tokens": -5}),
+     "max_tokens"),
+    ("data-overlapping-eval", "config", lambda c: c.update(data={
+        "train": {"source": "builtin:shakespeare"}, "eval": {"source": "builtin:shakespeare", "split": "train"}}),
+     "data.eval"),
+    ("benchmark-unknown-key", "config", _set("benchmark", {"backend": ["torch-cpu"]}), "benchmark"),
+    ("benchmark-bad-baseline", "config", _set("benchmark", {"baseline": "09-nothing"}), "benchmark.baseline"),
+    ("set-not-yaml", "set", ["passes.0.quantize.method=[bf16"], "--set passes.0.quantize.method"),
+    ("set-unclosed-quote", "set", ["name='tiny"], "--set name"),
+    ("set-no-equals", "set", ["seed"], "--set 'seed'"),
+    ("set-index-out-of-range", "set", ["passes.5.quantize.method=bf16"], "passes.5"),
+    ("set-through-a-scalar", "set", ["name.x=1"], "name"),
+    ("set-seed-text", "set", ["seed=abc"], "seed:"),
+    ("set-threads-negative", "set", ["threads=-1"], "threads:"),
+    ("set-temperature-inf", "set", ["passes.0={distill: {temperature: .inf}}"], "temperature"),
+    ("set-source-missing", "set", ["model.source=/nonexistent"], "model.source"),
+    ("data-not-utf8", "data", ("d.jsonl", b'{"text": "caf\xe9"}\n'), "not UTF-8"),
+    ("data-row-a-list", "data", ("d.jsonl", _jsonl([["a", "b"]])), "d.jsonl:1: each line must be a JSON object"),
+    ("data-row-a-string", "data", ("d.jsonl", _jsonl([{"text": "ok"}, "plain"])), "d.jsonl:2"),
+    ("data-row-a-number", "data", ("d.jsonl", _jsonl([7])), "d.jsonl:1"),
+    ("data-not-json", "data", ("d.jsonl", _jsonl([b"{text: no quotes}"])), "d.jsonl:1: not valid JSON"),
+    ("data-no-text-field", "data", ("d.jsonl", _jsonl([{"body": "x"}])), "no field 'text'"),
+    ("data-empty", "data", ("d.jsonl", b""), "no documents"),
+    ("data-missing", "data", ("missing.jsonl", None), "missing.jsonl"),
+    ("manifest-no-files", "manifest", _manifest(lambda m: m.pop("files")), "`files` is missing"),
+    ("manifest-empty-files", "manifest", _manifest(lambda m: m.update(files={})), "`files` is missing or empty"),
+    ("manifest-unknown-dtype", "manifest", _manifest(lambda m: m.update(dtype="float99")), "dtype 'float99'"),
+    ("manifest-kind-onnx", "manifest", _manifest(lambda m: m.update(kind="onnx")), "kind onnx needs model.onnx"),
+    ("manifest-kind-unknown", "manifest", _manifest(lambda m: m.update(kind="tflite")), "kind is 'tflite'"),
+    ("manifest-no-task", "manifest", _manifest(lambda m: m.pop("task")), "task is missing"),
+    ("manifest-format-99", "manifest", _manifest(lambda m: m.update(format_version=99)), "format 99"),
+    ("manifest-not-json", "manifest", lambda ck: (ck / "manifest.json").write_text("{"),
+     "manifest.json is corrupted"),
+    ("manifest-a-list", "manifest", lambda ck: (ck / "manifest.json").write_text("[]"), "expected a JSON object"),
+    ("manifest-bare-nan", "manifest", _manifest(lambda m: m["info"].update(loss=float("nan"))), "NaN"),
+    ("manifest-size-text", "manifest", _manifest(lambda m: m["files"]["config.json"].update(size="big")),
+     "files['config.json']"),
+    ("manifest-structure-not-list", "manifest", _manifest(lambda m: m.update(structure={"type": "lowrank"})),
+     "structure must be a list"),
+    ("structure-no-ranks", "manifest", _structure({"type": "lowrank"}), "structure entries do not fit"),
+    ("structure-missing-module", "manifest", _structure({"type": "lowrank", "ranks": {"model.layers.9.mlp": 4}}),
+     "manifest.json: lowrank structure names model.layers.9.mlp"),
+    ("structure-rank-too-large", "manifest", _structure({"type": "lowrank", "ranks": {LOWRANK: 8}}),
+     "structure entries do not fit"),
+    ("structure-unknown-type", "manifest", _structure({"type": "from-the-future"}),
+     "manifest.json: the checkpoint needs structure 'from-the-future'"),
+    ("file-dotdot", "manifest", _manifest(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})),
+     "'../x' is not a plain relative path"),
+    ("file-absolute", "manifest", _manifest(lambda m: m["files"].update({"/etc/hostname": {"size": 1,
+                                                                                           "sha256": "0"}})),
+     "'/etc/hostname' is not a plain relative path"),
+    ("file-dev-zero", "manifest", _manifest(lambda m: m["files"].update({"/dev/zero": {"size": 0,
+                                                                                       "sha256": "0"}})),
+     "'/dev/zero'"),
+    ("file-nul-byte", "manifest", _manifest(lambda m: m["files"].update({"a\0b": {"size": 1, "sha256": "0"}})),
+     "not a plain relative path"),
+    ("manifest-unknown-task", "manifest", _manifest(lambda m: m.update(task="translation")), "'translation'"),
+    ("file-listed-missing", "manifest", lambda ck: (ck / "config.json").unlink(), "config.json is missing"),
+    ("file-unlisted-weights", "manifest", _add_file("zz-extra.safetensors"), "zz-extra.safetensors"),
+    ("file-unlisted-config", "manifest", _add_file("extra_config.json", b"{}"), "does not list: extra_config.json"),
+    ("file-listed-bad-hash", "manifest", _add_file("notes.txt", listed=True), "notes.txt does not match"),
+    ("weights-truncated", "manifest", _alter("model.safetensors", "truncate"), "model.safetensors has"),
+    ("weights-altered", "manifest", _alter("model.safetensors", "flip"), "model.safetensors does not match"),
+    ("config-rehashed-size-lie", "manifest", _lie_about_size, "config.json has"),
+]
+
+
+@pytest.mark.parametrize("case_id,kind,change,expected", BAD_INPUTS, ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_naming_the_field_without_a_traceback(case_id, kind, change, expected, tmp_path,
+                                                                 capsys, tiny_llama_dir, lowrank_ckpt):
+    cfg = _scale_config(tiny_llama_dir, factors=(), last="bf16")
+    command, extra = "validate", []
+    if kind == "raw":
+        config = tmp_path / "bad.yaml"
+        if change is not None:
+            config.write_bytes(change)
+    elif kind in ("config", "set"):
+        if kind == "config":
+            change(cfg)
+        else:
+            extra = [a for item in change for a in ("--set", item)]
+        config = _write_config(tmp_path / "bad.yaml", cfg)
+    else:
+        command, extra = "run", ["--output-dir", tmp_path / "runs", "--no-progress"]
+        if kind == "data":
+            name, content = change
+            if content is not None:
+                (tmp_path / name).write_bytes(content)
+            cfg["data"] = {"train": {"source": str(tmp_path / name), "seq_len": 16}}
+            cfg["passes"] = [{"distill": {"alpha": 0.0, "max_steps": 1, "batch_size": 2}}]
+        else:
+            ckpt = _copy(lowrank_ckpt, tmp_path / "damaged")
+            change(ckpt)
+            cfg["model"]["source"] = str(ckpt)
+            cfg["passes"] = [{"test-scale": {"factor": 2.0}}]
+        config = _write_config(tmp_path / "bad.yaml", cfg)
+    rc, _, err = _cli(capsys, command, config, *extra)
+    assert "Traceback" not in err
+    assert rc == 2, err
+    assert expected in err, err
+    if command == "run":  # refused before anything was written
+        assert not list((tmp_path / "runs" / "tiny").glob("[0-9]*")) and _leftovers(tmp_path / "runs") == []
+
+
+def test_the_table_covers_the_issue():
+    assert len(BAD_INPUTS) >= 60
+    assert len({c[0] for c in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+# ----------------------------------------------------------------------------- 5. two runs, one folder
+def test_a_second_run_on_a_held_folder_is_refused_and_its_scratch_is_its_own(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir))
+    marker = tmp_path / "started"
+    first = _start_run(config, out, COMPRESS_TEST_SLEEP=str(marker))
+    try:
+        deadline = time.time() + 120
+        while not marker.exists():  # the first run is inside its first pass, holding the folder
+            assert first.is_alive(), f"the first run ended with exit code {first.exitcode}"
+            assert time.time() < deadline, "the first run never started its pass"
+            time.sleep(0.1)
+        scratch = out / "tiny" / f".scratch-{first.pid}"
+        assert scratch.is_dir()
+        rc, _, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress")
+        assert rc == 2 and "Traceback" not in err
+        assert f"another run holds {out / 'tiny'} (pid {first.pid})" in err
+        assert scratch.is_dir(), "the refused run removed the first run's scratch"
+    finally:
+        _kill(first)
+    result = _run(config, out)  # the lock died with its holder: the folder is free again
+    assert [s.reused for s in result.steps] == [False, False, False]
+    assert not scratch.exists() and _leftovers(out / "tiny") == []
+
+
+def test_the_lock_is_released_after_a_run_in_the_same_process(tiny_llama_dir, tmp_path):
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+    _run(config, tmp_path / "runs")
+    assert all(s.reused for s in _run(config, tmp_path / "runs").steps)
+    with open(tmp_path / "runs" / "tiny" / ".lock") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
+
+
+# ----------------------------------------------------------------------------- 6. read-only or full disk
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
+def test_a_full_or_read_only_disk_is_one_line_exit_1_and_nothing_half_written(tiny_llama_dir, tmp_path, capsys,
+                                                                              monkeypatch, code):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+    real = checkpoint._file_table
+
+    def disk_fails(root):
+        real(root)  # the weights are written; the disk fails before the checkpoint is complete
+        raise OSError(code, os.strerror(code), str(root))
+
+    monkeypatch.setattr(checkpoint, "_file_table", disk_fails)
+    rc, _, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress")
+    assert rc == 1 and "Traceback" not in err
+    assert errno.errorcode[code] in err and str(out / "tiny") in err and len(err.strip().splitlines()) == 1
+    assert not (out / "tiny" / "01-test-scale").exists() and _leftovers(out / "tiny") == []
+    monkeypatch.undo()
+    assert [s.reused for s in _run(config, out).steps] == [False, False]  # a rerun works once the disk does
+
+
+# ----------------------------------------------------------------------------- 7. branch names
+def test_branches_are_never_written_into_the_main_chain(tiny_llama_dir, tmp_path, capsys):
+    cfg = _scale_config(tiny_llama_dir, factors=(2.0,), last="fp16")
+    for name in ("01-quantize", "99-alt", "02-test-scale"):
+        cfg["branches"] = [{"name": name, "passes": [{"quantize": {"method": "bf16"}}]}]
+        rc, _, err = _cli(capsys, "validate", _write_config(tmp_path / "b.yaml", cfg))
+        assert rc == 2 and "branches.0.name" in err and "looks like a step folder" in err
+    cfg["branches"] = [{"name": "alt-99", "passes": [{"quantize": {"method": "bf16"}}]}]
+    config = _write_config(tmp_path / "b.yaml", cfg)
+    first = _run(config, tmp_path / "runs")
+    assert [s.label for s in first.steps] == ["01-test-scale", "02-quantize", "alt-99/01-quantize"]
+    assert all(s.reused for s in _run(config, tmp_path / "runs").steps)  # kept and cached, not deleted
+
+
+# ----------------------------------------------------------------------------- 8. cache keys
+def test_the_seed_is_part_of_every_key(tiny_llama_dir, tmp_path):
+    cfg = _scale_config(tiny_llama_dir)
+    out = tmp_path / "runs"
+    first = _run(_write_config(tmp_path / "a.yaml", cfg), out)
+    cfg["seed"] = 7
+    seeded = _run(_write_config(tmp_path / "b.yaml", cfg), out)
+    assert [s.reused for s in seeded.steps] == [False, False, False]
+    assert all(a.key != b.key for a, b in zip(first.steps, seeded.steps))
+
+
+def test_a_recomputed_parent_with_other_content_invalidates_its_children(tiny_llama_dir, tmp_path):
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir))
+    out = tmp_path / "runs"
+    first = _run(config, out)
+    # step 1 comes back with the same key but other weights (a pass that is not bit-for-bit deterministic)
+    step1 = compress.load(first.steps[0].path)
+    with torch.no_grad():
+        step1.model.model.norm.weight.mul_(1.5)
+    fields = {k: v for k, v in step1.manifest.items() if k in ("key", "source", "parent", "pass", "threads")}
+    checkpoint.save(step1.derive(), first.steps[0].path, **fields)
+    again = _run(config, out)
+    assert [s.reused for s in again.steps] == [True, False, False]
+    norm = compress.load(again.steps[1].path).model.model.norm.weight
+    assert torch.allclose(norm, step1.model.model.norm.weight * 2)
+    # an identical recompute (deterministic pass) keeps the children: keys follow content, not timestamps
+    (Path(again.steps[1].path) / "model.safetensors").write_bytes(b"damaged")
+    assert [s.reused for s in _run(config, out).steps] == [True, False, True]
+
+
+# ----------------------------------------------------------------------------- SIGKILL at random points
+@pytest.mark.slow
+def test_sigkill_at_random_points_then_every_rerun_resumes_and_loads(tiny_llama_dir, tmp_path):
+    kills = int(os.environ.get("COMPRESS_TRUST_KILLS", "30"))
+    rng = random.Random(15)
+    out = tmp_path / "runs"
+    configs = [_write_config(tmp_path / f"c{j}.yaml", _scale_config(tiny_llama_dir, factors=(f, 2.0, 0.5)))
+               for j, f in enumerate((1.0, 1.5, 3.0))]
+    t0 = time.perf_counter()
+    _run(configs[0], out)
+    full_run = time.perf_counter() - t0
+    counts = {"kills": 0, "killed_mid_run": 0, "failed_resumes": 0, "bad_loads": 0, "steps_reused": 0,
+              "steps_recomputed": 0, "finished_steps_not_reused": 0}
+    for k in range(kills):
+        config = rng.choice(configs)
+        child = _start_run(config, out)
+        time.sleep(rng.uniform(0, 1.2 * full_run))  # somewhere in the run (or just after it)
+        counts["killed_mid_run"] += child.is_alive()
+        _kill(child)
+        counts["kills"] += 1
+        finished = {}  # steps the killed run left as finished checkpoints: their keys
+        for d in (out / "tiny").glob("[0-9]*"):
+            try:
+                finished[str(d)] = checkpoint.read_manifest(d)["key"]
+            except CheckpointError:
+                pass
+        try:
+            result = _run(config, out)
+        except Exception as exc:  # noqa: BLE001 (counted, and the test fails below)
+            counts["failed_resumes"] += 1
+            print(f"kill {k}: rerun failed: {exc!r}")
+            continue
+        for s in result.steps:
+            counts["steps_reused" if s.reused else "steps_recomputed"] += 1
+            counts["finished_steps_not_reused"] += finished.get(s.path) == s.key and not s.reused
+            try:
+                compress.load(s.path)
+            except Exception as exc:  # noqa: BLE001
+                counts["bad_loads"] += 1
+                print(f"kill {k}: {s.path} does not load: {exc!r}")
+        assert _leftovers(out / "tiny") == [], f"kill {k}: temporary files were left behind"
+    print("fault injection:", json.dumps(counts))
+    if os.environ.get("COMPRESS_TRUST_RESULTS"):
+        command = ("COMPRESS_TRUST_RESULTS=benchmarks/results/trust/fault_injection.json "
+                   ".venv/bin/python -m pytest -s tests/test_trust.py -m slow")
+        record = {"command": command, "pipeline": "test-scale x3 + quantize bf16 on tiny Llama", **counts}
+        Path(os.environ["COMPRESS_TRUST_RESULTS"]).write_text(json.dumps(record, indent=1) + "\n")
+    assert counts["failed_resumes"] == counts["bad_loads"] == counts["finished_steps_not_reused"] == 0
+    assert counts["killed_mid_run"] >= kills // 4, counts  # the kills did land inside runs
