@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from compress.data import DataSpec
+from compress.data import DataSpec, default_split
 
 from .worker_spec import BACKENDS  # defined there: the worker cannot import this module (it imports torch)
 
@@ -80,7 +80,7 @@ class BenchmarkConfig(BaseModel):
 
         spec = self.data or data or DataSpec(**DEFAULT_EVAL[task])
         if spec.split is None:
-            spec = spec.model_copy(update={"split": "test" if spec.source.startswith("builtin:") else "all"})
+            spec = spec.model_copy(update={"split": default_split(spec.source, "eval")})
         window = self.window or spec.seq_len
         return self.model_copy(update={
             "threads": self.threads or physical_cores(), "data": spec, "window": window,

@@ -62,23 +62,24 @@ def scatter(records: list[dict], task: str, cost: str, path: Path) -> Path | Non
     if not pts:
         return None
     front = pareto_front(pts, higher)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=100)
-    ax.scatter([p[0] for p in pts], [p[1] for p in pts], color="tab:blue", zorder=2)
+    fig, ax = plt.subplots(figsize=(9.6, 4.4), dpi=100)
     ax.plot([pts[i][0] for i in front], [pts[i][1] for i in front], color="tab:red", marker="o",
-            fillstyle="none", markersize=11, linestyle="--", label="Pareto front", zorder=1)
-    labels: dict[tuple[float, float], list[str]] = {}
-    for p, name in zip(pts, names):  # points at the same spot share one label
-        labels.setdefault(p, []).append(name)
-    for (x, y), group in labels.items():
-        ax.annotate("\n".join(group), (x, y), textcoords="offset points", xytext=(5, 4), fontsize=7)
+            fillstyle="none", markersize=13, linestyle="--", label="Pareto front", zorder=1)
+    # Each point is named in the legend beside the plot (distinct colour and marker), never by text on the
+    # plot: nearby points' labels used to print on top of each other.
+    colors = plt.get_cmap("tab10").colors
+    markers = "osD^vP*Xhp<>"
+    for i, ((x, y), name) in enumerate(zip(pts, names)):
+        ax.scatter([x], [y], color=colors[i % len(colors)], marker=markers[i % len(markers)], s=42, zorder=2,
+                   label=name)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(qlabel)
     ax.set_title(f"{task}: quality vs {cost}")
     ax.ticklabel_format(useOffset=False, axis="both")
-    ax.margins(x=0.15, y=0.1)  # room for the point labels
+    ax.margins(x=0.08, y=0.1)
     ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, format="png", metadata={"Software": None})
+    fig.savefig(path, format="png", metadata={"Software": None}, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -160,8 +160,11 @@ def run(spec: WorkerSpec) -> dict:
 
 def main(argv: list[str]) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from compress.logs import capture_from_env  # other libraries' notices into the run's log, as the parent
+
     try:
-        record = run(WorkerSpec.from_json(Path(argv[0]).read_text()))
+        with capture_from_env():
+            record = run(WorkerSpec.from_json(Path(argv[0]).read_text()))
     except Exception as exc:  # reported in the record: the parent turns it into an error record
         import traceback
 

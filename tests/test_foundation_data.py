@@ -56,7 +56,7 @@ def test_lm_windows_shape_limit_and_determinism():
 def test_local_text_glob_and_jsonl(tmp_path):
     (tmp_path / "a.txt").write_text("first document " * 50)
     (tmp_path / "b.txt").write_text("second document " * 50)
-    ds = load_dataset(DataSpec(source=str(tmp_path / "*.txt")))
+    ds = load_dataset(DataSpec(source=str(tmp_path / "*.txt"), split="all"))  # default splits: test_console.py
     assert ds.split == "all" and sorted(ds.texts)[0].startswith("first")
     rows = [{"body": f"text {i}", "topic": ["cats", "dogs"][i % 2]} for i in range(10)]
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
