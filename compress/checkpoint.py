@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import CheckpointError
+from .errors import CheckpointError, disk_error
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -131,8 +131,11 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
         if path.exists():  # an outdated checkpoint (other key): replaced whole
             shutil.rmtree(path)
         os.rename(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        disk = disk_error(exc, path)
+        if disk is not None and disk is not exc:  # safetensors' own error type, for a full or read-only disk
+            raise disk from exc
         raise
     artifact.path, artifact.manifest = path, manifest
     return path

@@ -1,5 +1,12 @@
 """Exceptions. Bad input (config, paths, corrupted checkpoints, unsupported models) is a
-`CompressInputError`; the CLI maps it to exit code 2 and anything else to 1."""
+`CompressInputError`; the CLI maps it to exit code 2 and anything else to 1 (another `CompressError`, such as a
+diverged training, and a disk that refuses a write with one line; other errors with their traceback)."""
+import errno
+import os
+import re
+
+# A read-only, full or forbidden folder: the environment, not a bug (exit 1 with one line).
+DISK_ERRNOS = frozenset({errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
 class CompressError(Exception):
@@ -30,12 +37,29 @@ class UnsupportedModelError(CompressInputError):
     """A pass does not support this model (architecture, task or checkpoint kind)."""
 
 
-class TrainingDivergedError(CompressInputError):
-    """Training reached a non-finite loss: an option (learning rate, temperature, ...) needs changing."""
+class TrainingDivergedError(CompressError):
+    """Training reached a non-finite loss: an option (learning rate, temperature, ...) needs changing. Not bad
+    input as such (the options were valid), so the CLI exits 1, with this message and no traceback."""
 
 
 class RunBusyError(CompressInputError):
     """Another run holds the run folder."""
+
+
+def disk_error(exc: BaseException, path=None) -> OSError | None:
+    """The OSError behind `exc` when a disk refused a write (errno in DISK_ERRNOS), else None: `exc` itself, or
+    safetensors' `SafetensorError`, which carries the OS error only in its text ("... (os error 28)"), as an
+    OSError naming `path` (the file or folder being written; else the path in the text, if any)."""
+    if isinstance(exc, OSError):
+        return exc if exc.errno in DISK_ERRNOS else None
+    if type(exc).__name__ != "SafetensorError":
+        return None
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    code = int(found.group(1)) if found else None
+    if code not in DISK_ERRNOS:
+        return None
+    at = re.search(r'at path "([^"]*)"', str(exc))
+    return OSError(code, os.strerror(code), str(path) if path is not None else at.group(1) if at else None)
 
 
 def _model_at(model_cls, loc):

@@ -1,11 +1,38 @@
 """The base of every options model (pass options and their groups): unknown keys are errors, and so are
-NaN and infinity in a float option (no option of the suite means anything when not finite)."""
+NaN and infinity in a float option (no option of the suite means anything when not finite), and true / false
+where a number is expected (YAML's `ratio: true` is not 1)."""
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+
+def _bool_became_number(given, validated) -> bool:
+    """Whether validation turned a true / false in `given` into a number (pydantic's lax mode reads true as
+    1); looks inside lists, tuples and dict values. Nested option models check their own fields."""
+    if isinstance(given, bool):
+        return isinstance(validated, (int, float)) and not isinstance(validated, bool)
+    if isinstance(given, (list, tuple)) and isinstance(validated, (list, tuple)):
+        return any(_bool_became_number(g, v) for g, v in zip(given, validated))
+    if isinstance(given, dict) and isinstance(validated, dict):
+        return any(_bool_became_number(g, validated[k]) for k, g in given.items() if k in validated)
+    return False
 
 
 class PassConfig(BaseModel):
-    """Base of every pass's options: unknown keys and non-finite floats are errors."""
+    """Base of every pass's options: unknown keys, non-finite floats and bools for numbers are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @field_validator("*", mode="wrap")
+    @classmethod
+    def _no_bool_for_number(cls, value, handler):
+        refusal = f"true / false is not a value of this option (got {value!r}; YAML's true is not 1)"
+        try:
+            validated = handler(value)
+        except ValueError:
+            if isinstance(value, bool):  # e.g. "should be less than 1" for ratio: true; say what is wrong
+                raise ValueError(refusal) from None
+            raise
+        if _bool_became_number(value, validated):
+            raise ValueError(refusal)
+        return validated

@@ -7,11 +7,9 @@ import json
 import sys
 import traceback
 
-from compress.errors import CompressInputError
+from compress.errors import CompressError, CompressInputError, disk_error
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
-# A read-only, full or forbidden folder: exit 1 with one line, not a traceback.
-DISK_ERRNOS = {errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def _cmd_run(args) -> int:
@@ -23,8 +21,9 @@ def _cmd_run(args) -> int:
 
     pipeline = load_config(args.config, args.set)
     runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log)
-    # other libraries' warnings and notices go to run.log (and to the terminal only with --verbose)
-    with capture(runner.run_dir / "run.log", verbose=args.verbose):
+    # The folder's lock before its log: a run that is refused never writes into another run's folder.
+    # Other libraries' warnings and notices go to run.log (and to the terminal only with --verbose).
+    with runner.lock(wait=args.wait), capture(runner.run_dir / "run.log", verbose=args.verbose):
         suite_log(f"compress {' '.join(sys.argv[1:]) or 'run ' + str(args.config)}")
         result = runner.run()
     print_summary(result, pipeline.config)
@@ -75,7 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", help="write runs here instead of the config's output_dir")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and notices "
-                   "(always kept in runs/<name>/run.log)")
+                   "(always kept in runs/<name>/run.log), and the traceback of a failure")
+    p.add_argument("--wait", action="store_true", help="if another run holds the run folder, wait for it to "
+                   "finish instead of refusing")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="check a config without running it")
@@ -103,24 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    verbose = getattr(args, "verbose", False)
     try:
         return args.func(args)
     except CompressInputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except CompressError as exc:  # a failed run (e.g. a diverged training): its message, the trace if asked
+        if verbose:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_FAILURE
-    except OSError as exc:
-        if exc.errno not in DISK_ERRNOS:
+    except Exception as exc:
+        disk = disk_error(exc)  # an OSError, or safetensors' error type for the same causes
+        if disk is None:  # a bug or an environment failure, with the trace for the report
             traceback.print_exc()
-        else:  # the environment, not a bug: one line naming the path and the cause
-            print(f"error: {exc.filename or 'the output folder'}: {exc.strerror} "
-                  f"({errno.errorcode.get(exc.errno, exc.errno)}); free space or fix the folder's permissions, "
-                  "then run again (finished steps are reused)", file=sys.stderr)
-        return EXIT_FAILURE
-    except Exception:  # a bug or an environment failure, with the trace for the report
-        traceback.print_exc()
+            return EXIT_FAILURE
+        if verbose:
+            traceback.print_exc()
+        # the environment, not a bug: one line naming the path and the cause
+        print(f"error: {disk.filename or 'the output folder'}: {disk.strerror} "
+              f"({errno.errorcode.get(disk.errno, disk.errno)}); free space or fix the folder's permissions, "
+              "then run again (finished steps are reused)", file=sys.stderr)
         return EXIT_FAILURE
 
 

@@ -6,8 +6,10 @@ declares and the seed the pass gets, so changing a pass's options recomputes tha
 it, while the ones before are reused. A run killed mid-pass leaves only a hidden temporary directory, removed
 on the next run, so that pass is redone from its (finished) parent.
 
-A run holds an exclusive lock on runs/<name>/.lock (a second run on the same folder is refused), and its
-passes' temporary files live in runs/<name>/.scratch-<pid>, so no run removes another's work."""
+A run holds an exclusive lock on runs/<name>/.lock (a second run on the same folder is refused, or with
+`wait` queues behind it), and its temporary files live in runs/<name>/.scratch-<pid>: the passes' own, and, for
+the duration of the run, the system temp folder of `tempfile` and of child processes (TMPDIR), where ONNX
+Runtime's quantizers and optimum write theirs. So no run removes another's work, and nothing lands in /tmp."""
 from __future__ import annotations
 
 import contextlib
@@ -16,6 +18,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -115,6 +118,7 @@ class Runner:
         self.run_dir = Path(output_dir or cfg.output_dir) / cfg.name
         self.show_progress = show_progress
         self.log = log
+        self._locked = False  # this runner holds the folder's lock
         self.data = PipelineData(cfg.data.train, cfg.data.eval, cfg.data.calibration)
         self.source_key = _hash("source", source_fingerprint(cfg.model.source), cfg.task,
                                 str(checkpoint.FORMAT_VERSION))
@@ -147,24 +151,51 @@ class Runner:
         return self.run_dir / f".scratch-{os.getpid()}"
 
     @contextlib.contextmanager
-    def _folder_lock(self):
-        """Hold runs/<name>/.lock for the whole run (the main process: other ranks belong to the same run)."""
+    def lock(self, wait: bool = False):
+        """Hold runs/<name>/.lock (the main process: other ranks belong to the same run). Held already (the CLI
+        takes it before opening the run's log): a no-op. Held by another run: RunBusyError, or with `wait`
+        block until it is released (saying so once)."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        if not is_main_process():
+        if not is_main_process() or self._locked:
             yield
             return
-        with open(self.run_dir / ".lock", "a+") as fh:
+        with open(self.run_dir / ".lock", "a+") as fh:  # opening it changes nothing another run relies on
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 fh.seek(0)
-                raise RunBusyError(f"another run holds {self.run_dir} (pid {fh.read().strip() or '?'}); wait for "
-                                   "it to finish, or give this run another name or --output-dir") from None
+                holder = fh.read().strip() or "?"
+                if not wait:
+                    raise RunBusyError(f"another run holds {self.run_dir} (pid {holder}); wait for it to finish "
+                                       "(--wait queues this run behind it), or give this run another name or "
+                                       "--output-dir") from None
+                self.log(f"waiting for the run holding {self.run_dir} (pid {holder}) to finish")
+                fcntl.flock(fh, fcntl.LOCK_EX)
             fh.seek(0)
             fh.truncate()
             fh.write(f"{os.getpid()}\n")
             fh.flush()
-            yield  # closing the file releases the lock (so does the process ending, however it ends)
+            self._locked = True
+            try:
+                yield  # closing the file releases the lock (so does the process ending, however it ends)
+            finally:
+                self._locked = False
+
+    @contextlib.contextmanager
+    def _temp_in_scratch(self):
+        """Point `tempfile` and child processes (TMPDIR) at the run's scratch while the run lasts."""
+        tmp = self._scratch() / "tmp"
+        tmp.mkdir(parents=True, exist_ok=True)
+        before = tempfile.tempdir, os.environ.get("TMPDIR")
+        tempfile.tempdir, os.environ["TMPDIR"] = str(tmp), str(tmp)
+        try:
+            yield tmp
+        finally:
+            tempfile.tempdir = before[0]
+            if before[1] is None:
+                os.environ.pop("TMPDIR", None)
+            else:
+                os.environ["TMPDIR"] = before[1]
 
     def _clean_stale(self) -> None:
         """Remove what an interrupted run or an earlier version of the config left behind."""
@@ -197,10 +228,11 @@ class Runner:
             self.log(f"not reusing {path.name}: {exc}")
             return None
 
-    def run(self) -> RunResult:
-        with self._folder_lock():
+    def run(self, wait: bool = False) -> RunResult:
+        with self.lock(wait=wait):
             try:
-                return self._run()
+                with self._temp_in_scratch():
+                    return self._run()
             finally:
                 shutil.rmtree(self._scratch(), ignore_errors=True)
 

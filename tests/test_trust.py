@@ -1,5 +1,6 @@
 """Issue 15: a checkpoint is trusted only when all of it verifies, no input ends in a traceback, and runs that
 share a folder, diverge or hit a full disk stay safe. Tiny models, CPU; the SIGKILL test is marked `slow`."""
+import contextlib
 import errno
 import fcntl
 import json
@@ -8,6 +9,8 @@ import random
 import shutil
 import multiprocessing
 import signal
+import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -66,6 +69,35 @@ def _kill(proc: multiprocessing.Process) -> None:
     if proc.exitcode is None:  # not reaped yet, so the pid is still this child's (at worst a zombie)
         os.kill(proc.pid, signal.SIGKILL)
     proc.join()
+
+
+@contextlib.contextmanager
+def _held(run_dir: Path, seconds: float | None = None):
+    """Hold run_dir's lock as another run would (an own open file, so it conflicts within this process too);
+    with `seconds`, a thread releases it after that long."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / ".lock", "a+")
+    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    fh.seek(0)
+    fh.truncate()
+    fh.write("424242\n")
+    fh.flush()
+    released = threading.Event()
+
+    def release():
+        released.set()
+        fh.close()
+
+    timer = threading.Timer(seconds, release) if seconds is not None else None
+    if timer:
+        timer.start()
+    try:
+        yield released
+    finally:
+        if timer:
+            timer.join()
+        if not fh.closed:
+            fh.close()
 
 
 def _leftovers(run_dir: Path) -> list[str]:
@@ -173,8 +205,9 @@ def test_a_nan_loss_stops_the_run_names_the_step_and_writes_nothing(tiny_llama_d
            "passes": [{"distill": {"alpha": 0.0, "max_steps": 3, "batch_size": 2, "precision": "fp32"}}]}
     rc, _, err = _cli(capsys, "run", _write_config(tmp_path / "nan.yaml", cfg), "--output-dir", tmp_path / "runs",
                       "--no-progress")
-    assert rc == 2 and "Traceback" not in err
+    assert rc == 1 and "Traceback" not in err  # the options were valid: a failed run, not bad input
     assert "training loss became nan at step 1 of 3" in err and "temperature" in err and "lr=" in err
+    assert len(err.strip().splitlines()) == 1
     run_dir = tmp_path / "runs" / "nan"
     assert not (run_dir / "01-distill").exists() and _leftovers(run_dir) == []
 
@@ -286,6 +319,13 @@ BAD_INPUTS = [
     ("linear-schedule-no-end", "config", _passes({"distill": {"temperature_schedule": "linear"}}),
      "temperature_end"),
     ("prune-recover-typo", "config", _passes({"prune": {"recover": {"max_step": 5}}}), "max_step"),
+    ("ratio-true", "config", _passes({"prune": {"ratio": True}}), "passes.0.prune.ratio: Value error, true / "
+     "false is not a value of this option"),
+    ("max-steps-false", "config", _passes({"distill": {"max_steps": False}}), "passes.0.distill.max_steps"),
+    ("recover-steps-true", "config", _passes({"prune": {"recover": {"max_steps": True}}}),
+     "passes.0.prune.recover.max_steps"),
+    ("norm-literal-true", "config", _passes({"prune": {"norm": True}}), "passes.0.prune.norm"),
+    ("set-factor-true", "set", ["passes.0={test-scale: {factor: true}}"], "passes.0.test-scale.factor"),
     ("quantize-twice", "config", _passes({"quantize": {"method": "bf16"}}, {"quantize": {"method": "fp16"}}),
      "passes.1"),
     ("ort-before-export", "config", _passes({"quantize": {"method": "ort-int8-dynamic"}}), "passes.0"),
@@ -440,6 +480,36 @@ def test_the_lock_is_released_after_a_run_in_the_same_process(tiny_llama_dir, tm
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)  # nobody holds it
 
 
+def test_a_refused_run_writes_nothing_into_the_held_folder_not_even_its_log(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+    run_dir = out / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.log").write_text("the first run's log\n")
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir() if p.name != ".lock"}
+    with _held(run_dir):
+        rc, out_text, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress")
+    assert rc == 2 and "Traceback" not in err and "(pid 424242)" in err and "--wait" in err
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in run_dir.iterdir() if p.name != ".lock"}
+    assert after == before, "the refused run wrote into the first run's folder"
+    assert (run_dir / ".lock").read_text() == "424242\n"
+
+
+def test_wait_queues_behind_the_holder_and_says_so_once(tiny_llama_dir, tmp_path, capsys):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+    start = time.monotonic()
+    with _held(out / "tiny", seconds=1.0) as released:
+        rc, out_text, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress", "--wait")
+        assert released.is_set(), "the run started while the folder was held"
+    assert rc == 0, err
+    assert time.monotonic() - start >= 1.0
+    assert (out_text + err).count(f"waiting for the run holding {out / 'tiny'} (pid 424242) to finish") == 1
+    assert (out / "tiny" / "01-test-scale" / "manifest.json").exists()
+    assert (out / "tiny" / ".lock").read_text() == f"{os.getpid()}\n"  # it held the folder for its run
+    assert "test-scale: wrote" in (out / "tiny" / "run.log").read_text()  # opened once the folder was its own
+
+
 # ----------------------------------------------------------------------------- 6. read-only or full disk
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EROFS])
 def test_a_full_or_read_only_disk_is_one_line_exit_1_and_nothing_half_written(tiny_llama_dir, tmp_path, capsys,
@@ -459,6 +529,74 @@ def test_a_full_or_read_only_disk_is_one_line_exit_1_and_nothing_half_written(ti
     assert not (out / "tiny" / "01-test-scale").exists() and _leftovers(out / "tiny") == []
     monkeypatch.undo()
     assert [s.reused for s in _run(config, out).steps] == [False, False]  # a rerun works once the disk does
+
+
+def test_verbose_adds_the_traceback_of_a_disk_error(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+
+    def disk_fails(root):
+        raise OSError(errno.EACCES, os.strerror(errno.EACCES), str(root))
+
+    monkeypatch.setattr(checkpoint, "_file_table", disk_fails)
+    rc, _, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress", "--verbose")
+    assert rc == 1 and "Traceback" in err and "disk_fails" in err
+    assert err.strip().splitlines()[-1].startswith(f"error: {out / 'tiny'}")  # the one line still ends it
+    assert "(EACCES)" in err and _leftovers(out / "tiny") == []
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_safetensors_own_disk_error_is_one_line_exit_1_and_nothing_half_written(tiny_llama_dir, tmp_path, capsys,
+                                                                                monkeypatch, code):
+    """safetensors raises its own SafetensorError, the OS error only in its text (as 0.8 does on a full disk:
+    "Error while serializing: I/O error: No space left on device (os error 28)")."""
+    import transformers.modeling_utils as mu
+    from safetensors import SafetensorError
+
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+
+    def full_disk(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"half")  # a partial file, as a disk that fills up mid-write leaves
+        raise SafetensorError(f"Error while serializing: I/O error: {os.strerror(code)} (os error {code})")
+
+    monkeypatch.setattr(mu, "safe_save_file", full_disk)
+    rc, _, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress")
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert f"error: {out / 'tiny' / '01-test-scale'}: {os.strerror(code)} ({errno.errorcode[code]})" in err
+    assert not (out / "tiny" / "01-test-scale").exists() and _leftovers(out / "tiny") == []
+    monkeypatch.undo()
+    assert [s.reused for s in _run(config, out).steps] == [False, False]
+
+
+# ----------------------------------------------------------------------------- temporary files
+def test_a_quantize_pass_keeps_its_temporary_files_in_the_run_folder(tiny_llama_dir, tmp_path, monkeypatch):
+    """ONNX Runtime's quantizer (and the suite's ORT wrapper) create temporary folders without a `dir`: during a
+    run they land in the run's scratch, which the run removes; the system temp folder is back afterwards."""
+    made = []
+    real = tempfile.mkdtemp
+
+    def recording(suffix=None, prefix=None, dir=None):
+        path = real(suffix, prefix, dir)
+        made.append((dir, Path(path).resolve()))
+        return path
+
+    monkeypatch.setattr(tempfile, "mkdtemp", recording)
+    system_tmp = tempfile.gettempdir()
+    cfg = {"name": "tmp", "model": {"source": str(tiny_llama_dir)}, "threads": 1,
+           "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic", "kernel": "matmulinteger"}}]}
+    config = _write_config(tmp_path / "t.yaml", cfg)
+    env_before = os.environ.get("TMPDIR")
+    result = _run(config, tmp_path / "runs")
+    run_dir = (tmp_path / "runs" / "tmp").resolve()
+    assert result.steps[-1].kind == "onnx"
+    defaults = [path for d, path in made if d is None]
+    assert defaults, "nothing made a temporary folder without a dir: the check checks nothing"
+    outside = [str(path) for _, path in made if not path.is_relative_to(run_dir)]
+    assert outside == []
+    assert all(path.is_relative_to(run_dir / f".scratch-{os.getpid()}" / "tmp") for path in defaults)
+    assert tempfile.gettempdir() == system_tmp and os.environ.get("TMPDIR") == env_before
+    assert _leftovers(run_dir) == []
 
 
 # ----------------------------------------------------------------------------- 7. branch names
