@@ -1,5 +1,6 @@
-"""compress.fused: the hand-written ONNX decoder matches torch (logits and greedy tokens), keeps a small constant
-node count per block, and follows the modules' own widths (depth / width / head pruning, low-rank layers)."""
+"""compress.fused: the hand-written ONNX decoders (Llama family incl. Mistral's and Qwen2's sliding window; GPT-2)
+match torch (logits and greedy tokens), keep a small constant node count per block, and follow the modules' own
+widths (depth / width / head pruning, low-rank layers)."""
 import numpy as np
 import onnx
 import pytest
@@ -7,7 +8,7 @@ import torch
 from torch import nn
 
 from compress.errors import UnsupportedModelError
-from compress.fused import build_llama
+from compress.fused import build_fused, build_llama
 from compress.edge import EdgeModel
 
 VOCAB, LAYERS = 128, 4
@@ -16,7 +17,8 @@ VOCAB, LAYERS = 128, 4
 def tiny(model_type: str = "llama", kv_heads: int = 2, **overrides):
     """A random decoder: hidden 64, 4 layers, 4 heads (head_dim 16, GroupQueryAttention's minimum with rotary).
     initializer_range 0.15 rather than 0.02 so that logits are O(1) and greedy tokens vary."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
     torch.manual_seed(0)
     cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
@@ -24,8 +26,9 @@ def tiny(model_type: str = "llama", kv_heads: int = 2, **overrides):
                initializer_range=0.15, tie_word_embeddings=True, bos_token_id=None, eos_token_id=None,
                pad_token_id=None)
     cfg.update(overrides)
-    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM)}[
-        model_type]
+    config_cls, model_cls = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                             "mistral": (MistralConfig, MistralForCausalLM),
+                             "qwen3": (Qwen3Config, Qwen3ForCausalLM)}[model_type]
     return model_cls(config_cls(**cfg)).eval()
 
 
@@ -155,3 +158,179 @@ def test_llama3_rope_scaling_and_unsupported_rope(tmp_path):
 
     with pytest.raises(UnsupportedModelError, match="rope type 'dynamic'"):
         build_llama(tiny(rope_scaling={"rope_type": "dynamic", "factor": 2.0}), tmp_path / "dynamic")
+
+
+# ---------------------------------------------------------------------- sliding window (Mistral, Qwen2)
+def test_mistral_sliding_window_matches_eager_torch(tmp_path):
+    """GroupQueryAttention's local_window_size is Hugging Face's sliding window: a window of 4 on a 12-token
+    prompt (plus 8 generated) gives torch's logits and tokens, in both loops; without it torch differs."""
+    model = tiny("mistral", sliding_window=4, attn_implementation="eager")
+    figures = build_fused(model, tmp_path)
+    assert figures["sliding_windows"] == [4] and figures["max_nodes_per_block"] <= 11
+    edge, plain = EdgeModel(tmp_path, threads=1), EdgeModel(tmp_path, threads=1, shared_cache=False)
+    ids = prompt(length=12)
+    assert_logits_match(model, edge, ids)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())
+    np.testing.assert_array_equal(greedy(plain, ids.numpy(), 8), ref[:, 12:].numpy())
+    model.config.sliding_window = None  # the window matters on this prompt: full attention gives other logits
+    with torch.no_grad():
+        full = model(ids, use_cache=False).logits.numpy()
+    assert np.abs(full - edge.logits(ids.numpy())).max() > 0.1
+
+
+def test_qwen2_sliding_window_per_layer(tmp_path):
+    """Qwen2 slides only from max_window_layers on: layers 0-1 full attention, 2-3 a window of 3."""
+    model = tiny("qwen2", use_sliding_window=True, sliding_window=3, max_window_layers=2,
+                 attn_implementation="eager")
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [None, None, 3, 3]
+    figures = build_fused(model, tmp_path)
+    windows = {n.name: next(a.i for a in n.attribute if a.name == "local_window_size")
+               for n in onnx.load(figures["path"], load_external_data=False).graph.node
+               if n.op_type == "GroupQueryAttention"}
+    assert list(windows.values()) == [-1, -1, 3, 3]
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt())
+    with torch.no_grad():
+        ref = model.generate(prompt(), attention_mask=torch.ones_like(prompt()), max_new_tokens=6, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, prompt().numpy(), 6), ref[:, 10:].numpy())
+
+
+def test_qwen3_head_norms(tmp_path):
+    """Qwen3 norms every query / key head (RMSNorm over head_dim) before the rotary embedding: the packed QKV
+    MatMul is split, Q and K viewed per head (constant-shape Reshapes), normed, and fed to GQA unpacked."""
+    model = tiny("qwen3", head_dim=16)
+    with torch.no_grad():  # norm weights away from 1, so that a missing norm would show
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.normal_(1, 0.3)
+            layer.self_attn.k_norm.weight.normal_(1, 0.3)
+    figures = build_fused(model, tmp_path)
+    assert figures["max_nodes_per_block"] == 11 + 7  # + Split, and Reshape, norm, Reshape for Q and for K
+    assert figures["ops"]["MatMul"] == 5 * LAYERS + 1 and figures["ops"]["Reshape"] == 4 * LAYERS
+    assert figures["ops"]["Shape"] == 1 and figures["ops"]["Gather"] == 1  # the Reshapes read constants
+    assert not {"Concat", "Unsqueeze", "Range", "Expand", "Where"} & set(figures["ops"])
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt())
+    with torch.no_grad():
+        ref = model.generate(prompt(), attention_mask=torch.ones_like(prompt()), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, prompt().numpy(), 8), ref[:, 10:].numpy())
+
+
+# ---------------------------------------------------------------------- GPT-2
+GPT2_BLOCK_NODES = 9  # ln_1, c_attn MatMul + Add, GQA, c_proj, ln_2, c_fc, FastGelu, c_proj
+
+
+def tiny_gpt2(**overrides):
+    """A random GPT-2: hidden 64, 4 layers, 4 heads (head_dim 16). initializer_range 0.3: at GPT-2's usual
+    scale a tied head repeats the last token, and greedy tokens would not vary."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4, n_positions=64, initializer_range=0.3,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(overrides)
+    return GPT2LMHeadModel(GPT2Config(**cfg)).eval()
+
+
+def assert_generates_like_torch(model, path, ids, n):
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False)
+    want = ref[:, ids.shape[1]:].numpy()
+    assert len(set(want.ravel().tolist())) > 2  # tokens that vary, so the comparison means something
+    for shared in (True, False):  # the shared-cache loop and the plain loop
+        np.testing.assert_array_equal(greedy(EdgeModel(path, threads=1, shared_cache=shared), ids.numpy(), n), want)
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_gpt2_matches_torch_logits_and_greedy_tokens(tmp_path, tied):
+    torch.set_num_threads(1)
+    model = tiny_gpt2(tie_word_embeddings=tied)
+    figures = build_fused(model, tmp_path)  # dispatched by structure to the GPT-2 writer
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+
+    # a small constant per block: no shape arithmetic per block, and positions computed once
+    assert figures["layers"] == LAYERS and figures["tied_embeddings"] == tied
+    assert figures["max_nodes_per_block"] == GPT2_BLOCK_NODES
+    assert figures["nodes"] <= GPT2_BLOCK_NODES * LAYERS + 12
+    assert not {"Concat", "Unsqueeze", "Reshape", "Range", "Expand", "Where"} & set(figures["ops"])
+    assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["Shape"] == 2
+    assert figures["ops"]["SkipLayerNormalization"] == 2 * LAYERS + 1 and figures["ops"]["FastGelu"] == LAYERS
+    names = [i.name for i in onnx.load(figures["path"], load_external_data=False).graph.initializer]
+    assert "transformer.wte.weight" in names and ("lm_head.weight" in names) != tied
+    assert edge.shared_cache and edge.inputs["past_key_values.0.key"].shape[1:] == [4, "past_sequence_length", 16]
+
+
+def test_gpt2_decode_steps_equal_one_full_pass(tmp_path):
+    """Positions come from the mask length: prefill + decode steps give the logits of one full pass."""
+    model = tiny_gpt2()
+    build_fused(model, tmp_path)
+    edge = EdgeModel(tmp_path, threads=1)
+    ids = prompt(batch=2, length=16).numpy()
+    full = edge.logits(ids)
+    last, state = edge.prefill(ids[:, :6], max_new_tokens=4)  # the buffer grows once on the way
+    for t in range(6, 16):
+        np.testing.assert_allclose(last, full[:, t - 1], atol=1e-4)
+        last, state = edge.decode_step(ids[:, t:t + 1], state)
+    np.testing.assert_allclose(last, full[:, -1], atol=1e-4)
+
+
+def test_gpt2_per_layer_widths_pruned_heads_and_low_rank(tmp_path):
+    """What prune and lowrank make of GPT-2: a narrower MLP in layer 1 (Conv1D), heads 0 and 3 of layer 2
+    pruned (Hugging Face's prune_heads), layer 3's c_attn and c_fc low-rank (two MatMuls each)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from compress.pruning.lowrank import LowRankLinear
+
+    model = tiny_gpt2()
+    blocks = model.transformer.h
+    torch.manual_seed(2)
+    blocks[1].mlp.c_fc, blocks[1].mlp.c_proj = Conv1D(96, 64), Conv1D(64, 96)
+    for m in (blocks[1].mlp.c_fc, blocks[1].mlp.c_proj):
+        nn.init.normal_(m.weight, std=0.3)
+        nn.init.normal_(m.bias, std=0.1)
+    model.prune_heads({2: [0, 3]})
+    assert blocks[2].attn.num_heads == 2
+    blocks[3].attn.c_attn = LowRankLinear(64, 192, rank=16)
+    blocks[3].mlp.c_fc = LowRankLinear(64, 256, rank=16)
+    for m in (blocks[3].attn.c_attn, blocks[3].mlp.c_fc):
+        for lin in (m.first, m.second):
+            nn.init.normal_(lin.weight, std=0.3)
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["MatMul"] == 4 * LAYERS + 1 + 2  # + the tied head; +1 per low-rank projection
+    assert figures["max_nodes_per_block"] == GPT2_BLOCK_NODES + 2  # layer 3
+    edge = EdgeModel(tmp_path, threads=1)
+    assert [edge.inputs[f"past_key_values.{i}.key"].shape[1] for i in range(LAYERS)] == [4, 4, 2, 4]
+    assert_logits_match(model, edge, prompt())
+    assert_generates_like_torch(model, tmp_path, prompt(), 8)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
+    ({"scale_attn_weights": False}, "scale_attn_weights"),
+    ({"add_cross_attention": True}, "add_cross_attention"),
+    ({"activation_function": "relu"}, "activation 'relu'"),
+    ({"n_embd": 48, "n_head": 4}, "head_dim 12"),  # GroupQueryAttention without rotary: head_dim % 8
+], ids=["inverse-layer-scale", "unscaled", "cross-attention", "relu", "head-dim-12"])
+def test_unsupported_gpt2_is_refused_clearly(tmp_path, overrides, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        build_fused(tiny_gpt2(**overrides), tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_gpt2_reorder_and_upcast_attn_exports(tmp_path):
+    """reorder_and_upcast_attn only reorders fp32 operations in torch's eager attention: same logits."""
+    model = tiny_gpt2(reorder_and_upcast_attn=True, attn_implementation="eager")
+    build_fused(model, tmp_path)
+    assert_logits_match(model, EdgeModel(tmp_path, threads=1), prompt())
+
+
+def test_gpt2_low_rank_embedding_is_refused(tmp_path):
+    from compress.pruning.lowrank import LowRankEmbedding
+
+    model = tiny_gpt2()
+    model.transformer.wte = LowRankEmbedding(VOCAB, 64, rank=8)
+    with pytest.raises(UnsupportedModelError, match="wte is a LowRankEmbedding"):
+        build_fused(model, tmp_path)

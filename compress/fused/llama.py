@@ -1,4 +1,5 @@
-"""An op-by-op ONNX writer for Llama-family decoders (Llama incl. SmolLM2, GQA or MHA; Qwen2), fp32.
+"""An op-by-op ONNX writer for Llama-family decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3),
+fp32. (GPT-2 has its own writer, gpt2.py; what both share is in graph.py.)
 
 optimum's exporter traces the model and leaves ~7,400 nodes for SmolLM2-135M, most of them Shape / Gather /
 Concat / Unsqueeze arithmetic that ONNX Runtime recomputes every decode step. Like onnxruntime-genai's model
@@ -16,7 +17,9 @@ builder, this writes the graph by hand from the module tree, with ONNX Runtime's
 
 Every width is read from the modules themselves, so depth-pruned models, per-layer MLP widths, per-layer head
 counts and low-rank factorized projections (`.first` / `.second` Linears: two MatMuls, and then Q/K/V are fed
-to GroupQueryAttention unpacked) all export. A bias adds one Add node.
+to GroupQueryAttention unpacked) all export. A bias adds one Add node. Qwen3's per-head q_norm / k_norm add
+7 nodes per block: the packed QKV output is Split, and Q and K each go through Reshape [B, S, heads, head_dim]
+(a constant shape, no shape arithmetic), SimplifiedLayerNormalization and Reshape back before GQA.
 
 Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
 Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
@@ -36,77 +39,26 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 - past_key / past_value are BNSH [batch, kv_heads, past_len, head_size]. Without a shared buffer the present
   has the total length and is fed back as the next past (compress.edge's plain loop). When past and present
   are bound to the same buffer (IO binding) of capacity C >= the total length, the present has length C and
-  the kernel writes the new keys / values in place at seqlens_k (compress.edge's loop for these graphs).
+  the kernel writes the new keys / values in place at seqlens_k (compress.edge's loop for these graphs);
+- local_window_size W: a query at position p attends keys p - W + 1 .. p (W keys, itself included), which is
+  Hugging Face's sliding window (kv_idx > q_idx - sliding_window). So Mistral's sliding_window and Qwen2's
+  (use_sliding_window: per layer, from max_window_layers on) are written as it; -1 is full attention.
 
 Not supported yet (refused with UnsupportedModelError): sequence-length dependent rope types (dynamic,
-longrope), sliding-window attention, activations other than SiLU, non-Linear modules (quantized layers,
+longrope), activations other than SiLU, non-Linear modules (quantized layers,
 low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
-from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
+from .graph import (MS, _Graph, _is_linear, _np, _out_features, io_info, is_tied, kv_io, lm_head, mask_lengths,
+                    output_file, rms_norm, save)
 
-FAMILIES = ("llama", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
-MS = "com.microsoft"
-GRAPH_KEY = "compress.graph"  # model metadata naming the writer; compress.edge reads it
-
-
-def _np(t) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy()
-
-
-def _is_linear(m) -> bool:
-    return type(m).__name__ == "Linear" and m.weight.dim() == 2
-
-
-def _is_lowrank(m) -> bool:
-    return hasattr(m, "first") and hasattr(m, "second") and _is_linear(m.first) and _is_linear(m.second)
-
-
-def _out_features(m) -> int:
-    return m.second.out_features if _is_lowrank(m) else m.out_features
-
-
-class _Graph:
-    """Nodes and initializers; node outputs are named '{node name}/output_{k}'."""
-
-    def __init__(self):
-        self.nodes, self.inits = [], []
-
-    def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
-        return name
-
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
-           **attrs):
-        outs = [f"{name}/output_{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
-        self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
-        return outs[0] if len(outs) == 1 else outs
-
-    def linear(self, x: str, modules: list, name: str) -> str:
-        """x @ [W_1; W_2; ...]^T (+ bias): one MatMul for plain Linears sharing an input, two for a low-rank one."""
-        if len(modules) == 1 and _is_lowrank(modules[0]):
-            x = self.linear(x, [modules[0].first], f"{name}/first")
-            return self.linear(x, [modules[0].second], f"{name}/second")
-        for m in modules:
-            if not _is_linear(m):
-                raise UnsupportedModelError(f"fused export: {name} is a {type(m).__name__}; only nn.Linear and "
-                                            "LowRankLinear (.first / .second) projections are supported")
-        weight = np.concatenate([_np(m.weight) for m in modules], axis=0).T  # MatMul wants [in, out]
-        param = name.lstrip("/").replace("/", ".")  # /model/layers.0/mlp/up_proj -> model.layers.0.mlp.up_proj
-        y = self.op("MatMul", [x, self.const(f"{param}.weight", weight)], f"{name}/MatMul")
-        if any(m.bias is not None for m in modules):
-            bias = np.concatenate([_np(m.bias) if m.bias is not None else np.zeros(m.out_features, np.float32)
-                                   for m in modules])
-            y = self.op("Add", [y, self.const(f"{param}.bias", bias)], f"{name}/Add")
-        return y
 
 
 def _rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -124,48 +76,39 @@ def _rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndar
     return np.cos(freqs) * scale, np.sin(freqs) * scale
 
 
+def _window(model, attn) -> int | None:
+    """Layer's sliding window (keys a query sees, itself included), None for full attention. Qwen2 keeps it
+    per layer on the attention module (layers below max_window_layers have none), Mistral in the config."""
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(model.config, "sliding_window", None)
+    return int(window) if window else None
+
+
 def _check(model) -> None:
     cfg = model.config
     if cfg.model_type not in FAMILIES:
-        raise UnsupportedModelError(f"fused export supports {', '.join(FAMILIES)} decoders, not "
+        raise UnsupportedModelError(f"fused export supports {', '.join(FAMILIES)} decoders and gpt2, not "
                                     f"{cfg.model_type!r} ({type(model).__name__})")
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UnsupportedModelError(f"fused export: activation {cfg.hidden_act!r} is not supported (only silu)")
-    for i, layer in enumerate(model.model.layers):
-        if getattr(layer.self_attn, "sliding_window", None):
-            raise UnsupportedModelError(f"fused export: layer {i} uses sliding-window attention (not supported)")
     if type(model.model.embed_tokens).__name__ != "Embedding" or not _is_linear(model.lm_head):
         raise UnsupportedModelError("fused export: the embedding must be an nn.Embedding and lm_head an nn.Linear")
 
 
 def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
-    """Write `model` (a Llama / Qwen2 ForCausalLM, torch) as `path`/model.onnx (+ model.onnx.data).
+    """Write `model` (a Llama / Mistral / Qwen2 / Qwen3 ForCausalLM, torch) as `path`/model.onnx (+ .data).
 
     `path` is a folder, or a file name ending in .onnx. `max_length` bounds prompt + generated tokens (the
     rotary cache length; default config.max_position_embeddings). Returns figures of the graph."""
     _check(model)
-    path = Path(path)
-    out = path if path.suffix == ".onnx" else path / "model.onnx"
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = output_file(path)
     cfg, layers = model.config, model.model.layers
     g = _Graph()
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-              helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                            ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                             ["batch_size", "sequence_length", model.lm_head.out_features])]
-
-    # seqlens_k and total_sequence_length, once for all layers
-    one = g.const("/model/constants/INT64/[1]", np.array([1], np.int64))
-    n_tokens = g.op("ReduceSum", ["attention_mask", one], "/model/attn_mask/ReduceSum", keepdims=0)
-    seqlens_k = g.op("Cast", [g.op("Sub", [n_tokens, one], "/model/attn_mask/Sub")], "/model/attn_mask/Sub/Cast",
-                     to=TensorProto.INT32)
-    total_len = g.op("Cast", [g.op("Shape", ["attention_mask"], "/model/attn_mask/Shape", start=1, end=2)],
-                     "/model/attn_mask/Shape/Cast", to=TensorProto.INT32)
+    inputs, outputs = io_info(model.lm_head.out_features)
+    seqlens_k, total_len, _ = mask_lengths(g)  # once for all layers
 
     # embedding; a tied LM head reads the same [vocab, hidden] table through a Transpose (see the docstring)
     embed, head = model.model.embed_tokens, model.lm_head
-    tied = head.weight.data_ptr() == embed.weight.data_ptr() and head.bias is None
+    tied = is_tied(head, embed)
     table = g.const("model.embed_tokens.weight", _np(embed.weight))
     x = g.op("Gather", [table, "input_ids"], "/model/embed_tokens/Gather", axis=0)
 
@@ -178,6 +121,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
     cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
 
     residual, pending = x, None  # pending: the last block's output, added to residual by the next Skip norm
+    windows = []
+    heads_view = flat = None  # Qwen3's per-head norms: [B, S, heads * head_dim] <-> [B, S, heads, head_dim]
     for i, layer in enumerate(layers):
         p, attn, mlp = f"/model/layers.{i}", layer.self_attn, layer.mlp
         n_q, n_kv = _out_features(attn.q_proj) // head_dim, _out_features(attn.k_proj) // head_dim
@@ -185,65 +130,49 @@ def build_llama(model, path: Path, *, max_length: int | None = None) -> dict:
             raise UnsupportedModelError(f"fused export: layer {i} has {n_q} heads, {n_kv} KV heads, head_dim "
                                         f"{head_dim}; GroupQueryAttention needs heads % kv_heads == 0 and "
                                         "head_dim % 16 == 0")
-        x, residual = _norm(g, layer.input_layernorm, pending, residual, f"{p}/input_layernorm")
+        window = _window(model, attn)
+        windows.append(window)
+        x, residual = rms_norm(g, layer.input_layernorm, pending, residual, f"{p}/input_layernorm")
 
         qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
-        if all(_is_linear(m) for m in qkv):  # packed: query carries Q, K and V, key / value stay empty
+        packed = all(_is_linear(m) for m in qkv)
+        if packed and not hasattr(attn, "q_norm"):  # packed: query carries Q, K and V, key / value stay empty
             qkv_in = [g.linear(x, qkv, f"{p}/attn/qkv_proj"), "", ""]
+        elif packed:  # Qwen3: one MatMul, split to norm Q and K per head
+            sizes = g.const(f"model.layers.{i}.attn.qkv_proj.split_sizes",
+                            np.array([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], np.int64))
+            qkv_in = g.op("Split", [g.linear(x, qkv, f"{p}/attn/qkv_proj"), sizes], f"{p}/attn/qkv_proj/Split",
+                          outputs=3, axis=-1)
         else:
             qkv_in = [g.linear(x, [m], f"{p}/attn/{n}") for m, n in zip(qkv, ("q_proj", "k_proj", "v_proj"))]
-        past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
-        present = [f"present.{i}.key", f"present.{i}.value"]
-        inputs += [_kv_info(n, n_kv, "past_sequence_length", head_dim) for n in past]
-        outputs += [_kv_info(n, n_kv, "present_sequence_length", head_dim) for n in present]
+        if hasattr(attn, "q_norm"):  # RMSNorm over each head's head_dim before the rotary embedding
+            if heads_view is None:
+                heads_view = g.const(f"/model/constants/INT64/[0, 0, -1, {head_dim}]",
+                                     np.array([0, 0, -1, head_dim], np.int64))
+                flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
+            qkv_in = [_head_norm(g, attn.q_norm, qkv_in[0], heads_view, flat, f"{p}/attn/q_norm"),
+                      _head_norm(g, attn.k_norm, qkv_in[1], heads_view, flat, f"{p}/attn/k_norm"), qkv_in[2]]
+        past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len, cos, sin], f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
-                 scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+                 scale=float(attn.scaling), do_rotary=1, rotary_interleaved=0,
+                 local_window_size=window or -1)[0]
         y = g.linear(y, [attn.o_proj], f"{p}/attn/o_proj")
 
-        x, residual = _norm(g, layer.post_attention_layernorm, y, residual, f"{p}/post_attention_layernorm")
+        x, residual = rms_norm(g, layer.post_attention_layernorm, y, residual, f"{p}/post_attention_layernorm")
         gate, up = g.linear(x, [mlp.gate_proj], f"{p}/mlp/gate_proj"), g.linear(x, [mlp.up_proj], f"{p}/mlp/up_proj")
         silu = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")], f"{p}/mlp/act/Mul")
         pending = g.linear(g.op("Mul", [silu, up], f"{p}/mlp/Mul"), [mlp.down_proj], f"{p}/mlp/down_proj")
 
-    x, _ = _norm(g, model.model.norm, pending, residual, "/model/norm", last=True)
-    if tied:
-        table_t = g.op("Transpose", [table], "/lm_head/Transpose", perm=[1, 0])
-        g.op("MatMul", [x, table_t], "/lm_head/MatMul", outputs=["logits"])
-    else:
-        g.linear(x, [head], "/lm_head")
-        g.nodes[-1].output[0] = "logits"  # the last node writes the graph output
-
-    graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
-                              producer_name="compress.fused")
-    proto.ir_version = 10  # what onnxruntime >= 1.16 reads, whatever IR the installed onnx writes
-    helper.set_model_props(proto, {GRAPH_KEY: "fused"})
-    ops = Counter(n.op_type for n in g.nodes)
-    per_block = Counter(n.name.split("/")[2] for n in g.nodes if n.name.startswith("/model/layers."))
-    figures = {"path": str(out), "nodes": len(g.nodes), "ops": dict(sorted(ops.items())), "layers": len(layers),
-               "max_nodes_per_block": max(per_block.values(), default=0), "tied_embeddings": tied,
-               "cache_length": cache_length, "initializer_bytes": sum(len(t.raw_data) for t in g.inits)}
-    data = out.with_name(out.name + ".data")
-    data.unlink(missing_ok=True)  # onnx appends to an existing data file
-    onnx.save(proto, str(out), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
-              size_threshold=1024)
-    return figures
+    x, _ = rms_norm(g, model.model.norm, pending, residual, "/model/norm", last=True)
+    lm_head(g, x, head, table, tied)
+    return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
+                cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}))
 
 
-def _kv_info(name: str, heads: int, length: str, head_dim: int):
-    return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["batch_size", heads, length, head_dim])
-
-
-def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
-    """RMSNorm of residual + pending: (normed, the new residual). The first norm has nothing pending; the
-    last one's sum is not needed."""
-    weight = g.const(name.lstrip("/").replace("/", ".") + ".weight", _np(norm.weight))
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
-    if pending is None:
-        return g.op("SimplifiedLayerNormalization", [residual, weight], f"{name}/LayerNorm", axis=-1, epsilon=eps,
-                    stash_type=1), residual
-    outs = [f"{name}/output_0"] if last else [f"{name}/output_0", "", "", f"{name}/output_3"]  # 3: the sum
-    y = g.op("SkipSimplifiedLayerNormalization", [pending, residual, weight], f"{name}/SkipLayerNorm", outputs=outs,
-             domain=MS, epsilon=eps)
-    return (y, None) if last else (y[0], y[3])
+def _head_norm(g: _Graph, norm, x: str, heads_view: str, flat: str, name: str) -> str:
+    """Qwen3's q_norm / k_norm: RMSNorm of every head's [head_dim] slice (Reshape, norm, Reshape back)."""
+    if not type(norm).__name__.endswith("RMSNorm") or norm.weight.dim() != 1:
+        raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; only an RMSNorm per head")
+    y = rms_norm(g, norm, None, g.op("Reshape", [x, heads_view], f"{name}/Reshape"), name)[0]
+    return g.op("Reshape", [y, flat], f"{name}/Reshape_1")
