@@ -17,11 +17,13 @@ Applier = Callable[[nn.Module, dict], None]
 
 def appliers() -> dict[str, Applier]:
     from .pruning.lowrank import apply_lowrank, apply_lowrank_embedding
-    from .pruning.width import apply_mlp_widths
+    from .pruning.hidden import apply_hidden_width
+    from .pruning.width import apply_attention_heads, apply_mlp_widths
     from .quant.torch_side import STRUCTURE_TYPE, rebuild_quantized
 
     return {"lowrank": apply_lowrank, "lowrank_embedding": apply_lowrank_embedding,
-            "mlp_widths": apply_mlp_widths, STRUCTURE_TYPE: rebuild_quantized}
+            "mlp_widths": apply_mlp_widths, "attention_heads": apply_attention_heads,
+            "hidden_width": apply_hidden_width, STRUCTURE_TYPE: rebuild_quantized}
 
 
 def apply_structure(model: nn.Module, entries: list[dict]) -> None:

@@ -230,11 +230,10 @@ def test_bad_combinations_are_refused(ctx):
 
 
 def test_unsupported_architecture_is_named():
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
-    m = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2,
-                                         num_attention_heads=4, intermediate_size=64))
-    with pytest.raises(UnsupportedModelError, match="gpt_neox.*supported: bert, gpt2, llama"):
+    m = MambaForCausalLM(MambaConfig(vocab_size=384, hidden_size=32, num_hidden_layers=2, state_size=4))
+    with pytest.raises(UnsupportedModelError, match="MambaForCausalLM: found no attention projections in block 0"):
         prune(art(m), PassContext())
 
 

@@ -79,3 +79,63 @@ def save_tiny(model, path: Path, tokenizer_kind: str | None = None) -> Path:
     model.save_pretrained(path)
     tiny_tokenizer(kind).save_pretrained(path)
     return Path(path)
+
+
+# ---------------------------------------------------------------------- every family the suite maps
+def _family_specs() -> dict:
+    """name -> (config class, {task: model class}, config kwargs): tiny sizes, 4 layers, 4 heads."""
+    import transformers as T
+
+    common = dict(vocab_size=VOCAB, num_hidden_layers=4, max_position_embeddings=256, pad_token_id=0)
+    dec = dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, bos_token_id=1, eos_token_id=1)
+    lm = "causal-lm"
+    return {
+        "llama": (T.LlamaConfig, {lm: T.LlamaForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=True)),
+        # SmolLM2's shape: Llama, tied, 3:1 GQA, explicit head_dim
+        "smollm2": (T.LlamaConfig, {lm: T.LlamaForCausalLM},
+                    dict(dec, hidden_size=48, num_attention_heads=6, num_key_value_heads=2, head_dim=8,
+                         tie_word_embeddings=True)),
+        "qwen2": (T.Qwen2Config, {lm: T.Qwen2ForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=False)),
+        "qwen3": (T.Qwen3Config, {lm: T.Qwen3ForCausalLM}, dict(dec, num_key_value_heads=2, head_dim=16,
+                                                                  tie_word_embeddings=True)),
+        "mistral": (T.MistralConfig, {lm: T.MistralForCausalLM}, dict(dec, num_key_value_heads=2, sliding_window=None)),
+        "gemma": (T.GemmaConfig, {lm: T.GemmaForCausalLM}, dict(dec, num_key_value_heads=1, head_dim=8)),
+        "phi3": (T.Phi3Config, {lm: T.Phi3ForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=False)),
+        "gpt_neox": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM}, dict(dec, use_parallel_residual=True)),
+        "gpt2": (T.GPT2Config, {lm: T.GPT2LMHeadModel},
+                 dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=1)),
+        "bert": (T.BertConfig, {"sequence-classification": T.BertForSequenceClassification,
+                                "feature-extraction": T.BertModel},
+                 dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5)),
+        "roberta": (T.RobertaConfig, {"sequence-classification": T.RobertaForSequenceClassification,
+                                      "feature-extraction": T.RobertaModel},
+                    dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
+                         max_position_embeddings=260, pad_token_id=0)),
+        "distilbert": (T.DistilBertConfig, {"sequence-classification": T.DistilBertForSequenceClassification,
+                                            "feature-extraction": T.DistilBertModel},
+                       dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=4, n_heads=4,
+                            max_position_embeddings=256, pad_token_id=0, num_labels=5)),
+    }
+
+
+FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "gpt2", "bert", "roberta",
+            "distilbert")
+ENCODERS = ("bert", "roberta", "distilbert")
+
+
+def family_tasks(name: str) -> tuple[str, ...]:
+    return tuple(_family_specs()[name][1])
+
+
+def tiny_family(name: str, task: str | None = None, seed: int = 0):
+    """A tiny random model of family `name` for `task` (default: its first task), weights scaled up a little
+    so pruning visibly changes outputs."""
+    cfg_cls, classes, kwargs = _family_specs()[name]
+    task = task or next(iter(classes))
+    torch.manual_seed(seed)
+    return classes[task](cfg_cls(**kwargs)).eval()
+
+
+def family_tokenizer(name: str):
+    return tiny_tokenizer("encoder" if name in ENCODERS else "causal")

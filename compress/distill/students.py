@@ -1,8 +1,8 @@
 """Building students: keep some of the teacher's layers (DistilBERT-style initialization), or a fresh model
 from the teacher's config with changed sizes.
 
-The same code handles Llama-family (model.layers), GPT-2 (transformer.h) and BERT-family (encoder.layer)
-models. The result is a stock architecture: only `num_hidden_layers` (and per-layer config lists such as
+The block list is found by compress/architecture.py (any family it maps: Llama, Qwen, Mistral, Gemma,
+Phi-3, GPT-NeoX, GPT-2, BERT, RoBERTa, DistilBERT). The result is a stock architecture: only `num_hidden_layers` (and per-layer config lists such as
 `layer_types`) change, so plain `from_pretrained` loads the saved student."""
 from __future__ import annotations
 
@@ -11,11 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnsupportedModelError
-
-# Where the stack of transformer blocks lives, per architecture family (first match wins).
-_LAYER_PATHS = ("model.layers", "transformer.h", "bert.encoder.layer", "roberta.encoder.layer",
-                "encoder.layer", "layers", "h")
+from ..errors import ConfigError, UnsupportedModelError  # noqa: F401
 
 
 def _get(obj, dotted: str):
@@ -27,15 +23,10 @@ def _get(obj, dotted: str):
 
 
 def layer_path(model: nn.Module) -> str:
-    """The dotted attribute path of the model's ModuleList of blocks."""
-    for path in _LAYER_PATHS:
-        layers = _get(model, path)
-        if isinstance(layers, nn.ModuleList) and len(layers) > 0:
-            return path
-    raise UnsupportedModelError(
-        f"cannot find the transformer blocks of {type(model).__name__} (looked for {', '.join(_LAYER_PATHS)}); "
-        "distill's student.keep_layers supports Llama-family, GPT-2 and BERT-family models"
-    )
+    """The dotted attribute path of the model's ModuleList of blocks (found by structure: compress/architecture.py)."""
+    from ..architecture import find
+
+    return find(model).layers_name
 
 
 def get_layers(model: nn.Module) -> nn.ModuleList:
@@ -90,6 +81,9 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
                 module.layer_idx = new_idx
     cfg = student.config
     cfg.num_hidden_layers = len(keep)  # GPT-2's config maps this name to n_layer
+    if getattr(cfg, "pruned_heads", None):  # per-layer, keyed by the old index
+        old_heads = {int(k): v for k, v in cfg.pruned_heads.items()}
+        cfg.pruned_heads = {new: old_heads[o] for new, o in enumerate(keep) if old_heads.get(o)}
     for name in ("layer_types", "sliding_window_layers"):  # per-layer lists some configs carry
         value = getattr(cfg, name, None)
         if isinstance(value, list) and len(value) == total:

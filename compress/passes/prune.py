@@ -1,7 +1,10 @@
-"""prune: structured pruning that removes real structure (MLP channels, attention heads, whole blocks).
+"""prune: structured pruning that removes real structure (MLP channels, attention heads, whole blocks, hidden
+channels).
 
-Width: MLP intermediate channels go through torch-pruning's dependency graph; attention heads through our
-own GQA-aware code (compress/pruning/width.py says why). Depth: blocks that change their input least on
+The model's parts come from compress/architecture.py (found by structure, any family it maps). Width: MLP
+intermediate channels go through torch-pruning's dependency graph (fused gate_up projections are sliced,
+gate and up channels together); attention heads through our own GQA-aware code, separate or fused q/k/v
+(compress/pruning/width.py says why); hidden width (Minitron-style) through compress/pruning/hidden.py. Depth: blocks that change their input least on
 calibration data are dropped. Uniform pruning keeps a stock Hugging Face config (plain `from_pretrained`
 works); a global ratio gives per-layer MLP widths, recorded as an `mlp_widths` structure entry that
 `compress.load` re-applies. Per-layer *head* counts are not offered: Hugging Face's Llama config and the
@@ -13,7 +16,7 @@ import fnmatch
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from ..checkpoint import Artifact
 from ..distill.config import RecoverConfig
@@ -22,15 +25,21 @@ from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import Adapter, adapter, is_linear
 from ..pruning.depth import drop_layers
-from ..pruning.width import (original_head_ids, prune_hf_heads, prune_llama_heads, prune_mlp_channels,
-                             set_llama_heads)
+from ..pruning import hidden as hid
+from ..pruning.width import (config_expresses_heads, hf_prunes_heads, original_head_ids, prune_attention_heads,
+                             prune_hf_heads, prune_mlp_channels, set_config_heads)
 from . import register
 from .base import Pass, PassConfig, PassContext
 
 
 class PruneConfig(PassConfig):
-    targets: list[Literal["mlp", "heads", "layers"]] = Field(
-        ["mlp"], min_length=1, description="what to remove: mlp (intermediate channels), heads, layers (blocks)")
+    targets: list[Literal["mlp", "heads", "layers", "hidden"]] = Field(
+        ["mlp"], min_length=1, description="what to remove: mlp (intermediate channels), heads, layers (blocks), "
+        "hidden (channels of the residual stream, Minitron-style: embeddings, norms, every projection, the head)")
+    hidden_ratio: float | None = Field(
+        None, ge=0.0, lt=1.0, description="target `hidden`: fraction of hidden channels to remove (default: ratio)")
+    hidden_size: int | None = Field(
+        None, ge=1, description="target `hidden`: the hidden size to keep (instead of hidden_ratio)")
     ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads to remove")
     layer_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="fraction of blocks to remove (target `layers`); default: ratio")
@@ -58,6 +67,29 @@ class PruneConfig(PassConfig):
         None, description="a short distillation from the unpruned model after pruning (the distill pass's "
         "options, e.g. {max_steps: 50}; the default teacher is the unpruned input); none: no recovery")
 
+    @model_validator(mode="after")
+    def _hidden_options(self):
+        if self.hidden_size is not None and self.hidden_ratio is not None:
+            raise ValueError("give one of hidden_size, hidden_ratio")
+        if (self.hidden_size is not None or self.hidden_ratio is not None) and "hidden" not in self.targets:
+            raise ValueError("hidden_size / hidden_ratio apply to targets: [hidden] (add it to targets)")
+        return self
+
+
+def _check_reload(net, structure: list[dict]) -> None:
+    """The model built from its config plus the structure entries has `net`'s shapes (or UnsupportedModelError
+    naming the first parameter that would reload differently: a hidden-wide part the layer missed)."""
+    from ..architecture import build_from_config
+    from ..structure import apply_structure
+
+    fresh = build_from_config(type(net), net.config)
+    apply_structure(fresh, structure)
+    have = net.state_dict()
+    for name, t in fresh.state_dict().items():
+        if name in have and tuple(t.shape) != tuple(have[name].shape):
+            raise UnsupportedModelError(f"prune: {name} would reload as {tuple(t.shape)}, the pruned model has "
+                                        f"{tuple(have[name].shape)}")
+
 
 def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
     exact = n * (1 - ratio)
@@ -71,7 +103,7 @@ def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
 @register
 class Prune(Pass):
     name = "prune"
-    description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers"
+    description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
     # ------------------------------------------------------------------ entry point
@@ -84,6 +116,11 @@ class Prune(Pass):
         net = copy.deepcopy(model.model).float().eval()
         ad = adapter(net)
         self._check_plain(net, ad)
+        if "hidden" in c.targets:  # refuse before any work
+            if c.importance == "taylor":
+                raise ConfigError("prune targets hidden: importance taylor is not offered for hidden channels; "
+                                  "use activation (Minitron's criterion) or magnitude")
+            self._hidden_keep(ad.hidden_size)
         self.ctx, self.task, self.tok = ctx, model.task, model.tokenizer
         self._batches = None
         structure = list(model.structure)
@@ -94,12 +131,21 @@ class Prune(Pass):
                 raise ConfigError("prune: targets `layers` cannot follow a pass that recorded per-layer structure "
                                   f"({[e['type'] for e in structure]}); prune layers first")
             info["layers"] = self._prune_layers(net, ad)
+            ad = adapter(net)  # the parts of the remaining blocks
         if "heads" in c.targets:
-            info["heads"] = self._prune_heads(net, ad)
+            info["heads"], entry = self._prune_heads(net, ad)
+            if entry:
+                structure = [e for e in structure if e["type"] != "attention_heads"] + [entry]
+            ad = adapter(net)
         if "mlp" in c.targets:
             info["mlp"], entry = self._prune_mlp(net, ad)
             # the widths now in the model replace any recorded by an earlier prune pass
             structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
+        if "hidden" in c.targets:
+            info["hidden"], entry = self._prune_hidden(net, adapter(net))
+            if entry:
+                structure = [*structure, entry]
+                _check_reload(net, structure)
         info["params_after"] = count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / info["params_before"], 4)
         out = model.derive(model=net, structure=structure, info=info)
@@ -109,7 +155,7 @@ class Prune(Pass):
 
     def _check_plain(self, net, ad: Adapter) -> None:
         for i in range(ad.num_layers()):
-            for name in [*ad.mlp_in(i), ad.mlp_out(i), ad.attn_out(i)]:
+            for name in [*ad.mlp_in(i), ad.mlp_out(i), ad.attn_out(i), *ad.attn(i).inputs]:
                 if not is_linear(net.get_submodule(name)):
                     raise UnsupportedModelError(
                         f"prune: {name} is a {type(net.get_submodule(name)).__name__}, not a plain linear layer "
@@ -153,61 +199,112 @@ class Prune(Pass):
                                    self.task, c.importance, self.ctx.device)
         return [s[o] for o in outs]
 
-    def _prune_heads(self, net, ad: Adapter) -> dict:
-        c = self.config
+    def _prune_heads(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+        """Three ways, by what the model's config can express: head counts in the config (GQA-aware slicing
+        of separate or fused q/k/v; Llama, Qwen, Mistral, Gemma, Phi-3), Hugging Face's prune_heads (GPT-2,
+        BERT, RoBERTa, DistilBERT: `pruned_heads` in the config), else slicing recorded as an
+        `attention_heads` structure entry (GPT-NeoX, whose head size is hidden_size / heads)."""
         n = ad.num_layers()
         active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.attn_name(i))]
         if not active:
-            return {"removed": 0, "note": "every layer is ignored"}
-        if ad.family == "llama" and len(active) < n:
-            raise ConfigError("prune.ignore: skipping some layers would give Llama per-layer head counts, which "
+            return {"removed": 0, "note": "every layer is ignored"}, None
+        n_q, n_kv = ad.num_heads(active[0]), ad.num_kv_heads(active[0])
+        keep_q, keep_kv = self._head_counts(n_q, n_kv)
+        if config_expresses_heads(net, ad, keep_q, keep_kv):
+            mode = "config"
+        elif n_q == n_kv and hf_prunes_heads(net):
+            mode = "pruned_heads"
+        else:
+            mode = "structure"
+        if mode == "config" and len(active) < n:
+            raise ConfigError("prune.ignore: skipping some layers would give per-layer head counts, which "
                               "a stock config cannot express; prune heads in every layer (ignore fits mlp)")
         scores = self._head_scores(net, ad)
-        n_q = ad.num_heads(active[0])
-        if ad.family == "llama":
-            return self._prune_llama_heads(net, ad, scores)
-        keep = _round_keep(n_q, c.ratio, 1, "attention heads")
+        if mode != "pruned_heads":
+            return self._prune_sliced_heads(net, ad, scores, active, mode)
+        keep = keep_q
         heads = {}
         for i in active:
             present = original_head_ids(net, i, net.config.num_attention_heads)
             order = torch.argsort(scores[i], descending=True).tolist()
             heads[i] = sorted(present[j] for j in order[keep:])
         prune_hf_heads(net, heads)
-        info = {"heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
+        info = {"mode": mode, "heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
                 "pruned": {str(i): h for i, h in heads.items()}}
-        if ad.family == "gpt2":  # optimum sizes the exported KV cache from n_head, which prune_heads keeps
+        if ad.head is not None:  # optimum sizes the exported KV cache from the config's head count
             info["note"] = "export this model with `export: {with_past: false}`"
-        return info
+        return info, None
 
-    def _prune_llama_heads(self, net, ad: Adapter, scores: list[torch.Tensor]) -> dict:
+    def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
         c = self.config
-        n_q, n_kv = ad.num_heads(0), ad.num_kv_heads(0)
         rep = n_q // n_kv
-        mode = c.gqa if rep > 1 else "groups"  # MHA: a group is one head, both modes are the same
-        if mode == "groups":
-            keep_groups = _round_keep(n_kv, c.ratio, 1, "KV groups")
-            per_group = rep
-        else:
-            keep_groups, per_group = n_kv, _round_keep(rep, c.ratio, 1, "query heads per KV group")
+        if rep == 1 or c.gqa == "groups":
+            keep_groups = _round_keep(n_kv, c.ratio, 1, "KV groups" if rep > 1 else "attention heads")
+            return keep_groups * rep, keep_groups
+        return n_kv * _round_keep(rep, c.ratio, 1, "query heads per KV group"), n_kv
+
+    def _prune_sliced_heads(self, net, ad: Adapter, scores: list[torch.Tensor], active: list[int],
+                            mode: str) -> tuple[dict, dict | None]:
+        c = self.config
+        n_q, n_kv = ad.num_heads(active[0]), ad.num_kv_heads(active[0])
+        rep = n_q // n_kv
+        gqa = c.gqa if rep > 1 else "groups"  # MHA: a group is one head, both modes are the same
+        new_q, new_kv = self._head_counts(n_q, n_kv)
+        per_group = new_q // new_kv
         kept = {}
-        for i in range(ad.num_layers()):
+        for i in active:
             q = scores[i].view(n_kv, rep)
-            if mode == "groups":
+            if gqa == "groups":
                 g_score = q.sum(1)
-                if c.importance == "magnitude":
+                if c.importance == "magnitude" and rep > 1:
                     g_score = (q.pow(2).sum(1) + imp.kv_magnitude(net, ad, i, c.norm).pow(2)).sqrt()
-                groups = sorted(torch.argsort(g_score, descending=True)[:keep_groups].tolist())
+                groups = sorted(torch.argsort(g_score, descending=True)[:new_kv].tolist())
                 keep_q = [g * rep + r for g in groups for r in range(rep)]
             else:
                 groups = list(range(n_kv))
                 keep_q = [g * rep + r for g in groups
                           for r in sorted(torch.argsort(q[g], descending=True)[:per_group].tolist())]
-            prune_llama_heads(net, ad, i, keep_q, groups)
+            prune_attention_heads(net, ad, i, keep_q, groups)
             kept[str(i)] = {"q": keep_q, "kv": groups}
-        new_q, new_kv = keep_groups * per_group, keep_groups
-        set_llama_heads(net, new_q, new_kv)
-        return {"gqa": mode, "num_attention_heads": [n_q, new_q], "num_key_value_heads": [n_kv, new_kv],
+        info = {"mode": mode, "gqa": gqa, "num_attention_heads": [n_q, new_q], "num_key_value_heads": [n_kv, new_kv],
                 "ratio_actual": round(1 - new_q / n_q, 4), "kept": kept}
+        if mode == "config":
+            set_config_heads(net, new_q, new_kv, ad.head_dim())
+            return info, None
+        after = adapter(net)
+        info["note"] = "export this model with `export: {with_past: false}` (the config keeps the original heads)"
+        return info, {"type": "attention_heads", "heads": [after.num_heads(i) for i in range(after.num_layers())],
+                      "kv_heads": [after.num_kv_heads(i) for i in range(after.num_layers())]}
+
+    # ------------------------------------------------------------------ hidden width
+    def _hidden_keep(self, hidden: int) -> int:
+        c = self.config
+        if c.hidden_size is not None:
+            if c.hidden_size > hidden:
+                raise ConfigError(f"prune.hidden_size={c.hidden_size} is larger than the model's {hidden}")
+            return c.hidden_size
+        ratio = c.ratio if c.hidden_ratio is None else c.hidden_ratio
+        return _round_keep(hidden, ratio, c.round_to, "hidden channels")
+
+    def _prune_hidden(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+        """Stock where the config carries head_dim (hidden_size and head_dim edited), else a `hidden_width`
+        structure entry (the config keeps the original hidden_size, from which the attention derives its
+        head size)."""
+        c = self.config
+        before = ad.hidden_size
+        keep = self._hidden_keep(before)
+        if c.importance == "magnitude":
+            scores = hid.magnitude_scores(net, ad)
+        else:
+            scores = hid.activation_scores(net, ad, self._calib("prune targets: hidden"), self.task, self.ctx.device)
+        kept = sorted(torch.argsort(scores, descending=True)[:keep].tolist())
+        stock = hid.config_expresses(net, ad, keep)
+        hid.prune_hidden(net, ad, kept, stock=stock)
+        info = {"hidden_size": [before, keep], "ratio_actual": round(1 - keep / before, 4),
+                "mode": "config" if stock else "structure"}
+        if stock:
+            return info, None
+        return info, {"type": "hidden_width", "size": keep}
 
     # ------------------------------------------------------------------ MLP
     def _mlp_scores(self, net, ad: Adapter, layers: list[int]) -> dict[int, torch.Tensor]:

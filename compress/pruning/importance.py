@@ -17,6 +17,7 @@ Scores are comparable across blocks for activation and taylor (residual-stream u
 what a global ranking needs; magnitude is only comparable within one block."""
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from typing import Iterable
 
@@ -55,7 +56,9 @@ def calibration_batches(ctx, tokenizer, task: str, *, samples: int, seq_len: int
 
 def _forward(model: nn.Module, batch: dict, task: str, with_loss: bool = False):
     device = next(model.parameters()).device
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
+    accepted = inspect.signature(model.forward).parameters  # DistilBERT takes no token_type_ids
+    inputs = {k: v.to(device) for k, v in batch.items()
+              if k in ("input_ids", "attention_mask", "token_type_ids") and k in accepted}
     if with_loss:
         if task == "causal-lm":
             inputs["labels"] = batch["input_ids"]
@@ -202,24 +205,19 @@ def head_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tenso
 
 
 def kv_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
-    """Per KV head (Llama): its k and v rows."""
+    """Per KV head (grouped-query attention): its k and v rows."""
     hd, kv = ad.head_dim(), ad.num_kv_heads(i)
-    a = ad.attn_name(i)
-    k = model.get_submodule(a + ".k_proj").weight.reshape(kv, hd, -1)
-    v = model.get_submodule(a + ".v_proj").weight.reshape(kv, hd, -1)
-    return _norm([k, v], p)
+    _, k, v = ad.qkv_weights(i)
+    return _norm([k.reshape(kv, hd, -1), v.reshape(kv, hd, -1)], p)
 
 
 def _q_weight(model, ad: Adapter, i: int) -> torch.Tensor:
-    a = ad.attn_name(i)
-    if ad.family == "llama":
-        return model.get_submodule(a + ".q_proj").weight
-    if ad.family == "bert":  # q, k and v rows of a head move together: score them together
-        return torch.cat([model.get_submodule(f"{a}.self.{p}").weight for p in ("query", "key", "value")], 1)
-    c_attn = linear_weight(model.get_submodule(a + ".c_attn"))  # GPT-2: [3 * width, hidden] (q, k, v)
-    width = c_attn.shape[0] // 3
-    # q, k and v rows of a head move together in GPT-2 / BERT: score them together
-    return torch.cat([c_attn[:width], c_attn[width:2 * width], c_attn[2 * width:]], dim=1)
+    """A head's q rows; with one KV head per query head (multi-head attention) its k and v rows too, since
+    they are removed together (the columns side by side, so reshape(heads, head_dim, -1) groups per head)."""
+    q, k, v = ad.qkv_weights(i)
+    if ad.num_kv_heads(i) != ad.num_heads(i):
+        return q
+    return torch.cat([q, k, v], dim=1)
 
 
 # ---------------------------------------------------------------------- block (depth) importance
@@ -232,7 +230,7 @@ def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str, 
 
     def make_hook(i):
         def hook(mod, args, kwargs, output):
-            h_in = args[0] if args else kwargs["hidden_states"]
+            h_in = args[0] if args else next(v for v in kwargs.values() if torch.is_tensor(v))
             h_out = output[0] if isinstance(output, tuple) else output
             cos = torch.nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1)  # [B, T]
             if mask_now[0] is not None:

@@ -1,15 +1,20 @@
 """Width pruning: MLP intermediate channels (through torch-pruning's dependency graph) and attention heads.
 
-MLP channels: the block's projections are wrapped in a small view module (gate/up -> act -> down) and
-torch-pruning's DependencyGraph, traced on that view, finds every layer coupled to the removed channels
-(gate, up and down for gated MLPs). GPT-2's Conv1D is not known to torch-pruning, so its projections are
-converted to nn.Linear for the pruning and back afterwards (the checkpoint stays a stock GPT-2).
+The parts come from compress/architecture.py. MLP channels: the block's projections are wrapped in a small
+view module (gate/up -> act -> down) and torch-pruning's DependencyGraph, traced on that view, finds every
+layer coupled to the removed channels (gate, up and down for gated MLPs). GPT-2's Conv1D is not known to
+torch-pruning, so its projections are converted to nn.Linear for the pruning and back afterwards (the
+checkpoint stays a stock GPT-2). A fused gate_up projection (Phi-3: gate rows, then up rows) is sliced
+directly, channel j kept or removed in both halves together.
 
 Attention heads are pruned by our own code, not torch-pruning: its dependency-graph grouping hangs on
-Llama with grouped-query attention (torch-pruning 1.6.1, measured here: it never returned on SmolLM2). For Llama we remove whole KV
-groups or the same number of query heads inside every group, so the result is a valid GQA layout; GPT-2 and
-BERT use Hugging Face's own `prune_heads`, which records `pruned_heads` in the config so that plain
-`from_pretrained` rebuilds the smaller attention."""
+Llama with grouped-query attention (torch-pruning 1.6.1, measured here: it never returned on SmolLM2). We
+remove whole KV groups or the same number of query heads inside every group, so the result is a valid GQA
+layout; separate q/k/v and fused projections alike (Phi-3's [q | k | v] rows, GPT-NeoX's per-head [q k v]
+rows), q, k and v rows of a kept head kept together. Where the config can say the new head counts (an
+explicit head_dim: Llama, Qwen, Mistral, Gemma, Phi-3) the result is stock; GPT-2 and the BERT family use
+Hugging Face's own `prune_heads`, which records `pruned_heads` in the config so that plain `from_pretrained`
+rebuilds the smaller attention; anything else (GPT-NeoX) records an `attention_heads` structure entry."""
 from __future__ import annotations
 
 import torch
@@ -38,6 +43,9 @@ def prune_mlp_channels(model: nn.Module, ad: Adapter, i: int, remove: list[int])
     """Remove intermediate channels `remove` of block i in place."""
     if not remove:
         return
+    if ad.mlp_kind(i) == "fused_gated" or ad.mlp_act(i) is None:
+        _slice_mlp(model, ad, i, remove)
+        return
     in_names, out_name = ad.mlp_in(i), ad.mlp_out(i)
     originals = [model.get_submodule(n) for n in in_names] + [model.get_submodule(out_name)]
     conv = is_conv1d(originals[-1])
@@ -55,36 +63,62 @@ def prune_mlp_channels(model: nn.Module, ad: Adapter, i: int, remove: list[int])
         set_module(model, name, to_conv1d(lin) if conv else lin)
 
 
+def _slice_mlp(model: nn.Module, ad: Adapter, i: int, remove: list[int]) -> None:
+    """Fused gate_up (gate rows, then up rows: keep channel j in both halves) or an MLP whose activation was
+    not found: keep the channels by slicing rows of the input projection(s) and columns of the output."""
+    width = ad.mlp_width(i)
+    gone = set(remove)
+    keep = torch.tensor([j for j in range(width) if j not in gone])
+    rows = torch.cat([keep, keep + width]) if ad.mlp_kind(i) == "fused_gated" else keep
+    for name in ad.mlp_in(i):
+        set_module(model, name, select_rows(model.get_submodule(name), rows, 0))
+    set_module(model, ad.mlp_out(i), select_rows(model.get_submodule(ad.mlp_out(i)), keep, 1))
+
+
 def resize_mlp(model: nn.Module, ad: Adapter, i: int, width: int) -> None:
     """Give block i's MLP `width` intermediate channels (fresh weights: used before loading a checkpoint)."""
+    rows = 2 * width if ad.mlp_kind(i) == "fused_gated" else width
     for name in ad.mlp_in(i):
         m = model.get_submodule(name)
-        set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), width))
+        set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), rows))
     m = model.get_submodule(ad.mlp_out(i))
     set_module(model, ad.mlp_out(i), empty_like_linear(m, width, out_features(m)))
 
 
 # ---------------------------------------------------------------------- heads
-def _select(m: nn.Linear, idx: torch.Tensor, dim: int) -> nn.Linear:
-    """A Linear keeping output rows (dim 0) or input columns (dim 1) `idx`."""
-    w = m.weight.detach().index_select(dim, idx)
+def select_rows(m: nn.Module, idx: torch.Tensor, dim: int) -> nn.Module:
+    """A module of the same type (Linear or Conv1D) keeping output rows (dim 0) or input columns (dim 1) `idx`
+    of its [out, in] weight."""
+    w = linear_weight(m).detach().index_select(dim, idx)
     new = nn.Linear(w.shape[1], w.shape[0], bias=m.bias is not None, dtype=w.dtype, device=w.device)
     with torch.no_grad():
         new.weight.copy_(w)
         if m.bias is not None:
             new.bias.copy_(m.bias.detach() if dim == 1 else m.bias.detach()[idx])
-    return new
+    return to_conv1d(new) if is_conv1d(m) else new
+
+
+_select = select_rows
 
 
 def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
 
 
-def prune_llama_heads(model: nn.Module, ad: Adapter, i: int, keep_q: list[int], keep_kv: list[int]) -> None:
-    """Keep query heads `keep_q` and KV heads `keep_kv` of Llama block i.
+def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int) -> None:
+    """Head counts some attention modules keep as attributes (read in forward)."""
+    for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv),
+                        ("num_key_value_groups", n_q // n_kv)):
+        if isinstance(getattr(attn, attr, None), int):
+            setattr(attn, attr, value)
+
+
+def prune_attention_heads(model: nn.Module, ad: Adapter, i: int, keep_q: list[int], keep_kv: list[int]) -> None:
+    """Keep query heads `keep_q` and KV heads `keep_kv` of block i, for separate or fused q/k/v.
 
     `keep_q` must list, group by group in the order of `keep_kv`, the same number of query heads per kept
-    KV group, because Hugging Face maps query head h to KV head h // (num_heads / num_kv_heads)."""
+    KV group, because Hugging Face maps query head h to KV head h // (num_heads / num_kv_heads). A fused
+    projection keeps its q, k and v rows of the kept heads together (GPT-NeoX: per head [q k v])."""
     n_q, n_kv = ad.num_heads(i), ad.num_kv_heads(i)
     rep = n_q // n_kv
     per_group = len(keep_q) // len(keep_kv)
@@ -92,21 +126,77 @@ def prune_llama_heads(model: nn.Module, ad: Adapter, i: int, keep_q: list[int], 
     for g, kv in enumerate(keep_kv):  # the layout invariant that makes repeat_kv pair heads correctly
         assert all(q // rep == kv for q in keep_q[g * per_group:(g + 1) * per_group]), (keep_q, keep_kv)
     hd = ad.head_dim()
-    a = ad.attn_name(i)
-    attn = model.get_submodule(a)
-    q_rows, kv_rows = _head_rows(keep_q, hd), _head_rows(keep_kv, hd)
-    attn.q_proj = _select(attn.q_proj, q_rows, 0)
-    attn.k_proj = _select(attn.k_proj, kv_rows, 0)
-    attn.v_proj = _select(attn.v_proj, kv_rows, 0)
-    attn.o_proj = _select(attn.o_proj, q_rows, 1)
-    attn.num_key_value_groups = per_group
+    a = ad.attn(i)
+    q_rows = _head_rows(keep_q, hd)
+    if a.qkv_layout == "separate":
+        kv_rows = _head_rows(keep_kv, hd)
+        for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
+            set_module(model, name, select_rows(model.get_submodule(name), rows, 0))
+    else:
+        q, k, v = ad.qkv_rows(i)
+        if a.qkv_layout == "per_head":
+            rows = torch.cat([torch.cat([q[h], k[h], v[h]]) for h in keep_q])
+        else:
+            rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
+        set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
+    set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
+    _set_head_attrs(model.get_submodule(a.name), len(keep_q), len(keep_kv))
+
+
+prune_llama_heads = prune_attention_heads
+
+
+def set_config_heads(model: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
+    """Record uniform head counts in the config (head_dim explicit, since hidden / heads changes)."""
+    cfg = model.config
+    cfg.head_dim = hd
+    cfg.num_attention_heads, cfg.num_key_value_heads = n_q, n_kv
 
 
 def set_llama_heads(model: nn.Module, n_q: int, n_kv: int) -> None:
-    """Record uniform head counts in a Llama config (head_dim explicit, since hidden / heads changes)."""
     cfg = model.config
-    cfg.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    cfg.num_attention_heads, cfg.num_key_value_heads = n_q, n_kv
+    set_config_heads(model, n_q, n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def config_expresses_heads(model: nn.Module, ad: Adapter, n_q: int, n_kv: int) -> bool:
+    """Would a config with these head counts (and head_dim explicit) rebuild attention of this shape?"""
+    import copy
+
+    from ..architecture import build_from_config, find
+
+    cfg = copy.deepcopy(model.config)
+    hd = ad.head_dim()
+    cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads = hd, n_q, n_kv
+    try:
+        fresh = find(build_from_config(type(model), cfg))
+        return (fresh.head_dim(), fresh.num_heads(0), fresh.num_kv_heads(0), fresh.hidden_size) == (
+            hd, n_q, n_kv, ad.hidden_size)
+    except Exception:  # a config that cannot even build this way cannot express it
+        return False
+
+
+def apply_attention_heads(model: nn.Module, entry: dict) -> None:
+    """Structure entry `attention_heads`: each block's attention projections sized for its recorded query and
+    KV head counts (for families whose config derives head_dim from hidden_size, e.g. GPT-NeoX)."""
+    ad = adapter(model)
+    if len(entry["heads"]) != ad.num_layers():
+        raise CheckpointError(f"attention_heads lists {len(entry['heads'])} layers, the model has {ad.num_layers()}")
+    hd = ad.head_dim()
+    for i, (n_q, n_kv) in enumerate(zip(entry["heads"], entry["kv_heads"])):
+        a = ad.attn(i)
+        hidden = out_features(model.get_submodule(a.o))
+        sizes = ({a.q: n_q * hd, a.k: n_kv * hd, a.v: n_kv * hd} if a.qkv_layout == "separate"
+                 else {a.qkv: (n_q + 2 * n_kv) * hd})
+        for name, rows in sizes.items():
+            m = model.get_submodule(name)
+            set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), rows))
+        set_module(model, a.o, empty_like_linear(model.get_submodule(a.o), n_q * hd, hidden))
+        _set_head_attrs(model.get_submodule(a.name), n_q, n_kv)
+
+
+def hf_prunes_heads(model: nn.Module) -> bool:
+    """Does the model implement Hugging Face's prune_heads (GPT-2, BERT, RoBERTa, DistilBERT)?"""
+    return hasattr(getattr(model, "base_model", model), "_prune_heads")
 
 
 def prune_hf_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
@@ -120,8 +210,9 @@ def original_head_ids(model: nn.Module, i: int, n_original: int) -> list[int]:
     return [h for h in range(n_original) if h not in pruned]
 
 
-__all__ = ["linear_weight", "prune_mlp_channels", "resize_mlp", "prune_llama_heads", "set_llama_heads",
-           "prune_hf_heads", "original_head_ids"]
+__all__ = ["linear_weight", "prune_mlp_channels", "resize_mlp", "prune_attention_heads", "prune_llama_heads",
+           "set_config_heads", "set_llama_heads", "config_expresses_heads", "apply_attention_heads", "prune_hf_heads",
+           "original_head_ids", "select_rows"]
 
 
 def apply_mlp_widths(model: nn.Module, entry: dict) -> None:

@@ -1,0 +1,371 @@
+"""Where a transformer's parts are, found from its module tree and config (never from `model_type`).
+
+`find(model)` probes the loaded model: the block list is the ModuleList of identical blocks holding the most
+parameters; inside a block, attention is the sub-tree that holds q/k/v projections (separate or fused), its
+output projection sits in the same sub-tree; the MLP is the pair (or triple) of projections outside it. The
+names probed are the ones Hugging Face families use (Llama / Qwen / Mistral / Gemma: q_proj..., gate_proj...;
+Phi-3: qkv_proj, gate_up_proj; GPT-NeoX: query_key_value, dense_h_to_4h; GPT-2: c_attn, c_fc; BERT /
+RoBERTa: query, intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes (heads, KV heads, head_dim, MLP
+width) are read from the weights' shapes, so a pruned model is described as it is now. A model whose parts
+cannot be found is refused with one `UnsupportedModelError` naming the part."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .errors import UnsupportedModelError
+
+# attention: separate (q, k, v) names, fused names with their row layout, output names, q/k norm names
+SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
+                ("wq", "wk", "wv"))
+# blocks: rows [q heads | k heads | v heads] (Phi-3, GPT-2); per_head: rows [q k v] of head 0, of head 1, ...
+# (GPT-NeoX views the output as [heads, 3 * head_dim])
+FUSED_QKV = {"qkv_proj": "blocks", "c_attn": "blocks", "Wqkv": "blocks", "query_key_value": "per_head"}
+ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo")
+QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+# MLP: gated (gate, up, down), fused gated (gate_up: gate rows first, then up rows; down), plain (in, out)
+GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
+FUSED_GATED = (("gate_up_proj", "down_proj"),)
+PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
+         ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
+ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
+MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
+
+
+def is_conv1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "Conv1D" and hasattr(m, "nf")
+
+
+def is_linear(m: nn.Module) -> bool:
+    return isinstance(m, nn.Linear) or is_conv1d(m)
+
+
+def linear_weight(m: nn.Module) -> torch.Tensor:
+    """The weight as [out, in] whatever the module type."""
+    return m.weight.t() if is_conv1d(m) else m.weight
+
+
+def is_projection(m: nn.Module) -> bool:
+    """A Linear / Conv1D, or a module standing in for one (low-rank factors, quantized linears)."""
+    return is_linear(m) or (isinstance(getattr(m, "in_features", None), int)
+                            and isinstance(getattr(m, "out_features", None), int))
+
+
+def features(m: nn.Module) -> tuple[int, int]:
+    """(in, out) of a Linear, a GPT-2 Conv1D (weight stored in x out) or a stand-in with in/out_features."""
+    if is_conv1d(m):
+        return m.weight.shape[0], m.weight.shape[1]
+    if isinstance(m, nn.Linear) or not hasattr(m, "in_features"):
+        return m.weight.shape[1], m.weight.shape[0]
+    return m.in_features, m.out_features
+
+
+def is_norm(m: nn.Module) -> bool:
+    return isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
+                                                                                     nn.Parameter)
+
+
+@dataclass
+class Attention:
+    name: str                    # the attention sub-tree (its root under the block), e.g. model.layers.0.self_attn
+    q: str | None                # separate projections (None when fused)
+    k: str | None
+    v: str | None
+    qkv: str | None              # fused projection
+    qkv_layout: str              # separate | blocks | per_head
+    o: str
+    q_norm: str | None = None
+    k_norm: str | None = None
+
+    @property
+    def inputs(self) -> list[str]:
+        """The projections that read the block's (normalized) residual stream."""
+        return [self.qkv] if self.qkv else [self.q, self.k, self.v]
+
+
+@dataclass
+class MLP:
+    name: str
+    ins: list[str]               # gate, up (gated) | gate_up (fused gated) | fc_in (plain)
+    out: str
+    kind: str                    # gated | fused_gated | plain
+    act: nn.Module | None = None
+
+
+@dataclass
+class Block:
+    name: str
+    attn: Attention
+    mlp: MLP
+    norms: list[str] = field(default_factory=list)  # norms over the hidden width inside the block
+
+
+def _rel(rel_names: dict[str, nn.Module], suffix: str, within: str = "", exclude: str | None = None) -> str | None:
+    """The first linear module whose relative name ends with `suffix` (at a dot boundary), optionally inside
+    `within` and outside `exclude`."""
+    for n, m in rel_names.items():
+        if not is_projection(m) or (within and not n.startswith(within + ".")):
+            continue
+        if exclude and (n == exclude or n.startswith(exclude + ".")):
+            continue
+        if n == suffix or n.endswith("." + suffix):
+            return n
+    return None
+
+
+class Architecture:
+    """The parts of one model; names are full module paths (`model.get_submodule(name)`)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.layers_name = self._find_layers()
+        self.blocks = [self._find_block(i) for i in range(len(self.layers()))]
+        emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        if not isinstance(emb, nn.Embedding):
+            raise self._refuse("the input embedding (get_input_embeddings() is "
+                               f"{type(emb).__name__ if emb is not None else 'missing'})")
+        self.hidden_size = emb.embedding_dim
+        names = {id(m): n for n, m in model.named_modules()}
+        self.embedding = names[id(emb)]
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self.head = names.get(id(head)) if head is not None else None
+        self.tied = head is not None and getattr(head, "weight", None) is emb.weight
+        self._check_heads()
+
+    # ------------------------------------------------------------------ discovery
+    def _refuse(self, part: str) -> UnsupportedModelError:
+        return UnsupportedModelError(
+            f"cannot map the layout of {type(self.model).__name__}: found no {part}; the suite finds blocks, "
+            "attention projections (q/k/v or fused qkv) and MLP projections (gate/up/down, gate_up/down or "
+            "fc_in/fc_out) by structure (compress/architecture.py lists the names it probes)")
+
+    def _find_layers(self) -> str:
+        best, best_params = None, -1
+        for name, m in self.model.named_modules():
+            if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(b) for b in m}) != 1:
+                continue
+            if sum(is_linear(x) for x in m[0].modules()) < 2:
+                continue
+            params = sum(p.numel() for p in m.parameters())
+            if params > best_params:
+                best, best_params = name, params
+        if best is None:
+            raise self._refuse("block list (a ModuleList of identical blocks holding linear layers)")
+        return best
+
+    def _find_block(self, i: int) -> Block:
+        prefix = f"{self.layers_name}.{i}"
+        block = self.layers()[i]
+        rel = {n: m for n, m in block.named_modules() if n}
+        attn = self._find_attention(prefix, rel, i)
+        mlp = self._find_mlp(prefix, rel, attn, i)
+        skip = {attn.q_norm, attn.k_norm}
+        norms = [f"{prefix}.{n}" for n, m in rel.items() if is_norm(m) and f"{prefix}.{n}" not in skip]
+        return Block(prefix, attn, mlp, norms)
+
+    def _find_attention(self, prefix: str, rel: dict, i: int) -> Attention:
+        q = k = v = qkv = None
+        layout = "separate"
+        for qn, kn, vn in SEPARATE_QKV:
+            q = _rel(rel, qn)
+            if q:
+                parent = q.rpartition(".")[0]
+                k, v = _rel(rel, kn, parent), _rel(rel, vn, parent)
+                if parent and k and v:
+                    break
+            q = None
+        if q is None:
+            for name, lay in FUSED_QKV.items():
+                qkv = _rel(rel, name)
+                if qkv:
+                    layout = lay
+                    break
+        if q is None and qkv is None:
+            raise self._refuse(f"attention projections in block {i} (q/k/v: "
+                               f"{', '.join('/'.join(t) for t in SEPARATE_QKV)}; fused: {', '.join(FUSED_QKV)})")
+        root = (q or qkv).split(".")[0]  # the block's child holding attention
+        taken = {q, k, v, qkv}
+        o = next((n for cand in ATTN_OUT if (n := _rel(rel, cand, root)) and n not in taken), None)
+        if o is None:
+            raise self._refuse(f"attention output projection in block {i} (looked for {', '.join(ATTN_OUT)} "
+                               f"under {prefix}.{root})")
+        qn_, kn_ = None, None
+        for a, b in QK_NORMS:
+            mods = {n: m for n, m in rel.items() if n.startswith(root + ".")}
+            qn_ = next((n for n in mods if n.endswith("." + a)), None)
+            kn_ = next((n for n in mods if n.endswith("." + b)), None)
+            if qn_ and kn_:
+                break
+        full = lambda n: f"{prefix}.{n}" if n else None  # noqa: E731
+        return Attention(full(root), full(q), full(k), full(v), full(qkv), layout, full(o), full(qn_), full(kn_))
+
+    def _find_mlp(self, prefix: str, rel: dict, attn: Attention, i: int) -> MLP:
+        root = attn.name[len(prefix) + 1:]
+        found = None
+        for kind, table in (("gated", GATED), ("fused_gated", FUSED_GATED), ("plain", PLAIN)):
+            for names in table:
+                got = [_rel(rel, n, exclude=root) for n in names]
+                if all(got):
+                    found = kind, got
+                    break
+            if found:
+                break
+        if found is None:
+            raise self._refuse(f"MLP projections in block {i} (gated: gate_proj/up_proj/down_proj; fused: "
+                               f"gate_up_proj/down_proj; plain: {', '.join('/'.join(p) for p in PLAIN)})")
+        kind, got = found
+        parts = [n.split(".") for n in got]
+        common = []
+        for segs in zip(*[p[:-1] for p in parts]):
+            if len(set(segs)) != 1:
+                break
+            common.append(segs[0])
+        name = ".".join([prefix, *common])
+        holder = self.model.get_submodule(f"{prefix}.{got[0]}".rpartition(".")[0])
+        act = next((getattr(holder, a) for a in ACTIVATIONS if isinstance(getattr(holder, a, None), nn.Module)), None)
+        return MLP(name, [f"{prefix}.{n}" for n in got[:-1]], f"{prefix}.{got[-1]}", kind, act)
+
+    def _check_heads(self) -> None:
+        for i in range(len(self.blocks)):
+            hd, o_in = self.head_dim(), features(self.module(self.blocks[i].attn.o))[0]
+            if not hd or o_in % hd:
+                raise self._refuse(f"head layout in block {i}: attention output width {o_in} is not a multiple "
+                                   f"of head_dim {hd} (config: num_attention_heads / head_dim)")
+
+    # ------------------------------------------------------------------ blocks
+    def module(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def layers(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.layers_name)
+
+    def num_layers(self) -> int:
+        return len(self.layers())
+
+    def layer_name(self, i: int) -> str:
+        return f"{self.layers_name}.{i}"
+
+    # ------------------------------------------------------------------ MLP
+    def mlp_name(self, i: int) -> str:
+        return self.blocks[i].mlp.name
+
+    def mlp_in(self, i: int) -> list[str]:
+        return list(self.blocks[i].mlp.ins)
+
+    def mlp_out(self, i: int) -> str:
+        return self.blocks[i].mlp.out
+
+    def mlp_act(self, i: int) -> nn.Module | None:
+        return self.blocks[i].mlp.act
+
+    def mlp_kind(self, i: int) -> str:
+        return self.blocks[i].mlp.kind
+
+    def mlp_width(self, i: int) -> int:
+        return features(self.module(self.mlp_out(i)))[0]
+
+    @property
+    def intermediate_field(self) -> str:
+        """The config field holding the MLP width (whichever of the known names the config has)."""
+        d = self.model.config.to_dict()
+        width = self.mlp_width(0)
+        have = [f for f in MLP_WIDTH_FIELDS if f in d]
+        return next((f for f in have if d[f] == width), have[0] if have else "intermediate_size")
+
+    # ------------------------------------------------------------------ attention
+    def attn(self, i: int) -> Attention:
+        return self.blocks[i].attn
+
+    def attn_name(self, i: int) -> str:
+        return self.blocks[i].attn.name
+
+    def attn_out(self, i: int) -> str:
+        return self.blocks[i].attn.o
+
+    def head_dim(self) -> int:
+        c = self.model.config
+        hd = getattr(c, "head_dim", None)
+        if isinstance(hd, int) and hd > 0:
+            return hd
+        heads = getattr(c, "num_attention_heads", None)
+        return c.hidden_size // heads if heads else 0
+
+    def num_heads(self, i: int) -> int:
+        return features(self.module(self.attn_out(i)))[0] // self.head_dim()
+
+    def num_kv_heads(self, i: int) -> int:
+        a, hd = self.attn(i), self.head_dim()
+        if a.qkv_layout == "separate":
+            return features(self.module(a.k))[1] // hd
+        if a.qkv_layout == "per_head":
+            return self.num_heads(i)
+        rows = features(self.module(a.qkv))[1]
+        return (rows - self.num_heads(i) * hd) // (2 * hd)
+
+    def qkv_rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Row indices of q (per q head, [nq, hd]), k and v ([nkv, hd]) in the fused projection's output."""
+        nq, nkv, hd = self.num_heads(i), self.num_kv_heads(i), self.head_dim()
+        layout = self.attn(i).qkv_layout
+        if layout == "per_head":
+            base = torch.arange(nq)[:, None] * 3 * hd + torch.arange(hd)[None, :]
+            return base, base + hd, base + 2 * hd
+        ar = torch.arange(nq * hd + 2 * nkv * hd)
+        return ar[:nq * hd].view(nq, hd), ar[nq * hd:(nq + nkv) * hd].view(nkv, hd), ar[(nq + nkv) * hd:].view(nkv, hd)
+
+    def qkv_weights(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k, v weights as [out, in] whatever the layout."""
+        a = self.attn(i)
+        if a.qkv_layout == "separate":
+            return tuple(linear_weight(self.module(n)) for n in (a.q, a.k, a.v))
+        w = linear_weight(self.module(a.qkv))
+        return tuple(w[r.reshape(-1)] for r in self.qkv_rows(i))
+
+    # ------------------------------------------------------------------ all linear layers in blocks
+    def block_linears(self) -> list[str]:
+        prefix = self.layers_name + "."
+        return [n for n, m in self.model.named_modules() if n.startswith(prefix) and is_linear(m)]
+
+    def outer_norms(self) -> list[str]:
+        """Norms over the hidden width outside the blocks (embedding LayerNorm, final norm)."""
+        prefix = self.layers_name + "."
+        return [n for n, m in self.model.named_modules() if is_norm(m) and not n.startswith(prefix)
+                and m.weight.shape == (self.hidden_size,)]
+
+    def describe(self) -> dict:
+        b = self.blocks[0]
+        return {"blocks": f"{self.layers_name} ({self.num_layers()})", "attention": b.attn.qkv_layout,
+                "qk_norm": b.attn.q_norm is not None, "mlp": b.mlp.kind, "heads": self.num_heads(0),
+                "kv_heads": self.num_kv_heads(0), "head_dim": self.head_dim(), "hidden": self.hidden_size,
+                "head": self.head, "tied": self.tied}
+
+
+def find(model: nn.Module) -> Architecture:
+    """The model's parts, or UnsupportedModelError naming the part that could not be found."""
+    return Architecture(model)
+
+
+def build_from_config(model_cls, config) -> nn.Module:
+    """`model_cls(config)` without weights (meta device) where possible; on the CPU where building needs real
+    values (GPT-2 / BERT with `pruned_heads` run prune_heads at init, which meta tensors cannot)."""
+    config = copy.deepcopy(config)
+    try:
+        with torch.device("meta"):
+            return model_cls(config)
+    except NotImplementedError:
+        with torch.no_grad():
+            return model_cls(config)
+
+
+def rebuild_mismatch(model: nn.Module) -> str | None:
+    """Build the model's class from its (edited) config on the meta device and compare every parameter's
+    shape with the model's: None when a stock `from_pretrained` rebuilds this structure, else the first
+    difference ("name: (a, b) from the config, (c, d) in the model")."""
+    fresh = build_from_config(type(model), model.config)
+    have = dict(model.state_dict())
+    for name, t in fresh.state_dict().items():
+        if name in have and tuple(have[name].shape) != tuple(t.shape):
+            return f"{name}: {tuple(t.shape)} from the config, {tuple(have[name].shape)} in the model"
+    return None

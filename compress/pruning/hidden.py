@@ -1,0 +1,141 @@
+"""Hidden-width pruning (Minitron-style): remove channels of the residual stream everywhere at once.
+
+A hidden channel j lives in: every embedding table's column j (token, position, token type), every norm's
+weight / bias entry j (in the blocks and outside: embedding LayerNorm, final norm), input column j of every
+projection reading the residual stream (q/k/v or fused qkv, the MLP's input projections, the LM head or a
+classifier's first layer), output row j of every projection writing it (attention output, MLP output, a
+pooler). Head_dim and head counts stay; the config's hidden_size follows, with head_dim written explicitly,
+so a stock config rebuilds the model where its attention reads head_dim from the config (Llama, Qwen2/3,
+Mistral, Gemma, Phi-3). Families that derive head_dim from hidden_size (GPT-2, GPT-NeoX, BERT-style
+encoders) are refused before any work.
+
+Importance (`activation`): the mean |value| of each channel at the output of every hidden-width norm over the
+calibration tokens, summed over norms (Minitron's LayerNorm-activation criterion); `magnitude`: the L2 norm
+of the channel's embedding column and of every reading projection's input column."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..architecture import Architecture, build_from_config, find, is_linear, rebuild_mismatch
+from ..errors import UnsupportedModelError
+from .arch import linear_weight, out_features, set_module
+from .width import select_rows
+
+
+def config_expresses(model: nn.Module, ad: Architecture, new_hidden: int) -> bool:
+    """Does a config with this hidden size (and head_dim explicit) keep every head's shape?"""
+    cfg = copy.deepcopy(model.config)
+    hd, n_q, n_kv = ad.head_dim(), ad.num_heads(0), ad.num_kv_heads(0)
+    cfg.hidden_size, cfg.head_dim = new_hidden, hd
+    try:
+        fresh = find(build_from_config(type(model), cfg))
+    except Exception:  # noqa: BLE001 - a config that cannot even build this way cannot express it
+        return False
+    return (fresh.head_dim(), fresh.num_heads(0), fresh.num_kv_heads(0)) == (hd, n_q, n_kv)
+
+
+def hidden_readers_writers(model: nn.Module, ad: Architecture) -> tuple[list[str], list[str]]:
+    """(projections whose input is hidden-wide, projections whose output is), blocks by role, the rest by shape."""
+    reads, writes = [], []
+    for b in ad.blocks:
+        reads += b.attn.inputs + b.mlp.ins
+        writes += [b.attn.o, b.mlp.out]
+    prefix = ad.layers_name + "."
+    for n, m in model.named_modules():
+        if not is_linear(m) or n.startswith(prefix):
+            continue
+        if out_features(m, inputs=True) == ad.hidden_size:
+            reads.append(n)
+        if out_features(m) == ad.hidden_size:
+            writes.append(n)
+    return reads, writes
+
+
+def embeddings(model: nn.Module, ad: Architecture) -> list[str]:
+    prefix = ad.layers_name + "."
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Embedding) and not n.startswith(prefix)
+            and m.embedding_dim == ad.hidden_size]
+
+
+def norms(ad: Architecture) -> list[str]:
+    return [n for b in ad.blocks for n in b.norms] + ad.outer_norms()
+
+
+def magnitude_scores(model: nn.Module, ad: Architecture) -> torch.Tensor:
+    reads, _ = hidden_readers_writers(model, ad)
+    total = torch.zeros(ad.hidden_size, dtype=torch.float64)
+    for n in reads:
+        total += linear_weight(model.get_submodule(n)).detach().double().pow(2).sum(0)
+    for n in embeddings(model, ad):
+        total += model.get_submodule(n).weight.detach().double().pow(2).sum(0)
+    return total.sqrt()
+
+
+def activation_scores(model: nn.Module, ad: Architecture, batches: list[dict], task: str, device=None) -> torch.Tensor:
+    from .importance import _forward, _hooks, on_device
+
+    total = torch.zeros(ad.hidden_size, dtype=torch.float64)
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def hook(mod, args, output):
+        y = (output[0] if isinstance(output, tuple) else output).detach().float()
+        y = y.reshape(-1, y.shape[-1])
+        if mask_now[0] is not None and mask_now[0].numel() == y.shape[0]:
+            y = y[mask_now[0].reshape(-1).bool().to(y.device)]
+        total.add_(y.abs().mean(0).double().cpu())
+
+    handles = [model.get_submodule(n).register_forward_hook(hook) for n in norms(ad)]
+    with on_device(model, device), _hooks(handles), torch.no_grad():
+        for batch in batches:
+            mask_now[0] = batch.get("attention_mask")
+            _forward(model, batch, task)
+    return total
+
+
+def prune_hidden(model: nn.Module, ad: Architecture, keep: list[int], stock: bool = True) -> None:
+    """Keep hidden channels `keep` (sorted) everywhere; with `stock`, the config's hidden_size (and head_dim)
+    follow, else the config is left as it is (see `hidden_width` entries)."""
+    idx = torch.tensor(sorted(keep))
+    hd = ad.head_dim()
+    reads, writes = hidden_readers_writers(model, ad)
+    head = model.get_output_embeddings() if ad.head else None
+    for n in embeddings(model, ad):
+        emb = model.get_submodule(n)
+        emb.weight = nn.Parameter(emb.weight.detach()[:, idx].clone())
+        emb.embedding_dim = len(idx)
+    for n in norms(ad):
+        m = model.get_submodule(n)
+        m.weight = nn.Parameter(m.weight.detach()[idx].clone())
+        if getattr(m, "bias", None) is not None:
+            m.bias = nn.Parameter(m.bias.detach()[idx].clone())
+        if isinstance(getattr(m, "normalized_shape", None), tuple):
+            m.normalized_shape = (len(idx),)
+    for n in dict.fromkeys(reads + writes):
+        if ad.tied and n == ad.head:
+            continue  # shares the embedding's (already sliced) weight: re-tied below
+        m = model.get_submodule(n)
+        if n in writes:
+            m = select_rows(m, idx, 0)
+        if n in reads:
+            m = select_rows(m, idx, 1)
+        set_module(model, n, m)
+    if ad.tied and head is not None:
+        head.weight = model.get_input_embeddings().weight
+        if hasattr(head, "in_features"):
+            head.in_features = len(idx)
+    if not stock:
+        return
+    cfg = model.config
+    cfg.hidden_size = len(idx)
+    cfg.head_dim = hd
+    mismatch = rebuild_mismatch(model)
+    if mismatch:  # config_expresses said yes, so this is a part the layer did not find
+        raise UnsupportedModelError(f"prune targets hidden: the pruned model does not match its config ({mismatch})")
+
+
+def apply_hidden_width(model: nn.Module, entry: dict) -> None:
+    """Structure entry `hidden_width`: every hidden-wide part resized to the recorded width (weights load next)."""
+    prune_hidden(model, find(model), list(range(entry["size"])), stock=False)

@@ -1,0 +1,185 @@
+"""Every model family the architecture layer maps, as a tiny random model built here, through every pass:
+distill (keep-layers student) -> prune layers -> prune heads -> prune MLP -> prune hidden width -> lowrank ->
+export -> int8, one chain per family and task. Every checkpoint of the chain is reloaded in ONE fresh process
+(compress.load, and plain from_pretrained where the structure is stock) and must give the in-memory model's
+outputs; the ONNX export must give torch's greedy tokens (decoders) or outputs (encoders). Fused projections
+(Phi-3's qkv_proj / gate_up_proj, GPT-NeoX's per-head query_key_value) are checked exactly on dead structure.
+An unknown layout is refused through the CLI with exit 2 and the part it could not find."""
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+import compress
+from family_cases import (IDS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
+from tiny_models import ENCODERS, tiny_family
+
+CHAIN = ("distill", "layers", "heads", "mlp", "hidden", "lowrank")
+CASES = cases()
+ID = [f"{f}-{t}" for f, t in CASES]
+
+
+@pytest.fixture(scope="module")
+def chains(tmp_path_factory):
+    """(family, task) -> the chain's artifacts and checkpoint paths; all torch checkpoints reloaded at once."""
+    root = tmp_path_factory.mktemp("families")
+    built = {}
+    for fam, task in CASES:
+        ctx = context(task, root / "scratch")
+        a = artifact(fam, task)
+        steps = [("source", a, None)]
+        for key in CHAIN:
+            a = run_pass(key, a, ctx, fam)
+            steps.append((key, a, str(save(a, root / f"{fam}-{task}-{len(steps)}-{key}"))))
+        onnx_path = save(run_pass("export", a, ctx, fam), root / f"{fam}-{task}-export")
+        int8 = run_pass("int8", compress.load(onnx_path), ctx, fam)
+        built[(fam, task)] = {"steps": steps, "export": onnx_path, "int8": int8,
+                              "int8_path": save(int8, root / f"{fam}-{task}-int8")}
+    fresh = fresh_outputs([(p, not a.structure) for b in built.values() for _, a, p in b["steps"][1:]])
+    return built, fresh
+
+
+@pytest.mark.parametrize("fam,task", CASES, ids=ID)
+def test_every_pass_reloads_and_matches(chains, fam, task):
+    built, fresh = chains
+    steps = built[(fam, task)]["steps"]
+    for (_, before, _), (key, out, path) in zip(steps, steps[1:]):
+        got = fresh[path]
+        assert "error" not in got, (key, got.get("error"))
+        expected = outputs(out.model)
+        torch.testing.assert_close(torch.tensor(got["load"]), expected, atol=1e-5, rtol=1e-5, msg=key)
+        if not out.structure:  # stock: plain from_pretrained rebuilds it
+            torch.testing.assert_close(torch.tensor(got["plain"]), expected, atol=1e-5, rtol=1e-5, msg=key)
+        n_before = sum(p.numel() for p in before.model.parameters())
+        assert sum(p.numel() for p in out.model.parameters()) < n_before, f"{key} removed nothing"
+    final = steps[-1][1]
+    from compress.architecture import find
+
+    arch, src = find(final.model), find(steps[0][1].model)
+    assert arch.num_layers() == 2  # 4 -> keep 3 (distill) -> drop 1 (depth)
+    assert arch.num_heads(0) == src.num_heads(0) // 2 and arch.head_dim() == src.head_dim()
+    assert arch.mlp_width(0) == src.mlp_width(0) // 2
+    assert arch.hidden_size == src.hidden_size - (8 if src.hidden_size == 32 else 16)  # 25% -> round_to 8
+    assert any(e["type"] == "lowrank" for e in final.structure)
+    stock_hidden = fam not in ("gpt2", "gpt_neox", *ENCODERS)  # configs that carry head_dim
+    assert any(e["type"] == "hidden_width" for e in final.structure) != stock_hidden
+    if stock_hidden:
+        assert final.model.config.hidden_size == arch.hidden_size
+
+
+@pytest.mark.parametrize("fam,task", CASES, ids=ID)
+def test_export_matches_torch_and_int8_reloads(chains, fam, task):
+    built, _ = chains
+    b = built[(fam, task)]
+    final = b["steps"][-1][1]
+    assert check_onnx(final.model, compress.load(b["export"]), task) is None
+    assert b["int8"].info["discrepancy"]["passed"]
+    back = compress.load(b["int8_path"])
+    assert back.kind == "onnx" and back.quantization["method"] == "ort-int8-dynamic"
+
+
+# ---------------------------------------------------------------------- fused projections: exact on dead structure
+def _dead(model, fam: str, kind: str):
+    from compress.architecture import find
+
+    arch = find(model)
+    hd = arch.head_dim()
+    with torch.no_grad():
+        for i, b in enumerate(arch.blocks):
+            if kind == "heads":  # KV group 1 (query heads 2, 3) / heads 1 and 3 contribute nothing
+                dead = [2, 3] if arch.num_kv_heads(i) < arch.num_heads(i) else [1, 3]
+                o = model.get_submodule(b.attn.o)
+                for h in dead:
+                    o.weight[:, h * hd:(h + 1) * hd] = 0
+            else:  # MLP channels 0..31 dead
+                model.get_submodule(b.mlp.out).weight[:, :32] = 0
+
+
+@pytest.mark.parametrize("fam", ["phi3", "gpt_neox", "qwen3"])
+@pytest.mark.parametrize("kind", ["heads", "mlp"])
+def test_fused_and_normed_projections_prune_exactly(fam, kind, tmp_path):
+    a = artifact(fam, "causal-lm")
+    _dead(a.model, fam, kind)
+    ref = outputs(a.model)
+    out = run_pass(kind, a, context("causal-lm", tmp_path))
+    torch.testing.assert_close(outputs(out.model), ref, atol=1e-5, rtol=1e-5)
+    if kind == "heads" and fam == "phi3":  # q, k and v rows of the kept group moved together
+        cfg = out.model.config
+        assert (cfg.num_attention_heads, cfg.num_key_value_heads) == (2, 1)
+        assert out.model.model.layers[0].self_attn.qkv_proj.out_features == (2 + 2 * 1) * 8
+    if kind == "mlp" and fam == "phi3":  # gate and up channels moved together
+        assert out.model.model.layers[0].mlp.gate_up_proj.out_features == 2 * 32
+        assert out.model.config.intermediate_size == 32
+
+
+def test_hidden_width_activation_keeps_the_used_channels(tmp_path):
+    """Channels of the residual stream that nothing writes and nothing reads are the ones removed."""
+    a = artifact("llama", "causal-lm")
+    m = a.model
+    dead = list(range(8))
+    for mod in m.modules():  # no epsilon, so the RMSNorm rescaling below is exact
+        if hasattr(mod, "variance_epsilon"):
+            mod.variance_epsilon = 0.0
+    with torch.no_grad():
+        m.model.embed_tokens.weight[:, dead] = 0
+        for layer in m.model.layers:
+            layer.self_attn.o_proj.weight[dead] = 0
+            layer.mlp.down_proj.weight[dead] = 0
+    ref = outputs(m)
+    out = run_pass("hidden", a, context("causal-lm", tmp_path))
+    assert out.model.config.hidden_size == 24 and out.model.config.head_dim == 8
+    assert out.info["hidden"]["mode"] == "config" and out.structure == []
+    # RMSNorm now averages over 24 channels instead of 32 (the dead ones were zero): a known rescaling
+    assert all(mod.weight.shape == (24,) for n, mod in out.model.named_modules() if n.endswith("norm"))
+    scale = (32 / 24) ** 0.5
+    with torch.no_grad():
+        for n, mod in out.model.named_modules():
+            if "norm" in n.rsplit(".", 1)[-1]:
+                mod.weight.mul_(scale)
+    torch.testing.assert_close(outputs(out.model), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- refusal
+def test_unknown_layout_is_refused_through_the_cli(tmp_path, capsys):
+    from transformers import MambaConfig, MambaForCausalLM
+
+    from pipelines.cli import main
+    from tiny_models import tiny_tokenizer
+
+    model = MambaForCausalLM(MambaConfig(vocab_size=384, hidden_size=32, state_size=4, num_hidden_layers=2))
+    model.save_pretrained(tmp_path / "mamba")
+    tiny_tokenizer().save_pretrained(tmp_path / "mamba")
+    cfg = {"name": "mamba", "model": {"source": str(tmp_path / "mamba")}, "task": "causal-lm",
+           "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 2000, "seq_len": 16}},
+           "passes": [{"prune": {"targets": ["mlp"], "importance": "magnitude"}}]}
+    path = tmp_path / "mamba.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["run", str(path), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "cannot map the layout of MambaForCausalLM: found no attention projections in block 0" in err
+
+
+def test_unmapped_family_names_the_part():
+    from compress.architecture import find
+    from compress.errors import UnsupportedModelError
+
+    m = tiny_family("llama")
+    for layer in m.model.layers:  # an MLP under names the layer does not know
+        layer.mlp.w_in, layer.mlp.w_out = layer.mlp.gate_proj, layer.mlp.down_proj
+        del layer.mlp.gate_proj, layer.mlp.up_proj, layer.mlp.down_proj
+    with pytest.raises(UnsupportedModelError, match="found no MLP projections in block 0"):
+        find(m)
+    assert IDS.shape == (2, 10)
+
+
+def test_hidden_options_are_checked():
+    from compress import passes
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="apply to targets: \\[hidden\\]"):
+        passes.get("prune")(targets=["mlp"], hidden_size=16)
+    with pytest.raises(ConfigError, match="one of hidden_size, hidden_ratio"):
+        passes.get("prune")(targets=["hidden"], hidden_size=16, hidden_ratio=0.5)
+    with pytest.raises(ConfigError, match="taylor is not offered"):
+        passes.get("prune")(targets=["hidden"], importance="taylor").run(artifact("llama", "causal-lm"), None)
