@@ -1,6 +1,7 @@
-"""compress.fused: the hand-written ONNX decoders (Llama family incl. Mistral's and Qwen2's sliding window; GPT-2)
-match torch (logits and greedy tokens), keep a small constant node count per block, and follow the modules' own
-widths (depth / width / head pruning, low-rank layers)."""
+"""compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
+packed projections and Gemma; GPT-2) match torch (logits and greedy tokens), keep a small constant node count per
+block, follow the modules' own widths (depth / width / head pruning, low-rank layers), and are chosen by
+structure, not by model_type."""
 import numpy as np
 import onnx
 import pytest
@@ -332,5 +333,108 @@ def test_gpt2_low_rank_embedding_is_refused(tmp_path):
 
     model = tiny_gpt2()
     model.transformer.wte = LowRankEmbedding(VOCAB, 64, rank=8)
-    with pytest.raises(UnsupportedModelError, match="wte is a LowRankEmbedding"):
+    with pytest.raises(UnsupportedModelError, match="is LowRankEmbedding"):
         build_fused(model, tmp_path)
+
+
+# ---------------------------------------------------------------------- chosen by structure, not model_type
+def assert_matches_torch(model, path, n: int = 8):
+    edge = EdgeModel(path, threads=1)
+    assert_logits_match(model, edge, prompt())
+    with torch.no_grad():
+        ref = model.generate(prompt(), attention_mask=torch.ones_like(prompt()), max_new_tokens=n, do_sample=False)
+    want = ref[:, 10:].numpy()
+    assert len(set(want.ravel().tolist())) > 2  # tokens that vary, so the comparison means something
+    np.testing.assert_array_equal(greedy(edge, prompt().numpy(), n), want)
+
+
+def test_llama_shaped_model_under_an_unknown_model_type_is_written_fused(tmp_path):
+    model = tiny()
+    model.config.model_type = "my-llama"  # a family the suite has never heard of, Llama's layout
+    figures = build_fused(model, tmp_path)
+    assert figures["max_nodes_per_block"] <= 11 and figures["ops"]["GroupQueryAttention"] == LAYERS
+    assert_matches_torch(model, tmp_path)
+
+
+def tiny_phi3(**overrides):
+    from transformers import Phi3Config, Phi3ForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15,
+               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(overrides)
+    return Phi3ForCausalLM(Phi3Config(**cfg)).eval()
+
+
+def test_phi3_packed_qkv_and_gate_up(tmp_path):
+    """Phi-3's qkv_proj is already [q | k | v] (one MatMul into GQA); its gate_up_proj is one MatMul and a
+    Split. longrope (cos/sin depend on the sequence length) is refused."""
+    model = tiny_phi3()
+    figures = build_fused(model, tmp_path)
+    assert figures["max_nodes_per_block"] == 11  # + Split, - the second MLP MatMul
+    assert figures["ops"]["MatMul"] == 4 * LAYERS + 1 and figures["ops"]["Split"] == LAYERS
+    assert_matches_torch(model, tmp_path)
+
+    longrope = tiny_phi3(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
+                         original_max_position_embeddings=64)
+    with pytest.raises(UnsupportedModelError, match="rope type 'longrope'"):
+        build_fused(longrope, tmp_path / "longrope")
+
+
+def test_gemma_scaled_embeddings_offset_norms_and_tanh_gelu(tmp_path):
+    """Gemma: embeddings times sqrt(hidden) (a Mul after the Gather: the tied head reads the unscaled table),
+    RMSNorm times (1 + weight) (folded into the weight), gelu_pytorch_tanh (FastGelu), explicit head_dim."""
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, max_position_embeddings=128, initializer_range=0.3,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    with torch.no_grad():  # norm weights away from Gemma's 0 (= scale 1), so that a missed +1 would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0, 0.3)
+    figures = build_fused(model, tmp_path)
+    assert figures["tied_embeddings"] and figures["max_nodes_per_block"] == 10  # FastGelu for Sigmoid + Mul
+    assert figures["ops"]["FastGelu"] == LAYERS and figures["ops"]["Mul"] == LAYERS + 1  # act * up; the embedding scale
+    assert_matches_torch(model, tmp_path)
+
+
+def test_erf_gelu_exports_and_other_activations_are_refused(tmp_path):
+    model = tiny(hidden_act="gelu")
+    figures = build_fused(model, tmp_path / "gelu")
+    assert figures["ops"]["Gelu"] == LAYERS
+    assert_logits_match(model, EdgeModel(tmp_path / "gelu", threads=1), prompt())
+    with pytest.raises(UnsupportedModelError, match="activation 'relu'"):
+        build_fused(tiny(hidden_act="relu"), tmp_path / "relu")
+
+
+def test_layout_no_writer_handles_is_refused_naming_the_part(tmp_path):
+    """GPT-NeoX: plain MLP (the GPT-2 writer's) but q/k/v packed per head: refused, naming query_key_value."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"attention gpt_neox\.layers\.0\.attention\.query_key_value "
+                                                    "packs q/k/v per head"):
+        build_fused(model, tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def test_parallel_residual_block_is_refused(tmp_path, monkeypatch):
+    """The module tree cannot tell a parallel residual (x + attn(norm(x)) + mlp(norm(x))) from Llama's; the probe
+    run of block 0 can: refused rather than written wrong."""
+    from transformers.models.llama import modeling_llama
+
+    def parallel(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                 use_cache=False, cache_position=None, position_embeddings=None, **kwargs):
+        a, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), attention_mask=attention_mask,
+                              position_ids=position_ids, past_key_values=past_key_values,
+                              cache_position=cache_position, position_embeddings=position_embeddings, **kwargs)
+        return hidden_states + a + self.mlp(self.post_attention_layernorm(hidden_states))
+
+    monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", parallel)
+    with pytest.raises(UnsupportedModelError, match="parallel residual"):
+        build_fused(tiny(), tmp_path)

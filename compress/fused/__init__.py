@@ -1,8 +1,12 @@
-"""Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama, SmolLM2, Mistral incl.
-its sliding window, Qwen2, Qwen3), gpt2.py (GPT-2); graph.py holds what they share.
+"""Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2,
+Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma), gpt2.py (GPT-2-shaped); graph.py holds what they
+share.
 
-`build_fused` picks the writer for a model by its structure; each writer refuses what it cannot write with
-UnsupportedModelError, and the export pass then falls back to optimum (graph: auto) or stops (graph: fused)."""
+`build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
+each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
+falls back to optimum (graph: auto) or stops (graph: fused)."""
+from ..architecture import find
+from ..errors import UnsupportedModelError
 from .gpt2 import build_gpt2, is_gpt2
 from .llama import build_llama
 
@@ -10,11 +14,23 @@ from .llama import build_llama
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
     """Write path/model.onnx for `model` with the writer for its layout; the figures to record.
 
-    GPT-2-shaped models (transformer.h blocks with a packed c_attn) go to the GPT-2 writer, everything else to
-    the Llama writer, which refuses families it does not know."""
-    if is_gpt2(model):
-        return build_gpt2(model, path, max_length=max_length)
-    return build_llama(model, path, max_length=max_length)
+    A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer, a plain MLP with one packed
+    [q | k | v] attention projection to the GPT-2 writer; anything else is refused, naming the part."""
+    try:
+        arch = find(model)
+    except UnsupportedModelError as exc:
+        raise UnsupportedModelError(f"fused export: {exc}") from exc
+    b = arch.blocks[0]
+    if b.mlp.kind in ("gated", "fused_gated"):
+        return build_llama(model, path, max_length=max_length, arch=arch)
+    if is_gpt2(model, arch):
+        return build_gpt2(model, path, max_length=max_length, arch=arch)
+    part = (f"attention {b.attn.qkv} packs q/k/v per head (rows [q k v] of head 0, of head 1, ...)"
+            if b.attn.qkv_layout == "per_head" else f"attention {b.attn.name} has separate q/k/v projections")
+    raise UnsupportedModelError(
+        f"fused export: no writer for the layout of {type(model).__name__}: its MLP {b.mlp.name} is plain "
+        f"({', '.join(b.mlp.ins)} -> {b.mlp.out}) and its {part}; the Llama writer takes a gated MLP, the GPT-2 "
+        "writer a plain MLP with one [q | k | v] packed attention projection")
 
 
 __all__ = ["build_fused", "build_gpt2", "build_llama"]

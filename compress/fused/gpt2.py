@@ -1,4 +1,10 @@
-"""An op-by-op ONNX writer for GPT-2 decoders (transformers' GPT2LMHeadModel), fp32.
+"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel, or any model_type with that
+layout), fp32.
+
+GPT-2-shaped is decided by structure (compress.architecture.find plus graph.py's probe_block), not by
+model_type: one packed [q heads | k heads | v heads] projection (c_attn, Conv1D or Linear), a plain MLP
+(c_fc / c_proj) with a GELU, two LayerNorm pre-norms per block, a final LayerNorm, learned position embeddings
+(a second nn.Embedding outside the blocks) added to the token embeddings, no rotary embedding.
 
 The same approach as llama.py (see its docstring for why), with GPT-2's parts:
 
@@ -37,99 +43,141 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _Graph, _is_linear, _np, _out_features, io_info, is_tied, kv_io, layer_norm, lm_head,
-                    mask_lengths, output_file, save)
+from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, config_activation, io_info,
+                    is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rotary, save)
 
-# activation_function -> the com.microsoft op (bias input folded in): FastGelu = tanh approximation, BiasGelu = erf
-ACTIVATIONS = {"gelu_new": "FastGelu", "gelu_pytorch_tanh": "FastGelu", "gelu_fast": "FastGelu",
-               "gelu": "BiasGelu"}
+# activation (graph.py's names) -> the com.microsoft op (bias input folded in): FastGelu = tanh approximation,
+# BiasGelu = erf
+GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
 # config flag -> the value the writer refuses. The two scalings: torch's eager attention applies them, its sdpa
 # attention does not, so there is no one reference to match. (reorder_and_upcast_attn only changes the order of
 # fp32 operations: it exports, with the same logits.)
 REFUSED = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False, "add_cross_attention": True}
 
 
-def is_gpt2(model) -> bool:
-    """GPT-2-shaped: transformer.h blocks whose attention has a packed c_attn."""
-    blocks = getattr(getattr(model, "transformer", None), "h", None)
-    return blocks is not None and len(blocks) > 0 and hasattr(getattr(blocks[0], "attn", None), "c_attn")
+def is_gpt2(model, arch: Architecture | None = None) -> bool:
+    """GPT-2-shaped at first sight: a plain MLP and one packed [q | k | v] attention projection (the writer
+    checks the rest)."""
+    arch = arch or find(model)
+    b = arch.blocks[0]
+    return b.mlp.kind == "plain" and b.attn.qkv_layout == "blocks"
 
 
-def _check(model) -> None:
+def _positions(model, arch: Architecture) -> str:
+    """The learned position embeddings: the one nn.Embedding of hidden width besides the token table."""
+    found = [n for n, m in model.named_modules() if type(m).__name__ == "Embedding" and n != arch.embedding
+             and m.embedding_dim == arch.hidden_size and not n.startswith(arch.layers_name + ".")]
+    if len(found) != 1:
+        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one learned position embedding (an "
+                                    f"nn.Embedding besides the token table), found {found or 'none'}")
+    return found[0]
+
+
+def _check(model, arch: Architecture) -> dict:
+    """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
     cfg = model.config
-    if cfg.model_type != "gpt2" or not hasattr(model, "lm_head"):
-        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes GPT2LMHeadModel, not {cfg.model_type!r} "
-                                    f"({type(model).__name__})")
     for flag, value in REFUSED.items():
         if bool(getattr(cfg, flag, not value)) == value:
             raise UnsupportedModelError(f"fused export: gpt2 with {flag}={value} is not supported")
-    act = getattr(cfg, "activation_function", "gelu_new")
-    if act not in ACTIVATIONS:
-        raise UnsupportedModelError(f"fused export: gpt2 activation {act!r} is not supported (supported: "
-                                    f"{', '.join(ACTIVATIONS)})")
-    t = model.transformer
-    if type(t.wte).__name__ != "Embedding" or type(t.wpe).__name__ != "Embedding" or not _is_linear(model.lm_head):
-        raise UnsupportedModelError("fused export: gpt2's wte and wpe must be nn.Embedding and lm_head an nn.Linear "
-                                    f"(wte is a {type(t.wte).__name__})")
-    for i, block in enumerate(t.h):
-        if hasattr(block, "crossattention"):
+    for i, b in enumerate(arch.blocks):
+        if b.mlp.kind != "plain" or b.attn.qkv_layout != "blocks":
+            raise UnsupportedModelError(f"fused export: the GPT-2 writer takes a packed [q | k | v] attention and a "
+                                        f"plain MLP; block {i} has {b.attn.qkv_layout} q/k/v and a {b.mlp.kind} MLP")
+        if hasattr(arch.layers()[i], "crossattention"):
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has cross-attention (not supported)")
+        act = activation(arch.mlp_act(i), "gpt2 activation", config_activation(cfg))
+        if act not in GELUS:
+            raise UnsupportedModelError(f"fused export: gpt2 activation {config_activation(cfg) or act!r} is not "
+                                        f"supported (the GPT-2 writer takes the GELUs)")
+    if rotary(model) is not None:
+        raise UnsupportedModelError("fused export: the GPT-2 writer takes learned positions; this model has a "
+                                    "rotary embedding")
+    head = arch.module(arch.head) if arch.head else None
+    if head is None or not _is_linear(head):
+        raise UnsupportedModelError("fused export: gpt2's lm_head must be an nn.Linear, not "
+                                    f"{type(head).__name__ if head is not None else 'missing'}")
+    wpe = arch.module(_positions(model, arch))
+    finals = arch.outer_norms()
+    if len(finals) != 1:
+        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one final norm outside the blocks, "
+                                    f"found {finals or 'none'}")
+    probe = probe_block(model, arch)
+    with torch.no_grad():
+        ids = probe["ids"]
+        want = arch.module(arch.embedding)(ids) + wpe(torch.arange(ids.shape[1], device=ids.device))
+    if not _close(probe["x"], want):
+        raise UnsupportedModelError("fused export: block 0 does not read token + position embeddings (an "
+                                    "embedding scale or norm is not supported by the GPT-2 writer)")
+    return probe
 
 
-def build_gpt2(model, path: Path, *, max_length: int | None = None) -> dict:
-    """Write `model` (a GPT2LMHeadModel, torch) as `path`/model.onnx (+ model.onnx.data).
+def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None) -> dict:
+    """Write `model` (a GPT-2-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data).
 
     `path` is a folder, or a file name ending in .onnx. `max_length` (prompt + generated tokens) cannot exceed
-    the learned positions (n_positions); it is recorded. Returns figures of the graph."""
-    _check(model)
-    cfg, t = model.config, model.transformer
-    positions = t.wpe.weight.shape[0]
+    the learned positions (n_positions); it is recorded. `arch` is compress.architecture.find(model) (found
+    here when not given). Returns figures of the graph."""
+    arch = arch or find(model)
+    probe = _check(model, arch)
+    cfg = model.config
+    wpe_name = _positions(model, arch)
+    wte, wpe, head = arch.module(arch.embedding), arch.module(wpe_name), arch.module(arch.head)
+    positions = wpe.weight.shape[0]
     if max_length and max_length > positions:
         raise UnsupportedModelError(f"fused export: max_length {max_length} exceeds gpt2's {positions} positions")
     out = output_file(path)
     g = _Graph()
-    inputs, outputs = io_info(model.lm_head.out_features)
+    inputs, outputs = io_info(_out_features(head))
     seqlens_k, total_len, total64 = mask_lengths(g)
 
     # token embeddings; position embeddings = wpe[total - S : total] ([S, hidden], broadcast over the batch)
-    tied = is_tied(model.lm_head, t.wte)
-    table = g.const("transformer.wte.weight", _np(t.wte.weight))
+    tied = is_tied(head, wte)
+    table = g.const(f"{arch.embedding}.weight", _np(wte.weight))
     tokens = g.op("Gather", [table, "input_ids"], "/transformer/wte/Gather", axis=0)
     length = g.op("Shape", ["input_ids"], "/transformer/wpe/Shape", start=1, end=2)
     first = g.op("Sub", [total64, length], "/transformer/wpe/Sub")
     axis = g.const("/transformer/constants/INT64/[0]", np.array([0], np.int64))
-    position = g.op("Slice", [g.const("transformer.wpe.weight", _np(t.wpe.weight)), first, total64, axis],
+    position = g.op("Slice", [g.const(f"{wpe_name}.weight", _np(wpe.weight)), first, total64, axis],
                     "/transformer/wpe/Slice")
 
-    act = ACTIVATIONS[getattr(cfg, "activation_function", "gelu_new")]
+    label = config_activation(cfg)
+    head_dim = arch.head_dim()
     pending, residual, bias = tokens, position, None  # block 0's ln_1 adds the two embeddings
-    for i, block in enumerate(t.h):
-        p, attn, mlp = f"/transformer/h.{i}", block.attn, block.mlp
-        head_dim = int(attn.head_dim)
-        width = _out_features(attn.c_attn)
-        n = width // (3 * head_dim)
-        if n == 0 or width != 3 * n * head_dim or head_dim % 8:
+    for i, b in enumerate(arch.blocks):
+        p = f"/transformer/h.{i}"
+        c_attn = arch.module(b.attn.qkv)
+        width, n = _out_features(c_attn), arch.num_heads(i)
+        n_kv = arch.num_kv_heads(i)
+        if n == 0 or n_kv == 0 or n % n_kv or width != (n + 2 * n_kv) * head_dim or head_dim % 8:
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has {n} heads of head_dim {head_dim} "
                                         f"(c_attn width {width}); GroupQueryAttention needs at least one head and "
                                         "head_dim % 8 == 0")
-        x, residual = layer_norm(g, block.ln_1, pending, residual, f"{p}/ln_1", bias)
-        qkv = g.linear(x, [attn.c_attn], f"{p}/attn/c_attn")  # packed [Q heads | K heads | V heads]
-        past, present = kv_io(inputs, outputs, i, n, head_dim)
+        names = [f"{b.name}{nm[len(arch.blocks[0].name):]}" for nm in probe["norms"]]  # block 0's order
+        if sorted(names) != sorted(b.norms):
+            raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
+        ln_1, ln_2 = (arch.module(nm) for nm in names)
+        x, residual = layer_norm(g, ln_1, pending, residual, f"{p}/ln_1", bias)
+        qkv = g.linear(x, [c_attn], f"{p}/attn/c_attn")  # packed [Q heads | K heads | V heads]
+        past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total_len], f"{p}/attn/GQA",
-                 outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n,
+                 outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
                  scale=float(head_dim) ** -0.5, do_rotary=0, local_window_size=-1)[0]
-        y, bias = g.linear(y, [attn.c_proj], f"{p}/attn/c_proj", keep_bias=True)
-        x, residual = layer_norm(g, block.ln_2, y, residual, f"{p}/ln_2", bias)
-        h, bias = g.linear(x, [mlp.c_fc], f"{p}/mlp/c_fc", keep_bias=True)
+        y, bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attn/c_proj", keep_bias=True)
+        x, residual = layer_norm(g, ln_2, y, residual, f"{p}/ln_2", bias)
+        c_fc = arch.module(b.mlp.ins[0])
+        h, bias = g.linear(x, [c_fc], f"{p}/mlp/c_fc", keep_bias=True)
         if bias is None:  # both ops want one
             bias = g.const(f"{p.lstrip('/').replace('/', '.')}.mlp.c_fc.bias",
-                           np.zeros(_out_features(mlp.c_fc), np.float32))
+                           np.zeros(_out_features(c_fc), np.float32))
+        act = GELUS[activation(arch.mlp_act(i), "gpt2 activation", label)]
         h = g.op(act, [h, bias], f"{p}/mlp/act/{act}", domain=MS)
-        pending, bias = g.linear(h, [mlp.c_proj], f"{p}/mlp/c_proj", keep_bias=True)
+        pending, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/c_proj", keep_bias=True)
 
-    x, _ = layer_norm(g, t.ln_f, pending, residual, "/transformer/ln_f", bias, last=True)
-    lm_head(g, x, model.lm_head, table, tied)
-    return save(g, inputs, outputs, out, block_prefix="/transformer/h.", layers=len(t.h), tied_embeddings=tied,
-                cache_length=max_length or positions)
+    x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/transformer/ln_f", bias, last=True)
+    lm_head(g, x, head, table, tied)
+    return save(g, inputs, outputs, out, block_prefix="/transformer/h.", layers=len(arch.blocks),
+                tied_embeddings=tied, cache_length=max_length or positions)

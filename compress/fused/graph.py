@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..errors import UnsupportedModelError
@@ -151,11 +152,134 @@ def lm_head(g: _Graph, x: str, head, table: str, tied: bool, name: str = "/lm_he
         g.nodes[-1].output[0] = "logits"  # the last node writes the graph output
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to rounding (fp32 models; half-precision modules get their own precision's slack)."""
+    tol = 1e-4 if a.dtype == torch.float32 else 2e-2
+    return a.shape == b.shape and torch.allclose(a.float(), b.float(), rtol=tol, atol=tol / 10)
+
+
+def rms_weight(norm, name: str) -> tuple[np.ndarray, float]:
+    """(the weight SimplifiedLayerNormalization multiplies by, epsilon) of an RMSNorm, found by running it:
+    x / rms(x) * weight (Llama) or * (1 + weight) (Gemma: the +1 is folded into the weight). Anything else
+    (a LayerNorm, which subtracts the mean; no weight; no epsilon) is refused."""
+    w = getattr(norm, "weight", None)
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float | int):
+        raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; the writer takes an RMSNorm "
+                                    "(one weight vector, an eps / variance_epsilon)")
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    with torch.no_grad():
+        y = norm(x)
+        base = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    for weight in (w.detach().float(), 1 + w.detach().float()):
+        if _close(y, base * weight):
+            return _np(weight), float(eps)
+    raise UnsupportedModelError(f"fused export: {name} ({type(norm).__name__}) is not an RMSNorm: its output is "
+                                "neither x / rms(x) * weight nor x / rms(x) * (1 + weight)")
+
+
+# activation -> how the writers compute it; recognized by its values, whatever the module's class
+GELU_TANH = lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))  # noqa: E731
+ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": GELU_TANH,
+               "gelu": lambda x: torch.nn.functional.gelu(x)}
+
+
+def activation(act, name: str, label: str | None = None) -> str:
+    """Which of ACTIVATIONS the module `act` computes (compared on [-8, 8]); UnsupportedModelError naming
+    `label` (the config's activation name, else the module's class) otherwise."""
+    label = label or type(act).__name__
+    if isinstance(act, torch.nn.Module):
+        x = torch.linspace(-8, 8, 801)
+        with torch.no_grad():
+            y = act(x).float()
+        for key, fn in ACTIVATIONS.items():
+            if torch.allclose(y, fn(x), rtol=0, atol=1e-5):
+                return key
+    raise UnsupportedModelError(f"fused export: {name} {label!r} is not supported (supported: silu, gelu "
+                                "(erf), gelu with the tanh approximation)")
+
+
+def config_activation(config) -> str | None:
+    """The activation name the config gives (Gemma's hidden_activation wins over its legacy hidden_act)."""
+    return next((v for f in ("hidden_activation", "hidden_act", "activation_function")
+                 if isinstance(v := getattr(config, f, None), str)), None)
+
+
+def rotary(model):
+    """The model's rotary embedding module (the one holding inv_freq; copies per layer must agree), or None."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if any(m.inv_freq.shape != found[0].inv_freq.shape or not torch.equal(m.inv_freq, found[0].inv_freq)
+           or getattr(m, "rope_type", None) != getattr(found[0], "rope_type", None) for m in found[1:]):
+        raise UnsupportedModelError(f"fused export: {type(model).__name__} has rotary embeddings that differ "
+                                    "(per layer or local / global); the writer takes one")
+    return found[0] if found else None
+
+
+class _Stop(Exception):
+    pass
+
+
+def probe_block(model, arch) -> dict:
+    """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
+    input (embedding scale, position embeddings) and how it wires its two norms, attention and MLP. Refuses
+    any block 0 that is not pre-norm sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)) (a parallel
+    residual, post-norms). Returns {"ids", "x" (block 0's input), "norms" (in the order they ran)}."""
+    block, b = arch.layers()[0], arch.blocks[0]
+    norms = [arch.module(n) for n in b.norms]
+    if len(norms) != 2:
+        raise UnsupportedModelError(f"fused export: block {b.name} has {len(norms)} norms over the hidden width "
+                                    f"({', '.join(b.norms) or 'none'}); the writers take two pre-norms")
+    parts = {"attn": arch.module(b.attn.name), "mlp": arch.module(b.mlp.name), **{n: m for n, m in zip(b.norms,
+                                                                                                     norms)}}
+    seen, order = {}, []
+
+    def record(key):
+        def hook(mod, args, kwargs, out):
+            x = args[0] if args else next(iter(kwargs.values()))
+            seen[key] = (x, out[0] if isinstance(out, tuple) else out)
+            order.append(key)
+        return hook
+
+    def stop(mod, args, kwargs, out):
+        seen["block"] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
+        raise _Stop
+
+    emb = arch.module(arch.embedding)
+    ids = torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings
+    handles = [m.register_forward_hook(record(k), with_kwargs=True) for k, m in parts.items()]
+    handles.append(block.register_forward_hook(stop, with_kwargs=True))
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    if "block" not in seen or len(order) != 4:
+        raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
+                                    f"(ran: {', '.join(order) or 'nothing'})")
+    x, out = seen["block"]
+    n1, n2 = (k for k in order if k not in ("attn", "mlp"))
+    a, m = seen["attn"][1], seen["mlp"][1]
+
+    wired = (order == [n1, "attn", n2, "mlp"] and _close(seen[n1][0], x) and _close(seen["attn"][0], seen[n1][1])
+             and _close(seen[n2][0], x + a) and _close(seen["mlp"][0], seen[n2][1]) and _close(out, x + a + m))
+    if not wired:
+        raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
+                                    "mlp(norm(.)) (a parallel residual, post-norms or extra steps); the writers "
+                                    "take pre-norm sequential blocks")
+    return {"ids": ids, "x": x, "norms": [n1, n2]}
+
+
 def rms_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
     """RMSNorm of residual + pending: (normed, the new residual). The first norm has nothing pending; the
     last one's sum is not needed."""
-    weight = g.const(_param(name) + ".weight", _np(norm.weight))
-    eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+    w, eps = rms_weight(norm, name)
+    weight = g.const(_param(name) + ".weight", w)
     if pending is None:
         return g.op("SimplifiedLayerNormalization", [residual, weight], f"{name}/LayerNorm", axis=-1, epsilon=eps,
                     stash_type=1), residual
