@@ -71,10 +71,46 @@ def use_contrib_domain(model) -> None:
         model.opset_import.add(domain="com.microsoft", version=1)
 
 
+# BERT-family encoders whose graphs ONNX Runtime's "bert" optimizer fuses (Attention, SkipLayerNormalization,
+# BiasGelu / FastGelu, EmbedLayerNormalization): `export.optimize: auto` fuses these.
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra", "distilbert", "mpnet")
+# What an encoder graph must contain after fusion for the fusion to count as effective.
+ENCODER_FUSIONS = ("Attention", "SkipLayerNormalization")
+
+
+def fusion_choice(optimize, task: str, model_type: str) -> tuple[bool, str]:
+    """Whether `export.optimize` (true / false / "auto") fuses an optimum graph, and why. auto = on for
+    BERT-family encoders and classifiers (ONNX Runtime's BERT fusions), off for decoders (optimum's decoder
+    graphs gain little: the fused writer is the fast path for those)."""
+    if optimize is True or optimize is False:
+        return optimize, f"optimize: {str(optimize).lower()}"
+    if task == "causal-lm":
+        return False, "optimize: auto leaves optimum's decoder graphs unfused (set optimize: true to fuse)"
+    if model_type not in ENCODER_TYPES:
+        return False, (f"optimize: auto fuses BERT-family encoders ({', '.join(ENCODER_TYPES)}); "
+                       f"{model_type} is not one (set optimize: true to try)")
+    return True, f"optimize: auto (a {model_type} {task} model)"
+
+
+def fusion_notes(fused: dict, task: str) -> list[str]:
+    """Fusions an encoder graph should have had but did not get (empty when all are there)."""
+    if task == "causal-lm":
+        return [] if fused else ["no operator was fused"]
+    missing = [op for op in ENCODER_FUSIONS if not fused.get(op)]
+    if not missing:
+        return []
+    return [f"the fusion left no {op} in the graph: ONNX Runtime's optimizer did not recognize the pattern, so "
+            "those ops run unfused" for op in missing]
+
+
 def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: int,
-                   external: str = "auto", max_positions: int | None = None) -> dict:
+                   external: str = "auto", max_positions: int | None = None, task: str | None = None) -> dict:
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
-    place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0)."""
+    place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0).
+
+    Returns the optimizer's model type, `fused_operators` (fused op type -> count, from the optimizer),
+    `op_counts` (contrib op type -> count in the written graph) and `notes` (expected fusions that did not
+    happen; see fusion_notes) when `task` is given."""
     from onnxruntime.transformers.optimizer import optimize_model
 
     mt = _OPTIMIZER_TYPES.get(model_type, "bert")
@@ -83,8 +119,17 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     fused = {k: v for k, v in (opt.get_fused_operator_statistics() or {}).items() if v}
     use_contrib_domain(opt.model)  # the fused ops' domain
     trimmed = _trim_rotary_caches(opt.model, max_positions) if max_positions else 0
+    contrib: dict[str, int] = {}
+    for node in opt.model.graph.node:
+        if node.domain == "com.microsoft":
+            contrib[node.op_type] = contrib.get(node.op_type, 0) + 1
     save_model(opt.model, folder, external)
-    return {"optimizer_model_type": mt, "fused_operators": fused, **({"rotary_cache_rows": trimmed} if trimmed else {})}
+    out = {"optimizer_model_type": mt, "fused_operators": fused, "op_counts": dict(sorted(contrib.items())),
+           "nodes": len(opt.model.graph.node),
+           **({"rotary_cache_rows": trimmed} if trimmed else {})}
+    if task is not None:
+        out["notes"] = fusion_notes(fused, task)
+    return out
 
 
 def _trim_rotary_caches(model, max_positions: int) -> int:

@@ -178,13 +178,54 @@ def test_fused_graph_quantizes_to_matmulnbits_with_one_int8_table(tmp_path):
     assert EdgeModel(out.onnx_dir).shared_cache  # the quantized graph keeps the copy-free loop
 
 
+def test_auto_writes_a_fused_gpt2_graph_that_quantizes_to_matmulnbits(tmp_path):
+    """tiny_gpt2's head_dim 8 is what GroupQueryAttention takes without rotary: auto writes the fused graph
+    (9 nodes per block, the copy-free loop, torch's greedy tokens); int8 and int4 MatMulNBits then make the
+    tied wte one int8 table (GatherBlockQuantized + an 8-bit MatMulNBits head); int8 keeps the tokens close
+    (4 bits of random weights do not: only the error's size is checked there)."""
+    from collections import Counter
+
+    model = tiny_gpt2(initializer_range=0.3)  # GPT-2's 0.02 makes a tied head repeat the last token
+    path, _ = export("gpt2", tmp_path, model=model)
+    info = load(path).info
+    assert info["graph"] == "fused" and info["fused"]["max_nodes_per_block"] == 9 and info["nodes"] <= 9 * 4 + 12
+    assert info["discrepancy"]["max_abs_error"] < 1e-4 and info["discrepancy"]["decode_max_abs_error"] < 1e-4
+    edge = EdgeModel(path)
+    assert edge.shared_cache
+    ids = torch.randint(5, 384, (1, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(edge.generate(ids.numpy(), 8), ref.numpy())
+    assert len(set(ref[0, 9:].tolist())) > 2
+
+    for bits in (8, 4):
+        out = get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", weight_bits=bits,
+                              min_agreement=0.9 if bits == 8 else 0.0).run(  # 4 bits of random weights: loose
+            load(path), PassContext(scratch=tmp_path / f"s{bits}"))
+        nodes = onnx.load(str(out.onnx_dir / "model.onnx")).graph.node
+        ops = Counter(n.op_type for n in nodes)
+        widths = Counter(next(a.i for a in n.attribute if a.name == "bits")
+                         for n in nodes if n.op_type == "MatMulNBits")
+        assert widths == ({8: 4 * 4 + 1} if bits == 8 else {4: 4 * 4, 8: 1})  # c_attn, c_proj, c_fc, c_proj; head
+        assert ops["GatherBlockQuantized"] == 1 and "MatMul" not in ops and "Transpose" not in ops
+        assert out.info["int8_embedding_tables"] == ["transformer.wte.weight"]
+        d = out.info["discrepancy"]
+        assert d["passed"] and d["mean_abs_error"] < 0.1 * d["reference_abs_max"], d
+        quantized = EdgeModel(out.onnx_dir)
+        assert quantized.shared_cache
+        if bits == 8:
+            assert d["top1_agreement"] > 0.9, d
+            got = quantized.generate(ids.numpy(), 8)[0, 9:]
+            assert (got == ref[0, 9:].numpy()).mean() >= 0.75, (got, ref[0, 9:])
+
+
 def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
     """auto takes optimum where the fused writer does not apply and says why; fused refuses instead."""
-    path, _ = export("gpt2", tmp_path / "auto")
+    path, _ = export("gpt2", tmp_path / "auto", model=tiny_gpt2(activation_function="relu"))
     info = load(path).info
-    assert info["graph"] == "optimum" and "gpt2" in info["fused_fallback"]
-    with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2"):
-        export("gpt2", tmp_path / "fused", graph="fused")
+    assert info["graph"] == "optimum" and "gpt2 activation 'relu'" in info["fused_fallback"]
+    with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2 activation 'relu'"):
+        export("gpt2", tmp_path / "fused", model=tiny_gpt2(activation_function="relu"), graph="fused")
     with pytest.raises(UnsupportedModelError, match="head_dim 8"):  # tiny_llama's heads are too narrow
         export("llama-gqa", tmp_path / "narrow", graph="fused")
     path, _ = export("llama-gqa", tmp_path / "optimum", model=_fusable_llama(), graph="optimum")

@@ -1,9 +1,12 @@
 """export: torch -> ONNX, with a torch-vs-ONNX discrepancy check.
 
-Two writers. Decoders the suite's own writer knows (Llama-family, Qwen2; compress/fused) become a fused
-graph: GroupQueryAttention with rotary inside, packed QKV, skip RMSNorms, about 11 nodes per block, and
-compress.edge runs it with a copy-free KV cache. Everything else (encoders, GPT-2, other families, decoders
-without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a decoder.
+Two writers. Decoders whose structure the suite's own writers know (compress/fused, chosen through
+compress.architecture, whatever the model_type: Llama-shaped ones incl. SmolLM2, Mistral with its sliding
+window, Qwen2, Qwen3, Phi-3, Gemma; GPT-2-shaped ones) become a fused graph: GroupQueryAttention (rotary inside
+for the Llama-shaped), packed QKV, skip RMSNorms / LayerNorms, about 9-11 nodes per block, and compress.edge
+runs it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer refuses,
+decoders without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a
+decoder; BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
 `graph: auto` picks the fused writer where it applies and records why it did not otherwise.
 
 The output is an edge bundle: model.onnx (+ model.onnx.data over the protobuf limit), config.json, the
@@ -15,7 +18,7 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Union
 
 import torch
 from pydantic import Field
@@ -34,18 +37,23 @@ OPTIMUM_TASKS = {"causal-lm": "text-generation", "sequence-classification": "tex
 class ExportConfig(PassConfig):
     format: Literal["onnx"] = Field("onnx", description="export format (ONNX is the only one)")
     graph: Literal["auto", "fused", "optimum"] = Field(
-        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, ~11 nodes per block, "
-        "copy-free KV cache; Llama-family and Qwen2); optimum = optimum's traced export; auto = fused where the "
-        "model is supported, else optimum, with the reason in the manifest")
+        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, ~9-11 nodes per block, "
+        "copy-free KV cache; Llama-shaped decoders incl. SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma, and GPT-2); optimum = optimum's traced "
+        "export; auto = fused where the model is supported, else optimum, with the reason in the manifest")
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
-                                   "rotary cache length); default the model's max_position_embeddings")
+                                   "rotary cache length; GPT-2: at most its n_positions); default the model's "
+                                   "max_position_embeddings")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, description="ONNX opset; default: optimum's choice for the "
                               "architecture")
-    optimize: bool = Field(False, description="optimum graphs: apply ONNX Runtime's transformer fusions "
-                           "(attention, layer norm, GELU), validated by the discrepancy check (a fused graph "
-                           "is fused already)")
+    optimize: Union[bool, Literal["auto"]] = Field(
+        "auto", description="optimum graphs: apply ONNX Runtime's transformer fusions (Attention, "
+        "SkipLayerNormalization, BiasGelu / FastGelu, EmbedLayerNormalization; RMSNorm / rotary for decoders), "
+        "validated by the discrepancy check; the fused op counts go into the manifest (info.optimization). "
+        "auto = on for BERT-family encoders and classifiers, off for optimum's decoder graphs; under auto a "
+        "fusion that fails or breaks the check leaves the plain graph, with a note. true = always, and a "
+        "failure is an error; false = never. (A graph: fused decoder is fused already.)")
     external_data: Literal["auto", "always", "never"] = Field(
         "auto", description="weights in model.onnx.data: auto = only over the 2 GB protobuf limit")
     check_samples: int = Field(4, ge=1, description="sequences in the discrepancy check")
@@ -96,11 +104,7 @@ class Export(Pass):
         finally:
             shutil.rmtree(raw, ignore_errors=True)
         info["with_past"] = decoder and cfg.with_past
-        if cfg.optimize and info["graph"] == "optimum":
-            c = torch_model.config
-            info["optimization"] = onnx_tools.optimize_graph(
-                out, c.model_type, getattr(c, "num_attention_heads", 0) or 0, getattr(c, "hidden_size", 0) or 0,
-                cfg.external_data, max_positions=getattr(c, "max_position_embeddings", None))
+        plain = self._optimize(out, torch_model.config, task, info, ctx) if info["graph"] == "optimum" else None
         onnx_tools.copy_edge_runner(out)
 
         ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,
@@ -110,13 +114,68 @@ class Export(Pass):
         ref = onnx_tools.torch_outputs(torch_model, task, ids, mask)
         edge = EdgeModel(out, threads=ctx.threads)
         edge.task = task
-        info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
-                                               min_agreement=cfg.min_agreement, what="export")
+        try:
+            info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
+                                                   min_agreement=cfg.min_agreement, what="export")
+        except onnx_tools.DiscrepancyError as exc:
+            if plain is None:  # nothing to fall back to (no fusion, or optimize: true)
+                raise
+            del edge
+            for f in out.iterdir():  # back to the unfused graph
+                if f.name.startswith(onnx_tools.ONNX_FILE):
+                    f.unlink()
+            for f in plain.iterdir():
+                shutil.move(str(f), out / f.name)
+            info["optimization"].update(applied=False, rejected_figures=str(exc))
+            info["optimization"]["notes"].append("the fused graph failed the discrepancy check; the unfused "
+                                                 "graph is kept")
+            edge = EdgeModel(out, threads=ctx.threads)
+            edge.task = task
+            info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
+                                                   min_agreement=cfg.min_agreement, what="export")
+        finally:
+            if plain is not None:
+                shutil.rmtree(plain, ignore_errors=True)
         info["onnx_bytes"] = onnx_tools.onnx_size(out)
         info["external_data"] = (out / onnx_tools.EXTERNAL_DATA).exists()
         if model.structure:  # torch-side structure is baked into the graph; kept as lineage only
             info["torch_structure"] = model.structure
         return model.derive(kind="onnx", model=None, onnx_dir=out, structure=[], info=info)
+
+    def _optimize(self, out: Path, config, task: str, info: dict, ctx: PassContext) -> Path | None:
+        """ONNX Runtime's fusions on an optimum graph as `optimize` says; figures and notes into
+        info["optimization"]. Under auto returns a copy of the unfused graph (to restore if the fused one
+        fails the check), else None."""
+        cfg = self.config
+        wanted, reason = onnx_tools.fusion_choice(cfg.optimize, task, config.model_type)
+        if not wanted:
+            info["optimization"] = {"applied": False, "reason": reason}
+            return None
+        plain = None
+        if cfg.optimize == "auto":
+            plain = Path(tempfile.mkdtemp(prefix="export-plain-", dir=ctx.scratch))
+            for f in out.iterdir():
+                if f.name.startswith(onnx_tools.ONNX_FILE):
+                    shutil.copy2(f, plain / f.name)
+        try:
+            figures = onnx_tools.optimize_graph(
+                out, config.model_type, getattr(config, "num_attention_heads", 0) or 0,
+                getattr(config, "hidden_size", 0) or 0, cfg.external_data,
+                max_positions=getattr(config, "max_position_embeddings", None), task=task)
+        except Exception as exc:  # noqa: BLE001 - the optimizer raises anything; auto keeps the plain graph
+            if plain is None:
+                raise
+            for f in plain.iterdir():  # the graph as it was, whatever the optimizer left
+                shutil.move(str(f), out / f.name)
+            shutil.rmtree(plain, ignore_errors=True)
+            info["optimization"] = {"applied": False, "reason": reason,
+                                    "notes": [f"ONNX Runtime's optimizer failed ({type(exc).__name__}: {exc}); "
+                                              "the unfused graph is kept"]}
+            return None
+        info["optimization"] = {"applied": True, "reason": reason, **figures}
+        for note in figures["notes"]:
+            warnings.warn(f"export: {note}", stacklevel=2)
+        return plain
 
     def _write(self, torch_model, folder: Path, task: str, optimum_task: str) -> dict:
         """Write folder/model.onnx and config.json with the writer `graph` selects; the figures to record."""

@@ -38,11 +38,24 @@ AUTO_KERNEL = {"causal-lm": "matmulnbits", "sequence-classification": "matmulint
 # (the SwiGLU / GELU products) carry outliers that one static scale per tensor cannot hold even after
 # smoothing (SmolLM2: perplexity 57.8 with them int8, 24.9 without; MiniLM: embedding cosine 0.942 vs 0.995;
 # benchmarks/results/quantize/static/). BERT's FFN output is `layer.N/output/dense`, not `attention/output`.
-_BERT_FFN_OUT = ("*layer.?/output/dense*", "*layer.??/output/dense*")
-STATIC_FLOAT = {"causal-lm": ("*lm_head*", "*down_proj*", "*mlp/c_proj*"),
+_BERT_FFN_OUT = ("*layer.?/output/dense*", "*layer.??/output/dense*", "*ffn/lin2*")
+STATIC_FLOAT = {"causal-lm": ("*lm_head*", "*down_proj*", "*mlp/c_proj*", "*embed_out*", "*dense_4h_to_h*", "*mlp/fc2*"),
                 "sequence-classification": _BERT_FFN_OUT, "feature-extraction": _BERT_FFN_OUT}
 # Default check tolerance per task: top-1 agreement (LM, classifier) or worst embedding cosine (encoder).
 DEFAULT_MIN_AGREEMENT = {"causal-lm": 0.75, "sequence-classification": 0.9, "feature-extraction": 0.95}
+
+
+def _default_torch_exclude(module) -> list[str]:
+    """The LM head, whatever its name (found by the architecture layer: lm_head, GPT-NeoX's embed_out)."""
+    from ..architecture import find
+    from ..errors import UnsupportedModelError
+
+    exclude = ["lm_head", "*.lm_head"]
+    try:
+        head = find(module).head
+    except UnsupportedModelError:
+        return exclude
+    return exclude if head in (None, "lm_head") else exclude + [head]
 
 
 class _Method(PassConfig):
@@ -106,8 +119,11 @@ class Bnb4bitConfig(_Exclude):
 class OrtDynamicConfig(_Calibration):
     method: Literal["ort-int8-dynamic"] = Field(
         description="ONNX Runtime int8 weights, activations quantized at run time")
-    kernel: Literal["auto", "matmulnbits", "matmulinteger"] = Field(
-        "auto", description="matmulnbits = int8 weights in blocks with activations "
+    kernel: Literal["auto", "matmulnbits", "matmulinteger", "rowwise"] = Field(
+        "auto", description="rowwise = int8 weights per column with activations quantized per row (token) at "
+        "run time (MatMulIntegerToFloat; encoders: fast on x86 CPUs without VNNI and keeps MiniLM's embeddings "
+        "near cosine 0.999 where per-tensor matmulinteger drops to 0.994; fused Attention stays float; "
+        "benchmarks/results/encoder_speed/); matmulnbits = int8 weights in blocks with activations "
         "quantized per block at run time (MatMulNBits, accuracy level 4); matmulinteger = classic "
         "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
         "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
@@ -129,7 +145,7 @@ class OrtDynamicConfig(_Calibration):
     def _algorithm_bits(self):
         if self.algorithm in ("k_quant", "gptq") and self.weight_bits != 4:
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
-        if self.algorithm != "rtn" and self.kernel == "matmulinteger":
+        if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
         return self
 
@@ -210,7 +226,7 @@ class Quantize(Pass):
     def _torch_int(self, model: Artifact) -> Artifact:
         cfg, method = self.config, self.config.method
         module = model.model.float().eval()
-        exclude = ["lm_head", "*.lm_head"] if cfg.exclude is None else cfg.exclude
+        exclude = _default_torch_exclude(module) if cfg.exclude is None else cfg.exclude
         settings = {}
         if method == "bnb-int8":
             settings = {"threshold": cfg.bnb_threshold}
@@ -245,12 +261,17 @@ class Quantize(Pass):
                                           embeddings=cfg.quantize_embeddings, algorithm=cfg.algorithm, feeds=feeds)
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
                          algorithm=cfg.algorithm)
+            elif kernel == "rowwise":
+                details = ort.rowwise_int8(src, dst, exclude=exclude, embeddings=cfg.quantize_embeddings)
+                q.update(bits=8, kernel="MatMulIntegerToFloat", activations="per-row", weight_type="QInt8")
             else:
                 details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
                                            op_types=["MatMul", "Gemm", "Attention"],
                                            embeddings=cfg.quantize_embeddings)
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
             q["embeddings_int8"] = cfg.quantize_embeddings
+            if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
+                details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst)
         elif method == "ort-int8-static":
             if cfg.exclude is None:
                 exclude = list(STATIC_FLOAT[task])

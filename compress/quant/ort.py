@@ -136,6 +136,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         q.process()
     model = q.model.model if hasattr(q.model, "model") else q.model
     offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
+    _set_accuracy_level(model, accuracy_level)
     tables = _int8_gathers(model, excluded) if embeddings else []
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "int8_head": head,
@@ -144,9 +145,11 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
 
 def _integer_zero_points(model) -> int:
     """HQQ leaves float zero points, for which MatMulNBits has no fast kernel (SmolLM2: 6 tok/s instead of
-    ~70). Rewrite exactly: w = s (q - z) = s q - s z, so x @ W = MatMulNBits(x, q, s, zero point 0) + sum_b
-    (x summed over block b) (-s_b z_b): a per-block ReduceSum of the input (shared by the projections that
-    read it) and a small MatMul by the [blocks, N] offsets. Returns how many MatMulNBits were rewritten."""
+    ~70). Rewrite exactly: w = s (q - z) = s (q - 8) + s (8 - z), so x @ W = MatMulNBits(x, q, s) (no zero
+    point input: the kernel's default 8, its fastest path) + sum_b (x summed over block b) s_b (8 - z_b): the
+    per-block sums of the input (shared by the projections that read it) and a small MatMul by the
+    [blocks, N] offsets, stored fp16 (ONNX Runtime folds their Cast when the session starts; fp16's 2^-11
+    relative error is far below a quantization step). Returns how many MatMulNBits were rewritten."""
     from onnx import TensorProto, helper, numpy_helper
 
     graph = model.graph
@@ -157,46 +160,51 @@ def _integer_zero_points(model) -> int:
         if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
             continue
         zp = inits[node.input[3]]
-        if zp.data_type != TensorProto.FLOAT:
-            continue
         attrs = {a.name: a.i for a in node.attribute}
+        if zp.data_type != TensorProto.FLOAT or attrs["bits"] != 4 or len(node.input) > 4:
+            continue
         n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
         blocks = -(-k // block)
         scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
-        offset = (-scale * numpy_helper.to_array(zp).reshape(n, blocks)).T.astype(np.float32)  # [blocks, N]
+        offset = (scale * (8 - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
         graph.initializer.remove(zp)
-        zero = node.input[3]
-        graph.initializer.append(numpy_helper.from_array(np.zeros(n * -(-blocks // 2), np.uint8), zero))
+        del node.input[3]
         key = (node.input[0], block)
-        if key not in sums:
+        if key not in sums:  # x @ E, E [K, blocks] of ones per block: one node (Reshape + ReduceSum is two)
             if k % block:
                 raise ValueError(f"{node.name}: K={k} is not a multiple of the block size {block}")
-            shape = numpy_helper.from_array(np.array([0, 0, blocks, block], np.int64), f"{node.name}/blocks_shape")
-            graph.initializer.append(shape)
-            view, total = f"{node.name}/blocks", f"{node.name}/block_sums"
+            ones = f"/offsets/block_ones_{k}_{block}"
+            if ones not in inits:
+                inits[ones] = numpy_helper.from_array(np.kron(np.eye(blocks, dtype=np.float32),
+                                                              np.ones((block, 1), np.float32)), ones)
+                graph.initializer.append(inits[ones])
+            total = f"{node.name}/block_sums"
             at = list(graph.node).index(node)  # before the first reader: its input exists by then
-            graph.node.insert(at, helper.make_node("ReduceSum", [view, _const(graph, "/offsets/axis", [-1])],
-                                                   [total], name=total, keepdims=0))
-            graph.node.insert(at, helper.make_node("Reshape", [node.input[0], shape.name], [view], name=view))
+            graph.node.insert(at, helper.make_node("MatMul", [node.input[0], ones], [total], name=total))
             sums[key] = total
-        graph.initializer.append(numpy_helper.from_array(offset, f"{node.name}/offsets"))
+        stored, offsets = f"{node.name}/offsets_fp16", f"{node.name}/offsets"
+        graph.initializer.append(numpy_helper.from_array(offset.astype(np.float16), stored))
         out, raw = node.output[0], node.output[0] + "/codes"
         node.output[0] = raw
         correction = f"{node.name}/offset"
         at = list(graph.node).index(node) + 1  # right after it: its readers come later
         graph.node.insert(at, helper.make_node("Add", [raw, correction], [out], name=f"{node.name}/add_offset"))
-        graph.node.insert(at, helper.make_node("MatMul", [sums[key], f"{node.name}/offsets"], [correction],
-                                               name=correction))
+        graph.node.insert(at, helper.make_node("MatMul", [sums[key], offsets], [correction], name=correction))
+        graph.node.insert(at, helper.make_node("Cast", [stored], [offsets], name=offsets, to=TensorProto.FLOAT))
         rewritten += 1
     return rewritten
 
 
-def _const(graph, name: str, values: list[int]) -> str:
-    from onnx import numpy_helper
+def _set_accuracy_level(model, level: int) -> None:
+    """The quantizer sets accuracy_level only on some algorithms' nodes (HQQ's have none, and then run the
+    fp32-compute path: 3x slower); give every MatMulNBits the level asked for."""
+    from onnx import helper
 
-    if name not in {i.name for i in graph.initializer}:
-        graph.initializer.append(numpy_helper.from_array(np.array(values, np.int64), name))
-    return name
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits" and level:
+            kept = [a for a in node.attribute if a.name != "accuracy_level"]
+            del node.attribute[:]
+            node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
 
 
 def _has_weight(model, node_name: str) -> bool:
@@ -401,3 +409,136 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
                                          disable_shape_infer=model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
     _finish(converted, dst, src)
     return {"excluded_nodes": excluded}
+
+
+# ----------------------------------------------------------------------------- encoders: per-row int8
+GELU_OPS = ("BiasGelu", "Gelu", "FastGelu", "QuickGelu")
+GELU_MIN = 0.17  # GELU(x) >= -0.1700 (erf and tanh forms): shifted by this, its output is non-negative
+
+
+def rowwise_int8(src: Path, dst: Path, *, exclude: list[str], embeddings: bool = True) -> dict:
+    """int8 MatMuls with activations quantized per row (per token) at run time, for encoders.
+
+    quantize_dynamic gives each activation tensor ONE scale per run (DynamicQuantizeLinear); in BERT-family
+    encoders a few tokens ([CLS], [SEP], punctuation) carry activations far above the rest, so one scale for
+    the whole sequence rounds the typical tokens coarsely (MiniLM-L6: embedding cosine 0.994). Here every row
+    gets its own symmetric scale s = max|x_row| / 127, computed in the graph (Abs, ReduceMax, Div,
+    QuantizeLinear with zero point 128), and the product runs as MatMulIntegerToFloat (uint8 x int8 with the
+    per-column weight scales) times s. Inputs produced by a GELU are shifted by 0.17 first (non-negative,
+    so all 256 levels are used; the shift times the weights' column sums is added back exactly). Weights are
+    int8 per output column (stored as uint8 with zero point 128, see below). The quantization of one input is
+    shared by the MatMuls that read it.
+    MatMuls whose weight is not a 2-D float initializer, and fused Attention nodes, stay float."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = _load(src)
+    graph = model.graph
+    excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    inits = {i.name: i for i in graph.initializer}
+    opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    produced_by_gelu = {o for n in graph.node if n.op_type in GELU_OPS for o in n.output}
+    targets = [n for n in graph.node if n.op_type == "MatMul" and n.name not in excluded and n.input[1] in inits
+               and len(inits[n.input[1]].dims) == 2 and inits[n.input[1]].data_type == TensorProto.FLOAT]
+    const = {"rq/eps": np.array(1e-8, np.float32), "rq/one": np.array(1.0, np.float32),
+             "rq/zp128": np.array(128, np.uint8), "rq/zp0": np.array(0, np.uint8),
+             "rq/inv127": np.array(1 / 127, np.float32), "rq/inv255": np.array(1 / 255, np.float32),
+             "rq/gelu_shift": np.array(GELU_MIN, np.float32), "rq/axes": np.array([-1], np.int64)}
+    if targets:
+        graph.initializer.extend(numpy_helper.from_array(v, k) for k, v in const.items())
+    quantized: dict[str, tuple] = {}  # input -> (uint8 tensor, row scale, zero point, shift)
+    for node in targets:
+        x = node.input[0]
+        at = list(graph.node).index(node)
+        if x not in quantized:
+            p = f"rowq/{len(quantized)}"
+            shift = x in produced_by_gelu
+            if shift:  # x + 0.17 >= 0: quantize [0, max] with zero point 0
+                first = [helper.make_node("Add", [x, "rq/gelu_shift"], [p + "/shifted"]),
+                         helper.make_node("Relu", [p + "/shifted"], [p + "/abs"])]
+                inv, zp, values = "rq/inv255", "rq/zp0", p + "/abs"
+            else:
+                first = [helper.make_node("Abs", [x], [p + "/abs"])]
+                inv, zp, values = "rq/inv127", "rq/zp128", x
+            reduce = (helper.make_node("ReduceMax", [p + "/abs", "rq/axes"], [p + "/amax"], keepdims=1) if opset >= 18
+                      else helper.make_node("ReduceMax", [p + "/abs"], [p + "/amax"], axes=[-1], keepdims=1))
+            new = [*first, reduce,
+                   helper.make_node("Max", [p + "/amax", "rq/eps"], [p + "/amax_eps"]),
+                   helper.make_node("Mul", [p + "/amax_eps", inv], [p + "/scale"]),
+                   helper.make_node("Div", [values, p + "/scale"], [p + "/scaled"]),
+                   helper.make_node("QuantizeLinear", [p + "/scaled", "rq/one", zp], [p + "/q"])]
+            for k, n in enumerate(new):
+                n.name = f"{p}/{k}_{n.op_type}"
+                graph.node.insert(at + k, n)
+            at += len(new)
+            quantized[x] = (p + "/q", p + "/scale", zp, GELU_MIN if shift else 0.0)
+        xq, scale, zp, shift = quantized[x]
+        w = numpy_helper.to_array(inits[node.input[1]]).astype(np.float32)
+        w_scale = (np.maximum(np.abs(w).max(axis=0), 1e-12) / 127).astype(np.float32)
+        # uint8 with zero point 128: ONNX Runtime's uint8 x uint8 kernel is exact, where uint8 x int8 on x86
+        # CPUs without VNNI sums pairs of products in int16 and saturates (19% error on a test matmul)
+        wq = (np.clip(np.round(w / w_scale), -127, 127) + 128).astype(np.uint8)
+        n, out = node.name, node.output[0]
+        graph.initializer.extend([numpy_helper.from_array(wq, n + "/w_uint8"),
+                                  numpy_helper.from_array(w_scale, n + "/w_scale")])
+        new = [helper.make_node("MatMulIntegerToFloat", [xq, n + "/w_uint8", "rq/one", n + "/w_scale", zp, "rq/zp128"],
+                                [n + "/int8_out"], name=n + "/int8", domain="com.microsoft"),
+               helper.make_node("Mul", [n + "/int8_out", scale], [n + "/scaled" if shift else out],
+                                name=n + "/row_scale")]
+        if shift:
+            graph.initializer.append(numpy_helper.from_array((-shift * w.sum(axis=0)).astype(np.float32),
+                                                             n + "/unshift"))
+            new.append(helper.make_node("Add", [n + "/scaled", n + "/unshift"], [out], name=n + "/unshift"))
+        graph.node.remove(node)
+        for k, m in enumerate(new):
+            graph.node.insert(at + k, m)
+        if readers.get(node.input[1], 0) <= 1:
+            graph.initializer.remove(inits.pop(node.input[1]))
+    onnx_tools.use_contrib_domain(model)
+    tables = _int8_gathers(model, excluded) if embeddings else []
+    _finish(model, dst, src)
+    return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "rowwise_matmuls": len(targets),
+            "rowwise_inputs": len(quantized)}
+
+
+def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> list[str]:
+    """Embedding tables read by a fused EmbedLayerNormalization (export optimize) to int8 on disk, in place:
+    stored as uint8 blocks + scales and dequantized by standard ops that ONNX Runtime folds into a constant
+    when the session starts (the op itself takes float tables). Without this a fused encoder's int8 file
+    keeps its fp32 vocabulary table (MiniLM-L6: 58 MB instead of 23 MB). Returns the tables converted."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    path = Path(folder) / onnx_tools.ONNX_FILE
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    tables = sorted({n.input[i] for n in graph.node if n.op_type == "EmbedLayerNormalization" for i in (2, 3, 4)
+                     if len(n.input) > i and n.input[i] in inits and inits[n.input[i]].data_type == 1
+                     and len(inits[n.input[i]].dims) == 2 and _table_block(inits[n.input[i]].dims[1])})
+    # only the large ones (the vocabulary): position / segment tables are small
+    tables = [t for t in tables if inits[t].dims[0] * inits[t].dims[1] >= min_elements]
+    for t in tables:
+        w = numpy_helper.to_array(inits[t]).astype(np.float32)
+        rows, width = w.shape
+        block = _table_block(width)
+        blocks = w.reshape(rows, width // block, block)
+        scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
+        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        graph.initializer.remove(inits[t])
+        graph.initializer.extend([numpy_helper.from_array(q, t + "_uint8"),
+                                  numpy_helper.from_array(scale[..., None], t + "_scale"),
+                                  numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
+                                  numpy_helper.from_array(np.array([rows, width], np.int64), t + "_shape")])
+        new = [helper.make_node("Cast", [t + "_uint8"], [t + "_f"], name=t + "_cast", to=1),
+               helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
+               helper.make_node("Mul", [t + "_centred", t + "_scale"], [t + "_blocks"], name=t + "_scaled"),
+               helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t], name=t + "_dequant")]
+        for k, n in enumerate(new):
+            graph.node.insert(k, n)
+    if tables:
+        onnx_tools.save_model(model, folder)
+    return tables
