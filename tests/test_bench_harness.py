@@ -1,4 +1,5 @@
 """The harness end to end on tiny models: each measurement runs in its own subprocess (a few seconds each)."""
+import hashlib
 import json
 
 import numpy as np
@@ -111,8 +112,11 @@ def test_missing_backends_give_skip_records(tiny_llama_dir, tmp_path, work_dir, 
         assert "CUDAExecutionProvider" in r["skipped"]
     onnx_ckpt = tmp_path / "onnx-ckpt"
     onnx_ckpt.mkdir()
+    (onnx_ckpt / "model.onnx").write_bytes(b"not read: the torch backend refuses ONNX checkpoints first")
+    graph = {"size": (onnx_ckpt / "model.onnx").stat().st_size,
+             "sha256": hashlib.sha256((onnx_ckpt / "model.onnx").read_bytes()).hexdigest()}
     (onnx_ckpt / "manifest.json").write_text(json.dumps(
-        {"format_version": 1, "kind": "onnx", "task": "causal-lm", "files": {}, "key": "k"}))
+        {"format_version": 1, "kind": "onnx", "task": "causal-lm", "files": {"model.onnx": graph}, "key": "k"}))
     r = measure(str(onnx_ckpt), backend="torch-cpu", settings=SETTINGS, work_dir=work_dir)
     assert "ONNX checkpoint" in r["skipped"]
     import compress.passes
