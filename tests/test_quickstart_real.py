@@ -1,6 +1,8 @@
 """The README's main command, `compress run configs/quickstart.yaml`, end to end on the real SmolLM2-135M with
-budgets cut by `--set`: every pass runs, every checkpoint is benchmarked on both backends, the report's rows
-and ratios match results.json, and every checkpoint reloads to the figures the report shows."""
+budgets cut by `--set`: the main chain (low-rank -> export -> int8) and the `prune-kd` branch (MLP prune with
+KD recovery, from the source) run, every checkpoint is benchmarked on both backends, the int8 checkpoint is the
+trade-off the quickstart promises and the end-of-run table marks it best, the report's rows and ratios match
+results.json, and every checkpoint reloads to the figures the report shows."""
 import json
 import re
 from pathlib import Path
@@ -17,13 +19,15 @@ REDUCED = [
     "threads=1",
     "data.train.max_tokens=2048",
     "data.eval.max_tokens=512",
-    "passes.0.prune.recover.max_steps=2",
+    "branches.0.passes.0.prune.recover.max_steps=2",
     "benchmark.latency.prompt_tokens=16",
     "benchmark.latency.new_tokens=4",
     "benchmark.latency.warmup=0",
     "benchmark.latency.repeats=1",
 ]
-STEPS = ["01-prune", "02-lowrank", "03-export", "04-quantize"]
+MAIN = ["01-lowrank", "02-export", "03-quantize"]
+BRANCH = ["prune-kd/01-prune"]
+STEPS = MAIN + BRANCH
 
 
 def _cells(md: str, label: str, backend: str) -> list[str]:
@@ -43,29 +47,45 @@ def test_quickstart_end_to_end_with_reduced_budgets(tmp_path):
     run_dir = tmp_path / "quickstart"
     records = json.loads((run_dir / "results.json").read_text())["records"]
 
-    # One record per checkpoint x backend, in pipeline order; ONNX checkpoints are not run on torch.
+    # One record per checkpoint x backend: the source, the main chain, then the branch; ONNX checkpoints are
+    # not run on torch.
     assert [(r["label"], r["backend"]) for r in records] == [
         (label, backend) for label in ["source"] + STEPS for backend in ["torch-cpu", "ort-cpu"]]
     by = {(r["label"], r["backend"]): r for r in records}
-    for label in ["03-export", "04-quantize"]:
+    for label in ["02-export", "03-quantize"]:
         assert "runs on the ort-* backends" in by[label, "torch-cpu"]["skipped"]
     measured = [r for r in records if "skipped" not in r]
     assert len(measured) == 8 and all("error" not in r for r in measured)
     assert all(r["threads"] == 1 for r in measured)
+    assert (run_dir / "prune-kd" / "01-prune" / "manifest.json").is_file()
 
     # What each pass did, in numbers.
     src = by["source", "torch-cpu"]
+    ppl = {k: r["quality"]["perplexity"] for k, r in by.items() if "skipped" not in r}
     assert src["quality"]["top1_agreement"] == 1.0
-    assert by["01-prune", "torch-cpu"]["params"] < 0.9 * src["params"]        # 25% of MLP channels removed
-    assert by["02-lowrank", "torch-cpu"]["params"] < by["01-prune", "torch-cpu"]["params"]
-    assert by["04-quantize", "ort-cpu"]["size_bytes"] < 0.3 * by["03-export", "ort-cpu"]["size_bytes"]
-    for label in ["source", "01-prune", "02-lowrank"]:  # torch and ORT score the same model alike
-        t, o = by[label, "torch-cpu"]["quality"]["perplexity"], by[label, "ort-cpu"]["quality"]["perplexity"]
-        assert o == pytest.approx(t, rel=1e-3)
-    export_ppl = by["03-export", "ort-cpu"]["quality"]["perplexity"]
-    assert export_ppl == pytest.approx(by["02-lowrank", "ort-cpu"]["quality"]["perplexity"], rel=1e-4)
-    assert by["04-quantize", "ort-cpu"]["quality"]["perplexity"] == pytest.approx(export_ppl, rel=0.05)
-    assert src["quality"]["perplexity"] < by["01-prune", "torch-cpu"]["quality"]["perplexity"] < 1000
+    lowrank, prune = by["01-lowrank", "torch-cpu"], by["prune-kd/01-prune", "torch-cpu"]
+    assert 0.95 * src["params"] < lowrank["params"] < src["params"]          # a few attention projections factored
+    assert ppl["01-lowrank", "torch-cpu"] == pytest.approx(ppl["source", "torch-cpu"], rel=0.02)  # energy 0.999
+    assert 0.95 * src["params"] < prune["params"] < 0.99 * src["params"]     # 5% of the MLP channels removed
+    assert ppl["source", "torch-cpu"] < ppl["prune-kd/01-prune", "torch-cpu"] < 2 * ppl["source", "torch-cpu"]
+    assert by["03-quantize", "ort-cpu"]["size_bytes"] < 0.3 * by["02-export", "ort-cpu"]["size_bytes"]
+    for label in ["source", "01-lowrank", "prune-kd/01-prune"]:  # torch and ORT score the same model alike
+        assert ppl[label, "ort-cpu"] == pytest.approx(ppl[label, "torch-cpu"], rel=1e-3)
+    export_ppl = ppl["02-export", "ort-cpu"]
+    assert export_ppl == pytest.approx(ppl["01-lowrank", "ort-cpu"], rel=1e-4)
+    assert ppl["03-quantize", "ort-cpu"] == pytest.approx(export_ppl, rel=0.03)
+
+    # The deployment against the fp32 model on torch: >= 3.5x smaller, perplexity within 5%, faster at decoding
+    # (>= 3x in the full run; these 4-token timings on one thread are noisy, so 2x here), and the end-of-run
+    # table marks it as the best deployment.
+    final = by["03-quantize", "ort-cpu"]
+    assert src["size_bytes"] / final["size_bytes"] >= 3.5
+    assert ppl["03-quantize", "ort-cpu"] / ppl["source", "torch-cpu"] <= 1.05
+    assert final["latency"]["decode_tokens_per_s"] >= 2 * src["latency"]["decode_tokens_per_s"]
+    from pipelines.console import rows_from_results
+
+    best = [(row.label, row.backend) for row in rows_from_results(records) if row.best]
+    assert best == [("03-quantize", "ort-cpu")]
 
     # The report's rows and ratios are those of results.json.
     md = (run_dir / "report.md").read_text()
@@ -87,13 +107,14 @@ def test_quickstart_end_to_end_with_reduced_budgets(tmp_path):
     from compress.models import count_parameters
 
     for label in STEPS:
-        art = checkpoint.load(run_dir / label)
+        step_dir = run_dir / label
+        art = checkpoint.load(step_dir)
         r = by[label, "ort-cpu"]
         if art.kind == "torch":
             assert count_parameters(art.model) == r["params"]
         else:
-            assert (run_dir / label / "edge_runner.py").exists()
+            assert (step_dir / "edge_runner.py").exists()
             prompt = np.load(run_dir / ".bench" / "inputs" / f"{r['inputs_sha']}.npz")["prompt"]
             want = r["latency"]["generated_ids"]  # the greedy tokens the benchmark generated
-            got = EdgeModel(run_dir / label, threads=1).generate(prompt, len(want))[0, prompt.shape[1]:]
+            got = EdgeModel(step_dir, threads=1).generate(prompt, len(want))[0, prompt.shape[1]:]
             assert got.tolist() == want
