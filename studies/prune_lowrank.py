@@ -31,7 +31,7 @@ from compress.data import DataSpec, PipelineData
 from compress.models import count_parameters, load_model
 from compress.passes import PassContext, get
 from compress.pruning import importance
-from compress.pruning.arch import adapter
+from compress.architecture import find
 from compress.runtime import set_threads
 
 SOURCE = "builtin:smollm2-135m"
@@ -125,13 +125,13 @@ def mlp_scores(base: Artifact, ctx: PassContext, criterion: str, layers: list[in
         batches = importance.calibration_batches(
             ctx, base.tokenizer, base.task, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
             batch_size=c.batch_size, why=f"importance: {criterion}")
-    return importance.mlp_channel_scores(base.model, adapter(base.model), layers, criterion, batches=batches,
+    return importance.mlp_channel_scores(base.model, find(base.model), layers, criterion, batches=batches,
                                          task=base.task, norm=c.norm, device=ctx.device)
 
 
 def criteria_overlap(base: Artifact, ctx: PassContext, ratio: float = 0.5) -> dict:
     """How much the channels each criterion keeps at `ratio` overlap (Jaccard, mean over layers)."""
-    ad = adapter(base.model)
+    ad = find(base.model)
     kept = {}
     for crit in CRITERIA:
         scores = mlp_scores(base, ctx, crit, list(range(ad.num_layers())))
@@ -157,7 +157,7 @@ def why_magnitude(base: Artifact, ctx: PassContext, eval_ids: torch.Tensor, rati
     import math
 
     net = base.model
-    ad = adapter(net)
+    ad = find(net)
     layers = list(range(ad.num_layers()))
     scores = {crit: mlp_scores(base, ctx, crit, layers) for crit in ("magnitude", "activation")}
     width = ad.mlp_width(0)

@@ -144,9 +144,9 @@ def pruned(ctx, tmp_path_factory):
         for setting, opts in SETTINGS.items():
             model = make()
             if setting == "global":  # make block 0's MLP matter more, so a global ranking keeps it wider
-                from compress.pruning.arch import adapter
+                from compress.architecture import find
 
-                ad = adapter(model)
+                ad = find(model)
                 with torch.no_grad():
                     for name in [*ad.mlp_in(0), ad.mlp_out(0)]:
                         model.get_submodule(name).weight.mul_(3)

@@ -23,7 +23,7 @@ from ..distill.config import RecoverConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import count_parameters
 from ..pruning import importance as imp
-from ..pruning.arch import Adapter, adapter, is_linear
+from ..architecture import Architecture, find, is_linear
 from ..pruning.depth import drop_layers
 from ..pruning import hidden as hid
 from ..pruning.width import (config_expresses_heads, hf_prunes_heads, original_head_ids, prune_attention_heads,
@@ -114,7 +114,7 @@ class Prune(Pass):
                               "only (per-layer head counts break stock configs and ONNX cache shapes); "
                               "use scope: uniform for heads, or a second prune pass")
         net = copy.deepcopy(model.model).float().eval()
-        ad = adapter(net)
+        ad = find(net)
         self._check_plain(net, ad)
         if "hidden" in c.targets:  # refuse before any work
             if c.importance == "taylor":
@@ -131,18 +131,18 @@ class Prune(Pass):
                 raise ConfigError("prune: targets `layers` cannot follow a pass that recorded per-layer structure "
                                   f"({[e['type'] for e in structure]}); prune layers first")
             info["layers"] = self._prune_layers(net, ad)
-            ad = adapter(net)  # the parts of the remaining blocks
+            ad = find(net)  # the parts of the remaining blocks
         if "heads" in c.targets:
             info["heads"], entry = self._prune_heads(net, ad)
             if entry:
                 structure = [e for e in structure if e["type"] != "attention_heads"] + [entry]
-            ad = adapter(net)
+            ad = find(net)
         if "mlp" in c.targets:
             info["mlp"], entry = self._prune_mlp(net, ad)
             # the widths now in the model replace any recorded by an earlier prune pass
             structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
         if "hidden" in c.targets:
-            info["hidden"], entry = self._prune_hidden(net, adapter(net))
+            info["hidden"], entry = self._prune_hidden(net, find(net))
             if entry:
                 structure = [*structure, entry]
                 _check_reload(net, structure)
@@ -153,7 +153,7 @@ class Prune(Pass):
             out = self._recover(model, out, ctx)
         return out
 
-    def _check_plain(self, net, ad: Adapter) -> None:
+    def _check_plain(self, net, ad: Architecture) -> None:
         for i in range(ad.num_layers()):
             for name in [*ad.mlp_in(i), ad.mlp_out(i), ad.attn_out(i), *ad.attn(i).inputs]:
                 if not is_linear(net.get_submodule(name)):
@@ -173,7 +173,7 @@ class Prune(Pass):
         return self._batches
 
     # ------------------------------------------------------------------ depth
-    def _prune_layers(self, net, ad: Adapter) -> dict:
+    def _prune_layers(self, net, ad: Architecture) -> dict:
         c = self.config
         ratio = c.ratio if c.layer_ratio is None else c.layer_ratio
         n = ad.num_layers()
@@ -188,7 +188,7 @@ class Prune(Pass):
                 "scores": [round(s, 5) for s in scores.tolist()]}
 
     # ------------------------------------------------------------------ heads
-    def _head_scores(self, net, ad: Adapter) -> list[torch.Tensor]:
+    def _head_scores(self, net, ad: Architecture) -> list[torch.Tensor]:
         """Per query head of every block."""
         c = self.config
         n = ad.num_layers()
@@ -199,7 +199,7 @@ class Prune(Pass):
                                    self.task, c.importance, self.ctx.device)
         return [s[o] for o in outs]
 
-    def _prune_heads(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+    def _prune_heads(self, net, ad: Architecture) -> tuple[dict, dict | None]:
         """Three ways, by what the model's config can express: head counts in the config (GQA-aware slicing
         of separate or fused q/k/v; Llama, Qwen, Mistral, Gemma, Phi-3), Hugging Face's prune_heads (GPT-2,
         BERT, RoBERTa, DistilBERT: `pruned_heads` in the config), else slicing recorded as an
@@ -243,7 +243,7 @@ class Prune(Pass):
             return keep_groups * rep, keep_groups
         return n_kv * _round_keep(rep, c.ratio, 1, "query heads per KV group"), n_kv
 
-    def _prune_sliced_heads(self, net, ad: Adapter, scores: list[torch.Tensor], active: list[int],
+    def _prune_sliced_heads(self, net, ad: Architecture, scores: list[torch.Tensor], active: list[int],
                             mode: str) -> tuple[dict, dict | None]:
         c = self.config
         n_q, n_kv = ad.num_heads(active[0]), ad.num_kv_heads(active[0])
@@ -271,7 +271,7 @@ class Prune(Pass):
         if mode == "config":
             set_config_heads(net, new_q, new_kv, ad.head_dim())
             return info, None
-        after = adapter(net)
+        after = find(net)
         info["note"] = "export this model with `export: {with_past: false}` (the config keeps the original heads)"
         return info, {"type": "attention_heads", "heads": [after.num_heads(i) for i in range(after.num_layers())],
                       "kv_heads": [after.num_kv_heads(i) for i in range(after.num_layers())]}
@@ -286,7 +286,7 @@ class Prune(Pass):
         ratio = c.ratio if c.hidden_ratio is None else c.hidden_ratio
         return _round_keep(hidden, ratio, c.round_to, "hidden channels")
 
-    def _prune_hidden(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+    def _prune_hidden(self, net, ad: Architecture) -> tuple[dict, dict | None]:
         """Stock where the config carries head_dim (hidden_size and head_dim edited), else a `hidden_width`
         structure entry (the config keeps the original hidden_size, from which the attention derives its
         head size)."""
@@ -307,13 +307,13 @@ class Prune(Pass):
         return info, {"type": "hidden_width", "size": keep}
 
     # ------------------------------------------------------------------ MLP
-    def _mlp_scores(self, net, ad: Adapter, layers: list[int]) -> dict[int, torch.Tensor]:
+    def _mlp_scores(self, net, ad: Architecture, layers: list[int]) -> dict[int, torch.Tensor]:
         c = self.config
         batches = None if c.importance == "magnitude" else self._calib(f"importance: {c.importance}")
         return imp.mlp_channel_scores(net, ad, layers, c.importance, batches=batches, task=self.task,
                                       norm=c.norm, device=self.ctx.device)
 
-    def _prune_mlp(self, net, ad: Adapter) -> tuple[dict, dict | None]:
+    def _prune_mlp(self, net, ad: Architecture) -> tuple[dict, dict | None]:
         c = self.config
         n = ad.num_layers()
         before = [ad.mlp_width(i) for i in range(n)]

@@ -1,12 +1,10 @@
-"""The architecture layer as the pruning code names it (`Adapter`, `adapter`), and Linear / Conv1D helpers.
-
-Parts are found by structure in compress/architecture.py (no per-family tables)."""
+"""Linear / Conv1D helpers of the pruning code (a model's parts are found in compress/architecture.py)."""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ..architecture import Architecture as Adapter, find as adapter, is_conv1d, is_linear, linear_weight  # noqa: F401
+from ..architecture import is_conv1d, is_linear, linear_weight  # noqa: F401  (re-exported for pruning modules)
 
 
 # ---------------------------------------------------------------------- Linear / Conv1D helpers

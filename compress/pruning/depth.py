@@ -6,10 +6,11 @@ from __future__ import annotations
 
 from torch import nn
 
-from .arch import Adapter, set_module
+from ..architecture import Architecture
+from .arch import set_module
 
 
-def drop_layers(model: nn.Module, ad: Adapter, drop: list[int]) -> None:
+def drop_layers(model: nn.Module, ad: Architecture, drop: list[int]) -> None:
     drop_set = set(drop)
     layers = ad.layers()
     keep = [i for i in range(len(layers)) if i not in drop_set]

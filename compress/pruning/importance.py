@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from .arch import Adapter, linear_weight
+from ..architecture import Architecture
+from .arch import linear_weight
 
 CRITERIA = ("magnitude", "taylor", "activation")
 
@@ -176,7 +177,7 @@ def _norm(rows: Iterable[torch.Tensor], p: int) -> torch.Tensor:
     return total.pow(1.0 / p)
 
 
-def mlp_channel_scores(model: nn.Module, ad: Adapter, layers: list[int], criterion: str, *,
+def mlp_channel_scores(model: nn.Module, ad: Architecture, layers: list[int], criterion: str, *,
                        batches: list[dict] | None = None, task: str = "causal-lm", norm: int = 2,
                        device=None) -> dict[int, torch.Tensor]:
     """Per MLP intermediate channel of each block in `layers`: the `criterion` score (magnitude needs no
@@ -190,13 +191,13 @@ def mlp_channel_scores(model: nn.Module, ad: Adapter, layers: list[int], criteri
     return {i: s[o] for i, o in outs.items()}
 
 
-def mlp_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+def mlp_magnitude(model: nn.Module, ad: Architecture, i: int, p: int) -> torch.Tensor:
     ins = [linear_weight(model.get_submodule(n)) for n in ad.mlp_in(i)]  # [width, hidden]
     out = linear_weight(model.get_submodule(ad.mlp_out(i)))  # [hidden, width]
     return _norm([*ins, out.t()], p)
 
 
-def head_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+def head_magnitude(model: nn.Module, ad: Architecture, i: int, p: int) -> torch.Tensor:
     """Per query head: its q rows and o columns (k/v are shared within a KV group and scored there)."""
     hd, h = ad.head_dim(), ad.num_heads(i)
     q = _q_weight(model, ad, i).reshape(h, hd, -1)
@@ -204,14 +205,14 @@ def head_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tenso
     return _norm([q, o], p)
 
 
-def kv_magnitude(model: nn.Module, ad: Adapter, i: int, p: int) -> torch.Tensor:
+def kv_magnitude(model: nn.Module, ad: Architecture, i: int, p: int) -> torch.Tensor:
     """Per KV head (grouped-query attention): its k and v rows."""
     hd, kv = ad.head_dim(), ad.num_kv_heads(i)
     _, k, v = ad.qkv_weights(i)
     return _norm([k.reshape(kv, hd, -1), v.reshape(kv, hd, -1)], p)
 
 
-def _q_weight(model, ad: Adapter, i: int) -> torch.Tensor:
+def _q_weight(model, ad: Architecture, i: int) -> torch.Tensor:
     """A head's q rows; with one KV head per query head (multi-head attention) its k and v rows too, since
     they are removed together (the columns side by side, so reshape(heads, head_dim, -1) groups per head)."""
     q, k, v = ad.qkv_weights(i)
@@ -221,7 +222,7 @@ def _q_weight(model, ad: Adapter, i: int) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------- block (depth) importance
-def block_scores(model: nn.Module, ad: Adapter, batches: list[dict], task: str, device=None) -> torch.Tensor:
+def block_scores(model: nn.Module, ad: Architecture, batches: list[dict], task: str, device=None) -> torch.Tensor:
     """How much each block changes its input: mean over tokens of 1 - cos(h_in, h_out). Low = removable."""
     n = ad.num_layers()
     total = torch.zeros(n, dtype=torch.float64)

@@ -22,7 +22,8 @@ import torch_pruning as tp
 from torch import nn
 
 from ..errors import CheckpointError
-from .arch import Adapter, adapter, empty_like_linear, is_conv1d, linear_weight, out_features, set_module, to_conv1d, to_linear
+from ..architecture import Architecture, find
+from .arch import empty_like_linear, is_conv1d, linear_weight, out_features, set_module, to_conv1d, to_linear
 
 
 class _MLPView(nn.Module):
@@ -39,7 +40,7 @@ class _MLPView(nn.Module):
         return self.out(h)
 
 
-def prune_mlp_channels(model: nn.Module, ad: Adapter, i: int, remove: list[int]) -> None:
+def prune_mlp_channels(model: nn.Module, ad: Architecture, i: int, remove: list[int]) -> None:
     """Remove intermediate channels `remove` of block i in place."""
     if not remove:
         return
@@ -63,7 +64,7 @@ def prune_mlp_channels(model: nn.Module, ad: Adapter, i: int, remove: list[int])
         set_module(model, name, to_conv1d(lin) if conv else lin)
 
 
-def _slice_mlp(model: nn.Module, ad: Adapter, i: int, remove: list[int]) -> None:
+def _slice_mlp(model: nn.Module, ad: Architecture, i: int, remove: list[int]) -> None:
     """Fused gate_up (gate rows, then up rows: keep channel j in both halves) or an MLP whose activation was
     not found: keep the channels by slicing rows of the input projection(s) and columns of the output."""
     width = ad.mlp_width(i)
@@ -75,7 +76,7 @@ def _slice_mlp(model: nn.Module, ad: Adapter, i: int, remove: list[int]) -> None
     set_module(model, ad.mlp_out(i), select_rows(model.get_submodule(ad.mlp_out(i)), keep, 1))
 
 
-def resize_mlp(model: nn.Module, ad: Adapter, i: int, width: int) -> None:
+def resize_mlp(model: nn.Module, ad: Architecture, i: int, width: int) -> None:
     """Give block i's MLP `width` intermediate channels (fresh weights: used before loading a checkpoint)."""
     rows = 2 * width if ad.mlp_kind(i) == "fused_gated" else width
     for name in ad.mlp_in(i):
@@ -113,7 +114,7 @@ def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int) -> None:
             setattr(attn, attr, value)
 
 
-def prune_attention_heads(model: nn.Module, ad: Adapter, i: int, keep_q: list[int], keep_kv: list[int]) -> None:
+def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: list[int], keep_kv: list[int]) -> None:
     """Keep query heads `keep_q` and KV heads `keep_kv` of block i, for separate or fused q/k/v.
 
     `keep_q` must list, group by group in the order of `keep_kv`, the same number of query heads per kept
@@ -158,7 +159,7 @@ def set_llama_heads(model: nn.Module, n_q: int, n_kv: int) -> None:
     set_config_heads(model, n_q, n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
 
 
-def config_expresses_heads(model: nn.Module, ad: Adapter, n_q: int, n_kv: int) -> bool:
+def config_expresses_heads(model: nn.Module, ad: Architecture, n_q: int, n_kv: int) -> bool:
     """Would a config with these head counts (and head_dim explicit) rebuild attention of this shape?"""
     import copy
 
@@ -178,7 +179,7 @@ def config_expresses_heads(model: nn.Module, ad: Adapter, n_q: int, n_kv: int) -
 def apply_attention_heads(model: nn.Module, entry: dict) -> None:
     """Structure entry `attention_heads`: each block's attention projections sized for its recorded query and
     KV head counts (for families whose config derives head_dim from hidden_size, e.g. GPT-NeoX)."""
-    ad = adapter(model)
+    ad = find(model)
     if len(entry["heads"]) != ad.num_layers():
         raise CheckpointError(f"attention_heads lists {len(entry['heads'])} layers, the model has {ad.num_layers()}")
     hd = ad.head_dim()
@@ -217,7 +218,7 @@ __all__ = ["linear_weight", "prune_mlp_channels", "resize_mlp", "prune_attention
 
 def apply_mlp_widths(model: nn.Module, entry: dict) -> None:
     """Structure entry `mlp_widths`: every block's MLP resized to its recorded width (per-layer pruning)."""
-    ad = adapter(model)
+    ad = find(model)
     widths = entry["widths"]
     if len(widths) != ad.num_layers():
         raise CheckpointError(f"mlp_widths lists {len(widths)} layers, the model has {ad.num_layers()}")
