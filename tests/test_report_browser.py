@@ -111,8 +111,11 @@ def test_report_html_renders_in_headless_chromium(tmp_path):
         import re
 
         env = dict(os.environ, HOME=str(tmp_path))
-        dom = subprocess.run([binary, "--headless", "--disable-gpu", "--no-sandbox", "--virtual-time-budget=5000",
-                              "--dump-dom", page.as_uri()], capture_output=True, text=True, timeout=120,
+        # No background networking: this machine's closed network refuses Chromium's update / sync calls.
+        flags = ["--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--disable-quic",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom"]
+        dom = subprocess.run([binary, *flags, page.as_uri()], capture_output=True, text=True, timeout=120,
                              env=env).stdout
         found = re.search(r'data-probe="([^"]*)"', dom)
         assert found, "the page's load handler did not run in the browser"
