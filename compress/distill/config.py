@@ -44,6 +44,24 @@ class SequenceLevelConfig(PassConfig):
     sample: bool = Field(False, description="sample (top-p 0.95, temperature 1) instead of greedy decoding")
 
 
+class QuantizeAwareConfig(PassConfig):
+    """The grid the later `quantize: {method: ort-int8-dynamic, kernel: matmulnbits}` pass will use."""
+
+    bits: Literal[4, 8] = Field(4, description="weight bits of the MatMulNBits grid (quantize's weight_bits)")
+    block_size: int = Field(32, ge=16, description="weights per block along the input dimension (quantize's "
+                            "block_size, a power of two)")
+    symmetric: bool = Field(True, description="symmetric grid (the quantize pass's rtn is symmetric); false: "
+                            "asymmetric with a zero point")
+    embeddings: bool = Field(True, description="embedding tables (and a tied LM head) on the int8 table grid "
+                             "(quantize's quantize_embeddings)")
+
+    @model_validator(mode="after")
+    def _power_of_two(self):
+        if self.block_size & (self.block_size - 1):
+            raise ValueError(f"block_size {self.block_size} must be a power of two (16, 32, 64, 128, ...)")
+        return self
+
+
 class TrainConfig(PassConfig):
     """The training loop's options (compress/distill/trainer.py)."""
 
@@ -118,6 +136,10 @@ class DistillConfig(LossConfig, TrainConfig):
                                    "(default data.train.max_length)")
     eval_tokens: int = Field(8192, gt=0, description="causal LM: validation tokens per evaluation")
     eval_examples: int = Field(200, gt=0, description="classifiers / embeddings: validation examples")
+    quantize_aware: QuantizeAwareConfig | None = Field(
+        None, description="quantization-aware distillation: the student trains with its weights fake-quantized "
+        "exactly as the ONNX export + int4/int8 MatMulNBits quantize pass stores them (straight-through "
+        "gradients), and ends projected onto that grid; null = off")
 
     @model_validator(mode="after")
     def _cache_needs_one_logit_teacher(self):

@@ -16,6 +16,12 @@ Who teaches (`teacher:`)
   averaged with those weights (all must share the student's tokenizer).
 No teacher is loaded when nothing uses it (alpha 0, no hidden / attention terms, not feature-extraction).
 
+Quantization-aware (`quantize_aware: {bits: 4, block_size: 32, symmetric: true}`): the student's weights are
+seen fake-quantized in every forward (training and evaluation) on the grid the export + MatMulNBits quantize
+pass will store (compress/quant/fake.py), with straight-through gradients; at the end they are projected onto
+that grid, so the checkpoint stays plain float weights that the quantize pass reproduces without another
+rounding. `info.quantize_aware` records the grid (fake.grid_mismatch compares it with a quantize pass's).
+
 Data: causal LMs train on windows of `data.train` and select the best weights on its `validation` split
 (the eval data's test split stays reserved for benchmarks); classifiers and embedding models train on the
 texts (and labels) of `data.train` and evaluate on its validation split."""
@@ -93,9 +99,18 @@ class Distill(Pass):
                 teachers[0], examples, task, k=c.cache_top_k, batch_size=c.batch_size,
                 amp=autocast_dtype(c.precision, device), device=device, accelerator=acc, progress=ctx.progress)
 
-        figures = train(module, objective, examples, c, seed=seed, device=device, progress=ctx.progress,
-                        evaluate=evaluator(task, eval_examples, teachers, device) if eval_examples else None,
-                        student_of=lambda m: m.student, accelerator=acc)
+        qad = self._fake_quantize(student, task)
+        try:
+            figures = train(module, objective, examples, c, seed=seed, device=device, progress=ctx.progress,
+                            evaluate=evaluator(task, eval_examples, teachers, device) if eval_examples else None,
+                            student_of=lambda m: m.student, accelerator=acc)
+        finally:  # a plain model again (weights on the grid), also when training stops with an error
+            if qad is not None:
+                from ..quant import fake
+
+                qad.update(fake.unwrap(student))
+        if qad is not None:
+            info["quantize_aware"] = qad
         for m, impl in attn_impls:
             m.set_attn_implementation(impl)
         student.eval().cpu()  # every pass hands its model back on the CPU; the next one moves it where it runs
@@ -107,6 +122,18 @@ class Distill(Pass):
             "train_examples": len(examples), "seed": seed,
         })
         return model.derive(model=student, tokenizer=s_tok, structure=structure, info=info)
+
+    def _fake_quantize(self, student, task: str) -> dict | None:
+        """Quantization-aware distillation: wrap the student's weights in their export grid (None when off)."""
+        qa = self.config.quantize_aware
+        if qa is None:
+            return None
+        if task != "causal-lm":
+            raise ConfigError("distill.quantize_aware: for causal LMs (the grid of the decoder export's "
+                              f"MatMulNBits quantization); this model's task is {task}")
+        from ..quant import fake
+
+        return fake.wrap(student, fake.GridSpec(**qa.model_dump()))
 
     def _layer_map(self, student, teachers) -> dict[int, int]:
         """Student layer -> teacher layer for hidden-state / attention matching ({} when neither is on)."""
