@@ -36,3 +36,27 @@ class PassConfig(BaseModel):
         if _bool_became_number(value, validated):
             raise ValueError(refusal)
         return validated
+
+
+def search(values: list | None = None, *, low: float | None = None, high: float | None = None,
+           step: float | None = None, log: bool = False) -> dict:
+    """The values worth trying for an option, declared beside it:
+    `Field(0.25, ..., json_schema_extra=search([0.1, 0.25, 0.5]))` (a choice list) or
+    `json_schema_extra=search(low=0.9, high=0.999)` (a range). `compress passes` shows them, the JSON Schema
+    carries them, and a search config can ask for them with `{search: declared}`."""
+    if (values is None) == (low is None or high is None):
+        raise ValueError("search(): give either a list of values or low and high")
+    if values is not None:
+        return {"search": list(values)}
+    spec: dict = {"low": low, "high": high}
+    if step is not None:
+        spec["step"] = step
+    if log:
+        spec["log"] = True
+    return {"search": spec}
+
+
+def declared_search(field) -> list | dict | None:
+    """The search values a pydantic field declares with `search()`, else None."""
+    extra = getattr(field, "json_schema_extra", None)
+    return extra.get("search") if isinstance(extra, dict) else None

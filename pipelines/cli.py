@@ -15,10 +15,17 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 def _cmd_run(args) -> int:
     from compress.logs import capture, suite_log
 
+    from compress.errors import ConfigError
+
     from .config import load_config
     from .console import log, print_summary
     from .runner import Runner
+    from .search.config import is_search_config
 
+    if _is_search(args.config, is_search_config):
+        raise ConfigError(f"{args.config} is a search config (objectives, constraints or {{search: ...}} options): "
+                          f"run it with `compress search {args.config}`, or run the recipe a search chose with "
+                          "`compress run runs/<name>/search/best.yaml`")
     pipeline = load_config(args.config, args.set)
     runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log)
     # The folder's lock before its log: a run that is refused never writes into another run's folder.
@@ -32,11 +39,63 @@ def _cmd_run(args) -> int:
 
 def _cmd_validate(args) -> int:
     from .config import load_config
+    from .search.config import is_search_config, load_search_config
 
+    if _is_search(args.config, is_search_config):
+        setup = load_search_config(args.config, args.set)
+        size = setup.space.size()
+        print(f"{args.config}: ok - search {setup.name}: {len(setup.space.params)} searched options "
+              f"({size if size is not None else 'continuous'} combinations: "
+              f"{', '.join(p.label for p in setup.space.params)}), objectives: "
+              f"{', '.join(n for n, _ in setup.objectives)}")
+        return EXIT_OK
     pipeline = load_config(args.config, args.set)
     cfg = pipeline.config
     print(f"{args.config}: ok - {cfg.name}: {cfg.model.source} ({cfg.task}), "
           f"passes: {' -> '.join(p.name for p in pipeline.passes) or 'none'}")
+    return EXIT_OK
+
+
+def _is_search(path, is_search_config) -> bool:
+    """Whether the YAML file at `path` is a search config (an unreadable one is left to the loader's error)."""
+    import yaml
+
+    try:
+        return is_search_config(yaml.safe_load(open(path, encoding="utf-8")))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return False
+
+
+def _cmd_search(args) -> int:
+    from compress.logs import capture, suite_log
+
+    from .console import log
+    from .search import run_search
+    from .search.config import load_search_config
+    from .search.report import summary
+    from .search.study import search_dir
+
+    from compress.errors import ConfigError
+
+    for flag in ("trials", "minutes"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ConfigError(f"--{flag}: must be above 0 (got {getattr(args, flag):g})")
+    setup = load_search_config(args.config, args.set)  # every check before the log or the study exist
+    out = search_dir(setup, args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    with capture(out / "search.log", verbose=args.verbose):
+        suite_log(f"compress {' '.join(sys.argv[1:]) or 'search ' + str(args.config)}")
+        outcome, search = run_search(args.config, overrides=args.set, trials=args.trials, minutes=args.minutes,
+                                     pick=args.pick, storage=args.storage, output_dir=args.output_dir, log=log,
+                                     runner_log=suite_log)
+    if search.progress.stopped_by:
+        print(f"stopped: {search.progress.stopped_by}")
+    for line in summary(search.setup, outcome):
+        print(line)
+    files = outcome.files
+    print(f"report: {files['report']} (and report.html, trials.json); log: {out / 'search.log'}")
+    if "best" in files:
+        print(f"recipe: {files['best']} (compress run {files['best']})")
     return EXIT_OK
 
 
@@ -82,6 +141,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a config without running it")
     with_config(p)
     p.set_defaults(func=_cmd_validate)
+
+    p = sub.add_parser("search", help="search the passes' options for the best recipes under constraints (Optuna)")
+    with_config(p)
+    p.add_argument("--trials", type=int, metavar="N", help="trials in the study in all (default: budget.trials); "
+                   "a rerun resumes the study and adds trials up to N")
+    p.add_argument("--minutes", type=float, metavar="M", help="stop starting trials after M minutes")
+    p.add_argument("--pick", type=int, metavar="N", help="run no trials: write best.yaml and the report for trial N")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage shared by several search processes, e.g. "
+                   "postgresql://user@host/db (default: sqlite in runs/<name>/search/study.db)")
+    p.add_argument("--output-dir", help="write runs here instead of the config's output_dir")
+    p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and notices")
+    p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser("passes", help="list the passes and every option with its default")
     p.add_argument("name", nargs="?", help="only this pass")

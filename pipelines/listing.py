@@ -1,8 +1,8 @@
 """`compress passes [NAME] [--json]`: every pass and option, nested options as nested options, readable types.
 
 Each option is described once as data (`describe_pass`), then printed as text or as JSON for tools. Every
-option carries a `search` slot (None today) for the values a search may try, so adding them changes neither
-format."""
+option carries a `search` slot: the values `compress search` tries when a search config asks for
+`{search: declared}` (a list, or a range {low, high, step?, log?}), or None where the pass declares none."""
 from __future__ import annotations
 
 import json
@@ -12,6 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 from pydantic.fields import FieldInfo
+
+from compress.options import declared_search
 
 _NONE = type(None)
 _SCALARS = {bool: "bool", int: "int", float: "float", str: "str"}
@@ -102,7 +104,7 @@ def describe_option(name: str, field: FieldInfo) -> dict:
         if typing.get_origin(field.annotation) in (list,) or any(
                 typing.get_origin(a) is list for a in typing.get_args(field.annotation)):
             entry["items"] = True  # the nested options describe each item of a list
-    entry["search"] = None  # the values a search tries, once searches exist
+    entry["search"] = declared_search(field)  # what `compress search` tries for {search: declared}
     return entry
 
 
@@ -115,6 +117,15 @@ def describe_pass(name: str, cls) -> dict:
     return {"name": name, "description": cls.description,
             "variants": [{"when": getattr(m, "options_of", "") or None if len(members) > 1 else None,
                           "options": describe_model(m)} for m in members]}
+
+
+def search_text(spec) -> str:
+    """`0.1, 0.25, 0.5` for a choice list; `0.9 to 0.999 (log)` / `1 to 8 step 1` for a range."""
+    if isinstance(spec, dict):
+        text = f"{_default_text(spec['low'])} to {_default_text(spec['high'])}"
+        return text + (f" step {_default_text(spec['step'])}" if spec.get("step") is not None else "") + \
+            (" (log)" if spec.get("log") else "")
+    return ", ".join(_default_text(v) for v in spec)
 
 
 def _default_text(v) -> str:
@@ -136,7 +147,7 @@ def _text_options(options: list[dict], indent: str, out: list[str]) -> None:
         if o["description"]:
             out.append(f"{indent}    {o['description']}")
         if o.get("search"):
-            out.append(f"{indent}    search: {', '.join(map(str, o['search']))}")
+            out.append(f"{indent}    search: {search_text(o['search'])}")
         if o.get("options"):
             out.append(f"{indent}    {'options of each item' if o.get('items') else 'options'}:")
             _text_options(o["options"], indent + "      ", out)

@@ -26,6 +26,7 @@ from pydantic import Field
 from .. import onnx_tools
 from ..checkpoint import Artifact
 from ..errors import UnsupportedModelError
+from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -39,7 +40,8 @@ class ExportConfig(PassConfig):
     graph: Literal["auto", "fused", "optimum"] = Field(
         "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, ~9-11 nodes per block, "
         "copy-free KV cache; Llama-shaped decoders incl. SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma, and GPT-2); optimum = optimum's traced "
-        "export; auto = fused where the model is supported, else optimum, with the reason in the manifest")
+        "export; auto = fused where the model is supported, else optimum, with the reason in the manifest",
+        json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
                                    "max_position_embeddings")

@@ -24,6 +24,7 @@ from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
 from ..pruning.lowrank import build_lowrank, choose_rank, factor_rank_limit, factorize_embedding, svd_factors, whitening
+from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -31,10 +32,12 @@ from .base import Pass, PassConfig, PassContext
 class LowRankConfig(PassConfig):
     method: Literal["svd", "asvd", "whiten"] = Field(
         "svd", description="svd (plain truncated SVD), asvd (columns scaled by calibration activation "
-        "magnitude) or whiten (SVD of W times the Cholesky factor of the activation covariance)")
+        "magnitude) or whiten (SVD of W times the Cholesky factor of the activation covariance)",
+        json_schema_extra=search(["svd", "whiten"]))
     rank: int | None = Field(None, ge=1, description="fixed rank for every targeted layer")
     energy: float | None = Field(None, gt=0.0, le=1.0, description="smallest rank keeping this fraction of "
-                                 "the squared singular values (default 0.95 when no rule is given)")
+                                 "the squared singular values (default 0.95 when no rule is given)",
+                                 json_schema_extra=search([0.9, 0.95, 0.99, 0.999]))
     param_ratio: float | None = Field(None, gt=0.0, lt=1.0, description="rank so that the factors hold this "
                                       "fraction of each layer's parameters")
     targets: list[str] = Field(["*"], description="module-name patterns (fnmatch) of the linear layers to "

@@ -28,6 +28,7 @@ from ..pruning.depth import drop_layers
 from ..pruning import hidden as hid
 from ..pruning.width import (config_expresses_heads, hf_prunes_heads, original_head_ids, prune_attention_heads,
                              prune_hf_heads, prune_mlp_channels, set_config_heads)
+from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -35,17 +36,21 @@ from .base import Pass, PassConfig, PassContext
 class PruneConfig(PassConfig):
     targets: list[Literal["mlp", "heads", "layers", "hidden"]] = Field(
         ["mlp"], min_length=1, description="what to remove: mlp (intermediate channels), heads, layers (blocks), "
-        "hidden (channels of the residual stream, Minitron-style: embeddings, norms, every projection, the head)")
+        "hidden (channels of the residual stream, Minitron-style: embeddings, norms, every projection, the head)",
+        json_schema_extra=search([["mlp"], ["layers"], ["mlp", "layers"], ["mlp", "heads"]]))
     hidden_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="target `hidden`: fraction of hidden channels to remove (default: ratio)")
     hidden_size: int | None = Field(
         None, ge=1, description="target `hidden`: the hidden size to keep (instead of hidden_ratio)")
-    ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads to remove")
+    ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads to remove",
+                         json_schema_extra=search([0.1, 0.2, 0.3, 0.4]))
     layer_ratio: float | None = Field(
-        None, ge=0.0, lt=1.0, description="fraction of blocks to remove (target `layers`); default: ratio")
+        None, ge=0.0, lt=1.0, description="fraction of blocks to remove (target `layers`); default: ratio",
+        json_schema_extra=search([0.0, 0.1, 0.17, 0.25]))
     importance: Literal["magnitude", "taylor", "activation"] = Field(
         "magnitude", description="magnitude (weight norm, data-free), taylor (first-order loss change from "
-        "gradients on calibration batches) or activation (mean contribution on calibration batches)")
+        "gradients on calibration batches) or activation (mean contribution on calibration batches)",
+        json_schema_extra=search(["magnitude", "taylor", "activation"]))
     norm: Literal[1, 2] = Field(2, description="magnitude importance: L1 or L2 norm")
     scope: Literal["uniform", "global"] = Field(
         "uniform", description="uniform: every layer loses `ratio` (stock config); global: one ranking over "

@@ -20,6 +20,7 @@ from pydantic import Field, model_validator
 from .. import onnx_tools
 from ..checkpoint import Artifact
 from ..errors import ConfigError
+from ..options import search
 from ..quant import torch_side
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -111,7 +112,8 @@ class BnbInt8Config(_Exclude):
 
 class Bnb4bitConfig(_Exclude):
     method: Literal["bnb-nf4", "bnb-fp4"] = Field(description="bitsandbytes 4-bit linear layers")
-    bnb_blocksize: int = Field(64, ge=32, description="weights per quantization block")
+    bnb_blocksize: int = Field(64, ge=32, description="weights per quantization block",
+                               json_schema_extra=search([64, 128]))
     bnb_compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     options_of: ClassVar[str] = "methods bnb-nf4 / bnb-fp4"
 
@@ -129,14 +131,15 @@ class OrtDynamicConfig(_Calibration):
         "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
         "has the evidence). For decoding speed on a causal LM use matmulinteger with exclude: ['*down_proj*']")
     quantize_embeddings: bool = Field(True, description="embedding tables (Gather) to int8 too; a tied LM head "
-                                      "shares the int8 table")
-    weight_bits: Literal[4, 8] = Field(8, description="matmulnbits: 8 or 4-bit weights")
+                                      "shares the int8 table", json_schema_extra=search([True, False]))
+    weight_bits: Literal[4, 8] = Field(8, description="matmulnbits: 8 or 4-bit weights",
+                                       json_schema_extra=search([4, 8]))
     block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
-                            "(a power of two)")
+                            "(a power of two)", json_schema_extra=search([32, 64, 128]))
     algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = Field(
         "rtn", description="matmulnbits: how the weight grid is chosen: rtn (round to nearest), hqq (half-quadratic "
         "scale / zero-point search), k_quant (llama.cpp's k-quant search) or gptq (error compensation on the "
-        "calibration data); k_quant and gptq are 4-bit only")
+        "calibration data); k_quant and gptq are 4-bit only", json_schema_extra=search(["rtn", "hqq"]))
     per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
                               "per tensor")
     options_of: ClassVar[str] = "method ort-int8-dynamic"

@@ -1,0 +1,199 @@
+"""The search config: a pipeline config whose pass options may be `{search: ...}`, plus what to optimize.
+
+    objectives: [decode_tok_s, size_mb]          # or [{perplexity: minimize}, ...]; directions have defaults
+    constraints: ["perplexity_ratio <= 1.03"]    # figures, their ratios to the source, decode_speedup, ...
+    budget: {trials: 40, minutes: 60}            # the study's total trials; this process's wall time
+    screen: {max_tokens: 2048}                   # the eval slice every trial is screened on
+    sampler: tpe                                 # tpe | nsga2 | random | grid (choice lists only); seeded
+
+Everything is checked before any trial runs: the pipeline with every searched option at its first value,
+every search value against its pass's own options class, the figures named."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from compress.errors import ConfigError, format_validation_error
+
+from ..config import Pipeline, apply_overrides, validate
+from . import figures as fig
+from .space import Space, check_values, find_space
+
+SEARCH_KEYS = ("objectives", "constraints", "budget", "screen", "sampler")
+# `branches:` of a pipeline config are not part of a search's trials (nor of best.yaml)
+
+
+class Budget(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    trials: int | None = Field(20, gt=0, description="trials in the study in all (a rerun adds trials up to this)")
+    minutes: float | None = Field(None, gt=0, description="stop starting trials after this many minutes")
+
+    @model_validator(mode="after")
+    def _some_limit(self):
+        if self.trials is None and self.minutes is None:
+            raise ValueError("give trials or minutes (or both): a search without a budget never ends")
+        return self
+
+
+class Screen(BaseModel):
+    """The cheap measurement every trial gets: quality on a slice of the eval data, size from its files."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(2048, gt=0, description="causal-lm: eval tokens scored per trial")
+    max_examples: int = Field(64, gt=0, description="classifiers: eval examples scored per trial")
+    skip_dominated: bool = Field(True, description="skip the full measurement of a trial that a fully "
+                                 "measured one beats on every screened objective and on screened quality "
+                                 "(larger and worse is rarely faster)")
+
+
+class SearchSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    objectives: list[str | dict[str, Literal["minimize", "maximize"]]] = Field(
+        min_length=1, description="figures to optimize: a name (its usual direction) or {name: direction}")
+    constraints: list[str] = Field([], description="e.g. perplexity_ratio <= 1.03, decode_speedup >= 3")
+    budget: Budget = Field(default_factory=Budget)
+    screen: Screen = Field(default_factory=Screen)
+    sampler: Literal["tpe", "nsga2", "random", "grid"] = Field("tpe", description="Optuna sampler (seeded)")
+
+
+@dataclass
+class SearchSetup:
+    """A validated search config: the raw pipeline (with `{search:}` markers), its space and settings, the
+    pipeline with every searched option at its first value (what validation checked)."""
+
+    raw: dict
+    space: Space
+    settings: SearchSettings
+    objectives: list[tuple[str, str]]
+    constraints: list[fig.Constraint]
+    pipeline: Pipeline
+    path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.pipeline.config.name
+
+    @property
+    def baseline_step(self) -> int | None:
+        """How many passes make the baseline when `benchmark.baseline` names a step (e.g. 01-distill, a
+        fine-tuned teacher); None for the source model."""
+        from ..config import step_dir_name
+
+        bench = self.pipeline.config.benchmark
+        if bench is None or bench.baseline == "source":
+            return None
+        names = [step_dir_name(i, p.name) for i, p in enumerate(self.pipeline.passes)]
+        return names.index(bench.baseline) + 1
+
+    @property
+    def needs_full(self) -> bool:
+        """Whether a figure asked for needs the full harness measurement (speed or memory)."""
+        names = [n for n, _ in self.objectives] + [c.name for c in self.constraints]
+        return not all(fig.is_cheap(n) for n in names)
+
+    def pipeline_raw(self, values: dict) -> dict:
+        """The plain pipeline config of one point of the space (no search keys)."""
+        raw = {k: v for k, v in self.raw.items() if k not in SEARCH_KEYS + ("branches",)}
+        raw["passes"] = self.space.fill(raw.get("passes") or [], values)
+        return raw
+
+
+def is_search_config(raw) -> bool:
+    """A config with a search section or `{search:}` markers (so `compress validate` knows which it is)."""
+    if not isinstance(raw, dict):
+        return False
+    return any(k in raw for k in SEARCH_KEYS) or bool(find_space(raw.get("passes") or [])[0].params)
+
+
+def _objectives(settings: SearchSettings, errors: list[str]) -> list[tuple[str, str]]:
+    out = []
+    for i, item in enumerate(settings.objectives):
+        name, direction = (item, None) if isinstance(item, str) else next(iter(item.items()), (None, None))
+        if not isinstance(item, str) and len(item) != 1:
+            errors.append(f"objectives.{i}: one figure per item, e.g. {{perplexity: minimize}}")
+            continue
+        problem = fig.unknown_name(name, f"objectives.{i}")
+        if problem:
+            errors.append(problem)
+            continue
+        out.append((name, direction or fig.METRICS[fig.base_metric(name)][0]))
+    if len({n for n, _ in out}) != len(out):
+        errors.append("objectives: a figure is named twice")
+    return out
+
+
+def validate_search(raw: dict) -> SearchSetup:
+    """Check a parsed search config; ConfigError listing every problem."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        settings = SearchSettings(**{k: raw[k] for k in SEARCH_KEYS if k in raw})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, SearchSettings)) from None
+    errors: list[str] = []
+    objectives = _objectives(settings, errors)
+    constraints = []
+    for i, text in enumerate(settings.constraints):
+        c, problem = fig.parse_constraint(text, f"constraints.{i}")
+        errors += [problem] if problem else []
+        constraints += [c] if c else []
+    passes = raw.get("passes") or []
+    space, space_errors = find_space(passes)
+    errors += space_errors
+    if not errors and not space.params:
+        errors.append("passes: nothing to search; write an option as {search: [values]} or "
+                      "{search: {low: ..., high: ...}}, e.g. quantize: {weight_bits: {search: [4, 8]}}")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    errors += check_values(space, passes)
+    if errors:  # values the passes refuse: said before the pipeline check, which would repeat them
+        raise ConfigError("\n".join(errors))
+    if settings.sampler == "grid" and space.size() is None:
+        raise ConfigError("sampler: grid needs every searched option to be a list or a range with a step")
+    setup_raw = {k: v for k, v in raw.items() if k not in SEARCH_KEYS}
+    setup_raw["passes"] = space.fill(passes, space.first())
+    pipeline = validate(setup_raw)
+    task = pipeline.config.task
+    for name, _ in objectives:
+        quality = fig.base_metric(name) in fig.QUALITY.values()
+        if quality and fig.QUALITY.get(task) != fig.base_metric(name):
+            errors.append(f"objectives: {name} is not measured for task {task}; use "
+                          f"{fig.QUALITY.get(task, 'size_mb')}")
+    setup = SearchSetup(raw, space, settings, objectives, constraints, pipeline)
+    bench = pipeline.config.benchmark
+    if bench is not None and bench.baseline != "source":
+        if "/" in bench.baseline:
+            errors.append(f"benchmark.baseline: {bench.baseline!r} is a branch step; a search compares against "
+                          "the source or a step of `passes`")
+        else:
+            searched = [p.where for p in space.params if p.index < setup.baseline_step]
+            if searched:
+                errors.append(f"benchmark.baseline: {bench.baseline} is what every trial is compared with, so its "
+                              f"passes must be fixed, but {', '.join(searched)} is searched; search only the "
+                              "passes after it, or compare with the source")
+    if setup.needs_full and (pipeline.config.benchmark is None or pipeline.config.benchmark.latency is None):
+        errors.append("benchmark: speed and memory figures come from the benchmark harness; add a `benchmark:` "
+                      "section with `latency:` (e.g. benchmark: {backends: [ort-cpu]})")
+    if errors:
+        raise ConfigError("\n".join(errors))
+    return setup
+
+
+def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchSetup:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
+    try:
+        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not a valid UTF-8 YAML file ({str(exc).splitlines()[0]})") from None
+    setup = validate_search(apply_overrides(raw or {}, overrides or []))
+    setup.path = path
+    return setup

@@ -1,0 +1,106 @@
+"""The two measurements of a search: the cheap screen every trial gets, the full harness run for a few.
+
+Screen: quality on a slice of the eval data (`screen.max_tokens` / `max_examples`), scored in this process by
+the harness's own worker code (no subprocess start per trial), and the weights' size on disk. Full:
+`benchmarks.harness.measure` in its own process (latency, peak memory, quality on the whole eval data) with
+the config's `benchmark:` settings. Both are stored by the checkpoint's cache key, so a resumed search or a
+recipe met again is not measured twice."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmarks.config import DEFAULT_EVAL, BenchmarkConfig
+from benchmarks.harness import weights_size
+from compress.data import DataSpec
+
+from .config import SearchSetup
+from .figures import QUALITY, figures_from
+
+
+def _store(path: Path, record: dict) -> dict:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, default=str))
+    tmp.replace(path)
+    return record
+
+
+class Measurer:
+    """Screens and measures targets (a checkpoint folder, or the model source) for one search."""
+
+    def __init__(self, setup: SearchSetup, work_dir: Path, log=print):
+        cfg = setup.pipeline.config
+        self.setup, self.work_dir, self.log = setup, Path(work_dir), log
+        self.task = cfg.task
+        bench = cfg.benchmark or BenchmarkConfig(latency=None)
+        if bench.threads is None and cfg.threads:
+            bench = bench.model_copy(update={"threads": cfg.threads})
+        self.bench = bench
+        eval_spec = bench.data or cfg.data.eval or DataSpec(**DEFAULT_EVAL[cfg.task])
+        self.eval_spec = cfg.data.eval
+        screen = setup.settings.screen
+        cap = ({"max_tokens": min(eval_spec.max_tokens or screen.max_tokens, screen.max_tokens)}
+               if cfg.task == "causal-lm" else
+               {"max_examples": min(eval_spec.max_examples or screen.max_examples, screen.max_examples)})
+        quality = [QUALITY[cfg.task]] if cfg.task in QUALITY else []
+        self.screen_settings = bench.model_copy(update={"data": eval_spec.model_copy(update=cap), "latency": None,
+                                                        "quality": quality})
+
+    # ------------------------------------------------------------------ screen
+    def screen(self, target: str) -> dict:
+        """Quality on the slice and size on disk of `target`: flat figures (cached by the target's key)."""
+        from benchmarks import harness, worker
+        from benchmarks.worker_spec import Backend
+
+        t = harness.resolve_target(target, self.task)
+        s = self.screen_settings.resolved(t.task)
+        store = self.work_dir / "screen" / f"{harness._hash('screen', t.key, s.digest())}.json"
+        if store.exists():
+            return json.loads(store.read_text())
+        backend = Backend("ort" if t.kind == "onnx" else "torch", "cpu")
+        quality = {}
+        if s.quality:
+            inputs, _ = harness._save_inputs(harness.build_inputs(t, s), self.work_dir / "bench")
+            spec = harness._worker_spec(t, backend, s, inputs, "screen", False, latency=False)
+            quality = worker.run(spec).get("quality", {})
+        size = weights_size(t.path)
+        return _store(store, figures_from(quality, size))
+
+    # ------------------------------------------------------------------ full
+    def backend_for(self, kind: str) -> str:
+        """The first backend of `benchmark.backends` that runs a `kind` checkpoint as it is."""
+        backends = list(self.bench.backends)
+        runtime = "ort" if kind == "onnx" else "torch"
+        return next((b for b in backends if b.startswith(runtime)), "ort-cpu" if kind == "onnx" else backends[0])
+
+    def full(self, target: str, kind: str) -> dict:
+        """The harness's record of `target` on its backend, as flat figures (plus `backend`), or
+        {"error": ...}; stored by the target's key and the benchmark settings."""
+        from benchmarks.pipeline import stored_result_path
+
+        from . import measure as this  # `measure` looked up at call time (tests stand in for it)
+
+        backend = self.backend_for(kind)
+        store = stored_result_path(target, backend=backend, settings=self.bench, baseline=None, task=self.task,
+                                   data=self.eval_spec, work_dir=self.work_dir / "bench")
+        if store.exists():
+            record = json.loads(store.read_text())
+        else:
+            bench = self.bench.model_copy(update={"quality": [q for q in self.bench.quality
+                                                              if q != "teacher-agreement"]})
+            record = this.harness_measure(target, backend=backend, settings=bench, task=self.task,
+                                          data=self.eval_spec, work_dir=self.work_dir / "bench", label=backend)
+            if "error" in record or "skipped" in record:
+                return {"error": f"{backend}: {record.get('error') or record.get('skipped')}"}
+            _store(store, record)
+        out = figures_from(record.get("quality"), record.get("size_bytes"), record)
+        out["backend"] = backend
+        return out
+
+
+def harness_measure(target, **kwargs) -> dict:
+    from benchmarks.harness import measure
+
+    return measure(target, show_progress=False, **kwargs)
+

@@ -1,0 +1,369 @@
+"""The search loop: an Optuna study (multi-objective, seeded) whose trials are pipeline runs.
+
+Each trial fills the sampled values into the config and runs it with the ordinary runner in a work folder
+(runs/<name>/search/work-<slot>/), so a trial whose leading passes match the previous one's reuses their
+checkpoints by cache key. It is screened (quality on a slice, size); one that breaks a constraint there is
+pruned, one that a fully measured trial beats on every screened objective is pruned too, and the rest get the
+full harness measurement when an objective or constraint needs speed or memory. A trial that fails (a config
+the passes refuse, a check out of tolerance, an exception) is a FAIL with its reason, never the search's end.
+
+The study lives in runs/<name>/search/study.db (or `--storage URL`), created with load_if_exists, so a rerun
+resumes and adds trials up to the budget; several processes can share one storage (each takes its own work
+slot). A trial left RUNNING by a process of this machine that is gone is failed as interrupted and retried."""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from compress.errors import CompressError, ConfigError
+
+from ..config import validate
+from ..runner import Runner
+from .config import SearchSetup
+from .figures import METRICS, QUALITY, dominates, is_cheap, with_ratios
+from .measure import Measurer
+
+_MAX_SLOTS = 64
+_MAX_REPEATS = 25  # a sampler that keeps proposing tried recipes has converged (or the space is small)
+
+
+def quiet_optuna() -> None:
+    """Optuna's per-trial INFO lines go to the run's log (through the root logger), not to the terminal."""
+    import optuna
+
+    optuna.logging.disable_default_handler()
+    optuna.logging.enable_propagation()
+    optuna.logging.set_verbosity(optuna.logging.INFO)
+
+
+def search_dir(setup: SearchSetup, output_dir: str | Path | None = None) -> Path:
+    return Path(output_dir or setup.pipeline.config.output_dir) / setup.name / "search"
+
+
+def storage_url(setup: SearchSetup, output_dir=None, storage: str | None = None) -> str:
+    return storage or f"sqlite:///{(search_dir(setup, output_dir) / 'study.db').resolve()}"
+
+
+def _sampler(setup: SearchSetup, seed: int):
+    import optuna
+
+    budget = setup.settings.budget.trials or 40
+    constraints = (lambda t: t.user_attrs.get("violations") or [0.0] * len(setup.constraints)) \
+        if setup.constraints else None
+    kind = setup.settings.sampler
+    if kind in ("random", "grid"):  # grid: every combination is queued (_queue_grid); random past the queue
+        return optuna.samplers.RandomSampler(seed=seed)
+    if kind == "nsga2":
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)),
+                                             constraints_func=constraints)
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, budget // 3)),
+                                      multivariate=True, constraints_func=constraints)
+
+
+def _range_values(p) -> list:
+    return [p.low + k * p.step for k in range(p.size())]
+
+
+def _queue_grid(setup: SearchSetup, study) -> None:
+    """Queue every combination no trial has taken yet, in order (Optuna's GridSampler stops the study
+    from inside `tell`, which an ask-and-tell loop cannot have)."""
+    import itertools
+
+    from optuna.trial import TrialState
+
+    params = setup.space.params
+    taken = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
+             if t.state != TrialState.FAIL or "interrupted" not in t.user_attrs.get("reason", "")}
+    axes = [[p.encode(v) for v in (p.choices if p.choices is not None else _range_values(p))] for p in params]
+    for combo in itertools.product(*axes):
+        point = {p.name: v for p, v in zip(params, combo)}
+        if json.dumps(point, sort_keys=True) not in taken:
+            study.enqueue_trial(point)
+
+
+def open_study(setup: SearchSetup, url: str, seed: int):
+    """The study named after the run in `url`: created, or loaded when it exists (a resumed search)."""
+    import optuna
+
+    quiet_optuna()
+    directions = [d for _, d in setup.objectives]
+    storage = optuna.storages.RDBStorage(url) if "://" in url else url
+    try:
+        study = optuna.create_study(study_name=setup.name, storage=storage, directions=directions,
+                                    sampler=_sampler(setup, seed), load_if_exists=True)
+    except ValueError as exc:
+        raise ConfigError(f"the study {setup.name!r} in {url} was made with other objectives ({exc}); give this "
+                          "search another name, or remove the old study (e.g. its study.db)") from None
+    stored = study.user_attrs.get("objectives")
+    wanted = [list(o) for o in setup.objectives]
+    if stored is None:
+        study.set_user_attr("objectives", wanted)
+    elif stored != wanted:
+        raise ConfigError(f"the study {setup.name!r} in {url} optimizes {stored}, this config {wanted}; give this "
+                          "search another name, or remove the old study (e.g. its study.db)")
+    return study
+
+
+@contextlib.contextmanager
+def work_slot(root: Path):
+    """The first free work folder (work-0, work-1, ...): one per search process, held by a lock file, so
+    processes sharing a study never write into each other's checkpoints."""
+    root.mkdir(parents=True, exist_ok=True)
+    for slot in range(_MAX_SLOTS):
+        fh = open(root / f".work-{slot}.lock", "a+")
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            continue
+        try:
+            yield slot
+        finally:
+            fh.close()
+        return
+    raise ConfigError(f"{root}: all {_MAX_SLOTS} work slots are held by running searches")
+
+
+@dataclass
+class Progress:
+    ran: int = 0  # trials this process ran
+    passes_run: int = 0  # passes the runner computed (not reused) in them
+    stopped_by: str = ""
+    source: dict = field(default_factory=dict)
+
+
+class Search:
+    def __init__(self, setup: SearchSetup, *, output_dir=None, storage: str | None = None, log=print,
+                 runner_log=None):
+        self.setup, self.log = setup, log
+        self.runner_log = runner_log or (lambda *_: None)
+        self.dir = search_dir(setup, output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.url = storage_url(setup, output_dir, storage)
+        self.measurer = Measurer(setup, self.dir / ".measure", log=log)
+        self.progress = Progress()
+
+    # ------------------------------------------------------------------ the loop
+    def run(self, trials: int | None = None, minutes: float | None = None):
+        budget = self.setup.settings.budget
+        trials = trials or budget.trials
+        minutes = minutes or budget.minutes
+        start = time.monotonic()
+        with work_slot(self.dir) as slot:
+            self.slot = slot
+            study = open_study(self.setup, self.url, self.setup.pipeline.config.seed + slot)
+            self._recover_interrupted(study)
+            if self.setup.settings.sampler == "grid":
+                _queue_grid(self.setup, study)
+            self.progress.source = self.source_figures()
+            size = self.setup.space.size()
+            repeats = 0  # proposals in a row of recipes already tried
+            while True:
+                done = _finished(study)
+                if repeats >= _MAX_REPEATS:
+                    self.progress.stopped_by = f"the sampler proposed {repeats} tried recipes in a row"
+                    break
+                done = [t for t in done if t.user_attrs.get("same_as") is None]  # repeats cost no budget
+                if trials is not None and len(done) >= trials:
+                    self.progress.stopped_by = f"budget: {len(done)} trials"
+                    break
+                if minutes is not None and time.monotonic() - start > minutes * 60:
+                    self.progress.stopped_by = f"budget: {minutes:g} minutes"
+                    break
+                if size is not None and len({_values_key(t) for t in done}) >= size:
+                    self.progress.stopped_by = f"every one of the {size} combinations has been tried"
+                    break
+                trial = study.ask({p.name: p.distribution() for p in self.setup.space.params})
+                repeated = self._trial(study, trial)
+                repeats = repeats + 1 if repeated else 0
+                self.progress.ran += not repeated
+            return study
+
+    def _recover_interrupted(self, study) -> None:
+        """Fail the trials a dead process of this machine left RUNNING, and queue their values again."""
+        import optuna
+        from optuna.trial import TrialState
+
+        from ..runner import _pid_alive
+
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.user_attrs.get("host") != socket.gethostname() or _pid_alive(str(t.user_attrs.get("pid", ""))):
+                continue
+            optuna.trial.Trial(study, t._trial_id).set_user_attr("reason", "interrupted (its process ended); "
+                                                                  "queued again")
+            study.tell(t.number, state=TrialState.FAIL)
+            study.enqueue_trial(t.params)
+            self.log(f"trial {t.number}: interrupted by an earlier search process; queued again")
+
+    def _baseline(self) -> tuple[str, str]:
+        """What ratios divide by: the source model, or the step `benchmark.baseline` names (its fixed passes run
+        once through the runner, in the work folder, so the trials reuse them)."""
+        setup = self.setup
+        k = setup.baseline_step
+        if k is None:
+            return setup.pipeline.config.model.source, "torch"
+        raw = setup.pipeline_raw(setup.space.first())
+        raw.update(name=f"work-{self.slot}", benchmark=None, passes=raw["passes"][:k])
+        steps = Runner(validate(raw), output_dir=self.dir, show_progress=False, log=self.runner_log).run().steps
+        return steps[-1].path, steps[-1].kind
+
+    def source_figures(self) -> dict:
+        """The baseline's screened and (when needed) fully measured figures: what ratios divide by."""
+        target, kind = self._baseline()
+        out = {"target": str(target), "screen": self.measurer.screen(target)}
+        if self.setup.needs_full:
+            full = self.measurer.full(target, kind)
+            if "error" in full:
+                raise CompressError(f"measuring the baseline {target} failed: {full['error']}")
+            out["full"] = full
+        return out
+
+    # ------------------------------------------------------------------ one trial
+    def _trial(self, study, trial) -> bool:
+        """Run one trial; True when it repeated a finished one (its result copied, nothing run)."""
+        from optuna.trial import TrialState
+
+        space = self.setup.space
+        values = {p.name: p.decode(trial.params[p.name]) for p in space.params}
+        options = space.options(values)
+        for k, v in {"values": values, "options": options, "host": socket.gethostname(),
+                     "pid": os.getpid()}.items():
+            trial.set_user_attr(k, v)
+        same = _same_values(study, values, trial.number)
+        if same is not None:  # the sampler proposed a finished recipe again: its result, not a second run
+            for k in ("figures", "screen", "violations", "feasible", "reason", "backend"):
+                if k in same.user_attrs:
+                    trial.set_user_attr(k, same.user_attrs[k])
+            trial.set_user_attr("same_as", same.number)
+            study.tell(trial, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
+            self._say(trial.number, options, f"same as trial {same.number} ({same.state.name.lower()})")
+            return True
+        started = time.monotonic()
+        state, objective_values, note = self._evaluate(study, trial, values)
+        trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
+        study.tell(trial, objective_values, state=state)
+        self._say(trial.number, options, note)
+        return False
+
+    def _evaluate(self, study, trial, values):
+        from optuna.trial import TrialState
+
+        setup = self.setup
+
+        def fail(reason: str):
+            trial.set_user_attr("reason", reason)
+            return TrialState.FAIL, None, f"failed: {reason}"
+
+        raw = setup.pipeline_raw(values)
+        raw.update(name=f"work-{self.slot}", benchmark=None)
+        try:
+            pipeline = validate(raw)
+            result = Runner(pipeline, output_dir=self.dir, show_progress=False, log=self.runner_log).run()
+        except CompressError as exc:
+            return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+        except Exception as exc:  # a pass's own failure (an unsupported shape, a library error): the trial's
+            return fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
+        self.progress.passes_run += sum(not s.reused for s in result.steps)
+        last = result.steps[-1] if result.steps else None
+        target, kind = (last.path, last.kind) if last else (setup.pipeline.config.model.source, "torch")
+        try:
+            screen = with_ratios(self.measurer.screen(target), self.progress.source["screen"])
+        except Exception as exc:
+            return fail(f"screening failed: {type(exc).__name__}: {exc}")
+        trial.set_user_attr("screen", screen)
+        broken = self._broken(screen)
+        if broken:
+            trial.set_user_attr("figures", screen)
+            trial.set_user_attr("violations", self._violations(screen))
+            trial.set_user_attr("feasible", False)
+            trial.set_user_attr("reason", f"screen: {broken}")
+            return TrialState.PRUNED, None, f"pruned on the screen: {broken}"
+        figures = screen
+        if setup.needs_full:
+            better = self._beaten_on_screen(study, screen)
+            if better is not None:
+                trial.set_user_attr("figures", screen)
+                trial.set_user_attr("violations", [0.0] * len(setup.constraints))
+                reason = f"screen: trial {better} is as good or better on every screened objective"
+                trial.set_user_attr("reason", reason)
+                return TrialState.PRUNED, None, f"pruned: {reason}"
+            full = self.measurer.full(target, kind)
+            if "error" in full:
+                return fail(f"measurement failed: {full['error']}")
+            trial.set_user_attr("backend", full.pop("backend"))
+            figures = with_ratios(full, self.progress.source["full"])
+        trial.set_user_attr("figures", figures)
+        missing = [n for n, _ in setup.objectives if figures.get(n) is None]
+        if missing:
+            return fail(f"{', '.join(missing)} not measured for this checkpoint")
+        violations = self._violations(figures)
+        broken = self._broken(figures)
+        trial.set_user_attr("violations", violations)
+        trial.set_user_attr("feasible", not broken)
+        if broken:
+            trial.set_user_attr("reason", broken)
+        return TrialState.COMPLETE, [figures[n] for n, _ in setup.objectives], \
+            "complete" + (f", breaks {broken}" if broken else "")
+
+    def _violations(self, figures: dict) -> list[float]:
+        return [c.violation(figures) or 0.0 for c in self.setup.constraints]
+
+    def _broken(self, figures: dict) -> str:
+        """The constraints `figures` break (those whose figure is known), as text; "" when none."""
+        out = []
+        for c in self.setup.constraints:
+            v = c.violation(figures)
+            if v:
+                out.append(f"{c.text} ({c.name} = {figures[c.name]:.4g})")
+        return "; ".join(out)
+
+    def _beaten_on_screen(self, study, screen: dict) -> int | None:
+        """A fully measured trial at least as good on every screened objective and on screened quality, and
+        better on one (None: none, or skipping is off, or no objective is screened). A model larger and worse
+        than a measured one is rarely faster; larger alone says nothing of speed (low-rank or 4-bit grids
+        trade size and speed differently), so quality is always part of the comparison."""
+        from optuna.trial import TrialState
+
+        cheap = [(n, d) for n, d in self.setup.objectives if is_cheap(n)]
+        if not cheap or not self.setup.settings.screen.skip_dominated:
+            return None
+        quality = QUALITY.get(self.setup.pipeline.config.task)
+        if quality and quality not in dict(cheap):
+            cheap.append((quality, METRICS[quality][0]))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            other = t.user_attrs.get("screen") or {}
+            if t.user_attrs.get("feasible", True) and dominates(other, screen, cheap):
+                return t.number
+        return None
+
+    def _say(self, number: int, options: dict, note: str) -> None:
+        opts = ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in options.items())
+        self.log(f"trial {number}: {opts} -> {note}")
+
+
+def _finished(study) -> list:
+    from optuna.trial import TrialState
+
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
+                                                                 TrialState.FAIL))
+            if "interrupted" not in t.user_attrs.get("reason", "")]  # retried: not part of the budget
+
+
+def _values_key(t) -> str:
+    return json.dumps(t.user_attrs.get("values"), sort_keys=True)
+
+
+def _same_values(study, values: dict, number: int):
+    """A finished trial (not failed by an interruption, not itself a repeat) with these values, else None."""
+    key = json.dumps(values, sort_keys=True)
+    for t in _finished(study):
+        if t.number != number and _values_key(t) == key and t.user_attrs.get("same_as") is None:
+            return t
+    return None
+

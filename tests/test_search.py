@@ -1,0 +1,269 @@
+"""`compress search`: the space is checked before any trial, the known best of a space is found, a search
+resumes without redoing trials, an impossible constraint is reported, --pick writes a runnable recipe, and the
+full harness measures only what the screen lets through.
+
+Trials run the real runner and the real screen on the tiny Llama with the test-scale pass (tests/helper_passes):
+factor 1 leaves the model as it is, 2 and 3 raise perplexity by 7% and 66%, and bf16 halves the size at the
+same perplexity, so the answer of the space is known."""
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import helper_passes  # noqa: F401  (registers test-scale)
+from pipelines.cli import main
+from pipelines.config import load_config
+
+pytest.importorskip("optuna")
+
+
+def _config(tmp_path, model_dir, *, factors=(1.0, 3.0), methods=("fp32", "bf16"), name="tiny-search",
+            filename="search.yaml", **extra) -> Path:
+    cfg = {
+        "name": name,
+        "model": {"source": str(model_dir)},
+        "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 64},
+                 "eval": {"source": "builtin:wikipedia", "max_tokens": 1024, "seq_len": 64}},
+        "passes": [{"test-scale": {"factor": {"search": list(factors)}}},
+                   {"quantize": {"method": {"search": list(methods)}}}],
+        "threads": 1,
+        "objectives": ["size_mb", "perplexity"],
+        "constraints": ["perplexity_ratio <= 1.05"],
+        "budget": {"trials": 10},
+        "screen": {"max_tokens": 256},
+        "sampler": "grid",
+        **extra,
+    }
+    path = tmp_path / filename
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def _trials(out: Path, name: str = "tiny-search") -> dict:
+    return json.loads((out / name / "search" / "trials.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def known_space(tiny_llama_dir, tmp_path_factory):
+    """One grid search over factor {1, 3} x {fp32, bf16}, shared by the tests that read its outputs."""
+    tmp = tmp_path_factory.mktemp("search")
+    config, out = _config(tmp, tiny_llama_dir), tmp / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    search = out / "tiny-search" / "search"
+    return {"config": config, "out": out, "trials": _trials(out), "best": (search / "best.yaml").read_text(),
+            "search": search}
+
+
+def test_passes_json_shows_search_values(capsys):
+    assert main(["passes", "--json"]) == 0
+    passes = {p["name"]: p for p in json.loads(capsys.readouterr().out)["passes"]}
+
+    def option(pass_name, name, when=None):
+        variant = next(v for v in passes[pass_name]["variants"] if when is None or when in (v["when"] or ""))
+        return next(o for o in variant["options"] if o["name"] == name)
+
+    assert option("quantize", "weight_bits", "ort-int8-dynamic")["search"] == [4, 8]
+    assert option("quantize", "block_size", "ort-int8-dynamic")["search"] == [32, 64, 128]
+    assert option("prune", "layer_ratio")["search"] == [0.0, 0.1, 0.17, 0.25]
+    assert option("lowrank", "energy")["search"] == [0.9, 0.95, 0.99, 0.999]
+    assert option("prune", "batch_size")["search"] is None  # an option without values
+    assert main(["passes", "lowrank"]) == 0
+    assert "search: 0.9, 0.95, 0.99, 0.999" in capsys.readouterr().out
+
+
+def test_search_values_the_pass_refuses_are_refused_before_any_trial(tiny_llama_dir, tmp_path, capsys):
+    path = _config(tmp_path, tiny_llama_dir)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["passes"] = [{"prune": {"ratio": {"search": [0.1, 1.5]}}},
+                     {"lowrank": {"energy": {"search": {"low": 0.5, "high": 1.5}}}}]
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "runs"
+    assert main(["search", str(path), "--output-dir", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "passes.0.prune.ratio: the search value 1.5 is refused" in err
+    assert "passes.1.lowrank.energy: the search value 1.5 is refused" in err
+    assert "0.1 is refused" not in err and "0.5 is refused" not in err  # the valid values pass
+    assert not out.exists()  # no study, no trial, no log
+    # a value the declared list offers is accepted through `declared`; an option that declares none is refused
+    cfg["passes"] = [{"prune": {"ratio": {"search": "declared"}, "batch_size": {"search": "declared"}}}]
+    path.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "passes.0.prune.batch_size: `search: declared`, but prune declares no search values" in err
+    assert "passes.0.prune.ratio" not in err
+
+
+def test_search_finds_the_known_best_of_the_space(known_space):
+    trials = known_space["trials"]
+    rows = {(r["options"]["test-scale.factor"], r["options"]["quantize.method"]): r for r in trials["trials"]}
+    assert len(trials["trials"]) == 4 and set(rows) == {(1.0, "fp32"), (1.0, "bf16"), (3.0, "fp32"), (3.0, "bf16")}
+    for method in ("fp32", "bf16"):  # factor 3 breaks the constraint on the screen: pruned, never measured further
+        bad = rows[(3.0, method)]
+        assert bad["state"] == "pruned" and bad["figures"]["perplexity_ratio"] > 1.5
+        assert "perplexity_ratio <= 1.05" in bad["reason"]
+    assert rows[(1.0, "fp32")]["figures"]["perplexity_ratio"] == 1.0  # the unchanged model, bit for bit
+    best = rows[(1.0, "bf16")]
+    assert trials["chosen"] == best["number"] and trials["front"] == [best["number"]]
+    assert best["figures"]["size_mb_ratio"] == pytest.approx(0.51, abs=0.02)
+    assert abs(best["figures"]["perplexity_ratio"] - 1.0) < 1e-3
+    # best.yaml is a plain pipeline config with exactly that recipe
+    best_yaml = known_space["search"] / "best.yaml"
+    assert load_config(best_yaml).config.passes == [{"test-scale": {"factor": 1.0}}, {"quantize": {"method": "bf16"}}]
+    report = (known_space["search"] / "report.md").read_text()
+    assert "## Pareto front" in report and f"| {best['number']} (chosen) |" in report
+    assert (known_space["search"] / "front-size.png").stat().st_size > 1000
+    assert "<table>" in (known_space["search"] / "report.html").read_text()
+
+
+def test_pick_writes_the_recipe_of_that_trial(known_space, capsys):
+    trials = known_space["trials"]["trials"]
+    picked = next(r for r in trials if r["options"] == {"test-scale.factor": 1.0, "quantize.method": "fp32"})
+    args = ["search", str(known_space["config"]), "--output-dir", str(known_space["out"])]
+    assert main(args + ["--pick", str(picked["number"])]) == 0
+    assert f"picked: trial {picked['number']}" in capsys.readouterr().out
+    best = known_space["search"] / "best.yaml"
+    pipeline = load_config(best)
+    assert pipeline.config.passes == [{"test-scale": {"factor": 1.0}}, {"quantize": {"method": "fp32"}}]
+    assert main(["validate", str(best)]) == 0
+    assert len(_trials(known_space["out"])["trials"]) == 4  # picking runs no trial
+    pruned = next(r for r in trials if r["state"] == "pruned")
+    assert main(args + ["--pick", str(pruned["number"])]) == 0  # a pruned trial is pickable, with a note
+    assert "breaks a constraint" in capsys.readouterr().out
+    assert main(args + ["--pick", "99"]) == 2
+    assert "no trial 99" in capsys.readouterr().err
+
+
+def test_an_interrupted_search_resumes_without_redoing_trials(tiny_llama_dir, tmp_path):
+    import optuna
+
+    from pipelines.search import run_search
+
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0, 3.0), sampler="tpe")
+    out = tmp_path / "runs"
+    first, _ = run_search(config, trials=2, output_dir=out, log=lambda *_: None)
+    before = {r["number"]: r for r in first.rows}
+    assert len(before) == 2 and all(r["state"] in ("complete", "pruned") for r in before.values())
+    # a third trial that a killed process left RUNNING
+    study = optuna.load_study(study_name="tiny-search",
+                              storage=f"sqlite:///{(out / 'tiny-search' / 'search' / 'study.db').resolve()}")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tried = {(r["values"]["0.test-scale.factor"], r["values"]["1.quantize.method"]) for r in before.values()}
+    untried = next((f, m) for f in (1.0, 2.0, 3.0) for m in ("fp32", "bf16") if (f, m) not in tried)
+    study.enqueue_trial({"0.test-scale.factor": untried[0], "1.quantize.method": untried[1]})
+    stale = study.ask({p: d for p, d in study.trials[0].distributions.items()})
+    stale.set_user_attr("host", __import__("socket").gethostname())
+    stale.set_user_attr("pid", dead.pid)
+
+    second, search = run_search(config, trials=4, output_dir=out, log=lambda *_: None)
+    rows = {r["number"]: r for r in second.rows}
+    for n, r in before.items():  # the finished trials are kept as they were, not run again
+        assert rows[n] == r
+    assert rows[2]["state"] == "failed" and "interrupted" in rows[2]["reason"]
+    # two new trials: the interrupted one again (trial 3), and one more (a proposal repeating a finished
+    # recipe is recorded as a copy of it, and costs no budget)
+    fresh = [r["number"] for r in second.rows if r["state"] != "failed" and r["same_as"] is None]
+    assert fresh[:3] == [0, 1, 3] and len(fresh) == 4
+    assert search.progress.ran == 2
+    assert rows[3]["options"] == {"test-scale.factor": stale.params["0.test-scale.factor"],
+                                  "quantize.method": stale.params["1.quantize.method"]}
+    assert search.progress.passes_run <= 4  # at most two passes per new trial
+    # the budget is met: a third run adds nothing
+    third, search = run_search(config, trials=4, output_dir=out, log=lambda *_: None)
+    assert search.progress.ran == 0 and len(third.rows) == len(second.rows)
+
+
+def test_a_constraint_no_trial_meets_is_reported_with_the_closest(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(3.0, 2.0), methods=("fp32",))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "no trial meets the constraints (perplexity_ratio <= 1.05); nothing chosen. Closest:" in text
+    closest = [line for line in text.splitlines() if line.startswith("  trial ")]
+    assert [c.split(":")[0] for c in closest] == ["  trial 1", "  trial 0"]  # factor 2 (~1.1x) before 3 (~1.8x)
+    ratios = [float(c.rsplit("perplexity_ratio ", 1)[1]) for c in closest]
+    assert 1.05 < ratios[0] < 1.3 < 1.5 < ratios[1]
+    trials = _trials(out)
+    assert trials["chosen"] is None and trials["closest"] == [1, 0]
+    assert not (out / "tiny-search" / "search" / "best.yaml").exists()
+
+
+def test_full_measurement_only_for_trials_the_screen_lets_through(tiny_llama_dir, tmp_path, monkeypatch):
+    """Speed comes from the harness (stood in for here: decode speed inversely proportional to size); it is
+    measured for the source and the trials that pass the screen and are not beaten on it, no others."""
+    from benchmarks.harness import resolve_target, weights_size
+
+    import pipelines.search.measure as measure_mod
+
+    calls = []
+
+    def fake_measure(target, **kwargs):
+        t = resolve_target(target, "causal-lm")
+        calls.append(Path(str(target)).name)
+        size = weights_size(t.path)
+        return {"quality": {"perplexity": 100.0}, "size_bytes": size,
+                "latency": {"decode_tokens_per_s": 2e7 / size}, "memory": {"peak_rss_mb": 10.0}}
+
+    monkeypatch.setattr(measure_mod, "harness_measure", fake_measure)
+    config = _config(tmp_path, tiny_llama_dir, methods=("bf16", "fp32"),
+                     objectives=["decode_tok_s", "perplexity"],
+                     constraints=["perplexity_ratio <= 1.05", "decode_speedup >= 1.5"],
+                     benchmark={"backends": ["torch-cpu"], "quality": ["perplexity"], "threads": 1})
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    rows = {(r["options"]["test-scale.factor"], r["options"]["quantize.method"]): r for r in _trials(out)["trials"]}
+    # the source, then (1, bf16); (1, fp32) has a worse screened perplexity than the measured (1, bf16): skipped
+    assert calls == [tiny_llama_dir.name, "02-quantize"]
+    assert rows[(1.0, "bf16")]["state"] == "complete"
+    assert rows[(1.0, "bf16")]["figures"]["decode_speedup"] == pytest.approx(1.96, abs=0.05)
+    assert rows[(1.0, "fp32")]["state"] == "pruned"
+    assert f"trial {rows[(1.0, 'bf16')]['number']} is as good or better" in rows[(1.0, "fp32")]["reason"]
+    assert all(rows[(3.0, m)]["state"] == "pruned" for m in ("bf16", "fp32"))
+    assert _trials(out)["chosen"] == rows[(1.0, "bf16")]["number"]
+
+
+def test_ratios_against_a_fixed_baseline_step(tiny_llama_dir, tmp_path, capsys):
+    """benchmark.baseline names a fixed step (a fine-tuned teacher in configs/search-minilm-bbc.yaml): ratios
+    divide by its figures, and a searched option before it is refused."""
+    config = _config(tmp_path, tiny_llama_dir, benchmark={"baseline": "01-test-scale", "quality": ["perplexity"]})
+    cfg = yaml.safe_load(config.read_text())
+    cfg["passes"][0]["test-scale"]["factor"] = 2.0  # fixed: the baseline
+    config.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    trials = _trials(out)
+    rows = {r["options"]["quantize.method"]: r for r in trials["trials"]}
+    assert trials["source"]["target"].endswith("01-test-scale")
+    assert rows["fp32"]["figures"]["perplexity_ratio"] == 1.0  # the baseline's own weights
+    assert trials["source"]["screen"]["perplexity"] == rows["fp32"]["screen"]["perplexity"]
+    assert rows["bf16"]["figures"]["size_mb_ratio"] == pytest.approx(0.51, abs=0.02)
+    assert trials["chosen"] == rows["bf16"]["number"]  # within 5% of the baseline, half its size
+    cfg["passes"][0]["test-scale"]["factor"] = {"search": [1.0, 2.0]}
+    config.write_text(yaml.safe_dump(cfg))
+    capsys.readouterr()
+    assert main(["validate", str(config)]) == 2
+    assert "its passes must be fixed, but passes.0.test-scale.factor is searched" in capsys.readouterr().err
+
+
+def test_each_search_process_takes_its_own_work_slot(tmp_path):
+    from pipelines.search.study import work_slot
+
+    with work_slot(tmp_path) as first, work_slot(tmp_path) as second:
+        assert (first, second) == (0, 1)
+    with work_slot(tmp_path) as again:
+        assert again == 0  # released when a search ends
+
+
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(tiny_llama_dir, tmp_path, capsys):
+    # ort-fp16 is a valid quantize method, but needs an ONNX model: that trial fails, the other completes
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), methods=("bf16", "ort-fp16"))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    rows = {r["options"]["quantize.method"]: r for r in _trials(out)["trials"]}
+    assert rows["ort-fp16"]["state"] == "failed" and "add an `export` pass before it" in rows["ort-fp16"]["reason"]
+    assert rows["bf16"]["state"] == "complete" and _trials(out)["chosen"] == rows["bf16"]["number"]
+    assert f"trial {rows['ort-fp16']['number']}: test-scale.factor=1.0, quantize.method=ort-fp16 -> failed" \
+        in capsys.readouterr().out
