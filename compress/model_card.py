@@ -42,7 +42,7 @@ def base_model_id(source: str) -> str | None:
     return None
 
 
-def _parent_dir(ckpt: Path, parent_path: str) -> Path | None:
+def parent_dir(ckpt: Path, parent_path: str) -> Path | None:
     """The parent checkpoint's folder: as recorded, else beside this one (a run folder that was moved)."""
     for cand in (Path(parent_path), ckpt.parent / Path(parent_path).name,
                  ckpt.parent.parent / Path(parent_path).name):
@@ -66,7 +66,7 @@ def lineage(path: str | os.PathLike) -> tuple[str, list[dict]]:
                       "info": manifest.get("info") or {}})
         source = manifest.get("source") or source
         parent = (manifest.get("parent") or {}).get("path")
-        current = _parent_dir(current, parent) if parent and parent != source else None
+        current = parent_dir(current, parent) if parent and parent != source else None
         if current is None and parent:
             source = source or parent
     return source, steps[::-1]

@@ -10,6 +10,7 @@ rebuilds them (compress/quant/torch_side.py)."""
 from __future__ import annotations
 
 import difflib
+import logging
 import tempfile
 from pathlib import Path
 from typing import Annotated, ClassVar, Literal, Union, get_args
@@ -21,7 +22,8 @@ from .. import onnx_tools
 from ..checkpoint import Artifact
 from ..errors import ConfigError
 from ..options import search
-from ..quant import torch_side
+from ..logs import SUITE_LOGGER
+from ..quant import fake, sensitivity, torch_side
 from . import register
 from .base import Pass, PassConfig, PassContext
 
@@ -142,6 +144,16 @@ class OrtDynamicConfig(_Calibration):
         "calibration data); k_quant and gptq are 4-bit only", json_schema_extra=search(["rtn", "hqq"]))
     per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
                               "per tensor")
+    keep_8bit: list[str] | None = Field(
+        None, description="matmulnbits, weight_bits 4: glob patterns of ONNX node names kept at 8 bits (e.g. "
+        "'/model/layers.0/*'); each kept MatMul about doubles its weight bytes and loses its 4-bit rounding error")
+    keep_8bit_blocks: int = Field(
+        0, ge=0, description="matmulnbits, weight_bits 4: the N decoder blocks most sensitive to 4 bits kept at "
+        "8 bits (causal LMs; sensitivity = KL from the float torch parent with only that block on the 4-bit grid, "
+        "on the calibration data, else the blocks' relative int4 weight error; manifest: info.mixed_precision). "
+        "Each block kept about doubles its weight bytes (+1/num_layers of the 4-bit blocks' size) and removes "
+        "its share of int4's quality loss, the largest shares first",
+        json_schema_extra=search([0, 2, 4, 8]))
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
     @model_validator(mode="after")
@@ -150,6 +162,10 @@ class OrtDynamicConfig(_Calibration):
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
         if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
+        for name in ("keep_8bit", "keep_8bit_blocks"):
+            if getattr(self, name) and (self.weight_bits != 4 or self.kernel in ("matmulinteger", "rowwise")):
+                raise ValueError(f"{name} keeps MatMuls at 8 bits when the rest is at 4: it needs kernel "
+                                 f"matmulnbits (or auto on a causal LM) and weight_bits: 4")
         return self
 
 
@@ -252,18 +268,39 @@ class Quantize(Pass):
         dst = Path(tempfile.mkdtemp(prefix="quantize-", dir=ctx.scratch))
         exclude = list(cfg.exclude or [])
         q: dict = {"method": method}
+        notes: list[str] = []
         if method == "ort-int8-dynamic":
             kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
+            if kernel != "matmulnbits" and (cfg.keep_8bit or cfg.keep_8bit_blocks):
+                raise ConfigError(f"quantize.keep_8bit / keep_8bit_blocks: kernel {cfg.kernel} is {kernel} on a "
+                                  f"{task} model; mixed 4/8 bits needs kernel: matmulnbits")
             if kernel == "matmulnbits":
                 feeds = None
                 if cfg.algorithm == "gptq":
                     feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx),
                                                   cfg.calibration_batch_size)
+                eight_bit, mixed = self._mixed_precision(model, ctx, src)
+                note = fake.grid_mismatch(model, bits=cfg.weight_bits, block_size=cfg.block_size,
+                                          symmetric=cfg.algorithm == "rtn", algorithm=cfg.algorithm,
+                                          embeddings=cfg.quantize_embeddings)
+                if note and eight_bit:
+                    note += " (the MatMuls kept at 8 bits too, at 8 bits)"
+                elif eight_bit and fake.grid_settings(model) is not None:  # 8-bit RTN of a 4-bit grid: exact
+                    note = ("quantize: keep_8bit / keep_8bit_blocks after quantization-aware distillation for this "
+                            "4-bit grid: those weights are on it already, so 8 bits costs size and buys nothing")
+                if note:
+                    notes.append(note)
+                    logging.getLogger(SUITE_LOGGER).warning(note)
                 details = ort.weight_only(src, dst, bits=cfg.weight_bits, block_size=cfg.block_size,
                                           accuracy_level=4, symmetric=cfg.algorithm == "rtn", exclude=exclude,
-                                          embeddings=cfg.quantize_embeddings, algorithm=cfg.algorithm, feeds=feeds)
+                                          embeddings=cfg.quantize_embeddings, algorithm=cfg.algorithm, feeds=feeds,
+                                          eight_bit=eight_bit)
+                if mixed:
+                    details["mixed_precision"] = mixed
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
                          algorithm=cfg.algorithm)
+                if eight_bit:
+                    q["int8_matmuls"] = len(details["int8_matmuls"])
             elif kernel == "rowwise":
                 details = ort.rowwise_int8(src, dst, exclude=exclude, embeddings=cfg.quantize_embeddings)
                 q.update(bits=8, kernel="MatMulIntegerToFloat", activations="per-row", weight_type="QInt8")
@@ -299,9 +336,92 @@ class Quantize(Pass):
                 "parent_onnx_bytes": onnx_tools.onnx_size(src)}
         if model.info.get("discrepancy"):
             info["export_discrepancy"] = model.info["discrepancy"]
+        if notes:
+            info["notes"] = notes
         if cfg.check:
             info["discrepancy"] = self._check(model, src, dst, ctx)
         return model.derive(onnx_dir=dst, quantization=q, info=info)
+
+    # ------------------------------------------------------------------ mixed 4/8 bits
+    def _mixed_precision(self, model: Artifact, ctx: PassContext, src: Path) -> tuple[list[str], dict | None]:
+        """The MatMuls kept at 8 bits (keep_8bit patterns, keep_8bit_blocks most sensitive blocks) and the
+        record for the manifest (None when nothing is kept)."""
+        import onnx
+
+        from ..quant import ort
+
+        cfg = self.config
+        if not (cfg.keep_8bit or cfg.keep_8bit_blocks):
+            return [], None
+        proto = onnx.load(str(src / onnx_tools.ONNX_FILE), load_external_data=False)
+        matched = set(ort.matching_nodes(proto, cfg.keep_8bit, ("MatMul",)) if cfg.keep_8bit else [])
+        weights = {i.name for i in proto.graph.initializer}  # products of two activations stay float anyway
+        nodes = [n.name for n in proto.graph.node if n.name in matched and n.input[1] in weights]
+        if cfg.keep_8bit and not nodes:
+            raise ConfigError(f"quantize.keep_8bit: {cfg.keep_8bit} matches no MatMul node of the ONNX graph")
+        record: dict = {"patterns": cfg.keep_8bit, "pattern_matmuls": len(nodes)}
+        if cfg.keep_8bit_blocks:
+            blocks = ort.decoder_blocks(proto)
+            if model.task != "causal-lm" or not blocks:
+                raise ConfigError("quantize.keep_8bit_blocks: needs a causal LM whose ONNX node names show its "
+                                  "blocks ('/model/layers.N/...'); name the nodes with keep_8bit instead")
+            if cfg.keep_8bit_blocks > len(blocks):
+                raise ConfigError(f"quantize.keep_8bit_blocks: {cfg.keep_8bit_blocks} but the model has "
+                                  f"{len(blocks)} blocks")
+            scores, measure = self._sensitivity(model, ctx, src, blocks)
+            chosen = sorted(sorted(scores, key=scores.get, reverse=True)[:cfg.keep_8bit_blocks])
+            nodes += [n for i in chosen for n in blocks[i] if n not in nodes]
+            record.update(blocks=len(blocks), blocks_8bit=chosen, sensitivity=measure,
+                          scores={str(i): scores[i] for i in blocks})
+        record["matmuls_8bit"] = len(nodes)
+        return nodes, record
+
+    def _sensitivity(self, model: Artifact, ctx: PassContext, src: Path,
+                     blocks: dict[int, list[str]]) -> tuple[dict[int, float], dict]:
+        """Per block, how much 4 bits hurt (compress/quant/sensitivity.py): KL from the float torch parent on
+        the calibration data, else (no torch parent, no data) the blocks' relative int4 weight error."""
+        cfg = self.config
+        grid = {"block_size": cfg.block_size, "symmetric": cfg.algorithm == "rtn"}
+        parent = self._torch_parent(model, ctx)
+        has_data = ctx.data is not None and any(ctx.data.specs.get(r) is not None for r in ("calibration", "train"))
+        why = ("no torch checkpoint found before the ONNX model" if parent is None else
+               "no calibration data (data.calibration or data.train)" if not has_data else None)
+        if why is None:
+            from ..architecture import find
+
+            arch = find(parent.model)
+            if arch.num_layers() != len(blocks):
+                why = f"the torch parent has {arch.num_layers()} blocks, the ONNX graph {len(blocks)}"
+        if why is not None:
+            import onnx
+
+            proto = onnx.load(str(src / onnx_tools.ONNX_FILE))
+            return sensitivity.weight_error(proto, blocks, **grid), {"measure": "int4 weight error (relative)",
+                                                                     "why": why}
+        ids, _ = self._calibration_inputs(model, ctx)
+        scores = sensitivity.block_kl(parent.model, arch, torch.from_numpy(ids),
+                                      batch_size=cfg.calibration_batch_size, **grid)
+        return scores, {"measure": "KL from the float model, one block at 4 bits", "tokens": int(ids.size)}
+
+    def _torch_parent(self, model: Artifact, ctx: PassContext) -> Artifact | None:
+        """The torch model the ONNX input was exported from: the nearest torch checkpoint up its lineage, or
+        the source model (ctx.teacher()) when the chain starts there; None if neither can be found."""
+        from ..checkpoint import load, read_manifest
+        from ..model_card import parent_dir
+
+        path = model.path
+        while path is not None:
+            manifest = read_manifest(path)
+            if manifest.get("kind") == "torch":
+                return load(path)
+            parent = (manifest.get("parent") or {}).get("path")
+            if not parent:
+                return None
+            found = parent_dir(Path(path), parent)
+            if found is None:
+                return ctx.teacher() if ctx.source is not None and parent == ctx.source else None
+            path = found
+        return None
 
     def _calibration_inputs(self, model: Artifact, ctx: PassContext):
         import numpy as np

@@ -9,6 +9,7 @@ import contextlib
 import fnmatch
 import io
 import os
+import re
 import tempfile
 from pathlib import Path
 
@@ -92,9 +93,32 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
 ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")  # gptq needs calibration feeds; k_quant and gptq are 4-bit only
 
 
+_BLOCK_SCOPE = re.compile(r"^/(?:[^/]+/)*?[^/.]+\.(\d+)/")  # the first `<name>.<index>/` scope
+
+
+def decoder_blocks(model) -> dict[int, list[str]]:
+    """Block index -> its weight MatMuls (those weight_only quantizes), from the node names both exporters
+    write: the first scope named `<container>.<index>` (`/model/layers.3/...`, `/transformer/h.3/...`)."""
+    inits = {i.name for i in model.graph.initializer}
+    out: dict[int, list[str]] = {}
+    for node in model.graph.node:
+        found = _BLOCK_SCOPE.match(node.name)
+        if node.op_type == "MatMul" and found and node.input[1] in inits:
+            out.setdefault(int(found.group(1)), []).append(node.name)
+    return dict(sorted(out.items()))
+
+
+def weight_of(model, node_name: str) -> np.ndarray:
+    """The [K, N] weight initializer a MatMul multiplies by."""
+    from onnx import numpy_helper
+
+    node = next(n for n in model.graph.node if n.name == node_name)
+    return numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[1]))
+
+
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
                 exclude: list[str], embeddings: bool = False, algorithm: str = "rtn",
-                feeds: list[dict] | None = None) -> dict:
+                feeds: list[dict] | None = None, eight_bit: list[str] | None = None) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
     0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below).
@@ -102,7 +126,8 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     `algorithm` picks how the 4-bit grid is chosen: rtn (round to nearest, symmetric unless `symmetric` is
     false), hqq (half-quadratic optimization of scale and zero point, data-free), k_quant (llama.cpp's
     k-quant search, data-free) or gptq (error-compensating, on calibration `feeds`). At 4 bits an untied LM
-    head stays 8-bit (a tied one is the int8 embedding table, see `embeddings`)."""
+    head stays 8-bit (a tied one is the int8 embedding table, see `embeddings`), and so do the MatMuls named in
+    `eight_bit` (mixed precision: the blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass."""
     import logging
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -111,9 +136,14 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         logging.getLogger(name).setLevel(logging.WARNING)
     model = _load(src)
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    if eight_bit and bits != 4:
+        raise ValueError("eight_bit: MatMuls kept at 8 bits need bits=4 for the rest")
     head = [n for n in lm_head_nodes(model) if n not in excluded and _has_weight(model, n)] if bits == 4 else []
-    if head:  # the 8-bit head first, then the rest at 4 bits
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in head]
+    kept = [n for n in dict.fromkeys(eight_bit or []) if n not in excluded and n not in head
+            and _has_weight(model, n)]
+    if head or kept:  # the 8-bit head and kept MatMuls first, then the rest at 4 bits
+        first = set(head + kept)
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in first]
         q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
                                      accuracy_level=accuracy_level or None, nodes_to_exclude=others,
                                      op_types_to_quantize=("MatMul",))
@@ -130,7 +160,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     else:  # rtn: the quantizer's default
         config = None
     q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head,
+                                 accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
                                  op_types_to_quantize=matmuls, algo_config=config)
     with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
         q.process()
@@ -140,7 +170,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     tables = _int8_gathers(model, excluded) if embeddings else []
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "int8_head": head,
-            "offset_corrections": offsets}
+            "int8_matmuls": kept, "offset_corrections": offsets}
 
 
 def _integer_zero_points(model) -> int:
