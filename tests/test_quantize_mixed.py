@@ -80,6 +80,8 @@ def test_most_sensitive_blocks_at_8_bits(exported, tmp_path):
     a, b = plain.info["discrepancy"], mixed.info["discrepancy"]
     assert b["mean_abs_error"] < 0.8 * a["mean_abs_error"], (a["mean_abs_error"], b["mean_abs_error"])
     assert mixed.info["onnx_bytes"] > plain.info["onnx_bytes"]
+    again = quantize(onnx_ckpt, tmp_path / "c", keep_8bit_blocks=1).info["mixed_precision"]  # same parent, tokens
+    assert again["sensitivity"]["from_cache"] and again["scores"] == record["scores"] and again["blocks_8bit"] == [HOT]
 
 
 def test_weight_proxy_without_torch_parent(exported, tmp_path):

@@ -399,9 +399,10 @@ class Quantize(Pass):
             return sensitivity.weight_error(proto, blocks, **grid), {"measure": "int4 weight error (relative)",
                                                                      "why": why}
         ids, _ = self._calibration_inputs(model, ctx)
-        scores = sensitivity.block_kl(parent.model, arch, torch.from_numpy(ids),
-                                      batch_size=cfg.calibration_batch_size, **grid)
-        return scores, {"measure": "KL from the float model, one block at 4 bits", "tokens": int(ids.size)}
+        scores, reused = sensitivity.cached_block_kl(parent.model, arch, torch.from_numpy(ids),
+                                                     batch_size=cfg.calibration_batch_size, **grid)
+        return scores, {"measure": "KL from the float model, one block at 4 bits", "tokens": int(ids.size),
+                        "from_cache": reused}
 
     def _torch_parent(self, model: Artifact, ctx: PassContext) -> Artifact | None:
         """The torch model the ONNX input was exported from: the nearest torch checkpoint up its lineage, or

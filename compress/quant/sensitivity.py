@@ -4,8 +4,14 @@
 - `block_kl`: with the float torch model and calibration tokens, the KL divergence of the next-token
   distribution from the float model's when only that block's linear weights are on the 4-bit RTN grid that the
   ONNX side writes (compress/quant/fake.py): one reference forward, then one forward per block.
-- `weight_error`: without them, a weight-only proxy from the ONNX graph: the block's relative int4 RTN error."""
+- `weight_error`: without them, a weight-only proxy from the ONNX graph: the block's relative int4 RTN error.
+
+The KL scores are stored in the suite's cache (compress.runtime.cache_dir()/sensitivity), keyed by the weights,
+the tokens and the grid, so a search whose trials share a parent measures them once."""
 from __future__ import annotations
+
+import hashlib
+import json
 
 import torch
 
@@ -38,6 +44,28 @@ def block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: boo
             for name, w in saved.items():
                 modules[name].weight.copy_(w)
     return scores
+
+
+def cached_block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: bool,
+                    batch_size: int = 1) -> tuple[dict[int, float], bool]:
+    """`block_kl`, read from the cache when these weights, tokens and grid were scored before; returns
+    (scores, whether they came from the cache)."""
+    from ..runtime import cache_dir
+
+    h = hashlib.sha256(json.dumps([block_size, symmetric, batch_size]).encode())
+    h.update(ids.numpy().tobytes())
+    for name, t in module.state_dict().items():
+        h.update(name.encode())
+        h.update(t.detach().float().contiguous().numpy().tobytes())
+    path = cache_dir() / "sensitivity" / f"{h.hexdigest()[:32]}.json"
+    if path.is_file():
+        return {int(k): v for k, v in json.loads(path.read_text()).items()}, True
+    scores = block_kl(module, arch, ids, block_size=block_size, symmetric=symmetric, batch_size=batch_size)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{id(scores)}")
+    tmp.write_text(json.dumps(scores))
+    tmp.replace(path)  # whole or absent: a reader never sees half a file
+    return scores, False
 
 
 def weight_error(proto, blocks: dict[int, list[str]], *, block_size: int, symmetric: bool) -> dict[int, float]:
