@@ -13,9 +13,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_run(args) -> int:
-    from compress.logs import capture, suite_log
-
     from compress.errors import ConfigError
+    from compress.logs import capture, suite_log
 
     from .config import load_config
     from .console import log, print_summary
@@ -67,6 +66,7 @@ def _is_search(path, is_search_config) -> bool:
 
 
 def _cmd_search(args) -> int:
+    from compress.errors import ConfigError
     from compress.logs import capture, suite_log
 
     from .console import log
@@ -74,8 +74,6 @@ def _cmd_search(args) -> int:
     from .search.config import load_search_config
     from .search.report import summary
     from .search.study import search_dir
-
-    from compress.errors import ConfigError
 
     for flag in ("trials", "minutes"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
