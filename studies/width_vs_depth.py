@@ -127,13 +127,18 @@ def main(argv: list[str] | None = None) -> int:
               "options": options, "recover": recover, "rows": rows}
     (out / "results.json").write_text(json.dumps(result, indent=1, default=str))
     lines = [f"# {args.model}: hidden width vs MLP vs depth at {target / 1e6:.1f} M parameters", "",
-             f"`python -m studies.width_vs_depth --hidden {args.hidden} --recover-steps {steps}`; matched: "
+             f"`python -m studies.width_vs_depth --hidden {args.hidden} --recover-steps {steps} --threads {args.threads}`; "
+             f"matched: "
              f"{json.dumps(matched)}; recovery: {json.dumps(recover)}", "",
              "| variant | backend | params | perplexity | agreement | prefill ms | decode tok/s |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
+    def fmt(value, spec):
+        return "-" if value is None else format(value, spec)
+
     for r in rows:
-        lines.append(f"| {r['label']} | {r['backend']} | {r['params']} | {r['perplexity']} | {r['agreement']} | "
-                     f"{r['prefill_ms']} | {r['decode_tok_s']} |" + (f" {r['error']}" if r["error"] else ""))
+        lines.append(f"| {r['label']} | {r['backend']} | {fmt(r['params'] and r['params'] / 1e6, '.1f')} M | "
+                     f"{fmt(r['perplexity'], '.2f')} | {fmt(r['agreement'], '.3f')} | {fmt(r['prefill_ms'], '.0f')} | "
+                     f"{fmt(r['decode_tok_s'], '.1f')} |" + (f" {r['error']}" if r["error"] else ""))
     (out / "report.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'report.md'}")
     return 0
