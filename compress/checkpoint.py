@@ -31,6 +31,7 @@ from .errors import CheckpointError, disk_error
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODEL_CARD = "README.md"  # written beside the finished checkpoint (compress/model_card.py); no loader reads it
+MODEL_CARD_TMP = f".{MODEL_CARD}.tmp"  # the card while it is written (a run killed then may leave it)
 KINDS = ("torch", "onnx")
 _VERSIONED = ["compress-suite", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime",
               "torch-pruning", "bitsandbytes", "safetensors"]
@@ -108,7 +109,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
             if artifact.onnx_dir is None or not (Path(artifact.onnx_dir) / "model.onnx").exists():
                 raise CheckpointError(f"ONNX artifact has no model.onnx in {artifact.onnx_dir}")
             for f in Path(artifact.onnx_dir).iterdir():
-                if f.is_file() and f.name not in (MANIFEST, MODEL_CARD):
+                if f.is_file() and f.name not in (MANIFEST, MODEL_CARD, MODEL_CARD_TMP):
                     shutil.copy2(f, tmp / f.name)
         else:
             raise CheckpointError(f"unknown artifact kind {artifact.kind!r}; expected one of {KINDS}")
@@ -254,7 +255,7 @@ def _unlisted(path: Path, files: dict) -> list[str]:
     """Files in the folder that the table does not list (any of them could be read by a loader)."""
     on_disk = [p for p in path.rglob("*") if p.is_symlink() or not p.is_dir()]
     names = (p.relative_to(path).as_posix() for p in on_disk)
-    return sorted(n for n in names if n not in (MANIFEST, MODEL_CARD) and n not in files)
+    return sorted(n for n in names if n not in (MANIFEST, MODEL_CARD, MODEL_CARD_TMP) and n not in files)
 
 
 def verify(path: str | os.PathLike, manifest: dict | None = None, *, hashes: bool = True) -> None:

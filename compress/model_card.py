@@ -18,7 +18,7 @@ import json
 import os
 from pathlib import Path
 
-from .checkpoint import MANIFEST, MODEL_CARD, read_manifest
+from .checkpoint import MANIFEST, MODEL_CARD, MODEL_CARD_TMP, read_manifest
 from .describe import options_line, stored_options
 
 PIPELINE_TAG = {"causal-lm": "text-generation", "sequence-classification": "text-classification",
@@ -171,7 +171,7 @@ def write_card(path: str | os.PathLike, **kwargs) -> Path | None:
     path = Path(path)
     try:
         text = card_text(path, **kwargs)
-        tmp = path / f".{MODEL_CARD}.tmp"
+        tmp = path / MODEL_CARD_TMP  # verify ignores it: a run killed here leaves a checkpoint still reusable
         tmp.write_text(text, encoding="utf-8")
         tmp.replace(path / MODEL_CARD)
         return path / MODEL_CARD

@@ -219,3 +219,23 @@ def test_model_card_names_the_hub_base_model(tiny_llama_dir, tmp_path):
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert set(front) == {"base_model", "pipeline_tag", "library_name", "tags"}
     assert (ckpt / "README.md").exists() and "README.md" not in manifest["files"]
+
+
+def test_a_card_left_half_written_by_a_kill_does_not_cost_the_checkpoint(tiny_llama_dir, tmp_path):
+    """A run killed while writing README.md leaves .README.md.tmp beside a finished checkpoint: no loader reads
+    it, so the checkpoint still verifies and the rerun reuses it (the SIGKILL test found this window)."""
+    from compress import checkpoint
+    from compress.checkpoint import MODEL_CARD_TMP
+    from pipelines.config import load_config
+    from pipelines.runner import Runner
+
+    config = _write_config(tmp_path, tiny_llama_dir, name="killed-card")
+    first = Runner(load_config(config), output_dir=tmp_path, show_progress=False, log=lambda *a: None).run()
+    ckpt = Path(first.steps[0].path)
+    (ckpt / MODEL_CARD_TMP).write_text("half a card")
+    checkpoint.verify(ckpt)
+    again = Runner(load_config(config), output_dir=tmp_path, show_progress=False, log=lambda *a: None).run()
+    assert [s.reused for s in again.steps] == [True] * len(first.steps)
+    (ckpt / "stray.bin").write_bytes(b"x")  # any other unlisted file is still refused
+    with pytest.raises(checkpoint.CheckpointError, match="stray.bin"):
+        checkpoint.verify(ckpt)
