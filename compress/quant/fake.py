@@ -86,9 +86,11 @@ def table_grid(w: torch.Tensor, block_size: int):
 
 
 def table_block(width: int) -> int | None:
-    from .ort import _table_block  # the block the export path picks (None: the table stays float)
+    """The block the export path picks for an int8 table (None: it stays float); ort.py is imported lazily
+    (onnx / onnxruntime) so that distillation without QAD never loads it."""
+    from .ort import table_block as ort_table_block
 
-    return _table_block(width)
+    return ort_table_block(width)
 
 
 class _STE(torch.autograd.Function):

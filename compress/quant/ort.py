@@ -243,7 +243,7 @@ def _has_weight(model, node_name: str) -> bool:
     return any(n.name == node_name and n.input[1] in inits for n in model.graph.node)
 
 
-def _table_block(width: int) -> int | None:
+def table_block(width: int) -> int | None:
     """Block size of an int8 embedding table: the largest of 128/64/32/16 dividing the row width (finer
     than one scale per row, and a size MatMulNBits and GatherBlockQuantized both take); None if none does."""
     return next((block for block in (128, 64, 32, 16) if width % block == 0), None)
@@ -263,7 +263,7 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
     inits = {i.name: i for i in graph.initializer}
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.name not in excluded and n.input[0] in inits
                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1]
-    blocks_of = {t: _table_block(inits[t].dims[1]) for t in sorted({n.input[0] for n in gathers})}
+    blocks_of = {t: table_block(inits[t].dims[1]) for t in sorted({n.input[0] for n in gathers})}
     tables = [t for t, block in blocks_of.items() if block]
     for table in tables:
         w = numpy_helper.to_array(inits[table]).astype(np.float32)
@@ -548,13 +548,13 @@ def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> li
     inits = {i.name: i for i in graph.initializer}
     tables = sorted({n.input[i] for n in graph.node if n.op_type == "EmbedLayerNormalization" for i in (2, 3, 4)
                      if len(n.input) > i and n.input[i] in inits and inits[n.input[i]].data_type == 1
-                     and len(inits[n.input[i]].dims) == 2 and _table_block(inits[n.input[i]].dims[1])})
+                     and len(inits[n.input[i]].dims) == 2 and table_block(inits[n.input[i]].dims[1])})
     # only the large ones (the vocabulary): position / segment tables are small
     tables = [t for t in tables if inits[t].dims[0] * inits[t].dims[1] >= min_elements]
     for t in tables:
         w = numpy_helper.to_array(inits[t]).astype(np.float32)
         rows, width = w.shape
-        block = _table_block(width)
+        block = table_block(width)
         blocks = w.reshape(rows, width // block, block)
         scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
         q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
