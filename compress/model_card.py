@@ -51,25 +51,30 @@ def parent_dir(ckpt: Path, parent_path: str) -> Path | None:
     return None
 
 
-def lineage(path: str | os.PathLike) -> tuple[str, list[dict]]:
-    """(the source model, [{step, pass, options} ...] from the first pass to this checkpoint)."""
-    path = Path(path)
-    steps: list[dict] = []
+def ancestors(path: str | os.PathLike):
+    """Yields (folder, manifest) for the checkpoint at `path` and each parent up its lineage, nearest first,
+    ending at the first step whose parent is not a checkpoint folder (the source model, or a folder gone)."""
     seen: set[Path] = set()
-    current: Path | None = path
-    source = ""
+    current: Path | None = Path(path)
     while current is not None and current.resolve() not in seen:
         seen.add(current.resolve())
         manifest = read_manifest(current)
+        yield current, manifest
+        parent = (manifest.get("parent") or {}).get("path")
+        current = parent_dir(current, parent) if parent and parent != manifest.get("source") else None
+
+
+def lineage(path: str | os.PathLike) -> tuple[str, list[dict]]:
+    """(the source model, [{step, pass, options} ...] from the first pass to this checkpoint)."""
+    steps: list[dict] = []
+    source = last_parent = ""
+    for folder, manifest in ancestors(path):
         p = manifest.get("pass") or {}
-        steps.append({"step": current.name, "pass": p.get("name", "?"), "options": p.get("config") or {},
+        steps.append({"step": folder.name, "pass": p.get("name", "?"), "options": p.get("config") or {},
                       "info": manifest.get("info") or {}})
         source = manifest.get("source") or source
-        parent = (manifest.get("parent") or {}).get("path")
-        current = parent_dir(current, parent) if parent and parent != source else None
-        if current is None and parent:
-            source = source or parent
-    return source, steps[::-1]
+        last_parent = (manifest.get("parent") or {}).get("path") or ""
+    return source or last_parent, steps[::-1]
 
 
 def _front_matter(fields: dict) -> str:

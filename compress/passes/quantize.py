@@ -407,22 +407,17 @@ class Quantize(Pass):
     def _torch_parent(self, model: Artifact, ctx: PassContext) -> Artifact | None:
         """The torch model the ONNX input was exported from: the nearest torch checkpoint up its lineage, or
         the source model (ctx.teacher()) when the chain starts there; None if neither can be found."""
-        from ..checkpoint import load, read_manifest
-        from ..model_card import parent_dir
+        from ..checkpoint import load
+        from ..model_card import ancestors
 
-        path = model.path
-        while path is not None:
-            manifest = read_manifest(path)
+        if model.path is None:
+            return None
+        for folder, manifest in ancestors(model.path):
             if manifest.get("kind") == "torch":
-                return load(path)
-            parent = (manifest.get("parent") or {}).get("path")
-            if not parent:
-                return None
-            found = parent_dir(Path(path), parent)
-            if found is None:
-                return ctx.teacher() if ctx.source is not None and parent == ctx.source else None
-            path = found
-        return None
+                return load(folder)
+        # no torch step in the chain: the export read the source model itself
+        parent = (manifest.get("parent") or {}).get("path")
+        return ctx.teacher() if ctx.source is not None and parent == ctx.source else None
 
     def _calibration_inputs(self, model: Artifact, ctx: PassContext):
         import numpy as np
