@@ -1,14 +1,16 @@
 """The two kinds of backend, behind one interface: they only turn token ids into numpy outputs.
 
-Both expose EdgeModel's interface (compress/edge.py): `logits`, `embed`, `prefill`, `decode_step`, plus
-`params` and `sync()`. The torch one is written here; the ORT one is EdgeModel itself, so ONNX decoding
-has a single implementation in the suite. Imported only inside the measuring subprocess (benchmarks/worker.py)."""
+Both expose EdgeModel's interface (compress/edge.py): `logits`, `embed`, `prefill`, `decode_step`,
+`generate` (greedy, batch 1), plus `params` and `sync()`. The torch one is written here; the ORT one is
+EdgeModel itself, so ONNX decoding has a single implementation in the suite. Imported only inside the
+measuring subprocess (benchmarks/worker.py)."""
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
 
+from .latency import greedy
 from .metrics import mean_pool
 from .worker_spec import Backend
 
@@ -70,6 +72,10 @@ class TorchBackend:
                              use_cache=True)
         return self._np(out.logits[:, -1]), {"past": out.past_key_values, "mask": mask}
 
+    def generate(self, prompt: np.ndarray, new_tokens: int, eos: int | None) -> list[int]:
+        """Greedy continuation of `prompt` [1, P]: the decode loop latency timing runs."""
+        return greedy(self, prompt, new_tokens, eos)[0].tolist()
+
     def cuda_peak_mb(self) -> float | None:
         if self.device.type != "cuda":
             return None
@@ -105,6 +111,11 @@ class OrtBackend:
 
     def decode_step(self, next_ids, state):
         return self.model.decode_step(next_ids, state)
+
+    def generate(self, prompt: np.ndarray, new_tokens: int, eos: int | None) -> list[int]:
+        """Greedy continuation of `prompt` [1, P] by EdgeModel.generate: the loop the edge bundle ships,
+        on the same prefill / decode_step latency timing runs."""
+        return self.model.generate(prompt, new_tokens, eos_token_id=eos)[0, prompt.shape[1]:].tolist()
 
     def cuda_peak_mb(self) -> float | None:
         return None

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from compress.data import DataSpec, default_split
+from compress.errors import ConfigError
 
 from .worker_spec import BACKENDS  # defined there: the worker cannot import this module (it imports torch)
 
@@ -38,6 +39,27 @@ class LatencyConfig(BaseModel):
                         "machine whose speed drifts then slows every row alike, so ratios between rows hold")
 
 
+class GenerationsConfig(BaseModel):
+    """Greedy continuations of fixed prompts, one per prompt, batch 1, through the backend's decode loop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompts: list[str] = Field(min_length=1, description="prompt texts, tokenized with each checkpoint's tokenizer")
+    new_tokens: int = Field(32, gt=0, description="greedy tokens at most per prompt (fewer when EOS comes first)")
+
+    @field_validator("prompts")
+    @classmethod
+    def _not_blank(cls, v: list[str]) -> list[str]:
+        if any(not p.strip() for p in v):
+            raise ValueError("a prompt is empty; give each prompt some text")
+        return v
+
+
+# Fields added after results were first stored: left out of `digest` while unused, so those keys still hold.
+_OPTIONAL_IN_DIGEST = ("extra_data", "generations")
+_CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
 class BenchmarkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -54,6 +76,14 @@ class BenchmarkConfig(BaseModel):
                                 "(default: all cores); recorded with the results")
     data: DataSpec | None = Field(None, description="eval data (default: the pipeline's data.eval, else "
                                   "builtin:wikipedia or builtin:bbc-news test split)")
+    extra_data: dict[str, DataSpec] = Field(
+        default_factory=dict, description="causal-lm: more held-out corpora, name -> data spec; every checkpoint "
+        "also gets its perplexity (and teacher-agreement) on each, scored like `data` with windows of that "
+        "corpus's seq_len (stride = window; `window` and `stride` apply to `data` only); split defaults to the "
+        "eval split")
+    generations: GenerationsConfig | None = Field(
+        None, description="causal-lm: greedy continuations of fixed prompts on every checkpoint and backend, "
+        "shown side by side in the report; null (default) for none")
     window: int | None = Field(None, gt=1, description="perplexity window in tokens (default: data.seq_len)")
     stride: int | None = Field(None, gt=0, description="perplexity stride in tokens (default: window, i.e. "
                                "non-overlapping windows)")
@@ -74,18 +104,49 @@ class BenchmarkConfig(BaseModel):
     def _unique(cls, v: list) -> list:
         return list(dict.fromkeys(v))
 
+    @field_validator("extra_data")
+    @classmethod
+    def _corpus_names(cls, v: dict) -> dict:
+        import re
+
+        bad = [name for name in v if not re.match(_CORPUS_NAME, name)]
+        if bad:
+            raise ValueError(f"corpus names {bad} must be letters, digits, '_', '.' or '-' (they name report "
+                             "columns and result fields), e.g. shakespeare")
+        return v
+
+    def check_task(self, task: str) -> None:
+        """ConfigError when an option is set that `task` cannot use."""
+        if task == "causal-lm":
+            return
+        for name in ("extra_data", "generations"):
+            if getattr(self, name):
+                raise ConfigError(f"benchmark.{name}: scores language models (causal-lm) only, and this task is "
+                                  f"{task}; remove benchmark.{name}")
+
     def resolved(self, task: str, data: DataSpec | None = None) -> "BenchmarkConfig":
         """A copy with every default made explicit for `task`: the settings a record stores and is keyed by."""
         from compress.runtime import physical_cores
 
-        spec = self.data or data or DataSpec(**DEFAULT_EVAL[task])
-        if spec.split is None:
-            spec = spec.model_copy(update={"split": default_split(spec.source, "eval")})
+        self.check_task(task)
+        spec = _eval_split(self.data or data or DataSpec(**DEFAULT_EVAL[task]))
         window = self.window or spec.seq_len
         return self.model_copy(update={
             "threads": self.threads or physical_cores(), "data": spec, "window": window,
             "stride": self.stride or window,
+            "extra_data": {name: _eval_split(extra) for name, extra in self.extra_data.items()},
         })
 
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+        settings = self.model_dump(mode="json")
+        for name in _OPTIONAL_IN_DIGEST:
+            if not settings[name]:
+                del settings[name]
+        return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _eval_split(spec: DataSpec) -> DataSpec:
+    """`spec` with its split made explicit (default: the eval split of its source)."""
+    if spec.split is None:
+        spec = spec.model_copy(update={"split": default_split(spec.source, "eval")})
+    return spec

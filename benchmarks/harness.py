@@ -175,20 +175,25 @@ def _tokenizer(t: Target):
 
 
 def build_inputs(t: Target, s: BenchmarkConfig) -> dict[str, np.ndarray]:
-    """The eval and latency inputs of `t` under resolved settings `s`, as int64 arrays."""
+    """The eval and latency inputs of `t` under resolved settings `s`, as int64 arrays (LMs: the eval
+    token stream "tokens", each extra corpus's as "extra.<name>", the latency prompt)."""
     from compress.data import lm_windows, load_dataset
 
     tok = _tokenizer(t)
-    ds = load_dataset(s.data, "eval")
     lat = s.latency
     if t.task == "causal-lm":
-        tokens = lm_windows(tok, ds, 1, s.data.max_tokens).view(-1).numpy().astype(np.int64)
-        out = {"tokens": tokens}
+        def stream(spec) -> np.ndarray:  # the documents joined by EOS, cut at max_tokens
+            ids = lm_windows(tok, load_dataset(spec, "eval"), 1, spec.max_tokens)
+            return ids.view(-1).numpy().astype(np.int64)
+
+        tokens = stream(s.data)
+        out = {"tokens": tokens, **{f"extra.{name}": stream(spec) for name, spec in s.extra_data.items()}}
         if lat:
             need = lat.batch * lat.prompt_tokens
             reps = -(-need // len(tokens))
             out["prompt"] = np.tile(tokens, reps)[:need].reshape(lat.batch, lat.prompt_tokens)
         return out
+    ds = load_dataset(s.data, "eval")
     enc = tok(ds.texts, padding=True, truncation=True, max_length=s.data.max_length, return_tensors="np")
     out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
     if ds.labels is not None and t.task == "sequence-classification":
@@ -266,7 +271,7 @@ def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkCon
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(ref.stem + f".tmp{os.getpid()}.npz")
     spec = _worker_spec(baseline, REFERENCE_BACKEND, s, inputs, "baseline reference", show,
-                        write_reference=str(tmp), latency=False)
+                        write_reference=str(tmp), latency=False, extra_data=True)
     out = run_worker(spec, s.threads, s.timeout_s)
     if "error" in out:
         return out
@@ -315,8 +320,10 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     arrays = build_inputs(t, s)
     inputs, inputs_hash = _save_inputs(arrays, work_dir)
     record["inputs_sha"] = inputs_hash
-    spec = _worker_spec(run_t, backend, s, inputs, record["label"], show,
-                        quality=bool(set(s.quality) & _applicable(t.task)))
+    tok = _tokenizer(t) if s.generations else None
+    spec = _worker_spec(run_t, backend, s, inputs, record["label"], show, extra_data=True,
+                        quality=bool(set(s.quality) & _applicable(t.task)),
+                        generate=_generation_job(tok, s) if tok else None)
     notes, self_ref = [], None
     if base is not None and "teacher-agreement" in s.quality:
         ref_path = _reference_path(base, inputs_hash, s, work_dir)
@@ -343,8 +350,11 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
         return {**record, **out}
     if self_ref is not None:
         Path(spec.write_reference).replace(self_ref)
+    generated = out.pop("generated_ids", None)
     record.update(out)
     record["quality"] = _filter_quality(out.get("quality", {}), s.quality)
+    if generated is not None:
+        record["generations"] = _generation_texts(tok, s, generated)
     record["size_bytes"] = weights_size(run_t.path)
     if t.task == "causal-lm":  # for the roofline: decode speed against bandwidth / bytes per token
         record["weight_bytes_per_token"] = weight_bytes_per_token(run_t.path, run_t.kind)
@@ -372,7 +382,24 @@ def _applicable(task: str) -> set[str]:
 
 def _filter_quality(quality: dict, wanted: list[str]) -> dict:
     keep = {"examples"} | set().union(*(_METRIC_GROUPS[w] for w in wanted))
-    return {k: v for k, v in quality.items() if k in keep}
+    out = {k: v for k, v in quality.items() if k in keep}
+    extra = {name: _filter_quality(q, wanted) for name, q in (quality.get("extra_data") or {}).items()}
+    if any(extra.values()):
+        out["extra_data"] = extra
+    return out
+
+
+def _generation_job(tok, s: BenchmarkConfig) -> dict:
+    """What the worker generates: the prompts as token ids (the checkpoint's tokenizer, with its special
+    tokens, as the edge bundle's generate_text encodes them), up to `new_tokens` each, stopping at EOS."""
+    prompts = [tok(p)["input_ids"] for p in s.generations.prompts]
+    return {"prompts": prompts, "new_tokens": s.generations.new_tokens, "eos": tok.eos_token_id}
+
+
+def _generation_texts(tok, s: BenchmarkConfig, generated: list[list[int]]) -> list[dict]:
+    return [{"prompt": p, "text": tok.decode(ids, skip_special_tokens=True), "ids": ids,
+             "stopped_at_eos": tok.eos_token_id is not None and tok.eos_token_id in ids}
+            for p, ids in zip(s.generations.prompts, generated)]
 
 
 def timing_rounds(records: list[dict], jobs: list[dict | None], settings: BenchmarkConfig, log=print) -> None:
@@ -382,7 +409,7 @@ def timing_rounds(records: list[dict], jobs: list[dict | None], settings: Benchm
     from .latency import pool
 
     rounds = settings.rounds
-    timing_only = settings.model_copy(update={"quality": []})
+    timing_only = settings.model_copy(update={"quality": [], "extra_data": {}, "generations": None})
     for k in range(2, rounds + 1):
         for record, job in zip(records, jobs):
             if job is None or "latency" not in record:

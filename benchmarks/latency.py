@@ -60,24 +60,34 @@ def time_runs(fn: Callable[[], object], warmup: int, repeats: int, sync: Callabl
     return out
 
 
+def greedy(backend, prompt: np.ndarray, new_tokens: int, eos: int | None = None,
+           after_prefill: Callable[[], None] = lambda: None) -> np.ndarray:
+    """The greedy decode loop: prefill `prompt` [B, P] (int64) with the KV cache, then `new_tokens` steps,
+    each feeding back the previous argmax. Returns the generated ids [B, n]. With `eos` (batch 1) it stops
+    after producing EOS (kept in the output). `after_prefill` runs between prefill and the first step."""
+    logits, state = backend.prefill(prompt, np.ones_like(prompt))
+    after_prefill()
+    generated = []
+    for _ in range(new_tokens):
+        nxt = np.asarray(logits).argmax(-1).astype(np.int64)[:, None]
+        generated.append(nxt)
+        if eos is not None and (nxt == eos).all():
+            break
+        logits, state = backend.decode_step(nxt, state)
+    return np.concatenate(generated, axis=1)
+
+
 def decoder_latency(backend, prompt: np.ndarray, new_tokens: int, warmup: int, repeats: int,
                     progress=None) -> dict:
     """Prefill and greedy decode timings of `prompt` [B, P] (int64)."""
-    mask = np.ones_like(prompt)
 
     def once() -> tuple[float, float, np.ndarray]:
-        start = time.perf_counter()
-        logits, state = backend.prefill(prompt, mask)
-        backend.sync()
-        mid = time.perf_counter()
-        generated = []
-        for _ in range(new_tokens):
-            nxt = np.asarray(logits).argmax(-1).astype(np.int64)[:, None]
-            generated.append(nxt)
-            logits, state = backend.decode_step(nxt, state)
+        marks = [time.perf_counter()]
+        generated = greedy(backend, prompt, new_tokens,
+                           after_prefill=lambda: (backend.sync(), marks.append(time.perf_counter())))
         backend.sync()
         end = time.perf_counter()
-        return mid - start, end - mid, np.concatenate(generated, axis=1)
+        return marks[1] - marks[0], end - marks[1], generated
 
     for _ in range(warmup):
         once()

@@ -25,6 +25,7 @@ def stored_result_path(target: str, *, backend: str, settings, baseline: str | N
     base_key = resolve_target(baseline, task).key if baseline is not None else None
     resolved = settings.resolved(t.task, data)
     digest = resolved.digest() + fingerprint(resolved.data, "eval")
+    digest += "".join(fingerprint(spec, "eval") for spec in resolved.extra_data.values())  # their contents too
     return work_dir / "results" / f"{result_key(t.key, backend, digest, base_key)}.json"
 
 

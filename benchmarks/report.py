@@ -91,6 +91,33 @@ COLUMNS = {
 }
 
 
+def _extra(r, name: str, metric: str):
+    return _get(r, "quality", "extra_data", name, metric)
+
+
+def _extra_names(records: list[dict]) -> list[str]:
+    """The extra corpora (`benchmark.extra_data`) some record was scored on, in order of appearance."""
+    return list(dict.fromkeys(n for r in records for n in (_get(r, "quality", "extra_data") or {})))
+
+
+def _columns(task: str, records: list[dict]) -> list[tuple]:
+    """COLUMNS[task], plus a perplexity column per extra corpus after "perplexity" and, where computed, a
+    top-1 agreement column per extra corpus after "KL"."""
+    cols = list(COLUMNS[task])
+    names = _extra_names(records)
+    if not names:
+        return cols
+    ppl = [(f"perplexity ({n})", lambda r, n=n: _extra(r, n, "perplexity"), 3, True) for n in names]
+    agree = [(f"top-1 agreement ({n})", lambda r, n=n: _extra(r, n, "top1_agreement"), 4, False) for n in names
+             if any(_extra(r, n, "top1_agreement") is not None for r in records)]
+    heads = [c[0] for c in cols]
+    at = heads.index("KL") + 1
+    cols[at:at] = agree
+    at = heads.index("perplexity") + 1
+    cols[at:at] = ppl
+    return cols
+
+
 def _measured(records):
     return [r for r in records if "skipped" not in r and "error" not in r]
 
@@ -110,7 +137,7 @@ def _safe(getter, r):
 
 
 def _results_table(task: str, records: list[dict]) -> tuple[list[str], list[list[str]]]:
-    cols = COLUMNS[task]
+    cols = _columns(task, records)
     head = ["checkpoint", "backend"] + [c[0] for c in cols]
     rows = []
     for r in records:
@@ -142,15 +169,17 @@ def _against_reference(task: str, records: list[dict]) -> tuple[dict, list[str],
     if ref is None:
         return None
     (qname, quality), (sname, speed, higher) = HEADLINE[task]
-    head = ["checkpoint", "backend", "size: times smaller", f"{qname}: ratio", f"{sname}: times faster"]
+    extras = [(f"perplexity ({n})", lambda r, n=n: _extra(r, n, "perplexity")) for n in _extra_names(records)]
+    head = ["checkpoint", "backend", "size: times smaller", f"{qname}: ratio"] + \
+        [f"{name}: ratio" for name, _ in extras] + [f"{sname}: times faster"]
     rows = []
     for r in records:
         if r is ref:
             continue
         size = _ratio(_safe(lambda x: x["size_bytes"], ref), _safe(lambda x: x["size_bytes"], r))
-        q = _ratio(_safe(quality, r), _safe(quality, ref), digits=3)
+        q = [_ratio(_safe(get, r), _safe(get, ref), digits=3) for _, get in [(qname, quality)] + extras]
         fast = _ratio(_safe(speed, r), _safe(speed, ref)) if higher else _ratio(_safe(speed, ref), _safe(speed, r))
-        rows.append([r["label"], r["backend"], size, q, fast])
+        rows.append([r["label"], r["backend"], size, *q, fast])
     return ref, head, rows
 
 
@@ -194,6 +223,11 @@ def _settings_lines(records: list[dict]) -> list[str]:
         if r["task"] == "causal-lm":
             line += (f"; perplexity window {s.get('window')} stride {s.get('stride')}; KL over the source's top "
                      f"{s.get('kl_top_k')} tokens + rest")
+            for name, e in (s.get("extra_data") or {}).items():
+                line += (f"; corpus {name}: `{e.get('source')}` split `{e.get('split')}` (max_tokens "
+                         f"{e.get('max_tokens')}), window = stride = {e.get('seq_len')}")
+            if s.get("generations"):
+                line += f"; generations: greedy, batch 1, {s['generations']['new_tokens']} new tokens at most"
         if lat:
             work = (f"batch {lat['batch']}, prompt {lat['prompt_tokens']} tokens, {lat['new_tokens']} new tokens"
                     if r["task"] == "causal-lm" else
@@ -206,8 +240,36 @@ def _settings_lines(records: list[dict]) -> list[str]:
     return out
 
 
+def _generation_blocks(records: list[dict]) -> list[tuple]:
+    """Per prompt: the prompt, then the baseline's continuation, then each checkpoint's (pipeline order);
+    the backends of one checkpoint that continue identically share one entry."""
+    rows = [r for r in records if r.get("generations")]
+    if not rows:
+        return []
+    labels = list(dict.fromkeys([r["label"] for r in rows if r.get("is_baseline")] + [r["label"] for r in rows]))
+    prompts = list(dict.fromkeys(g["prompt"] for r in rows for g in r["generations"]))
+    blocks: list[tuple] = [("h2", "Generations"),
+                           ("p", "Greedy continuations of fixed prompts (batch 1, with the KV cache, each backend's "
+                                 "own decode loop), up to EOS or the token limit; the baseline first.")]
+    for i, prompt in enumerate(prompts, 1):
+        blocks += [("h3", f"Prompt {i}"), ("pre", prompt)]
+        for label in labels:
+            same = [r for r in rows if r["label"] == label]
+            who = f"`{label}`" + (" (baseline)" if any(r.get("is_baseline") for r in same) else "")
+            by_text: dict[tuple, list[str]] = {}  # (text, tokens, end) -> backends
+            for r in same:
+                for g in r["generations"]:
+                    if g["prompt"] == prompt:
+                        end = "EOS" if g.get("stopped_at_eos") else "the token limit"
+                        by_text.setdefault((g["text"], len(g["ids"]), end), []).append(r["backend"])
+            for (text, n, end), backends in by_text.items():
+                blocks.append(("p", f"{who} on {', '.join(backends)}: {n} tokens, to {end}"))
+                blocks.append(("pre", text or "(nothing: EOS came first)"))
+    return blocks
+
+
 def build_blocks(records: list[dict], title: str, command: str | None, out_dir: Path) -> list[tuple]:
-    """The report as blocks: ("h1"|"h2"|"p"|"li", text), ("table", head, rows), ("img", file, alt)."""
+    """The report as blocks: ("h1"|"h2"|"h3"|"p"|"li"|"pre", text), ("table", head, rows), ("img", file, alt)."""
     blocks: list[tuple] = [("h1", title)]
     if command:
         blocks.append(("p", f"Made by: `{command}`"))
@@ -231,12 +293,15 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
             if scatter(rs, task, cost, out_dir / name) is not None:
                 blocks.append(("img", name, f"{QUALITY_AXIS[task][1]} against {cost}; the dashed line joins the "
                                             "Pareto front"))
-    others = [r for r in records if "skipped" in r or "error" in r or r.get("latency_error")]
+    blocks += _generation_blocks(_measured(records))
+    others = [r for r in records if "skipped" in r or "error" in r or r.get("latency_error")
+              or r.get("generations_error")]
     if others:
         blocks.append(("h2", "Not measured"))
         for r in others:
             why = r.get("skipped") or ("error: " + str(r.get("error")).splitlines()[0] if "error" in r else
-                                       "latency: " + str(r.get("latency_error")))
+                                       "latency: " + str(r.get("latency_error")) if r.get("latency_error") else
+                                       "generations: " + str(r.get("generations_error")))
             blocks.append(("li", f"{r['label']} on {r['backend']}: {why}"))
     measured = _measured(records)
     if measured:
@@ -267,6 +332,11 @@ def _md(blocks) -> str:
             out.append(f"# {b[1]}\n")
         elif b[0] == "h2":
             out.append(f"\n## {b[1]}\n")
+        elif b[0] == "h3":
+            out.append(f"\n### {b[1]}\n")
+        elif b[0] == "pre":
+            fence = "`" * max(3, _longest_backtick_run(b[1]) + 1)
+            out.append(f"{fence}text\n{b[1]}\n{fence}\n")
         elif b[0] == "p":
             out.append(f"{b[1]}\n")
         elif b[0] == "li":
@@ -282,6 +352,14 @@ def _md(blocks) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _longest_backtick_run(text: str) -> int:
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    return longest
+
+
 def _inline(text: str) -> str:
     parts = html.escape(text).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
@@ -293,8 +371,10 @@ def _html(blocks, title: str, out_dir: Path) -> str:
         if b[0] != "li" and in_list:
             body.append("</ul>")
             in_list = False
-        if b[0] in ("h1", "h2", "p"):
+        if b[0] in ("h1", "h2", "h3", "p"):
             body.append(f"<{b[0]}>{_inline(b[1])}</{b[0]}>")
+        elif b[0] == "pre":
+            body.append(f"<pre>{html.escape(b[1])}</pre>")
         elif b[0] == "li":
             if not in_list:
                 body.append("<ul>")
@@ -311,7 +391,8 @@ def _html(blocks, title: str, out_dir: Path) -> str:
         body.append("</ul>")
     style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px;"
-             "text-align:right}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4}")
+             "text-align:right}td:first-child,th:first-child{text-align:left}code{background:#f4f4f4}"
+             "pre{background:#f4f4f4;padding:4px 8px;white-space:pre-wrap}")
     return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
 

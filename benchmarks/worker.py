@@ -37,15 +37,17 @@ def _bar(total: int, desc: str, show: bool):
     return tqdm(total=total, desc=desc, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
-def _lm_quality(backend, inputs, spec: WorkerSpec, bar) -> tuple[dict, dict]:
-    """Scores every perplexity window; returns (quality figures, reference arrays to save)."""
+_REF_ARRAYS = ("top1", "topk_idx", "topk_logp")
+
+
+def _lm_quality(backend, tokens, window: int, stride: int, spec: WorkerSpec, ref, bar) -> tuple[dict, dict]:
+    """Scores every perplexity window of `tokens`; returns (quality figures, reference arrays to save).
+    `ref`: the baseline's arrays for these tokens (top1, topk_idx, topk_logp), or None."""
     s = spec.settings
-    tokens = inputs["tokens"]
-    windows = metrics.ppl_windows(len(tokens), s["window"], s["stride"])
+    windows = metrics.ppl_windows(len(tokens), window, stride)
     n_targets = sum(e - f for _, e, f in windows)
     want_ref = spec.write_reference is not None
     self_ref = spec.self_reference  # the baseline itself: compare with its own outputs
-    ref = np.load(spec.reference) if spec.reference else None
     if ref is not None and ref["top1"].shape != (n_targets,):
         raise RuntimeError("the baseline was scored on other tokens: its eval data or tokenizer differs")
     parts, offset, i = [], 0, 0
@@ -75,6 +77,38 @@ def _lm_quality(backend, inputs, spec: WorkerSpec, bar) -> tuple[dict, dict]:
     return quality, refs
 
 
+def _lm_corpora(backend, inputs, spec: WorkerSpec) -> tuple[dict, dict]:
+    """The eval tokens, then (with `spec.extra_data`) each extra corpus, windowed by its own seq_len. The
+    extra corpora's figures go under quality["extra_data"][name], their reference arrays under "extra.<name>."."""
+    s = spec.settings
+    corpora = [(None, inputs["tokens"], s["window"], s["stride"])]
+    if spec.extra_data:
+        corpora += [(name, inputs[f"extra.{name}"], d["seq_len"], d["seq_len"])
+                    for name, d in (s.get("extra_data") or {}).items()]
+    ref = np.load(spec.reference) if spec.reference else None
+    quality, refs = {}, {}
+    for name, tokens, window, stride in corpora:
+        prefix = f"extra.{name}." if name else ""
+        corpus_ref = {k: ref[prefix + k] for k in _REF_ARRAYS} if ref is not None else None
+        bar = _bar(len(metrics.ppl_windows(len(tokens), window, stride)),
+                   f"quality {spec.label}" + (f" ({name})" if name else ""), spec.show_progress)
+        q, r = _lm_quality(backend, tokens, window, stride, spec, corpus_ref, bar)
+        if bar is not None:
+            bar.close()
+        if name:
+            quality.setdefault("extra_data", {})[name] = q
+        else:
+            quality.update(q)
+        refs.update({prefix + k: v for k, v in r.items()})
+    return quality, refs
+
+
+def _generations(backend, gen: dict) -> list[list[int]]:
+    """Each prompt's greedy continuation (token ids, EOS included when reached), batch 1."""
+    return [backend.generate(np.asarray([ids], dtype=np.int64), gen["new_tokens"], gen["eos"])
+            for ids in gen["prompts"]]
+
+
 def _batches(inputs, batch: int):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for start in range(0, len(ids), batch):
@@ -83,14 +117,17 @@ def _batches(inputs, batch: int):
         yield ids[start:start + batch, :width], m[:, :width]
 
 
-def _encoder_quality(backend, inputs, spec: WorkerSpec, bar) -> tuple[dict, dict]:
+def _encoder_quality(backend, inputs, spec: WorkerSpec) -> tuple[dict, dict]:
     s, task = spec.settings, spec.task
     ref = np.load(spec.reference) if spec.reference else None
     outs = []
+    bar = _bar(len(inputs["input_ids"]), f"quality {spec.label}", spec.show_progress)
     for ids, mask in _batches(inputs, s["eval_batch"]):
         outs.append(backend.embed(ids, mask) if task == "feature-extraction" else backend.logits(ids, mask))
         if bar is not None:
             bar.update(len(ids))
+    if bar is not None:
+        bar.close()
     out = np.concatenate(outs)
     if spec.self_reference:  # the baseline itself: compare with its own outputs
         ref = {"embeddings": out, "pred": out.argmax(-1) if out.ndim == 2 else None}
@@ -140,15 +177,15 @@ def run(spec: WorkerSpec) -> dict:
             bar.close()
     memory = {"peak_rss_mb": _status_mb("VmHWM"), "rss_after_load_mb": rss_loaded,
               "cuda_peak_allocated_mb": backend.cuda_peak_mb()}
+    if spec.generate:  # after the peak RSS read: a few short sequences, not part of the timed workload
+        try:
+            record["generated_ids"] = _generations(backend, spec.generate)
+        except ValueError as exc:  # e.g. an ONNX decoder exported without past key values
+            record["generations_error"] = str(exc)
     quality, refs = {}, {}
     if spec.quality:
-        n = len(metrics.ppl_windows(len(inputs["tokens"]), s["window"], s["stride"])) if task == "causal-lm" \
-            else len(inputs["input_ids"])
-        bar = _bar(n, f"quality {spec.label}", show)
-        score = _lm_quality if task == "causal-lm" else _encoder_quality
-        quality, refs = score(backend, inputs, spec, bar)
-        if bar is not None:
-            bar.close()
+        score = _lm_corpora if task == "causal-lm" else _encoder_quality
+        quality, refs = score(backend, inputs, spec)
     if spec.write_reference:
         np.savez(spec.write_reference, **refs)
     record["quality"] = quality

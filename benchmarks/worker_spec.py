@@ -52,6 +52,9 @@ class WorkerSpec:
     reference: str | None = None  # .npz of the baseline's outputs: enables teacher-agreement
     write_reference: str | None = None  # save this model's outputs here (it is the baseline)
     self_reference: bool = False  # the baseline itself: agreement with its own outputs
+    extra_data: bool = False  # also score settings["extra_data"] (inputs "extra.<name>"), with `quality`
+    # greedy continuations: {"prompts": [[token ids], ...], "new_tokens": n, "eos": id or None}
+    generate: dict[str, Any] | None = None
 
     def __post_init__(self):
         if self.loader not in ("checkpoint", "source"):

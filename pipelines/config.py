@@ -212,6 +212,11 @@ def validate(raw: dict) -> Pipeline:
             errors += check_order(bpasses, f"{where}.passes", state=states[start])
         branches.append(Branch(b.name, start or 0, bpasses))
     errors += _check_data(cfg)
+    if cfg.benchmark is not None:
+        try:
+            cfg.benchmark.check_task(cfg.task)
+        except ConfigError as e:
+            errors.append(str(e))
     if cfg.benchmark is not None and cfg.benchmark.baseline != "source":
         labels = [step_dir_name(i, p.name) for i, p in enumerate(passes)]
         labels += [f"{b.name}/{step_dir_name(i, p.name)}" for b in branches for i, p in enumerate(b.passes)]
