@@ -9,7 +9,17 @@ on the next run, so that pass is redone from its (finished) parent.
 A run holds an exclusive lock on runs/<name>/.lock (a second run on the same folder is refused, or with
 `wait` queues behind it), and its temporary files live in runs/<name>/.scratch-<pid>: the passes' own, and, for
 the duration of the run, the system temp folder of `tempfile` and of child processes (TMPDIR), where ONNX
-Runtime's quantizers and optimum write theirs. So no run removes another's work, and nothing lands in /tmp."""
+Runtime's quantizers and optimum write theirs. So no run removes another's work, and nothing lands in /tmp.
+
+With a step store (`store`, a folder; `compress search` gives its trials runs/<name>/search/steps/), every
+checkpoint the run finishes or reuses is also kept there under its cache key, and a step found there is placed
+at its path instead of being computed. An entry is made of hard links to the checkpoint's files (copies where
+the filesystem has none), so it costs no disk while the run folder holds the same checkpoint: no checkpoint
+file is ever changed in place (a checkpoint is replaced whole, its manifest and card by renaming). An entry is
+written to a hidden folder and renamed into place, so it is whole or absent, and of several processes storing
+the same key the first rename wins. A placed entry is verified as a reused checkpoint is (key, file table,
+sizes, hashes) and gets a manifest recording its parent in this run; one that fails is removed and the step
+computed again."""
 from __future__ import annotations
 
 import contextlib
@@ -50,6 +60,7 @@ class StepRecord:
     seconds: float
     kind: str
     branch: str | None = None
+    from_store: bool = False  # placed from the step store (reused, not computed)
 
     @property
     def label(self) -> str:
@@ -102,6 +113,31 @@ def _write_atomic(path: Path, text: str) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def _link_tree(src: Path, dst: Path, skip=()) -> None:
+    """Make the new folder `dst` with every file of `src` (but those named in `skip`) as a hard link, or a copy
+    where the filesystem has no hard links (another device, no support)."""
+    dst.mkdir(parents=True)
+    for f in sorted(src.rglob("*")):
+        target = dst / f.relative_to(src)
+        if f.is_dir():
+            target.mkdir(exist_ok=True)
+        elif f.name not in skip:
+            try:
+                os.link(f, target)
+            except OSError:
+                shutil.copy2(f, target)
+
+
+def _discard(folder: Path) -> None:
+    """Remove a folder others may be reading from: renamed out of the way first (atomic), then deleted."""
+    trash = folder.with_name(f".{folder.name}.trash-{os.getpid()}")
+    try:
+        os.rename(folder, trash)
+    except OSError:
+        return  # gone already (another process discarded it)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _hash(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -112,10 +148,11 @@ def _hash(*parts: str) -> str:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, *, output_dir: str | Path | None = None, show_progress: bool = True,
-                 log=print):
+                 log=print, store: str | Path | None = None):
         self.pipeline = pipeline
         cfg = pipeline.config
         self.run_dir = Path(output_dir or cfg.output_dir) / cfg.name
+        self.store = Path(store) if store is not None else None  # the step store (None: none)
         self.show_progress = show_progress
         self.log = log
         self._locked = False  # this runner holds the folder's lock
@@ -213,6 +250,10 @@ class Runner:
                 if old.is_dir() and old.name not in names:
                     self.log(f"removing {old.relative_to(self.run_dir)}: no longer a step of this pipeline")
                     shutil.rmtree(old, ignore_errors=True)
+        if self.store is not None:  # entries a killed process was writing or discarding
+            for old in [*self.store.glob(".*.tmp-*"), *self.store.glob(".*.trash-*")]:
+                if not _pid_alive(old.name.rsplit("-", 1)[-1]):
+                    shutil.rmtree(old, ignore_errors=True)
 
     def _reusable(self, path: Path, key: str) -> dict | None:
         """The manifest of a finished, intact checkpoint at `path` with this key, else None."""
@@ -227,6 +268,61 @@ class Runner:
         except CheckpointError as exc:
             self.log(f"not reusing {path.name}: {exc}")
             return None
+
+    def _keep(self, path: Path, key: str) -> None:
+        """Put the finished checkpoint at `path` in the step store (hard links), unless the key is there."""
+        entry = self.store / key
+        if entry.exists():
+            return
+        tmp = self.store / f".{key}.tmp-{os.getpid()}"
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            _link_tree(path, tmp, skip=(checkpoint.MODEL_CARD, checkpoint.MODEL_CARD_TMP))
+            os.rename(tmp, entry)  # atomic; fails when another process stored this key first (theirs stays)
+        except OSError as exc:
+            if not entry.exists():  # the store is a cache: not keeping a step never fails the run
+                self.log(f"step store: not keeping {path.name}: {exc}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _place(self, path: Path, key: str, parent_ref: str) -> dict | None:
+        """Put the step store's checkpoint with this key at `path` (hard links) when it verifies, with a
+        manifest naming its parent in this run (`parent_ref`); its manifest, else None. An entry that does not
+        verify is removed."""
+        entry = self.store / key
+        if not (entry / checkpoint.MANIFEST).is_file():
+            return None
+        tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"  # what a killed run leaves, _clean_stale removes
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            _link_tree(entry, tmp)
+            manifest = checkpoint.read_manifest(tmp)
+            if manifest.get("key") != key:
+                raise CheckpointError(f"its manifest has the key {manifest.get('key')!r}")
+            checkpoint.verify(tmp, manifest)
+            # where it was made is another run's folder: record this run's parent (a new manifest file, so the
+            # store's own is unchanged; the parent is not part of the content hash)
+            manifest["parent"] = {**(manifest.get("parent") or {}), "path": parent_ref}
+            _write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+            if path.exists():  # an outdated checkpoint (other key): replaced whole
+                shutil.rmtree(path)
+            os.rename(tmp, path)
+            return manifest
+        except CheckpointError as exc:
+            self.log(f"step store: not using {entry.name}: {exc}; removing it")
+            _discard(entry)
+            return None
+        except OSError as exc:  # removed meanwhile by another process, a full disk: computed instead
+            self.log(f"step store: not using {entry.name}: {exc}")
+            return None
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _from_store(self, path: Path, key: str, parent_ref: str) -> dict | None:
+        """The step placed from the store (the main process places it, the others see it once it is there)."""
+        manifest = self._place(path, key, parent_ref) if self.main else None
+        _barrier()
+        return manifest if self.main else self._reusable(path, key)
 
     def run(self, wait: bool = False) -> RunResult:
         with self.lock(wait=wait):
@@ -273,11 +369,23 @@ class Runner:
         for i, p in enumerate(passes):
             key = self.step_key(parent_key, self._content(parent_path), p, cfg.seed + i, data_fp)
             path = chain_dir / step_dir_name(i, p.name)
+            parent_ref = str(parent_path) if parent_path else cfg.model.source
             start = time.perf_counter()
             manifest = self._reusable(path, key)
+            from_store = False
+            if manifest is None and self.store is not None:
+                manifest = self._from_store(path, key, parent_ref)
+                from_store = manifest is not None
+            elif manifest is not None and self.store is not None and self.main:
+                self._keep(path, key)  # made before the store had it (an earlier search, another store)
             if manifest is not None:
-                self.log(f"{prefix}[{i + 1}/{n}] {p.name}: reusing {path} (cache key matches)")
-                steps.append(StepRecord(i, p.name, str(path), key, True, 0.0, manifest["kind"], branch))
+                where = "from the step store" if from_store else "cache key matches"
+                self.log(f"{prefix}[{i + 1}/{n}] {p.name}: reusing {path} ({where})")
+                if from_store and self.main:
+                    model_card.write_card(path, run_name=cfg.name)
+                seconds = round(time.perf_counter() - start, 2) if from_store else 0.0
+                steps.append(StepRecord(i, p.name, str(path), key, True, seconds, manifest["kind"], branch,
+                                        from_store=from_store))
                 parent_path, parent_key = path, key
                 continue
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: running ({options_line(p.config)})")
@@ -296,11 +404,13 @@ class Runner:
                     out, path,
                     key=key,
                     source=cfg.model.source,
-                    parent={"path": str(parent_path) if parent_path else cfg.model.source, "key": parent_key},
+                    parent={"path": parent_ref, "key": parent_key},
                     **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}},
                     threads=self.threads,
                 )
                 model_card.write_card(path, run_name=cfg.name)  # README.md beside the finished checkpoint
+                if self.store is not None:
+                    self._keep(path, key)
             _barrier()  # other processes go on only once the checkpoint exists
             seconds = time.perf_counter() - start
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")

@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 import helper_passes  # noqa: F401  (registers test-scale)
@@ -267,3 +268,116 @@ def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(tiny
     assert rows["bf16"]["state"] == "complete" and _trials(out)["chosen"] == rows["bf16"]["number"]
     assert f"trial {rows['ort-fp16']['number']}: test-scale.factor=1.0, quantize.method=ort-fp16 -> failed" \
         in capsys.readouterr().out
+
+
+def _counting_scale(monkeypatch) -> list:
+    """The factors the test-scale pass is computed with (one entry per computed step)."""
+    computed = []
+    original = helper_passes.ScaleWeights.run
+
+    def run(self, model, ctx):
+        computed.append(self.config.factor)
+        return original(self, model, ctx)
+
+    monkeypatch.setattr(helper_passes.ScaleWeights, "run", run)
+    return computed
+
+
+def _alternating_search(config, out, store_steps: bool):
+    """Trials whose first pass alternates (1, 2, 1, 2): the work folder reuses no first step of the trial
+    before, so only the step store can."""
+    from pipelines.search.config import load_search_config
+    from pipelines.search.study import Search, open_study
+
+    search = Search(load_search_config(config), output_dir=out, log=lambda *_: None, store_steps=store_steps)
+    study = open_study(search.setup, search.url, 0)
+    for method in ("fp32", "bf16"):
+        for factor in (1.0, 2.0):
+            study.enqueue_trial({"0.test-scale.factor": factor, "1.quantize.method": method})
+    trials = search.run(trials=4).trials
+    return search, {(t.params["0.test-scale.factor"], t.params["1.quantize.method"]): t for t in trials}
+
+
+def test_the_step_store_computes_each_step_once_per_study(tiny_llama_dir, tmp_path, monkeypatch):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0), methods=("fp32", "bf16"), sampler="random")
+    computed = _counting_scale(monkeypatch)
+    plain, plain_rows = _alternating_search(config, tmp_path / "plain", store_steps=False)
+    assert computed == [1.0, 2.0, 1.0, 2.0] and plain.progress.passes_run == 8 and plain.progress.from_store == 0
+
+    computed.clear()
+    stored, rows = _alternating_search(config, tmp_path / "stored", store_steps=True)
+    assert computed == [1.0, 2.0]  # once per distinct value; the later trials place it from the store
+    assert stored.progress.passes_run == 6 and stored.progress.from_store == 2
+    assert set(rows) == set(plain_rows) and len(rows) == 4
+    for values, t in rows.items():  # the same results as computing every step
+        assert t.state == plain_rows[values].state and t.values == plain_rows[values].values
+        assert t.user_attrs["screen"] == plain_rows[values].user_attrs["screen"]
+    # the store holds every finished step, as hard links to the work folder's files (no second copy)
+    search = tmp_path / "stored" / "tiny-search" / "search"
+    entries = [p for p in (search / "steps").iterdir()]
+    assert len(entries) == 6 and not any(p.name.startswith(".") for p in entries)
+    work = search / "work-0" / "01-test-scale"
+    entry = search / "steps" / json.loads((work / "manifest.json").read_text())["key"]
+    assert (work / "model.safetensors").stat().st_ino == (entry / "model.safetensors").stat().st_ino
+    assert not (entry / "README.md").exists() and (work / "README.md").exists()
+
+
+def _pipeline(tmp_path, model_dir):
+    from pipelines.config import load_config
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "tiny", "model": {"source": str(model_dir)},
+        "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 64}},
+        "passes": [{"test-scale": {"factor": 2.0}}, {"quantize": {"method": "bf16"}}], "threads": 1}))
+    return load_config(path)
+
+
+def test_a_step_placed_from_the_store_names_its_parent_in_its_own_run(tiny_llama_dir, tmp_path, monkeypatch):
+    import compress
+    from compress.model_card import lineage
+    from pipelines.runner import Runner
+
+    computed = _counting_scale(monkeypatch)
+    store = tmp_path / "steps"
+    first = Runner(_pipeline(tmp_path, tiny_llama_dir), output_dir=tmp_path / "a", show_progress=False,
+                   log=lambda *_: None, store=store).run()
+    second = Runner(_pipeline(tmp_path, tiny_llama_dir), output_dir=tmp_path / "b", show_progress=False,
+                    log=lambda *_: None, store=store).run()
+    assert computed == [2.0]
+    assert [(s.reused, s.from_store) for s in first.steps] == [(False, False), (False, False)]
+    assert [(s.reused, s.from_store) for s in second.steps] == [(True, True), (True, True)]
+    last = Path(second.steps[1].path)
+    manifest = json.loads((last / "manifest.json").read_text())
+    assert manifest["parent"]["path"] == second.steps[0].path  # this run's parent, not where it was made
+    assert json.loads((store / second.steps[1].key / "manifest.json").read_text())["parent"]["path"] \
+        == first.steps[0].path  # the store's own manifest is left as it was
+    assert [s["step"] for s in lineage(last)[1]] == ["01-test-scale", "02-quantize"]
+    assert (last / "README.md").is_file()  # its card, written here (the store keeps none)
+    loaded = compress.load(last).model.state_dict()  # verified and loadable where it was placed
+    made = compress.load(first.steps[1].path).model.state_dict()
+    assert loaded.keys() == made.keys() and all(torch.equal(loaded[k], made[k]) for k in made)
+
+
+def test_a_corrupted_store_entry_is_recomputed_not_trusted(tiny_llama_dir, tmp_path, monkeypatch):
+    from compress import checkpoint
+    from pipelines.runner import Runner
+
+    computed = _counting_scale(monkeypatch)
+    store, messages = tmp_path / "steps", []
+    first = Runner(_pipeline(tmp_path, tiny_llama_dir), output_dir=tmp_path / "a", show_progress=False,
+                   log=lambda *_: None, store=store).run()
+    weights = store / first.steps[0].key / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.unlink()  # a new file in the entry only (writing in place would change the run's linked copy too)
+    weights.write_bytes(bytes(data))
+
+    again = Runner(_pipeline(tmp_path, tiny_llama_dir), output_dir=tmp_path / "c", show_progress=False,
+                   log=messages.append, store=store).run()
+    assert computed == [2.0, 2.0]  # the first step computed again
+    assert [(s.reused, s.from_store) for s in again.steps] == [(False, False), (True, True)]
+    assert any("step store: not using" in m and "corrupted" in m for m in messages)
+    assert again.steps[0].key == first.steps[0].key
+    checkpoint.verify(store / first.steps[0].key)  # the bad entry was replaced by the recomputed step
+    assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporary folder left

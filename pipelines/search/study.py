@@ -2,10 +2,13 @@
 
 Each trial fills the sampled values into the config and runs it with the ordinary runner in a work folder
 (runs/<name>/search/work-<slot>/), so a trial whose leading passes match the previous one's reuses their
-checkpoints by cache key. It is screened (quality on a slice, size); one that breaks a constraint there is
-pruned, one that a fully measured trial beats on every screened objective is pruned too, and the rest get the
-full harness measurement when an objective or constraint needs speed or memory. A trial that fails (a config
-the passes refuse, a check out of tolerance, an exception) is a FAIL with its reason, never the search's end.
+checkpoints by cache key; and every step a trial finishes is kept in the study's step store
+(runs/<name>/search/steps/<key>/, hard links, shared by all work slots), so a step met again in any later trial
+(a distillation whose value the sampler returns to) is placed from there instead of computed. A trial is
+screened (quality on a slice, size); one that breaks a constraint there is pruned, one that a fully measured
+trial beats on every screened objective is pruned too, and the rest get the full harness measurement when an
+objective or constraint needs speed or memory. A trial that fails (a config the passes refuse, a check out of
+tolerance, an exception) is a FAIL with its reason, never the search's end.
 
 The study lives in runs/<name>/search/study.db (or `--storage URL`), created with load_if_exists, so a rerun
 resumes and adds trials up to the budget; several processes can share one storage (each takes its own work
@@ -134,17 +137,19 @@ def work_slot(root: Path):
 class Progress:
     ran: int = 0  # trials this process ran
     passes_run: int = 0  # passes the runner computed (not reused) in them
+    from_store: int = 0  # steps of them placed from the step store instead of computed
     stopped_by: str = ""
     source: dict = field(default_factory=dict)
 
 
 class Search:
     def __init__(self, setup: SearchSetup, *, output_dir=None, storage: str | None = None, log=print,
-                 runner_log=None):
+                 runner_log=None, store_steps: bool = True):
         self.setup, self.log = setup, log
         self.runner_log = runner_log or (lambda *_: None)
         self.dir = search_dir(setup, output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.store = self.dir / "steps" if store_steps else None  # finished steps by cache key, for all trials
         self.url = storage_url(setup, output_dir, storage)
         self.measurer = Measurer(setup, self.dir / ".measure", log=log)
         self.progress = Progress()
@@ -183,6 +188,9 @@ class Search:
                 repeated = self._trial(study, trial)
                 repeats = repeats + 1 if repeated else 0
                 self.progress.ran += not repeated
+            if self.progress.ran:
+                self.log(f"{self.progress.ran} trials: {self.progress.passes_run} passes run, "
+                         f"{self.progress.from_store} steps taken from the step store")
             return study
 
     def _recover_interrupted(self, study) -> None:
@@ -210,7 +218,8 @@ class Search:
             return setup.pipeline.config.model.source, "torch"
         raw = setup.pipeline_raw(setup.space.first())
         raw.update(name=f"work-{self.slot}", benchmark=None, passes=raw["passes"][:k])
-        steps = Runner(validate(raw), output_dir=self.dir, show_progress=False, log=self.runner_log).run().steps
+        steps = Runner(validate(raw), output_dir=self.dir, show_progress=False, log=self.runner_log,
+                       store=self.store).run().steps
         return steps[-1].path, steps[-1].kind
 
     def source_figures(self) -> dict:
@@ -264,12 +273,14 @@ class Search:
         raw.update(name=f"work-{self.slot}", benchmark=None)
         try:
             pipeline = validate(raw)
-            result = Runner(pipeline, output_dir=self.dir, show_progress=False, log=self.runner_log).run()
+            result = Runner(pipeline, output_dir=self.dir, show_progress=False, log=self.runner_log,
+                            store=self.store).run()
         except CompressError as exc:
             return fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
         except Exception as exc:  # a pass's own failure (an unsupported shape, a library error): the trial's
             return fail(f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}".rstrip(": "))
         self.progress.passes_run += sum(not s.reused for s in result.steps)
+        self.progress.from_store += sum(s.from_store for s in result.steps)
         last = result.steps[-1] if result.steps else None
         target, kind = (last.path, last.kind) if last else (setup.pipeline.config.model.source, "torch")
         try:
