@@ -16,13 +16,14 @@ from .examples import Examples
 
 def evaluator(task: str, examples: Examples, teachers: list, device) -> Callable[[torch.nn.Module], dict]:
     """`evaluate(module) -> {"metric": value, "higher_is_better": bool, ...}` for the training loop;
-    `module` is the DistillModule (its `.student` is scored)."""
+    `module` is the DistillModule (its student is scored), called as a whole so that an FSDP wrapper around it
+    can gather the weights."""
 
     def causal_lm(module) -> dict:
         nll, n = 0.0, 0
         for b in examples.batches(8):
             ids = b["input_ids"].to(device)
-            logits = module.student(input_ids=ids).logits[:, :-1].float()
+            logits = module(input_ids=ids, attention_mask=torch.ones_like(ids))["logits"][:, :-1].float()
             nll += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1),
                                    reduction="sum").item()
             n += ids[:, 1:].numel()
@@ -33,8 +34,8 @@ def evaluator(task: str, examples: Examples, teachers: list, device) -> Callable
     def classifier(module) -> dict:
         right = 0
         for b in examples.batches(16):
-            logits = module.student(input_ids=b["input_ids"].to(device),
-                                    attention_mask=b["attention_mask"].to(device)).logits
+            logits = module(input_ids=b["input_ids"].to(device),
+                            attention_mask=b["attention_mask"].to(device))["logits"]
             right += int((logits.argmax(-1).cpu() == b["labels"]).sum())
         acc = right / len(examples)
         return {"metric": acc, "accuracy": round(acc, 5), "higher_is_better": True}

@@ -34,6 +34,8 @@ class DistillModule(nn.Module):
                  hidden: bool, attentions: bool):
         super().__init__()
         self.student, self.task = student, task
+        # the student's block classes, for FSDP's transformer auto-wrap policy (accelerate reads this)
+        self._no_split_modules = getattr(student, "_no_split_modules", None)
         self.layer_map = dict(layer_map) if hidden or attentions else {}
         self.hidden, self.attentions = hidden, attentions
         width = hidden_width(student)

@@ -100,6 +100,8 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
     fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
     hit = cache.exists()
+    if accelerator is not None:  # every process has looked before the main one writes: they agree on `hit`
+        accelerator.wait_for_everyone()
     if not hit and (accelerator is None or accelerator.is_main_process):
         def logits(batch):  # the teacher runs as it would on the fly (same autocast)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):

@@ -1,13 +1,19 @@
 """The training loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, bf16
 autocast, step / token / time budgets, periodic evaluation with the best weights kept, a progress bar,
-and data parallelism under `accelerate launch`.
+and data parallelism under `accelerate launch` (DDP, or FSDP as accelerate is configured).
 
 Batches are defined globally: `batch_size` examples per optimizer step, split into `grad_accum`
 micro-batches, each split evenly across processes. Gradients are averaged over processes, so with the same
-global batch 2 processes give the same update as 1 (up to float rounding)."""
+global batch 2 processes give the same update as 1 (up to float rounding).
+
+Under FSDP (accelerate's `distributed_type: FSDP`, version 1 or 2) a copy of the module is sharded and
+trained; evaluation runs through the sharded wrapper, and the full weights are gathered in every process and
+loaded into the plain module at the end, so the caller gets an ordinary model as with DDP."""
 from __future__ import annotations
 
+import copy
 import math
+import os
 import time
 from typing import Callable
 
@@ -27,7 +33,51 @@ def distributed_accelerator(device: torch.device):
         return None
     from accelerate import Accelerator
 
+    if device.type == "cpu" and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        # accelerate (1.x) shards only on accelerators: on CPU processes FSDP1's plugin fails ("no available
+        # devices found") and FSDP2 silently runs as plain DDP, so say so instead
+        raise ConfigError("distill: accelerate runs FSDP only on GPUs (or other accelerators), and this job "
+                          "trains on the CPU; launch without --use_fsdp (data parallel: accelerate launch "
+                          "--multi_gpu) or use `device: cuda`")
     return Accelerator(cpu=device.type == "cpu")
+
+
+def sharded(acc) -> bool:
+    """Whether `acc` shards the trained module with FSDP (then its forward passes and state dicts are
+    collectives that go through the wrapper, in every process)."""
+    return acc is not None and acc.distributed_type == "FSDP"
+
+
+def _clean(name: str) -> str:
+    """A parameter's name without the prefixes of FSDP1 / activation-checkpointing wrappers."""
+    return name.replace("_fsdp_wrapped_module.", "").replace("_checkpoint_wrapped_module.", "")
+
+
+def prepare(module: nn.Module, s: TrainConfig, acc) -> tuple[nn.Module, torch.optim.Optimizer]:
+    """The module to train (wrapped by DDP / FSDP under a launch) and its AdamW, with weight decay on
+    matrices only. Which parameters are matrices is decided by name before wrapping: FSDP's shards and flat
+    parameters no longer have their shapes."""
+    matrices = {n for n, p in module.named_parameters() if p.dim() >= 2}
+
+    def adamw(named) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        for n, p in named:
+            if p.requires_grad:
+                (decay if _clean(n) in matrices else no_decay).append(p)
+        return torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                  {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+
+    if acc is None:
+        return module, adamw(module.named_parameters())
+    if acc.is_fsdp2:  # fully_shard works in place; accelerate swaps the optimizer's parameters for the shards
+        opt = adamw(module.named_parameters())
+        model, _ = acc.prepare(module, opt)
+        return model, opt
+    if sharded(acc) and not acc.state.fsdp_plugin.use_orig_params:
+        raise ConfigError("distill: FSDP version 1 needs fsdp_use_orig_params: true in the accelerate config "
+                          "(weight decay is per parameter), or use fsdp_version: 2")
+    model = acc.prepare_model(module)  # DDP, FSDP1: the optimizer is made on the wrapped parameters
+    return model, adamw(acc.unwrap_model(model).named_parameters())
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -112,13 +162,16 @@ def train(
     micro = check_batching(s, world, len(data))
     total = plan_steps(s, len(data), data.tokens() / len(data))
     warmup = int(round(s.warmup_ratio * total))
-    params = [p for p in module.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr)
+    shard = sharded(acc)
+    student_name = next(n for n, m in module.named_modules() if m is student_of(module))
+    prefix = student_name + "." if student_name else ""
+    plain = module
+    if shard:  # FSDP converts what it trains: train a copy, the plain module waits on the CPU for the result
+        module = copy.deepcopy(plain)
+        plain.cpu()
+    parallel = ("fsdp2" if acc.is_fsdp2 else "fsdp") if shard else "ddp" if acc else "none"
+    model, opt = prepare(module, s, acc)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(warmup, total, s.min_lr_ratio))
-    model = acc.prepare_model(module) if acc else module
     amp = autocast_dtype(s.precision, device)
     gen = torch.Generator().manual_seed(seed)
     order: list[int] = []
@@ -130,6 +183,15 @@ def train(
 
     eval_seconds = 0.0
 
+    def student_state() -> dict:
+        """A copy of the student's full weights (under FSDP gathered from the shards, in every process)."""
+        if shard:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+            return {k[len(prefix):]: v.detach().cpu() for k, v in full.items() if k.startswith(prefix)}
+        return {k: v.detach().clone() for k, v in student_of(module).state_dict().items()}
+
     def run_eval(step: int) -> None:
         nonlocal eval_seconds
         if evaluate is None:
@@ -137,14 +199,17 @@ def train(
         t0 = time.perf_counter()
         model.eval()
         with torch.no_grad(), torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-            result = evaluate(acc.unwrap_model(model) if acc else model)
+            # a sharded module runs only through its FSDP wrapper
+            result = evaluate(model if shard or not acc else acc.unwrap_model(model))
         model.train()
+        if acc:  # rank 0's figures everywhere, so all processes agree on the best step (a gather may follow)
+            from accelerate.utils import broadcast_object_list
+
+            result = broadcast_object_list([result])[0]
         evals.append({"step": step, **{k: v for k, v in result.items() if k != "higher_is_better"}})
         m, hib = result["metric"], result.get("higher_is_better", False)
         if best["metric"] is None or (m > best["metric"] if hib else m < best["metric"]):
-            best.update(metric=m, step=step,
-                        state={k: v.detach().clone() for k, v in student_of(module).state_dict().items()}
-                        if s.keep_best else None)
+            best.update(metric=m, step=step, state=student_state() if s.keep_best else None)
         eval_seconds += time.perf_counter() - t0
 
     bar = progress(total=total, desc="distill")
@@ -180,10 +245,10 @@ def train(
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + float(v) / s.grad_accum
         if s.max_grad_norm:
-            if acc:
-                acc.clip_grad_norm_(params, s.max_grad_norm)
+            if acc:  # accelerate computes the norm over all shards under FSDP
+                acc.clip_grad_norm_(model.parameters(), s.max_grad_norm)
             else:
-                torch.nn.utils.clip_grad_norm_(params, s.max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), s.max_grad_norm)
         opt.step()
         sched.step()
         elapsed = time.perf_counter() - start - eval_seconds
@@ -200,10 +265,11 @@ def train(
     steps_done = step if stopped != "max_steps" else total
     train_seconds = time.perf_counter() - start - eval_seconds  # training only: evaluation excluded
     run_eval(steps_done)
-    restored = False
-    if s.keep_best and best["state"] is not None and best["step"] != steps_done:
+    restored = bool(s.keep_best and best["state"] is not None and best["step"] != steps_done)
+    if shard:  # the full weights back into the plain module, in every process
+        student_of(plain).load_state_dict(best["state"] if restored else student_state())
+    elif restored:
         student_of(module).load_state_dict(best["state"])
-        restored = True
     return {
         "steps": steps_done,
         "planned_steps": total,
@@ -214,6 +280,7 @@ def train(
         "device": str(device),
         "precision": "bf16" if amp is not None else "fp32",
         "processes": world,
+        "parallel": parallel,
         "micro_batch": micro,
         "loss_curve": curve,
         "eval_curve": evals,

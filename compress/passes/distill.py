@@ -51,13 +51,17 @@ class Distill(Pass):
         from ..distill.examples import teacher_generated, training_examples
         from ..distill.objective import DistillModule, Objective
         from ..distill.teachers import check_compatible, load_teachers
-        from ..distill.trainer import autocast_dtype, distributed_accelerator, plan_steps, train
+        from ..distill.trainer import autocast_dtype, distributed_accelerator, plan_steps, sharded, train
 
         c = self.config
         task = model.task
         seed = ctx.seed if c.seed is None else c.seed
         seed_everything(seed)
         acc = distributed_accelerator(ctx.device)
+        if c.quantize_aware is not None and sharded(acc) and not acc.is_fsdp2:
+            # FSDP1 flattens parameters, which the fake-quantizing parametrizations sit on (FSDP2 keeps them)
+            raise ConfigError("distill.quantize_aware: not supported under FSDP version 1; use fsdp_version: 2, "
+                              "data parallelism (accelerate launch --multi_gpu) or one process")
         device = acc.device if acc else ctx.device
         student, s_tok, structure, info = students.build_student(c.student, model, ctx)
         teachers = load_teachers(c, model, ctx, in_place=c.student is None) if c.needs_teacher(task) else []
