@@ -69,6 +69,9 @@ class BenchmarkConfig(BaseModel):
         ["perplexity", "accuracy", "teacher-agreement"],
         description="perplexity (causal-lm), accuracy + macro-F1 (sequence-classification), teacher-agreement "
         "with the source model (all tasks); each is computed where the task allows")
+    steps: list[str] | None = Field(None, description="labels of the steps to measure, e.g. [02-distill, "
+                                    "04-quantize, int8-only/02-quantize] (default: every step); the baseline and "
+                                    "the source are always measured")
     baseline: str = Field("source", description="what ratios and teacher-agreement compare against: source "
                           "(the pipeline's source model) or a step of the run, e.g. 01-distill (a fine-tuned "
                           "teacher) or int8-only/02-quantize")
@@ -139,6 +142,7 @@ class BenchmarkConfig(BaseModel):
 
     def digest(self) -> str:
         settings = self.model_dump(mode="json")
+        del settings["steps"]  # which rows are measured, not how: a record holds for any selection
         for name in _OPTIONAL_IN_DIGEST:
             if not settings[name]:
                 del settings[name]

@@ -54,7 +54,10 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
     eval_spec = data.specs.get("eval") if data is not None else None
     source = config.model.source
     targets = [("source", source)] + [(s.label, s.path) for s in result.steps]
-    baseline = dict(targets)[settings.baseline]  # the config validator checked the name
+    baseline = dict(targets)[settings.baseline]  # the config validator checked the names
+    if settings.steps is not None:
+        keep = {"source", settings.baseline, *settings.steps}
+        targets = [(label, target) for label, target in targets if label in keep]
     rounds = settings.rounds
     records, jobs, stores = [], [], []
     for label, target in targets:

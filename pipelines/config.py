@@ -217,11 +217,13 @@ def validate(raw: dict) -> Pipeline:
             cfg.benchmark.check_task(cfg.task)
         except ConfigError as e:
             errors.append(str(e))
-    if cfg.benchmark is not None and cfg.benchmark.baseline != "source":
+    if cfg.benchmark is not None:
         labels = [step_dir_name(i, p.name) for i, p in enumerate(passes)]
         labels += [f"{b.name}/{step_dir_name(i, p.name)}" for b in branches for i, p in enumerate(b.passes)]
-        if cfg.benchmark.baseline not in labels:
-            errors.append(f"benchmark.baseline: {cfg.benchmark.baseline!r} is not a step of this pipeline; use "
+        wrong = [("baseline", cfg.benchmark.baseline)] if cfg.benchmark.baseline not in ["source", *labels] else []
+        wrong += [("steps", x) for x in cfg.benchmark.steps or [] if x not in ["source", *labels]]
+        for field, name in wrong:
+            errors.append(f"benchmark.{field}: {name!r} is not a step of this pipeline; use "
                           f"source or one of {', '.join(labels) or '(no steps)'}")
     if errors:
         raise ConfigError("\n".join(errors))

@@ -47,6 +47,26 @@ def test_run_benchmarks_each_checkpoint_and_reuses_results(tiny_llama_dir, tmp_p
     assert len(calls) == 2  # a benchmark setting changed: both measured again
 
 
+def test_benchmark_steps_selects_rows_and_names_unknown_ones(tiny_llama_dir, tmp_path, monkeypatch):
+    from compress.errors import ConfigError
+
+    raw = _pipeline(tiny_llama_dir, tmp_path).config.model_dump(mode="json", by_alias=True)
+    raw["passes"] = [{"quantize": {"method": "bf16"}}, {"quantize": {"method": "fp32"}}]
+    raw["benchmark"]["steps"] = ["02-quantize"]
+    calls = []
+
+    def fake_measure(target, **kw):
+        calls.append(kw["label"])
+        return {"label": kw["label"], "backend": kw["backend"], "task": "causal-lm", "skipped": "stub"}
+
+    monkeypatch.setattr(benchmarks.pipeline, "measure", fake_measure)
+    Runner(validate(raw), show_progress=False, log=lambda *a: None).run()
+    assert calls == ["source", "02-quantize"]  # 01-quantize left out; the source (baseline) always measured
+    raw["benchmark"]["steps"] = ["03-quantize"]
+    with pytest.raises(ConfigError, match=r"benchmark.steps: '03-quantize' is not a step"):
+        validate(raw)
+
+
 def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch, capsys):
     import benchmarks.harness
 
