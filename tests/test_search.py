@@ -97,6 +97,20 @@ def test_search_values_the_pass_refuses_are_refused_before_any_trial(tiny_llama_
     assert "passes.0.prune.ratio" not in err
 
 
+def test_start_with_recipes_run_first_and_bad_ones_are_refused(tiny_llama_dir, tmp_path, capsys):
+    recipe = {"test-scale.factor": 3.0, "quantize.method": "bf16"}
+    config = _config(tmp_path, tiny_llama_dir, sampler="random", budget={"trials": 2}, start_with=[recipe])
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    first = min(_trials(out)["trials"], key=lambda r: r["number"])
+    assert first["number"] == 0 and first["options"] == recipe  # the given recipe, measured in the study
+    for bad, said in [({"quantize.bits": 4}, "'quantize.bits' is not a searched option"),
+                      ({"test-scale.factor": 2.0}, "test-scale.factor: 2.0 is not one of its search values")]:
+        path = _config(tmp_path, tiny_llama_dir, start_with=[recipe, bad], filename="bad.yaml")
+        assert main(["validate", str(path)]) == 2
+        assert f"start_with.1: {said}" in capsys.readouterr().err
+
+
 def test_search_finds_the_known_best_of_the_space(known_space):
     trials = known_space["trials"]
     rows = {(r["options"]["test-scale.factor"], r["options"]["quantize.method"]): r for r in trials["trials"]}

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -23,7 +23,7 @@ from ..config import Pipeline, apply_overrides, validate
 from . import figures as fig
 from .space import Space, check_values, find_space
 
-SEARCH_KEYS = ("objectives", "constraints", "budget", "screen", "sampler")
+SEARCH_KEYS = ("objectives", "constraints", "budget", "screen", "sampler", "start_with")
 # `branches:` of a pipeline config are not part of a search's trials (nor of best.yaml)
 
 
@@ -61,6 +61,11 @@ class SearchSettings(BaseModel):
     budget: Budget = Field(default_factory=Budget)
     screen: Screen = Field(default_factory=Screen)
     sampler: Literal["tpe", "nsga2", "random", "grid"] = Field("tpe", description="Optuna sampler (seeded)")
+    start_with: list[dict[str, Any]] = Field(
+        [], description="recipes tried first, before the sampler proposes any (e.g. the hand-written one, so the "
+        "study measures it beside what it finds): searched option -> value, the option named as in trials.json "
+        "(`quantize.weight_bits`, or `2.quantize.weight_bits` when two passes share a name); an option left out "
+        "is sampled")
 
 
 @dataclass
@@ -129,6 +134,36 @@ def _objectives(settings: SearchSettings, errors: list[str]) -> list[tuple[str, 
     return out
 
 
+def start_point(space: Space, recipe: dict) -> dict:
+    """A `start_with` recipe as Optuna parameters ({name: encoded value}); ValueError naming what is wrong."""
+    point = {}
+    for key, value in recipe.items():
+        matches = [p for p in space.params if key in (p.name, p.label)]
+        if len(matches) != 1:
+            names = ", ".join(p.label if sum(q.label == p.label for q in space.params) == 1 else p.name
+                              for p in space.params)
+            raise ValueError(f"{key!r} is {'not a searched option' if not matches else 'ambiguous'}; use one of "
+                             f"{names}")
+        p = matches[0]
+        allowed = p.choices if p.choices is not None else None
+        if allowed is not None and p.encode(value) not in [p.encode(c) for c in allowed]:
+            raise ValueError(f"{key}: {value!r} is not one of its search values {allowed}")
+        if allowed is None and not (isinstance(value, (int, float)) and p.low <= value <= p.high):
+            raise ValueError(f"{key}: {value!r} is outside its range [{p.low}, {p.high}]")
+        point[p.name] = p.encode(value)
+    return point
+
+
+def _start_points(settings: SearchSettings, space: Space) -> list[str]:
+    errors = []
+    for i, recipe in enumerate(settings.start_with):
+        try:
+            start_point(space, recipe)
+        except ValueError as exc:
+            errors.append(f"start_with.{i}: {exc}")
+    return errors
+
+
 def validate_search(raw: dict) -> SearchSetup:
     """Check a parsed search config; ConfigError listing every problem."""
     if not isinstance(raw, dict):
@@ -178,6 +213,7 @@ def validate_search(raw: dict) -> SearchSetup:
                 errors.append(f"benchmark.baseline: {bench.baseline} is what every trial is compared with, so its "
                               f"passes must be fixed, but {', '.join(searched)} is searched; search only the "
                               "passes after it, or compare with the source")
+    errors += _start_points(settings, space)
     if setup.needs_full and (pipeline.config.benchmark is None or pipeline.config.benchmark.latency is None):
         errors.append("benchmark: speed and memory figures come from the benchmark harness; add a `benchmark:` "
                       "section with `latency:` (e.g. benchmark: {backends: [ort-cpu]})")

@@ -28,7 +28,7 @@ from compress.errors import CompressError, ConfigError
 
 from ..config import validate
 from ..runner import Runner
-from .config import SearchSetup
+from .config import SearchSetup, start_point
 from .figures import METRICS, QUALITY, dominates, is_cheap, with_ratios
 from .measure import Measurer
 
@@ -164,6 +164,9 @@ class Search:
             self.slot = slot
             study = open_study(self.setup, self.url, self.setup.pipeline.config.seed + slot)
             self._recover_interrupted(study)
+            if not study.get_trials(deepcopy=False):  # a new study: the given recipes first
+                for recipe in self.setup.settings.start_with:
+                    study.enqueue_trial(start_point(self.setup.space, recipe))
             if self.setup.settings.sampler == "grid":
                 _queue_grid(self.setup, study)
             self.progress.source = self.source_figures()
