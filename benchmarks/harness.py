@@ -236,6 +236,17 @@ def _worker_spec(t: Target, backend: Backend, s: BenchmarkConfig, inputs: Path, 
                       show_progress=show, **options)
 
 
+def score_in_process(t: Target, s: BenchmarkConfig, work_dir: Path) -> dict:
+    """The quality figures of `t` under resolved settings `s`, scored in this process by the worker's own code
+    on the CPU backend that runs the checkpoint as it is: no timing, no baseline, no process start (a search's
+    screen). `work_dir` keeps the prepared inputs."""
+    from . import worker
+
+    backend = Backend("ort" if t.kind == "onnx" else "torch", "cpu")
+    inputs, _ = _save_inputs(build_inputs(t, s), work_dir)
+    return worker.run(_worker_spec(t, backend, s, inputs, "screen", False, latency=False)).get("quality", {})
+
+
 def run_worker(spec: WorkerSpec, threads: int, timeout_s: int) -> dict:
     """Run one worker process; its record, or {"error": ...}."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),

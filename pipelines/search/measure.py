@@ -7,6 +7,7 @@ the config's `benchmark:` settings. Both are stored by the checkpoint's cache ke
 recipe met again is not measured twice."""
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -50,20 +51,15 @@ class Measurer:
     # ------------------------------------------------------------------ screen
     def screen(self, target: str) -> dict:
         """Quality on the slice and size on disk of `target`: flat figures (cached by the target's key)."""
-        from benchmarks import harness, worker
-        from benchmarks.worker_spec import Backend
+        from benchmarks import harness
 
         t = harness.resolve_target(target, self.task)
         s = self.screen_settings.resolved(t.task)
-        store = self.work_dir / "screen" / f"{harness._hash('screen', t.key, s.digest())}.json"
+        key = hashlib.sha256(f"screen|{t.key}|{s.digest()}".encode()).hexdigest()[:24]
+        store = self.work_dir / "screen" / f"{key}.json"
         if store.exists():
             return json.loads(store.read_text())
-        backend = Backend("ort" if t.kind == "onnx" else "torch", "cpu")
-        quality = {}
-        if s.quality:
-            inputs, _ = harness._save_inputs(harness.build_inputs(t, s), self.work_dir / "bench")
-            spec = harness._worker_spec(t, backend, s, inputs, "screen", False, latency=False)
-            quality = worker.run(spec).get("quality", {})
+        quality = harness.score_in_process(t, s, self.work_dir / "bench") if s.quality else {}
         size = weights_size(t.path)
         return _store(store, figures_from(quality, size))
 
