@@ -163,7 +163,8 @@ class Runner:
     def step_key(self, parent_key: str, parent_content: str, p, seed: int, data_fp: str) -> str:
         """A step's cache key: its parent's key and content hash, the pass, its options, the data and its seed."""
         options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
-        return _hash(parent_key, parent_content, p.name, options, data_fp, f"seed={seed}")
+        name = p.name if p.version == 1 else f"{p.name}@v{p.version}"
+        return _hash(parent_key, parent_content, name, options, data_fp, f"seed={seed}")
 
     def _content(self, path: Path | None) -> str:
         """What a child starts from: the checkpoint's content hash, or the source model's key."""

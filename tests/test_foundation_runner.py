@@ -63,6 +63,18 @@ def test_rerun_reuses_and_a_changed_option_recomputes_from_that_pass_on(tiny_lla
     assert json.loads((out / "tiny" / "run.json").read_text())["steps"][1]["reused"] is False
 
 
+def test_a_new_pass_version_recomputes_its_steps(tiny_llama_dir, tmp_path, monkeypatch):
+    """A pass that fixed a bug raises its version: checkpoints the old code wrote are not reused."""
+    from compress.passes import get
+
+    out = tmp_path / "runs"
+    first = _run(_config(tmp_path, tiny_llama_dir), out)
+    monkeypatch.setattr(get("quantize"), "version", 2)
+    again = _run(_config(tmp_path, tiny_llama_dir), out)
+    assert [s.reused for s in again.steps] == [True, True, False]
+    assert again.steps[2].key != first.steps[2].key
+
+
 def test_corrupted_finished_checkpoint_is_recomputed_not_reused(tiny_llama_dir, tmp_path):
     out = tmp_path / "runs"
     first = _run(_config(tmp_path, tiny_llama_dir), out)

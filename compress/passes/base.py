@@ -74,6 +74,9 @@ class Pass:
 
     name: ClassVar[str]
     description: ClassVar[str] = ""
+    # Raised when the pass computes something else from the same options (a fixed bug): part of a step's cache
+    # key from 2 on, so checkpoints the old code wrote are not reused.
+    version: ClassVar[int] = 1
     Config: ClassVar[Any] = PassConfig  # a PassConfig class, or a union of them (see `config_class`)
     quantized_input_fix: ClassVar[str] = "run it before the quantize pass (quantizing twice is not supported)"
 
