@@ -63,8 +63,8 @@ def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_i
 
     The cache does not know the teacher's mass outside its top k. Comparing the truncated teacher with the
     student's full softmax instead would push the student's mass off every other token (at T = 2 the tail
-    holds much of it) and leave it near zero on the next tokens the teacher ranks below k: SmolLM2 students
-    distilled that way reached 2.6x the teacher's perplexity where on-the-fly KD reached 1.2x. The tail is
+    holds much of it) and leave it near zero on the next tokens the teacher ranks below k (studies/
+    kd_cache_loss.py: perplexity 129.8 that way, 75.6 this way, 68.4 with the teacher on the fly). The tail is
     left to the hard (cross-entropy) term."""
     student_logp = F.log_softmax(student_logits.float().gather(-1, top_indices.long()) / temperature, dim=-1)
     teacher_logp = F.log_softmax(top_values.float() / temperature, dim=-1)
