@@ -174,12 +174,13 @@ def _tokenizer(t: Target):
     return prepare_tokenizer(AutoTokenizer.from_pretrained(t.path))
 
 
-def build_inputs(t: Target, s: BenchmarkConfig) -> dict[str, np.ndarray]:
+def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarray]:
     """The eval and latency inputs of `t` under resolved settings `s`, as int64 arrays (LMs: the eval
-    token stream "tokens", each extra corpus's as "extra.<name>", the latency prompt)."""
+    token stream "tokens", each extra corpus's as "extra.<name>", the latency prompt). `tok`: `t`'s
+    tokenizer when the caller has it loaded already."""
     from compress.data import lm_windows, load_dataset
 
-    tok = _tokenizer(t)
+    tok = tok or _tokenizer(t)
     lat = s.latency
     if t.task == "causal-lm":
         def stream(spec) -> np.ndarray:  # the documents joined by EOS, cut at max_tokens
@@ -328,13 +329,13 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
         run_t = exported
         record["exported_on_the_fly"] = str(exported.path)
     show = _show_progress(show_progress)
-    arrays = build_inputs(t, s)
+    tok = _tokenizer(t)  # loaded once: the inputs and the generation prompts both need it
+    arrays = build_inputs(t, s, tok)
     inputs, inputs_hash = _save_inputs(arrays, work_dir)
     record["inputs_sha"] = inputs_hash
-    tok = _tokenizer(t) if s.generations else None
     spec = _worker_spec(run_t, backend, s, inputs, record["label"], show, extra_data=True,
                         quality=bool(set(s.quality) & _applicable(t.task)),
-                        generate=_generation_job(tok, s) if tok else None)
+                        generate=_generation_job(tok, s) if s.generations else None)
     notes, self_ref = [], None
     if base is not None and "teacher-agreement" in s.quality:
         ref_path = _reference_path(base, inputs_hash, s, work_dir)

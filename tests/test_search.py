@@ -395,3 +395,18 @@ def test_a_corrupted_store_entry_is_recomputed_not_trusted(tiny_llama_dir, tmp_p
     assert again.steps[0].key == first.steps[0].key
     checkpoint.verify(store / first.steps[0].key)  # the bad entry was replaced by the recomputed step
     assert not [p for p in store.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_the_screen_prepares_only_what_it_scores(tiny_llama_dir, tmp_path):
+    """The screen scores one metric on a slice: the benchmark's extra corpora, generations and latency are not
+    prepared for it (they would be tokenized for every screened trial and never read)."""
+    from pipelines.search.config import load_search_config
+    from pipelines.search.measure import Measurer
+
+    bench = {"backends": ["torch-cpu"], "quality": ["perplexity", "teacher-agreement"],
+             "extra_data": {"shakespeare": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 64}},
+             "generations": {"prompts": ["Once upon a time"], "new_tokens": 4}}
+    setup = load_search_config(_config(tmp_path, tiny_llama_dir, benchmark=bench))
+    screen = Measurer(setup, tmp_path / "work").screen_settings
+    assert (screen.extra_data, screen.generations, screen.latency) == ({}, None, None)
+    assert screen.quality == ["perplexity"] and screen.data.max_tokens == 256

@@ -45,8 +45,9 @@ class Measurer:
                if cfg.task == "causal-lm" else
                {"max_examples": min(eval_spec.max_examples or screen.max_examples, screen.max_examples)})
         quality = [QUALITY[cfg.task]] if cfg.task in QUALITY else []
+        # The screen scores one metric on a slice: no latency, extra corpora or generations to prepare.
         self.screen_settings = bench.model_copy(update={"data": eval_spec.model_copy(update=cap), "latency": None,
-                                                        "quality": quality})
+                                                        "quality": quality, "extra_data": {}, "generations": None})
 
     # ------------------------------------------------------------------ screen
     def screen(self, target: str) -> dict:
