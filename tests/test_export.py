@@ -234,7 +234,7 @@ def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
 
 
 def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
-    """k-quant and HQQ choose a better 4-bit grid than round-to-nearest (lower output error on the same
+    """k-quant, HQQ and minmax choose a better 4-bit grid than round-to-nearest (lower output error on the same
     weights); GPTQ runs on the calibration data; an untied LM head stays 8-bit."""
     from collections import Counter
 
@@ -244,7 +244,7 @@ def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
     ctx = PassContext(scratch=tmp_path / "s", data=data)
     path, _ = export("llama-gqa", tmp_path, model=_fusable_llama(tie_word_embeddings=False))
     error = {}
-    for algorithm in ("rtn", "hqq", "k_quant", "gptq"):
+    for algorithm in ("rtn", "hqq", "minmax", "k_quant", "gptq"):
         out = get("quantize")(method="ort-int8-dynamic", weight_bits=4, algorithm=algorithm, min_agreement=0.0,
                               calibration_batches=2, calibration_seq_len=32).run(load(path), ctx)
         bits = Counter((n.op_type, next((a.i for a in n.attribute if a.name == "bits"), None))
@@ -252,11 +252,11 @@ def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
         assert bits[("MatMulNBits", 4)] == 4 * 5 and bits[("MatMulNBits", 8)] == 1, bits  # the head: 8-bit
         assert out.info["int8_head"] == ["/lm_head/MatMul"] and out.quantization["algorithm"] == algorithm
         error[algorithm] = out.info["discrepancy"]["mean_abs_error"]
-        if algorithm == "hqq":  # float zero points rewritten as integer codes + exact per-block offsets
+        if algorithm in ("hqq", "minmax"):  # float zero points as integer codes + exact per-block offsets
             graph = onnx.load(str(out.onnx_dir / "model.onnx"))
             zero_points = {n.input[3] for n in graph.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3}
             assert out.info["offset_corrections"] == 4 * 5
             assert all(i.data_type == onnx.TensorProto.UINT8 for i in graph.graph.initializer if i.name in zero_points)
-    assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"], error
+    assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"] and error["minmax"] < error["rtn"], error
     with pytest.raises(Exception, match="k_quant quantizes to 4 bits"):
         get("quantize")(method="ort-int8-dynamic", algorithm="k_quant")

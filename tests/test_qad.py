@@ -285,7 +285,77 @@ def test_quantize_aware_options():
         get("distill")(quantize_aware={"block_size": 48})
     with pytest.raises(ConfigError, match="quantize_aware.bits"):
         get("distill")(quantize_aware={"bits": 3})
-    assert get("distill")(quantize_aware={}).config.quantize_aware.model_dump() == {**INT4, "embeddings": True}
+    assert get("distill")(quantize_aware={}).config.quantize_aware.model_dump() == {**INT4, "embeddings": True,
+                                                                                   "algorithm": "rtn"}
+    with pytest.raises(ConfigError, match="minmax is a 4-bit grid"):
+        get("distill")(quantize_aware={"bits": 8, "algorithm": "minmax"})
     bert = Artifact("torch", "feature-extraction", None, torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="causal LMs"):
         get("distill")(quantize_aware={})._fake_quantize(bert.model, bert.task)
+
+
+# ----------------------------------------------------------------------------- minmax (llama.cpp's Q4_1 grid)
+MINMAX = {"bits": 4, "block_size": 32, "algorithm": "minmax"}
+
+
+def test_minmax_grid_finds_a_q4_1_weight():
+    """A dequantized Q4_1 block (w = m + q d, d and m fp16, codes 0 and 15 both used) gives back its codes, and
+    its values up to fp16's rounding of the stored offset m + 8 d; the symmetric RTN grid of the same weights
+    is far off."""
+    rng = np.random.default_rng(0)
+    n, k = 48, 96
+    codes = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
+    codes[..., 0], codes[..., 1] = 0, 15
+    d = rng.uniform(0.005, 0.05, (n, k // 32)).astype(np.float16).astype(np.float32)
+    m = (rng.standard_normal((n, k // 32)) * 0.2).astype(np.float16).astype(np.float32)
+    w = (m[..., None] + codes * d[..., None]).reshape(n, k).astype(np.float32)
+    q, s, off = fake.minmax_grid(torch.from_numpy(w), 32)
+    assert np.array_equal(q.numpy(), codes)
+    w_hat = fake.dequantize_minmax(q, s, off).numpy()
+    assert np.all(np.abs(w_hat - w).reshape(n, -1, 32) <= 2**-11 * np.abs(m + 8 * d)[..., None] + 1e-6)
+    rtn = fake.dequantize_blockwise(*fake.blockwise_grid(torch.from_numpy(w), 4, 32, True), k).numpy()
+    assert np.abs(rtn - w).mean() > 20 * np.abs(w_hat - w).mean()
+    fq = fake.FakeQuant("minmax", 4, 32)
+    assert torch.equal(fq.grid(torch.from_numpy(w)), torch.from_numpy(w_hat))
+    assert torch.equal(fq.grid(torch.from_numpy(np.zeros((2, 32), np.float32))), torch.zeros(2, 32))  # scale 0
+    with pytest.raises(ValueError, match="not a multiple of the block size"):
+        fake.minmax_grid(torch.zeros(2, 40), 32)
+
+
+def test_minmax_int4_is_lossless_on_a_model_on_its_grid(teacher, tmp):
+    """The teacher's projections moved onto the minmax grid (as a dequantized Q4_1 GGUF's are): the quantize
+    pass's `algorithm: minmax` ONNX model computes what torch does, where RTN int4 of the same weights does
+    not; the fake-quantized forward is the exported model's."""
+    a = load(teacher)
+    summary = fake.wrap(a.model, fake.GridSpec(**MINMAX, embeddings=False))
+    fake.unwrap(a.model)
+    assert summary["modules"] == {"4-bit minmax": 28}
+    ctx = ctx_for(tmp / "minmax")
+    onnx_fp = get("export")().run(a, ctx)
+    out = {alg: get("quantize")(method="ort-int8-dynamic", weight_bits=4, block_size=32, algorithm=alg,
+                                quantize_embeddings=False).run(onnx_fp, ctx) for alg in ("minmax", "rtn")}
+    info = out["minmax"].info
+    assert out["minmax"].quantization["algorithm"] == "minmax" and info["offset_corrections"] == 28
+    ids = DATA.lm_windows("eval", a.tokenizer)[:4]
+    mask = np.ones_like(ids.numpy())
+    exact = {alg: EdgeModel(fp32_compute(q.onnx_dir, tmp / f"minmax-{alg}-fp32")).logits(ids.numpy(), mask)
+             for alg, q in out.items()}
+    with torch.no_grad():
+        plain = a.model(input_ids=ids).logits.numpy()
+        fake.wrap(a.model, fake.GridSpec(**MINMAX, embeddings=False))
+        fq = a.model(input_ids=ids).logits.numpy()
+    fake.unwrap(a.model)
+    assert np.abs(fq - plain).max() < 1e-4  # on the grid already: the fake forward changes nothing
+    assert np.abs(exact["minmax"] - plain).max() < 1e-3 * np.abs(plain).max()
+    assert np.abs(exact["rtn"] - plain).mean() > 20 * np.abs(exact["minmax"] - plain).mean()
+    deployed = EdgeModel(out["minmax"].onnx_dir).logits(ids.numpy(), mask)  # accuracy_level 4, as shipped
+    assert (deployed.argmax(-1) == plain.argmax(-1)).mean() > 0.97
+
+
+def test_qad_on_the_minmax_grid_records_it_for_the_quantize_pass(teacher, tmp):
+    out = get("distill")(alpha=1.0, temperature=1.0, max_steps=4, lr=5e-4, quantize_aware=MINMAX,
+                         **FAST).run(load(teacher), ctx_for(tmp / "qad-minmax", str(teacher)))
+    info = out.info["quantize_aware"]
+    assert info["algorithm"] == "minmax" and info["off_grid"] == 0 and info["modules"]["4-bit minmax"] == 28
+    assert fake.grid_mismatch(out, bits=4, block_size=32, symmetric=False, algorithm="minmax") is None
+    assert "algorithm rtn (trained for minmax)" in fake.grid_mismatch(out, bits=4, block_size=32, symmetric=True)

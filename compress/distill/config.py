@@ -50,8 +50,11 @@ class QuantizeAwareConfig(PassConfig):
     bits: Literal[4, 8] = Field(4, description="weight bits of the MatMulNBits grid (quantize's weight_bits)")
     block_size: int = Field(32, ge=16, description="weights per block along the input dimension (quantize's "
                             "block_size, a power of two)")
-    symmetric: bool = Field(True, description="symmetric grid (the quantize pass's rtn is symmetric); false: "
-                            "asymmetric with a zero point")
+    symmetric: bool = Field(True, description="rtn: symmetric grid (the quantize pass's rtn is symmetric); "
+                            "false: asymmetric with a zero point")
+    algorithm: Literal["rtn", "minmax"] = Field(
+        "rtn", description="the quantize pass's algorithm: rtn, or minmax (4 bits: each block's exact [min, max] "
+        "range with a float offset, llama.cpp's Q4_1; a model dequantized from Q4_1 starts on this grid)")
     embeddings: bool = Field(True, description="embedding tables (and a tied LM head) on the int8 table grid "
                              "(quantize's quantize_embeddings)")
 
@@ -59,6 +62,8 @@ class QuantizeAwareConfig(PassConfig):
     def _power_of_two(self):
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size {self.block_size} must be a power of two (16, 32, 64, 128, ...)")
+        if self.algorithm == "minmax" and self.bits != 4:
+            raise ValueError("algorithm minmax is a 4-bit grid; set bits: 4")
         return self
 
 

@@ -138,10 +138,12 @@ class OrtDynamicConfig(_Calibration):
                                        json_schema_extra=search([4, 8]))
     block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
                             "(a power of two)", json_schema_extra=search([32, 64, 128]))
-    algorithm: Literal["rtn", "hqq", "k_quant", "gptq"] = Field(
-        "rtn", description="matmulnbits: how the weight grid is chosen: rtn (round to nearest), hqq (half-quadratic "
+    algorithm: Literal["rtn", "minmax", "hqq", "k_quant", "gptq"] = Field(
+        "rtn", description="matmulnbits: how the weight grid is chosen: rtn (round to nearest, symmetric), minmax "
+        "(each block's exact [min, max] range with a float offset, llama.cpp's Q4_1), hqq (half-quadratic "
         "scale / zero-point search), k_quant (llama.cpp's k-quant search) or gptq (error compensation on the "
-        "calibration data); k_quant and gptq are 4-bit only", json_schema_extra=search(["rtn", "hqq"]))
+        "calibration data); minmax, k_quant and gptq are 4-bit only",
+        json_schema_extra=search(["rtn", "minmax", "hqq"]))
     per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
                               "per tensor")
     keep_8bit: list[str] | None = Field(
@@ -158,7 +160,7 @@ class OrtDynamicConfig(_Calibration):
 
     @model_validator(mode="after")
     def _algorithm_bits(self):
-        if self.algorithm in ("k_quant", "gptq") and self.weight_bits != 4:
+        if self.algorithm in ("minmax", "k_quant", "gptq") and self.weight_bits != 4:
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
         if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")

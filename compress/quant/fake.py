@@ -9,6 +9,13 @@ Grids reproduced bit for bit (checked against ONNX Runtime in tests/test_qad.py)
     asymmetric: lo = min(min, 0), hi = max(max, 0), s = (hi - lo) / (2^b - 1), z = clamp(roundf(-lo / s))
     q = clamp(roundf(w * (1 / s) + z), 0, 2^b - 1)  (roundf: halves away from zero; 1/s = 0 when s = 0),
     w_hat = (q - z) * s.
+- `algorithm: minmax` (llama.cpp's Q4_1 grid): 4-bit blocks spanning exactly [min, max] of the block, the
+  minimum kept as a float offset; stored as MatMulNBits codes around the default zero point 8 plus an fp16
+  per-block offset added after the MatMul (compress/quant/ort.py `minmax_4bit`, `minmax_grid` below):
+    s = (max - min) / 15, q = clamp(round_half_even((w - min) * (1 / s)), 0, 15)  (1/s = 0 when s = 0),
+    offset = fp16(min + 8 s), w_hat = (q - 8) s + offset.
+  A weight already on such a grid (a dequantized Q4_1 GGUF) is reproduced exactly, up to fp16's rounding of
+  the offset.
 - Embedding tables read by a Gather, and a tied LM head (the same table) -> int8 blocks of compress/quant/ort.py
   `_int8_gathers`: s = max(absmax / 127, 1e-12) per block of the row, q = clip(round_half_even(w / s), -127, 127),
   w_hat = q * s.
@@ -33,12 +40,14 @@ TABLE_BITS = 8  # embedding tables are int8 in the export path, whatever the Mat
 
 @dataclass(frozen=True)
 class GridSpec:
-    """What the quantize pass will do: MatMulNBits bits, block size and symmetry; int8 embedding tables."""
+    """What the quantize pass will do: MatMulNBits bits, block size, algorithm (rtn: symmetric or not; minmax)
+    and int8 embedding tables."""
 
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True
     embeddings: bool = True
+    algorithm: str = "rtn"
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -72,6 +81,24 @@ def blockwise_grid(w: torch.Tensor, bits: int, block_size: int, symmetric: bool)
     inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
     codes = _roundf(x * inv[..., None] + zero[..., None]).clamp(0, top)
     return codes, scale, zero
+
+
+def minmax_grid(w: torch.Tensor, block_size: int):
+    """The `minmax` 4-bit grid of `w` [N, K] (K a multiple of `block_size`): (codes [N, blocks, block],
+    scales [N, blocks], offsets [N, blocks] already rounded to fp16), all float32."""
+    n, k = w.shape
+    if k % block_size:
+        raise ValueError(f"minmax: the input dimension {k} is not a multiple of the block size {block_size}")
+    x = w.detach().float().reshape(n, -1, block_size)
+    lo, hi = x.amin(-1), x.amax(-1)
+    scale = (hi - lo) / 15.0
+    inv = torch.where(scale != 0, 1.0 / torch.where(scale != 0, scale, 1.0), 0.0)
+    codes = torch.round((x - lo[..., None]) * inv[..., None]).clamp(0, 15)
+    return codes, scale, (lo + 8.0 * scale).half().float()
+
+
+def dequantize_minmax(codes: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    return ((codes - 8.0) * scale[..., None] + offset[..., None]).reshape(codes.shape[0], -1)
 
 
 def dequantize_blockwise(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, k: int) -> torch.Tensor:
@@ -126,6 +153,8 @@ class FakeQuant(nn.Module):
             if self.kind == "table":
                 codes, scale = table_grid(x, self.block_size)
                 out = (codes * scale[..., None]).reshape(x.shape)
+            elif self.kind == "minmax":
+                out = dequantize_minmax(*minmax_grid(x, self.block_size))
             else:
                 codes, scale, zero = blockwise_grid(x, self.bits, self.block_size, self.symmetric)
                 out = dequantize_blockwise(codes, scale, zero, x.shape[1])
@@ -151,8 +180,13 @@ def plan(model: nn.Module, spec: GridSpec) -> dict[str, FakeQuant]:
                 out[name] = FakeQuant("table", TABLE_BITS, table)
         elif is_linear(m):
             # an untied head stays 8-bit symmetric at 4 bits (ort.weight_only), else the MatMuls' own grid
-            bits, sym = (8, True) if (m is head and spec.bits == 4) else (spec.bits, spec.symmetric)
-            out[name] = FakeQuant("blockwise", bits, spec.block_size, sym, transposed=is_conv1d(m))
+            if m is head and spec.bits == 4:
+                out[name] = FakeQuant("blockwise", 8, spec.block_size, True, transposed=is_conv1d(m))
+            elif spec.algorithm == "minmax":
+                out[name] = FakeQuant("minmax", 4, spec.block_size, transposed=is_conv1d(m))
+            else:
+                out[name] = FakeQuant("blockwise", spec.bits, spec.block_size, spec.symmetric,
+                                      transposed=is_conv1d(m))
     return out
 
 
@@ -166,7 +200,7 @@ def wrap(model: nn.Module, spec: GridSpec) -> dict:
         parametrize.register_parametrization(modules[name], "weight", fq)
     kinds: dict[str, int] = {}
     for fq in grids.values():
-        key = "int8 tables" if fq.kind == "table" else f"{fq.bits}-bit blockwise"
+        key = "int8 tables" if fq.kind == "table" else f"{fq.bits}-bit {fq.kind}"
         kinds[key] = kinds.get(key, 0) + 1
     return {**spec.as_dict(), "modules": kinds}
 
@@ -202,9 +236,10 @@ def project(fq: FakeQuant, w: torch.Tensor, rounds: int = 32) -> torch.Tensor:
     """`w` moved onto its grid: a weight the quantizer maps to itself, codes and scales, so the quantize pass
     adds no rounding. One step is enough for the symmetric grids (the extreme value is a code times the scale
     exactly) and the int8 tables; an asymmetric block can land its minimum half a step off code 0 (zero-point
-    rounding), which moves its range, so that grid is repeated until it stops moving."""
+    rounding) and a minmax block its offset an fp16 rounding off, which moves its range, so those grids are
+    repeated until they stop moving."""
     grid = fq.grid(w)
-    for _ in range(rounds if fq.kind == "blockwise" and not fq.symmetric else 0):
+    for _ in range(rounds if fq.kind == "minmax" or (fq.kind == "blockwise" and not fq.symmetric) else 0):
         again = fq.grid(grid)
         if torch.equal(again, grid):
             break
@@ -234,10 +269,11 @@ def grid_mismatch(artifact, *, bits: int, block_size: int, symmetric: bool, algo
     qad = grid_settings(artifact)
     if qad is None:
         return None
-    want = {"bits": bits, "block_size": block_size, "symmetric": symmetric, "embeddings": embeddings}
-    diff = [f"{k} {want[k]} (trained for {qad.get(k)})" for k in want if qad.get(k) != want[k]]
-    if algorithm != "rtn":
-        diff.append(f"algorithm {algorithm} (trained for rtn)")
+    trained = {**qad, "algorithm": qad.get("algorithm", "rtn")}
+    want = {"algorithm": algorithm, "bits": bits, "block_size": block_size, "embeddings": embeddings}
+    if algorithm == trained["algorithm"] == "rtn":  # minmax has one grid; other algorithms differ anyway
+        want["symmetric"] = symmetric
+    diff = [f"{k} {want[k]} (trained for {trained.get(k)})" for k in want if trained.get(k) != want[k]]
     if not diff:
         return None
     return ("quantize: the model was distilled quantization-aware for another grid: " + ", ".join(diff) +

@@ -124,10 +124,11 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below).
 
     `algorithm` picks how the 4-bit grid is chosen: rtn (round to nearest, symmetric unless `symmetric` is
-    false), hqq (half-quadratic optimization of scale and zero point, data-free), k_quant (llama.cpp's
-    k-quant search, data-free) or gptq (error-compensating, on calibration `feeds`). At 4 bits an untied LM
-    head stays 8-bit (a tied one is the int8 embedding table, see `embeddings`), and so do the MatMuls named in
-    `eight_bit` (mixed precision: the blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass."""
+    false), minmax (each block's exact [min, max] range, llama.cpp's Q4_1), hqq (half-quadratic optimization
+    of scale and zero point, data-free), k_quant (llama.cpp's k-quant search, data-free) or gptq
+    (error-compensating, on calibration `feeds`). At 4 bits an untied LM head stays 8-bit (a tied one is the
+    int8 embedding table, see `embeddings`), and so do the MatMuls named in `eight_bit` (mixed precision: the
+    blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass."""
     import logging
 
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
@@ -149,80 +150,144 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
                                      op_types_to_quantize=("MatMul",))
         q.process()
         model = q.model.model
-    matmuls = ("MatMul",)
-    if algorithm == "hqq":
-        config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=matmuls)
-    elif algorithm == "k_quant":
-        config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=matmuls)
-    elif algorithm == "gptq":
-        config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Batches(feeds or []),
-                                               op_types_to_quantize=matmuls)
-    else:  # rtn: the quantizer's default
-        config = None
-    q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
-                                 accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
-                                 op_types_to_quantize=matmuls, algo_config=config)
-    with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
-        q.process()
-    model = q.model.model if hasattr(q.model, "model") else q.model
-    offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
+    left: list[str] = []
+    if algorithm == "minmax":
+        if bits != 4:
+            raise ValueError("algorithm minmax is a 4-bit grid; set bits=4")
+        offsets, left = _minmax_4bit(model, set(excluded + head + kept), block_size)
+    else:
+        matmuls = ("MatMul",)
+        if algorithm == "hqq":
+            config = mnq.HQQWeightOnlyQuantConfig(block_size=block_size, bits=bits, op_types_to_quantize=matmuls)
+        elif algorithm == "k_quant":
+            config = mnq.KQuantWeightOnlyQuantConfig(op_types_to_quantize=matmuls)
+        elif algorithm == "gptq":
+            config = mnq.GPTQWeightOnlyQuantConfig(calibration_data_reader=_Batches(feeds or []),
+                                                   op_types_to_quantize=matmuls)
+        else:  # rtn: the quantizer's default
+            config = None
+        q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
+                                     accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
+                                     op_types_to_quantize=matmuls, algo_config=config)
+        with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
+            q.process()
+        model = q.model.model if hasattr(q.model, "model") else q.model
+        offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
     _set_accuracy_level(model, accuracy_level)
     tables = _int8_gathers(model, excluded) if embeddings else []
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "int8_head": head,
-            "int8_matmuls": kept, "offset_corrections": offsets}
+            "int8_matmuls": kept, "offset_corrections": offsets, **({"float_matmuls": left} if left else {})}
 
 
 def _integer_zero_points(model) -> int:
     """HQQ leaves float zero points, for which MatMulNBits has no fast kernel (SmolLM2: 6 tok/s instead of
-    ~70). Rewrite exactly: w = s (q - z) = s (q - 8) + s (8 - z), so x @ W = MatMulNBits(x, q, s) (no zero
-    point input: the kernel's default 8, its fastest path) + sum_b (x summed over block b) s_b (8 - z_b): the
-    per-block sums of the input (shared by the projections that read it) and a small MatMul by the
-    [blocks, N] offsets, stored fp16 (ONNX Runtime folds their Cast when the session starts; fp16's 2^-11
-    relative error is far below a quantization step). Returns how many MatMulNBits were rewritten."""
-    from onnx import TensorProto, helper, numpy_helper
+    ~70). Rewrite exactly: w = s (q - z) = s (q - 8) + s (8 - z): MatMulNBits without a zero point input (the
+    kernel's default 8, its fastest path) plus the per-block offsets s (8 - z) (_add_offsets). Returns how many
+    MatMulNBits were rewritten."""
+    from onnx import TensorProto, numpy_helper
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
-    sums: dict[tuple[str, int], str] = {}  # (input, block size) -> its per-block sums
-    rewritten = 0
-    for node in list(graph.node):
-        if node.op_type != "MatMulNBits" or len(node.input) < 4 or node.input[3] not in inits:
+    offsets = {}
+    for node in graph.node:
+        if node.op_type != "MatMulNBits" or len(node.input) != 4 or node.input[3] not in inits:
             continue
         zp = inits[node.input[3]]
         attrs = {a.name: a.i for a in node.attribute}
-        if zp.data_type != TensorProto.FLOAT or attrs["bits"] != 4 or len(node.input) > 4:
+        if zp.data_type != TensorProto.FLOAT or attrs["bits"] != 4:
             continue
-        n, k, block = attrs["N"], attrs["K"], attrs["block_size"]
-        blocks = -(-k // block)
+        n, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
         scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
-        offset = (scale * (8 - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
+        offsets[node.name] = (scale * (8 - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
         graph.initializer.remove(zp)
         del node.input[3]
+    return _add_offsets(model, offsets)
+
+
+def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]]:
+    """`algorithm: minmax` (the grid of compress/quant/fake.py `minmax_grid`, llama.cpp's Q4_1): every MatMul
+    with a float [K, N] weight initializer, not in `skip`, becomes MatMulNBits (4-bit codes around the default
+    zero point 8, float32 scales) plus its fp16 per-block offsets (_add_offsets). Returns how many, and the
+    MatMuls left float because K is not a multiple of the block size."""
+    from collections import Counter
+
+    import torch
+    from onnx import helper, numpy_helper
+
+    from .fake import minmax_grid
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    readers = Counter(i for node in graph.node for i in node.input)
+    offsets, left = {}, []
+    for node in list(graph.node):
+        if node.op_type != "MatMul" or node.name in skip or node.input[1] not in inits:
+            continue
+        w = numpy_helper.to_array(inits[node.input[1]])
+        if w.ndim != 2 or w.dtype != np.float32:
+            continue
+        k, n = w.shape
+        if k % block_size:
+            left.append(node.name)
+            continue
+        codes, scale, offset = minmax_grid(torch.from_numpy(np.ascontiguousarray(w.T)), block_size)
+        q = codes.to(torch.uint8).numpy()  # [N, blocks, block]; two codes a byte, the even one low
+        name = f"{node.name}_Q4"
+        packed, scales = numpy_helper.from_array(q[..., 0::2] | (q[..., 1::2] << 4), f"{name}/B"), \
+            numpy_helper.from_array(scale.numpy().reshape(-1), f"{name}/scales")
+        graph.initializer.extend([packed, scales])
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        graph.node.insert(at, helper.make_node("MatMulNBits", [node.input[0], packed.name, scales.name],
+                                               list(node.output), name=name, domain="com.microsoft", K=k, N=n,
+                                               bits=4, block_size=block_size))
+        readers[node.input[1]] -= 1
+        if not readers[node.input[1]]:
+            graph.initializer.remove(inits[node.input[1]])
+        offsets[name] = offset.numpy().T  # [blocks, N]
+    return _add_offsets(model, offsets), left
+
+
+def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
+    """Adds to each MatMulNBits named in `offsets` (a [blocks, N] table) sum_b (x summed over block b) offset_b:
+    the per-block sums of its input (shared by the projections that read it; x @ E, E [K, blocks] of ones per
+    block, one node where Reshape + ReduceSum is two) and a small MatMul by the offsets, stored fp16 (ONNX
+    Runtime folds their Cast when the session starts; fp16's 2^-11 relative error is far below a
+    quantization step). Returns how many were added."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name for i in graph.initializer}
+    sums: dict[tuple[str, int], str] = {}  # (input, block size) -> its per-block sums
+    for node in list(graph.node):
+        if node.name not in offsets:
+            continue
+        attrs = {a.name: a.i for a in node.attribute}
+        k, block = attrs["K"], attrs["block_size"]
         key = (node.input[0], block)
-        if key not in sums:  # x @ E, E [K, blocks] of ones per block: one node (Reshape + ReduceSum is two)
+        if key not in sums:
             if k % block:
                 raise ValueError(f"{node.name}: K={k} is not a multiple of the block size {block}")
             ones = f"/offsets/block_ones_{k}_{block}"
             if ones not in inits:
-                inits[ones] = numpy_helper.from_array(np.kron(np.eye(blocks, dtype=np.float32),
-                                                              np.ones((block, 1), np.float32)), ones)
-                graph.initializer.append(inits[ones])
+                inits.add(ones)
+                graph.initializer.append(numpy_helper.from_array(
+                    np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)), ones))
             total = f"{node.name}/block_sums"
             at = list(graph.node).index(node)  # before the first reader: its input exists by then
             graph.node.insert(at, helper.make_node("MatMul", [node.input[0], ones], [total], name=total))
             sums[key] = total
-        stored, offsets = f"{node.name}/offsets_fp16", f"{node.name}/offsets"
-        graph.initializer.append(numpy_helper.from_array(offset.astype(np.float16), stored))
+        stored, table = f"{node.name}/offsets_fp16", f"{node.name}/offsets"
+        graph.initializer.append(numpy_helper.from_array(offsets[node.name].astype(np.float16), stored))
         out, raw = node.output[0], node.output[0] + "/codes"
         node.output[0] = raw
         correction = f"{node.name}/offset"
         at = list(graph.node).index(node) + 1  # right after it: its readers come later
         graph.node.insert(at, helper.make_node("Add", [raw, correction], [out], name=f"{node.name}/add_offset"))
-        graph.node.insert(at, helper.make_node("MatMul", [sums[key], offsets], [correction], name=correction))
-        graph.node.insert(at, helper.make_node("Cast", [stored], [offsets], name=offsets, to=TensorProto.FLOAT))
-        rewritten += 1
-    return rewritten
+        graph.node.insert(at, helper.make_node("MatMul", [sums[key], table], [correction], name=correction))
+        graph.node.insert(at, helper.make_node("Cast", [stored], [table], name=table, to=TensorProto.FLOAT))
+    return len(offsets)
 
 
 def _set_accuracy_level(model, level: int) -> None:
