@@ -336,6 +336,12 @@ def test_minmax_int4_is_lossless_on_a_model_on_its_grid(teacher, tmp):
                                 quantize_embeddings=False).run(onnx_fp, ctx) for alg in ("minmax", "rtn")}
     info = out["minmax"].info
     assert out["minmax"].quantization["algorithm"] == "minmax" and info["offset_corrections"] == 28
+    from compress.quant import ort, sensitivity  # keep_8bit_blocks ranks blocks on the grid they will get
+
+    proto = onnx.load(str(onnx_fp.onnx_dir / "model.onnx"))
+    errors = {alg: sensitivity.weight_error(proto, ort.decoder_blocks(proto), block_size=32, symmetric=True,
+                                            algorithm=alg) for alg in ("minmax", "rtn")}
+    assert max(errors["minmax"].values()) < 1e-3 < min(errors["rtn"].values())
     ids = DATA.lm_windows("eval", a.tokenizer)[:4]
     mask = np.ones_like(ids.numpy())
     exact = {alg: EdgeModel(fp32_compute(q.onnx_dir, tmp / f"minmax-{alg}-fp32")).logits(ids.numpy(), mask)

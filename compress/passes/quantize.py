@@ -383,7 +383,9 @@ class Quantize(Pass):
         """Per block, how much 4 bits hurt (compress/quant/sensitivity.py): KL from the float torch parent on
         the calibration data, else (no torch parent, no data) the blocks' relative int4 weight error."""
         cfg = self.config
-        grid = {"block_size": cfg.block_size, "symmetric": cfg.algorithm == "rtn"}
+        # the grid the weights will get (hqq / k_quant / gptq choose theirs: the asymmetric rtn grid stands in)
+        grid = {"block_size": cfg.block_size, "symmetric": cfg.algorithm == "rtn",
+                "algorithm": "minmax" if cfg.algorithm == "minmax" else "rtn"}
         parent = self._torch_parent(model, ctx)
         has_data = ctx.data is not None and any(ctx.data.specs.get(r) is not None for r in ("calibration", "train"))
         why = ("no torch checkpoint found before the ONNX model" if parent is None else

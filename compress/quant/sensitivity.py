@@ -18,12 +18,13 @@ import torch
 from . import fake
 
 
-def block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: bool,
+def block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: bool, algorithm: str = "rtn",
              batch_size: int = 1) -> dict[int, float]:
     """Block index -> mean KL (nats per token) of `module` (a causal LM, its blocks found by `arch`) on `ids`
     with that block alone at 4 bits. The weights are swapped in place and restored."""
     module = module.float().eval()
-    grids = fake.plan(module, fake.GridSpec(bits=4, block_size=block_size, symmetric=symmetric, embeddings=False))
+    grids = fake.plan(module, fake.GridSpec(bits=4, block_size=block_size, symmetric=symmetric, embeddings=False,
+                                            algorithm=algorithm))
     modules = dict(module.named_modules())
 
     def log_probs() -> torch.Tensor:
@@ -46,13 +47,13 @@ def block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: boo
     return scores
 
 
-def cached_block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: bool,
+def cached_block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetric: bool, algorithm: str = "rtn",
                     batch_size: int = 1) -> tuple[dict[int, float], bool]:
     """`block_kl`, read from the cache when these weights, tokens and grid were scored before; returns
     (scores, whether they came from the cache)."""
     from ..runtime import cache_dir
 
-    h = hashlib.sha256(json.dumps([block_size, symmetric, batch_size]).encode())
+    h = hashlib.sha256(json.dumps([block_size, symmetric, batch_size, algorithm]).encode())
     h.update(ids.numpy().tobytes())
     for name, t in module.state_dict().items():
         h.update(name.encode())
@@ -60,7 +61,8 @@ def cached_block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetr
     path = cache_dir() / "sensitivity" / f"{h.hexdigest()[:32]}.json"
     if path.is_file():
         return {int(k): v for k, v in json.loads(path.read_text()).items()}, True
-    scores = block_kl(module, arch, ids, block_size=block_size, symmetric=symmetric, batch_size=batch_size)
+    scores = block_kl(module, arch, ids, block_size=block_size, symmetric=symmetric, algorithm=algorithm,
+                      batch_size=batch_size)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{id(scores)}")
     tmp.write_text(json.dumps(scores))
@@ -68,18 +70,20 @@ def cached_block_kl(module, arch, ids: torch.Tensor, *, block_size: int, symmetr
     return scores, False
 
 
-def weight_error(proto, blocks: dict[int, list[str]], *, block_size: int, symmetric: bool) -> dict[int, float]:
-    """Block index -> ||W - rtn4(W)|| / ||W|| over its weight MatMuls (`blocks`: ort.decoder_blocks of the
-    ONNX model `proto`, whose weights are [K, N])."""
+def weight_error(proto, blocks: dict[int, list[str]], *, block_size: int, symmetric: bool,
+                 algorithm: str = "rtn") -> dict[int, float]:
+    """Block index -> ||W - int4(W)|| / ||W|| over its weight MatMuls (`blocks`: ort.decoder_blocks of the
+    ONNX model `proto`, whose weights are [K, N]), on the rtn (or minmax) grid."""
     from .ort import weight_of
 
+    grid = fake.FakeQuant("minmax", 4, block_size) if algorithm == "minmax" else \
+        fake.FakeQuant("blockwise", 4, block_size, symmetric)
     scores = {}
     for i, names in blocks.items():
         err = norm = 0.0
         for name in names:
             w = torch.from_numpy(weight_of(proto, name).T.copy()).float()  # [N, K]: blocks along K
-            codes, scale, zero = fake.blockwise_grid(w, 4, block_size, symmetric)
-            err += float((fake.dequantize_blockwise(codes, scale, zero, w.shape[1]) - w).pow(2).sum())
+            err += float((grid.grid(w) - w).pow(2).sum())
             norm += float(w.pow(2).sum())
         scores[i] = (err / max(norm, 1e-30)) ** 0.5
     return scores
