@@ -50,22 +50,42 @@ def test_mask_excludes_padding_rows():
     assert torch.allclose(losses.hard_loss(s, labels), ce)
 
 
-def test_topk_loss_zero_on_match_and_multi_teacher_average():
+def _tail(z: torch.Tensor, top_indices: torch.Tensor, temperature: float) -> torch.Tensor:
+    """log sum exp(z_j / T) over the tokens outside the top k, computed from the full logits."""
+    return torch.logsumexp(z.scatter(-1, top_indices, float("-inf")) / temperature, dim=-1)
+
+
+def test_topk_loss_is_the_divergence_over_top_k_plus_a_rest_bucket_and_multi_teacher_average():
     torch.manual_seed(3)
     z = torch.randn(2, 4, 50)
     top = z.topk(8, dim=-1)
-    assert abs(float(losses.topk_soft_loss(z, top.values.half(), top.indices.int(), 2.0))) < 1e-3
-    # the student's logits outside the teacher's top-k do not matter (no gradient pushes their mass to zero:
-    # the cache does not know the teacher's tail), whatever the divergence
+    assert abs(float(losses.topk_soft_loss(z, top.values.half(), top.indices.int(), _tail(z, top.indices, 2.0),
+                                           2.0))) < 1e-3
     student = torch.randn_like(z, requires_grad=True)
+    tail = torch.ones_like(z, dtype=torch.bool).scatter(-1, top.indices, False)
     for kind in ("kl", "reverse-kl", "jsd"):
-        loss = losses.topk_soft_loss(student, top.values, top.indices, 2.0, kind)
-        assert float(loss) > 0.01
+        loss = losses.topk_soft_loss(student, top.values, top.indices, _tail(z, top.indices, 2.0), 2.0, kind)
+        # the divergence of the two full distributions folded onto k + 1 outcomes, computed directly
+        def folded(logits):
+            p = F.softmax(logits / 2.0, -1)
+            top_p = p.gather(-1, top.indices)
+            return torch.cat([top_p, 1 - top_p.sum(-1, keepdim=True)], -1).log()
+        expect = 4.0 * losses.divergence(folded(z), folded(student.detach()), kind).mean()
+        assert torch.isclose(loss, expect, rtol=1e-4), kind
+        # the student's mass outside the teacher's top k is matched as a whole: raising every tail logit
+        # changes the loss, moving mass within the tail (its total kept) does not
         (grad,) = torch.autograd.grad(loss, student)
-        tail = torch.ones_like(z, dtype=torch.bool).scatter(-1, top.indices, False)
-        assert grad[tail].abs().max() == 0 and grad[~tail].abs().max() > 0
-        moved_tail = student.detach() + 5.0 * tail
-        assert torch.isclose(losses.topk_soft_loss(moved_tail, top.values, top.indices, 2.0, kind), loss)
+        assert grad[tail].abs().max() > 0
+        up = student.detach() + 5.0 * tail
+        assert float(losses.topk_soft_loss(up, top.values, top.indices, _tail(z, top.indices, 2.0), 2.0, kind)) \
+            > float(loss.detach()) + 0.1
+        shuffled = student.detach().clone()
+        for row in range(2):
+            for pos in range(4):
+                idx = tail[row, pos].nonzero().squeeze(-1)
+                shuffled[row, pos, idx] = student.detach()[row, pos, idx[torch.randperm(len(idx))]]
+        assert torch.isclose(losses.topk_soft_loss(shuffled, top.values, top.indices, _tail(z, top.indices, 2.0),
+                                                   2.0, kind), loss, rtol=1e-5)
     a, b = torch.randn(3, 10), torch.randn(3, 10)
     avg = losses.teacher_log_probs([a, b], 2.0, [3.0, 1.0]).exp()
     expect = 0.75 * F.softmax(a / 2, -1) + 0.25 * F.softmax(b / 2, -1)
@@ -123,3 +143,18 @@ def test_keep_layers_copies_the_chosen_blocks(family, tmp_path):
             g1 = student.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, pad_token_id=0)
             g2 = student.generate(ids[:1, :5], max_new_tokens=6, do_sample=False, use_cache=False, pad_token_id=0)
             assert torch.equal(g1, g2)
+
+
+def test_the_cached_tail_is_exact_at_its_temperatures_and_close_between():
+    from compress.distill.teacher_cache import TAIL_BETAS, compute_topk, tail_at
+
+    torch.manual_seed(0)
+    z = 3 * torch.randn(3, 5, 200)
+    values, indices, tail, vocab = compute_topk(lambda b: b, [z[:2], z[2:]], 16)
+    assert values.shape == (3, 5, 16) and tail.shape == (3, 5, len(TAIL_BETAS)) and vocab == 200
+    tail = torch.from_numpy(tail)
+    for T in (0.5, 1.0, 1.5, 2.0, 3.0, 8.0):  # stored
+        assert torch.allclose(tail_at(tail, T, 200 - 16), _tail(z, torch.from_numpy(indices).long(), T), atol=1e-5)
+    for T in (1.2, 2.5, 5.0, 20.0):  # interpolated in 1/T (towards log(184) at T -> infinity)
+        exact = _tail(z, torch.from_numpy(indices).long(), T)
+        assert (tail_at(tail, T, 200 - 16) - exact).abs().max() < 0.05

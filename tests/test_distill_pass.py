@@ -9,6 +9,7 @@ from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData
 from compress.errors import ConfigError
 from compress.models import load_model
+from compress.distill.teacher_cache import TAIL_BETAS
 from compress.passes import PassContext, get
 
 FAST = dict(precision="fp32", eval_tokens=256, eval_examples=16, log_every=1, seed=0)
@@ -110,12 +111,17 @@ def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_
     assert info["hit"] is False
     cache_dir = tmp_path / "teacher-cache" / info["key"]
     values, indices = np.load(cache_dir / "values.npy"), np.load(cache_dir / "indices.npy")
-    assert values.dtype == np.float16 and indices.dtype == np.int32
-    assert values.shape == (2048 // 32, 32, 16) and info["bytes"] >= values.nbytes + indices.nbytes
+    tail = np.load(cache_dir / "tail.npy")
+    assert values.dtype == np.float16 and indices.dtype == np.int32 and tail.dtype == np.float32
+    assert values.shape == (2048 // 32, 32, 16) and tail.shape == (2048 // 32, 32, len(TAIL_BETAS))
+    assert info["bytes"] >= values.nbytes + indices.nbytes + tail.nbytes
     # the cached top-k are the teacher's own top-k logits
     with torch.no_grad():
         z = ctx.teacher().model(input_ids=lm_data(2048).lm_windows("train", ctx.teacher().tokenizer)[:1]).logits
     assert torch.equal(z[0].topk(16, -1).indices, torch.from_numpy(indices[0]).long())
+    rest = z[0].scatter(-1, torch.from_numpy(indices[0]).long(), float("-inf"))  # and the mass of the others
+    assert torch.allclose(torch.from_numpy(tail[0, :, TAIL_BETAS.index(0.5)]), torch.logsumexp(rest / 2, -1),
+                          atol=1e-4)
 
     # a rerun reads the cache: the teacher is never run (its forward raises)
     ctx2 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))

@@ -6,7 +6,7 @@ cross-entropy, so the term is exactly zero when the student matches the teacher.
 soft term's gradients on the same scale as the hard-label term when T changes.
 
 Teacher targets are given as log-probabilities (`teacher_logp`) so that averaged multi-teacher targets and
-renormalized top-k targets from the cache go through the same code as plain logits."""
+the cache's top-k-plus-rest targets go through the same divergence as plain logits."""
 from __future__ import annotations
 
 import math
@@ -57,17 +57,23 @@ def soft_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperat
 
 
 def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
-                   temperature: float, kind: str = "kl", mask: torch.Tensor | None = None) -> torch.Tensor:
-    """The soft term against cached top-k teacher logits: both distributions renormalized over the teacher's
-    k tokens (sparse KD), so only their shape there is matched.
+                   teacher_tail: torch.Tensor, temperature: float, kind: str = "kl",
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The soft term against the cached teacher: its top-k tokens and one bucket for the rest of the
+    vocabulary (`teacher_tail` = log sum exp(z_j / T) over the tokens outside its top k, teacher_cache.tail_at).
 
-    The cache does not know the teacher's mass outside its top k. Comparing the truncated teacher with the
-    student's full softmax instead would push the student's mass off every other token (at T = 2 the tail
-    holds much of it) and leave it near zero on the next tokens the teacher ranks below k (studies/
-    kd_cache_loss.py: perplexity 129.8 that way, 75.6 this way, 68.4 with the teacher on the fly). The tail is
-    left to the hard (cross-entropy) term."""
-    student_logp = F.log_softmax(student_logits.float().gather(-1, top_indices.long()) / temperature, dim=-1)
-    teacher_logp = F.log_softmax(top_values.float() / temperature, dim=-1)
+    Over those k + 1 outcomes both distributions are exact, so the student matches the teacher's top-k
+    probabilities and the mass it leaves to the other tokens; only how that mass is shared among them is not
+    seen (a lower bound of the full divergence). The earlier sparse variants lost the rest (studies/
+    kd_cache_loss.py): renormalizing both over the top k, or comparing the truncated teacher with the
+    student's full softmax, which pushed the student's mass off every other token."""
+    z = top_values.float() / temperature
+    log_z = torch.logaddexp(torch.logsumexp(z, dim=-1), teacher_tail.float())
+    teacher_logp = torch.cat([z - log_z[..., None], (teacher_tail.float() - log_z)[..., None]], dim=-1)
+    student_top = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, top_indices.long())
+    # log(1 - mass on the top k), floored so a student that puts all its mass there keeps a finite log
+    student_rest = torch.log1p(-student_top.exp().sum(-1).clamp(max=1 - 1e-6))
+    student_logp = torch.cat([student_top, student_rest[..., None]], dim=-1)
     return temperature**2 * _masked_mean(divergence(teacher_logp, student_logp, kind), mask)
 
 

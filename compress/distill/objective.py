@@ -11,13 +11,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 from torch import nn
 
 from ..models import mean_pool
 from . import losses
 from .config import LossConfig
+from .teacher_cache import CachedTargets
 from .teachers import Teacher
 
 
@@ -70,7 +70,7 @@ class Objective:
     loss: LossConfig
     total_steps: int = 1
     layer_map: dict[int, int] = field(default_factory=dict)
-    cache: tuple[np.ndarray, np.ndarray] | None = None  # top-k (values, indices) by example index
+    cache: CachedTargets | None = None  # the teacher's top-k logits and tail by example index
 
     @property
     def alpha(self) -> float:
@@ -121,10 +121,10 @@ class Objective:
                 total = total + (1 - self.alpha) * parts["hard"]
             if self.alpha > 0:
                 if self.cache is not None:
-                    values, indices = self._cached(batch["index"], ids.device)
+                    values, indices, tail = self.cache.rows(batch["index"], T, ids.device)
                     if self.task == "causal-lm":
-                        values, indices = values[:, :-1], indices[:, :-1]
-                    parts["soft"] = losses.topk_soft_loss(logits, values, indices, T, c.kd_loss, row_mask)
+                        values, indices, tail = values[:, :-1], indices[:, :-1], tail[:, :-1]
+                    parts["soft"] = losses.topk_soft_loss(logits, values, indices, tail, T, c.kd_loss, row_mask)
                 else:
                     t_logits = [o.logits[:, :-1] if self.task == "causal-lm" else o.logits for o in t_outs]
                     t_logp = losses.teacher_log_probs(t_logits if len(t_logits) > 1 else t_logits[0], T,
@@ -146,9 +146,3 @@ class Objective:
         parts["loss"] = total
         parts["temperature"] = torch.tensor(T)
         return total, {k: v.detach() for k, v in parts.items()}
-
-    def _cached(self, index: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = index.cpu().numpy()
-        values = torch.from_numpy(np.ascontiguousarray(self.cache[0][rows])).to(device)
-        indices = torch.from_numpy(np.ascontiguousarray(self.cache[1][rows])).to(device)
-        return values, indices

@@ -1,15 +1,20 @@
 """Offline distillation: the teacher's top-k logits over the training data, computed once and kept on disk.
 
-Layout: <cache_dir>/teacher-cache/<key>/{values.npy (float16), indices.npy (int32), meta.json}, with arrays
-of shape [N, S, k] for token-level tasks and [N, k] for classifiers. Raw logits are stored (not softened
-probabilities), so the temperature can change without rebuilding. The key hashes the teacher's fingerprint,
-the exact token ids (which covers the data source, split, tokenizer and sequence length) and k, so any change
-to those builds a new cache. Written to a temporary directory and renamed: a killed run leaves no cache that
-a later run could read."""
+Layout: <cache_dir>/teacher-cache/<key>/{values.npy (float16), indices.npy (int32), tail.npy (float32),
+meta.json}: values and indices of shape [N, S, k] for token-level tasks and [N, k] for classifiers; tail
+[N, (S,) len(TAIL_BETAS)], the log of the teacher's mass outside its top k (log sum exp(beta * z_j) over
+those tokens) at a few inverse temperatures beta, so the soft term can keep one bucket for the rest of the
+vocabulary (losses.topk_soft_loss). Raw logits are stored (not softened probabilities) and the tail at fixed
+temperatures, so T can change (or follow a schedule) without rebuilding. The key hashes the teacher's
+fingerprint, the exact token ids (which covers the data source, split, tokenizer and sequence length), k and
+the format, so any change to those builds a new cache. Written to a temporary directory and renamed: a killed
+run leaves no cache that a later run could read."""
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -20,7 +25,12 @@ import torch
 
 from ..runtime import cache_dir
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: tail.npy (the teacher's mass outside its top k)
+
+# The inverse temperatures beta = 1/T at which the tail is stored: exact for T in {8, 6, 4, 3, 2, 1.5, 1, 0.5};
+# between them linear in beta (log sum exp(beta * z) is smooth and convex in beta), towards beta = 0 ending at
+# log(number of tail tokens), which needs no storing.
+TAIL_BETAS = (1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0, 2.0)
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -42,6 +52,30 @@ def cache_key(teacher_fingerprint: str, data_digest: str, k: int) -> str:
     return h.hexdigest()[:24]
 
 
+class CachedTargets:
+    """The cached teacher by example: top-k logits and indices, and its tail at any temperature."""
+
+    def __init__(self, values: np.ndarray, indices: np.ndarray, tail: np.ndarray, vocab: int):
+        self.values, self.indices, self.tail, self.vocab = values, indices, tail, vocab
+
+    def rows(self, index: torch.Tensor, temperature: float, device) -> tuple[torch.Tensor, ...]:
+        """(values, indices, tail log-mass at `temperature`) of the examples `index`, on `device`."""
+        rows = index.cpu().numpy()
+        pick = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows])).to(device)  # noqa: E731
+        return pick(self.values), pick(self.indices), tail_at(pick(self.tail), temperature,
+                                                              self.vocab - self.values.shape[-1])
+
+
+def tail_at(tail: torch.Tensor, temperature: float, n_tail: int) -> torch.Tensor:
+    """log sum exp(z_j / T) over the tail from its values at TAIL_BETAS ([..., len(TAIL_BETAS)] -> [...])."""
+    xs = (0.0, *TAIL_BETAS)
+    beta = 1.0 / temperature
+    i = min(bisect.bisect_right(xs, beta) - 1, len(xs) - 2)  # the segment [xs[i], xs[i + 1]] (the last extends)
+    y = lambda j: tail[..., j - 1].float() if j else torch.full(tail.shape[:-1], math.log(n_tail))  # noqa: E731
+    w = (beta - xs[i]) / (xs[i + 1] - xs[i])
+    return y(i) if w == 0 else y(i + 1) if w == 1 else (1 - w) * y(i) + w * y(i + 1)
+
+
 class TeacherCache:
     def __init__(self, key: str, root: Path | None = None):
         self.key = key
@@ -51,21 +85,25 @@ class TeacherCache:
     def exists(self) -> bool:
         return (self.path / "meta.json").exists()
 
-    def load(self) -> tuple[np.ndarray, np.ndarray, dict]:
+    def load(self) -> tuple[CachedTargets, dict]:
         meta = json.loads((self.path / "meta.json").read_text())
-        values = np.load(self.path / "values.npy", mmap_mode="r")
-        indices = np.load(self.path / "indices.npy", mmap_mode="r")
-        return values, indices, meta
+        arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ("values", "indices", "tail")}
+        lead = arrays["values"].shape[:-1]
+        if (meta.get("format") != CACHE_FORMAT or arrays["indices"].shape != arrays["values"].shape
+                or arrays["tail"].shape != (*lead, len(TAIL_BETAS)) or lead[0] != meta["examples"]):
+            raise ValueError(f"teacher cache {self.path} does not verify (format or shapes); delete it and rerun")
+        return CachedTargets(arrays["values"], arrays["indices"], arrays["tail"], meta["vocab"]), meta
 
     def size_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.path.iterdir() if f.is_file()) if self.path.exists() else 0
 
-    def write(self, values: np.ndarray, indices: np.ndarray, meta: dict) -> None:
+    def write(self, values: np.ndarray, indices: np.ndarray, tail: np.ndarray, meta: dict) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{self.key}.tmp-", dir=self.root))
         try:
             np.save(tmp / "values.npy", values.astype(np.float16))
             np.save(tmp / "indices.npy", indices.astype(np.int32))
+            np.save(tmp / "tail.npy", tail.astype(np.float32))
             (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, **meta}, indent=2) + "\n")
             if self.path.exists():
                 shutil.rmtree(self.path)
@@ -76,27 +114,28 @@ class TeacherCache:
 
 
 @torch.no_grad()
-def compute_topk(logit_fn, batches, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Top-k of the teacher's logits for every batch, concatenated on the example axis.
+def compute_topk(logit_fn, batches, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Top-k of the teacher's logits for every batch and the log-mass of the rest at TAIL_BETAS,
+    concatenated on the example axis, and the vocabulary size.
 
     `logit_fn(batch) -> logits [B, (S,) V]`; `batches` yields batches in dataset order."""
-    vals, idxs = [], []
+    vals, idxs, tails = [], [], []
     for batch in batches:
         logits = logit_fn(batch).float()
         top = logits.topk(min(k, logits.shape[-1]), dim=-1)
+        rest = logits.scatter(-1, top.indices, float("-inf"))
+        tails.append(torch.stack([torch.logsumexp(rest * b, dim=-1) for b in TAIL_BETAS], -1).numpy())
         vals.append(top.values.to(torch.float16).numpy())
         idxs.append(top.indices.to(torch.int32).numpy())
-    return np.concatenate(vals), np.concatenate(idxs)
+    return np.concatenate(vals), np.concatenate(idxs), np.concatenate(tails), int(logits.shape[-1])
 
 
 def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int, amp, device, accelerator, progress):
     """The teacher's top-k logits over `examples`, from the cache or computed once (by the main process of a
-    multi-process launch) and stored. Returns ((values, indices), figures for the manifest).
+    multi-process launch) and stored. Returns (CachedTargets, figures for the manifest).
 
     The key holds the weights' digest as well as the teacher's name: a context may hand over any model as
     its "source" teacher (prune's recovery does), and a cache must never be read for another model."""
-    import math
-
     fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
     hit = cache.exists()
@@ -107,13 +146,15 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 return teacher.model(input_ids=batch["input_ids"].to(device),
                                      attention_mask=batch["attention_mask"].to(device)).logits.float().cpu()
+
         batches = progress(examples.batches(batch_size), total=math.ceil(len(examples) / batch_size),
                            desc="teacher cache")
-        values, indices = compute_topk(logits, batches, k)
-        cache.write(values, indices, {"teacher": teacher.fingerprint, "data": examples.digest(), "k": k,
-                                      "examples": len(examples), "tokens": examples.tokens(), "task": task})
+        values, indices, tail, vocab = compute_topk(logits, batches, k)
+        cache.write(values, indices, tail, {"teacher": teacher.fingerprint, "data": examples.digest(), "k": k,
+                                            "vocab": vocab, "examples": len(examples), "tokens": examples.tokens(),
+                                            "task": task})
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    values, indices, meta = cache.load()
-    return (values, indices), {"key": cache.key, "hit": hit, "bytes": cache.size_bytes(),
-                               "tokens": meta["tokens"], "k": meta["k"]}
+    targets, meta = cache.load()
+    return targets, {"key": cache.key, "hit": hit, "bytes": cache.size_bytes(), "tokens": meta["tokens"],
+                     "k": meta["k"]}

@@ -42,7 +42,7 @@ from .base import Pass, PassContext
 @register
 class Distill(Pass):
     name = "distill"
-    version = 2  # 2: cached top-k soft targets compared renormalized (losses.topk_soft_loss)
+    version = 3  # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss)
     description = ("Knowledge distillation: a student (layer-dropped, configured, or the input itself) "
                    "learns the teacher's soft targets, hidden states and attention; cached teacher outputs")
     Config = DistillConfig

@@ -108,7 +108,7 @@ def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
 @register
 class Prune(Pass):
     name = "prune"
-    version = 2  # 2: cached top-k soft targets compared renormalized (losses.topk_soft_loss)
+    version = 3  # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss)
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
