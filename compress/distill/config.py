@@ -132,7 +132,8 @@ class DistillConfig(LossConfig, TrainConfig):
         "source", description="source (pipeline source model), input (this pass's input), a model source or "
         "checkpoint path, or a list of {model, weight} for multi-teacher distillation")
     teacher_cache: bool = Field(False, description="offline distillation: run the teacher once, keep its "
-                                "top-k logits on disk and read them in every later epoch and rerun")
+                                "top-k logits (and the mass of the rest) on disk and read them in every later "
+                                "epoch and rerun")
     cache_top_k: int = Field(64, gt=0, description="logits kept per position in the teacher cache")
     sequence_level: SequenceLevelConfig | None = Field(
         None, description="train on text the teacher generates from prompts in the data (causal LMs)")
