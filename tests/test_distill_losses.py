@@ -86,6 +86,10 @@ def test_topk_loss_is_the_divergence_over_top_k_plus_a_rest_bucket_and_multi_tea
                 shuffled[row, pos, idx] = student.detach()[row, pos, idx[torch.randperm(len(idx))]]
         assert torch.isclose(losses.topk_soft_loss(shuffled, top.values, top.indices, _tail(z, top.indices, 2.0),
                                                    2.0, kind), loss, rtol=1e-5)
+    # k = vocabulary (a classifier's classes): no rest bucket, the plain soft loss
+    everything = z.topk(50, dim=-1)
+    assert torch.isclose(losses.topk_soft_loss(student.detach(), everything.values, everything.indices, None, 2.0),
+                         losses.soft_loss(student.detach(), losses.teacher_log_probs(z, 2.0), 2.0), rtol=1e-5)
     a, b = torch.randn(3, 10), torch.randn(3, 10)
     avg = losses.teacher_log_probs([a, b], 2.0, [3.0, 1.0]).exp()
     expect = 0.75 * F.softmax(a / 2, -1) + 0.25 * F.softmax(b / 2, -1)

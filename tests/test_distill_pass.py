@@ -173,8 +173,10 @@ def test_bad_options_are_refused():
         get("distill")(tempreature=2)
 
 
-def test_classifier_finetune_then_distill_from_input(tiny_bert_dir):
-    """The BBC pipeline shape: distill(alpha 0) fine-tunes the input, then distill(keep_layers, teacher input)."""
+def test_classifier_finetune_then_distill_from_input(tiny_bert_dir, tmp_path, monkeypatch):
+    """The BBC pipeline shape: distill(alpha 0) fine-tunes the input, then distill(keep_layers, teacher input);
+    from the teacher cache (top 64 of 5 classes: the whole distribution, no rest bucket) it learns the same."""
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
     data = bbc_data()
     names = data.dataset("train").label_names
     a = art(tiny_bert_dir, "sequence-classification", names)
@@ -190,6 +192,11 @@ def test_classifier_finetune_then_distill_from_input(tiny_bert_dir):
     assert all(torch.equal(before[k], v) for k, v in tuned.model.state_dict().items())  # teacher untouched
     hist = student.info["loss_curve"]
     assert hist[0]["soft"] > 0 and "hard" in hist[0]
+    cached = run(dict(student={"keep_layers": 2}, teacher="input", alpha=0.9, max_steps=4, batch_size=8, lr=1e-3,
+                      teacher_cache=True), tuned, PassContext(task="sequence-classification", data=data))
+    assert cached.info["teacher_cache"]["hit"] is False
+    for online, offline in zip(hist, cached.info["loss_curve"]):  # equal up to the cache's float16 logits
+        assert offline["soft"] == pytest.approx(online["soft"], rel=1e-2, abs=1e-4)
 
 
 def test_feature_extraction_student_with_projection(tmp_path):

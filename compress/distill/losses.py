@@ -57,10 +57,11 @@ def soft_loss(student_logits: torch.Tensor, teacher_logp: torch.Tensor, temperat
 
 
 def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_indices: torch.Tensor,
-                   teacher_tail: torch.Tensor, temperature: float, kind: str = "kl",
+                   teacher_tail: torch.Tensor | None, temperature: float, kind: str = "kl",
                    mask: torch.Tensor | None = None) -> torch.Tensor:
     """The soft term against the cached teacher: its top-k tokens and one bucket for the rest of the
-    vocabulary (`teacher_tail` = log sum exp(z_j / T) over the tokens outside its top k, teacher_cache.tail_at).
+    vocabulary (`teacher_tail` = log sum exp(z_j / T) over the tokens outside its top k, teacher_cache.tail_at;
+    None when the top k are the whole vocabulary).
 
     Over those k + 1 outcomes both distributions are exact, so the student matches the teacher's top-k
     probabilities and the mass it leaves to the other tokens; only how that mass is shared among them is not
@@ -68,12 +69,15 @@ def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_i
     kd_cache_loss.py): renormalizing both over the top k, or comparing the truncated teacher with the
     student's full softmax, which pushed the student's mass off every other token."""
     z = top_values.float() / temperature
-    log_z = torch.logaddexp(torch.logsumexp(z, dim=-1), teacher_tail.float())
-    teacher_logp = torch.cat([z - log_z[..., None], (teacher_tail.float() - log_z)[..., None]], dim=-1)
     student_top = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, top_indices.long())
-    # log(1 - mass on the top k), floored so a student that puts all its mass there keeps a finite log
-    student_rest = torch.log1p(-student_top.exp().sum(-1).clamp(max=1 - 1e-6))
-    student_logp = torch.cat([student_top, student_rest[..., None]], dim=-1)
+    if teacher_tail is None:  # the top k are the whole vocabulary: no rest
+        teacher_logp, student_logp = F.log_softmax(z, dim=-1), student_top
+    else:
+        log_z = torch.logaddexp(torch.logsumexp(z, dim=-1), teacher_tail.float())
+        teacher_logp = torch.cat([z - log_z[..., None], (teacher_tail.float() - log_z)[..., None]], dim=-1)
+        # log(1 - mass on the top k), floored so a student that puts all its mass there keeps a finite log
+        student_rest = torch.log1p(-student_top.exp().sum(-1).clamp(max=1 - 1e-6))
+        student_logp = torch.cat([student_top, student_rest[..., None]], dim=-1)
     return temperature**2 * _masked_mean(divergence(teacher_logp, student_logp, kind), mask)
 
 

@@ -59,21 +59,30 @@ class CachedTargets:
         self.values, self.indices, self.tail, self.vocab = values, indices, tail, vocab
 
     def rows(self, index: torch.Tensor, temperature: float, device) -> tuple[torch.Tensor, ...]:
-        """(values, indices, tail log-mass at `temperature`) of the examples `index`, on `device`."""
+        """(values, indices, tail log-mass at `temperature`) of the examples `index`, on `device`; the tail
+        is None when the top k hold the whole vocabulary (a classifier with k or fewer classes)."""
         rows = index.cpu().numpy()
-        pick = lambda a: torch.from_numpy(np.ascontiguousarray(a[rows])).to(device)  # noqa: E731
-        return pick(self.values), pick(self.indices), tail_at(pick(self.tail), temperature,
-                                                              self.vocab - self.values.shape[-1])
+
+        def pick(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[rows])).to(device)
+
+        n_tail = self.vocab - self.values.shape[-1]
+        tail = tail_at(pick(self.tail), temperature, n_tail) if n_tail else None
+        return pick(self.values), pick(self.indices), tail
 
 
 def tail_at(tail: torch.Tensor, temperature: float, n_tail: int) -> torch.Tensor:
-    """log sum exp(z_j / T) over the tail from its values at TAIL_BETAS ([..., len(TAIL_BETAS)] -> [...])."""
+    """log sum exp(z_j / T) over the n_tail tokens of the tail, from its values at TAIL_BETAS
+    ([..., len(TAIL_BETAS)] -> [...])."""
     xs = (0.0, *TAIL_BETAS)
     beta = 1.0 / temperature
     i = min(bisect.bisect_right(xs, beta) - 1, len(xs) - 2)  # the segment [xs[i], xs[i + 1]] (the last extends)
-    y = lambda j: tail[..., j - 1].float() if j else torch.full(tail.shape[:-1], math.log(n_tail))  # noqa: E731
+
+    def at(j: int) -> torch.Tensor:
+        return tail[..., j - 1].float() if j else torch.full(tail.shape[:-1], math.log(n_tail), device=tail.device)
+
     w = (beta - xs[i]) / (xs[i + 1] - xs[i])
-    return y(i) if w == 0 else y(i + 1) if w == 1 else (1 - w) * y(i) + w * y(i + 1)
+    return at(i) if w == 0 else at(i + 1) if w == 1 else (1 - w) * at(i) + w * at(i + 1)
 
 
 class TeacherCache:
