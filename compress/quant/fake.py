@@ -11,7 +11,7 @@ Grids reproduced bit for bit (checked against ONNX Runtime in tests/test_qad.py)
     w_hat = (q - z) * s.
 - `algorithm: minmax` (llama.cpp's Q4_1 grid): 4-bit blocks spanning exactly [min, max] of the block, the
   minimum kept as a float offset; stored as MatMulNBits codes around the default zero point 8 plus an fp16
-  per-block offset added after the MatMul (compress/quant/ort.py `minmax_4bit`, `minmax_grid` below):
+  per-block offset added after the MatMul (compress/quant/ort.py `_minmax_4bit`, `minmax_grid` below):
     s = (max - min) / 15, q = clamp(round_half_even((w - min) * (1 / s)), 0, 15)  (1/s = 0 when s = 0),
     offset = fp16(min + 8 s), w_hat = (q - 8) s + offset.
   A weight already on such a grid (a dequantized Q4_1 GGUF) is reproduced exactly, up to fp16's rounding of
