@@ -65,9 +65,10 @@ def topk_soft_loss(student_logits: torch.Tensor, top_values: torch.Tensor, top_i
 
     Over those k + 1 outcomes both distributions are exact, so the student matches the teacher's top-k
     probabilities and the mass it leaves to the other tokens; only how that mass is shared among them is not
-    seen (a lower bound of the full divergence). The earlier sparse variants lost the rest (studies/
-    kd_cache_loss.py): renormalizing both over the top k, or comparing the truncated teacher with the
-    student's full softmax, which pushed the student's mass off every other token."""
+    seen (a lower bound of the full divergence). The earlier sparse variants lost the rest: renormalizing both
+    over the top k, or comparing the truncated teacher with the student's full softmax, which pushed the
+    student's mass off every other token (studies/kd_cache_loss.py, validation perplexity after 16 steps:
+    68.4 with the teacher on the fly; from the cache 71.6 this way, 75.6 renormalized, 129.8 full softmax)."""
     z = top_values.float() / temperature
     student_top = F.log_softmax(student_logits.float() / temperature, dim=-1).gather(-1, top_indices.long())
     if teacher_tail is None:  # the top k are the whole vocabulary: no rest
