@@ -113,11 +113,10 @@ def table_grid(w: torch.Tensor, block_size: int):
 
 
 def table_block(width: int) -> int | None:
-    """The block the export path picks for an int8 table (None: it stays float); ort.py is imported lazily
-    (onnx / onnxruntime) so that distillation without QAD never loads it."""
-    from .ort import table_block as ort_table_block
-
-    return ort_table_block(width)
+    """Block size of an int8 embedding table (compress/quant/ort.py `_int8_gathers`): the largest of
+    128/64/32/16 dividing the row width (finer than one scale per row, and a size MatMulNBits and
+    GatherBlockQuantized both take); None if none does (the table stays float)."""
+    return next((block for block in (128, 64, 32, 16) if width % block == 0), None)
 
 
 class _STE(torch.autograd.Function):

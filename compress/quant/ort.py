@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_tools
+from .fake import minmax_grid, table_block
 
 
 def matching_nodes(model, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
@@ -215,8 +216,6 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]
     import torch
     from onnx import helper, numpy_helper
 
-    from .fake import minmax_grid
-
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     readers = Counter(i for node in graph.node for i in node.input)
@@ -306,12 +305,6 @@ def _has_weight(model, node_name: str) -> bool:
     """The node multiplies by an initializer (an untied head; a tied one reads the table through a Transpose)."""
     inits = {i.name for i in model.graph.initializer}
     return any(n.name == node_name and n.input[1] in inits for n in model.graph.node)
-
-
-def table_block(width: int) -> int | None:
-    """Block size of an int8 embedding table: the largest of 128/64/32/16 dividing the row width (finer
-    than one scale per row, and a size MatMulNBits and GatherBlockQuantized both take); None if none does."""
-    return next((block for block in (128, 64, 32, 16) if width % block == 0), None)
 
 
 def _int8_gathers(model, excluded: list[str]) -> list[str]:
