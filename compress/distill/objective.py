@@ -123,7 +123,8 @@ class Objective:
                 if self.cache is not None:
                     values, indices, tail = self.cache.rows(batch["index"], T, ids.device)
                     if self.task == "causal-lm":
-                        values, indices, tail = (a[:, :-1] if a is not None else None for a in (values, indices, tail))
+                        values, indices = values[:, :-1], indices[:, :-1]
+                        tail = tail[:, :-1] if tail is not None else None
                     parts["soft"] = losses.topk_soft_loss(logits, values, indices, tail, T, c.kd_loss, row_mask)
                 else:
                     t_logits = [o.logits[:, :-1] if self.task == "causal-lm" else o.logits for o in t_outs]
