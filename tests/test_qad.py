@@ -285,8 +285,8 @@ def test_quantize_aware_options():
         get("distill")(quantize_aware={"block_size": 48})
     with pytest.raises(ConfigError, match="quantize_aware.bits"):
         get("distill")(quantize_aware={"bits": 3})
-    assert get("distill")(quantize_aware={}).config.quantize_aware.model_dump() == {**INT4, "embeddings": True,
-                                                                                   "algorithm": "rtn"}
+    assert get("distill")(quantize_aware={}).config.quantize_aware.model_dump() == {
+        **INT4, "embeddings": True, "algorithm": "rtn", "embedding_bits": 8}
     with pytest.raises(ConfigError, match="minmax is a 4-bit grid"):
         get("distill")(quantize_aware={"bits": 8, "algorithm": "minmax"})
     bert = Artifact("torch", "feature-extraction", None, torch.nn.Linear(2, 2))
@@ -365,3 +365,40 @@ def test_qad_on_the_minmax_grid_records_it_for_the_quantize_pass(teacher, tmp):
     assert info["algorithm"] == "minmax" and info["off_grid"] == 0 and info["modules"]["4-bit minmax"] == 28
     assert fake.grid_mismatch(out, bits=4, block_size=32, symmetric=False, algorithm="minmax") is None
     assert "algorithm rtn (trained for minmax)" in fake.grid_mismatch(out, bits=4, block_size=32, symmetric=True)
+
+
+def test_int4_embedding_table_is_what_the_fake_forward_sees(teacher, tmp):
+    """`embedding_bits: 4`: the tied table on MatMulNBits' symmetric 4-bit grid, one set of bytes read by the
+    Gather (GatherBlockQuantized) and the head (MatMulNBits); the model QAD trained (projected onto the grid) is
+    what ONNX Runtime computes, and the table costs half a byte a weight less than at 8 bits."""
+    a = load(teacher)
+    summary = fake.wrap(a.model, fake.GridSpec(**MINMAX, embedding_bits=4))
+    fake.unwrap(a.model)  # now on the grid, the table included
+    assert summary["modules"] == {"int4 tables": 2, "4-bit minmax": 28}
+    ctx = ctx_for(tmp / "int4-table")
+    onnx_fp = get("export")().run(a, ctx)
+    q = {bits: get("quantize")(method="ort-int8-dynamic", weight_bits=4, block_size=32, algorithm="minmax",
+                               embedding_bits=bits).run(onnx_fp, ctx) for bits in (4, 8)}
+    info = q[4].info
+    assert info["int4_embedding_tables"] == ["model.embed_tokens.weight"] and info["int8_embedding_tables"] == []
+    assert q[4].quantization["embedding_bits"] == 4
+    nodes = onnx.load(str(q[4].onnx_dir / "model.onnx")).graph.node
+    gather = next(n for n in nodes if n.op_type == "GatherBlockQuantized")
+    head = next(n for n in nodes if n.op_type == "MatMulNBits" and n.input[1] == "model.embed_tokens.weight_uint8")
+    assert {x.name: x.i for x in gather.attribute}["bits"] == 4 == {x.name: x.i for x in head.attribute}["bits"]
+    saved = q[8].info["onnx_bytes"] - info["onnx_bytes"]
+    assert abs(saved - 384 * 32 * 0.5) < 0.1 * 384 * 32 * 0.5  # int8 b32 -> int4 b32: half a byte a weight
+    ids = DATA.lm_windows("eval", a.tokenizer)[:4]
+    mask = np.ones_like(ids.numpy())
+    exact = EdgeModel(fp32_compute(q[4].onnx_dir, tmp / "int4-table-fp32")).logits(ids.numpy(), mask)
+    with torch.no_grad():
+        plain = a.model(input_ids=ids).logits.numpy()
+    assert np.abs(exact - plain).max() < 1e-3 * np.abs(plain).max()
+    with pytest.raises(ConfigError, match="embedding_bits 4 needs"):
+        get("quantize")(method="ort-int8-dynamic", kernel="matmulinteger", embedding_bits=4)
+    assert "embedding_bits 8 (trained for 4)" in fake.grid_mismatch(
+        _qad_record(MINMAX | {"embedding_bits": 4}), bits=4, block_size=32, symmetric=False, algorithm="minmax")
+
+
+def _qad_record(qa: dict) -> Artifact:
+    return Artifact("torch", "causal-lm", None, None, info={"quantize_aware": qa})

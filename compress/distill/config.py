@@ -57,6 +57,8 @@ class QuantizeAwareConfig(PassConfig):
         "range with a float offset, llama.cpp's Q4_1; a model dequantized from Q4_1 starts on this grid)")
     embeddings: bool = Field(True, description="embedding tables (and a tied LM head) on the int8 table grid "
                              "(quantize's quantize_embeddings)")
+    embedding_bits: Literal[4, 8] = Field(8, description="bits of those tables (quantize's embedding_bits): 4 is "
+                                          "the symmetric 4-bit grid in blocks of block_size")
 
     @model_validator(mode="after")
     def _power_of_two(self):

@@ -17,8 +17,8 @@ Grids reproduced bit for bit (checked against ONNX Runtime in tests/test_qad.py)
   A weight already on such a grid (a dequantized Q4_1 GGUF) is reproduced exactly, up to fp16's rounding of
   the offset.
 - Embedding tables read by a Gather, and a tied LM head (the same table) -> int8 blocks of compress/quant/ort.py
-  `_int8_gathers`: s = max(absmax / 127, 1e-12) per block of the row, q = clip(round_half_even(w / s), -127, 127),
-  w_hat = q * s.
+  `_quantize_tables`: s = max(absmax / 127, 1e-12) per block of the row, q = clip(round_half_even(w / s), -127, 127),
+  w_hat = q * s; with `embedding_bits` 4, MatMulNBits' symmetric 4-bit RTN grid above in blocks of `block_size`.
 - An untied LM head at 4 bits -> 8-bit symmetric MatMulNBits (ort.weight_only keeps the head at 8 bits).
 
 Use: `wrap(model, spec)` before training (torch parametrizations, so the optimizer keeps training the plain
@@ -35,19 +35,17 @@ from torch.nn.utils import parametrize
 
 from ..architecture import is_conv1d, is_linear
 
-TABLE_BITS = 8  # embedding tables are int8 in the export path, whatever the MatMul weight bits
-
-
 @dataclass(frozen=True)
 class GridSpec:
     """What the quantize pass will do: MatMulNBits bits, block size, algorithm (rtn: symmetric or not; minmax)
-    and int8 embedding tables."""
+    and embedding tables (int8, or 4-bit symmetric RTN in blocks of `block_size`)."""
 
     bits: int = 4
     block_size: int = 32
     symmetric: bool = True
     embeddings: bool = True
     algorithm: str = "rtn"
+    embedding_bits: int = 8
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +111,7 @@ def table_grid(w: torch.Tensor, block_size: int):
 
 
 def table_block(width: int) -> int | None:
-    """Block size of an int8 embedding table (compress/quant/ort.py `_int8_gathers`): the largest of
+    """Block size of an int8 embedding table (compress/quant/ort.py `_quantize_tables`): the largest of
     128/64/32/16 dividing the row width (finer than one scale per row, and a size MatMulNBits and
     GatherBlockQuantized both take); None if none does (the table stays float)."""
     return next((block for block in (128, 64, 32, 16) if width % block == 0), None)
@@ -149,9 +147,11 @@ class FakeQuant(nn.Module):
         """The dequantized grid value of `w` (in its own layout and dtype), no gradient."""
         with torch.no_grad():
             x = w.t() if self.transposed else w  # a Conv1D stores [in, out]: blocks still run along `in`
-            if self.kind == "table":
+            if self.kind == "table" and self.bits == 8:
                 codes, scale = table_grid(x, self.block_size)
                 out = (codes * scale[..., None]).reshape(x.shape)
+            elif self.kind == "table":  # a 4-bit table: MatMulNBits' symmetric grid
+                out = dequantize_blockwise(*blockwise_grid(x, 4, self.block_size, True), x.shape[1])
             elif self.kind == "minmax":
                 out = dequantize_minmax(*minmax_grid(x, self.block_size))
             else:
@@ -172,11 +172,16 @@ def plan(model: nn.Module, spec: GridSpec) -> dict[str, FakeQuant]:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     tied = head is not None and embed is not None and head.weight is embed.weight
     table = table_block(embed.weight.shape[1]) if spec.embeddings and isinstance(embed, nn.Embedding) else None
+    # a 4-bit table: only where ort._quantize_tables can store one (width a multiple of the block; every reader a
+    # Gather or the tied head, as in every causal LM the exporters write), else int8
+    four = table and spec.embedding_bits == 4 and embed.weight.shape[1] % spec.block_size == 0
     out: dict[str, FakeQuant] = {}
     for name, m in model.named_modules():
         if m is embed or (m is head and tied):
-            if table:  # the Gather and a tied head's MatMul read one int8 table
-                out[name] = FakeQuant("table", TABLE_BITS, table)
+            if four:  # the Gather and a tied head's MatMul read one table
+                out[name] = FakeQuant("table", 4, spec.block_size)
+            elif table:
+                out[name] = FakeQuant("table", 8, table)
         elif is_linear(m):
             # an untied head stays 8-bit symmetric at 4 bits (ort.weight_only), else the MatMuls' own grid
             if m is head and spec.bits == 4:
@@ -199,7 +204,7 @@ def wrap(model: nn.Module, spec: GridSpec) -> dict:
         parametrize.register_parametrization(modules[name], "weight", fq)
     kinds: dict[str, int] = {}
     for fq in grids.values():
-        key = "int8 tables" if fq.kind == "table" else f"{fq.bits}-bit {fq.kind}"
+        key = f"int{fq.bits} tables" if fq.kind == "table" else f"{fq.bits}-bit {fq.kind}"
         kinds[key] = kinds.get(key, 0) + 1
     return {**spec.as_dict(), "modules": kinds}
 
@@ -262,14 +267,15 @@ def grid_settings(artifact) -> dict | None:
 
 
 def grid_mismatch(artifact, *, bits: int, block_size: int, symmetric: bool, algorithm: str = "rtn",
-                  embeddings: bool = True) -> str | None:
+                  embeddings: bool = True, embedding_bits: int = 8) -> str | None:
     """For the quantize pass (ort-int8-dynamic, matmulnbits): a sentence saying how its settings differ from
     the grid the model was distilled on (quantization-aware), or None when they agree or there was no QAD."""
     qad = grid_settings(artifact)
     if qad is None:
         return None
-    trained = {**qad, "algorithm": qad.get("algorithm", "rtn")}
-    want = {"algorithm": algorithm, "bits": bits, "block_size": block_size, "embeddings": embeddings}
+    trained = {"algorithm": "rtn", "embedding_bits": 8, **qad}  # records written before these options existed
+    want = {"algorithm": algorithm, "bits": bits, "block_size": block_size, "embeddings": embeddings,
+            "embedding_bits": embedding_bits}
     if algorithm == trained["algorithm"] == "rtn":  # minmax has one grid; other algorithms differ anyway
         want["symmetric"] = symmetric
     diff = [f"{k} {want[k]} (trained for {trained.get(k)})" for k in want if trained.get(k) != want[k]]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_tools
-from .fake import minmax_grid, table_block
+from .fake import blockwise_grid, minmax_grid, table_block
 
 
 def matching_nodes(model, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
@@ -86,9 +86,9 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
                          # DefaultTensorType: fused contrib ops (export optimize: true) defeat type inference
                          extra_options={"MatMulConstBOnly": True, "DefaultTensorType": onnx.TensorProto.FLOAT})
         qmodel = onnx.load(str(out))
-    tables = _int8_gathers(qmodel, excluded) if embeddings else []
+    tables = _quantize_tables(qmodel, excluded) if embeddings else {"int8_embedding_tables": []}
     _finish(qmodel, dst, src)
-    return {"excluded_nodes": excluded, "int8_embedding_tables": tables}
+    return {"excluded_nodes": excluded, **tables}
 
 
 ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")  # gptq needs calibration feeds; k_quant and gptq are 4-bit only
@@ -119,10 +119,11 @@ def weight_of(model, node_name: str) -> np.ndarray:
 
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
                 exclude: list[str], embeddings: bool = False, algorithm: str = "rtn",
-                feeds: list[dict] | None = None, eight_bit: list[str] | None = None) -> dict:
+                feeds: list[dict] | None = None, eight_bit: list[str] | None = None, embedding_bits: int = 8) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
-    0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well (see below).
+    0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well, or 4-bit with
+    `embedding_bits` 4 (symmetric RTN in blocks of `block_size`; see _quantize_tables).
 
     `algorithm` picks how the 4-bit grid is chosen: rtn (round to nearest, symmetric unless `symmetric` is
     false), minmax (each block's exact [min, max] range, llama.cpp's Q4_1), hqq (half-quadratic optimization
@@ -175,9 +176,10 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         model = q.model.model if hasattr(q.model, "model") else q.model
         offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
     _set_accuracy_level(model, accuracy_level)
-    tables = _int8_gathers(model, excluded) if embeddings else []
+    tables = (_quantize_tables(model, excluded, four_bit_block=block_size if embedding_bits == 4 else None)
+              if embeddings else {"int8_embedding_tables": []})
     _finish(model, dst, src)
-    return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "int8_head": head,
+    return {"excluded_nodes": excluded, **tables, "int8_head": head,
             "int8_matmuls": kept, "offset_corrections": offsets, **({"float_matmuls": left} if left else {})}
 
 
@@ -307,14 +309,18 @@ def _has_weight(model, node_name: str) -> bool:
     return any(n.name == node_name and n.input[1] in inits for n in model.graph.node)
 
 
-def _int8_gathers(model, excluded: list[str]) -> list[str]:
+def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None = None) -> dict:
     """Embedding tables (float initializers read by Gather) to int8 in blocks along the row, stored once in
     MatMulNBits' layout: Gathers become GatherBlockQuantized, and a tied LM head (a MatMul reading the table
     through a Transpose) becomes an int8 MatMulNBits over the same bytes, so decoding reads the vocabulary
     matrix as int8 rather than fp32 (it is ~20% of SmolLM2's weights). Any other reader gets the dequantized
     table, which ONNX Runtime folds into a constant when the session starts. (quantize_dynamic's own Gather
-    path uses one scale for the whole table: 3x the error of even one scale per row.) Returns the tables
-    quantized (a table whose width is not a multiple of 16 stays float)."""
+    path uses one scale for the whole table: 3x the error of even one scale per row.)
+
+    With `four_bit_block`, tables read only by Gathers and a tied head become 4-bit instead: MatMulNBits'
+    symmetric RTN grid in blocks of that size (compress/quant/fake.py `blockwise_grid`), two codes a byte, the
+    same bytes for both ops (a table with other readers, or whose width the block does not divide, stays
+    int8). Returns table -> bits (a table whose width is not a multiple of 16 stays float and is absent)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -322,40 +328,49 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
     gathers = [n for n in graph.node if n.op_type == "Gather" and n.name not in excluded and n.input[0] in inits
                and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].data_type == 1]
     blocks_of = {t: table_block(inits[t].dims[1]) for t in sorted({n.input[0] for n in gathers})}
-    tables = [t for t, block in blocks_of.items() if block]
-    for table in tables:
+    done: dict[str, int] = {}
+    for table in [t for t, block in blocks_of.items() if block]:
         w = numpy_helper.to_array(inits[table]).astype(np.float32)
         rows, width = w.shape
-        block = blocks_of[table]
-        blocks = w.reshape(rows, width // block, block)
-        scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
-        # uint8 with zero point 128: the default of both contrib ops when no zero_points input is given
-        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        readers = [n for n in graph.node if table in n.input]
+        four = bool(four_bit_block) and width % four_bit_block == 0 and all(
+            n in gathers or _tied_head(graph, n, excluded) is not None for n in readers)
+        bits, block = (4, four_bit_block) if four else (8, blocks_of[table])
+        if four:  # codes 0..15 around MatMulNBits' and GatherBlockQuantized's default zero point 8
+            import torch
+
+            codes, scale, _ = blockwise_grid(torch.from_numpy(w), 4, block, symmetric=True)
+            c = codes.to(torch.uint8).numpy()
+            q, scale = c[..., 0::2] | (c[..., 1::2] << 4), scale.numpy()  # [rows, blocks, block / 2]
+        else:
+            blocks = w.reshape(rows, width // block, block)
+            scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
+            # uint8 with zero point 128: the default of both contrib ops when no zero_points input is given
+            q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
         packed, scales = table + "_uint8", table + "_scale"
         graph.initializer.remove(inits[table])
+        row_bytes = width * bits // 8
         graph.initializer.extend([numpy_helper.from_array(q, packed), numpy_helper.from_array(scale, scales),
-                                  numpy_helper.from_array(np.array([rows, width], np.int64), table + "_shape")])
-        rows_view = table + "_uint8_rows"  # [rows, width] view for the Gather, folded at session start
+                                  numpy_helper.from_array(np.array([rows, row_bytes], np.int64), table + "_shape")])
+        rows_view = table + "_uint8_rows"  # [rows, bytes] view for the Gather, folded at session start
         new_nodes = [helper.make_node("Reshape", [packed, table + "_shape"], [rows_view], name=table + "_rows")]
         dequantized = False
-        for node in list(graph.node):
-            if table not in node.input:
-                continue
+        for node in readers:
             if node in gathers:
                 _replace(graph, node, helper.make_node(
                     "GatherBlockQuantized", [rows_view, node.input[1], scales], list(node.output), name=node.name,
-                    domain="com.microsoft", bits=8, block_size=block, gather_axis=0, quantize_axis=1))
+                    domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
                 continue
             head = _tied_head(graph, node, excluded)
             if head is not None:
                 _replace(graph, head, helper.make_node(
                     "MatMulNBits", [head.input[0], packed, scales], list(head.output), name=head.name,
-                    domain="com.microsoft", bits=8, block_size=block, K=width, N=rows, accuracy_level=4))
+                    domain="com.microsoft", bits=bits, block_size=block, K=width, N=rows, accuracy_level=4))
                 graph.node.remove(node)
                 continue
             node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
             dequantized = True
-        if dequantized:  # the float table from standard ops, which ONNX Runtime folds at session start
+        if dequantized:  # the float table from standard ops (8 bits only), which ONNX Runtime folds at start
             t = table
             graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
                                       numpy_helper.from_array(np.array([rows, width // block, 1]), t + "_scale_shape")])
@@ -367,8 +382,10 @@ def _int8_gathers(model, excluded: list[str]) -> list[str]:
                 helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t + "_dequant"], name=t + "_dequant")]
         for k, n in enumerate(new_nodes):  # they read only initializers
             graph.node.insert(k, n)
+        done[table] = bits
     onnx_tools.use_contrib_domain(model)
-    return tables
+    return {"int8_embedding_tables": [t for t, b in done.items() if b == 8],
+            **({"int4_embedding_tables": [t for t, b in done.items() if b == 4]} if four_bit_block else {})}
 
 
 def _replace(graph, old, new) -> None:
@@ -586,9 +603,9 @@ def rowwise_int8(src: Path, dst: Path, *, exclude: list[str], embeddings: bool =
         if readers.get(node.input[1], 0) <= 1:
             graph.initializer.remove(inits.pop(node.input[1]))
     onnx_tools.use_contrib_domain(model)
-    tables = _int8_gathers(model, excluded) if embeddings else []
+    tables = _quantize_tables(model, excluded) if embeddings else {"int8_embedding_tables": []}
     _finish(model, dst, src)
-    return {"excluded_nodes": excluded, "int8_embedding_tables": tables, "rowwise_matmuls": len(targets),
+    return {"excluded_nodes": excluded, **tables, "rowwise_matmuls": len(targets),
             "rowwise_inputs": len(quantized)}
 
 
