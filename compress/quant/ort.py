@@ -320,7 +320,8 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
     With `four_bit_block`, tables read only by Gathers and a tied head become 4-bit instead: MatMulNBits'
     symmetric RTN grid in blocks of that size (compress/quant/fake.py `blockwise_grid`), two codes a byte, the
     same bytes for both ops (a table with other readers, or whose width the block does not divide, stays
-    int8). Returns table -> bits (a table whose width is not a multiple of 16 stays float and is absent)."""
+    int8). Returns the manifest record: the tables at each width (a table whose width is not a multiple of
+    16 stays float and is absent)."""
     from onnx import helper, numpy_helper
 
     graph = model.graph
