@@ -142,6 +142,12 @@ def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_
         ctx5.teacher().model.model.norm.weight.mul_(1.01)
     k5 = run(opts, art(trained_llama_dir), ctx5).info["teacher_cache"]
     assert k5["hit"] is False and k5["key"] != info["key"]
+    # a damaged cache (a truncated file) is computed again: neither trusted nor a failure
+    (cache_dir / "tail.npy").write_bytes((cache_dir / "tail.npy").read_bytes()[:200])
+    ctx6 = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048))
+    k6 = run(opts, art(trained_llama_dir), ctx6).info["teacher_cache"]
+    assert k6["hit"] is False and k6["key"] == info["key"]
+    assert np.array_equal(np.load(cache_dir / "tail.npy"), tail)
 
 
 def test_tokenizer_mismatch_is_refused(tiny_llama_dir, tmp_path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -23,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..logs import SUITE_LOGGER
 from ..runtime import cache_dir
 
 CACHE_FORMAT = 2  # 2: tail.npy (the teacher's mass outside its top k)
@@ -94,6 +96,15 @@ class TeacherCache:
     def exists(self) -> bool:
         return (self.path / "meta.json").exists()
 
+    def verifies(self) -> bool:
+        """Whether the stored cache reads back whole (an interrupted copy, a truncated file or another format
+        does not)."""
+        try:
+            self.load()
+        except (OSError, ValueError, KeyError, IndexError):  # json's and numpy's read errors are ValueErrors
+            return False
+        return True
+
     def load(self) -> tuple[CachedTargets, dict]:
         meta = json.loads((self.path / "meta.json").read_text())
         arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ("values", "indices", "tail")}
@@ -147,7 +158,10 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
     its "source" teacher (prune's recovery does), and a cache must never be read for another model."""
     fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
-    hit = cache.exists()
+    hit = cache.exists() and cache.verifies()
+    if cache.exists() and not hit:
+        logging.getLogger(SUITE_LOGGER).warning(f"teacher cache {cache.path} does not verify (format, shapes or a "
+                                                "truncated file): computing it again")
     if accelerator is not None:  # every process has looked before the main one writes: they agree on `hit`
         accelerator.wait_for_everyone()
     if not hit and (accelerator is None or accelerator.is_main_process):
