@@ -96,14 +96,15 @@ class TeacherCache:
     def exists(self) -> bool:
         return (self.path / "meta.json").exists()
 
-    def verifies(self) -> bool:
-        """Whether the stored cache reads back whole (an interrupted copy, a truncated file or another format
-        does not)."""
+    def try_load(self) -> tuple[CachedTargets, dict] | None:
+        """`load()` when the cache is stored and reads back whole, else None (absent, or an interrupted copy, a
+        truncated file, another format)."""
+        if not self.exists():
+            return None
         try:
-            self.load()
+            return self.load()
         except (OSError, ValueError, KeyError, IndexError):  # json's and numpy's read errors are ValueErrors
-            return False
-        return True
+            return None
 
     def load(self) -> tuple[CachedTargets, dict]:
         meta = json.loads((self.path / "meta.json").read_text())
@@ -158,8 +159,9 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
     its "source" teacher (prune's recovery does), and a cache must never be read for another model."""
     fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
-    hit = cache.exists() and cache.verifies()
-    if cache.exists() and not hit:
+    found = cache.try_load()
+    hit = found is not None
+    if not hit and cache.exists():
         logging.getLogger(SUITE_LOGGER).warning(f"teacher cache {cache.path} does not verify (format, shapes or a "
                                                 "truncated file): computing it again")
     if accelerator is not None:  # every process has looked before the main one writes: they agree on `hit`
@@ -178,6 +180,6 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
                                             "task": task})
     if accelerator is not None:
         accelerator.wait_for_everyone()
-    targets, meta = cache.load()
+    targets, meta = found or cache.load()
     return targets, {"key": cache.key, "hit": hit, "bytes": cache.size_bytes(), "tokens": meta["tokens"],
                      "k": meta["k"]}

@@ -150,11 +150,9 @@ class FakeQuant(nn.Module):
             if self.kind == "table" and self.bits == 8:
                 codes, scale = table_grid(x, self.block_size)
                 out = (codes * scale[..., None]).reshape(x.shape)
-            elif self.kind == "table":  # a 4-bit table: MatMulNBits' symmetric grid
-                out = dequantize_blockwise(*blockwise_grid(x, 4, self.block_size, True), x.shape[1])
             elif self.kind == "minmax":
                 out = dequantize_minmax(*minmax_grid(x, self.block_size))
-            else:
+            else:  # blockwise, and a 4-bit table (MatMulNBits' symmetric grid)
                 codes, scale, zero = blockwise_grid(x, self.bits, self.block_size, self.symmetric)
                 out = dequantize_blockwise(codes, scale, zero, x.shape[1])
             return (out.t() if self.transposed else out).to(w.dtype)

@@ -233,9 +233,8 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]
             left.append(node.name)
             continue
         codes, scale, offset = minmax_grid(torch.from_numpy(np.ascontiguousarray(w.T)), block_size)
-        q = codes.to(torch.uint8).numpy()  # [N, blocks, block]; two codes a byte, the even one low
         name = f"{node.name}_Q4"
-        packed, scales = numpy_helper.from_array(q[..., 0::2] | (q[..., 1::2] << 4), f"{name}/B"), \
+        packed, scales = numpy_helper.from_array(_pack_4bit(codes), f"{name}/B"), \
             numpy_helper.from_array(scale.numpy().reshape(-1), f"{name}/scales")
         graph.initializer.extend([packed, scales])
         at = list(graph.node).index(node)
@@ -248,6 +247,15 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]
             graph.initializer.remove(inits[node.input[1]])
         offsets[name] = offset.numpy().T  # [blocks, N]
     return _add_offsets(model, offsets), left
+
+
+def _pack_4bit(codes) -> np.ndarray:
+    """4-bit codes (a float tensor [..., block] of 0..15) packed as MatMulNBits and GatherBlockQuantized read
+    them: two codes a byte, the even one in the low nibble ([..., block / 2] uint8)."""
+    import torch
+
+    q = codes.to(torch.uint8).numpy()
+    return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
 def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
@@ -334,15 +342,15 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
         w = numpy_helper.to_array(inits[table]).astype(np.float32)
         rows, width = w.shape
         readers = [n for n in graph.node if table in n.input]
-        four = bool(four_bit_block) and width % four_bit_block == 0 and all(
-            n in gathers or _tied_head(graph, n, excluded) is not None for n in readers)
+        lookups = [n for n in readers if n in gathers]
+        others = [(n, _tied_head(graph, n, excluded)) for n in readers if n not in lookups]  # (reader, head)
+        four = bool(four_bit_block) and width % four_bit_block == 0 and all(head is not None for _, head in others)
         bits, block = (4, four_bit_block) if four else (8, blocks_of[table])
         if four:  # codes 0..15 around MatMulNBits' and GatherBlockQuantized's default zero point 8
             import torch
 
             codes, scale, _ = blockwise_grid(torch.from_numpy(w), 4, block, symmetric=True)
-            c = codes.to(torch.uint8).numpy()
-            q, scale = c[..., 0::2] | (c[..., 1::2] << 4), scale.numpy()  # [rows, blocks, block / 2]
+            q, scale = _pack_4bit(codes), scale.numpy()  # [rows, blocks, block / 2]
         else:
             blocks = w.reshape(rows, width // block, block)
             scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
@@ -356,13 +364,11 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
         rows_view = table + "_uint8_rows"  # [rows, bytes] view for the Gather, folded at session start
         new_nodes = [helper.make_node("Reshape", [packed, table + "_shape"], [rows_view], name=table + "_rows")]
         dequantized = False
-        for node in readers:
-            if node in gathers:
-                _replace(graph, node, helper.make_node(
-                    "GatherBlockQuantized", [rows_view, node.input[1], scales], list(node.output), name=node.name,
-                    domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
-                continue
-            head = _tied_head(graph, node, excluded)
+        for node in lookups:
+            _replace(graph, node, helper.make_node(
+                "GatherBlockQuantized", [rows_view, node.input[1], scales], list(node.output), name=node.name,
+                domain="com.microsoft", bits=bits, block_size=block, gather_axis=0, quantize_axis=1))
+        for node, head in others:
             if head is not None:
                 _replace(graph, head, helper.make_node(
                     "MatMulNBits", [head.input[0], packed, scales], list(head.output), name=head.name,
