@@ -295,3 +295,35 @@ def test_static_int8_runs_integer_kernels_and_smoothing_helps_an_outlier_model(t
     assert integer["plain"] == integer["smoothed"] == 6 * model.config.num_hidden_layers
     assert integer["int8-acts"] < integer["plain"] / 2  # int8 activations: most stay dequantize + float
     assert agreement["smoothed"] > agreement["plain"], agreement
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits):
+    """HQQ's float zero points have no 8-bit MatMulNBits kernel and a slow 4-bit one: they are rewritten to the
+    default zero point plus exact per-block offsets, also when K is not a multiple of the block (a low-rank
+    factor's rank: 96 = 64 + a short block of 32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.quant import ort as ort_quant
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 48)).astype(np.float32)
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 48])],
+                              [numpy_helper.from_array(w, "w")])
+    (tmp_path / "src").mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              str(tmp_path / "src" / "model.onnx"))
+    info = ort_quant.weight_only(tmp_path / "src", tmp_path / "dst", bits=bits, block_size=64, accuracy_level=0,
+                                 symmetric=False, exclude=[], algorithm="hqq")
+    model = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    assert info["offset_corrections"] == 1 and len(node.input) == 3  # no zero point input: the default
+    assert {a.name: a.i for a in node.attribute}["bits"] == bits
+    import onnxruntime
+
+    y = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    error = np.abs(y - x @ w).mean() / np.abs(x @ w).mean()
+    assert error < (0.15 if bits == 4 else 0.01), error

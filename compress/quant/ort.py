@@ -184,10 +184,10 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
 
 
 def _integer_zero_points(model) -> int:
-    """HQQ leaves float zero points, for which MatMulNBits has no fast kernel (SmolLM2: 6 tok/s instead of
-    ~70). Rewrite exactly: w = s (q - z) = s (q - 8) + s (8 - z): MatMulNBits without a zero point input (the
-    kernel's default 8, its fastest path) plus the per-block offsets s (8 - z) (_add_offsets). Returns how many
-    MatMulNBits were rewritten."""
+    """HQQ leaves float zero points, for which MatMulNBits has no fast 4-bit kernel (SmolLM2: 6 tok/s instead of
+    ~70) and no 8-bit kernel at all. Rewrite exactly: w = s (q - z) = s (q - m) + s (m - z): MatMulNBits without
+    a zero point input (the kernel's default m = 2^(bits-1), its fastest path) plus the per-block offsets
+    s (m - z) (_add_offsets). Returns how many MatMulNBits were rewritten."""
     from onnx import TensorProto, numpy_helper
 
     graph = model.graph
@@ -198,11 +198,11 @@ def _integer_zero_points(model) -> int:
             continue
         zp = inits[node.input[3]]
         attrs = {a.name: a.i for a in node.attribute}
-        if zp.data_type != TensorProto.FLOAT or attrs["bits"] != 4:
+        if zp.data_type != TensorProto.FLOAT:
             continue
-        n, blocks = attrs["N"], -(-attrs["K"] // attrs["block_size"])
+        n, blocks, middle = attrs["N"], -(-attrs["K"] // attrs["block_size"]), 1 << (attrs["bits"] - 1)
         scale = numpy_helper.to_array(inits[node.input[2]]).reshape(n, blocks)
-        offsets[node.name] = (scale * (8 - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
+        offsets[node.name] = (scale * (middle - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
         graph.initializer.remove(zp)
         del node.input[3]
     return _add_offsets(model, offsets)
@@ -276,13 +276,12 @@ def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
         k, block = attrs["K"], attrs["block_size"]
         key = (node.input[0], block)
         if key not in sums:
-            if k % block:
-                raise ValueError(f"{node.name}: K={k} is not a multiple of the block size {block}")
             ones = f"/offsets/block_ones_{k}_{block}"
-            if ones not in inits:
+            if ones not in inits:  # a last block shorter than `block` (K not a multiple) sums what it has
                 inits.add(ones)
-                graph.initializer.append(numpy_helper.from_array(
-                    np.kron(np.eye(k // block, dtype=np.float32), np.ones((block, 1), np.float32)), ones))
+                table = np.zeros((k, -(-k // block)), np.float32)
+                table[np.arange(k), np.arange(k) // block] = 1
+                graph.initializer.append(numpy_helper.from_array(table, ones))
             total = f"{node.name}/block_sums"
             at = list(graph.node).index(node)  # before the first reader: its input exists by then
             graph.node.insert(at, helper.make_node("MatMul", [node.input[0], ones], [total], name=total))
