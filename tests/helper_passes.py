@@ -4,7 +4,7 @@ import time
 from pathlib import Path
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from compress.passes import register
 from compress.passes.base import Pass, PassConfig
@@ -12,6 +12,13 @@ from compress.passes.base import Pass, PassConfig
 
 class ScaleConfig(PassConfig):
     factor: float = Field(1.0, description="multiply every weight by this")
+    max_factor: float = Field(10.0, description="refuse a larger factor (a rule between two options)")
+
+    @model_validator(mode="after")
+    def _within(self):
+        if self.factor > self.max_factor:
+            raise ValueError(f"factor {self.factor} is above max_factor {self.max_factor}")
+        return self
 
 
 @register

@@ -272,16 +272,45 @@ def test_each_search_process_takes_its_own_work_slot(tmp_path):
         assert again == 0  # released when a search ends
 
 
-def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(tiny_llama_dir, tmp_path, capsys):
-    # ort-fp16 is a valid quantize method, but needs an ONNX model: that trial fails, the other completes
-    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), methods=("bf16", "ort-fp16"))
+def test_a_failing_trial_is_recorded_with_its_reason_and_the_search_goes_on(tiny_llama_dir, tmp_path, capsys,
+                                                                           monkeypatch):
+    # a pass that raises while it runs (factor 3 here): that trial fails with the reason, the other completes
+    original = helper_passes.ScaleWeights.run
+
+    def run(self, model, ctx):
+        if self.config.factor == 3.0:
+            raise RuntimeError("no kernel for factor 3")
+        return original(self, model, ctx)
+
+    monkeypatch.setattr(helper_passes.ScaleWeights, "run", run)
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0, 3.0), methods=("bf16",))
     out = tmp_path / "runs"
     assert main(["search", str(config), "--output-dir", str(out)]) == 0
-    rows = {r["options"]["quantize.method"]: r for r in _trials(out)["trials"]}
-    assert rows["ort-fp16"]["state"] == "failed" and "add an `export` pass before it" in rows["ort-fp16"]["reason"]
-    assert rows["bf16"]["state"] == "complete" and _trials(out)["chosen"] == rows["bf16"]["number"]
-    assert f"trial {rows['ort-fp16']['number']}: test-scale.factor=1.0, quantize.method=ort-fp16 -> failed" \
+    rows = {r["options"]["test-scale.factor"]: r for r in _trials(out)["trials"]}
+    assert rows[3.0]["state"] == "failed" and rows[3.0]["reason"] == "RuntimeError: no kernel for factor 3"
+    assert rows[1.0]["state"] == "complete" and _trials(out)["chosen"] == rows[1.0]["number"]
+    assert f"trial {rows[3.0]['number']}: test-scale.factor=3.0, quantize.method=bf16 -> failed" \
         in capsys.readouterr().out
+
+
+def test_a_combination_the_passes_refuse_is_recorded_and_costs_no_budget(tiny_llama_dir, tmp_path, capsys):
+    # each value is valid alone; factor 3 with max_factor 2 is not, and a quantize pass on ONNX needs an export:
+    # both refused, and the 3 trials of the budget are the 3 valid combinations
+    config = _config(tmp_path, tiny_llama_dir, methods=("fp32", "ort-fp16"), budget={"trials": 3})
+    raw = yaml.safe_load(config.read_text())
+    raw["passes"][0]["test-scale"]["max_factor"] = {"search": [2.0, 5.0]}
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    rows = _trials(out)["trials"]
+    refused = {tuple(r["options"].values()): r["reason"] for r in rows if r["state"] == "refused"}
+    assert (3.0, 2.0, "fp32") in refused and all(
+        ("factor 3.0 is above max_factor 2.0" if key[:2] == (3.0, 2.0) else "add an `export` pass before it")
+        in reason for key, reason in refused.items())
+    ran = sorted((tuple(r["options"].values()), r["state"]) for r in rows if r["state"] not in ("refused", "waiting"))
+    assert ran == [((1.0, 2.0, "fp32"), "complete"), ((1.0, 5.0, "fp32"), "complete"),
+                   ((3.0, 5.0, "fp32"), "pruned")]
+    assert "refused by the passes (not counted)" in capsys.readouterr().out
 
 
 def _counting_scale(monkeypatch) -> list:

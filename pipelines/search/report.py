@@ -36,7 +36,8 @@ def trial_rows(study) -> list[dict]:
     rows = []
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        rows.append({"number": t.number, "state": STATES.get(t.state.name, t.state.name.lower()),
+        state = "refused" if a.get("refused") else STATES.get(t.state.name, t.state.name.lower())
+        rows.append({"number": t.number, "state": state,
                      "options": a.get("options", {}), "values": a.get("values", {}), "figures": a.get("figures", {}),
                      "screen": a.get("screen", {}), "feasible": a.get("feasible"), "reason": a.get("reason"),
                      "violations": a.get("violations"), "backend": a.get("backend"), "same_as": a.get("same_as"),
@@ -58,7 +59,7 @@ def choose(setup: SearchSetup, rows: list[dict], pick: int | None) -> Outcome:
         row = next((r for r in rows if r["number"] == pick), None)
         if row is None:
             raise ConfigError(f"--pick {pick}: the study has no trial {pick} (trials 0 to {len(rows) - 1})")
-        if row["state"] in ("failed", "running", "waiting"):
+        if row["state"] in ("failed", "refused", "running", "waiting"):
             raise ConfigError(f"--pick {pick}: trial {pick} {row['state']}"
                               + (f" ({row['reason']})" if row.get("reason") else "") + "; pick another trial")
         return Outcome(rows, front, pick, True)

@@ -175,11 +175,13 @@ class Search:
             while True:
                 done = _finished(study)
                 if repeats >= _MAX_REPEATS:
-                    self.progress.stopped_by = f"the sampler proposed {repeats} tried recipes in a row"
+                    self.progress.stopped_by = (f"the sampler proposed {repeats} recipes in a row that were tried "
+                                                "already or that the passes refuse")
                     break
-                done = [t for t in done if t.user_attrs.get("same_as") is None]  # repeats cost no budget
-                if trials is not None and len(done) >= trials:
-                    self.progress.stopped_by = f"budget: {len(done)} trials"
+                done = [t for t in done if t.user_attrs.get("same_as") is None]
+                counted = [t for t in done if not t.user_attrs.get("refused")]  # repeats and refusals are free
+                if trials is not None and len(counted) >= trials:
+                    self.progress.stopped_by = f"budget: {len(counted)} trials"
                     break
                 if minutes is not None and time.monotonic() - start > minutes * 60:
                     self.progress.stopped_by = f"budget: {minutes:g} minutes"
@@ -188,9 +190,9 @@ class Search:
                     self.progress.stopped_by = f"every one of the {size} combinations has been tried"
                     break
                 trial = study.ask({p.name: p.distribution() for p in self.setup.space.params})
-                repeated = self._trial(study, trial)
-                repeats = repeats + 1 if repeated else 0
-                self.progress.ran += not repeated
+                idle = self._trial(study, trial)
+                repeats = repeats + 1 if idle else 0
+                self.progress.ran += not idle
             if self.progress.ran:
                 self.log(f"{self.progress.ran} trials: {self.progress.passes_run} passes run, "
                          f"{self.progress.from_store} steps taken from the step store")
@@ -238,7 +240,9 @@ class Search:
 
     # ------------------------------------------------------------------ one trial
     def _trial(self, study, trial) -> bool:
-        """Run one trial; True when it repeated a finished one (its result copied, nothing run)."""
+        """Run one trial; True when nothing ran: it repeated a finished one (its result copied) or the passes
+        refuse its combination of values (each value is valid alone, checked before the search: e.g. minmax
+        with weight_bits 8), which costs no budget."""
         from optuna.trial import TrialState
 
         space = self.setup.space
@@ -261,7 +265,7 @@ class Search:
         trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
         study.tell(trial, objective_values, state=state)
         self._say(trial.number, options, note)
-        return False
+        return bool(trial.user_attrs.get("refused"))
 
     def _evaluate(self, study, trial, values):
         from optuna.trial import TrialState
@@ -276,6 +280,12 @@ class Search:
         raw.update(name=f"work-{self.slot}", benchmark=None)
         try:
             pipeline = validate(raw)
+        except ConfigError as exc:
+            trial.set_user_attr("refused", True)
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            trial.set_user_attr("reason", reason)
+            return TrialState.FAIL, None, f"refused by the passes (not counted): {reason}"
+        try:
             result = Runner(pipeline, output_dir=self.dir, show_progress=False, log=self.runner_log,
                             store=self.store).run()
         except CompressError as exc:
