@@ -322,7 +322,7 @@ class Quantize(Pass):
                                            op_types=["MatMul", "Gemm", "Attention"],
                                            embeddings=cfg.quantize_embeddings)
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
-            q["embeddings_int8"] = cfg.quantize_embeddings
+            q["quantize_embeddings"] = cfg.quantize_embeddings  # at embedding_bits (matmulnbits), else 8
             if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
                 details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst)
         elif method == "ort-int8-static":

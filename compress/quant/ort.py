@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_tools
-from .fake import blockwise_grid, minmax_grid, table_block
+from .fake import blockwise_grid, minmax_grid, table_block, table_grid
 
 
 def matching_nodes(model, patterns: list[str], op_types: tuple[str, ...] | None = None) -> list[str]:
@@ -329,6 +329,7 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
     same bytes for both ops (a table with other readers, or whose width the block does not divide, stays
     int8). Returns the manifest record: the tables at each width (a table whose width is not a multiple of
     16 stays float and is absent)."""
+    import torch
     from onnx import helper, numpy_helper
 
     graph = model.graph
@@ -346,15 +347,12 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
         four = bool(four_bit_block) and width % four_bit_block == 0 and all(head is not None for _, head in others)
         bits, block = (4, four_bit_block) if four else (8, blocks_of[table])
         if four:  # codes 0..15 around MatMulNBits' and GatherBlockQuantized's default zero point 8
-            import torch
-
             codes, scale, _ = blockwise_grid(torch.from_numpy(w), 4, block, symmetric=True)
-            q, scale = _pack_4bit(codes), scale.numpy()  # [rows, blocks, block / 2]
-        else:
-            blocks = w.reshape(rows, width // block, block)
-            scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
-            # uint8 with zero point 128: the default of both contrib ops when no zero_points input is given
-            q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+            q = _pack_4bit(codes)  # [rows, blocks, block / 2]
+        else:  # codes -127..127 as uint8 around 128: both contrib ops' default zero point
+            codes, scale = table_grid(torch.from_numpy(w), block)
+            q = (codes.numpy() + 128).astype(np.uint8)  # [rows, blocks, block]
+        scale = scale.numpy()
         packed, scales = table + "_uint8", table + "_scale"
         graph.initializer.remove(inits[table])
         row_bytes = width * bits // 8
