@@ -313,6 +313,28 @@ def test_a_combination_the_passes_refuse_is_recorded_and_costs_no_budget(tiny_ll
     assert "refused by the passes (not counted)" in capsys.readouterr().out
 
 
+def test_the_report_counts_each_recipe_once_and_a_repeat_is_what_its_original_was(tiny_llama_dir, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    from pipelines.search.config import load_search_config
+    from pipelines.search.report import Outcome, summary, trial_rows
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for attrs in ({"refused": True, "reason": "factor 3.0 is above max_factor 2.0"}, {"same_as": 0},
+                  {"same_as": 1}):  # a refused trial, its repeat, and a repeat of the repeat
+        trial = study.ask()
+        for k, v in attrs.items():
+            trial.set_user_attr(k, v)
+        study.tell(trial, state=TrialState.FAIL)
+    rows = trial_rows(study)
+    assert [r["state"] for r in rows] == ["refused"] * 3
+    setup = load_search_config(_config(tmp_path, tiny_llama_dir))
+    assert summary(setup, Outcome(rows, [], None, False))[0].startswith(
+        "1 trials (1 refused) and 2 proposals that repeated one (not run); Pareto front: empty")
+
+
 def _counting_scale(monkeypatch) -> list:
     """The factors the test-scale pass is computed with (one entry per computed step)."""
     computed = []

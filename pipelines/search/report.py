@@ -33,10 +33,12 @@ class Outcome:
 
 
 def trial_rows(study) -> list[dict]:
-    rows = []
+    rows, refused = [], set()
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        state = "refused" if a.get("refused") else STATES.get(t.state.name, t.state.name.lower())
+        if a.get("refused") or a.get("same_as") in refused:  # a copy is what its original was
+            refused.add(t.number)
+        state = "refused" if t.number in refused else STATES.get(t.state.name, t.state.name.lower())
         rows.append({"number": t.number, "state": state,
                      "options": a.get("options", {}), "values": a.get("values", {}), "figures": a.get("figures", {}),
                      "screen": a.get("screen", {}), "feasible": a.get("feasible"), "reason": a.get("reason"),
@@ -93,25 +95,39 @@ def _columns(setup: SearchSetup) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def _table(setup: SearchSetup, rows: list[dict], chosen: int | None) -> list[str]:
+def _table(setup: SearchSetup, rows: list[dict], chosen: int | None, repeats: dict[int, int]) -> list[str]:
     labels = list(dict.fromkeys(k for r in rows for k in r["options"]))
     cols = _columns(setup)
     head = ["trial", *labels, *cols, "state"]
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         mark = " (chosen)" if r["number"] == chosen else ""
+        again = f" (proposed {repeats[r['number']]} more times)" if repeats.get(r["number"]) else ""
         cells = [f"{r['number']}{mark}", *(_fmt(r["options"].get(k)) for k in labels),
-                 *(_fmt(r["figures"].get(c)) for c in cols), r["state"] + (f": {r['reason']}" if r["reason"] else "")]
+                 *(_fmt(r["figures"].get(c)) for c in cols),
+                 r["state"] + again + (f": {r['reason']}" if r["reason"] else "")]
         out.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return out
+
+
+def _repeats(rows: list[dict]) -> dict[int, int]:
+    """How many later proposals repeated each trial (copies: nothing ran for them)."""
+    counts: dict[int, int] = {}
+    for r in rows:
+        if r["same_as"] is not None:
+            counts[r["same_as"]] = counts.get(r["same_as"], 0) + 1
+    return counts
 
 
 def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
     """The lines the CLI prints at the end: the front, the chosen member (or the closest trials)."""
     counts: dict[str, int] = {}
-    for r in outcome.rows:
+    distinct = [r for r in outcome.rows if r["same_as"] is None]
+    for r in distinct:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
-    lines = [f"{len(outcome.rows)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + "); "
+    copies = len(outcome.rows) - len(distinct)
+    lines = [f"{len(distinct)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+             + (f" and {copies} proposals that repeated one (not run)" if copies else "") + "; "
              f"Pareto front: {', '.join(map(str, outcome.front)) or 'empty'}"]
     by_number = {r["number"]: r for r in outcome.rows}
     cols = _columns(setup)
@@ -201,10 +217,16 @@ def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, sto
              f"Constraints: {'; '.join(c.text for c in setup.constraints) or 'none'}. "
              f"Sampler: {setup.settings.sampler}." + (f" Stopped by {stopped_by}." if stopped_by else ""), "",
              *summary(setup, outcome), ""]
+    base = source.get("full") or source.get("screen") or {}
+    lines += [f"Ratios are against {source.get('target')} ("
+              + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()) + ").", ""]
+    repeats = _repeats(outcome.rows)
     if outcome.front:
-        lines += ["## Pareto front", "", *_table(setup, [by_number[n] for n in outcome.front], outcome.chosen), ""]
+        lines += ["## Pareto front", "",
+                  *_table(setup, [by_number[n] for n in outcome.front], outcome.chosen, repeats), ""]
     lines += [f"![{p.stem}]({p.name})" for p in plots] + [""] if plots else []
-    lines += ["## Every trial", "", *_table(setup, outcome.rows, outcome.chosen), ""]
+    lines += ["## Every trial", "", "Each recipe once; trials.json also lists the proposals that repeated one.", "",
+              *_table(setup, [r for r in outcome.rows if r["same_as"] is None], outcome.chosen, repeats), ""]
     if "best" in files:
         lines += [f"`compress run {files['best']}` reproduces the chosen recipe.", ""]
     files["report"] = out_dir / "report.md"
