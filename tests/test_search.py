@@ -335,6 +335,26 @@ def test_the_report_counts_each_recipe_once_and_a_repeat_is_what_its_original_wa
         "1 trials (1 refused) and 2 proposals that repeated one (not run); Pareto front: empty")
 
 
+def test_the_report_says_where_the_full_measurements_ran(tiny_llama_dir, tmp_path):
+    from pipelines.search.config import load_search_config
+    from pipelines.search.measure import Measurer
+    from pipelines.search.report import _conditions_line
+
+    measurer = Measurer(load_search_config(_config(tmp_path, tiny_llama_dir)), tmp_path / "m")
+    assert measurer.conditions() is None
+    results = tmp_path / "m" / "bench" / "results"
+    results.mkdir(parents=True)
+    machine = {"cpu": "AMD EPYC", "cpu_flags": ["AVX2", "FMA"], "memory_bandwidth_gb_s": 21.0, "git_commit": "abc"}
+    for i, (load, when) in enumerate([(1.7, "2026-12-06T10:30:00Z"), (0.8, "2026-12-06T10:21:00Z")]):
+        (results / f"{i}.json").write_text(json.dumps({"machine": machine, "threads": 2, "loadavg_before":
+                                                       [load, 1.0, 1.0], "measured_at": when}))
+    c = measurer.conditions()
+    assert c["threads"] == [2] and c["load_1min"] == [0.8, 1.7] and c["measurements"] == 2
+    assert _conditions_line(c) == ("Measured on AMD EPYC (AVX2, FMA), 2 threads, memory bandwidth 21.0 GB/s: 2 full "
+                                   "measurements from 2026-12-06T10:21:00Z to 2026-12-06T10:30:00Z, 1-minute load "
+                                   "average 0.80 to 1.70; suite commit abc.")
+
+
 def _counting_scale(monkeypatch) -> list:
     """The factors the test-scale pass is computed with (one entry per computed step)."""
     computed = []

@@ -26,7 +26,8 @@ def run_search(config_path, *, overrides=None, trials: int | None = None, minute
         with work_slot(search.dir) as search.slot:  # the baseline's figures (stored: nothing is measured again)
             search.progress.source = search.source_figures()
     outcome = report.choose(setup, report.trial_rows(study), pick)
-    outcome.files = report.write(setup, outcome, search.dir, search.progress.source, search.progress.stopped_by)
+    outcome.files = report.write(setup, outcome, search.dir, search.progress.source, search.progress.stopped_by,
+                                 conditions=search.measurer.conditions())
     return outcome, search
 
 

@@ -96,6 +96,22 @@ class Measurer:
         return out
 
 
+    def conditions(self) -> dict | None:
+        """Where and how the stored full measurements ran, from their records: the machine, threads, 1-minute
+        load average, when, and the suite's commit (None before any)."""
+        records = [json.loads(p.read_text()) for p in sorted((self.work_dir / "bench" / "results").glob("*.json"))]
+        if not records:
+            return None
+        m = records[0].get("machine") or {}
+        loads = [r["loadavg_before"][0] for r in records if r.get("loadavg_before")]
+        times = sorted(r["measured_at"] for r in records if r.get("measured_at"))
+        return {"machine": f"{m.get('cpu')} ({', '.join(m.get('cpu_flags') or [])})",
+                "memory_bandwidth_gb_s": m.get("memory_bandwidth_gb_s"),
+                "threads": sorted({r.get("threads") for r in records}, key=str), "measurements": len(records),
+                "load_1min": [min(loads), max(loads)] if loads else None,
+                "measured": [times[0], times[-1]] if times else None, "git_commit": m.get("git_commit")}
+
+
 def harness_measure(target, **kwargs) -> dict:
     from benchmarks.harness import measure
 

@@ -199,11 +199,22 @@ def _plots(setup: SearchSetup, outcome: Outcome, out_dir: Path) -> list[Path]:
 
 
 # ---------------------------------------------------------------------------------------------- files
-def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, stopped_by: str = "") -> dict:
+def _conditions_line(c: dict) -> str:
+    load = c.get("load_1min")
+    when = c.get("measured")
+    return (f"Measured on {c['machine']}, {'/'.join(map(str, c['threads']))} threads, "
+            f"memory bandwidth {c.get('memory_bandwidth_gb_s')} GB/s: {c['measurements']} full measurements"
+            + (f" from {when[0]} to {when[1]}" if when else "")
+            + (f", 1-minute load average {load[0]:.2f} to {load[1]:.2f}" if load else "")
+            + f"; suite commit {c.get('git_commit')}.")
+
+
+def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, stopped_by: str = "",
+          conditions: dict | None = None) -> dict:
     out_dir = Path(out_dir)
     by_number = {r["number"]: r for r in outcome.rows}
     trials_json = {"name": setup.name, "objectives": [list(o) for o in setup.objectives],
-                   "constraints": [c.text for c in setup.constraints], "source": source,
+                   "constraints": [c.text for c in setup.constraints], "source": source, "conditions": conditions,
                    "front": outcome.front, "chosen": outcome.chosen, "picked": outcome.picked,
                    "closest": outcome.closest, "trials": outcome.rows}
     files = {"trials": out_dir / "trials.json"}
@@ -220,6 +231,8 @@ def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, sto
     base = source.get("full") or source.get("screen") or {}
     lines += [f"Ratios are against {source.get('target')} ("
               + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()) + ").", ""]
+    if conditions:
+        lines += [_conditions_line(conditions), ""]
     repeats = _repeats(outcome.rows)
     if outcome.front:
         lines += ["## Pareto front", "",
