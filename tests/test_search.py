@@ -263,6 +263,21 @@ def test_ratios_against_a_fixed_baseline_step(tiny_llama_dir, tmp_path, capsys):
     assert "its passes must be fixed, but passes.0.test-scale.factor is searched" in capsys.readouterr().err
 
 
+def test_a_classifier_screen_too_coarse_for_the_accuracy_bound_is_refused(tiny_bert_dir, tmp_path, capsys):
+    # 64 examples: one mistake is 1.6% of accuracy, more than the 1% accuracy_ratio >= 0.99 allows
+    config = _config(tmp_path, tiny_bert_dir, task="sequence-classification", objectives=["size_mb"],
+                     constraints=["accuracy_ratio >= 0.99"], screen={"max_examples": 64},
+                     data={"eval": {"source": "builtin:bbc-news", "split": "test", "max_length": 32}})
+    assert main(["validate", str(config)]) == 2
+    assert ("screen.max_examples: 64 examples resolve 1.6% of accuracy, coarser than the 1% that "
+            "`accuracy_ratio >= 0.99` allows, so one mistake on the slice would prune a trial; set "
+            "screen.max_examples to at least 100") in capsys.readouterr().err
+    cfg = yaml.safe_load(config.read_text())
+    del cfg["screen"]  # the default, 256, resolves 0.4%
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(config)]) == 0
+
+
 def test_each_search_process_takes_its_own_work_slot(tmp_path):
     from pipelines.search.study import work_slot
 

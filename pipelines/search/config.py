@@ -10,6 +10,7 @@ Everything is checked before any trial runs: the pipeline with every searched op
 every search value against its pass's own options class, the figures named."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +47,8 @@ class Screen(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_tokens: int = Field(2048, gt=0, description="causal-lm: eval tokens scored per trial")
-    max_examples: int = Field(64, gt=0, description="classifiers: eval examples scored per trial")
+    max_examples: int = Field(256, gt=0, description="classifiers: eval examples scored per trial (one of them "
+                              "must move accuracy by less than an accuracy_ratio constraint allows)")
     skip_dominated: bool = Field(True, description="skip the full measurement of a trial that a fully "
                                  "measured one beats on every screened objective and on screened quality "
                                  "(larger and worse is rarely faster)")
@@ -214,12 +216,25 @@ def validate_search(raw: dict) -> SearchSetup:
                               f"passes must be fixed, but {', '.join(searched)} is searched; search only the "
                               "passes after it, or compare with the source")
     errors += _start_points(settings, space)
+    errors += _coarse_screen(settings, constraints, task)
     if setup.needs_full and (pipeline.config.benchmark is None or pipeline.config.benchmark.latency is None):
         errors.append("benchmark: speed and memory figures come from the benchmark harness; add a `benchmark:` "
                       "section with `latency:` (e.g. benchmark: {backends: [ort-cpu]})")
     if errors:
         raise ConfigError("\n".join(errors))
     return setup
+
+
+def _coarse_screen(settings: SearchSettings, constraints: list[fig.Constraint], task: str) -> list[str]:
+    """An accuracy_ratio bound the classifier screen cannot resolve: when one example of the slice moves
+    accuracy by more than the bound allows, a single mistake there prunes a trial the whole eval would keep."""
+    if task == "causal-lm":
+        return []
+    n = settings.screen.max_examples
+    return [f"screen.max_examples: {n} examples resolve {100 / n:.2g}% of accuracy, coarser than the "
+            f"{100 * (1 - c.bound):.2g}% that `{c.text}` allows, so one mistake on the slice would prune a trial; "
+            f"set screen.max_examples to at least {math.ceil(1 / (1 - c.bound))}"
+            for c in constraints if c.name == "accuracy_ratio" and c.op in (">=", ">") and 0 < 1 - c.bound < 1 / n]
 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchSetup:
