@@ -95,7 +95,6 @@ class Measurer:
         out["backend"] = backend
         return out
 
-
     def conditions(self) -> dict | None:
         """Where and how the stored full measurements ran, from their records: the machine, threads, 1-minute
         load average, when, and the suite's commit (None before any)."""
