@@ -347,7 +347,7 @@ def test_the_report_counts_each_recipe_once_and_a_repeat_is_what_its_original_wa
     assert [r["state"] for r in rows] == ["refused"] * 3
     setup = load_search_config(_config(tmp_path, tiny_llama_dir))
     assert summary(setup, Outcome(rows, [], None, False))[0].startswith(
-        "1 trials (1 refused) and 2 proposals that repeated one (not run); Pareto front: empty")
+        "1 trial (1 refused) and 2 proposals that repeated one (not run); Pareto front: empty")
 
 
 def test_the_report_says_where_the_full_measurements_ran(tiny_llama_dir, tmp_path):

@@ -126,8 +126,9 @@ def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
     for r in distinct:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     copies = len(outcome.rows) - len(distinct)
-    lines = [f"{len(distinct)} trials (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
-             + (f" and {copies} proposals that repeated one (not run)" if copies else "") + "; "
+    lines = [f"{len(distinct)} trial{'s' * (len(distinct) != 1)} ("
+             + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+             + (f" and {copies} proposal{'s' * (copies != 1)} that repeated one (not run)" if copies else "") + "; "
              f"Pareto front: {', '.join(map(str, outcome.front)) or 'empty'}"]
     by_number = {r["number"]: r for r in outcome.rows}
     cols = _columns(setup)
