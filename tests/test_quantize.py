@@ -302,6 +302,7 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
     """HQQ's float zero points have no 8-bit MatMulNBits kernel and a slow 4-bit one: they are rewritten to the
     default zero point plus exact per-block offsets, also when K is not a multiple of the block (a low-rank
     factor's rank: 96 = 64 + a short block of 32)."""
+    import onnxruntime
     from onnx import TensorProto, helper, numpy_helper
 
     from compress.quant import ort as ort_quant
@@ -322,8 +323,6 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
     (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
     assert info["offset_corrections"] == 1 and len(node.input) == 3  # no zero point input: the default
     assert {a.name: a.i for a in node.attribute}["bits"] == bits
-    import onnxruntime
-
     y = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     error = np.abs(y - x @ w).mean() / np.abs(x @ w).mean()
     assert error < (0.15 if bits == 4 else 0.01), error

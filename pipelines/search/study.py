@@ -253,7 +253,7 @@ class Search:
             trial.set_user_attr(k, v)
         same = _same_values(study, values, trial.number)
         if same is not None:  # the sampler proposed a finished recipe again: its result, not a second run
-            for k in ("figures", "screen", "violations", "feasible", "reason", "backend", "refused"):
+            for k in ("figures", "screen", "violations", "feasible", "reason", "backend"):
                 if k in same.user_attrs:
                     trial.set_user_attr(k, same.user_attrs[k])
             trial.set_user_attr("same_as", same.number)
