@@ -1,9 +1,9 @@
-"""The two kinds of backend, behind one interface: they only turn token ids into numpy outputs.
+"""The backends, behind one interface: they only turn token ids into numpy outputs.
 
-Both expose EdgeModel's interface (compress/edge.py): `logits`, `embed`, `prefill`, `decode_step`,
+Each exposes EdgeModel's interface (compress/edge.py): `logits`, `embed`, `prefill`, `decode_step`,
 `generate` (greedy, batch 1), plus `params` and `sync()`. The torch one is written here; the ORT one is
-EdgeModel itself, so ONNX decoding has a single implementation in the suite. Imported only inside the
-measuring subprocess (benchmarks/worker.py)."""
+EdgeModel itself, so ONNX decoding has a single implementation in the suite; the llama.cpp one runs a peer's
+GGUF files. Imported only inside the measuring subprocess (benchmarks/worker.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -121,7 +121,73 @@ class OrtBackend:
         return None
 
 
-def open_backend(target: str, loader: str, task: str, backend: Backend, threads: int):
+class LlamaCppBackend:
+    """llama.cpp (llama-cpp-python) on a GGUF file: a peer, fed the same token ids and timed by the same greedy
+    loop as the suite's backends. Timing and generation run as llama.cpp's own loop does, computing the last
+    position's logits only; scoring reopens the model with logits for every position."""
+
+    def __init__(self, target: str, threads: int, context: int):
+        self.target, self.threads, self.context = target, threads, context
+        self.scoring = False  # opened for timing: the last position's logits only
+        self.llm = self._open(logits_all=False)
+        self.params = None  # counted from the file by the parent
+        self.dtype = None
+        self.providers = None
+
+    def _open(self, logits_all: bool):
+        from llama_cpp import Llama
+
+        return Llama(model_path=self.target, n_ctx=self.context, n_batch=self.context, n_ubatch=self.context,
+                     n_threads=self.threads, n_threads_batch=self.threads, logits_all=logits_all, verbose=False)
+
+    def sync(self) -> None:
+        pass
+
+    def _last_logits(self) -> np.ndarray:
+        import llama_cpp
+
+        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()[None]
+
+    def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        if not self.scoring:  # the first scoring call: reopen with every position's logits
+            self.llm.close()
+            self.llm, self.scoring = self._open(logits_all=True), True
+        if not attention_mask.all():
+            raise ValueError("llamacpp-cpu scores unpadded sequences only")
+        out = []
+        for row in input_ids:  # one sequence at a time: batch 1, as llama.cpp runs
+            self.llm.reset()
+            self.llm.eval(row.tolist())
+            out.append(np.array(self.llm.scores[: len(row)]))
+        return np.stack(out)
+
+    def embed(self, input_ids, attention_mask):
+        raise ValueError("llamacpp-cpu measures causal LMs only")
+
+    def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        if input_ids.shape[0] != 1:
+            raise ValueError("llamacpp-cpu times batch 1 only (latency.batch: 1)")
+        self.llm.reset()
+        self.llm.eval(input_ids[0].tolist())
+        return self._last_logits(), None
+
+    def decode_step(self, next_ids: np.ndarray, state):
+        self.llm.eval([int(next_ids[0, 0])])
+        return self._last_logits(), None
+
+    def generate(self, prompt: np.ndarray, new_tokens: int, eos: int | None) -> list[int]:
+        return greedy(self, prompt, new_tokens, eos)[0].tolist()
+
+    def cuda_peak_mb(self) -> float | None:
+        return None
+
+
+def open_backend(target: str, loader: str, task: str, backend: Backend, threads: int, context: int):
+    """The backend of one measurement; `context`: the longest sequence it will be fed (llama.cpp sizes its
+    KV cache by it; the others grow theirs as needed)."""
     if backend.runtime == "torch":
         return TorchBackend(target, loader, task, backend.device, threads)
+    if backend.runtime == "llamacpp":
+        return LlamaCppBackend(target, threads, context)
     return OrtBackend(str(Path(target)), task, backend.device, threads)

@@ -123,8 +123,9 @@ def cmd_report(args) -> int:
 
 
 def add_commands(sub) -> None:
-    p = sub.add_parser("bench", help="measure checkpoints (or model sources, or ONNX folders) on backends")
-    p.add_argument("targets", nargs="+", metavar="CKPT_OR_ONNX", help="checkpoint dirs, ONNX dirs or model sources")
+    p = sub.add_parser("bench", help="measure checkpoints (or model sources, ONNX folders, GGUF files) on backends")
+    p.add_argument("targets", nargs="+", metavar="CKPT_OR_ONNX",
+                   help="checkpoint dirs, ONNX dirs, model sources, or GGUF files (llamacpp-cpu, with --baseline)")
     p.add_argument("--backends", default="torch-cpu", help=f"comma list of {', '.join(BACKENDS)}")
     p.add_argument("--quality", default="perplexity,accuracy,teacher-agreement",
                    help="comma list of perplexity, accuracy, teacher-agreement (each where the task allows)")

@@ -35,7 +35,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".bin",
 class Target:
     ref: str  # what the user named
     path: Path  # the directory with the weights
-    kind: str  # torch | onnx
+    kind: str  # torch | onnx | gguf
     loader: Literal["checkpoint", "source"]  # how the worker loads a torch model
     task: str
     key: str  # changes when the model changes
@@ -61,12 +61,19 @@ def _task_from_config(path: Path) -> str | None:
 
 
 def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target:
-    """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, or a model source."""
+    """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, a GGUF file (llama.cpp's
+    format, a peer's), or a model source."""
     from compress.checkpoint import read_manifest
     from compress.models import resolve_source, source_fingerprint
 
     ref = str(target)
     path = Path(ref).expanduser()
+    if path.is_file() and path.suffix == ".gguf":  # a peer's format: llama.cpp runs it (llamacpp-cpu)
+        if task not in (None, "causal-lm"):
+            raise ModelSourceError(f"{path} is a GGUF file, a causal LM; it cannot be measured as {task}")
+        st = path.stat()
+        return Target(ref, path, "gguf", "checkpoint", "causal-lm",
+                      _hash("gguf", str(path.resolve()), st.st_size, st.st_mtime))
     if path.is_dir() and (path / "manifest.json").exists():
         m = read_manifest(path)
         if task and m["task"] != task:
@@ -88,6 +95,8 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
 
 
 def weights_size(path: Path) -> int:
+    if path.is_file():  # a GGUF file holds everything
+        return path.stat().st_size
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
 
 
@@ -111,10 +120,24 @@ def onnx_params(path: Path) -> int:
     return total
 
 
+def gguf_params(path: Path) -> int:
+    """Elements of a GGUF file's tensors (each quantized weight counts once)."""
+    from gguf import GGUFReader
+
+    return sum(int(np.prod(t.shape, dtype=np.int64)) for t in GGUFReader(str(path)).tensors)
+
+
 # ----------------------------------------------------------------------------- backends
 def backend_problem(backend: Backend | str) -> str | None:
     """Why `backend` cannot run here (None when it can)."""
+    import importlib.util
+
     backend = Backend.parse(backend)
+    if backend.runtime == "llamacpp":
+        if importlib.util.find_spec("llama_cpp") is None:
+            return (f"{backend}: llama-cpp-python is not installed (a benchmark-only extra that compiles llama.cpp, "
+                    "about 25 minutes on 2 cores: pip install -e '.[llama]')")
+        return None
     if backend.runtime == "torch":
         if backend.device == "cpu":
             return None
@@ -316,11 +339,12 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     s = settings.resolved(t.task, data)
     record = _header(t, backend, s, label, base)
     record["machine"] = machine_record()
-    problem = backend_problem(backend)
-    if problem is None and t.kind == "onnx" and backend.runtime == "torch":
-        problem = f"{backend}: {t.ref} is an ONNX checkpoint; it runs on the ort-* backends"
+    problem = backend_problem(backend) or _kind_problem(t, backend)
     if problem:
         return {**record, "skipped": problem}
+    if t.kind == "gguf" and base is None:
+        return {**record, "error": f"{t.ref}: a GGUF file is measured on the token ids of its baseline's tokenizer "
+                                   "(the model it was converted from); name the baseline (compress bench --baseline)"}
     run_t = t
     if t.kind == "torch" and backend.runtime == "ort":
         exported = _export_on_the_fly(t, work_dir)
@@ -329,7 +353,7 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
         run_t = exported
         record["exported_on_the_fly"] = str(exported.path)
     show = _show_progress(show_progress)
-    tok = _tokenizer(t)  # loaded once: the inputs and the generation prompts both need it
+    tok = _tokenizer(base if t.kind == "gguf" else t)  # loaded once: the inputs and the prompts need it
     arrays = build_inputs(t, s, tok)
     inputs, inputs_hash = _save_inputs(arrays, work_dir)
     record["inputs_sha"] = inputs_hash
@@ -372,10 +396,23 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
         record["weight_bytes_per_token"] = weight_bytes_per_token(run_t.path, run_t.kind)
     if run_t.kind == "onnx":
         record["params"] = onnx_params(run_t.path)
+    elif run_t.kind == "gguf":
+        record["params"] = gguf_params(run_t.path)
     record["quantization"] = t.quantization
     if notes:
         record["notes"] = notes
     return record
+
+
+def _kind_problem(t: Target, backend: Backend) -> str | None:
+    """Why `backend` cannot run target `t` (a torch model runs on ONNX Runtime by an export on the fly)."""
+    if backend.runtime == "llamacpp" and t.kind != "gguf":
+        return f"{backend}: runs GGUF files (llama.cpp's format); {t.ref} is a {t.kind} model"
+    if t.kind == "gguf" and backend.runtime != "llamacpp":
+        return f"{backend}: {t.ref} is a GGUF file; it runs on llamacpp-cpu"
+    if t.kind == "onnx" and backend.runtime == "torch":
+        return f"{backend}: {t.ref} is an ONNX checkpoint; it runs on the ort-* backends"
+    return None
 
 
 _METRIC_GROUPS = {

@@ -4,9 +4,9 @@ measured decode speed against that bound.
 
 - `memory_bandwidth_gb_s`: a copy benchmark (numpy, one chunk per thread, best of a few rounds; bytes read
   plus bytes written), a few tenths of a second;
-- `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files without loading the
-  model. Embedding tables that only a lookup reads (one row per token) are left out; a table the tied LM head
-  multiplies by is counted."""
+- `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files (or GGUF file)
+  without loading the model. Embedding tables that only a lookup reads (one row per token) are left out; a
+  table the tied LM head multiplies by is counted."""
 from __future__ import annotations
 
 import json
@@ -48,6 +48,8 @@ def weight_bytes_per_token(path: Path, kind: str) -> int | None:
     path = Path(path)
     if kind == "onnx":
         return _onnx_bytes(path / "model.onnx")
+    if kind == "gguf":
+        return _gguf_bytes(path)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return None
@@ -67,6 +69,16 @@ def _safetensors_header(path: Path) -> dict[str, int]:
         header = json.loads(fh.read(size))
     return {name: int(np.prod(meta["shape"], dtype=np.int64)) * _SAFETENSORS_BYTES.get(meta["dtype"], 4)
             for name, meta in header.items() if name != "__metadata__"}
+
+
+def _gguf_bytes(path: Path) -> int:
+    """A GGUF file's tensors, less the token table when a separate output matrix exists (then the table is
+    only looked up; tied, llama.cpp multiplies by it)."""
+    from gguf import GGUFReader
+
+    tensors = {t.name: int(t.n_bytes) for t in GGUFReader(str(path)).tensors}
+    lookup_only = ("token_embd.weight",) if "output.weight" in tensors else ()
+    return sum(n for name, n in tensors.items() if name not in lookup_only)
 
 
 def _onnx_bytes(model_file: Path) -> int:

@@ -148,12 +148,24 @@ def _encoder_quality(backend, inputs, spec: WorkerSpec) -> tuple[dict, dict]:
     return quality, {"pred": pred}
 
 
+def _longest_sequence(spec: WorkerSpec) -> int:
+    """Tokens in the longest sequence this measurement feeds the model (a scoring window, the latency prompt
+    and its new tokens, a generation prompt and its new tokens)."""
+    s, lat, gen = spec.settings, spec.settings.get("latency"), spec.generate
+    lengths = [s.get("window") or 0, *(d["seq_len"] for d in (s.get("extra_data") or {}).values())]
+    if lat:
+        lengths.append(lat["prompt_tokens"] + lat["new_tokens"])
+    if gen:
+        lengths += [len(ids) + gen["new_tokens"] for ids in gen["prompts"]]
+    return max(lengths)
+
+
 def run(spec: WorkerSpec) -> dict:
     s, task, show = spec.settings, spec.task, spec.show_progress
     start = time.perf_counter()
     from .backends import open_backend
 
-    backend = open_backend(spec.target, spec.loader, task, spec.backend, s["threads"])
+    backend = open_backend(spec.target, spec.loader, task, spec.backend, s["threads"], _longest_sequence(spec))
     load_s = time.perf_counter() - start
     rss_loaded = _status_mb("VmRSS")
     inputs = np.load(spec.inputs)

@@ -9,9 +9,8 @@ import json
 from dataclasses import dataclass, fields
 from typing import Any, Literal
 
-RUNTIMES = ("torch", "ort")
-DEVICES = ("cpu", "cuda")
-BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda")
+# llamacpp-cpu: llama.cpp through llama-cpp-python, a peer measured on GGUF files (a benchmark-only extra).
+BACKENDS = ("torch-cpu", "torch-cuda", "ort-cpu", "ort-cuda", "llamacpp-cpu")
 
 
 @dataclass(frozen=True)
@@ -19,7 +18,7 @@ class Backend:
     """A backend name taken apart: `Backend.parse("ort-cuda")` has runtime "ort" and device "cuda";
     `str()` gives the name back (records and results.json keep the name)."""
 
-    runtime: Literal["torch", "ort"]
+    runtime: Literal["torch", "ort", "llamacpp"]
     device: Literal["cpu", "cuda"]
 
     @classmethod
@@ -39,7 +38,7 @@ class Backend:
 class WorkerSpec:
     """One measurement, as the worker process reads it."""
 
-    target: str  # the checkpoint / ONNX directory, or the model source
+    target: str  # the checkpoint / ONNX directory, the GGUF file, or the model source
     loader: Literal["checkpoint", "source"]  # how a torch model is loaded: compress.checkpoint or compress.models
     task: str
     backend: Backend

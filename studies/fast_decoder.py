@@ -1,16 +1,19 @@
 """Decoders at the hardware's speed: SmolLM2-135M on ONNX Runtime CPU, the suite's fused graph against
-optimum's traced graph, optimum's own int8 and torch fp32, side by side.
+optimum's traced graph, optimum's own int8, llama.cpp and torch fp32, side by side.
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.fast_decoder [--threads 2] [--rounds 2]
         [--only LABEL ...] [--work /tmp/compress-fast-decoder] [--out benchmarks/results/fast_decoder]
 
 Every variant is built with the suite's passes from the fp32 source (cached in --work by its recipe), except
-`optimum ORTQuantizer int8`: optimum's quantizer with its avx512_vnni dynamic defaults on optimum's export.
+`optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic defaults on optimum's export)
+and the llama.cpp rows (the packaged Q4_1 GGUF the fp32 source comes from, and its Q8_0 by llama.cpp's own
+quantizer), which are fed the same token ids.
 Each is measured by `benchmarks.harness.measure` in its own process (perplexity on held-out Shakespeare, text
 of another kind than the Wikipedia the tokenizer and calibration see; top-1 agreement and KL against torch
 fp32; prefill and decode latency; peak memory; weight bytes per token for the roofline), then timed again
 in further rounds with the rows taking turns. llama.cpp rows need llama-cpp-python (a benchmark-only extra
-that compiles llama.cpp, about 25 minutes on 2 cores); without it they are recorded as skipped.
+that compiles llama.cpp, about 25 minutes on 2 cores: pip install -e '.[llama]'); without it they are
+recorded as skipped.
 Results: benchmarks/results/fast_decoder/ (results.json, report.md/.html, plots, summary.md)."""
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ import time
 from pathlib import Path
 
 from benchmarks.config import BenchmarkConfig, LatencyConfig
-from benchmarks.harness import measure, timing_rounds
+from benchmarks.harness import backend_problem, measure, timing_rounds
 from benchmarks.report import write_report
 from benchmarks.roofline import percent_of_bound
 from compress import load, save
@@ -59,14 +62,42 @@ VARIANTS = {
     "fused int4 hqq": ("ort-cpu", FUSED + [int4("hqq")]),
     "fused int4 k_quant": ("ort-cpu", FUSED + [int4("k_quant")]),
     "fused int4 gptq": ("ort-cpu", FUSED + [int4("gptq")]),
+    "llama.cpp Q8_0": ("llamacpp-cpu", "gguf-q8_0"),
+    "llama.cpp Q4_1 (the packaged GGUF)": ("llamacpp-cpu", "gguf-packaged"),
 }
-LLAMA_CPP = ("llama.cpp Q8_0", "llama.cpp Q4_1 (the packaged GGUF)")
+
+
+def gguf(recipe: str, work: Path, log) -> str:
+    """The packaged GGUF (Q4_1, the weights the fp32 source was dequantized from), or its Q8_0 written by
+    llama.cpp's own quantizer (each tensor dequantized to fp32 and quantized again: the fp32 source's weights
+    in Q8_0; the Q8_0 token table is copied as it is)."""
+    from compress.models import smollm2_gguf
+
+    if recipe == "gguf-packaged":
+        return str(smollm2_gguf())
+    dst = work / "smollm2-135m.Q8_0.gguf"
+    if not dst.exists():
+        import ctypes
+
+        import llama_cpp
+
+        params = llama_cpp.llama_model_quantize_default_params()
+        params.ftype, params.allow_requantize = llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0, True
+        tmp = dst.with_name(dst.name + ".tmp")
+        work.mkdir(parents=True, exist_ok=True)
+        if llama_cpp.llama_model_quantize(str(smollm2_gguf()).encode(), str(tmp).encode(), ctypes.byref(params)):
+            raise RuntimeError("llama.cpp's quantizer failed to write Q8_0")
+        tmp.replace(dst)
+        log(f"  wrote {dst} ({dst.stat().st_size / 1e6:.1f} MB)")
+    return str(dst)
 
 
 def build(recipe, work: Path, log) -> str:
     """The checkpoint a recipe ends in; each prefix is built once and cached in `work` by its options."""
     if recipe == "source":
         return SOURCE
+    if isinstance(recipe, str) and recipe.startswith("gguf-"):
+        return gguf(recipe, work, log)
     if recipe == "optimum-int8":
         export_dir = Path(build(OPTIMUM, work, log))
         dst = work / "optimum-ortquantizer-int8"
@@ -90,7 +121,7 @@ def build(recipe, work: Path, log) -> str:
 
 
 def settings(threads: int, rounds: int) -> BenchmarkConfig:
-    return BenchmarkConfig(backends=["torch-cpu", "ort-cpu"], threads=threads, data=EVAL,
+    return BenchmarkConfig(backends=["torch-cpu", "ort-cpu", "llamacpp-cpu"], threads=threads, data=EVAL,
                            quality=["perplexity", "teacher-agreement"],
                            latency=LatencyConfig(warmup=2, repeats=5, rounds=rounds))
 
@@ -113,6 +144,12 @@ def main(argv=None) -> int:
             continue
         log(f"{label}: building")
         job = None
+        problem = backend_problem(backend)
+        if problem:  # llama-cpp-python is a benchmark-only extra
+            rows.append({"label": label, "variant": label, "task": "causal-lm", "backend": backend,
+                         "skipped": problem})
+            jobs.append(None)
+            continue
         try:
             target = build(recipe, args.work, log)
         except Exception as exc:  # one failed variant must not lose the others
@@ -127,13 +164,9 @@ def main(argv=None) -> int:
         rows.append(rec)
         jobs.append(job)
     timing_rounds(rows, jobs, settings(args.threads, args.rounds), log)
-    for label in LLAMA_CPP:
-        if not args.only or label in args.only:
-            rows.append({"label": label, "variant": label, "task": "causal-lm", "backend": "llama.cpp",
-                         "skipped": llama_cpp_problem()})
     for rec in rows:
         (rows_dir / f"{slug(rec['variant'])}.json").write_text(json.dumps(rec, indent=1, default=str))
-    order = {label: i for i, label in enumerate([*VARIANTS, *LLAMA_CPP])}
+    order = {label: i for i, label in enumerate(VARIANTS)}
     records = sorted((json.loads(p.read_text()) for p in rows_dir.glob("*.json")),
                      key=lambda r: order.get(r["variant"], 99))
     command = "flock /tmp/compress-heavy.lock .venv/bin/python -m studies.fast_decoder " + " ".join(
@@ -143,15 +176,6 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text(summary(records))
     log(f"report: {report}")
     return 0
-
-
-def llama_cpp_problem() -> str:
-    import importlib.util
-
-    if importlib.util.find_spec("llama_cpp") is None:
-        return ("llama-cpp-python is not installed: it is a benchmark-only extra that compiles llama.cpp "
-                "(pip install llama-cpp-python, about 25 minutes on 2 cores); these rows are not measured here")
-    return "llama.cpp rows are not wired into this study yet"
 
 
 def _q(r, *keys):

@@ -8,14 +8,14 @@ from benchmarks.worker_spec import Backend, WorkerSpec
 def test_backend_names_round_trip():
     parsed = [Backend.parse(name) for name in BACKENDS]
     assert [(b.runtime, b.device) for b in parsed] == [("torch", "cpu"), ("torch", "cuda"), ("ort", "cpu"),
-                                                       ("ort", "cuda")]
+                                                       ("ort", "cuda"), ("llamacpp", "cpu")]
     assert [str(b) for b in parsed] == list(BACKENDS)
     assert Backend.parse(parsed[0]) is parsed[0] and parsed[0] == Backend("torch", "cpu")
 
 
 @pytest.mark.parametrize("name", ["torch", "onnx-cpu", "ort-gpu", "Torch-CPU", ""])
 def test_unknown_backend_names_the_allowed_ones(name):
-    with pytest.raises(ValueError, match="allowed: torch-cpu, torch-cuda, ort-cpu, ort-cuda"):
+    with pytest.raises(ValueError, match="allowed: torch-cpu, torch-cuda, ort-cpu, ort-cuda, llamacpp-cpu"):
         Backend.parse(name)
 
 
