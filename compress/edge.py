@@ -115,12 +115,16 @@ class EdgeModel:
             past[name] = np.zeros((batch, heads, 0, head_dim), dtype=_NP_TYPES.get(meta.type, np.float32))
         return past
 
-    def _run_decoder(self, input_ids: np.ndarray, mask_so_far: np.ndarray, past: dict[str, np.ndarray]):
-        """One call: `input_ids` [B, T] new tokens, `mask_so_far` [B, past + T]; returns (logits, presents)."""
+    def _run_decoder(self, input_ids: np.ndarray, mask_so_far: np.ndarray, past: dict[str, np.ndarray],
+                     keep: int = 0):
+        """One call: `input_ids` [B, T] new tokens, `mask_so_far` [B, past + T]; returns (logits, presents).
+        `keep`: logits of the last `keep` positions only (0: all), where the graph takes logits_to_keep."""
         self._check_unpadded(mask_so_far)
         feed = {"input_ids": input_ids}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask_so_far
+        if "logits_to_keep" in self.inputs:
+            feed["logits_to_keep"] = np.array([keep], np.int64)
         if "position_ids" in self.inputs:
             # Positions count real tokens only, so left-padded batches line up with unpadded ones.
             positions = np.cumsum(mask_so_far, axis=1) - 1
@@ -162,6 +166,8 @@ class EdgeModel:
         self._check_unpadded(state.attention_mask)
         state.binding.bind_cpu_input("input_ids", input_ids)
         state.binding.bind_cpu_input("attention_mask", state.attention_mask)
+        if "logits_to_keep" in self.inputs:  # the loop reads the last position's logits only
+            state.binding.bind_cpu_input("logits_to_keep", np.array([1], np.int64))
         state.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes between calls
         self.session.run_with_iobinding(state.binding)
         return state.binding.get_outputs()[0].numpy()
@@ -206,7 +212,7 @@ class EdgeModel:
             past, binding = self._buffers(mask.shape[0], mask.shape[1] + (max_new_tokens or self.HEADROOM))
             state = DecodeState(mask, past, binding)
             return self._run_shared(feed["input_ids"], state)[:, -1, :], state
-        logits, presents = self._run_decoder(feed["input_ids"], mask, self._empty_past(mask.shape[0]))
+        logits, presents = self._run_decoder(feed["input_ids"], mask, self._empty_past(mask.shape[0]), keep=1)
         return logits[:, -1, :], DecodeState(mask, presents)
 
     def decode_step(self, next_ids, state: DecodeState) -> tuple[np.ndarray, DecodeState]:
@@ -221,7 +227,7 @@ class EdgeModel:
                 past, binding = self._buffers(mask.shape[0], 2 * capacity, state)
             new = DecodeState(mask, past, binding)
             return self._run_shared(next_ids, new)[:, -1, :], new
-        logits, presents = self._run_decoder(next_ids, mask, state.past)
+        logits, presents = self._run_decoder(next_ids, mask, state.past, keep=1)
         return logits[:, -1, :], DecodeState(mask, presents)
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,

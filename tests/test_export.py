@@ -194,7 +194,7 @@ def test_auto_writes_a_fused_gpt2_graph_that_quantizes_to_matmulnbits(tmp_path):
     model = tiny_gpt2(initializer_range=0.3)  # GPT-2's 0.02 makes a tied head repeat the last token
     path, _ = export("gpt2", tmp_path, model=model)
     info = load(path).info
-    assert info["graph"] == "fused" and info["fused"]["max_nodes_per_block"] == 9 and info["nodes"] <= 9 * 4 + 12
+    assert info["graph"] == "fused" and info["fused"]["max_nodes_per_block"] == 9 and info["nodes"] <= 9 * 4 + 14
     assert info["discrepancy"]["max_abs_error"] < 1e-4 and info["discrepancy"]["decode_max_abs_error"] < 1e-4
     ref = _edge_generates_like_torch(path, model)
     assert len(set(ref[0, 9:].tolist())) > 2

@@ -99,6 +99,28 @@ def test_shared_cache_loop_equals_the_plain_loop_and_grows(tmp_path, monkeypatch
         shared.logits(np.ones((2, 4), np.int64), np.array([[0, 1, 1, 1], [1, 1, 1, 1]]))
 
 
+def test_logits_to_keep_gives_the_last_positions_logits(tmp_path):
+    """logits_to_keep k: the last k positions' logits, equal to those rows of the full logits (0: all); the
+    prefill of both loops asks for the last one only."""
+    import onnxruntime as ort
+
+    model = tiny()
+    figures, edge = export(model, tmp_path)
+    ids = prompt(batch=2, length=7).numpy()
+    full = edge.logits(ids)
+    session = ort.InferenceSession(figures["path"], providers=["CPUExecutionProvider"])
+    past = {i.name: np.zeros((2, i.shape[1], 0, i.shape[3]), np.float32) for i in session.get_inputs()
+            if i.name.startswith("past_key_values.")}
+    for keep, rows in [(0, 7), (1, 1), (3, 3)]:
+        out = session.run(["logits"], {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                       "logits_to_keep": np.array([keep], np.int64), **past})[0]
+        assert out.shape == (2, rows, VOCAB)
+        np.testing.assert_allclose(out, full[:, -rows:], atol=1e-5, rtol=0)
+    for loop in (edge, EdgeModel(tmp_path, threads=1, shared_cache=False)):
+        last, _ = loop.prefill(ids)
+        np.testing.assert_allclose(last, full[:, -1], atol=1e-5, rtol=0)
+
+
 def test_batch_of_equal_length_prompts(tmp_path):
     model = tiny()
     _, edge = export(model, tmp_path)
@@ -255,7 +277,7 @@ def test_gpt2_matches_torch_logits_and_greedy_tokens(tmp_path, tied):
     # a small constant per block: no shape arithmetic per block, and positions computed once
     assert figures["layers"] == LAYERS and figures["tied_embeddings"] == tied
     assert figures["max_nodes_per_block"] == GPT2_BLOCK_NODES
-    assert figures["nodes"] <= GPT2_BLOCK_NODES * LAYERS + 12
+    assert figures["nodes"] <= GPT2_BLOCK_NODES * LAYERS + 14  # + mask lengths, final norm, head and its Slice
     assert not {"Concat", "Unsqueeze", "Reshape", "Range", "Expand", "Where"} & set(figures["ops"])
     assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["Shape"] == 2
     assert figures["ops"]["SkipLayerNormalization"] == 2 * LAYERS + 1 and figures["ops"]["FastGelu"] == LAYERS

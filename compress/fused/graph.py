@@ -60,8 +60,15 @@ class _Graph:
 
     def __init__(self):
         self.nodes, self.inits = [], []
+        self._consts: dict[str, np.ndarray] = {}
 
     def const(self, name: str, array: np.ndarray) -> str:
+        """An initializer; a name given again must hold the same value and is stored once."""
+        if name in self._consts:
+            if not np.array_equal(self._consts[name], array):
+                raise ValueError(f"fused export: initializer {name} written twice with different values")
+            return name
+        self._consts[name] = array
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
@@ -104,11 +111,13 @@ def output_file(path) -> Path:
 
 
 def io_info(vocab: int) -> tuple[list, list]:
-    """The graph inputs and outputs before the KV cache (see kv_io)."""
+    """The graph inputs and outputs before the KV cache (see kv_io). `logits_to_keep` [1]: logits of the
+    last k positions (0: every position), as transformers' argument of that name (see lm_head)."""
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64,
-                                            ["batch_size", "total_sequence_length"])]
-    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", vocab])]
+                                            ["batch_size", "total_sequence_length"]),
+              helper.make_tensor_value_info("logits_to_keep", TensorProto.INT64, [1])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "logits_length", vocab])]
     return inputs, outputs
 
 
@@ -142,8 +151,14 @@ def is_tied(head, embed) -> bool:
 
 
 def lm_head(g: _Graph, x: str, head, table: str, tied: bool, name: str = "/lm_head") -> None:
-    """logits: a tied head multiplies by the Transpose of the embedding table (stored once: ONNX Runtime folds
-    the Transpose at session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits)."""
+    """logits of the last `logits_to_keep` positions (0: all): generation reads the last position only, and the
+    head over every position of a prompt is a fifth of the prefill's work (SmolLM2, 128 tokens). A tied head
+    multiplies by the Transpose of the embedding table (stored once: ONNX Runtime folds the Transpose at
+    session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits)."""
+    starts = g.op("Neg", ["logits_to_keep"], f"{name}/logits_to_keep/Neg")
+    ends = g.const("/model/constants/INT64/[INT64_MAX]", np.array([np.iinfo(np.int64).max], np.int64))
+    x = g.op("Slice", [x, starts, ends, g.const("/model/constants/INT64/[1]", np.array([1], np.int64))],
+             f"{name}/logits_to_keep/Slice")
     if tied:
         table_t = g.op("Transpose", [table], f"{name}/Transpose", perm=[1, 0])
         g.op("MatMul", [x, table_t], f"{name}/MatMul", outputs=["logits"])

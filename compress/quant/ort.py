@@ -442,6 +442,8 @@ def calibration_feeds(src: Path, ids: np.ndarray, mask: np.ndarray, batch_size: 
             feed["token_type_ids"] = np.zeros_like(b_ids)
         if "position_ids" in edge.inputs:
             feed["position_ids"] = np.broadcast_to(np.arange(b_ids.shape[1]), b_ids.shape).astype(np.int64)
+        if "logits_to_keep" in edge.inputs:  # a fused decoder: the head over every position, as in scoring
+            feed["logits_to_keep"] = np.array([0], np.int64)
         feed.update(edge._empty_past(len(b_ids)))
         feeds.append(feed)
     return feeds
