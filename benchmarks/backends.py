@@ -37,6 +37,11 @@ class TorchBackend:
         self.model = model.to(self.device).eval()
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.providers = None
+        # The prefill computes the last position's logits only, as transformers' generate() asks for them.
+        import inspect
+
+        accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self._last_only = {"logits_to_keep": 1} if accepts else {}
 
     def _t(self, a: np.ndarray):
         return self.torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
@@ -61,7 +66,7 @@ class TorchBackend:
     def prefill(self, input_ids: np.ndarray, attention_mask: np.ndarray):
         mask = self._t(attention_mask)
         with self.torch.inference_mode():
-            out = self.model(input_ids=self._t(input_ids), attention_mask=mask, use_cache=True)
+            out = self.model(input_ids=self._t(input_ids), attention_mask=mask, use_cache=True, **self._last_only)
         return self._np(out.logits[:, -1]), {"past": out.past_key_values, "mask": mask}
 
     def decode_step(self, next_ids: np.ndarray, state: dict):
