@@ -209,11 +209,14 @@ def summary(records: list[dict]) -> str:
         dec = _q(r, "latency", "decode_tokens_per_s") / b_tps
         ppl = _q(r, "quality", "perplexity") / b_ppl
         pre = b_pre / _q(r, "latency", "prefill", "median_ms")
+        bound = percent_of_bound(_q(r, "latency", "decode_tokens_per_s"), r.get("weight_bytes_per_token"),
+                                 _q(r, "machine", "memory_bandwidth_gb_s")) or 0
         lines.append(f"- fused int8: decode {dec:.2f}x (>= 3.3x: {met(dec >= 3.3)}), perplexity {ppl:.3f}x "
-                     f"(<= 1.01: {met(ppl <= 1.01)}), prefill {pre:.2f}x (>= 2x: {met(pre >= 2)})")
+                     f"(<= 1.01: {met(ppl <= 1.01)}), prefill {pre:.2f}x (>= 2x: {met(pre >= 2)}), "
+                     f"{bound:.0f}% of the bandwidth bound (>= 70%: {met(bound >= 70)})")
     int4_rows = [r for k, r in by.items() if k.startswith("fused int4")]
-    if int4_rows:
-        best = min(int4_rows, key=lambda r: _q(r, "quality", "perplexity"))
+    best = min(int4_rows, key=lambda r: _q(r, "quality", "perplexity")) if int4_rows else None
+    if best:
         dec = _q(best, "latency", "decode_tokens_per_s") / b_tps
         size = b_size / best["size_bytes"]
         ppl = _q(best, "quality", "perplexity") / b_ppl
@@ -221,6 +224,16 @@ def summary(records: list[dict]) -> str:
         lines.append(f"- best int4 ({best['variant']}): decode {dec:.2f}x (>= 4.5x: {met(dec >= 4.5)}), "
                      f"{size:.2f}x smaller (>= 5x: {met(size >= 5)}), perplexity {ppl:.3f}x (<= 1.05: "
                      f"{met(ppl <= 1.05)}), prefill {pre:.2f}x (>= 2x: {met(pre >= 2)})")
+    lines += ["", "Against llama.cpp at the same bit width (at least as fast at decoding and at prefill, at equal "
+              "or better perplexity):", ""]
+    for ours, peer in ((r, by.get("llama.cpp Q8_0")), (best, by.get("llama.cpp Q4_1 (the packaged GGUF)"))):
+        if not (ours and peer):
+            continue
+        dec = _q(ours, "latency", "decode_tokens_per_s") / _q(peer, "latency", "decode_tokens_per_s")
+        pre = _q(peer, "latency", "prefill", "median_ms") / _q(ours, "latency", "prefill", "median_ms")
+        ppl = _q(ours, "quality", "perplexity") / _q(peer, "quality", "perplexity")
+        lines.append(f"- {ours['variant']} vs {peer['variant']}: decode {dec:.2f}x ({met(dec >= 1)}), prefill "
+                     f"{pre:.2f}x ({met(pre >= 1)}), perplexity {ppl:.3f}x ({met(ppl <= 1)})")
     return "\n".join(lines) + "\n"
 
 
