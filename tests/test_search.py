@@ -204,6 +204,13 @@ def test_a_constraint_no_trial_meets_is_reported_with_the_closest(tiny_llama_dir
     trials = _trials(out)
     assert trials["chosen"] is None and trials["closest"] == [1, 0]
     assert not (out / "tiny-search" / "search" / "best.yaml").exists()
+    # the samplers see both trials as infeasible, by how much each breaks the constraint
+    import optuna
+
+    study = optuna.load_study(study_name="tiny-search",
+                              storage=f"sqlite:///{out / 'tiny-search' / 'search' / 'study.db'}")
+    assert [t.constraints["c0"] for t in study.trials] == [pytest.approx((r - 1.05) / 1.05, rel=0.01)
+                                                           for r in ratios[::-1]]
 
 
 def test_full_measurement_only_for_trials_the_screen_lets_through(tiny_llama_dir, tmp_path, monkeypatch):

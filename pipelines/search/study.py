@@ -57,16 +57,21 @@ def _sampler(setup: SearchSetup, seed: int):
     import optuna
 
     budget = setup.settings.budget.trials or 40
-    constraints = (lambda t: t.user_attrs.get("violations") or [0.0] * len(setup.constraints)) \
-        if setup.constraints else None
     kind = setup.settings.sampler
+    # Constraints reach the samplers through each trial (`_judge`: Trial.set_constraint), not constraints_func.
     if kind in ("random", "grid"):  # grid: every combination is queued (_queue_grid); random past the queue
         return optuna.samplers.RandomSampler(seed=seed)
     if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)),
-                                             constraints_func=constraints)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, budget // 3)),
-                                      multivariate=True, constraints_func=constraints)
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=max(4, min(20, budget // 3)))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, budget // 3)), multivariate=True)
+
+
+def _judge(trial, violations: list[float]) -> None:
+    """Record by how much `trial` breaks each constraint (0: kept): for the report (user attribute
+    "violations") and for the samplers (Optuna's per-trial constraints, feasible when all are <= 0)."""
+    trial.set_user_attr("violations", violations)
+    for i, v in enumerate(violations):
+        trial.set_constraint(f"c{i}", v)
 
 
 def _range_values(p) -> list:
@@ -253,9 +258,11 @@ class Search:
             trial.set_user_attr(k, v)
         same = _same_values(study, values, trial.number)
         if same is not None:  # the sampler proposed a finished recipe again: its result, not a second run
-            for k in ("figures", "screen", "violations", "feasible", "reason", "backend"):
+            for k in ("figures", "screen", "feasible", "reason", "backend"):
                 if k in same.user_attrs:
                     trial.set_user_attr(k, same.user_attrs[k])
+            if "violations" in same.user_attrs:
+                _judge(trial, same.user_attrs["violations"])
             trial.set_user_attr("same_as", same.number)
             study.tell(trial, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
             self._say(trial.number, options, f"same as trial {same.number} ({same.state.name.lower()})")
@@ -304,7 +311,7 @@ class Search:
         broken = self._broken(screen)
         if broken:
             trial.set_user_attr("figures", screen)
-            trial.set_user_attr("violations", self._violations(screen))
+            _judge(trial, self._violations(screen))
             trial.set_user_attr("feasible", False)
             trial.set_user_attr("reason", f"screen: {broken}")
             return TrialState.PRUNED, None, f"pruned on the screen: {broken}"
@@ -313,7 +320,7 @@ class Search:
             better = self._beaten_on_screen(study, screen)
             if better is not None:
                 trial.set_user_attr("figures", screen)
-                trial.set_user_attr("violations", [0.0] * len(setup.constraints))
+                _judge(trial, [0.0] * len(setup.constraints))
                 reason = f"screen: trial {better} is as good or better on every screened objective"
                 trial.set_user_attr("reason", reason)
                 return TrialState.PRUNED, None, f"pruned: {reason}"
@@ -326,9 +333,8 @@ class Search:
         missing = [n for n, _ in setup.objectives if figures.get(n) is None]
         if missing:
             return fail(f"{', '.join(missing)} not measured for this checkpoint")
-        violations = self._violations(figures)
         broken = self._broken(figures)
-        trial.set_user_attr("violations", violations)
+        _judge(trial, self._violations(figures))
         trial.set_user_attr("feasible", not broken)
         if broken:
             trial.set_user_attr("reason", broken)
