@@ -60,6 +60,7 @@ VARIANTS = {
     "fused int8 (MatMulNBits b32)": ("ort-cpu", FUSED + [INT8]),
     "fused int4 rtn": ("ort-cpu", FUSED + [int4("rtn")]),
     "fused int4 hqq": ("ort-cpu", FUSED + [int4("hqq")]),
+    "fused int4 minmax (Q4_1's grid)": ("ort-cpu", FUSED + [int4("minmax")]),
     "fused int4 k_quant": ("ort-cpu", FUSED + [int4("k_quant")]),
     "fused int4 gptq": ("ort-cpu", FUSED + [int4("gptq")]),
     "llama.cpp Q8_0": ("llamacpp-cpu", "gguf-q8_0"),
