@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -171,7 +172,7 @@ def main(argv=None) -> int:
     records = sorted((json.loads(p.read_text()) for p in rows_dir.glob("*.json")),
                      key=lambda r: order.get(r["variant"], 99))
     command = "flock /tmp/compress-heavy.lock .venv/bin/python -m studies.fast_decoder " + " ".join(
-        f"'{a}'" if " " in a else a for a in (argv if argv is not None else sys.argv[1:]))
+        shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = write_report(records, args.out, "Fused decoder graph: SmolLM2-135M on ONNX Runtime CPU",
                           command=command.strip())
     (args.out / "summary.md").write_text(summary(records))
