@@ -6,6 +6,7 @@ EdgeModel itself, so ONNX decoding has a single implementation in the suite; the
 GGUF files. Imported only inside the measuring subprocess (benchmarks/worker.py)."""
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,6 @@ class TorchBackend:
         self.dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         self.providers = None
         # The prefill computes the last position's logits only, as transformers' generate() asks for them.
-        import inspect
-
         accepts = "logits_to_keep" in inspect.signature(model.forward).parameters
         self._last_only = {"logits_to_keep": 1} if accepts else {}
 

@@ -136,7 +136,7 @@ def backend_problem(backend: Backend | str) -> str | None:
     if backend.runtime == "llamacpp":
         if importlib.util.find_spec("llama_cpp") is None:
             return (f"{backend}: llama-cpp-python is not installed (a benchmark-only extra that compiles llama.cpp, "
-                    "about 25 minutes on 2 cores: pip install -e '.[llama]')")
+                    "7 to 25 minutes on 2 cores: pip install -e '.[llama]')")
         return None
     if backend.runtime == "torch":
         if backend.device == "cpu":

@@ -12,7 +12,7 @@ Each is measured by `benchmarks.harness.measure` in its own process (perplexity 
 of another kind than the Wikipedia the tokenizer and calibration see; top-1 agreement and KL against torch
 fp32; prefill and decode latency; peak memory; weight bytes per token for the roofline), then timed again
 in further rounds with the rows taking turns. llama.cpp rows need llama-cpp-python (a benchmark-only extra
-that compiles llama.cpp, about 25 minutes on 2 cores: pip install -e '.[llama]'); without it they are
+that compiles llama.cpp, 7 to 25 minutes on 2 cores: pip install -e '.[llama]'); without it they are
 recorded as skipped.
 Results: benchmarks/results/fast_decoder/ (results.json, report.md/.html, plots, summary.md)."""
 from __future__ import annotations
