@@ -12,6 +12,10 @@ from .errors import CompressError
 ONNX_FILE = "model.onnx"
 EXTERNAL_DATA = "model.onnx.data"
 PROTOBUF_LIMIT = 2 * 1024**3  # one protobuf message cannot exceed 2 GiB
+# Under external "auto", graphs above this keep their weights in model.onnx.data: ONNX Runtime then reads them
+# from the file rather than copying them out of a parsed graph (SmolLM2 int8: peak memory 337 -> 287 MB,
+# studies/onnx_memory.py); small graphs stay one file.
+EXTERNAL_ABOVE = 64 * 1024**2
 # Files of an ONNX bundle besides the graph: what a later ONNX pass carries over from its parent.
 BUNDLE_FILES = ("config.json", "generation_config.json", "edge_runner.py")
 
@@ -29,8 +33,8 @@ def onnx_size(folder: Path) -> int:
 def save_model(model, folder: Path, external: str = "auto") -> Path:
     """Write `model` (onnx.ModelProto, external data already loaded) as folder/model.onnx.
 
-    external: "auto" puts the weights in model.onnx.data only when the graph would exceed the protobuf
-    limit, "always" always does, "never" never does (and fails over the limit)."""
+    external: "auto" puts the weights in model.onnx.data when the graph is over EXTERNAL_ABOVE (64 MB),
+    "always" always does, "never" never does (and fails over the protobuf limit)."""
     import onnx
 
     folder = Path(folder)
@@ -38,7 +42,7 @@ def save_model(model, folder: Path, external: str = "auto") -> Path:
     for f in folder.iterdir():  # stale graph / data files from an earlier save
         if f.name.startswith(ONNX_FILE) or f.suffix == ".data" or f.name.endswith("_data"):
             f.unlink()
-    use_external = external == "always" or (external == "auto" and model.ByteSize() > PROTOBUF_LIMIT - (64 << 20))
+    use_external = external == "always" or (external == "auto" and model.ByteSize() > EXTERNAL_ABOVE)
     path = folder / ONNX_FILE
     if use_external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

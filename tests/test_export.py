@@ -138,6 +138,29 @@ def test_external_data_and_fusions(tmp_path):
     assert EdgeModel(path).logits(np.array([[3, 50, 60, 4]])).shape == (1, 5)
 
 
+def test_auto_keeps_large_graphs_weights_in_a_data_file_through_quantize(tmp_path, monkeypatch):
+    """external_data auto: a graph over EXTERNAL_ABOVE keeps its weights in model.onnx.data (ONNX Runtime
+    reads them from the file), also after quantize rewrites it; a small one stays one file."""
+    import compress.onnx_tools as onnx_tools
+
+    small, _ = export("llama-gqa", tmp_path / "small")
+    assert not (small / "model.onnx.data").exists()
+    monkeypatch.setattr(onnx_tools, "EXTERNAL_ABOVE", 1024)  # as if the tiny model were large
+    path, _ = export("llama-gqa", tmp_path / "large")
+    def external(folder):  # initializers whose bytes live in model.onnx.data
+        graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
+        return [i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
+
+    assert len(external(path)) >= 10 and not external(small)
+    quantized = tmp_path / "large-int8"
+    ctx = PassContext(task="causal-lm", scratch=tmp_path / "scratch")
+    save(get("quantize")(method="ort-int8-dynamic").run(load(path), ctx), quantized)
+    assert len(external(quantized)) >= 10
+    ids = np.array([[3, 50, 60, 4]])
+    np.testing.assert_allclose(EdgeModel(quantized).logits(ids), EdgeModel(path).logits(ids), atol=0.05)
+    assert load(quantized).quantization["bits"] == 8  # the manifest's files, the data file included, verify
+
+
 def test_export_refuses_quantized_torch_model(tmp_path):
     art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama(),
                    quantization={"method": "bf16", "bits": 16})

@@ -9,7 +9,7 @@ decoders without past) goes through optimum's exporter, a traced graph with thou
 decoder; BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
 `graph: auto` picks the fused writer where it applies and records why it did not otherwise.
 
-The output is an edge bundle: model.onnx (+ model.onnx.data over the protobuf limit), config.json, the
+The output is an edge bundle: model.onnx (+ model.onnx.data for graphs over 64 MB), config.json, the
 tokenizer (written by the runner), edge_runner.py (compress/edge.py, runs with onnxruntime + numpy +
 tokenizers only) and the manifest with the check's figures."""
 from __future__ import annotations
@@ -57,7 +57,9 @@ class ExportConfig(PassConfig):
         "fusion that fails or breaks the check leaves the plain graph, with a note. true = always, and a "
         "failure is an error; false = never. (A graph: fused decoder is fused already.)")
     external_data: Literal["auto", "always", "never"] = Field(
-        "auto", description="weights in model.onnx.data: auto = only over the 2 GB protobuf limit")
+        "auto", description="weights in model.onnx.data: auto = for graphs over 64 MB (ONNX Runtime reads them "
+        "from the file instead of copying them out of the parsed graph: less peak memory), always, or never "
+        "(one file; fails over the 2 GB protobuf limit)")
     check_samples: int = Field(4, ge=1, description="sequences in the discrepancy check")
     check_seq_len: int = Field(32, ge=2, description="tokens per sequence in the discrepancy check")
     max_abs_error: float | None = Field(1e-2, gt=0, description="fail if any output differs from torch by "
