@@ -6,7 +6,8 @@ inputs / outputs (the convention compress.edge's loops rely on) and the saving o
 KV cache convention (both writers): inputs past_key_values.{i}.key / .value and outputs present.{i}.key /
 .value, BNSH [batch_size, kv heads, past_sequence_length / present_sequence_length, head_dim], fp32; the
 model metadata `compress.graph: fused` tells compress.edge to run the graph with past and present bound to
-one buffer per layer."""
+one buffer per layer. Input `logits_to_keep` (int64 [1]): logits of the last k positions only, 0 for all
+(generation asks for 1, scoring for 0)."""
 from __future__ import annotations
 
 from collections import Counter
