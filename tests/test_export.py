@@ -147,6 +147,7 @@ def test_auto_keeps_large_graphs_weights_in_a_data_file_through_quantize(tmp_pat
     assert not (small / "model.onnx.data").exists()
     monkeypatch.setattr(onnx_tools, "EXTERNAL_ABOVE", 1024)  # as if the tiny model were large
     path, _ = export("llama-gqa", tmp_path / "large")
+
     def external(folder):  # initializers whose bytes live in model.onnx.data
         graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
         return [i.name for i in graph.initializer if i.data_location == onnx.TensorProto.EXTERNAL]
