@@ -86,18 +86,22 @@ def main(argv=None) -> int:
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in ("peak_rss_mb", "rss_after_load_mb",
                                                                             "load_s")}
                for name, rs in runs.items()}
+    from benchmarks.machine import machine_record
+
+    machine = machine_record()
     args.out.mkdir(parents=True, exist_ok=True)
     command = "flock /tmp/compress-heavy.lock .venv/bin/python -m studies.onnx_memory " + " ".join(
         argv if argv is not None else sys.argv[1:])
     (args.out / "results.json").write_text(json.dumps(
-        {"command": command.strip(), "checkpoint": str(checkpoint), "same_tokens": same_tokens,
+        {"command": command.strip(), "machine": machine, "checkpoint": str(checkpoint), "same_tokens": same_tokens,
          "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary, "runs": runs},
         indent=1))
     inline, external = summary["inline"], summary["external"]
     lines = ["# Peak memory of the fused int8 SmolLM2-135M, weights inline or in model.onnx.data", "",
              f"Command: `{command.strip()}` ({args.rounds} rounds, medians; every load in its own process, "
              "2 threads, 128-token prompt + 32 greedy tokens). Same tokens from both storages: "
-             f"{'yes' if same_tokens else 'NO'}.", "",
+             f"{'yes' if same_tokens else 'NO'}. Machine: {machine['cpu']} ({', '.join(machine['cpu_flags'])}), "
+             f"onnxruntime {machine['versions'].get('onnxruntime')}, commit {machine['git_commit']}.", "",
              "| storage | peak RSS | RSS after load | load |", "| --- | --- | --- | --- |"]
     for name, s in summary.items():
         lines.append(f"| {name} | {s['peak_rss_mb']:.0f} MB | {s['rss_after_load_mb']:.0f} MB | {s['load_s']:.2f} s |")
