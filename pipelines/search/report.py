@@ -42,9 +42,16 @@ def trial_rows(study) -> list[dict]:
         rows.append({"number": t.number, "state": state,
                      "options": a.get("options", {}), "values": a.get("values", {}), "figures": a.get("figures", {}),
                      "screen": a.get("screen", {}), "feasible": a.get("feasible"), "reason": a.get("reason"),
-                     "violations": a.get("violations"), "backend": a.get("backend"), "same_as": a.get("same_as"),
+                     "violations": _violations(t), "backend": a.get("backend"), "same_as": a.get("same_as"),
                      "seconds": a.get("seconds")})
     return rows
+
+
+def _violations(trial) -> list[float] | None:
+    """By how much the trial breaks each constraint (0: kept), in the constraints' order, from Optuna's
+    per-trial constraints (keys c0, c1, ...; "0", "1", ... in studies stored before); None when not judged."""
+    c = trial.constraints
+    return [c[k] for k in sorted(c, key=lambda k: int(k.lstrip("c")))] or None
 
 
 def _key(row: dict, objectives) -> tuple:

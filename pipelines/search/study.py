@@ -67,9 +67,8 @@ def _sampler(setup: SearchSetup, seed: int):
 
 
 def _judge(trial, violations: list[float]) -> None:
-    """Record by how much `trial` breaks each constraint (0: kept): for the report (user attribute
-    "violations") and for the samplers (Optuna's per-trial constraints, feasible when all are <= 0)."""
-    trial.set_user_attr("violations", violations)
+    """Record by how much `trial` breaks each constraint (0: kept) as Optuna's per-trial constraints: the
+    samplers read them (feasible when all are <= 0), and so does the report (report.trial_rows)."""
     for i, v in enumerate(violations):
         trial.set_constraint(f"c{i}", v)
 
@@ -261,8 +260,8 @@ class Search:
             for k in ("figures", "screen", "feasible", "reason", "backend"):
                 if k in same.user_attrs:
                     trial.set_user_attr(k, same.user_attrs[k])
-            if "violations" in same.user_attrs:
-                _judge(trial, same.user_attrs["violations"])
+            for key, v in same.constraints.items():
+                trial.set_constraint(key, v)
             trial.set_user_attr("same_as", same.number)
             study.tell(trial, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
             self._say(trial.number, options, f"same as trial {same.number} ({same.state.name.lower()})")
