@@ -5,42 +5,19 @@
         [--work /tmp/compress-fast-decoder] [--out benchmarks/results/onnx_memory]
 
 The checkpoint is SmolLM2-135M's fused int8 graph (studies/fast_decoder.py's recipe, cached in --work). Each
-storage is written once, then loaded by compress.edge.EdgeModel in a fresh process (2 threads), which
-generates 32 greedy tokens after a 128-token prompt; the process reports its resident memory after loading
-and its peak (VmHWM). Rounds alternate the two storages. Results: --out/results.json and README.md."""
+storage is written once, then measured by `benchmarks.harness.measure` on ort-cpu in its own process (2
+threads, a 128-token prompt and 32 greedy tokens; no quality scoring): its resident memory after loading and
+its peak (VmHWM). Rounds alternate the two storages. Results: --out/results.json and README.md."""
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _status_mb(field: str) -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
-def measure(folder: str) -> dict:
-    """In this process: load, generate, and the memory figures."""
-    import numpy as np
-
-    from compress.edge import EdgeModel
-
-    start = time.perf_counter()
-    model = EdgeModel(folder, threads=2)
-    loaded = {"load_s": time.perf_counter() - start, "rss_after_load_mb": _status_mb("VmRSS")}
-    prompt = np.random.default_rng(0).integers(100, 40000, size=(1, 128), dtype=np.int64)
-    tokens = model.generate(prompt, 32)[0, 128:].tolist()
-    return {**loaded, "peak_rss_mb": _status_mb("VmHWM"), "tokens": tokens}
 
 
 def write_storages(checkpoint: Path, work: Path) -> dict[str, Path]:
@@ -63,32 +40,33 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-fast-decoder"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "onnx_memory")
-    ap.add_argument("--measure", help=argparse.SUPPRESS)  # internal: one measurement in this process
     args = ap.parse_args(argv)
-    if args.measure:
-        print(json.dumps(measure(args.measure)))
-        return 0
+    from benchmarks.config import BenchmarkConfig, LatencyConfig
+    from benchmarks.harness import measure
     from compress.runtime import set_threads
-    from studies.fast_decoder import FUSED, INT8, build
+    from studies.fast_decoder import EVAL, FUSED, INT8, build
 
     set_threads(2)
     checkpoint = Path(build(FUSED + [INT8], args.work, print))
     folders = write_storages(checkpoint, args.work)
+    settings = BenchmarkConfig(backends=["ort-cpu"], threads=2, quality=[], data=EVAL,
+                               latency=LatencyConfig(warmup=1, repeats=2))
     runs: dict[str, list[dict]] = {name: [] for name in folders}
     for k in range(args.rounds):
         for name, folder in folders.items():
-            proc = subprocess.run([sys.executable, "-m", "studies.onnx_memory", "--measure", str(folder)],
-                                  cwd=ROOT, capture_output=True, text=True, check=True,
-                                  env=dict(os.environ, OMP_NUM_THREADS="2"))
-            runs[name].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            rec = measure(str(folder), backend="ort-cpu", settings=settings, label=name,
+                          work_dir=args.work / "harness")
+            if "error" in rec:
+                raise RuntimeError(f"{name}: {rec['error']}")
+            runs[name].append({"peak_rss_mb": rec["memory"]["peak_rss_mb"],
+                               "rss_after_load_mb": rec["memory"]["rss_after_load_mb"], "load_s": rec["load_s"],
+                               "tokens": rec["latency"]["generated_ids"]})
             print(f"round {k + 1} {name}: {runs[name][-1]['peak_rss_mb']:.0f} MB peak", flush=True)
+    machine = rec["machine"]
     same_tokens = len({json.dumps(r["tokens"]) for rs in runs.values() for r in rs}) == 1
     summary = {name: {key: statistics.median(r[key] for r in rs) for key in ("peak_rss_mb", "rss_after_load_mb",
                                                                             "load_s")}
                for name, rs in runs.items()}
-    from benchmarks.machine import machine_record
-
-    machine = machine_record()
     args.out.mkdir(parents=True, exist_ok=True)
     command = "flock /tmp/compress-heavy.lock .venv/bin/python -m studies.onnx_memory " + " ".join(
         argv if argv is not None else sys.argv[1:])
@@ -98,8 +76,9 @@ def main(argv=None) -> int:
         indent=1))
     inline, external = summary["inline"], summary["external"]
     lines = ["# Peak memory of the fused int8 SmolLM2-135M, weights inline or in model.onnx.data", "",
-             f"Command: `{command.strip()}` ({args.rounds} rounds, medians; every load in its own process, "
-             "2 threads, 128-token prompt + 32 greedy tokens). Same tokens from both storages: "
+             f"Command: `{command.strip()}` ({args.rounds} rounds, medians; each by "
+             "benchmarks.harness.measure on ort-cpu in its own process, 2 threads, 128-token prompt + 32 greedy "
+             "tokens). Same tokens from both storages: "
              f"{'yes' if same_tokens else 'NO'}. Machine: {machine['cpu']} ({', '.join(machine['cpu_flags'])}), "
              f"onnxruntime {machine['versions'].get('onnxruntime')}, commit {machine['git_commit']}.", "",
              "| storage | peak RSS | RSS after load | load |", "| --- | --- | --- | --- |"]
