@@ -21,6 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def write_storages(checkpoint: Path, work: Path) -> dict[str, Path]:
+    """Bare ONNX folders (graph, config, tokenizer; no manifest) of `checkpoint`, one per storage."""
+    import shutil
+
     import onnx
 
     from compress import onnx_tools
@@ -28,9 +31,11 @@ def write_storages(checkpoint: Path, work: Path) -> dict[str, Path]:
     out = {}
     for name, external in (("inline", "never"), ("external", "always")):
         folder = work / f"onnx-memory-{name}"
-        if not (folder / onnx_tools.ONNX_FILE).exists():
+        if not (folder / "tokenizer.json").exists():
             onnx_tools.save_model(onnx.load(str(checkpoint / onnx_tools.ONNX_FILE)), folder, external)
-            onnx_tools.copy_bundle(checkpoint, folder)
+            for f in checkpoint.iterdir():
+                if f.is_file() and not f.name.startswith(onnx_tools.ONNX_FILE) and f.name != "manifest.json":
+                    shutil.copy2(f, folder / f.name)
         out[name] = folder
     return out
 
