@@ -155,6 +155,8 @@ class EdgeModel:
                 past[name][:, :, : old.length] = old.past[name][:, :, : old.length]
         binding = self.session.io_binding()
         binding.bind_output("logits", "cpu")  # first, so it stays output 0 when bound again
+        if "logits_to_keep" in self.inputs:  # the loop reads the last position's logits only
+            binding.bind_cpu_input("logits_to_keep", np.array([1], np.int64))
         for name, buf in past.items():
             value = ort.OrtValue.ortvalue_from_numpy(buf)  # aliases the numpy buffer, no copy
             binding.bind_ortvalue_input(name, value)
@@ -166,8 +168,6 @@ class EdgeModel:
         self._check_unpadded(state.attention_mask)
         state.binding.bind_cpu_input("input_ids", input_ids)
         state.binding.bind_cpu_input("attention_mask", state.attention_mask)
-        if "logits_to_keep" in self.inputs:  # the loop reads the last position's logits only
-            state.binding.bind_cpu_input("logits_to_keep", np.array([1], np.int64))
         state.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes between calls
         self.session.run_with_iobinding(state.binding)
         return state.binding.get_outputs()[0].numpy()
