@@ -131,6 +131,9 @@ class LlamaCppBackend:
     position's logits only; scoring reopens the model with logits for every position."""
 
     def __init__(self, target: str, threads: int, context: int):
+        import llama_cpp
+
+        self.lib = llama_cpp  # its C API, read every decode step
         self.target, self.threads, self.context = target, threads, context
         self.scoring = False  # opened for timing: the last position's logits only
         self.llm = self._open(logits_all=False)
@@ -139,18 +142,14 @@ class LlamaCppBackend:
         self.providers = None
 
     def _open(self, logits_all: bool):
-        from llama_cpp import Llama
-
-        return Llama(model_path=self.target, n_ctx=self.context, n_batch=self.context, n_ubatch=self.context,
+        return self.lib.Llama(model_path=self.target, n_ctx=self.context, n_batch=self.context, n_ubatch=self.context,
                      n_threads=self.threads, n_threads_batch=self.threads, logits_all=logits_all, verbose=False)
 
     def sync(self) -> None:
         pass
 
     def _last_logits(self) -> np.ndarray:
-        import llama_cpp
-
-        ptr = llama_cpp.llama_get_logits_ith(self.llm.ctx, -1)
+        ptr = self.lib.llama_get_logits_ith(self.llm.ctx, -1)
         return np.ctypeslib.as_array(ptr, shape=(self.llm.n_vocab(),)).copy()[None]
 
     def logits(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
@@ -180,8 +179,7 @@ class LlamaCppBackend:
         self.llm.eval([int(next_ids[0, 0])])
         return self._last_logits(), None
 
-    def generate(self, prompt: np.ndarray, new_tokens: int, eos: int | None) -> list[int]:
-        return greedy(self, prompt, new_tokens, eos)[0].tolist()
+    generate = TorchBackend.generate  # the same greedy loop over prefill / decode_step
 
     def cuda_peak_mb(self) -> float | None:
         return None
