@@ -134,6 +134,29 @@ def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
     assert q.info["discrepancy"]["top1_agreement"] >= 0.9
 
 
+def test_int8_table_on_llama_cpp_q8_0_grid_is_stored_exactly(tmp_path):
+    """A vocabulary table that came from a GGUF file's Q8_0 (blocks of 32, symmetric, fp16 scales: the packaged
+    SmolLM2's) is stored again without error, in blocks of 32 also where the width allows 64."""
+    from onnx import numpy_helper
+
+    model = tiny_llama(hidden_size=64, num_hidden_layers=1)
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-127, 128, (VOCAB_ROWS, 2, 32))
+    codes[:, :, 0] = 127  # each block reaches its scale's range, as Q8_0's do
+    scale = (rng.random((VOCAB_ROWS, 2, 1)) * 1e-3 + 1e-4).astype(np.float16).astype(np.float32)
+    table = (codes * scale).reshape(VOCAB_ROWS, 64).astype(np.float32)
+    with torch.no_grad():
+        model.model.embed_tokens.weight.copy_(torch.from_numpy(table))
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=model)
+    exported = load(save(get("export")().run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "e"))
+    q = quantize(exported, tmp_path, method="ort-int8-dynamic")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q.path / "model.onnx")).graph.initializer}
+    packed, scales = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale"]
+    assert packed.shape == (VOCAB_ROWS, 2, 32) and scales.shape == (VOCAB_ROWS, 2)
+    stored = (packed.astype(np.float32) - 128) * scales[..., None]
+    assert np.array_equal(stored.reshape(VOCAB_ROWS, 64), table)
+
+
 def test_static_calibration_follows_the_data(onnx_llama, tmp_path):
     other = PipelineData(train=DataSpec(source="builtin:wikipedia", max_examples=2))
     a = quantize(onnx_llama, tmp_path / "a", method="ort-int8-static", calibration_batches=2)
