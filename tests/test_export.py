@@ -211,7 +211,7 @@ def test_fused_graph_quantizes_to_matmulnbits_with_one_int8_table(tmp_path):
 def test_auto_writes_a_fused_gpt2_graph_that_quantizes_to_matmulnbits(tmp_path):
     """tiny_gpt2's head_dim 8 is what GroupQueryAttention takes without rotary: auto writes the fused graph
     (9 nodes per block, the copy-free loop, torch's greedy tokens); int8 and int4 MatMulNBits then make the
-    tied wte one int8 table (GatherBlockQuantized + an 8-bit MatMulNBits head); int8 keeps the tokens close
+    tied wte one int8 table (GatherBlockQuantized + an 8-bit MatMulNBits head); int8 keeps torch's next tokens
     (4 bits of random weights do not: only the error's size is checked there)."""
     from collections import Counter
 
@@ -240,7 +240,9 @@ def test_auto_writes_a_fused_gpt2_graph_that_quantizes_to_matmulnbits(tmp_path):
         assert quantized.shared_cache
         if bits == 8:
             assert d["top1_agreement"] > 0.9, d
-            got = quantized.generate(ref[:, :9].numpy(), 8)[0, 9:]
+            # teacher-forced on torch's tokens: a greedy run diverges for good at the first near-tie (two of
+            # these 8 steps have top-2 margins of 0.2 logits in torch)
+            got = quantized.logits(ref.numpy())[0, 8:-1].argmax(-1)
             assert (got == ref[0, 9:].numpy()).mean() >= 0.75, (got, ref[0, 9:])
 
 

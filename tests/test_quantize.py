@@ -111,7 +111,7 @@ def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
     inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
     assert q.info["int8_embedding_tables"] == ["model.embed_tokens.weight"]
     assert not any(w.dtype == np.float32 and w.size >= VOCAB_ROWS * 32 for w in inits.values())
-    packed, scale = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale"]
+    packed, scale = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale_fp16"]
     assert packed.dtype == np.uint8 and packed.shape == (VOCAB_ROWS, 1, 32) and scale.shape == (VOCAB_ROWS, 1)
     parent = numpy_helper.to_array(next(i for i in onnx.load(str(onnx_llama.path / "model.onnx")).graph.initializer
                                         if i.name == "model.embed_tokens.weight"))
@@ -124,13 +124,13 @@ def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
         assert head.op_type == "MatMulNBits" and head.input[1] == "model.embed_tokens.weight_uint8"
     else:
         assert head.op_type == "MatMul" and q.quantization["excluded_nodes"] == ["/lm_head/MatMul"]
-        import onnxruntime as ort  # the float copy for the head is computed once, when the session starts
+    import onnxruntime as ort  # the float32 scales (and the head's float copy) are computed when the session starts
 
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-        ort.InferenceSession(str(q.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
-        left = [n.name for n in onnx.load(so.optimized_model_filepath).graph.node if "embed_tokens" in n.name]
-        assert left == ["/model/embed_tokens/Gather"]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(q.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    left = [n.name for n in onnx.load(so.optimized_model_filepath).graph.node if "embed_tokens" in n.name]
+    assert left == ["/model/embed_tokens/Gather"]
     assert q.info["discrepancy"]["top1_agreement"] >= 0.9
 
 
@@ -151,7 +151,7 @@ def test_int8_table_on_llama_cpp_q8_0_grid_is_stored_exactly(tmp_path):
     exported = load(save(get("export")().run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "e"))
     q = quantize(exported, tmp_path, method="ort-int8-dynamic")
     inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(q.path / "model.onnx")).graph.initializer}
-    packed, scales = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale"]
+    packed, scales = inits["model.embed_tokens.weight_uint8"], inits["model.embed_tokens.weight_scale_fp16"]
     assert packed.shape == (VOCAB_ROWS, 2, 32) and scales.shape == (VOCAB_ROWS, 2)
     stored = (packed.astype(np.float32) - 128) * scales[..., None]
     assert np.array_equal(stored.reshape(VOCAB_ROWS, 64), table)

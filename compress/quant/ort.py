@@ -317,8 +317,8 @@ def _has_weight(model, node_name: str) -> bool:
 
 
 def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None = None) -> dict:
-    """Embedding tables (float initializers read by Gather) to int8 in blocks along the row, stored once in
-    MatMulNBits' layout: Gathers become GatherBlockQuantized, and a tied LM head (a MatMul reading the table
+    """Embedding tables (float initializers read by Gather) to int8 in blocks along the row (blocks of 32 with
+    fp16 scales where the width allows: llama.cpp's Q8_0), stored once in MatMulNBits' layout: Gathers become GatherBlockQuantized, and a tied LM head (a MatMul reading the table
     through a Transpose) becomes an int8 MatMulNBits over the same bytes, so decoding reads the vocabulary
     matrix as int8 rather than fp32 (it is ~20% of SmolLM2's weights). Any other reader gets the dequantized
     table, which ONNX Runtime folds into a constant when the session starts. (quantize_dynamic's own Gather
@@ -352,14 +352,18 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
         else:  # codes -127..127 as uint8 around 128: both contrib ops' default zero point
             codes, scale = table_grid(torch.from_numpy(w), block)
             q = (codes.numpy() + 128).astype(np.uint8)  # [rows, blocks, block]
-        scale = scale.numpy()
         packed, scales = table + "_uint8", table + "_scale"
         graph.initializer.remove(inits[table])
         row_bytes = width * bits // 8
-        graph.initializer.extend([numpy_helper.from_array(q, packed), numpy_helper.from_array(scale, scales),
+        graph.initializer.extend([numpy_helper.from_array(q, packed),
                                   numpy_helper.from_array(np.array([rows, row_bytes], np.int64), table + "_shape")])
         rows_view = table + "_uint8_rows"  # [rows, bytes] view for the Gather, folded at session start
         new_nodes = [helper.make_node("Reshape", [packed, table + "_shape"], [rows_view], name=table + "_rows")]
+        if four:
+            graph.initializer.append(numpy_helper.from_array(scale.numpy(), scales))
+        else:  # int8: fp16 scales on disk (table_grid's), the float32 ones both ops take folded at session start
+            graph.initializer.append(numpy_helper.from_array(scale.numpy().astype(np.float16), scales + "_fp16"))
+            new_nodes.append(helper.make_node("Cast", [scales + "_fp16"], [scales], name=scales + "_cast", to=1))
         dequantized = False
         for node in lookups:
             _replace(graph, node, helper.make_node(
