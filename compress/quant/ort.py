@@ -318,11 +318,12 @@ def _has_weight(model, node_name: str) -> bool:
 
 def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None = None) -> dict:
     """Embedding tables (float initializers read by Gather) to int8 in blocks along the row (blocks of 32 with
-    fp16 scales where the width allows: llama.cpp's Q8_0), stored once in MatMulNBits' layout: Gathers become GatherBlockQuantized, and a tied LM head (a MatMul reading the table
-    through a Transpose) becomes an int8 MatMulNBits over the same bytes, so decoding reads the vocabulary
-    matrix as int8 rather than fp32 (it is ~20% of SmolLM2's weights). Any other reader gets the dequantized
-    table, which ONNX Runtime folds into a constant when the session starts. (quantize_dynamic's own Gather
-    path uses one scale for the whole table: 3x the error of even one scale per row.)
+    fp16 scales where the width allows: llama.cpp's Q8_0), stored once in MatMulNBits' layout: Gathers become
+    GatherBlockQuantized, and a tied LM head (a MatMul reading the table through a Transpose) becomes an int8
+    MatMulNBits over the same bytes, so decoding reads the vocabulary matrix as int8 rather than fp32 (it is
+    ~20% of SmolLM2's weights). Any other reader gets the dequantized table, which ONNX Runtime folds into a
+    constant when the session starts. (quantize_dynamic's own Gather path uses one scale for the whole table:
+    3x the error of even one scale per row.)
 
     With `four_bit_block`, tables read only by Gathers and a tied head become 4-bit instead: MatMulNBits'
     symmetric RTN grid in blocks of that size (compress/quant/fake.py `blockwise_grid`), two codes a byte, the
@@ -625,6 +626,7 @@ def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> li
     when the session starts (the op itself takes float tables). Without this a fused encoder's int8 file
     keeps its fp32 vocabulary table (MiniLM-L6: 58 MB instead of 23 MB). Returns the tables converted."""
     import onnx
+    import torch
     from onnx import helper, numpy_helper
 
     path = Path(folder) / onnx_tools.ONNX_FILE
@@ -639,17 +641,17 @@ def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> li
     for t in tables:
         w = numpy_helper.to_array(inits[t]).astype(np.float32)
         rows, width = w.shape
-        block = table_block(width)
-        blocks = w.reshape(rows, width // block, block)
-        scale = np.maximum(np.abs(blocks).max(axis=-1) / 127.0, 1e-12).astype(np.float32)
-        q = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        codes, scale = table_grid(torch.from_numpy(w), table_block(width))  # _quantize_tables' grid
+        q = (codes.numpy() + 128).astype(np.uint8)
         graph.initializer.remove(inits[t])
+        scale16 = scale.numpy()[..., None].astype(np.float16)  # fp16 on disk, as _quantize_tables stores them
         graph.initializer.extend([numpy_helper.from_array(q, t + "_uint8"),
-                                  numpy_helper.from_array(scale[..., None], t + "_scale"),
+                                  numpy_helper.from_array(scale16, t + "_scale_fp16"),
                                   numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
                                   numpy_helper.from_array(np.array([rows, width], np.int64), t + "_shape")])
         new = [helper.make_node("Cast", [t + "_uint8"], [t + "_f"], name=t + "_cast", to=1),
                helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
+               helper.make_node("Cast", [t + "_scale_fp16"], [t + "_scale"], name=t + "_scale_cast", to=1),
                helper.make_node("Mul", [t + "_centred", t + "_scale"], [t + "_blocks"], name=t + "_scaled"),
                helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t], name=t + "_dequant")]
         for k, n in enumerate(new):
