@@ -43,9 +43,10 @@ def _command(run_dir: Path) -> str:
     return f"compress run {run_dir / 'pipeline.yaml'}"
 
 
-def benchmark_run(config, result, data, log=print, show_progress: bool = True) -> Path:
+def benchmark_run(config, result, data, log=print, show_progress: bool = True, remeasure: bool = False) -> Path:
     """Measure the source (baseline) and each step of `result` on config.benchmark.backends; write the
-    report into the run directory and return the path of report.md."""
+    report into the run directory and return the path of report.md. Stored results of unchanged rows are
+    reused unless `remeasure` (then every row is timed in this run, and the stored results replaced)."""
     settings = config.benchmark
     if settings.threads is None and config.threads:  # the pipeline's thread count, unless the section sets one
         settings = settings.model_copy(update={"threads": config.threads})
@@ -65,7 +66,7 @@ def benchmark_run(config, result, data, log=print, show_progress: bool = True) -
             store = stored_result_path(target, backend=backend, settings=settings, baseline=baseline,
                                        task=config.task, data=eval_spec, work_dir=work_dir)
             job = None
-            if store.exists():
+            if store.exists() and not remeasure:
                 log(f"benchmark: {label} on {backend}: reusing the stored result (nothing changed)")
                 record = json.loads(store.read_text())
             else:

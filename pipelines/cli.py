@@ -26,7 +26,8 @@ def _cmd_run(args) -> int:
                           f"run it with `compress search {args.config}`, or run the recipe a search chose with "
                           "`compress run runs/<name>/search/best.yaml`")
     pipeline = load_config(args.config, args.set)
-    runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log)
+    runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log,
+                    remeasure=args.remeasure)
     # The folder's lock before its log: a run that is refused never writes into another run's folder.
     # Other libraries' warnings and notices go to run.log (and to the terminal only with --verbose).
     with runner.lock(wait=args.wait), capture(runner.run_dir / "run.log", verbose=args.verbose):
@@ -134,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "(always kept in runs/<name>/run.log), and the traceback of a failure")
     p.add_argument("--wait", action="store_true", help="if another run holds the run folder, wait for it to "
                    "finish instead of refusing")
+    p.add_argument("--remeasure", action="store_true", help="measure every row again, in this run, instead of "
+                   "reusing the stored results of unchanged checkpoints (so every ratio compares rows timed side "
+                   "by side)")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("validate", help="check a config without running it")

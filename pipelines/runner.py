@@ -148,8 +148,9 @@ def _hash(*parts: str) -> str:
 
 class Runner:
     def __init__(self, pipeline: Pipeline, *, output_dir: str | Path | None = None, show_progress: bool = True,
-                 log=print, store: str | Path | None = None):
+                 log=print, store: str | Path | None = None, remeasure: bool = False):
         self.pipeline = pipeline
+        self.remeasure = remeasure  # benchmark every row again instead of reusing stored results
         cfg = pipeline.config
         self.run_dir = Path(output_dir or cfg.output_dir) / cfg.name
         self.store = Path(store) if store is not None else None  # the step store (None: none)
@@ -426,4 +427,4 @@ class Runner:
             self.log("benchmark: the harness is not part of this version yet; skipping measurements")
             return None
         return benchmark_run(self.pipeline.config, result, self.data, log=self.log,
-                             show_progress=self.show_progress)
+                             show_progress=self.show_progress, remeasure=self.remeasure)

@@ -43,6 +43,9 @@ def test_run_benchmarks_each_checkpoint_and_reuses_results(tiny_llama_dir, tmp_p
     Runner(_pipeline(tiny_llama_dir, tmp_path), show_progress=False, log=lambda *a: None).run()
     assert calls == []  # nothing changed: every result reused
     assert (run_dir / "results.json").read_bytes() == before
+    Runner(_pipeline(tiny_llama_dir, tmp_path), show_progress=False, log=lambda *a: None, remeasure=True).run()
+    assert calls == [str(tiny_llama_dir), str(run_dir / "01-quantize")]  # --remeasure: every row timed again
+    calls.clear()
     Runner(_pipeline(tiny_llama_dir, tmp_path, window=16), show_progress=False, log=lambda *a: None).run()
     assert len(calls) == 2  # a benchmark setting changed: both measured again
 
