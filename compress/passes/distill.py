@@ -42,7 +42,9 @@ from .base import Pass, PassContext
 @register
 class Distill(Pass):
     name = "distill"
-    version = 3  # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss)
+    # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss);
+    # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
+    version = 4
     description = ("Knowledge distillation: a student (layer-dropped, configured, or the input itself) "
                    "learns the teacher's soft targets, hidden states and attention; cached teacher outputs")
     Config = DistillConfig

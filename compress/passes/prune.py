@@ -108,7 +108,9 @@ def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
 @register
 class Prune(Pass):
     name = "prune"
-    version = 3  # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss)
+    # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss);
+    # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
+    version = 4
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
