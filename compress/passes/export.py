@@ -71,7 +71,8 @@ class ExportConfig(PassConfig):
 @register
 class Export(Pass):
     name = "export"
-    description = "Export to ONNX (optimum; decoders with KV cache), optional ORT fusions, discrepancy check"
+    description = ("Export to ONNX (the fused decoder graph, or optimum's; decoders with KV cache), optional ORT "
+                   "fusions, discrepancy check")
     Config = ExportConfig
     version = 2  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
