@@ -69,7 +69,7 @@ def test_a_new_pass_version_recomputes_its_steps(tiny_llama_dir, tmp_path, monke
 
     out = tmp_path / "runs"
     first = _run(_config(tmp_path, tiny_llama_dir), out)
-    monkeypatch.setattr(get("quantize"), "version", 2)
+    monkeypatch.setattr(get("quantize"), "version", get("quantize").version + 1)
     again = _run(_config(tmp_path, tiny_llama_dir), out)
     assert [s.reused for s in again.steps] == [True, True, False]
     assert again.steps[2].key != first.steps[2].key
