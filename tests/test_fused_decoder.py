@@ -159,7 +159,8 @@ def test_per_layer_widths_heads_and_low_rank(tmp_path):
         for lin in (m.first, m.second):
             nn.init.normal_(lin.weight, std=0.15)
     figures, edge = export(model, tmp_path)
-    assert figures["ops"]["MatMul"] == 21 + 2 + 2  # unpacked q, k, v: +2; low-rank k and down: +1 each
+    # 4 per block (qkv, o, gate_up, down) + the head; unpacked q, k, v: +2; low-rank k and down: +1 each
+    assert figures["ops"]["MatMul"] == 17 + 2 + 2 and figures["ops"]["Split"] == 4
     assert_logits_match(model, edge, prompt())
     with torch.no_grad():
         ref = model.generate(prompt(), max_new_tokens=6, do_sample=False)
@@ -230,7 +231,7 @@ def test_qwen3_head_norms(tmp_path):
             layer.self_attn.k_norm.weight.normal_(1, 0.3)
     figures = build_fused(model, tmp_path)
     assert figures["max_nodes_per_block"] == 11 + 7  # + Split, and Reshape, norm, Reshape for Q and for K
-    assert figures["ops"]["MatMul"] == 5 * LAYERS + 1 and figures["ops"]["Reshape"] == 4 * LAYERS
+    assert figures["ops"]["MatMul"] == 4 * LAYERS + 1 and figures["ops"]["Reshape"] == 4 * LAYERS
     assert figures["ops"]["Shape"] == 1 and figures["ops"]["Gather"] == 1  # the Reshapes read constants
     assert not {"Concat", "Unsqueeze", "Range", "Expand", "Where"} & set(figures["ops"])
     edge = EdgeModel(tmp_path, threads=1)
@@ -402,6 +403,30 @@ def test_phi3_packed_qkv_and_gate_up(tmp_path):
                          original_max_position_embeddings=64)
     with pytest.raises(UnsupportedModelError, match="rope type 'longrope'"):
         build_fused(longrope, tmp_path / "longrope")
+
+
+def test_smoothing_divides_the_up_half_of_the_packed_gate_up(tmp_path):
+    """SmoothQuant-style smoothing on the fused graph: the SwiGLU product's `up` is the second half of the
+    packed gate_up MatMul (through a Split), so down_proj's group divides those columns only, and the graph
+    computes the same function."""
+    from compress.quant.smooth import find_groups, smooth
+
+    model = tiny()
+    _, edge = export(model, tmp_path / "plain")
+    graph = onnx.load(str(tmp_path / "plain" / "model.onnx"))
+    inter = model.config.intermediate_size
+    spans = [g.columns for g in find_groups(graph) if g.divide_columns]
+    assert spans == [(inter, 2 * inter)] * LAYERS  # one per block: up's half of [gate | up]
+
+    ids = prompt().numpy()
+    feed = {"input_ids": ids, "attention_mask": np.ones_like(ids), "logits_to_keep": np.array([0], np.int64),
+            **edge._empty_past(1)}
+    info = smooth(graph, [feed], alpha=0.5)
+    assert info["groups"] == 3 * LAYERS  # qkv after the input norm, gate_up after the second, down
+    (tmp_path / "smoothed").mkdir()
+    onnx.save(graph, str(tmp_path / "smoothed" / "model.onnx"))
+    np.testing.assert_allclose(EdgeModel(tmp_path / "smoothed", threads=1).logits(ids), edge.logits(ids),
+                               rtol=1e-4, atol=1e-4)
 
 
 def test_gemma_scaled_embeddings_offset_norms_and_tanh_gelu(tmp_path):

@@ -74,7 +74,8 @@ class Export(Pass):
     description = ("Export to ONNX (the fused decoder graph, or optimum's; decoders with KV cache), optional ORT "
                    "fusions, discrepancy check")
     Config = ExportConfig
-    version = 2  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data
+    version = 3  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
+    # 3: gate and up packed into one MatMul
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

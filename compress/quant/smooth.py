@@ -11,8 +11,9 @@ s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), alpha sets how much of the difficul
 Only exact rewrites are made, where the division can be folded into a constant of the producer:
 - `Mul(x, gamma)` (an RMSNorm's gain) or a LayerNormalization-family node's scale (and bias), whose output
   feeds only MatMuls with constant weights (q/k/v, gate/up) and shape queries;
-- `Mul(act(gate), up)` where `up` is a MatMul with a constant weight used nowhere else: its weight's
-  columns are divided instead (the input of `down_proj`).
+- `Mul(act(gate), up)` where `up` is a MatMul with a constant weight used nowhere else, or up's half of a
+  packed [gate | up] MatMul and Split (the fused graph): its weight's columns are divided instead (the input
+  of `down_proj`).
 Every weight matrix touched must belong to that one node, so no other path of the graph changes; a norm
 gain the exporter shared between nodes (identical values, through Identity nodes) gets a copy of its own."""
 from __future__ import annotations
@@ -39,6 +40,7 @@ class Group:
     producer: object         # the node that makes it
     divide_vectors: list     # initializers [K] of the producer to divide by s (norm gain / bias)
     divide_columns: str | None = None  # an initializer [*, K] whose columns are divided by s (up_proj)
+    columns: tuple[int, int] | None = None  # divide only these columns of it (up's half of a packed gate_up)
 
 
 @dataclass
@@ -115,11 +117,34 @@ def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = 
                 continue
             for i in p.input:  # Mul(act(gate), up): divide up_proj's columns
                 up = producers.get(i)
-                if up is not None and weight_matmul(up) and consumers[i] == [p] and i not in outputs \
-                        and inits[up.input[1]].dims[1] == k:
+                if up is None or consumers[i] != [p] or i in outputs:
+                    continue
+                if weight_matmul(up) and inits[up.input[1]].dims[1] == k:
                     groups.append(Group(tensor, cons, p, [], divide_columns=up.input[1]))
                     break
+                span = _split_columns(up, i, ix, weight_matmul)  # up as a slice of a packed [gate | up] MatMul
+                if span and span[2] - span[1] == k:
+                    groups.append(Group(tensor, cons, p, [], divide_columns=span[0], columns=span[1:]))
+                    break
     return groups
+
+
+def _split_columns(split, tensor: str, ix: GraphIndex, weight_matmul) -> tuple[str, int, int] | None:
+    """(weight, first column, end column) when `tensor` is one output of a last-axis Split with constant
+    sizes of a MatMul whose constant weight and output belong to it alone: the fused graph's packed gate_up."""
+    if split.op_type != "Split" or len(split.input) < 2 or split.input[1] not in ix.inits:
+        return None
+    from onnx import helper, numpy_helper
+
+    matmul = ix.producers.get(split.input[0])
+    if matmul is None or not weight_matmul(matmul) or ix.consumers[split.input[0]] != [split]:
+        return None
+    axis = next((helper.get_attribute_value(a) for a in split.attribute if a.name == "axis"), 0)
+    sizes = numpy_helper.to_array(ix.inits[split.input[1]]).tolist()
+    if axis != -1 or sum(sizes) != ix.inits[matmul.input[1]].dims[1]:  # the writer splits on axis -1
+        return None
+    j = list(split.output).index(tensor)
+    return matmul.input[1], sum(sizes[:j]), sum(sizes[: j + 1])
 
 
 def channel_absmax(model, tensors: list[str], feeds: list[dict]) -> dict[str, np.ndarray]:
@@ -184,7 +209,10 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
         for name in gr.divide_vectors:
             replace(name, numpy_helper.to_array(inits[name]) / s)
         if gr.divide_columns:
-            replace(gr.divide_columns, numpy_helper.to_array(inits[gr.divide_columns]) / s[None, :])
+            w = numpy_helper.to_array(inits[gr.divide_columns]).copy()
+            begin, end = gr.columns or (0, w.shape[1])
+            w[:, begin:end] /= s[None, :]
+            replace(gr.divide_columns, w)
         smoothed = x_max / s
         ratios.append((float(x_max.max() / max(np.median(x_max), 1e-12)),
                        float(smoothed.max() / max(np.median(smoothed), 1e-12))))
