@@ -95,7 +95,8 @@ def gguf(recipe: str, work: Path, log) -> str:
 
 
 def build(recipe, work: Path, log) -> str:
-    """The checkpoint a recipe ends in; each prefix is built once and cached in `work` by its options."""
+    """The checkpoint a recipe ends in; each prefix is built once and cached in `work` by its options and the
+    passes' versions."""
     if recipe == "source":
         return SOURCE
     if isinstance(recipe, str) and recipe.startswith("gguf-"):
@@ -110,7 +111,8 @@ def build(recipe, work: Path, log) -> str:
     ctx = PassContext(source=SOURCE, task="causal-lm", scratch=work / "scratch", show_progress=False,
                       data=PipelineData(train=CALIBRATION, calibration=CALIBRATION, eval=EVAL))
     for k in range(len(recipe)):
-        key = hashlib.sha256(json.dumps(recipe[: k + 1], sort_keys=True).encode()).hexdigest()[:12]
+        versions = [get(name).version for name, _ in recipe[: k + 1]]  # a pass that changed builds anew
+        key = hashlib.sha256(json.dumps([recipe[: k + 1], versions], sort_keys=True).encode()).hexdigest()[:12]
         path = work / f"{k + 1:02d}-{recipe[k][0]}-{key}"
         if not (path / "manifest.json").exists():
             start = time.time()
