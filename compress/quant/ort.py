@@ -379,22 +379,30 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
                 continue
             node.input[:] = [table + "_dequant" if x == table else x for x in node.input]
             dequantized = True
-        if dequantized:  # the float table from standard ops (8 bits only), which ONNX Runtime folds at start
-            t = table
-            graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
-                                      numpy_helper.from_array(np.array([rows, width // block, 1]), t + "_scale_shape")])
-            new_nodes += [
-                helper.make_node("Cast", [packed], [t + "_f"], name=t + "_cast", to=1),
-                helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
-                helper.make_node("Reshape", [scales, t + "_scale_shape"], [t + "_scale3"], name=t + "_scale3"),
-                helper.make_node("Mul", [t + "_centred", t + "_scale3"], [t + "_blocks"], name=t + "_scaled"),
-                helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t + "_dequant"], name=t + "_dequant")]
+        if dequantized:  # the float table for the other readers (8 bits only)
+            new_nodes += _dequantized_table(graph, table, table + "_dequant")
         for k, n in enumerate(new_nodes):  # they read only initializers
             graph.node.insert(k, n)
         done[table] = bits
     onnx_tools.use_contrib_domain(model)
     return {"int8_embedding_tables": [t for t, b in done.items() if b == 8],
             **({"int4_embedding_tables": [t for t, b in done.items() if b == 4]} if four_bit_block else {})}
+
+
+def _dequantized_table(graph, t: str, out: str) -> list:
+    """Standard ops computing the float table `out` [rows, width] from table `t`'s int8 blocks (initializers
+    `t`_uint8: codes + 128 [rows, blocks, block]; `t`_scale: float32 [rows, blocks], itself a Cast of
+    `t`_scale_fp16; `t`_shape: [rows, width]). They read only initializers, so ONNX Runtime folds them into
+    a constant when the session starts. Adds their two constants to `graph`; returns the nodes."""
+    from onnx import helper, numpy_helper
+
+    graph.initializer.extend([numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
+                              numpy_helper.from_array(np.array([0, -1, 1], np.int64), t + "_scale_shape")])
+    return [helper.make_node("Cast", [t + "_uint8"], [t + "_f"], name=t + "_cast", to=1),
+            helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
+            helper.make_node("Reshape", [t + "_scale", t + "_scale_shape"], [t + "_scale3"], name=t + "_scale3"),
+            helper.make_node("Mul", [t + "_centred", t + "_scale3"], [t + "_blocks"], name=t + "_scaled"),
+            helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [out], name=t + "_dequant")]
 
 
 def _replace(graph, old, new) -> None:
@@ -644,16 +652,11 @@ def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> li
         codes, scale = table_grid(torch.from_numpy(w), table_block(width))  # _quantize_tables' grid
         q = (codes.numpy() + 128).astype(np.uint8)
         graph.initializer.remove(inits[t])
-        scale16 = scale.numpy()[..., None].astype(np.float16)  # fp16 on disk, as _quantize_tables stores them
-        graph.initializer.extend([numpy_helper.from_array(q, t + "_uint8"),
-                                  numpy_helper.from_array(scale16, t + "_scale_fp16"),
-                                  numpy_helper.from_array(np.array(128, np.float32), t + "_zero"),
+        graph.initializer.extend([numpy_helper.from_array(q, t + "_uint8"),  # fp16 scales, as _quantize_tables'
+                                  numpy_helper.from_array(scale.numpy().astype(np.float16), t + "_scale_fp16"),
                                   numpy_helper.from_array(np.array([rows, width], np.int64), t + "_shape")])
-        new = [helper.make_node("Cast", [t + "_uint8"], [t + "_f"], name=t + "_cast", to=1),
-               helper.make_node("Sub", [t + "_f", t + "_zero"], [t + "_centred"], name=t + "_centre"),
-               helper.make_node("Cast", [t + "_scale_fp16"], [t + "_scale"], name=t + "_scale_cast", to=1),
-               helper.make_node("Mul", [t + "_centred", t + "_scale"], [t + "_blocks"], name=t + "_scaled"),
-               helper.make_node("Reshape", [t + "_blocks", t + "_shape"], [t], name=t + "_dequant")]
+        new = [helper.make_node("Cast", [t + "_scale_fp16"], [t + "_scale"], name=t + "_scale_cast", to=1),
+               *_dequantized_table(graph, t, t)]
         for k, n in enumerate(new):
             graph.node.insert(k, n)
     if tables:
