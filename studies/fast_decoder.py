@@ -3,6 +3,7 @@ optimum's traced graph, optimum's own int8, llama.cpp and torch fp32, side by si
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.fast_decoder [--threads 2] [--rounds 2]
         [--only LABEL ...] [--work /tmp/compress-fast-decoder] [--out benchmarks/results/fast_decoder]
+    .venv/bin/python -m studies.fast_decoder --summary-only [--out DIR]   # summary.md again from DIR/rows
 
 Every variant is built with the suite's passes from the fp32 source (cached in --work by its recipe), except
 `optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic defaults on optimum's export)
@@ -21,6 +22,7 @@ import argparse
 import hashlib
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -138,9 +140,15 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds, the rows taking turns")
     ap.add_argument("--work", type=Path, default=Path("/tmp/compress-fast-decoder"))
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fast_decoder")
+    ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the stored rows")
     args = ap.parse_args(argv)
     set_threads(args.threads)
     rows_dir = args.out / "rows"
+    if args.summary_only:
+        if not rows_dir.is_dir():
+            ap.error(f"--summary-only: no stored rows in {rows_dir}")
+        (args.out / "summary.md").write_text(summary(_stored_rows(rows_dir)))
+        return 0
     rows_dir.mkdir(parents=True, exist_ok=True)
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     rows, jobs = [], []
@@ -171,9 +179,7 @@ def main(argv=None) -> int:
     timing_rounds(rows, jobs, settings(args.threads, args.rounds), log)
     for rec in rows:
         (rows_dir / f"{slug(rec['variant'])}.json").write_text(json.dumps(rec, indent=1, default=str))
-    order = {label: i for i, label in enumerate(VARIANTS)}
-    records = sorted((json.loads(p.read_text()) for p in rows_dir.glob("*.json")),
-                     key=lambda r: order.get(r["variant"], 99))
+    records = _stored_rows(rows_dir)
     command = "flock /tmp/compress-heavy.lock .venv/bin/python -m studies.fast_decoder " + " ".join(
         shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
     report = write_report(records, args.out, "Fused decoder graph: SmolLM2-135M on ONNX Runtime CPU",
@@ -181,6 +187,24 @@ def main(argv=None) -> int:
     (args.out / "summary.md").write_text(summary(records))
     log(f"report: {report}")
     return 0
+
+
+def _stored_rows(rows_dir: Path) -> list[dict]:
+    order = {label: i for i, label in enumerate(VARIANTS)}
+    return sorted((json.loads(p.read_text()) for p in rows_dir.glob("*.json")),
+                  key=lambda r: order.get(r["variant"], 99))
+
+
+def _round_ratios(ours: dict, peer: dict, key: str) -> list[float]:
+    """`peer`'s median time over `ours`' in each timing round (a row's runs are stored round after round), so
+    a reader sees how far the ratio moved within the run; [] where the rows' rounds differ."""
+    a, b = _q(ours, "latency", key, "runs_ms"), _q(peer, "latency", key, "runs_ms")
+    rounds = _q(ours, "latency", "rounds") or 1
+    if not a or not b or rounds != (_q(peer, "latency", "rounds") or 1) or len(a) % rounds or len(b) % rounds:
+        return []
+    na, nb = len(a) // rounds, len(b) // rounds
+    return [statistics.median(b[i * nb:(i + 1) * nb]) / statistics.median(a[i * na:(i + 1) * na])
+            for i in range(rounds)]
 
 
 def _q(r, *keys):
@@ -237,8 +261,11 @@ def summary(records: list[dict]) -> str:
         dec = _q(ours, "latency", "decode_tokens_per_s") / _q(peer, "latency", "decode_tokens_per_s")
         pre = _q(peer, "latency", "prefill", "median_ms") / _q(ours, "latency", "prefill", "median_ms")
         ppl = _q(ours, "quality", "perplexity") / _q(peer, "quality", "perplexity")
-        lines.append(f"- {ours['variant']} vs {peer['variant']}: decode {dec:.2f}x ({met(dec >= 1)}), prefill "
-                     f"{pre:.2f}x ({met(pre >= 1)}), perplexity {ppl:.3f}x ({met(ppl <= 1)})")
+        spread = {k: _round_ratios(ours, peer, k) for k in ("decode", "prefill")}
+        within = {k: f"; per round {min(v):.2f}-{max(v):.2f}" if len(v) > 1 else "" for k, v in spread.items()}
+        lines.append(f"- {ours['variant']} vs {peer['variant']}: decode {dec:.2f}x ({met(dec >= 1)}"
+                     f"{within['decode']}), prefill {pre:.2f}x ({met(pre >= 1)}{within['prefill']}), perplexity "
+                     f"{ppl:.3f}x ({met(ppl <= 1)})")
     return "\n".join(lines) + "\n"
 
 
