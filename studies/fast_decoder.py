@@ -5,10 +5,10 @@ optimum's traced graph, optimum's own int8, llama.cpp and torch fp32, side by si
         [--only LABEL ...] [--work /tmp/compress-fast-decoder] [--out benchmarks/results/fast_decoder]
     .venv/bin/python -m studies.fast_decoder --summary-only [--out DIR]   # summary.md again from DIR/rows
 
-Every variant is built with the suite's passes from the fp32 source (cached in --work by its recipe), except
-`optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic defaults on optimum's export)
-and the llama.cpp rows (the packaged Q4_1 GGUF the fp32 source comes from, and its Q8_0 by llama.cpp's own
-quantizer), which are fed the same token ids.
+Every variant is built with the suite's passes from the fp32 source (cached in --work by its recipe and the
+passes' versions), except `optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic defaults
+on optimum's export) and the llama.cpp rows (the packaged Q4_1 GGUF the fp32 source comes from, and its Q8_0 by
+llama.cpp's own quantizer), which are fed the same token ids.
 Each is measured by `benchmarks.harness.measure` in its own process (perplexity on held-out Shakespeare, text
 of another kind than the Wikipedia the tokenizer and calibration see; top-1 agreement and KL against torch
 fp32; prefill and decode latency; peak memory; weight bytes per token for the roofline), then timed again
