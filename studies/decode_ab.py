@@ -10,7 +10,7 @@ opens its model with the harness's backends (benchmarks.backends) and times the 
 (benchmarks.latency.decoder_latency: a 128-token prompt, 32 new tokens, 2 warm-up and 5 timed runs), as one
 row of a study's timing round does. The harness's rounds time every row once per round, minutes apart, so
 the machine's drift lands on the rows unevenly (on the project's VM the ratio of two rows moved from 0.88 to
-1.26 between rounds of one run); here the two of a pair run back to back, and the summary gives the median
+1.25 between rounds of one run); here the two of a pair run back to back, and the summary gives the median
 of the per-pair ratios, their range, and how many pairs each side won. Writes summary.md and results.json to
 --out."""
 from __future__ import annotations
@@ -44,8 +44,8 @@ def resolve(target: str) -> tuple[str, str]:
 def time_once(path: str, backend: str, threads: int) -> dict:
     """One process's timing (the child mode): decode and prefill ms of each timed run, and the tokens."""
     from benchmarks.backends import open_backend
-    from benchmarks.worker_spec import Backend
     from benchmarks.latency import decoder_latency
+    from benchmarks.worker_spec import Backend
 
     model = open_backend(path, "auto", "causal-lm", Backend.parse(backend), threads, CONTEXT)
     prompt = np.random.RandomState(0).randint(100, 20000, (1, PROMPT)).astype(np.int64)
