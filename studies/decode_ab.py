@@ -34,10 +34,9 @@ CONTEXT = 256  # llama.cpp's KV cache, as the fast_decoder study sizes it (its p
 def resolve(target: str) -> tuple[str, str]:
     """(path, backend) of a target (see the module docstring)."""
     if target.startswith("fast_decoder:"):
-        from studies.fast_decoder import VARIANTS, build
+        from studies.fast_decoder import row
 
-        backend, recipe = VARIANTS[target.split(":", 1)[1]]
-        return build(recipe, Path("/tmp/compress-fast-decoder"), print), backend
+        return row(target.removeprefix("fast_decoder:"))
     return target, "llamacpp-cpu" if target.endswith(".gguf") else "ort-cpu"
 
 

@@ -39,6 +39,7 @@ from compress.runtime import set_threads
 from studies.quantize_compare import optimum_quantize, slug
 
 ROOT = Path(__file__).resolve().parents[1]
+WORK = Path("/tmp/compress-fast-decoder")  # the build cache (--work)
 SOURCE = "builtin:smollm2-135m"
 EVAL = DataSpec(source="builtin:shakespeare", split="test", max_tokens=8192, seq_len=256)
 CALIBRATION = DataSpec(source="builtin:wikipedia", split="train", max_tokens=8192, seq_len=128)
@@ -127,6 +128,13 @@ def build(recipe, work: Path, log) -> str:
     return str(parent)
 
 
+def row(label: str, work: Path = WORK, log=print) -> tuple[str, str]:
+    """(checkpoint, backend) of the row named `label`, built or reused from the cache: how the other decoder
+    studies (decode_ab, packed_mlp, ort_profile) take a row of this one."""
+    backend, recipe = VARIANTS[label]
+    return build(recipe, work, log), backend
+
+
 def settings(threads: int, rounds: int) -> BenchmarkConfig:
     return BenchmarkConfig(backends=["torch-cpu", "ort-cpu", "llamacpp-cpu"], threads=threads, data=EVAL,
                            quality=["perplexity", "teacher-agreement"],
@@ -138,7 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--only", nargs="+", default=None, help="labels to (re)measure; others are kept")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2, help="timing rounds, the rows taking turns")
-    ap.add_argument("--work", type=Path, default=Path("/tmp/compress-fast-decoder"))
+    ap.add_argument("--work", type=Path, default=WORK)
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fast_decoder")
     ap.add_argument("--summary-only", action="store_true", help="rewrite summary.md from the stored rows")
     args = ap.parse_args(argv)

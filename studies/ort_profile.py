@@ -1,6 +1,7 @@
 """Where a decode step of an exported causal LM spends its time, per ONNX operator type (ONNX Runtime's profiler).
 
     python -m studies.ort_profile runs/smollm2-edge/int8-only/02-quantize [--steps 32] [--threads 2]
+    python -m studies.ort_profile 'fast_decoder:fused int4 minmax (Q4_1'"'"'s grid)'   # a row of that study
 
 Runs one 128-token prefill and `--steps` greedy decode steps with the KV cache through compress.edge, then
 prints each operator type's share of the kernel time and how many nodes of it ran per call. What it showed
@@ -19,11 +20,13 @@ import numpy as np
 import onnxruntime as ort
 
 from compress.edge import EdgeModel  # the ONNX Runtime runner; does not import torch
+from studies.decode_ab import resolve  # builds a fast_decoder row (and imports torch) only when asked for one
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("checkpoint", help="an ONNX checkpoint directory of a causal LM (exported with past)")
+    ap.add_argument("checkpoint", help="an ONNX checkpoint directory of a causal LM (exported with past), or "
+                    "fast_decoder:LABEL (a row of studies.fast_decoder, built or reused from its cache)")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args(argv)
@@ -31,7 +34,8 @@ def main(argv=None) -> int:
     opts = ort.SessionOptions()
     opts.enable_profiling = True
     opts.profile_file_prefix = os.path.join(tempfile.mkdtemp(prefix="ort-profile-"), "profile")
-    model = EdgeModel(args.checkpoint, threads=args.threads, session_options=opts)
+    path = resolve(args.checkpoint)[0]
+    model = EdgeModel(path, threads=args.threads, session_options=opts)
     prompt = np.random.RandomState(0).randint(100, 20000, (1, 128)).astype(np.int64)
     model.generate(prompt, args.steps + 1)  # one prefill + `steps` decode steps
     events = json.loads(Path(model.session.end_profiling()).read_text())

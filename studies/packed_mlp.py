@@ -4,8 +4,9 @@
         [--work /tmp/compress-packed-mlp] [--out benchmarks/results/fast_decoder/packed_mlp]
 
 CHECKPOINT is a fused decoder graph quantized symmetrically (MatMulNBits without zero points: int8, or int4
-rtn), as compress.fused writes it: gate and up as one MatMul [gate | up] and a Split. Default: the
-`fused int8 (MatMulNBits b32)` row of studies.fast_decoder (SmolLM2-135M), built or reused from its cache.
+rtn), as compress.fused writes it: gate and up as one MatMul [gate | up] and a Split, or `fast_decoder:LABEL`.
+Default: the `fused int8 (MatMulNBits b32)` row of studies.fast_decoder (SmolLM2-135M), built or reused from
+its cache.
 The study writes the same graph with each packed MatMulNBits cut into the two it was packed from (the same
 bytes: blocks run along K, so cutting the output columns moves no block), checks both give the same logits,
 then times the two in pairs of fresh processes back to back (studies.decode_ab: the harness's greedy loop).
@@ -78,14 +79,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results/fast_decoder/packed_mlp")
     args = ap.parse_args(argv)
     from compress.edge import EdgeModel
-    from studies.decode_ab import compare
+    from studies.decode_ab import compare, resolve
 
-    if args.checkpoint:
-        packed = Path(args.checkpoint)
-    else:
-        from studies.fast_decoder import VARIANTS, build
-
-        packed = Path(build(VARIANTS[DEFAULT][1], Path("/tmp/compress-fast-decoder"), print))
+    packed = Path(resolve(args.checkpoint or f"fast_decoder:{DEFAULT}")[0])
     unpacked = Path(args.work) / "unpacked"
     cut = unpack(packed, unpacked)
     ids = np.random.RandomState(1).randint(100, 20000, (1, 64))
