@@ -150,6 +150,25 @@ def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_
     assert np.array_equal(np.load(cache_dir / "tail.npy"), tail)
 
 
+def test_training_reports_progress_in_the_run_log(trained_llama_dir, tmp_path, monkeypatch, caplog):
+    """A run with --no-progress shows no bars: the run's log (the suite's logger) gets a status line every
+    tenth of the run, one per evaluation, and whether the teacher cache was read or computed."""
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
+    opts = dict(student={"keep_layers": 2}, alpha=0.7, max_steps=20, lr=1e-3, batch_size=4, teacher_cache=True,
+                cache_top_k=16, eval_tokens=64, eval_every=5)
+    ctx = PassContext(source=str(trained_llama_dir), task="causal-lm", data=lm_data(2048), show_progress=False)
+    with caplog.at_level("INFO", logger="compress.run"):
+        run(opts, art(trained_llama_dir), ctx)
+    lines = [r.getMessage() for r in caplog.records if r.name == "compress.run"]
+    steps = [line for line in lines if line.startswith("distill: step ")]
+    assert [line.split()[2] for line in steps] == [f"{k}/20," for k in range(2, 21, 2)]
+    assert all("loss " in line and "soft " in line and "tokens/s" in line and "left" in line for line in steps)
+    evals = [line for line in lines if line.startswith("distill: evaluation at step ")]
+    assert [line.split()[4] for line in evals] == ["5:", "10:", "15:", "20:"]  # eval_every, and at the end
+    assert "perplexity" in evals[0] and evals[0].endswith("(best so far)")
+    assert sum("teacher cache: computing the top-16 logits" in line for line in lines) == 1
+
+
 def test_tokenizer_mismatch_is_refused(tiny_llama_dir, tmp_path):
     from tiny_models import tiny_llama, tiny_tokenizer
 

@@ -166,7 +166,12 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
                                                 "truncated file): computing it again")
     if accelerator is not None:  # every process has looked before the main one writes: they agree on `hit`
         accelerator.wait_for_everyone()
-    if not hit and (accelerator is None or accelerator.is_main_process):
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        logging.getLogger(SUITE_LOGGER).info(
+            f"teacher cache: {'reading' if hit else 'computing'} the top-{k} logits of {len(examples)} examples "
+            f"({examples.tokens()} tokens) at {cache.path}")
+    if not hit and main:
         def logits(batch):  # the teacher runs as it would on the fly (same autocast)
             with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
                 return teacher.model(input_ids=batch["input_ids"].to(device),

@@ -1,6 +1,8 @@
 """The training loop: AdamW with warm-up and cosine decay, gradient accumulation and clipping, bf16
 autocast, step / token / time budgets, periodic evaluation with the best weights kept, a progress bar,
-and data parallelism under `accelerate launch` (DDP, or FSDP as accelerate is configured).
+status lines in the run's log (every tenth of the run and each evaluation, so that a run with `--no-progress`
+can be followed with `tail -f runs/<name>/run.log`), and data parallelism under `accelerate launch` (DDP, or
+FSDP as accelerate is configured).
 
 Batches are defined globally: `batch_size` examples per optimizer step, split into `grad_accum`
 micro-batches, each split evenly across processes. Gradients are averaged over processes, so with the same
@@ -12,6 +14,7 @@ loaded into the plain module at the end, so the caller gets an ordinary model as
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import os
 import time
@@ -21,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, TrainingDivergedError
+from ..logs import SUITE_LOGGER
 from ..runtime import launched_processes
 from .config import TrainConfig
 from .examples import Examples
@@ -138,6 +142,15 @@ def _diverged_message(s: TrainConfig, value: float, step: int, total: int) -> st
             "near 1-4, or check the data")
 
 
+def status_line(step: int, total: int, parts: dict, tokens: int, seconds: float) -> str:
+    """One line of training progress for the run's log: the step, the loss terms, throughput, time left."""
+    terms = ", ".join(f"{k} {v:.4f}" for k, v in parts.items() if k != "loss")
+    left = seconds / step * (total - step)
+    return (f"distill: step {step}/{total}, loss {parts.get('loss', float('nan')):.4f} ({terms}), "
+            f"{tokens / max(seconds, 1e-9):.0f} tokens/s, "
+            f"{seconds / 60:.1f} min so far, about {left / 60:.1f} min left")
+
+
 def train(
     module: nn.Module,
     loss_fn: Callable[[nn.Module, dict, int], tuple[torch.Tensor, dict]],
@@ -182,6 +195,8 @@ def train(
     stopped = "max_steps"
 
     eval_seconds = 0.0
+    log = logging.getLogger(SUITE_LOGGER) if rank == 0 else None
+    status_every = max(1, total // 10)
 
     def student_state() -> dict:
         """A copy of the student's full weights (under FSDP gathered from the shards, in every process)."""
@@ -208,9 +223,13 @@ def train(
             result = broadcast_object_list([result])[0]
         evals.append({"step": step, **{k: v for k, v in result.items() if k != "higher_is_better"}})
         m, hib = result["metric"], result.get("higher_is_better", False)
-        if best["metric"] is None or (m > best["metric"] if hib else m < best["metric"]):
+        improved = best["metric"] is None or (m > best["metric"] if hib else m < best["metric"])
+        if improved:
             best.update(metric=m, step=step, state=student_state() if s.keep_best else None)
         eval_seconds += time.perf_counter() - t0
+        if log:
+            shown = ", ".join(f"{k} {v}" for k, v in result.items() if k not in ("metric", "higher_is_better"))
+            log.info(f"distill: evaluation at step {step}: {shown}" + (" (best so far)" if improved else ""))
 
     bar = progress(total=total, desc="distill")
     model.train()
@@ -257,6 +276,8 @@ def train(
                           **{k: round(v, 5) for k, v in parts_sum.items()}})
         bar.update(1)
         bar.set_postfix(loss=f"{parts_sum.get('loss', 0):.3f}", tok_s=f"{tokens / max(elapsed, 1e-9):.0f}")
+        if log and ((step + 1) % status_every == 0 or step + 1 == total):
+            log.info(status_line(step + 1, total, parts_sum, tokens, elapsed))
         if s.eval_every and (step + 1) % s.eval_every == 0 and step + 1 < total:
             run_eval(step + 1)
     else:
