@@ -39,8 +39,8 @@ class Group:
     consumers: list          # MatMul nodes reading it (constant weights [K, N])
     producer: object         # the node that makes it
     divide_vectors: list     # initializers [K] of the producer to divide by s (norm gain / bias)
-    divide_columns: str | None = None  # an initializer [*, K] whose columns are divided by s (up_proj)
-    columns: tuple[int, int] | None = None  # divide only these columns of it (up's half of a packed gate_up)
+    divide_columns: str | None = None  # an initializer [*, N] some of whose columns are divided by s (up_proj)
+    columns: tuple[int, int] | None = None  # which: all of them, or up's half of a packed gate_up
 
 
 @dataclass
@@ -119,10 +119,9 @@ def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = 
                 up = producers.get(i)
                 if up is None or consumers[i] != [p] or i in outputs:
                     continue
-                if weight_matmul(up) and inits[up.input[1]].dims[1] == k:
-                    groups.append(Group(tensor, cons, p, [], divide_columns=up.input[1]))
-                    break
-                span = _split_columns(up, i, ix, weight_matmul)  # up as a slice of a packed [gate | up] MatMul
+                # up's own MatMul, or up as a slice of a packed [gate | up] MatMul
+                span = (up.input[1], 0, inits[up.input[1]].dims[1]) if weight_matmul(up) else \
+                    _split_columns(up, i, ix, weight_matmul)
                 if span and span[2] - span[1] == k:
                     groups.append(Group(tensor, cons, p, [], divide_columns=span[0], columns=span[1:]))
                     break
@@ -210,8 +209,7 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
             replace(name, numpy_helper.to_array(inits[name]) / s)
         if gr.divide_columns:
             w = numpy_helper.to_array(inits[gr.divide_columns]).copy()
-            begin, end = gr.columns or (0, w.shape[1])
-            w[:, begin:end] /= s[None, :]
+            w[:, slice(*gr.columns)] /= s[None, :]
             replace(gr.divide_columns, w)
         smoothed = x_max / s
         ratios.append((float(x_max.max() / max(np.median(x_max), 1e-12)),
