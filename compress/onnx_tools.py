@@ -30,6 +30,11 @@ def onnx_size(folder: Path) -> int:
                f.suffix == ".data" or f.name.endswith("_data"))
 
 
+def is_external_data(name: str) -> bool:
+    """A file a graph keeps its weights in beside model.onnx (ours: model.onnx.data; optimum's: *_data)."""
+    return name.endswith(".data") or name.endswith("_data")
+
+
 def save_model(model, folder: Path, external: str = "auto") -> Path:
     """Write `model` (onnx.ModelProto, external data already loaded) as folder/model.onnx.
 
@@ -40,7 +45,7 @@ def save_model(model, folder: Path, external: str = "auto") -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for f in folder.iterdir():  # stale graph / data files from an earlier save
-        if f.name.startswith(ONNX_FILE) or f.suffix == ".data" or f.name.endswith("_data"):
+        if f.name.startswith(ONNX_FILE) or is_external_data(f.name):
             f.unlink()
     use_external = external == "always" or (external == "auto" and model.ByteSize() > EXTERNAL_ABOVE)
     path = folder / ONNX_FILE

@@ -12,14 +12,14 @@ the duration of the run, the system temp folder of `tempfile` and of child proce
 Runtime's quantizers and optimum write theirs. So no run removes another's work, and nothing lands in /tmp.
 
 With a step store (`store`, a folder; `compress search` gives its trials runs/<name>/search/steps/), every
-checkpoint the run finishes or reuses is also kept there under its cache key, and a step found there is placed
-at its path instead of being computed. An entry is made of hard links to the checkpoint's files (copies where
-the filesystem has none), so it costs no disk while the run folder holds the same checkpoint: no checkpoint
-file is ever changed in place (a checkpoint is replaced whole, its manifest and card by renaming). An entry is
-written to a hidden folder and renamed into place, so it is whole or absent, and of several processes storing
-the same key the first rename wins. A placed entry is verified as a reused checkpoint is (key, file table,
-sizes, hashes) and gets a manifest recording its parent in this run; one that fails is removed and the step
-computed again."""
+checkpoint the run finishes or reuses is also kept there under its cache key, and a step found there is placed at
+its path instead of being computed. An entry is made of hard links to the checkpoint's files (copies where the
+filesystem has none, and of ONNX external weights, which onnx will not read through a linked file), so it costs
+little disk while the run folder holds the same checkpoint: no checkpoint file is ever changed in place (a
+checkpoint is replaced whole, its manifest and card by renaming). An entry is written to a hidden folder and
+renamed into place, so it is whole or absent, and of several processes storing the same key the first rename
+wins. A placed entry is verified as a reused checkpoint is (key, file table, sizes, hashes) and gets a manifest
+recording its parent in this run; one that fails is removed and the step computed again."""
 from __future__ import annotations
 
 import contextlib
@@ -42,6 +42,7 @@ from compress.data import PipelineData
 from compress.describe import options_line
 from compress.errors import CheckpointError, RunBusyError
 from compress.models import source_fingerprint
+from compress.onnx_tools import is_external_data
 from compress.passes.base import PassContext
 from compress.runtime import is_main_process, launched_processes, seed_everything, set_threads
 
@@ -115,17 +116,33 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _link_tree(src: Path, dst: Path, skip=()) -> None:
     """Make the new folder `dst` with every file of `src` (but those named in `skip`) as a hard link, or a copy
-    where the filesystem has no hard links (another device, no support)."""
+    where the filesystem has no hard links (another device, no support). ONNX external weights are always
+    copied: onnx refuses to read them through a file with several links (a "hardlink attack"), so a linked
+    model.onnx.data would fail the next pass that loads the graph."""
     dst.mkdir(parents=True)
     for f in sorted(src.rglob("*")):
         target = dst / f.relative_to(src)
         if f.is_dir():
             target.mkdir(exist_ok=True)
-        elif f.name not in skip:
+        elif f.name in skip:
+            continue
+        elif is_external_data(f.name):
+            shutil.copy2(f, target)
+        else:
             try:
                 os.link(f, target)
             except OSError:
                 shutil.copy2(f, target)
+
+
+def _own_external_data(folder: Path) -> None:
+    """Give a checkpoint linked to the store before the store copied ONNX external weights its own copy of them
+    (onnx will not read them through a file with several links); the store keeps its file."""
+    for f in folder.iterdir():
+        if is_external_data(f.name) and f.stat().st_nlink > 1:
+            tmp = f.with_name(f".{f.name}.tmp-{os.getpid()}")
+            shutil.copy2(f, tmp)
+            os.replace(tmp, f)
 
 
 def _discard(folder: Path) -> None:
@@ -266,6 +283,7 @@ class Runner:
             if manifest.get("key") != key:
                 return None
             checkpoint.verify(path, manifest)
+            _own_external_data(path)
             return manifest
         except CheckpointError as exc:
             self.log(f"not reusing {path.name}: {exc}")

@@ -6,6 +6,7 @@ Trials run the real runner and the real screen on the tiny Llama with the test-s
 factor 1 leaves the model as it is, 2 and 3 raise perplexity by 7% and 66%, and bf16 halves the size at the
 same perplexity, so the answer of the space is known."""
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -503,3 +504,36 @@ def test_the_screen_prepares_only_what_it_scores(tiny_llama_dir, tmp_path):
     screen = Measurer(setup, tmp_path / "work").screen_settings
     assert (screen.extra_data, screen.generations, screen.latency) == ({}, None, None)
     assert screen.quality == ["perplexity"] and screen.data.max_tokens == 256
+
+
+def test_an_onnx_step_with_external_weights_runs_on_from_the_store(tiny_gpt2_dir, tmp_path, monkeypatch):
+    """onnx (1.23) refuses to read external weights through a file with several hard links (a "hardlink
+    attack"): the store must not leave an exported step's model.onnx.data linked, or the next pass fails."""
+    from compress import onnx_tools
+    from pipelines.config import validate
+    from pipelines.runner import Runner
+
+    monkeypatch.setattr(onnx_tools, "EXTERNAL_ABOVE", 0)  # weights in model.onnx.data, as for real models
+    raw = {"name": "tiny-onnx", "model": {"source": str(tiny_gpt2_dir)}, "threads": 1,
+           "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 64}},
+           "passes": [{"export": {"graph": "fused"}}, {"quantize": {"method": "ort-int8-dynamic"}}]}
+    store = tmp_path / "steps"
+    # the quantize step reads the export just kept in the store; then one reads the export placed from it
+    first = Runner(validate(raw), output_dir=tmp_path / "a", show_progress=False, log=lambda *_: None,
+                   store=store).run()
+    raw["passes"][1] = {"quantize": {"method": "ort-fp16"}}
+    second = Runner(validate(raw), output_dir=tmp_path / "b", show_progress=False, log=lambda *_: None,
+                    store=store).run()
+    assert [(s.from_store, s.reused) for s in second.steps] == [(True, True), (False, False)]
+    folders = [Path(s.path) for s in first.steps + second.steps] + [p for p in store.iterdir()]
+    assert len(folders) == 4 + 3
+    for folder in folders:
+        data = folder / onnx_tools.EXTERNAL_DATA
+        assert data.is_file() and data.stat().st_nlink == 1, folder
+    # a run folder linked to the store by an earlier version gets its own copy when it is reused
+    export = Path(first.steps[0].path) / onnx_tools.EXTERNAL_DATA
+    export.unlink()
+    os.link(store / first.steps[0].key / onnx_tools.EXTERNAL_DATA, export)
+    again = Runner(validate(raw), output_dir=tmp_path / "a", show_progress=False, log=lambda *_: None,
+                   store=store).run()
+    assert [s.reused for s in again.steps] == [True, True] and export.stat().st_nlink == 1
