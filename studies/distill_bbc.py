@@ -10,7 +10,6 @@ training or model selection sees (selection uses the validation split).
 from __future__ import annotations
 
 import argparse
-import copy
 import os
 import time
 

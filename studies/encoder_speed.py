@@ -17,11 +17,10 @@ the plain graph. Every row is measured by `benchmarks.harness.measure` in its ow
 set explicitly (quality on 64 BBC News articles up to 128 tokens: mean-pooled embeddings against torch fp32,
 mean and worst cosine; batch-1 latency at --seq-tokens tokens), then timed again in further rounds, the rows
 taking turns, so the machine's drift slows every row alike. Results: results.json, report.md / .html,
-summary.md (targets) under --out, with the machine record. Built checkpoints are cached in --work."""
+summary.md (targets) under --out, with the machine record. Built checkpoints are kept in --work (studies/recipes.py)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -31,12 +30,9 @@ from pathlib import Path
 from benchmarks.config import BenchmarkConfig, LatencyConfig
 from benchmarks.harness import measure, timing_rounds
 from benchmarks.report import write_report
-from compress import load, save
-from compress.checkpoint import Artifact
-from compress.data import DataSpec, PipelineData
-from compress.models import load_model
-from compress.passes import PassContext, get
+from compress.data import DataSpec
 from compress.runtime import set_threads
+from studies import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "encoder_speed"
@@ -68,45 +64,25 @@ def slug(label: str) -> str:
     return "".join(c if c.isalnum() else "-" for c in label.lower()).strip("-")
 
 
-def _ctx(work: Path) -> PassContext:
-    data = PipelineData(train=CALIBRATION, eval=EVAL, calibration=CALIBRATION)
-    return PassContext(source=SOURCE, task=TASK, data=data, scratch=work / "scratch", threads=None,
-                       show_progress=False)
-
-
-def export_dir(kind: str, work: Path) -> Path:
-    """The fp32 export: plain (optimum's graph, optimize: false) or fused (the default, optimize: auto)."""
-    options = {"optimize": False} if kind == "plain" else {}
-    path = work / f"export-{kind}"
-    if not (path / "manifest.json").exists():
-        model, tok = load_model(SOURCE, TASK)
-        p = get("export")(**options)
-        out = p.run(Artifact(kind="torch", task=TASK, tokenizer=tok, model=model), _ctx(work))
-        save(out, path, **{"pass": {"name": "export", "config": p.config.model_dump()}})
-    return path
-
-
 def build(label: str, work: Path, log) -> str:
-    backend, parent, how = VARIANTS[label]
+    """The checkpoint of a row: the suite's passes run by the pipeline runner (studies/recipes.py), optimum's
+    quantizer on the plain export."""
+    _, parent, how = VARIANTS[label]
     if how == "source":
         return SOURCE
-    if how == "export":
-        return str(export_dir(parent, work))
-    path = work / f"{slug(label)}-{hashlib.sha256(repr(how).encode()).hexdigest()[:8]}"
-    if (path / "model.onnx").exists():
-        return str(path)
-    start = time.time()
-    src = export_dir(parent, work)
-    if how == "optimum":
+    export = [("export", {"optimize": False} if parent == "plain" else {})]  # plain: optimum's graph unchanged
+    recipe = export if how in ("export", "optimum") else export + [("quantize", {**NO_CHECK, **how})]
+    src = recipes.build(SOURCE, TASK, recipe, {"train": CALIBRATION, "calibration": CALIBRATION, "eval": EVAL},
+                        work, log=log)
+    if how != "optimum":
+        return src
+    dst = recipes.derived(src, slug(label), work)
+    if not (dst / "model.onnx").exists():
         from studies.quantize_compare import optimum_quantize
 
-        optimum_quantize(src, path)
-    else:
-        p = get("quantize")(**{**NO_CHECK, **how})
-        out = p.run(load(src), _ctx(work))
-        save(out, path, **{"pass": {"name": "quantize", "config": p.config.model_dump()}})
-    log(f"  built {label} in {time.time() - start:.0f} s")
-    return str(path)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        optimum_quantize(Path(src), dst)
+    return str(dst)
 
 
 def settings(threads: int, rounds: int, seq_tokens: int) -> BenchmarkConfig:

@@ -5,10 +5,10 @@ optimum's traced graph, optimum's own int8, llama.cpp and torch fp32, side by si
         [--only LABEL ...] [--work /tmp/compress-fast-decoder] [--out benchmarks/results/fast_decoder]
     .venv/bin/python -m studies.fast_decoder --summary-only [--out DIR]   # summary.md again from DIR/rows
 
-Every variant is built with the suite's passes from the fp32 source (cached in --work by its recipe and the
-passes' versions), except `optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic defaults
-on optimum's export) and the llama.cpp rows (the packaged Q4_1 GGUF the fp32 source comes from, and its Q8_0 by
-llama.cpp's own quantizer), which are fed the same token ids.
+Every variant is built with the suite's passes from the fp32 source (by the pipeline runner, its steps kept in
+--work: studies/recipes.py), except `optimum ORTQuantizer int8` (optimum's quantizer with its avx512_vnni dynamic
+defaults on optimum's export) and the llama.cpp rows (the packaged Q4_1 GGUF the fp32 source comes from, and its
+Q8_0 by llama.cpp's own quantizer), which are fed the same token ids.
 Each is measured by `benchmarks.harness.measure` in its own process (perplexity on held-out Shakespeare, text
 of another kind than the Wikipedia the tokenizer and calibration see; top-1 agreement and KL against torch
 fp32; prefill and decode latency; peak memory; weight bytes per token for the roofline), then timed again
@@ -19,23 +19,19 @@ Results: benchmarks/results/fast_decoder/ (results.json, report.md/.html, plots,
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.config import BenchmarkConfig, LatencyConfig
 from benchmarks.harness import backend_problem, measure, timing_rounds
 from benchmarks.report import write_report
 from benchmarks.roofline import percent_of_bound
-from compress import load, save
-from compress.checkpoint import load_source
-from compress.data import DataSpec, PipelineData
-from compress.passes import PassContext, get
+from compress.data import DataSpec
 from compress.runtime import set_threads
+from studies import recipes
 from studies.quantize_compare import optimum_quantize, slug
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -99,33 +95,21 @@ def gguf(recipe: str, work: Path, log) -> str:
 
 
 def build(recipe, work: Path, log) -> str:
-    """The checkpoint a recipe ends in; each prefix is built once and cached in `work` by its options and the
-    passes' versions."""
+    """The checkpoint a recipe ends in: its passes run by the pipeline runner (studies/recipes.py), so a step
+    is built once and again only when its pass, options or parent changed."""
     if recipe == "source":
         return SOURCE
     if isinstance(recipe, str) and recipe.startswith("gguf-"):
         return gguf(recipe, work, log)
     if recipe == "optimum-int8":
-        export_dir = Path(build(OPTIMUM, work, log))
-        dst = work / "optimum-ortquantizer-int8"
+        export_dir = build(OPTIMUM, work, log)
+        dst = recipes.derived(export_dir, "optimum-ortquantizer-int8", work)
         if not (dst / "model.onnx").exists():
-            optimum_quantize(export_dir, dst)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            optimum_quantize(Path(export_dir), dst)
         return str(dst)
-    parent = None
-    ctx = PassContext(source=SOURCE, task="causal-lm", scratch=work / "scratch", show_progress=False,
-                      data=PipelineData(train=CALIBRATION, calibration=CALIBRATION, eval=EVAL))
-    for k in range(len(recipe)):
-        versions = [get(name).version for name, _ in recipe[: k + 1]]  # a pass that changed builds anew
-        key = hashlib.sha256(json.dumps([recipe[: k + 1], versions], sort_keys=True).encode()).hexdigest()[:12]
-        path = work / f"{k + 1:02d}-{recipe[k][0]}-{key}"
-        if not (path / "manifest.json").exists():
-            start = time.time()
-            art = load(parent) if parent else load_source(SOURCE, "causal-lm")
-            p = get(recipe[k][0])(**recipe[k][1])
-            save(p.run(art, ctx), path, **{"pass": {"name": p.name, "config": p.config.model_dump(mode="json")}})
-            log(f"  built {path.name} in {time.time() - start:.0f} s")
-        parent = path
-    return str(parent)
+    data = {"train": CALIBRATION, "calibration": CALIBRATION, "eval": EVAL}
+    return recipes.build(SOURCE, "causal-lm", recipe, data, work, log=log)
 
 
 def row(label: str, work: Path = WORK, log=print) -> tuple[str, str]:

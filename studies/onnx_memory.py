@@ -27,10 +27,11 @@ def write_storages(checkpoint: Path, work: Path) -> dict[str, Path]:
     import onnx
 
     from compress import onnx_tools
+    from studies.recipes import derived
 
     out = {}
     for name, external in (("inline", "never"), ("external", "always")):
-        folder = work / f"onnx-memory-{name}"
+        folder = derived(checkpoint, f"onnx-memory-{name}", work)
         if not (folder / "tokenizer.json").exists():
             onnx_tools.save_model(onnx.load(str(checkpoint / onnx_tools.ONNX_FILE)), folder, external)
             for f in checkpoint.iterdir():

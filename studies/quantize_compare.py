@@ -12,28 +12,23 @@ measured by `benchmarks.harness.measure` in its own process (quality against the
 peak memory, size), then timed again in further rounds, the rows of a model taking turns (`latency.rounds`),
 so the machine's drift slows every row alike. Results: benchmarks/results/quantize/ (results.json,
 report.md/.html, plots, summary.md).
-Built checkpoints are cached in --work; measurements are redone on every run (one JSON per row, so --only
-re-measures some rows and keeps the others)."""
+Built checkpoints are kept in --work (studies/recipes.py); measurements are redone on every run (one JSON per
+row, so --only re-measures some rows and keeps the others)."""
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 from benchmarks.config import BenchmarkConfig, LatencyConfig
 from benchmarks.harness import measure, timing_rounds
 from benchmarks.report import write_report
-from compress import load, save
-from compress.checkpoint import Artifact
-from compress.data import DataSpec, PipelineData
-from compress.models import load_model
-from compress.passes import PassContext, get
+from compress.data import DataSpec
 from compress.runtime import set_threads
+from studies import recipes
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -101,39 +96,26 @@ def slug(label: str) -> str:
 
 
 def build(model_name: str, label: str, how, work: Path, log) -> str:
-    """The checkpoint (or source) a variant is measured from; built once and cached in `work`."""
+    """The checkpoint (or source) a variant is measured from: the suite's passes run by the pipeline runner
+    (studies/recipes.py), optimum's quantizer on the fp32 export."""
     spec = MODELS[model_name]
     if how == "source":
         return spec["source"]
-    # the options are part of the name, so a variant whose options change is built again, never reused
-    path = work / model_name / f"{slug(label)}-{hashlib.sha256(repr(how).encode()).hexdigest()[:8]}"
-    if (path / "manifest.json").exists() or (path / "model.onnx").exists():
-        return str(path)
-    data = PipelineData(train=spec["calibration"], eval=spec["eval"], calibration=spec["calibration"])
-    ctx = PassContext(source=spec["source"], task=spec["task"], data=data, scratch=work / "scratch",
-                      threads=None, show_progress=False)
-    start = time.time()
-    if how == "export" or how == "optimum":
-        export_dir = work / model_name / "ort-fp32"
-        if not (export_dir / "manifest.json").exists():
-            model, tok = load_model(spec["source"], spec["task"])
-            out = get("export")().run(Artifact(kind="torch", task=spec["task"], tokenizer=tok, model=model), ctx)
-            save(out, export_dir, **{"pass": {"name": "export", "config": get("export")().config.model_dump()}})
-        if how == "export":
-            return str(export_dir)
-        optimum_quantize(export_dir, path)
+    if how in ("export", "optimum"):
+        recipe = [("export", {})]
     elif how[0] == "quantize-torch":
-        model, tok = load_model(spec["source"], spec["task"])
-        p = get("quantize")(**how[1])
-        out = p.run(Artifact(kind="torch", task=spec["task"], tokenizer=tok, model=model), ctx)
-        save(out, path, **{"pass": {"name": "quantize", "config": p.config.model_dump()}})
+        recipe = [("quantize", how[1])]
     else:
-        parent = load(build(model_name, "ORT fp32", "export", work, log))
-        p = get("quantize")(**{**NO_CHECK, **how[1]})
-        out = p.run(parent, ctx)
-        save(out, path, **{"pass": {"name": "quantize", "config": p.config.model_dump()}})
-    log(f"  built {label} in {time.time() - start:.0f} s")
-    return str(path)
+        recipe = [("export", {}), ("quantize", {**NO_CHECK, **how[1]})]
+    data = {"train": spec["calibration"], "calibration": spec["calibration"], "eval": spec["eval"]}
+    built = recipes.build(spec["source"], spec["task"], recipe, data, work / model_name, log=log)
+    if how != "optimum":
+        return built
+    dst = recipes.derived(built, slug(label), work / model_name)
+    if not (dst / "model.onnx").exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        optimum_quantize(Path(built), dst)
+    return str(dst)
 
 
 def optimum_quantize(export_dir: Path, dst: Path) -> None:
