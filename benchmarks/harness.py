@@ -280,9 +280,13 @@ def run_worker(spec: WorkerSpec, threads: int, timeout_s: int) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         spec_file, out_file = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         spec_file.write_text(spec.to_json())
+        # The worker runs in the caller's folder, so relative paths (a checkpoint, runs/<name>/...) mean what
+        # they mean here, with the suite's root first on its path, so no folder there shadows its packages.
+        boot = (f"import sys; sys.path.insert(0, {root!r}); from benchmarks.worker import main; "
+                "sys.exit(main(sys.argv[1:]))")
         try:
-            proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", str(spec_file), str(out_file)],
-                                  env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            proc = subprocess.run([sys.executable, "-c", boot, str(spec_file), str(out_file)],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
                                   if not spec.show_progress else None, text=True, timeout=timeout_s)
         except subprocess.TimeoutExpired:
             return {"error": f"the measurement took longer than timeout_s={timeout_s} s"}

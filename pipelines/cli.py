@@ -34,6 +34,14 @@ def _cmd_run(args) -> int:
         suite_log(f"compress {' '.join(sys.argv[1:]) or 'run ' + str(args.config)}")
         result = runner.run()
     print_summary(result, pipeline.config)
+    results = runner.run_dir / "results.json"
+    if pipeline.config.benchmark is not None and results.is_file():
+        failed = [f"{r.get('label')} on {r.get('backend')}" for r in json.loads(results.read_text())["records"]
+                  if "error" in r]
+        if failed:  # the checkpoints stand; the figures a user asked for are missing
+            print(f"error: the benchmark failed for {', '.join(failed)} (the reasons are above and in the report); "
+                  "the checkpoints are written", file=sys.stderr)
+            return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -51,8 +59,9 @@ def _cmd_validate(args) -> int:
         return EXIT_OK
     pipeline = load_config(args.config, args.set)
     cfg = pipeline.config
+    branches = "".join(f"; branch {b.name}: {' -> '.join(p.name for p in b.passes)}" for b in pipeline.branches)
     print(f"{args.config}: ok - {cfg.name}: {cfg.model.source} ({cfg.task}), "
-          f"passes: {' -> '.join(p.name for p in pipeline.passes) or 'none'}")
+          f"passes: {' -> '.join(p.name for p in pipeline.passes) or 'none'}{branches}")
     return EXIT_OK
 
 

@@ -85,11 +85,28 @@ def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch,
 
     rc = main(["bench", "a-ckpt", "b-ckpt", "--baseline", "base", "--backends", "torch-cpu,ort-cpu",
                "--output", str(tmp_path), "--no-progress", "--repeats", "3"])
-    assert rc == 0
     assert seen[0] == ("base", "torch-cpu", "base") and len(seen) == 6
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert [r["is_baseline"] for r in records] == [True, True, False, False, False, False]
-    assert "stub" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "stub" in out
+    assert rc == 1 and "nothing was measured" in err  # every row skipped: a failure, not a report of nothing
+
+
+def test_bench_cli_takes_paths_relative_to_where_it_runs(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """The measuring process runs in the caller's folder: a relative checkpoint and output folder (and the
+    prepared inputs under it) mean the same there."""
+    import os
+
+    from pipelines.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    rc = main(["bench", os.path.relpath(tiny_llama_dir), "--output", "out", "--no-progress", "--no-latency",
+               "--quality", "perplexity", "--data", "builtin:shakespeare", "--max-tokens", "96", "--window", "32",
+               "--threads", "1"])
+    assert rc == 0, capsys.readouterr().err
+    (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    assert "error" not in record and 1 < record["quality"]["perplexity"] < 1e6
 
 
 def test_bench_cli_rejects_bad_options(tmp_path):
@@ -138,3 +155,21 @@ def test_timing_rounds_take_turns_and_pool_runs(tiny_llama_dir, tmp_path, monkey
     calls.clear()
     Runner(config, show_progress=False, log=lambda *a: None).run()
     assert calls == []  # the pooled records were stored
+
+
+def test_run_exits_1_when_a_benchmark_row_failed(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import yaml
+
+    from pipelines.cli import main
+
+    def failing_measure(target, **kw):
+        return {"label": kw["label"], "backend": kw["backend"], "task": "causal-lm", "error": "stub failure"}
+
+    monkeypatch.setattr(benchmarks.pipeline, "measure", failing_measure)
+    raw = _pipeline(tiny_llama_dir, tmp_path).config.model_dump(mode="json", by_alias=True)
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(raw))
+    assert main(["run", str(config), "--no-progress"]) == 1
+    err = capsys.readouterr().err
+    assert "the benchmark failed for source on torch-cpu, 01-quantize on torch-cpu" in err
+    assert (tmp_path / "bench-demo" / "01-quantize" / "manifest.json").is_file()  # the checkpoint stands
