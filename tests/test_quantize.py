@@ -84,6 +84,11 @@ def test_each_method_takes_only_its_own_options():
         get("quantize")(method="ort-int8")
     with pytest.raises(ConfigError, match=r"unknown method \['bf16'\]"):
         get("quantize")(method=["bf16"])
+    # values ONNX Runtime (or torch's exporter) would refuse mid-run are refused here, naming the field
+    with pytest.raises(ConfigError, match="quantize.block_size: Input should be 16, 32, 64, 128 or 256"):
+        get("quantize")(method="ort-int8-dynamic", block_size=48)
+    with pytest.raises(ConfigError, match="export.opset: Input should be less than or equal to 20"):
+        get("export")(opset=99)
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
     assert set(dumped) == {"method", "exclude", "bnb_blocksize", "bnb_compute_dtype"}
     assert get("quantize")().config.model_dump() == {"method": "bf16"}

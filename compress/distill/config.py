@@ -48,8 +48,8 @@ class QuantizeAwareConfig(PassConfig):
     """The grid the later `quantize: {method: ort-int8-dynamic, kernel: matmulnbits}` pass will use."""
 
     bits: Literal[4, 8] = Field(4, description="weight bits of the MatMulNBits grid (quantize's weight_bits)")
-    block_size: int = Field(32, ge=16, description="weights per block along the input dimension (quantize's "
-                            "block_size, a power of two)")
+    block_size: Literal[16, 32, 64, 128, 256] = Field(32, description="weights per block along the input "
+                                                      "dimension (quantize's block_size)")
     symmetric: bool = Field(True, description="rtn: symmetric grid (the quantize pass's rtn is symmetric); "
                             "false: asymmetric with a zero point")
     algorithm: Literal["rtn", "minmax"] = Field(
@@ -61,9 +61,7 @@ class QuantizeAwareConfig(PassConfig):
                                           "the symmetric 4-bit grid in blocks of block_size")
 
     @model_validator(mode="after")
-    def _power_of_two(self):
-        if self.block_size & (self.block_size - 1):
-            raise ValueError(f"block_size {self.block_size} must be a power of two (16, 32, 64, 128, ...)")
+    def _minmax_is_4_bit(self):
         if self.algorithm == "minmax" and self.bits != 4:
             raise ValueError("algorithm minmax is a 4-bit grid; set bits: 4")
         return self

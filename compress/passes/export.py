@@ -47,8 +47,8 @@ class ExportConfig(PassConfig):
                                    "max_position_embeddings")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
-    opset: int | None = Field(None, ge=14, description="ONNX opset; default: optimum's choice for the "
-                              "architecture")
+    opset: int | None = Field(None, ge=14, le=20, description="ONNX opset of optimum's exporter (torch's exports "
+                              "14 to 20); default: optimum's choice for the architecture")
     optimize: Union[bool, Literal["auto"]] = Field(
         "auto", description="optimum graphs: apply ONNX Runtime's transformer fusions (Attention, "
         "SkipLayerNormalization, BiasGelu / FastGelu, EmbedLayerNormalization; RMSNorm / rotary for decoders), "

@@ -141,8 +141,9 @@ class OrtDynamicConfig(_Calibration):
         json_schema_extra=search([4, 8]))
     weight_bits: Literal[4, 8] = Field(8, description="matmulnbits: 8 or 4-bit weights",
                                        json_schema_extra=search([4, 8]))
-    block_size: int = Field(32, ge=16, description="matmulnbits: weights (and activations) per quantization block "
-                            "(a power of two)", json_schema_extra=search([32, 64, 128]))
+    block_size: Literal[16, 32, 64, 128, 256] = Field(
+        32, description="matmulnbits: weights (and activations) per quantization block (the sizes ONNX Runtime's "
+        "MatMulNBits takes)", json_schema_extra=search([32, 64, 128]))
     algorithm: Literal["rtn", "minmax", "hqq", "k_quant", "gptq"] = Field(
         "rtn", description="matmulnbits: how the weight grid is chosen: rtn (round to nearest, symmetric), minmax "
         "(each block's exact [min, max] range with a float offset, llama.cpp's Q4_1), hqq (half-quadratic "

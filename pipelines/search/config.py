@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from compress.errors import ConfigError, format_validation_error
 
-from ..config import Pipeline, apply_overrides, validate
+from ..config import Pipeline, apply_overrides, read_config_file, validate
 from . import figures as fig
 from .space import Space, check_values, find_space
 
@@ -239,12 +238,6 @@ def _coarse_screen(settings: SearchSettings, constraints: list[fig.Constraint], 
 
 def load_search_config(path: str | Path, overrides: list[str] | None = None) -> SearchSetup:
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file {path} not found" + (" (it is a directory)" if path.is_dir() else ""))
-    try:
-        raw = yaml.safe_load(path.read_bytes().decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{path}: not a valid UTF-8 YAML file ({str(exc).splitlines()[0]})") from None
-    setup = validate_search(apply_overrides(raw or {}, overrides or []))
+    setup = validate_search(apply_overrides(read_config_file(path) or {}, overrides or []))
     setup.path = path
     return setup
