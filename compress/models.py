@@ -117,6 +117,9 @@ def check_source(source: str) -> None:
         path = Path(source).expanduser()
         if not path.is_dir():
             resolve_source(source)  # raises with the full message
+        if not (path / "config.json").is_file() and not (path / "manifest.json").is_file():
+            raise ModelSourceError(f"model source {source!r} is a folder with no config.json: give a folder saved "
+                                   "with save_pretrained, a compress checkpoint, builtin:<name> or hf:<hub id>")
 
 
 def causal_lm_problem(source: str, architectures: list[str] | None) -> str | None:
@@ -185,6 +188,24 @@ def source_fingerprint(source: str) -> str:
     return f"local:{path}:{h.hexdigest()[:16]}"
 
 
+def _hub_unreachable(timeout: float = 3.0) -> str | None:
+    """Why the hub cannot be reached from here (one TCP connection, seconds), else None. Behind a proxy the
+    download is left to try: a direct connection says nothing there."""
+    import socket
+    import urllib.parse
+
+    from huggingface_hub import constants
+
+    if any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return None
+    except OSError as exc:
+        return f"{host} cannot be reached ({exc.strerror or exc})"
+
+
 def _from_pretrained(loader, location, source: str, **kwargs):
     kind = "hub id" if source.startswith("hf:") else "folder"
     try:
@@ -194,6 +215,9 @@ def _from_pretrained(loader, location, source: str, **kwargs):
             except OSError:
                 if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false"):
                     raise
+                problem = _hub_unreachable()  # at once, not after a minute of the hub client's retries
+                if problem:
+                    raise OSError(problem) from None
                 return loader.from_pretrained(location, **kwargs)
         return loader.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as exc:
@@ -203,7 +227,7 @@ def _from_pretrained(loader, location, source: str, **kwargs):
             if source.startswith("hf:")
             else ""
         )
-        raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {exc}.{hint}") from exc
+        raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {str(exc).rstrip('.')}.{hint}") from exc
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):

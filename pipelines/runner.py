@@ -40,7 +40,7 @@ from compress import checkpoint, model_card
 from compress.checkpoint import Artifact
 from compress.data import PipelineData
 from compress.describe import options_line
-from compress.errors import CheckpointError, RunBusyError
+from compress.errors import CheckpointError, ModelSourceError, RunBusyError
 from compress.models import source_fingerprint
 from compress.onnx_tools import is_external_data
 from compress.passes.base import PassContext
@@ -199,8 +199,11 @@ class Runner:
     def _load_source(self) -> Artifact:
         cfg = self.pipeline.config
         label_names = self.data.dataset("train").label_names if cfg.task == "sequence-classification" else None
-        return checkpoint.load_source(cfg.model.source, cfg.task, label_names=label_names,
-                                      trust_remote_code=cfg.model.trust_remote_code)
+        try:
+            return checkpoint.load_source(cfg.model.source, cfg.task, label_names=label_names,
+                                          trust_remote_code=cfg.model.trust_remote_code)
+        except ModelSourceError as exc:
+            raise ModelSourceError(f"model.source: {exc}") from exc
 
     def _scratch(self) -> Path:
         """Temporary files of the passes (one folder per process), removed at the end of the run."""

@@ -104,6 +104,20 @@ def test_missing_hub_model_fails_fast_and_suggests_a_local_path(monkeypatch):
     with pytest.raises(ModelSourceError, match="local path"):
         load_model("hf:nobody/no-such-model", "causal-lm")
     assert time.perf_counter() - start < 10
+    # not marked offline, but the hub unreachable (as here): one connection attempt, not the client's retries
+    import socket
+
+    def unreachable(*args, **kwargs):
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(proxy, raising=False)
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    start = time.perf_counter()
+    with pytest.raises(ModelSourceError, match=r"huggingface.co cannot be reached \(Name or service not known\)"):
+        load_model("hf:nobody/no-such-model", "causal-lm")
+    assert time.perf_counter() - start < 10
 
 
 def test_schema_and_passes_listing(tmp_path, capsys):

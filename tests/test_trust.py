@@ -308,6 +308,7 @@ BAD_INPUTS = [
     ("seed-float-nan", "config", _set("seed", float("nan")), "seed:"),
     ("source-missing-dir", "config", _set("model.source", "/nonexistent/model"), "model.source"),
     ("source-bad-builtin", "config", _set("model.source", "builtin:gpt-17"), "model.source"),
+    ("source-folder-no-config", "config", _set("model.source", str(Path(__file__).parent)), "with no config.json"),
     ("source-extra-key", "config", _set("model.revision", "main"), "unknown option 'revision'"),
     ("unknown-pass", "config", _passes({"distil": {}}), "passes.0"),
     ("two-pass-names", "config", _passes({"quantize": {"method": "bf16"}, "export": {}}), "passes.0"),
