@@ -191,20 +191,29 @@ def _read_jsonl(path: Path, spec: DataSpec):
     return ids, texts, [names.index(str(v)) for v in raw_labels], names
 
 
-def _read_source(spec: DataSpec):
-    if spec.source.startswith("builtin:"):
-        name = spec.source.split(":", 1)[1]
+def check_data_source(source: str) -> list[Path] | None:
+    """Cheap check that `source` names data, before anything is read: raises DataSourceError. Returns the local
+    files it names (None for a builtin)."""
+    if source.startswith("builtin:"):
+        name = source.split(":", 1)[1]
         if name not in _BUILTINS:
             raise DataSourceError(
                 f"unknown builtin data {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
             )
-        return _read_builtin(name)
-    files = _local_files(spec.source)
+        return None
+    files = _local_files(source)
     if not files:
         raise DataSourceError(
-            f"data source {spec.source!r}: no such file, directory or matching files; use builtin:<name> "
+            f"data source {source!r}: no such file, directory or matching files; use builtin:<name> "
             f"({', '.join(BUILTIN_DATA)}), a .txt file/dir/glob or a .jsonl file"
         )
+    return files
+
+
+def _read_source(spec: DataSpec):
+    files = check_data_source(spec.source)
+    if files is None:
+        return _read_builtin(spec.source.split(":", 1)[1])
     if len(files) == 1 and files[0].suffix == ".jsonl":
         return _read_jsonl(files[0], spec)
     return [str(f) for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files], None, None

@@ -85,14 +85,19 @@ def _model_at(model_cls, loc):
     return current
 
 
+_UNION_MEMBERS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
 def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
     """One line per problem: the field path, the bad value, what is allowed and (for typos) a suggestion."""
     import difflib
 
-    lines = []
+    lines, wheres = [], []
     for err in exc.errors():
-        loc = tuple(err["loc"])
+        # pydantic names the member of a union it tried ("str", "dict[str,...]", "function-after[...]"): no field
+        loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS)))
         where = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
+        wheres.append(where)
         kind = err["type"]
         if kind == "extra_forbidden":
             holder = _model_at(model_cls, loc[:-1]) if model_cls else None
@@ -106,7 +111,15 @@ def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
                 msg += f" (allowed: {', '.join(allowed)})"
         elif kind == "missing":
             msg = f"{where}: required option is missing"
+        elif kind == "string_pattern_mismatch":  # the run and branch names: folder names
+            msg = (f"{where}: {err.get('input')!r} is not a folder name this suite takes: letters, digits, '.', '_' "
+                   "and '-', starting with a letter or digit")
         else:
-            msg = f"{where}: {err['msg']} (got {err.get('input')!r})"
+            text = err["msg"].removeprefix("Value error, ")
+            got = f"(got {err.get('input')!r}"
+            msg = f"{where}: {text}" + ("" if got in text else f" {got})")
         lines.append(msg)
-    return "\n".join(lines)
+    # A union's other member failing on the value's type ("should be a valid string") says nothing when the
+    # member that took the value reports a problem inside it.
+    return "\n".join(line for line, where, err in zip(lines, wheres, exc.errors())
+                     if not (err["type"].endswith("_type") and any(w.startswith(where + ".") for w in wheres)))

@@ -15,9 +15,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from benchmarks.config import BenchmarkConfig
 from compress import passes as pass_registry
-from compress.data import DataSpec, default_split
+from compress.data import DataSpec, check_data_source, default_split
 from compress.errors import ConfigError, format_validation_error
-from compress.errors import ModelSourceError
+from compress.errors import DataSourceError, ModelSourceError
 from compress.models import check_source, check_task
 from compress.tasks import TASKS
 from compress.passes.base import Pass
@@ -174,14 +174,25 @@ def _branch_start(branch: BranchConfig, main_passes: list[Pass], where: str) -> 
 
 
 def _check_data(cfg: PipelineConfig) -> list[str]:
+    specs = {f"data.{role}": getattr(cfg.data, role) for role in ("train", "eval", "calibration")}
+    if cfg.benchmark is not None:
+        specs.update({"benchmark.data": cfg.benchmark.data,
+                      **{f"benchmark.extra_data.{k}": v for k, v in cfg.benchmark.extra_data.items()}})
+    errors = []
+    for where, spec in specs.items():
+        try:
+            if spec is not None:
+                check_data_source(spec.source)
+        except DataSourceError as exc:
+            errors.append(f"{where}.source: {exc}")
     train, ev = cfg.data.train, cfg.data.eval
     if train is None or ev is None or train.source != ev.source:
-        return []
+        return errors
     ts, es = train.split or default_split(train.source, "train"), ev.split or default_split(ev.source, "eval")
     if ts == es or "all" in (ts, es):
-        return [f"data.eval: uses the same source as data.train ({train.source}) and the splits overlap "
-                f"({ts} / {es}): set `split:` on both, e.g. train and test"]
-    return []
+        errors.append(f"data.eval: uses the same source as data.train ({train.source}) and the splits overlap "
+                      f"({ts} / {es}): set `split:` on both, e.g. train and test")
+    return errors
 
 
 def validate(raw: dict) -> Pipeline:

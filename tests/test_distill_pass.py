@@ -185,7 +185,7 @@ def test_tokenizer_mismatch_is_refused(tiny_llama_dir, tmp_path):
 
 def test_bad_options_are_refused():
     with pytest.raises(ConfigError, match="exactly one"):
-        get("distill")(student={"keep_layers": 2, "source": "x"})
+        get("distill")(student={"keep_layers": 2, "source": "builtin:smollm2-135m"})
     with pytest.raises(ConfigError, match="temperature_end"):
         get("distill")(temperature_schedule="linear")
     with pytest.raises(ConfigError, match="alpha"):

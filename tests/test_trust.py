@@ -326,7 +326,7 @@ BAD_INPUTS = [
     ("linear-schedule-no-end", "config", _passes({"distill": {"temperature_schedule": "linear"}}),
      "temperature_end"),
     ("prune-recover-typo", "config", _passes({"prune": {"recover": {"max_step": 5}}}), "max_step"),
-    ("ratio-true", "config", _passes({"prune": {"ratio": True}}), "passes.0.prune.ratio: Value error, true / "
+    ("ratio-true", "config", _passes({"prune": {"ratio": True}}), "passes.0.prune.ratio: true / "
      "false is not a value of this option"),
     ("max-steps-false", "config", _passes({"distill": {"max_steps": False}}), "passes.0.distill.max_steps"),
     ("recover-steps-true", "config", _passes({"prune": {"recover": {"max_steps": True}}}),
@@ -344,6 +344,10 @@ BAD_INPUTS = [
         {"name": "alt", "passes": []}, {"name": "alt", "passes": []}]), "branches"),
     ("data-unknown-key", "config", _set("data.train", {"source": "builtin:shakespeare", "max_token": 5}),
      "max_token"),
+    ("data-source-missing", "config", _set("data.train", {"source": "/nonexistent/corpus.txt"}),
+     "data.train.source: data source '/nonexistent/corpus.txt'"),
+    ("teacher-missing", "config", _passes({"distill": {"teacher": "/nonexistent/teacher"}}),
+     "passes.0.distill.teacher: model source '/nonexistent/teacher' not found"),
     ("data-bad-split", "config", _set("data.train", {"source": "builtin:shakespeare", "split": "dev"}), "split"),
     ("data-negative-tokens", "config", _set("data.train", {"source": "builtin:shakespeare", "max_tokens": -5}),
      "max_tokens"),

@@ -8,9 +8,22 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from ..errors import ModelSourceError
+from ..models import check_source
 from ..options import PassConfig
+
+
+def _existing_source(value: str | None) -> str | None:
+    """A model source that exists (checked cheaply, as the pipeline's model.source is); `source` and `input` name
+    the pipeline's source model and the pass's input."""
+    if value is not None and value not in ("source", "input"):
+        try:
+            check_source(value)
+        except ModelSourceError as exc:
+            raise ValueError(str(exc)) from None
+    return value
 
 
 class StudentConfig(PassConfig):
@@ -21,6 +34,8 @@ class StudentConfig(PassConfig):
         None, description="fresh student: the input's config with these values changed (num_hidden_layers, "
         "hidden_size, num_attention_heads, intermediate_size, ...), new random weights")
     source: str | None = Field(None, description="a model source or checkpoint path to use as the student")
+
+    _source_exists = field_validator("source")(_existing_source)
 
     @model_validator(mode="after")
     def _one_kind(self):
@@ -35,6 +50,8 @@ class TeacherEntry(PassConfig):
     model: str = Field(description="source (the pipeline's source model), input (this pass's input model), "
                        "or a model source / checkpoint path")
     weight: float = Field(1.0, gt=0, description="weight of this teacher's soft targets in the average")
+
+    _model_exists = field_validator("model")(_existing_source)
 
 
 class SequenceLevelConfig(PassConfig):
@@ -131,6 +148,11 @@ class DistillConfig(LossConfig, TrainConfig):
     teacher: str | list[TeacherEntry] = Field(
         "source", description="source (pipeline source model), input (this pass's input), a model source or "
         "checkpoint path, or a list of {model, weight} for multi-teacher distillation")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_exists(cls, value):
+        return _existing_source(value) if isinstance(value, str) else value
     teacher_cache: bool = Field(False, description="offline distillation: run the teacher once, keep its "
                                 "top-k logits (and the mass of the rest) on disk and read them in every later "
                                 "epoch and rerun")
