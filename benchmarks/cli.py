@@ -21,7 +21,7 @@ def settings_from_args(args):
 
     from .config import BenchmarkConfig
 
-    raw: dict = {"backends": _csv(args.backends), "quality": _csv(args.quality), "threads": args.threads,
+    raw: dict = {"backends": _csv(args.backends) if args.backends else None, "quality": _csv(args.quality), "threads": args.threads,
                  "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
     if args.data:
         data = {"source": args.data, "split": args.split, "max_tokens": args.max_tokens,
@@ -42,6 +42,14 @@ def settings_from_args(args):
         return BenchmarkConfig(**{k: v for k, v in raw.items() if v is not None or k == "latency"})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, BenchmarkConfig, prefix="bench.")) from None
+
+
+def _own_backend(target: str, task: str | None) -> str:
+    """The runtime a target is made for (without --backends): ONNX Runtime for ONNX models, llama.cpp for GGUF
+    files, torch for the rest."""
+    from .harness import resolve_target
+
+    return {"onnx": "ort-cpu", "gguf": "llamacpp-cpu"}.get(resolve_target(target, task).kind, "torch-cpu")
 
 
 def _labels(targets: list[str]) -> list[str]:
@@ -76,11 +84,13 @@ def print_table(records: list[dict]) -> None:
 
 
 def cmd_bench(args) -> int:
+    from compress.runtime import output_folder
+
     from .harness import measure, timing_rounds
     from .report import write_report
 
     settings = settings_from_args(args)
-    out = Path(args.output)
+    out = output_folder(args.output, "--output")
     work_dir = Path(args.work_dir) if args.work_dir else out / ".bench"
     show = False if args.no_progress else None
     targets = list(args.targets)
@@ -95,7 +105,7 @@ def cmd_bench(args) -> int:
             base_index = 0
     records, jobs = [], []
     for i, (target, label) in enumerate(zip(targets, labels)):
-        for backend in settings.backends:
+        for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
             print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
             job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
                        work_dir=work_dir, show_progress=show)
@@ -129,7 +139,8 @@ def add_commands(sub) -> None:
     p = sub.add_parser("bench", help="measure checkpoints (or model sources, ONNX folders, GGUF files) on backends")
     p.add_argument("targets", nargs="+", metavar="CKPT_OR_ONNX",
                    help="checkpoint dirs, ONNX dirs, model sources, or GGUF files (llamacpp-cpu, with --baseline)")
-    p.add_argument("--backends", default="torch-cpu", help=f"comma list of {', '.join(BACKENDS)}")
+    p.add_argument("--backends", help=f"comma list of {', '.join(BACKENDS)} (default: each target on its own "
+                   "runtime: ort-cpu for ONNX models, llamacpp-cpu for GGUF files, torch-cpu for the rest)")
     p.add_argument("--quality", default="perplexity,accuracy,teacher-agreement",
                    help="comma list of perplexity, accuracy, teacher-agreement (each where the task allows)")
     p.add_argument("--baseline", help="reference model for teacher-agreement and ratios (checkpoint or source)")

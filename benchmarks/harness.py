@@ -86,6 +86,11 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
             raise ModelSourceError(f"{path}: cannot tell the task of this ONNX folder; pass --task")
         return Target(ref, path, "onnx", "checkpoint", task, _hash("onnx", str(path.resolve()),
                                                                   (path / "model.onnx").stat().st_mtime))
+    if path.is_dir() and not (path / "config.json").is_file():
+        steps = sorted(p.name for p in path.iterdir() if (p / "manifest.json").is_file())
+        raise ModelSourceError(f"{ref}: not a checkpoint, an ONNX folder or a model folder (no manifest.json, "
+                               "model.onnx or config.json)" + (f"; it holds checkpoints: give one, e.g. "
+                                                               f"{path / steps[-1]}" if steps else ""))
     _, location = resolve_source(ref)
     location = Path(location)
     task = task or (_task_from_config(location) if location.is_dir() else None)

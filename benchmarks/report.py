@@ -422,5 +422,8 @@ def rebuild(run_dir) -> Path:
         results = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise CompressInputError(f"{path} is not valid JSON: {exc}") from None
+    if not isinstance(results, dict) or not isinstance(results.get("records"), list):
+        raise CompressInputError(f"{path} is not a results file of `compress run` or `compress bench` (expected "
+                                 "an object with a list of records)")
     return write_report(results["records"], run_dir, results.get("title") or run_dir.name,
                         command=results.get("command"))

@@ -101,7 +101,7 @@ def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
         kind = err["type"]
         if kind == "extra_forbidden":
             holder = _model_at(model_cls, loc[:-1]) if model_cls else None
-            allowed = sorted(getattr(holder, "model_fields", {}) or {})
+            allowed = sorted(f.alias or name for name, f in (getattr(holder, "model_fields", {}) or {}).items())
             near = difflib.get_close_matches(str(loc[-1]), allowed, n=1)
             scope = getattr(holder, "options_of", "")
             msg = f"{where}: unknown option {loc[-1]!r}" + (f" for {scope}" if scope else "")

@@ -44,6 +44,24 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def output_folder(path: str | Path, option: str) -> Path:
+    """`path` made (with its parents) as the folder output goes to; ConfigError naming `option` when it cannot
+    be (a file in the way, a parent that cannot be made) or cannot be written."""
+    from .errors import ConfigError
+
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"{option} {path}: is a file, not a folder; give a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{option} {path}: cannot make this folder ({exc.strerror}); give a folder you can "
+                          "write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ConfigError(f"{option} {path}: this folder is not writable; give a folder you can write")
+    return folder
+
+
 def cache_dir() -> Path:
     """The suite's user cache (converted builtin models, teacher caches); respects XDG_CACHE_HOME."""
     root = os.environ.get("COMPRESS_CACHE_DIR")

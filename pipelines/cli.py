@@ -4,17 +4,19 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import os
 import sys
 import traceback
+from pathlib import Path
 
-from compress.errors import CompressError, CompressInputError, disk_error
+from compress.errors import ConfigError, CompressError, CompressInputError, disk_error
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
 
 
 def _cmd_run(args) -> int:
-    from compress.errors import ConfigError
     from compress.logs import capture, suite_log
+    from compress.runtime import output_folder
 
     from .config import load_config
     from .console import log, print_summary
@@ -26,6 +28,8 @@ def _cmd_run(args) -> int:
                           f"run it with `compress search {args.config}`, or run the recipe a search chose with "
                           "`compress run runs/<name>/search/best.yaml`")
     pipeline = load_config(args.config, args.set)
+    output_folder(args.output_dir or pipeline.config.output_dir,
+                  "--output-dir" if args.output_dir else "output_dir:")
     runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log,
                     remeasure=args.remeasure)
     # The folder's lock before its log: a run that is refused never writes into another run's folder.
@@ -76,8 +80,8 @@ def _is_search(path, is_search_config) -> bool:
 
 
 def _cmd_search(args) -> int:
-    from compress.errors import ConfigError
     from compress.logs import capture, suite_log
+    from compress.runtime import output_folder
 
     from .console import log
     from .search import run_search
@@ -89,8 +93,11 @@ def _cmd_search(args) -> int:
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ConfigError(f"--{flag}: must be above 0 (got {getattr(args, flag):g})")
     setup = load_search_config(args.config, args.set)  # every check before the log or the study exist
-    out = search_dir(setup, args.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    study_dir = search_dir(setup, args.output_dir)
+    if args.pick is not None and not args.storage and not (study_dir / "study.db").exists():
+        raise ConfigError(f"--pick {args.pick}: there is no study at {study_dir} yet; run "
+                          f"`compress search {args.config}` first (with the same --output-dir)")
+    out = output_folder(study_dir, "--output-dir" if args.output_dir else "output_dir:")
     with capture(out / "search.log", verbose=args.verbose):
         suite_log(f"compress {' '.join(sys.argv[1:]) or 'search ' + str(args.config)}")
         outcome, search = run_search(args.config, overrides=args.set, trials=args.trials, minutes=args.minutes,
@@ -119,6 +126,12 @@ def _cmd_schema(args) -> int:
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
+        if Path(args.output).is_dir():
+            raise ConfigError(f"-o {args.output}: is a folder; give a file name, e.g. "
+                              f"{Path(args.output) / 'schema.json'}")
+        from compress.runtime import output_folder
+
+        output_folder(Path(args.output).parent, f"-o {args.output}: its folder")
         with open(args.output, "w") as fh:
             fh.write(text + "\n")
     else:
@@ -199,6 +212,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
+        return EXIT_FAILURE
+    except BrokenPipeError:  # the reader went away (`compress schema | head`): nothing left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     except Exception as exc:
         disk = disk_error(exc)  # an OSError, or safetensors' error type for the same causes

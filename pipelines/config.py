@@ -141,13 +141,20 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
             if kind == "torch":
                 errors.append(f"{label} needs an ONNX model, but the model is still a torch model at that point: "
                               "add an `export` pass before it")
+            elif p.name == "export":
+                errors.append(f"{label}: {produced_by} already exported the model to ONNX; keep one export pass")
             else:
                 errors.append(f"{label} runs on torch models, but {produced_by} already exported to ONNX: "
-                              f"move `{p.name}` before the export")
+                              f"move `{p.name}` before the export" + (
+                                  ", or quantize the ONNX model with an ort-* method (ort-int8-dynamic, "
+                                  "ort-int8-static, ort-fp16)" if p.name == "quantize" else ""))
             continue
         if quantized_by and p.quantizes():
             errors.append(f"{label} would quantize a model that {quantized_by} already quantized: "
                           "quantizing twice is not supported, keep one quantize pass")
+        elif quantized_by and p.name == "export":
+            errors.append(f"{label} cannot export a model {quantized_by} quantized in torch: export the float "
+                          "model, then quantize the ONNX model with an ort-* method (ort-int8-dynamic, ort-fp16)")
         elif quantized_by and not p.accepts_quantized_input():
             errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them: "
                           f"move `{p.name}` before the quantize pass")

@@ -173,3 +173,26 @@ def test_run_exits_1_when_a_benchmark_row_failed(tiny_llama_dir, tmp_path, monke
     err = capsys.readouterr().err
     assert "the benchmark failed for source on torch-cpu, 01-quantize on torch-cpu" in err
     assert (tmp_path / "bench-demo" / "01-quantize" / "manifest.json").is_file()  # the checkpoint stands
+
+
+def test_bench_cli_measures_each_target_on_its_own_runtime_by_default(tiny_llama_dir, tmp_path, monkeypatch):
+    import benchmarks.harness
+    from pipelines.cli import main
+
+    onnx_dir = tmp_path / "onnx-model"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"")
+    (onnx_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    seen = []
+
+    def fake_measure(target, **kw):
+        seen.append((target, kw["backend"]))
+        return {"label": kw["label"], "target": target, "backend": kw["backend"], "task": "causal-lm",
+                "skipped": "stub"}
+
+    monkeypatch.setattr(benchmarks.harness, "measure", fake_measure)
+    main(["bench", str(onnx_dir), str(gguf), str(tiny_llama_dir), "--output", str(tmp_path / "out"),
+          "--no-progress"])
+    assert seen == [(str(onnx_dir), "ort-cpu"), (str(gguf), "llamacpp-cpu"), (str(tiny_llama_dir), "torch-cpu")]

@@ -141,3 +141,33 @@ def test_valid_config_passes_validation(tmp_path, capsys):
     root = __import__("pathlib").Path(__file__).parents[1]
     for config in sorted([*root.glob("configs/*.yaml"), *root.glob("studies/configs/*.yaml")]):
         assert main(["validate", str(config)]) == 0, f"{config} does not validate"
+
+
+def test_folders_and_files_given_on_the_command_line_are_checked_first(tmp_path, capsys):
+    """A file where a folder is wanted, a folder where a file is wanted, a folder that is not a model, a search
+    picked before it ran: exit 2 naming the argument, nothing written."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    cases = [
+        (["run", str(root / "configs" / "quickstart.yaml"), "--output-dir", str(a_file)],
+         f"--output-dir {a_file}: is a file, not a folder"),
+        (["schema", "-o", str(tmp_path)], f"-o {tmp_path}: is a folder; give a file name"),
+        (["search", str(root / "configs" / "search-smollm2.yaml"), "--pick", "3", "--output-dir",
+          str(tmp_path / "s")], "--pick 3: there is no study at"),
+    ]
+    runs = tmp_path / "runs" / "r"
+    (runs / "01-quantize").mkdir(parents=True)
+    (runs / "01-quantize" / "manifest.json").write_text("{}")
+    cases.append((["bench", str(runs), "--output", str(tmp_path / "b")], "it holds checkpoints: give one, e.g. "
+                  f"{runs / '01-quantize'}"))
+    (tmp_path / "empty-results").mkdir()
+    (tmp_path / "empty-results" / "results.json").write_text("[]")
+    cases.append((["report", str(tmp_path / "empty-results")], "is not a results file"))
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err, err
+    assert not (tmp_path / "s").exists()  # the refused --pick made no study

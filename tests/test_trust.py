@@ -336,6 +336,12 @@ BAD_INPUTS = [
     ("quantize-twice", "config", _passes({"quantize": {"method": "bf16"}}, {"quantize": {"method": "fp16"}}),
      "passes.1"),
     ("ort-before-export", "config", _passes({"quantize": {"method": "ort-int8-dynamic"}}), "passes.0"),
+    ("export-twice", "config", _passes({"export": {}}, {"export": {}}), "passes.1 (export): passes.0 (export) "
+     "already exported the model to ONNX; keep one export pass"),
+    ("torch-cast-after-export", "config", _passes({"export": {}}, {"quantize": {"method": "bf16"}}),
+     "or quantize the ONNX model with an ort-* method"),
+    ("export-after-torch-cast", "config", _passes({"quantize": {"method": "fp16"}}, {"export": {}}),
+     "passes.1 (export) cannot export a model passes.0 (quantize) quantized in torch"),
     ("branch-like-a-step", "config", _branch("99-alt"), "branches.0.name"),
     ("branch-like-main-step", "config", _branch("01-quantize"), "branches.0.name"),
     ("branch-with-slash", "config", _branch("a/b"), "branches.0.name"),

@@ -67,7 +67,8 @@ def choose(setup: SearchSetup, rows: list[dict], pick: int | None) -> Outcome:
     if pick is not None:
         row = next((r for r in rows if r["number"] == pick), None)
         if row is None:
-            raise ConfigError(f"--pick {pick}: the study has no trial {pick} (trials 0 to {len(rows) - 1})")
+            raise ConfigError(f"--pick {pick}: the study has no trial {pick} " + (
+                f"(trials 0 to {len(rows) - 1})" if rows else "(it has no trials yet: run the search first)"))
         if row["state"] in ("failed", "refused", "running", "waiting"):
             raise ConfigError(f"--pick {pick}: trial {pick} {row['state']}"
                               + (f" ({row['reason']})" if row.get("reason") else "") + "; pick another trial")
