@@ -5,7 +5,7 @@ import pytest
 import yaml
 
 from pipelines.cli import main
-from pipelines.config import json_schema, load_config
+from pipelines.config import load_config
 
 BASE = {
     "name": "t",
