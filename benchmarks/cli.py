@@ -21,8 +21,8 @@ def settings_from_args(args):
 
     from .config import BenchmarkConfig
 
-    raw: dict = {"backends": _csv(args.backends) if args.backends else None, "quality": _csv(args.quality), "threads": args.threads,
-                 "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
+    raw: dict = {"backends": _csv(args.backends) if args.backends else None, "quality": _csv(args.quality),
+                 "threads": args.threads, "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
     if args.data:
         data = {"source": args.data, "split": args.split, "max_tokens": args.max_tokens,
                 "max_examples": args.max_examples}

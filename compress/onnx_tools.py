@@ -26,8 +26,8 @@ class DiscrepancyError(CompressError):
 
 def onnx_size(folder: Path) -> int:
     """Bytes of the graph and its external data."""
-    return sum(f.stat().st_size for f in Path(folder).iterdir() if f.name.startswith(ONNX_FILE) or
-               f.suffix == ".data" or f.name.endswith("_data"))
+    return sum(f.stat().st_size for f in Path(folder).iterdir()
+               if f.name.startswith(ONNX_FILE) or is_external_data(f.name))
 
 
 def is_external_data(name: str) -> bool:

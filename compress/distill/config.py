@@ -148,11 +148,6 @@ class DistillConfig(LossConfig, TrainConfig):
     teacher: str | list[TeacherEntry] = Field(
         "source", description="source (pipeline source model), input (this pass's input), a model source or "
         "checkpoint path, or a list of {model, weight} for multi-teacher distillation")
-
-    @field_validator("teacher")
-    @classmethod
-    def _teacher_exists(cls, value):
-        return _existing_source(value) if isinstance(value, str) else value
     teacher_cache: bool = Field(False, description="offline distillation: run the teacher once, keep its "
                                 "top-k logits (and the mass of the rest) on disk and read them in every later "
                                 "epoch and rerun")
@@ -168,6 +163,11 @@ class DistillConfig(LossConfig, TrainConfig):
         None, description="quantization-aware distillation: the student trains with its weights fake-quantized "
         "exactly as the ONNX export + int4/int8 MatMulNBits quantize pass stores them (straight-through "
         "gradients), and ends projected onto that grid; null = off")
+
+    @field_validator("teacher")
+    @classmethod
+    def _teacher_exists(cls, value):
+        return _existing_source(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _cache_needs_one_logit_teacher(self):
