@@ -6,6 +6,7 @@ The parent side (this module) resolves the target, checks the backend, tokenizes
 settings, load average) to what the worker measured."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -60,6 +61,15 @@ def _task_from_config(path: Path) -> str | None:
     return "feature-extraction" if archs else None
 
 
+@functools.lru_cache(maxsize=64)
+def _verified(path: str, manifest_stamp: int) -> None:
+    """compress.checkpoint.verify (every file, its size and hash), once per checkpoint and manifest in this
+    process: a target is resolved several times per row."""
+    from compress.checkpoint import verify
+
+    verify(path)
+
+
 def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target:
     """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, a GGUF file (llama.cpp's
     format, a peer's), or a model source."""
@@ -76,6 +86,7 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
                       _hash("gguf", str(path.resolve()), st.st_size, st.st_mtime))
     if path.is_dir() and (path / "manifest.json").exists():
         m = read_manifest(path)
+        _verified(str(path.resolve()), (path / "manifest.json").stat().st_mtime_ns)  # measured = what was written
         if task and m["task"] != task:
             raise ModelSourceError(f"{path} is a {m['task']} checkpoint, not {task}")
         return Target(ref, path, m["kind"], "checkpoint", m["task"], m.get("key") or _hash(m.get("files")),

@@ -1,7 +1,7 @@
 """compress: the library of the compression suite (checkpoints, model and data sources, passes).
 
     import compress
-    art = compress.load("runs/quickstart/01-prune")      # model + tokenizer from a checkpoint directory
+    art = compress.load("runs/quickstart/prune-kd/01-prune")   # model + tokenizer from a checkpoint folder
     out = compress.passes.get("quantize")(method="bf16").run(art, compress.passes.PassContext())
 
 The names below are imported on first use, so `import compress.edge` (the ONNX Runtime runner) or

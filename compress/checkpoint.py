@@ -92,11 +92,29 @@ def model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+def _ordinary_permissions(folder: Path) -> None:
+    """Files as an ordinary write makes them (0666 less the umask): safetensors and onnx write weights 0600,
+    which other users, or a container running as another user, could not read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            os.chmod(f, 0o666 & ~umask)
+
+
 def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path:
     """Write `artifact` as a checkpoint at `path` atomically and return the path.
 
-    `manifest_fields` (pass, parent, key, ...) are stored in the manifest as given."""
+    `manifest_fields` (pass, parent, key, ...) are stored in the manifest as given. An existing checkpoint (or
+    empty folder) at `path` is replaced; anything else there is refused, never deleted."""
     path = Path(path)
+    here = Path.cwd()
+    if path.resolve() in (here, *here.parents):
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it is the current folder or holds it; give a "
+                              "new folder's path")
+    if path.exists() and not (path.is_dir() and ((path / MANIFEST).is_file() or not any(path.iterdir()))):
+        raise CheckpointError(f"cannot save a checkpoint to {path}: it exists and is not a checkpoint (no "
+                              f"{MANIFEST}), so it is left as it is; give a new folder's path or remove it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; a checkpoint is an ordinary directory
@@ -115,6 +133,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
             raise CheckpointError(f"unknown artifact kind {artifact.kind!r}; expected one of {KINDS}")
         if artifact.tokenizer is not None:
             artifact.tokenizer.save_pretrained(tmp)
+        _ordinary_permissions(tmp)
         manifest = {
             "format_version": FORMAT_VERSION,
             "kind": artifact.kind,
@@ -266,8 +285,11 @@ def verify(path: str | os.PathLike, manifest: dict | None = None, *, hashes: boo
     check_manifest(path, manifest)
     extra = _unlisted(path, manifest["files"])
     if extra:
+        pycache = any(n.startswith("__pycache__/") for n in extra)
         raise CheckpointError(f"checkpoint {path} holds files its manifest does not list: {', '.join(extra[:5])}; "
-                              "refusing to load them. Remove them or re-run the pass.")
+                              "refusing to load them. Remove them or re-run the pass." + (
+                                  f" (Python writes {path / '__pycache__'} when edge_runner.py is imported from "
+                                  "the folder; PYTHONDONTWRITEBYTECODE=1 prevents it.)" if pycache else ""))
     for name, meta in manifest["files"].items():
         f = _member(path, name)
         if f.stat().st_size != meta["size"]:

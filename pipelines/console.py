@@ -60,6 +60,7 @@ class Row:
     quality_ratio: float | None = None  # this quality / the source's
     faster: float | None = None  # speed ratio to the source (higher is faster)
     is_source: bool = False
+    of_baseline: bool = False  # the baseline model on any backend: never the best deployment
     best: bool = False
 
 
@@ -84,7 +85,8 @@ def rows_from_results(records: list[dict]) -> list[Row]:
             faster = s / ref_s if higher else ref_s / s
         rows.append(Row(r.get("label", "?"), r.get("backend"), size / 1e6 if size else None,
                         ref_size / size if size and ref_size else None, qname, q,
-                        q / ref_q if q is not None and ref_q else None, faster, is_source=r is ref))
+                        q / ref_q if q is not None and ref_q else None, faster, is_source=r is ref,
+                        of_baseline=bool(r.get("is_baseline"))))
     _mark_best(rows, records)
     return rows
 
@@ -100,7 +102,7 @@ def _within_tolerance(row: Row, higher_is_better: bool) -> bool:
 def _mark_best(rows: list[Row], records: list[dict]) -> None:
     task = next((r.get("task") for r in records if r.get("task")), "causal-lm")
     higher = HEADLINE.get(task, HEADLINE["causal-lm"])[0][2]
-    ok = [r for r in rows if not r.is_source and _within_tolerance(r, higher)]
+    ok = [r for r in rows if not r.is_source and not r.of_baseline and _within_tolerance(r, higher)]
     if not ok:
         return
     if any(r.faster for r in ok):

@@ -196,3 +196,30 @@ def test_bench_cli_measures_each_target_on_its_own_runtime_by_default(tiny_llama
     main(["bench", str(onnx_dir), str(gguf), str(tiny_llama_dir), "--output", str(tmp_path / "out"),
           "--no-progress"])
     assert seen == [(str(onnx_dir), "ort-cpu"), (str(gguf), "llamacpp-cpu"), (str(tiny_llama_dir), "torch-cpu")]
+
+
+def test_bench_refuses_a_damaged_checkpoint_before_measuring(tmp_path, monkeypatch, capsys):
+    """An ONNX checkpoint is read by ONNX Runtime, not compress.load: bench verifies it (every file, size and
+    hash) first, so damaged weights are refused, not measured."""
+    import benchmarks.harness
+    from compress import checkpoint
+    from compress.checkpoint import Artifact
+    from pipelines.cli import main
+
+    src = tmp_path / "onnx"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"graph" * 100)
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    ckpt = checkpoint.save(Artifact(kind="onnx", task="causal-lm", tokenizer=None, onnx_dir=src), tmp_path / "ckpt")
+    measured = []
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda target, **kw: measured.append(target) or {
+        "label": kw["label"], "backend": kw["backend"], "task": "causal-lm", "skipped": "stub"})
+    main(["bench", str(ckpt), "--output", str(tmp_path / "out"), "--no-progress"])
+    assert measured == [str(ckpt)]  # intact: measured
+    measured.clear()
+    data = bytearray((ckpt / "model.onnx").read_bytes())
+    data[10] ^= 0xFF
+    (ckpt / "model.onnx").write_bytes(bytes(data))
+    benchmarks.harness._verified.cache_clear()
+    assert main(["bench", str(ckpt), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "sha256" in capsys.readouterr().err and measured == []

@@ -90,6 +90,9 @@ def test_end_of_run_table_ratios_equal_results_json(tmp_path):
         assert row.faster == pytest.approx(speed)
     # the rule: fastest row within 5% of the source's perplexity (03-int4 is faster but 1.2x perplexity)
     assert [r.label for r in rows if r.best] == ["02-quantize"]
+    # the source itself on a faster backend is not a deployment of the pipeline's: never marked
+    stored[1]["latency"]["decode_tokens_per_s"] = 90.0
+    assert [(r.label, r.backend) for r in rows_from_results(stored) if r.best] == [("02-quantize", "ort-cpu")]
 
     out = io.StringIO()
     result = SimpleNamespace(run_dir=tmp_path, report=tmp_path / "report.md", steps=[], source="x")

@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -86,6 +87,28 @@ def test_failed_save_leaves_nothing(tiny_llama_dir, tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         checkpoint.save(art, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_save_replaces_a_checkpoint_but_never_deletes_other_files(tiny_llama_dir, tmp_path, monkeypatch):
+    ckpt = tmp_path / "ckpt"
+    _save_tiny(tiny_llama_dir, ckpt)
+    first = (ckpt / "manifest.json").read_text()
+    _save_tiny(tiny_llama_dir, ckpt, parent={"path": "again", "key": "k0"})  # a checkpoint: replaced whole
+    assert (ckpt / "manifest.json").read_text() != first and "again" in (ckpt / "manifest.json").read_text()
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {f.name: f.stat().st_mode & 0o777 for f in ckpt.iterdir()} == {  # safetensors writes 0600
+        f.name: 0o666 & ~umask for f in ckpt.iterdir()}
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "mine.txt").write_text("keep me")
+    with pytest.raises(CheckpointError, match="exists and is not a checkpoint"):
+        _save_tiny(tiny_llama_dir, notes)
+    monkeypatch.chdir(notes)
+    for here in (".", notes, tmp_path):  # the current folder, or one that holds it
+        with pytest.raises(CheckpointError, match="the current folder or holds it"):
+            _save_tiny(tiny_llama_dir, here)
+    assert [p.name for p in notes.iterdir()] == ["mine.txt"] and (notes / "mine.txt").read_text() == "keep me"
 
 
 class _Doubled(torch.nn.Module):

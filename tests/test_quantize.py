@@ -1,6 +1,7 @@
 """The quantize pass on tiny models: ONNX-side methods with their discrepancy check, calibration that
 follows the data it is given, and torch-side int8/4-bit layers that reload exactly in a fresh process."""
 import collections
+import dataclasses
 import json
 import subprocess
 import sys
@@ -87,6 +88,8 @@ def test_each_method_takes_only_its_own_options():
     # values ONNX Runtime (or torch's exporter) would refuse mid-run are refused here, naming the field
     with pytest.raises(ConfigError, match="quantize.block_size: Input should be 16, 32, 64, 128 or 256"):
         get("quantize")(method="ort-int8-dynamic", block_size=48)
+    with pytest.raises(ConfigError, match="weight_bits 4 needs kernel matmulnbits"):
+        get("quantize")(method="ort-int8-dynamic", kernel="rowwise", weight_bits=4)
     with pytest.raises(ConfigError, match="export.opset: Input should be less than or equal to 20"):
         get("export")(opset=99)
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
@@ -192,6 +195,10 @@ def test_refusals(onnx_llama, tmp_path):
         get("quantize")(method="ort-int8-dynamic").run(torch_art, PassContext(scratch=tmp_path))
     with pytest.raises(UnsupportedModelError, match="needs a torch model"):
         get("quantize")(method="bnb-int8").run(onnx_llama, PassContext(scratch=tmp_path))
+    encoder = dataclasses.replace(onnx_llama, task="feature-extraction")  # auto picks an 8-bit-only kernel
+    with pytest.raises(ConfigError, match="quantize.weight_bits: kernel auto is matmulinteger on a "
+                                          "feature-extraction model, which is 8-bit only"):
+        get("quantize")(method="ort-int8-dynamic", weight_bits=4).run(encoder, PassContext(scratch=tmp_path))
     q = quantize(onnx_llama, tmp_path, method="ort-fp16")
     with pytest.raises(UnsupportedModelError, match="quantizing twice"):
         get("quantize")(method="ort-int8-dynamic").run(q, PassContext(scratch=tmp_path))

@@ -1,7 +1,10 @@
 """The pass interface and the context a pass runs in."""
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +19,18 @@ from ..errors import ConfigError, UnsupportedModelError, format_validation_error
 from ..options import PassConfig
 
 
+_SCRATCH: list[Path] = []
+
+
+def _process_scratch() -> Path:
+    """Where passes run from Python (outside a pipeline) keep their files: one temp folder per process, removed
+    when it exits, so save an ONNX artifact (its files live there) before then. The runner gives its own."""
+    if not _SCRATCH:
+        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="compress-scratch-")))
+        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+    return _SCRATCH[0]
+
+
 @dataclass
 class PassContext:
     """What a pass may use besides its input model. The runner fills it; tests build it directly."""
@@ -26,7 +41,7 @@ class PassContext:
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seed: int = 0
     threads: int | None = None
-    scratch: Path = field(default_factory=lambda: Path(os.environ.get("TMPDIR", "/tmp")))
+    scratch: Path = field(default_factory=_process_scratch)
     show_progress: bool = True
     _teacher: Artifact | None = field(default=None, repr=False)
 

@@ -168,6 +168,9 @@ class OrtDynamicConfig(_Calibration):
     def _algorithm_bits(self):
         if self.algorithm in ("minmax", "k_quant", "gptq") and self.weight_bits != 4:
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
+        if self.weight_bits == 4 and self.kernel in ("matmulinteger", "rowwise"):
+            raise ValueError(f"weight_bits 4 needs kernel matmulnbits (or auto on a causal LM); {self.kernel} is "
+                             "8-bit only")
         if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
         if self.embedding_bits == 4 and (not self.quantize_embeddings or self.kernel in ("matmulinteger", "rowwise")):
@@ -286,6 +289,9 @@ class Quantize(Pass):
             if kernel != "matmulnbits" and (cfg.keep_8bit or cfg.keep_8bit_blocks):
                 raise ConfigError(f"quantize.keep_8bit / keep_8bit_blocks: kernel {cfg.kernel} is {kernel} on a "
                                   f"{task} model; mixed 4/8 bits needs kernel: matmulnbits")
+            if kernel != "matmulnbits" and cfg.weight_bits == 4:
+                raise ConfigError(f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which "
+                                  "is 8-bit only; 4-bit weights need kernel: matmulnbits")
             if kernel != "matmulnbits" and cfg.embedding_bits == 4:
                 raise ConfigError(f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; "
                                   "4-bit embedding tables need kernel: matmulnbits (or embedding_bits: 8)")
