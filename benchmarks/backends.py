@@ -94,7 +94,7 @@ class OrtBackend:
 
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else \
             ["CPUExecutionProvider"]
-        self.model = EdgeModel(target, providers=providers, threads=threads)
+        self.model = EdgeModel(target, providers=providers, threads=threads, verify=False)  # the parent did
         self.task = task
         self.params = None  # counted from the graph by the parent
         self.dtype = None

@@ -57,15 +57,18 @@ class EdgeModel:
     HEADROOM = 256  # decode steps a prefill reserves cache room for, when the caller does not say
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
-                 session_options: "ort.SessionOptions | None" = None, shared_cache: bool | None = None):
+                 session_options: "ort.SessionOptions | None" = None, shared_cache: bool | None = None,
+                 verify: bool = True):
         self.path = Path(path)
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
             self.path = self.path.parent
         if not onnx_file.exists():
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
-        self.config = _read_json(self.path / "config.json")
         self.manifest = _read_json(self.path / "manifest.json")
+        if verify:  # a checkpoint's files as its pass wrote them (a bare ONNX folder has no table to check)
+            _verify_files(self.path, self.manifest.get("files") or {})
+        self.config = _read_json(self.path / "config.json")
         opts = session_options or ort.SessionOptions()  # e.g. with profiling enabled
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -289,6 +292,8 @@ class EdgeModel:
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
         ids, mask = self.encode(prompt)
+        if ids.shape[1] == 0:
+            raise ValueError("the prompt is empty (no tokens): give some text to continue")
         eos = self.config.get("eos_token_id")
         eos = eos[0] if isinstance(eos, list) else eos
         out = self.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)
@@ -312,6 +317,27 @@ def _read_json(path: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {}
 
 
+def _verify_files(folder: Path, files: dict) -> None:
+    """ValueError unless every file of the manifest's table is there with its size and sha256 (what
+    compress.checkpoint.verify checks of them)."""
+    import hashlib
+
+    for name, meta in files.items():
+        f = folder / name
+        if not f.is_file():
+            raise ValueError(f"{f} is missing: the checkpoint is incomplete; copy it again")
+        if f.stat().st_size != meta.get("size"):
+            raise ValueError(f"{f} is {f.stat().st_size} bytes where manifest.json says {meta.get('size')}: "
+                             "truncated or changed; copy the checkpoint again")
+        h = hashlib.sha256()
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+        if meta.get("sha256") and h.hexdigest() != meta["sha256"]:
+            raise ValueError(f"{f} does not match its sha256 in manifest.json: changed or damaged; copy the "
+                             "checkpoint again")
+
+
 def _token_text(tok) -> str | None:
     return tok.get("content") if isinstance(tok, dict) else tok
 
@@ -327,8 +353,27 @@ def main(argv: list[str] | None = None) -> int:
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", action="store_true")
     mode.add_argument("--embed", action="store_true")
+    ap.add_argument("--no-verify", action="store_true", help="skip checking the files against manifest.json's "
+                    "sizes and sha256 (a second or so for a 100 MB model)")
     args = ap.parse_args(argv)
-    model = EdgeModel(args.checkpoint, threads=args.threads)
+    if args.max_new_tokens < 1:
+        ap.error(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    state = ort.capi.onnxruntime_pybind11_state  # ONNX Runtime's errors for a graph it cannot load
+    ort_errors = tuple(getattr(state, n) for n in ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile")
+                       if hasattr(state, n))
+    try:
+        return _run(args)
+    except (OSError, ValueError, *ort_errors) as exc:  # bad input: one line, not a traceback
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    model = EdgeModel(args.checkpoint, threads=args.threads, verify=not args.no_verify)
+    wanted = "sequence-classification" if args.classify else "feature-extraction" if args.embed else None
+    if wanted and model.task != wanted:
+        raise ValueError(f"--{'classify' if args.classify else 'embed'} needs a {wanted} model; "
+                         f"{args.checkpoint} is {model.task}")
     if args.classify or model.task == "sequence-classification":
         for text, (label, p) in zip(args.text, model.classify(args.text)):
             print(json.dumps({"text": text, "label": label, "probability": round(p, 4)}))

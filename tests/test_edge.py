@@ -94,5 +94,28 @@ def test_edge_module_imports_only_onnxruntime_numpy_tokenizers():
     tree = ast.parse(Path(compress.edge.__file__).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert roots <= {"__future__", "json", "os", "sys", "pathlib", "argparse", "numpy", "onnxruntime",
+    assert roots <= {"__future__", "hashlib", "json", "os", "sys", "pathlib", "argparse", "numpy", "onnxruntime",
                      "tokenizers"}, roots
+
+
+def test_bundle_refuses_damaged_files_and_misuse_in_one_line(tmp_path):
+    """The runner checks the bundle against its manifest (sizes, sha256) before running it, and bad use is one
+    line on stderr with exit 2, not a traceback."""
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path), *args], capture_output=True,
+                              text=True, timeout=120, env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})
+        return proc.returncode, proc.stderr
+
+    for args, expected in [(["hi", "--classify"], "--classify needs a sequence-classification model"),
+                           (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")]:
+        rc, err = cli(*args)
+        assert rc == 2 and expected in err and "Traceback" not in err, err
+    config = path / "config.json"
+    config.write_text(config.read_text().replace("{", '{"id2label": {"0": "x"}, ', 1))  # same file, edited
+    rc, err = cli("hi")
+    assert rc == 2 and "config.json is" in err and "manifest.json says" in err and "Traceback" not in err, err
+    with pytest.raises(ValueError, match="config.json is"):
+        EdgeModel(path)
+    assert EdgeModel(path, verify=False).task == "causal-lm"  # the check can be skipped knowingly

@@ -467,7 +467,7 @@ class Quantize(Pass):
         cfg, task = self.config, model.task
         ids, mask = onnx_tools.check_inputs(model.tokenizer, task, ctx.data, samples=cfg.check_samples,
                                             seq_len=cfg.check_seq_len, seed=ctx.seed)
-        parent = EdgeModel(src, threads=ctx.threads)
+        parent = EdgeModel(src, threads=ctx.threads, verify=False)  # loaded, so verified
         parent.task = task
         ref = onnx_tools.outputs_of(parent, task, ids, mask)
         edge = EdgeModel(dst, threads=ctx.threads)

@@ -444,7 +444,7 @@ def calibration_feeds(src: Path, ids: np.ndarray, mask: np.ndarray, batch_size: 
     """Model feeds (empty past for decoders) for each batch of calibration token windows."""
     from ..edge import EdgeModel
 
-    edge = EdgeModel(src)
+    edge = EdgeModel(src, verify=False)  # the loaded parent, verified
     feeds = []
     for start in range(0, len(ids), batch_size):
         b_ids, b_mask = ids[start:start + batch_size], mask[start:start + batch_size]
