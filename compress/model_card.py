@@ -83,6 +83,11 @@ def _front_matter(fields: dict) -> str:
     return "---\n" + yaml.safe_dump(fields, sort_keys=False, default_flow_style=None, width=1000) + "---\n"
 
 
+def _times(ratio: float, more: str, less: str) -> str:
+    """`2.50x faster`, or for a ratio under 1 `1.25x slower`: never `0.80x faster`."""
+    return f"{ratio:.2f}x {more}" if ratio >= 1 else f"{1 / ratio:.2f}x {less}"
+
+
 def _fmt(v, digits=2) -> str:
     return "-" if v is None else f"{v:,.{digits}f}"
 
@@ -106,7 +111,7 @@ def _figures(records: list[dict], reference: dict | None) -> list[str]:
         ref_size = (reference or {}).get("size_bytes")
         size_text = _fmt(size / 1e6, 1) if size else "-"
         if size and ref_size:
-            size_text += f" ({ref_size / size:.2f}x smaller)"
+            size_text += f" ({_times(ref_size / size, 'smaller', 'larger')})"
         ref_q = q(reference or {})
         quality = ", ".join(f"{k} {v:.4g}" + (f" ({v / ref_q[k]:.3f}x)" if ref_q.get(k) and _QUALITY[k] else "")
                             for k, v in q(r).items()) or "-"
@@ -116,7 +121,7 @@ def _figures(records: list[dict], reference: dict | None) -> list[str]:
             speed_text = f"{name} {value:.4g}"
             _, ref_value, _ = speed(reference or {})
             if ref_value:
-                speed_text += f" ({(value / ref_value) if higher else (ref_value / value):.2f}x faster)"
+                speed_text += f" ({_times(value / ref_value if higher else ref_value / value, 'faster', 'slower')})"
         rows.append(f"| {r.get('backend', '-')} | {size_text} | {quality} | {speed_text} |")
     return rows
 
@@ -136,6 +141,8 @@ def card_text(path: str | os.PathLike, *, records: list[dict] | None = None, ref
     quant = manifest.get("quantization") or {}
     if quant.get("method"):
         tags.append(str(quant["method"]))
+    if quant.get("bits") in (4, 8) and f"int{quant['bits']}" not in tags:
+        tags.append(f"int{quant['bits']}")
     if manifest.get("kind") == "onnx" and "onnx" not in tags:
         tags.append("onnx")
     fields: dict = {}
@@ -143,16 +150,20 @@ def card_text(path: str | os.PathLike, *, records: list[dict] | None = None, ref
     if base:
         fields["base_model"] = base
     fields["pipeline_tag"] = PIPELINE_TAG.get(manifest.get("task"), manifest.get("task"))
-    fields["library_name"] = "onnx" if manifest.get("kind") == "onnx" else "transformers"
+    stock = manifest.get("kind") == "torch" and not manifest.get("structure")
+    if manifest.get("kind") == "onnx" or stock:  # else only compress.load rebuilds it: no library loads it as is
+        fields["library_name"] = "onnx" if manifest.get("kind") == "onnx" else "transformers"
     fields["tags"] = tags
-    title = f"{run_name} / {path.name}" if run_name else path.name
+    step = f"{path.parent.name}/{path.name}" if run_name and path.parent.name != run_name else path.name  # branch
+    title = f"{run_name} / {step}" if run_name else path.name
     lines = [_front_matter(fields), f"# {title}", "",
-             f"A {'torch' if manifest.get('kind') == 'torch' else 'ONNX'} checkpoint ({manifest.get('task')}), "
+             f"{'A torch' if manifest.get('kind') == 'torch' else 'An ONNX'} checkpoint ({manifest.get('task')}), "
              "made by compress-suite from "
              f"`{source}`" + (f" ({base})" if base and base != source else "") + ".", "", "## Lineage", "",
              f"- source: `{source}`"]
     for s in steps:
-        line = f"- `{s['step']}`: **{s['pass']}** ({options_line(stored_options(s['pass'], s['options']))})"
+        options = options_line(stored_options(s["pass"], s["options"]), max_len=100_000)  # a card shows them all
+        line = f"- `{s['step']}`: **{s['pass']}** ({options})"
         lines.append(line)
     lines.append("")
     if records:
@@ -164,8 +175,15 @@ def card_text(path: str | os.PathLike, *, records: list[dict] | None = None, ref
               + ("  # art.model: the torch model, art.tokenizer" if manifest.get("kind") == "torch" else
                  "  # art.onnx_dir: model.onnx + tokenizer (compress.edge runs it with onnxruntime only)"),
               "```", ""]
-    if manifest.get("kind") == "torch" and not manifest.get("structure"):
+    if stock:
         lines += ["A stock architecture: `AutoModel*.from_pretrained(folder, dtype=\"auto\")` loads it too.", ""]
+    elif manifest.get("kind") == "torch":
+        kinds = ", ".join(sorted({str(e.get("type", "?")) for e in manifest.get("structure") or []}))
+        lines += [f"Not a stock architecture ({kinds}): load it with `compress.load`, which re-applies that "
+                  "structure; a plain `from_pretrained` would initialise those layers at random.", ""]
+    else:
+        lines += [f"Without the suite: `python edge_runner.py {path.name} \"your text\"` (onnxruntime, numpy and "
+                  "tokenizers only).", ""]
     lines += [f"`{MANIFEST}` lists every file with its sha256; `compress.load` verifies them. This card is not "
               "part of that list and may be edited.", ""]
     return "\n".join(lines)

@@ -242,3 +242,20 @@ def test_a_card_left_half_written_by_a_kill_does_not_cost_the_checkpoint(tiny_ll
     (ckpt / "stray.bin").write_bytes(b"x")  # any other unlisted file is still refused
     with pytest.raises(checkpoint.CheckpointError, match="stray.bin"):
         checkpoint.verify(ckpt)
+
+
+def test_model_card_says_how_a_non_stock_checkpoint_loads(tiny_llama_dir, tmp_path):
+    """A low-rank checkpoint loads only through compress.load: its card claims no library and says so; a branch
+    step's title names its branch; a ratio under 1 reads "slower", not "0.80x faster"."""
+    from compress import save
+    from compress.checkpoint import load_source
+    from compress.model_card import _times, card_text
+    from compress.passes import PassContext, get
+
+    art = get("lowrank")(rank=4, min_params=0).run(load_source(str(tiny_llama_dir), "causal-lm"), PassContext())
+    path = save(art, tmp_path / "run" / "alt" / "01-lowrank", source=str(tiny_llama_dir))
+    card = card_text(path, run_name="run")
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert "library_name" not in front and "# run / alt/01-lowrank" in card
+    assert "Not a stock architecture (lowrank): load it with `compress.load`" in card
+    assert (_times(2.5, "faster", "slower"), _times(0.8, "faster", "slower")) == ("2.50x faster", "1.25x slower")
