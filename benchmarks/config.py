@@ -5,10 +5,11 @@ import hashlib
 import json
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
 from compress.data import DataSpec, default_split
 from compress.errors import ConfigError
+from compress.options import Options
 
 from .worker_spec import BACKENDS  # defined there: the worker cannot import this module (it imports torch)
 
@@ -21,7 +22,7 @@ DEFAULT_EVAL = {
 }
 
 
-class LatencyConfig(BaseModel):
+class LatencyConfig(Options):
     """The timing workload. Decoders: a prompt of `prompt_tokens` x `batch`, then `new_tokens` greedy tokens
     with the KV cache. Encoders: one input of `seq_tokens` (batch 1), and `throughput_batch` inputs at once."""
 
@@ -39,7 +40,7 @@ class LatencyConfig(BaseModel):
                         "machine whose speed drifts then slows every row alike, so ratios between rows hold")
 
 
-class GenerationsConfig(BaseModel):
+class GenerationsConfig(Options):
     """Greedy continuations of fixed prompts, one per prompt, batch 1, through the backend's decode loop."""
 
     model_config = ConfigDict(extra="forbid")
@@ -60,7 +61,7 @@ _OPTIONAL_IN_DIGEST = ("extra_data", "generations")
 _CORPUS_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 
 
-class BenchmarkConfig(BaseModel):
+class BenchmarkConfig(Options):
     model_config = ConfigDict(extra="forbid")
 
     backends: list[Literal[BACKENDS]] = Field(

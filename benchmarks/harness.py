@@ -125,6 +125,15 @@ def onnx_params(path: Path) -> int:
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     buffers = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
                for i in (7, 8) if len(n.input) > i}
+    # packed 4-bit weights hold two a byte: count the weights, not the bytes
+    counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
+    two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8
+    for n in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        if n.op_type == "MatMulNBits":
+            counts[n.input[1]] = int(attrs["N"]) * int(attrs["K"])
+        elif n.op_type == "GatherBlockQuantized" and attrs.get("bits", 4) == 4:
+            two_a_byte.add(n.input[0])
     total = 0
     for init in model.graph.initializer:
         if init.name in buffers or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
@@ -132,6 +141,10 @@ def onnx_params(path: Path) -> int:
         n = 1
         for d in init.dims:
             n *= d
+        if init.name in counts:
+            n = counts[init.name]
+        elif init.name in two_a_byte and init.data_type == onnx.TensorProto.UINT8:
+            n *= 2
         total += n if len(init.dims) else 0
     return total
 

@@ -317,7 +317,8 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
                              f"{m.get('usable_cores')} usable cores of {m.get('cores')}, {m.get('memory_gb')} GB, "
                              f"GPU: {', '.join(m.get('gpus') or []) or 'none'}; memory bandwidth "
                              f"{m.get('memory_bandwidth_gb_s', 'not measured')} GB/s (copy benchmark: the decode "
-                             "bound is this over the weight bytes read per token)"))
+                             "bound is this over the weight bytes read per token; a copy reads and writes, a "
+                             "decode mostly reads, so a fast decode can pass 100% of this bound)"))
         blocks.append(("li", f"suite commit: {m.get('git_commit')}; {versions}"))
         times = sorted(r["measured_at"] for r in measured if r.get("measured_at"))
         if times:

@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Iterator, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from .errors import DataSourceError
+from .options import Options
 from .runtime import cache_dir
 
 BUILTIN_DATA = {
@@ -44,7 +45,7 @@ _DEFAULT_FRACTIONS = (0.9, 0.05)
 _SPLIT_SALT = "compress-split-v1"
 
 
-class DataSpec(BaseModel):
+class DataSpec(Options):
     """One data source and how much of it to use."""
 
     model_config = ConfigDict(extra="forbid")

@@ -271,7 +271,12 @@ def load_model(
         )
     elif task == "sequence-classification" and num_labels:
         kwargs["num_labels"] = num_labels
-    model = _from_pretrained(loader, location, source, **kwargs)
+    # Weights the source lacks (a classification head on an encoder) are initialised from a fixed seed: every
+    # process (each benchmark backend, the export's check) then gets the same head, and the caller's RNG is
+    # left as it was.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = _from_pretrained(loader, location, source, **kwargs)
     problem = causal_lm_problem(source, getattr(model.config, "architectures", None)) if task == "causal-lm" else None
     if problem:
         raise ModelSourceError(problem)

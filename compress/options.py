@@ -18,8 +18,9 @@ def _bool_became_number(given, validated) -> bool:
     return False
 
 
-class PassConfig(BaseModel):
-    """Base of every pass's options: unknown keys, non-finite floats and bools for numbers are errors."""
+class Options(BaseModel):
+    """Base of every options model (a pass's, and the pipeline config's sections): unknown keys, non-finite
+    floats and bools for numbers are errors."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
@@ -36,6 +37,10 @@ class PassConfig(BaseModel):
         if _bool_became_number(value, validated):
             raise ValueError(refusal)
         return validated
+
+
+class PassConfig(Options):
+    """Base of every pass's options."""
 
 
 def search(values: list | None = None, *, low: float | None = None, high: float | None = None,

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from benchmarks.config import BenchmarkConfig
 from compress import passes as pass_registry
@@ -19,18 +19,19 @@ from compress.data import DataSpec, check_data_source, default_split
 from compress.errors import ConfigError, format_validation_error
 from compress.errors import DataSourceError, ModelSourceError
 from compress.models import check_source, check_task
+from compress.options import Options
 from compress.tasks import TASKS
 from compress.passes.base import Pass
 
 
-class ModelSpec(BaseModel):
+class ModelSpec(Options):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(description="builtin:<name>, hf:<hub id>, or a local directory")
     trust_remote_code: bool = Field(False, description="allow the model's own Python code to run")
 
 
-class DataConfig(BaseModel):
+class DataConfig(Options):
     model_config = ConfigDict(extra="forbid")
 
     train: DataSpec | None = Field(None, description="training data (distillation, recovery, calibration)")
@@ -38,7 +39,7 @@ class DataConfig(BaseModel):
     calibration: DataSpec | None = Field(None, description="calibration data (default: the training data)")
 
 
-class BranchConfig(BaseModel):
+class BranchConfig(Options):
     """Extra passes that start from the source model or from a step of the main chain, so a report can put
     alternatives side by side (e.g. quantize-only next to distill + prune + quantize)."""
 
@@ -58,7 +59,7 @@ class BranchConfig(BaseModel):
         return name
 
 
-class PipelineConfig(BaseModel):
+class PipelineConfig(Options):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name: runs/<name>/")

@@ -167,3 +167,20 @@ def test_dtype_checkpoint_reloads_in_that_dtype_with_plain_from_pretrained(tiny_
     plain = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype="auto")  # as config.json says
     assert plain.dtype == torch.bfloat16
     assert checkpoint.read_manifest(tmp_path / "bf16")["quantization"]["method"] == "bf16"
+
+
+def test_a_head_the_source_lacks_is_the_same_in_every_load(tmp_path):
+    """An encoder loaded as a classifier gets a new head: the same one in every process (each benchmark backend
+    loads the source on its own), and loading does not move the caller's random stream."""
+    from tiny_models import tiny_bert, tiny_tokenizer
+
+    tiny_bert("feature-extraction").save_pretrained(tmp_path / "encoder")
+    tiny_tokenizer("encoder").save_pretrained(tmp_path / "encoder")
+    torch.manual_seed(123)
+    a, _ = load_model(str(tmp_path / "encoder"), "sequence-classification", num_labels=3)
+    after_load = torch.rand(4)
+    torch.manual_seed(7)  # another stream before the second load: the head must not depend on it
+    b, _ = load_model(str(tmp_path / "encoder"), "sequence-classification", num_labels=3)
+    torch.manual_seed(123)
+    assert torch.equal(torch.rand(4), after_load)
+    assert torch.equal(a.classifier.weight, b.classifier.weight) and a.classifier.weight.abs().sum() > 0

@@ -60,6 +60,11 @@ def test_ort_methods(onnx_llama, tmp_path, options):
     edge = EdgeModel(q.path)  # still generates with the KV cache, fp32 inputs and outputs
     ids = np.array([[10, 20, 30, 40]])
     assert edge.generate(ids, 5).shape == (1, 9)
+    if options.get("weight_bits") == 4:  # two weights a byte, each counted once: the parent's count and scales
+        from benchmarks.harness import onnx_params
+
+        parent, params = onnx_params(onnx_llama.path), onnx_params(q.path)
+        assert parent < params < parent * 1.1, (parent, params)
     assert edge.logits(ids).dtype == np.float32
 
 
