@@ -64,3 +64,20 @@ def test_recover_is_a_typed_distill_config():
         get("prune")(recover={"max_step": 3})
     with pytest.raises(ConfigError, match="recover.student"):
         get("prune")(recover={"student": {"keep_layers": 2}})
+
+
+def test_passes_run_from_python_keep_their_files_in_one_folder_removed_at_exit(tmp_path):
+    """PassContext() outside a pipeline: one temp folder per process, removed when the process exits (not by a
+    forked child that exits before it)."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("import os, sys\nfrom compress.passes import PassContext\n"
+            "p = PassContext().scratch\nassert PassContext().scratch == p and p.is_dir()\n"
+            "pid = os.fork()\nif pid == 0:\n    sys.exit(0)\nos.waitpid(pid, 0)\nassert p.is_dir()\nprint(p)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    folder = out.stdout.strip().splitlines()[-1]
+    assert folder.startswith(str(tmp_path)) and not os.path.exists(folder)

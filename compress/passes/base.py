@@ -27,7 +27,8 @@ def _process_scratch() -> Path:
     when it exits, so save an ONNX artifact (its files live there) before then. The runner gives its own."""
     if not _SCRATCH:
         _SCRATCH.append(Path(tempfile.mkdtemp(prefix="compress-scratch-")))
-        atexit.register(shutil.rmtree, _SCRATCH[0], True)
+        owner = os.getpid()  # a forked child that exits must not remove its parent's folder
+        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(_SCRATCH[0], ignore_errors=True))
     return _SCRATCH[0]
 
 
