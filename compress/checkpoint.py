@@ -147,6 +147,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
             "versions": library_versions(),
             "files": _file_table(tmp),
         }
+        manifest["content"] = content_hash(json.loads(_strict_json(manifest, path)))  # as a reader will see it
         (tmp / MANIFEST).write_text(_strict_json(manifest, path))
         if path.exists():  # an outdated checkpoint (other key): replaced whole
             shutil.rmtree(path)
@@ -238,6 +239,9 @@ def check_manifest(path: Path, manifest: dict) -> None:
     structure = manifest.get("structure") or []
     if not isinstance(structure, list) or not all(isinstance(e, dict) for e in structure):
         raise CheckpointError(f"{mf}: structure must be a list of {{\"type\": ...}} entries")
+    if "content" in manifest and manifest["content"] != content_hash(manifest):  # absent: written before 2026-12-07
+        raise CheckpointError(f"{mf}: its kind, task, dtype, structure, quantization or file table was changed "
+                              "after the checkpoint was written (its content hash differs); re-run the pass")
 
 
 def content_hash(manifest: dict) -> str:

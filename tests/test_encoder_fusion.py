@@ -210,6 +210,6 @@ def test_int8_tables_of_embed_layer_normalization(tmp_path):
     assert inits["embeddings.word_embeddings.weight_uint8"].data_type == onnx.TensorProto.UINT8
     assert onnx_tools.onnx_size(copy) < onnx_tools.onnx_size(path)
     ids = np.random.default_rng(0).integers(5, 384, (2, 16))
-    ref, got = EdgeModel(path).embed(ids), EdgeModel(copy).embed(ids)
+    ref, got = EdgeModel(path).embed(ids), EdgeModel(copy, verify=False).embed(ids)  # rewritten in place
     cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
     assert cos.min() > 0.9999

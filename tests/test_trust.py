@@ -122,10 +122,14 @@ def _copy(src: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit_manifest(ckpt: Path, change) -> None:
+def _edit_manifest(ckpt: Path, change, rehash: bool = True) -> None:
+    """Change the manifest; with `rehash` its content hash too, as a deliberate edit would, so the checks behind
+    that one are what the case exercises."""
     mf = ckpt / "manifest.json"
     manifest = json.loads(mf.read_text())
     change(manifest)
+    if rehash and "content" in manifest:
+        manifest["content"] = checkpoint.content_hash(manifest)
     mf.write_text(json.dumps(manifest))
 
 
@@ -415,6 +419,8 @@ BAD_INPUTS = [
     ("file-nul-byte", "manifest", _manifest(lambda m: m["files"].update({"a\0b": {"size": 1, "sha256": "0"}})),
      "not a plain relative path"),
     ("manifest-unknown-task", "manifest", _manifest(lambda m: m.update(task="translation")), "'translation'"),
+    ("manifest-task-edited", "manifest", lambda ck: _edit_manifest(ck, lambda m: m.update(task="feature-extraction"),
+                                                                   rehash=False), "was changed after the checkpoint"),
     ("file-listed-missing", "manifest", lambda ck: (ck / "config.json").unlink(), "config.json is missing"),
     ("file-unlisted-weights", "manifest", _add_file("zz-extra.safetensors"), "zz-extra.safetensors"),
     ("file-unlisted-config", "manifest", _add_file("extra_config.json", b"{}"), "does not list: extra_config.json"),
