@@ -25,13 +25,14 @@ DEFAULT = "fused int8 (MatMulNBits b32)"  # studies.fast_decoder's row
 
 def unpack(src: Path, dst: Path) -> int:
     """Write `src`'s graph to `dst` with every packed gate_up MatMulNBits + Split as two MatMulNBits; the
-    other files are linked. Returns how many were cut."""
+    other files are linked but the manifest (its table no longer fits: a bare ONNX folder). Returns how many
+    were cut."""
     import onnx
     from onnx import helper, numpy_helper
 
     dst.mkdir(parents=True, exist_ok=True)
     for f in src.iterdir():
-        if f.name not in ("model.onnx", "model.onnx.data") and not (dst / f.name).exists():
+        if f.name not in ("model.onnx", "model.onnx.data", "manifest.json") and not (dst / f.name).exists():
             (dst / f.name).symlink_to(f.resolve())
     model = onnx.load(str(src / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
