@@ -91,6 +91,21 @@ def _barrier() -> None:
         PartialState().wait_for_everyone()
 
 
+def _notes(info) -> list[str]:
+    """Every `note` / `notes` a pass left in its figures, nested ones too."""
+    if isinstance(info, list):
+        return [n for v in info for n in _notes(v)]
+    if not isinstance(info, dict):
+        return []
+    out = []
+    for k, v in info.items():
+        if k in ("note", "notes"):
+            out += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
+        else:
+            out += _notes(v)
+    return out
+
+
 def _pid_alive(pid: str) -> bool:
     if not pid.isdigit():
         return False
@@ -437,6 +452,8 @@ class Runner:
             _barrier()  # other processes go on only once the checkpoint exists
             seconds = time.perf_counter() - start
             self.log(f"{prefix}[{i + 1}/{n}] {p.name}: wrote {path} in {seconds:.1f} s")
+            for note in _notes(out.info):  # what the pass wants read, not only kept in the manifest
+                self.log(f"{prefix}[{i + 1}/{n}] {p.name}: note: {note}")
             steps.append(StepRecord(i, p.name, str(path), key, False, round(seconds, 2), out.kind, branch))
             parent_path, parent_key = path, key
         return steps

@@ -183,3 +183,25 @@ def test_hidden_options_are_checked():
         passes.get("prune")(targets=["hidden"], hidden_size=16, hidden_ratio=0.5)
     with pytest.raises(ConfigError, match="taylor is not offered"):
         passes.get("prune")(targets=["hidden"], importance="taylor").run(artifact("llama", "causal-lm"), None)
+
+
+def test_hidden_width_after_per_layer_mlp_widths_reloads(tmp_path):
+    """Global MLP pruning gives each layer its own width (an mlp_widths entry the config cannot hold); hidden
+    pruning in the same pass then records a hidden_width entry too instead of editing the config, and the
+    checkpoint reloads to the same outputs."""
+    a = artifact("llama", "causal-lm")
+    ctx = context("causal-lm", tmp_path)
+    out = compress.passes.get("prune")(targets=["mlp", "hidden"], ratio=0.5, scope="global").run(a, ctx)
+    assert [e["type"] for e in out.structure] == ["mlp_widths", "hidden_width"]
+    assert out.info["hidden"]["mode"] == "structure"
+    path = save(out, tmp_path / "pruned")
+    torch.testing.assert_close(outputs(compress.load(path).model), outputs(out.model))
+
+
+def test_hidden_ratio_that_leaves_nothing_names_hidden_ratio(tmp_path):
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"prune.hidden_ratio=0.99 would leave no hidden channels .*smaller "
+                                          "hidden_ratio"):
+        compress.passes.get("prune")(targets=["hidden"], hidden_ratio=0.99).run(
+            artifact("llama", "causal-lm"), context("causal-lm", tmp_path))

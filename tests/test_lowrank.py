@@ -189,3 +189,18 @@ def test_full_rank_embedding_factors_reproduce_the_model():
         emb.weight.copy_((u * s).float())
         emb.proj.weight.copy_(vh.t().float())
     torch.testing.assert_close(logits(m), logits(ref), atol=1e-5, rtol=1e-5)
+
+
+def test_a_lowrank_step_that_factorizes_nothing_says_so_when_it_runs(tiny_llama_dir, tmp_path):
+    """The run prints a pass's notes beside its 'wrote' line (not only in the manifest), and lowrank's names the
+    rule the user set."""
+    from pipelines.config import validate
+    from pipelines.runner import Runner
+
+    raw = {"name": "no-factors", "model": {"source": str(tiny_llama_dir)}, "threads": 1,
+           "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 512, "seq_len": 32}},
+           "passes": [{"lowrank": {"rank": 1000, "min_params": 0}}]}
+    messages = []
+    Runner(validate(raw), output_dir=tmp_path, show_progress=False, log=messages.append).run()
+    assert any(m.startswith("[1/1] lowrank: note: no layer was factorized: at this rank") and "lower rank" in m
+               for m in messages), messages

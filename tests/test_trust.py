@@ -322,6 +322,8 @@ BAD_INPUTS = [
     ("quantize-typo", "config", _passes({"quantize": {"metod": "bf16"}}), "metod"),
     ("temperature-inf", "config", _passes({"distill": {"temperature": float("inf")}}), "temperature"),
     ("lr-nan", "config", _passes({"distill": {"lr": float("nan")}}), "lr"),
+    ("temperature-huge", "config", _passes({"distill": {"temperature": 1e6}}),
+     "passes.0.distill.temperature: Input should be less than or equal to 100"),
     ("temperature-negative", "config", _passes({"distill": {"temperature": -1}}), "temperature"),
     ("alpha-above-one", "config", _passes({"distill": {"alpha": 2}}), "alpha"),
     ("max-steps-zero", "config", _passes({"distill": {"max_steps": 0}}), "max_steps"),

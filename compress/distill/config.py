@@ -112,10 +112,11 @@ class TrainConfig(PassConfig):
 class LossConfig(PassConfig):
     """The objective's options (compress/distill/objective.py)."""
 
-    temperature: float = Field(2.0, gt=0, description="softmax temperature T of the soft targets")
+    temperature: float = Field(2.0, gt=0, le=100, description="softmax temperature T of the soft targets (the "
+                               "soft term is scaled by T^2: above 100 float32 rounding outweighs the divergence)")
     temperature_schedule: Literal["constant", "linear"] = Field(
         "constant", description="constant T, or linear from `temperature` (early) to `temperature_end` (late)")
-    temperature_end: float | None = Field(None, gt=0, description="final T of the linear schedule")
+    temperature_end: float | None = Field(None, gt=0, le=100, description="final T of the linear schedule")
     alpha: float = Field(0.5, ge=0, le=1, description="weight of the soft (KD) term; 1 - alpha weights the "
                          "hard-label cross-entropy. 0 = hard labels only (no teacher needed)")
     kd_loss: Literal["kl", "reverse-kl", "jsd"] = Field("kl", description="divergence of the soft term")

@@ -119,8 +119,11 @@ class LowRank(Pass):
             info["embedding"] = factorize_embedding(net, c.embedding_rank)
             structure.append({"type": "lowrank_embedding", "rank": c.embedding_rank})
         if not ranks and c.embedding_rank is None:
-            info["note"] = ("no layer saved enough parameters at this rank rule (see `skipped`); lower energy / "
-                            "param_ratio or raise max_param_ratio")
+            rule = "rank" if c.rank is not None else "param_ratio" if c.param_ratio is not None else "energy"
+            info["note"] = (f"no layer was factorized: at this {rule} no targeted layer saves parameters (factors "
+                            f"over max_param_ratio={c.max_param_ratio} of the layer, or layers under "
+                            f"min_params={c.min_params}; see `skipped`); lower {rule}, raise max_param_ratio or "
+                            "lower min_params")
         info["params_before"], info["params_after"] = before, count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / before, 4)
         return model.derive(model=net, structure=structure, info=info)

@@ -96,10 +96,10 @@ def _check_reload(net, structure: list[dict]) -> None:
                                         f"{tuple(have[name].shape)}")
 
 
-def _round_keep(n: int, ratio: float, round_to: int, what: str) -> int:
+def _round_keep(n: int, ratio: float, round_to: int, what: str, option: str = "ratio") -> int:
     exact = n * (1 - ratio)
     if round(exact) < 1:
-        raise ConfigError(f"prune.ratio={ratio} would leave no {what} (of {n}); use a smaller ratio")
+        raise ConfigError(f"prune.{option}={ratio} would leave no {what} (of {n}); use a smaller {option}")
     if round_to <= 1 or round_to >= n:
         return min(n, max(1, round(exact)))
     return min(n, max(round_to, round(exact / round_to) * round_to))
@@ -150,7 +150,8 @@ class Prune(Pass):
             # the widths now in the model replace any recorded by an earlier prune pass
             structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
         if "hidden" in c.targets:
-            info["hidden"], entry = self._prune_hidden(net, find(net))
+            per_layer_mlp = any(e["type"] == "mlp_widths" for e in structure)
+            info["hidden"], entry = self._prune_hidden(net, find(net), per_layer_mlp)
             if entry:
                 structure = [*structure, entry]
                 _check_reload(net, structure)
@@ -291,13 +292,15 @@ class Prune(Pass):
             if c.hidden_size > hidden:
                 raise ConfigError(f"prune.hidden_size={c.hidden_size} is larger than the model's {hidden}")
             return c.hidden_size
-        ratio = c.ratio if c.hidden_ratio is None else c.hidden_ratio
-        return _round_keep(hidden, ratio, c.round_to, "hidden channels")
+        if c.hidden_ratio is None:
+            return _round_keep(hidden, c.ratio, c.round_to, "hidden channels")
+        return _round_keep(hidden, c.hidden_ratio, c.round_to, "hidden channels", option="hidden_ratio")
 
-    def _prune_hidden(self, net, ad: Architecture) -> tuple[dict, dict | None]:
+    def _prune_hidden(self, net, ad: Architecture, per_layer_mlp: bool) -> tuple[dict, dict | None]:
         """Stock where the config carries head_dim (hidden_size and head_dim edited), else a `hidden_width`
         structure entry (the config keeps the original hidden_size, from which the attention derives its
-        head size)."""
+        head size); also when per-layer MLP widths (an `mlp_widths` entry) already keep the config from
+        rebuilding the model."""
         c = self.config
         before = ad.hidden_size
         keep = self._hidden_keep(before)
@@ -306,7 +309,7 @@ class Prune(Pass):
         else:
             scores = hid.activation_scores(net, ad, self._calib("prune targets: hidden"), self.task, self.ctx.device)
         kept = sorted(torch.argsort(scores, descending=True)[:keep].tolist())
-        stock = hid.config_expresses(net, ad, keep)
+        stock = hid.config_expresses(net, ad, keep) and not per_layer_mlp
         hid.prune_hidden(net, ad, kept, stock=stock)
         info = {"hidden_size": [before, keep], "ratio_actual": round(1 - keep / before, 4),
                 "mode": "config" if stock else "structure"}
