@@ -99,10 +99,12 @@ def _notes(info) -> list[str]:
         return []
     out = []
     for k, v in info.items():
-        if k in ("note", "notes"):
-            out += [v] if isinstance(v, str) else [x for x in v if isinstance(x, str)] if isinstance(v, list) else []
-        else:
+        if k not in ("note", "notes"):
             out += _notes(v)
+        elif isinstance(v, str):
+            out.append(v)
+        elif isinstance(v, list):
+            out += [x for x in v if isinstance(x, str)]
     return out
 
 
