@@ -201,6 +201,14 @@ def test_round_to_and_actual_ratio(ctx):
     assert out.info["mlp"]["ratio_actual"] == 0.25
 
 
+def test_global_ratio_above_min_keep_keeps_the_floor_and_says_so(ctx):
+    """Global scope at a ratio every layer's min_keep floor stops short of: each layer keeps its floor (never an
+    empty layer), and the note says why fewer channels went than the ratio asked."""
+    out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.99, scope="global", importance="magnitude")
+    assert out.info["mlp"]["widths"] == [8, 8, 8, 8]  # 64 x min_keep 0.1, rounded up to round_to 8
+    assert out.info["mlp"]["ratio_actual"] == 0.875 and "min_keep=0.1" in out.info["mlp"]["note"]
+
+
 def test_ignore_keeps_layers_dense(ctx):
     out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.5, ignore=["model.layers.0*"])
     assert out.info["mlp"]["widths"] == [64, 32, 32, 32]

@@ -341,6 +341,10 @@ class Prune(Pass):
         widths = [ad.mlp_width(i) for i in range(n)]
         total_before, total_after = sum(before[i] for i in active), sum(widths[i] for i in active)
         info = {"widths": widths, "of": before, "ratio_actual": round(1 - total_after / total_before, 4)}
+        if c.scope == "global" and info["ratio_actual"] < c.ratio - 0.01:
+            info["note"] = (f"pruned {info['ratio_actual']:.1%} of the MLP channels, not ratio={c.ratio}: each layer "
+                            f"keeps at least min_keep={c.min_keep} of its channels (round_to={c.round_to}); lower "
+                            "min_keep to prune more")
         if len(set(widths)) == 1:  # uniform: a stock config says it all
             setattr(net.config, ad.intermediate_field, widths[0])
             return info, None
@@ -350,9 +354,7 @@ class Prune(Pass):
         """One ranking over every active layer's channels; each layer keeps its share of the top ones."""
         c = self.config
         total = sum(before[i] for i in active)
-        n_keep = round(total * (1 - c.ratio))
-        if n_keep < len(active):
-            raise ConfigError(f"prune.ratio={c.ratio} would leave some layers without MLP channels")
+        n_keep = round(total * (1 - c.ratio))  # each layer keeps at least its min_keep share (below), never 0
         flat = torch.cat([scores[i].double() for i in active])
         owner = torch.cat([torch.full((before[i],), i) for i in active])
         top = owner[torch.argsort(flat, descending=True)[:n_keep]]
