@@ -27,7 +27,7 @@ class TorchBackend:
         if loader == "checkpoint":
             from compress.checkpoint import load
 
-            model = load(target).model
+            model = load(target, verify_hashes=False).model  # the parent verified its files (resolve_target)
         else:
             from compress.models import load_model
 

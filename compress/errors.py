@@ -92,12 +92,11 @@ def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
     """One line per problem: the field path, the bad value, what is allowed and (for typos) a suggestion."""
     import difflib
 
-    lines, wheres = [], []
+    found = []  # (field path, a type mismatch?, message)
     for err in exc.errors():
         # pydantic names the member of a union it tried ("str", "dict[str,...]", "function-after[...]"): no field
         loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p in _UNION_MEMBERS)))
         where = prefix + ".".join(str(p) for p in loc) if loc else prefix.rstrip(".") or "config"
-        wheres.append(where)
         kind = err["type"]
         if kind == "extra_forbidden":
             holder = _model_at(model_cls, loc[:-1]) if model_cls else None
@@ -118,8 +117,8 @@ def format_validation_error(exc, model_cls=None, prefix: str = "") -> str:
             text = err["msg"].removeprefix("Value error, ")
             got = f"(got {err.get('input')!r}"
             msg = f"{where}: {text}" + ("" if got in text else f" {got})")
-        lines.append(msg)
+        found.append((where, kind.endswith("_type"), msg))
     # A union's other member failing on the value's type ("should be a valid string") says nothing when the
     # member that took the value reports a problem inside it.
-    return "\n".join(line for line, where, err in zip(lines, wheres, exc.errors())
-                     if not (err["type"].endswith("_type") and any(w.startswith(where + ".") for w in wheres)))
+    return "\n".join(msg for where, type_error, msg in found
+                     if not (type_error and any(w.startswith(where + ".") for w, _, _ in found)))

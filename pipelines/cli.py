@@ -71,11 +71,11 @@ def _cmd_validate(args) -> int:
 
 def _is_search(path, is_search_config) -> bool:
     """Whether the YAML file at `path` is a search config (an unreadable one is left to the loader's error)."""
-    import yaml
+    from .config import read_config_file
 
     try:
-        return is_search_config(yaml.safe_load(open(path, encoding="utf-8")))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return is_search_config(read_config_file(path))
+    except ConfigError:
         return False
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
@@ -19,17 +20,14 @@ from ..errors import ConfigError, UnsupportedModelError, format_validation_error
 from ..options import PassConfig
 
 
-_SCRATCH: list[Path] = []
-
-
+@functools.cache
 def _process_scratch() -> Path:
     """Where passes run from Python (outside a pipeline) keep their files: one temp folder per process, removed
     when it exits, so save an ONNX artifact (its files live there) before then. The runner gives its own."""
-    if not _SCRATCH:
-        _SCRATCH.append(Path(tempfile.mkdtemp(prefix="compress-scratch-")))
-        owner = os.getpid()  # a forked child that exits must not remove its parent's folder
-        atexit.register(lambda: os.getpid() == owner and shutil.rmtree(_SCRATCH[0], ignore_errors=True))
-    return _SCRATCH[0]
+    folder = Path(tempfile.mkdtemp(prefix="compress-scratch-"))
+    owner = os.getpid()  # a forked child that exits must not remove its parent's folder
+    atexit.register(lambda: os.getpid() == owner and shutil.rmtree(folder, ignore_errors=True))
+    return folder
 
 
 @dataclass

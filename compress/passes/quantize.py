@@ -177,7 +177,7 @@ class OrtDynamicConfig(_Calibration):
             raise ValueError("embedding_bits 4 needs quantize_embeddings: true and kernel matmulnbits (or auto on a "
                              "causal LM)")
         for name in ("keep_8bit", "keep_8bit_blocks"):
-            if getattr(self, name) and (self.weight_bits != 4 or self.kernel in ("matmulinteger", "rowwise")):
+            if getattr(self, name) and self.weight_bits != 4:  # (4 bits off matmulnbits is refused above)
                 raise ValueError(f"{name} keeps MatMuls at 8 bits when the rest is at 4: it needs kernel "
                                  f"matmulnbits (or auto on a causal LM) and weight_bits: 4")
         return self
