@@ -24,13 +24,7 @@ def settings_from_args(args):
     raw: dict = {"backends": _csv(args.backends) if args.backends else None, "quality": _csv(args.quality),
                  "threads": args.threads, "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
     if args.data:
-        data = {"source": args.data, "split": args.split, "max_tokens": args.max_tokens,
-                "max_examples": args.max_examples}
-        if args.max_length:
-            data["max_length"] = args.max_length
-        raw["data"] = {k: v for k, v in data.items() if v is not None}
-    elif args.max_tokens or args.max_examples or args.split:
-        raise ConfigError("--max-tokens / --max-examples / --split need --data (the eval data source)")
+        raw["data"] = {"source": args.data, **_data_caps(args)}
     if args.no_latency:
         raw["latency"] = None
     else:
@@ -42,6 +36,32 @@ def settings_from_args(args):
         return BenchmarkConfig(**{k: v for k, v in raw.items() if v is not None or k == "latency"})
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, BenchmarkConfig, prefix="bench.")) from None
+
+
+def _data_caps(args) -> dict:
+    """--split / --max-tokens / --max-examples / --max-length as data options (those given)."""
+    caps = {"split": args.split, "max_tokens": args.max_tokens, "max_examples": args.max_examples,
+            "max_length": args.max_length}
+    return {k: v for k, v in caps.items() if v is not None}
+
+
+def _default_data(args, target: str):
+    """Without --data: the target's task's default eval data with the caps given (None when none is)."""
+    from pydantic import ValidationError
+
+    from compress.data import DataSpec
+    from compress.errors import format_validation_error
+
+    from .config import DEFAULT_EVAL
+    from .harness import resolve_target
+
+    caps = _data_caps(args)
+    if args.data or not caps:
+        return None
+    try:
+        return DataSpec(**{**DEFAULT_EVAL[resolve_target(target, args.task).task], **caps})
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, DataSpec, prefix="bench.data.")) from None
 
 
 def _own_backend(target: str, task: str | None) -> str:
@@ -108,7 +128,7 @@ def cmd_bench(args) -> int:
         for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
             print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
             job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
-                       work_dir=work_dir, show_progress=show)
+                       data=_default_data(args, target), work_dir=work_dir, show_progress=show)
             r = measure(**job, settings=settings)
             # Ratios are to the baseline, else to the first target.
             r["is_baseline"] = i == (base_index if base_index is not None else 0)
@@ -149,8 +169,8 @@ def add_commands(sub) -> None:
     p.add_argument("--task", choices=["causal-lm", "sequence-classification", "feature-extraction"],
                    help="needed only for model sources / ONNX folders whose task cannot be read from config.json")
     p.add_argument("--data", help="eval data source (default: builtin:wikipedia for LMs, builtin:bbc-news else)")
-    p.add_argument("--split", choices=["train", "validation", "test", "all"], help="split of --data")
-    p.add_argument("--max-tokens", type=int, help="eval token cap (LMs)")
+    p.add_argument("--split", choices=["train", "validation", "test", "all"], help="split of the eval data")
+    p.add_argument("--max-tokens", type=int, help="eval token cap (LMs; of --data or the default)")
     p.add_argument("--max-examples", type=int, help="eval example cap (encoders)")
     p.add_argument("--max-length", type=int, help="truncation length of encoder eval inputs")
     p.add_argument("--window", type=int, help="perplexity window (default: 256)")

@@ -109,11 +109,24 @@ def test_bench_cli_takes_paths_relative_to_where_it_runs(tiny_llama_dir, tmp_pat
     assert "error" not in record and 1 < record["quality"]["perplexity"] < 1e6
 
 
+def test_bench_caps_apply_to_the_default_data_without_data(tmp_path, tiny_llama_dir, capsys):
+    from pipelines.cli import main
+
+    args = ["bench", str(tiny_llama_dir), "--output", str(tmp_path), "--no-progress", "--no-latency",
+            "--quality", "perplexity", "--threads", "1", "--window", "32"]
+    assert main(args + ["--max-tokens", "96"]) == 0, capsys.readouterr().err
+    (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert record["settings"]["data"]["source"] == "builtin:wikipedia"  # the causal-lm default, capped
+    assert record["settings"]["data"]["max_tokens"] == 96
+    assert main(args + ["--max-tokens", "0"]) == 2
+    assert "bench.data.max_tokens" in capsys.readouterr().err
+
+
 def test_bench_cli_rejects_bad_options(tmp_path):
     from pipelines.cli import main
 
     assert main(["bench", "x", "--backends", "torch-gpu", "--output", str(tmp_path)]) == 2
-    assert main(["bench", "x", "--max-tokens", "100", "--output", str(tmp_path)]) == 2
+    assert main(["bench", "x", "--max-tokens", "100", "--output", str(tmp_path)]) == 2  # no such target
     with pytest.raises(SystemExit):
         main(["bench"])
 
