@@ -559,6 +559,24 @@ def test_a_full_or_read_only_disk_is_one_line_exit_1_and_nothing_half_written(ti
     assert [s.reused for s in _run(config, out).steps] == [False, False]  # a rerun works once the disk does
 
 
+def test_sigterm_is_one_line_exit_1_and_cleans_up_like_ctrl_c(tiny_llama_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "runs"
+    config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
+    real = checkpoint._file_table
+
+    def stopped(root):  # a scheduler's SIGTERM while the checkpoint is being written
+        real(root)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the handler raises before this ends
+
+    before = signal.getsignal(signal.SIGTERM)
+    monkeypatch.setattr(checkpoint, "_file_table", stopped)
+    rc, _, err = _cli(capsys, "run", config, "--output-dir", out, "--no-progress")
+    assert rc == 1 and err.strip() == "terminated (SIGTERM)"
+    assert signal.getsignal(signal.SIGTERM) is before  # the CLI's handler is gone with the command
+    assert not (out / "tiny" / "01-test-scale").exists() and _leftovers(out / "tiny") == []
+
+
 def test_verbose_adds_the_traceback_of_a_disk_error(tiny_llama_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "runs"
     config = _write_config(tmp_path / "p.yaml", _scale_config(tiny_llama_dir, factors=(2.0,)))
