@@ -124,7 +124,10 @@ def _cmd_passes(args) -> int:
 
 
 def _cmd_schema(args) -> int:
-    from .config import json_schema
+    if args.search:
+        from .search.config import json_schema
+    else:
+        from .config import json_schema
 
     text = json.dumps(json_schema(), indent=2)
     if args.output:
@@ -185,8 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="as JSON, for tools")
     p.set_defaults(func=_cmd_passes)
 
-    p = sub.add_parser("schema", help="print the JSON Schema of pipeline configs")
+    p = sub.add_parser("schema", help="print the JSON Schema of pipeline configs (or of search configs)")
     p.add_argument("-o", "--output", help="write to this file")
+    p.add_argument("--search", action="store_true", help="the schema of search configs (`compress search`)")
     p.set_defaults(func=_cmd_schema)
 
     try:  # the harness adds `bench` and `report`

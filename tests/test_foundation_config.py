@@ -130,6 +130,16 @@ def test_schema_and_passes_listing(tmp_path, capsys):
     members = [ref["$ref"].split("/")[-1] for ref in quantize["properties"]["quantize"]["oneOf"]]
     assert "OrtDynamicConfig" in members and "CastConfig" in members
     assert all(schema["$defs"][m]["additionalProperties"] is False for m in members)
+    assert "objectives" not in schema["properties"]
+
+    assert main(["schema", "--search", "-o", str(out)]) == 0
+    search = json.loads(out.read_text())
+    assert "objectives" in search["required"] and "budget" in search["properties"]
+    ratio = search["$defs"]["PruneConfig"]["properties"]["layer_ratio"]["anyOf"]
+    assert ratio[1] == {"$ref": "#/$defs/SearchValues"} and ratio[0]["title"] == "Layer Ratio"
+    nested = search["$defs"]["RecoverConfig"]["properties"]["max_steps"]["anyOf"]  # options inside options too
+    assert nested[1] == {"$ref": "#/$defs/SearchValues"}
+    assert ratio[1] not in search["$defs"]["DataSpec"]["properties"]["max_tokens"]["anyOf"]  # data: is not searched
     assert main(["passes"]) == 0
     listing = capsys.readouterr().out
     assert "quantize" in listing and "method" in listing and "default bf16" in listing

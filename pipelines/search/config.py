@@ -21,7 +21,7 @@ from compress.errors import ConfigError, format_validation_error
 
 from ..config import Pipeline, apply_overrides, read_config_file, validate
 from . import figures as fig
-from .space import Space, check_values, find_space
+from .space import MARKER, Space, check_values, find_space
 
 SEARCH_KEYS = ("objectives", "constraints", "budget", "screen", "sampler", "start_with")
 # `branches:` of a pipeline config are not part of a search's trials (nor of best.yaml)
@@ -241,3 +241,56 @@ def load_search_config(path: str | Path, overrides: list[str] | None = None) -> 
     setup = validate_search(apply_overrides(read_config_file(path) or {}, overrides or []))
     setup.path = path
     return setup
+
+
+def json_schema() -> dict:
+    """JSON Schema of search configs: a pipeline config whose pass options may each be `{search: ...}`, with the
+    search's own keys (objectives, constraints, budget, screen, sampler, start_with) at the top."""
+    from pydantic.json_schema import models_json_schema
+
+    from ..config import json_schema as pipeline_schema
+
+    schema = pipeline_schema()
+    defs = schema["$defs"]
+    _, top = models_json_schema([(SearchSettings, "validation")], ref_template="#/$defs/{model}")
+    settings = top["$defs"].pop(SearchSettings.__name__)
+    defs.update(top["$defs"])
+    schema["properties"].update(settings["properties"])
+    schema["required"] = sorted(set(schema.get("required", [])) | set(settings.get("required", [])))
+    defs["SearchValues"] = {
+        "type": "object", "additionalProperties": False, "required": [MARKER],
+        "description": "search this option: a list of values, a range {low, high, step?, log?}, or `declared` "
+                       "(the values the pass declares)",
+        "properties": {MARKER: {"anyOf": [
+            {"type": "array", "minItems": 1},
+            {"type": "object", "additionalProperties": False, "required": ["low", "high"],
+             "properties": {"low": {"type": "number"}, "high": {"type": "number"},
+                            "step": {"type": "number", "exclusiveMinimum": 0}, "log": {"type": "boolean"}}},
+            {"const": "declared"}]}},
+    }
+    # branches are not searched; a model the passes share with data: or benchmark: is not searched there either
+    elsewhere = _option_models({k: v for k, v in schema["properties"].items() if k not in ("passes", "branches")},
+                               defs)
+    for name in _option_models(schema["properties"]["passes"]["items"], defs) - elsewhere:
+        for key, prop in defs[name].get("properties", {}).items():
+            defs[name]["properties"][key] = {"anyOf": [prop, {"$ref": "#/$defs/SearchValues"}],
+                                             "description": prop.get("description", "")}
+    schema["title"] = "compress search"
+    return schema
+
+
+def _option_models(node, defs: dict) -> set[str]:
+    """The $defs a pass's options reach (its options class and the models nested in it)."""
+    found: set[str] = set()
+    stack = [node]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            if isinstance(ref, str) and ref.split("/")[-1] not in found:
+                found.add(ref.split("/")[-1])
+                stack.append(defs[ref.split("/")[-1]])
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return found
