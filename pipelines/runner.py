@@ -41,7 +41,7 @@ from compress.checkpoint import Artifact
 from compress.data import PipelineData
 from compress.describe import options_line
 from compress.errors import CheckpointError, ModelSourceError, RunBusyError
-from compress.models import source_fingerprint
+from compress.models import BUILTIN_MODELS, source_fingerprint
 from compress.onnx_tools import is_external_data
 from compress.passes.base import PassContext
 from compress.runtime import is_main_process, launched_processes, seed_everything, set_threads
@@ -172,6 +172,22 @@ def _discard(folder: Path) -> None:
     shutil.rmtree(trash, ignore_errors=True)
 
 
+def _named_models(options) -> list[str]:
+    """Fingerprints of the models a pass's options name by builtin name or folder (a teacher, a student), so that
+    a step is recomputed when such a model changes, not only when its name does."""
+    found = []
+    if isinstance(options, dict):
+        options = list(options.values())
+    if isinstance(options, list):
+        for value in options:
+            found += _named_models(value)
+    elif isinstance(options, str) and (options.split(":", 1)[-1] in BUILTIN_MODELS if options.startswith("builtin:")
+                                       else any((Path(options).expanduser() / f).is_file()
+                                                for f in ("config.json", "manifest.json"))):
+        found.append(source_fingerprint(options))
+    return found
+
+
 def _hash(*parts: str) -> str:
     h = hashlib.sha256()
     for p in parts:
@@ -197,9 +213,10 @@ class Runner:
 
     def step_key(self, parent_key: str, parent_content: str, p, seed: int, data_fp: str) -> str:
         """A step's cache key: its parent's key and content hash, the pass, its options, the data and its seed."""
-        options = json.dumps(p.config.model_dump(mode="json"), sort_keys=True)
+        options = p.config.model_dump(mode="json")
         name = p.name if p.version == 1 else f"{p.name}@v{p.version}"
-        return _hash(parent_key, parent_content, name, options, data_fp, f"seed={seed}")
+        return _hash(parent_key, parent_content, name, json.dumps(options, sort_keys=True), data_fp, f"seed={seed}",
+                     *_named_models(options))
 
     def _content(self, path: Path | None) -> str:
         """What a child starts from: the checkpoint's content hash, or the source model's key."""

@@ -154,3 +154,33 @@ def test_only_the_main_process_writes(tiny_llama_dir, tmp_path, monkeypatch):
     written = sorted(p.name for p in (out / "tiny").iterdir() if p.name != ".lock")  # .lock: rank 0's, kept
     assert written == ["01-test-scale", "02-test-scale", "03-quantize"]
     assert compress.load(out / "tiny" / "03-quantize").model.dtype == torch.bfloat16, "rank 1 overwrote it"
+
+
+def test_a_teacher_named_by_folder_that_changes_recomputes_the_step(tiny_llama_dir, tmp_path):
+    """The key holds what a folder named in the options contains, not only its name."""
+    import shutil
+
+    from pipelines.config import validate
+    from tiny_models import save_tiny
+
+    teacher = shutil.copytree(tiny_llama_dir, tmp_path / "teacher")
+    pipe = validate({"name": "kd", "model": {"source": str(tiny_llama_dir)}, "task": "causal-lm",
+                     "data": {"train": {"source": "builtin:shakespeare", "max_tokens": 1024, "seq_len": 32}},
+                     "passes": [{"distill": {"student": {"keep_layers": 2}, "teacher": str(teacher), "max_steps": 1,
+                                             "batch_size": 2, "precision": "fp32", "eval_tokens": 32}}],
+                     "threads": 1})
+
+    def run():
+        return Runner(pipe, output_dir=tmp_path / "runs", show_progress=False, log=lambda *a: None).run().steps[0]
+
+    first = run()
+    assert run().reused  # unchanged teacher: reused
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(teacher)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(2.0)
+    time.sleep(1.1)  # a new mtime, to the second
+    save_tiny(model, teacher)
+    changed = run()
+    assert not changed.reused and changed.key != first.key
