@@ -215,6 +215,28 @@ def test_ignore_keeps_layers_dense(ctx):
     assert out.structure == [{"type": "mlp_widths", "widths": [64, 32, 32, 32]}]
 
 
+def test_ignore_mistakes_are_refused_or_noted(ctx):
+    with pytest.raises(ConfigError, match=r"'layers.0\*' matches no module .*'model.layers.0'"):
+        prune(art(tiny_llama()), ctx, targets=["layers"], layer_ratio=0.5, ignore=["layers.0*"])
+    with pytest.raises(ConfigError, match="hidden width is shared by every block"):
+        passes.get("prune")(targets=["hidden"], ignore=["model.layers.0*"])
+    out = prune(art(tiny_llama()), ctx, targets=["layers"], layer_ratio=0.5, ignore=["model.layers.[0-2]"],
+                importance="magnitude")
+    assert out.info["layers"]["dropped"] == [3]  # the one candidate, not the 2 asked for
+    assert "dropped 1 of the 2 layers" in out.info["layers"]["note"]
+    out = prune(art(tiny_llama()), ctx, targets=["mlp", "hidden"], ratio=0.5, ignore=["model.layers.0*"],
+                importance="magnitude")
+    assert "does not apply to the hidden width" in out.info["hidden"]["note"]
+
+
+def test_a_ratio_that_removes_nothing_says_so(ctx):
+    out = prune(art(tiny_llama(num_kv_heads=2)), ctx, targets=["heads"], ratio=0.2, importance="magnitude")
+    assert out.model.config.num_attention_heads == 4 and out.info["heads"]["ratio_actual"] == 0
+    assert "removes no heads: 2 KV groups" in out.info["heads"]["note"] and "gqa: query" in out.info["heads"]["note"]
+    out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.05, importance="magnitude")  # 60.8 -> 64
+    assert out.info["mlp"]["ratio_actual"] == 0 and "round_to=8" in out.info["mlp"]["note"]
+
+
 def test_ratio_leaving_nothing_is_refused(ctx):
     with pytest.raises(ConfigError, match="would leave no KV groups"):
         prune(art(tiny_llama(num_kv_heads=2)), ctx, targets=["heads"], ratio=0.8)

@@ -78,6 +78,9 @@ class PruneConfig(PassConfig):
             raise ValueError("give one of hidden_size, hidden_ratio")
         if (self.hidden_size is not None or self.hidden_ratio is not None) and "hidden" not in self.targets:
             raise ValueError("hidden_size / hidden_ratio apply to targets: [hidden] (add it to targets)")
+        if self.ignore and set(self.targets) == {"hidden"}:
+            raise ValueError("ignore leaves blocks untouched, but the hidden width is shared by every block; "
+                             "remove ignore (it applies to targets layers, heads and mlp)")
         return self
 
 
@@ -124,6 +127,7 @@ class Prune(Pass):
         net = copy.deepcopy(model.model).float().eval()
         ad = find(net)
         self._check_plain(net, ad)
+        self._check_ignore(net, ad)
         if "hidden" in c.targets:  # refuse before any work
             if c.importance == "taylor":
                 raise ConfigError("prune targets hidden: importance taylor is not offered for hidden channels; "
@@ -170,6 +174,15 @@ class Prune(Pass):
                         f"prune: {name} is a {type(net.get_submodule(name)).__name__}, not a plain linear layer "
                         "(low-rank factorized or quantized?); run prune before lowrank / quantize")
 
+    def _check_ignore(self, net, ad: Architecture) -> None:
+        """A pattern that matches no module is a typo that would prune what it meant to keep."""
+        names = [n for n, _ in net.named_modules()]
+        for pattern in self.config.ignore:
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in names):
+                raise ConfigError(f"prune.ignore: {pattern!r} matches no module of this model; its blocks are named "
+                                  f"like {ad.layer_name(0)!r} (MLP {ad.mlp_name(0)!r}, attention "
+                                  f"{ad.attn_name(0)!r}), e.g. '{ad.layer_name(0)}*'")
+
     def _ignored(self, *names: str) -> bool:
         return any(fnmatch.fnmatchcase(n, p) for n in names for p in self.config.ignore)
 
@@ -193,8 +206,12 @@ class Prune(Pass):
         candidates = [i for i in range(n) if not self._ignored(ad.layer_name(i))]
         drop = sorted(sorted(candidates, key=lambda i: scores[i].item())[:n_drop])
         drop_layers(net, ad, drop)
-        return {"dropped": drop, "kept": n - len(drop), "of": n, "ratio_actual": round(len(drop) / n, 4),
+        info = {"dropped": drop, "kept": n - len(drop), "of": n, "ratio_actual": round(len(drop) / n, 4),
                 "scores": [round(s, 5) for s in scores.tolist()]}
+        if len(drop) < n_drop:
+            info["note"] = (f"dropped {len(drop)} of the {n_drop} layers layer_ratio={ratio} asks for: ignore "
+                            f"{c.ignore} leaves only {len(candidates)} of {n} layers to choose from")
+        return info
 
     # ------------------------------------------------------------------ heads
     def _head_scores(self, net, ad: Architecture) -> list[torch.Tensor]:
@@ -228,6 +245,8 @@ class Prune(Pass):
         if mode == "config" and len(active) < n:
             raise ConfigError("prune.ignore: skipping some layers would give per-layer head counts, which "
                               "a stock config cannot express; prune heads in every layer (ignore fits mlp)")
+        if keep_q == n_q:
+            return {"mode": mode, "ratio_actual": 0.0, "note": self._nothing_removed(n_q, n_kv)}, None
         scores = self._head_scores(net, ad)
         if mode != "pruned_heads":
             return self._prune_sliced_heads(net, ad, scores, active, mode)
@@ -241,7 +260,8 @@ class Prune(Pass):
         info = {"mode": mode, "heads_per_layer": keep, "of": n_q, "ratio_actual": round(1 - keep / n_q, 4),
                 "pruned": {str(i): h for i, h in heads.items()}}
         if ad.head is not None:  # optimum sizes the exported KV cache from the config's head count
-            info["note"] = "export this model with `export: {with_past: false}`"
+            info["note"] = ("the default export (the fused graph) carries the pruned heads with the KV cache; "
+                            "optimum's exporter (export graph: optimum) needs with_past: false")
         return info, None
 
     def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
@@ -251,6 +271,16 @@ class Prune(Pass):
             keep_groups = _round_keep(n_kv, c.ratio, 1, "KV groups" if rep > 1 else "attention heads")
             return keep_groups * rep, keep_groups
         return n_kv * _round_keep(rep, c.ratio, 1, "query heads per KV group"), n_kv
+
+    def _nothing_removed(self, n_q: int, n_kv: int) -> str:
+        """The note for a ratio that rounds to keeping every head."""
+        c = self.config
+        rep = n_q // n_kv
+        unit, count = ("query heads per KV group", rep) if rep > 1 and c.gqa == "query" else \
+            ("KV groups" if rep > 1 else "attention heads", n_kv)
+        hint = "; or gqa: query (query heads inside each group)" if rep > 1 and c.gqa == "groups" else ""
+        return (f"ratio={c.ratio} removes no heads: {count} {unit} x {1 - c.ratio:g} rounds to {count}; a ratio above "
+                f"{0.5 / count:.3g} removes one{hint}")
 
     def _prune_sliced_heads(self, net, ad: Architecture, scores: list[torch.Tensor], active: list[int],
                             mode: str) -> tuple[dict, dict | None]:
@@ -313,6 +343,8 @@ class Prune(Pass):
         hid.prune_hidden(net, ad, kept, stock=stock)
         info = {"hidden_size": [before, keep], "ratio_actual": round(1 - keep / before, 4),
                 "mode": "config" if stock else "structure"}
+        if c.ignore:
+            info["note"] = f"ignore {c.ignore} does not apply to the hidden width, which every block shares"
         if stock:
             return info, None
         return info, {"type": "hidden_width", "size": keep}
@@ -341,6 +373,9 @@ class Prune(Pass):
         widths = [ad.mlp_width(i) for i in range(n)]
         total_before, total_after = sum(before[i] for i in active), sum(widths[i] for i in active)
         info = {"widths": widths, "of": before, "ratio_actual": round(1 - total_after / total_before, 4)}
+        if info["ratio_actual"] == 0 and c.ratio > 0:
+            info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
+                            f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
         if c.scope == "global" and info["ratio_actual"] < c.ratio - 0.01:
             info["note"] = (f"pruned {info['ratio_actual']:.1%} of the MLP channels, not ratio={c.ratio}: each layer "
                             f"keeps at least min_keep={c.min_keep} of its channels (round_to={c.round_to}); lower "
