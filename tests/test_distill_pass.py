@@ -150,6 +150,47 @@ def test_teacher_cache_is_written_reused_and_invalidated(trained_llama_dir, tmp_
     assert np.array_equal(np.load(cache_dir / "tail.npy"), tail)
 
 
+def test_a_corrupted_teacher_cache_is_computed_again(tiny_llama_dir, tmp_path, monkeypatch, caplog):
+    """Files that keep their shapes but not their contents (NaN logits, indices past the vocabulary) or a cache
+    without the files' hashes are not read: the cache is computed again, with a log line saying why."""
+    import json
+
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
+    opts = dict(student={"keep_layers": 2}, alpha=0.7, max_steps=2, lr=1e-3, batch_size=4, teacher_cache=True,
+                cache_top_k=16, eval_tokens=64)
+
+    def cached():
+        ctx = PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data(1024))
+        out = run(opts, art(tiny_llama_dir), ctx)
+        return out.info["teacher_cache"], out.info["loss_curve"]
+
+    info, curve = cached()
+    cache_dir = tmp_path / "teacher-cache" / info["key"]
+    values, indices = np.load(cache_dir / "values.npy"), np.load(cache_dir / "indices.npy")
+    hashes = json.loads((cache_dir / "meta.json").read_text())["sha256"]
+    assert set(hashes) == {"values", "indices", "tail"}
+
+    def damaged(name, array, reason):
+        np.save(cache_dir / f"{name}.npy", array)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="compress.run"):
+            again, again_curve = cached()
+        assert again["hit"] is False and again["key"] == info["key"]
+        assert again_curve == curve  # trained on the recomputed targets, not the damaged ones
+        assert np.array_equal(np.load(cache_dir / "values.npy"), values)
+        assert np.array_equal(np.load(cache_dir / "indices.npy"), indices)
+        lines = [r.getMessage() for r in caplog.records if "does not verify" in r.getMessage()]
+        assert len(lines) == 1 and reason in lines[0] and lines[0].endswith("computing it again")
+
+    damaged("values", np.full_like(values, np.nan), "values.npy does not match its sha256")
+    damaged("indices", np.full_like(indices, 100000), "indices.npy does not match its sha256")
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    del meta["sha256"]
+    (cache_dir / "meta.json").write_text(json.dumps(meta))
+    damaged("values", values, "no sha256 of values.npy")
+    assert cached()[0]["hit"] is True
+
+
 def test_training_reports_progress_in_the_run_log(trained_llama_dir, tmp_path, monkeypatch, caplog):
     """A run with --no-progress shows no bars: the run's log (the suite's logger) gets a status line every
     tenth of the run, one per evaluation, and whether the teacher cache was read or computed."""

@@ -8,7 +8,8 @@ vocabulary (losses.topk_soft_loss). Raw logits are stored (not softened probabil
 temperatures, so T can change (or follow a schedule) without rebuilding. The key hashes the teacher's
 fingerprint, the exact token ids (which covers the data source, split, tokenizer and sequence length), k and
 the format, so any change to those builds a new cache. Written to a temporary directory and renamed: a killed
-run leaves no cache that a later run could read."""
+run leaves no cache that a later run could read. meta.json records each array file's sha256, checked on every
+load: a damaged cache (or one written without the hashes) is computed again, never trusted."""
 from __future__ import annotations
 
 import bisect
@@ -33,6 +34,17 @@ CACHE_FORMAT = 2  # 2: tail.npy (the teacher's mass outside its top k)
 # between them linear in beta (log sum exp(beta * z) is smooth and convex in beta), towards beta = 0 ending at
 # log(number of tail tokens), which needs no storing.
 TAIL_BETAS = (1 / 8, 1 / 6, 1 / 4, 1 / 3, 1 / 2, 2 / 3, 1.0, 2.0)
+
+
+ARRAYS = ("values", "indices", "tail")  # <name>.npy in a cache's directory
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:  # in chunks: a cache can be gigabytes
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
 
 
 def tensor_digest(*tensors: torch.Tensor) -> str:
@@ -97,22 +109,30 @@ class TeacherCache:
         return (self.path / "meta.json").exists()
 
     def try_load(self) -> tuple[CachedTargets, dict] | None:
-        """`load()` when the cache is stored and reads back whole, else None (absent, or an interrupted copy, a
-        truncated file, another format)."""
+        """`load()` when the cache is stored and verifies, else None (absent, or an interrupted copy, a damaged
+        file, another format); a stored cache that does not verify is logged."""
         if not self.exists():
             return None
         try:
             return self.load()
-        except (OSError, ValueError, KeyError, IndexError):  # json's and numpy's read errors are ValueErrors
+        except (OSError, ValueError, KeyError, IndexError) as exc:  # json's and numpy's read errors are ValueErrors
+            logging.getLogger(SUITE_LOGGER).warning(f"teacher cache {self.path} does not verify ({exc}): "
+                                                    "computing it again")
             return None
 
     def load(self) -> tuple[CachedTargets, dict]:
         meta = json.loads((self.path / "meta.json").read_text())
-        arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ("values", "indices", "tail")}
+        hashes = meta.get("sha256") or {}
+        for name in ARRAYS:
+            if name not in hashes:
+                raise ValueError(f"meta.json has no sha256 of {name}.npy (written by an older version)")
+            if _file_sha256(self.path / f"{name}.npy") != hashes[name]:
+                raise ValueError(f"{name}.npy does not match its sha256 in meta.json (changed or damaged)")
+        arrays = {name: np.load(self.path / f"{name}.npy", mmap_mode="r") for name in ARRAYS}
         lead = arrays["values"].shape[:-1]
         if (meta.get("format") != CACHE_FORMAT or arrays["indices"].shape != arrays["values"].shape
                 or arrays["tail"].shape != (*lead, len(TAIL_BETAS)) or lead[0] != meta["examples"]):
-            raise ValueError(f"teacher cache {self.path} does not verify (format or shapes); delete it and rerun")
+            raise ValueError("its format or shapes differ from what meta.json says")
         return CachedTargets(arrays["values"], arrays["indices"], arrays["tail"], meta["vocab"]), meta
 
     def size_bytes(self) -> int:
@@ -125,7 +145,9 @@ class TeacherCache:
             np.save(tmp / "values.npy", values.astype(np.float16))
             np.save(tmp / "indices.npy", indices.astype(np.int32))
             np.save(tmp / "tail.npy", tail.astype(np.float32))
-            (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, **meta}, indent=2) + "\n")
+            hashes = {name: _file_sha256(tmp / f"{name}.npy") for name in ARRAYS}
+            (tmp / "meta.json").write_text(json.dumps({"format": CACHE_FORMAT, **meta, "sha256": hashes},
+                                                      indent=2) + "\n")
             if self.path.exists():
                 shutil.rmtree(self.path)
             os.rename(tmp, self.path)
@@ -161,9 +183,6 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
     found = cache.try_load()
     hit = found is not None
-    if not hit and cache.exists():
-        logging.getLogger(SUITE_LOGGER).warning(f"teacher cache {cache.path} does not verify (format, shapes or a "
-                                                "truncated file): computing it again")
     if accelerator is not None:  # every process has looked before the main one writes: they agree on `hit`
         accelerator.wait_for_everyone()
     main = accelerator is None or accelerator.is_main_process
