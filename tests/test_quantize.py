@@ -366,3 +366,34 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
     y = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     error = np.abs(y - x @ w).mean() / np.abs(x @ w).mean()
     assert error < (0.15 if bits == 4 else 0.01), error
+
+
+@pytest.mark.parametrize("algorithm", ["k_quant", "gptq"])
+def test_k_quant_and_gptq_with_an_odd_number_of_blocks_per_row(tmp_path, algorithm):
+    """ONNX Runtime's k_quant / gptq packed the 4-bit zero points across rows and failed ('cannot reshape
+    array') when a weight's rows make an odd number of blocks (SmolLM2's 576 inputs in blocks of 64); they
+    are stored per row, as MatMulNBits reads them, and the product stays close."""
+    import onnxruntime
+    from onnx import TensorProto, helper, numpy_helper
+
+    from compress.quant import ort as ort_quant
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((96, 48)).astype(np.float32)  # 3 blocks of 32 per column
+    x = rng.standard_normal((5, 96)).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 48])],
+                              [numpy_helper.from_array(w, "w")])
+    (tmp_path / "src").mkdir()
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
+              str(tmp_path / "src" / "model.onnx"))
+    ort_quant.weight_only(tmp_path / "src", tmp_path / "dst", bits=4, block_size=32, accuracy_level=0,
+                          symmetric=False, exclude=[], algorithm=algorithm, feeds=[{"x": x}])
+    model = onnx.load(str(tmp_path / "dst" / "model.onnx"))
+    (node,) = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+    zero_points = next(i for i in model.graph.initializer if i.name == node.input[3])
+    assert list(zero_points.dims) == [48, 2]  # per column: 3 blocks' 4-bit zero points in 2 bytes
+    y = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    error = np.abs(y - x @ w).mean() / np.abs(x @ w).mean()
+    assert error < 0.15, error

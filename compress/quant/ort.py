@@ -171,7 +171,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
                                      op_types_to_quantize=matmuls, algo_config=config)
-        with contextlib.redirect_stdout(io.StringIO()):  # k_quant / gptq print progress bars
+        with contextlib.redirect_stdout(io.StringIO()), _zero_points_per_row():  # k_quant / gptq print progress bars
             q.process()
         model = q.model.model if hasattr(q.model, "model") else q.model
         offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
@@ -181,6 +181,35 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, **tables, "int8_head": head,
             "int8_matmuls": kept, "offset_corrections": offsets, **({"float_matmuls": left} if left else {})}
+
+
+@contextlib.contextmanager
+def _zero_points_per_row():
+    """ONNX Runtime's k_quant / gptq (neural_compressor's make_matmul_weight_only_node) pack 4-bit zero points
+    two a byte across the rows of the weight, where MatMulNBits pads each row to whole bytes: with an odd
+    number of blocks per row (SmolLM2's 576 inputs in blocks of 64) it fails ('cannot reshape array'). While
+    this is active the node is built without them and gets them packed per row."""
+    from unittest import mock
+
+    from onnx import numpy_helper
+    from onnxruntime.quantization.neural_compressor import weight_only as nc
+
+    original = nc.make_matmul_weight_only_node
+
+    def make(*, node, weight_shape, num_bits, k_blocks, zero_point, **rest):
+        four = num_bits == 4 and zero_point is not None
+        new, inits = original(node=node, weight_shape=weight_shape, num_bits=num_bits, k_blocks=k_blocks,
+                              zero_point=None if four else zero_point, **rest)
+        if four:
+            zp = zero_point.astype(np.uint8).reshape(weight_shape[1], k_blocks)
+            zp = np.pad(zp, ((0, 0), (0, k_blocks % 2)), constant_values=8)  # a row's last half byte unused
+            packed = numpy_helper.from_array(zp[:, 0::2] | (zp[:, 1::2] << 4), node.input[1] + "_zp")
+            new.input.append(packed.name)
+            inits.append(packed)
+        return new, inits
+
+    with mock.patch.object(nc, "make_matmul_weight_only_node", make):
+        yield
 
 
 def _integer_zero_points(model) -> int:
