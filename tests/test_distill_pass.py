@@ -305,6 +305,18 @@ def test_sequence_level_distillation_trains_on_teacher_text(trained_llama_dir):
     assert out.info["train_examples"] == 8
 
 
+def test_sequence_level_lengths_past_the_position_limit_are_refused(tiny_gpt2_dir):
+    ctx = PassContext(source=str(tiny_gpt2_dir), task="causal-lm", data=lm_data(1024))  # 32 windows of 32
+    opts = dict(alpha=0.0, max_steps=1, batch_size=4)
+    with pytest.raises(ConfigError, match=r"prompt_tokens \(8\) \+ new_tokens \(300\) = 308 tokens, more than the "
+                       r"teacher's 256 positions .*sequence_level.new_tokens to at most 248"):
+        run({**opts, "sequence_level": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 300}},
+            art(tiny_gpt2_dir), ctx)
+    with pytest.raises(ConfigError, match=r"= 68 tokens, more than the student's 64 positions"):  # it trains on them
+        run({**opts, "student": {"config": {"n_positions": 64}},
+             "sequence_level": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 60}}, art(tiny_gpt2_dir), ctx)
+
+
 def test_pipeline_checkpoint_reloads_with_plain_from_pretrained(tiny_llama_dir, tmp_path):
     import compress
     from pipelines.config import validate

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from ..data import DataSpec, load_dataset, lm_windows
-from ..errors import DataSourceError
+from ..errors import ConfigError, DataSourceError
 from .teacher_cache import tensor_digest
 
 
@@ -92,10 +92,24 @@ def training_examples(config, ctx, tok, task: str, split: str = "train", limit: 
     return text_examples(tok, ds.texts, labels, config.max_length or spec.max_length)
 
 
-def teacher_generated(examples: Examples, teacher: torch.nn.Module, options, device, progress) -> Examples:
+def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: torch.nn.Module, options, device,
+                      progress) -> Examples:
     """Sequence-level distillation: the first `options.prompts` training windows cut to `prompt_tokens`, each
-    continued by the teacher for `new_tokens` (greedy, or sampled with top-p 0.95)."""
-    prompts = examples.rows[: options.prompts, : options.prompt_tokens].to(device)
+    continued by the teacher for `new_tokens` (greedy, or sampled with top-p 0.95); refuses sequences longer
+    than the teacher or the student takes."""
+    windows, window_len = examples.rows.shape
+    n_prompts, prompt_tokens = min(options.prompts, windows), min(options.prompt_tokens, window_len)
+    length = prompt_tokens + options.new_tokens
+    for role, model in (("teacher", teacher), ("student", student)):
+        # learned positions (GPT-2's n_positions) end there; a rotary model runs on, past its trained context
+        limit = getattr(model.config, "max_position_embeddings", None)
+        if limit is not None and length > limit:
+            raise ConfigError(
+                f"distill.sequence_level: prompt_tokens ({prompt_tokens}) + new_tokens ({options.new_tokens}) = "
+                f"{length} tokens, more than the {role}'s {limit} positions (max_position_embeddings / "
+                f"n_positions); set distill.sequence_level.new_tokens to at most {limit - prompt_tokens} or "
+                "lower distill.sequence_level.prompt_tokens")
+    prompts = examples.rows[:n_prompts, :prompt_tokens].to(device)
     gen_args = dict(max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
                     do_sample=options.sample, pad_token_id=examples.pad_id)
     if options.sample:

@@ -82,7 +82,8 @@ class Distill(Pass):
         if c.sequence_level is not None:
             if task != "causal-lm" or not teachers:
                 raise ConfigError("distill.sequence_level: only for causal LMs (task causal-lm)")
-            examples = teacher_generated(examples, teachers[0].model, c.sequence_level, ctx.device, ctx.progress)
+            examples = teacher_generated(examples, teachers[0].model, student, c.sequence_level, ctx.device,
+                                         ctx.progress)
             info["sequence_level"] = {"prompts": len(examples), "tokens_per_sequence": int(examples.rows.shape[1])}
         try:
             eval_examples = training_examples(c, ctx, s_tok, task, "validation",
