@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import tiny_bert, tiny_llama, tiny_tokenizer
+from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from compress import load, save
 from compress.checkpoint import Artifact
@@ -397,3 +397,40 @@ def test_k_quant_and_gptq_with_an_odd_number_of_blocks_per_row(tmp_path, algorit
     y = onnxruntime.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
     error = np.abs(y - x @ w).mean() / np.abs(x @ w).mean()
     assert error < 0.15, error
+
+
+def test_static_int8_quantizes_activations_on_the_fused_decoder_graph(tmp_path):
+    """The default export of GPT-2 and Llama-shaped decoders is the suite's fused graph (SkipLayerNormalization,
+    GroupQueryAttention): ONNX's type inference stops at those contrib ops, and the static quantizer then
+    calibrated nothing and left every MatMul float (activation_tensors 0). Each block's MatMuls but the MLP
+    output projection run as integer matmuls; an exclude that leaves nothing to quantize is refused."""
+    import onnxruntime as ort
+
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_gpt2())
+    parent = load(save(get("export")().run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "ck"))
+    assert parent.info["graph"] == "fused"
+    q = quantize(parent, tmp_path, method="ort-int8-static", calibration_batches=1)
+    assert q.info["calibration"]["activation_tensors"] == 2 * 12  # input and output of 3 MatMuls a block
+    assert q.info["discrepancy"]["passed"]
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(q.path / "model.onnx"), so, providers=["CPUExecutionProvider"])
+    integer = sorted(n.name for n in onnx.load(so.optimized_model_filepath).graph.node if n.op_type == "QLinearMatMul")
+    assert integer == sorted(f"/transformer/h.{i}/{m}/MatMul" for i in range(4)
+                             for m in ("attn/c_attn", "attn/c_proj", "mlp/c_fc"))
+    with pytest.raises(ConfigError, match=r"calibrated no activation .* narrow quantize.exclude"):
+        quantize(parent, tmp_path / "all", method="ort-int8-static", calibration_batches=1, exclude=["*"])
+
+
+def test_static_int8_on_the_fused_encoder_graph(tmp_path):
+    """A BERT classifier exported with defaults is ONNX Runtime's fused encoder graph: its pooler's input
+    went uncalibrated behind the contrib ops and quantizing the pooler's bias failed ('Unable to get valid
+    quantization scale'). Now each block's attention output and intermediate dense, the pooler and the
+    classifier are int8 (their inputs and outputs calibrated); the fused Attention stays float."""
+    art = Artifact(kind="torch", task="sequence-classification", tokenizer=tiny_tokenizer("encoder"), model=tiny_bert())
+    ctx = PassContext(task="sequence-classification", scratch=tmp_path / "s")
+    parent = load(save(get("export")().run(art, ctx), tmp_path / "ck"))
+    assert parent.info["optimization"]["fused_operators"]
+    q = quantize(parent, tmp_path, method="ort-int8-static", calibration_batches=2)
+    assert q.info["calibration"]["activation_tensors"] == 2 * (2 * 4 + 2)
+    assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.9

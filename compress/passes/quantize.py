@@ -341,6 +341,10 @@ class Quantize(Pass):
                                       exclude=exclude, op_types=["MatMul", "Gemm"], activations=cfg.activations,
                                       smooth_alpha=cfg.smooth_alpha)
             scales = details.pop("activation_scales")
+            if not scales:
+                raise ConfigError(f"quantize: ort-int8-static calibrated no activation of this graph, so nothing would "
+                                  f"run in int8 (quantize.exclude: {exclude}); narrow quantize.exclude or use "
+                                  "ort-int8-dynamic")
             details["calibration"] = {"method": cfg.calibration_method, "batches": len(feeds),
                                       "tokens": int(sum(f["input_ids"].size for f in feeds)),
                                       "activation_tensors": len(scales),

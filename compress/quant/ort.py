@@ -516,6 +516,7 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
     activation_products = [n.name for n in model.graph.node
                            if n.op_type == "MatMul" and index.constant_source(n.input[1]) is None]
     unsigned = activations == "uint8"
+    _infer_types(model)
     with tempfile.TemporaryDirectory() as tmp:
         # The calibrator writes augmented models into the working directory: keep them in tmp.
         cwd = os.getcwd()
@@ -538,6 +539,18 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
         _finish(qmodel, dst, src)
     return {"excluded_nodes": excluded, "float_activation_products": len(activation_products),
             "activation_scales": activation_scales(qmodel), "smoothing": smoothing}
+
+
+def _infer_types(model) -> None:
+    """The static quantizer calibrates and quantizes only tensors whose type the graph's value_info states, and
+    ONNX's shape inference stops at contrib ops (the fused decoders' SkipLayerNormalization, RotaryEmbedding,
+    GroupQueryAttention): without this nothing after the first of them is quantized. ONNX Runtime's symbolic
+    shape inference knows those ops."""
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot prove about symbolic dims
+        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    model.graph.value_info.extend(typed.graph.value_info)
 
 
 def activation_scales(model) -> dict[str, float]:
