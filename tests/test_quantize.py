@@ -434,3 +434,29 @@ def test_static_int8_on_the_fused_encoder_graph(tmp_path):
     q = quantize(parent, tmp_path, method="ort-int8-static", calibration_batches=2)
     assert q.info["calibration"]["activation_tensors"] == 2 * (2 * 4 + 2)
     assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.9
+
+
+def test_minmax_says_which_matmuls_stay_float_and_refuses_to_quantize_nothing(tmp_path):
+    """algorithm minmax stores whole blocks only: MatMuls whose input rows the block does not divide stay float
+    with a note naming them and what fits, and a model where that is every MatMul (hidden 40) is refused;
+    an embedding table whose width no int8 block divides stays float with a note (rtn pads the MatMuls)."""
+    def exported(hidden, intermediate, name):
+        model = tiny_llama(hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=1)
+        art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=model)
+        return load(save(get("export")().run(art, PassContext(scratch=tmp_path / name)), tmp_path / name / "ck"))
+
+    options = dict(method="ort-int8-dynamic", weight_bits=4, algorithm="minmax", check=False)
+    q = quantize(exported(64, 96, "h64"), tmp_path / "h64", **options, block_size=64)
+    assert q.info["float_matmuls"] == ["/model/layers.0/mlp/down_proj/MatMul"]
+    assert q.info["notes"] == ["quantize: algorithm minmax leaves 1 MatMul(s) float: their input rows (96) are "
+                               "not a multiple of block_size 64; block_size 16 or 32 fits them"]
+    h40 = exported(40, 72, "h40")
+    with pytest.raises(ConfigError, match=r"^quantize.block_size: nothing would be quantized: algorithm minmax "
+                                          r"leaves 7 MatMul\(s\) float: their input rows \(40, 72\) are not a "
+                                          r"multiple of block_size 32; no block size divides them; algorithm rtn or "
+                                          r"hqq pads the last block$"):
+        quantize(h40, tmp_path / "h40", **options)
+    q = quantize(h40, tmp_path / "h40-rtn", **{**options, "algorithm": "rtn"})
+    assert "float_matmuls" not in q.info and q.info["int8_embedding_tables"] == []
+    assert q.info["notes"] == ["quantize: embedding tables ['model.embed_tokens.weight'] stay float: their row "
+                               "width is not a multiple of 16 (the int8 / 4-bit tables' smallest block)"]

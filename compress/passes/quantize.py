@@ -318,6 +318,8 @@ class Quantize(Pass):
                                           eight_bit=eight_bit, embedding_bits=cfg.embedding_bits)
                 if mixed:
                     details["mixed_precision"] = mixed
+                if details.get("float_matmuls"):
+                    notes.append(self._float_matmuls(details))
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
                          algorithm=cfg.algorithm, embedding_bits=cfg.embedding_bits)
                 if eight_bit:
@@ -333,6 +335,9 @@ class Quantize(Pass):
             q["quantize_embeddings"] = cfg.quantize_embeddings  # at embedding_bits (matmulnbits), else 8
             if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
                 details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst)
+            if details.get("float_embedding_tables"):
+                notes.append(f"quantize: embedding tables {details['float_embedding_tables']} stay float: their "
+                             "row width is not a multiple of 16 (the int8 / 4-bit tables' smallest block)")
         elif method == "ort-int8-static":
             if cfg.exclude is None:
                 exclude = list(STATIC_FLOAT[task])
@@ -366,6 +371,22 @@ class Quantize(Pass):
         if cfg.check:
             info["discrepancy"] = self._check(model, src, dst, ctx)
         return model.derive(onnx_dir=dst, quantization=q, info=info)
+
+    def _float_matmuls(self, details: dict) -> str:
+        """algorithm minmax stores whole blocks only: the note for the MatMuls it left float, or the error when
+        nothing at all was quantized."""
+        left, rows, block = details["float_matmuls"], details["float_matmul_rows"], self.config.block_size
+        fits = [b for b in get_args(OrtDynamicConfig.model_fields["block_size"].annotation)
+                if all(k % b == 0 for k in rows)]
+        fix = (f"block_size {' or '.join(map(str, fits))} fits them" if fits else
+               "no block size divides them; algorithm rtn or hqq pads the last block")
+        why = (f"algorithm minmax leaves {len(left)} MatMul(s) float: their input rows ({', '.join(map(str, rows))}) "
+               f"are not a multiple of block_size {block}; {fix}")
+        quantized = (details["offset_corrections"] or details["int8_head"] or details["int8_matmuls"]
+                     or details["int8_embedding_tables"] or details.get("int4_embedding_tables"))
+        if not quantized:
+            raise ConfigError(f"quantize.block_size: nothing would be quantized: {why}")
+        return f"quantize: {why}"
 
     # ------------------------------------------------------------------ mixed 4/8 bits
     def _mixed_precision(self, model: Artifact, ctx: PassContext, src: Path) -> tuple[list[str], dict | None]:

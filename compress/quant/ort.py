@@ -152,7 +152,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
                                      op_types_to_quantize=("MatMul",))
         q.process()
         model = q.model.model
-    left: list[str] = []
+    left: dict[str, int] = {}
     if algorithm == "minmax":
         if bits != 4:
             raise ValueError("algorithm minmax is a 4-bit grid; set bits=4")
@@ -180,7 +180,8 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
               if embeddings else {"int8_embedding_tables": []})
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, **tables, "int8_head": head,
-            "int8_matmuls": kept, "offset_corrections": offsets, **({"float_matmuls": left} if left else {})}
+            "int8_matmuls": kept, "offset_corrections": offsets,
+            **({"float_matmuls": list(left), "float_matmul_rows": sorted(set(left.values()))} if left else {})}
 
 
 @contextlib.contextmanager
@@ -237,11 +238,11 @@ def _integer_zero_points(model) -> int:
     return _add_offsets(model, offsets)
 
 
-def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]]:
+def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, dict[str, int]]:
     """`algorithm: minmax` (the grid of compress/quant/fake.py `minmax_grid`, llama.cpp's Q4_1): every MatMul
     with a float [K, N] weight initializer, not in `skip`, becomes MatMulNBits (4-bit codes around the default
     zero point 8, float32 scales) plus its fp16 per-block offsets (_add_offsets). Returns how many, and the
-    MatMuls left float because K is not a multiple of the block size."""
+    MatMuls left float because K is not a multiple of the block size (name -> K)."""
     from collections import Counter
 
     import torch
@@ -250,7 +251,7 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
     readers = Counter(i for node in graph.node for i in node.input)
-    offsets, left = {}, []
+    offsets, left = {}, {}
     for node in list(graph.node):
         if node.op_type != "MatMul" or node.name in skip or node.input[1] not in inits:
             continue
@@ -259,7 +260,7 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, list[str]
             continue
         k, n = w.shape
         if k % block_size:
-            left.append(node.name)
+            left[node.name] = k
             continue
         codes, scale, offset = minmax_grid(torch.from_numpy(np.ascontiguousarray(w.T)), block_size)
         name = f"{node.name}_Q4"
@@ -357,8 +358,8 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
     With `four_bit_block`, tables read only by Gathers and a tied head become 4-bit instead: MatMulNBits'
     symmetric RTN grid in blocks of that size (compress/quant/fake.py `blockwise_grid`), two codes a byte, the
     same bytes for both ops (a table with other readers, or whose width the block does not divide, stays
-    int8). Returns the manifest record: the tables at each width (a table whose width is not a multiple of
-    16 stays float and is absent)."""
+    int8). Returns the manifest record: the tables at each width, and those left float (a width that is not
+    a multiple of 16)."""
     import torch
     from onnx import helper, numpy_helper
 
@@ -414,8 +415,10 @@ def _quantize_tables(model, excluded: list[str], *, four_bit_block: int | None =
             graph.node.insert(k, n)
         done[table] = bits
     onnx_tools.use_contrib_domain(model)
+    left = [t for t, block in blocks_of.items() if not block]
     return {"int8_embedding_tables": [t for t, b in done.items() if b == 8],
-            **({"int4_embedding_tables": [t for t, b in done.items() if b == 4]} if four_bit_block else {})}
+            **({"int4_embedding_tables": [t for t, b in done.items() if b == 4]} if four_bit_block else {}),
+            **({"float_embedding_tables": left} if left else {})}
 
 
 def _dequantized_table(graph, t: str, out: str) -> list:
