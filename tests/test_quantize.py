@@ -183,6 +183,18 @@ def test_static_calibration_follows_the_data(onnx_llama, tmp_path):
     assert a.info["calibration"]["tokens"] == 2 * 128
 
 
+def test_static_calibration_progress_goes_to_the_log_not_the_terminal(onnx_llama, tmp_path, capfd, caplog):
+    """ONNX Runtime's calibrator prints its progress; it goes to the log (a run's run.log), as other
+    libraries' output does, and not to the terminal."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="onnxruntime.quantization"):
+        quantize(onnx_llama, tmp_path, method="ort-int8-static", calibration_batches=1, check=False)
+    assert "Collecting tensor data" not in capfd.readouterr().out
+    logged = [r.getMessage() for r in caplog.records if r.name == "onnxruntime.quantization"]
+    assert len(logged) == 1 and logged[0].startswith("Collecting tensor data and making histogram ...")
+
+
 def test_static_without_calibration_data_is_refused(onnx_llama, tmp_path):
     with pytest.raises(ConfigError, match="data.calibration"):
         quantize(onnx_llama, tmp_path, data=None, method="ort-int8-static")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import io
+import logging
 import os
 import re
 import tempfile
@@ -44,6 +45,19 @@ def lm_head_nodes(model) -> list[str]:
             return [node.name]
         name = node.input[0]
     return []
+
+
+@contextlib.contextmanager
+def _printed_to_log():
+    """What ONNX Runtime's quantizers print (calibration progress, k_quant / gptq progress bars) goes to the
+    log, which a run writes to run.log (compress/logs.py), instead of the terminal."""
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            yield
+    finally:
+        if out.getvalue().strip():
+            logging.getLogger("onnxruntime.quantization").info(out.getvalue().strip())
 
 
 def _named_nodes(model) -> None:
@@ -131,8 +145,6 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     (error-compensating, on calibration `feeds`). At 4 bits an untied LM head stays 8-bit (a tied one is the
     int8 embedding table, see `embeddings`), and so do the MatMuls named in `eight_bit` (mixed precision: the
     blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass."""
-    import logging
-
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
@@ -171,7 +183,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
                                      op_types_to_quantize=matmuls, algo_config=config)
-        with contextlib.redirect_stdout(io.StringIO()), _zero_points_per_row():  # k_quant / gptq print progress bars
+        with _printed_to_log(), _zero_points_per_row():  # k_quant / gptq print progress bars
             q.process()
         model = q.model.model if hasattr(q.model, "model") else q.model
         offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
@@ -526,16 +538,17 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
         os.chdir(tmp)
         try:
             out = Path(tmp) / "q.onnx"
-            quantize_static(model, out, _Batches(feeds), quant_format=QuantFormat.QDQ,
-                            op_types_to_quantize=op_types, per_channel=per_channel,
-                            activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
-                            weight_type=QuantType.QInt8,
-                            nodes_to_exclude=excluded + activation_products, use_external_data_format=True,
-                            calibrate_method=methods[calibrate],
-                            extra_options={"ActivationSymmetric": not unsigned,
-                                           "DefaultTensorType": onnx.TensorProto.FLOAT,
-                                           "CalibPercentile": percentile,
-                                           "CalibTensorRangeSymmetric": not unsigned})
+            with _printed_to_log():  # the calibrator prints its progress
+                quantize_static(model, out, _Batches(feeds), quant_format=QuantFormat.QDQ,
+                                op_types_to_quantize=op_types, per_channel=per_channel,
+                                activation_type=QuantType.QUInt8 if unsigned else QuantType.QInt8,
+                                weight_type=QuantType.QInt8,
+                                nodes_to_exclude=excluded + activation_products, use_external_data_format=True,
+                                calibrate_method=methods[calibrate],
+                                extra_options={"ActivationSymmetric": not unsigned,
+                                               "DefaultTensorType": onnx.TensorProto.FLOAT,
+                                               "CalibPercentile": percentile,
+                                               "CalibTensorRangeSymmetric": not unsigned})
             qmodel = onnx.load(str(out))
         finally:
             os.chdir(cwd)
@@ -551,8 +564,7 @@ def _infer_types(model) -> None:
     shape inference knows those ops."""
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints what it cannot prove about symbolic dims
-        typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
+    typed = SymbolicShapeInference.infer_shapes(model, auto_merge=True, guess_output_rank=True)
     model.graph.value_info.extend(typed.graph.value_info)
 
 
