@@ -317,6 +317,17 @@ def test_sequence_level_lengths_past_the_position_limit_are_refused(tiny_gpt2_di
              "sequence_level": {"prompts": 4, "prompt_tokens": 8, "new_tokens": 60}}, art(tiny_gpt2_dir), ctx)
 
 
+def test_sequence_level_notes_fewer_or_shorter_prompts_than_asked(tiny_gpt2_dir):
+    ctx = PassContext(source=str(tiny_gpt2_dir), task="causal-lm", data=lm_data(1024))  # 32 windows of 32
+    out = run(dict(alpha=0.0, max_steps=1, batch_size=4,
+                   sequence_level={"prompts": 1000, "prompt_tokens": 64, "new_tokens": 4}), art(tiny_gpt2_dir), ctx)
+    assert out.info["sequence_level"] == {"prompts": 32, "tokens_per_sequence": 36, "notes": [
+        "distill.sequence_level.prompts: 32 prompts, not 1000: the training data has 32 windows (more need a "
+        "larger data.train.max_tokens)",
+        "distill.sequence_level.prompt_tokens: prompts of 32 tokens, not 64: the training windows are 32 tokens "
+        "long (distill.seq_len or data.train.seq_len)"]}
+
+
 def test_pipeline_checkpoint_reloads_with_plain_from_pretrained(tiny_llama_dir, tmp_path):
     import compress
     from pipelines.config import validate

@@ -93,10 +93,11 @@ def training_examples(config, ctx, tok, task: str, split: str = "train", limit: 
 
 
 def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: torch.nn.Module, options, device,
-                      progress) -> Examples:
+                      progress) -> tuple[Examples, list[str]]:
     """Sequence-level distillation: the first `options.prompts` training windows cut to `prompt_tokens`, each
-    continued by the teacher for `new_tokens` (greedy, or sampled with top-p 0.95); refuses sequences longer
-    than the teacher or the student takes."""
+    continued by the teacher for `new_tokens` (greedy, or sampled with top-p 0.95). Returns the examples and
+    notes on what was used instead where the windows are fewer or shorter than asked; refuses sequences
+    longer than the teacher or the student takes."""
     windows, window_len = examples.rows.shape
     n_prompts, prompt_tokens = min(options.prompts, windows), min(options.prompt_tokens, window_len)
     length = prompt_tokens + options.new_tokens
@@ -109,6 +110,14 @@ def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: tor
                 f"{length} tokens, more than the {role}'s {limit} positions (max_position_embeddings / "
                 f"n_positions); set distill.sequence_level.new_tokens to at most {limit - prompt_tokens} or "
                 "lower distill.sequence_level.prompt_tokens")
+    notes = []
+    if n_prompts < options.prompts:
+        notes.append(f"distill.sequence_level.prompts: {n_prompts} prompts, not {options.prompts}: the training "
+                     f"data has {windows} windows (more need a larger data.train.max_tokens)")
+    if prompt_tokens < options.prompt_tokens:
+        notes.append(f"distill.sequence_level.prompt_tokens: prompts of {prompt_tokens} tokens, not "
+                     f"{options.prompt_tokens}: the training windows are {window_len} tokens long "
+                     "(distill.seq_len or data.train.seq_len)")
     prompts = examples.rows[:n_prompts, :prompt_tokens].to(device)
     gen_args = dict(max_new_tokens=options.new_tokens, min_new_tokens=options.new_tokens,
                     do_sample=options.sample, pad_token_id=examples.pad_id)
@@ -119,4 +128,4 @@ def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: tor
         for start in progress(range(0, len(prompts), 8), desc="teacher generates"):
             p = prompts[start: start + 8]
             rows.append(teacher.generate(p, attention_mask=torch.ones_like(p), **gen_args).cpu())
-    return lm_examples(torch.cat(rows), examples.pad_id)
+    return lm_examples(torch.cat(rows), examples.pad_id), notes

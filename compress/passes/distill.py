@@ -82,9 +82,11 @@ class Distill(Pass):
         if c.sequence_level is not None:
             if task != "causal-lm" or not teachers:
                 raise ConfigError("distill.sequence_level: only for causal LMs (task causal-lm)")
-            examples = teacher_generated(examples, teachers[0].model, student, c.sequence_level, ctx.device,
-                                         ctx.progress)
+            examples, notes = teacher_generated(examples, teachers[0].model, student, c.sequence_level, ctx.device,
+                                                ctx.progress)
             info["sequence_level"] = {"prompts": len(examples), "tokens_per_sequence": int(examples.rows.shape[1])}
+            if notes:
+                info["sequence_level"]["notes"] = notes
         try:
             eval_examples = training_examples(c, ctx, s_tok, task, "validation",
                                               c.eval_tokens if task == "causal-lm" else c.eval_examples)
