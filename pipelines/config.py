@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import io
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,6 +130,25 @@ class _ChainState:
     quantized_by: str | None = None
 
 
+def _source_state(source: str) -> tuple[_ChainState, str | None]:
+    """Where a chain starts (a compress checkpoint given as the source may be quantized already), or why it
+    cannot start there."""
+    manifest = Path(source).expanduser() / "manifest.json"
+    if source.startswith(("builtin:", "hf:")) or not manifest.is_file():
+        return _ChainState(), None
+    try:
+        held = json.loads(manifest.read_text())
+    except (OSError, ValueError):  # the loader names what is wrong with it
+        return _ChainState(), None
+    if held.get("kind") == "onnx":
+        return _ChainState(), (f"model.source: {source} is an ONNX checkpoint, and a pipeline starts from a torch "
+                               "model; give the checkpoint its export started from, and put the export and ONNX "
+                               "passes in this pipeline")
+    quantization = held.get("quantization")
+    method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
+    return _ChainState(quantized_by=f"model.source ({method})" if quantization else None), None
+
+
 def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | None = None,
                 states: list | None = None) -> list[str]:
     """Problems that make an order impossible, found before any work starts. `states`, if given, receives
@@ -150,15 +170,19 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
                                   ", or quantize the ONNX model with an ort-* method (ort-int8-dynamic, "
                                   "ort-int8-static, ort-fp16)" if p.name == "quantize" else ""))
             continue
+        # a quantized source: start from the float model instead; a quantize pass here: move the pass
+        from_source = "; give the float model it was quantized from as model.source"
         if quantized_by and p.quantizes():
             errors.append(f"{label} would quantize a model that {quantized_by} already quantized: "
-                          "quantizing twice is not supported, keep one quantize pass")
+                          "quantizing twice is not supported, " + (
+                              from_source[2:] if quantized_by.startswith("model.source") else "keep one quantize pass"))
         elif quantized_by and p.name == "export":
             errors.append(f"{label} cannot export a model {quantized_by} quantized in torch: export the float "
                           "model, then quantize the ONNX model with an ort-* method (ort-int8-dynamic, ort-fp16)")
         elif quantized_by and not p.accepts_quantized_input():
-            errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them: "
-                          f"move `{p.name}` before the quantize pass")
+            errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them" + (
+                from_source if quantized_by.startswith("model.source") else
+                f": move `{p.name}` before the quantize pass"))
         if p.quantizes():
             quantized_by = label
         if p.output_kind() != kind:
@@ -217,9 +241,11 @@ def validate(raw: dict) -> Pipeline:
         check_task(cfg.model.source, cfg.task)
     except ModelSourceError as exc:
         errors.append(f"model.source: {exc}")
-    states: list[_ChainState] = [_ChainState()]
+    start, problem = _source_state(cfg.model.source) if not errors else (_ChainState(), None)
+    errors += [problem] if problem else []
+    states: list[_ChainState] = [start]
     if not errors:
-        errors += check_order(passes, states=states)
+        errors += check_order(passes, states=states, state=start)
     branches = []
     if len({b.name for b in cfg.branches}) != len(cfg.branches):
         errors.append("branches: two branches have the same name")

@@ -42,3 +42,25 @@ def test_valid_orders_pass():
 def test_unknown_method_names_the_choices():
     with pytest.raises(ConfigError, match="ort-int8-dynamic"):
         check([{"export": {}}, {"quantize": {"method": "ort-int4"}}])
+
+
+def test_a_checkpoint_source_starts_the_chain_as_it_is(tmp_path):
+    """An ONNX checkpoint cannot start a pipeline (the runner loads a torch model); a quantized one cannot be
+    pruned, exported or quantized again: each refused before any work, with the fix for a source."""
+    import json
+
+    def source(name, manifest):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "manifest.json").write_text(json.dumps(manifest))
+        return {**BASE, "model": {"source": str(folder)}}
+
+    onnx = source("onnx", {"kind": "onnx", "task": "causal-lm"})
+    with pytest.raises(ConfigError, match=r"model.source: .* is an ONNX checkpoint.*checkpoint its export started"):
+        validate({**onnx, "passes": [{"quantize": {"method": "ort-fp16"}}]})
+    nf4 = source("nf4", {"kind": "torch", "task": "causal-lm", "quantization": {"method": "bnb-nf4", "bits": 4}})
+    for passes, message in [([{"prune": {}}], r"passes.0 \(prune\) changes weights.*model.source \(bnb-nf4\)"),
+                            ([{"export": {}}], r"cannot export a model model.source \(bnb-nf4\) quantized"),
+                            ([{"quantize": {"method": "bf16"}}], "quantizing twice is not supported, give the float")]:
+        with pytest.raises(ConfigError, match=message):
+            validate({**nf4, "passes": passes})
