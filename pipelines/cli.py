@@ -32,8 +32,9 @@ def _cmd_run(args) -> int:
     pipeline = load_config(args.config, args.set)
     output_folder(args.output_dir or pipeline.config.output_dir,
                   "--output-dir" if args.output_dir else "output_dir:")
-    runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress, log=log,
-                    remeasure=args.remeasure)
+    # progress bars on a terminal only: piped or redirected output gets the log lines, not redrawn bars
+    runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress and sys.stderr.isatty(),
+                    log=log, remeasure=args.remeasure)
     # The folder's lock before its log: a run that is refused never writes into another run's folder.
     # Other libraries' warnings and notices go to run.log (and to the terminal only with --verbose).
     with runner.lock(wait=args.wait), capture(runner.run_dir / "run.log", verbose=args.verbose):
@@ -157,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="run a pipeline: passes, checkpoints, benchmarks, report")
     with_config(p)
     p.add_argument("--output-dir", help="write runs here instead of the config's output_dir")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (drawn only on a terminal)")
     p.add_argument("--verbose", action="store_true", help="also show other libraries' warnings and notices "
                    "(always kept in runs/<name>/run.log), and the traceback of a failure")
     p.add_argument("--wait", action="store_true", help="if another run holds the run folder, wait for it to "

@@ -159,6 +159,26 @@ def test_run_without_benchmark_lists_sizes_against_the_source(tiny_llama_dir, tm
 
 
 # ----------------------------------------------------------------------------- compress passes
+def test_progress_bars_only_on_a_terminal(tiny_llama_dir, tmp_path, monkeypatch, capfd):
+    """Piped or redirected output (as under pytest) gets the log lines, not redrawn bars: the runner, the passes
+    and the benchmark workers are all told to draw none."""
+    import pipelines.runner
+
+    seen = []
+    real = pipelines.runner.Runner.__init__
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs["show_progress"])
+        real(self, *args, **kwargs)
+
+    monkeypatch.setattr(pipelines.runner.Runner, "__init__", spy)
+    config = _write_config(tmp_path, tiny_llama_dir, name="bars")
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "runs")]) == 0
+    monkeypatch.setattr("sys.stderr.isatty", lambda: True)
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "runs")]) == 0
+    assert seen == [False, True]
+
+
 def test_passes_distill_lists_nested_student_options(capsys):
     assert main(["passes", "distill"]) == 0
     text = capsys.readouterr().out
