@@ -349,15 +349,9 @@ def test_static_int8_runs_integer_kernels_and_smoothing_helps_an_outlier_model(t
     assert agreement["smoothed"] > agreement["plain"], agreement
 
 
-@pytest.mark.parametrize("bits", [4, 8])
-def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits):
-    """HQQ's float zero points have no 8-bit MatMulNBits kernel and a slow 4-bit one: they are rewritten to the
-    default zero point plus exact per-block offsets, also when K is not a multiple of the block (a low-rank
-    factor's rank: 96 = 64 + a short block of 32)."""
-    import onnxruntime
+def _one_matmul(folder):
+    """An ONNX model of one MatMul by a 96 x 48 weight (x: 5 x 96) saved in `folder`; its weight and input."""
     from onnx import TensorProto, helper, numpy_helper
-
-    from compress.quant import ort as ort_quant
 
     rng = np.random.default_rng(0)
     w = rng.standard_normal((96, 48)).astype(np.float32)
@@ -366,9 +360,22 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 48])],
                               [numpy_helper.from_array(w, "w")])
-    (tmp_path / "src").mkdir()
+    folder.mkdir()
     onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
-              str(tmp_path / "src" / "model.onnx"))
+              str(folder / "model.onnx"))
+    return w, x
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits):
+    """HQQ's float zero points have no 8-bit MatMulNBits kernel and a slow 4-bit one: they are rewritten to the
+    default zero point plus exact per-block offsets, also when K is not a multiple of the block (a low-rank
+    factor's rank: 96 = 64 + a short block of 32)."""
+    import onnxruntime
+
+    from compress.quant import ort as ort_quant
+
+    w, x = _one_matmul(tmp_path / "src")
     info = ort_quant.weight_only(tmp_path / "src", tmp_path / "dst", bits=bits, block_size=64, accuracy_level=0,
                                  symmetric=False, exclude=[], algorithm="hqq")
     model = onnx.load(str(tmp_path / "dst" / "model.onnx"))
@@ -386,20 +393,10 @@ def test_k_quant_and_gptq_with_an_odd_number_of_blocks_per_row(tmp_path, algorit
     array') when a weight's rows make an odd number of blocks (SmolLM2's 576 inputs in blocks of 64); they
     are stored per row, as MatMulNBits reads them, and the product stays close."""
     import onnxruntime
-    from onnx import TensorProto, helper, numpy_helper
 
     from compress.quant import ort as ort_quant
 
-    rng = np.random.default_rng(0)
-    w = rng.standard_normal((96, 48)).astype(np.float32)  # 3 blocks of 32 per column
-    x = rng.standard_normal((5, 96)).astype(np.float32)
-    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
-                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [5, 96])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 48])],
-                              [numpy_helper.from_array(w, "w")])
-    (tmp_path / "src").mkdir()
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10),
-              str(tmp_path / "src" / "model.onnx"))
+    w, x = _one_matmul(tmp_path / "src")  # 96 rows: 3 blocks of 32 per column
     ort_quant.weight_only(tmp_path / "src", tmp_path / "dst", bits=4, block_size=32, accuracy_level=0,
                           symmetric=False, exclude=[], algorithm=algorithm, feeds=[{"x": x}])
     model = onnx.load(str(tmp_path / "dst" / "model.onnx"))
