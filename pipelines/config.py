@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import io
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -133,14 +132,16 @@ class _ChainState:
 def _source_state(source: str) -> tuple[_ChainState, str | None]:
     """Where a chain starts (a compress checkpoint given as the source may be quantized already), or why it
     cannot start there."""
-    manifest = Path(source).expanduser() / "manifest.json"
-    if source.startswith(("builtin:", "hf:")) or not manifest.is_file():
+    from compress.checkpoint import read_manifest
+    from compress.errors import CheckpointError
+
+    if source.startswith(("builtin:", "hf:")) or not (Path(source).expanduser() / "manifest.json").is_file():
         return _ChainState(), None
     try:
-        held = json.loads(manifest.read_text())
-    except (OSError, ValueError):  # the loader names what is wrong with it
-        return _ChainState(), None
-    if held.get("kind") == "onnx":
+        held = read_manifest(Path(source).expanduser())
+    except CheckpointError as exc:
+        return _ChainState(), f"model.source: {exc}"
+    if held["kind"] == "onnx":
         return _ChainState(), (f"model.source: {source} is an ONNX checkpoint, and a pipeline starts from a torch "
                                "model; give the checkpoint its export started from, and put the export and ONNX "
                                "passes in this pipeline")
