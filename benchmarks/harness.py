@@ -116,27 +116,38 @@ def weights_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and f.name.endswith(_WEIGHT_SUFFIXES))
 
 
+# the inputs of quantized ops that hold scales and zero points, not weights
+QUANT_METADATA_INPUTS = {"MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3), "DequantizeLinear": (1, 2),
+                         "QuantizeLinear": (1, 2), "MatMulInteger": (2, 3), "DynamicQuantizeMatMul": (2, 3, 4)}
+# ... and those stored in another type and cast (fp16 scales), by the names ONNX Runtime's quantizers and ours give
+QUANT_METADATA_SUFFIXES = ("_scale", "_scale_fp16", "_zero_point", "/offsets", "/offsets_fp16")
+
+
 def onnx_params(path: Path) -> int:
-    """Elements of the graph's weight initializers (quantized weights count once each; scales and zero points
-    add a little). Not parameters: integer shape / axis constants and the rotary cos / sin caches a fused
-    graph stores (torch derives them from the config too)."""
+    """Elements of the graph's weight initializers, quantized weights counted once each (the model's parameters,
+    as torch counts them). Not parameters: quantization's scales, zero points and per-block offsets, integer
+    shape / axis constants, and the rotary cos / sin caches a fused graph stores (torch derives them from the
+    config too)."""
     import onnx
 
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    buffers = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
-               for i in (7, 8) if len(n.input) > i}
+    skip = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
+            for i in (7, 8) if len(n.input) > i}
     # packed 4-bit weights hold two a byte: count the weights, not the bytes
     counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
     two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8
     for n in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
+        quant_inputs = QUANT_METADATA_INPUTS.get(n.op_type, ())
+        skip.update(n.input[i] for i in quant_inputs if len(n.input) > i)
         if n.op_type == "MatMulNBits":
             counts[n.input[1]] = int(attrs["N"]) * int(attrs["K"])
         elif n.op_type == "GatherBlockQuantized" and attrs.get("bits", 4) == 4:
             two_a_byte.add(n.input[0])
     total = 0
     for init in model.graph.initializer:
-        if init.name in buffers or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32):
+        if (init.name in skip or init.name.endswith(QUANT_METADATA_SUFFIXES)
+                or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)):
             continue
         n = 1
         for d in init.dims:
