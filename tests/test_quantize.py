@@ -43,6 +43,7 @@ def quantize(parent, tmp_path, data=SHAKESPEARE, **options):
     {"method": "ort-int8-dynamic"},  # default: MatMulNBits int8, block-wise activations
     {"method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": False},
     {"method": "ort-int8-dynamic", "weight_bits": 4},
+    {"method": "ort-int8-dynamic", "weight_bits": 4, "algorithm": "minmax"},  # per-block offsets
     {"method": "ort-int8-static", "calibration_batches": 2},
     {"method": "ort-fp16"},
 ])
