@@ -264,21 +264,24 @@ class Prune(Pass):
                             "optimum's exporter (export graph: optimum) needs with_past: false")
         return info, None
 
-    def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
-        c = self.config
+    def _head_unit(self, n_q: int, n_kv: int) -> tuple[str, int]:
+        """What `ratio` removes a share of, and how many there are: whole KV groups (MHA: heads), or with
+        gqa: query the query heads inside every group."""
         rep = n_q // n_kv
-        if rep == 1 or c.gqa == "groups":
-            keep_groups = _round_keep(n_kv, c.ratio, 1, "KV groups" if rep > 1 else "attention heads")
-            return keep_groups * rep, keep_groups
-        return n_kv * _round_keep(rep, c.ratio, 1, "query heads per KV group"), n_kv
+        if rep == 1:
+            return "attention heads", n_kv
+        return ("KV groups", n_kv) if self.config.gqa == "groups" else ("query heads per KV group", rep)
+
+    def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
+        unit, count = self._head_unit(n_q, n_kv)
+        keep = _round_keep(count, self.config.ratio, 1, unit)
+        return (n_kv * keep, n_kv) if unit == "query heads per KV group" else (keep * (n_q // n_kv), keep)
 
     def _nothing_removed(self, n_q: int, n_kv: int) -> str:
         """The note for a ratio that rounds to keeping every head."""
         c = self.config
-        rep = n_q // n_kv
-        unit, count = ("query heads per KV group", rep) if rep > 1 and c.gqa == "query" else \
-            ("KV groups" if rep > 1 else "attention heads", n_kv)
-        hint = "; or gqa: query (query heads inside each group)" if rep > 1 and c.gqa == "groups" else ""
+        unit, count = self._head_unit(n_q, n_kv)
+        hint = "; or gqa: query (query heads inside each group)" if unit == "KV groups" else ""
         return (f"ratio={c.ratio} removes no heads: {count} {unit} x {1 - c.ratio:g} rounds to {count}; a ratio above "
                 f"{0.5 / count:.3g} removes one{hint}")
 
@@ -373,13 +376,13 @@ class Prune(Pass):
         widths = [ad.mlp_width(i) for i in range(n)]
         total_before, total_after = sum(before[i] for i in active), sum(widths[i] for i in active)
         info = {"widths": widths, "of": before, "ratio_actual": round(1 - total_after / total_before, 4)}
-        if info["ratio_actual"] == 0 and c.ratio > 0:
-            info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
-                            f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
         if c.scope == "global" and info["ratio_actual"] < c.ratio - 0.01:
             info["note"] = (f"pruned {info['ratio_actual']:.1%} of the MLP channels, not ratio={c.ratio}: each layer "
                             f"keeps at least min_keep={c.min_keep} of its channels (round_to={c.round_to}); lower "
                             "min_keep to prune more")
+        elif info["ratio_actual"] == 0 and c.ratio > 0:
+            info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
+                            f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
         if len(set(widths)) == 1:  # uniform: a stock config says it all
             setattr(net.config, ad.intermediate_field, widths[0])
             return info, None
