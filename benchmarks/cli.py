@@ -125,10 +125,11 @@ def cmd_bench(args) -> int:
             base_index = 0
     records, jobs = [], []
     for i, (target, label) in enumerate(zip(targets, labels)):
+        data = _default_data(args, target)
         for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
             print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
             job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
-                       data=_default_data(args, target), work_dir=work_dir, show_progress=show)
+                       data=data, work_dir=work_dir, show_progress=show)
             r = measure(**job, settings=settings)
             # Ratios are to the baseline, else to the first target.
             r["is_baseline"] = i == (base_index if base_index is not None else 0)

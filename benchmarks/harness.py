@@ -119,9 +119,9 @@ def weights_size(path: Path) -> int:
 # the inputs of quantized ops that hold scales and zero points, not weights
 QUANT_METADATA_INPUTS = {"MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3), "DequantizeLinear": (1, 2),
                          "QuantizeLinear": (1, 2), "MatMulInteger": (2, 3), "DynamicQuantizeMatMul": (2, 3, 4)}
-# ... and those stored in another type and cast (fp16 scales), by the names ONNX Runtime's quantizers and ours give
-# (also minmax's "/offsets/block_ones_*" block-sum matrices)
-QUANT_METADATA_SUFFIXES = ("_scale", "_scale_fp16", "_zero_point", "/offsets", "/offsets_fp16")
+# ... and those read through a Cast or a Mul, by the names ONNX Runtime's quantizers and ours give them
+QUANT_METADATA_SUFFIXES = ("_scale", "_scale_fp16", "_zero_point")
+OFFSETS = "/offsets"  # compress/quant/ort.py's per-block offsets (<node>/offsets_fp16) and block-sum matrices
 
 
 def onnx_params(path: Path) -> int:
@@ -147,7 +147,7 @@ def onnx_params(path: Path) -> int:
             two_a_byte.add(n.input[0])
     total = 0
     for init in model.graph.initializer:
-        if (init.name in skip or init.name.endswith(QUANT_METADATA_SUFFIXES) or init.name.startswith("/offsets/")
+        if (init.name in skip or init.name.endswith(QUANT_METADATA_SUFFIXES) or OFFSETS in init.name
                 or init.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)):
             continue
         n = 1

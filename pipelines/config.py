@@ -172,17 +172,17 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
                                   "ort-int8-static, ort-fp16)" if p.name == "quantize" else ""))
             continue
         # a quantized source: start from the float model instead; a quantize pass here: move the pass
-        from_source = "; give the float model it was quantized from as model.source"
+        from_source = bool(quantized_by) and quantized_by.startswith("model.source")
         if quantized_by and p.quantizes():
-            errors.append(f"{label} would quantize a model that {quantized_by} already quantized: "
-                          "quantizing twice is not supported, " + (
-                              from_source[2:] if quantized_by.startswith("model.source") else "keep one quantize pass"))
+            errors.append(f"{label} would quantize a model that {quantized_by} already quantized: quantizing twice "
+                          "is not supported, " + ("give the float model it was quantized from as model.source"
+                                                  if from_source else "keep one quantize pass"))
         elif quantized_by and p.name == "export":
             errors.append(f"{label} cannot export a model {quantized_by} quantized in torch: export the float "
                           "model, then quantize the ONNX model with an ort-* method (ort-int8-dynamic, ort-fp16)")
         elif quantized_by and not p.accepts_quantized_input():
             errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them" + (
-                from_source if quantized_by.startswith("model.source") else
+                "; give the float model it was quantized from as model.source" if from_source else
                 f": move `{p.name}` before the quantize pass"))
         if p.quantizes():
             quantized_by = label
