@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelSourceError
+from .errors import ConfigError, ModelSourceError
 from .runtime import cache_dir
 from .tasks import auto_class
 
@@ -295,6 +295,23 @@ def count_parameters(model: nn.Module) -> int:
             seen.add(id(p))
             total += p.numel()
     return total
+
+
+def max_tokens(model: nn.Module) -> int | None:
+    """The longest sequence a model takes: its position table (max_position_embeddings / n_positions), less
+    the offset where position ids start after the padding index (RoBERTa's); None when it has no table."""
+    limit = getattr(model.config, "max_position_embeddings", None)
+    pad = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
+    return limit - pad - 1 if limit is not None and pad is not None else limit
+
+
+def check_length(model: nn.Module, length: int, field: str, role: str = "model") -> None:
+    """Refuse sequences of `length` tokens, set by config `field`, past the model's positions (a learned
+    position table ends there: an IndexError deep in the forward; a rotary model runs past its trained context)."""
+    limit = max_tokens(model)
+    if limit is not None and length > limit:
+        raise ConfigError(f"{field}: {length} tokens, more than the {role}'s {limit} positions "
+                          f"(max_position_embeddings / n_positions); set {field} to at most {limit}")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -124,7 +124,8 @@ def mlp_scores(base: Artifact, ctx: PassContext, criterion: str, layers: list[in
     if criterion != "magnitude":
         batches = importance.calibration_batches(
             ctx, base.tokenizer, base.task, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
-            batch_size=c.batch_size, why=f"importance: {criterion}")
+            batch_size=c.batch_size, why=f"importance: {criterion}", model=base.model,
+            field="prune.calibration_seq_len")
     return importance.mlp_channel_scores(base.model, find(base.model), layers, criterion, batches=batches,
                                          task=base.task, norm=c.norm, device=ctx.device)
 

@@ -348,3 +348,22 @@ def test_pipeline_checkpoint_reloads_with_plain_from_pretrained(tiny_llama_dir, 
     ids = torch.randint(5, 300, (1, 10))
     with torch.no_grad():
         assert torch.allclose(loaded.model(input_ids=ids).logits, plain(input_ids=ids).logits, atol=1e-6)
+
+
+def test_sequences_past_the_models_positions_are_refused(tiny_gpt2_dir):
+    from tiny_models import family_tokenizer, tiny_family
+
+    gpt2 = art(tiny_gpt2_dir)  # 256 positions
+    with pytest.raises(ConfigError, match=r"^distill.seq_len: 300 tokens, more than the student's 256 positions .* "
+                       r"set distill.seq_len to at most 256$"):
+        run(dict(seq_len=300, max_steps=1), gpt2, PassContext(source=str(tiny_gpt2_dir), task="causal-lm",
+                                                               data=lm_data()))
+    with pytest.raises(ConfigError, match=r"^data.train.seq_len: 300 tokens, more than the teacher's 256"):
+        run(dict(student={"config": {"n_positions": 512}}, max_steps=1), gpt2,
+            PassContext(source=str(tiny_gpt2_dir), task="causal-lm", data=lm_data(seq_len=300)))
+    # RoBERTa's position ids start after its padding index: 260 rows hold 259 tokens
+    roberta = Artifact("torch", "sequence-classification", family_tokenizer("roberta"),
+                       tiny_family("roberta", "sequence-classification"))
+    with pytest.raises(ConfigError, match=r"^distill.max_length: 260 tokens, more than the student's 259 positions"):
+        run(dict(max_length=260, alpha=0.0, teacher="input", max_steps=1), roberta,
+            PassContext(task="sequence-classification", data=bbc_data()))

@@ -329,3 +329,12 @@ def test_pruning_twice_keeps_one_widths_entry(ctx, tmp_path):
     path = save(second, tmp_path / "twice")
     fresh = fresh_outputs([(str(path), False)])[str(path)]
     torch.testing.assert_close(torch.tensor(fresh["load"]), logits(second.model), atol=1e-5, rtol=1e-5)
+
+
+def test_calibration_sequences_past_the_models_positions_are_refused(ctx):
+    a = art(tiny_gpt2())  # 256 positions
+    with pytest.raises(ConfigError, match=r"^prune.calibration_seq_len: 300 tokens, more than the model's 256 "
+                       r"positions .* at most 256$"):
+        prune(a, ctx, targets=["layers"], calibration_seq_len=300)
+    with pytest.raises(ConfigError, match=r"^lowrank.calibration_seq_len: 300 tokens, more than the model's 256"):
+        passes.get("lowrank")(method="asvd", calibration_seq_len=300).run(a, ctx)

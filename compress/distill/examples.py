@@ -8,6 +8,7 @@ import torch
 
 from ..data import DataSpec, load_dataset, lm_windows
 from ..errors import ConfigError, DataSourceError
+from ..models import max_tokens
 from .teacher_cache import tensor_digest
 
 
@@ -102,8 +103,7 @@ def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: tor
     n_prompts, prompt_tokens = min(options.prompts, windows), min(options.prompt_tokens, window_len)
     length = prompt_tokens + options.new_tokens
     for role, model in (("teacher", teacher), ("student", student)):
-        # learned positions (GPT-2's n_positions) end there; a rotary model runs on, past its trained context
-        limit = getattr(model.config, "max_position_embeddings", None)
+        limit = max_tokens(model)
         if limit is not None and length > limit:
             raise ConfigError(
                 f"distill.sequence_level: prompt_tokens ({prompt_tokens}) + new_tokens ({options.new_tokens}) = "

@@ -33,7 +33,7 @@ from ..checkpoint import Artifact
 from ..distill import students
 from ..distill.config import DistillConfig
 from ..errors import ConfigError, DataSourceError
-from ..models import count_parameters
+from ..models import check_length, count_parameters
 from ..runtime import seed_everything
 from . import register
 from .base import Pass, PassContext
@@ -69,6 +69,7 @@ class Distill(Pass):
         student, s_tok, structure, info = students.build_student(c.student, model, ctx)
         teachers = load_teachers(c, model, ctx, in_place=c.student is None) if c.needs_teacher(task) else []
         check_compatible(student, s_tok, teachers, task)
+        self._check_lengths(ctx, task, [("student", student)] + [("teacher", t.model) for t in teachers])
         if len(teachers) > 1 and c.matches_features():
             info["feature_teacher"] = teachers[0].name  # feature / attention terms use the first teacher
         attn_impls = []
@@ -132,6 +133,18 @@ class Distill(Pass):
             "train_examples": len(examples), "seed": seed,
         })
         return model.derive(model=student, tokenizer=s_tok, structure=structure, info=info)
+
+    def _check_lengths(self, ctx: PassContext, task: str, models) -> None:
+        """Training and validation sequences fit every model's positions (a learned table ends there)."""
+        if ctx.data is None or ctx.data.specs.get("train") is None:
+            return  # training_examples names the missing data
+        c, spec = self.config, ctx.data.spec("train")
+        name = "seq_len" if task == "causal-lm" else "max_length"
+        length, field = getattr(c, name), f"distill.{name}"
+        if length is None:
+            length, field = getattr(spec, name), f"data.train.{name}"
+        for role, m in models:
+            check_length(m, length, field, role)
 
     def _fake_quantize(self, student, task: str) -> dict | None:
         """Quantization-aware distillation: wrap the student's weights in their export grid (None when off)."""

@@ -186,12 +186,12 @@ class Prune(Pass):
     def _ignored(self, *names: str) -> bool:
         return any(fnmatch.fnmatchcase(n, p) for n in names for p in self.config.ignore)
 
-    def _calib(self, why: str):
+    def _calib(self, net, why: str):
         if self._batches is None:
             c = self.config
             self._batches = imp.calibration_batches(
                 self.ctx, self.tok, self.task, samples=c.calibration_samples, seq_len=c.calibration_seq_len,
-                batch_size=c.batch_size, why=why)
+                batch_size=c.batch_size, why=why, model=net, field="prune.calibration_seq_len")
         return self._batches
 
     # ------------------------------------------------------------------ depth
@@ -202,7 +202,7 @@ class Prune(Pass):
         n_drop = round(n * ratio)
         if n_drop >= n:
             raise ConfigError(f"prune.layer_ratio={ratio} would remove all {n} layers; use a smaller ratio")
-        scores = imp.block_scores(net, ad, self._calib("prune targets: layers"), self.task, self.ctx.device)
+        scores = imp.block_scores(net, ad, self._calib(net, "prune targets: layers"), self.task, self.ctx.device)
         candidates = [i for i in range(n) if not self._ignored(ad.layer_name(i))]
         drop = sorted(sorted(candidates, key=lambda i: scores[i].item())[:n_drop])
         drop_layers(net, ad, drop)
@@ -221,7 +221,7 @@ class Prune(Pass):
         if c.importance == "magnitude":
             return [imp.head_magnitude(net, ad, i, c.norm) for i in range(n)]
         outs = [ad.attn_out(i) for i in range(n)]
-        s = imp.output_unit_scores(net, outs, ad.head_dim(), self._calib(f"importance: {c.importance}"),
+        s = imp.output_unit_scores(net, outs, ad.head_dim(), self._calib(net, f"importance: {c.importance}"),
                                    self.task, c.importance, self.ctx.device)
         return [s[o] for o in outs]
 
@@ -340,7 +340,8 @@ class Prune(Pass):
         if c.importance == "magnitude":
             scores = hid.magnitude_scores(net, ad)
         else:
-            scores = hid.activation_scores(net, ad, self._calib("prune targets: hidden"), self.task, self.ctx.device)
+            batches = self._calib(net, "prune targets: hidden")
+            scores = hid.activation_scores(net, ad, batches, self.task, self.ctx.device)
         kept = sorted(torch.argsort(scores, descending=True)[:keep].tolist())
         stock = hid.config_expresses(net, ad, keep) and not per_layer_mlp
         hid.prune_hidden(net, ad, kept, stock=stock)
@@ -355,7 +356,7 @@ class Prune(Pass):
     # ------------------------------------------------------------------ MLP
     def _mlp_scores(self, net, ad: Architecture, layers: list[int]) -> dict[int, torch.Tensor]:
         c = self.config
-        batches = None if c.importance == "magnitude" else self._calib(f"importance: {c.importance}")
+        batches = None if c.importance == "magnitude" else self._calib(net, f"importance: {c.importance}")
         return imp.mlp_channel_scores(net, ad, layers, c.importance, batches=batches, task=self.task,
                                       norm=c.norm, device=self.ctx.device)
 

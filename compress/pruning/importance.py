@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..architecture import Architecture
+from ..models import check_length
 from .arch import linear_weight
 
 CRITERIA = ("magnitude", "taylor", "activation")
@@ -33,13 +34,15 @@ CRITERIA = ("magnitude", "taylor", "activation")
 
 # ---------------------------------------------------------------------- calibration data
 def calibration_batches(ctx, tokenizer, task: str, *, samples: int, seq_len: int, batch_size: int,
-                        why: str) -> list[dict[str, torch.Tensor]]:
-    """`samples` sequences of calibration text in batches: LM windows for causal LMs, padded texts otherwise."""
+                        why: str, model: nn.Module, field: str) -> list[dict[str, torch.Tensor]]:
+    """`samples` sequences of calibration text in batches: LM windows for causal LMs, padded texts otherwise;
+    `seq_len` (config `field`) must fit `model`'s positions."""
     if ctx is None or ctx.data is None or (ctx.data.specs.get("calibration") is None):
         raise ConfigError(
             f"{why} needs calibration data: set `data.calibration` (or `data.train`) in the pipeline config "
             "(or pass a PassContext with data), or use importance: magnitude"
         )
+    check_length(model, seq_len, field)
     if task == "causal-lm":
         windows = ctx.data.lm_windows("calibration", tokenizer, seq_len, max_tokens=samples * seq_len)
         return [{"input_ids": w, "attention_mask": torch.ones_like(w)} for w in windows.split(batch_size)]
