@@ -297,18 +297,24 @@ def count_parameters(model: nn.Module) -> int:
     return total
 
 
-def max_tokens(model: nn.Module) -> int | None:
-    """The longest sequence a model takes: its position table (max_position_embeddings / n_positions), less
-    the offset where position ids start after the padding index (RoBERTa's); None when it has no table."""
-    limit = getattr(model.config, "max_position_embeddings", None)
-    pad = getattr(getattr(model.base_model, "embeddings", None), "padding_idx", None)
-    return limit - pad - 1 if limit is not None and pad is not None else limit
+# position ids that start after the padding index (RoBERTa's create_position_ids_from_input_ids)
+_POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
+
+
+def max_tokens(config: dict) -> int | None:
+    """The longest sequence a model takes, from its config.json: its position table (max_position_embeddings /
+    GPT-2's n_positions), less the offset of RoBERTa's position ids; None when it has no such table."""
+    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    if limit is not None and config.get("model_type") in _POSITIONS_AFTER_PADDING:
+        pad = config.get("pad_token_id")
+        limit -= (1 if pad is None else pad) + 1  # RobertaConfig's default padding index is 1
+    return limit
 
 
 def check_length(model: nn.Module, length: int, field: str, role: str = "model") -> None:
     """Refuse sequences of `length` tokens, set by config `field`, past the model's positions (a learned
     position table ends there: an IndexError deep in the forward; a rotary model runs past its trained context)."""
-    limit = max_tokens(model)
+    limit = max_tokens(model.config.to_dict())
     if limit is not None and length > limit:
         raise ConfigError(f"{field}: {length} tokens, more than the {role}'s {limit} positions "
                           f"(max_position_embeddings / n_positions); set {field} to at most {limit}")

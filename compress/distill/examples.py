@@ -103,7 +103,7 @@ def teacher_generated(examples: Examples, teacher: torch.nn.Module, student: tor
     n_prompts, prompt_tokens = min(options.prompts, windows), min(options.prompt_tokens, window_len)
     length = prompt_tokens + options.new_tokens
     for role, model in (("teacher", teacher), ("student", student)):
-        limit = max_tokens(model)
+        limit = max_tokens(model.config.to_dict())
         if limit is not None and length > limit:
             raise ConfigError(
                 f"distill.sequence_level: prompt_tokens ({prompt_tokens}) + new_tokens ({options.new_tokens}) = "
