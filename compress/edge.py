@@ -79,12 +79,19 @@ class EdgeModel:
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n for n in self.inputs if n.startswith("past_key_values.")]
         self.task = self.manifest.get("task") or self._guess_task()
-        fused = self.session.get_modelmeta().custom_metadata_map.get("compress.graph") == "fused"
+        meta = self.session.get_modelmeta().custom_metadata_map
+        fused = meta.get("compress.graph") == "fused"
         if shared_cache and not fused:
             raise ValueError("shared_cache needs a graph written by compress.fused (GroupQueryAttention); this "
                              "one concatenates its past, so it runs with the plain loop")
         self.fused = fused  # positions come from the token count: batches must be unpadded
         self.shared_cache = fused if shared_cache is None else shared_cache
+        # The most positions a decoder holds: past it ONNX Runtime fails mid-run (a rotary cache too short)
+        # or a learned position table is read out of range.
+        key = next((k for k in ("max_position_embeddings", "n_positions") if self.config.get(k)), None)
+        length = meta.get("compress.max_length") or (self.config[key] if key else None)
+        self.max_length = int(length) if length else None
+        self.max_length_source = "export.max_length" if meta.get("compress.max_length") else f"{key} in config.json"
         self._tokenizer = None
 
     # ------------------------------------------------------------------ shape helpers
@@ -123,6 +130,7 @@ class EdgeModel:
         """One call: `input_ids` [B, T] new tokens, `mask_so_far` [B, past + T]; returns (logits, presents).
         `keep`: logits of the last `keep` positions only (0: all), where the graph takes logits_to_keep."""
         self._check_unpadded(mask_so_far)
+        self._check_length(mask_so_far.shape[1])
         feed = {"input_ids": input_ids}
         if "attention_mask" in self.inputs:
             feed["attention_mask"] = mask_so_far
@@ -145,6 +153,20 @@ class EdgeModel:
         if self.fused and not mask.all():
             raise ValueError("this fused decoder graph takes unpadded batches (GroupQueryAttention derives "
                              "positions from the token count); run padded prompts one at a time")
+
+    def _check_length(self, tokens: int, new_tokens: int = 0) -> None:
+        """ValueError unless `tokens` (+ `new_tokens` to generate) fit the positions the model holds."""
+        if self.max_length is None or tokens + new_tokens <= self.max_length:
+            return
+        most = self.max_length
+        if new_tokens and tokens < most:
+            fix = f"ask for at most {most - tokens} new tokens (max_new_tokens, --max-new-tokens) or shorten the prompt"
+        elif new_tokens < most:
+            fix = f"shorten the {'prompt' if new_tokens else 'input'} to at most {most - new_tokens} tokens"
+        else:
+            fix = f"ask for fewer than {most} new tokens and shorten the prompt"
+        raise ValueError(f"{tokens} tokens{f' + {new_tokens} new ones' if new_tokens else ''} need more positions "
+                         f"than the {most} this model holds ({self.max_length_source}): {fix}")
 
     def _buffers(self, batch: int, capacity: int, old: DecodeState | None = None):
         """Zeroed cache buffers of `capacity` positions (holding `old`'s valid entries) and an IO binding
@@ -169,6 +191,7 @@ class EdgeModel:
     def _run_shared(self, input_ids: np.ndarray, state: DecodeState) -> np.ndarray:
         """One call of the shared-cache loop: the buffers are both past and present (written in place)."""
         self._check_unpadded(state.attention_mask)
+        self._check_length(state.attention_mask.shape[1])
         state.binding.bind_cpu_input("input_ids", input_ids)
         state.binding.bind_cpu_input("attention_mask", state.attention_mask)
         state.binding.bind_output("logits", "cpu")  # unallocated again: its shape changes between calls
@@ -240,6 +263,7 @@ class EdgeModel:
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         if prompt.ndim == 1:
             prompt = prompt[None, :]
+        self._check_length(prompt.shape[1], max_new_tokens)  # before any work, not at the step that fails
         logits, state = self.prefill(prompt, attention_mask, max_new_tokens=max_new_tokens)
         out, done = [], np.zeros(prompt.shape[0], dtype=bool)
         for step in range(max_new_tokens):

@@ -119,3 +119,28 @@ def test_bundle_refuses_damaged_files_and_misuse_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="config.json is"):
         EdgeModel(path)
     assert EdgeModel(path, verify=False).task == "causal-lm"  # the check can be skipped knowingly
+
+
+def test_generation_past_the_models_positions_is_refused_before_it_runs(tmp_path):
+    """A fused graph holds export.max_length positions (its rotary cache): a longer prompt + generation was an
+    ONNX Runtime traceback mid-run; it is one line naming the limit and how many new tokens fit."""
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer("causal"),
+                   model=tiny_llama(hidden_size=64, intermediate_size=128))  # head_dim 16: the fused writer's
+    out = get("export")(max_length=24, check_seq_len=16).run(art, PassContext(task="causal-lm",
+                                                                              scratch=tmp_path / "scratch"))
+    path = save(out, tmp_path / "bundle")
+    edge = EdgeModel(path)
+    assert edge.fused and edge.max_length == 24 and edge.max_length_source == "export.max_length"
+    ids = np.arange(5, 15)[None]  # 10 tokens
+    assert edge.generate(ids, 14).shape == (1, 24)  # exactly the limit still runs
+    for loop in (edge, EdgeModel(path, shared_cache=False)):
+        with pytest.raises(ValueError, match=r"10 tokens \+ 15 new ones need more positions than the 24 this model "
+                                             r"holds \(export.max_length\): ask for at most 14 new tokens"):
+            loop.generate(ids, 15)
+        with pytest.raises(ValueError, match="25 tokens need more positions than the 24 .* shorten the input to at "
+                                             "most 24 tokens"):
+            loop.logits(np.arange(5, 30)[None])
+    proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path), "To be " * 30], text=True,
+                          capture_output=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "need more positions than the 24 this model holds" in proc.stderr and "shorten the prompt" in proc.stderr

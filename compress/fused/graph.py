@@ -22,6 +22,7 @@ from ..errors import UnsupportedModelError
 
 MS = "com.microsoft"
 GRAPH_KEY = "compress.graph"  # model metadata naming the writer; compress.edge reads it
+LENGTH_KEY = "compress.max_length"  # metadata: the most positions (prompt + generated) the graph holds
 
 
 def _np(t) -> np.ndarray:
@@ -330,7 +331,7 @@ def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
                               producer_name="compress.fused")
     proto.ir_version = 10  # what onnxruntime >= 1.16 reads, whatever IR the installed onnx writes
-    helper.set_model_props(proto, {GRAPH_KEY: "fused"})
+    helper.set_model_props(proto, {GRAPH_KEY: "fused", LENGTH_KEY: str(figures["cache_length"])})
     ops = Counter(n.op_type for n in g.nodes)
     per_block = Counter(n.name[len(block_prefix):].split("/")[0] for n in g.nodes if n.name.startswith(block_prefix))
     result = {"path": str(out), "nodes": len(g.nodes), "ops": dict(sorted(ops.items())), "layers": layers,
