@@ -257,9 +257,11 @@ class EdgeModel:
         return logits[:, -1, :], DecodeState(mask, presents)
 
     def generate(self, prompt_ids, max_new_tokens: int = 32, attention_mask=None,
-                 eos_token_id: int | None = None) -> np.ndarray:
+                 eos_token_id: int | list[int] | None = None) -> np.ndarray:
         """Greedy decoding with the KV cache. Returns prompt + new tokens [B, T + n] (like HF generate);
-        with `eos_token_id`, stops once every row has produced it (finished rows are padded with it)."""
+        with `eos_token_id` (one id or several), stops once every row has produced one (finished rows are
+        padded with the first)."""
+        eos = np.atleast_1d(np.asarray([] if eos_token_id is None else eos_token_id, dtype=np.int64))
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         if prompt.ndim == 1:
             prompt = prompt[None, :]
@@ -268,11 +270,11 @@ class EdgeModel:
         out, done = [], np.zeros(prompt.shape[0], dtype=bool)
         for step in range(max_new_tokens):
             nxt = logits.argmax(-1).astype(np.int64)
-            if eos_token_id is not None:
-                nxt = np.where(done, eos_token_id, nxt)
-                done |= nxt == eos_token_id
+            if eos.size:
+                nxt = np.where(done, eos[0], nxt)
+                done |= np.isin(nxt, eos)
             out.append(nxt)
-            if step == max_new_tokens - 1 or (eos_token_id is not None and done.all()):
+            if step == max_new_tokens - 1 or (eos.size and done.all()):
                 break
             logits, state = self.decode_step(nxt[:, None], state)
         return np.concatenate([prompt, np.stack(out, axis=1)], axis=1) if out else prompt
@@ -318,8 +320,8 @@ class EdgeModel:
         ids, mask = self.encode(prompt)
         if ids.shape[1] == 0:
             raise ValueError("the prompt is empty (no tokens): give some text to continue")
-        eos = self.config.get("eos_token_id")
-        eos = eos[0] if isinstance(eos, list) else eos
+        # generation_config.json's ids first, as transformers' generate reads them (chat models list several)
+        eos = _read_json(self.path / "generation_config.json").get("eos_token_id", self.config.get("eos_token_id"))
         out = self.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)
         return self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 

@@ -144,3 +144,21 @@ def test_generation_past_the_models_positions_is_refused_before_it_runs(tmp_path
                           capture_output=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "need more positions than the 24 this model holds" in proc.stderr and "shorten the prompt" in proc.stderr
+
+
+def test_generation_stops_at_any_eos_id_of_generation_config(tmp_path):
+    """generation_config.json may list several eos ids (Llama 3 and other chat models do): the runner read only
+    config.json's first id and generated past the others; it now stops where transformers' generate stops."""
+    model = tiny_llama(hidden_size=64, intermediate_size=128, initializer_range=0.15)
+    tok = tiny_tokenizer("causal")
+    ids = tok("To be", return_tensors="pt").input_ids
+    with torch.no_grad():
+        free = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    model.generation_config.eos_token_id = [1, free[2]]  # the third new token ends the text
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=6, do_sample=False)[0, ids.shape[1]:].tolist()
+    assert want == free[:3]
+    path = bundle(model, "causal-lm", "causal", tmp_path)
+    edge = EdgeModel(path)
+    assert edge.generate(ids.numpy(), 6, eos_token_id=[1, free[2]])[0, ids.shape[1]:].tolist() == want
+    assert edge.generate_text("To be", 6) == tok.decode(want, skip_special_tokens=True)
