@@ -3,9 +3,9 @@
 This file is self-contained on purpose. The export pass copies it into every ONNX checkpoint as
 ``edge_runner.py``, so a device that has only ``pip install onnxruntime numpy tokenizers`` can run
 
-    python edge_runner.py <checkpoint dir> "Once upon a time" --max-new-tokens 32     # causal LM
-    python edge_runner.py <checkpoint dir> "Some news text" --classify               # classifier
-    python edge_runner.py <checkpoint dir> "A sentence" --embed                      # sentence embedding
+    python DIR/edge_runner.py DIR "Once upon a time" --max-new-tokens 32     # causal LM
+    python DIR/edge_runner.py DIR "Some news text" --classify               # classifier
+    python DIR/edge_runner.py DIR "A sentence" --embed                      # sentence embedding
 
 or, from Python, ``EdgeModel(dir).generate_text("Once upon a time", 32)``. Inside the suite it is
 ``compress.edge``, whose import loads no torch either (``compress/__init__.py`` imports lazily).

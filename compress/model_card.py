@@ -182,8 +182,10 @@ def card_text(path: str | os.PathLike, *, records: list[dict] | None = None, ref
         lines += [f"Not a stock architecture ({kinds}): load it with `compress.load`, which re-applies that "
                   "structure; a plain `from_pretrained` would initialise those layers at random.", ""]
     else:
-        lines += [f"Without the suite: `python edge_runner.py {path.name} \"your text\"` (onnxruntime, numpy and "
-                  "tokenizers only).", ""]
+        # run from the folder holding the checkpoint: the runner is inside it and takes it as its argument
+        lines += ["Without the suite (onnxruntime, numpy and tokenizers only), from the folder holding this one:", "",
+                  "```bash", "pip install onnxruntime numpy tokenizers",
+                  f'python {path.name}/edge_runner.py {path.name} "your text"', "```", ""]
     lines += [f"`{MANIFEST}` lists every file with its sha256; `compress.load` verifies them. This card is not "
               "part of that list and may be edited.", ""]
     return "\n".join(lines)

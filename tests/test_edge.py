@@ -1,5 +1,6 @@
 """The edge runner copied into an exported bundle runs without torch or transformers."""
 import json
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -162,3 +163,16 @@ def test_generation_stops_at_any_eos_id_of_generation_config(tmp_path):
     edge = EdgeModel(path)
     assert edge.generate(ids.numpy(), 6, eos_token_id=[1, free[2]])[0, ids.shape[1]:].tolist() == want
     assert edge.generate_text("To be", 6) == tok.decode(want, skip_special_tokens=True)
+
+
+def test_model_card_command_runs_as_written(tmp_path):
+    """The card said `python edge_runner.py 01-export "your text"`, which fails from anywhere (the runner is
+    inside the folder it is given); its command now runs, literally, from the folder holding the checkpoint."""
+    from compress.model_card import card_text
+
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    [command] = [line for line in card_text(path).splitlines() if line.startswith("python ")]
+    assert command == 'python bundle/edge_runner.py bundle "your text"'
+    proc = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=path.parent,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout)["prompt"] == "your text", proc.stderr
