@@ -58,16 +58,21 @@ class EdgeModel:
 
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
                  session_options: "ort.SessionOptions | None" = None, shared_cache: bool | None = None,
-                 verify: bool = True):
+                 verify: bool | None = None):
+        """`verify`: check the files against manifest.json's sizes and sha256; None: where the manifest has a
+        table of files (a bare ONNX folder has none to check), True: a folder without one is refused."""
         self.path = Path(path)
+        if not self.path.exists():
+            raise FileNotFoundError(f"{self.path} not found: give the directory of an exported checkpoint")
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
             self.path = self.path.parent
+        self.manifest = _read_json(self.path / "manifest.json")
+        check = verify or (verify is None and "files" in self.manifest)
+        if check and (self.manifest or onnx_file.exists()):  # a folder with neither is no bundle: said below
+            _verify_files(self.path, self.manifest)  # first: a listed model.onnx that is gone is named as missing
         if not onnx_file.exists():
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
-        self.manifest = _read_json(self.path / "manifest.json")
-        if verify:  # a checkpoint's files as its pass wrote them (a bare ONNX folder has no table to check)
-            _verify_files(self.path, self.manifest.get("files") or {})
         self.config = _read_json(self.path / "config.json")
         opts = session_options or ort.SessionOptions()  # e.g. with profiling enabled
         if threads:
@@ -340,14 +345,31 @@ class EdgeModel:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.exists() else {}
+    """The JSON object in `path` ({} when there is no such file); ValueError naming the file when it holds none."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as exc:  # bad JSON or bad UTF-8
+        raise ValueError(f"{path} is not valid JSON ({exc}): damaged; copy the checkpoint again") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: damaged; copy the checkpoint "
+                         "again")
+    return data
 
 
-def _verify_files(folder: Path, files: dict) -> None:
-    """ValueError unless every file of the manifest's table is there with its size and sha256 (what
+def _verify_files(folder: Path, manifest: dict) -> None:
+    """ValueError unless the manifest lists files and every one is there with its size and sha256 (what
     compress.checkpoint.verify checks of them)."""
     import hashlib
 
+    files = manifest.get("files")
+    if not (folder / "manifest.json").exists():
+        raise ValueError(f"{folder / 'manifest.json'} not found, so the files cannot be checked: give an exported "
+                         "checkpoint's folder, or skip the check (--no-verify)")
+    if not files or not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
+        raise ValueError(f"{folder / 'manifest.json'} has no table of files to check: damaged; copy the checkpoint "
+                         "again, or skip the check (--no-verify)")
     for name, meta in files.items():
         f = folder / name
         if not f.is_file():

@@ -176,3 +176,37 @@ def test_model_card_command_runs_as_written(tmp_path):
     proc = subprocess.run([sys.executable, *shlex.split(command)[1:]], cwd=path.parent,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout)["prompt"] == "your text", proc.stderr
+
+
+def test_a_missing_or_damaged_manifest_is_refused_in_one_line(tmp_path):
+    """Without manifest.json the runner skipped its check silently (an altered model.onnx ran); a manifest that
+    is not a JSON object was a traceback, one that is not JSON an error naming no file."""
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    manifest = (path / "manifest.json").read_text()
+
+    def cli(*args):
+        proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path), "hi", "--max-new-tokens", "2",
+                               *args], capture_output=True, text=True, timeout=120)
+        return proc.returncode, proc.stderr
+
+    for text, expected in [(None, "manifest.json not found, so the files cannot be checked"),
+                           ("[1, 2]", "manifest.json holds a JSON list, not an object"),
+                           ("{bad", "manifest.json is not valid JSON"),
+                           ('{"files": {}}', "manifest.json has no table of files to check")]:
+        (path / "manifest.json").unlink(missing_ok=True)
+        if text is not None:
+            (path / "manifest.json").write_text(text)
+        rc, err = cli()
+        assert rc == 2 and expected in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+    (path / "manifest.json").unlink()
+    assert cli("--no-verify")[0] == 0  # asked for: runs unchecked
+    assert EdgeModel(path).task == "causal-lm"  # a bare ONNX folder: nothing to check unless asked
+    with pytest.raises(ValueError, match="manifest.json not found"):
+        EdgeModel(path, verify=True)
+    (path / "manifest.json").write_text(manifest)
+    (path / "model.onnx").unlink()
+    rc, err = cli()
+    assert rc == 2 and "model.onnx is missing: the checkpoint is incomplete" in err, err
+    (path / "manifest.json").unlink()  # a folder with neither is not taken for a bundle without its manifest
+    rc, err = cli()
+    assert rc == 2 and "model.onnx not found: give the directory of an exported checkpoint" in err, err
