@@ -286,3 +286,16 @@ def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
     assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"] and error["minmax"] < error["rtn"], error
     with pytest.raises(Exception, match="k_quant quantizes to 4 bits"):
         get("quantize")(method="ort-int8-dynamic", algorithm="k_quant")
+
+
+def test_a_check_longer_than_max_length_is_refused_before_the_run():
+    """export: {max_length: 16} with the default 32-token check exported the graph and then failed the check with
+    ONNX Runtime's traceback; the config is refused up front, naming both options."""
+    from compress.errors import ConfigError
+    from pipelines.config import validate
+
+    raw = {"name": "x", "model": {"source": "builtin:smollm2-135m"}, "passes": [{"export": {"max_length": 16}}]}
+    with pytest.raises(ConfigError, match="passes.0.export: check_seq_len 32 is longer than max_length 16, so the "
+                                          "graph could not run the check; set check_seq_len to at most 16"):
+        validate(raw)
+    get("export")(max_length=16, check_seq_len=16)  # fits

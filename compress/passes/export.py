@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Literal, Union
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .. import onnx_tools
 from ..checkpoint import Artifact
@@ -66,6 +66,13 @@ class ExportConfig(PassConfig):
                                         "more than this (null: report only)")
     min_agreement: float | None = Field(0.98, ge=0, le=1, description="fail if top-1 agreement (LM, "
                                         "classifier) or the worst embedding cosine (encoder) is below this")
+
+    @model_validator(mode="after")
+    def _check_fits(self):
+        if self.max_length is not None and self.check_seq_len > self.max_length:  # the graph holds max_length
+            raise ValueError(f"check_seq_len {self.check_seq_len} is longer than max_length {self.max_length}, so the "
+                             f"graph could not run the check; set check_seq_len to at most {self.max_length}")
+        return self
 
 
 @register
