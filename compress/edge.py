@@ -300,7 +300,11 @@ class EdgeModel:
             file = self.path / "tokenizer.json"
             if not file.exists():
                 raise FileNotFoundError(f"{file} not found: the checkpoint has no fast tokenizer")
-            self._tokenizer = Tokenizer.from_file(str(file))
+            try:
+                self._tokenizer = Tokenizer.from_file(str(file))
+            except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on a file it cannot parse
+                raise ValueError(f"{file} cannot be read by tokenizers ({exc}): damaged, or written by a newer "
+                                 "tokenizers than this one; copy the checkpoint again or upgrade tokenizers") from None
             tcfg = _read_json(self.path / "tokenizer_config.json")
             pad = _token_text(tcfg.get("pad_token"))
             pad_id = self._tokenizer.token_to_id(pad) if pad else None

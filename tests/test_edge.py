@@ -210,3 +210,15 @@ def test_a_missing_or_damaged_manifest_is_refused_in_one_line(tmp_path):
     (path / "manifest.json").unlink()  # a folder with neither is not taken for a bundle without its manifest
     rc, err = cli()
     assert rc == 2 and "model.onnx not found: give the directory of an exported checkpoint" in err, err
+
+
+def test_an_unreadable_tokenizer_is_one_line(tmp_path):
+    """tokenizers raises a bare Exception on a tokenizer.json it cannot parse: under --no-verify (or a newer
+    tokenizers' file) that was a traceback; it is one line naming the file."""
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    tokenizer = path / "tokenizer.json"
+    tokenizer.write_text(tokenizer.read_text()[:3000])
+    proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path), "hi", "--no-verify"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {tokenizer} cannot be read by tokenizers (EOF while parsing" in proc.stderr
