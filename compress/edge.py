@@ -35,6 +35,10 @@ _NP_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor
              "tensor(int32)": np.int32, "tensor(bool)": np.bool_}
 
 
+# RoBERTa-style position ids start after the padding index: pad_token_id + 1 positions of the table are unused
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert")
+
+
 class DecodeState:
     """What a decoder carries between steps: the attention mask so far and the past keys/values.
 
@@ -91,11 +95,13 @@ class EdgeModel:
                              "one concatenates its past, so it runs with the plain loop")
         self.fused = fused  # positions come from the token count: batches must be unpadded
         self.shared_cache = fused if shared_cache is None else shared_cache
-        # The most positions a decoder holds: past it ONNX Runtime fails mid-run (a rotary cache too short)
-        # or a learned position table is read out of range.
+        # The most positions the model holds (a decoder's prompt + generation, an encoder's input): past it ONNX
+        # Runtime fails mid-run (a rotary cache too short) or a learned position table is read out of range.
         key = next((k for k in ("max_position_embeddings", "n_positions") if self.config.get(k)), None)
         length = meta.get("compress.max_length") or (self.config[key] if key else None)
         self.max_length = int(length) if length else None
+        if self.max_length and self.config.get("model_type") in OFFSET_POSITIONS:
+            self.max_length -= int(self.config.get("pad_token_id") or 0) + 1
         self.max_length_source = "export.max_length" if meta.get("compress.max_length") else f"{key} in config.json"
         self._tokenizer = None
 
@@ -313,9 +319,9 @@ class EdgeModel:
                                                direction="left" if self.task == "causal-lm" else "right")
             else:
                 self._tokenizer.no_padding()
-            max_len = self.config.get("max_position_embeddings")
-            if self.task != "causal-lm" and max_len:
-                self._tokenizer.enable_truncation(max_length=int(min(max_len, tcfg.get("model_max_length", max_len))))
+            most = self.max_length
+            if self.task != "causal-lm" and most:
+                self._tokenizer.enable_truncation(max_length=int(min(most, tcfg.get("model_max_length", most))))
         return self._tokenizer
 
     def encode(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:

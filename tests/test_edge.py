@@ -222,3 +222,21 @@ def test_an_unreadable_tokenizer_is_one_line(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert f"error: {tokenizer} cannot be read by tokenizers (EOF while parsing" in proc.stderr
+
+
+def test_a_long_text_is_truncated_to_the_positions_roberta_can_use(tmp_path):
+    """RoBERTa's position ids start after its padding index, so it reads pad_token_id + 1 fewer tokens than
+    max_position_embeddings; where the tokenizer config sets no model_max_length the runner truncated to the
+    whole table and ONNX Runtime failed ('indices element out of data bounds')."""
+    from tiny_models import family_tokenizer, tiny_family
+
+    model = tiny_family("roberta", "sequence-classification")  # 260 positions, pad_token_id 0: 259 tokens
+    path = bundle(model, "sequence-classification", "encoder", tmp_path)
+    text = "To be, or not to be, that is the question " * 40
+    edge = EdgeModel(path)
+    [(label, p)] = edge.classify(text)
+    assert edge.encode(text)[0].shape == (1, 259)
+    enc = family_tokenizer("roberta")(text, truncation=True, max_length=259, return_tensors="pt")
+    with torch.no_grad():
+        probs = model(**enc).logits.softmax(-1)[0]
+    assert label == model.config.id2label[int(probs.argmax())] and p == pytest.approx(float(probs.max()), abs=1e-4)
