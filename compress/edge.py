@@ -100,8 +100,9 @@ class EdgeModel:
         key = next((k for k in ("max_position_embeddings", "n_positions") if self.config.get(k)), None)
         length = meta.get("compress.max_length") or (self.config[key] if key else None)
         self.max_length = int(length) if length else None
-        if self.max_length and self.config.get("model_type") in OFFSET_POSITIONS:
-            self.max_length -= int(self.config.get("pad_token_id") or 0) + 1
+        if self.max_length and self.config.get("model_type") in OFFSET_POSITIONS:  # as compress.models.max_tokens
+            pad = self.config.get("pad_token_id")
+            self.max_length -= (1 if pad is None else int(pad)) + 1
         self.max_length_source = "export.max_length" if meta.get("compress.max_length") else f"{key} in config.json"
         self._tokenizer = None
 
