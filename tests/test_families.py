@@ -12,6 +12,7 @@ import torch
 import yaml
 
 import compress
+from compress.errors import UnsupportedModelError
 from family_cases import (IDS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
 from tiny_models import ENCODERS, tiny_family
 
@@ -205,3 +206,11 @@ def test_hidden_ratio_that_leaves_nothing_names_hidden_ratio(tmp_path):
                                           "hidden_ratio"):
         compress.passes.get("prune")(targets=["hidden"], hidden_ratio=0.99).run(
             artifact("llama", "causal-lm"), context("causal-lm", tmp_path))
+
+
+def test_prune_refuses_a_cut_the_modeling_code_cannot_run(tmp_path):
+    """StableLM's attention reshapes its output to config.hidden_size: with half the heads the pruned model
+    cannot run, so prune refuses (it handed on a model that crashed in its first forward)."""
+    with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the pruned StableLmForCausalLM fails "
+                       r"its forward pass \(RuntimeError: shape .*prune other targets"):
+        run_pass("heads", artifact("stablelm", "causal-lm"), context("causal-lm", tmp_path), "stablelm")

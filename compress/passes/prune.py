@@ -99,6 +99,20 @@ def _check_reload(net, structure: list[dict]) -> None:
                                         f"{tuple(have[name].shape)}")
 
 
+def _check_runs(net, target: str) -> None:
+    """Refuse a pruned model that no longer runs: some families' modeling code reads a width from the config
+    instead of the weights (StableLM's attention reshapes to hidden_size, Bloom's ALiBi has one slope per
+    configured head, OLMo's weightless LayerNorm keeps its normalized_shape)."""
+    ids = torch.arange(2, 6, device=next(net.parameters()).device)[None]
+    try:
+        with torch.no_grad():
+            net(input_ids=ids)
+    except Exception as exc:  # noqa: BLE001 - whatever the modeling code raises, the cut is not supported
+        raise UnsupportedModelError(
+            f"prune targets {target}: the pruned {type(net).__name__} fails its forward pass ({type(exc).__name__}: "
+            f"{str(exc)[:200]}); its modeling code assumes a width this cut changes; prune other targets") from exc
+
+
 def _round_keep(n: int, ratio: float, round_to: int, what: str, option: str = "ratio") -> int:
     exact = n * (1 - ratio)
     if round(exact) < 1:
@@ -143,22 +157,26 @@ class Prune(Pass):
                 raise ConfigError("prune: targets `layers` cannot follow a pass that recorded per-layer structure "
                                   f"({[e['type'] for e in structure]}); prune layers first")
             info["layers"] = self._prune_layers(net, ad)
+            _check_runs(net, "layers")
             ad = find(net)  # the parts of the remaining blocks
         if "heads" in c.targets:
             info["heads"], entry = self._prune_heads(net, ad)
             if entry:
                 structure = [e for e in structure if e["type"] != "attention_heads"] + [entry]
+            _check_runs(net, "heads")
             ad = find(net)
         if "mlp" in c.targets:
             info["mlp"], entry = self._prune_mlp(net, ad)
             # the widths now in the model replace any recorded by an earlier prune pass
             structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
+            _check_runs(net, "mlp")
         if "hidden" in c.targets:
             per_layer_mlp = any(e["type"] == "mlp_widths" for e in structure)
             info["hidden"], entry = self._prune_hidden(net, find(net), per_layer_mlp)
             if entry:
                 structure = [*structure, entry]
                 _check_reload(net, structure)
+            _check_runs(net, "hidden")
         info["params_after"] = count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / info["params_before"], 4)
         out = model.derive(model=net, structure=structure, info=info)
