@@ -218,6 +218,13 @@ class Architecture:
                                f"gate_up_proj/down_proj; plain: {', '.join('/'.join(p) for p in PLAIN)})")
         kind, got = found
         parts = [n.split(".") for n in got]
+        if any(seg.isdigit() for seg in parts[0]):  # experts.0.w1: the first expert of a ModuleList, not the MLP
+            experts = ".".join(parts[0][:[seg.isdigit() for seg in parts[0]].index(True)])
+            raise UnsupportedModelError(
+                f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of experts "
+                f"({len(self.model.get_submodule(f'{prefix}.{experts}'))} experts under {prefix}.{experts}); the suite "
+                "maps one dense MLP per block (distill keep_layers and prune need it; lowrank, export and quantize "
+                "take the model as it is)")
         common = []
         for segs in zip(*[p[:-1] for p in parts]):
             if len(set(segs)) != 1:

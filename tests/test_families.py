@@ -214,3 +214,15 @@ def test_prune_refuses_a_cut_the_modeling_code_cannot_run(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the pruned StableLmForCausalLM fails "
                        r"its forward pass \(RuntimeError: shape .*prune other targets"):
         run_pass("heads", artifact("stablelm", "causal-lm"), context("causal-lm", tmp_path), "stablelm")
+
+
+def test_mixture_of_experts_is_refused_not_mapped_as_its_first_expert(tmp_path):
+    """Mixtral's experts.0.w1/w3/w2 match the gated-MLP names: the map took expert 0 for the block's MLP, and
+    prune mlp cut that expert alone. Now the map refuses, naming the experts."""
+    from compress.architecture import find
+
+    with pytest.raises(UnsupportedModelError, match=r"block 0's MLP is a mixture of experts \(4 experts under "
+                       r"model\.layers\.0\.block_sparse_moe\.experts\)"):
+        find(tiny_family("mixtral"))
+    with pytest.raises(UnsupportedModelError, match="mixture of experts"):
+        run_pass("mlp", artifact("mixtral", "causal-lm"), context("causal-lm", tmp_path), "mixtral")
