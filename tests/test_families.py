@@ -226,3 +226,13 @@ def test_mixture_of_experts_is_refused_not_mapped_as_its_first_expert(tmp_path):
         find(tiny_family("mixtral"))
     with pytest.raises(UnsupportedModelError, match="mixture of experts"):
         run_pass("mlp", artifact("mixtral", "causal-lm"), context("causal-lm", tmp_path), "mixtral")
+
+
+def test_mlp_widths_recorded_where_the_config_has_no_width_field(tmp_path):
+    """Bloom's MLP is always 4 x hidden (no intermediate_size): the pruned width went into a config field Bloom
+    ignores and the checkpoint did not reload. Now an mlp_widths entry carries it."""
+    out = run_pass("mlp", artifact("bloom", "causal-lm"), context("causal-lm", tmp_path), "bloom")
+    assert out.structure == [{"type": "mlp_widths", "widths": [64] * 4}]
+    assert "intermediate_size" not in out.model.config.to_dict()
+    back = compress.load(save(out, tmp_path / "bloom-mlp"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

@@ -402,9 +402,11 @@ class Prune(Pass):
         elif info["ratio_actual"] == 0 and c.ratio > 0:
             info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
                             f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
-        if len(set(widths)) == 1:  # uniform: a stock config says it all
-            setattr(net.config, ad.intermediate_field, widths[0])
+        field = ad.intermediate_field
+        if len(set(widths)) == 1 and field in net.config.to_dict():  # uniform: a stock config says it all
+            setattr(net.config, field, widths[0])
             return info, None
+        # per-layer widths, or a config without a width field (Bloom's MLP is always 4 x hidden)
         return info, {"type": "mlp_widths", "widths": widths}
 
     def _global_widths(self, scores: dict[int, torch.Tensor], before: list[int], active: list[int]) -> dict:
