@@ -236,3 +236,12 @@ def test_mlp_widths_recorded_where_the_config_has_no_width_field(tmp_path):
     assert "intermediate_size" not in out.model.config.to_dict()
     back = compress.load(save(out, tmp_path / "bloom-mlp"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
+def test_hidden_width_of_a_config_whose_head_dim_is_read_only(tmp_path):
+    """Falcon's config.head_dim is a property (hidden_size / heads): prune hidden crashed setting it
+    (AttributeError); now its config cannot express the cut and a hidden_width entry carries it."""
+    out = run_pass("hidden", artifact("falcon", "causal-lm"), context("causal-lm", tmp_path), "falcon")
+    assert [e["type"] for e in out.structure] == ["hidden_width"] and out.info["hidden"]["hidden_size"] == [32, 24]
+    back = compress.load(save(out, tmp_path / "falcon-hidden"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

@@ -120,6 +120,9 @@ def _family_specs() -> dict:
         "stablelm": (T.StableLmConfig, {lm: T.StableLmForCausalLM}, dict(dec, num_key_value_heads=4)),
         "bloom": (T.BloomConfig, {lm: T.BloomForCausalLM}, dict(common, hidden_size=32, n_head=4, n_layer=4,
                                                                   bos_token_id=1, eos_token_id=1)),
+        # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property
+        "falcon": (T.FalconConfig, {lm: T.FalconForCausalLM}, dict(common, hidden_size=32, num_attention_heads=4,
+                                                                     bos_token_id=1, eos_token_id=1)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }

@@ -29,8 +29,8 @@ def config_expresses(model: nn.Module, ad: Architecture, new_hidden: int) -> boo
     """Does a config with this hidden size (and head_dim explicit) keep every head's shape?"""
     cfg = copy.deepcopy(model.config)
     hd, n_q, n_kv = ad.head_dim(), ad.num_heads(0), ad.num_kv_heads(0)
-    cfg.hidden_size, cfg.head_dim = new_hidden, hd
-    try:
+    try:  # Falcon's head_dim is a read-only property (hidden_size / heads): its config cannot say it
+        cfg.hidden_size, cfg.head_dim = new_hidden, hd
         fresh = find(build_from_config(type(model), cfg))
     except Exception:  # noqa: BLE001 - a config that cannot even build this way cannot express it
         return False

@@ -167,8 +167,8 @@ def config_expresses_heads(model: nn.Module, ad: Architecture, n_q: int, n_kv: i
 
     cfg = copy.deepcopy(model.config)
     hd = ad.head_dim()
-    cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads = hd, n_q, n_kv
-    try:
+    try:  # Falcon's head_dim is a read-only property (hidden_size / heads): its config cannot say it
+        cfg.head_dim, cfg.num_attention_heads, cfg.num_key_value_heads = hd, n_q, n_kv
         fresh = find(build_from_config(type(model), cfg))
         return (fresh.head_dim(), fresh.num_heads(0), fresh.num_kv_heads(0), fresh.hidden_size) == (
             hd, n_q, n_kv, ad.hidden_size)
