@@ -32,7 +32,7 @@ FUSED_GATED = (("gate_up_proj", "down_proj"),)
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
          ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
 ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
-MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim")
+MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size")
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -192,6 +192,14 @@ class Architecture:
         if o is None:
             raise self._refuse(f"attention output projection in block {i} (looked for {', '.join(ATTN_OUT)} "
                                f"under {prefix}.{root})")
+        if layout == "per_head":  # rows [q k v] per head need 3 x the output width; [q heads | k | v] of one
+            # KV head is Falcon's multi-query; other packings (Falcon's grouped [q.. k v] per KV head) are not mapped
+            rows, width = features(rel[qkv])[1], features(rel[o])[0]
+            if rows == width + 2 * self.head_dim() and rows != 3 * width:
+                layout = "blocks"
+            elif rows != 3 * width:
+                raise self._refuse(f"known q/k/v packing in block {i} ({prefix}.{qkv} has {rows} rows: neither "
+                                   f"3 x {width}, per head [q k v], nor {width} + 2 x head_dim, one KV head)")
         qn_, kn_ = None, None
         for a, b in QK_NORMS:
             mods = {n: m for n, m in rel.items() if n.startswith(root + ".")}

@@ -245,3 +245,23 @@ def test_hidden_width_of_a_config_whose_head_dim_is_read_only(tmp_path):
     assert [e["type"] for e in out.structure] == ["hidden_width"] and out.info["hidden"]["hidden_size"] == [32, 24]
     back = compress.load(save(out, tmp_path / "falcon-hidden"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
+def test_falcon_multi_query_mapped_and_grouped_refused(tmp_path):
+    """Falcon-7B packs [q heads | k | v] of one KV head into query_key_value: it was taken for GPT-NeoX's per-head
+    [q k v] (4 KV heads, rows past the weight's end); its MLP width lives in ffn_hidden_size. Falcon-40B's
+    grouped packing is refused by name."""
+    from compress.architecture import find
+    from tiny_models import _family_specs
+
+    d = find(tiny_family("falcon")).describe()
+    assert (d["attention"], d["heads"], d["kv_heads"], d["head_dim"]) == ("blocks", 4, 1, 8)
+    out = run_pass("mlp", artifact("falcon", "causal-lm"), context("causal-lm", tmp_path), "falcon")
+    assert out.structure == [] and out.model.config.ffn_hidden_size == 64  # stock: from_pretrained rebuilds it
+    back = compress.load(save(out, tmp_path / "falcon-mlp"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    cfg_cls, classes, kwargs = _family_specs()["falcon"]
+    grouped = classes["causal-lm"](cfg_cls(**kwargs, new_decoder_architecture=True, num_kv_heads=2))
+    with pytest.raises(UnsupportedModelError, match=r"found no known q/k/v packing in block 0 \(transformer\.h\.0\."
+                       r"self_attention\.query_key_value has 64 rows: neither 3 x 32"):
+        find(grouped)
