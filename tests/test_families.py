@@ -63,7 +63,8 @@ def test_every_pass_reloads_and_matches(chains, fam, task):
     assert arch.mlp_width(0) == src.mlp_width(0) // 2
     assert arch.hidden_size == src.hidden_size - (8 if src.hidden_size == 32 else 16)  # 25% -> round_to 8
     assert any(e["type"] == "lowrank" for e in final.structure)
-    stock_hidden = fam not in ("gpt2", "gpt_neox", *ENCODERS)  # configs that carry head_dim
+    # configs that carry head_dim, and no embedding scale derived from hidden_size (Gemma's sqrt(hidden))
+    stock_hidden = fam not in ("gpt2", "gpt_neox", "gemma", *ENCODERS)
     assert any(e["type"] == "hidden_width" for e in final.structure) != stock_hidden
     if stock_hidden:
         assert final.model.config.hidden_size == arch.hidden_size
@@ -265,3 +266,21 @@ def test_falcon_multi_query_mapped_and_grouped_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"found no known q/k/v packing in block 0 \(transformer\.h\.0\."
                        r"self_attention\.query_key_value has 64 rows: neither 3 x 32"):
         find(grouped)
+
+
+def test_hidden_width_keeps_gemmas_embedding_scale(tmp_path):
+    """Gemma feeds block 0 the embeddings times sqrt(config.hidden_size): a stock config with the narrower width
+    silently changed that scale (sqrt(32) -> sqrt(24)); Gemma 3 computes it once at build, so its checkpoint
+    reloaded with other outputs. Now the config keeps its width and a hidden_width entry carries the cut."""
+    from compress.architecture import find
+
+    out = run_pass("hidden", artifact("gemma", "causal-lm"), context("causal-lm", tmp_path), "gemma")
+    assert [e["type"] for e in out.structure] == ["hidden_width"] and out.model.config.hidden_size == 32
+    seen = []
+    find(out.model).layers()[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    outputs(out.model)
+    table = out.model.get_input_embeddings().weight
+    torch.testing.assert_close(seen[0], table[IDS] * 32 ** 0.5)
+    back = compress.load(save(out, tmp_path / "gemma-hidden"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

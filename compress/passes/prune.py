@@ -348,7 +348,8 @@ class Prune(Pass):
         return _round_keep(hidden, c.hidden_ratio, c.round_to, "hidden channels", option="hidden_ratio")
 
     def _prune_hidden(self, net, ad: Architecture, per_layer_mlp: bool) -> tuple[dict, dict | None]:
-        """Stock where the config carries head_dim (hidden_size and head_dim edited), else a `hidden_width`
+        """Stock where the config carries head_dim (hidden_size and head_dim edited) and no embedding scale
+        derives from hidden_size (Gemma's sqrt), else a `hidden_width`
         structure entry (the config keeps the original hidden_size, from which the attention derives its
         head size); also when per-layer MLP widths (an `mlp_widths` entry) already keep the config from
         rebuilding the model."""

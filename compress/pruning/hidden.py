@@ -6,8 +6,9 @@ projection reading the residual stream (q/k/v or fused qkv, the MLP's input proj
 classifier's first layer), output row j of every projection writing it (attention output, MLP output, a
 pooler). Head_dim and head counts stay; the config's hidden_size follows, with head_dim written explicitly,
 so a stock config rebuilds the model where its attention reads head_dim from the config (Llama, Qwen2/3,
-Mistral, Gemma, Phi-3). Families that derive head_dim from hidden_size (GPT-2, GPT-NeoX, BERT-style
-encoders) are refused before any work.
+Mistral, Phi-3). Families that derive head_dim from hidden_size (GPT-2, GPT-NeoX, BERT-style encoders) or
+their embedding scale (Gemma's sqrt(hidden_size)) keep the config's hidden_size and get a `hidden_width`
+structure entry instead.
 
 Importance (`activation`): the mean |value| of each channel at the output of every hidden-width norm over the
 calibration tokens, summed over norms (Minitron's LayerNorm-activation criterion); `magnitude`: the L2 norm
@@ -34,7 +35,26 @@ def config_expresses(model: nn.Module, ad: Architecture, new_hidden: int) -> boo
         fresh = find(build_from_config(type(model), cfg))
     except Exception:  # noqa: BLE001 - a config that cannot even build this way cannot express it
         return False
-    return (fresh.head_dim(), fresh.num_heads(0), fresh.num_kv_heads(0)) == (hd, n_q, n_kv)
+    return (fresh.head_dim(), fresh.num_heads(0), fresh.num_kv_heads(0)) == (hd, n_q, n_kv) and not scaled_by_width(
+        model, ad)
+
+
+def scaled_by_width(model: nn.Module, ad: Architecture) -> bool:
+    """Does block 0 read the token embeddings times sqrt(hidden_size) (Gemma 1-3)? That scale comes from the
+    config's hidden_size (at every forward, or when the model is built), so a narrower hidden_size in the config
+    would change it: such a cut keeps the config's width and is recorded as a hidden_width entry."""
+    table = model.get_input_embeddings().weight  # the raw rows: Gemma 3's embedding module scales inside
+    ids = torch.arange(2, 6, device=table.device)[None]
+    seen = []
+    hook = ad.layers()[0].register_forward_pre_hook(
+        lambda mod, args, kwargs: seen.append(args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(input_ids=ids)
+    finally:
+        hook.remove()
+    x, e = seen[0].float(), table[ids].detach().float()
+    return x.shape == e.shape and torch.allclose(x, e * ad.hidden_size ** 0.5, rtol=1e-4, atol=1e-6)
 
 
 def hidden_readers_writers(model: nn.Module, ad: Architecture) -> tuple[list[str], list[str]]:
