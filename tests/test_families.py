@@ -284,3 +284,16 @@ def test_hidden_width_keeps_gemmas_embedding_scale(tmp_path):
     torch.testing.assert_close(seen[0], table[IDS] * 32 ** 0.5)
     back = compress.load(save(out, tmp_path / "gemma-hidden"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
+def test_optimum_trace_failure_is_a_clear_refusal(tmp_path):
+    """Falcon-40B's grouped KV heads: optimum's dummy cache has the query head count and the trace fails inside
+    the model (a RuntimeError traceback); now one message, with the way out."""
+    from tiny_models import _family_specs
+
+    cfg_cls, classes, kwargs = _family_specs()["falcon"]
+    art = artifact("falcon", "causal-lm")
+    art.model = classes["causal-lm"](cfg_cls(**kwargs, new_decoder_architecture=True, num_kv_heads=2)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"export: optimum's exporter fails on this falcon model for "
+                       r"text-generation-with-past \(RuntimeError: .*with_past: false"):
+        run_pass("export", art, context("causal-lm", tmp_path), "falcon")

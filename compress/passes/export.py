@@ -239,3 +239,10 @@ class Export(Pass):
             raise UnsupportedModelError(
                 f"export: optimum cannot export this {torch_model.config.model_type} model for {optimum_task}: "
                 f"{exc}") from exc
+        except RuntimeError as exc:  # the trace failed inside the model: optimum's dummy inputs do not fit it
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            hint = "; export: {with_past: false} exports it without the KV cache" if "with-past" in optimum_task else ""
+            raise UnsupportedModelError(
+                f"export: optimum's exporter fails on this {torch_model.config.model_type} model for {optimum_task} "
+                f"({type(exc).__name__}: {str(exc)[:200]}){hint}") from exc
