@@ -12,8 +12,9 @@ import torch
 import yaml
 
 import compress
+from compress import passes
 from compress.errors import UnsupportedModelError
-from family_cases import (IDS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
+from family_cases import (IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
 from tiny_models import ENCODERS, tiny_family
 
 CHAIN = ("distill", "layers", "heads", "mlp", "hidden", "lowrank")
@@ -297,3 +298,17 @@ def test_optimum_trace_failure_is_a_clear_refusal(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"export: optimum's exporter fails on this falcon model for "
                        r"text-generation-with-past \(RuntimeError: .*with_past: false"):
         run_pass("export", art, context("causal-lm", tmp_path), "falcon")
+
+
+def test_one_kv_group_points_to_gqa_query(tmp_path):
+    """Multi-query (Falcon-7B, StarCoder): ratio 0.5 of one KV group leaves none, and the advice was only "use a
+    smaller ratio", which removes nothing; gqa: query (named now) removes query heads and reloads."""
+    from compress.errors import ConfigError
+
+    ctx = context("causal-lm", tmp_path)
+    with pytest.raises(ConfigError, match=r"would leave no KV groups \(of 1\); use a smaller ratio or gqa: query"):
+        run_pass("heads", artifact("falcon", "causal-lm"), ctx, "falcon")
+    out = passes.get("prune")(**dict(OPTIONS["heads"][1], gqa="query")).run(artifact("falcon", "causal-lm"), ctx)
+    assert out.structure == [{"type": "attention_heads", "heads": [2] * 4, "kv_heads": [1] * 4}]
+    back = compress.load(save(out, tmp_path / "falcon-heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

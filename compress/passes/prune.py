@@ -113,10 +113,10 @@ def _check_runs(net, target: str) -> None:
             f"{str(exc)[:200]}); its modeling code assumes a width this cut changes; prune other targets") from exc
 
 
-def _round_keep(n: int, ratio: float, round_to: int, what: str, option: str = "ratio") -> int:
+def _round_keep(n: int, ratio: float, round_to: int, what: str, option: str = "ratio", hint: str = "") -> int:
     exact = n * (1 - ratio)
     if round(exact) < 1:
-        raise ConfigError(f"prune.{option}={ratio} would leave no {what} (of {n}); use a smaller {option}")
+        raise ConfigError(f"prune.{option}={ratio} would leave no {what} (of {n}); use a smaller {option}{hint}")
     if round_to <= 1 or round_to >= n:
         return min(n, max(1, round(exact)))
     return min(n, max(round_to, round(exact / round_to) * round_to))
@@ -292,7 +292,9 @@ class Prune(Pass):
 
     def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
         unit, count = self._head_unit(n_q, n_kv)
-        keep = _round_keep(count, self.config.ratio, 1, unit)
+        # one KV group (multi-query): a smaller ratio removes nothing, query heads inside it can go
+        hint = " or gqa: query (query heads inside each group)" if unit == "KV groups" else ""
+        keep = _round_keep(count, self.config.ratio, 1, unit, hint=hint)
         return (n_kv * keep, n_kv) if unit == "query heads per KV group" else (keep * (n_q // n_kv), keep)
 
     def _nothing_removed(self, n_q: int, n_kv: int) -> str:
