@@ -312,3 +312,13 @@ def test_one_kv_group_points_to_gqa_query(tmp_path):
     assert out.structure == [{"type": "attention_heads", "heads": [2] * 4, "kv_heads": [1] * 4}]
     back = compress.load(save(out, tmp_path / "falcon-heads"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
+def test_hidden_width_narrows_weightless_norms(tmp_path):
+    """OLMo's LayerNorms have no weight, only normalized_shape: the cut left them at 32 and the pruned model
+    could not run (refused). Now their shape follows and the stock config reloads it."""
+    out = run_pass("hidden", artifact("olmo", "causal-lm"), context("causal-lm", tmp_path), "olmo")
+    assert out.structure == [] and out.model.config.hidden_size == 24
+    assert out.model.model.norm.normalized_shape == (24,)
+    back = compress.load(save(out, tmp_path / "olmo-hidden"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

@@ -118,6 +118,7 @@ def _family_specs() -> dict:
                             max_position_embeddings=256, pad_token_id=0, num_labels=5)),
         # outside the matrix: families a pass refuses, one clear message each (tests/test_families.py)
         "stablelm": (T.StableLmConfig, {lm: T.StableLmForCausalLM}, dict(dec, num_key_value_heads=4)),
+        "olmo": (T.OlmoConfig, {lm: T.OlmoForCausalLM}, dict(dec, num_key_value_heads=4)),  # weightless LayerNorms
         "bloom": (T.BloomConfig, {lm: T.BloomForCausalLM}, dict(common, hidden_size=32, n_head=4, n_layer=4,
                                                                   bos_token_id=1, eos_token_id=1)),
         # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property

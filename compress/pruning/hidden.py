@@ -133,6 +133,9 @@ def prune_hidden(model: nn.Module, ad: Architecture, keep: list[int], stock: boo
             m.bias = nn.Parameter(m.bias.detach()[idx].clone())
         if isinstance(getattr(m, "normalized_shape", None), tuple):
             m.normalized_shape = (len(idx),)
+    for m in model.modules():  # weightless norms (OLMo's LayerNorm) hold only their shape
+        if getattr(m, "weight", None) is None and getattr(m, "normalized_shape", None) == (ad.hidden_size,):
+            m.normalized_shape = (len(idx),)
     for n in dict.fromkeys(reads + writes):
         if ad.tied and n == ad.head:
             continue  # shares the embedding's (already sliced) weight: re-tied below
