@@ -322,3 +322,11 @@ def test_hidden_width_narrows_weightless_norms(tmp_path):
     assert out.model.model.norm.normalized_shape == (24,)
     back = compress.load(save(out, tmp_path / "olmo-hidden"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
+def test_unknown_qkv_packing_is_refused_before_heads_are_cut(tmp_path):
+    """CodeGen's qkv_proj looks like Phi-3's [q | k | v] by name; with 8 heads the wrongly sliced model still ran
+    and reloaded, silently another model. The row map is now tested first."""
+    with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the rows of transformer\.h\.0\.attn\."
+                       r"qkv_proj are not packed as the map reads them"):
+        run_pass("heads", artifact("codegen", "causal-lm"), context("causal-lm", tmp_path), "codegen")

@@ -119,6 +119,9 @@ def _family_specs() -> dict:
         # outside the matrix: families a pass refuses, one clear message each (tests/test_families.py)
         "stablelm": (T.StableLmConfig, {lm: T.StableLmForCausalLM}, dict(dec, num_key_value_heads=4)),
         "olmo": (T.OlmoConfig, {lm: T.OlmoForCausalLM}, dict(dec, num_key_value_heads=4)),  # weightless LayerNorms
+        # CodeGen packs qkv_proj in four interleaved [q v k] chunks (8 heads: two per chunk)
+        "codegen": (T.CodeGenConfig, {lm: T.CodeGenForCausalLM}, dict(common, n_embd=64, n_head=8, n_layer=4,
+                                                                        rotary_dim=4, n_positions=256)),
         "bloom": (T.BloomConfig, {lm: T.BloomForCausalLM}, dict(common, hidden_size=32, n_head=4, n_layer=4,
                                                                   bos_token_id=1, eos_token_id=1)),
         # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property

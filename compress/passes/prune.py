@@ -26,8 +26,8 @@ from ..pruning import importance as imp
 from ..architecture import Architecture, find, is_linear
 from ..pruning.depth import drop_layers
 from ..pruning import hidden as hid
-from ..pruning.width import (config_expresses_heads, hf_prunes_heads, original_head_ids, prune_attention_heads,
-                             prune_hf_heads, prune_mlp_channels, set_config_heads)
+from ..pruning.width import (check_qkv_rows, config_expresses_heads, hf_prunes_heads, original_head_ids,
+                             prune_attention_heads, prune_hf_heads, prune_mlp_channels, set_config_heads)
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -142,6 +142,8 @@ class Prune(Pass):
         ad = find(net)
         self._check_plain(net, ad)
         self._check_ignore(net, ad)
+        if "heads" in c.targets:
+            check_qkv_rows(net, ad)
         if "hidden" in c.targets:  # refuse before any work
             if c.importance == "taylor":
                 raise ConfigError("prune targets hidden: importance taylor is not offered for hidden channels; "

@@ -21,7 +21,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from ..errors import CheckpointError
+from ..errors import CheckpointError, UnsupportedModelError
 from ..architecture import Architecture, find
 from .arch import empty_like_linear, is_conv1d, linear_weight, out_features, set_module, to_conv1d, to_linear
 
@@ -145,6 +145,35 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
 
 
 prune_llama_heads = prune_attention_heads
+
+
+def check_qkv_rows(model: nn.Module, ad: Architecture) -> None:
+    """A packed q/k/v projection's row map, tested: with the rows it calls v zeroed (block 0), the attention
+    output projection must read zeros. A packing the map does not know (CodeGen's qkv_proj, four interleaved
+    chunks of q / v / k) fails, and is refused rather than pruned in the wrong rows."""
+    a = ad.attn(0)
+    if a.qkv_layout == "separate":
+        return
+    qkv = model.get_submodule(a.qkv)
+    rows = ad.qkv_rows(0)[2].reshape(-1)
+    params = [linear_weight(qkv)] + ([qkv.bias] if getattr(qkv, "bias", None) is not None else [])
+    saved = [t[rows].clone() for t in params]
+    seen = []
+    hook = model.get_submodule(a.o).register_forward_pre_hook(lambda mod, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            for t in params:  # in place (a Conv1D's [out, in] view writes through to its weight)
+                t[rows] = 0
+            model(input_ids=torch.arange(2, 6, device=params[0].device)[None])
+    finally:
+        hook.remove()
+        with torch.no_grad():
+            for t, old in zip(params, saved):
+                t[rows] = old
+    if seen[0].abs().max() > 0:
+        raise UnsupportedModelError(f"prune targets heads: the rows of {a.qkv} are not packed as the map reads them "
+                                    f"({a.qkv_layout}: zeroing its v rows left the attention output nonzero; an "
+                                    "interleaved packing, e.g. CodeGen's); prune other targets")
 
 
 def set_config_heads(model: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
