@@ -330,3 +330,17 @@ def test_unknown_qkv_packing_is_refused_before_heads_are_cut(tmp_path):
     with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the rows of transformer\.h\.0\.attn\."
                        r"qkv_proj are not packed as the map reads them"):
         run_pass("heads", artifact("codegen", "causal-lm"), context("causal-lm", tmp_path), "codegen")
+
+
+def test_heads_cut_q_k_norms_that_span_all_heads(tmp_path):
+    """OLMo-2's q_norm / k_norm are one RMSNorm over heads x head_dim (Qwen3's are per head): they kept the
+    full width and the cut was refused (the pruned model could not run). Now they keep the kept heads' entries."""
+    art = artifact("olmo2", "causal-lm")
+    q_norm = art.model.model.layers[0].self_attn.q_norm.weight.detach().clone()
+    out = run_pass("heads", art, context("causal-lm", tmp_path), "olmo2")
+    assert out.structure == [] and out.model.config.num_attention_heads == 2
+    kept = out.info["heads"]["kept"]["0"]["q"]
+    torch.testing.assert_close(out.model.model.layers[0].self_attn.q_norm.weight,
+                               q_norm.view(4, 8)[kept].reshape(-1))
+    back = compress.load(save(out, tmp_path / "olmo2-heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))

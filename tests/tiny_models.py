@@ -122,6 +122,8 @@ def _family_specs() -> dict:
         # CodeGen packs qkv_proj in four interleaved [q v k] chunks (8 heads: two per chunk)
         "codegen": (T.CodeGenConfig, {lm: T.CodeGenForCausalLM}, dict(common, n_embd=64, n_head=8, n_layer=4,
                                                                         rotary_dim=4, n_positions=256)),
+        # OLMo-2: q/k norms over all heads
+        "olmo2": (T.Olmo2Config, {lm: T.Olmo2ForCausalLM}, dict(dec, num_key_value_heads=4)),
         "bloom": (T.BloomConfig, {lm: T.BloomForCausalLM}, dict(common, hidden_size=32, n_head=4, n_layer=4,
                                                                   bos_token_id=1, eos_token_id=1)),
         # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property

@@ -128,9 +128,8 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
         assert all(q // rep == kv for q in keep_q[g * per_group:(g + 1) * per_group]), (keep_q, keep_kv)
     hd = ad.head_dim()
     a = ad.attn(i)
-    q_rows = _head_rows(keep_q, hd)
+    q_rows, kv_rows = _head_rows(keep_q, hd), _head_rows(keep_kv, hd)
     if a.qkv_layout == "separate":
-        kv_rows = _head_rows(keep_kv, hd)
         for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
             set_module(model, name, select_rows(model.get_submodule(name), rows, 0))
     else:
@@ -141,6 +140,10 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
             rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
         set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
     set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
+    for norm, rows, width in ((a.q_norm, q_rows, n_q * hd), (a.k_norm, kv_rows, n_kv * hd)):
+        m = model.get_submodule(norm) if norm else None
+        if m is not None and m.weight.shape[0] == width != hd:  # OLMo-2: one q (k) norm over all heads
+            m.weight = nn.Parameter(m.weight.detach()[rows].clone())
     _set_head_attrs(model.get_submodule(a.name), len(keep_q), len(keep_kv))
 
 
