@@ -102,6 +102,10 @@ def _family_specs() -> dict:
         "gemma": (T.GemmaConfig, {lm: T.GemmaForCausalLM}, dict(dec, num_key_value_heads=1, head_dim=8)),
         "phi3": (T.Phi3Config, {lm: T.Phi3ForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=False)),
         "gpt_neox": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM}, dict(dec, use_parallel_residual=True)),
+        # Llama with multipliers (embedding, residual, attention, logits): exports through optimum
+        "granite": (T.GraniteConfig, {lm: T.GraniteForCausalLM},
+                    dict(dec, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
+                         attention_multiplier=0.125, logits_scaling=8.0, tie_word_embeddings=True)),
         "gpt2": (T.GPT2Config, {lm: T.GPT2LMHeadModel},
                  dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, pad_token_id=0,
                       eos_token_id=1, bos_token_id=1)),
@@ -116,7 +120,7 @@ def _family_specs() -> dict:
                                             "feature-extraction": T.DistilBertModel},
                        dict(vocab_size=VOCAB, dim=32, hidden_dim=64, n_layers=4, n_heads=4,
                             max_position_embeddings=256, pad_token_id=0, num_labels=5)),
-        # outside the matrix: families a pass refuses, one clear message each (tests/test_families.py)
+        # outside the matrix: one family per variant a pass now takes or refuses by name (tests/test_families.py)
         "stablelm": (T.StableLmConfig, {lm: T.StableLmForCausalLM}, dict(dec, num_key_value_heads=4)),
         "olmo": (T.OlmoConfig, {lm: T.OlmoForCausalLM}, dict(dec, num_key_value_heads=4)),  # weightless LayerNorms
         # CodeGen packs qkv_proj in four interleaved [q v k] chunks (8 heads: two per chunk)
@@ -134,8 +138,8 @@ def _family_specs() -> dict:
     }
 
 
-FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "gpt_neox", "gpt2", "bert", "roberta",
-            "distilbert")
+FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "gpt2", "bert",
+            "roberta", "distilbert")
 ENCODERS = ("bert", "roberta", "distilbert")
 
 
