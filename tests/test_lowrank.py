@@ -204,3 +204,15 @@ def test_a_lowrank_step_that_factorizes_nothing_says_so_when_it_runs(tiny_llama_
     Runner(validate(raw), output_dir=tmp_path, show_progress=False, log=messages.append).run()
     assert any(m.startswith("[1/1] lowrank: note: no layer was factorized: at this rank") and "lower rank" in m
                for m in messages), messages
+
+
+def test_an_ignore_pattern_that_matches_no_linear_layer_is_refused(ctx):
+    """A typo in `ignore` (or a block's name without '.*') would factorize the layers it meant to keep dense."""
+    from tiny_models import tiny_llama
+
+    for pattern in ["model.layer.3.*", "model.layers.3"]:
+        with pytest.raises(ConfigError, match=rf"lowrank.ignore: '{pattern}' matches no linear layer.*"
+                                              r"end a block's name with '\.\*'"):
+            lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, ignore=[pattern])
+    out = lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, ignore=["model.layers.3.*", "lm_head"])
+    assert out.info["factorized"] == 15 and not any(".3." in n for n in out.info["layers"])

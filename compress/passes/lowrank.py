@@ -42,7 +42,8 @@ class LowRankConfig(PassConfig):
                                       "fraction of each layer's parameters")
     targets: list[str] = Field(["*"], description="module-name patterns (fnmatch) of the linear layers to "
                                "factorize; the output (LM) head is never a target")
-    ignore: list[str] = Field([], description="module-name patterns to leave dense")
+    ignore: list[str] = Field([], description="linear-layer name patterns (fnmatch) to leave dense; "
+                              "a pattern that matches no linear layer is an error")
     max_param_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="leave a layer dense unless its factors "
                                    "are at most this fraction of its parameters (near full rank the two "
                                    "matmuls are slower than one)")
@@ -84,12 +85,18 @@ class LowRank(Pass):
         if any(e.get("type") == "lowrank" for e in model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
         net = copy.deepcopy(model.model).float().eval()
-        names = [n for n in _candidates(net)
+        linear = _candidates(net)
+        every_linear = [n for n, m in net.named_modules() if is_linear(m)]  # the head too: ignoring it is no typo
+        for pattern in c.ignore:  # a typo would factorize the layers it meant to keep dense
+            if not any(fnmatch.fnmatchcase(n, pattern) for n in every_linear):
+                raise ConfigError(f"lowrank.ignore: {pattern!r} matches no linear layer of this model; layers are "
+                                  f"named like {linear[:3]}; end a block's name with '.*' to keep all its layers")
+        names = [n for n in linear
                  if any(fnmatch.fnmatchcase(n, p) for p in c.targets)
                  and not any(fnmatch.fnmatchcase(n, p) for p in c.ignore)]
         if not names and c.embedding_rank is None:
             raise ConfigError(f"lowrank.targets {c.targets} (minus ignore {c.ignore}) match no linear layer; "
-                              f"layers look like {_candidates(net)[:3]}")
+                              f"layers look like {linear[:3]}")
         stats = self._activation_stats(net, names, model, ctx) if c.method != "svd" else {}
         before = count_parameters(net)
         ranks, layers, skipped = {}, {}, {}
