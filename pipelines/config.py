@@ -127,6 +127,7 @@ class _ChainState:
     kind: str = "torch"
     produced_by: str | None = None
     quantized_by: str | None = None
+    factorized_by: str | None = None
 
 
 def _source_state(source: str) -> tuple[_ChainState, str | None]:
@@ -147,7 +148,9 @@ def _source_state(source: str) -> tuple[_ChainState, str | None]:
                                "passes in this pipeline")
     quantization = held.get("quantization")
     method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
-    return _ChainState(quantized_by=f"model.source ({method})" if quantization else None), None
+    factorized = any(e.get("type") in ("lowrank", "lowrank_embedding") for e in held.get("structure") or [])
+    return _ChainState(quantized_by=f"model.source ({method})" if quantization else None,
+                       factorized_by="model.source (lowrank)" if factorized else None), None
 
 
 def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | None = None,
@@ -156,7 +159,7 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
     the state after each pass (so a branch can start from any step)."""
     errors: list[str] = []
     st = state or _ChainState()
-    kind, produced_by, quantized_by = st.kind, st.produced_by, st.quantized_by
+    kind, produced_by, quantized_by, factorized_by = st.kind, st.produced_by, st.quantized_by, st.factorized_by
     for i, p in enumerate(passes):
         label = f"{where}.{i} ({p.name})"
         if kind not in p.input_kinds():
@@ -184,13 +187,20 @@ def check_order(passes: list[Pass], where: str = "passes", state: _ChainState | 
             errors.append(f"{label} changes weights, so it cannot run after {quantized_by} quantized them" + (
                 "; give the float model it was quantized from as model.source" if from_source else
                 f": move `{p.name}` before the quantize pass"))
+        if factorized_by and not p.accepts_factorized_input():
+            errors.append(f"{label} needs plain linear layers, but {factorized_by} factorized them into low-rank "
+                          "pairs: " + ("give the model it was factorized from as model.source" if
+                                       factorized_by.startswith("model.source") else
+                                       "keep one lowrank pass" if p.factorizes() else f"move `{p.name}` before it"))
         if p.quantizes():
             quantized_by = label
+        if p.factorizes():
+            factorized_by = label
         if p.output_kind() != kind:
             produced_by = label
         kind = p.output_kind()
         if states is not None:
-            states.append(_ChainState(kind, produced_by, quantized_by))
+            states.append(_ChainState(kind, produced_by, quantized_by, factorized_by))
     return errors
 
 

@@ -216,3 +216,35 @@ def test_an_ignore_pattern_that_matches_no_linear_layer_is_refused(ctx):
             lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, ignore=[pattern])
     out = lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, ignore=["model.layers.3.*", "lm_head"])
     assert out.info["factorized"] == 15 and not any(".3." in n for n in out.info["layers"])
+
+
+def test_orders_that_cannot_run_on_factors_are_refused_before_any_work(ctx, tmp_path):
+    """prune and a second lowrank read plain linear layers: after a lowrank step (or from a factorized checkpoint)
+    `validate` refuses them with the fix, instead of the run failing after the factorization."""
+    import json
+
+    from compress.checkpoint import FORMAT_VERSION
+    from pipelines.config import validate
+
+    base = {"name": "order", "model": {"source": "builtin:smollm2-135m"}, "task": "causal-lm"}
+    one = {"lowrank": {"rank": 8}}
+    for passes_, message in [([one, {"prune": {}}], r"passes.1 \(prune\) needs plain linear layers, but passes.0 "
+                                                    r"\(lowrank\) factorized them.*move `prune` before it"),
+                             ([one, one], r"passes.1 \(lowrank\) .*keep one lowrank pass")]:
+        with pytest.raises(ConfigError, match=message):
+            validate({**base, "passes": passes_})
+    valid = validate({**base, "passes": [{"prune": {}}, one, {"quantize": {"method": "bf16"}}]})
+    assert [p.name for p in valid.passes] == ["prune", "lowrank", "quantize"]
+    folder = tmp_path / "factorized"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "kind": "torch", "task": "causal-lm", "format_version": FORMAT_VERSION, "structure": [
+            {"type": "lowrank_embedding", "rank": 8}], "files": {"config.json": {"size": 1, "sha256": "0" * 64}}}))
+    with pytest.raises(ConfigError, match=r"passes.0 \(lowrank\) needs plain linear layers, but model.source "
+                                          r"\(lowrank\) factorized them.*give the model it was factorized from"):
+        validate({**base, "model": {"source": str(folder)}, "passes": [one]})
+    from tiny_models import tiny_llama
+
+    embedding_only = lowrank(art(tiny_llama()), ctx, embedding_rank=8, targets=["nothing"])
+    with pytest.raises(ConfigError, match="already factorized; use one lowrank pass"):  # its proj was a target
+        lowrank(embedding_only, ctx, rank=8, min_params=0)

@@ -132,6 +132,14 @@ class Pass:
         """Passes that train or reshape weights refuse quantized input; quantize's fp32 cast takes it."""
         return False
 
+    def factorizes(self) -> bool:
+        """lowrank: the layers it outputs are low-rank factor pairs."""
+        return False
+
+    def accepts_factorized_input(self) -> bool:
+        """prune and lowrank read plain linear layers, so they refuse a factorized model."""
+        return True
+
     def run(self, model: Artifact, ctx: PassContext) -> Artifact:
         want = self.input_kinds()
         if model.kind not in want:

@@ -80,9 +80,15 @@ class LowRank(Pass):
     description = "Factorize linear layers by truncated SVD (plain or activation-aware) where it saves parameters"
     Config = LowRankConfig
 
+    def factorizes(self) -> bool:
+        return True
+
+    def accepts_factorized_input(self) -> bool:
+        return False
+
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        if any(e.get("type") == "lowrank" for e in model.structure):
+        if any(e.get("type") in ("lowrank", "lowrank_embedding") for e in model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
         net = copy.deepcopy(model.model).float().eval()
         linear = _candidates(net)

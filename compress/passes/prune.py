@@ -131,6 +131,9 @@ class Prune(Pass):
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
+    def accepts_factorized_input(self) -> bool:
+        return False
+
     # ------------------------------------------------------------------ entry point
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
