@@ -248,3 +248,14 @@ def test_orders_that_cannot_run_on_factors_are_refused_before_any_work(ctx, tmp_
     embedding_only = lowrank(art(tiny_llama()), ctx, embedding_rank=8, targets=["nothing"])
     with pytest.raises(ConfigError, match="already factorized; use one lowrank pass"):  # its proj was a target
         lowrank(embedding_only, ctx, rank=8, min_params=0)
+
+
+@pytest.mark.parametrize("method", ["asvd", "whiten"])
+def test_activation_aware_without_data_names_lowranks_own_fallback(method, tmp_path):
+    """The error named prune's `importance: magnitude`, an option lowrank does not have."""
+    from tiny_models import tiny_llama
+
+    from compress.passes import PassContext
+
+    with pytest.raises(ConfigError, match=rf"lowrank.method: {method} needs calibration data.*or use method: svd$"):
+        lowrank(art(tiny_llama()), PassContext(scratch=tmp_path, show_progress=False), method=method)

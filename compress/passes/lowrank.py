@@ -146,8 +146,8 @@ class LowRank(Pass):
         c = self.config
         batches = imp.calibration_batches(ctx, model.tokenizer, model.task, samples=c.calibration_samples,
                                           seq_len=c.calibration_seq_len, batch_size=c.batch_size,
-                                          why=f"lowrank.method: {c.method}", model=net,
-                                          field="lowrank.calibration_seq_len")
+                                          why=f"lowrank.method: {c.method}", without_data="method: svd",
+                                          model=net, field="lowrank.calibration_seq_len")
         sums: dict[str, torch.Tensor] = {}
         counts = dict.fromkeys(names, 0)
         mask_now: list[torch.Tensor | None] = [None]

@@ -34,13 +34,15 @@ CRITERIA = ("magnitude", "taylor", "activation")
 
 # ---------------------------------------------------------------------- calibration data
 def calibration_batches(ctx, tokenizer, task: str, *, samples: int, seq_len: int, batch_size: int,
-                        why: str, model: nn.Module, field: str) -> list[dict[str, torch.Tensor]]:
+                        why: str, model: nn.Module, field: str,
+                        without_data: str = "importance: magnitude") -> list[dict[str, torch.Tensor]]:
     """`samples` sequences of calibration text in batches: LM windows for causal LMs, padded texts otherwise;
-    `seq_len` (config `field`) must fit `model`'s positions."""
+    `seq_len` (config `field`) must fit `model`'s positions. `without_data`: the caller's option that needs no
+    data, named in the error when there is none."""
     if ctx is None or ctx.data is None or (ctx.data.specs.get("calibration") is None):
         raise ConfigError(
             f"{why} needs calibration data: set `data.calibration` (or `data.train`) in the pipeline config "
-            "(or pass a PassContext with data), or use importance: magnitude"
+            f"(or pass a PassContext with data), or use {without_data}"
         )
     check_length(model, seq_len, field)
     if task == "causal-lm":
