@@ -165,23 +165,17 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
 def _strict_json(manifest: dict, where: Path) -> str:
     """The manifest as strict JSON: a NaN or infinity (which plain json.dumps writes as bare NaN) is an error
     naming the field."""
-    def non_finite(obj, at):
+    def non_finite(obj, at):  # (the field's dotted path, its value); keys may hold dots (module names)
         if isinstance(obj, float) and not math.isfinite(obj):
-            return at
+            return at, obj
         items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
         return next((found for k, v in items if (found := non_finite(v, f"{at}.{k}" if at else str(k)))), None)
 
     bad = non_finite(manifest, "")
     if bad:
-        raise CheckpointError(f"{where}: the manifest field {bad} is {_dig(manifest, bad)!r}, not a finite number; "
+        raise CheckpointError(f"{where}: the manifest field {bad[0]} is {bad[1]!r}, not a finite number; "
                               "the pass produced a non-finite figure (a diverged run?), so no checkpoint is written")
     return json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n"
-
-
-def _dig(obj, dotted: str):
-    for part in dotted.split("."):
-        obj = obj[int(part)] if isinstance(obj, list) else obj[part]
-    return obj
 
 
 def _refuse_constant(name: str):

@@ -223,6 +223,9 @@ def test_manifests_are_strict_json(tiny_llama_dir, tmp_path):
     with pytest.raises(CheckpointError, match="manifest field info.eval.0.loss is inf"):
         checkpoint.save(art, tmp_path / "ckpt")
     assert list(tmp_path.iterdir()) == []  # neither the checkpoint nor its temporary folder
+    art.info = {"layers": {"model.layers.0.mlp.up_proj": {"energy": float("nan")}}}  # a key with dots (lowrank's)
+    with pytest.raises(CheckpointError, match=r"manifest field info.layers.model.layers.0.mlp.up_proj.energy is nan"):
+        checkpoint.save(art, tmp_path / "ckpt")
     art.info = {"loss": 1.5}
     checkpoint.save(art, tmp_path / "ckpt")
     json.loads((tmp_path / "ckpt" / "manifest.json").read_text(), parse_constant=lambda c: 1 / 0)
