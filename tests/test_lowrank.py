@@ -259,3 +259,18 @@ def test_activation_aware_without_data_names_lowranks_own_fallback(method, tmp_p
 
     with pytest.raises(ConfigError, match=rf"lowrank.method: {method} needs calibration data.*or use method: svd$"):
         lowrank(art(tiny_llama()), PassContext(scratch=tmp_path, show_progress=False), method=method)
+
+
+def test_an_all_zero_layer_is_factorized_with_finite_figures(ctx, tmp_path):
+    """0 / 0 energy made the layer's figure NaN, so the checkpoint could not be saved (and the energy rule left
+    the layer dense); a zero matrix loses nothing at any rank."""
+    from tiny_models import tiny_llama
+
+    m = tiny_llama()
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.zero_()
+    for opts in [dict(rank=8), dict(energy=0.9)]:
+        out = lowrank(art(m), ctx, min_params=0, **opts)
+        assert out.info["layers"]["model.layers.0.mlp.down_proj"] == {"rank": 8, "params_ratio": 0.375, "energy": 1.0}
+        save(out, tmp_path / str(opts))
+    assert choose_rank(torch.zeros(4), 4, 4, rank=None, energy=0.5, param_ratio=None, round_to=1) == 1

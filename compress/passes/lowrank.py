@@ -23,7 +23,8 @@ from ..errors import ConfigError
 from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
-from ..pruning.lowrank import build_lowrank, choose_rank, factor_rank_limit, factorize_embedding, svd_factors, whitening
+from ..pruning.lowrank import (build_lowrank, choose_rank, factor_rank_limit, factorize_embedding, kept_energy,
+                               svd_factors, whitening)
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -122,7 +123,7 @@ class LowRank(Pass):
             set_module(net, name, build_lowrank(w, m.bias, u, s, vh, r, scale=scale, whiten_inv=L_inv))
             ranks[name] = r
             layers[name] = {"rank": r, "params_ratio": round(ratio, 3),
-                            "energy": round(float(s[:r].pow(2).sum() / s.pow(2).sum()), 4)}
+                            "energy": round(kept_energy(s, r), 4)}
         structure = list(model.structure)
         if ranks:
             structure.append({"type": "lowrank", "ranks": ranks})

@@ -80,6 +80,17 @@ def svd_factors(weight: torch.Tensor, *, scale: torch.Tensor | None = None, whit
     return u, s, vh
 
 
+def kept_energy(s: torch.Tensor, r: int) -> float:
+    """The fraction of the squared singular values the first r keep."""
+    return float(energy_curve(s)[r - 1])
+
+
+def energy_curve(s: torch.Tensor) -> torch.Tensor:
+    """kept_energy at ranks 1..len(s); all 1 for an all-zero matrix (nothing to lose, where 0 / 0 gave NaN)."""
+    total = s.pow(2).sum()
+    return s.pow(2).cumsum(0) / total if total > 0 else torch.ones_like(s)
+
+
 def choose_rank(s: torch.Tensor, in_f: int, out_f: int, *, rank: int | None, energy: float | None,
                 param_ratio: float | None, round_to: int) -> int:
     if rank is not None:
@@ -87,7 +98,7 @@ def choose_rank(s: torch.Tensor, in_f: int, out_f: int, *, rank: int | None, ene
     elif param_ratio is not None:
         r = int(param_ratio * in_f * out_f / (in_f + out_f))
     else:
-        e = (s.pow(2).cumsum(0) / s.pow(2).sum()).tolist()
+        e = energy_curve(s).tolist()
         r = next((k + 1 for k, v in enumerate(e) if v >= energy - 1e-12), len(e))
     if round_to > 1:
         r = max(round_to, math.ceil(r / round_to) * round_to)
@@ -147,7 +158,7 @@ def factorize_embedding(net: nn.Module, rank: int) -> dict:
         new.weight.copy_((u[:, :rank] * s[:rank]).float())
         new.proj.weight.copy_(vh[:rank].t().float())
     return {"rank": rank, "shape": [V, d], "tied": _tied(net),
-            "energy": round(float(s[:rank].pow(2).sum() / s.pow(2).sum()), 4)}
+            "energy": round(kept_energy(s, rank), 4)}
 
 
 def _tied(net: nn.Module) -> bool:
