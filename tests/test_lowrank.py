@@ -274,3 +274,21 @@ def test_an_all_zero_layer_is_factorized_with_finite_figures(ctx, tmp_path):
         assert out.info["layers"]["model.layers.0.mlp.down_proj"] == {"rank": 8, "params_ratio": 0.375, "energy": 1.0}
         save(out, tmp_path / str(opts))
     assert choose_rank(torch.zeros(4), 4, 4, rank=None, energy=0.5, param_ratio=None, round_to=1) == 1
+
+
+def test_an_embedding_rank_that_saves_nothing_is_refused_before_the_layer_work(monkeypatch, tmp_path):
+    """It was refused only after the calibration and every layer's SVD (minutes on a real model)."""
+    from tiny_models import tiny_llama
+
+    import compress.passes.lowrank as pass_module
+    from compress.passes import PassContext
+
+    def no_svd(*args, **kwargs):
+        raise AssertionError("a layer's SVD ran before the embedding_rank check")
+
+    monkeypatch.setattr(pass_module, "svd_factors", no_svd)
+    no_data = PassContext(scratch=tmp_path, show_progress=False)  # whiten would fail on it at calibration
+    for method in ["svd", "whiten"]:
+        with pytest.raises(ConfigError, match="lowrank.embedding_rank=30 saves nothing for a 384 x 32 embedding; "
+                                              "use a rank below 30"):
+            lowrank(art(tiny_llama()), no_data, method=method, rank=8, min_params=0, embedding_rank=30)

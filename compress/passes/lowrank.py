@@ -23,8 +23,8 @@ from ..errors import ConfigError
 from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
-from ..pruning.lowrank import (build_lowrank, choose_rank, factor_rank_limit, factorize_embedding, kept_energy,
-                               svd_factors, whitening)
+from ..pruning.lowrank import (build_lowrank, check_embedding_rank, choose_rank, factor_rank_limit, factorize_embedding,
+                               kept_energy, svd_factors, whitening)
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -104,6 +104,8 @@ class LowRank(Pass):
         if not names and c.embedding_rank is None:
             raise ConfigError(f"lowrank.targets {c.targets} (minus ignore {c.ignore}) match no linear layer; "
                               f"layers look like {linear[:3]}")
+        if c.embedding_rank is not None:
+            check_embedding_rank(net, c.embedding_rank)
         stats = self._activation_stats(net, names, model, ctx) if c.method != "svd" else {}
         before = count_parameters(net)
         ranks, layers, skipped = {}, {}, {}

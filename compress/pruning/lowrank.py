@@ -142,8 +142,8 @@ def whitening(cov: torch.Tensor, eps: float = 1e-2) -> tuple[torch.Tensor, torch
 
 
 # ----------------------------------------------------------------------------- embeddings
-def factorize_embedding(net: nn.Module, rank: int) -> dict:
-    """E [V, d] ~ (U_r S_r) [V, r] @ Vh_r [r, d]; a tied LM head uses the same two factors."""
+def check_embedding_rank(net: nn.Module, rank: int) -> nn.Embedding:
+    """The input embedding, if `rank` can factorize it (the pass checks before its slow layer-by-layer work)."""
     emb = net.get_input_embeddings()
     if not isinstance(emb, nn.Embedding):
         raise UnsupportedModelError(f"lowrank.embedding_rank: the input embedding is a {type(emb).__name__}, "
@@ -152,6 +152,13 @@ def factorize_embedding(net: nn.Module, rank: int) -> dict:
     if rank >= factor_rank_limit(V, d) + 1:
         raise ConfigError(f"lowrank.embedding_rank={rank} saves nothing for a {V} x {d} embedding; "
                           f"use a rank below {factor_rank_limit(V, d) + 1}")
+    return emb
+
+
+def factorize_embedding(net: nn.Module, rank: int) -> dict:
+    """E [V, d] ~ (U_r S_r) [V, r] @ Vh_r [r, d]; a tied LM head uses the same two factors."""
+    emb = check_embedding_rank(net, rank)
+    V, d = emb.weight.shape
     u, s, vh = torch.linalg.svd(emb.weight.detach().double(), full_matrices=False)
     new = install_embedding(net, rank)
     with torch.no_grad():
