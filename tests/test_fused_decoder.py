@@ -356,7 +356,7 @@ def test_gpt2_low_rank_embedding_is_refused(tmp_path):
 
     model = tiny_gpt2()
     model.transformer.wte = LowRankEmbedding(VOCAB, 64, rank=8)
-    with pytest.raises(UnsupportedModelError, match="is LowRankEmbedding"):
+    with pytest.raises(UnsupportedModelError, match="lowrank.embedding_rank factorized this one"):
         build_fused(model, tmp_path)
 
 

@@ -292,3 +292,17 @@ def test_an_embedding_rank_that_saves_nothing_is_refused_before_the_layer_work(m
         with pytest.raises(ConfigError, match="lowrank.embedding_rank=30 saves nothing for a 384 x 32 embedding; "
                                               "use a rank below 30"):
             lowrank(art(tiny_llama()), no_data, method=method, rank=8, min_params=0, embedding_rank=30)
+
+
+def test_the_fused_writer_names_a_factorized_embedding_as_the_reason(ctx, tmp_path):
+    """export graph: auto records why it fell back to optimum; it said 'found no the input embedding' and listed
+    the block / attention / MLP names it probes, none of which was the reason."""
+    from tiny_models import tiny_llama
+
+    from compress.errors import UnsupportedModelError
+    from compress.fused import build_fused
+
+    out = lowrank(art(tiny_llama()), ctx, embedding_rank=8, targets=["nothing"])
+    with pytest.raises(UnsupportedModelError, match=r"^fused export: the writers take a plain embedding table, and "
+                                                    r"lowrank.embedding_rank factorized this one"):
+        build_fused(out.model, tmp_path)

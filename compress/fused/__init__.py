@@ -7,6 +7,7 @@ each writer refuses what it cannot write with UnsupportedModelError naming the p
 falls back to optimum (graph: auto) or stops (graph: fused)."""
 from ..architecture import find
 from ..errors import UnsupportedModelError
+from ..pruning.lowrank import LowRankEmbedding
 from .gpt2 import build_gpt2, is_gpt2
 from .llama import build_llama
 
@@ -16,6 +17,9 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer, a plain MLP with one packed
     [q | k | v] attention projection to the GPT-2 writer; anything else is refused, naming the part."""
+    if isinstance(model.get_input_embeddings(), LowRankEmbedding):  # the layout finder would only say 'no embedding'
+        raise UnsupportedModelError("fused export: the writers take a plain embedding table, and "
+                                    "lowrank.embedding_rank factorized this one (its linear layers alone are fine)")
     try:
         arch = find(model)
     except UnsupportedModelError as exc:
