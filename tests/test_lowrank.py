@@ -306,3 +306,17 @@ def test_the_fused_writer_names_a_factorized_embedding_as_the_reason(ctx, tmp_pa
     with pytest.raises(UnsupportedModelError, match=r"^fused export: the writers take a plain embedding table, and "
                                                     r"lowrank.embedding_rank factorized this one"):
         build_fused(out.model, tmp_path)
+
+
+def test_the_nothing_factorized_note_names_round_to_when_rounding_was_the_cause(ctx):
+    """rank 8 fits a 32 x 64 layer (ratio 0.375), but round_to 64 makes it 32 (ratio 1.5): the note only said
+    'lower rank', which changes nothing."""
+    from tiny_models import tiny_llama
+
+    out = lowrank(art(tiny_llama()), ctx, rank=8, round_to=64, min_params=0)
+    assert out.info["factorized"] == 0
+    assert out.info["skipped"]["model.layers.0.mlp.up_proj"] == {"rank": 32, "params_ratio": 1.5, "rounded_up_from": 8}
+    assert "rounded_up_from" not in out.info["skipped"]["model.layers.0.self_attn.k_proj"]  # 32 x 16: 8 is no saving
+    assert out.info["note"].endswith("; round_to=64 rounded the ranks of 20 of them up past max_param_ratio (see "
+                                     "`rounded_up_from`): lower round_to")
+    assert "round_to" not in lowrank(art(tiny_llama()), ctx, rank=1000, min_params=0).info["note"]

@@ -116,11 +116,14 @@ class LowRank(Pass):
             scale = stats[name].clamp_min(1e-6).pow(c.alpha) if c.method == "asvd" else None
             L, L_inv = whitening(stats[name]) if c.method == "whiten" else (None, None)
             u, s, vh = svd_factors(w, scale=scale, whiten=L)
-            r = choose_rank(s, in_f, out_f, rank=c.rank, energy=c.energy, param_ratio=c.param_ratio,
-                            round_to=c.round_to)
+            by_rule = dict(rank=c.rank, energy=c.energy, param_ratio=c.param_ratio)
+            r = choose_rank(s, in_f, out_f, **by_rule, round_to=c.round_to)
             ratio = r * (in_f + out_f) / (in_f * out_f)
             if r > factor_rank_limit(in_f, out_f) or ratio > c.max_param_ratio or in_f * out_f < c.min_params:
                 skipped[name] = {"rank": r, "params_ratio": round(ratio, 3)}
+                exact = choose_rank(s, in_f, out_f, **by_rule, round_to=1)
+                if in_f * out_f >= c.min_params and exact * (in_f + out_f) <= c.max_param_ratio * in_f * out_f:
+                    skipped[name]["rounded_up_from"] = exact  # round_to alone made the factors too large
                 continue
             set_module(net, name, build_lowrank(w, m.bias, u, s, vh, r, scale=scale, whiten_inv=L_inv))
             ranks[name] = r
@@ -140,6 +143,10 @@ class LowRank(Pass):
                             f"over max_param_ratio={c.max_param_ratio} of the layer, or layers under "
                             f"min_params={c.min_params}; see `skipped`); lower {rule}, raise max_param_ratio or "
                             "lower min_params")
+            rounded = sum("rounded_up_from" in v for v in skipped.values())
+            if rounded:
+                info["note"] += (f"; round_to={c.round_to} rounded the ranks of {rounded} of them up past "
+                                 "max_param_ratio (see `rounded_up_from`): lower round_to")
         info["params_before"], info["params_after"] = before, count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / before, 4)
         return model.derive(model=net, structure=structure, info=info)
