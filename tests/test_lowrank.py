@@ -320,3 +320,11 @@ def test_the_nothing_factorized_note_names_round_to_when_rounding_was_the_cause(
     assert out.info["note"].endswith("; round_to=64 rounded the ranks of 20 of them up past max_param_ratio (see "
                                      "`rounded_up_from`): lower round_to")
     assert "round_to" not in lowrank(art(tiny_llama()), ctx, rank=1000, min_params=0).info["note"]
+
+
+def test_a_param_ratio_above_max_param_ratio_is_refused():
+    """param_ratio 0.75 with the default max_param_ratio 0.6 left every layer dense (a note after the work)."""
+    with pytest.raises(ConfigError, match=r"lowrank: param_ratio=0.75 asks for factors larger than max_param_ratio=0.6 "
+                                          r"lets any layer keep; lower param_ratio or raise max_param_ratio"):
+        passes.get("lowrank")(param_ratio=0.75)
+    assert passes.get("lowrank")(param_ratio=0.75, max_param_ratio=0.8).config.param_ratio == 0.75

@@ -65,6 +65,9 @@ class LowRankConfig(PassConfig):
         rules = [n for n in ("rank", "energy", "param_ratio") if getattr(self, n) is not None]
         if len(rules) > 1:
             raise ValueError(f"give one of rank, energy, param_ratio (got {', '.join(rules)})")
+        if self.param_ratio is not None and self.param_ratio > self.max_param_ratio:  # every layer would stay dense
+            raise ValueError(f"param_ratio={self.param_ratio} asks for factors larger than max_param_ratio="
+                             f"{self.max_param_ratio} lets any layer keep; lower param_ratio or raise max_param_ratio")
         if not rules:
             self.energy = 0.95
         return self
