@@ -121,7 +121,7 @@ class Architecture:
 
     def __init__(self, model: nn.Module):
         self.model = model
-        self.layers_name = self._find_layers()
+        self.layers_name = find_layers(model)
         self.blocks = [self._find_block(i) for i in range(len(self.layers()))]
         emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
         if not isinstance(emb, nn.Embedding):
@@ -137,24 +137,7 @@ class Architecture:
 
     # ------------------------------------------------------------------ discovery
     def _refuse(self, part: str) -> UnsupportedModelError:
-        return UnsupportedModelError(
-            f"cannot map the layout of {type(self.model).__name__}: found no {part}; the suite finds blocks, "
-            "attention projections (q/k/v or fused qkv) and MLP projections (gate/up/down, gate_up/down or "
-            "fc_in/fc_out) by structure (compress/architecture.py lists the names it probes)")
-
-    def _find_layers(self) -> str:
-        best, best_params = None, -1
-        for name, m in self.model.named_modules():
-            if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(b) for b in m}) != 1:
-                continue
-            if sum(is_linear(x) for x in m[0].modules()) < 2:
-                continue
-            params = sum(p.numel() for p in m.parameters())
-            if params > best_params:
-                best, best_params = name, params
-        if best is None:
-            raise self._refuse("block list (a ModuleList of identical blocks holding linear layers)")
-        return best
+        return _refusal(self.model, part)
 
     def _find_block(self, i: int) -> Block:
         prefix = f"{self.layers_name}.{i}"
@@ -360,6 +343,31 @@ class Architecture:
 def find(model: nn.Module) -> Architecture:
     """The model's parts, or UnsupportedModelError naming the part that could not be found."""
     return Architecture(model)
+
+
+def find_layers(model: nn.Module) -> str:
+    """The name of the block list: the ModuleList of identical blocks holding linear layers with the most
+    parameters. Alone, for what needs only the blocks (distill's layer maps), since `find` also wants a plain
+    embedding table, which lowrank.embedding_rank factorizes."""
+    best, best_params = None, -1
+    for name, m in model.named_modules():
+        if not isinstance(m, nn.ModuleList) or len(m) == 0 or len({type(b) for b in m}) != 1:
+            continue
+        if sum(is_linear(x) for x in m[0].modules()) < 2:
+            continue
+        params = sum(p.numel() for p in m.parameters())
+        if params > best_params:
+            best, best_params = name, params
+    if best is None:
+        raise _refusal(model, "block list (a ModuleList of identical blocks holding linear layers)")
+    return best
+
+
+def _refusal(model: nn.Module, part: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"cannot map the layout of {type(model).__name__}: found no {part}; the suite finds blocks, "
+        "attention projections (q/k/v or fused qkv) and MLP projections (gate/up/down, gate_up/down or "
+        "fc_in/fc_out) by structure (compress/architecture.py lists the names it probes)")
 
 
 def build_from_config(model_cls, config) -> nn.Module:

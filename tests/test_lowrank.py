@@ -328,3 +328,14 @@ def test_a_param_ratio_above_max_param_ratio_is_refused():
                                           r"lets any layer keep; lower param_ratio or raise max_param_ratio"):
         passes.get("lowrank")(param_ratio=0.75)
     assert passes.get("lowrank")(param_ratio=0.75, max_param_ratio=0.8).config.param_ratio == 0.75
+
+
+def test_distill_recovers_a_model_with_a_factorized_embedding(ctx):
+    """Training after lowrank needs only the block list, but distill mapped the whole layout, which wants a plain
+    embedding table: 'found no the input embedding (get_input_embeddings() is LowRankEmbedding)'."""
+    from tiny_models import tiny_llama
+
+    out = lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, embedding_rank=8)
+    tuned = passes.get("distill")(alpha=0.0, max_steps=2, batch_size=2, eval_tokens=64, eval_examples=4).run(out, ctx)
+    assert tuned.info["student_layers"] == 4 and tuned.structure == out.structure
+    assert tuned.model.get_output_embeddings().weight is tuned.model.get_input_embeddings().weight

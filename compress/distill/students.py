@@ -24,9 +24,9 @@ def _get(obj, dotted: str):
 
 def layer_path(model: nn.Module) -> str:
     """The dotted attribute path of the model's ModuleList of blocks (found by structure: compress/architecture.py)."""
-    from ..architecture import find
+    from ..architecture import find_layers
 
-    return find(model).layers_name
+    return find_layers(model)
 
 
 def get_layers(model: nn.Module) -> nn.ModuleList:
