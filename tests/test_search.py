@@ -537,3 +537,20 @@ def test_an_onnx_step_with_external_weights_runs_on_from_the_store(tiny_gpt2_dir
     again = Runner(validate(raw), output_dir=tmp_path / "a", show_progress=False, log=lambda *_: None,
                    store=store).run()
     assert [s.reused for s in again.steps] == [True, True] and export.stat().st_nlink == 1
+
+
+def test_a_figure_the_task_never_measures_is_refused_in_objectives_and_constraints(tiny_llama_dir, tmp_path,
+                                                                                   capsys):
+    # a causal-lm gets no accuracy and no batch-1 latency: such a constraint would hold for every trial unjudged
+    config = _config(tmp_path, tiny_llama_dir, constraints=["perplexity_ratio <= 1.05", "accuracy_ratio >= 0.99",
+                                                            "latency_speedup >= 2"],
+                     benchmark={"backends": ["torch-cpu"]})
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "constraints.1: accuracy_ratio is not measured for task causal-lm; use one of perplexity, size_mb, " \
+           "decode_tok_s, prefill_ms, peak_memory_mb (or their ratios)" in err
+    assert "constraints.2: latency_speedup is not measured for task causal-lm" in err
+    assert "constraints.0" not in err
+    config = _config(tmp_path, tiny_llama_dir, objectives=["size_mb", "accuracy"])
+    assert main(["validate", str(config)]) == 2
+    assert "objectives.1: accuracy is not measured for task causal-lm" in capsys.readouterr().err

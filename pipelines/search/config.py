@@ -197,11 +197,14 @@ def validate_search(raw: dict) -> SearchSetup:
     setup_raw["passes"] = space.fill(passes, space.first())
     pipeline = validate(setup_raw)
     task = pipeline.config.task
-    for name, _ in objectives:
-        quality = fig.base_metric(name) in fig.QUALITY.values()
-        if quality and fig.QUALITY.get(task) != fig.base_metric(name):
-            errors.append(f"objectives: {name} is not measured for task {task}; use "
-                          f"{fig.QUALITY.get(task, 'size_mb')}")
+    # a constraint on a figure the task never gets would be skipped by every trial, so all would pass it
+    measured = fig.measured_for(task)
+    named = [(f"objectives.{i}", n) for i, (n, _) in enumerate(objectives)]
+    named += [(f"constraints.{i}", c.name) for i, c in enumerate(constraints)]
+    for where, name in named:
+        if fig.base_metric(name) not in measured:
+            errors.append(f"{where}: {name} is not measured for task {task}; use one of "
+                          f"{', '.join(n for n in fig.METRICS if n in measured)} (or their ratios)")
     setup = SearchSetup(raw, space, settings, objectives, constraints, pipeline)
     bench = pipeline.config.benchmark
     if bench is not None and bench.baseline != "source":

@@ -29,6 +29,9 @@ DERIVED = {
     "size_reduction": ("size_mb", lambda t, s: s / t),
 }
 QUALITY = {"causal-lm": "perplexity", "sequence-classification": "accuracy"}
+# the speed figures the harness times for each task (decoders decode, encoders run batch 1)
+SPEED = {"causal-lm": ("decode_tok_s", "prefill_ms"), "sequence-classification": ("batch1_ms",),
+         "feature-extraction": ("batch1_ms",)}
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt}
 
 
@@ -45,6 +48,11 @@ def base_metric(name: str) -> str:
 
 def is_cheap(name: str) -> bool:
     return METRICS[base_metric(name)][1]
+
+
+def measured_for(task: str) -> set[str]:
+    """The metrics a trial of `task` gets (a figure of any other is never known, so never judged)."""
+    return {"size_mb", "peak_memory_mb", *SPEED.get(task, ()), *([QUALITY[task]] if task in QUALITY else [])}
 
 
 def unknown_name(name: str, where: str) -> str | None:
