@@ -554,3 +554,16 @@ def test_a_figure_the_task_never_measures_is_refused_in_objectives_and_constrain
     config = _config(tmp_path, tiny_llama_dir, objectives=["size_mb", "accuracy"])
     assert main(["validate", str(config)]) == 2
     assert "objectives.1: accuracy is not measured for task causal-lm" in capsys.readouterr().err
+
+
+def test_a_resumed_grid_search_queues_each_untried_combination_once(tiny_llama_dir, tmp_path):
+    from pipelines.search import run_search
+
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0, 3.0))  # grid: 6 combinations
+    out = tmp_path / "runs"
+    for trials, ran in ((2, 2), (3, 1), (3, 0)):
+        outcome, search = run_search(config, trials=trials, output_dir=out, log=lambda *_: None)
+        assert search.progress.ran == ran
+        # the combinations not run yet stay queued once each, however often the search is resumed
+        assert len(outcome.rows) == 6
+        assert sum(r["state"] == "waiting" for r in outcome.rows) == 6 - trials

@@ -85,7 +85,10 @@ def _queue_grid(setup: SearchSetup, study) -> None:
     from optuna.trial import TrialState
 
     params = setup.space.params
-    taken = {json.dumps(t.params, sort_keys=True) for t in study.get_trials(deepcopy=False)
+    # a queued (WAITING) trial has no params yet, only the fixed ones it was queued with: taken too, or every
+    # rerun of the search would queue the untried combinations once more
+    taken = {json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
+             for t in study.get_trials(deepcopy=False)
              if t.state != TrialState.FAIL or "interrupted" not in t.user_attrs.get("reason", "")}
     axes = [[p.encode(v) for v in (p.choices if p.choices is not None else _range_values(p))] for p in params]
     for combo in itertools.product(*axes):
