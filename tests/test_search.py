@@ -567,3 +567,20 @@ def test_a_resumed_grid_search_queues_each_untried_combination_once(tiny_llama_d
         # the combinations not run yet stay queued once each, however often the search is resumed
         assert len(outcome.rows) == 6
         assert sum(r["state"] == "waiting" for r in outcome.rows) == 6 - trials
+
+
+def test_when_every_trial_fails_the_summary_does_not_blame_the_constraints(tiny_llama_dir, tmp_path, capsys,
+                                                                          monkeypatch):
+    def run(self, model, ctx):
+        raise RuntimeError("no kernel")
+
+    monkeypatch.setattr(helper_passes.ScaleWeights, "run", run)
+    config = _config(tmp_path, tiny_llama_dir, methods=("bf16",))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "2 trials (2 failed); Pareto front: empty" in text
+    assert "no trial was measured (each failed or was refused: see the reasons in the report's table and the " \
+           "log); nothing chosen" in text
+    assert "meets the constraints" not in text and "loosen a constraint" not in text
+    assert _trials(out)["chosen"] is None and _trials(out)["closest"] == []

@@ -148,6 +148,9 @@ def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
                      f" -> {figs}")
         if outcome.picked and r["feasible"] is False:
             lines.append(f"note: trial {r['number']} breaks a constraint ({r['reason']})")
+    elif not outcome.closest:  # no trial got figures: there is nothing to be close, and no constraint to blame
+        lines.append("no trial was measured (each failed or was refused: see the reasons in the report's table "
+                     "and the log); nothing chosen")
     else:
         constraints = "; ".join(c.text for c in setup.constraints) or "(none)"
         lines.append(f"no trial meets the constraints ({constraints}); nothing chosen. Closest:")
