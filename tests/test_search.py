@@ -584,3 +584,17 @@ def test_when_every_trial_fails_the_summary_does_not_blame_the_constraints(tiny_
            "log); nothing chosen" in text
     assert "meets the constraints" not in text and "loosen a constraint" not in text
     assert _trials(out)["chosen"] is None and _trials(out)["closest"] == []
+
+
+def test_a_range_written_with_whole_numbers_of_a_float_option_samples_floats():
+    from optuna.distributions import FloatDistribution, IntDistribution
+
+    from pipelines.search.space import find_space
+
+    # YAML reads `low: 1` as an int; the factor option takes floats, so 1 to 3 is not just 1, 2 and 3
+    space, errors = find_space([{"test-scale": {"factor": {"search": {"low": 1, "high": 3}}}},
+                                {"distill": {"max_steps": {"search": {"low": 10, "high": 20}}}}])
+    factor, steps = space.params
+    assert not errors and factor.distribution() == FloatDistribution(1.0, 3.0)
+    assert factor.decode(2.5) == 2.5 and factor.size() is None
+    assert steps.distribution() == IntDistribution(10, 20)  # an int option keeps an int range

@@ -154,6 +154,14 @@ def _literal_values(model, name: str) -> tuple:
     return typing.get_args(field.annotation) if field is not None else ()
 
 
+def _float_only(field) -> bool:
+    """Whether an option takes floats and not ints (`float`, `float | None`)."""
+    import typing
+
+    kinds = (typing.get_args(field.annotation) or (field.annotation,)) if field is not None else ()
+    return float in kinds and int not in kinds
+
+
 def _number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
@@ -195,6 +203,8 @@ def _param(index: int, pass_name: str, options: dict, path: tuple[str, ...], spe
         if problem:
             errors.append(f"{where}.search: {problem}")
             return None
+        if _float_only(_field_of(pass_name, options, path)):  # YAML's `low: 1` of a float option is not an int range
+            low, high = float(low), float(high)
         return Param(index, pass_name, path, low=low, high=high, step=step, log=log)
     errors.append(f"{where}.search: expected a list of values, a range {{low, high, step?, log?}} or `declared` "
                   f"(got {spec!r})")
