@@ -598,3 +598,22 @@ def test_a_range_written_with_whole_numbers_of_a_float_option_samples_floats():
     assert not errors and factor.distribution() == FloatDistribution(1.0, 3.0)
     assert factor.decode(2.5) == 2.5 and factor.size() is None
     assert steps.distribution() == IntDistribution(10, 20)  # an int option keeps an int range
+
+
+def test_a_resumed_random_search_proposes_new_recipes_not_the_first_runs_again(tiny_llama_dir, tmp_path):
+    from pipelines.search import run_search
+
+    config = _config(tmp_path, tiny_llama_dir, sampler="random")
+    raw = yaml.safe_load(config.read_text())
+    raw["passes"][0]["test-scale"]["factor"] = {"search": {"low": 1.0, "high": 3.0}}  # no value comes twice
+    config.write_text(yaml.safe_dump(raw, sort_keys=False))
+    out = tmp_path / "runs"
+    first, _ = run_search(config, trials=2, output_dir=out, log=lambda *_: None)
+    # the same seed before resuming made the sampler propose trials 0 and 1 again (copies): with 25 trials done,
+    # a rerun with a larger budget stopped at 25 repeats in a row and added none
+    second, search = run_search(config, trials=4, output_dir=out, log=lambda *_: None)
+    factors = [r["values"]["0.test-scale.factor"] for r in second.rows]
+    assert search.progress.ran == 2 and len(second.rows) == 4 and len(set(factors)) == 4
+    assert all(r["same_as"] is None for r in second.rows)
+    third, _ = run_search(config, trials=4, output_dir=tmp_path / "again", log=lambda *_: None)
+    assert [r["values"] for r in third.rows[:2]] == [r["values"] for r in first.rows]  # seeded: reproducible

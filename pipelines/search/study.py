@@ -66,6 +66,14 @@ def _sampler(setup: SearchSetup, seed: int):
     return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, min(10, budget // 3)), multivariate=True)
 
 
+def _resumed_seed(seed: int, earlier: int) -> int:
+    """The sampler's seed for a study resumed with `earlier` trials in it: another stream than the first
+    run's, and the same one on every rerun from the same point."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, earlier]).generate_state(1)[0])
+
+
 def _judge(trial, violations: list[float]) -> None:
     """Record by how much `trial` breaks each constraint (0: kept) as Optuna's per-trial constraints: the
     samplers read them (feasible when all are <= 0), and so does the report (report.trial_rows)."""
@@ -169,11 +177,15 @@ class Search:
         start = time.monotonic()
         with work_slot(self.dir) as slot:
             self.slot = slot
-            study = open_study(self.setup, self.url, self.setup.pipeline.config.seed + slot)
+            seed = self.setup.pipeline.config.seed + slot
+            study = open_study(self.setup, self.url, seed)
             self._recover_interrupted(study)
-            if not study.get_trials(deepcopy=False):  # a new study: the given recipes first
+            earlier = len(study.get_trials(deepcopy=False))
+            if not earlier:  # a new study: the given recipes first
                 for recipe in self.setup.settings.start_with:
                     study.enqueue_trial(start_point(self.setup.space, recipe))
+            else:  # resumed: a sampler seeded as before would propose the earlier run's recipes again, in order
+                study.sampler = _sampler(self.setup, _resumed_seed(seed, earlier))
             if self.setup.settings.sampler == "grid":
                 _queue_grid(self.setup, study)
             self.progress.source = self.source_figures()
