@@ -617,3 +617,24 @@ def test_a_resumed_random_search_proposes_new_recipes_not_the_first_runs_again(t
     assert all(r["same_as"] is None for r in second.rows)
     third, _ = run_search(config, trials=4, output_dir=tmp_path / "again", log=lambda *_: None)
     assert [r["values"] for r in third.rows[:2]] == [r["values"] for r in first.rows]  # seeded: reproducible
+
+
+def test_a_searched_option_that_does_not_exist_is_named_once_not_blamed_on_its_values(tiny_llama_dir, tmp_path,
+                                                                                     capsys):
+    config = _config(tmp_path, tiny_llama_dir, sampler="random")
+    cfg = yaml.safe_load(config.read_text())
+    for passes, said in [
+            ([{"lowrnak": {"energy": {"search": [0.9, 0.99]}}}],
+             "passes.0: unknown pass 'lowrnak'; did you mean 'lowrank'?"),
+            ([{"lowrnak": {"energy": {"search": {"low": 0.9, "high": 0.99}}}}],
+             "passes.0: unknown pass 'lowrnak'; did you mean 'lowrank'?"),
+            ([{"lowrank": {"enrgy": {"search": [0.9, 0.99]}}}],
+             "passes.0.lowrank.enrgy: lowrank has no option 'enrgy' (allowed: alpha, batch_size, "),
+            ([{"distill": {"student": {"keep_layer": {"search": [1, 2]}}}}],
+             "passes.0.distill.student.keep_layer: distill has no option 'student.keep_layer'; see "
+             "`compress passes distill`")]:
+        cfg["passes"] = passes
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["validate", str(config)]) == 2
+        err = capsys.readouterr().err
+        assert said in err and "search value" not in err and len(err.strip().splitlines()) == 1, err

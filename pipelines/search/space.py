@@ -130,14 +130,21 @@ class Space:
 
 
 def _field_of(pass_name: str, options: dict, path: tuple[str, ...]):
-    """The pydantic field an option path names (the variant chosen by a fixed `method` for quantize)."""
-    from pipelines.listing import _model_in
-
+    """The pydantic field an option path names (the variant chosen by a fixed `method` for quantize); None
+    for an unknown pass or option."""
+    if pass_name not in pass_registry.available():
+        return None
     members = pass_registry.get(pass_name).config_classes()
     method = options.get("method")
     model = members[0]
     if len(members) > 1 and isinstance(method, str):
         model = next((m for m in members if method in _literal_values(m, "method")), members[0])
+    return _field_in(model, path)
+
+
+def _field_in(model, path: tuple[str, ...]):
+    from pipelines.listing import _model_in
+
     field = None
     for key in path:
         if model is None or key not in model.model_fields:
@@ -252,6 +259,15 @@ def check_values(space: Space, passes: list[dict]) -> list[str]:
     errors: list[str] = []
     first = space.first()
     for p in space.params:
+        if p.pass_name not in pass_registry.available():
+            continue  # the pipeline check names an unknown pass once, with the closest name
+        members = pass_registry.get(p.pass_name).config_classes()
+        if all(_field_in(m, p.path) is None for m in members):  # no value can help: not a values problem
+            allowed = sorted({k for m in members for k in m.model_fields}) if len(p.path) == 1 else []
+            errors.append(f"{p.where}: {p.pass_name} has no option {'.'.join(p.path)!r}"
+                          + (f" (allowed: {', '.join(allowed)})" if allowed else "")
+                          + f"; see `compress passes {p.pass_name}`")
+            continue
         alone = _without(passes, [q for q in space.params if q is not p])
         for value in p.edge_values():
             reason = None
