@@ -638,3 +638,16 @@ def test_a_searched_option_that_does_not_exist_is_named_once_not_blamed_on_its_v
         assert main(["validate", str(config)]) == 2
         err = capsys.readouterr().err
         assert said in err and "search value" not in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_strict_constraint_met_exactly_at_its_bound_is_broken(tiny_llama_dir, tmp_path):
+    # factor 1 in fp32 is the source itself: size_mb_ratio exactly 1, which `size_mb_ratio < 1` excludes
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), constraints=["size_mb_ratio < 1"],
+                     objectives=["perplexity", "size_mb"])
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    rows = {r["options"]["quantize.method"]: r for r in _trials(out)["trials"]}
+    assert rows["fp32"]["figures"]["size_mb_ratio"] == 1.0
+    assert rows["fp32"]["state"] == "pruned" and rows["fp32"]["feasible"] is False
+    assert rows["fp32"]["violations"][0] > 0 and "size_mb_ratio < 1" in rows["fp32"]["reason"]
+    assert _trials(out)["front"] == [rows["bf16"]["number"]]

@@ -81,7 +81,8 @@ class Constraint:
             return None
         if _OPS[self.op](value, self.bound):
             return 0.0
-        return abs(value - self.bound) / max(abs(self.bound), 1e-12)
+        # never 0 when broken: a strict bound missed by nothing (`size_mb_ratio < 1` at exactly 1) is broken too
+        return max(abs(value - self.bound) / max(abs(self.bound), 1e-12), 1e-12)
 
 
 def parse_constraint(text: str, where: str) -> tuple[Constraint | None, str | None]:
