@@ -651,3 +651,18 @@ def test_a_strict_constraint_met_exactly_at_its_bound_is_broken(tiny_llama_dir, 
     assert rows["fp32"]["state"] == "pruned" and rows["fp32"]["feasible"] is False
     assert rows["fp32"]["violations"][0] > 0 and "size_mb_ratio < 1" in rows["fp32"]["reason"]
     assert _trials(out)["front"] == [rows["bf16"]["number"]]
+
+
+def test_a_quality_figure_the_full_measurement_does_not_score_is_refused(tiny_llama_dir, tmp_path, capsys):
+    # speed needs the full measurement, whose quality is benchmark.quality's: without perplexity there, every
+    # trial failed after it ("perplexity not measured"), and perplexity_ratio was judged on the screen's slice only
+    config = _config(tmp_path, tiny_llama_dir, objectives=["decode_tok_s", "perplexity"],
+                     benchmark={"backends": ["torch-cpu"], "quality": ["teacher-agreement"]})
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "benchmark.quality: objectives.1 names perplexity, but the full measurement of a trial scores " \
+           "teacher-agreement; add perplexity" in err
+    assert "benchmark.quality: constraints.0 names perplexity_ratio" in err
+    config = _config(tmp_path, tiny_llama_dir, objectives=["decode_tok_s", "perplexity"],
+                     benchmark={"backends": ["torch-cpu"], "quality": ["perplexity"]})
+    assert main(["validate", str(config)]) == 0

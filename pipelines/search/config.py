@@ -222,6 +222,13 @@ def validate_search(raw: dict) -> SearchSetup:
     if setup.needs_full and (pipeline.config.benchmark is None or pipeline.config.benchmark.latency is None):
         errors.append("benchmark: speed and memory figures come from the benchmark harness; add a `benchmark:` "
                       "section with `latency:` (e.g. benchmark: {backends: [ort-cpu]})")
+    elif setup.needs_full and fig.QUALITY.get(task) not in pipeline.config.benchmark.quality:
+        # the full measurement then has no quality: each trial would fail after it, or be judged on the slice only
+        for where, name in named:
+            if fig.base_metric(name) == fig.QUALITY.get(task):
+                errors.append(f"benchmark.quality: {where} names {name}, but the full measurement of a trial "
+                              f"scores {', '.join(pipeline.config.benchmark.quality) or 'no quality'}; add "
+                              f"{fig.QUALITY[task]}")
     if errors:
         raise ConfigError("\n".join(errors))
     return setup
