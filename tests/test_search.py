@@ -666,3 +666,28 @@ def test_a_quality_figure_the_full_measurement_does_not_score_is_refused(tiny_ll
     config = _config(tmp_path, tiny_llama_dir, objectives=["decode_tok_s", "perplexity"],
                      benchmark={"backends": ["torch-cpu"], "quality": ["perplexity"]})
     assert main(["validate", str(config)]) == 0
+
+
+def test_a_search_whose_space_changed_refuses_the_old_study_instead_of_crashing(tiny_llama_dir, tmp_path,
+                                                                               capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), methods=("fp32",))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    # a value added to a list made Optuna raise inside the trial loop (a traceback, a trial left running); a
+    # searched option replaced by another made best.yaml and --pick fail with a KeyError on the old trials
+    for factors, methods in (((1.0, 2.0), ("fp32",)), ((1.0,), ("fp32",))):
+        changed = _config(tmp_path, tiny_llama_dir, factors=factors, methods=methods, filename="changed.yaml")
+        if factors == (1.0,):
+            raw = yaml.safe_load(changed.read_text())
+            raw["passes"][0]["test-scale"] = {"factor": 1.0, "max_factor": {"search": [10.0]}}
+            changed.write_text(yaml.safe_dump(raw, sort_keys=False))
+        for extra in ([], ["--pick", "0"]):
+            assert main(["search", str(changed), "--output-dir", str(out), *extra]) == 2
+            err = capsys.readouterr().err
+            assert "Traceback" not in err
+            assert "error: the study 'tiny-search' in sqlite:///" in err and "give this search another name, or " \
+                   "remove the old study (e.g. its study.db)" in err
+            assert "searches {'0.test-scale.factor': [1.0], '1.quantize.method': ['fp32']}, this config" in err
+    assert len(_trials(out)["trials"]) == 1  # the study is as it was
+    assert main(["search", str(config), "--output-dir", str(out), "--pick", "0"]) == 0  # the same config resumes
