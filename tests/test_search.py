@@ -691,3 +691,18 @@ def test_a_search_whose_space_changed_refuses_the_old_study_instead_of_crashing(
             assert "searches {'0.test-scale.factor': [1.0], '1.quantize.method': ['fp32']}, this config" in err
     assert len(_trials(out)["trials"]) == 1  # the study is as it was
     assert main(["search", str(config), "--output-dir", str(out), "--pick", "0"]) == 0  # the same config resumes
+
+
+def test_a_rerun_with_other_constraints_refuses_the_old_study(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    assert _trials(out)["chosen"] is not None
+    capsys.readouterr()
+    # the trials were judged by the old constraints: resumed, the bf16 trial (size ratio 0.51) was still
+    # "chosen (best feasible)" under size_mb_ratio >= 0.9
+    changed = _config(tmp_path, tiny_llama_dir, factors=(1.0,), constraints=["size_mb_ratio >= 0.9"],
+                      filename="changed.yaml")
+    assert main(["search", str(changed), "--output-dir", str(out)]) == 2
+    assert "is constrained by ['perplexity_ratio <= 1.05'], this config ['size_mb_ratio >= 0.9']; give this " \
+           "search another name" in capsys.readouterr().err

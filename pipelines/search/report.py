@@ -158,7 +158,8 @@ def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
             r = by_number[n]
             figs = ", ".join(f"{c.name} {_fmt(r['figures'].get(c.name))}" for c in setup.constraints)
             lines.append(f"  trial {n}: {', '.join(f'{k}={_fmt(v)}' for k, v in r['options'].items())} -> {figs}")
-        lines.append("loosen a constraint or widen the search space, or write one of these with --pick N")
+        lines.append("loosen a constraint or widen the search space (a new search: give it another name), or write "
+                     "one of these with --pick N")
     return lines
 
 

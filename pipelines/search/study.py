@@ -118,12 +118,14 @@ def open_study(setup: SearchSetup, url: str, seed: int):
     except ValueError as exc:
         raise ConfigError(f"the study {setup.name!r} in {url} was made with other objectives ({exc}); give this "
                           "search another name, or remove the old study (e.g. its study.db)") from None
-    # A rerun resumes the study only for the same question: its trials were judged by these objectives, and
-    # their recipes are points of this space (Optuna refuses other values for a stored parameter, and a
-    # recipe of other options cannot be written as this config's best.yaml).
+    # A rerun resumes the study only for the same question: its trials were judged by these objectives and
+    # constraints (a trial pruned on the screen has no figures to judge again), and their recipes are points
+    # of this space (Optuna refuses other values for a stored parameter, and a recipe of other options cannot
+    # be written as this config's best.yaml).
     space = {p.name: list(p.choices) if p.choices is not None else [p.low, p.high, p.step, p.log]
              for p in setup.space.params}
     for key, wanted, verb in (("objectives", [list(o) for o in setup.objectives], "optimizes"),
+                              ("constraints", [c.text for c in setup.constraints], "is constrained by"),
                               ("space", space, "searches")):
         stored = study.user_attrs.get(key)
         if stored is None:
