@@ -584,6 +584,12 @@ def test_when_every_trial_fails_the_summary_does_not_blame_the_constraints(tiny_
            "log); nothing chosen" in text
     assert "meets the constraints" not in text and "loosen a constraint" not in text
     assert _trials(out)["chosen"] is None and _trials(out)["closest"] == []
+    # a search stopped (--minutes) before its first trial
+    from pipelines.search.config import load_search_config
+    from pipelines.search.report import Outcome, summary
+
+    assert summary(load_search_config(config), Outcome([], [], None, False)) == [
+        "0 trials; Pareto front: empty", "no trial was measured; nothing chosen"]
 
 
 def test_a_range_written_with_whole_numbers_of_a_float_option_samples_floats():

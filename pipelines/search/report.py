@@ -134,8 +134,8 @@ def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
     for r in distinct:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     copies = len(outcome.rows) - len(distinct)
-    lines = [f"{len(distinct)} trial{'s' * (len(distinct) != 1)} ("
-             + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")"
+    lines = [f"{len(distinct)} trial{'s' * (len(distinct) != 1)}"
+             + (" (" + ", ".join(f"{n} {s}" for s, n in counts.items()) + ")" if counts else "")
              + (f" and {copies} proposal{'s' * (copies != 1)} that repeated one (not run)" if copies else "") + "; "
              f"Pareto front: {', '.join(map(str, outcome.front)) or 'empty'}"]
     by_number = {r["number"]: r for r in outcome.rows}
@@ -149,8 +149,8 @@ def summary(setup: SearchSetup, outcome: Outcome) -> list[str]:
         if outcome.picked and r["feasible"] is False:
             lines.append(f"note: trial {r['number']} breaks a constraint ({r['reason']})")
     elif not outcome.closest:  # no trial got figures: there is nothing to be close, and no constraint to blame
-        lines.append("no trial was measured (each failed or was refused: see the reasons in the report's table "
-                     "and the log); nothing chosen")
+        lines.append("no trial was measured" + (" (each failed or was refused: see the reasons in the report's "
+                                                "table and the log)" if distinct else "") + "; nothing chosen")
     else:
         constraints = "; ".join(c.text for c in setup.constraints) or "(none)"
         lines.append(f"no trial meets the constraints ({constraints}); nothing chosen. Closest:")
