@@ -712,3 +712,17 @@ def test_a_rerun_with_other_constraints_refuses_the_old_study(tiny_llama_dir, tm
     assert main(["search", str(changed), "--output-dir", str(out)]) == 2
     assert "is constrained by ['perplexity_ratio <= 1.05'], this config ['size_mb_ratio >= 0.9']; give this " \
            "search another name" in capsys.readouterr().err
+
+
+def test_a_range_whose_step_leaves_only_its_low_end_is_refused(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir)
+    cfg = yaml.safe_load(config.read_text())
+    cfg["passes"][0]["test-scale"]["factor"] = {"search": {"low": 1.0, "high": 1.5, "step": 1.0}}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(config)]) == 2  # it searched factor 1.0 alone, counted as 2 combinations
+    assert "passes.0.test-scale.factor.search: step (1.0) is larger than the range 1.0 to 1.5, which would " \
+           "leave only 1.0" in capsys.readouterr().err
+    cfg["passes"][0]["test-scale"]["factor"] = {"search": {"low": 0.9, "high": 0.99, "step": 0.09}}
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(config)]) == 0  # 0.99 - 0.9 is a hair under 0.09 in floats: two values
+    assert "(4 combinations: test-scale.factor, quantize.method)" in capsys.readouterr().out

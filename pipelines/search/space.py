@@ -203,6 +203,8 @@ def _param(index: int, pass_name: str, options: dict, path: tuple[str, ...], spe
             problem = f"low ({low}) must be below high ({high})"
         elif step is not None and (not _number(step) or step <= 0):
             problem = f"step must be a positive number (got {step!r})"
+        elif step is not None and (high - low) / step + 1e-9 < 1:  # the grid would hold `low` alone (as size())
+            problem = f"step ({step}) is larger than the range {low} to {high}, which would leave only {low}"
         elif not isinstance(log, bool):
             problem = f"log must be true or false (got {log!r})"
         elif log and (step is not None or low <= 0):
