@@ -726,3 +726,22 @@ def test_a_range_whose_step_leaves_only_its_low_end_is_refused(tiny_llama_dir, t
     config.write_text(yaml.safe_dump(cfg))
     assert main(["validate", str(config)]) == 0  # 0.99 - 0.9 is a hair under 0.09 in floats: two values
     assert "(4 combinations: test-scale.factor, quantize.method)" in capsys.readouterr().out
+
+
+def test_the_search_schema_accepts_a_searched_quantize_method(tmp_path):
+    from pipelines.search.config import json_schema
+
+    schema = json_schema()
+    defs = schema["$defs"]
+
+    def quantize(items):
+        return next(i for i in items["oneOf"] if "quantize" in i["properties"])["properties"]["quantize"]
+
+    # {method: {search: [fp32, bf16]}} fits every variant (each takes a searched method, the rest defaults), so
+    # `oneOf` (exactly one) made editors flag a valid search config
+    variants = [defs[r["$ref"].split("/")[-1]] for r in quantize(schema["properties"]["passes"]["items"])["anyOf"]]
+    fits = [v for v in variants if not set(v.get("required", [])) - {"method"} and "method" in v["properties"]
+            and {"$ref": "#/$defs/SearchValues"} in v["properties"]["method"]["anyOf"]]
+    assert len(fits) == len(variants) == 7
+    assert "oneOf" not in quantize(schema["properties"]["passes"]["items"])
+    assert "oneOf" in quantize(defs["BranchConfig"]["properties"]["passes"]["items"])  # branches are not searched

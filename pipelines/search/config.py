@@ -10,6 +10,7 @@ Everything is checked before any trial runs: the pipeline with every searched op
 every search value against its pass's own options class, the figures named."""
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -278,6 +279,12 @@ def json_schema() -> dict:
                             "step": {"type": "number", "exclusiveMinimum": 0}, "log": {"type": "boolean"}}},
             {"const": "declared"}]}},
     }
+    # a searched quantize `method` fits every variant of its options, which `oneOf` (exactly one) refuses
+    items = schema["properties"]["passes"]["items"] = copy.deepcopy(schema["properties"]["passes"]["items"])
+    for item in items["oneOf"]:
+        for prop in item["properties"].values():
+            if "oneOf" in prop:
+                prop["anyOf"] = prop.pop("oneOf")
     # branches are not searched; a model the passes share with data: or benchmark: is not searched there either
     elsewhere = _option_models({k: v for k, v in schema["properties"].items() if k not in ("passes", "branches")},
                                defs)
