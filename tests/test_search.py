@@ -745,3 +745,15 @@ def test_the_search_schema_accepts_a_searched_quantize_method(tmp_path):
     assert len(fits) == len(variants) == 7
     assert "oneOf" not in quantize(schema["properties"]["passes"]["items"])
     assert "oneOf" in quantize(defs["BranchConfig"]["properties"]["passes"]["items"])  # branches are not searched
+
+
+def test_the_report_says_its_quality_comes_from_the_screens_slice(known_space, tiny_llama_dir, tmp_path):
+    from pipelines.search.config import load_search_config
+    from pipelines.search.measure import Measurer
+
+    # size and perplexity need no full measurement: every figure is the screen's, on 256 of the 1024 eval tokens,
+    # so `compress run best.yaml` reports another perplexity
+    assert ("Quality is scored on the screen's slice of the eval data (256 tokens); `compress run` of a recipe "
+            "scores all of it, so its figures differ a little.") in (known_space["search"] / "report.md").read_text()
+    whole = load_search_config(_config(tmp_path, tiny_llama_dir, screen={"max_tokens": 1024}))
+    assert Measurer(whole, tmp_path / "m").slice is None  # the slice is the whole eval data: nothing to say

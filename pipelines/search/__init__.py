@@ -27,7 +27,7 @@ def run_search(config_path, *, overrides=None, trials: int | None = None, minute
             search.progress.source = search.source_figures()
     outcome = report.choose(setup, report.trial_rows(study), pick)
     outcome.files = report.write(setup, outcome, search.dir, search.progress.source, search.progress.stopped_by,
-                                 conditions=search.measurer.conditions())
+                                 conditions=search.measurer.conditions(), screen_slice=search.measurer.slice)
     return outcome, search
 
 

@@ -44,6 +44,10 @@ class Measurer:
         cap = ({"max_tokens": min(eval_spec.max_tokens or screen.max_tokens, screen.max_tokens)}
                if cfg.task == "causal-lm" else
                {"max_examples": min(eval_spec.max_examples or screen.max_examples, screen.max_examples)})
+        # what the screen leaves out of the eval data (None: it scores all of it), for the report to say
+        (unit, n), = cap.items()
+        whole = getattr(eval_spec, unit)  # None: the whole corpus
+        self.slice = f"{n} {unit.removeprefix('max_')}" if whole is None or whole > n else None
         quality = [QUALITY[cfg.task]] if cfg.task in QUALITY else []
         # The screen scores one metric on a slice: no latency, extra corpora or generations to prepare.
         self.screen_settings = bench.model_copy(update={"data": eval_spec.model_copy(update=cap), "latency": None,

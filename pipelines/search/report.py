@@ -223,7 +223,7 @@ def _conditions_line(c: dict) -> str:
 
 
 def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, stopped_by: str = "",
-          conditions: dict | None = None) -> dict:
+          conditions: dict | None = None, screen_slice: str | None = None) -> dict:
     out_dir = Path(out_dir)
     by_number = {r["number"]: r for r in outcome.rows}
     trials_json = {"name": setup.name, "objectives": [list(o) for o in setup.objectives],
@@ -246,6 +246,9 @@ def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, sto
               + ", ".join(f"{k} {_fmt(v)}" for k, v in base.items()) + ").", ""]
     if conditions:
         lines += [_conditions_line(conditions), ""]
+    if screen_slice and not setup.needs_full:  # every figure is the screen's, not what `compress run` measures
+        lines += [f"Quality is scored on the screen's slice of the eval data ({screen_slice}); `compress run` of a "
+                  "recipe scores all of it, so its figures differ a little.", ""]
     repeats = _repeats(outcome.rows)
     if outcome.front:
         lines += ["## Pareto front", "",
