@@ -757,3 +757,27 @@ def test_the_report_says_its_quality_comes_from_the_screens_slice(known_space, t
             "scores all of it, so its figures differ a little.") in (known_space["search"] / "report.md").read_text()
     whole = load_search_config(_config(tmp_path, tiny_llama_dir, screen={"max_tokens": 1024}))
     assert Measurer(whole, tmp_path / "m").slice is None  # the slice is the whole eval data: nothing to say
+
+
+def test_a_constraint_whose_figure_is_unknown_fails_the_trial_instead_of_passing_it(tiny_llama_dir, tmp_path,
+                                                                                   monkeypatch):
+    import pipelines.search.measure as measure_mod
+
+    # a baseline figure of 0 (a tiny classifier's accuracy) leaves its ratio unknown: the constraint on it was
+    # skipped, and every trial counted as meeting it
+    original = measure_mod.Measurer.screen
+
+    def screen(self, target):
+        figures = dict(original(self, target))
+        if Path(str(target)) == tiny_llama_dir:
+            figures["perplexity"] = 0.0
+        return figures
+
+    monkeypatch.setattr(measure_mod.Measurer, "screen", screen)
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), methods=("bf16",))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    row, = _trials(out)["trials"]
+    assert row["state"] == "failed" and row["reason"] == ("perplexity_ratio not known for this checkpoint (not "
+                                                          "measured, or a ratio to a baseline figure of 0)")
+    assert _trials(out)["chosen"] is None

@@ -352,9 +352,12 @@ class Search:
             trial.set_user_attr("backend", full.pop("backend"))
             figures = with_ratios(full, self.progress.source["full"])
         trial.set_user_attr("figures", figures)
-        missing = [n for n, _ in setup.objectives if figures.get(n) is None]
+        # a constraint whose figure is unknown here would be skipped, and the trial counted as meeting it
+        missing = list(dict.fromkeys([n for n, _ in setup.objectives if figures.get(n) is None]
+                                     + [c.name for c in setup.constraints if figures.get(c.name) is None]))
         if missing:
-            return fail(f"{', '.join(missing)} not measured for this checkpoint")
+            return fail(f"{', '.join(missing)} not known for this checkpoint (not measured, or a ratio to a "
+                        "baseline figure of 0)")
         broken = self._broken(figures)
         _judge(trial, self._violations(figures))
         trial.set_user_attr("feasible", not broken)
