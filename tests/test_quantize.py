@@ -471,3 +471,17 @@ def test_minmax_says_which_matmuls_stay_float_and_refuses_to_quantize_nothing(tm
     assert "float_matmuls" not in q.info and q.info["int8_embedding_tables"] == []
     assert q.info["notes"] == ["quantize: embedding tables ['model.embed_tokens.weight'] stay float: their row "
                                "width is not a multiple of 16 (the int8 / 4-bit tables' smallest block)"]
+
+
+def test_sequences_past_the_graphs_export_max_length_are_refused_before_any_work(tmp_path):
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_gpt2())  # fused
+    short = load(save(get("export")(graph="fused", max_length=24, check_seq_len=16).run(
+        art, PassContext(scratch=tmp_path / "s")), tmp_path / "f"))
+    with pytest.raises(ConfigError, match=r"^quantize.check_seq_len: 64 tokens, more than the 24 positions this "
+                       r"graph holds .* set quantize.check_seq_len to at most 24$"):
+        quantize(short, tmp_path, method="ort-int8-dynamic")
+    with pytest.raises(ConfigError, match=r"^quantize.calibration_seq_len: 128 tokens, more than the 24 positions"):
+        quantize(short, tmp_path, method="ort-int8-static", check_seq_len=16)
+    assert not list((tmp_path / "scratch").glob("quantize-*/model.onnx"))  # refused before any work
+    q = quantize(short, tmp_path, method="ort-int8-static", check_seq_len=16, calibration_seq_len=24)
+    assert q.info["discrepancy"]["passed"]
