@@ -232,7 +232,9 @@ class Runner:
 
     def _load_source(self) -> Artifact:
         cfg = self.pipeline.config
-        label_names = self.data.dataset("train").label_names if cfg.task == "sequence-classification" else None
+        # a classifier's labels come from its data (train, else eval: a fine-tuned one measured or quantized)
+        role = next((r for r in ("train", "eval") if self.data.specs.get(r) is not None), None)
+        label_names = self.data.dataset(role).label_names if cfg.task == "sequence-classification" and role else None
         try:
             return checkpoint.load_source(cfg.model.source, cfg.task, label_names=label_names,
                                           trust_remote_code=cfg.model.trust_remote_code)

@@ -184,3 +184,14 @@ def test_a_teacher_named_by_folder_that_changes_recomputes_the_step(tiny_llama_d
     save_tiny(model, teacher)
     changed = run()
     assert not changed.reused and changed.key != first.key
+
+
+def test_a_classifier_without_training_data_takes_its_labels_from_the_eval_data(tiny_bert_dir, tmp_path):
+    """Quantizing a fine-tuned classifier needs no data.train (validate said ok, then the run stopped there)."""
+    cfg = {"name": "cls", "model": {"source": str(tiny_bert_dir)}, "task": "sequence-classification",
+           "data": {"eval": {"source": "builtin:bbc-news", "max_examples": 8}},
+           "passes": [{"quantize": {"method": "bf16"}}], "threads": 1}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(cfg))
+    result = _run(tmp_path / "cls.yaml", tmp_path / "runs")
+    art = compress.load(result.steps[-1].path)
+    assert list(art.model.config.id2label.values()) == ["business", "entertainment", "politics", "sports", "tech"]
