@@ -216,6 +216,19 @@ def _branch_start(branch: BranchConfig, main_passes: list[Pass], where: str) -> 
                   f"{len(names)}, or one of {', '.join(names) or '(no passes)'}")
 
 
+def _check_data_needed(cfg: PipelineConfig, chains: list[tuple[str, list[Pass]]]) -> list[str]:
+    """Each pass that reads data finds it in the config (else the run stopped at that step, after the others)."""
+    errors = []
+    for where, chain in chains:
+        for i, p in enumerate(chain):
+            need = p.needs_data()
+            if need and not any(getattr(cfg.data, role) for role in need[0]):
+                roles = " or ".join(f"data.{r}" for r in need[0])
+                errors.append(f"{where}.{i} ({p.name}): {need[1]}, and the config sets no {roles}; add "
+                              f"data.{need[0][-1]} (e.g. {{source: builtin:wikipedia}})")
+    return errors
+
+
 def _check_data(cfg: PipelineConfig) -> list[str]:
     specs = {f"data.{role}": getattr(cfg.data, role) for role in ("train", "eval", "calibration")}
     if cfg.benchmark is not None:
@@ -270,6 +283,8 @@ def validate(raw: dict) -> Pipeline:
             errors += check_order(bpasses, f"{where}.passes", state=states[start])
         branches.append(Branch(b.name, start or 0, bpasses))
     errors += _check_data(cfg)
+    errors += _check_data_needed(cfg, [("passes", passes)] + [(f"branches.{j}.passes", b.passes)
+                                                             for j, b in enumerate(branches)])
     if cfg.benchmark is not None:
         try:
             cfg.benchmark.check_task(cfg.task)

@@ -51,6 +51,16 @@ CASES = [
      ["branches.0.passes.0.quantize.methd", "did you mean 'method'"]),
     ("bad data option", _with(data={"train": {"source": "builtin:shakespeare", "max_token": 5}}),
      ["data.train.max_token", "did you mean 'max_tokens'"]),
+    # a pass that reads data, without any: the run stopped at that step, after the ones before it
+    ("distill without training data", _with(data={}, passes=[{"quantize": {"method": "bf16"}},
+                                                             {"distill": {"alpha": 0.0}}]),
+     ["passes.1 (distill): distill trains on data.train, and the config sets no data.train"]),
+    ("calibration without data", _with(data={"eval": {"source": "builtin:wikipedia"}}, passes=[
+        {"prune": {"targets": ["layers"]}}, {"lowrank": {"method": "whiten"}}, {"lowrank": {"method": "svd"}}],
+        branches=[{"name": "b", "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-static"}}]}]),
+     ["passes.0 (prune): prune (targets: layers) scores on calibration data, and the config sets no "
+      "data.calibration or data.train", "passes.1 (lowrank): lowrank.method: whiten", "branches.0.passes.1 "
+      "(quantize): quantize (method: ort-int8-static)"]),
 ]
 
 

@@ -140,6 +140,10 @@ class Pass:
         """prune and lowrank read plain linear layers, so they refuse a factorized model."""
         return True
 
+    def needs_data(self) -> tuple[tuple[str, ...], str] | None:
+        """The pipeline data roles this pass reads (any one of them will do) and why; None when it reads none."""
+        return None
+
     def run(self, model: Artifact, ctx: PassContext) -> Artifact:
         want = self.input_kinds()
         if model.kind not in want:

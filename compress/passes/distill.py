@@ -49,6 +49,9 @@ class Distill(Pass):
                    "learns the teacher's soft targets, hidden states and attention; cached teacher outputs")
     Config = DistillConfig
 
+    def needs_data(self) -> tuple[tuple[str, ...], str]:
+        return ("train",), "distill trains on data.train"
+
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         from ..distill.evaluate import evaluator
         from ..distill.examples import teacher_generated, training_examples

@@ -90,6 +90,11 @@ class LowRank(Pass):
     def accepts_factorized_input(self) -> bool:
         return False
 
+    def needs_data(self) -> tuple[tuple[str, ...], str] | None:
+        if self.config.method == "svd":
+            return None
+        return ("calibration", "train"), f"lowrank.method: {self.config.method} scores on calibration data"
+
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
         if any(e.get("type") in ("lowrank", "lowrank_embedding") for e in model.structure):

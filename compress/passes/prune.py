@@ -134,6 +134,15 @@ class Prune(Pass):
     def accepts_factorized_input(self) -> bool:
         return False
 
+    def needs_data(self) -> tuple[tuple[str, ...], str] | None:
+        c = self.config
+        if c.recover is not None:
+            return ("train",), "prune.recover trains on data.train"
+        if "layers" in c.targets or c.importance != "magnitude":
+            why = "targets: layers" if "layers" in c.targets else f"importance: {c.importance}"
+            return ("calibration", "train"), f"prune ({why}) scores on calibration data"
+        return None
+
     # ------------------------------------------------------------------ entry point
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config

@@ -241,6 +241,13 @@ class Quantize(Pass):
     def accepts_quantized_input(self) -> bool:
         return not self.quantizes()
 
+    def needs_data(self) -> tuple[tuple[str, ...], str] | None:
+        c = self.config
+        if c.method == "ort-int8-static" or getattr(c, "algorithm", None) == "gptq":
+            what = "algorithm: gptq" if c.method == "ort-int8-dynamic" else f"method: {c.method}"
+            return ("calibration", "train"), f"quantize ({what}) calibrates on calibration data"
+        return None
+
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         method = self.config.method
         if method in DTYPE_METHODS:
