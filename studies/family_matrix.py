@@ -44,7 +44,10 @@ def run(families: list[str] | None, work: Path) -> dict:
         ctx = context(task, work / "scratch")
         from compress.architecture import find
 
-        layouts[row] = find(artifact(fam, task).model).describe()
+        try:
+            layouts[row] = find(artifact(fam, task).model).describe()
+        except Exception as exc:  # noqa: BLE001 - a family the layout finder refuses still gets its row of refusals
+            layouts[row] = {"refused": refusal(exc)}
         for key in PASSES:
             t = time.time()
             a = artifact(fam, task)
@@ -124,6 +127,9 @@ def write(result: dict, out: Path, seconds: float) -> None:
               "| family (task) | blocks | attention | q/k norm | MLP | heads / KV heads / head_dim | hidden | head (tied) |",
               "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row, d in layouts.items():
+        if "refused" in d:
+            lines.append(f"| {row} | {d['refused']} |" + " |" * 6)
+            continue
         lines.append(f"| {row} | {d['blocks']} | {d['attention']} | {d['qk_norm']} | {d['mlp']} | "
                      f"{d['heads']} / {d['kv_heads']} / {d['head_dim']} | {d['hidden']} | {d['head']} ({d['tied']}) |")
     lines += ["", f"An unknown layout is refused by the passes that need its parts (distill keep-layers, prune) with one message naming the part (lowrank, export and quantize need no map of the blocks): {unknown_layout()}"]
