@@ -103,6 +103,19 @@ def print_table(records: list[dict]) -> None:
                           f"{r.get('skipped') or 'error: ' + str(r.get('error'))}[/yellow]")
 
 
+def _outside_checkpoints(folder: str, option: str) -> None:
+    """ConfigError when `folder` is, or lies inside, a checkpoint: the files written there (report, plots,
+    inputs) are not in its manifest, so the checkpoint would refuse to load afterwards."""
+    from compress.checkpoint import MANIFEST
+
+    path = Path(folder).expanduser().resolve()
+    for parent in (path, *path.parents):
+        if (parent / MANIFEST).is_file():
+            raise ConfigError(f"{option} {folder}: is inside the checkpoint {parent}; the files written there "
+                              "would not be in its manifest and it would refuse to load; give a folder outside "
+                              "it, e.g. runs/bench")
+
+
 def cmd_bench(args) -> int:
     from compress.runtime import output_folder
 
@@ -110,6 +123,9 @@ def cmd_bench(args) -> int:
     from .report import write_report
 
     settings = settings_from_args(args)
+    _outside_checkpoints(args.output, "--output")
+    if args.work_dir:
+        _outside_checkpoints(args.work_dir, "--work-dir")
     out = output_folder(args.output, "--output")
     work_dir = Path(args.work_dir) if args.work_dir else out / ".bench"
     show = False if args.no_progress else None

@@ -236,3 +236,36 @@ def test_bench_refuses_a_damaged_checkpoint_before_measuring(tmp_path, monkeypat
     benchmarks.harness._verified.cache_clear()
     assert main(["bench", str(ckpt), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "sha256" in capsys.readouterr().err and measured == []
+
+
+def _onnx_checkpoint(tmp_path):
+    from compress import checkpoint
+    from compress.checkpoint import Artifact
+
+    src = tmp_path / "onnx"
+    src.mkdir()
+    (src / "model.onnx").write_bytes(b"graph" * 100)
+    (src / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    return checkpoint.save(Artifact(kind="onnx", task="causal-lm", tokenizer=None, onnx_dir=src), tmp_path / "ckpt")
+
+
+@pytest.mark.parametrize("option,inside", [("--output", ""), ("--output", "reports"), ("--work-dir", "cache")])
+def test_bench_refuses_to_write_into_a_checkpoint(tmp_path, monkeypatch, capsys, option, inside):
+    """`--output CKPT` wrote results.json, the reports, plots and .bench/ into the checkpoint, which then refused
+    to load (files its manifest does not list); now refused before anything is written."""
+    import benchmarks.harness
+    from compress.checkpoint import verify
+    from pipelines.cli import main
+
+    ckpt = _onnx_checkpoint(tmp_path)
+    before = sorted(p.name for p in ckpt.rglob("*"))
+    measured = []
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda target, **kw: measured.append(target))
+    args = ["bench", str(ckpt), "--no-progress", option, str(ckpt / inside)]
+    if option == "--work-dir":
+        args += ["--output", str(tmp_path / "out")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert f"{option} {ckpt / inside}: is inside the checkpoint {ckpt}" in err and "Traceback" not in err
+    assert measured == [] and sorted(p.name for p in ckpt.rglob("*")) == before
+    verify(ckpt)
