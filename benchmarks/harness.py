@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from compress.errors import CompressInputError, ModelSourceError
+from compress.errors import CompressInputError, DataSourceError, ModelSourceError
 
 from .config import BenchmarkConfig
 from .machine import machine_record
@@ -247,12 +247,16 @@ def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarra
     tok = tok or _tokenizer(t)
     lat = s.latency
     if t.task == "causal-lm":
-        def stream(spec) -> np.ndarray:  # the documents joined by EOS, cut at max_tokens
-            ids = lm_windows(tok, load_dataset(spec, "eval"), 1, spec.max_tokens)
-            return ids.view(-1).numpy().astype(np.int64)
+        def stream(spec, field: str) -> np.ndarray:  # the documents joined by EOS, cut at max_tokens
+            ids = lm_windows(tok, load_dataset(spec, "eval"), 1, spec.max_tokens).view(-1).numpy()
+            if len(ids) < 2:  # perplexity scores each token from the ones before it: one token scores nothing
+                raise DataSourceError(f"{field}: {spec.source} ({spec.split}) gives {len(ids)} token(s); perplexity "
+                                      "needs at least 2; give eval data with some text")
+            return ids.astype(np.int64)
 
-        tokens = stream(s.data)
-        out = {"tokens": tokens, **{f"extra.{name}": stream(spec) for name, spec in s.extra_data.items()}}
+        tokens = stream(s.data, "eval data (--data, benchmark.data or data.eval)")
+        out = {"tokens": tokens, **{f"extra.{name}": stream(spec, f"benchmark.extra_data.{name}")
+                                    for name, spec in s.extra_data.items()}}
         if lat:
             need = lat.batch * lat.prompt_tokens
             reps = -(-need // len(tokens))

@@ -143,3 +143,30 @@ def test_encoder_records(task, tmp_path):
         assert q["cosine"] == pytest.approx(1.0, abs=1e-6) and q["nn_agreement"] == 1.0
     assert r["latency"]["batch1"]["n"] == 2 and r["latency"]["throughput_batch"] == 4
     assert r["latency"]["throughput_items_per_s"] > 0
+
+
+@pytest.mark.parametrize("text", ["", "word"])
+def test_eval_data_without_two_tokens_is_bad_input(tiny_llama_dir, tmp_path, text):
+    """An empty eval file tokenized to one EOS: no perplexity window, and the worker failed with
+    "IndexError: list index out of range"; now a DataSourceError before any process starts."""
+    from compress.errors import DataSourceError
+
+    (tmp_path / "eval.txt").write_text(text)
+    settings = SETTINGS.model_copy(update={"data": DataSpec(source=str(tmp_path / "eval.txt"))})
+    if text == "word":  # two tokens (the word and EOS) are enough for one scored target
+        r = measure(str(tiny_llama_dir), backend="torch-cpu", settings=settings.model_copy(update={"latency": None}),
+                    work_dir=tmp_path / "work")
+        assert r["quality"]["scored_tokens"] >= 1, r
+        return
+    with pytest.raises(DataSourceError, match=r"eval data .*eval.txt \(all\) gives 1 token\(s\); perplexity needs "
+                                              r"at least 2"):
+        measure(str(tiny_llama_dir), backend="torch-cpu", settings=settings, work_dir=tmp_path / "work")
+
+
+def test_empty_extra_corpus_names_its_field(tiny_llama_dir, tmp_path):
+    from compress.errors import DataSourceError
+
+    (tmp_path / "empty.txt").write_text("")
+    settings = SETTINGS.model_copy(update={"extra_data": {"mine": DataSpec(source=str(tmp_path / "empty.txt"))}})
+    with pytest.raises(DataSourceError, match="benchmark.extra_data.mine: "):
+        measure(str(tiny_llama_dir), backend="torch-cpu", settings=settings, work_dir=tmp_path / "work")
