@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-from compress.errors import CompressInputError, DataSourceError, ModelSourceError
+from compress.errors import CompressInputError, ConfigError, DataSourceError, ModelSourceError
 
 from .config import BenchmarkConfig
 from .machine import machine_record
@@ -386,6 +386,7 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     t = resolve_target(target, task)
     base = resolve_target(baseline, t.task) if baseline is not None else None
     s = settings.resolved(t.task, data)
+    _check_positions(t, s)
     record = _header(t, backend, s, label, base)
     record["machine"] = machine_record()
     problem = backend_problem(backend) or _kind_problem(t, backend)
@@ -452,6 +453,42 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     if notes:
         record["notes"] = notes
     return record
+
+
+# model types whose positions are a learned table (a longer input indexes past it); rotary ones extrapolate
+_LEARNED_POSITIONS = {"gpt2": "n_positions", "bert": "max_position_embeddings", "distilbert": "max_position_embeddings",
+                      "electra": "max_position_embeddings", "roberta": "max_position_embeddings",
+                      "xlm-roberta": "max_position_embeddings", "camembert": "max_position_embeddings"}
+_PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions start after the padding index
+
+
+def _check_positions(t: Target, s: BenchmarkConfig) -> None:
+    """ConfigError naming the option when a sequence the measurement feeds `t` is longer than its learned
+    position table (the worker failed with "IndexError: index out of range in self")."""
+    try:
+        config = json.loads((t.path / "config.json").read_text()) if t.path.is_dir() else {}
+    except (OSError, json.JSONDecodeError):
+        return
+    key = _LEARNED_POSITIONS.get(config.get("model_type"))
+    if not key or not config.get(key):
+        return
+    pad = config.get("pad_token_id")
+    limit = config[key] - ((1 if pad is None else pad) + 1 if config["model_type"] in _PADDED_POSITIONS else 0)
+    lat, lengths = s.latency, []
+    if t.task == "causal-lm":
+        lengths.append(("benchmark.window (--window)", s.window))
+        lengths += [(f"benchmark.extra_data.{n}.seq_len", d.seq_len) for n, d in s.extra_data.items()]
+        if lat:
+            lengths.append(("benchmark.latency.prompt_tokens + new_tokens (--prompt-tokens, --new-tokens)",
+                            lat.prompt_tokens + lat.new_tokens))
+    else:
+        lengths.append(("benchmark.data.max_length (--max-length)", s.data.max_length))
+        if lat:
+            lengths.append(("benchmark.latency.seq_tokens (--seq-tokens)", lat.seq_tokens))
+    for field, n in lengths:
+        if n > limit:
+            raise ConfigError(f"{field}: {n} tokens, longer than the {limit} positions of {t.ref} ({key} in its "
+                              f"config.json); lower it to {limit} at most")
 
 
 def _kind_problem(t: Target, backend: Backend) -> str | None:

@@ -1,6 +1,7 @@
 """The harness end to end on tiny models: each measurement runs in its own subprocess (a few seconds each)."""
 import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
@@ -170,3 +171,27 @@ def test_empty_extra_corpus_names_its_field(tiny_llama_dir, tmp_path):
     settings = SETTINGS.model_copy(update={"extra_data": {"mine": DataSpec(source=str(tmp_path / "empty.txt"))}})
     with pytest.raises(DataSourceError, match="benchmark.extra_data.mine: "):
         measure(str(tiny_llama_dir), backend="torch-cpu", settings=settings, work_dir=tmp_path / "work")
+
+
+@pytest.mark.parametrize("family,task,update,message", [
+    ("gpt2", "causal-lm", {"window": 64}, "benchmark.window (--window): 64 tokens, longer than the 32 positions"),
+    ("gpt2", "causal-lm", {"window": 16, "latency": {"prompt_tokens": 30, "new_tokens": 8}},
+     "benchmark.latency.prompt_tokens + new_tokens (--prompt-tokens, --new-tokens): 38 tokens, longer than the 32"),
+    ("bert", "sequence-classification", {"data": DataSpec(source="builtin:bbc-news", max_length=64)},
+     "benchmark.data.max_length (--max-length): 64 tokens, longer than the 32 positions"),
+    ("roberta", "feature-extraction", {"latency": {"seq_tokens": 32}},  # RoBERTa's table starts after padding
+     "benchmark.latency.seq_tokens (--seq-tokens): 32 tokens, longer than the 31 positions"),
+])
+def test_sequences_longer_than_learned_positions_are_refused(tmp_path, family, task, update, message):
+    """A window, prompt or encoder input past a learned position table failed in the worker with "IndexError:
+    index out of range in self" (GPT-2) or a tensor size mismatch (BERT); now a ConfigError naming the option."""
+    from tiny_models import save_tiny, tiny_family
+
+    from compress.errors import ConfigError
+
+    model = tiny_family(family, task)
+    setattr(model.config, "n_positions" if family == "gpt2" else "max_position_embeddings", 32)
+    save_tiny(model, tmp_path / "m", "causal" if family == "gpt2" else "encoder")
+    settings = BenchmarkConfig(threads=1, **{"data": {"source": "builtin:bbc-news", "max_length": 16}, **update})
+    with pytest.raises(ConfigError, match=re.escape(message) + r".*; lower it to 3[12] at most"):
+        measure(str(tmp_path / "m"), backend="torch-cpu", settings=settings, task=task, work_dir=tmp_path / "w")
