@@ -82,6 +82,7 @@ def _labels(targets: list[str]) -> list[str]:
 
 def print_table(records: list[dict]) -> None:
     from rich.console import Console
+    from rich.markup import escape  # labels and reasons are text: "pip install -e '.[llama]'" lost "[llama]"
     from rich.table import Table
 
     from .report import _measured, _results_table
@@ -95,12 +96,12 @@ def print_table(records: list[dict]) -> None:
             for h in head:
                 table.add_column(h, justify="left" if h in ("checkpoint", "backend") else "right")
             for row in rows:
-                table.add_row(*row)
+                table.add_row(*map(escape, row))
             console.print(table)
     for r in records:
         if "skipped" in r or "error" in r:
-            console.print(f"[yellow]{r['label']} on {r['backend']}: "
-                          f"{r.get('skipped') or 'error: ' + str(r.get('error'))}[/yellow]")
+            console.print(f"[yellow]{escape(r['label'])} on {r['backend']}: "
+                          f"{escape(r.get('skipped') or 'error: ' + str(r.get('error')))}[/yellow]")
 
 
 def _outside_checkpoints(folder: str, option: str) -> None:

@@ -269,3 +269,17 @@ def test_bench_refuses_to_write_into_a_checkpoint(tmp_path, monkeypatch, capsys,
     assert f"{option} {ckpt / inside}: is inside the checkpoint {ckpt}" in err and "Traceback" not in err
     assert measured == [] and sorted(p.name for p in ckpt.rglob("*")) == before
     verify(ckpt)
+
+
+def test_bench_table_prints_brackets_as_text(capsys):
+    """The terminal lines went through rich markup: the llama.cpp skip reason printed "pip install -e '.'"
+    (the "[llama]" of the command was taken for a style) and a label "[b]" vanished."""
+    from benchmarks.cli import print_table
+
+    reason = "llamacpp-cpu: llama-cpp-python is not installed (...: pip install -e '.[llama]')"
+    record = {"label": "run[b]", "backend": "ort-cpu", "task": "causal-lm", "params": 1000, "size_bytes": 10**6}
+    print_table([{"label": "q[bold]", "backend": "llamacpp-cpu", "task": "causal-lm", "skipped": reason},
+                 {**record, "is_baseline": True}])
+    out = capsys.readouterr().out
+    assert "q[bold] on llamacpp-cpu: " + reason in out.replace("\n", "")
+    assert "run[b]" in out
