@@ -108,6 +108,13 @@ class BenchmarkConfig(Options):
     def _unique(cls, v: list) -> list:
         return list(dict.fromkeys(v))
 
+    @field_validator("backends")
+    @classmethod
+    def _some_backend(cls, v: list) -> list:
+        if not v:  # else nothing is measured and the run reports "every row was skipped"
+            raise ValueError(f"no backend given; name at least one of {', '.join(BACKENDS)}, e.g. torch-cpu")
+        return v
+
     @field_validator("extra_data")
     @classmethod
     def _corpus_names(cls, v: dict) -> dict:

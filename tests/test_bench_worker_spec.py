@@ -36,3 +36,16 @@ def test_worker_spec_json_round_trip():
     with pytest.raises(ValueError, match="loader"):
         WorkerSpec(target="t", loader="torch", task="causal-lm", backend="torch-cpu", settings={}, inputs="i",
                    label="l")
+
+
+def test_an_empty_backend_list_is_refused(tmp_path, capsys):
+    """`backends: []` (or `--backends ,`) measured nothing, overwrote the output folder's results.json with no
+    rows and said "every row was skipped, for the reasons above" with no reason above; now a ConfigError."""
+    from pipelines.cli import main
+
+    with pytest.raises(ValueError, match="no backend given; name at least one of torch-cpu"):
+        BenchmarkConfig(backends=[])
+    (tmp_path / "results.json").write_text("earlier")
+    assert main(["bench", "x", "--backends", ",", "--output", str(tmp_path)]) == 2
+    assert "bench.backends: no backend given" in capsys.readouterr().err
+    assert (tmp_path / "results.json").read_text() == "earlier"
