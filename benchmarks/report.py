@@ -268,6 +268,13 @@ def _generation_blocks(records: list[dict]) -> list[tuple]:
     return blocks
 
 
+_PLOT_COSTS = ("latency", "size")
+
+
+def _plot_name(task: str, cost: str) -> str:
+    return f"{task}-quality-vs-{cost}.png"
+
+
 def build_blocks(records: list[dict], title: str, command: str | None, out_dir: Path) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"h3"|"p"|"li"|"pre", text), ("table", head, rows), ("img", file, alt)."""
     blocks: list[tuple] = [("h1", title)]
@@ -288,8 +295,8 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
             blocks.append(("p", f"Against the baseline `{ref['label']}` on {ref['backend']}, across backends "
                                 "(what a deployment gains over the model it replaces):"))
             blocks.append(("table", head, rows))
-        for cost in ("latency", "size"):
-            name = f"{task}-quality-vs-{cost}.png"
+        for cost in _PLOT_COSTS:
+            name = _plot_name(task, cost)
             if scatter(rs, task, cost, out_dir / name) is not None:
                 blocks.append(("img", name, f"{QUALITY_AXIS[task][1]} against {cost}; the dashed line joins the "
                                             "Pareto front"))
@@ -403,6 +410,9 @@ def write_report(records: list[dict], out_dir, title: str, *, command: str | Non
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     results = {"title": title, "command": command, "records": records}
+    # an earlier report's plots in this folder would show rows this report does not have
+    for name in (_plot_name(task, cost) for task in QUALITY_AXIS for cost in _PLOT_COSTS):
+        (out_dir / name).unlink(missing_ok=True)
     (out_dir / RESULTS).write_text(json.dumps(results, indent=1, default=str) + "\n")
     blocks = build_blocks(records, title, command, out_dir)
     (out_dir / "report.md").write_text(_md(blocks))

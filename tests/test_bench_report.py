@@ -76,3 +76,17 @@ def test_report_compares_every_row_with_the_baseline_across_backends(tmp_path):
     assert row == "| 01-quantize | ort-cpu | 4.00x | 1.100x | 2.00x |"  # 540/135 MB, 22/20 ppl, 48/24 tok/s
     single = write_report(_records(), tmp_path / "one", "demo").read_text()
     assert "Against the baseline" not in single  # one backend: the main table already says it
+
+
+def test_a_report_into_an_earlier_ones_folder_leaves_no_stale_plots(tmp_path):
+    """Re-running into the same --output folder kept the earlier run's plots when this run had nothing to plot
+    (every row failed): the folder then held a quality-vs-latency plot of rows its report does not have."""
+    write_report(_records(), tmp_path, "first")
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["causal-lm-quality-vs-latency.png",
+                                                               "causal-lm-quality-vs-size.png"]
+    failed = {"label": "source", "backend": "torch-cpu", "task": "causal-lm", "key": "s", "is_baseline": True,
+              "error": "the measurement took longer than timeout_s=2 s"}
+    md = write_report([failed], tmp_path, "second").read_text()
+    assert list(tmp_path.glob("*.png")) == [] and ".png" not in md
+    assert "source on torch-cpu: error: the measurement took longer than timeout_s=2 s" in md
+    assert [r["label"] for r in json.loads((tmp_path / "results.json").read_text())["records"]] == ["source"]
