@@ -74,7 +74,7 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
     """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, a GGUF file (llama.cpp's
     format, a peer's), or a model source."""
     from compress.checkpoint import read_manifest
-    from compress.models import resolve_source, source_fingerprint
+    from compress.models import check_task, resolve_source, source_fingerprint
 
     ref = str(target)
     path = Path(ref).expanduser()
@@ -107,6 +107,7 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
     task = task or (_task_from_config(location) if location.is_dir() else None)
     if not task:
         raise ModelSourceError(f"{ref}: cannot tell the model's task from its config.json; pass --task")
+    check_task(ref, task)  # here, not in the worker: an encoder as a causal LM (or as an LM's baseline) is bad input
     return Target(ref, location, "torch", "source", task, _hash("source", source_fingerprint(ref), task))
 
 

@@ -71,6 +71,8 @@ def test_benchmark_steps_selects_rows_and_names_unknown_ones(tiny_llama_dir, tmp
 
 
 def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace as Target
+
     import benchmarks.harness
 
     seen = []
@@ -81,6 +83,7 @@ def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch,
                 "skipped": "stub"}
 
     monkeypatch.setattr(benchmarks.harness, "measure", fake_measure)
+    monkeypatch.setattr(benchmarks.harness, "resolve_target", lambda target, task=None: Target(task="causal-lm"))
     from pipelines.cli import main
 
     rc = main(["bench", "a-ckpt", "b-ckpt", "--baseline", "base", "--backends", "torch-cpu,ort-cpu",
@@ -283,3 +286,22 @@ def test_bench_table_prints_brackets_as_text(capsys):
     out = capsys.readouterr().out
     assert "q[bold] on llamacpp-cpu: " + reason in out.replace("\n", "")
     assert "run[b]" in out
+
+
+@pytest.mark.parametrize("extra", [["--baseline", "BERT"], ["--task", "causal-lm"]])
+def test_bench_refuses_an_encoder_as_a_causal_lm_before_measuring(tiny_llama_dir, tiny_bert_dir, tmp_path, monkeypatch,
+                                                                   capsys, extra):
+    """An encoder as an LM's baseline measured the baseline row (as a classifier), then failed the LM's row in
+    the worker's reference run; `--task causal-lm` on an encoder failed in the worker too (exit 1). Now both
+    are bad input (exit 2) before any row is measured."""
+    import benchmarks.harness
+    from pipelines.cli import main
+
+    measured = []
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda target, **kw: measured.append(target))
+    target = str(tiny_bert_dir) if "--task" in extra else str(tiny_llama_dir)
+    extra = [str(tiny_bert_dir) if a == "BERT" else a for a in extra]
+    assert main(["bench", target, *extra, "--output", str(tmp_path), "--no-progress"]) == 2
+    assert f"{tiny_bert_dir} is a BertForSequenceClassification, with no language-model head for task causal-lm" \
+        in capsys.readouterr().err
+    assert measured == []
