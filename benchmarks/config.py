@@ -142,6 +142,10 @@ class BenchmarkConfig(Options):
         self.check_task(task)
         spec = _eval_split(self.data or data or DataSpec(**DEFAULT_EVAL[task]))
         window = self.window or spec.seq_len
+        if task == "causal-lm" and self.stride and self.stride > window:  # tokens between windows: never scored
+            raise ConfigError(f"benchmark.stride (--stride): {self.stride} is longer than the perplexity window "
+                              f"{window}, so the tokens between windows would not be scored; give a stride of at "
+                              f"most {window}")
         return self.model_copy(update={
             "threads": self.threads or physical_cores(), "data": spec, "window": window,
             "stride": self.stride or window,

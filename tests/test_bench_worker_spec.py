@@ -49,3 +49,17 @@ def test_an_empty_backend_list_is_refused(tmp_path, capsys):
     assert main(["bench", "x", "--backends", ",", "--output", str(tmp_path)]) == 2
     assert "bench.backends: no backend given" in capsys.readouterr().err
     assert (tmp_path / "results.json").read_text() == "earlier"
+
+
+def test_a_stride_past_the_window_is_refused():
+    """stride 64 over window 32 scored 155 of 300 eval tokens (each window's neighbours skipped) and reported
+    that perplexity as the model's; now a ConfigError. stride == window (the default) still resolves."""
+    from compress.errors import ConfigError
+
+    data = {"source": "builtin:wikipedia", "max_tokens": 300, "seq_len": 32}
+    with pytest.raises(ConfigError, match=r"benchmark.stride \(--stride\): 64 is longer than the perplexity window "
+                                          r"32, .*give a stride of at most 32"):
+        BenchmarkConfig(data=data, window=32, stride=64).resolved("causal-lm")
+    with pytest.raises(ConfigError, match="window 32"):  # the window defaults to data.seq_len
+        BenchmarkConfig(data=data, stride=33).resolved("causal-lm")
+    assert BenchmarkConfig(data=data, stride=32).resolved("causal-lm").stride == 32
