@@ -289,6 +289,11 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
             continue
         blocks.append(("h2", f"Results: {task}"))
         blocks.append(("table", *_results_table(task, rs)))
+        borrowed = {r["backend"]: base["backend"] for r in rs
+                    if (base := _baseline_for(r, rs)) is not None and base["backend"] != r["backend"]}
+        for backend, base_backend in borrowed.items():  # the intro line says "on the same backend"
+            blocks.append(("p", f"No baseline row on {backend}: the ratios in brackets of its rows are to the "
+                                f"baseline on {base_backend}."))
         against = _against_reference(task, rs)
         if against is not None:
             ref, head, rows = against

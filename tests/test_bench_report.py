@@ -90,3 +90,17 @@ def test_a_report_into_an_earlier_ones_folder_leaves_no_stale_plots(tmp_path):
     assert list(tmp_path.glob("*.png")) == [] and ".png" not in md
     assert "source on torch-cpu: error: the measurement took longer than timeout_s=2 s" in md
     assert [r["label"] for r in json.loads((tmp_path / "results.json").read_text())["records"]] == ["source"]
+
+
+def test_ratios_to_a_baseline_on_another_backend_are_said_so(tmp_path):
+    """With no baseline row on ort-cpu (its export skipped or failed, or a GGUF on llamacpp-cpu) the ORT rows'
+    bracketed ratios were to the torch-cpu baseline, under a line saying they are "on the same backend"."""
+    ort = _record("01-quantize", 22.0, 80.0, 48.0, 135_000_000, 134_500_000, backend="ort-cpu")
+    md = write_report(_records()[:2] + [ort], tmp_path, "demo").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| 01-quantize | ort-cpu"))
+    assert "135.0 (0.25x)" in row  # 135 MB against the torch baseline's 540 MB
+    assert "No baseline row on ort-cpu: the ratios in brackets of its rows are to the baseline on torch-cpu." in md
+    assert "No baseline row on torch-cpu" not in md
+    base_ort = _record("source", 20.0, 50.0, 40.0, 270_000_000, 134_500_000, base=True, backend="ort-cpu")
+    md = write_report(_records()[:2] + [base_ort, ort], tmp_path / "both", "demo").read_text()
+    assert "No baseline row" not in md
