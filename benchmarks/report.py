@@ -57,8 +57,10 @@ def _decode_tok_s(r):
 
 
 def _bound_percent(r):
-    """Decode speed as a share of memory bandwidth / weight bytes read per token (benchmarks/roofline.py)."""
-    return percent_of_bound(_decode_tok_s(r), r.get("weight_bytes_per_token"),
+    """Decode speed as a share of memory bandwidth / weight bytes read per token (benchmarks/roofline.py). A
+    decode step reads the weights once for the whole batch: steps per second, not tokens, meet the bound."""
+    tok_s, batch = _decode_tok_s(r), _get(r, "latency", "batch") or 1
+    return percent_of_bound(tok_s / batch if tok_s else None, r.get("weight_bytes_per_token"),
                             _get(r, "machine", "memory_bandwidth_gb_s"))
 
 

@@ -104,3 +104,20 @@ def test_ratios_to_a_baseline_on_another_backend_are_said_so(tmp_path):
     base_ort = _record("source", 20.0, 50.0, 40.0, 270_000_000, 134_500_000, base=True, backend="ort-cpu")
     md = write_report(_records()[:2] + [base_ort, ort], tmp_path / "both", "demo").read_text()
     assert "No baseline row" not in md
+
+
+def test_bandwidth_bound_counts_decode_steps_not_tokens_of_a_batch(tmp_path):
+    """At batch 4 each decode step reads the weights once for 4 tokens: the column showed 4x the share of the
+    bound (tokens/s against a bound on steps/s), e.g. 96% where the decoder reached 24%."""
+    rows = []
+    for batch in (1, 4):
+        r = _record(f"b{batch}", 20.0, 250.0, 24.0 * batch, 540_000_000, 134_500_000, base=batch == 1)
+        r["latency"]["batch"] = batch
+        r["weight_bytes_per_token"] = 100_000_000
+        r["machine"]["memory_bandwidth_gb_s"] = 10.0  # bound: 100 steps/s
+        rows.append(r)
+    md = write_report(rows, tmp_path, "demo").read_text()
+    head = next(line for line in md.splitlines() if line.startswith("| checkpoint"))
+    col = head.split(" | ").index("% of bandwidth bound")
+    rows = [line for line in md.splitlines() if line.startswith(("| b1 ", "| b4 "))][:2]  # the results table
+    assert [line.split(" | ")[col] for line in rows] == ["24", "24"]
