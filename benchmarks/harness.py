@@ -268,12 +268,29 @@ def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarra
     out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
     if ds.labels is not None and t.task == "sequence-classification":
         out["labels"] = np.asarray(ds.labels, dtype=np.int64)
+        _check_labels(t, s.data, out["labels"])
     if lat:
         fixed = tok(ds.texts[: lat.throughput_batch], padding="max_length", truncation=True,
                     max_length=lat.seq_tokens, return_tensors="np")
         out["lat_ids"] = fixed["input_ids"].astype(np.int64)
         out["lat_mask"] = fixed["attention_mask"].astype(np.int64)
     return out
+
+
+def _check_labels(t: Target, spec, labels: np.ndarray) -> None:
+    """DataSourceError when the eval labels go past the classifier's outputs: it could never predict those
+    classes, so its accuracy and macro-F1 (over its own classes) would mean nothing."""
+    try:
+        config = json.loads((t.path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return
+    if not any(a.endswith("ForSequenceClassification") for a in config.get("architectures") or []):
+        return  # a bare encoder gets a head at load time (a pipeline's source before its fine-tuning)
+    classes = len(config.get("id2label") or {}) or 2  # transformers leaves out its default of 2 labels
+    if len(labels) and labels.max() >= classes:
+        raise DataSourceError(f"eval data {spec.source}: labels go up to {labels.max()} ({labels.max() + 1} "
+                              f"classes) but {t.ref} has {classes} outputs; give eval data labelled with the "
+                              "model's classes (--data, benchmark.data or data.eval)")
 
 
 def _save_inputs(arrays: dict[str, np.ndarray], work_dir: Path) -> tuple[Path, str]:

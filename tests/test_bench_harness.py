@@ -195,3 +195,17 @@ def test_sequences_longer_than_learned_positions_are_refused(tmp_path, family, t
     settings = BenchmarkConfig(threads=1, **{"data": {"source": "builtin:bbc-news", "max_length": 16}, **update})
     with pytest.raises(ConfigError, match=re.escape(message) + r".*; lower it to 3[12] at most"):
         measure(str(tmp_path / "m"), backend="torch-cpu", settings=settings, task=task, work_dir=tmp_path / "w")
+
+
+def test_eval_labels_past_the_classifiers_outputs_are_refused(tmp_path):
+    """A 2-label classifier scored on the 5 classes of bbc-news: accuracy and a macro-F1 over its 2 classes
+    only were reported as if they meant something; now a DataSourceError naming both counts."""
+    from tiny_models import save_tiny, tiny_bert
+
+    from compress.errors import DataSourceError
+
+    save_tiny(tiny_bert(num_labels=2), tmp_path / "m")
+    settings = BenchmarkConfig(threads=1, data={"source": "builtin:bbc-news", "max_examples": 16}, latency=None)
+    with pytest.raises(DataSourceError, match=r"eval data builtin:bbc-news: labels go up to 4 \(5 classes\) but "
+                                              r".*/m has 2 outputs; give eval data labelled with the model's"):
+        measure(str(tmp_path / "m"), backend="torch-cpu", settings=settings, work_dir=tmp_path / "w")
