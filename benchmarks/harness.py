@@ -28,7 +28,8 @@ from .roofline import weight_bytes_per_token
 from .worker_spec import Backend, WorkerSpec
 
 HARNESS_VERSION = 1
-REFERENCE_BACKEND = Backend("torch", "cpu")  # where the baseline's reference outputs are made
+REFERENCE_BACKEND = Backend("torch", "cpu")  # where the baseline's reference outputs are made ...
+ONNX_REFERENCE_BACKEND = Backend("ort", "cpu")  # ... and those of an ONNX baseline, which torch cannot load
 _WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx.data", ".onnx_data", ".bin", ".data")
 
 
@@ -360,6 +361,10 @@ def run_worker(spec: WorkerSpec, threads: int, timeout_s: int) -> dict:
                                                                                           " (its output is above)")}
 
 
+def _reference_backend(baseline: Target) -> Backend:
+    return ONNX_REFERENCE_BACKEND if baseline.kind == "onnx" else REFERENCE_BACKEND
+
+
 def _reference_path(baseline: Target, inputs_hash: str, s: BenchmarkConfig, work_dir: Path) -> Path:
     return work_dir / "refs" / f"{_hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch)}.npz"
 
@@ -372,7 +377,7 @@ def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkCon
         return ref
     ref.parent.mkdir(parents=True, exist_ok=True)
     tmp = ref.with_name(ref.stem + f".tmp{os.getpid()}.npz")
-    spec = _worker_spec(baseline, REFERENCE_BACKEND, s, inputs, "baseline reference", show,
+    spec = _worker_spec(baseline, _reference_backend(baseline), s, inputs, "baseline reference", show,
                         write_reference=str(tmp), latency=False, extra_data=True)
     out = run_worker(spec, s.threads, s.timeout_s)
     if "error" in out:
@@ -431,7 +436,7 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     notes, self_ref = [], None
     if base is not None and "teacher-agreement" in s.quality:
         ref_path = _reference_path(base, inputs_hash, s, work_dir)
-        if base.key == t.key and backend == REFERENCE_BACKEND and not ref_path.exists():
+        if base.key == t.key and backend == _reference_backend(base) and not ref_path.exists():
             # The baseline itself: one run measures it and writes the reference the others compare with.
             self_ref = ref_path
             self_ref.parent.mkdir(parents=True, exist_ok=True)

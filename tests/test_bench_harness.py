@@ -209,3 +209,21 @@ def test_eval_labels_past_the_classifiers_outputs_are_refused(tmp_path):
     with pytest.raises(DataSourceError, match=r"eval data builtin:bbc-news: labels go up to 4 \(5 classes\) but "
                                               r".*/m has 2 outputs; give eval data labelled with the model's"):
         measure(str(tmp_path / "m"), backend="torch-cpu", settings=settings, work_dir=tmp_path / "w")
+
+
+def test_an_onnx_checkpoint_can_be_the_baseline(tiny_llama_dir, work_dir):
+    """The baseline's reference outputs were made on torch-cpu whatever the baseline was: with an ONNX baseline
+    (e.g. benchmark.baseline: 02-export) every row failed with "baseline reference: AttributeError: 'NoneType'
+    object has no attribute 'parameters'". An ONNX baseline's reference is now made on ort-cpu."""
+    exported = measure(str(tiny_llama_dir), backend="ort-cpu", settings=SETTINGS, work_dir=work_dir)
+    if "skipped" in exported:
+        pytest.skip(exported["skipped"])
+    onnx_dir = exported["exported_on_the_fly"]
+    itself = measure(onnx_dir, backend="ort-cpu", settings=SETTINGS, baseline=onnx_dir, work_dir=work_dir)
+    assert "error" not in itself, itself.get("error")
+    assert itself["quality"]["top1_agreement"] == 1.0 and itself["quality"]["kl"] == pytest.approx(0, abs=1e-6)
+    torch_row = measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS, baseline=onnx_dir,
+                        work_dir=work_dir)
+    assert "error" not in torch_row, torch_row.get("error")
+    assert torch_row["quality"]["top1_agreement"] > 0.99 and torch_row["quality"]["kl"] < 1e-4
+
