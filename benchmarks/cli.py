@@ -120,7 +120,7 @@ def _outside_checkpoints(folder: str, option: str) -> None:
 def cmd_bench(args) -> int:
     from compress.runtime import output_folder
 
-    from .harness import measure, resolve_target, timing_rounds
+    from .harness import measure, resolve_baseline, resolve_target, timing_rounds
     from .report import write_report
 
     settings = settings_from_args(args)
@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
     for target in targets:  # bad input (a target, a baseline of another task) fails before any row is measured
         task = resolve_target(target, args.task).task
         if args.baseline:
-            resolve_target(args.baseline, task)
+            resolve_baseline(args.baseline, task)
     records, jobs = [], []
     for i, (target, label) in enumerate(zip(targets, labels)):
         data = _default_data(args, target)

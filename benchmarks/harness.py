@@ -112,6 +112,17 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
     return Target(ref, location, "torch", "source", task, _hash("source", source_fingerprint(ref), task))
 
 
+def resolve_baseline(baseline: str | os.PathLike, task: str) -> Target:
+    """The baseline of a `task` target: a model torch or ONNX Runtime runs (its reference outputs are made there,
+    and its tokenizer makes every row's inputs); a GGUF file has neither."""
+    base = resolve_target(baseline, task)
+    if base.kind == "gguf":
+        raise ConfigError(f"--baseline {baseline}: a GGUF file cannot be the baseline (no tokenizer to make the "
+                          "inputs, no torch or ONNX Runtime to make the reference outputs); give the model it was "
+                          "converted from, e.g. --baseline builtin:smollm2-135m")
+    return base
+
+
 def weights_size(path: Path) -> int:
     if path.is_file():  # a GGUF file holds everything
         return path.stat().st_size
@@ -407,7 +418,7 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     backend = Backend.parse(backend)
     work_dir = Path(work_dir) if work_dir else Path(cache_dir()) / "bench"
     t = resolve_target(target, task)
-    base = resolve_target(baseline, t.task) if baseline is not None else None
+    base = resolve_baseline(baseline, t.task) if baseline is not None else None
     s = settings.resolved(t.task, data)
     _check_positions(t, s)
     record = _header(t, backend, s, label, base)

@@ -227,3 +227,15 @@ def test_an_onnx_checkpoint_can_be_the_baseline(tiny_llama_dir, work_dir):
     assert "error" not in torch_row, torch_row.get("error")
     assert torch_row["quality"]["top1_agreement"] > 0.99 and torch_row["quality"]["kl"] < 1e-4
 
+
+def test_a_gguf_file_cannot_be_the_baseline(tiny_llama_dir, tmp_path):
+    """A GGUF baseline has no tokenizer and no torch / ORT to make the reference: it ended in a traceback
+    (AutoTokenizer on the .gguf path); now a ConfigError naming --baseline and the fix."""
+    from compress.errors import ConfigError
+    from pipelines.cli import main
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ConfigError, match="a GGUF file cannot be the baseline .*give the model it was converted"):
+        measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS, baseline=str(gguf), work_dir=tmp_path)
+    assert main(["bench", str(tiny_llama_dir), "--baseline", str(gguf), "--output", str(tmp_path / "o")]) == 2

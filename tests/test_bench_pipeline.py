@@ -83,7 +83,8 @@ def test_bench_cli_writes_records_with_the_baseline_first(tmp_path, monkeypatch,
                 "skipped": "stub"}
 
     monkeypatch.setattr(benchmarks.harness, "measure", fake_measure)
-    monkeypatch.setattr(benchmarks.harness, "resolve_target", lambda target, task=None: Target(task="causal-lm"))
+    monkeypatch.setattr(benchmarks.harness, "resolve_target",
+                        lambda target, task=None: Target(task="causal-lm", kind="torch"))
     from pipelines.cli import main
 
     rc = main(["bench", "a-ckpt", "b-ckpt", "--baseline", "base", "--backends", "torch-cpu,ort-cpu",
