@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -368,8 +369,14 @@ def run_worker(spec: WorkerSpec, threads: int, timeout_s: int) -> dict:
         if out_file.exists():
             return json.loads(out_file.read_text())
         tail = (proc.stderr or "")[-3000:]
-        return {"error": f"the measuring process exited with code {proc.returncode}" + (f":\n{tail}" if tail else
-                                                                                          " (its output is above)")}
+        code = proc.returncode
+        how = f"exited with code {code}" if code >= 0 else f"was killed by {signal.Signals(-code).name}" + (
+            " (often the kernel's out-of-memory killer)" if code == -signal.SIGKILL else "")
+        if tail:
+            how += ":\n" + tail
+        else:  # stderr goes to the terminal while progress bars show; else it was captured, and is empty
+            how += " (its output is above)" if spec.show_progress else ", with nothing on stderr"
+        return {"error": f"the measuring process {how}"}
 
 
 def _reference_backend(baseline: Target) -> Backend:

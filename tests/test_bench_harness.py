@@ -239,3 +239,23 @@ def test_a_gguf_file_cannot_be_the_baseline(tiny_llama_dir, tmp_path):
     with pytest.raises(ConfigError, match="a GGUF file cannot be the baseline .*give the model it was converted"):
         measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS, baseline=str(gguf), work_dir=tmp_path)
     assert main(["bench", str(tiny_llama_dir), "--baseline", str(gguf), "--output", str(tmp_path / "o")]) == 2
+
+
+@pytest.mark.parametrize("script,error", [
+    ("kill -9 $$", "the measuring process was killed by SIGKILL (often the kernel's out-of-memory killer), with "
+                   "nothing on stderr"),
+    ("echo 'Fatal Python error: Segmentation fault' >&2; exit 139",
+     "the measuring process exited with code 139:\nFatal Python error: Segmentation fault\n"),
+])
+def test_a_crashed_worker_gives_an_error_row_with_the_reason(tiny_llama_dir, tmp_path, monkeypatch, script, error):
+    """A worker killed without a word (the OOM killer's SIGKILL) was reported as "exited with code -9 (its
+    output is above)", with nothing above: stderr had been captured, and was empty."""
+    import benchmarks.harness
+
+    python = tmp_path / "python"
+    python.write_text(f"#!/bin/sh\n{script}\n")
+    python.chmod(0o755)
+    monkeypatch.setattr(benchmarks.harness.sys, "executable", str(python))
+    r = measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS.model_copy(update={"quality": []}),
+                work_dir=tmp_path / "w", show_progress=False)
+    assert r["error"] == error and r["label"] == str(tiny_llama_dir) and "seconds" in r
