@@ -104,12 +104,17 @@ def print_table(records: list[dict]) -> None:
                           f"{escape(r.get('skipped') or 'error: ' + str(r.get('error')))}[/yellow]")
 
 
-def _outside_checkpoints(folder: str, option: str) -> None:
+def _check_output_folder(folder: str, option: str) -> None:
     """ConfigError when `folder` is, or lies inside, a checkpoint: the files written there (report, plots,
-    inputs) are not in its manifest, so the checkpoint would refuse to load afterwards."""
+    inputs) are not in its manifest, so the checkpoint would refuse to load afterwards. Also when it is the
+    folder of a `compress run`, whose results.json and reports the bench's would replace."""
     from compress.checkpoint import MANIFEST
 
     path = Path(folder).expanduser().resolve()
+    if option == "--output" and (path / "run.json").is_file():
+        raise ConfigError(f"{option} {folder}: is the folder of a `compress run` (run.json); the bench's "
+                          "results.json and reports would replace the run's; give another folder, e.g. "
+                          f"{Path(folder) / 'bench'}")
     for parent in (path, *path.parents):
         if (parent / MANIFEST).is_file():
             raise ConfigError(f"{option} {folder}: is inside the checkpoint {parent}; the files written there "
@@ -124,9 +129,9 @@ def cmd_bench(args) -> int:
     from .report import write_report
 
     settings = settings_from_args(args)
-    _outside_checkpoints(args.output, "--output")
+    _check_output_folder(args.output, "--output")
     if args.work_dir:
-        _outside_checkpoints(args.work_dir, "--work-dir")
+        _check_output_folder(args.work_dir, "--work-dir")
     out = output_folder(args.output, "--output")
     work_dir = Path(args.work_dir) if args.work_dir else out / ".bench"
     show = False if args.no_progress else None

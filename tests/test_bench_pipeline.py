@@ -306,3 +306,22 @@ def test_bench_refuses_an_encoder_as_a_causal_lm_before_measuring(tiny_llama_dir
     assert f"{tiny_bert_dir} is a BertForSequenceClassification, with no language-model head for task causal-lm" \
         in capsys.readouterr().err
     assert measured == []
+
+
+def test_bench_refuses_to_write_over_a_runs_report(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    """`compress bench ... --output runs/<name>` replaced the run's results.json, report.md/html and plots with
+    the bench's (the run's report was lost until the run was redone); now refused before anything is written."""
+    import benchmarks.harness
+    from pipelines.cli import main
+
+    run = tmp_path / "runs" / "demo"
+    run.mkdir(parents=True)
+    (run / "run.json").write_text("{}")
+    (run / "results.json").write_text("the run's")
+    measured = []
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda target, **kw: measured.append(target) or {
+        "label": kw["label"], "backend": kw["backend"], "task": "causal-lm", "skipped": "stub"})
+    assert main(["bench", str(tiny_llama_dir), "--output", str(run), "--no-progress"]) == 2
+    assert f"--output {run}: is the folder of a `compress run` (run.json)" in capsys.readouterr().err
+    assert (run / "results.json").read_text() == "the run's" and sorted(p.name for p in run.iterdir()) == [
+        "results.json", "run.json"] and measured == []
