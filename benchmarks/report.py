@@ -277,6 +277,13 @@ def _plot_name(task: str, cost: str) -> str:
     return f"{task}-quality-vs-{cost}.png"
 
 
+def _error_summary(error: str) -> str:
+    """The first line of an error, and its last when it has more (a crashed worker's: "... exited with code 1:"
+    then its stderr, whose last line says why); results.json keeps the whole text."""
+    lines = [line.strip() for line in error.splitlines() if line.strip()] or [""]
+    return lines[0] + (f" ... {lines[-1]}" if len(lines) > 1 else "")
+
+
 def build_blocks(records: list[dict], title: str, command: str | None, out_dir: Path) -> list[tuple]:
     """The report as blocks: ("h1"|"h2"|"h3"|"p"|"li"|"pre", text), ("table", head, rows), ("img", file, alt)."""
     blocks: list[tuple] = [("h1", title)]
@@ -313,7 +320,7 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
     if others:
         blocks.append(("h2", "Not measured"))
         for r in others:
-            why = r.get("skipped") or ("error: " + str(r.get("error")).splitlines()[0] if "error" in r else
+            why = r.get("skipped") or ("error: " + _error_summary(str(r["error"])) if "error" in r else
                                        "latency: " + str(r.get("latency_error")) if r.get("latency_error") else
                                        "generations: " + str(r.get("generations_error")))
             blocks.append(("li", f"{r['label']} on {r['backend']}: {why}"))

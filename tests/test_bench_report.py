@@ -121,3 +121,17 @@ def test_bandwidth_bound_counts_decode_steps_not_tokens_of_a_batch(tmp_path):
     col = head.split(" | ").index("% of bandwidth bound")
     rows = [line for line in md.splitlines() if line.startswith(("| b1 ", "| b4 "))][:2]  # the results table
     assert [line.split(" | ")[col] for line in rows] == ["24", "24"]
+
+
+def test_a_crashed_rows_reason_is_in_the_report(tmp_path):
+    """The "Not measured" list kept the first line of an error only: a crashed worker's row read "error: the
+    measuring process exited with code 1:", its reason (the last line of its stderr) left out."""
+    crashed = {"label": "01-quantize", "backend": "ort-cpu", "task": "causal-lm", "key": "q",
+               "error": "the measuring process exited with code 1:\n  File \"x.py\", line 3\n"
+                        "MemoryError: std::bad_alloc\n"}
+    md = write_report(_records()[:1] + [crashed], tmp_path, "demo").read_text()
+    assert ("- 01-quantize on ort-cpu: error: the measuring process exited with code 1: ... MemoryError: "
+            "std::bad_alloc") in md
+    one_line = {**crashed, "error": "ValueError: bad"}
+    assert "- 01-quantize on ort-cpu: error: ValueError: bad\n" in write_report(
+        _records()[:1] + [one_line], tmp_path / "b", "demo").read_text()
