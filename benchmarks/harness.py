@@ -496,25 +496,23 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     return record
 
 
-# model types whose positions are a learned table (a longer input indexes past it); rotary ones extrapolate
-_LEARNED_POSITIONS = {"gpt2": "n_positions", "bert": "max_position_embeddings", "distilbert": "max_position_embeddings",
-                      "electra": "max_position_embeddings", "roberta": "max_position_embeddings",
-                      "xlm-roberta": "max_position_embeddings", "camembert": "max_position_embeddings"}
-_PADDED_POSITIONS = ("roberta", "xlm-roberta", "camembert")  # positions start after the padding index
-
-
 def _check_positions(t: Target, s: BenchmarkConfig) -> None:
-    """ConfigError naming the option when a sequence the measurement feeds `t` is longer than its learned
-    position table (the worker failed with "IndexError: index out of range in self")."""
+    """ConfigError naming the option when a sequence the measurement feeds `t` is longer than the positions it
+    holds (the worker failed: "IndexError: index out of range in self" past a learned table, ONNX Runtime's
+    rotary cache too short in a fused graph exported with max_length)."""
+    from compress import onnx_tools
+    from compress.models import max_tokens
+
     try:
-        config = json.loads((t.path / "config.json").read_text()) if t.path.is_dir() else {}
-    except (OSError, json.JSONDecodeError):
+        if t.kind == "onnx":
+            limit, where = onnx_tools.graph_max_length(t.path), "its graph (export.max_length) or config.json"
+        else:
+            limit = max_tokens(json.loads((t.path / "config.json").read_text())) if t.path.is_dir() else None
+            where = "max_position_embeddings / n_positions in its config.json"
+    except Exception:  # noqa: BLE001 - no readable config or graph (a DecodeError): the worker says what is wrong
         return
-    key = _LEARNED_POSITIONS.get(config.get("model_type"))
-    if not key or not config.get(key):
+    if limit is None:
         return
-    pad = config.get("pad_token_id")
-    limit = config[key] - ((1 if pad is None else pad) + 1 if config["model_type"] in _PADDED_POSITIONS else 0)
     lat, lengths = s.latency, []
     if t.task == "causal-lm":
         lengths.append(("benchmark.window (--window)", s.window))
@@ -528,8 +526,8 @@ def _check_positions(t: Target, s: BenchmarkConfig) -> None:
             lengths.append(("benchmark.latency.seq_tokens (--seq-tokens)", lat.seq_tokens))
     for field, n in lengths:
         if n > limit:
-            raise ConfigError(f"{field}: {n} tokens, longer than the {limit} positions of {t.ref} ({key} in its "
-                              f"config.json); lower it to {limit} at most")
+            raise ConfigError(f"{field}: {n} tokens, longer than the {limit} positions of {t.ref} ({where}); "
+                              f"lower it to {limit} at most")
 
 
 def _kind_problem(t: Target, backend: Backend) -> str | None:

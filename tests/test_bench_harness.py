@@ -197,6 +197,23 @@ def test_sequences_longer_than_learned_positions_are_refused(tmp_path, family, t
         measure(str(tmp_path / "m"), backend="torch-cpu", settings=settings, task=task, work_dir=tmp_path / "w")
 
 
+def test_a_window_longer_than_a_fused_graphs_max_length_is_refused(tmp_path):
+    """export.max_length cuts the fused graph's rotary cache: ONNX Runtime failed in the worker past it."""
+    from tiny_models import tiny_gpt2, tiny_tokenizer
+
+    from compress.checkpoint import Artifact, save
+    from compress.errors import ConfigError
+    from compress.passes import PassContext, get
+
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_gpt2())
+    save(get("export")(graph="fused", max_length=24, check_seq_len=16).run(art, PassContext(scratch=tmp_path / "s")),
+         tmp_path / "ck")
+    settings = BenchmarkConfig(threads=1, window=32, latency=None)
+    with pytest.raises(ConfigError, match=r"benchmark.window \(--window\): 32 tokens, longer than the 24 positions "
+                                          r".*\(its graph \(export.max_length\) or config.json\); lower it to 24"):
+        measure(str(tmp_path / "ck"), backend="ort-cpu", settings=settings, work_dir=tmp_path / "w")
+
+
 def test_eval_labels_past_the_classifiers_outputs_are_refused(tmp_path):
     """A 2-label classifier scored on the 5 classes of bbc-news: accuracy and a macro-F1 over its 2 classes
     only were reported as if they meant something; now a DataSourceError naming both counts."""
