@@ -208,7 +208,7 @@ class Search:
                 done = [t for t in done if t.user_attrs.get("same_as") is None]
                 counted = [t for t in done if not t.user_attrs.get("refused")]  # repeats and refusals are free
                 if trials is not None and len(counted) >= trials:
-                    self.progress.stopped_by = f"budget: {len(counted)} trials"
+                    self.progress.stopped_by = f"budget: {len(counted)} trial{'s' * (len(counted) != 1)}"
                     break
                 if minutes is not None and time.monotonic() - start > minutes * 60:
                     self.progress.stopped_by = f"budget: {minutes:g} minutes"
