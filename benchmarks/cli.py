@@ -122,6 +122,13 @@ def _check_output_folder(folder: str, option: str) -> None:
                               "it, e.g. runs/bench")
 
 
+def _same_target(a: str, b: str) -> bool:
+    """Two spellings of one target: the same existing path (`runs/x/01-prune` and `runs/x/01-prune/`), or the
+    same model source."""
+    pa, pb = Path(a).expanduser(), Path(b).expanduser()
+    return pa.resolve() == pb.resolve() if pa.exists() and pb.exists() else a == b
+
+
 def cmd_bench(args) -> int:
     from compress.runtime import output_folder
 
@@ -139,8 +146,9 @@ def cmd_bench(args) -> int:
     labels = _labels(targets)
     base_index = None
     if args.baseline:
-        if args.baseline in targets:
-            base_index = targets.index(args.baseline)
+        same = [i for i, t in enumerate(targets) if _same_target(t, args.baseline)]  # `X` and `X/` alike
+        if same:
+            base_index = same[0]
         else:
             targets.insert(0, args.baseline)
             labels.insert(0, "baseline")

@@ -325,3 +325,24 @@ def test_bench_refuses_to_write_over_a_runs_report(tiny_llama_dir, tmp_path, mon
     assert f"--output {run}: is the folder of a `compress run` (run.json)" in capsys.readouterr().err
     assert (run / "results.json").read_text() == "the run's" and sorted(p.name for p in run.iterdir()) == [
         "results.json", "run.json"] and measured == []
+
+
+def test_a_baseline_spelled_another_way_than_its_target_is_measured_once(tmp_path, monkeypatch):
+    """`bench X --baseline X/` measured X twice, and only the added copy counted as the baseline."""
+    from types import SimpleNamespace as Target
+
+    import benchmarks.harness
+
+    (tmp_path / "ck").mkdir()
+    seen = []
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda target, **kw: seen.append(target) or {
+        "label": kw["label"], "target": target, "backend": kw["backend"], "task": "causal-lm", "skipped": "stub"})
+    monkeypatch.setattr(benchmarks.harness, "resolve_target",
+                        lambda target, task=None: Target(task="causal-lm", kind="torch"))
+    from pipelines.cli import main
+
+    main(["bench", str(tmp_path / "ck"), "--baseline", f"{tmp_path / 'ck'}/", "--backends", "torch-cpu",
+          "--output", str(tmp_path / "out"), "--no-progress"])
+    assert seen == [str(tmp_path / "ck")]
+    records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
+    assert [r["is_baseline"] for r in records] == [True]
