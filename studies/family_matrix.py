@@ -2,7 +2,7 @@
 
     python -m studies.family_matrix [--out benchmarks/results/families] [--families llama gpt2 ...]
 
-Each family (tests/tiny_models.py: Llama, SmolLM2-shaped, Qwen2, Qwen3, Mistral, Gemma, Phi-3, GPT-NeoX,
+Each family (tests/tiny_models.py: Llama, SmolLM2-shaped, Qwen2, Qwen3, Mistral, Gemma, Phi-3, Granite, GPT-NeoX,
 GPT-2, BERT, RoBERTa, DistilBERT; encoders as classifiers and feature extractors) goes through each pass on
 its own, from the unpruned model: distill (a keep-layers student), prune MLP / heads / layers / hidden width,
 lowrank, export, int8 (export then quantize ort-int8-dynamic). A torch cell is "reloads + matches" when
@@ -135,9 +135,10 @@ def write(result: dict, out: Path, seconds: float) -> None:
     lines += ["", f"An unknown layout is refused by the passes that need its parts (distill keep-layers, prune) with one message naming the part (lowrank, export and quantize need no map of the blocks): {unknown_layout()}"]
     lines += ["", "Structure entries: `attention_heads` (head counts a config cannot express: GPT-NeoX derives its "
               "head size from hidden_size / heads), `hidden_width` (GPT-2, GPT-NeoX and the BERT-style encoders "
-              "derive head_dim from hidden_size, so their config keeps the original hidden_size and the entry "
-              "re-narrows embeddings, norms and projections on load), `lowrank`. Head-pruned GPT-2 / GPT-NeoX "
-              "export without the KV cache (optimum sizes it from the config's head count).", ""]
+              "derive head_dim from hidden_size, and Gemma scales its embeddings by sqrt(hidden_size), so their "
+              "config keeps the original hidden_size and the entry re-narrows embeddings, norms and projections on "
+              "load), `lowrank`. Head-pruned GPT-NeoX exports without the KV cache (optimum sizes it from the "
+              "config's head count); GPT-2's fused graph takes the pruned heads.", ""]
     (out / "README.md").write_text("\n".join(lines))
     (out / "results.json").write_text(json.dumps(result, indent=1))
 
