@@ -71,6 +71,11 @@ def test_only_layers_that_save_are_factorized(ctx):
     assert lowrank(art(tiny_llama()), ctx, rank=8).info["factorized"] == 0
     out = lowrank(art(tiny_llama()), ctx, rank=16, min_params=0)
     assert out.info["factorized"] == 0 and "note" in out.info and out.structure == []
+    # an explicit rank off the round_to grid is kept rounded up, and the run says so
+    out = lowrank(art(tiny_llama()), ctx, rank=12, max_param_ratio=0.99, min_params=0)
+    assert {v["rank"] for v in out.info["layers"].values()} == {16}
+    assert out.info["note"] == ("lowrank.rank=12 is rounded up to 16, a multiple of round_to=8 (see `layers`); "
+                                "set round_to: 1 to keep rank 12")
 
 
 def test_targets_and_ignore(ctx):

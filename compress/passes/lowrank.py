@@ -155,6 +155,10 @@ class LowRank(Pass):
             if rounded:
                 info["note"] += (f"; round_to={c.round_to} rounded the ranks of {rounded} of them up past "
                                  "max_param_ratio (see `rounded_up_from`): lower round_to")
+        elif c.rank is not None and c.round_to > 1 and c.rank % c.round_to:  # the rank asked for is not the one kept
+            up = -(-c.rank // c.round_to) * c.round_to
+            info["note"] = (f"lowrank.rank={c.rank} is rounded up to {up}, a multiple of round_to={c.round_to} "
+                            f"(see `layers`); set round_to: 1 to keep rank {c.rank}")
         info["params_before"], info["params_after"] = before, count_parameters(net)
         info["params_ratio"] = round(info["params_after"] / before, 4)
         return model.derive(model=net, structure=structure, info=info)
