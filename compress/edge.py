@@ -407,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Run an exported compress checkpoint with ONNX Runtime only.")
     ap.add_argument("checkpoint", help="directory holding model.onnx, tokenizer.json, config.json")
     ap.add_argument("text", nargs="+", help="prompt(s) or text(s)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=32, help="decoders: tokens to generate (greedy decoding, "
+                    "stopping at any end-of-text id of generation_config.json)")
     ap.add_argument("--threads", type=int, default=None)
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", action="store_true")
