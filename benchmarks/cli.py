@@ -130,6 +130,7 @@ def _same_target(a: str, b: str) -> bool:
 
 
 def cmd_bench(args) -> int:
+    from compress.logs import capture
     from compress.runtime import output_folder
 
     from .harness import measure, resolve_baseline, resolve_target, timing_rounds
@@ -157,24 +158,27 @@ def cmd_bench(args) -> int:
         task = resolve_target(target, args.task).task
         if args.baseline:
             resolve_baseline(args.baseline, task)
-    records, jobs = [], []
-    for i, (target, label) in enumerate(zip(targets, labels)):
-        data = _default_data(args, target)
-        for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
-            print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
-            job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
-                       data=data, work_dir=work_dir, show_progress=show)
-            r = measure(**job, settings=settings)
-            # Ratios are to the baseline, else to the first target.
-            r["is_baseline"] = i == (base_index if base_index is not None else 0)
-            records.append(r)
-            jobs.append(job)
-    timing_rounds(records, jobs, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    log_file = out / "bench.log"
+    with capture(log_file, verbose=args.verbose):  # other libraries' notices go to the log
+        records, jobs = [], []
+        for i, (target, label) in enumerate(zip(targets, labels)):
+            data = _default_data(args, target)
+            for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
+                print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
+                job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
+                           data=data, work_dir=work_dir, show_progress=show)
+                r = measure(**job, settings=settings)
+                # Ratios are to the baseline, else to the first target.
+                r["is_baseline"] = i == (base_index if base_index is not None else 0)
+                records.append(r)
+                jobs.append(job)
+        timing_rounds(records, jobs, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     command = "compress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else args.command_text
     path = write_report(records, out, args.title or "compress bench", command=command)
     print_table(records)
-    print(f"results: {out / 'results.json'}\nreport: {path} and {out / 'report.html'}")
+    print(f"results: {out / 'results.json'}\nreport: {path} and {out / 'report.html'}\n"
+          f"log: {log_file} (other libraries' warnings; --verbose shows them here)")
     if any("error" in r for r in records):
         return 1
     if all("skipped" in r for r in records):
@@ -225,6 +229,8 @@ def add_commands(sub) -> None:
     p.add_argument("--work-dir", help="cache of inputs, references, exports (default: OUTPUT/.bench)")
     p.add_argument("--title", help="report title")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="show other libraries' warnings here too (they always "
+                   "go to OUTPUT/bench.log)")
     p.set_defaults(func=cmd_bench, command_text=None)
 
     p = sub.add_parser("report", help="rebuild report.md / report.html / plots from RUN_DIR/results.json")

@@ -346,3 +346,34 @@ def test_a_baseline_spelled_another_way_than_its_target_is_measured_once(tmp_pat
     assert seen == [str(tmp_path / "ck")]
     records = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert [r["is_baseline"] for r in records] == [True]
+
+
+def test_bench_keeps_other_libraries_notices_in_its_log(tmp_path, monkeypatch, capfd):
+    """As `compress run` does: a library's warning during a measurement (optimum's on-the-fly export) goes to
+    OUTPUT/bench.log, and to the terminal only with --verbose."""
+    import logging
+    import warnings
+    from types import SimpleNamespace as Target
+
+    import benchmarks.harness
+
+    def noisy_measure(target, **kw):
+        warnings.warn("NOISY-BENCH-WARNING", FutureWarning)
+        logging.getLogger("optimum.exporters").warning("NOISY-BENCH-NOTICE")
+        return {"label": kw["label"], "target": target, "backend": kw["backend"], "task": "causal-lm",
+                "skipped": "stub"}
+
+    monkeypatch.setattr(benchmarks.harness, "measure", noisy_measure)
+    monkeypatch.setattr(benchmarks.harness, "resolve_target",
+                        lambda target, task=None: Target(task="causal-lm", kind="torch"))
+    from pipelines.cli import main
+
+    for out, verbose in (("quiet", []), ("loud", ["--verbose"])):
+        capfd.readouterr()
+        main(["bench", "a-ckpt", "--backends", "torch-cpu", "--output", str(tmp_path / out), "--no-progress",
+              *verbose])
+        stdout, err = capfd.readouterr()
+        log = (tmp_path / out / "bench.log").read_text()
+        assert "NOISY-BENCH-WARNING" in log and "NOISY-BENCH-NOTICE" in log
+        assert ("NOISY-BENCH-NOTICE" in err) == bool(verbose) and "NOISY-BENCH-WARNING" not in stdout
+        assert f"log: {tmp_path / out / 'bench.log'}" in stdout
