@@ -174,8 +174,11 @@ def source_fingerprint(source: str) -> str:
         pkg = _BUILTIN_PACKAGES.get(name)
         version = importlib.metadata.version(pkg) if pkg else "?"
         return f"{source}@{version}"
-    if source.startswith("hf:"):
-        return source
+    if source.startswith("hf:"):  # the commit of the snapshot in the local cache: a hub update brings a new one
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(source[3:], "config.json")
+        return f"{source}@{Path(cached).parent.name}" if isinstance(cached, str) else source
     path = Path(source).expanduser().resolve()
     manifest = path / "manifest.json"
     if manifest.exists():  # the whole manifest: its file hashes change when the checkpoint is recomputed

@@ -130,6 +130,24 @@ def test_missing_hub_model_fails_fast_and_suggests_a_local_path(monkeypatch):
     assert time.perf_counter() - start < 10
 
 
+def test_a_hub_source_fingerprint_follows_the_cached_snapshot(tmp_path, monkeypatch):
+    """Every cache key holds the source's fingerprint: for hf: the commit of the local snapshot, so a model
+    updated on the hub (a new snapshot) is not taken for the one measured or compressed before."""
+    from huggingface_hub import constants
+
+    from compress.models import source_fingerprint
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    assert source_fingerprint("hf:org/model") == "hf:org/model"  # nothing cached
+    repo = tmp_path / "models--org--model"
+    for commit in ("a1b2c3", "d4e5f6"):
+        (repo / "snapshots" / commit).mkdir(parents=True)
+        (repo / "snapshots" / commit / "config.json").write_text("{}")
+        (repo / "refs").mkdir(exist_ok=True)
+        (repo / "refs" / "main").write_text(commit)
+        assert source_fingerprint("hf:org/model") == f"hf:org/model@{commit}"
+
+
 def test_schema_and_passes_listing(tmp_path, capsys):
     out = tmp_path / "schema.json"
     assert main(["schema", "-o", str(out)]) == 0
