@@ -175,9 +175,14 @@ def source_fingerprint(source: str) -> str:
         version = importlib.metadata.version(pkg) if pkg else "?"
         return f"{source}@{version}"
     if source.startswith("hf:"):  # the commit of the snapshot in the local cache: a hub update brings a new one
-        from huggingface_hub import try_to_load_from_cache
+        from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
         cached = try_to_load_from_cache(source[3:], "config.json")
+        if not isinstance(cached, str) and not constants.HF_HUB_OFFLINE and _hub_unreachable() is None:
+            try:  # not cached yet: its config now, as loading would fetch it, so a rerun keeps this key
+                cached = hf_hub_download(source[3:], "config.json")
+            except Exception:  # noqa: BLE001 - no such model, or no access: loading says what is wrong
+                cached = None
         return f"{source}@{Path(cached).parent.name}" if isinstance(cached, str) else source
     path = Path(source).expanduser().resolve()
     manifest = path / "manifest.json"

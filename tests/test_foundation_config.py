@@ -138,6 +138,7 @@ def test_a_hub_source_fingerprint_follows_the_cached_snapshot(tmp_path, monkeypa
     from compress.models import source_fingerprint
 
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # uncached and online, its config would be fetched
     assert source_fingerprint("hf:org/model") == "hf:org/model"  # nothing cached
     repo = tmp_path / "models--org--model"
     for commit in ("a1b2c3", "d4e5f6"):
