@@ -286,7 +286,8 @@ class Quantize(Pass):
 
         cfg, method, task = self.config, self.config.method, model.task
         src = Path(model.onnx_dir)
-        self._check_fits(src, cfg.check_seq_len, "quantize.check_seq_len")
+        self._graph_length = onnx_tools.graph_max_length(src)  # read once: the check and calibration need it
+        self._check_fits(cfg.check_seq_len, "quantize.check_seq_len")
         ctx.scratch.mkdir(parents=True, exist_ok=True)
         dst = Path(tempfile.mkdtemp(prefix="quantize-", dir=ctx.scratch))
         exclude = list(cfg.exclude or [])
@@ -475,10 +476,9 @@ class Quantize(Pass):
         parent = (manifest.get("parent") or {}).get("path")
         return ctx.teacher() if ctx.source is not None and parent == ctx.source else None
 
-    @staticmethod
-    def _check_fits(src: Path, length: int, field: str) -> None:
+    def _check_fits(self, length: int, field: str) -> None:
         """Sequences of `length` tokens fit the graph (else ONNX Runtime fails mid-run: a rotary cache too short)."""
-        limit = onnx_tools.graph_max_length(src)
+        limit = self._graph_length
         if limit is not None and length > limit:
             raise ConfigError(f"{field}: {length} tokens, more than the {limit} positions this graph holds "
                               f"(export.max_length, or the model's position table); set {field} to at most {limit}")
@@ -493,7 +493,7 @@ class Quantize(Pass):
             what = "algorithm gptq" if cfg.method == "ort-int8-dynamic" else cfg.method
             raise ConfigError(f"quantize: {what} needs calibration data: set data.calibration (or data.train) "
                               "in the pipeline config")
-        self._check_fits(Path(model.onnx_dir), cfg.calibration_seq_len, "quantize.calibration_seq_len")
+        self._check_fits(cfg.calibration_seq_len, "quantize.calibration_seq_len")
         n = cfg.calibration_batches * cfg.calibration_batch_size
         if model.task == "causal-lm":
             windows = data.lm_windows(role, model.tokenizer, seq_len=cfg.calibration_seq_len,
