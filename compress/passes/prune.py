@@ -99,6 +99,9 @@ def _check_reload(net, structure: list[dict]) -> None:
                                         f"{tuple(have[name].shape)}")
 
 
+_GQA_QUERY = "gqa: query (query heads inside each group)"  # the way out when whole KV groups cannot go
+
+
 def _check_runs(net, target: str) -> None:
     """Refuse a pruned model that no longer runs: some families' modeling code reads a width from the config
     instead of the weights (StableLM's attention reshapes to hidden_size, Bloom's ALiBi has one slope per
@@ -307,7 +310,7 @@ class Prune(Pass):
     def _head_counts(self, n_q: int, n_kv: int) -> tuple[int, int]:
         unit, count = self._head_unit(n_q, n_kv)
         # one KV group (multi-query): a smaller ratio removes nothing, query heads inside it can go
-        hint = " or gqa: query (query heads inside each group)" if unit == "KV groups" else ""
+        hint = f" or {_GQA_QUERY}" if unit == "KV groups" else ""
         keep = _round_keep(count, self.config.ratio, 1, unit, hint=hint)
         return (n_kv * keep, n_kv) if unit == "query heads per KV group" else (keep * (n_q // n_kv), keep)
 
@@ -315,7 +318,7 @@ class Prune(Pass):
         """The note for a ratio that rounds to keeping every head."""
         c = self.config
         unit, count = self._head_unit(n_q, n_kv)
-        hint = "; or gqa: query (query heads inside each group)" if unit == "KV groups" else ""
+        hint = f"; or {_GQA_QUERY}" if unit == "KV groups" else ""
         return (f"ratio={c.ratio} removes no heads: {count} {unit} x {1 - c.ratio:g} rounds to {count}; a ratio above "
                 f"{0.5 / count:.3g} removes one{hint}")
 
