@@ -22,6 +22,7 @@ from compress.models import check_source, check_task
 from compress.options import Options
 from compress.tasks import TASKS
 from compress.passes.base import Pass
+from compress.pruning.lowrank import is_factorized
 
 
 class ModelSpec(Options):
@@ -148,7 +149,7 @@ def _source_state(source: str) -> tuple[_ChainState, str | None]:
                                "passes in this pipeline")
     quantization = held.get("quantization")
     method = quantization.get("method", "quantized") if isinstance(quantization, dict) else quantization
-    factorized = any(e.get("type") in ("lowrank", "lowrank_embedding") for e in held.get("structure") or [])
+    factorized = is_factorized(held.get("structure") or [])
     return _ChainState(quantized_by=f"model.source ({method})" if quantization else None,
                        factorized_by="model.source (lowrank)" if factorized else None), None
 

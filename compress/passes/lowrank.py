@@ -24,7 +24,7 @@ from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
 from ..pruning.lowrank import (build_lowrank, check_embedding_rank, choose_rank, factor_rank_limit, factorize_embedding,
-                               kept_energy, svd_factors, whitening)
+                               is_factorized, kept_energy, svd_factors, whitening)
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -97,7 +97,7 @@ class LowRank(Pass):
 
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        if any(e.get("type") in ("lowrank", "lowrank_embedding") for e in model.structure):
+        if is_factorized(model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
         net = copy.deepcopy(model.model).float().eval()
         linear = _candidates(net)

@@ -182,6 +182,13 @@ def install_embedding(net: nn.Module, rank: int) -> LowRankEmbedding:
     return new
 
 
+FACTORIZED = ("lowrank", "lowrank_embedding")  # the structure entries of a factorized model
+
+
+def is_factorized(structure: list[dict]) -> bool:
+    return any(e.get("type") in FACTORIZED for e in structure)
+
+
 def apply_lowrank(model: nn.Module, entry: dict) -> None:
     """Structure entry `lowrank`: the named linear layers become empty LowRankLinear of the recorded ranks."""
     for name, r in entry["ranks"].items():
