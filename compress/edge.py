@@ -95,15 +95,9 @@ class EdgeModel:
                              "one concatenates its past, so it runs with the plain loop")
         self.fused = fused  # positions come from the token count: batches must be unpadded
         self.shared_cache = fused if shared_cache is None else shared_cache
-        # The most positions the model holds (a decoder's prompt + generation, an encoder's input): past it ONNX
-        # Runtime fails mid-run (a rotary cache too short) or a learned position table is read out of range.
-        key = next((k for k in ("max_position_embeddings", "n_positions") if self.config.get(k)), None)
-        length = meta.get("compress.max_length") or (self.config[key] if key else None)
-        self.max_length = int(length) if length else None
-        if self.max_length and self.config.get("model_type") in OFFSET_POSITIONS:  # as compress.models.max_tokens
-            pad = self.config.get("pad_token_id")
-            self.max_length -= (1 if pad is None else int(pad)) + 1
-        self.max_length_source = "export.max_length" if meta.get("compress.max_length") else f"{key} in config.json"
+        # past the positions the model holds ONNX Runtime fails mid-run (a rotary cache too short) or a learned
+        # position table is read out of range
+        self.max_length, self.max_length_source = max_positions(meta, self.config)
         self._tokenizer = None
 
     # ------------------------------------------------------------------ shape helpers
@@ -353,6 +347,22 @@ class EdgeModel:
     def embed_texts(self, texts: str | list[str]) -> np.ndarray:
         ids, mask = self.encode(texts)
         return self.embed(ids, mask)
+
+
+def max_positions(meta: dict, config: dict) -> tuple[int | None, str]:
+    """The most tokens a graph holds (a decoder's prompt + generation, an encoder's input) and where that comes
+    from: the fused writer's metadata (export.max_length), else config.json's position table, less RoBERTa's
+    padding offset (the rule of compress.models.max_tokens, which this self-contained file cannot import)."""
+    if meta.get("compress.max_length"):
+        return int(meta["compress.max_length"]), "export.max_length"
+    key = next((k for k in ("max_position_embeddings", "n_positions") if config.get(k)), None)
+    if key is None:
+        return None, "no position table in config.json"
+    limit = int(config[key])
+    if config.get("model_type") in OFFSET_POSITIONS:
+        pad = config.get("pad_token_id")
+        limit -= (1 if pad is None else int(pad)) + 1
+    return limit, f"{key} in config.json"
 
 
 def _read_json(path: Path) -> dict:

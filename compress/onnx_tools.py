@@ -58,20 +58,17 @@ def save_model(model, folder: Path, external: str = "auto") -> Path:
 
 
 def graph_max_length(folder: Path) -> int | None:
-    """The most tokens an exported graph holds: the fused writer's metadata (export.max_length), else the
-    position table of its config.json (compress.models.max_tokens); None when neither says."""
+    """The most tokens an exported graph holds, as its edge runner reads it (compress.edge.max_positions: the
+    fused writer's export.max_length, else config.json's position table); None when neither says."""
     import json
 
     import onnx
 
-    from .fused.graph import LENGTH_KEY
-    from .models import max_tokens
+    from .edge import max_positions
 
     meta = {p.key: p.value for p in onnx.load(str(Path(folder) / ONNX_FILE), load_external_data=False).metadata_props}
-    if LENGTH_KEY in meta:
-        return int(meta[LENGTH_KEY])
     config = Path(folder) / "config.json"
-    return max_tokens(json.loads(config.read_text())) if config.exists() else None
+    return max_positions(meta, json.loads(config.read_text()) if config.exists() else {})[0]
 
 
 def copy_bundle(src: Path, dst: Path) -> None:
