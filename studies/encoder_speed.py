@@ -53,6 +53,8 @@ VARIANTS = {
         "ort-cpu", "plain", {"method": "ort-int8-dynamic", "kernel": "matmulinteger"}),
     "suite int8 per-tensor MatMulInteger + QAttention, fused": (
         "ort-cpu", "fused", {"method": "ort-int8-dynamic", "kernel": "matmulinteger"}),
+    "suite int8 per-tensor MatMulInteger + QAttention, smoothed (alpha 0.7), fused": (
+        "ort-cpu", "fused", {"method": "ort-int8-dynamic", "kernel": "matmulinteger", "smooth_alpha": 0.7}),
     "suite int8 MatMulNBits b32, fused": ("ort-cpu", "fused", {"method": "ort-int8-dynamic", "kernel": "matmulnbits"}),
     "suite int8 per-row (rowwise), fused": ("ort-cpu", "fused", {"method": "ort-int8-dynamic", "kernel": "rowwise"}),
     "suite int8 per-row (rowwise), FFN output float, fused": (

@@ -150,6 +150,52 @@ def test_rowwise_int8_on_a_fused_encoder_keeps_the_embeddings(tmp_path):
     assert results["rowwise"]["embedding_cosine_mean"] > 0.9995
 
 
+def test_smoothing_before_per_tensor_int8_on_a_fused_encoder(tmp_path):
+    """quantize.smooth_alpha with kernel matmulinteger: BERT's LayerNorm outputs also feed the residual and its
+    GELU outputs have no constant to fold into, so every quantized input gets an inserted per-channel Mul;
+    in float the graph computes the same function, and on an encoder with outlier channels the per-tensor
+    int8 embeddings come closer to the float parent's."""
+    from compress.data import DataSpec, PipelineData
+    from compress.quant.ort import _load, calibration_feeds
+    from compress.quant.smooth import find_groups, smooth
+
+    torch.manual_seed(1)
+    model = tiny_bert("feature-extraction", hidden_size=64, intermediate_size=256, vocab_size=384,
+                      initializer_range=0.2)  # weights large enough that int8 error shows in the output
+    with torch.no_grad():  # BERT-like outlier channels after every LayerNorm
+        for norm in [model.embeddings.LayerNorm] + [m for layer in model.encoder.layer for m in (
+                layer.attention.output.LayerNorm, layer.output.LayerNorm)]:
+            norm.weight[:3] *= 12
+    parent = load(export(tmp_path / "fp32", model, "feature-extraction"))
+
+    graph = _load(parent.path)
+    groups = find_groups(graph, insert=True)
+    assert len(groups) == 4 * LAYERS and all(g.inserted for g in groups)  # qkv, attention out, FFN in, FFN out
+    assert not find_groups(graph)  # nothing folds exactly in BERT
+    ids = np.random.default_rng(0).integers(5, 384, (4, 24))
+    feeds = calibration_feeds(parent.path, ids, np.ones_like(ids), batch_size=2)
+    before = onnx_tools.outputs_of(EdgeModel(parent.path), "feature-extraction", ids, np.ones_like(ids))
+    info = smooth(graph, feeds, alpha=0.7, insert=True)
+    assert info["inserted_muls"] == 4 * LAYERS and info["max_over_median_after"] < info["max_over_median_before"]
+    onnx_tools.save_model(graph, tmp_path / "float-smoothed")
+    after = onnx_tools.outputs_of(EdgeModel(tmp_path / "float-smoothed"), "feature-extraction", ids, np.ones_like(ids))
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)  # the same function in float
+
+    data = PipelineData(train=DataSpec(source="builtin:bbc-news", max_examples=8))
+    ctx = PassContext(task="feature-extraction", scratch=tmp_path / "s", data=data)
+    results = {}
+    for name, alpha in {"plain": None, "smoothed": 0.7}.items():
+        out = get("quantize")(method="ort-int8-dynamic", kernel="matmulinteger", smooth_alpha=alpha,
+                              calibration_batches=4, check_seq_len=32, min_agreement=0.0).run(parent, ctx)
+        q = load(save(out, tmp_path / name))
+        results[name] = q.info["discrepancy"]["embedding_cosine_mean"]
+        ops = op_types(q.path)
+        assert ops["QAttention"] == LAYERS and ops["MatMulInteger"] == 3 * LAYERS
+        assert q.quantization["smooth_alpha"] == alpha
+        assert (q.info["smoothing"] or {}).get("inserted_muls") == (4 * LAYERS if alpha else None)
+    assert 1 - results["smoothed"] < (1 - results["plain"]) / 2, results  # at least half the error gone
+
+
 def _one_matmul(folder, w, gelu: bool):
     """A graph x -> [Gelu] -> MatMul(w), saved as folder/model.onnx."""
     from onnx import TensorProto, helper, numpy_helper

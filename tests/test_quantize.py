@@ -97,6 +97,10 @@ def test_each_method_takes_only_its_own_options():
         get("quantize")(method="ort-int8-dynamic", block_size=48)
     with pytest.raises(ConfigError, match="weight_bits 4 needs kernel matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="rowwise", weight_bits=4)
+    with pytest.raises(ConfigError, match="smooth_alpha applies to kernel matmulinteger"):
+        get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", smooth_alpha=0.7)
+    assert "smooth_alpha" in get("quantize")(method="ort-int8-dynamic", kernel="matmulinteger",
+                                             smooth_alpha=0.7).needs_data()[1]
     with pytest.raises(ConfigError, match="export.opset: Input should be less than or equal to 20"):
         get("export")(opset=99)
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
@@ -218,6 +222,8 @@ def test_refusals(onnx_llama, tmp_path):
     with pytest.raises(ConfigError, match="quantize.weight_bits: kernel auto is matmulinteger on a "
                                           "feature-extraction model, which is 8-bit only"):
         get("quantize")(method="ort-int8-dynamic", weight_bits=4).run(encoder, PassContext(scratch=tmp_path))
+    with pytest.raises(ConfigError, match="quantize.smooth_alpha: kernel auto is matmulnbits on a causal-lm"):
+        get("quantize")(method="ort-int8-dynamic", smooth_alpha=0.7).run(onnx_llama, PassContext(scratch=tmp_path))
     q = quantize(onnx_llama, tmp_path, method="ort-fp16")
     with pytest.raises(UnsupportedModelError, match="quantizing twice"):
         get("quantize")(method="ort-int8-dynamic").run(q, PassContext(scratch=tmp_path))

@@ -162,6 +162,11 @@ class OrtDynamicConfig(_Calibration):
         "Each block kept about doubles its weight bytes (+1/num_layers of the 4-bit blocks' size) and removes "
         "its share of int4's quality loss, the largest shares first",
         json_schema_extra=search([0, 2, 4, 8]))
+    smooth_alpha: float | None = Field(
+        None, ge=0, le=1, description="matmulinteger: SmoothQuant-style smoothing before quantizing, calibrated on "
+        "data.calibration (or data.train): moves activation outliers into the weights with this strength (0 = "
+        "none moved, 1 = all), through the producer's constants or an inserted per-channel Mul where none takes "
+        "it (BERT's LayerNorm and GELU outputs). MiniLM-L6: SMOOTH_EVIDENCE; null: no smoothing")
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
     @model_validator(mode="after")
@@ -171,6 +176,10 @@ class OrtDynamicConfig(_Calibration):
         if self.weight_bits == 4 and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError(f"weight_bits 4 needs kernel matmulnbits (or auto on a causal LM); {self.kernel} is "
                              "8-bit only")
+        if self.smooth_alpha is not None and self.kernel in ("matmulnbits", "rowwise"):
+            raise ValueError(f"smooth_alpha applies to kernel matmulinteger (one activation scale per tensor); "
+                             f"{self.kernel} scales activations per {'block' if self.kernel == 'matmulnbits' else 'row'} "
+                             "already")
         if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
         if self.embedding_bits == 4 and (not self.quantize_embeddings or self.kernel in ("matmulinteger", "rowwise")):
@@ -243,8 +252,10 @@ class Quantize(Pass):
 
     def needs_data(self) -> tuple[tuple[str, ...], str] | None:
         c = self.config
-        if c.method == "ort-int8-static" or getattr(c, "algorithm", None) == "gptq":
-            what = "algorithm: gptq" if c.method == "ort-int8-dynamic" else f"method: {c.method}"
+        if c.method == "ort-int8-static" or getattr(c, "algorithm", None) == "gptq" or \
+                getattr(c, "smooth_alpha", None) is not None:
+            what = f"method: {c.method}" if c.method != "ort-int8-dynamic" else \
+                "algorithm: gptq" if c.algorithm == "gptq" else "smooth_alpha"
             return ("calibration", "train"), f"quantize ({what}) calibrates on calibration data"
         return None
 
@@ -301,6 +312,9 @@ class Quantize(Pass):
             if kernel != "matmulnbits" and cfg.weight_bits == 4:
                 raise ConfigError(f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which "
                                   "is 8-bit only; 4-bit weights need kernel: matmulnbits")
+            if kernel != "matmulinteger" and cfg.smooth_alpha is not None:
+                raise ConfigError(f"quantize.smooth_alpha: kernel {cfg.kernel} is {kernel} on a {task} model; "
+                                  "smoothing applies to kernel: matmulinteger")
             if kernel != "matmulnbits" and cfg.embedding_bits == 4:
                 raise ConfigError(f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; "
                                   "4-bit embedding tables need kernel: matmulnbits (or embedding_bits: 8)")
@@ -337,10 +351,16 @@ class Quantize(Pass):
                 details = ort.rowwise_int8(src, dst, exclude=exclude, embeddings=cfg.quantize_embeddings)
                 q.update(bits=8, kernel="MatMulIntegerToFloat", activations="per-row", weight_type="QInt8")
             else:
+                feeds = None
+                if cfg.smooth_alpha is not None:
+                    feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx),
+                                                  cfg.calibration_batch_size)
                 details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
                                            op_types=["MatMul", "Gemm", "Attention"],
-                                           embeddings=cfg.quantize_embeddings)
-                q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8")
+                                           embeddings=cfg.quantize_embeddings, smooth_alpha=cfg.smooth_alpha,
+                                           feeds=feeds)
+                q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8",
+                         smooth_alpha=cfg.smooth_alpha)
             q["quantize_embeddings"] = cfg.quantize_embeddings  # at embedding_bits (matmulnbits), else 8
             if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
                 details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst)
@@ -490,7 +510,8 @@ class Quantize(Pass):
         data = ctx.data
         role = next((r for r in ("calibration", "train") if data is not None and data.specs.get(r) is not None), None)
         if role is None:
-            what = "algorithm gptq" if cfg.method == "ort-int8-dynamic" else cfg.method
+            what = cfg.method if cfg.method != "ort-int8-dynamic" else \
+                "algorithm gptq" if cfg.algorithm == "gptq" else "smooth_alpha"
             raise ConfigError(f"quantize: {what} needs calibration data: set data.calibration (or data.train) "
                               "in the pipeline config")
         self._check_fits(cfg.calibration_seq_len, "quantize.calibration_seq_len")

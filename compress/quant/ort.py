@@ -85,13 +85,20 @@ def _finish(model, dst: Path, src: Path, external: str = "auto") -> None:
 
 
 def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str], op_types: list[str],
-                 reduce_range: bool = False, embeddings: bool = False) -> dict:
-    """Weights int8 (QInt8) offline, activations quantized per tensor at run time (MatMulInteger)."""
+                 reduce_range: bool = False, embeddings: bool = False, smooth_alpha: float | None = None,
+                 feeds: list[dict] | None = None) -> dict:
+    """Weights int8 (QInt8) offline, activations quantized per tensor at run time (MatMulInteger).
+    `smooth_alpha` first moves activation outliers into the weights, calibrated on `feeds`
+    (compress/quant/smooth.py; where no constant takes the division, an inserted Mul does)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from .smooth import smooth
+
     model = _load(src)
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
+    smoothing = (smooth(model, feeds, smooth_alpha, skip=set(excluded), insert=True)
+                 if smooth_alpha is not None else None)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
@@ -102,7 +109,7 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
         qmodel = onnx.load(str(out))
     tables = _quantize_tables(qmodel, excluded) if embeddings else {"int8_embedding_tables": []}
     _finish(qmodel, dst, src)
-    return {"excluded_nodes": excluded, **tables}
+    return {"excluded_nodes": excluded, **tables, "smoothing": smoothing}
 
 
 ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")  # gptq needs calibration feeds; k_quant and gptq are 4-bit only

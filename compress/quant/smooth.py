@@ -15,7 +15,12 @@ Only exact rewrites are made, where the division can be folded into a constant o
   packed [gate | up] MatMul and Split (the fused graph): its weight's columns are divided instead (the input
   of `down_proj`).
 Every weight matrix touched must belong to that one node, so no other path of the graph changes; a norm
-gain the exporter shared between nodes (identical values, through Identity nodes) gets a copy of its own."""
+gain the exporter shared between nodes (identical values, through Identity nodes) gets a copy of its own.
+
+With `insert` (for dynamic int8, whose one scale per tensor per run has the same problem) an activation with
+no constant to fold into is divided by an inserted per-channel Mul that only its weight consumers read:
+BERT's LayerNorm outputs also feed the residual stream, and its GELU outputs have no producer constant. The
+float function stays the same; each Mul costs one elementwise pass over its activation."""
 from __future__ import annotations
 
 import tempfile
@@ -41,6 +46,7 @@ class Group:
     divide_vectors: list     # initializers [K] of the producer to divide by s (norm gain / bias)
     divide_columns: str | None = None  # an initializer [*, N] some of whose columns are divided by s (up_proj)
     columns: tuple[int, int] | None = None  # which: all of them, or up's half of a packed gate_up
+    inserted: bool = False   # nothing to fold into: a Mul by 1 / s is inserted before the consumers
 
 
 @dataclass
@@ -77,9 +83,11 @@ class GraphIndex:
         return None
 
 
-def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = None) -> list[Group]:
-    """Every activation that can be smoothed exactly (see the module docstring). Groups whose MatMuls are
-    all in `skip` (left in float) are left alone."""
+def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = None,
+                insert: bool = False) -> list[Group]:
+    """Every activation that can be smoothed exactly by folding (see the module docstring); with `insert`, also
+    every other activation read by weight MatMuls (or fused Attention nodes) outside `skip`, smoothed by an
+    inserted Mul. Groups whose consumers are all in `skip` (left in float) are left alone."""
     ix = index or GraphIndex.of(model)
     inits, uses, consumers, producers, outputs = ix.inits, ix.uses, ix.consumers, ix.producers, ix.outputs
 
@@ -93,38 +101,48 @@ def find_groups(model, skip: set[str] = frozenset(), index: GraphIndex | None = 
         source = ix.constant_source(name)
         return source is not None and list(inits[source].dims) == [k]
 
+    def weight_consumer(node, tensor: str) -> bool:  # `tensor` times a weight of the node's own
+        return node.input[0] == tensor and (weight_matmul(node) or node.op_type == "Attention" and len(
+            node.input) > 1 and own(node.input[1]) and len(inits[node.input[1]].dims) == 2)
+
+    def folded(tensor: str, cons: list) -> Group | None:  # the division folded into a constant of the producer
+        if not all(weight_matmul(c) for c in cons):
+            return None
+        k = inits[cons[0].input[1]].dims[0]
+        p = producers.get(tensor)
+        if p is None or any(inits[c.input[1]].dims[0] != k for c in cons):
+            return None
+        if p.op_type in _NORMS and p.output[0] == tensor:
+            vecs = [p.input[i] for i in _NORMS[p.op_type] if i < len(p.input) and p.input[i]]
+            return Group(tensor, cons, p, vecs) if vecs and all(vector(v, k) for v in vecs) else None
+        if p.op_type != "Mul":
+            return None
+        vec = [i for i in p.input if vector(i, k)]
+        if vec:
+            return Group(tensor, cons, p, vec[:1])
+        for i in p.input:  # Mul(act(gate), up): divide up_proj's columns
+            up = producers.get(i)
+            if up is None or consumers[i] != [p] or i in outputs:
+                continue
+            # up's own MatMul, or up as a slice of a packed [gate | up] MatMul
+            span = (up.input[1], 0, inits[up.input[1]].dims[1]) if weight_matmul(up) else \
+                _split_columns(up, i, ix, weight_matmul)
+            if span and span[2] - span[1] == k:
+                return Group(tensor, cons, p, [], divide_columns=span[0], columns=span[1:])
+        return None
+
     groups = []
     for tensor, readers in consumers.items():
         cons = [c for c in readers if c.op_type != "Shape"]  # a Shape reads no values: smoothing keeps it
-        if tensor in outputs or tensor in inits or not cons or not all(weight_matmul(c) for c in cons):
+        if tensor in outputs or tensor in inits or not cons:
             continue
-        if all(c.name in skip for c in cons):
-            continue
-        k = inits[cons[0].input[1]].dims[0]
-        if any(inits[c.input[1]].dims[0] != k for c in cons):
-            continue
-        p = producers.get(tensor)
-        if p is None:
-            continue
-        if p.op_type in _NORMS and p.output[0] == tensor:
-            vecs = [p.input[i] for i in _NORMS[p.op_type] if i < len(p.input) and p.input[i]]
-            if vecs and all(vector(v, k) for v in vecs):
-                groups.append(Group(tensor, cons, p, vecs))
-        elif p.op_type == "Mul":
-            vec = [i for i in p.input if vector(i, k)]
-            if vec:
-                groups.append(Group(tensor, cons, p, vec[:1]))
-                continue
-            for i in p.input:  # Mul(act(gate), up): divide up_proj's columns
-                up = producers.get(i)
-                if up is None or consumers[i] != [p] or i in outputs:
-                    continue
-                # up's own MatMul, or up as a slice of a packed [gate | up] MatMul
-                span = (up.input[1], 0, inits[up.input[1]].dims[1]) if weight_matmul(up) else \
-                    _split_columns(up, i, ix, weight_matmul)
-                if span and span[2] - span[1] == k:
-                    groups.append(Group(tensor, cons, p, [], divide_columns=span[0], columns=span[1:]))
-                    break
+        group = folded(tensor, cons)
+        if group is None and insert:
+            quantized = [c for c in cons if c.name not in skip and weight_consumer(c, tensor)]
+            if quantized and len({inits[c.input[1]].dims[0] for c in quantized}) == 1:
+                group = Group(tensor, quantized, producers.get(tensor), [], inserted=True)
+        if group is not None and not all(c.name in skip for c in group.consumers):
+            groups.append(group)
     return groups
 
 
@@ -170,12 +188,12 @@ def channel_absmax(model, tensors: list[str], feeds: list[dict]) -> dict[str, np
     return amax
 
 
-def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset()) -> dict:
-    """Smooth `model` in place; return what was done (for the manifest)."""
-    from onnx import numpy_helper
+def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset(), insert: bool = False) -> dict:
+    """Smooth `model` in place (`insert`: see find_groups); return what was done (for the manifest)."""
+    from onnx import helper, numpy_helper
 
     ix = GraphIndex.of(model)
-    groups = find_groups(model, skip, ix)
+    groups = find_groups(model, skip, ix, insert)
     if not groups:
         return {"alpha": alpha, "groups": 0}
     inits, uses = ix.inits, ix.uses
@@ -196,7 +214,7 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
     def replace(name: str, array: np.ndarray) -> None:
         inits[name].CopyFrom(numpy_helper.from_array(array.astype(np.float32), name))
 
-    ratios = []
+    ratios, inserted = [], []
     for gr in groups:
         weights = {c.input[1]: numpy_helper.to_array(inits[c.input[1]]) for c in gr.consumers}
         x_max = amax[gr.activation].astype(np.float64)
@@ -211,9 +229,23 @@ def smooth(model, feeds: list[dict], alpha: float, skip: set[str] = frozenset())
             w = numpy_helper.to_array(inits[gr.divide_columns]).copy()
             w[:, slice(*gr.columns)] /= s[None, :]
             replace(gr.divide_columns, w)
+        if gr.inserted:
+            inverse = f"{gr.activation}.smooth_inverse"
+            model.graph.initializer.append(numpy_helper.from_array((1 / s).astype(np.float32), inverse))
+            mul = helper.make_node("Mul", [gr.activation, inverse], [f"{gr.activation}.smoothed"],
+                                   name=f"{gr.activation}.smooth")
+            inserted.append(mul)
+            for c in gr.consumers:
+                c.input[0] = mul.output[0]
         smoothed = x_max / s
         ratios.append((float(x_max.max() / max(np.median(x_max), 1e-12)),
                        float(smoothed.max() / max(np.median(smoothed), 1e-12))))
-    return {"alpha": alpha, "groups": len(groups),
+    first_reader: dict[str, int] = {}
+    for i, node in enumerate(model.graph.node):
+        for name in node.input:
+            first_reader.setdefault(name, i)
+    for mul in sorted(inserted, key=lambda m: -first_reader[m.output[0]]):  # from the back: the rest stay valid
+        model.graph.node.insert(first_reader[mul.output[0]], mul)
+    return {"alpha": alpha, "groups": len(groups), "inserted_muls": len(inserted),
             "max_over_median_before": round(float(np.median([r[0] for r in ratios])), 2),
             "max_over_median_after": round(float(np.median([r[1] for r in ratios])), 2)}
