@@ -149,6 +149,8 @@ def interleaved(work: Path, threads: int, seq_tokens: int, rounds: int = 6, log=
     import onnxruntime as ort
     import torch
 
+    from compress.models import load_model
+
     torch.set_num_threads(threads)
     model, tok = load_model(SOURCE, TASK)
     model.eval()

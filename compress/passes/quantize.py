@@ -166,7 +166,9 @@ class OrtDynamicConfig(_Calibration):
         None, ge=0, le=1, description="matmulinteger: SmoothQuant-style smoothing before quantizing, calibrated on "
         "data.calibration (or data.train): moves activation outliers into the weights with this strength (0 = "
         "none moved, 1 = all), through the producer's constants or an inserted per-channel Mul where none takes "
-        "it (BERT's LayerNorm and GELU outputs). MiniLM-L6: SMOOTH_EVIDENCE; null: no smoothing")
+        "it (BERT's LayerNorm and GELU outputs). MiniLM-L6 at alpha 0.7: embedding cosine 0.995 -> 0.998, a few "
+        "percent slower (24 Muls; benchmarks/results/encoder_speed/vnni/); alpha 0.5 made it worse there. null: "
+        "no smoothing")
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
     @model_validator(mode="after")
