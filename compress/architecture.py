@@ -345,6 +345,20 @@ def find(model: nn.Module) -> Architecture:
     return Architecture(model)
 
 
+def output_head(model: nn.Module, task: str | None = None) -> str | None:
+    """The name of the layer writing the logits: the LM head (`get_output_embeddings`, as `Architecture.head`),
+    or for a sequence classifier its last linear layer when that writes `num_labels` outputs (BERT's
+    `classifier`, RoBERTa's `classifier.out_proj`, a decoder's `score`); None without one."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        return next((n for n, m in model.named_modules() if m is head), None)
+    if task != "sequence-classification":
+        return None
+    linear = [(n, m) for n, m in model.named_modules() if is_linear(m)]
+    labels = getattr(getattr(model, "config", None), "num_labels", None)
+    return linear[-1][0] if linear and features(linear[-1][1])[1] == labels else None
+
+
 def find_layers(model: nn.Module) -> str:
     """The name of the block list: the ModuleList of identical blocks holding linear layers with the most
     parameters. Alone, for what needs only the blocks (distill's layer maps), since `find` also wants a plain

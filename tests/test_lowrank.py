@@ -344,3 +344,25 @@ def test_distill_recovers_a_model_with_a_factorized_embedding(ctx):
     tuned = passes.get("distill")(alpha=0.0, max_steps=2, batch_size=2, eval_tokens=64, eval_examples=4).run(out, ctx)
     assert tuned.info["student_layers"] == 4 and tuned.structure == out.structure
     assert tuned.model.get_output_embeddings().weight is tuned.model.get_input_embeddings().weight
+
+
+def test_a_classifier_head_is_left_dense_like_the_lm_head(ctx):
+    """With min_params: 0 the classifier head (hidden -> num_labels: BERT's `classifier`, a decoder's `score`) was
+    factorized, changing the logits directly for next to no saving; it is left dense, as the LM head is."""
+    from tiny_models import tiny_bert, tiny_llama
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    llama = LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=20, pad_token_id=0)).eval()
+    for model, head in [(tiny_bert(num_labels=20), "classifier"), (llama, "score")]:
+        a = art(model, "sequence-classification")
+        out = lowrank(a, ctx, rank=1, round_to=1, min_params=0)  # rank 1 of 32 x 20 would save 92% of it
+        assert out.info["factorized"] > 0 and head not in out.info["layers"] and head not in out.info["skipped"]
+        assert isinstance(out.model.get_submodule(head), nn.Linear)
+        assert lowrank(a, ctx, rank=1, round_to=1, min_params=0, ignore=[head]).info["factorized"] > 0  # no typo
+        with pytest.raises(ConfigError, match=rf"match no linear layer \(the output head '{head}' is never factorized\)"):
+            lowrank(a, ctx, rank=1, round_to=1, min_params=0, targets=[head])
+    with pytest.raises(ConfigError, match=r"the output head 'lm_head' is never factorized"):
+        lowrank(art(tiny_llama()), ctx, rank=8, min_params=0, targets=["lm_head"])

@@ -19,6 +19,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from ..checkpoint import Artifact
+from ..architecture import output_head
 from ..errors import ConfigError
 from ..models import count_parameters
 from ..pruning import importance as imp
@@ -42,7 +43,7 @@ class LowRankConfig(PassConfig):
     param_ratio: float | None = Field(None, gt=0.0, lt=1.0, description="rank so that the factors hold this "
                                       "fraction of each layer's parameters")
     targets: list[str] = Field(["*"], description="module-name patterns (fnmatch) of the linear layers to "
-                               "factorize; the output (LM) head is never a target")
+                               "factorize; the output head (LM head, a classifier's last layer) is never a target")
     ignore: list[str] = Field([], description="linear-layer name patterns (fnmatch) to leave dense; "
                               "a pattern that matches no linear layer is an error")
     max_param_ratio: float = Field(0.6, gt=0.0, lt=1.0, description="leave a layer dense unless its factors "
@@ -73,9 +74,8 @@ class LowRankConfig(PassConfig):
         return self
 
 
-def _candidates(net: nn.Module) -> list[str]:
-    head = net.get_output_embeddings() if hasattr(net, "get_output_embeddings") else None
-    return [n for n, m in net.named_modules() if is_linear(m) and m is not head and n]
+def _candidates(net: nn.Module, head: str | None) -> list[str]:
+    return [n for n, m in net.named_modules() if is_linear(m) and n != head and n]
 
 
 @register
@@ -100,7 +100,8 @@ class LowRank(Pass):
         if is_factorized(model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
         net = copy.deepcopy(model.model).float().eval()
-        linear = _candidates(net)
+        head = output_head(net, model.task)  # LM or classifier head: factors there change the logits directly
+        linear = _candidates(net, head)
         every_linear = [n for n, m in net.named_modules() if is_linear(m)]  # the head too: ignoring it is no typo
         for pattern in c.ignore:  # a typo would factorize the layers it meant to keep dense
             if not any(fnmatch.fnmatchcase(n, pattern) for n in every_linear):
@@ -110,7 +111,9 @@ class LowRank(Pass):
                  if any(fnmatch.fnmatchcase(n, p) for p in c.targets)
                  and not any(fnmatch.fnmatchcase(n, p) for p in c.ignore)]
         if not names and c.embedding_rank is None:
-            raise ConfigError(f"lowrank.targets {c.targets} (minus ignore {c.ignore}) match no linear layer; "
+            why = (f" (the output head {head!r} is never factorized)"
+                   if head and any(fnmatch.fnmatchcase(head, p) for p in c.targets) else "")
+            raise ConfigError(f"lowrank.targets {c.targets} (minus ignore {c.ignore}) match no linear layer{why}; "
                               f"layers look like {linear[:3]}")
         if c.embedding_rank is not None:
             check_embedding_rank(net, c.embedding_rank)
