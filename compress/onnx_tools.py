@@ -88,6 +88,42 @@ def copy_edge_runner(dst: Path) -> None:
 _OPTIMIZER_TYPES = {"bert": "bert", "gpt2": "gpt2", "llama": "gpt2", "mistral": "gpt2", "qwen2": "gpt2"}
 
 
+def tie_transposed_initializers(model) -> int:
+    """Store a 2-D initializer that is another's transpose once, its readers taking a Transpose of the other
+    (as optimum does for a plain tied LM head). torch's exporter folds the transpose of a tied table into a
+    copy, and optimum's deduplication misses a factorized one (lowrank.embedding_rank's [V, r] table read by
+    the Gather and the head). Returns the bytes saved."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    tensors = {t.name: t for t in graph.initializer if len(t.dims) == 2}
+    shapes = {tuple(t.dims) for t in tensors.values()}
+    by_column = {}  # (shape of the transpose, dtype, first column) -> names: one array in memory at a time
+    transposed, saved = {}, 0  # duplicate -> the initializer it is the transpose of
+    for name, t in tensors.items():
+        shape = tuple(t.dims)
+        if shape[::-1] not in shapes:
+            continue
+        a = numpy_helper.to_array(t)
+        ref = next((n for n in by_column.get((shape, a.dtype.str, a[0].tobytes()), [])
+                    if np.array_equal(numpy_helper.to_array(tensors[n]).T, a)), None)
+        if ref is None:
+            by_column.setdefault((shape[::-1], a.dtype.str, a[:, 0].tobytes()), []).append(name)
+        else:
+            transposed[name] = ref
+            saved += a.nbytes
+    if not transposed:
+        return 0
+    renamed = {dup: f"{dup}_from_{ref}" for dup, ref in transposed.items()}
+    for node in graph.node:
+        node.input[:] = [renamed.get(i, i) for i in node.input]
+    for t in [t for t in graph.initializer if t.name in transposed]:
+        graph.initializer.remove(t)
+    for dup, ref in transposed.items():
+        graph.node.insert(0, helper.make_node("Transpose", [ref], [renamed[dup]], name=f"Transpose_{dup}"))
+    return saved
+
+
 def use_contrib_domain(model) -> None:
     """Declare ONNX Runtime's contrib-op domain (com.microsoft), which fused and quantized ops live in."""
     if not any(o.domain == "com.microsoft" for o in model.opset_import):

@@ -143,6 +143,24 @@ def test_factorized_model_exports_to_onnx(factorized, ctx, fam):
     assert onnx_art.kind == "onnx" and onnx_art.info["discrepancy"]["passed"]
 
 
+def test_a_factorized_tied_table_is_stored_once_in_the_onnx_graph(factorized, ctx):
+    """torch's exporter folded the tied head's transpose of the [V, r] table (and of the [r, d] projection) into
+    second initializers, V x r x 4 bytes more, which optimum's tied-weight deduplication missed for the factorized
+    head; the default graph falls back to optimum's for a factorized embedding, so it had them too."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = factorized[0][("llama-gqa", "asvd-embedding")][0]
+    for graph in ["auto", "optimum"]:
+        onnx_art = passes.get("export")(graph=graph).run(out, ctx)
+        model = onnx.load(str(onnx_art.onnx_dir / "model.onnx"))
+        assert [list(t.dims) for t in model.graph.initializer if 384 in t.dims] == [[384, 16]]
+        assert onnx_art.info["tied_transposed_bytes"] == (384 * 16 + 16 * 32) * 4
+        stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+        assert stored <= 4 * out.info["params_after"]  # every parameter once
+        assert onnx_art.info["discrepancy"]["max_abs_error"] < 1e-5  # the logits are torch's
+
+
 def test_prune_refuses_a_factorized_model(factorized, ctx):
     from compress.errors import UnsupportedModelError
 

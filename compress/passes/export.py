@@ -111,6 +111,10 @@ class Export(Pass):
                        for i in graph.graph.input}
             info["dynamic_axes"] = {k: v for k, v in dynamic.items()
                                     if not k.startswith("past_key_values.") or k == "past_key_values.0.key"}
+            if info["graph"] == "optimum":  # the fused writers store a tied table once themselves
+                saved = onnx_tools.tie_transposed_initializers(graph)
+                if saved:
+                    info["tied_transposed_bytes"] = saved
             info["nodes"] = len(graph.graph.node)
             onnx_tools.save_model(graph, out, cfg.external_data)
             del graph
