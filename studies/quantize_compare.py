@@ -107,8 +107,10 @@ def build(model_name: str, label: str, how, work: Path, log) -> str:
     spec = MODELS[model_name]
     if how == "source":
         return spec["source"]
-    if how in ("export", "optimum"):
+    if how == "export":
         recipe = [("export", {})]
+    elif how == "optimum":  # optimum's quantizer on optimum's graph as its exporter writes it (no contrib ops)
+        recipe = [("export", {"graph": "optimum", "optimize": False})]
     elif how[0] == "quantize-torch":
         recipe = [("quantize", how[1])]
     else:
