@@ -95,6 +95,8 @@ def test_each_method_takes_only_its_own_options():
     # values ONNX Runtime (or torch's exporter) would refuse mid-run are refused here, naming the field
     with pytest.raises(ConfigError, match="quantize.block_size: Input should be 16, 32, 64, 128 or 256"):
         get("quantize")(method="ort-int8-dynamic", block_size=48)
+    with pytest.raises(ConfigError, match="quantize.bnb_blocksize: Input should be 32, 64, .* 2048 or 4096"):
+        get("quantize")(method="bnb-nf4", bnb_blocksize=48)
     with pytest.raises(ConfigError, match="weight_bits 4 needs kernel matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="rowwise", weight_bits=4)
     with pytest.raises(ConfigError, match="smooth_alpha applies to kernel matmulinteger"):

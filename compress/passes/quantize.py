@@ -114,8 +114,9 @@ class BnbInt8Config(_Exclude):
 
 class Bnb4bitConfig(_Exclude):
     method: Literal["bnb-nf4", "bnb-fp4"] = Field(description="bitsandbytes 4-bit linear layers")
-    bnb_blocksize: int = Field(64, ge=32, description="weights per quantization block",
-                               json_schema_extra=search([64, 128]))
+    bnb_blocksize: Literal[32, 64, 128, 256, 512, 1024, 2048, 4096] = Field(
+        64, description="weights per quantization block (the sizes bitsandbytes takes)",
+        json_schema_extra=search([64, 128]))
     bnb_compute_dtype: Literal["float32", "bfloat16"] = Field("float32", description="compute dtype")
     options_of: ClassVar[str] = "methods bnb-nf4 / bnb-fp4"
 
