@@ -110,8 +110,11 @@ def test_each_method_takes_only_its_own_options():
     assert get("quantize")().config.model_dump() == {"method": "bf16"}
 
 
-def test_exclusion_by_pattern(onnx_llama, tmp_path):
-    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=["*layers.0/*", "*down_proj*"])
+@pytest.mark.parametrize("options", [{}, {"weight_bits": 4, "algorithm": "gptq", "min_agreement": 0}])
+def test_exclusion_by_pattern(onnx_llama, tmp_path, options):
+    """Excluded MatMuls stay float, GPTQ's too (ONNX Runtime's GPTQ path ignores its nodes_to_exclude)."""
+    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=["*layers.0/*", "*down_proj*"],
+                 calibration_batches=1, calibration_seq_len=32, **options)
     excluded = q.quantization["excluded_nodes"]
     assert excluded and all("layers.0/" in n or "down_proj" in n for n in excluded)
     nodes = onnx.load(str(q.path / "model.onnx")).graph.node

@@ -190,6 +190,9 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         q = mnq.MatMulNBitsQuantizer(model, bits=bits, block_size=block_size, is_symmetric=symmetric,
                                      accuracy_level=accuracy_level or None, nodes_to_exclude=excluded + head + kept,
                                      op_types_to_quantize=matmuls, algo_config=config)
+        if algorithm == "gptq":  # ORT's GPTQ path drops nodes_to_exclude (its RTN / k_quant path marks them fp32)
+            configs = q._generate_q4_node_config
+            q._generate_q4_node_config = lambda: {**configs(), **dict.fromkeys(q.nodes_to_exclude, "fp32")}
         with _printed_to_log(), _zero_points_per_row():  # k_quant / gptq print progress bars
             q.process()
         model = q.model.model if hasattr(q.model, "model") else q.model
