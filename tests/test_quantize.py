@@ -81,6 +81,25 @@ def test_quantize_after_fused_export(tmp_path, method):
     assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.75
 
 
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_fp16_keeps_an_excluded_block_in_fp32(tmp_path, arch):
+    """Excluded nodes stay fp32 with casts around them: the converter wrote one Cast per excluded reader of a
+    tensor, all with the same name (Llama: an invalid graph), and found no types after contrib ops (the fused
+    GPT-2's SkipLayerNormalization: a type error); either failed when the model loaded."""
+    from onnx import numpy_helper
+
+    model, scope = (tiny_llama(), "/model/layers.0/") if arch == "llama" else (tiny_gpt2(), "/transformer/h.0/")
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=model)
+    exported = load(save(get("export")().run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "e"))
+    q = quantize(exported, tmp_path, method="ort-fp16", exclude=[scope + "*"])
+    assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.9
+    graph = onnx.load(str(q.path / "model.onnx")).graph
+    inits = {i.name: numpy_helper.to_array(i).dtype for i in graph.initializer}
+    kept = [n for n in graph.node if n.name.startswith(scope) and n.op_type == "MatMul" and n.input[1] in inits]
+    assert kept and all(inits[n.input[1]] == np.float32 for n in kept)
+    assert np.float16 in inits.values()
+
+
 def test_each_method_takes_only_its_own_options():
     """quantize's options are a union discriminated on `method`: another method's option is an error that
     names the method, and a resolved config holds (and hashes) only the chosen method's options."""

@@ -596,8 +596,18 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
 
     model = _load(src)
     excluded = matching_nodes(model, exclude)
+    if excluded:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
+        _infer_types(model)  # inference (its own) does not after contrib ops (fused graphs)
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded or None,
-                                         disable_shape_infer=model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
+                                         disable_shape_infer=bool(excluded)
+                                         or model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
+    # the converter gives each excluded reader of an fp16 tensor its own Cast back to fp32, all with one name
+    # and one output (an invalid graph when two excluded nodes read it): the first computes it for all
+    names = set()
+    for node in list(converted.graph.node):
+        if node.op_type == "Cast" and node.name in names:
+            converted.graph.node.remove(node)
+        names.add(node.name)
     _finish(converted, dst, src)
     return {"excluded_nodes": excluded}
 
