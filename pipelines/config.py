@@ -230,6 +230,12 @@ def _check_data_needed(cfg: PipelineConfig, chains: list[tuple[str, list[Pass]]]
     return errors
 
 
+def _check_task_options(task: str, chains: list[tuple[str, list[Pass]]]) -> list[str]:
+    """Options a pass refuses on this task (else the run stopped at that step, after the others)."""
+    return [f"{where}.{i} ({p.name}): {problem}" for where, chain in chains for i, p in enumerate(chain)
+            if (problem := p.check_task(task))]
+
+
 def _check_data(cfg: PipelineConfig) -> list[str]:
     specs = {f"data.{role}": getattr(cfg.data, role) for role in ("train", "eval", "calibration")}
     if cfg.benchmark is not None:
@@ -284,8 +290,9 @@ def validate(raw: dict) -> Pipeline:
             errors += check_order(bpasses, f"{where}.passes", state=states[start])
         branches.append(Branch(b.name, start or 0, bpasses))
     errors += _check_data(cfg)
-    errors += _check_data_needed(cfg, [("passes", passes)] + [(f"branches.{j}.passes", b.passes)
-                                                             for j, b in enumerate(branches)])
+    chains = [("passes", passes)] + [(f"branches.{j}.passes", b.passes) for j, b in enumerate(branches)]
+    errors += _check_data_needed(cfg, chains)
+    errors += _check_task_options(cfg.task, chains)
     if cfg.benchmark is not None:
         try:
             cfg.benchmark.check_task(cfg.task)

@@ -68,3 +68,25 @@ def test_a_checkpoint_source_starts_the_chain_as_it_is(tmp_path):
                             ([{"quantize": {"method": "bf16"}}], "quantizing twice is not supported, give the float")]:
         with pytest.raises(ConfigError, match=message):
             validate({**nf4, "passes": passes})
+
+
+def test_options_the_task_refuses_are_refused_before_any_work():
+    """What `kernel: auto` becomes depends on the task, which the config states: options that kernel cannot
+    take are refused by validate, not at the quantize step after the export."""
+    data = {"train": {"source": "builtin:wikipedia"}}
+    encoder = {**BASE, "model": {"source": "builtin:minilm-l6"}, "task": "feature-extraction", "data": data}
+
+    def refused(cfg, quantize, message):
+        with pytest.raises(ConfigError, match=message):
+            validate({**cfg, "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic", **quantize}}]})
+
+    refused(encoder, {"weight_bits": 4}, r"passes.1 \(quantize\): quantize.weight_bits: kernel auto is "
+            "matmulinteger on a feature-extraction model, which is 8-bit only")
+    refused(encoder, {"embedding_bits": 4}, "quantize.embedding_bits: kernel auto is matmulinteger")
+    refused(encoder, {"kernel": "matmulnbits", "weight_bits": 4, "keep_8bit_blocks": 1},
+            "quantize.keep_8bit_blocks: ranks the decoder blocks of a causal LM, not a feature-extraction model")
+    refused({**BASE, "data": data}, {"smooth_alpha": 0.7}, "quantize.smooth_alpha: kernel auto is matmulnbits on "
+            "a causal-lm model")
+    fine = validate({**encoder, "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic",
+                                                                         "smooth_alpha": 0.7}}]})
+    assert [p.name for p in fine.passes] == ["export", "quantize"]

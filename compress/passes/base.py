@@ -144,6 +144,11 @@ class Pass:
         """The pipeline data roles this pass reads (any one of them will do) and why; None when it reads none."""
         return None
 
+    def check_task(self, task: str) -> str | None:
+        """What makes these options fail on a `task` model (the error message), found before any work starts;
+        None when they fit."""
+        return None
+
     def run(self, model: Artifact, ctx: PassContext) -> Artifact:
         want = self.input_kinds()
         if model.kind not in want:

@@ -254,6 +254,28 @@ class Quantize(Pass):
     def accepts_quantized_input(self) -> bool:
         return not self.quantizes()
 
+    def check_task(self, task: str) -> str | None:
+        cfg = self.config
+        if cfg.method != "ort-int8-dynamic":
+            return None
+        kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
+        if kernel != "matmulnbits" and (cfg.keep_8bit or cfg.keep_8bit_blocks):
+            return (f"quantize.keep_8bit / keep_8bit_blocks: kernel {cfg.kernel} is {kernel} on a {task} model; "
+                    "mixed 4/8 bits needs kernel: matmulnbits")
+        if kernel != "matmulnbits" and cfg.weight_bits == 4:
+            return (f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which is 8-bit only; "
+                    "4-bit weights need kernel: matmulnbits")
+        if kernel != "matmulinteger" and cfg.smooth_alpha is not None:
+            return (f"quantize.smooth_alpha: kernel {cfg.kernel} is {kernel} on a {task} model; smoothing applies "
+                    "to kernel: matmulinteger")
+        if kernel != "matmulnbits" and cfg.embedding_bits == 4:
+            return (f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; 4-bit embedding "
+                    "tables need kernel: matmulnbits (or embedding_bits: 8)")
+        if cfg.keep_8bit_blocks and task != "causal-lm":
+            return (f"quantize.keep_8bit_blocks: ranks the decoder blocks of a causal LM, not a {task} model; name "
+                    "the nodes with keep_8bit instead")
+        return None
+
     def needs_data(self) -> tuple[tuple[str, ...], str] | None:
         c = self.config
         if c.method == "ort-int8-static" or getattr(c, "algorithm", None) == "gptq" or \
@@ -310,18 +332,9 @@ class Quantize(Pass):
         notes: list[str] = []
         if method == "ort-int8-dynamic":
             kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
-            if kernel != "matmulnbits" and (cfg.keep_8bit or cfg.keep_8bit_blocks):
-                raise ConfigError(f"quantize.keep_8bit / keep_8bit_blocks: kernel {cfg.kernel} is {kernel} on a "
-                                  f"{task} model; mixed 4/8 bits needs kernel: matmulnbits")
-            if kernel != "matmulnbits" and cfg.weight_bits == 4:
-                raise ConfigError(f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which "
-                                  "is 8-bit only; 4-bit weights need kernel: matmulnbits")
-            if kernel != "matmulinteger" and cfg.smooth_alpha is not None:
-                raise ConfigError(f"quantize.smooth_alpha: kernel {cfg.kernel} is {kernel} on a {task} model; "
-                                  "smoothing applies to kernel: matmulinteger")
-            if kernel != "matmulnbits" and cfg.embedding_bits == 4:
-                raise ConfigError(f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; "
-                                  "4-bit embedding tables need kernel: matmulnbits (or embedding_bits: 8)")
+            problem = self.check_task(task)
+            if problem:
+                raise ConfigError(problem)
             if kernel == "matmulnbits":
                 feeds = None
                 if cfg.algorithm == "gptq":
