@@ -143,6 +143,16 @@ def test_exclusion_by_pattern(onnx_llama, tmp_path, options):
     assert "/model/layers.1/mlp/up_proj/MatMul" not in float_matmuls
 
 
+@pytest.mark.parametrize("options", [{"method": "ort-int8-dynamic"}, {"method": "ort-fp16"},
+                                     {"method": "ort-int8-dynamic", "kernel": "rowwise"}])
+def test_exclusion_of_everything_is_refused(onnx_llama, tmp_path, options):
+    """An exclude list that matches every node leaves the parent unchanged: refused, as the torch methods'
+    and ort-int8-static's are, rather than a checkpoint recorded as quantized."""
+    with pytest.raises(ConfigError, match=r"quantize.exclude: \['\*'\] leaves nothing of this graph to quantize"):
+        quantize(onnx_llama, tmp_path, exclude=["*"], **options)
+    assert not (tmp_path / f"q-{options['method']}").exists()
+
+
 @pytest.mark.parametrize("exclude", [None, ["*lm_head*"]])
 def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
     """The embedding table is stored once, as int8 blocks: the Gather reads it and so does the tied LM head

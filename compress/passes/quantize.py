@@ -405,6 +405,9 @@ class Quantize(Pass):
         else:
             details = ort.fp16(src, dst, exclude=exclude)
             q.update(bits=16, keep_io_types=True)
+        if cfg.exclude and not ort.lowered(dst):  # (ort-int8-static refuses this above, by its own measure)
+            raise ConfigError(f"quantize.exclude: {exclude} leaves nothing of this graph to quantize ({method} "
+                              "would write the parent unchanged); narrow quantize.exclude")
         q["exclude"] = exclude
         q["excluded_nodes"] = details["excluded_nodes"]
         onnx_tools.copy_edge_runner(dst)

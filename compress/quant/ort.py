@@ -567,6 +567,16 @@ def static_int8(src: Path, dst: Path, feeds: list[dict], *, calibrate: str, per_
             "activation_scales": activation_scales(qmodel), "smoothing": smoothing}
 
 
+def lowered(folder: Path) -> bool:
+    """Whether the graph holds any weight at lower precision (int8 / 4-bit codes, fp16)."""
+    import onnx
+    from onnx import TensorProto
+
+    model = onnx.load(str(Path(folder) / onnx_tools.ONNX_FILE), load_external_data=False)
+    low = (TensorProto.INT8, TensorProto.UINT8, TensorProto.FLOAT16, TensorProto.INT4, TensorProto.UINT4)
+    return any(i.data_type in low for i in model.graph.initializer)
+
+
 def _infer_types(model) -> None:
     """The static quantizer calibrates and quantizes only tensors whose type the graph's value_info states, and
     ONNX's shape inference stops at contrib ops (the fused decoders' SkipLayerNormalization, RotaryEmbedding,
