@@ -187,6 +187,16 @@ def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
     assert q.info["discrepancy"]["top1_agreement"] >= 0.9
 
 
+@pytest.mark.parametrize("options", [{"block_size": 64}, {"exclude": ["*lm_head*"]}])
+def test_4_bit_table_that_stays_8_bit_says_so(onnx_llama, tmp_path, options):
+    """embedding_bits 4 keeps a table at 8 bits when block_size does not divide its rows (32 wide here) or an
+    excluded head reads it in float: the manifest's notes say so, where the option was silently ignored."""
+    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", embedding_bits=4, **options)
+    assert q.info["int8_embedding_tables"] == ["model.embed_tokens.weight"] and not q.info["int4_embedding_tables"]
+    assert any(n.startswith("quantize: embedding_bits 4 left the embedding tables ['model.embed_tokens.weight'] "
+                            "at 8 bits") for n in q.info["notes"])
+
+
 def test_int8_table_on_llama_cpp_q8_0_grid_is_stored_exactly(tmp_path):
     """A vocabulary table that came from a GGUF file's Q8_0 (blocks of 32, symmetric, fp16 scales: the packaged
     SmolLM2's) is stored again without error, in blocks of 32 also where the width allows 64."""

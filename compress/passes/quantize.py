@@ -360,6 +360,12 @@ class Quantize(Pass):
                     details["mixed_precision"] = mixed
                 if details.get("float_matmuls"):
                     notes.append(self._float_matmuls(details))
+                if cfg.embedding_bits == 4 and details["int8_embedding_tables"]:
+                    note = (f"quantize: embedding_bits 4 left the embedding tables {details['int8_embedding_tables']} "
+                            f"at 8 bits: their row width is not a multiple of block_size {cfg.block_size}, or a node "
+                            "other than the lookup and a tied LM head reads them (an excluded head)")
+                    notes.append(note)
+                    logging.getLogger(SUITE_LOGGER).warning(note)
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
                          algorithm=cfg.algorithm, embedding_bits=cfg.embedding_bits)
                 if eight_bit:
