@@ -110,6 +110,18 @@ def test_keep_8bit_patterns(exported, tmp_path, algorithm):
         assert q.info["offset_corrections"] == sum(c[4] for c in per_block.values())
 
 
+def test_excluded_matmuls_are_not_counted_at_8_bits(exported, tmp_path):
+    """MatMuls that exclude leaves float are not among those kept at 8 bits (the record counted them)."""
+    _, orphan = exported
+    q = quantize(orphan, tmp_path, keep_8bit=["/model/layers.0/*"], exclude=["*/layers.0/mlp/*"])
+    per_block = bits_per_block(q)
+    assert per_block[0] == {8: 4}  # q, k, v, o; gate, up and down float
+    assert q.info["mixed_precision"]["matmuls_8bit"] == len(q.info["int8_matmuls"]) == 4
+    with pytest.raises(ConfigError, match=r"keep_8bit: .* matches no MatMul node of the ONNX graph that "
+                                          "quantize.exclude leaves to quantize"):
+        quantize(orphan, tmp_path, keep_8bit=["/model/layers.0/*"], exclude=["/model/layers.0/*"])
+
+
 def test_bad_combinations_refused(exported, tmp_path):
     _, orphan = exported
     with pytest.raises(ConfigError, match="keep_8bit_blocks"):

@@ -456,10 +456,13 @@ class Quantize(Pass):
             return [], None
         proto = onnx.load(str(src / onnx_tools.ONNX_FILE), load_external_data=False)
         matched = set(ort.matching_nodes(proto, cfg.keep_8bit, ("MatMul",)) if cfg.keep_8bit else [])
+        excluded = set(ort.matching_nodes(proto, cfg.exclude or [], ort.QUANTIZABLE))  # they stay float
         weights = {i.name for i in proto.graph.initializer}  # products of two activations stay float anyway
-        nodes = [n.name for n in proto.graph.node if n.name in matched and n.input[1] in weights]
+        nodes = [n.name for n in proto.graph.node if n.name in matched and n.input[1] in weights
+                 and n.name not in excluded]
         if cfg.keep_8bit and not nodes:
-            raise ConfigError(f"quantize.keep_8bit: {cfg.keep_8bit} matches no MatMul node of the ONNX graph")
+            raise ConfigError(f"quantize.keep_8bit: {cfg.keep_8bit} matches no MatMul node of the ONNX graph"
+                              + (" that quantize.exclude leaves to quantize" if excluded else ""))
         record: dict = {"patterns": cfg.keep_8bit, "pattern_matmuls": len(nodes)}
         if cfg.keep_8bit_blocks:
             blocks = ort.decoder_blocks(proto)
@@ -471,7 +474,7 @@ class Quantize(Pass):
                                   f"{len(blocks)} blocks")
             scores, measure = self._sensitivity(model, ctx, src, blocks)
             chosen = sorted(sorted(scores, key=scores.get, reverse=True)[:cfg.keep_8bit_blocks])
-            nodes += [n for i in chosen for n in blocks[i] if n not in nodes]
+            nodes += [n for i in chosen for n in blocks[i] if n not in nodes and n not in excluded]
             record.update(blocks=len(blocks), blocks_8bit=chosen, sensitivity=measure,
                           scores={str(i): scores[i] for i in blocks})
         record["matmuls_8bit"] = len(nodes)
