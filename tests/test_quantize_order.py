@@ -85,6 +85,12 @@ def test_options_the_task_refuses_are_refused_before_any_work():
     refused(encoder, {"embedding_bits": 4}, "quantize.embedding_bits: kernel auto is matmulinteger")
     refused(encoder, {"kernel": "matmulnbits", "weight_bits": 4, "keep_8bit_blocks": 1},
             "quantize.keep_8bit_blocks: ranks the decoder blocks of a causal LM, not a feature-extraction model")
+    # options that kernel would silently ignore
+    refused(encoder, {"algorithm": "hqq"}, "quantize.algorithm: kernel auto is matmulinteger on a "
+            "feature-extraction model, whose weights are rtn per channel")
+    refused(encoder, {"kernel": "rowwise", "block_size": 128}, "quantize.block_size: kernel rowwise is rowwise")
+    refused({**BASE}, {"per_channel": False}, "quantize.per_channel: kernel auto is matmulnbits on a causal-lm "
+            "model, whose weight scales are per block")
     refused({**BASE, "data": data}, {"smooth_alpha": 0.7}, "quantize.smooth_alpha: kernel auto is matmulnbits on "
             "a causal-lm model")
     fine = validate({**encoder, "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic",

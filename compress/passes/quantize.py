@@ -271,6 +271,16 @@ class Quantize(Pass):
         if kernel != "matmulnbits" and cfg.embedding_bits == 4:
             return (f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; 4-bit embedding "
                     "tables need kernel: matmulnbits (or embedding_bits: 8)")
+        if kernel != "matmulnbits" and cfg.algorithm != "rtn":
+            return (f"quantize.algorithm: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are rtn "
+                    "per channel; algorithm applies to kernel: matmulnbits")
+        if kernel != "matmulnbits" and cfg.block_size != 32:
+            return (f"quantize.block_size: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are not "
+                    "in blocks; block_size applies to kernel: matmulnbits")
+        if kernel != "matmulinteger" and not cfg.per_channel:
+            return (f"quantize.per_channel: kernel {cfg.kernel} is {kernel} on a {task} model, whose weight scales "
+                    f"are per {'block' if kernel == 'matmulnbits' else 'column'}; per_channel: false applies to "
+                    "kernel: matmulinteger")
         if cfg.keep_8bit_blocks and task != "causal-lm":
             return (f"quantize.keep_8bit_blocks: ranks the decoder blocks of a causal LM, not a {task} model; name "
                     "the nodes with keep_8bit instead")
