@@ -259,3 +259,18 @@ def test_int8_tables_of_embed_layer_normalization(tmp_path):
     ref, got = EdgeModel(path).embed(ids), EdgeModel(copy, verify=False).embed(ids)  # rewritten in place
     cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
     assert cos.min() > 0.9999
+
+
+@pytest.mark.parametrize("exclude", [["*word_embeddings*"], ["EmbedLayerNorm*"]])
+def test_excluded_embed_layer_normalization_table_stays_float(tmp_path, exclude):
+    """quantize.exclude naming the fused encoder's vocabulary table (or its EmbedLayerNormalization node) keeps
+    it float, as it keeps a Gather's table: it was converted to int8 all the same."""
+    model = tiny_bert("feature-extraction", vocab_size=1 << 14, hidden_size=64, intermediate_size=128)
+    path = load(export(tmp_path, model, "feature-extraction"))  # 16384 x 64: worth converting
+    ctx = PassContext(task="feature-extraction", scratch=tmp_path / "scratch")
+    default = get("quantize")(method="ort-int8-dynamic").run(path, ctx)
+    assert default.info["int8_embed_layernorm_tables"] == ["embeddings.word_embeddings.weight"]
+    q = get("quantize")(method="ort-int8-dynamic", exclude=exclude).run(path, ctx)
+    assert q.info["int8_embed_layernorm_tables"] == []
+    inits = {i.name: i for i in onnx.load(str(q.onnx_dir / "model.onnx")).graph.initializer}
+    assert inits["embeddings.word_embeddings.weight"].data_type == onnx.TensorProto.FLOAT

@@ -230,7 +230,8 @@ class Quantize(Pass):
     description = "Lower weight precision: torch dtypes, torch/bitsandbytes int8 and 4-bit, ONNX Runtime int8/fp16"
     Config = QuantizeConfig
     version = 3  # 2: int8 embedding tables in blocks of 32 with fp16 scales (fake.table_grid), not 64 or 128;
-    # 3: algorithm gptq leaves the excluded MatMuls float (they were 4-bit)
+    # 3: algorithm gptq leaves the excluded MatMuls float (they were 4-bit), and so does exclude a fused encoder's
+    # vocabulary table (it was int8)
 
     @classmethod
     def config_class(cls, options: dict) -> type[PassConfig]:
@@ -396,7 +397,7 @@ class Quantize(Pass):
                          smooth_alpha=cfg.smooth_alpha)
             q["quantize_embeddings"] = cfg.quantize_embeddings  # at embedding_bits (matmulnbits), else 8
             if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
-                details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst)
+                details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst, exclude=exclude)
             if details.get("float_embedding_tables"):
                 notes.append(f"quantize: embedding tables {details['float_embedding_tables']} stay float: their "
                              "row width is not a multiple of 16 (the int8 / 4-bit tables' smallest block)")

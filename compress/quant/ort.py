@@ -715,11 +715,12 @@ def rowwise_int8(src: Path, dst: Path, *, exclude: list[str], embeddings: bool =
             "rowwise_inputs": len(quantized)}
 
 
-def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> list[str]:
+def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20, exclude: list[str] = ()) -> list[str]:
     """Embedding tables read by a fused EmbedLayerNormalization (export optimize) to int8 on disk, in place:
     stored as uint8 blocks + scales and dequantized by standard ops that ONNX Runtime folds into a constant
     when the session starts (the op itself takes float tables). Without this a fused encoder's int8 file
-    keeps its fp32 vocabulary table (MiniLM-L6: 58 MB instead of 23 MB). Returns the tables converted."""
+    keeps its fp32 vocabulary table (MiniLM-L6: 58 MB instead of 23 MB). The tables of a node matching an
+    `exclude` pattern (by its name or a table's) stay float. Returns the tables converted."""
     import onnx
     import torch
     from onnx import helper, numpy_helper
@@ -728,9 +729,11 @@ def int8_embed_layernorm_tables(folder: Path, min_elements: int = 1 << 20) -> li
     model = onnx.load(str(path))
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
+    excluded = set(matching_nodes(model, list(exclude), ("EmbedLayerNormalization",)))
     tables = sorted({n.input[i] for n in graph.node if n.op_type == "EmbedLayerNormalization" for i in (2, 3, 4)
                      if len(n.input) > i and n.input[i] in inits and inits[n.input[i]].data_type == 1
-                     and len(inits[n.input[i]].dims) == 2 and table_block(inits[n.input[i]].dims[1])})
+                     and len(inits[n.input[i]].dims) == 2 and table_block(inits[n.input[i]].dims[1])
+                     and n.name not in excluded})
     # only the large ones (the vocabulary): position / segment tables are small
     tables = [t for t in tables if inits[t].dims[0] * inits[t].dims[1] >= min_elements]
     for t in tables:
