@@ -153,6 +153,18 @@ def test_exclusion_of_everything_is_refused(onnx_llama, tmp_path, options):
     assert not (tmp_path / f"q-{options['method']}").exists()
 
 
+def test_exclusion_matching_nothing_is_refused(onnx_llama, tmp_path):
+    """An exclude list none of whose patterns matches (a typo, or a torch module name given to an ort-* method)
+    is an error naming it, as keep_8bit's is: it quantized the layers it was meant to keep."""
+    with pytest.raises(ConfigError, match=r"quantize.exclude: \['lm_head'\] matches no node of the ONNX graph"):
+        quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", exclude=["lm_head"])
+    torch_art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
+    with pytest.raises(ConfigError, match=r"quantize.exclude: \['/lm_head/\*'\] matches no module of the model"):
+        get("quantize")(method="torch-int8-dynamic", exclude=["/lm_head/*"]).run(torch_art, PassContext())
+    q = get("quantize")(method="torch-int8-dynamic", exclude=["*lm_head", "*nothing*"]).run(torch_art, PassContext())
+    assert q.quantization["layers"] == 28
+
+
 @pytest.mark.parametrize("exclude", [None, ["*lm_head*"]])
 def test_int8_embedding_shared_with_tied_head(onnx_llama, tmp_path, exclude):
     """The embedding table is stored once, as int8 blocks: the Gather reads it and so does the tied LM head

@@ -316,6 +316,9 @@ class Quantize(Pass):
         cfg, method = self.config, self.config.method
         module = model.model.float().eval()
         exclude = _default_torch_exclude(module) if cfg.exclude is None else cfg.exclude
+        if cfg.exclude and not torch_side.matches_a_module(module, cfg.exclude):
+            raise ConfigError(f"quantize.exclude: {cfg.exclude} matches no module of the model; patterns match "
+                              "torch module names, e.g. '*lm_head' or 'model.layers.0.*'")
         settings = {}
         if method == "bnb-int8":
             settings = {"threshold": cfg.bnb_threshold}
@@ -339,6 +342,9 @@ class Quantize(Pass):
         ctx.scratch.mkdir(parents=True, exist_ok=True)
         dst = Path(tempfile.mkdtemp(prefix="quantize-", dir=ctx.scratch))
         exclude = list(cfg.exclude or [])
+        if exclude and not ort.matches_a_node(src, exclude):  # a typo would quantize what it meant to keep
+            raise ConfigError(f"quantize.exclude: {exclude} matches no node of the ONNX graph; patterns match node "
+                              "names or weight names, e.g. '*lm_head*' or '/model/layers.0/*'")
         q: dict = {"method": method}
         notes: list[str] = []
         if method == "ort-int8-dynamic":

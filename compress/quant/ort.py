@@ -33,6 +33,15 @@ def matching_nodes(model, patterns: list[str], op_types: tuple[str, ...] | None 
     return out
 
 
+def matches_a_node(src: Path, patterns: list[str]) -> bool:
+    """Whether any node of the graph in folder `src` matches a pattern (by its name or a weight's)."""
+    import onnx
+
+    model = onnx.load(str(Path(src) / onnx_tools.ONNX_FILE), load_external_data=False)
+    _named_nodes(model)  # the names the quantizers see
+    return bool(matching_nodes(model, patterns))
+
+
 def lm_head_nodes(model) -> list[str]:
     """The MatMul producing `logits` (the LM head), found by walking back from the output."""
     producers = {o: n for n in model.graph.node for o in n.output}

@@ -25,6 +25,10 @@ def select_linears(model: nn.Module, exclude: list[str]) -> list[str]:
             if type(m) is nn.Linear and not any(fnmatch.fnmatchcase(name, p) for p in exclude)]
 
 
+def matches_a_module(model: nn.Module, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for name, _ in model.named_modules() for p in patterns)
+
+
 # ----------------------------------------------------------------------------- torch int8 dynamic
 class Int8DynamicLinear(nn.Module):
     """y = x W^T + b with W int8 per output channel (symmetric), activations quantized per tensor at run
