@@ -293,19 +293,22 @@ def check(ref: np.ndarray, edge, task: str, ids: np.ndarray, mask: np.ndarray, *
         figures["decode_max_abs_error"] = decode_path_error(edge, ids, ref)
     figures["tolerance"] = {"max_abs_error": max_abs_error, "min_agreement": min_agreement}
     agreement = figures.get("top1_agreement", figures.get("embedding_cosine_min"))
-    problems = []
+    problems, fields = [], []
+    section = what.split(" ")[0]  # the pass whose options set the tolerance ("export", "quantize (...)")
     worst = max(figures["max_abs_error"], figures.get("decode_max_abs_error", 0.0))
     if max_abs_error is not None and worst > max_abs_error:
         problems.append(f"max abs error {worst:.4g} > {max_abs_error:g}")
+        fields.append(f"{section}.max_abs_error")
     if min_agreement is not None and agreement < min_agreement:
         name = "top-1 agreement" if "top1_agreement" in figures else "min embedding cosine"
         problems.append(f"{name} {agreement:.4f} < {min_agreement:g}")
+        fields.append(f"{section}.min_agreement")
     figures["passed"] = not problems
     if problems:
         raise DiscrepancyError(
             f"{what}: the ONNX model's outputs differ from the reference on {figures['compared']} "
             f"{'examples' if task == 'sequence-classification' else 'tokens'}: {'; '.join(problems)} "
             f"(mean abs error {figures['mean_abs_error']:.4g}, reference |max| {figures['reference_abs_max']:.4g}). "
-            "Raise the tolerance only if this loss is acceptable."
+            f"Loosen {' / '.join(fields)} only if this loss is acceptable."
         )
     return figures
