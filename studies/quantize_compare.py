@@ -74,6 +74,9 @@ VARIANTS = {
     "ORT int8 MatMulInteger per-channel, smoothed (alpha 0.7), down_proj / FFN-out float": ("ort-cpu", (
         "quantize-onnx", {"method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True,
                           "smooth_alpha": 0.7, "exclude": ["*down_proj*", "*layer.*/output/dense*"]})),
+    "ORT int8 MatMulInteger per-channel, smoothed (alpha 0.7), down_proj / FFN-out block-wise": ("ort-cpu", (
+        "quantize-onnx", {"method": "ort-int8-dynamic", "kernel": "matmulinteger", "per_channel": True,
+                          "smooth_alpha": 0.7, "blockwise": ["*down_proj*", "*layer.*/output/dense*"]})),
     # static: the default (smoothing 0.5, uint8 activations, MLP output projections and LM head float), then
     # one change each
     "ORT int8 static (QDQ)": ("ort-cpu", ("quantize-onnx", {"method": "ort-int8-static"})),

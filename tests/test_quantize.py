@@ -547,3 +547,27 @@ def test_sequences_past_the_graphs_export_max_length_are_refused_before_any_work
     assert not list((tmp_path / "scratch").glob("quantize-*/model.onnx"))  # refused before any work
     q = quantize(short, tmp_path, method="ort-int8-static", check_seq_len=16, calibration_seq_len=24)
     assert q.info["discrepancy"]["passed"]
+
+
+def test_blockwise_keeps_the_named_matmuls_block_wise_and_the_rest_per_tensor(onnx_llama, tmp_path):
+    """kernel matmulinteger with `blockwise`: the named MatMuls become MatMulNBits int8 (blocks of block_size,
+    accuracy level 4), every other projection per-tensor int8; smoothing leaves the block-wise ones alone."""
+    from onnx import helper
+
+    layers = tiny_llama().config.num_hidden_layers
+    q = quantize(onnx_llama, tmp_path, method="ort-int8-dynamic", kernel="matmulinteger", smooth_alpha=0.7,
+                 blockwise=["*down_proj*"], block_size=16, calibration_batches=2, min_agreement=0.0)
+    graph = onnx.load(str(q.path / "model.onnx")).graph
+    nbits = [n for n in graph.node if n.op_type == "MatMulNBits" and "down_proj" in n.name]
+    attrs = [{a.name: helper.get_attribute_value(a) for a in n.attribute} for n in nbits]
+    assert len(nbits) == layers  # (the tied LM head reads the int8 embedding table through one more)
+    assert all(a["bits"] == 8 and a["block_size"] == 16 and a["accuracy_level"] == 4 for a in attrs)
+    integer = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in graph.node)
+    assert integer >= 3 * layers  # qkv, o, gate_up of every block at least
+    assert q.quantization["blockwise_matmuls"] == layers and q.quantization["block_size"] == 16
+    assert q.info["discrepancy"]["top1_agreement"] > 0.5
+    with pytest.raises(ConfigError, match="quantize.blockwise: .* matches no MatMul"):
+        quantize(onnx_llama, tmp_path / "none", method="ort-int8-dynamic", kernel="matmulinteger",
+                 blockwise=["*no_such_proj*"])
+    with pytest.raises(ConfigError, match="blockwise applies to kernel matmulinteger"):
+        get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", blockwise=["*down_proj*"])

@@ -170,10 +170,18 @@ class OrtDynamicConfig(_Calibration):
         "it (BERT's LayerNorm and GELU outputs). MiniLM-L6 at alpha 0.7: embedding cosine 0.995 -> 0.998, a few "
         "percent slower (24 Muls; benchmarks/results/encoder_speed/vnni/); alpha 0.5 made it worse there. null: "
         "no smoothing")
+    blockwise: list[str] | None = Field(
+        None, description="matmulinteger: glob patterns of MatMuls kept block-wise instead (MatMulNBits int8 in "
+        "blocks of block_size, activations quantized per block): inputs whose outliers one scale per tensor "
+        "cannot hold, e.g. ['*down_proj*'] (SmolLM2 with smooth_alpha 0.7: perplexity +0.4%, prefill 2.5x torch "
+        "fp32 with down_proj float; benchmarks/results/quantize/smoothed-dynamic/)")
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
     @model_validator(mode="after")
     def _algorithm_bits(self):
+        if self.blockwise and self.kernel in ("matmulnbits", "rowwise"):
+            raise ValueError(f"blockwise applies to kernel matmulinteger (the rest per tensor); {self.kernel} "
+                             f"{'is block-wise throughout' if self.kernel == 'matmulnbits' else 'scales per row'}")
         if self.algorithm in ("minmax", "k_quant", "gptq") and self.weight_bits != 4:
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
         if self.weight_bits == 4 and self.kernel in ("matmulinteger", "rowwise"):
@@ -275,7 +283,10 @@ class Quantize(Pass):
         if kernel != "matmulnbits" and cfg.algorithm != "rtn":
             return (f"quantize.algorithm: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are rtn "
                     "per channel; algorithm applies to kernel: matmulnbits")
-        if kernel != "matmulnbits" and cfg.block_size != 32:
+        if kernel != "matmulinteger" and cfg.blockwise:
+            return (f"quantize.blockwise: kernel {cfg.kernel} is {kernel} on a {task} model; blockwise applies to "
+                    "kernel: matmulinteger")
+        if kernel != "matmulnbits" and cfg.block_size != 32 and not (kernel == "matmulinteger" and cfg.blockwise):
             return (f"quantize.block_size: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are not "
                     "in blocks; block_size applies to kernel: matmulnbits")
         if kernel != "matmulinteger" and not cfg.per_channel:
@@ -398,9 +409,16 @@ class Quantize(Pass):
                 details = ort.dynamic_int8(src, dst, per_channel=cfg.per_channel, exclude=exclude,
                                            op_types=["MatMul", "Gemm", "Attention"],
                                            embeddings=cfg.quantize_embeddings, smooth_alpha=cfg.smooth_alpha,
-                                           feeds=feeds)
+                                           feeds=feeds, blockwise=cfg.blockwise or [], block_size=cfg.block_size)
+                if cfg.blockwise and not details["blockwise_matmuls"]:
+                    raise ConfigError(f"quantize.blockwise: {cfg.blockwise} matches no MatMul with a weight that "
+                                      "quantize.exclude leaves to quantize; patterns match ONNX node or weight "
+                                      "names, e.g. '*down_proj*'")
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8",
                          smooth_alpha=cfg.smooth_alpha)
+                if cfg.blockwise:
+                    q.update(blockwise=cfg.blockwise, blockwise_matmuls=len(details["blockwise_matmuls"]),
+                             block_size=cfg.block_size)
             q["quantize_embeddings"] = cfg.quantize_embeddings  # at embedding_bits (matmulnbits), else 8
             if cfg.quantize_embeddings:  # a fused encoder's EmbedLayerNormalization reads its tables directly
                 details["int8_embed_layernorm_tables"] = ort.int8_embed_layernorm_tables(dst, exclude=exclude)

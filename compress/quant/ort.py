@@ -95,19 +95,31 @@ def _finish(model, dst: Path, src: Path, external: str = "auto") -> None:
 
 def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str], op_types: list[str],
                  reduce_range: bool = False, embeddings: bool = False, smooth_alpha: float | None = None,
-                 feeds: list[dict] | None = None) -> dict:
+                 feeds: list[dict] | None = None, blockwise: list[str] = (), block_size: int = 32) -> dict:
     """Weights int8 (QInt8) offline, activations quantized per tensor at run time (MatMulInteger).
     `smooth_alpha` first moves activation outliers into the weights, calibrated on `feeds`
-    (compress/quant/smooth.py; where no constant takes the division, an inserted Mul does)."""
+    (compress/quant/smooth.py; where no constant takes the division, an inserted Mul does). The MatMuls
+    matching a `blockwise` pattern become MatMulNBits int8 instead (blocks of `block_size`, activations
+    quantized per block: inputs whose outliers one scale per tensor cannot hold, e.g. SmolLM2's down_proj)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     from .smooth import smooth
 
     model = _load(src)
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
-    smoothing = (smooth(model, feeds, smooth_alpha, skip=set(excluded), insert=True)
+    blocks = [n for n in matching_nodes(model, list(blockwise), ("MatMul",))
+              if n not in excluded and _has_weight(model, n)]
+    smoothing = (smooth(model, feeds, smooth_alpha, skip=set(excluded + blocks), insert=True)
                  if smooth_alpha is not None else None)
+    if blocks:
+        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in blocks]
+        q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4,
+                                     nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
+        q.process()
+        model = q.model.model
+        _set_accuracy_level(model, 4)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
@@ -118,7 +130,7 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
         qmodel = onnx.load(str(out))
     tables = _quantize_tables(qmodel, excluded) if embeddings else {"int8_embedding_tables": []}
     _finish(qmodel, dst, src)
-    return {"excluded_nodes": excluded, **tables, "smoothing": smoothing}
+    return {"excluded_nodes": excluded, **tables, "smoothing": smoothing, "blockwise_matmuls": blocks}
 
 
 ALGORITHMS = ("rtn", "hqq", "k_quant", "gptq")  # gptq needs calibration feeds; k_quant and gptq are 4-bit only
