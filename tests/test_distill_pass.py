@@ -367,3 +367,19 @@ def test_sequences_past_the_models_positions_are_refused(tiny_gpt2_dir):
     with pytest.raises(ConfigError, match=r"^distill.max_length: 260 tokens, more than the student's 259 positions"):
         run(dict(max_length=260, alpha=0.0, teacher="input", max_steps=1), roberta,
             PassContext(task="sequence-classification", data=bbc_data()))
+
+
+def test_validate_refuses_causal_lm_only_options_on_other_tasks(tiny_bert_dir):
+    from pipelines.config import validate
+
+    def config(options):
+        return {"name": "v", "model": {"source": str(tiny_bert_dir)}, "task": "sequence-classification",
+                "data": {"train": {"source": "builtin:bbc-news", "max_examples": 16}},
+                "passes": [{"distill": {"student": {"keep_layers": 2}, "max_steps": 1, **options}}]}
+
+    with pytest.raises(ConfigError, match=r"passes.0 \(distill\): distill.quantize_aware: for causal LMs .* "
+                       r"task is sequence-classification"):
+        validate(config({"quantize_aware": {"bits": 4}}))
+    with pytest.raises(ConfigError, match=r"passes.0 \(distill\): distill.sequence_level: only for causal LMs"):
+        validate(config({"sequence_level": {"prompts": 4}}))
+    validate(config({}))

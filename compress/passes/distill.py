@@ -52,6 +52,15 @@ class Distill(Pass):
     def needs_data(self) -> tuple[tuple[str, ...], str]:
         return ("train",), "distill trains on data.train"
 
+    def check_task(self, task: str) -> str | None:
+        c = self.config
+        if c.quantize_aware is not None and task != "causal-lm":
+            return (f"distill.quantize_aware: for causal LMs (the grid of the decoder export's MatMulNBits "
+                    f"quantization); this model's task is {task}")
+        if c.sequence_level is not None and task != "causal-lm":
+            return f"distill.sequence_level: only for causal LMs (task causal-lm); this model's task is {task}"
+        return None
+
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         from ..distill.evaluate import evaluator
         from ..distill.examples import teacher_generated, training_examples
