@@ -383,3 +383,14 @@ def test_validate_refuses_causal_lm_only_options_on_other_tasks(tiny_bert_dir):
     with pytest.raises(ConfigError, match=r"passes.0 \(distill\): distill.sequence_level: only for causal LMs"):
         validate(config({"sequence_level": {"prompts": 4}}))
     validate(config({}))
+
+
+def test_a_teacher_cache_computed_under_bf16_is_not_read_by_an_fp32_run(tiny_llama_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESS_CACHE_DIR", str(tmp_path))
+    opts = dict(student={"keep_layers": 2}, alpha=1.0, max_steps=1, batch_size=4, teacher_cache=True,
+                cache_top_k=8, eval_tokens=64)
+    ctx = lambda: PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data(512))  # noqa: E731
+    bf16 = run({**opts, "precision": "bf16"}, art(tiny_llama_dir), ctx()).info["teacher_cache"]
+    fp32 = run(opts, art(tiny_llama_dir), ctx()).info["teacher_cache"]  # FAST: precision fp32
+    assert bf16["hit"] is False and fp32["hit"] is False and fp32["key"] != bf16["key"]
+    assert run(opts, art(tiny_llama_dir), ctx()).info["teacher_cache"] == {**fp32, "hit": True}

@@ -6,9 +6,9 @@ meta.json}: values and indices of shape [N, S, k] for token-level tasks and [N, 
 those tokens) at a few inverse temperatures beta, so the soft term can keep one bucket for the rest of the
 vocabulary (losses.topk_soft_loss). Raw logits are stored (not softened probabilities) and the tail at fixed
 temperatures, so T can change (or follow a schedule) without rebuilding. The key hashes the teacher's
-fingerprint, the exact token ids (which covers the data source, split, tokenizer and sequence length), k and
-the format, so any change to those builds a new cache. Written to a temporary directory and renamed: a killed
-run leaves no cache that a later run could read. meta.json records each array file's sha256, checked on every
+fingerprint, the exact token ids (which covers the data source, split, tokenizer and sequence length), k,
+the format and the teacher's autocast dtype, so any change to those builds a new cache. Written to a temporary
+directory and renamed: a killed run leaves no cache that a later run could read. meta.json records each array file's sha256, checked on every
 load: a damaged cache (or one written without the hashes) is computed again, never trusted."""
 from __future__ import annotations
 
@@ -178,8 +178,11 @@ def cached_soft_targets(teacher, examples, task: str, *, k: int, batch_size: int
     multi-process launch) and stored. Returns (CachedTargets, figures for the manifest).
 
     The key holds the weights' digest as well as the teacher's name: a context may hand over any model as
-    its "source" teacher (prune's recovery does), and a cache must never be read for another model."""
+    its "source" teacher (prune's recovery does), and a cache must never be read for another model; and the
+    autocast dtype the teacher ran under (bf16 logits are not the fp32 teacher's)."""
     fingerprint = f"{teacher.fingerprint}|{model_digest(teacher.model)}"
+    if amp is not None:  # fp32 keeps the keys of caches written before the dtype was part of them
+        fingerprint += f"|amp={amp}"
     cache = TeacherCache(cache_key(fingerprint, examples.digest(), k))
     found = cache.try_load()
     hit = found is not None
