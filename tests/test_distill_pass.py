@@ -235,6 +235,13 @@ def test_bad_options_are_refused():
         get("distill")(teacher_cache=True, hidden_weight=1.0)
     with pytest.raises(ConfigError, match="single teacher"):
         get("distill")(teacher_cache=True, teacher=[{"model": "source"}, {"model": "input"}])
+    with pytest.raises(ConfigError, match="temperature_end is the end of the linear schedule; set "
+                       "temperature_schedule: linear or remove temperature_end"):  # else silently constant T
+        get("distill")(temperature=4.0, temperature_end=1.0)
+    with pytest.raises(ConfigError, match="layer_map pairs layers .* which is off; set hidden_weight or "
+                       "attention_weight above 0"):
+        get("distill")(layer_map={0: 3})
+    assert get("distill")(layer_map={0: 3}, hidden_weight=1.0).config.layer_map == {0: 3}
     with pytest.raises(ConfigError, match="tempreature|unknown option"):
         get("distill")(tempreature=2)
 

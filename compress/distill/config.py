@@ -136,6 +136,12 @@ class LossConfig(PassConfig):
     def _schedule(self):
         if self.temperature_schedule == "linear" and self.temperature_end is None:
             raise ValueError("temperature_schedule linear needs temperature_end (e.g. 1.0)")
+        if self.temperature_schedule == "constant" and self.temperature_end is not None:
+            raise ValueError("temperature_end is the end of the linear schedule; set temperature_schedule: linear "
+                             "or remove temperature_end")
+        if self.layer_map and not self.matches_features():
+            raise ValueError("layer_map pairs layers for hidden-state / attention matching, which is off; set "
+                             "hidden_weight or attention_weight above 0, or remove layer_map")
         return self
 
     def matches_features(self) -> bool:
