@@ -256,10 +256,11 @@ def test_classifier_finetune_then_distill_from_input(tiny_bert_dir, tmp_path, mo
     ctx = PassContext(task="sequence-classification", data=data)
     tuned = run(dict(alpha=0.0, epochs=2, batch_size=8, lr=2e-3), a, ctx)
     assert tuned.info["eval_curve"][-1]["accuracy"] >= 0.0 and tuned.info["teachers"] == []
+    assert tuned.info["stopped_by"] == "epochs" and tuned.info["steps"] == tuned.info["planned_steps"]
     before = weights(tuned.model)
     student = run(dict(student={"keep_layers": 2}, teacher="input", alpha=0.9, max_steps=4, batch_size=8,
                        lr=1e-3), tuned, PassContext(task="sequence-classification", data=data))
-    assert student.info["teachers"][0]["model"] == "input"
+    assert student.info["teachers"][0]["model"] == "input" and student.info["stopped_by"] == "max_steps"
     assert student.info["teachers"][0]["fingerprint"].startswith("weights:")
     assert student.model.config.num_hidden_layers == 2 and student.model.config.num_labels == 5
     assert all(torch.equal(before[k], v) for k, v in tuned.model.state_dict().items())  # teacher untouched

@@ -108,16 +108,24 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
 
 
 def plan_steps(s: TrainConfig, n_examples: int, tokens_per_example: float) -> int:
-    """Optimizer steps of the schedule: max_steps, else epochs, else max_tokens (else one epoch)."""
+    """Optimizer steps of the schedule: the fewest that max_steps, epochs and max_tokens allow (else one epoch)."""
+    return _plan(s, n_examples, tokens_per_example)[0]
+
+
+def _plan(s: TrainConfig, n_examples: int, tokens_per_example: float) -> tuple[int, str]:
+    """(steps, the budget that sets them: max_steps, epochs, max_tokens or "one epoch")."""
     per_epoch = max(1, n_examples // s.batch_size)
-    candidates = []
+    candidates = {}
     if s.max_steps:
-        candidates.append(s.max_steps)
+        candidates["max_steps"] = s.max_steps
     if s.epochs:
-        candidates.append(max(1, int(round(s.epochs * per_epoch))))
+        candidates["epochs"] = max(1, int(round(s.epochs * per_epoch)))
     if s.max_tokens:
-        candidates.append(max(1, math.ceil(s.max_tokens / (s.batch_size * tokens_per_example))))
-    return min(candidates) if candidates else per_epoch
+        candidates["max_tokens"] = max(1, math.ceil(s.max_tokens / (s.batch_size * tokens_per_example)))
+    if not candidates:
+        return per_epoch, "one epoch"
+    name = min(candidates, key=candidates.get)
+    return candidates[name], name
 
 
 def check_batching(s: TrainConfig, world: int, n_examples: int) -> int:
@@ -173,7 +181,7 @@ def train(
     world = acc.num_processes if acc else 1
     rank = acc.process_index if acc else 0
     micro = check_batching(s, world, len(data))
-    total = plan_steps(s, len(data), data.tokens() / len(data))
+    total, planned_by = _plan(s, len(data), data.tokens() / len(data))
     warmup = int(round(s.warmup_ratio * total))
     shard = sharded(acc)
     student_name = next(n for n, m in module.named_modules() if m is student_of(module))
@@ -192,7 +200,7 @@ def train(
     best = {"metric": None, "step": None, "state": None}
     tokens = 0
     start = time.perf_counter()
-    stopped = "max_steps"
+    stopped = planned_by  # unless max_time or max_tokens ends the run early
 
     eval_seconds = 0.0
     log = logging.getLogger(SUITE_LOGGER) if rank == 0 else None
@@ -283,7 +291,7 @@ def train(
     else:
         step = total
     bar.close()
-    steps_done = step if stopped != "max_steps" else total
+    steps_done = step  # total when the loop ran out (its else), else where max_time / max_tokens broke it
     train_seconds = time.perf_counter() - start - eval_seconds  # training only: evaluation excluded
     run_eval(steps_done)
     restored = bool(s.keep_best and best["state"] is not None and best["step"] != steps_done)
