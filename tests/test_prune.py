@@ -338,3 +338,23 @@ def test_calibration_sequences_past_the_models_positions_are_refused(ctx):
         prune(a, ctx, targets=["layers"], calibration_seq_len=300)
     with pytest.raises(ConfigError, match=r"^lowrank.calibration_seq_len: 300 tokens, more than the model's 256"):
         passes.get("lowrank")(method="asvd", calibration_seq_len=300).run(a, ctx)
+
+
+def test_fused_gate_up_magnitude_scores_gate_and_up_rows_together():
+    """Phi-3's gate_up_proj holds gate rows then up rows: magnitude importance (the default) crashed adding its
+    [2 x width] row norms to down_proj's [width] column norms. A channel's score covers its gate row, its up
+    row and its down column, so the channel whose up row is zeroed is the one removed."""
+    from tiny_models import tiny_family
+
+    m = tiny_family("phi3")
+    width = m.config.intermediate_size
+    with torch.no_grad():
+        for layer in m.model.layers:  # channel 5: up row zeroed, gate row and down column tiny
+            layer.mlp.gate_up_proj.weight[width + 5] = 0
+            layer.mlp.gate_up_proj.weight[5] *= 1e-3
+            layer.mlp.down_proj.weight[:, 5] *= 1e-3
+    ref = logits(m)
+    out = prune(art(m), PassContext(), targets=["mlp"], ratio=1 / width, round_to=1)
+    assert out.model.config.intermediate_size == width - 1
+    assert out.model.model.layers[0].mlp.gate_up_proj.out_features == 2 * (width - 1)
+    torch.testing.assert_close(logits(out.model), ref, atol=1e-5, rtol=1e-5)  # channel 5 contributed nothing

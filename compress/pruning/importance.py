@@ -198,6 +198,8 @@ def mlp_channel_scores(model: nn.Module, ad: Architecture, layers: list[int], cr
 
 def mlp_magnitude(model: nn.Module, ad: Architecture, i: int, p: int) -> torch.Tensor:
     ins = [linear_weight(model.get_submodule(n)) for n in ad.mlp_in(i)]  # [width, hidden]
+    if ad.mlp_kind(i) == "fused_gated":  # one [2 x width, hidden] weight: gate rows, then up rows
+        ins = list(ins[0].chunk(2))
     out = linear_weight(model.get_submodule(ad.mlp_out(i)))  # [hidden, width]
     return _norm([*ins, out.t()], p)
 
