@@ -358,3 +358,19 @@ def test_fused_gate_up_magnitude_scores_gate_and_up_rows_together():
     assert out.model.config.intermediate_size == width - 1
     assert out.model.model.layers[0].mlp.gate_up_proj.out_features == 2 * (width - 1)
     torch.testing.assert_close(logits(out.model), ref, atol=1e-5, rtol=1e-5)  # channel 5 contributed nothing
+
+
+def test_hidden_after_heads_recorded_as_structure_reloads_equal(tmp_path):
+    """GPT-NeoX derives its head size from hidden_size / num_attention_heads, so pruned heads are an
+    `attention_heads` entry over the original config. Pruning hidden after them wrote hidden_size 16 into that
+    config (the shapes matched: 2 heads x 8 = 16), which reloads as 4 heads of 4 (another rotary width): the
+    reloaded model's logits differed. The hidden width is recorded as a structure entry instead."""
+    from compress import load
+    from tiny_models import tiny_family
+
+    a = art(tiny_family("gpt_neox"))
+    out = prune(a, PassContext(), targets=["heads", "hidden"], ratio=0.5, importance="magnitude")
+    assert out.info["hidden"]["mode"] == "structure" and out.model.config.hidden_size == 32
+    assert [e["type"] for e in out.structure] == ["attention_heads", "hidden_width"]
+    back = load(str(save(out, tmp_path / "neox")))
+    torch.testing.assert_close(logits(back.model), logits(out.model), atol=1e-5, rtol=1e-5)

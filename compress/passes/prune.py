@@ -188,8 +188,9 @@ class Prune(Pass):
             structure = [e for e in structure if e["type"] != "mlp_widths"] + ([entry] if entry else [])
             _check_runs(net, "mlp")
         if "hidden" in c.targets:
-            per_layer_mlp = any(e["type"] == "mlp_widths" for e in structure)
-            info["hidden"], entry = self._prune_hidden(net, find(net), per_layer_mlp)
+            # per-layer widths or heads the config cannot rebuild alone: a stock hidden_size in that config
+            # could rebuild other shapes that happen to match (GPT-NeoX: 2 heads of 8 read back as 4 of 4)
+            info["hidden"], entry = self._prune_hidden(net, find(net), bool(structure))
             if entry:
                 structure = [*structure, entry]
                 _check_reload(net, structure)
@@ -366,12 +367,12 @@ class Prune(Pass):
             return _round_keep(hidden, c.ratio, c.round_to, "hidden channels")
         return _round_keep(hidden, c.hidden_ratio, c.round_to, "hidden channels", option="hidden_ratio")
 
-    def _prune_hidden(self, net, ad: Architecture, per_layer_mlp: bool) -> tuple[dict, dict | None]:
+    def _prune_hidden(self, net, ad: Architecture, has_structure: bool) -> tuple[dict, dict | None]:
         """Stock where the config carries head_dim (hidden_size and head_dim edited) and no embedding scale
         derives from hidden_size (Gemma's sqrt), else a `hidden_width`
         structure entry (the config keeps the original hidden_size, from which the attention derives its
         head size); also when per-layer MLP widths (an `mlp_widths` entry) already keep the config from
-        rebuilding the model."""
+        rebuilding the model (or an `attention_heads` entry: heads the config cannot say)."""
         c = self.config
         before = ad.hidden_size
         keep = self._hidden_keep(before)
@@ -381,7 +382,7 @@ class Prune(Pass):
             batches = self._calib(net, "prune targets: hidden")
             scores = hid.activation_scores(net, ad, batches, self.task, self.ctx.device)
         kept = sorted(torch.argsort(scores, descending=True)[:keep].tolist())
-        stock = hid.config_expresses(net, ad, keep) and not per_layer_mlp
+        stock = hid.config_expresses(net, ad, keep) and not has_structure
         hid.prune_hidden(net, ad, kept, stock=stock)
         info = {"hidden_size": [before, keep], "ratio_actual": round(1 - keep / before, 4),
                 "mode": "config" if stock else "structure"}
