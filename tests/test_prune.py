@@ -374,3 +374,21 @@ def test_hidden_after_heads_recorded_as_structure_reloads_equal(tmp_path):
     assert [e["type"] for e in out.structure] == ["attention_heads", "hidden_width"]
     back = load(str(save(out, tmp_path / "neox")))
     torch.testing.assert_close(logits(back.model), logits(out.model), atol=1e-5, rtol=1e-5)
+
+
+def test_taylor_on_a_feature_extractor_is_refused_by_validate():
+    """A feature-extraction model has no training loss, so importance: taylor fails; `compress validate`
+    accepted the config and the run stopped at the prune step."""
+    from pipelines.config import validate
+
+    raw = {"name": "x", "model": {"source": "builtin:minilm-l6"}, "task": "feature-extraction",
+           "data": {"train": {"source": "builtin:shakespeare"}},
+           "passes": [{"prune": {"targets": ["mlp"], "importance": "taylor"}}]}
+    with pytest.raises(ConfigError, match=r"^passes.0 \(prune\): prune.importance: taylor needs a training loss, "
+                       r"which a feature-extraction model does not have; use importance: activation or magnitude$"):
+        validate(raw)
+    raw["passes"][0]["prune"]["importance"] = "activation"
+    validate(raw)
+    raw["task"] = "sequence-classification"
+    raw["passes"][0]["prune"]["importance"] = "taylor"
+    validate(raw)  # a classifier's labelled data gives the loss

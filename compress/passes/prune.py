@@ -137,6 +137,12 @@ class Prune(Pass):
     def accepts_factorized_input(self) -> bool:
         return False
 
+    def check_task(self, task: str) -> str | None:
+        if self.config.importance == "taylor" and task == "feature-extraction":
+            return ("prune.importance: taylor needs a training loss, which a feature-extraction model does not have; "
+                    "use importance: activation or magnitude")
+        return None
+
     def needs_data(self) -> tuple[tuple[str, ...], str] | None:
         c = self.config
         if c.recover is not None:
