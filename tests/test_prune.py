@@ -392,3 +392,19 @@ def test_taylor_on_a_feature_extractor_is_refused_by_validate():
     raw["task"] = "sequence-classification"
     raw["passes"][0]["prune"]["importance"] = "taylor"
     validate(raw)  # a classifier's labelled data gives the loss
+
+
+def test_heads_over_layers_with_different_head_counts_are_refused():
+    """After a head prune with ignore the layers hold different head counts. A second head prune took the first
+    layer's count for all: GPT-NeoX (an attention_heads entry) crashed with a RuntimeError, GPT-2 pruned nothing
+    in its 1-head layers while the manifest said every layer kept 2 of 4."""
+    from tiny_models import tiny_family
+
+    for model, first in ((tiny_gpt2(), "transformer.h.0*"), (tiny_family("gpt_neox"), "gpt_neox.layers.0*")):
+        once = prune(art(model), PassContext(), targets=["heads"], ratio=0.75, ignore=[first])
+        with pytest.raises(ConfigError, match=r"^prune targets heads: the layers hold different numbers of heads "
+                           r"\(4, 1, 1, 1\), left by an earlier prune with ignore; ratio is a share of one count: "
+                           r"add the layers that differ to prune.ignore, or prune heads in one pass$"):
+            prune(once, PassContext(), targets=["heads"], ratio=0.5)
+        again = prune(once, PassContext(), targets=["heads"], ratio=0.5, ignore=[first[:-2] + "[1-3]*"])
+        assert again.info["heads"]["ratio_actual"] == 0.5  # layer 0 alone: 2 of its 4 heads

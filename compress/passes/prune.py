@@ -276,6 +276,11 @@ class Prune(Pass):
         active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.attn_name(i))]
         if not active:
             return {"removed": 0, "note": "every layer is ignored"}, None
+        if len({(ad.num_heads(i), ad.num_kv_heads(i)) for i in active}) > 1:
+            raise ConfigError(
+                f"prune targets heads: the layers hold different numbers of heads "
+                f"({', '.join(str(ad.num_heads(i)) for i in range(n))}), left by an earlier prune with ignore; ratio "
+                "is a share of one count: add the layers that differ to prune.ignore, or prune heads in one pass")
         n_q, n_kv = ad.num_heads(active[0]), ad.num_kv_heads(active[0])
         keep_q, keep_kv = self._head_counts(n_q, n_kv)
         if config_expresses_heads(net, ad, keep_q, keep_kv):
