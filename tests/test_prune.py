@@ -408,3 +408,15 @@ def test_heads_over_layers_with_different_head_counts_are_refused():
             prune(once, PassContext(), targets=["heads"], ratio=0.5)
         again = prune(once, PassContext(), targets=["heads"], ratio=0.5, ignore=[first[:-2] + "[1-3]*"])
         assert again.info["heads"]["ratio_actual"] == 0.5  # layer 0 alone: 2 of its 4 heads
+
+
+def test_a_hidden_ratio_that_removes_nothing_says_so():
+    """hidden_ratio=0.01 of 32 channels rounds (round_to 8) back to 32: the MLP and head cuts said so in a note,
+    the hidden cut said nothing."""
+    out = prune(art(tiny_llama()), PassContext(), targets=["hidden"], hidden_ratio=0.01)
+    assert out.info["hidden"]["hidden_size"] == [32, 32]
+    assert out.info["hidden"]["note"] == ("hidden_ratio=0.01 removes no hidden channels: 32 x 0.99 rounds to 32 "
+                                          "(round_to=8); use a larger hidden_ratio or a smaller round_to")
+    out = prune(art(tiny_llama()), PassContext(), targets=["hidden"], ratio=0.01, round_to=1)
+    assert out.info["hidden"]["note"] == ("ratio=0.01 removes no hidden channels: 32 x 0.99 rounds to 32 "
+                                          "(round_to=1); use a larger ratio")

@@ -397,7 +397,12 @@ class Prune(Pass):
         hid.prune_hidden(net, ad, kept, stock=stock)
         info = {"hidden_size": [before, keep], "ratio_actual": round(1 - keep / before, 4),
                 "mode": "config" if stock else "structure"}
-        if c.ignore:
+        option, asked = ("ratio", c.ratio) if c.hidden_ratio is None else ("hidden_ratio", c.hidden_ratio)
+        if keep == before and c.hidden_size is None and asked > 0:
+            info["note"] = (f"{option}={asked} removes no hidden channels: {before} x {1 - asked:g} rounds to {before} "
+                            f"(round_to={c.round_to}); use a larger {option}"
+                            + (" or a smaller round_to" if c.round_to > 1 else ""))
+        elif c.ignore:
             info["note"] = f"ignore {c.ignore} does not apply to the hidden width, which every block shares"
         if stock:
             return info, None
