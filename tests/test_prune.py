@@ -420,3 +420,24 @@ def test_a_hidden_ratio_that_removes_nothing_says_so():
     out = prune(art(tiny_llama()), PassContext(), targets=["hidden"], ratio=0.01, round_to=1)
     assert out.info["hidden"]["note"] == ("ratio=0.01 removes no hidden channels: 32 x 0.99 rounds to 32 "
                                           "(round_to=1); use a larger ratio")
+
+
+def test_layers_after_recorded_structure_drop_their_entries_too(ctx, tmp_path):
+    """A layer prune after a pass that recorded structure was refused, even for a hidden_width entry, which has
+    nothing per layer. Now the per-layer entries lose the dropped layers' values and the model reloads equal."""
+    from compress import load
+    from compress.architecture import find
+
+    m = tiny_gpt2()
+    with torch.no_grad():  # block 2 adds nothing to the residual stream
+        m.transformer.h[2].attn.c_proj.weight.zero_()
+        m.transformer.h[2].mlp.c_proj.weight.zero_()
+    a = prune(art(m), ctx, targets=["mlp"], ratio=0.5, ignore=["transformer.h.0*"])
+    a = prune(a, ctx, targets=["hidden"], ratio=0.25, importance="magnitude")
+    assert [e["type"] for e in a.structure] == ["mlp_widths", "hidden_width"]
+    out = prune(a, ctx, targets=["layers"], layer_ratio=0.25)
+    assert out.info["layers"]["dropped"] == [2]
+    assert out.structure == [{"type": "mlp_widths", "widths": [128, 64, 64]}, {"type": "hidden_width", "size": 24}]
+    assert [find(out.model).mlp_width(i) for i in range(3)] == [128, 64, 64]
+    back = load(str(save(out, tmp_path / "layers-after")))
+    torch.testing.assert_close(logits(back.model), logits(out.model), atol=1e-5, rtol=1e-5)

@@ -99,6 +99,7 @@ def _check_reload(net, structure: list[dict]) -> None:
                                         f"{tuple(have[name].shape)}")
 
 
+_PER_LAYER = {"mlp_widths": ("widths",), "attention_heads": ("heads", "kv_heads")}  # lists with one value per layer
 _GQA_QUERY = "gqa: query (query heads inside each group)"  # the way out when whole KV groups cannot go
 
 
@@ -176,10 +177,12 @@ class Prune(Pass):
         info: dict[str, Any] = {"params_before": count_parameters(net), "importance": c.importance,
                                 "scope": c.scope}
         if "layers" in c.targets:
-            if structure:
-                raise ConfigError("prune: targets `layers` cannot follow a pass that recorded per-layer structure "
-                                  f"({[e['type'] for e in structure]}); prune layers first")
             info["layers"] = self._prune_layers(net, ad)
+            if structure:  # per-layer entries lose the dropped layers (apply() only records these types)
+                gone = set(info["layers"]["dropped"])
+                structure = [{**e, **{k: [v for j, v in enumerate(e[k]) if j not in gone] for k in _PER_LAYER.get(
+                    e["type"], ())}} for e in structure]
+                _check_reload(net, structure)
             _check_runs(net, "layers")
             ad = find(net)  # the parts of the remaining blocks
         if "heads" in c.targets:
