@@ -441,3 +441,16 @@ def test_layers_after_recorded_structure_drop_their_entries_too(ctx, tmp_path):
     assert [find(out.model).mlp_width(i) for i in range(3)] == [128, 64, 64]
     back = load(str(save(out, tmp_path / "layers-after")))
     torch.testing.assert_close(logits(back.model), logits(out.model), atol=1e-5, rtol=1e-5)
+
+
+def test_ignore_names_blocks_as_given_when_layers_go_in_the_same_pass(ctx):
+    """targets [layers, mlp] with ignore: the MLP cut matched the patterns against the renumbered blocks, so
+    ignoring model.layers.3 (kept, now block 2) pruned it anyway, and ignoring block 1 would have spared another."""
+    m = tiny_llama()
+    with torch.no_grad():  # block 2 adds nothing to the residual stream: the one dropped
+        m.model.layers[2].self_attn.o_proj.weight.zero_()
+        m.model.layers[2].mlp.down_proj.weight.zero_()
+    out = prune(art(m), ctx, targets=["layers", "mlp"], layer_ratio=0.25, ratio=0.5, ignore=["model.layers.3*"])
+    assert out.info["layers"]["dropped"] == [2]
+    assert out.info["mlp"]["widths"] == [32, 32, 64]
+    torch.testing.assert_close(out.model.model.layers[2].mlp.down_proj.weight, m.model.layers[3].mlp.down_proj.weight)

@@ -172,12 +172,14 @@ class Prune(Pass):
                                   "use activation (Minitron's criterion) or magnitude")
             self._hidden_keep(ad.hidden_size)
         self.ctx, self.task, self.tok = ctx, model.task, model.tokenizer
+        self._given, self._orig = ad, list(range(ad.num_layers()))  # ignore names the blocks as given
         self._batches = None
         structure = list(model.structure)
         info: dict[str, Any] = {"params_before": count_parameters(net), "importance": c.importance,
                                 "scope": c.scope}
         if "layers" in c.targets:
             info["layers"] = self._prune_layers(net, ad)
+            self._orig = [i for i in self._orig if i not in info["layers"]["dropped"]]
             if structure:  # per-layer entries lose the dropped layers (apply() only records these types)
                 gone = set(info["layers"]["dropped"])
                 structure = [{**e, **{k: [v for j, v in enumerate(e[k]) if j not in gone] for k in _PER_LAYER.get(
@@ -231,6 +233,11 @@ class Prune(Pass):
     def _ignored(self, *names: str) -> bool:
         return any(fnmatch.fnmatchcase(n, p) for n in names for p in self.config.ignore)
 
+    def _ignored_block(self, i: int, part: str) -> bool:
+        """Is block i's `part` (mlp or attn) ignored? Named as given, before a layer cut renumbered the blocks."""
+        o, ad = self._orig[i], self._given
+        return self._ignored(ad.layer_name(o), ad.mlp_name(o) if part == "mlp" else ad.attn_name(o))
+
     def _calib(self, net, why: str):
         if self._batches is None:
             c = self.config
@@ -276,7 +283,7 @@ class Prune(Pass):
         BERT, RoBERTa, DistilBERT: `pruned_heads` in the config), else slicing recorded as an
         `attention_heads` structure entry (GPT-NeoX, whose head size is hidden_size / heads)."""
         n = ad.num_layers()
-        active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.attn_name(i))]
+        active = [i for i in range(n) if not self._ignored_block(i, "attn")]
         if not active:
             return {"removed": 0, "note": "every layer is ignored"}, None
         if len({(ad.num_heads(i), ad.num_kv_heads(i)) for i in active}) > 1:
@@ -422,7 +429,7 @@ class Prune(Pass):
         c = self.config
         n = ad.num_layers()
         before = [ad.mlp_width(i) for i in range(n)]
-        active = [i for i in range(n) if not self._ignored(ad.layer_name(i), ad.mlp_name(i))]
+        active = [i for i in range(n) if not self._ignored_block(i, "mlp")]
         if not active:
             return {"widths": before, "note": "every layer is ignored"}, None
         scores = self._mlp_scores(net, ad, active)
