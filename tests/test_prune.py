@@ -454,3 +454,21 @@ def test_ignore_names_blocks_as_given_when_layers_go_in_the_same_pass(ctx):
     assert out.info["layers"]["dropped"] == [2]
     assert out.info["mlp"]["widths"] == [32, 32, 64]
     torch.testing.assert_close(out.model.model.layers[2].mlp.down_proj.weight, m.model.layers[3].mlp.down_proj.weight)
+
+
+def test_option_conflicts_are_refused_by_validate():
+    """scope: global with heads, and taylor with hidden, were refused only when the pass ran (after the steps
+    before it); `compress validate` accepted them. They are refused with the options, as hidden_size is."""
+    from pipelines.config import validate
+
+    raw = {"name": "x", "model": {"source": "builtin:smollm2-135m"}, "data": {"train": {"source": "builtin:shakespeare"}},
+           "passes": [{"prune": {"targets": ["mlp"]}}, {"prune": {"targets": ["mlp", "heads"], "scope": "global"}},
+                      {"prune": {"targets": ["hidden"], "importance": "taylor"}}]}
+    with pytest.raises(ConfigError) as err:
+        validate(raw)
+    lines = str(err.value).splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("passes.1.prune: scope: global gives per-layer widths, which is supported for MLP "
+                               "channels only")
+    assert lines[1].startswith("passes.2.prune: targets hidden: importance taylor is not offered for hidden "
+                               "channels; use activation (Minitron's criterion) or magnitude")

@@ -78,6 +78,13 @@ class PruneConfig(PassConfig):
             raise ValueError("give one of hidden_size, hidden_ratio")
         if (self.hidden_size is not None or self.hidden_ratio is not None) and "hidden" not in self.targets:
             raise ValueError("hidden_size / hidden_ratio apply to targets: [hidden] (add it to targets)")
+        if self.scope == "global" and "heads" in self.targets:
+            raise ValueError("scope: global gives per-layer widths, which is supported for MLP channels only "
+                             "(per-layer head counts break stock configs and ONNX cache shapes); use scope: uniform "
+                             "for heads, or a second prune pass")
+        if self.importance == "taylor" and "hidden" in self.targets:
+            raise ValueError("targets hidden: importance taylor is not offered for hidden channels; use activation "
+                             "(Minitron's criterion) or magnitude")
         if self.ignore and set(self.targets) == {"hidden"}:
             raise ValueError("ignore leaves blocks untouched, but the hidden width is shared by every block; "
                              "remove ignore (it applies to targets layers, heads and mlp)")
@@ -156,10 +163,6 @@ class Prune(Pass):
     # ------------------------------------------------------------------ entry point
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        if c.scope == "global" and "heads" in c.targets:
-            raise ConfigError("prune.scope: global gives per-layer widths, which is supported for MLP channels "
-                              "only (per-layer head counts break stock configs and ONNX cache shapes); "
-                              "use scope: uniform for heads, or a second prune pass")
         net = copy.deepcopy(model.model).float().eval()
         ad = find(net)
         self._check_plain(net, ad)
@@ -167,9 +170,6 @@ class Prune(Pass):
         if "heads" in c.targets:
             check_qkv_rows(net, ad)
         if "hidden" in c.targets:  # refuse before any work
-            if c.importance == "taylor":
-                raise ConfigError("prune targets hidden: importance taylor is not offered for hidden channels; "
-                                  "use activation (Minitron's criterion) or magnitude")
             self._hidden_keep(ad.hidden_size)
         self.ctx, self.task, self.tok = ctx, model.task, model.tokenizer
         self._given, self._orig = ad, list(range(ad.num_layers()))  # ignore names the blocks as given
