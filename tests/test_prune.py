@@ -472,3 +472,10 @@ def test_option_conflicts_are_refused_by_validate():
                                "channels only")
     assert lines[1].startswith("passes.2.prune: targets hidden: importance taylor is not offered for hidden "
                                "channels; use activation (Minitron's criterion) or magnitude")
+
+
+def test_an_mlp_ratio_that_removes_nothing_at_round_to_1_names_only_the_ratio():
+    """At round_to 1 the note still said 'widths are rounded to a multiple of round_to=1; use ... a smaller
+    round_to', which no round_to can be."""
+    out = prune(art(tiny_llama()), PassContext(), targets=["mlp"], ratio=0.005, round_to=1)  # 63.68 -> 64
+    assert out.info["mlp"]["note"] == "ratio=0.005 removes no MLP channels: 64 x 0.995 rounds to 64; use a larger ratio"

@@ -446,6 +446,9 @@ class Prune(Pass):
             info["note"] = (f"pruned {info['ratio_actual']:.1%} of the MLP channels, not ratio={c.ratio}: each layer "
                             f"keeps at least min_keep={c.min_keep} of its channels (round_to={c.round_to}); lower "
                             "min_keep to prune more")
+        elif info["ratio_actual"] == 0 and c.ratio > 0 and c.round_to == 1:
+            info["note"] = (f"ratio={c.ratio} removes no MLP channels: {max(before)} x {1 - c.ratio:g} rounds to "
+                            f"{max(before)}; use a larger ratio")
         elif info["ratio_actual"] == 0 and c.ratio > 0:
             info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
                             f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
