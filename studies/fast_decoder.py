@@ -59,6 +59,8 @@ VARIANTS = {
     "fused fp32": ("ort-cpu", FUSED),
     "fused int8 (MatMulNBits b32)": ("ort-cpu", FUSED + [INT8]),
     "fused int8 (MatMulNBits b64)": ("ort-cpu", FUSED + [("quantize", {**INT8[1], "block_size": 64})]),
+    "fused int8 per-tensor smoothed, down_proj block-wise": ("ort-cpu", FUSED + [("quantize", {
+        **INT8[1], "kernel": "matmulinteger", "smooth_alpha": 0.7, "blockwise": ["*down_proj*"]})]),
     "fused int4 rtn": ("ort-cpu", FUSED + [int4("rtn")]),
     "fused int4 hqq": ("ort-cpu", FUSED + [int4("hqq")]),
     "fused int4 minmax (Q4_1's grid)": ("ort-cpu", FUSED + [int4("minmax")]),
