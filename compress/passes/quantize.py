@@ -174,7 +174,7 @@ class OrtDynamicConfig(_Calibration):
         None, description="matmulinteger: glob patterns of MatMuls kept block-wise instead (MatMulNBits int8 in "
         "blocks of block_size, activations quantized per block): inputs whose outliers one scale per tensor "
         "cannot hold, e.g. ['*down_proj*'] (SmolLM2 with smooth_alpha 0.7: perplexity +0.85%, prefill 1.46x the "
-        "default's, decode 0.93x; benchmarks/results/quantize/smoothed-dynamic/)")
+        "default's, decode 0.88-0.93x; benchmarks/results/quantize/smoothed-dynamic/)")
     options_of: ClassVar[str] = "method ort-int8-dynamic"
 
     @model_validator(mode="after")
