@@ -299,3 +299,14 @@ def test_a_check_longer_than_max_length_is_refused_before_the_run():
                                           "graph could not run the check; set check_seq_len to at most 16"):
         validate(raw)
     get("export")(max_length=16, check_seq_len=16)  # fits
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert-cls"])
+def test_a_check_longer_than_the_model_positions_is_a_clear_error(name, tmp_path):
+    """check_seq_len past a learned position table failed deep in torch (IndexError / RuntimeError, a traceback
+    from `compress run`); it is refused before the export, naming the option and the limit."""
+    from compress.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="export.check_seq_len: 300 tokens, more than the model's 256 positions "
+                                          r".*set export.check_seq_len to at most 256"):
+        export(name, tmp_path, check_seq_len=300)

@@ -26,6 +26,7 @@ from pydantic import Field, model_validator
 from .. import onnx_tools
 from ..checkpoint import Artifact
 from ..errors import UnsupportedModelError
+from ..models import check_length
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -99,6 +100,9 @@ class Export(Pass):
         task = model.task
         decoder = task == "causal-lm"
         optimum_task = OPTIMUM_TASKS[task] + ("-with-past" if decoder and cfg.with_past else "")
+        if not (cfg.max_length and decoder and cfg.with_past and cfg.graph != "optimum"):
+            # the graph holds the model's positions (only a fused graph's max_length can hold more)
+            check_length(torch_model, cfg.check_seq_len, "export.check_seq_len")
 
         ctx.scratch.mkdir(parents=True, exist_ok=True)
         out = Path(tempfile.mkdtemp(prefix="export-", dir=ctx.scratch))
