@@ -310,3 +310,21 @@ def test_a_check_longer_than_the_model_positions_is_a_clear_error(name, tmp_path
     with pytest.raises(ConfigError, match="export.check_seq_len: 300 tokens, more than the model's 256 positions "
                                           r".*set export.check_seq_len to at most 256"):
         export(name, tmp_path, check_seq_len=300)
+
+
+def test_an_opset_the_fused_writer_cannot_write_is_refused_or_falls_back(tmp_path):
+    """opset: 14 was silently ignored on a fused graph (always opset 17); graph: fused refuses it before the
+    run, auto takes optimum's exporter at that opset and records why."""
+    from compress.errors import ConfigError
+    from pipelines.config import validate
+
+    raw = {"name": "x", "model": {"source": "builtin:smollm2-135m"},
+           "passes": [{"export": {"graph": "fused", "opset": 14}}]}
+    with pytest.raises(ConfigError, match="passes.0.export: opset 14: the fused graph is written in opset 17; "
+                                          "drop opset, or use graph: optimum"):
+        validate(raw)
+    get("export")(graph="fused", opset=17)  # what it writes anyway
+    path, _ = export("llama-gqa", tmp_path, model=_fusable_llama(), opset=14)
+    info = load(path).info
+    assert info["graph"] == "optimum" and info["opset"] == 14
+    assert info["fused_fallback"] == "opset: 14 (the fused graph is written in opset 17)"

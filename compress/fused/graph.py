@@ -22,6 +22,7 @@ from ..errors import UnsupportedModelError
 
 MS = "com.microsoft"
 GRAPH_KEY = "compress.graph"  # model metadata naming the writer; compress.edge reads it
+OPSET = 17  # the ONNX opset the fused writers write
 LENGTH_KEY = "compress.max_length"  # metadata: the most positions (prompt + generated) the graph holds
 
 
@@ -328,7 +329,7 @@ def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str
     """Write the model (weights in out + '.data'); its figures: nodes, ops, the most nodes in one block (node
     names '{block_prefix}{i}/...'), initializer bytes, plus `figures`."""
     graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, g.inits)
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(MS, 1)],
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="compress.fused")
     proto.ir_version = 10  # what onnxruntime >= 1.16 reads, whatever IR the installed onnx writes
     helper.set_model_props(proto, {GRAPH_KEY: "fused", LENGTH_KEY: str(figures["cache_length"])})

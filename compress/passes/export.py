@@ -49,7 +49,8 @@ class ExportConfig(PassConfig):
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, le=20, description="ONNX opset of optimum's exporter (torch's exports "
-                              "14 to 20); default: optimum's choice for the architecture")
+                              "14 to 20); default: optimum's choice for the architecture. The fused graph is opset 17: "
+                              "under graph: auto another opset takes optimum's exporter")
     optimize: Union[bool, Literal["auto"]] = Field(
         "auto", description="optimum graphs: apply ONNX Runtime's transformer fusions (Attention, "
         "SkipLayerNormalization, BiasGelu / FastGelu, EmbedLayerNormalization; RMSNorm / rotary for decoders), "
@@ -73,7 +74,16 @@ class ExportConfig(PassConfig):
         if self.max_length is not None and self.check_seq_len > self.max_length:  # the graph holds max_length
             raise ValueError(f"check_seq_len {self.check_seq_len} is longer than max_length {self.max_length}, so the "
                              f"graph could not run the check; set check_seq_len to at most {self.max_length}")
+        if self.graph == "fused" and self.opset is not None and self.opset != _fused_opset():
+            raise ValueError(f"opset {self.opset}: the fused graph is written in opset {_fused_opset()}; drop opset, "
+                             "or use graph: optimum (or auto) for another opset")
         return self
+
+
+def _fused_opset() -> int:
+    from ..fused.graph import OPSET
+
+    return OPSET
 
 
 @register
@@ -208,6 +218,8 @@ class Export(Pass):
                 fallback = f"the fused writer handles causal LMs, this is a {task} model"
             elif not cfg.with_past:
                 fallback = "with_past: false (a fused graph always carries the KV cache)"
+            elif cfg.opset is not None and cfg.opset != _fused_opset():
+                fallback = f"opset: {cfg.opset} (the fused graph is written in opset {_fused_opset()})"
             else:
                 from ..fused import build_fused
 
