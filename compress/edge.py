@@ -391,8 +391,17 @@ def _verify_files(folder: Path, manifest: dict) -> None:
     if not files or not isinstance(files, dict) or not all(isinstance(m, dict) for m in files.values()):
         raise ValueError(f"{folder / 'manifest.json'} has no table of files to check: damaged; copy the checkpoint "
                          "again, or skip the check (--no-verify)")
+    held = {k: manifest.get(k) for k in ("kind", "task", "dtype", "structure", "quantization", "files")}
+    content = hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:20]
+    if "content" in manifest and manifest["content"] != content:  # compress.checkpoint.content_hash's rule
+        raise ValueError(f"{folder / 'manifest.json'}: its kind, task, dtype, structure, quantization or file table "
+                         "was changed after the checkpoint was written (its content hash differs); copy the "
+                         "checkpoint again")
     for name, meta in files.items():
         f = folder / name
+        if not isinstance(meta.get("sha256"), str):
+            raise ValueError(f"{folder / 'manifest.json'} lists {name} without a sha256 to check it against: damaged; "
+                             "copy the checkpoint again, or skip the check (--no-verify)")
         if not f.is_file():
             raise ValueError(f"{f} is missing: the checkpoint is incomplete; copy it again")
         if f.stat().st_size != meta.get("size"):
@@ -402,7 +411,7 @@ def _verify_files(folder: Path, manifest: dict) -> None:
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 22), b""):
                 h.update(chunk)
-        if meta.get("sha256") and h.hexdigest() != meta["sha256"]:
+        if h.hexdigest() != meta["sha256"]:
             raise ValueError(f"{f} does not match its sha256 in manifest.json: changed or damaged; copy the "
                              "checkpoint again")
 

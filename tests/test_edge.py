@@ -240,3 +240,19 @@ def test_a_long_text_is_truncated_to_the_positions_roberta_can_use(tmp_path):
     with torch.no_grad():
         probs = model(**enc).logits.softmax(-1)[0]
     assert label == model.config.id2label[int(probs.argmax())] and p == pytest.approx(float(probs.max()), abs=1e-4)
+
+
+def test_the_runner_refuses_an_edited_manifest_as_compress_load_does(tmp_path):
+    """EdgeModel read manifest.json's task without checking its content hash (compress.load refuses the edit),
+    and checked only the sizes of files listed without a sha256: both load nothing unverified now."""
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, task="feature-extraction")))
+    with pytest.raises(ValueError, match="manifest.json: its kind, task, dtype, structure, quantization or file "
+                                         "table was changed after the checkpoint was written"):
+        EdgeModel(path)
+    del manifest["files"]["model.onnx"]["sha256"], manifest["content"]  # a table without a hash to check
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="manifest.json lists model.onnx without a sha256"):
+        EdgeModel(path)
+    assert EdgeModel(path, verify=False).task == "causal-lm"
