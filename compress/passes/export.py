@@ -129,7 +129,6 @@ class Export(Pass):
                 saved = onnx_tools.tie_transposed_initializers(graph)
                 if saved:
                     info["tied_transposed_bytes"] = saved
-            info["nodes"] = len(graph.graph.node)
             onnx_tools.save_model(graph, out, cfg.external_data)
             del graph
             onnx_tools.copy_bundle(raw, out)
@@ -168,6 +167,7 @@ class Export(Pass):
         finally:
             if plain is not None:
                 shutil.rmtree(plain, ignore_errors=True)
+        info["nodes"] = len(onnx.load(str(out / onnx_tools.ONNX_FILE), load_external_data=False).graph.node)  # as kept
         info["onnx_bytes"] = onnx_tools.onnx_size(out)
         info["external_data"] = (out / onnx_tools.EXTERNAL_DATA).exists()
         if model.structure:  # torch-side structure is baked into the graph; kept as lineage only
