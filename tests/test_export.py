@@ -337,3 +337,21 @@ def test_the_manifest_counts_the_nodes_of_the_graph_it_holds(tmp_path):
     info = load(path).info
     written = len(onnx.load(str(path / "model.onnx")).graph.node)
     assert info["optimization"]["applied"] and info["nodes"] == written == info["optimization"]["nodes"] < 100
+
+
+def test_max_length_where_no_fused_graph_is_written_is_refused_before_the_run():
+    """max_length sizes the fused graph only; with graph: optimum, with_past: false or an encoder it was silently
+    ignored (the graph held the model's positions)."""
+    from compress.errors import ConfigError
+    from pipelines.config import validate
+
+    for options, expected in [({"graph": "optimum"}, "graph: optimum"), ({"with_past": False}, "with_past: false")]:
+        raw = {"name": "x", "model": {"source": "builtin:smollm2-135m"},
+               "passes": [{"export": {"max_length": 64, **options}}]}
+        with pytest.raises(ConfigError, match=f"passes.0.export: max_length sizes the fused decoder graph, which "
+                                              f"{expected} does not write; drop max_length"):
+            validate(raw)
+    assert get("export")(max_length=64).check_task("sequence-classification") == (
+        "export.max_length: a sequence-classification model exports through optimum (the fused graph is for "
+        "causal LMs), which holds the model's positions; drop max_length")
+    assert get("export")(max_length=64).check_task("causal-lm") is None

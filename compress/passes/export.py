@@ -74,6 +74,10 @@ class ExportConfig(PassConfig):
         if self.max_length is not None and self.check_seq_len > self.max_length:  # the graph holds max_length
             raise ValueError(f"check_seq_len {self.check_seq_len} is longer than max_length {self.max_length}, so the "
                              f"graph could not run the check; set check_seq_len to at most {self.max_length}")
+        if self.max_length is not None and (self.graph == "optimum" or not self.with_past):
+            which = "graph: optimum" if self.graph == "optimum" else "with_past: false"
+            raise ValueError(f"max_length sizes the fused decoder graph, which {which} does not write; drop "
+                             "max_length (the graph holds the model's positions)")
         if self.graph == "fused" and self.opset is not None and self.opset != _fused_opset():
             raise ValueError(f"opset {self.opset}: the fused graph is written in opset {_fused_opset()}; drop opset, "
                              "or use graph: optimum (or auto) for another opset")
@@ -99,6 +103,12 @@ class Export(Pass):
 
     def output_kind(self) -> str:
         return "onnx"
+
+    def check_task(self, task: str) -> str | None:
+        if self.config.max_length is not None and task != "causal-lm":
+            return (f"export.max_length: a {task} model exports through optimum (the fused graph is for causal "
+                    "LMs), which holds the model's positions; drop max_length")
+        return None
 
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         import onnx
