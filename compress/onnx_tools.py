@@ -167,11 +167,13 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     """ONNX Runtime's transformer fusions (attention, layer norm, GELU, skip-layer-norm), written back in
     place. The result stays portable: only fusions, no hardware-specific kernels (opt_level 0).
 
-    Returns the optimizer's model type, `fused_operators` (fused op type -> count, from the optimizer),
-    `op_counts` (contrib op type -> count in the written graph) and `notes` (expected fusions that did not
-    happen; see fusion_notes) when `task` is given."""
+    Returns the optimizer's model type, the node counts before and after, `fused_operators` (fused op type ->
+    count, from the optimizer), `op_counts` (contrib op type -> count in the written graph) and `notes`
+    (expected fusions that did not happen; see fusion_notes) when `task` is given."""
+    import onnx
     from onnxruntime.transformers.optimizer import optimize_model
 
+    before = len(onnx.load(str(Path(folder) / ONNX_FILE), load_external_data=False).graph.node)
     mt = _OPTIMIZER_TYPES.get(model_type, "bert")
     opt = optimize_model(str(Path(folder) / ONNX_FILE), model_type=mt, num_heads=num_heads,
                          hidden_size=hidden_size, opt_level=0)
@@ -184,7 +186,7 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
             contrib[node.op_type] = contrib.get(node.op_type, 0) + 1
     save_model(opt.model, folder, external)
     out = {"optimizer_model_type": mt, "fused_operators": fused, "op_counts": dict(sorted(contrib.items())),
-           "nodes": len(opt.model.graph.node),
+           "nodes_before": before, "nodes": len(opt.model.graph.node),
            **({"rotary_cache_rows": trimmed} if trimmed else {})}
     if task is not None:
         out["notes"] = fusion_notes(fused, task)
