@@ -279,3 +279,14 @@ def test_model_card_says_how_a_non_stock_checkpoint_loads(tiny_llama_dir, tmp_pa
     assert "library_name" not in front and "# run / alt/01-lowrank" in card
     assert "Not a stock architecture (lowrank): load it with `compress.load`" in card
     assert (_times(2.5, "faster", "slower"), _times(0.8, "faster", "slower")) == ("2.50x faster", "1.25x slower")
+
+
+def test_a_file_where_the_run_folder_goes_is_a_clear_error(tiny_llama_dir, tmp_path, capfd):
+    config = _write_config(tmp_path, tiny_llama_dir, name="taken")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "taken").write_text("a file of the user's")
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "out"), "--no-progress"]) == 2
+    err = capfd.readouterr().err
+    assert "Traceback" not in err
+    assert f"error: {tmp_path / 'out' / 'taken'}: is a file" in err
+    assert (tmp_path / "out" / "taken").read_text() == "a file of the user's"
