@@ -40,6 +40,10 @@ class DataConfig(Options):
     calibration: DataSpec | None = Field(None, description="calibration data (default: the training data)")
 
 
+# what a run writes beside its step folders (runner, report, `compress search`): no branch folder may take these
+RUN_FILES = ("pipeline.yaml", "run.json", "run.log", "results.json", "report.md", "report.html", "search")
+
+
 class BranchConfig(Options):
     """Extra passes that start from the source model or from a step of the main chain, so a report can put
     alternatives side by side (e.g. quantize-only next to distill + prune + quantize)."""
@@ -57,6 +61,9 @@ class BranchConfig(Options):
         if looks_like_step_dir(name):
             raise ValueError(f"{name!r} looks like a step folder (two digits and a dash, e.g. 01-quantize), which "
                              "the runner owns; a branch name must not start with digits and a dash (e.g. alt-99)")
+        if name in RUN_FILES or name.endswith(".png"):
+            raise ValueError(f"{name!r} is the name of a file or folder the run writes in runs/<name>/ (the report's "
+                             "plots are .png); give the branch another name")
         return name
 
 

@@ -43,6 +43,9 @@ CASES = [
     ("bad name", _with(name="a b/c"), ["name", "'a b/c'"]),
     ("branch from a missing step", _with(branches=[{"name": "b", "from": "07-prune", "passes": []}]),
      ["branches.0.from", "'07-prune'", "01-quantize"]),
+    # a branch folder named like a file the run writes: the run failed after the main chain, with a traceback
+    ("branch named like a run file", _with(branches=[{"name": "run.log", "passes": [{"quantize": {"method": "fp16"}}]}]),
+     ["branches.0.name", "'run.log' is the name of a file or folder the run writes"]),
     ("branch quantizes twice", _with(branches=[{"name": "b", "from": 1, "passes": [{"quantize": {"method": "fp16"}}]}]),
      ["branches.0.passes.0 (quantize)", "quantizing twice"]),
     ("unknown benchmark baseline", _with(benchmark={"baseline": "02-distill"}),
