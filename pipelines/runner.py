@@ -305,9 +305,14 @@ class Runner:
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
             names = {step_dir_name(i, p.name) for i, p in enumerate(passes)}
             for old in chain_dir.glob("[0-9][0-9]-*"):
-                if old.is_dir() and old.name not in names:
+                if not old.is_dir() or old.name in names:
+                    continue
+                if (old / checkpoint.MANIFEST).is_file() or not any(old.iterdir()):
                     self.log(f"removing {old.relative_to(self.run_dir)}: no longer a step of this pipeline")
                     shutil.rmtree(old, ignore_errors=True)
+                else:  # not a checkpoint: someone else's files, never deleted (as checkpoint.save refuses them)
+                    self.log(f"leaving {old.relative_to(self.run_dir)}: not a step of this pipeline, and not a "
+                             "checkpoint")
         if self.store is not None:  # entries a killed process was writing or discarding
             for old in [*self.store.glob(".*.tmp-*"), *self.store.glob(".*.trash-*")]:
                 if not _pid_alive(old.name.rsplit("-", 1)[-1]):

@@ -195,3 +195,15 @@ def test_a_classifier_without_training_data_takes_its_labels_from_the_eval_data(
     result = _run(tmp_path / "cls.yaml", tmp_path / "runs")
     art = compress.load(result.steps[-1].path)
     assert list(art.model.config.id2label.values()) == ["business", "entertainment", "politics", "sports", "tech"]
+
+
+def test_an_old_step_is_removed_but_a_folder_that_is_no_checkpoint_is_left(tiny_llama_dir, tmp_path):
+    out = tmp_path / "runs"
+    _run(_config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0)), out)
+    notes = out / "tiny" / "07-notes"  # a user's folder in the run folder, named like a step
+    notes.mkdir()
+    (notes / "a.txt").write_text("kept")
+    _run(_config(tmp_path, tiny_llama_dir, factors=(1.0,)), out)
+    assert sorted(p.name for p in (out / "tiny").glob("[0-9][0-9]-*")) == ["01-test-scale", "02-quantize",
+                                                                         "07-notes"]
+    assert (notes / "a.txt").read_text() == "kept"
