@@ -1,8 +1,8 @@
 """Runs a pipeline: passes in order, one checkpoint each, reusing every checkpoint whose cache key matches.
 
 A checkpoint's key hashes its parent's key and content (the hashes of its files, so a recomputed parent with
-other weights invalidates its children), the pass name, the pass's resolved options, the data the pipeline
-declares and the seed the pass gets, so changing a pass's options recomputes that pass and every one after
+other weights invalidates its children), the pass name, the pass's resolved options, the data the passes
+read and the seed the pass gets, so changing a pass's options recomputes that pass and every one after
 it, while the ones before are reused. A run killed mid-pass leaves only a hidden temporary directory, removed
 on the next run, so that pass is redone from its (finished) parent.
 
@@ -48,7 +48,6 @@ from compress.runtime import is_main_process, launched_processes, seed_everythin
 
 from .config import Pipeline, step_dir_name
 
-_DATA_ROLES = ("train", "eval", "calibration")
 
 
 @dataclass
@@ -428,7 +427,10 @@ class Runner:
         """Run `passes` from the checkpoint at `parent_path` (None: the source model) into `chain_dir`."""
         cfg = self.pipeline.config
         steps: list[StepRecord] = []
-        data_fp = self.data.fingerprint(*_DATA_ROLES)
+        # the data the passes read: with data.train, data.eval feeds only the benchmarks (which key their results by
+        # it), so changing it recomputes no step; without, it gives a classifier its labels and export its check
+        eval_read = self.data.specs.get("train") is None
+        data_fp = self.data.fingerprint("train", "calibration", *(["eval"] if eval_read else []))
         n, prefix = len(passes), f"{branch}: " if branch else ""
         for i, p in enumerate(passes):
             key = self.step_key(parent_key, self._content(parent_path), p, cfg.seed + i, data_fp)

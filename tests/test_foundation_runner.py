@@ -207,3 +207,20 @@ def test_an_old_step_is_removed_but_a_folder_that_is_no_checkpoint_is_left(tiny_
     assert sorted(p.name for p in (out / "tiny").glob("[0-9][0-9]-*")) == ["01-test-scale", "02-quantize",
                                                                          "07-notes"]
     assert (notes / "a.txt").read_text() == "kept"
+
+
+def test_changing_only_the_eval_data_recomputes_no_step(tiny_llama_dir, tmp_path):
+    out = tmp_path / "runs"
+    path = _config(tmp_path, tiny_llama_dir)
+    cfg = yaml.safe_load(path.read_text())
+    cfg["data"]["eval"] = {"source": "builtin:wikipedia", "max_tokens": 256}
+    path.write_text(yaml.safe_dump(cfg))
+    first = _run(path, out)
+    cfg["data"]["eval"]["max_tokens"] = 512  # read by the benchmarks only
+    path.write_text(yaml.safe_dump(cfg))
+    again = _run(path, out)
+    assert [s.reused for s in again.steps] == [True, True, True]
+    assert [s.key for s in again.steps] == [s.key for s in first.steps]
+    cfg["data"]["train"]["max_tokens"] = 256  # the training data: every step's key changes
+    path.write_text(yaml.safe_dump(cfg))
+    assert [s.reused for s in _run(path, out).steps] == [False, False, False]
