@@ -152,7 +152,7 @@ def _x(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}x"
 
 
-def summary_table(rows: list[Row], title: str):
+def summary_table(rows: list[Row], title: str | None = None):
     from rich.table import Table
 
     with_quality = any(r.quality is not None or r.faster is not None for r in rows)
@@ -198,7 +198,8 @@ def print_summary(result, config, *, file=None) -> list[Row]:
         rows = rows_from_sizes(result)
         title = f"{config.name}: checkpoint sizes against the source (no benchmark section: sizes only)"
     console.print()
-    console.print(summary_table(rows, title))
+    console.print(title)  # its own line: as the table's title it wraps to the table's width
+    console.print(summary_table(rows))
     best = next((r for r in rows if r.best), None)
     if config.benchmark is not None:
         if best:

@@ -150,7 +150,7 @@ def test_run_without_benchmark_lists_sizes_against_the_source(tiny_llama_dir, tm
     config = _write_config(tmp_path, tiny_llama_dir, name="sizes")
     assert main(["run", str(config), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
     out = capfd.readouterr().out
-    assert "sizes only" in out
+    assert "sizes: checkpoint sizes against the source (no benchmark section: sizes only)" in out.splitlines()
     src = sum(f.stat().st_size for f in Path(tiny_llama_dir).glob("*.safetensors"))
     q = json.loads((tmp_path / "runs" / "sizes" / "02-quantize" / "manifest.json").read_text())["files"]
     size = sum(m["size"] for n, m in q.items() if n.endswith(".safetensors"))
