@@ -405,8 +405,9 @@ class Runner:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.main:
             self._clean_stale()
-            _write_atomic(self.run_dir / "pipeline.yaml",
-                          yaml.safe_dump(cfg.model_dump(mode="json", by_alias=True), sort_keys=False))
+            # with the folder the run went to (--output-dir), so that running this file again reuses the run
+            resolved = {**cfg.model_dump(mode="json", by_alias=True), "output_dir": str(self.run_dir.parent)}
+            _write_atomic(self.run_dir / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
         result = RunResult(self.run_dir, cfg.model.source, self.source_key)
         result.steps += self._run_chain(self.pipeline.passes, self.run_dir, None, self.source_key)
         for b in self.pipeline.branches:

@@ -224,3 +224,13 @@ def test_changing_only_the_eval_data_recomputes_no_step(tiny_llama_dir, tmp_path
     cfg["data"]["train"]["max_tokens"] = 256  # the training data: every step's key changes
     path.write_text(yaml.safe_dump(cfg))
     assert [s.reused for s in _run(path, out).steps] == [False, False, False]
+
+
+def test_the_run_folders_pipeline_yaml_runs_again_into_the_same_folder(tiny_llama_dir, tmp_path):
+    out = tmp_path / "elsewhere"  # --output-dir, not the config's output_dir
+    _run(_config(tmp_path, tiny_llama_dir), out)
+    saved = out / "tiny" / "pipeline.yaml"
+    assert yaml.safe_load(saved.read_text())["output_dir"] == str(out)
+    again = Runner(load_config(saved), show_progress=False, log=lambda *_: None).run()
+    assert again.run_dir == out / "tiny"
+    assert [s.reused for s in again.steps] == [True, True, True]
