@@ -285,8 +285,11 @@ def validate(raw: dict) -> Pipeline:
     if not errors:
         errors += check_order(passes, states=states, state=start)
     branches = []
-    if len({b.name for b in cfg.branches}) != len(cfg.branches):
-        errors.append("branches: two branches have the same name")
+    names = [b.name for b in cfg.branches]
+    for j, name in enumerate(names):
+        if name in names[:j]:
+            errors.append(f"branches.{j}.name: {name!r} is the name of branches.{names.index(name)} too (both would "
+                          f"write runs/<name>/{name}/); give each branch its own name")
     for j, b in enumerate(cfg.branches):
         where = f"branches.{j}"
         start, problem = _branch_start(b, passes, where) if len(passes) == len(cfg.passes) else (0, None)

@@ -46,6 +46,8 @@ CASES = [
     # a branch folder named like a file the run writes: the run failed after the main chain, with a traceback
     ("branch named like a run file", _with(branches=[{"name": "run.log", "passes": [{"quantize": {"method": "fp16"}}]}]),
      ["branches.0.name", "'run.log' is the name of a file or folder the run writes"]),
+    ("two branches with one name", _with(branches=[{"name": "b", "passes": []}, {"name": "b", "passes": []}]),
+     ["branches.1.name: 'b' is the name of branches.0 too", "give each branch its own name"]),
     ("branch quantizes twice", _with(branches=[{"name": "b", "from": 1, "passes": [{"quantize": {"method": "fp16"}}]}]),
      ["branches.0.passes.0 (quantize)", "quantizing twice"]),
     ("unknown benchmark baseline", _with(benchmark={"baseline": "02-distill"}),
