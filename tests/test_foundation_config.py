@@ -215,3 +215,17 @@ def test_folders_and_files_given_on_the_command_line_are_checked_first(tmp_path,
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err, err
     assert not (tmp_path / "s").exists()  # the refused --pick made no study
+
+
+def test_python_dash_m_compress_is_the_command(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "compress", "validate", _write(tmp_path, _with(seed="x"))],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith("error: seed: Input should be a valid integer")
