@@ -69,7 +69,8 @@ def _cmd_validate(args) -> int:
         return EXIT_OK
     pipeline = load_config(args.config, args.set)
     cfg = pipeline.config
-    branches = "".join(f"; branch {b.name}: {' -> '.join(p.name for p in b.passes)}" for b in pipeline.branches)
+    branches = "".join(f"; branch {b.name}: {' -> '.join(p.name for p in b.passes) or 'none'}"
+                       for b in pipeline.branches)
     print(f"{args.config}: ok - {cfg.name}: {cfg.model.source} ({cfg.task}), "
           f"passes: {' -> '.join(p.name for p in pipeline.passes) or 'none'}{branches}")
     return EXIT_OK

@@ -182,6 +182,8 @@ def test_schema_and_passes_listing(tmp_path, capsys):
 def test_valid_config_passes_validation(tmp_path, capsys):
     assert main(["validate", _write(tmp_path, BASE)]) == 0
     assert "ok" in capsys.readouterr().out
+    assert main(["validate", _write(tmp_path, _with(branches=[{"name": "b", "passes": []}]))]) == 0
+    assert capsys.readouterr().out.endswith("passes: quantize; branch b: none\n")
     root = __import__("pathlib").Path(__file__).parents[1]
     for config in sorted([*root.glob("configs/*.yaml"), *root.glob("studies/configs/*.yaml")]):
         assert main(["validate", str(config)]) == 0, f"{config} does not validate"
