@@ -440,6 +440,10 @@ def rebuild(run_dir) -> Path:
 
     run_dir = Path(run_dir)
     path = run_dir / RESULTS
+    if not path.exists() and (run_dir / "run.json").is_file():
+        raise CompressInputError(f"{run_dir} has no {RESULTS}: this run's config has no benchmark section, so "
+                                 "nothing was measured; add one and run it again (finished steps are reused), or "
+                                 "measure its checkpoints with `compress bench`")
     if not path.exists():
         raise CompressInputError(f"{run_dir} has no {RESULTS}: give a run directory written by `compress run` "
                                  "or `compress bench`")

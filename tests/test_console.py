@@ -290,3 +290,9 @@ def test_a_file_where_the_run_folder_goes_is_a_clear_error(tiny_llama_dir, tmp_p
     assert "Traceback" not in err
     assert f"error: {tmp_path / 'out' / 'taken'}: is a file" in err
     assert (tmp_path / "out" / "taken").read_text() == "a file of the user's"
+
+
+def test_report_on_a_run_without_benchmarks_says_why_there_is_nothing(tmp_path, capsys):
+    (tmp_path / "run.json").write_text("{}")  # what `compress run` leaves without a benchmark section
+    assert main(["report", str(tmp_path)]) == 2
+    assert "this run's config has no benchmark section, so nothing was measured" in capsys.readouterr().err
