@@ -85,6 +85,11 @@ class PipelineConfig(Options):
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where passes run; auto = cuda if present")
     output_dir: str = Field("runs", description="runs are written to <output_dir>/<name>/")
 
+    @field_validator("output_dir")
+    @classmethod
+    def _home(cls, path: str) -> str:
+        return str(Path(path).expanduser())  # YAML is no shell: ~/runs would be a folder named ~ in the cwd
+
 
 assert set(TASKS) == {"causal-lm", "sequence-classification", "feature-extraction"}
 

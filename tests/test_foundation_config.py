@@ -231,3 +231,9 @@ def test_python_dash_m_compress_is_the_command(tmp_path):
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.startswith("error: seed: Input should be a valid integer")
+
+
+def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    pipeline = load_config(_write(tmp_path, _with(output_dir="~/runs")))
+    assert pipeline.config.output_dir == str(tmp_path / "home" / "runs")
