@@ -117,6 +117,8 @@ def test_depth_drops_the_identity_block(ctx):
         m.model.layers[2].mlp.down_proj.weight.zero_()
     out = prune(art(m), ctx, targets=["layers"], layer_ratio=0.25)
     assert out.info["layers"]["dropped"] == [2]
+    assert "importance" not in out.info  # the option's criterion scores channels and heads, not blocks
+    assert out.info["layers"]["importance"] == "block input-output cosine distance"
     assert out.model.config.num_hidden_layers == 3
     assert [layer.self_attn.layer_idx for layer in out.model.model.layers] == [0, 1, 2]
     torch.testing.assert_close(logits(out.model), logits(m), atol=1e-5, rtol=1e-5)

@@ -175,8 +175,9 @@ class Prune(Pass):
         self._given, self._orig = ad, list(range(ad.num_layers()))  # ignore names the blocks as given
         self._batches = None
         structure = list(model.structure)
-        info: dict[str, Any] = {"params_before": count_parameters(net), "importance": c.importance,
-                                "scope": c.scope}
+        info: dict[str, Any] = {"params_before": count_parameters(net), "scope": c.scope}
+        if set(c.targets) - {"layers"}:  # layers are scored by how much each block changes its input, always
+            info["importance"] = c.importance
         if "layers" in c.targets:
             info["layers"] = self._prune_layers(net, ad)
             self._orig = [i for i in self._orig if i not in info["layers"]["dropped"]]
@@ -259,7 +260,7 @@ class Prune(Pass):
         drop = sorted(sorted(candidates, key=lambda i: scores[i].item())[:n_drop])
         drop_layers(net, ad, drop)
         info = {"dropped": drop, "kept": n - len(drop), "of": n, "ratio_actual": round(len(drop) / n, 4),
-                "scores": [round(s, 5) for s in scores.tolist()]}
+                "importance": "block input-output cosine distance", "scores": [round(s, 5) for s in scores.tolist()]}
         if len(drop) < n_drop:
             info["note"] = (f"dropped {len(drop)} of the {n_drop} layers layer_ratio={ratio} asks for: ignore "
                             f"{c.ignore} leaves only {len(candidates)} of {n} layers to choose from")
