@@ -379,6 +379,10 @@ def _read_json(path: Path) -> dict:
     return data
 
 
+_READS = ("model.onnx", "model.onnx.data", "config.json", "generation_config.json", "tokenizer.json",
+          "tokenizer_config.json")  # what the runner opens besides manifest.json
+
+
 def _verify_files(folder: Path, manifest: dict) -> None:
     """ValueError unless the manifest lists files and every one is there with its size and sha256 (what
     compress.checkpoint.verify checks of them)."""
@@ -397,8 +401,15 @@ def _verify_files(folder: Path, manifest: dict) -> None:
         raise ValueError(f"{folder / 'manifest.json'}: its kind, task, dtype, structure, quantization or file table "
                          "was changed after the checkpoint was written (its content hash differs); copy the "
                          "checkpoint again")
+    for name in _READS:  # a file the runner reads must be one the checkpoint was written with
+        if name not in files and (folder / name).exists():
+            raise ValueError(f"{folder / name} is not in manifest.json's table of files, and the runner reads it: "
+                             "added after the checkpoint was written; remove it, or copy the checkpoint again")
     for name, meta in files.items():
         f = folder / name
+        if f.is_symlink():
+            raise ValueError(f"{f} is a link, where the checkpoint was written with a file: copy the checkpoint "
+                             "again (with cp -L or rsync -L)")
         if not isinstance(meta.get("sha256"), str):
             raise ValueError(f"{folder / 'manifest.json'} lists {name} without a sha256 to check it against: damaged; "
                              "copy the checkpoint again, or skip the check (--no-verify)")

@@ -256,3 +256,23 @@ def test_the_runner_refuses_an_edited_manifest_as_compress_load_does(tmp_path):
     with pytest.raises(ValueError, match="manifest.json lists model.onnx without a sha256"):
         EdgeModel(path)
     assert EdgeModel(path, verify=False).task == "causal-lm"
+
+
+def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a_link(tmp_path):
+    """compress.load refuses unlisted files; the runner read an added generation_config.json (its eos ids) or
+    followed a link put where a listed file was."""
+    import shutil
+
+    from compress.edge import _READS
+
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    files = json.loads((path / "manifest.json").read_text())["files"]
+    added = next(n for n in _READS if n not in files)
+    (path / added).write_text("{}")
+    with pytest.raises(ValueError, match=f"{added} is not in manifest.json's table of files, and the runner reads"):
+        EdgeModel(path)
+    (path / added).unlink()
+    shutil.move(path / "config.json", tmp_path / "config.json")
+    (path / "config.json").symlink_to(tmp_path / "config.json")  # same bytes, outside the folder
+    with pytest.raises(ValueError, match="config.json is a link"):
+        EdgeModel(path)
