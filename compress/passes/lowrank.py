@@ -25,7 +25,7 @@ from ..models import count_parameters
 from ..pruning import importance as imp
 from ..pruning.arch import is_linear, linear_weight, set_module
 from ..pruning.lowrank import (build_lowrank, check_embedding_rank, choose_rank, factor_rank_limit, factorize_embedding,
-                               is_factorized, kept_energy, svd_factors, whitening)
+                               is_factorized, kept_energy, rounded_rank, svd_factors, whitening)
 from ..options import search
 from . import register
 from .base import Pass, PassConfig, PassContext
@@ -158,8 +158,7 @@ class LowRank(Pass):
             if rounded:
                 info["note"] += (f"; round_to={c.round_to} rounded the ranks of {rounded} of them up past "
                                  "max_param_ratio (see `rounded_up_from`): lower round_to")
-        elif c.rank is not None and c.round_to > 1 and c.rank % c.round_to:  # the rank asked for is not the one kept
-            up = -(-c.rank // c.round_to) * c.round_to
+        elif c.rank is not None and (up := rounded_rank(c.rank, c.round_to)) != c.rank:  # not the rank asked for
             info["note"] = (f"lowrank.rank={c.rank} is rounded up to {up}, a multiple of round_to={c.round_to} "
                             f"(see `layers`); set round_to: 1 to keep rank {c.rank}")
         info["params_before"], info["params_after"] = before, count_parameters(net)

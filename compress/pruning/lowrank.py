@@ -100,9 +100,12 @@ def choose_rank(s: torch.Tensor, in_f: int, out_f: int, *, rank: int | None, ene
     else:
         e = energy_curve(s).tolist()
         r = next((k + 1 for k, v in enumerate(e) if v >= energy - 1e-12), len(e))
-    if round_to > 1:
-        r = max(round_to, math.ceil(r / round_to) * round_to)
-    return max(1, min(r, len(s)))
+    return max(1, min(rounded_rank(r, round_to), len(s)))
+
+
+def rounded_rank(r: int, round_to: int) -> int:
+    """`r` up to a multiple of round_to (at least round_to)."""
+    return max(round_to, math.ceil(r / round_to) * round_to) if round_to > 1 else r
 
 
 def build_lowrank(weight: torch.Tensor, bias: torch.Tensor | None, u, s, vh, r: int, *,
