@@ -410,10 +410,6 @@ class Quantize(Pass):
                                            op_types=["MatMul", "Gemm", "Attention"],
                                            embeddings=cfg.quantize_embeddings, smooth_alpha=cfg.smooth_alpha,
                                            feeds=feeds, blockwise=cfg.blockwise or [], block_size=cfg.block_size)
-                if cfg.blockwise and not details["blockwise_matmuls"]:
-                    raise ConfigError(f"quantize.blockwise: {cfg.blockwise} matches no MatMul with a weight that "
-                                      "quantize.exclude leaves to quantize; patterns match ONNX node or weight "
-                                      "names, e.g. '*down_proj*'")
                 q.update(bits=8, kernel="MatMulInteger", per_channel=cfg.per_channel, weight_type="QInt8",
                          smooth_alpha=cfg.smooth_alpha)
                 if cfg.blockwise:

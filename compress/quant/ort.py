@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import onnx_tools
+from ..errors import ConfigError
 from .fake import blockwise_grid, minmax_grid, table_block, table_grid
 
 
@@ -103,7 +104,6 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
     quantized per block: inputs whose outliers one scale per tensor cannot hold, e.g. SmolLM2's down_proj)."""
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     from .smooth import smooth
 
@@ -111,14 +111,14 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     blocks = [n for n in matching_nodes(model, list(blockwise), ("MatMul",))
               if n not in excluded and _has_weight(model, n)]
+    if blockwise and not blocks:  # before the calibration smoothing runs
+        raise ConfigError(f"quantize.blockwise: {list(blockwise)} matches no MatMul with a weight that "
+                          "quantize.exclude leaves to quantize; patterns match ONNX node or weight names, e.g. "
+                          "'*down_proj*'")
     smoothing = (smooth(model, feeds, smooth_alpha, skip=set(excluded + blocks), insert=True)
                  if smooth_alpha is not None else None)
     if blocks:
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in blocks]
-        q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True, accuracy_level=4,
-                                     nodes_to_exclude=others, op_types_to_quantize=("MatMul",))
-        q.process()
-        model = q.model.model
+        model = _int8_blocks(model, blocks, block_size, accuracy_level=4)
         _set_accuracy_level(model, 4)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
@@ -185,13 +185,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     kept = [n for n in dict.fromkeys(eight_bit or []) if n not in excluded and n not in head
             and _has_weight(model, n)]
     if head or kept:  # the 8-bit head and kept MatMuls first, then the rest at 4 bits
-        first = set(head + kept)
-        others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in first]
-        q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
-                                     accuracy_level=accuracy_level or None, nodes_to_exclude=others,
-                                     op_types_to_quantize=("MatMul",))
-        q.process()
-        model = q.model.model
+        model = _int8_blocks(model, head + kept, block_size, accuracy_level)
     left: dict[str, int] = {}
     if algorithm == "minmax":
         if bits != 4:
@@ -225,6 +219,20 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     return {"excluded_nodes": excluded, **tables, "int8_head": head,
             "int8_matmuls": kept, "offset_corrections": offsets,
             **({"float_matmuls": list(left), "float_matmul_rows": sorted(set(left.values()))} if left else {})}
+
+
+def _int8_blocks(model, nodes: list[str], block_size: int, accuracy_level: int):
+    """The MatMuls named in `nodes` as symmetric int8 MatMulNBits (blocks of block_size), the others as they
+    are; returns the new model."""
+    from onnxruntime.quantization import matmul_nbits_quantizer as mnq
+
+    chosen = set(nodes)
+    others = [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name not in chosen]
+    q = mnq.MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                                 accuracy_level=accuracy_level or None, nodes_to_exclude=others,
+                                 op_types_to_quantize=("MatMul",))
+    q.process()
+    return q.model.model
 
 
 @contextlib.contextmanager
