@@ -167,9 +167,9 @@ class OrtDynamicConfig(_Calibration):
         None, ge=0, le=1, description="matmulinteger: SmoothQuant-style smoothing before quantizing, calibrated on "
         "data.calibration (or data.train): moves activation outliers into the weights with this strength (0 = "
         "none moved, 1 = all), through the producer's constants or an inserted per-channel Mul where none takes "
-        "it (BERT's LayerNorm and GELU outputs). At alpha 0.7: MiniLM-L6 embedding cosine 0.995 -> 0.998 for 5-8% "
-        "more latency (24 Muls), SmolLM2 perplexity +63% -> +7.5% (benchmarks/results/quantize/smoothed-dynamic/); "
-        "alpha 0.5 made MiniLM worse. null: no smoothing")
+        "it (BERT's LayerNorm and GELU outputs). At alpha 0.7: MiniLM-L6 embedding cosine 0.995 -> 0.998 for 5-6% "
+        "more latency (24 Muls), SmolLM2 perplexity +63% -> +7.5% (benchmarks/results/quantize/smoothed-dynamic/). "
+        "null: no smoothing")
     blockwise: list[str] | None = Field(
         None, description="matmulinteger: glob patterns of MatMuls kept block-wise instead (MatMulNBits int8 in "
         "blocks of block_size, activations quantized per block): inputs whose outliers one scale per tensor "
