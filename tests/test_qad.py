@@ -291,7 +291,7 @@ def test_quantize_aware_options():
         get("distill")(quantize_aware={"bits": 8, "algorithm": "minmax"})
     bert = Artifact("torch", "feature-extraction", None, torch.nn.Linear(2, 2))
     with pytest.raises(ConfigError, match="causal LMs"):
-        get("distill")(quantize_aware={})._fake_quantize(bert.model, bert.task)
+        get("distill")(quantize_aware={}).run(bert, PassContext())  # refused by check_task before any work
 
 
 # ----------------------------------------------------------------------------- minmax (llama.cpp's Q4_1 grid)

@@ -161,6 +161,9 @@ class Pass:
             raise UnsupportedModelError(
                 f"{self.name}: the model is already quantized ({model.quantization.get('method')}) and "
                 f"{self.name} needs float weights: {self.quantized_input_fix}")
+        problem = self.check_task(model.task)  # what validate refuses too, for callers of the API
+        if problem:
+            raise ConfigError(problem)
         return self.apply(model, ctx)
 
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:  # pragma: no cover - abstract

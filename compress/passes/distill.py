@@ -93,7 +93,7 @@ class Distill(Pass):
 
         examples = training_examples(c, ctx, s_tok, task)
         if c.sequence_level is not None:
-            if task != "causal-lm" or not teachers:
+            if not teachers:  # (a task other than causal-lm: check_task)
                 raise ConfigError("distill.sequence_level: only for causal LMs (task causal-lm)")
             examples, notes = teacher_generated(examples, teachers[0].model, student, c.sequence_level, ctx.device,
                                                 ctx.progress)
@@ -122,7 +122,7 @@ class Distill(Pass):
                 teachers[0], examples, task, k=c.cache_top_k, batch_size=c.batch_size,
                 amp=autocast_dtype(c.precision, device), device=device, accelerator=acc, progress=ctx.progress)
 
-        qad = self._fake_quantize(student, task)
+        qad = self._fake_quantize(student)
         try:
             figures = train(module, objective, examples, c, seed=seed, device=device, progress=ctx.progress,
                             evaluate=evaluator(task, eval_examples, teachers, device) if eval_examples else None,
@@ -158,14 +158,11 @@ class Distill(Pass):
         for role, m in models:
             check_length(m, length, field, role)
 
-    def _fake_quantize(self, student, task: str) -> dict | None:
+    def _fake_quantize(self, student) -> dict | None:
         """Quantization-aware distillation: wrap the student's weights in their export grid (None when off)."""
         qa = self.config.quantize_aware
         if qa is None:
             return None
-        if task != "causal-lm":
-            raise ConfigError("distill.quantize_aware: for causal LMs (the grid of the decoder export's "
-                              f"MatMulNBits quantization); this model's task is {task}")
         from ..quant import fake
 
         return fake.wrap(student, fake.GridSpec(**qa.model_dump()))

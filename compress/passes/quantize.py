@@ -360,9 +360,6 @@ class Quantize(Pass):
         notes: list[str] = []
         if method == "ort-int8-dynamic":
             kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
-            problem = self.check_task(task)
-            if problem:
-                raise ConfigError(problem)
             if kernel == "matmulnbits":
                 feeds = None
                 if cfg.algorithm == "gptq":
