@@ -118,10 +118,11 @@ def test_each_method_takes_only_its_own_options():
         get("quantize")(method="bnb-nf4", bnb_blocksize=48)
     with pytest.raises(ConfigError, match="weight_bits 4 needs kernel matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="rowwise", weight_bits=4)
-    with pytest.raises(ConfigError, match="smooth_alpha applies to kernel matmulinteger"):
-        get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", smooth_alpha=0.7)
-    assert "smooth_alpha" in get("quantize")(method="ort-int8-dynamic", kernel="matmulinteger",
-                                             smooth_alpha=0.7).needs_data()[1]
+    with pytest.raises(ConfigError, match="smooth_alpha applies to kernels matmulinteger and matmulnbits"):
+        get("quantize")(method="ort-int8-dynamic", kernel="rowwise", smooth_alpha=0.7)
+    for kernel in ("matmulinteger", "matmulnbits"):
+        assert "smooth_alpha" in get("quantize")(method="ort-int8-dynamic", kernel=kernel,
+                                                 smooth_alpha=0.7).needs_data()[1]
     with pytest.raises(ConfigError, match="export.opset: Input should be less than or equal to 20"):
         get("export")(opset=99)
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
@@ -278,8 +279,6 @@ def test_refusals(onnx_llama, tmp_path):
     with pytest.raises(ConfigError, match="quantize.weight_bits: kernel auto is matmulinteger on a "
                                           "feature-extraction model, which is 8-bit only"):
         get("quantize")(method="ort-int8-dynamic", weight_bits=4).run(encoder, PassContext(scratch=tmp_path))
-    with pytest.raises(ConfigError, match="quantize.smooth_alpha: kernel auto is matmulnbits on a causal-lm"):
-        get("quantize")(method="ort-int8-dynamic", smooth_alpha=0.7).run(onnx_llama, PassContext(scratch=tmp_path))
     q = quantize(onnx_llama, tmp_path, method="ort-fp16")
     with pytest.raises(UnsupportedModelError, match="quantizing twice"):
         get("quantize")(method="ort-int8-dynamic").run(q, PassContext(scratch=tmp_path))
@@ -571,3 +570,29 @@ def test_blockwise_keeps_the_named_matmuls_block_wise_and_the_rest_per_tensor(on
                  blockwise=["*no_such_proj*"])
     with pytest.raises(ConfigError, match="blockwise applies to kernel matmulinteger"):
         get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", blockwise=["*down_proj*"])
+
+
+def test_smoothing_before_block_wise_int8_evens_out_each_block_without_adding_nodes(tmp_path):
+    """quantize.smooth_alpha with kernel matmulnbits at 8 bits: a planted outlier channel dominates the int8
+    scale of its block of activations; smoothing (folded into the norm gains and up_proj's columns only) brings
+    the quantized logits closer to the float model's, with exactly the same nodes."""
+    model = tiny_llama(hidden_size=64, intermediate_size=128)  # head_dim 16, as GroupQueryAttention needs
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.input_layernorm.weight[3] = 60.0
+            layer.post_attention_layernorm.weight[5] = 60.0
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=model)
+    parent = load(save(get("export")(graph="fused").run(art, PassContext(scratch=tmp_path / "s")), tmp_path / "ck"))
+    error, ops = {}, {}
+    for name, alpha in {"plain": None, "smoothed": 0.5}.items():
+        q = quantize(parent, tmp_path / name, method="ort-int8-dynamic", block_size=16, smooth_alpha=alpha,
+                     calibration_batches=2, min_agreement=0.0)
+        error[name] = q.info["discrepancy"]["mean_abs_error"]
+        ops[name] = collections.Counter(n.op_type for n in onnx.load(str(q.path / "model.onnx")).graph.node)
+        assert q.quantization.get("smooth_alpha") == alpha
+    layers = model.config.num_hidden_layers
+    assert q.info["smoothing"]["groups"] == 3 * layers  # qkv and gate_up inputs (norm gains), down_proj's (up)
+    assert q.info["smoothing"]["inserted_muls"] == 0 and ops["smoothed"] == ops["plain"]
+    assert error["smoothed"] < 0.7 * error["plain"], error
+    with pytest.raises(ConfigError, match="smooth_alpha applies to 8-bit weights"):
+        get("quantize")(method="ort-int8-dynamic", weight_bits=4, smooth_alpha=0.5)

@@ -91,8 +91,6 @@ def test_options_the_task_refuses_are_refused_before_any_work():
     refused(encoder, {"kernel": "rowwise", "block_size": 128}, "quantize.block_size: kernel rowwise is rowwise")
     refused({**BASE}, {"per_channel": False}, "quantize.per_channel: kernel auto is matmulnbits on a causal-lm "
             "model, whose weight scales are per block")
-    refused({**BASE, "data": data}, {"smooth_alpha": 0.7}, "quantize.smooth_alpha: kernel auto is matmulnbits on "
-            "a causal-lm model")
     fine = validate({**encoder, "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic",
                                                                          "smooth_alpha": 0.7}}]})
     assert [p.name for p in fine.passes] == ["export", "quantize"]

@@ -164,12 +164,15 @@ class OrtDynamicConfig(_Calibration):
         "its share of int4's quality loss, the largest shares first",
         json_schema_extra=search([0, 2, 4, 8]))
     smooth_alpha: float | None = Field(
-        None, ge=0, le=1, description="matmulinteger: SmoothQuant-style smoothing before quantizing, calibrated on "
+        None, ge=0, le=1, description="SmoothQuant-style smoothing before quantizing, calibrated on "
         "data.calibration (or data.train): moves activation outliers into the weights with this strength (0 = "
-        "none moved, 1 = all), through the producer's constants or an inserted per-channel Mul where none takes "
-        "it (BERT's LayerNorm and GELU outputs). At alpha 0.7: MiniLM-L6 embedding cosine 0.995 -> 0.998 for 5-6% "
-        "more latency (24 Muls), SmolLM2 perplexity +63% -> +7.5% (benchmarks/results/quantize/smoothed-dynamic/). "
-        "null: no smoothing")
+        "none moved, 1 = all). matmulinteger: through the producer's constants or an inserted per-channel Mul "
+        "where none takes it (BERT's LayerNorm and GELU outputs); at alpha 0.7 MiniLM-L6 embedding cosine 0.995 "
+        "-> 0.998 for 5-6% more latency (24 Muls), SmolLM2 perplexity +63% -> +7.5% "
+        "(benchmarks/results/quantize/smoothed-dynamic/). matmulnbits at 8 bits: only where a constant takes it "
+        "(norm gains, up_proj's columns), so it costs no time; the activations are quantized per block there, and "
+        "smoothing evens out the channels within each block (benchmarks/results/fast_decoder/vnni/). null: no "
+        "smoothing")
     blockwise: list[str] | None = Field(
         None, description="matmulinteger: glob patterns of MatMuls kept block-wise instead (MatMulNBits int8 in "
         "blocks of block_size, activations quantized per block): inputs whose outliers one scale per tensor "
@@ -187,10 +190,12 @@ class OrtDynamicConfig(_Calibration):
         if self.weight_bits == 4 and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError(f"weight_bits 4 needs kernel matmulnbits (or auto on a causal LM); {self.kernel} is "
                              "8-bit only")
-        if self.smooth_alpha is not None and self.kernel in ("matmulnbits", "rowwise"):
-            raise ValueError(f"smooth_alpha applies to kernel matmulinteger (one activation scale per tensor); "
-                             f"{self.kernel} scales activations per {'block' if self.kernel == 'matmulnbits' else 'row'} "
-                             "already")
+        if self.smooth_alpha is not None and self.kernel == "rowwise":
+            raise ValueError("smooth_alpha applies to kernels matmulinteger and matmulnbits; rowwise scales "
+                             "activations per row and weights per column already")
+        if self.smooth_alpha is not None and self.weight_bits == 4:
+            raise ValueError("smooth_alpha applies to 8-bit weights: at 4 bits the outliers it moves into the "
+                             "weights cost more than they save; set weight_bits: 8 or smooth_alpha: null")
         if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
             raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
         if self.embedding_bits == 4 and (not self.quantize_embeddings or self.kernel in ("matmulinteger", "rowwise")):
@@ -274,9 +279,6 @@ class Quantize(Pass):
         if kernel != "matmulnbits" and cfg.weight_bits == 4:
             return (f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which is 8-bit only; "
                     "4-bit weights need kernel: matmulnbits")
-        if kernel != "matmulinteger" and cfg.smooth_alpha is not None:
-            return (f"quantize.smooth_alpha: kernel {cfg.kernel} is {kernel} on a {task} model; smoothing applies "
-                    "to kernel: matmulinteger")
         if kernel != "matmulnbits" and cfg.embedding_bits == 4:
             return (f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; 4-bit embedding "
                     "tables need kernel: matmulnbits (or embedding_bits: 8)")
@@ -362,7 +364,7 @@ class Quantize(Pass):
             kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
             if kernel == "matmulnbits":
                 feeds = None
-                if cfg.algorithm == "gptq":
+                if cfg.algorithm == "gptq" or cfg.smooth_alpha is not None:
                     feeds = ort.calibration_feeds(src, *self._calibration_inputs(model, ctx),
                                                   cfg.calibration_batch_size)
                 eight_bit, mixed = self._mixed_precision(model, ctx, src)
@@ -380,7 +382,8 @@ class Quantize(Pass):
                 details = ort.weight_only(src, dst, bits=cfg.weight_bits, block_size=cfg.block_size,
                                           accuracy_level=4, symmetric=cfg.algorithm == "rtn", exclude=exclude,
                                           embeddings=cfg.quantize_embeddings, algorithm=cfg.algorithm, feeds=feeds,
-                                          eight_bit=eight_bit, embedding_bits=cfg.embedding_bits)
+                                          eight_bit=eight_bit, embedding_bits=cfg.embedding_bits,
+                                          smooth_alpha=cfg.smooth_alpha)
                 if mixed:
                     details["mixed_precision"] = mixed
                 if details.get("float_matmuls"):
@@ -393,6 +396,8 @@ class Quantize(Pass):
                     logging.getLogger(SUITE_LOGGER).warning(note)
                 q.update(bits=cfg.weight_bits, kernel="MatMulNBits", block_size=cfg.block_size, accuracy_level=4,
                          algorithm=cfg.algorithm, embedding_bits=cfg.embedding_bits)
+                if cfg.smooth_alpha is not None:
+                    q["smooth_alpha"] = cfg.smooth_alpha
                 if eight_bit:
                     q["int8_matmuls"] = len(details["int8_matmuls"])
             elif kernel == "rowwise":

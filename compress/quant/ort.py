@@ -161,7 +161,8 @@ def weight_of(model, node_name: str) -> np.ndarray:
 
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
                 exclude: list[str], embeddings: bool = False, algorithm: str = "rtn",
-                feeds: list[dict] | None = None, eight_bit: list[str] | None = None, embedding_bits: int = 8) -> dict:
+                feeds: list[dict] | None = None, eight_bit: list[str] | None = None, embedding_bits: int = 8,
+                smooth_alpha: float | None = None) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
     0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well, or 4-bit with
@@ -172,7 +173,10 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     of scale and zero point, data-free), k_quant (llama.cpp's k-quant search, data-free) or gptq
     (error-compensating, on calibration `feeds`). At 4 bits an untied LM head stays 8-bit (a tied one is the
     int8 embedding table, see `embeddings`), and so do the MatMuls named in `eight_bit` (mixed precision: the
-    blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass."""
+    blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass.
+
+    `smooth_alpha` (8 bits) first evens out the activation channels each block of int8 activations shares,
+    calibrated on `feeds`, only where a producer's constant takes the division: no node is added."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
@@ -182,6 +186,13 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     if eight_bit and bits != 4:
         raise ValueError("eight_bit: MatMuls kept at 8 bits need bits=4 for the rest")
     head = [n for n in lm_head_nodes(model) if n not in excluded and _has_weight(model, n)] if bits == 4 else []
+    smoothing = None
+    if smooth_alpha is not None:
+        if bits != 8:
+            raise ValueError("smooth_alpha: 8-bit weights only")
+        from .smooth import smooth
+
+        smoothing = smooth(model, feeds, smooth_alpha, skip=set(excluded))
     kept = [n for n in dict.fromkeys(eight_bit or []) if n not in excluded and n not in head
             and _has_weight(model, n)]
     if head or kept:  # the 8-bit head and kept MatMuls first, then the rest at 4 bits
@@ -217,7 +228,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
               if embeddings else {"int8_embedding_tables": []})
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, **tables, "int8_head": head,
-            "int8_matmuls": kept, "offset_corrections": offsets,
+            "int8_matmuls": kept, "offset_corrections": offsets, "smoothing": smoothing,
             **({"float_matmuls": list(left), "float_matmul_rows": sorted(set(left.values()))} if left else {})}
 
 
