@@ -59,6 +59,9 @@ VARIANTS = {
     "fused fp32": ("ort-cpu", FUSED),
     "fused int8 (MatMulNBits b32)": ("ort-cpu", FUSED + [INT8]),
     "fused int8 (MatMulNBits b64)": ("ort-cpu", FUSED + [("quantize", {**INT8[1], "block_size": 64})]),
+    "fused int8 smoothed b32": ("ort-cpu", FUSED + [("quantize", {**INT8[1], "smooth_alpha": 0.7})]),
+    "fused int8 smoothed b64": ("ort-cpu", FUSED + [("quantize", {**INT8[1], "smooth_alpha": 0.7,
+                                                                  "block_size": 64})]),
     "fused int8 per-tensor smoothed, down_proj block-wise": ("ort-cpu", FUSED + [("quantize", {
         **INT8[1], "kernel": "matmulinteger", "smooth_alpha": 0.7, "blockwise": ["*down_proj*"]})]),
     "fused int4 rtn": ("ort-cpu", FUSED + [int4("rtn")]),
@@ -227,14 +230,14 @@ def summary(records: list[dict]) -> str:
                      f"{tps / b_tps:.2f}x ({tps:.1f} tok/s) | {f'{bound:.0f}%' if bound else '-'} |")
     lines += ["", "Targets of the issue against torch fp32:", ""]
     met = lambda ok: "met" if ok else "NOT met"  # noqa: E731
-    r = by.get("fused int8 (MatMulNBits b32)")
-    if r:
+    int8_rows = [r for k, r in by.items() if k.startswith("fused int8")]
+    for r in int8_rows:
         dec = _q(r, "latency", "decode_tokens_per_s") / b_tps
         ppl = _q(r, "quality", "perplexity") / b_ppl
         pre = b_pre / _q(r, "latency", "prefill", "median_ms")
         bound = percent_of_bound(_q(r, "latency", "decode_tokens_per_s"), r.get("weight_bytes_per_token"),
                                  _q(r, "machine", "memory_bandwidth_gb_s")) or 0
-        lines.append(f"- fused int8: decode {dec:.2f}x (>= 3.3x: {met(dec >= 3.3)}), perplexity {ppl:.3f}x "
+        lines.append(f"- {r['variant']}: decode {dec:.2f}x (>= 3.3x: {met(dec >= 3.3)}), perplexity {ppl:.3f}x "
                      f"(<= 1.01: {met(ppl <= 1.01)}), prefill {pre:.2f}x (>= 2x: {met(pre >= 2)}), "
                      f"{bound:.0f}% of the bandwidth bound (>= 70%: {met(bound >= 70)})")
     int4_rows = [r for k, r in by.items() if k.startswith("fused int4")]
@@ -249,7 +252,8 @@ def summary(records: list[dict]) -> str:
                      f"{met(ppl <= 1.05)}), prefill {pre:.2f}x (>= 2x: {met(pre >= 2)})")
     lines += ["", "Against llama.cpp at the same bit width (at least as fast at decoding and at prefill, at equal "
               "or better perplexity):", ""]
-    for ours, peer in ((r, by.get("llama.cpp Q8_0")), (best, by.get("llama.cpp Q4_1 (the packaged GGUF)"))):
+    pairs = [(r, by.get("llama.cpp Q8_0")) for r in int8_rows] + [(best, by.get("llama.cpp Q4_1 (the packaged GGUF)"))]
+    for ours, peer in pairs:
         if not (ours and peer):
             continue
         dec = _q(ours, "latency", "decode_tokens_per_s") / _q(peer, "latency", "decode_tokens_per_s")
