@@ -1,4 +1,4 @@
-"""SmoothQuant-style smoothing of an ONNX graph before static int8 (Xiao et al., 2023).
+"""SmoothQuant-style smoothing of an ONNX graph before int8 activations (Xiao et al., 2023).
 
 Static int8 gives each activation tensor ONE scale, fixed at calibration. In Llama-family models a few
 input channels of the projections carry values two orders of magnitude above the rest (the RMSNorm gains
@@ -20,7 +20,10 @@ gain the exporter shared between nodes (identical values, through Identity nodes
 With `insert` (for dynamic int8, whose one scale per tensor per run has the same problem) an activation with
 no constant to fold into is divided by an inserted per-channel Mul that only its weight consumers read:
 BERT's LayerNorm outputs also feed the residual stream, and its GELU outputs have no producer constant. The
-float function stays the same; each Mul costs one elementwise pass over its activation."""
+float function stays the same; each Mul costs one elementwise pass over its activation.
+
+Block-wise int8 (MatMulNBits at accuracy level 4) quantizes activations per block of channels, and one outlier
+channel sets its whole block's scale: smoothing without `insert` evens the channels out at no run-time cost."""
 from __future__ import annotations
 
 import tempfile
