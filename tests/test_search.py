@@ -781,3 +781,15 @@ def test_a_constraint_whose_figure_is_unknown_fails_the_trial_instead_of_passing
     assert row["state"] == "failed" and row["reason"] == ("perplexity_ratio not known for this checkpoint (not "
                                                           "measured, or a ratio to a baseline figure of 0)")
     assert _trials(out)["chosen"] is None
+
+
+def test_a_mistyped_search_key_is_named_with_the_search_key_it_could_be(tiny_llama_dir, tmp_path, capsys):
+    cfg = yaml.safe_load(_config(tmp_path, tiny_llama_dir).read_text())
+    cfg["objective"] = cfg.pop("objectives")
+    config = tmp_path / "typo.yaml"
+    config.write_text(yaml.safe_dump(cfg))
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: objective: unknown option 'objective'; did you mean 'objectives'? (allowed: "), err
+    assert "objectives, output_dir, passes, sampler, screen, seed, start_with" in err
+    assert len(err.strip().splitlines()) == 1

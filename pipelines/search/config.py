@@ -11,6 +11,7 @@ every search value against its pass's own options class, the figures named."""
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from compress.errors import ConfigError, format_validation_error
 
-from ..config import Pipeline, apply_overrides, read_config_file, validate
+from ..config import Pipeline, PipelineConfig, apply_overrides, read_config_file, validate
 from . import figures as fig
 from .space import MARKER, Space, check_values, find_space
 
@@ -170,6 +171,14 @@ def validate_search(raw: dict) -> SearchSetup:
     """Check a parsed search config; ConfigError listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    # the pipeline check would name a mistyped search key (`objective:`) without the search keys it could be
+    allowed = sorted({*PipelineConfig.model_fields, *SEARCH_KEYS})
+    unknown = [k for k in raw if k not in allowed]
+    if unknown:
+        raise ConfigError("\n".join(
+            f"{k}: unknown option {k!r}" + "".join(f"; did you mean {m!r}?" for m in
+                                                   difflib.get_close_matches(str(k), allowed, n=1))
+            + f" (allowed: {', '.join(allowed)})" for k in unknown))
     try:
         settings = SearchSettings(**{k: raw[k] for k in SEARCH_KEYS if k in raw})
     except ValidationError as exc:
