@@ -793,3 +793,18 @@ def test_a_mistyped_search_key_is_named_with_the_search_key_it_could_be(tiny_lla
     assert err.startswith("error: objective: unknown option 'objective'; did you mean 'objectives'? (allowed: "), err
     assert "objectives, output_dir, passes, sampler, screen, seed, start_with" in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_a_mistyped_search_marker_is_named_not_passed_to_the_pass(tiny_llama_dir, tmp_path, capsys):
+    cfg = yaml.safe_load(_config(tmp_path, tiny_llama_dir).read_text())
+    config = tmp_path / "marker.yaml"
+    for factor, methods in [({"serch": [1.0, 3.0]}, {"search": ["fp32", "bf16"]}),  # else: not a number
+                            (1.0, {"Search": ["fp32", "bf16"]}),  # else: "nothing to search"
+                            (1.0, {"search": ["fp32", "bf16"], "default": "fp32"})]:
+        cfg["passes"] = [{"test-scale": {"factor": factor}}, {"quantize": {"method": methods}}]
+        config.write_text(yaml.safe_dump(cfg))
+        assert main(["validate", str(config)]) == 2
+        err = capsys.readouterr().err
+        where = "passes.0.test-scale.factor" if isinstance(factor, dict) else "passes.1.quantize.method"
+        assert err.startswith(f"error: {where}: ") and "is not a search space; write {search: ...} with no other " \
+            "key" in err and len(err.strip().splitlines()) == 1, err

@@ -9,6 +9,7 @@ refuse is a config error naming the option, not a failed trial an hour in."""
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import math
 from dataclasses import dataclass
@@ -226,6 +227,13 @@ def _walk(index: int, pass_name: str, options: dict, node: dict, path: tuple, ou
             param = _param(index, pass_name, options, path + (key,), value[MARKER], errors)
             if param is not None:
                 out.append(param)
+        elif isinstance(value, dict) and (MARKER in value or difflib.get_close_matches(
+                str(next(iter(value), "")), [MARKER], cutoff=0.8) and len(value) == 1):
+            # otherwise the pass gets the dict as the option's value, or with nothing else searched the error
+            # says only that there is nothing to search
+            where = f"passes.{index}.{pass_name}.{'.'.join(path + (key,))}"
+            errors.append(f"{where}: {value} is not a search space; write {{search: ...}} with no other key, "
+                          "e.g. {search: [4, 8]}")
         elif isinstance(value, dict):
             _walk(index, pass_name, options, value, path + (key,), out, errors)
 
