@@ -808,3 +808,16 @@ def test_a_mistyped_search_marker_is_named_not_passed_to_the_pass(tiny_llama_dir
         where = "passes.0.test-scale.factor" if isinstance(factor, dict) else "passes.1.quantize.method"
         assert err.startswith(f"error: {where}: ") and "is not a search space; write {search: ...} with no other " \
             "key" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_constraint_no_figure_can_meet_is_refused_before_any_trial(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir, constraints=["perplexity_ratio <= 0", "size_mb < -1",
+                                                            "size_mb_ratio >= 0"])
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "constraints.0: 'perplexity_ratio <= 0' can never hold: perplexity_ratio is always above 0" in err
+    assert "constraints.1: 'size_mb < -1' can never hold" in err and "constraints.2" not in err
+    from pipelines.search.figures import parse_constraint
+
+    assert "accuracy is a fraction from 0 to 1" in parse_constraint("accuracy >= 99", "constraints.0")[1]
+    assert parse_constraint("accuracy >= 1", "constraints.0")[0].bound == 1.0  # every example right: possible

@@ -97,7 +97,14 @@ def parse_constraint(text: str, where: str) -> tuple[Constraint | None, str | No
         bound = float(m.group(3))
     except ValueError:
         return None, f"{where}: {m.group(3)!r} is not a number"
-    return Constraint(m.group(1), m.group(2), bound), None
+    name, op = m.group(1), m.group(2)
+    # a bound no figure can meet would only be found out after the whole budget is spent
+    if op in ("<=", "<") and bound <= 0:
+        return None, f"{where}: {text!r} can never hold: {name} is always above 0"
+    if name == "accuracy" and op in (">=", ">") and (bound > 1 or (op == ">" and bound == 1)):
+        return None, (f"{where}: {text!r} can never hold: accuracy is a fraction from 0 to 1 (0.9 is 90%); "
+                      "or bound accuracy_ratio, e.g. accuracy_ratio >= 0.99")
+    return Constraint(name, op, bound), None
 
 
 def figures_from(quality: dict | None, size_bytes: int | None, record: dict | None = None) -> dict:
