@@ -821,3 +821,20 @@ def test_a_constraint_no_figure_can_meet_is_refused_before_any_trial(tiny_llama_
 
     assert "accuracy is a fraction from 0 to 1" in parse_constraint("accuracy >= 99", "constraints.0")[1]
     assert parse_constraint("accuracy >= 1", "constraints.0")[0].bound == 1.0  # every example right: possible
+
+
+def test_a_rerun_on_other_data_refuses_the_old_study(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    assert main(["search", str(config), "--output-dir", str(out), "--trials", "3"]) == 0  # the same: resumed
+    capsys.readouterr()
+    # resumed, the old trials' perplexities (on wikipedia, 256 tokens) were reported as this config's
+    changed = _config(tmp_path, tiny_llama_dir, factors=(1.0,), screen={"max_tokens": 128}, filename="changed.yaml")
+    cfg = yaml.safe_load(changed.read_text())
+    cfg["data"]["eval"]["source"] = "builtin:shakespeare"
+    changed.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(changed), "--output-dir", str(out)]) == 2
+    assert "was measured with other data, screen settings than this config's; give this search another name" \
+        in capsys.readouterr().err
+    assert len(_trials(out)["trials"]) == 2

@@ -133,7 +133,24 @@ def open_study(setup: SearchSetup, url: str, seed: int):
         elif stored != json.loads(json.dumps(wanted)):
             raise ConfigError(f"the study {setup.name!r} in {url} {verb} {stored}, this config {wanted}; give "
                               "this search another name, or remove the old study (e.g. its study.db)")
+    # nor with another model, data, fixed pass option or measurement: its figures would sit beside the old ones
+    wanted = json.loads(json.dumps(_conditions(setup)))
+    stored = study.user_attrs.get("conditions")
+    if stored is None:
+        study.set_user_attr("conditions", wanted)
+    elif stored != wanted:
+        changed = ", ".join(k for k in wanted if stored.get(k) != wanted[k])
+        raise ConfigError(f"the study {setup.name!r} in {url} was measured with other {changed} settings than "
+                          "this config's; give this search another name, or remove the old study (e.g. its "
+                          "study.db)")
     return study
+
+
+def _conditions(setup: SearchSetup) -> dict:
+    """What a trial's figures depend on besides its searched values."""
+    config = setup.pipeline.config.model_dump(mode="json", include={"model", "task", "data", "passes", "benchmark"})
+    screen = setup.settings.screen
+    return {**config, "screen": {"max_tokens": screen.max_tokens, "max_examples": screen.max_examples}}
 
 
 @contextlib.contextmanager
