@@ -838,3 +838,13 @@ def test_a_rerun_on_other_data_refuses_the_old_study(tiny_llama_dir, tmp_path, c
     assert "was measured with other data, screen settings than this config's; give this search another name" \
         in capsys.readouterr().err
     assert len(_trials(out)["trials"]) == 2
+
+
+def test_a_storage_that_is_not_a_database_url_is_bad_input_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir)
+    for storage, why in [(str(tmp_path / "study.db"), "ArgumentError: Could not parse SQLAlchemy URL"),
+                         ("bogus://host/db", "NoSuchModuleError: Can't load plugin: sqlalchemy.dialects:bogus")]:
+        assert main(["search", str(config), "--output-dir", str(tmp_path / "runs"), "--storage", storage]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --storage {storage}: not a storage this machine can open ({why}"), err
+        assert "e.g. sqlite:////abs/path/study.db" in err and "Traceback" not in err

@@ -108,10 +108,16 @@ def _queue_grid(setup: SearchSetup, study) -> None:
 def open_study(setup: SearchSetup, url: str, seed: int):
     """The study named after the run in `url`: created, or loaded when it exists (a resumed search)."""
     import optuna
+    from sqlalchemy.exc import ArgumentError
 
     quiet_optuna()
     directions = [d for _, d in setup.objectives]
-    storage = optuna.storages.RDBStorage(url) if "://" in url else url
+    try:
+        storage = optuna.storages.RDBStorage(url)
+    except (ArgumentError, ImportError) as exc:  # not a URL, an unknown database, or its driver not installed
+        raise ConfigError(f"--storage {url}: not a storage this machine can open ({type(exc).__name__}: {exc}); "
+                          "give a database URL, e.g. sqlite:////abs/path/study.db or "
+                          "postgresql://user@host/db (with its driver installed)") from None
     try:
         study = optuna.create_study(study_name=setup.name, storage=storage, directions=directions,
                                     sampler=_sampler(setup, seed), load_if_exists=True)
