@@ -848,3 +848,12 @@ def test_a_storage_that_is_not_a_database_url_is_bad_input_not_a_traceback(tiny_
         err = capsys.readouterr().err
         assert err.startswith(f"error: --storage {storage}: not a storage this machine can open ({why}"), err
         assert "e.g. sqlite:////abs/path/study.db" in err and "Traceback" not in err
+
+
+def test_the_terminal_says_what_runs_before_each_trial_ends(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,), methods=("fp32",))
+    assert main(["search", str(config), "--output-dir", str(tmp_path / "runs")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    # silent until a trial ended: minutes per trial on a real model, and the baseline's measurement first
+    assert lines[:3] == ["measuring the baseline", "trial 0: test-scale.factor=1.0, quantize.method=fp32 -> running",
+                         "trial 0: test-scale.factor=1.0, quantize.method=fp32 -> complete"]

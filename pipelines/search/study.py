@@ -219,6 +219,7 @@ class Search:
                 study.sampler = _sampler(self.setup, _resumed_seed(seed, earlier))
             if self.setup.settings.sampler == "grid":
                 _queue_grid(self.setup, study)
+            self.log(f"measuring the baseline{' (screen and full harness)' if self.setup.needs_full else ''}")
             self.progress.source = self.source_figures()
             size = self.setup.space.size()
             repeats = 0  # proposals in a row of recipes already tried
@@ -312,6 +313,7 @@ class Search:
             study.tell(trial, same.values if same.state == TrialState.COMPLETE else None, state=same.state)
             self._say(trial.number, options, f"same as trial {same.number} ({same.state.name.lower()})")
             return True
+        self._say(trial.number, options, "running")  # a trial's passes and measurement can take minutes
         started = time.monotonic()
         state, objective_values, note = self._evaluate(study, trial, values)
         trial.set_user_attr("seconds", round(time.monotonic() - started, 2))
