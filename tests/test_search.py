@@ -857,3 +857,12 @@ def test_the_terminal_says_what_runs_before_each_trial_ends(tiny_llama_dir, tmp_
     # silent until a trial ended: minutes per trial on a real model, and the baseline's measurement first
     assert lines[:3] == ["measuring the baseline", "trial 0: test-scale.factor=1.0, quantize.method=fp32 -> running",
                          "trial 0: test-scale.factor=1.0, quantize.method=fp32 -> complete"]
+
+
+def test_a_budget_of_minutes_alone_is_not_cut_at_the_default_trial_count():
+    from pipelines.search.config import Budget
+
+    # budget: {minutes: 60} stopped at "budget: 20 trials" after however few minutes those took
+    assert Budget(minutes=60).trials is None
+    assert (Budget().trials, Budget().minutes) == (20, None)
+    assert Budget(trials=20, minutes=60).trials == 20

@@ -32,11 +32,14 @@ SEARCH_KEYS = ("objectives", "constraints", "budget", "screen", "sampler", "star
 class Budget(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    trials: int | None = Field(20, gt=0, description="trials in the study in all (a rerun adds trials up to this)")
+    trials: int | None = Field(20, gt=0, description="trials in the study in all (a rerun adds trials up to this; "
+                               "20 unless only minutes are given)")
     minutes: float | None = Field(None, gt=0, description="stop starting trials after this many minutes")
 
     @model_validator(mode="after")
     def _some_limit(self):
+        if "trials" not in self.model_fields_set and self.minutes is not None:
+            self.trials = None  # a time budget alone: the default trial count would end it first
         if self.trials is None and self.minutes is None:
             raise ValueError("give trials or minutes (or both): a search without a budget never ends")
         return self
