@@ -866,3 +866,12 @@ def test_a_budget_of_minutes_alone_is_not_cut_at_the_default_trial_count():
     assert Budget(minutes=60).trials is None
     assert (Budget().trials, Budget().minutes) == (20, None)
     assert Budget(trials=20, minutes=60).trials == 20
+
+
+def test_a_searched_option_in_a_branch_is_named_as_not_searched(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir,
+                     branches=[{"name": "half", "passes": [{"quantize": {"method": {"search": ["fp16", "bf16"]}}}]}])
+    assert main(["validate", str(config)]) == 2
+    err = capsys.readouterr().err  # was: "unknown method {'search': ['fp16', 'bf16']}"
+    assert err == "error: branches.0.passes.0.quantize.method: branches are not searched (they are not part of the " \
+                  "trials); search the option in `passes`, or give the branch one value\n"

@@ -196,6 +196,10 @@ def validate_search(raw: dict) -> SearchSetup:
     passes = raw.get("passes") or []
     space, space_errors = find_space(passes)
     errors += space_errors
+    for b, branch in enumerate(raw.get("branches") or []):  # else the pass calls the `{search:}` a bad value
+        found = find_space(branch.get("passes") or [])[0].params if isinstance(branch, dict) else []
+        errors += [f"branches.{b}.{p.where}: branches are not searched (they are not part of the trials); search "
+                   "the option in `passes`, or give the branch one value" for p in found]
     if not errors and not space.params:
         errors.append("passes: nothing to search; write an option as {search: [values]} or "
                       "{search: {low: ..., high: ...}}, e.g. quantize: {weight_bits: {search: [4, 8]}}")
