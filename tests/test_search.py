@@ -875,3 +875,23 @@ def test_a_searched_option_in_a_branch_is_named_as_not_searched(tiny_llama_dir, 
     err = capsys.readouterr().err  # was: "unknown method {'search': ['fp16', 'bf16']}"
     assert err == "error: branches.0.passes.0.quantize.method: branches are not searched (they are not part of the " \
                   "trials); search the option in `passes`, or give the branch one value\n"
+
+
+def test_a_failed_write_of_the_outputs_leaves_the_earlier_ones_whole(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    search = out / "tiny-search" / "search"
+    before = {n: (search / n).read_text() for n in ("trials.json", "best.yaml", "report.md")}
+    real = Path.write_text
+
+    def disk_full(self, text, *args, **kwargs):  # half the text lands, then the disk is full
+        real(self, text[: len(text) // 2], *args, **kwargs)
+        raise OSError(28, "No space left on device", str(self))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    assert main(["search", str(config), "--output-dir", str(out), "--pick", "0"]) == 1
+    monkeypatch.undo()
+    assert "No space left on device" in capsys.readouterr().err
+    assert {n: (search / n).read_text() for n in before} == before  # was: trials.json cut in half
+    assert not list(search.glob(".*.tmp-*"))
