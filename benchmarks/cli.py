@@ -159,22 +159,30 @@ def cmd_bench(args) -> int:
         if args.baseline:
             resolve_baseline(args.baseline, task)
     log_file = out / "bench.log"
-    with capture(log_file, verbose=args.verbose):  # other libraries' notices go to the log
-        records, jobs = [], []
-        for i, (target, label) in enumerate(zip(targets, labels)):
-            data = _default_data(args, target)
-            for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
-                print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
-                job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
-                           data=data, work_dir=work_dir, show_progress=show)
-                r = measure(**job, settings=settings)
-                # Ratios are to the baseline, else to the first target.
-                r["is_baseline"] = i == (base_index if base_index is not None else 0)
-                records.append(r)
-                jobs.append(job)
-        timing_rounds(records, jobs, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
     command = "compress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else args.command_text
+    records, jobs = [], []
+    try:
+        with capture(log_file, verbose=args.verbose):  # other libraries' notices go to the log
+            for i, (target, label) in enumerate(zip(targets, labels)):
+                data = _default_data(args, target)
+                for backend in settings.backends if args.backends else [_own_backend(target, args.task)]:
+                    print(f"bench: {label} on {backend} ...", file=sys.stderr, flush=True)
+                    job = dict(target=target, backend=backend, baseline=args.baseline, task=args.task, label=label,
+                               data=data, work_dir=work_dir, show_progress=show)
+                    r = measure(**job, settings=settings)
+                    # Ratios are to the baseline, else to the first target.
+                    r["is_baseline"] = i == (base_index if base_index is not None else 0)
+                    records.append(r)
+                    jobs.append(job)
+            timing_rounds(records, jobs, settings, log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    except BaseException:  # Ctrl-C, SIGTERM, a failure: keep the rows measured so far
+        if records:
+            write_report(records, out, f"{args.title or 'compress bench'} (stopped after {len(records)} rows)",
+                         command=command)
+            print(f"bench: stopped; the {len(records)} rows measured so far are in {out / 'results.json'}",
+                  file=sys.stderr)
+        raise
     path = write_report(records, out, args.title or "compress bench", command=command)
     print_table(records)
     print(f"results: {out / 'results.json'}\nreport: {path} and {out / 'report.html'}\n"

@@ -377,3 +377,27 @@ def test_bench_keeps_other_libraries_notices_in_its_log(tmp_path, monkeypatch, c
         assert "NOISY-BENCH-WARNING" in log and "NOISY-BENCH-NOTICE" in log
         assert ("NOISY-BENCH-NOTICE" in err) == bool(verbose) and "NOISY-BENCH-WARNING" not in stdout
         assert f"log: {tmp_path / out / 'bench.log'}" in stdout
+
+
+def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, capsys):
+    from types import SimpleNamespace as Target
+
+    import benchmarks.harness
+
+    def measure_then_ctrl_c(target, **kw):
+        if target == "b-ckpt":
+            raise KeyboardInterrupt
+        return {"label": kw["label"], "target": target, "backend": kw["backend"], "task": "causal-lm",
+                "quality": {"perplexity": 12.5}}
+
+    monkeypatch.setattr(benchmarks.harness, "measure", measure_then_ctrl_c)
+    monkeypatch.setattr(benchmarks.harness, "resolve_target",
+                        lambda target, task=None: Target(task="causal-lm", kind="torch"))
+    from pipelines.cli import main
+
+    assert main(["bench", "a-ckpt", "b-ckpt", "--backends", "torch-cpu", "--output", str(tmp_path),
+                 "--no-progress"]) == 1
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [(r["label"], r["quality"]["perplexity"]) for r in results["records"]] == [("a-ckpt", 12.5)]
+    assert results["title"] == "compress bench (stopped after 1 rows)"
+    assert "the 1 rows measured so far are in" in capsys.readouterr().err
