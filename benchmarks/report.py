@@ -454,5 +454,11 @@ def rebuild(run_dir) -> Path:
     if not isinstance(results, dict) or not isinstance(results.get("records"), list):
         raise CompressInputError(f"{path} is not a results file of `compress run` or `compress bench` (expected "
                                  "an object with a list of records)")
+    for i, r in enumerate(results["records"]):  # each row needs these to be placed in a table
+        missing = [k for k in ("label", "backend", "task") if not isinstance(r, dict) or not isinstance(r.get(k), str)]
+        if missing or r["task"] not in COLUMNS:
+            what = f"has no {', '.join(missing)}" if missing else f"has an unknown task {r['task']!r}"
+            raise CompressInputError(f"{path}: record {i} {what} (every record names its label, backend and one "
+                                     f"of the tasks {', '.join(COLUMNS)}); restore the file or measure again")
     return write_report(results["records"], run_dir, results.get("title") or run_dir.name,
                         command=results.get("command"))

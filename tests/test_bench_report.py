@@ -1,6 +1,8 @@
 """Reports: ratios to the baseline, skip records listed, rebuilt byte-identically from results.json."""
 import json
 
+import pytest
+
 from benchmarks.report import rebuild, write_report
 
 
@@ -135,3 +137,14 @@ def test_a_crashed_rows_reason_is_in_the_report(tmp_path):
     one_line = {**crashed, "error": "ValueError: bad"}
     assert "- 01-quantize on ort-cpu: error: ValueError: bad\n" in write_report(
         _records()[:1] + [one_line], tmp_path / "b", "demo").read_text()
+
+
+@pytest.mark.parametrize("record, message", [
+    ({}, "record 1 has no label, backend, task"), (3, "record 1 has no label, backend, task"),
+    ({"label": "x", "backend": "torch-cpu", "task": "causal"}, "record 1 has an unknown task 'causal'")])
+def test_report_names_a_damaged_record_instead_of_a_traceback(tmp_path, capsys, record, message):
+    from pipelines.cli import main
+
+    (tmp_path / "results.json").write_text(json.dumps({"records": [_records()[0], record]}))
+    assert main(["report", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err and not (tmp_path / "report.md").exists()
