@@ -97,6 +97,10 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
         task = task or _task_from_config(path)
         if not task:
             raise ModelSourceError(f"{path}: cannot tell the task of this ONNX folder; pass --task")
+        if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            raise ModelSourceError(f"{path}: no tokenizer in this ONNX folder (tokenizer.json or "
+                                   "tokenizer_config.json) to make its inputs; save the model's tokenizer into it "
+                                   "(tokenizer.save_pretrained)")
         return Target(ref, path, "onnx", "checkpoint", task, _hash("onnx", str(path.resolve()),
                                                                   (path / "model.onnx").stat().st_mtime))
     if path.is_dir() and not (path / "config.json").is_file():

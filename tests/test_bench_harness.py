@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from benchmarks.config import BenchmarkConfig
-from benchmarks.harness import measure
+from benchmarks.harness import measure, resolve_target
 from compress.data import DataSpec, load_dataset
 
 DATA = {"source": "builtin:wikipedia", "max_tokens": 600, "seq_len": 64}
@@ -276,3 +276,17 @@ def test_a_crashed_worker_gives_an_error_row_with_the_reason(tiny_llama_dir, tmp
     r = measure(str(tiny_llama_dir), backend="torch-cpu", settings=SETTINGS.model_copy(update={"quality": []}),
                 work_dir=tmp_path / "w", show_progress=False)
     assert r["error"] == error and r["label"] == str(tiny_llama_dir) and "seconds" in r
+
+
+def test_a_bare_onnx_folder_without_a_tokenizer_is_bad_input(tiny_llama_dir, tmp_path):
+    """It failed in transformers with a traceback (AttributeError: 'NoneType' object has no attribute 'endswith')."""
+    from compress.errors import ModelSourceError
+
+    onnx_dir = tmp_path / "onnx-model"
+    onnx_dir.mkdir()
+    (onnx_dir / "model.onnx").write_bytes(b"")
+    (onnx_dir / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    with pytest.raises(ModelSourceError, match=r"onnx-model: no tokenizer in this ONNX folder .*save_pretrained"):
+        resolve_target(onnx_dir)
+    (onnx_dir / "tokenizer.json").write_text((tiny_llama_dir / "tokenizer.json").read_text())
+    assert resolve_target(onnx_dir).kind == "onnx"

@@ -200,6 +200,7 @@ def test_bench_cli_measures_each_target_on_its_own_runtime_by_default(tiny_llama
     onnx_dir.mkdir()
     (onnx_dir / "model.onnx").write_bytes(b"")
     (onnx_dir / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (onnx_dir / "tokenizer.json").write_text("{}")
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     seen = []
