@@ -155,7 +155,12 @@ def cmd_bench(args) -> int:
             labels.insert(0, "baseline")
             base_index = 0
     for target in targets:  # bad input (a target, a baseline of another task) fails before any row is measured
-        task = resolve_target(target, args.task).task
+        resolved = resolve_target(target, args.task)
+        task = resolved.task
+        if resolved.kind == "gguf" and not args.baseline:
+            raise ConfigError(f"{target}: a GGUF file is measured on the token ids of its baseline's tokenizer; "
+                              "name the model it was converted from with --baseline, e.g. --baseline "
+                              "builtin:smollm2-135m")
         if args.baseline:
             resolve_baseline(args.baseline, task)
     log_file = out / "bench.log"

@@ -211,8 +211,8 @@ def test_bench_cli_measures_each_target_on_its_own_runtime_by_default(tiny_llama
                 "skipped": "stub"}
 
     monkeypatch.setattr(benchmarks.harness, "measure", fake_measure)
-    main(["bench", str(onnx_dir), str(gguf), str(tiny_llama_dir), "--output", str(tmp_path / "out"),
-          "--no-progress"])
+    main(["bench", str(onnx_dir), str(gguf), str(tiny_llama_dir), "--baseline", str(tiny_llama_dir),
+          "--output", str(tmp_path / "out"), "--no-progress"])
     assert seen == [(str(onnx_dir), "ort-cpu"), (str(gguf), "llamacpp-cpu"), (str(tiny_llama_dir), "torch-cpu")]
 
 
@@ -402,3 +402,16 @@ def test_an_interrupted_bench_keeps_the_rows_it_measured(tmp_path, monkeypatch, 
     assert [(r["label"], r["quality"]["perplexity"]) for r in results["records"]] == [("a-ckpt", 12.5)]
     assert results["title"] == "compress bench (stopped after 1 rows)"
     assert "the 1 rows measured so far are in" in capsys.readouterr().err
+
+
+def test_a_gguf_file_without_a_baseline_is_bad_input_before_measuring(tmp_path, monkeypatch, capsys):
+    import benchmarks.harness
+    from pipelines.cli import main
+
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    monkeypatch.setattr(benchmarks.harness, "measure", lambda *a, **kw: pytest.fail("measured"))
+    assert main(["bench", str(gguf), "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "model.gguf: a GGUF file is measured on the token ids of its baseline's tokenizer; name the model it " \
+           "was converted from with --baseline" in capsys.readouterr().err
+    assert not (tmp_path / "out" / "results.json").exists()
