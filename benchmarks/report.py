@@ -324,6 +324,10 @@ def build_blocks(records: list[dict], title: str, command: str | None, out_dir: 
                                        "latency: " + str(r.get("latency_error")) if r.get("latency_error") else
                                        "generations: " + str(r.get("generations_error")))
             blocks.append(("li", f"{r['label']} on {r['backend']}: {why}"))
+    noted = [(r, note) for r in _measured(records) for note in r.get("notes") or []]
+    if noted:  # what a row's figures lack (teacher-agreement, a timing round)
+        blocks.append(("h2", "Notes"))
+        blocks += [("li", f"{r['label']} on {r['backend']}: {note}") for r, note in noted]
     measured = _measured(records)
     if measured:
         blocks.append(("h2", "Measurement conditions"))

@@ -148,3 +148,14 @@ def test_report_names_a_damaged_record_instead_of_a_traceback(tmp_path, capsys, 
     (tmp_path / "results.json").write_text(json.dumps({"records": [_records()[0], record]}))
     assert main(["report", str(tmp_path)]) == 2
     assert message in capsys.readouterr().err and not (tmp_path / "report.md").exists()
+
+
+def test_report_lists_each_rows_notes(tmp_path):
+    """A row's notes (teacher-agreement not computed, a failed timing round) were kept in results.json only."""
+    records = _records()
+    records[1]["notes"] = ["teacher-agreement skipped: the baseline tokenizes the eval data differently"]
+    md = write_report(records, tmp_path, "demo").read_text()
+    notes = md.split("## Notes", 1)[1].split("##", 1)[0]
+    assert "- 01-quantize on torch-cpu: teacher-agreement skipped: the baseline tokenizes the eval data " \
+           "differently" in notes
+    assert "Notes" in (tmp_path / "report.html").read_text()
