@@ -205,7 +205,7 @@ def cmd_report(args) -> int:
     from .report import rebuild
 
     path = rebuild(args.run_dir)
-    print(f"report rebuilt: {path} and {Path(args.run_dir) / 'report.html'}")
+    print(f"report rebuilt: {path} and {path.with_name('report.html')}")
     return 0
 
 

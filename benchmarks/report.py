@@ -443,6 +443,8 @@ def rebuild(run_dir) -> Path:
     from compress.errors import CompressInputError
 
     run_dir = Path(run_dir)
+    if run_dir.name == RESULTS and run_dir.is_file():  # the file itself named: its folder is meant
+        run_dir = run_dir.parent
     path = run_dir / RESULTS
     if not path.exists() and (run_dir / "run.json").is_file():
         raise CompressInputError(f"{run_dir} has no {RESULTS}: this run's config has no benchmark section, so "

@@ -159,3 +159,14 @@ def test_report_lists_each_rows_notes(tmp_path):
     assert "- 01-quantize on torch-cpu: teacher-agreement skipped: the baseline tokenizes the eval data " \
            "differently" in notes
     assert "Notes" in (tmp_path / "report.html").read_text()
+
+
+def test_report_takes_the_results_file_itself(tmp_path, capsys):
+    """`compress report DIR/results.json` said "DIR/results.json has no results.json" (exit 2)."""
+    from pipelines.cli import main
+
+    write_report(_records(), tmp_path, "demo")
+    (tmp_path / "report.md").unlink()
+    assert main(["report", str(tmp_path / "results.json")]) == 0
+    assert (tmp_path / "report.md").read_text().startswith("# demo")
+    assert f"report rebuilt: {tmp_path / 'report.md'} and {tmp_path / 'report.html'}" in capsys.readouterr().out
