@@ -456,6 +456,9 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
                         quality=bool(set(s.quality) & _applicable(t.task)),
                         generate=_generation_job(tok, s) if s.generations else None)
     notes, self_ref = [], None
+    if t.task == "sequence-classification" and "accuracy" in s.quality and "labels" not in arrays:
+        notes.append(f"accuracy not computed: eval data {s.data.source} ({s.data.split}) has no labels; give "
+                     "labelled data (--data, benchmark.data: a .jsonl with a label field, or builtin:bbc-news)")
     if base is not None and "teacher-agreement" in s.quality:
         ref_path = _reference_path(base, inputs_hash, s, work_dir)
         if base.key == t.key and backend == _reference_backend(base) and not ref_path.exists():

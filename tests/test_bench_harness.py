@@ -290,3 +290,16 @@ def test_a_bare_onnx_folder_without_a_tokenizer_is_bad_input(tiny_llama_dir, tmp
         resolve_target(onnx_dir)
     (onnx_dir / "tokenizer.json").write_text((tiny_llama_dir / "tokenizer.json").read_text())
     assert resolve_target(onnx_dir).kind == "onnx"
+
+
+def test_a_classifier_on_unlabelled_eval_data_says_why_it_has_no_accuracy(tmp_path):
+    from tiny_models import save_tiny, tiny_bert
+
+    d = save_tiny(tiny_bert(), tmp_path / "clf")
+    (tmp_path / "eval.txt").write_text("a short news story about sport")
+    s = BenchmarkConfig(threads=1, quality=["accuracy"], latency=None,
+                        data={"source": str(tmp_path / "eval.txt"), "max_length": 16})
+    r = measure(str(d), backend="torch-cpu", settings=s, work_dir=tmp_path / "w")
+    assert "accuracy" not in r["quality"]
+    assert r["notes"] == [f"accuracy not computed: eval data {tmp_path / 'eval.txt'} (all) has no labels; give "
+                          "labelled data (--data, benchmark.data: a .jsonl with a label field, or builtin:bbc-news)"]
