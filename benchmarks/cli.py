@@ -25,13 +25,14 @@ def settings_from_args(args):
                  "threads": args.threads, "window": args.window, "stride": args.stride, "eval_batch": args.eval_batch}
     if args.data:
         raw["data"] = {"source": args.data, **_data_caps(args)}
-    if args.no_latency:
-        raw["latency"] = None
-    else:
-        lat = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
-               "seq_tokens": args.seq_tokens, "throughput_batch": args.throughput_batch, "warmup": args.warmup,
-               "repeats": args.repeats, "rounds": args.rounds}
-        raw["latency"] = {k: v for k, v in lat.items() if v is not None}
+    lat = {"batch": args.batch, "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens,
+           "seq_tokens": args.seq_tokens, "throughput_batch": args.throughput_batch, "warmup": args.warmup,
+           "repeats": args.repeats, "rounds": args.rounds}
+    lat = {k: v for k, v in lat.items() if v is not None}
+    if args.no_latency and lat:  # else the timing options would be dropped without a word
+        given = ", ".join("--" + k.replace("_", "-") for k in lat)
+        raise ConfigError(f"{given}: timing options, and --no-latency turns timing off; drop one or the other")
+    raw["latency"] = None if args.no_latency else lat
     try:
         return BenchmarkConfig(**{k: v for k, v in raw.items() if v is not None or k == "latency"})
     except ValidationError as exc:

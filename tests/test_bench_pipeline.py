@@ -415,3 +415,11 @@ def test_a_gguf_file_without_a_baseline_is_bad_input_before_measuring(tmp_path, 
     assert "model.gguf: a GGUF file is measured on the token ids of its baseline's tokenizer; name the model it " \
            "was converted from with --baseline" in capsys.readouterr().err
     assert not (tmp_path / "out" / "results.json").exists()
+
+
+def test_bench_refuses_timing_options_with_no_latency(tmp_path, capsys):
+    from pipelines.cli import main
+
+    assert main(["bench", "x", "--no-latency", "--repeats", "5", "--new-tokens", "8", "--output", str(tmp_path)]) == 2
+    assert "error: --new-tokens, --repeats: timing options, and --no-latency turns timing off; drop one or the " \
+           "other" in capsys.readouterr().err
