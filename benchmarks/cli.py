@@ -142,7 +142,7 @@ def cmd_bench(args) -> int:
     if args.work_dir:
         _check_output_folder(args.work_dir, "--work-dir")
     out = output_folder(args.output, "--output")
-    work_dir = Path(args.work_dir) if args.work_dir else out / ".bench"
+    work_dir = output_folder(args.work_dir, "--work-dir") if args.work_dir else out / ".bench"
     show = False if args.no_progress else None
     targets = list(args.targets)
     labels = _labels(targets)

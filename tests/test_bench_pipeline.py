@@ -423,3 +423,12 @@ def test_bench_refuses_timing_options_with_no_latency(tmp_path, capsys):
     assert main(["bench", "x", "--no-latency", "--repeats", "5", "--new-tokens", "8", "--output", str(tmp_path)]) == 2
     assert "error: --new-tokens, --repeats: timing options, and --no-latency turns timing off; drop one or the " \
            "other" in capsys.readouterr().err
+
+
+def test_bench_refuses_a_work_dir_that_is_a_file(tmp_path, capsys):
+    """It failed after the first row started, with a traceback (NotADirectoryError: .../inputs)."""
+    from pipelines.cli import main
+
+    (tmp_path / "work").write_text("")
+    assert main(["bench", "x", "--work-dir", str(tmp_path / "work"), "--output", str(tmp_path / "out")]) == 2
+    assert f"error: --work-dir {tmp_path / 'work'}: is a file, not a folder; give a folder" in capsys.readouterr().err
