@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -284,7 +285,7 @@ def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarra
     enc = tok(ds.texts, padding=True, truncation=True, max_length=s.data.max_length, return_tensors="np")
     out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
     if ds.labels is not None and t.task == "sequence-classification":
-        out["labels"] = np.asarray(ds.labels, dtype=np.int64)
+        out["labels"] = _labels_by_name(t, s.data, ds)
         _check_labels(t, s.data, out["labels"])
     if lat:
         fixed = tok(ds.texts[: lat.throughput_batch], padding="max_length", truncation=True,
@@ -292,6 +293,26 @@ def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarra
         out["lat_ids"] = fixed["input_ids"].astype(np.int64)
         out["lat_mask"] = fixed["attention_mask"].astype(np.int64)
     return out
+
+
+def _labels_by_name(t: Target, spec, ds) -> np.ndarray:
+    """The eval labels as the classifier's class ids. Named labels (a JSONL's "sport") go by the names in its
+    id2label: their index among the names in the file matches the model's classes only by chance."""
+    labels = np.asarray(ds.labels, dtype=np.int64)
+    names = ds.label_names or []
+    try:
+        id2label = json.loads((t.path / "config.json").read_text()).get("id2label") or {}
+    except (OSError, json.JSONDecodeError):
+        return labels
+    ids = {str(name): int(i) for i, name in id2label.items()}
+    if all(n.isdigit() for n in names) or all(re.fullmatch(r"LABEL_\d+", n) for n in ids):
+        return labels  # numbered labels, or a model without class names: ids as they are
+    unknown = sorted(set(names) - set(ids))
+    if unknown:
+        raise DataSourceError(f"eval data {spec.source}: labels {unknown} are not classes of {t.ref} "
+                              f"({', '.join(ids)}); give eval data labelled with the model's classes (--data, "
+                              "benchmark.data or data.eval)")
+    return np.asarray([ids[names[i]] for i in labels], dtype=np.int64)
 
 
 def _check_labels(t: Target, spec, labels: np.ndarray) -> None:

@@ -303,3 +303,22 @@ def test_a_classifier_on_unlabelled_eval_data_says_why_it_has_no_accuracy(tmp_pa
     assert "accuracy" not in r["quality"]
     assert r["notes"] == [f"accuracy not computed: eval data {tmp_path / 'eval.txt'} (all) has no labels; give "
                           "labelled data (--data, benchmark.data: a .jsonl with a label field, or builtin:bbc-news)"]
+
+
+def test_named_eval_labels_go_by_the_classifiers_class_names(tmp_path):
+    """Named labels were numbered by their sorted order in the file: "sport" scored as class 1 (entertainment)."""
+    from benchmarks.harness import build_inputs
+    from compress.errors import DataSourceError
+    from tiny_models import save_tiny, tiny_bert
+
+    names = ["business", "entertainment", "politics", "sport", "tech"]
+    d = save_tiny(tiny_bert(id2label=dict(enumerate(names))), tmp_path / "clf")
+    rows = [{"text": f"story {i}", "label": label} for i, label in enumerate(["sport", "business", "sport"])]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = BenchmarkConfig(threads=1, latency=None, data={"source": str(tmp_path / "eval.jsonl"), "seed": 0})
+    t = resolve_target(d)
+    labels = build_inputs(t, s.resolved(t.task))["labels"]
+    assert sorted(labels.tolist()) == [0, 3, 3]
+    (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "rain", "label": "weather"}))
+    with pytest.raises(DataSourceError, match=r"labels \['weather'\] are not classes of .*clf \(business, "):
+        build_inputs(t, s.resolved(t.task))
