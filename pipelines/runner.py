@@ -119,7 +119,7 @@ def _pid_alive(pid: str) -> bool:
     return True
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
     """Write a file whole or not at all (a full disk leaves the old one, and a stray temp file the next run
     removes)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -366,7 +366,7 @@ class Runner:
             # where it was made is another run's folder: record this run's parent (a new manifest file, so the
             # store's own is unchanged; the parent is not part of the content hash)
             manifest["parent"] = {**(manifest.get("parent") or {}), "path": parent_ref}
-            _write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
+            write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
             if path.exists():  # an outdated checkpoint (other key): replaced whole
                 shutil.rmtree(path)
             os.rename(tmp, path)
@@ -407,7 +407,7 @@ class Runner:
             self._clean_stale()
             # with the folder the run went to (--output-dir), so that running this file again reuses the run
             resolved = {**cfg.model_dump(mode="json", by_alias=True), "output_dir": str(self.run_dir.parent)}
-            _write_atomic(self.run_dir / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
+            write_atomic(self.run_dir / "pipeline.yaml", yaml.safe_dump(resolved, sort_keys=False))
         result = RunResult(self.run_dir, cfg.model.source, self.source_key)
         result.steps += self._run_chain(self.pipeline.passes, self.run_dir, None, self.source_key)
         for b in self.pipeline.branches:
@@ -420,7 +420,7 @@ class Runner:
             result.report = self._benchmark(result)
         model_card.write_cards([s.path for s in result.steps], run_name=cfg.name,  # with the measured figures
                                results=self.run_dir / "results.json" if cfg.benchmark is not None else None)
-        _write_atomic(self.run_dir / "run.json", json.dumps(result.to_json(), indent=2) + "\n")
+        write_atomic(self.run_dir / "run.json", json.dumps(result.to_json(), indent=2) + "\n")
         return result
 
     def _run_chain(self, passes, chain_dir: Path, parent_path: Path | None, parent_key: str,

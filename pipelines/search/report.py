@@ -16,7 +16,7 @@ import yaml
 
 from compress.errors import ConfigError
 
-from ..runner import _write_atomic  # a full disk or a kill mid-write leaves the old file
+from ..runner import write_atomic  # a full disk or a kill mid-write leaves the old file
 from .config import SearchSetup
 from .figures import METRICS, pareto
 
@@ -232,10 +232,10 @@ def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, sto
                    "front": outcome.front, "chosen": outcome.chosen, "picked": outcome.picked,
                    "closest": outcome.closest, "trials": outcome.rows}
     files = {"trials": out_dir / "trials.json"}
-    _write_atomic(files["trials"], json.dumps(trials_json, indent=2, default=str) + "\n")
+    write_atomic(files["trials"], json.dumps(trials_json, indent=2, default=str) + "\n")
     if outcome.chosen is not None:
         files["best"] = out_dir / "best.yaml"
-        _write_atomic(files["best"], best_yaml(setup, by_number[outcome.chosen]))
+        write_atomic(files["best"], best_yaml(setup, by_number[outcome.chosen]))
     plots = _plots(setup, outcome, out_dir)
     lines = [f"# {setup.name}: recipe search", "",
              f"Objectives: {', '.join(f'{n} ({d})' for n, d in setup.objectives)}. "
@@ -260,9 +260,9 @@ def write(setup: SearchSetup, outcome: Outcome, out_dir: Path, source: dict, sto
     if "best" in files:
         lines += [f"`compress run {files['best']}` reproduces the chosen recipe.", ""]
     files["report"] = out_dir / "report.md"
-    _write_atomic(files["report"], "\n".join(lines))
+    write_atomic(files["report"], "\n".join(lines))
     files["html"] = out_dir / "report.html"
-    _write_atomic(files["html"], _html(lines, plots, setup.name))
+    write_atomic(files["html"], _html(lines, plots, setup.name))
     return files
 
 
