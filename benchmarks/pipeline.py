@@ -38,7 +38,7 @@ def _store(path: Path, record: dict) -> None:
 
 def _command(run_dir: Path) -> str:
     argv0 = Path(sys.argv[0]).name if sys.argv else ""
-    if argv0 == "compress" and len(sys.argv) > 1 and sys.argv[1] == "run":
+    if argv0 in ("compress", "__main__.py") and len(sys.argv) > 1 and sys.argv[1] == "run":  # or python -m compress
         return " ".join(["compress"] + sys.argv[1:])
     return f"compress run {run_dir / 'pipeline.yaml'}"
 

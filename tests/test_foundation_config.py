@@ -237,3 +237,17 @@ def test_output_dir_expands_the_home_folder(tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     pipeline = load_config(_write(tmp_path, _with(output_dir="~/runs")))
     assert pipeline.config.output_dir == str(tmp_path / "home" / "runs")
+
+
+def test_the_report_names_the_command_that_made_it(tmp_path, monkeypatch):
+    """`compress run ...` and `python -m compress run ...` are recorded as the command; anything else (an API
+    call) as rerunning the run's pipeline.yaml."""
+    import sys
+
+    from benchmarks.pipeline import _command
+
+    for argv0 in ("/venv/bin/compress", "/repo/compress/__main__.py"):
+        monkeypatch.setattr(sys, "argv", [argv0, "run", "configs/quickstart.yaml", "--no-progress"])
+        assert _command(tmp_path) == "compress run configs/quickstart.yaml --no-progress"
+    monkeypatch.setattr(sys, "argv", ["/repo/script.py"])
+    assert _command(tmp_path) == f"compress run {tmp_path / 'pipeline.yaml'}"
