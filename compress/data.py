@@ -178,8 +178,12 @@ def _read_jsonl(path: Path, spec: DataSpec):
             raise DataSourceError(
                 f"{path}:{n}: no field {spec.text_field!r} (fields: {', '.join(row)}); set data.*.text_field"
             )
+        if not isinstance(text := row[spec.text_field], (str, int, float)) or isinstance(text, bool):
+            # str() would train on the words "None" / "True" / "{...}"
+            raise DataSourceError(f"{path}:{n}: field {spec.text_field!r} is {json.dumps(text)}, not text; "
+                                  "give every row a text or drop the row")
         ids.append(str(row.get("id", n)))
-        texts.append(str(row[spec.text_field]))
+        texts.append(str(text))
         if spec.label_field and spec.label_field in row:
             raw_labels.append(row[spec.label_field])
     if not raw_labels:

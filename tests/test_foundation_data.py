@@ -73,3 +73,9 @@ def test_local_text_glob_and_jsonl(tmp_path):
         load_dataset(DataSpec(source=str(tmp_path / "nothing*.txt")))
     with pytest.raises(DataSourceError, match="unknown builtin data 'wikipeda'"):
         load_dataset(DataSpec(source="builtin:wikipeda"))
+
+
+def test_jsonl_null_text_is_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n{"text": null}\n')
+    with pytest.raises(DataSourceError, match=r"d.jsonl:2: field 'text' is null, not text"):
+        load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
