@@ -190,7 +190,10 @@ def _read_jsonl(path: Path, spec: DataSpec):
         return ids, texts, None, None
     if len(raw_labels) != len(texts):
         raise DataSourceError(f"{path}: only some rows have the label field {spec.label_field!r}")
-    if all(isinstance(v, int) for v in raw_labels):
+    # Numbers written as strings ("10") are numbers too: sorted as names, "10" would come before "2".
+    if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdecimal()
+           for v in raw_labels):
+        raw_labels = [int(v) for v in raw_labels]
         return ids, texts, raw_labels, [str(i) for i in range(max(raw_labels) + 1)]
     names = sorted({str(v) for v in raw_labels})
     return ids, texts, [names.index(str(v)) for v in raw_labels], names

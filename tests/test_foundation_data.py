@@ -79,3 +79,10 @@ def test_jsonl_null_text_is_refused(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "hello"}\n{"text": null}\n')
     with pytest.raises(DataSourceError, match=r"d.jsonl:2: field 'text' is null, not text"):
         load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
+
+
+def test_jsonl_numbers_as_strings_are_class_numbers(tmp_path):
+    rows = [("a", "10"), ("b", "2"), ("c", 1)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in rows))
+    ds = load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
+    assert dict(zip(ds.texts, ds.labels)) == {"a": 10, "b": 2, "c": 1} and ds.label_names[10] == "10"
