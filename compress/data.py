@@ -214,6 +214,15 @@ def check_data_source(source: str) -> list[Path] | None:
         raise DataSourceError(
             f"data source {source!r}: no such file, directory or matching files; use builtin:<name> "
             f"({', '.join(BUILTIN_DATA)}), a .txt file/dir/glob or a .jsonl file"
+            + (" (the folder holds no .txt files)" if Path(source).expanduser().is_dir() else "")
+        )
+    # Anything else would be read as plain text: a .csv as one document of its raw rows.
+    odd = [] if len(files) == 1 and files[0].suffix == ".jsonl" else [f for f in files if f.suffix != ".txt"]
+    if odd:
+        raise DataSourceError(
+            f"data source {source!r}: {odd[0]} ({len(odd)} such file(s)) is not a .txt file; a source is "
+            ".txt files (one document each) or a single .jsonl file (text_field, label_field): convert other "
+            "formats (CSV, JSON) to JSONL, or give each .jsonl file as its own source"
         )
     return files
 

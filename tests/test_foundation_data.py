@@ -86,3 +86,15 @@ def test_jsonl_numbers_as_strings_are_class_numbers(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": t, "label": v}) + "\n" for t, v in rows))
     ds = load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
     assert dict(zip(ds.texts, ds.labels)) == {"a": 10, "b": 2, "c": 1} and ds.label_names[10] == "10"
+
+
+def test_only_txt_files_or_one_jsonl(tmp_path):
+    (tmp_path / "d.csv").write_text("text,label\nhello,a\n")
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "two"}\n')
+    with pytest.raises(DataSourceError, match=r"d.csv \(1 such file\(s\)\) is not a .txt file"):
+        load_dataset(DataSpec(source=str(tmp_path / "d.csv")))
+    with pytest.raises(DataSourceError, match=r"a.jsonl \(2 such file\(s\)\) is not a .txt file"):
+        load_dataset(DataSpec(source=str(tmp_path / "*.jsonl"), split="all"))
+    with pytest.raises(DataSourceError, match="holds no .txt files"):
+        load_dataset(DataSpec(source=str(tmp_path)))
