@@ -260,14 +260,27 @@ def _check_data(cfg: PipelineConfig) -> list[str]:
                 check_data_source(spec.source)
         except DataSourceError as exc:
             errors.append(f"{where}.source: {exc}")
-    train, ev = cfg.data.train, cfg.data.eval
-    if train is None or ev is None or train.source != ev.source:
-        return errors
-    ts, es = train.split or default_split(train.source, "train"), ev.split or default_split(ev.source, "eval")
-    if ts == es or "all" in (ts, es):
-        errors.append(f"data.eval: uses the same source as data.train ({train.source}) and the splits overlap "
-                      f"({ts} / {es}): set `split:` on both, e.g. train and test")
+    ev = cfg.data.eval
+    for role in ("train", "calibration"):
+        spec = getattr(cfg.data, role)
+        if spec is None or ev is None or not _same_data(spec.source, ev.source):
+            continue
+        ts, es = spec.split or default_split(spec.source, role), ev.split or default_split(ev.source, "eval")
+        if ts == es or "all" in (ts, es):
+            errors.append(f"data.eval: uses the same source as data.{role} ({spec.source}) and the splits overlap "
+                          f"({ts} / {es}): set `split:` on both, e.g. train and test")
     return errors
+
+
+def _same_data(a: str, b: str) -> bool:
+    """Whether two sources share data, however their paths are spelled (`d.jsonl`, `./d.jsonl`, a folder and a
+    glob of its files)."""
+    if a.startswith("builtin:") or b.startswith("builtin:"):
+        return a == b
+    try:
+        return bool({f.resolve() for f in check_data_source(a)} & {f.resolve() for f in check_data_source(b)})
+    except DataSourceError:
+        return False
 
 
 def validate(raw: dict) -> Pipeline:

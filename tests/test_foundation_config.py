@@ -251,3 +251,14 @@ def test_the_report_names_the_command_that_made_it(tmp_path, monkeypatch):
         assert _command(tmp_path) == "compress run configs/quickstart.yaml --no-progress"
     monkeypatch.setattr(sys, "argv", ["/repo/script.py"])
     assert _command(tmp_path) == f"compress run {tmp_path / 'pipeline.yaml'}"
+
+
+def test_one_file_for_train_and_eval_is_overlap_however_spelled(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "d.txt").write_text("some words")
+    cfg = _with(data={"train": {"source": str(tmp_path / "d.txt")}, "calibration": {"source": "builtin:wikipedia"},
+                      "eval": {"source": "./d.txt"}})
+    assert main(["validate", _write(tmp_path, cfg)]) == 2
+    err = capsys.readouterr().err
+    assert f"data.eval: uses the same source as data.train ({tmp_path / 'd.txt'}) and the splits overlap" in err
+    assert "data.calibration" not in err
