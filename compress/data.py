@@ -157,13 +157,18 @@ def _local_files(source: str) -> list[Path]:
     return sorted(Path(p) for p in globlib.glob(str(path), recursive=True) if Path(p).is_file())
 
 
-def _read_jsonl(path: Path, spec: DataSpec):
-    ids, texts, raw_labels = [], [], []
+def _read_text(path: Path) -> str:
+    """A local file's text; not UTF-8 is bad input (replacing the bytes would train on U+FFFD instead)."""
     try:
-        lines = path.read_bytes().decode("utf-8").splitlines()
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise DataSourceError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
-                              "save the JSONL file as UTF-8") from None
+                              f"save the {path.suffix or 'text'} file as UTF-8") from None
+
+
+def _read_jsonl(path: Path, spec: DataSpec):
+    ids, texts, raw_labels = [], [], []
+    lines = _read_text(path).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -233,7 +238,7 @@ def _read_source(spec: DataSpec):
         return _read_builtin(spec.source.split(":", 1)[1])
     if len(files) == 1 and files[0].suffix == ".jsonl":
         return _read_jsonl(files[0], spec)
-    return [str(f) for f in files], [f.read_text(encoding="utf-8", errors="replace") for f in files], None, None
+    return [str(f) for f in files], [_read_text(f) for f in files], None, None
 
 
 def _unique(texts: list[str]) -> list[int]:

@@ -98,3 +98,9 @@ def test_only_txt_files_or_one_jsonl(tmp_path):
         load_dataset(DataSpec(source=str(tmp_path / "*.jsonl"), split="all"))
     with pytest.raises(DataSourceError, match="holds no .txt files"):
         load_dataset(DataSpec(source=str(tmp_path)))
+
+
+def test_text_file_not_utf8_is_refused(tmp_path):
+    (tmp_path / "latin.txt").write_bytes("café crème".encode("latin-1"))
+    with pytest.raises(DataSourceError, match=r"latin.txt: not UTF-8 text \(byte 0xe9 at offset 3\); save the .txt"):
+        load_dataset(DataSpec(source=str(tmp_path / "latin.txt")))
