@@ -199,6 +199,9 @@ def _read_jsonl(path: Path, spec: DataSpec):
     if all(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, str) and v.isdecimal()
            for v in raw_labels):
         raw_labels = [int(v) for v in raw_labels]
+        if min(raw_labels) < 0:  # e.g. GLUE's -1 for "unlabelled": no class could match it
+            raise DataSourceError(f"{path}: label {min(raw_labels)} in {spec.label_field!r}; class numbers start at "
+                                  "0: drop unlabelled rows, or set label_field: null for unlabelled text")
         return ids, texts, raw_labels, [str(i) for i in range(max(raw_labels) + 1)]
     names = sorted({str(v) for v in raw_labels})
     return ids, texts, [names.index(str(v)) for v in raw_labels], names

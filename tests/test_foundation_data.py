@@ -104,3 +104,9 @@ def test_text_file_not_utf8_is_refused(tmp_path):
     (tmp_path / "latin.txt").write_bytes("café crème".encode("latin-1"))
     with pytest.raises(DataSourceError, match=r"latin.txt: not UTF-8 text \(byte 0xe9 at offset 3\); save the .txt"):
         load_dataset(DataSpec(source=str(tmp_path / "latin.txt")))
+
+
+def test_negative_label_numbers_are_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "label": -1}\n{"text": "b", "label": 1}\n')
+    with pytest.raises(DataSourceError, match=r"d.jsonl: label -1 in 'label'; class numbers start at 0"):
+        load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
