@@ -284,7 +284,15 @@ def load_model(
     # left as it was.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        model = _from_pretrained(loader, location, source, **kwargs)
+        try:
+            model = _from_pretrained(loader, location, source, **kwargs)
+        except RuntimeError as exc:
+            if not (label_names and "size mismatch" in str(exc)):
+                raise
+            raise ModelSourceError(
+                f"{source} is a classifier with other classes than the data's {len(label_names)} "
+                f"({', '.join(label_names)}): give training data labelled with its classes, or a model without a "
+                "classification head (its base encoder) to train a new one") from None
     problem = causal_lm_problem(source, getattr(model.config, "architectures", None)) if task == "causal-lm" else None
     if problem:
         raise ModelSourceError(problem)

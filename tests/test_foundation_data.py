@@ -110,3 +110,13 @@ def test_negative_label_numbers_are_refused(tmp_path):
     (tmp_path / "d.jsonl").write_text('{"text": "a", "label": -1}\n{"text": "b", "label": 1}\n')
     with pytest.raises(DataSourceError, match=r"d.jsonl: label -1 in 'label'; class numbers start at 0"):
         load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
+
+
+def test_a_classifier_with_other_classes_than_the_data_is_bad_input(tmp_path):
+    from compress.errors import ModelSourceError
+    from compress.models import load_model
+    from tiny_models import save_tiny, tiny_bert
+
+    save_tiny(tiny_bert(num_labels=5), tmp_path / "m", "encoder")
+    with pytest.raises(ModelSourceError, match=r"classifier with other classes than the data's 3 \(a, b, c\)"):
+        load_model(str(tmp_path / "m"), "sequence-classification", label_names=["a", "b", "c"])
