@@ -330,7 +330,7 @@ def fingerprint(spec: DataSpec, role: str = "train") -> str:
         h.update((importlib.metadata.version(pkg) if pkg else "?").encode())
     else:
         for f in _local_files(spec.source):
-            h.update(f.name.encode())
+            h.update(_local_split_key(spec.source, str(f)).encode())  # a file's split follows its path
             h.update(hashlib.sha256(f.read_bytes()).digest())
     return h.hexdigest()[:16]
 

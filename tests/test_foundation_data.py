@@ -120,3 +120,17 @@ def test_a_classifier_with_other_classes_than_the_data_is_bad_input(tmp_path):
     save_tiny(tiny_bert(num_labels=5), tmp_path / "m", "encoder")
     with pytest.raises(ModelSourceError, match=r"classifier with other classes than the data's 3 \(a, b, c\)"):
         load_model(str(tmp_path / "m"), "sequence-classification", label_names=["a", "b", "c"])
+
+
+def test_fingerprint_follows_a_file_moved_to_another_split(tmp_path):
+    from compress.data import fingerprint
+
+    for name, text in [("x/a.txt", "moved"), ("b/b.txt", "stays"), ("c/c.txt", "too")]:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    spec = DataSpec(source=str(tmp_path), split="train")
+    assert "moved" in load_dataset(spec).texts
+    before = fingerprint(spec)
+    (tmp_path / "v").mkdir()
+    (tmp_path / "x/a.txt").rename(tmp_path / "v/a.txt")  # x/a.txt is in train, v/a.txt in test
+    assert "moved" not in load_dataset(spec).texts and fingerprint(spec) != before
