@@ -217,6 +217,9 @@ def check_data_source(source: str) -> list[Path] | None:
                 f"unknown builtin data {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
             )
         return None
+    if source.startswith("hf:"):  # else "no such file" for a name that looks like a model source
+        raise DataSourceError(f"data source {source!r}: Hugging Face datasets are not read (only models are); save "
+                              "the split as a .jsonl file (text_field, label_field) and give its path")
     files = _local_files(source)
     if not files:
         raise DataSourceError(

@@ -134,3 +134,8 @@ def test_fingerprint_follows_a_file_moved_to_another_split(tmp_path):
     (tmp_path / "v").mkdir()
     (tmp_path / "x/a.txt").rename(tmp_path / "v/a.txt")  # x/a.txt is in train, v/a.txt in test
     assert "moved" not in load_dataset(spec).texts and fingerprint(spec) != before
+
+
+def test_hub_datasets_are_refused_with_the_way_out():
+    with pytest.raises(DataSourceError, match=r"'hf:imdb': Hugging Face datasets are not read .* save the split as a .jsonl"):
+        load_dataset(DataSpec(source="hf:imdb"))
