@@ -260,15 +260,16 @@ def _check_data(cfg: PipelineConfig) -> list[str]:
                 check_data_source(spec.source)
         except DataSourceError as exc:
             errors.append(f"{where}.source: {exc}")
-    ev = cfg.data.eval
-    for role in ("train", "calibration"):
-        spec = getattr(cfg.data, role)
-        if spec is None or ev is None or not _same_data(spec.source, ev.source):
-            continue
-        ts, es = spec.split or default_split(spec.source, role), ev.split or default_split(ev.source, "eval")
-        if ts == es or "all" in (ts, es):
-            errors.append(f"data.eval: uses the same source as data.{role} ({spec.source}) and the splits overlap "
-                          f"({ts} / {es}): set `split:` on both, e.g. train and test")
+    evals = {where: spec for where, spec in specs.items() if where not in ("data.train", "data.calibration")}
+    for where, ev in evals.items():
+        for role in ("train", "calibration"):
+            spec = getattr(cfg.data, role)
+            if spec is None or ev is None or not _same_data(spec.source, ev.source):
+                continue
+            ts, es = spec.split or default_split(spec.source, role), ev.split or default_split(ev.source, "eval")
+            if ts == es or "all" in (ts, es):
+                errors.append(f"{where}: uses the same source as data.{role} ({spec.source}) and the splits "
+                              f"overlap ({ts} / {es}): set `split:` on both, e.g. train and test")
     return errors
 
 
