@@ -167,7 +167,7 @@ def _read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, spec: DataSpec):
-    ids, texts, raw_labels = [], [], []
+    ids, texts, raw_labels, fields = [], [], [], {}
     lines = _read_text(path).splitlines()
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -187,10 +187,14 @@ def _read_jsonl(path: Path, spec: DataSpec):
             # str() would train on the words "None" / "True" / "{...}"
             raise DataSourceError(f"{path}:{n}: field {spec.text_field!r} is {json.dumps(text)}, not text; "
                                   "give every row a text or drop the row")
+        fields.update(dict.fromkeys(row))
         ids.append(str(row.get("id", n)))
         texts.append(str(text))
         if spec.label_field and spec.label_field in row:
             raw_labels.append(row[spec.label_field])
+    if not raw_labels and spec.label_field not in (None, "label"):  # a named field that is nowhere: a typo
+        raise DataSourceError(f"{path}: no row has the label field {spec.label_field!r} (fields: "
+                              f"{', '.join(fields)}); set data.*.label_field, or null for unlabelled text")
     if not raw_labels:
         return ids, texts, None, None
     if len(raw_labels) != len(texts):

@@ -139,3 +139,10 @@ def test_fingerprint_follows_a_file_moved_to_another_split(tmp_path):
 def test_hub_datasets_are_refused_with_the_way_out():
     with pytest.raises(DataSourceError, match=r"'hf:imdb': Hugging Face datasets are not read .* save the split as a .jsonl"):
         load_dataset(DataSpec(source="hf:imdb"))
+
+
+def test_a_label_field_no_row_has_is_refused(tmp_path):
+    (tmp_path / "d.jsonl").write_text('{"text": "a", "y": "cats"}\n{"text": "b", "y": "dogs"}\n')
+    with pytest.raises(DataSourceError, match=r"no row has the label field 'Y' \(fields: text, y\)"):
+        load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"), label_field="Y"))
+    assert load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"))).labels is None  # the default: unlabelled
