@@ -402,3 +402,19 @@ def test_a_teacher_cache_computed_under_bf16_is_not_read_by_an_fp32_run(tiny_lla
     fp32 = run(opts, art(tiny_llama_dir), ctx()).info["teacher_cache"]  # FAST: precision fp32
     assert bf16["hit"] is False and fp32["hit"] is False and fp32["key"] != bf16["key"]
     assert run(opts, art(tiny_llama_dir), ctx()).info["teacher_cache"] == {**fp32, "hit": True}
+
+
+def test_validation_on_a_training_split_that_holds_it_is_refused(tmp_path):
+    from types import SimpleNamespace
+
+    from compress.distill.examples import training_examples
+    from compress.errors import DataSourceError
+    from tiny_models import tiny_tokenizer
+
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "doc {i}", "label": {i % 2}}}\n' for i in range(60)))
+    ctx = SimpleNamespace(data=PipelineData(train=DataSpec(source=str(tmp_path / "d.jsonl"))))  # split: all
+    config = SimpleNamespace(seq_len=None, max_length=None)
+    with pytest.raises(DataSourceError, match="data.train reads split 'all', which holds its validation documents"):
+        training_examples(config, ctx, tiny_tokenizer("encoder"), "sequence-classification", "validation")
+    ctx = SimpleNamespace(data=PipelineData(train=DataSpec(source=str(tmp_path / "d.jsonl"), split="train")))
+    assert len(training_examples(config, ctx, tiny_tokenizer("encoder"), "sequence-classification", "validation").rows) == 4

@@ -80,6 +80,9 @@ def training_examples(config, ctx, tok, task: str, split: str = "train", limit: 
     if split == "train":
         ds = ctx.data.dataset("train")
     else:
+        if (train_split := ctx.data.dataset("train").split) in ("all", "validation"):
+            raise DataSourceError(f"data.train reads split {train_split!r}, which holds its validation documents "
+                                  "too: set `split: train` on data.train to select weights on held-out text")
         ds = load_dataset(DataSpec(**{**spec.model_dump(), "split": "validation", "max_tokens": None,
                                       "max_examples": limit if task != "causal-lm" else None}), "train")
     if task == "causal-lm":
