@@ -15,7 +15,7 @@ from pydantic import ConfigDict, Field, ValidationError, field_validator
 
 from benchmarks.config import BenchmarkConfig
 from compress import passes as pass_registry
-from compress.data import DataSpec, check_data_source, default_split
+from compress.data import DataSpec, check_data, check_data_source, default_split
 from compress.errors import ConfigError, format_validation_error
 from compress.errors import DataSourceError, ModelSourceError
 from compress.models import check_source, check_task
@@ -257,7 +257,7 @@ def _check_data(cfg: PipelineConfig) -> list[str]:
     for where, spec in specs.items():
         try:
             if spec is not None:
-                check_data_source(spec.source)
+                check_data(spec)
         except DataSourceError as exc:
             errors.append(f"{where}.source: {exc}")
     evals = {where: spec for where, spec in specs.items() if where not in ("data.train", "data.calibration")}

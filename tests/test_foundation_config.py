@@ -266,3 +266,11 @@ def test_one_file_for_train_and_eval_is_overlap_however_spelled(tmp_path, capsys
     err = capsys.readouterr().err
     assert f"data.eval: uses the same source as data.train ({tmp_path / 'd.txt'}) and the splits overlap" in err
     assert "data.calibration" not in err
+
+
+def test_jsonl_fields_are_checked_before_the_run(tmp_path, capsys):
+    (tmp_path / "d.jsonl").write_text('{"body": "a", "y": "cats"}\n')
+    cfg = _with(data={"train": {"source": "builtin:shakespeare"},
+                      "eval": {"source": str(tmp_path / "d.jsonl"), "text_field": "body", "label_field": "Y"}})
+    assert main(["validate", _write(tmp_path, cfg)]) == 2
+    assert "data.eval.source: " + str(tmp_path / "d.jsonl") + ": no row has the label field 'Y'" in capsys.readouterr().err
