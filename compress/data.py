@@ -242,12 +242,14 @@ def check_data_source(source: str) -> list[Path] | None:
     return files
 
 
-def check_data(spec: DataSpec) -> None:
+def check_data(spec: DataSpec) -> list[str] | None:
     """check_data_source, and a single .jsonl file read through (fields, texts, labels): a typo in text_field or
-    label_field then stops the run at validation, not at the benchmark after the training."""
+    label_field then stops the run at validation, not at the benchmark after the training. Returns the JSONL's
+    label names, if any."""
     files = check_data_source(spec.source)
     if files is not None and len(files) == 1 and files[0].suffix == ".jsonl":
-        _read_jsonl(files[0], spec)
+        return _read_jsonl(files[0], spec)[3]
+    return None
 
 
 def _read_source(spec: DataSpec):

@@ -253,13 +253,20 @@ def _check_data(cfg: PipelineConfig) -> list[str]:
     if cfg.benchmark is not None:
         specs.update({"benchmark.data": cfg.benchmark.data,
                       **{f"benchmark.extra_data.{k}": v for k, v in cfg.benchmark.extra_data.items()}})
-    errors = []
+    errors, labels = [], {}
     for where, spec in specs.items():
         try:
             if spec is not None:
-                check_data(spec)
+                labels[where] = check_data(spec)
         except DataSourceError as exc:
             errors.append(f"{where}.source: {exc}")
+    trained = labels.get("data.train")
+    for where in ("data.eval", "benchmark.data"):
+        if cfg.task == "sequence-classification" and trained and labels.get(where):
+            numbered = all(n.isdigit() for n in labels[where])  # class ids, as the benchmarks read them
+            if unknown := labels[where][len(trained):] if numbered else sorted(set(labels[where]) - set(trained)):
+                errors.append(f"{where}: labels {unknown} are not among data.train's classes ({', '.join(trained)}); "
+                              "the classifier could never predict them: give eval data with the training classes")
     evals = {where: spec for where, spec in specs.items() if where not in ("data.train", "data.calibration")}
     for where, ev in evals.items():
         for role in ("train", "calibration"):

@@ -274,3 +274,12 @@ def test_jsonl_fields_are_checked_before_the_run(tmp_path, capsys):
                       "eval": {"source": str(tmp_path / "d.jsonl"), "text_field": "body", "label_field": "Y"}})
     assert main(["validate", _write(tmp_path, cfg)]) == 2
     assert "data.eval.source: " + str(tmp_path / "d.jsonl") + ": no row has the label field 'Y'" in capsys.readouterr().err
+
+
+def test_eval_classes_the_training_data_lacks_are_refused_before_the_run(tmp_path, capsys):
+    (tmp_path / "tr.jsonl").write_text('{"text": "a", "label": "cats"}\n{"text": "b", "label": "dogs"}\n')
+    (tmp_path / "ev.jsonl").write_text('{"text": "c", "label": "fish"}\n{"text": "d", "label": "dogs"}\n')
+    cfg = _with(model={"source": "builtin:minilm-l6"}, task="sequence-classification", passes=[],
+                data={"train": {"source": str(tmp_path / "tr.jsonl")}, "eval": {"source": str(tmp_path / "ev.jsonl")}})
+    assert main(["validate", _write(tmp_path, cfg)]) == 2
+    assert "data.eval: labels ['fish'] are not among data.train's classes (cats, dogs)" in capsys.readouterr().err
