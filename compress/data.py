@@ -158,9 +158,10 @@ def _local_files(source: str) -> list[Path]:
 
 
 def _read_text(path: Path) -> str:
-    """A local file's text; not UTF-8 is bad input (replacing the bytes would train on U+FFFD instead)."""
+    """A local file's text; not UTF-8 is bad input (replacing the bytes would train on U+FFFD instead). A byte
+    order mark (Windows editors write one) is not text."""
     try:
-        return path.read_bytes().decode("utf-8")
+        return path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise DataSourceError(f"{path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
                               f"save the {path.suffix or 'text'} file as UTF-8") from None

@@ -146,3 +146,10 @@ def test_a_label_field_no_row_has_is_refused(tmp_path):
     with pytest.raises(DataSourceError, match=r"no row has the label field 'Y' \(fields: text, y\)"):
         load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"), label_field="Y"))
     assert load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"))).labels is None  # the default: unlabelled
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path):
+    (tmp_path / "d.jsonl").write_bytes(b'\xef\xbb\xbf{"text": "hello"}\n')
+    (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfhello")
+    assert load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"))).texts == ["hello"]
+    assert load_dataset(DataSpec(source=str(tmp_path / "d.txt"))).texts == ["hello"]
