@@ -14,6 +14,7 @@ overlap as long as they use different splits (the default for builtin corpora).
 from __future__ import annotations
 
 import bz2
+import difflib
 import glob as globlib
 import hashlib
 import importlib.metadata
@@ -218,8 +219,10 @@ def check_data_source(source: str) -> list[Path] | None:
     if source.startswith("builtin:"):
         name = source.split(":", 1)[1]
         if name not in _BUILTINS:
+            near = difflib.get_close_matches(name.lower(), BUILTIN_DATA, n=1)
             raise DataSourceError(
-                f"unknown builtin data {name!r}; available: {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
+                f"unknown builtin data {name!r}" + (f"; did you mean 'builtin:{near[0]}'?" if near else "")
+                + f"; available: {', '.join('builtin:' + k for k in BUILTIN_DATA)}"
             )
         return None
     if source.startswith("hf:"):  # else "no such file" for a name that looks like a model source

@@ -153,3 +153,8 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
     (tmp_path / "d.txt").write_bytes(b"\xef\xbb\xbfhello")
     assert load_dataset(DataSpec(source=str(tmp_path / "d.jsonl"))).texts == ["hello"]
     assert load_dataset(DataSpec(source=str(tmp_path / "d.txt"))).texts == ["hello"]
+
+
+def test_a_mistyped_builtin_gets_a_suggestion():
+    with pytest.raises(DataSourceError, match=r"unknown builtin data 'BBC_news'; did you mean 'builtin:bbc-news'\?"):
+        load_dataset(DataSpec(source="builtin:BBC_news"))
