@@ -234,6 +234,8 @@ def check_data_source(source: str) -> list[Path] | None:
             f"data source {source!r}: no such file, directory or matching files; use builtin:<name> "
             f"({', '.join(BUILTIN_DATA)}), a .txt file/dir/glob or a .jsonl file"
             + (" (the folder holds no .txt files)" if Path(source).expanduser().is_dir() else "")
+            + ("" if Path(source).expanduser().is_absolute() else f"; relative paths are from the current folder, "
+               f"{Path.cwd()}, not the config's")
         )
     # Anything else would be read as plain text: a .csv as one document of its raw rows.
     odd = [] if len(files) == 1 and files[0].suffix == ".jsonl" else [f for f in files if f.suffix != ".txt"]

@@ -158,3 +158,9 @@ def test_a_byte_order_mark_is_not_text(tmp_path):
 def test_a_mistyped_builtin_gets_a_suggestion():
     with pytest.raises(DataSourceError, match=r"unknown builtin data 'BBC_news'; did you mean 'builtin:bbc-news'\?"):
         load_dataset(DataSpec(source="builtin:BBC_news"))
+
+
+def test_a_missing_relative_path_names_the_folder_it_is_relative_to(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataSourceError, match=f"relative paths are from the current folder, {tmp_path}, not the config's"):
+        load_dataset(DataSpec(source="data/train.jsonl"))
