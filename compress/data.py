@@ -318,12 +318,13 @@ def load_dataset(spec: DataSpec, role: str = "train") -> TextDataset:
     """The documents of `spec`'s split, in a seeded order, limited to max_examples."""
     split = spec.split or default_split(spec.source, role)
     ids, texts, labels, label_names = _read_source(spec)
-    name = spec.source.split(":", 1)[1] if spec.source.startswith("builtin:") else spec.source
     local_text = not spec.source.startswith("builtin:") and not _single_local_file(spec.source)
-    if local_text:  # text files, one document each
+    if spec.source.startswith("builtin:"):
+        name, ids_for_split = spec.source.split(":", 1)[1], ids
+    elif local_text:  # text files, one document each
         name, ids_for_split = "local-text", [_local_split_key(spec.source, i) for i in ids]
-    else:
-        ids_for_split = ids
+    else:  # one file's rows by their ids: not by its path, so a moved or copied file keeps its splits
+        name, ids_for_split = "local-file", ids
     keep = [i for i in _unique(texts) if split == "all" or split_of(name, ids_for_split[i]) == split]
     random.Random(spec.seed).shuffle(keep)
     if spec.max_examples:

@@ -164,3 +164,16 @@ def test_a_missing_relative_path_names_the_folder_it_is_relative_to(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     with pytest.raises(DataSourceError, match=f"relative paths are from the current folder, {tmp_path}, not the config's"):
         load_dataset(DataSpec(source="data/train.jsonl"))
+
+
+def test_a_jsonl_file_splits_the_same_wherever_it_lies(tmp_path):
+    """A single file's rows are split by their ids alone: the same file in another folder (a colleague's copy,
+    a moved dataset) gives the same train / validation / test documents."""
+    rows = "".join(f'{{"text": "document number {i}"}}\n' for i in range(200))
+    for where in ("a", "b/c"):
+        (tmp_path / where).mkdir(parents=True)
+        (tmp_path / where / "d.jsonl").write_text(rows)
+    for split in ("train", "validation", "test"):
+        a, b = (sorted(load_dataset(DataSpec(source=str(tmp_path / w / "d.jsonl"), split=split)).texts)
+                for w in ("a", "b/c"))
+        assert a == b and 0 < len(a) < 200
