@@ -127,7 +127,10 @@ class Architecture:
         if not isinstance(emb, nn.Embedding):
             raise self._refuse("the input embedding (get_input_embeddings() is "
                                f"{type(emb).__name__ if emb is not None else 'missing'})")
-        self.hidden_size = emb.embedding_dim
+        # the residual stream's width, which the embeddings need not have (ELECTRA's embedding_size, OPT-350m's
+        # word_embed_proj_dim: a projection outside the blocks maps them to it)
+        o = model.get_submodule(self.blocks[0].attn.o)
+        self.hidden_size = o.weight.shape[1] if is_conv1d(o) else o.out_features
         names = {id(m): n for n, m in model.named_modules()}
         self.embedding = names[id(emb)]
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -324,6 +324,22 @@ def test_hidden_width_narrows_weightless_norms(tmp_path):
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
 
 
+def test_hidden_width_of_embeddings_narrower_than_the_blocks(tmp_path):
+    """ELECTRA's embeddings are 16 wide and embeddings_project maps them to the 32-wide residual stream: the
+    layout took 16 as the hidden size and prune hidden crashed in calibration (RuntimeError, size 16 vs 32)."""
+    from compress.checkpoint import Artifact
+    from tiny_models import tiny_tokenizer
+
+    a = artifact("electra", "sequence-classification")
+    a = Artifact(kind="torch", task=a.task, tokenizer=tiny_tokenizer("encoder"), model=a.model)
+    out = run_pass("hidden", a, context("sequence-classification", tmp_path), "electra")
+    assert out.info["hidden"]["hidden_size"] == [32, 24]
+    assert out.model.electra.embeddings.word_embeddings.weight.shape == (384, 16)
+    assert out.model.electra.embeddings_project.weight.shape == (24, 16)
+    back = compress.load(save(out, tmp_path / "electra-hidden"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+
+
 def test_unknown_qkv_packing_is_refused_before_heads_are_cut(tmp_path):
     """CodeGen's qkv_proj looks like Phi-3's [q | k | v] by name; with 8 heads the wrongly sliced model still ran
     and reloaded, silently another model. The row map is now tested first."""

@@ -133,6 +133,10 @@ def _family_specs() -> dict:
         # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property
         "falcon": (T.FalconConfig, {lm: T.FalconForCausalLM}, dict(common, hidden_size=32, num_attention_heads=4,
                                                                      bos_token_id=1, eos_token_id=1)),
+        # ELECTRA: embeddings narrower than the hidden width (embedding_size), embeddings_project maps them up
+        "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
+                    dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
+                         num_labels=5)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
