@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from tiny_models import tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
+from tiny_models import save_tiny, tiny_bert, tiny_gpt2, tiny_llama, tiny_tokenizer
 
 from compress import load, save
 from compress.checkpoint import Artifact
@@ -355,3 +355,17 @@ def test_max_length_where_no_fused_graph_is_written_is_refused_before_the_run():
         "export.max_length: a sequence-classification model exports through optimum (the fused graph is for "
         "causal LMs), which holds the model's positions; drop max_length")
     assert get("export")(max_length=64).check_task("causal-lm") is None
+
+
+def test_fused_graph_on_an_encoder_is_refused_before_work(tmp_path):
+    """graph: fused on a classifier passed validation and failed only at the export, after the passes before it
+    had run; now the task check refuses it with the config."""
+    from compress.errors import ConfigError
+    from pipelines.config import validate
+
+    src = save_tiny(tiny_bert(), tmp_path / "bert", "encoder")
+    raw = {"name": "x", "model": {"source": str(src)}, "task": "sequence-classification",
+           "passes": [{"prune": {"targets": ["mlp"]}}, {"export": {"graph": "fused"}}]}
+    with pytest.raises(ConfigError, match="export.graph: fused: the fused writer handles causal LMs, this is a "
+                                          "sequence-classification model; use graph: auto or graph: optimum"):
+        validate(raw)

@@ -108,6 +108,9 @@ class Export(Pass):
         if self.config.max_length is not None and task != "causal-lm":
             return (f"export.max_length: a {task} model exports through optimum (the fused graph is for causal "
                     "LMs), which holds the model's positions; drop max_length")
+        if self.config.graph == "fused" and task != "causal-lm":
+            return (f"export.graph: fused: the fused writer handles causal LMs, this is a {task} model; use "
+                    "graph: auto or graph: optimum")
         return None
 
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
