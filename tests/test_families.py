@@ -340,6 +340,21 @@ def test_hidden_width_of_embeddings_narrower_than_the_blocks(tmp_path):
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
 
 
+def test_distill_hidden_states_of_a_hidden_width_pruned_student(tmp_path):
+    """GPT-2's config keeps hidden_size 32 after a cut to 24 (a hidden_width entry): hidden-state matching sized
+    its projections from the config, so none was made and the loss crashed (RuntimeError, size 24 vs 32)."""
+    from tiny_models import save_tiny
+
+    teacher = save_tiny(tiny_family("gpt2"), tmp_path / "teacher", "causal")
+    ctx = context("causal-lm", tmp_path)
+    pruned = run_pass("hidden", artifact("gpt2", "causal-lm"), ctx, "gpt2")
+    assert pruned.model.config.hidden_size == 32 and pruned.model.transformer.wte.weight.shape == (384, 24)
+    out = passes.get("distill")(teacher=str(teacher), hidden_weight=1.0, max_steps=2, batch_size=2, precision="fp32",
+                                eval_tokens=64, eval_examples=4).run(pruned, ctx)
+    assert out.model.transformer.wte.weight.shape == (384, 24) and out.structure == pruned.structure
+    assert outputs(out.model).shape == (2, 10, 384)
+
+
 def test_unknown_qkv_packing_is_refused_before_heads_are_cut(tmp_path):
     """CodeGen's qkv_proj looks like Phi-3's [q | k | v] by name; with 8 heads the wrongly sliced model still ran
     and reloaded, silently another model. The row map is now tested first."""

@@ -22,7 +22,15 @@ from .teachers import Teacher
 
 
 def hidden_width(model: nn.Module) -> int:
-    return int(model.config.hidden_size)
+    """The width of the hidden states, which a hidden-width-pruned model's config does not give (GPT-2, BERT, Gemma
+    keep the original hidden_size there: a `hidden_width` structure entry narrows the modules)."""
+    from ..architecture import find
+    from ..errors import UnsupportedModelError
+
+    try:
+        return find(model).hidden_size
+    except UnsupportedModelError:
+        return int(model.config.hidden_size)
 
 
 class DistillModule(nn.Module):

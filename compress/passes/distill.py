@@ -64,7 +64,7 @@ class Distill(Pass):
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         from ..distill.evaluate import evaluator
         from ..distill.examples import teacher_generated, training_examples
-        from ..distill.objective import DistillModule, Objective
+        from ..distill.objective import DistillModule, Objective, hidden_width
         from ..distill.teachers import check_compatible, load_teachers
         from ..distill.trainer import autocast_dtype, distributed_accelerator, plan_steps, sharded, train
 
@@ -109,7 +109,7 @@ class Distill(Pass):
         layer_map = self._layer_map(student, teachers)
         if layer_map:
             info["layer_map"] = {str(i): j for i, j in layer_map.items()}
-        t_width = int(teachers[0].model.config.hidden_size) if teachers else None
+        t_width = hidden_width(teachers[0].model) if teachers else None
         torch.manual_seed(seed)  # projections start the same in every process
         module = DistillModule(student, task, layer_map, t_width, hidden=c.hidden_weight > 0,
                                attentions=c.attention_weight > 0).to(device)
