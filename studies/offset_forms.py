@@ -1,0 +1,212 @@
+"""Two cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it ships.
+
+    flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms [--pairs 8] [--threads 2]
+        [--work /tmp/compress-offset-forms] [--out benchmarks/results/fast_decoder/vnni/offsets]
+
+The minmax graph (studies.fast_decoder's `fused int4 minmax (Q4_1's grid)`, compress/quant/ort.py
+`_add_offsets`) adds to each 4-bit projection the block sums of its input times a [blocks, N] table of
+offsets, stored fp16 and read as fp32 (ONNX Runtime folds the Cast): about 13 MB a token for SmolLM2, beside
+the 4-bit weights, and a MatMul and an Add per projection. The two forms tried here:
+- `int8 table`: the offsets table as an 8-bit MatMulNBits (blocks of 16 rows, accuracy level 4): a quarter of
+  the bytes, the same nodes;
+- `folded into K`: the block sums concatenated to the projection's input and the offsets appended to its
+  4-bit weights as extra rows (twice: a 4-bit rounding and a 4-bit rounding of what it left), so the offsets'
+  MatMul and Add go and one Concat comes.
+Each is scored against the fp32 fused graph on held-out Shakespeare (KL, perplexity, top-1 agreement:
+studies.smooth_blocks' windows) and timed against the shipped form in pairs of fresh processes
+(studies.decode_ab). Writes summary.md (and each pair's results) to --out."""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROW = "fused int4 minmax (Q4_1's grid)"  # studies.fast_decoder's row
+
+
+def _bundle(src: Path, dst: Path, model) -> None:
+    """`model` saved into `dst` with `src`'s other files linked (no manifest: its table no longer fits)."""
+    from compress import onnx_tools
+
+    dst.mkdir(parents=True, exist_ok=True)
+    onnx_tools.save_model(model, dst, "auto")
+    for f in src.iterdir():
+        if f.name not in ("model.onnx", "model.onnx.data", "manifest.json") and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+
+
+def _offset_nodes(graph):
+    """(projection, its Add, the offsets MatMul, the Cast of its fp16 table) of each offset correction."""
+    producer = {o: n for n in graph.node for o in n.output}
+    readers: dict[str, list] = {}
+    for n in graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    for n in list(graph.node):
+        if n.op_type == "MatMulNBits" and n.output[0].endswith("/codes"):
+            add = readers[n.output[0]][0]
+            offsets = producer[next(i for i in add.input if i != n.output[0])]
+            yield n, add, offsets, producer[offsets.input[1]]
+
+
+def _symmetric_4bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Codes in -8..7 and one scale per block of the last axis (MatMulNBits' default zero point 8)."""
+    scale = np.abs(blocks).max(-1) / 7.0
+    scale[scale == 0] = 1.0
+    return np.clip(np.round(blocks / scale[..., None]), -8, 7), scale
+
+
+def _pack(codes: np.ndarray) -> np.ndarray:
+    c = (codes + 8).astype(np.uint8)
+    return c[..., 0::2] | (c[..., 1::2] << 4)
+
+
+def int8_table(src: Path, dst: Path) -> int:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src / "model.onnx"))
+    g, block = model.graph, 16
+    inits = {i.name: i for i in g.initializer}
+    done = 0
+    for _, _, offsets, cast in list(_offset_nodes(g)):
+        table = numpy_helper.to_array(inits[cast.input[0]]).astype(np.float32)  # [blocks, N]
+        kb, n = table.shape
+        padded = np.zeros((-(-kb // block) * block, n), np.float32)
+        padded[:kb] = table
+        blocks = padded.T.reshape(n, -1, block)
+        scale = np.abs(blocks).max(-1) / 127.0
+        scale[scale == 0] = 1.0
+        codes = (np.clip(np.round(blocks / scale[..., None]), -127, 127) + 128).astype(np.uint8)
+        name = offsets.name + "_Q8"
+        g.initializer.extend([numpy_helper.from_array(codes, name + "/B"),
+                              numpy_helper.from_array(scale.reshape(-1).astype(np.float32), name + "/scales")])
+        node = helper.make_node("MatMulNBits", [offsets.input[0], name + "/B", name + "/scales"],
+                                list(offsets.output), name=name, domain="com.microsoft", K=kb, N=n, bits=8,
+                                block_size=block, accuracy_level=4)
+        g.node.insert(list(g.node).index(offsets), node)
+        for gone in (offsets, cast):
+            g.node.remove(gone)
+        g.initializer.remove(inits[cast.input[0]])
+        done += 1
+    _bundle(src, dst, model)
+    return done
+
+
+def folded_into_k(src: Path, dst: Path) -> int:
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src / "model.onnx"))
+    g = model.graph
+    inits = {i.name: i for i in g.initializer}
+    producer = {o: n for n in g.node for o in n.output}
+    widened: dict[str, str] = {}  # block sums -> the input with them appended twice
+    done = 0
+    for proj, add, offsets, cast in list(_offset_nodes(g)):
+        attrs = {a.name: helper.get_attribute_value(a) for a in proj.attribute}
+        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
+        table = numpy_helper.to_array(inits[cast.input[0]]).astype(np.float64)
+        kb = table.shape[0]
+        kp = -(-kb // block) * block
+        sums = offsets.input[0]
+        if sums not in widened:  # the block sums padded to whole blocks, then [x, sums, sums]
+            summing = producer[sums]
+            ones = numpy_helper.to_array(inits[summing.input[1]])
+            padded = np.zeros((ones.shape[0], kp), np.float32)
+            padded[:, :kb] = ones
+            name = summing.input[1] + f"_pad{kp}"
+            if name not in inits:
+                g.initializer.append(numpy_helper.from_array(padded, name))
+                inits[name] = g.initializer[-1]
+            summing.input[1] = name
+            widened[sums] = sums + "/widened"
+            g.node.insert(list(g.node).index(summing) + 1, helper.make_node(
+                "Concat", [summing.input[0], sums, sums], [widened[sums]], name=sums + "/concat", axis=-1))
+        full = np.zeros((kp, n))
+        full[:kb] = table
+        blocks = full.T.reshape(n, kp // block, block)
+        high, high_scale = _symmetric_4bit(blocks)
+        low, low_scale = _symmetric_4bit(blocks - high * high_scale[..., None])
+        weights = numpy_helper.to_array(inits[proj.input[1]]).reshape(n, -1, block // 2)
+        scales = numpy_helper.to_array(inits[proj.input[2]]).reshape(n, -1)
+        inits[proj.input[1]].CopyFrom(numpy_helper.from_array(
+            np.concatenate([weights, _pack(high), _pack(low)], 1), proj.input[1]))
+        inits[proj.input[2]].CopyFrom(numpy_helper.from_array(
+            np.concatenate([scales, high_scale, low_scale], 1).astype(np.float32).reshape(-1), proj.input[2]))
+        proj.input[0] = widened[sums]
+        next(a for a in proj.attribute if a.name == "K").i = k + 2 * kp
+        proj.output[0] = add.output[0]
+        for gone in (add, offsets, cast):
+            g.node.remove(gone)
+        g.initializer.remove(inits[cast.input[0]])
+        done += 1
+    _bundle(src, dst, model)
+    return done
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pairs", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--work", type=Path, default=Path("/tmp/compress-offset-forms"))
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fast_decoder/vnni/offsets"))
+    args = ap.parse_args(argv)
+    import shutil
+
+    from compress.data import DataSpec
+    from compress.edge import EdgeModel
+    from studies.decode_ab import compare
+    from studies.fast_decoder import row
+    from studies.smooth_blocks import log_softmax, windows
+
+    shipped = Path(row(ROW)[0])
+    forms = {"int8 table": int8_table, "folded into K": folded_into_k}
+    paths = {"fp16 table (shipped)": shipped}
+    for label, write in forms.items():
+        paths[label] = args.work / label.replace(" ", "-")
+        shutil.rmtree(paths[label], ignore_errors=True)
+        print(f"{label}: {write(shipped, paths[label])} offset corrections rewritten", flush=True)
+
+    base = EdgeModel(row("fused fp32")[0], threads=args.threads)
+    ids = windows(base.tokenizer, DataSpec(source="builtin:shakespeare", split="test"), "eval", 16)
+    ref = log_softmax(np.concatenate([base.logits(ids[i:i + 1]) for i in range(len(ids))]))
+    quality = {}
+    for label, path in paths.items():
+        model = EdgeModel(path, threads=args.threads)
+        lq = log_softmax(np.concatenate([model.logits(ids[i:i + 1]) for i in range(len(ids))]))
+        nll = -np.take_along_axis(lq[:, :-1], ids[:, 1:, None], -1).mean()
+        quality[label] = {"kl": round(float((np.exp(ref) * (ref - lq)).sum(-1).mean()), 5),
+                          "perplexity": round(float(np.exp(nll)), 3),
+                          "top1_agreement": round(float((lq.argmax(-1) == ref.argmax(-1)).mean()), 4)}
+        print(label, quality[label], flush=True)
+
+    command = " ".join(["flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms",
+                        *map(shlex.quote, argv or sys.argv[1:])])
+    lines = ["# The int4 minmax graph's offsets in two cheaper forms", "", f"Made by: `{command}`", "",
+             "Quality against the fp32 fused graph (held-out Shakespeare, 16 windows of 256 tokens):", "",
+             "| form | KL | perplexity | top-1 agreement |", "| --- | --- | --- | --- |",
+             *[f"| {k} | {v['kl']} | {v['perplexity']} | {v['top1_agreement']} |" for k, v in quality.items()],
+             "", "Timed pair by pair against the shipped form:", ""]
+    for label in forms:
+        slug = label.replace(" ", "-")
+        compare([(label, str(paths[label]), "ort-cpu"), ("fp16 table (shipped)", str(shipped), "ort-cpu")],
+                args.pairs, args.threads, args.out / slug, f"Offsets as {label} against the shipped fp16 table",
+                command)
+        result = json.loads((args.out / slug / "results.json").read_text())
+        dec, pre = result["decode_ratio_per_pair"], result["prefill_ratio_per_pair"]
+        lines.append(f"- {label}: decode {np.median(dec):.3f}x the shipped form's ({sum(r > 1 for r in dec)} of "
+                     f"{len(dec)} pairs faster), prefill {np.median(pre):.3f}x ([pairs]({slug}/summary.md))")
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "summary.md").write_text("\n".join(lines) + "\n")
+    (args.out / "quality.json").write_text(json.dumps(quality, indent=1) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
