@@ -1,4 +1,4 @@
-"""Two cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it ships.
+"""Cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it ships.
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms [--pairs 8] [--threads 2]
         [--work /tmp/compress-offset-forms] [--out benchmarks/results/fast_decoder/vnni/offsets]
@@ -10,8 +10,8 @@ the 4-bit weights, and a MatMul and an Add per projection. The two forms tried h
 - `int8 table`: the offsets table as an 8-bit MatMulNBits (blocks of 16 rows, accuracy level 4): a quarter of
   the bytes, the same nodes;
 - `folded into K`: the block sums concatenated to the projection's input and the offsets appended to its
-  4-bit weights as extra rows (twice: a 4-bit rounding and a 4-bit rounding of what it left), so the offsets'
-  MatMul and Add go and one Concat comes.
+  4-bit weights as extra rows, twice (a 4-bit rounding and a 4-bit rounding of what it left) or three times,
+  so the offsets' MatMul and Add go and one Concat comes.
 Each is scored against the fp32 fused graph on held-out Shakespeare (KL, perplexity, top-1 agreement:
 studies.smooth_blocks' windows) and timed against the shipped form in pairs of fresh processes
 (studies.decode_ab). Writes summary.md (and each pair's results) to --out."""
@@ -97,7 +97,7 @@ def int8_table(src: Path, dst: Path) -> int:
     return done
 
 
-def folded_into_k(src: Path, dst: Path) -> int:
+def folded_into_k(src: Path, dst: Path, copies: int = 2) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
@@ -126,20 +126,22 @@ def folded_into_k(src: Path, dst: Path) -> int:
             summing.input[1] = name
             widened[sums] = sums + "/widened"
             g.node.insert(list(g.node).index(summing) + 1, helper.make_node(
-                "Concat", [summing.input[0], sums, sums], [widened[sums]], name=sums + "/concat", axis=-1))
+                "Concat", [summing.input[0]] + [sums] * copies, [widened[sums]], name=sums + "/concat", axis=-1))
         full = np.zeros((kp, n))
         full[:kb] = table
         blocks = full.T.reshape(n, kp // block, block)
-        high, high_scale = _symmetric_4bit(blocks)
-        low, low_scale = _symmetric_4bit(blocks - high * high_scale[..., None])
-        weights = numpy_helper.to_array(inits[proj.input[1]]).reshape(n, -1, block // 2)
-        scales = numpy_helper.to_array(inits[proj.input[2]]).reshape(n, -1)
-        inits[proj.input[1]].CopyFrom(numpy_helper.from_array(
-            np.concatenate([weights, _pack(high), _pack(low)], 1), proj.input[1]))
+        codes, scales = [numpy_helper.to_array(inits[proj.input[1]]).reshape(n, -1, block // 2)], \
+            [numpy_helper.to_array(inits[proj.input[2]]).reshape(n, -1)]
+        for _ in range(copies):  # each copy rounds what the ones before it left
+            q, scale = _symmetric_4bit(blocks)
+            blocks = blocks - q * scale[..., None]
+            codes.append(_pack(q))
+            scales.append(scale)
+        inits[proj.input[1]].CopyFrom(numpy_helper.from_array(np.concatenate(codes, 1), proj.input[1]))
         inits[proj.input[2]].CopyFrom(numpy_helper.from_array(
-            np.concatenate([scales, high_scale, low_scale], 1).astype(np.float32).reshape(-1), proj.input[2]))
+            np.concatenate(scales, 1).astype(np.float32).reshape(-1), proj.input[2]))
         proj.input[0] = widened[sums]
-        next(a for a in proj.attribute if a.name == "K").i = k + 2 * kp
+        next(a for a in proj.attribute if a.name == "K").i = k + copies * kp
         proj.output[0] = add.output[0]
         for gone in (add, offsets, cast):
             g.node.remove(gone)
@@ -165,10 +167,11 @@ def main(argv=None) -> int:
     from studies.smooth_blocks import log_softmax, windows
 
     shipped = Path(row(ROW)[0])
-    forms = {"int8 table": int8_table, "folded into K": folded_into_k}
+    forms = {"int8 table": int8_table, "folded into K": folded_into_k,
+             "folded into K, 3 roundings": lambda src, dst: folded_into_k(src, dst, copies=3)}
     paths = {"fp16 table (shipped)": shipped}
     for label, write in forms.items():
-        paths[label] = args.work / label.replace(" ", "-")
+        paths[label] = args.work / label.replace(",", "").replace(" ", "-")
         shutil.rmtree(paths[label], ignore_errors=True)
         print(f"{label}: {write(shipped, paths[label])} offset corrections rewritten", flush=True)
 
@@ -187,13 +190,13 @@ def main(argv=None) -> int:
 
     command = " ".join(["flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms",
                         *map(shlex.quote, argv or sys.argv[1:])])
-    lines = ["# The int4 minmax graph's offsets in two cheaper forms", "", f"Made by: `{command}`", "",
+    lines = ["# The int4 minmax graph's offsets in cheaper forms", "", f"Made by: `{command}`", "",
              "Quality against the fp32 fused graph (held-out Shakespeare, 16 windows of 256 tokens):", "",
              "| form | KL | perplexity | top-1 agreement |", "| --- | --- | --- | --- |",
              *[f"| {k} | {v['kl']} | {v['perplexity']} | {v['top1_agreement']} |" for k, v in quality.items()],
              "", "Timed pair by pair against the shipped form:", ""]
     for label in forms:
-        slug = label.replace(" ", "-")
+        slug = label.replace(",", "").replace(" ", "-")
         compare([(label, str(paths[label]), "ort-cpu"), ("fp16 table (shipped)", str(shipped), "ort-cpu")],
                 args.pairs, args.threads, args.out / slug, f"Offsets as {label} against the shipped fp16 table",
                 command)
