@@ -375,6 +375,8 @@ def lm_windows(tokenizer, dataset: TextDataset, seq_len: int, max_tokens: int | 
         if max_tokens and len(ids) >= max_tokens:
             break
     if max_tokens:
+        if len(ids) < max_tokens:
+            _ran_out(dataset.source, dataset.split, len(ids), max_tokens)
         ids = ids[:max_tokens]
     n = len(ids) // seq_len
     if n == 0:
@@ -383,6 +385,18 @@ def lm_windows(tokenizer, dataset: TextDataset, seq_len: int, max_tokens: int | 
             "lower seq_len or raise max_tokens"
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+@lru_cache(maxsize=None)
+def _ran_out(source: str, split: str, have: int, want: int) -> None:
+    """Say once that the data gave fewer tokens than max_tokens asked for: a budget the run did not get."""
+    import logging
+
+    from .logs import SUITE_LOGGER
+
+    logging.getLogger(SUITE_LOGGER).warning(
+        f"data {source} ({split}) has {have:,} tokens, fewer than max_tokens {want:,}: all of them are used; "
+        "add data or lower max_tokens to match")
 
 
 def encode_texts(tokenizer, texts: list[str], max_length: int) -> dict[str, torch.Tensor]:

@@ -177,3 +177,16 @@ def test_a_jsonl_file_splits_the_same_wherever_it_lies(tmp_path):
         a, b = (sorted(load_dataset(DataSpec(source=str(tmp_path / w / "d.jsonl"), split=split)).texts)
                 for w in ("a", "b/c"))
         assert a == b and 0 < len(a) < 200
+
+
+def test_max_tokens_beyond_the_data_is_said_once(tmp_path, caplog):
+    """A max_tokens budget the data cannot fill is a warning (once), not a silently smaller run."""
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"text": "some words number {i}"}}\n' for i in range(20)))
+    ds = load_dataset(DataSpec(source=str(tmp_path / "d.jsonl")))
+    tok = tiny_tokenizer()
+    with caplog.at_level("WARNING", logger="compress.run"):
+        have = lm_windows(tok, ds, seq_len=8, max_tokens=10**6).numel()
+        lm_windows(tok, ds, seq_len=8, max_tokens=10**6)
+        lm_windows(tok, ds, seq_len=8, max_tokens=16)  # the data fills this one
+    said = [r.getMessage() for r in caplog.records if "fewer than max_tokens" in r.getMessage()]
+    assert len(said) == 1 and "fewer than max_tokens 1,000,000" in said[0] and 0 < have < 10**6
