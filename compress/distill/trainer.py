@@ -107,13 +107,9 @@ def lr_lambda(warmup: int, total: int, min_ratio: float) -> Callable[[int], floa
     return f
 
 
-def plan_steps(s: TrainConfig, n_examples: int, tokens_per_example: float) -> int:
-    """Optimizer steps of the schedule: the fewest that max_steps, epochs and max_tokens allow (else one epoch)."""
-    return _plan(s, n_examples, tokens_per_example)[0]
-
-
-def _plan(s: TrainConfig, n_examples: int, tokens_per_example: float) -> tuple[int, str]:
-    """(steps, the budget that sets them: max_steps, epochs, max_tokens or "one epoch")."""
+def plan_steps(s: TrainConfig, n_examples: int, tokens_per_example: float) -> tuple[int, str]:
+    """Optimizer steps of the schedule, the fewest that max_steps, epochs and max_tokens allow (else one epoch),
+    and the budget that sets them ("max_steps", "epochs", "max_tokens" or "one epoch")."""
     per_epoch = max(1, n_examples // s.batch_size)
     candidates = {}
     if s.max_steps:
@@ -181,7 +177,7 @@ def train(
     world = acc.num_processes if acc else 1
     rank = acc.process_index if acc else 0
     micro = check_batching(s, world, len(data))
-    total, planned_by = _plan(s, len(data), data.tokens() / len(data))
+    total, planned_by = plan_steps(s, len(data), data.tokens() / len(data))
     warmup = int(round(s.warmup_ratio * total))
     shard = sharded(acc)
     student_name = next(n for n, m in module.named_modules() if m is student_of(module))

@@ -92,9 +92,7 @@ class Distill(Pass):
         student.requires_grad_(True).to(device)  # a copy of a frozen teacher would inherit requires_grad=False
 
         examples = training_examples(c, ctx, s_tok, task)
-        if c.sequence_level is not None:
-            if not teachers:  # (a task other than causal-lm: check_task)
-                raise ConfigError("distill.sequence_level: only for causal LMs (task causal-lm)")
+        if c.sequence_level is not None:  # a causal LM (check_task) with its teacher loaded (needs_teacher)
             examples, notes = teacher_generated(examples, teachers[0].model, student, c.sequence_level, ctx.device,
                                                 ctx.progress)
             info["sequence_level"] = {"prompts": len(examples), "tokens_per_sequence": int(examples.rows.shape[1])}
@@ -114,7 +112,7 @@ class Distill(Pass):
         module = DistillModule(student, task, layer_map, t_width, hidden=c.hidden_weight > 0,
                                attentions=c.attention_weight > 0).to(device)
         objective = Objective(task=task, teachers=teachers, loss=c, layer_map=layer_map,
-                              total_steps=plan_steps(c, len(examples), examples.tokens() / len(examples)))
+                              total_steps=plan_steps(c, len(examples), examples.tokens() / len(examples))[0])
         if c.teacher_cache and objective.alpha > 0:
             from ..distill.teacher_cache import cached_soft_targets
 
