@@ -119,7 +119,6 @@ def dynamic_int8(src: Path, dst: Path, *, per_channel: bool, exclude: list[str],
                  if smooth_alpha is not None else None)
     if blocks:
         model = _int8_blocks(model, blocks, block_size, accuracy_level=4)
-        _set_accuracy_level(model, 4)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "q.onnx"
         quantize_dynamic(model, out, op_types_to_quantize=op_types, per_channel=per_channel,
@@ -233,8 +232,8 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
 
 
 def _int8_blocks(model, nodes: list[str], block_size: int, accuracy_level: int):
-    """The MatMuls named in `nodes` as symmetric int8 MatMulNBits (blocks of block_size), the others as they
-    are; returns the new model."""
+    """The MatMuls named in `nodes` as symmetric int8 MatMulNBits (blocks of block_size) at `accuracy_level`,
+    the others as they are; returns the new model."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     chosen = set(nodes)
@@ -243,6 +242,7 @@ def _int8_blocks(model, nodes: list[str], block_size: int, accuracy_level: int):
                                  accuracy_level=accuracy_level or None, nodes_to_exclude=others,
                                  op_types_to_quantize=("MatMul",))
     q.process()
+    _set_accuracy_level(q.model.model, accuracy_level)
     return q.model.model
 
 
