@@ -287,8 +287,10 @@ def decode_path_error(edge, ids: np.ndarray, full_ref: np.ndarray) -> float:
 
 
 def check(ref: np.ndarray, edge, task: str, ids: np.ndarray, mask: np.ndarray, *, max_abs_error: float | None,
-          min_agreement: float | None, what: str) -> dict:
-    """Run the ONNX model, compare with `ref`, raise DiscrepancyError with the numbers if out of tolerance."""
+          min_agreement: float | None, section: str, what: str | None = None) -> dict:
+    """Run the ONNX model, compare with `ref`, raise DiscrepancyError with the numbers if out of tolerance.
+    `section`: the config section whose options set the tolerance (its error names them); `what`: the
+    check's name in that error (default: `section`)."""
     got = outputs_of(edge, task, ids, mask)
     figures = compare(ref, got, mask, task)
     if task == "causal-lm" and edge.past_names:
@@ -296,7 +298,6 @@ def check(ref: np.ndarray, edge, task: str, ids: np.ndarray, mask: np.ndarray, *
     figures["tolerance"] = {"max_abs_error": max_abs_error, "min_agreement": min_agreement}
     agreement = figures.get("top1_agreement", figures.get("embedding_cosine_min"))
     problems, fields = [], []
-    section = what.split(" ")[0]  # the pass whose options set the tolerance ("export", "quantize (...)")
     worst = max(figures["max_abs_error"], figures.get("decode_max_abs_error", 0.0))
     if max_abs_error is not None and worst > max_abs_error:
         problems.append(f"max abs error {worst:.4g} > {max_abs_error:g}")
@@ -308,7 +309,7 @@ def check(ref: np.ndarray, edge, task: str, ids: np.ndarray, mask: np.ndarray, *
     figures["passed"] = not problems
     if problems:
         raise DiscrepancyError(
-            f"{what}: the ONNX model's outputs differ from the reference on {figures['compared']} "
+            f"{what or section}: the ONNX model's outputs differ from the reference on {figures['compared']} "
             f"{'examples' if task == 'sequence-classification' else 'tokens'}: {'; '.join(problems)} "
             f"(mean abs error {figures['mean_abs_error']:.4g}, reference |max| {figures['reference_abs_max']:.4g}). "
             f"Loosen {' / '.join(fields)} only if this loss is acceptable."

@@ -160,7 +160,7 @@ class Export(Pass):
         edge.task = task
         try:
             info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
-                                                   min_agreement=cfg.min_agreement, what="export")
+                                                   min_agreement=cfg.min_agreement, section="export")
         except onnx_tools.DiscrepancyError as exc:
             if plain is None:  # nothing to fall back to (no fusion, or optimize: true)
                 raise
@@ -176,7 +176,7 @@ class Export(Pass):
             edge = EdgeModel(out, threads=ctx.threads)
             edge.task = task
             info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
-                                                   min_agreement=cfg.min_agreement, what="export")
+                                                   min_agreement=cfg.min_agreement, section="export")
         finally:
             if plain is not None:
                 shutil.rmtree(plain, ignore_errors=True)

@@ -599,6 +599,6 @@ class Quantize(Pass):
         edge.task = task
         min_agree = cfg.min_agreement if cfg.min_agreement is not None else DEFAULT_MIN_AGREEMENT[task]
         figures = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
-                                   min_agreement=min_agree, what=f"quantize ({cfg.method})")
+                                   min_agreement=min_agree, section="quantize", what=f"quantize ({cfg.method})")
         figures["reference"] = "parent ONNX model (float)"
         return figures
