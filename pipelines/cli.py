@@ -37,7 +37,7 @@ def _cmd_run(args) -> int:
                     log=log, remeasure=args.remeasure)
     if runner.run_dir.exists() and not runner.run_dir.is_dir():
         raise ConfigError(f"{runner.run_dir}: is a file, and the run {pipeline.config.name!r} writes its folder there; "
-                          "move the file, or give the run another name: or --output-dir")
+                          "move the file, or give the run another name or --output-dir")
     # The folder's lock before its log: a run that is refused never writes into another run's folder.
     # Other libraries' warnings and notices go to run.log (and to the terminal only with --verbose).
     with runner.lock(wait=args.wait), capture(runner.run_dir / "run.log", verbose=args.verbose):

@@ -152,11 +152,11 @@ def _x(v, digits=2) -> str:
     return "-" if v is None else f"{v:.{digits}f}x"
 
 
-def summary_table(rows: list[Row], title: str | None = None):
+def summary_table(rows: list[Row]):
     from rich.table import Table
 
     with_quality = any(r.quality is not None or r.faster is not None for r in rows)
-    table = Table(title=title, title_justify="left", box=None, pad_edge=False, header_style="bold")
+    table = Table(box=None, pad_edge=False, header_style="bold")  # its title is printed above it
     table.add_column("step")
     if any(r.backend for r in rows):
         table.add_column("backend")
