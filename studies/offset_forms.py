@@ -25,18 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.recipes import bare_copy
+
 ROW = "fused int4 minmax (Q4_1's grid)"  # studies.fast_decoder's row
-
-
-def _bundle(src: Path, dst: Path, model) -> None:
-    """`model` saved into `dst` with `src`'s other files linked (no manifest: its table no longer fits)."""
-    from compress import onnx_tools
-
-    dst.mkdir(parents=True, exist_ok=True)
-    onnx_tools.save_model(model, dst, "auto")
-    for f in src.iterdir():
-        if f.name not in ("model.onnx", "model.onnx.data", "manifest.json") and not (dst / f.name).exists():
-            (dst / f.name).symlink_to(f.resolve())
 
 
 def _offset_nodes(graph):
@@ -93,7 +84,7 @@ def int8_table(src: Path, dst: Path) -> int:
             g.node.remove(gone)
         g.initializer.remove(inits[cast.input[0]])
         done += 1
-    _bundle(src, dst, model)
+    bare_copy(src, dst, model)
     return done
 
 
@@ -147,7 +138,7 @@ def folded_into_k(src: Path, dst: Path, copies: int = 2) -> int:
             g.node.remove(gone)
         g.initializer.remove(inits[cast.input[0]])
         done += 1
-    _bundle(src, dst, model)
+    bare_copy(src, dst, model)
     return done
 
 
@@ -160,11 +151,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     import shutil
 
-    from compress.data import DataSpec
-    from compress.edge import EdgeModel
     from studies.decode_ab import compare
     from studies.fast_decoder import row
-    from studies.smooth_blocks import log_softmax, windows
+    from studies.smooth_blocks import Fp32Reference
 
     shipped = Path(row(ROW)[0])
     forms = {"int8 table": int8_table, "folded into K": folded_into_k,
@@ -175,17 +164,10 @@ def main(argv=None) -> int:
         shutil.rmtree(paths[label], ignore_errors=True)
         print(f"{label}: {write(shipped, paths[label])} offset corrections rewritten", flush=True)
 
-    base = EdgeModel(row("fused fp32")[0], threads=args.threads)
-    ids = windows(base.tokenizer, DataSpec(source="builtin:shakespeare", split="test"), "eval", 16)
-    ref = log_softmax(np.concatenate([base.logits(ids[i:i + 1]) for i in range(len(ids))]))
+    reference = Fp32Reference(args.threads)
     quality = {}
     for label, path in paths.items():
-        model = EdgeModel(path, threads=args.threads)
-        lq = log_softmax(np.concatenate([model.logits(ids[i:i + 1]) for i in range(len(ids))]))
-        nll = -np.take_along_axis(lq[:, :-1], ids[:, 1:, None], -1).mean()
-        quality[label] = {"kl": round(float((np.exp(ref) * (ref - lq)).sum(-1).mean()), 5),
-                          "perplexity": round(float(np.exp(nll)), 3),
-                          "top1_agreement": round(float((lq.argmax(-1) == ref.argmax(-1)).mean()), 4)}
+        quality[label] = reference.score(path)
         print(label, quality[label], flush=True)
 
     command = " ".join(["flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms",

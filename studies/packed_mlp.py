@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from studies.recipes import bare_copy
+
 DEFAULT = "fused int8 (MatMulNBits b32)"  # studies.fast_decoder's row
 
 
@@ -30,10 +32,6 @@ def unpack(src: Path, dst: Path) -> int:
     import onnx
     from onnx import helper, numpy_helper
 
-    dst.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.name not in ("model.onnx", "model.onnx.data", "manifest.json") and not (dst / f.name).exists():
-            (dst / f.name).symlink_to(f.resolve())
     model = onnx.load(str(src / "model.onnx"))
     inits = {i.name: i for i in model.graph.initializer}
     producer = {o: n for n in model.graph.node for o in n.output}
@@ -66,8 +64,7 @@ def unpack(src: Path, dst: Path) -> int:
     del model.graph.initializer[:], model.graph.node[:]
     model.graph.initializer.extend(kept)
     model.graph.node.extend(nodes)
-    onnx.save(model, str(dst / "model.onnx"), save_as_external_data=True, location="model.onnx.data",
-              size_threshold=1024)
+    bare_copy(src, dst, model)
     return cut
 
 

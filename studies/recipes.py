@@ -39,3 +39,16 @@ def derived(parent: str | Path, label: str, work: Path) -> Path:
     `parent`: named by the parent's content, so a rebuilt parent with other weights gets a new one."""
     held = checkpoint.content_hash(checkpoint.read_manifest(Path(parent)))[:12]
     return work / "derived" / f"{label}-{held}"
+
+
+def bare_copy(src: Path, dst: Path, model) -> Path:
+    """`model` (an edited graph of the checkpoint `src`) saved into `dst` with `src`'s other files linked, but
+    not its manifest, whose file table no longer fits: a bare ONNX folder for a study's variant."""
+    from compress import onnx_tools
+
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in Path(src).iterdir():
+        if f.name not in (onnx_tools.ONNX_FILE, onnx_tools.EXTERNAL_DATA, "manifest.json") and not (dst / f.name).exists():
+            (dst / f.name).symlink_to(f.resolve())
+    onnx_tools.save_model(model, dst, "auto")
+    return dst

@@ -44,28 +44,41 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(-1, keepdims=True))
 
 
-def main(argv=None) -> int:
-    from studies.fast_decoder import row
+class Fp32Reference:
+    """studies.fast_decoder's fused fp32 graph on 16 held-out Shakespeare windows of 256 tokens: `score` gives a
+    variant's KL to it, perplexity and top-1 agreement."""
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", type=Path, default=OUT)
-    args = ap.parse_args(argv)
-    set_threads(2)
-    src = Path(row("fused fp32")[0])
-    base = EdgeModel(src, threads=2)
-    ids = windows(base.tokenizer, DataSpec(source="builtin:shakespeare", split="test"), "eval", 16)
-    calib = windows(base.tokenizer, DataSpec(source="builtin:wikipedia", split="train"), "train", 32)
-    feeds = ort.calibration_feeds(src, calib, np.ones_like(calib), 4)
-    ref = log_softmax(np.concatenate([base.logits(ids[i:i + 1]) for i in range(len(ids))]))
+    def __init__(self, threads: int = 2):
+        from studies.fast_decoder import row
 
-    def score(model: EdgeModel) -> dict:
-        lq = log_softmax(np.concatenate([model.logits(ids[i:i + 1]) for i in range(len(ids))]))
-        nll = -np.take_along_axis(lq[:, :-1], ids[:, 1:, None], -1).mean()
+        self.path, self.threads = Path(row("fused fp32")[0]), threads
+        self.model = EdgeModel(self.path, threads=threads)
+        self.ids = windows(self.model.tokenizer, DataSpec(source="builtin:shakespeare", split="test"), "eval", 16)
+        self.ref = self._log_probs(self.model)
+
+    def _log_probs(self, model: EdgeModel) -> np.ndarray:
+        return log_softmax(np.concatenate([model.logits(self.ids[i:i + 1]) for i in range(len(self.ids))]))
+
+    def score(self, model: EdgeModel | Path) -> dict:
+        model = model if isinstance(model, EdgeModel) else EdgeModel(model, threads=self.threads)
+        ref, lq = self.ref, self._log_probs(model)
+        nll = -np.take_along_axis(lq[:, :-1], self.ids[:, 1:, None], -1).mean()
         return {"kl": round(float((np.exp(ref) * (ref - lq)).sum(-1).mean()), 5),
                 "perplexity": round(float(np.exp(nll)), 3),
                 "top1_agreement": round(float((lq.argmax(-1) == ref.argmax(-1)).mean()), 4)}
 
-    rows = [{"variant": "fp32", **score(base)}]
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    set_threads(2)
+    reference = Fp32Reference()
+    src, score = reference.path, reference.score
+    calib = windows(reference.model.tokenizer, DataSpec(source="builtin:wikipedia", split="train"), "train", 32)
+    feeds = ort.calibration_feeds(src, calib, np.ones_like(calib), 4)
+
+    rows = [{"variant": "fp32", **score(reference.model)}]
     print(rows[0], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         smoothed: dict[float, Path] = {}
@@ -83,8 +96,7 @@ def main(argv=None) -> int:
             shutil.rmtree(dst, ignore_errors=True)
             ort.weight_only(parent, dst, bits=8, block_size=block, accuracy_level=level, symmetric=True,
                             exclude=[], embeddings=True)
-            rows.append({"alpha": alpha, "block_size": block, "accuracy_level": level,
-                         **score(EdgeModel(dst, threads=2))})
+            rows.append({"alpha": alpha, "block_size": block, "accuracy_level": level, **score(dst)})
             print(rows[-1], flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "quality.json").write_text(json.dumps(rows, indent=1) + "\n")
