@@ -140,7 +140,9 @@ QUANT_METADATA_INPUTS = {"MatMulNBits": (2, 3), "GatherBlockQuantized": (2, 3), 
                          "QuantizeLinear": (1, 2), "MatMulInteger": (2, 3), "DynamicQuantizeMatMul": (2, 3, 4)}
 # ... and those read through a Cast or a Mul, by the names ONNX Runtime's quantizers and ours give them
 QUANT_METADATA_SUFFIXES = ("_scale", "_scale_fp16", "_zero_point")
-OFFSETS = "/offsets"  # compress/quant/ort.py's per-block offsets (<node>/offsets_fp16) and block-sum matrices
+# compress/quant/ort.py's per-block offsets (<node>/offsets_fp16), block-sum matrices and the Concat that appends
+# the block sums to a projection's input (its offsets folded into the weights as rows past x's K)
+OFFSETS = "/offsets"
 
 
 def onnx_params(path: Path) -> int:
@@ -156,12 +158,17 @@ def onnx_params(path: Path) -> int:
     # packed 4-bit weights hold two a byte: count the weights, not the bytes
     counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
     two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8
+    producer = {o: n for n in model.graph.node for o in n.output}
+    dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for n in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
         quant_inputs = QUANT_METADATA_INPUTS.get(n.op_type, ())
         skip.update(n.input[i] for i in quant_inputs if len(n.input) > i)
         if n.op_type == "MatMulNBits":
-            counts[n.input[1]] = int(attrs["N"]) * int(attrs["K"])
+            k, widened = int(attrs["K"]), producer.get(n.input[0])
+            if widened is not None and widened.op_type == "Concat" and OFFSETS in widened.name:
+                k = dims[producer[widened.input[1]].input[1]][0]  # offsets folded in as rows: x's K, the ones' rows
+            counts[n.input[1]] = int(attrs["N"]) * k
         elif n.op_type == "GatherBlockQuantized" and attrs.get("bits", 4) == 4:
             two_a_byte.add(n.input[0])
     total = 0

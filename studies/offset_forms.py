@@ -1,19 +1,20 @@
-"""Cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it ships.
+"""Cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it shipped.
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms [--pairs 8] [--threads 2]
         [--work /tmp/compress-offset-forms] [--out benchmarks/results/fast_decoder/vnni/offsets]
 
 The minmax graph (studies.fast_decoder's `fused int4 minmax (Q4_1's grid)`, compress/quant/ort.py
-`_add_offsets`) adds to each 4-bit projection the block sums of its input times a [blocks, N] table of
-offsets, stored fp16 and read as fp32 (ONNX Runtime folds the Cast): about 13 MB a token for SmolLM2, beside
-the 4-bit weights, and a MatMul and an Add per projection. The two forms tried here:
+`_add_offsets`) as it was before this study (built with `ort.OFFSET_ROUNDINGS = 0`) adds to each 4-bit
+projection the block sums of its input times a [blocks, N] table of offsets, stored fp16 and read as fp32
+(ONNX Runtime folds the Cast): about 13 MB a token for SmolLM2, beside the 4-bit weights, and a MatMul and
+an Add per projection. The two forms tried here (the quantizer now writes the second, three roundings):
 - `int8 table`: the offsets table as an 8-bit MatMulNBits (blocks of 16 rows, accuracy level 4): a quarter of
   the bytes, the same nodes;
 - `folded into K`: the block sums concatenated to the projection's input and the offsets appended to its
   4-bit weights as extra rows, twice (a 4-bit rounding and a 4-bit rounding of what it left) or three times,
-  so the offsets' MatMul and Add go and one Concat comes.
+  so the offsets' MatMul and Add go and one Concat comes (ort.py `_fold_offsets`, OFFSET_ROUNDINGS 2 or 3).
 Each is scored against the fp32 fused graph on held-out Shakespeare (KL, perplexity, top-1 agreement:
-studies.smooth_blocks' windows) and timed against the shipped form in pairs of fresh processes
+studies.smooth_blocks' windows) and timed against the fp16 table in pairs of fresh processes
 (studies.decode_ab). Writes summary.md (and each pair's results) to --out."""
 from __future__ import annotations
 
@@ -42,18 +43,6 @@ def _offset_nodes(graph):
             add = readers[n.output[0]][0]
             offsets = producer[next(i for i in add.input if i != n.output[0])]
             yield n, add, offsets, producer[offsets.input[1]]
-
-
-def _symmetric_4bit(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Codes in -8..7 and one scale per block of the last axis (MatMulNBits' default zero point 8)."""
-    scale = np.abs(blocks).max(-1) / 7.0
-    scale[scale == 0] = 1.0
-    return np.clip(np.round(blocks / scale[..., None]), -8, 7), scale
-
-
-def _pack(codes: np.ndarray) -> np.ndarray:
-    c = (codes + 8).astype(np.uint8)
-    return c[..., 0::2] | (c[..., 1::2] << 4)
 
 
 def int8_table(src: Path, dst: Path) -> int:
@@ -88,60 +77,6 @@ def int8_table(src: Path, dst: Path) -> int:
     return done
 
 
-def folded_into_k(src: Path, dst: Path, copies: int = 2) -> int:
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(src / "model.onnx"))
-    g = model.graph
-    inits = {i.name: i for i in g.initializer}
-    producer = {o: n for n in g.node for o in n.output}
-    widened: dict[str, str] = {}  # block sums -> the input with them appended twice
-    done = 0
-    for proj, add, offsets, cast in list(_offset_nodes(g)):
-        attrs = {a.name: helper.get_attribute_value(a) for a in proj.attribute}
-        k, n, block = attrs["K"], attrs["N"], attrs["block_size"]
-        table = numpy_helper.to_array(inits[cast.input[0]]).astype(np.float64)
-        kb = table.shape[0]
-        kp = -(-kb // block) * block
-        sums = offsets.input[0]
-        if sums not in widened:  # the block sums padded to whole blocks, then [x, sums, sums]
-            summing = producer[sums]
-            ones = numpy_helper.to_array(inits[summing.input[1]])
-            padded = np.zeros((ones.shape[0], kp), np.float32)
-            padded[:, :kb] = ones
-            name = summing.input[1] + f"_pad{kp}"
-            if name not in inits:
-                g.initializer.append(numpy_helper.from_array(padded, name))
-                inits[name] = g.initializer[-1]
-            summing.input[1] = name
-            widened[sums] = sums + "/widened"
-            g.node.insert(list(g.node).index(summing) + 1, helper.make_node(
-                "Concat", [summing.input[0]] + [sums] * copies, [widened[sums]], name=sums + "/concat", axis=-1))
-        full = np.zeros((kp, n))
-        full[:kb] = table
-        blocks = full.T.reshape(n, kp // block, block)
-        codes, scales = [numpy_helper.to_array(inits[proj.input[1]]).reshape(n, -1, block // 2)], \
-            [numpy_helper.to_array(inits[proj.input[2]]).reshape(n, -1)]
-        for _ in range(copies):  # each copy rounds what the ones before it left
-            q, scale = _symmetric_4bit(blocks)
-            blocks = blocks - q * scale[..., None]
-            codes.append(_pack(q))
-            scales.append(scale)
-        inits[proj.input[1]].CopyFrom(numpy_helper.from_array(np.concatenate(codes, 1), proj.input[1]))
-        inits[proj.input[2]].CopyFrom(numpy_helper.from_array(
-            np.concatenate(scales, 1).astype(np.float32).reshape(-1), proj.input[2]))
-        proj.input[0] = widened[sums]
-        next(a for a in proj.attribute if a.name == "K").i = k + copies * kp
-        proj.output[0] = add.output[0]
-        for gone in (add, offsets, cast):
-            g.node.remove(gone)
-        g.initializer.remove(inits[cast.input[0]])
-        done += 1
-    bare_copy(src, dst, model)
-    return done
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pairs", type=int, default=8)
@@ -155,14 +90,18 @@ def main(argv=None) -> int:
     from studies.fast_decoder import row
     from studies.smooth_blocks import Fp32Reference
 
-    shipped = Path(row(ROW)[0])
-    forms = {"int8 table": int8_table, "folded into K": folded_into_k,
-             "folded into K, 3 roundings": lambda src, dst: folded_into_k(src, dst, copies=3)}
-    paths = {"fp16 table (shipped)": shipped}
-    for label, write in forms.items():
-        paths[label] = args.work / label.replace(",", "").replace(" ", "-")
-        shutil.rmtree(paths[label], ignore_errors=True)
-        print(f"{label}: {write(shipped, paths[label])} offset corrections rewritten", flush=True)
+    from compress.quant import ort
+
+    def built(roundings: int) -> Path:  # the quantizer's graph at that many roundings, in a cache of its own
+        ort.OFFSET_ROUNDINGS = roundings
+        return Path(row(ROW, work=args.work / f"roundings-{roundings}")[0])
+
+    table = built(0)
+    forms = {"int8 table": args.work / "int8-table", "folded into K": built(2),
+             "folded into K, 3 roundings": built(3)}
+    shutil.rmtree(forms["int8 table"], ignore_errors=True)
+    print(f"int8 table: {int8_table(table, forms['int8 table'])} offset corrections rewritten", flush=True)
+    paths = {"fp16 table": table, **forms}
 
     reference = Fp32Reference(args.threads)
     quality = {}
@@ -176,15 +115,15 @@ def main(argv=None) -> int:
              "Quality against the fp32 fused graph (held-out Shakespeare, 16 windows of 256 tokens):", "",
              "| form | KL | perplexity | top-1 agreement |", "| --- | --- | --- | --- |",
              *[f"| {k} | {v['kl']} | {v['perplexity']} | {v['top1_agreement']} |" for k, v in quality.items()],
-             "", "Timed pair by pair against the shipped form:", ""]
+             "", "Timed pair by pair against the fp16 table:", ""]
     for label in forms:
         slug = label.replace(",", "").replace(" ", "-")
-        compare([(label, str(paths[label]), "ort-cpu"), ("fp16 table (shipped)", str(shipped), "ort-cpu")],
-                args.pairs, args.threads, args.out / slug, f"Offsets as {label} against the shipped fp16 table",
+        compare([(label, str(paths[label]), "ort-cpu"), ("fp16 table", str(table), "ort-cpu")],
+                args.pairs, args.threads, args.out / slug, f"Offsets as {label} against the fp16 table",
                 command)
         result = json.loads((args.out / slug / "results.json").read_text())
         dec, pre = result["decode_ratio_per_pair"], result["prefill_ratio_per_pair"]
-        lines.append(f"- {label}: decode {np.median(dec):.3f}x the shipped form's ({sum(r > 1 for r in dec)} of "
+        lines.append(f"- {label}: decode {np.median(dec):.3f}x the fp16 table's ({sum(r > 1 for r in dec)} of "
                      f"{len(dec)} pairs faster), prefill {np.median(pre):.3f}x ([pairs]({slug}/summary.md))")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "summary.md").write_text("\n".join(lines) + "\n")

@@ -450,6 +450,40 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
     assert error < (0.15 if bits == 4 else 0.01), error
 
 
+@pytest.mark.parametrize("algorithm", ["minmax", "hqq"])
+def test_4bit_offsets_fold_into_the_weights_as_rows(tmp_path, algorithm, monkeypatch):
+    """Per-block offsets of a 4-bit projection whose K is a multiple of the block become rows of its weights
+    read against the block sums appended to its input (no MatMul or Add of their own): the product equals
+    the fp16 table form's within three 4-bit roundings of the offsets, and the parameter count ignores the
+    rows. K not a multiple (a low-rank factor's, under HQQ; minmax leaves it float) keeps the table."""
+    import onnxruntime
+
+    from benchmarks.harness import onnx_params
+    from compress.quant import ort as ort_quant
+
+    w, x = _one_matmul(tmp_path / "src")  # K 96: blocks of 32 fold, blocks of 64 do not
+    outputs, graphs = {}, {}
+    for roundings, block in ((0, 32), (3, 32), (3, 64))[:3 if algorithm == "hqq" else 2]:
+        monkeypatch.setattr(ort_quant, "OFFSET_ROUNDINGS", roundings)
+        dst = tmp_path / f"r{roundings}-b{block}"
+        info = ort_quant.weight_only(tmp_path / "src", dst, bits=4, block_size=block, accuracy_level=0,
+                                     symmetric=False, exclude=[], algorithm=algorithm)
+        assert info["offset_corrections"] == 1
+        graphs[roundings, block] = onnx.load(str(dst / "model.onnx"))
+        outputs[roundings, block] = onnxruntime.InferenceSession(
+            graphs[roundings, block].SerializeToString()).run(None, {"x": x})[0]
+        assert onnx_params(dst) == w.size  # the weights once; no offsets, scales or appended rows
+    ops = {key: collections.Counter(n.op_type for n in g.graph.node) for key, g in graphs.items()}
+    assert ops[3, 32] == {"MatMulNBits": 1, "MatMul": 1, "Concat": 1}  # the block sums, appended
+    assert ops[0, 32] == ops.get((3, 64), ops[0, 32]) == {"MatMulNBits": 1, "MatMul": 2, "Cast": 1, "Add": 1}
+    (node,) = [n for n in graphs[3, 32].graph.node if n.op_type == "MatMulNBits"]
+    assert {a.name: a.i for a in node.attribute}["K"] == 96 + 3 * 32  # 3 blocks of sums, padded to one block
+    table, folded = outputs[0, 32], outputs[3, 32]
+    scale = np.abs(table).max()
+    assert 0 < np.abs(folded - table).max() < 5e-4 * scale  # three roundings of the offsets (two: 7e-4, 1.2e-3)
+    assert np.abs(table - x @ w).mean() > 10 * np.abs(folded - table).mean()  # far below the 4-bit grid's error
+
+
 @pytest.mark.parametrize("algorithm", ["k_quant", "gptq"])
 def test_k_quant_and_gptq_with_an_odd_number_of_blocks_per_row(tmp_path, algorithm):
     """ONNX Runtime's k_quant / gptq packed the 4-bit zero points across rows and failed ('cannot reshape

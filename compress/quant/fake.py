@@ -10,12 +10,13 @@ Grids reproduced bit for bit (checked against ONNX Runtime in tests/test_qad.py)
     q = clamp(roundf(w * (1 / s) + z), 0, 2^b - 1)  (roundf: halves away from zero; 1/s = 0 when s = 0),
     w_hat = (q - z) * s.
 - `algorithm: minmax` (llama.cpp's Q4_1 grid): 4-bit blocks spanning exactly [min, max] of the block, the
-  minimum kept as a float offset; stored as MatMulNBits codes around the default zero point 8 plus an fp16
-  per-block offset added after the MatMul (compress/quant/ort.py `_minmax_4bit`, `minmax_grid` below):
+  minimum kept as a float offset; stored as MatMulNBits codes around the default zero point 8 plus the
+  per-block offsets (compress/quant/ort.py `_minmax_4bit`, `minmax_grid` below):
     s = (max - min) / 15, q = clamp(round_half_even((w - min) * (1 / s)), 0, 15)  (1/s = 0 when s = 0),
     offset = fp16(min + 8 s), w_hat = (q - 8) s + offset.
   A weight already on such a grid (a dequantized Q4_1 GGUF) is reproduced exactly, up to fp16's rounding of
-  the offset.
+  the offset and, where the export folds the offsets into the weights as rows (ort.py `_fold_offsets`), their
+  three 4-bit roundings (within 1/2744 of the largest offset of each group of block_size blocks).
 - Embedding tables read by a Gather, and a tied LM head (the same table) -> int8 blocks of compress/quant/ort.py
   `_quantize_tables`: s = max(absmax / 127, 1e-12) per block of the row, q = clip(round_half_even(w / s), -127, 127),
   w_hat = q * s; with `embedding_bits` 4, MatMulNBits' symmetric 4-bit RTN grid above in blocks of `block_size`.

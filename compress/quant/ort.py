@@ -342,52 +342,112 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, dict[str,
 
 
 def _pack_4bit(codes) -> np.ndarray:
-    """4-bit codes (a float tensor [..., block] of 0..15) packed as MatMulNBits and GatherBlockQuantized read
-    them: two codes a byte, the even one in the low nibble ([..., block / 2] uint8)."""
-    import torch
-
-    q = codes.to(torch.uint8).numpy()
+    """4-bit codes (a float array or CPU tensor [..., block] of 0..15) packed as MatMulNBits and
+    GatherBlockQuantized read them: two codes a byte, the even one in the low nibble ([..., block / 2] uint8)."""
+    q = np.asarray(codes).astype(np.uint8)
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
-def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
-    """Adds to each MatMulNBits named in `offsets` (a [blocks, N] table) sum_b (x summed over block b) offset_b:
-    the per-block sums of its input (shared by the projections that read it; x @ E, E [K, blocks] of ones per
-    block, one node where Reshape + ReduceSum is two) and a small MatMul by the offsets, stored fp16 (ONNX
-    Runtime folds their Cast when the session starts; fp16's 2^-11 relative error is far below a
-    quantization step). Returns how many were added."""
-    from onnx import TensorProto, helper, numpy_helper
+# 4-bit roundings of a folded offsets table (_fold_offsets): each rounds what the ones before left, so the
+# table is kept to 1/14^3 of the largest offset of each group of `block` blocks (fp16 keeps 2^-11 of each).
+# studies.offset_forms sets 0 (the fp16 table everywhere) to measure against it.
+OFFSET_ROUNDINGS = 3
 
+
+def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
+    """Adds to each MatMulNBits named in `offsets` (a [blocks, N] table) sum_b (x summed over block b) offset_b.
+    The per-block sums of its input come from one MatMul by a [K, blocks] matrix of ones per block (shared by
+    the projections that read that input). A 4-bit projection whose K is a multiple of its block takes the
+    offsets folded into its weights (_fold_offsets: no node of its own); any other adds a MatMul by the table
+    (fp16 on disk, its Cast folded when the session starts) and an Add. Returns how many were added."""
     graph = model.graph
     inits = {i.name for i in graph.initializer}
-    sums: dict[tuple[str, int], str] = {}  # (input, block size) -> its per-block sums
+    made: dict[tuple[str, int, int], str] = {}  # (input, block size, columns) -> its per-block sums
     for node in list(graph.node):
         if node.name not in offsets:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         k, block = attrs["K"], attrs["block_size"]
-        key = (node.input[0], block)
-        if key not in sums:
-            ones = f"/offsets/block_ones_{k}_{block}"
-            if ones not in inits:  # a last block shorter than `block` (K not a multiple) sums what it has
-                inits.add(ones)
-                table = np.zeros((k, -(-k // block)), np.float32)
-                table[np.arange(k), np.arange(k) // block] = 1
-                graph.initializer.append(numpy_helper.from_array(table, ones))
-            total = f"{node.name}/block_sums"
-            at = list(graph.node).index(node)  # before the first reader: its input exists by then
-            graph.node.insert(at, helper.make_node("MatMul", [node.input[0], ones], [total], name=total))
-            sums[key] = total
-        stored, table = f"{node.name}/offsets_fp16", f"{node.name}/offsets"
-        graph.initializer.append(numpy_helper.from_array(offsets[node.name].astype(np.float16), stored))
-        out, raw = node.output[0], node.output[0] + "/codes"
-        node.output[0] = raw
-        correction = f"{node.name}/offset"
-        at = list(graph.node).index(node) + 1  # right after it: its readers come later
-        graph.node.insert(at, helper.make_node("Add", [raw, correction], [out], name=f"{node.name}/add_offset"))
-        graph.node.insert(at, helper.make_node("MatMul", [sums[key], table], [correction], name=correction))
-        graph.node.insert(at, helper.make_node("Cast", [stored], [table], name=table, to=TensorProto.FLOAT))
+        fold = OFFSET_ROUNDINGS and attrs["bits"] == 4 and not k % block and len(node.input) == 3
+        blocks = -(-k // block)
+        columns = -(-blocks // block) * block if fold else blocks  # folded sums fill whole blocks of K
+        key = (node.input[0], block, columns)
+        if key not in made:
+            made[key] = _block_sums(graph, inits, node, block, columns, concat=OFFSET_ROUNDINGS if fold else 0)
+        if fold:
+            _fold_offsets(graph, node, made[key], offsets[node.name], columns)
+        else:
+            _offset_table(graph, node, made[key], offsets[node.name])
     return len(offsets)
+
+
+def _block_sums(graph, inits: set[str], node, block: int, columns: int, concat: int) -> str:
+    """The sums of `node`'s input over each block of `block` channels (a MatMul by ones, zero columns up to
+    `columns`), inserted before `node`; with `concat`, the input followed by that many copies of them."""
+    from onnx import helper, numpy_helper
+
+    k = {a.name: a.i for a in node.attribute}["K"]
+    ones = f"/offsets/block_ones_{k}_{block}_{columns}"
+    if ones not in inits:  # a last block shorter than `block` (K not a multiple) sums what it has
+        inits.add(ones)
+        table = np.zeros((k, columns), np.float32)
+        table[np.arange(k), np.arange(k) // block] = 1
+        graph.initializer.append(numpy_helper.from_array(table, ones))
+    total = f"{node.name}/block_sums"
+    at = list(graph.node).index(node)  # before the first reader: its input exists by then
+    graph.node.insert(at, helper.make_node("MatMul", [node.input[0], ones], [total], name=total))
+    if not concat:
+        return total
+    widened = f"{node.name}/offsets/with_block_sums"
+    graph.node.insert(at + 1, helper.make_node("Concat", [node.input[0]] + [total] * concat, [widened],
+                                               name=widened, axis=-1))
+    return widened
+
+
+def _offset_table(graph, node, sums: str, offsets: np.ndarray) -> None:
+    """`node`'s output + `sums` @ `offsets` (stored fp16: its 2^-11 relative error is far below a step)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    stored, table = f"{node.name}/offsets_fp16", f"{node.name}/offsets"
+    graph.initializer.append(numpy_helper.from_array(offsets.astype(np.float16), stored))
+    out, raw = node.output[0], node.output[0] + "/codes"
+    node.output[0] = raw
+    correction = f"{node.name}/offset"
+    at = list(graph.node).index(node) + 1  # right after it: its readers come later
+    graph.node.insert(at, helper.make_node("Add", [raw, correction], [out], name=f"{node.name}/add_offset"))
+    graph.node.insert(at, helper.make_node("MatMul", [sums, table], [correction], name=correction))
+    graph.node.insert(at, helper.make_node("Cast", [stored], [table], name=table, to=TensorProto.FLOAT))
+
+
+def _fold_offsets(graph, node, widened: str, offsets: np.ndarray, columns: int) -> None:
+    """The offsets as more rows of `node`'s 4-bit weights, read against copies of the block sums appended
+    to its input (_block_sums' Concat): x @ W + sums @ T = [x, sums, sums, ...] @ [W; T1; T2; ...], where
+    T1 + T2 + ... is T in OFFSET_ROUNDINGS symmetric 4-bit roundings, each of what the ones before left.
+    Decoding reads 4-bit rows where the table read fp32 (SmolLM2: 1.10x the decode, 0.95x the prefill;
+    studies.offset_forms)."""
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in graph.initializer}
+    attrs = {a.name: a for a in node.attribute}
+    k, n, block = attrs["K"].i, attrs["N"].i, attrs["block_size"].i
+    packed, scales = (numpy_helper.to_array(inits[node.input[i]]) for i in (1, 2))
+    rest = np.zeros((n, columns), np.float64)  # [N, columns]: the table, zero up to whole blocks
+    rest[:, :offsets.shape[0]] = offsets.T
+    rest = rest.reshape(n, -1, block)
+    codes, steps = [packed.reshape(n, -1, block // 2)], [scales.reshape(n, -1)]
+    for _ in range(OFFSET_ROUNDINGS):
+        step = (np.abs(rest).max(-1) / 7).astype(scales.dtype)
+        step[step == 0] = 1
+        q = np.clip(np.round(rest / step[..., None]), -8, 7)
+        rest = rest - q * step[..., None].astype(np.float64)  # what this rounding left, in the stored steps
+        codes.append(_pack_4bit(q + 8))
+        steps.append(step)
+    inits[node.input[1]].CopyFrom(numpy_helper.from_array(np.concatenate(codes, 1), node.input[1]))
+    steps = np.concatenate(steps, 1)
+    inits[node.input[2]].CopyFrom(numpy_helper.from_array(steps.reshape(-1) if scales.ndim == 1 else steps,
+                                                          node.input[2]))
+    node.input[0] = widened
+    attrs["K"].i = k + OFFSET_ROUNDINGS * columns
 
 
 def _set_accuracy_level(model, level: int) -> None:
