@@ -1,18 +1,17 @@
-"""Cheaper forms of the int4 minmax graph's per-block offsets, against the exact fp16 tables it shipped.
+"""Cheaper forms of the int4 minmax graph's per-block offsets, against its exact fp16 tables.
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.offset_forms [--pairs 8] [--threads 2]
         [--work /tmp/compress-offset-forms] [--out benchmarks/results/fast_decoder/vnni/offsets]
 
 The minmax graph (studies.fast_decoder's `fused int4 minmax (Q4_1's grid)`, compress/quant/ort.py
-`_add_offsets`) as it was before this study (built with `ort.OFFSET_ROUNDINGS = 0`) adds to each 4-bit
-projection the block sums of its input times a [blocks, N] table of offsets, stored fp16 and read as fp32
-(ONNX Runtime folds the Cast): about 13 MB a token for SmolLM2, beside the 4-bit weights, and a MatMul and
-an Add per projection. The two forms tried here (the quantizer now writes the second, three roundings):
+`_add_offsets`) with `offset_roundings: 0` (the default) adds to each 4-bit projection the block sums of its
+input times a [blocks, N] table of offsets, stored fp16 and read as fp32 (ONNX Runtime folds the Cast): about
+13 MB a token for SmolLM2, beside the 4-bit weights, and a MatMul and an Add per projection. The two forms tried here (the quantizer writes the second with `offset_roundings`):
 - `int8 table`: the offsets table as an 8-bit MatMulNBits (blocks of 16 rows, accuracy level 4): a quarter of
   the bytes, the same nodes;
 - `folded into K`: the block sums concatenated to the projection's input and the offsets appended to its
   4-bit weights as extra rows, twice (a 4-bit rounding and a 4-bit rounding of what it left) or three times,
-  so the offsets' MatMul and Add go and one Concat comes (ort.py `_fold_offsets`, OFFSET_ROUNDINGS 2 or 3).
+  so the offsets' MatMul and Add go and one Concat comes (ort.py `_fold_offsets`, `offset_roundings` 2 or 3).
 Each is scored against the fp32 fused graph on held-out Shakespeare (KL, perplexity, top-1 agreement:
 studies.smooth_blocks' windows) and timed against the fp16 table in pairs of fresh processes
 (studies.decode_ab). Writes summary.md (and each pair's results) to --out."""
@@ -87,14 +86,13 @@ def main(argv=None) -> int:
     import shutil
 
     from studies.decode_ab import compare
-    from studies.fast_decoder import row
+    from studies.fast_decoder import VARIANTS, build
     from studies.smooth_blocks import Fp32Reference
 
-    from compress.quant import ort
+    *export, (quantize, options) = VARIANTS[ROW][1]
 
-    def built(roundings: int) -> Path:  # the quantizer's graph at that many roundings, in a cache of its own
-        ort.OFFSET_ROUNDINGS = roundings
-        return Path(row(ROW, work=args.work / f"roundings-{roundings}")[0])
+    def built(roundings: int) -> Path:  # the row's graph with `offset_roundings`, built in --work
+        return Path(build(export + [(quantize, {**options, "offset_roundings": roundings})], args.work, print))
 
     table = built(0)
     forms = {"int8 table": args.work / "int8-table", "folded into K": built(2),

@@ -283,6 +283,12 @@ def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
             zero_points = {n.input[3] for n in graph.graph.node if n.op_type == "MatMulNBits" and len(n.input) > 3}
             assert out.info["offset_corrections"] == 4 * 4  # one per 4-bit MatMul
             assert all(i.data_type == onnx.TensorProto.UINT8 for i in graph.graph.initializer if i.name in zero_points)
+    folded = get("quantize")(method="ort-int8-dynamic", weight_bits=4, algorithm="minmax", min_agreement=0.0,
+                             offset_roundings=3).run(load(path), ctx)  # the offsets as rows of the 4-bit weights
+    ops = Counter(n.op_type for n in onnx.load(str(folded.onnx_dir / "model.onnx")).graph.node)
+    assert folded.quantization["offset_roundings"] == 3 and folded.info["offset_corrections"] == 4 * 4
+    assert ops["Concat"] == 4 * 4 and not ops["Add"]  # a block sums Concat per input read: qkv, o, gate_up, down
+    assert abs(folded.info["discrepancy"]["mean_abs_error"] - error["minmax"]) < 0.05 * error["minmax"]
     assert error["hqq"] < error["rtn"] and error["k_quant"] < error["rtn"] and error["minmax"] < error["rtn"], error
     with pytest.raises(Exception, match="k_quant quantizes to 4 bits"):
         get("quantize")(method="ort-int8-dynamic", algorithm="k_quant")

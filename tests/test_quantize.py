@@ -451,7 +451,7 @@ def test_hqq_zero_points_become_integer_at_both_widths_and_any_k(tmp_path, bits)
 
 
 @pytest.mark.parametrize("algorithm", ["minmax", "hqq"])
-def test_4bit_offsets_fold_into_the_weights_as_rows(tmp_path, algorithm, monkeypatch):
+def test_4bit_offsets_fold_into_the_weights_as_rows(tmp_path, algorithm):
     """Per-block offsets of a 4-bit projection whose K is a multiple of the block become rows of its weights
     read against the block sums appended to its input (no MatMul or Add of their own): the product equals
     the fp16 table form's within three 4-bit roundings of the offsets, and the parameter count ignores the
@@ -464,10 +464,9 @@ def test_4bit_offsets_fold_into_the_weights_as_rows(tmp_path, algorithm, monkeyp
     w, x = _one_matmul(tmp_path / "src")  # K 96: blocks of 32 fold, blocks of 64 do not
     outputs, graphs = {}, {}
     for roundings, block in ((0, 32), (3, 32), (3, 64))[:3 if algorithm == "hqq" else 2]:
-        monkeypatch.setattr(ort_quant, "OFFSET_ROUNDINGS", roundings)
         dst = tmp_path / f"r{roundings}-b{block}"
         info = ort_quant.weight_only(tmp_path / "src", dst, bits=4, block_size=block, accuracy_level=0,
-                                     symmetric=False, exclude=[], algorithm=algorithm)
+                                     symmetric=False, exclude=[], algorithm=algorithm, offset_roundings=roundings)
         assert info["offset_corrections"] == 1
         graphs[roundings, block] = onnx.load(str(dst / "model.onnx"))
         outputs[roundings, block] = onnxruntime.InferenceSession(
@@ -482,6 +481,9 @@ def test_4bit_offsets_fold_into_the_weights_as_rows(tmp_path, algorithm, monkeyp
     scale = np.abs(table).max()
     assert 0 < np.abs(folded - table).max() < 5e-4 * scale  # three roundings of the offsets (two: 7e-4, 1.2e-3)
     assert np.abs(table - x @ w).mean() > 10 * np.abs(folded - table).mean()  # far below the 4-bit grid's error
+    for bad in ({"algorithm": "rtn", "weight_bits": 4}, {"algorithm": "hqq", "weight_bits": 8}):
+        with pytest.raises(ConfigError, match="offset_roundings folds the per-block offsets"):
+            get("quantize")(method="ort-int8-dynamic", offset_roundings=3, **bad)
 
 
 @pytest.mark.parametrize("algorithm", ["k_quant", "gptq"])

@@ -161,7 +161,7 @@ def weight_of(model, node_name: str) -> np.ndarray:
 def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_level: int, symmetric: bool,
                 exclude: list[str], embeddings: bool = False, algorithm: str = "rtn",
                 feeds: list[dict] | None = None, eight_bit: list[str] | None = None, embedding_bits: int = 8,
-                smooth_alpha: float | None = None) -> dict:
+                smooth_alpha: float | None = None, offset_roundings: int = 0) -> dict:
     """MatMulNBits: weights int4/int8 in blocks along the input dimension, dequantized inside the kernel.
     accuracy_level 4 computes with int8 activations quantized per block (fast with VNNI, outlier-tolerant);
     0 computes in fp32. With `embeddings`, embedding tables (Gather) become int8 as well, or 4-bit with
@@ -175,7 +175,10 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     blocks most sensitive to 4 bits), all in one symmetric 8-bit RTN pass.
 
     `smooth_alpha` (8 bits) first evens out the activation channels each block of int8 activations shares,
-    calibrated on `feeds`, only where a producer's constant takes the division: no node is added."""
+    calibrated on `feeds`, only where a producer's constant takes the division: no node is added.
+
+    minmax and hqq leave per-block offsets: an fp16 table, or with `offset_roundings` folded into the 4-bit
+    weights in that many roundings (_add_offsets)."""
     from onnxruntime.quantization import matmul_nbits_quantizer as mnq
 
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
@@ -200,7 +203,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     if algorithm == "minmax":
         if bits != 4:
             raise ValueError("algorithm minmax is a 4-bit grid; set bits=4")
-        offsets, left = _minmax_4bit(model, set(excluded + head + kept), block_size)
+        offsets, left = _minmax_4bit(model, set(excluded + head + kept), block_size, offset_roundings)
     else:
         matmuls = ("MatMul",)
         if algorithm == "hqq":
@@ -221,7 +224,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         with _printed_to_log(), _zero_points_per_row():  # k_quant / gptq print progress bars
             q.process()
         model = q.model.model if hasattr(q.model, "model") else q.model
-        offsets = _integer_zero_points(model) if algorithm == "hqq" else 0
+        offsets = _integer_zero_points(model, offset_roundings) if algorithm == "hqq" else 0
     _set_accuracy_level(model, accuracy_level)
     tables = (_quantize_tables(model, excluded, four_bit_block=block_size if embedding_bits == 4 else None)
               if embeddings else {"int8_embedding_tables": []})
@@ -275,7 +278,7 @@ def _zero_points_per_row():
         yield
 
 
-def _integer_zero_points(model) -> int:
+def _integer_zero_points(model, roundings: int) -> int:
     """HQQ leaves float zero points, for which MatMulNBits has no fast 4-bit kernel (SmolLM2: 6 tok/s instead of
     ~70) and no 8-bit kernel at all. Rewrite exactly: w = s (q - z) = s (q - m) + s (m - z): MatMulNBits without
     a zero point input (the kernel's default m = 2^(bits-1), its fastest path) plus the per-block offsets
@@ -297,10 +300,10 @@ def _integer_zero_points(model) -> int:
         offsets[node.name] = (scale * (middle - numpy_helper.to_array(zp).reshape(n, blocks))).T  # [blocks, N]
         graph.initializer.remove(zp)
         del node.input[3]
-    return _add_offsets(model, offsets)
+    return _add_offsets(model, offsets, roundings)
 
 
-def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, dict[str, int]]:
+def _minmax_4bit(model, skip: set[str], block_size: int, roundings: int) -> tuple[int, dict[str, int]]:
     """`algorithm: minmax` (the grid of compress/quant/fake.py `minmax_grid`, llama.cpp's Q4_1): every MatMul
     with a float [K, N] weight initializer, not in `skip`, becomes MatMulNBits (4-bit codes around the default
     zero point 8, float32 scales) plus its fp16 per-block offsets (_add_offsets). Returns how many, and the
@@ -338,7 +341,7 @@ def _minmax_4bit(model, skip: set[str], block_size: int) -> tuple[int, dict[str,
         if not readers[node.input[1]]:
             graph.initializer.remove(inits[node.input[1]])
         offsets[name] = offset.numpy().T  # [blocks, N]
-    return _add_offsets(model, offsets), left
+    return _add_offsets(model, offsets, roundings), left
 
 
 def _pack_4bit(codes) -> np.ndarray:
@@ -348,18 +351,13 @@ def _pack_4bit(codes) -> np.ndarray:
     return q[..., 0::2] | (q[..., 1::2] << 4)
 
 
-# 4-bit roundings of a folded offsets table (_fold_offsets): each rounds what the ones before left, so the
-# table is kept to 1/14^3 of the largest offset of each group of `block` blocks (fp16 keeps 2^-11 of each).
-# studies.offset_forms sets 0 (the fp16 table everywhere) to measure against it.
-OFFSET_ROUNDINGS = 3
-
-
-def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
+def _add_offsets(model, offsets: dict[str, np.ndarray], roundings: int) -> int:
     """Adds to each MatMulNBits named in `offsets` (a [blocks, N] table) sum_b (x summed over block b) offset_b.
     The per-block sums of its input come from one MatMul by a [K, blocks] matrix of ones per block (shared by
-    the projections that read that input). A 4-bit projection whose K is a multiple of its block takes the
-    offsets folded into its weights (_fold_offsets: no node of its own); any other adds a MatMul by the table
-    (fp16 on disk, its Cast folded when the session starts) and an Add. Returns how many were added."""
+    the projections that read that input). With `roundings`, a 4-bit projection whose K is a multiple of its
+    block takes the offsets folded into its weights (_fold_offsets: no node of its own); otherwise it adds a
+    MatMul by the table (fp16 on disk, its Cast folded when the session starts) and an Add. Returns how many
+    were added."""
     graph = model.graph
     inits = {i.name for i in graph.initializer}
     made: dict[tuple[str, int, int], str] = {}  # (input, block size, columns) -> its per-block sums
@@ -368,14 +366,14 @@ def _add_offsets(model, offsets: dict[str, np.ndarray]) -> int:
             continue
         attrs = {a.name: a.i for a in node.attribute}
         k, block = attrs["K"], attrs["block_size"]
-        fold = OFFSET_ROUNDINGS and attrs["bits"] == 4 and not k % block and len(node.input) == 3
+        fold = roundings and attrs["bits"] == 4 and not k % block and len(node.input) == 3
         blocks = -(-k // block)
         columns = -(-blocks // block) * block if fold else blocks  # folded sums fill whole blocks of K
         key = (node.input[0], block, columns)
         if key not in made:
-            made[key] = _block_sums(graph, inits, node, block, columns, concat=OFFSET_ROUNDINGS if fold else 0)
+            made[key] = _block_sums(graph, inits, node, block, columns, concat=roundings if fold else 0)
         if fold:
-            _fold_offsets(graph, node, made[key], offsets[node.name], columns)
+            _fold_offsets(graph, node, made[key], offsets[node.name], columns, roundings)
         else:
             _offset_table(graph, node, made[key], offsets[node.name])
     return len(offsets)
@@ -419,12 +417,13 @@ def _offset_table(graph, node, sums: str, offsets: np.ndarray) -> None:
     graph.node.insert(at, helper.make_node("Cast", [stored], [table], name=table, to=TensorProto.FLOAT))
 
 
-def _fold_offsets(graph, node, widened: str, offsets: np.ndarray, columns: int) -> None:
+def _fold_offsets(graph, node, widened: str, offsets: np.ndarray, columns: int, roundings: int) -> None:
     """The offsets as more rows of `node`'s 4-bit weights, read against copies of the block sums appended
     to its input (_block_sums' Concat): x @ W + sums @ T = [x, sums, sums, ...] @ [W; T1; T2; ...], where
-    T1 + T2 + ... is T in OFFSET_ROUNDINGS symmetric 4-bit roundings, each of what the ones before left.
-    Decoding reads 4-bit rows where the table read fp32 (SmolLM2: 1.10x the decode, 0.95x the prefill;
-    studies.offset_forms)."""
+    T1 + T2 + ... is T in `roundings` symmetric 4-bit roundings, each of what the ones before left: T is kept
+    to 1/14^roundings of the largest offset of each group of `block` blocks (fp16 keeps 2^-11 of each).
+    Decoding reads 4-bit rows where the table was read as fp32 (SmolLM2 at 3 roundings: 1.10x the decode,
+    0.95x the prefill; studies.offset_forms)."""
     from onnx import numpy_helper
 
     inits = {i.name: i for i in graph.initializer}
@@ -435,7 +434,7 @@ def _fold_offsets(graph, node, widened: str, offsets: np.ndarray, columns: int) 
     rest[:, :offsets.shape[0]] = offsets.T
     rest = rest.reshape(n, -1, block)
     codes, steps = [packed.reshape(n, -1, block // 2)], [scales.reshape(n, -1)]
-    for _ in range(OFFSET_ROUNDINGS):
+    for _ in range(roundings):
         step = (np.abs(rest).max(-1) / 7).astype(scales.dtype)
         step[step == 0] = 1
         q = np.clip(np.round(rest / step[..., None]), -8, 7)
@@ -447,7 +446,7 @@ def _fold_offsets(graph, node, widened: str, offsets: np.ndarray, columns: int) 
     inits[node.input[2]].CopyFrom(numpy_helper.from_array(steps.reshape(-1) if scales.ndim == 1 else steps,
                                                           node.input[2]))
     node.input[0] = widened
-    attrs["K"].i = k + OFFSET_ROUNDINGS * columns
+    attrs["K"].i = k + roundings * columns
 
 
 def _set_accuracy_level(model, level: int) -> None:
