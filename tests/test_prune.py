@@ -200,7 +200,11 @@ def test_pruned_model_exports_to_onnx(pruned, ctx, fam):
 def test_round_to_and_actual_ratio(ctx):
     out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.3, round_to=16)
     assert out.model.config.intermediate_size == 48  # 64 * 0.7 = 44.8 -> 48
-    assert out.info["mlp"]["ratio_actual"] == 0.25
+    assert out.info["mlp"]["ratio_actual"] == 0.25 and "not ratio=0.3" in out.info["mlp"]["note"]
+    out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.99, round_to=16)  # 0.64 channels: one multiple
+    assert out.model.config.intermediate_size == 16 and "at least one" in out.info["mlp"]["note"]
+    out = prune(art(tiny_llama()), ctx, targets=["mlp"], ratio=0.25, round_to=16)  # exact: no note
+    assert out.info["mlp"]["ratio_actual"] == 0.25 and "note" not in out.info["mlp"]
 
 
 def test_global_ratio_above_min_keep_keeps_the_floor_and_says_so(ctx):
@@ -259,6 +263,13 @@ def test_bad_combinations_are_refused(ctx):
         prune(art(tiny_llama()), PassContext(), importance="activation")
     with pytest.raises(ConfigError, match="unknown option"):
         passes.get("prune")(ratoi=0.3)
+    # an option whose target is not pruned would be ignored: the user meant something else
+    with pytest.raises(ConfigError, match=r"layer_ratio applies to targets: \[layers\].*add layers"):
+        passes.get("prune")(targets=["mlp"], layer_ratio=0.2)
+    with pytest.raises(ConfigError, match=r"gqa applies to targets: \[heads\]"):
+        passes.get("prune")(targets=["mlp"], gqa="query")
+    with pytest.raises(ConfigError, match="scope: global ranks MLP channels"):
+        passes.get("prune")(targets=["layers"], scope="global")
 
 
 def test_unsupported_architecture_is_named():

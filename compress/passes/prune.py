@@ -85,6 +85,13 @@ class PruneConfig(PassConfig):
         if self.importance == "taylor" and "hidden" in self.targets:
             raise ValueError("targets hidden: importance taylor is not offered for hidden channels; use activation "
                              "(Minitron's criterion) or magnitude")
+        for option, target in (("layer_ratio", "layers"), ("gqa", "heads")):
+            if option in self.model_fields_set and target not in self.targets:
+                raise ValueError(f"{option} applies to targets: [{target}], which are not pruned here; add "
+                                 f"{target} to targets or remove {option}")
+        if self.scope == "global" and "mlp" not in self.targets:
+            raise ValueError("scope: global ranks MLP channels across layers; add mlp to targets or use scope: "
+                             "uniform")
         if self.ignore and set(self.targets) == {"hidden"}:
             raise ValueError("ignore leaves blocks untouched, but the hidden width is shared by every block; "
                              "remove ignore (it applies to targets layers, heads and mlp)")
@@ -453,6 +460,10 @@ class Prune(Pass):
         elif info["ratio_actual"] == 0 and c.ratio > 0:
             info["note"] = (f"ratio={c.ratio} removes no MLP channels: widths are rounded to a multiple of "
                             f"round_to={c.round_to}; use a larger ratio or a smaller round_to")
+        elif c.scope == "uniform" and abs(info["ratio_actual"] - c.ratio) > 0.01:
+            info["note"] = (f"pruned {info['ratio_actual']:.1%} of the MLP channels, not ratio={c.ratio}: each "
+                            f"layer keeps a multiple of round_to={c.round_to} channels, at least one; use a "
+                            "smaller round_to to come closer")
         field = ad.intermediate_field
         if len(set(widths)) == 1 and field in net.config.to_dict():  # uniform: a stock config says it all
             setattr(net.config, field, widths[0])
