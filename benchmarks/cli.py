@@ -123,6 +123,27 @@ def _check_output_folder(folder: str, option: str) -> None:
                               "it, e.g. runs/bench")
 
 
+def _keep_previous(out: Path) -> Path | None:
+    """An earlier bench's results in `out` (results.json, reports, plots, log) moved to previous/<when it was
+    written>/ so that this bench does not write over them; that folder, or None."""
+    import time
+
+    from .report import RESULTS
+
+    old = out / RESULTS
+    if not old.is_file():
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(old.stat().st_mtime))
+    dest, n = out / "previous" / stamp, 1
+    while dest.exists():
+        dest, n = out / "previous" / f"{stamp}-{n}", n + 1
+    dest.mkdir(parents=True)
+    for f in [old, out / "report.md", out / "report.html", out / "bench.log", *out.glob("*.png")]:
+        if f.is_file():
+            f.replace(dest / f.name)
+    return dest
+
+
 def _same_target(a: str, b: str) -> bool:
     """Two spellings of one target: the same existing path (`runs/x/01-prune` and `runs/x/01-prune/`), or the
     same model source."""
@@ -164,6 +185,9 @@ def cmd_bench(args) -> int:
                               "builtin:smollm2-135m")
         if args.baseline:
             resolve_baseline(args.baseline, task)
+    kept = _keep_previous(out)
+    if kept:
+        print(f"bench: the earlier results in {out} are kept in {kept}", file=sys.stderr)
     log_file = out / "bench.log"
     command = "compress bench " + " ".join(shlex.quote(a) for a in sys.argv[2:]) \
         if len(sys.argv) > 1 and sys.argv[1] == "bench" else args.command_text

@@ -105,12 +105,18 @@ def test_bench_cli_takes_paths_relative_to_where_it_runs(tiny_llama_dir, tmp_pat
     from pipelines.cli import main
 
     monkeypatch.chdir(tmp_path)
-    rc = main(["bench", os.path.relpath(tiny_llama_dir), "--output", "out", "--no-progress", "--no-latency",
-               "--quality", "perplexity", "--data", "builtin:shakespeare", "--max-tokens", "96", "--window", "32",
-               "--threads", "1"])
+    args = ["bench", os.path.relpath(tiny_llama_dir), "--output", "out", "--no-progress", "--no-latency",
+            "--quality", "perplexity", "--data", "builtin:shakespeare", "--max-tokens", "96", "--window", "32",
+            "--threads", "1"]
+    rc = main(args)
     assert rc == 0, capsys.readouterr().err
     (record,) = json.loads((tmp_path / "out" / "results.json").read_text())["records"]
     assert "error" not in record and 1 < record["quality"]["perplexity"] < 1e6
+    first = (tmp_path / "out" / "results.json").read_text()
+    assert main(args) == 0  # a second bench into the same folder keeps the first's results
+    (kept,) = (tmp_path / "out" / "previous").iterdir()
+    assert (kept / "results.json").read_text() == first and (kept / "report.md").is_file()
+    assert "are kept in" in capsys.readouterr().err
 
 
 def test_bench_caps_apply_to_the_default_data_without_data(tmp_path, tiny_llama_dir, capsys):
