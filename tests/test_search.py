@@ -192,6 +192,32 @@ def test_an_interrupted_search_resumes_without_redoing_trials(tiny_llama_dir, tm
     assert search.progress.ran == 0 and len(third.rows) == len(second.rows)
 
 
+def test_trials_another_process_is_running_count_against_the_budget(tiny_llama_dir, tmp_path):
+    """Processes sharing one storage each counted only the finished trials, so near the end each started one
+    more and the study overran its budget by one per process. A trial another process started first now
+    counts: the asking process gives its trial back unrun (not a row, not part of the budget) and stops."""
+    import optuna
+
+    from pipelines.search import run_search
+
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0, 2.0, 3.0))
+    out = tmp_path / "runs"
+    first, _ = run_search(config, trials=1, output_dir=out, log=lambda *_: None)
+    study = optuna.load_study(study_name="tiny-search",
+                              storage=f"sqlite:///{(out / 'tiny-search' / 'search' / 'study.db').resolve()}")
+    other = study.ask({p: d for p, d in study.trials[0].distributions.items()})  # running on another machine
+    other.set_user_attr("host", "another-machine")
+    second, search = run_search(config, trials=3, output_dir=out, log=lambda *_: None)
+    assert search.progress.ran == 1 and "other processes are running" in search.progress.stopped_by
+    (given_back,) = [t for t in study.trials if t.user_attrs.get("reason", "").startswith("not run")]
+    rows = {r["number"]: r["state"] for r in second.rows}  # (the grid's queued trials are rows, waiting)
+    assert given_back.number not in rows and rows[other.number] == "running"
+    assert sum(state in ("complete", "pruned") for state in rows.values()) == 2, rows
+    study.tell(other, state=optuna.trial.TrialState.PRUNED)  # the other process's trial ends: the budget is met
+    third, search = run_search(config, trials=3, output_dir=out, log=lambda *_: None)
+    assert search.progress.ran == 0 and search.progress.stopped_by == "budget: 3 trials"
+
+
 def test_a_constraint_no_trial_meets_is_reported_with_the_closest(tiny_llama_dir, tmp_path, capsys):
     config = _config(tmp_path, tiny_llama_dir, factors=(3.0, 2.0), methods=("fp32",))
     out = tmp_path / "runs"

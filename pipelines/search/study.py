@@ -97,7 +97,7 @@ def _queue_grid(setup: SearchSetup, study) -> None:
     # rerun of the search would queue the untried combinations once more
     taken = {json.dumps(t.params or t.system_attrs.get("fixed_params", {}), sort_keys=True)
              for t in study.get_trials(deepcopy=False)
-             if t.state != TrialState.FAIL or "interrupted" not in t.user_attrs.get("reason", "")}
+             if t.state != TrialState.FAIL or took_budget(t)}
     axes = [[p.encode(v) for v in (p.choices if p.choices is not None else _range_values(p))] for p in params]
     for combo in itertools.product(*axes):
         point = {p.name: v for p, v in zip(params, combo)}
@@ -205,6 +205,8 @@ class Search:
         budget = self.setup.settings.budget
         trials = trials or budget.trials
         minutes = minutes or budget.minutes
+        from optuna.trial import TrialState
+
         start = time.monotonic()
         with work_slot(self.dir) as slot:
             self.slot = slot
@@ -230,7 +232,7 @@ class Search:
                                                 "already or that the passes refuse")
                     break
                 done = [t for t in done if t.user_attrs.get("same_as") is None]
-                counted = [t for t in done if not t.user_attrs.get("refused")]  # repeats and refusals are free
+                counted = _counted(done)
                 if trials is not None and len(counted) >= trials:
                     self.progress.stopped_by = f"budget: {len(counted)} trial{'s' * (len(counted) != 1)}"
                     break
@@ -241,6 +243,11 @@ class Search:
                     self.progress.stopped_by = f"every one of the {size} combinations has been tried"
                     break
                 trial = study.ask({p.name: p.distribution() for p in self.setup.space.params})
+                if trials is not None and _budget_taken(study, trial) >= trials:  # others started the last ones
+                    trial.set_user_attr("reason", f"{NOT_RUN}: trials other processes started took the budget")
+                    study.tell(trial, state=TrialState.FAIL)
+                    self.progress.stopped_by = f"budget: {trials} trials, with those other processes are running"
+                    break
                 idle = self._trial(study, trial)
                 repeats = repeats + 1 if idle else 0
                 self.progress.ran += not idle
@@ -427,12 +434,35 @@ class Search:
         self.log(f"trial {number}: {opts} -> {note}")
 
 
+NOT_RUN = "not run"  # the reason of a trial asked for and given back: other processes took the budget meanwhile
+
+
+def took_budget(t) -> bool:
+    """A trial that is part of the study's budget: not one failed as interrupted (it is retried) or given
+    back unrun."""
+    reason = t.user_attrs.get("reason") or ""
+    return "interrupted" not in reason and not reason.startswith(NOT_RUN)
+
+
 def _finished(study) -> list:
     from optuna.trial import TrialState
 
     return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED,
-                                                                 TrialState.FAIL))
-            if "interrupted" not in t.user_attrs.get("reason", "")]  # retried: not part of the budget
+                                                                 TrialState.FAIL)) if took_budget(t)]
+
+
+def _budget_taken(study, trial) -> int:
+    """Trials that count against the budget ahead of `trial` (just asked for): the finished ones, and those
+    other processes sharing the storage started before it (they are running; most will count)."""
+    from optuna.trial import TrialState
+
+    running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    return len(_counted(_finished(study))) + sum(t.number < trial.number for t in running)
+
+
+def _counted(finished: list) -> list:
+    """The finished trials the budget counts: repeats of a recipe and refusals are free."""
+    return [t for t in finished if t.user_attrs.get("same_as") is None and not t.user_attrs.get("refused")]
 
 
 def _values_key(t) -> str:
