@@ -116,7 +116,8 @@ def test_each_method_takes_only_its_own_options():
         get("quantize")(method="ort-int8-dynamic", block_size=48)
     with pytest.raises(ConfigError, match="quantize.bnb_blocksize: Input should be 32, 64, .* 2048 or 4096"):
         get("quantize")(method="bnb-nf4", bnb_blocksize=48)
-    with pytest.raises(ConfigError, match="weight_bits 4 needs kernel matmulnbits"):
+    with pytest.raises(ConfigError, match="weight_bits: kernel rowwise, which is 8-bit only; 4-bit weights need "
+                                          "kernel: matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="rowwise", weight_bits=4)
     with pytest.raises(ConfigError, match="smooth_alpha applies to kernels matmulinteger and matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="rowwise", smooth_alpha=0.7)
@@ -604,7 +605,7 @@ def test_blockwise_keeps_the_named_matmuls_block_wise_and_the_rest_per_tensor(on
     with pytest.raises(ConfigError, match="quantize.blockwise: .* matches no MatMul"):
         quantize(onnx_llama, tmp_path / "none", method="ort-int8-dynamic", kernel="matmulinteger",
                  blockwise=["*no_such_proj*"])
-    with pytest.raises(ConfigError, match="blockwise applies to kernel matmulinteger"):
+    with pytest.raises(ConfigError, match="blockwise applies to kernel: matmulinteger"):
         get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", blockwise=["*down_proj*"])
 
 

@@ -88,7 +88,8 @@ def test_options_the_task_refuses_are_refused_before_any_work():
     # options that kernel would silently ignore
     refused(encoder, {"algorithm": "hqq"}, "quantize.algorithm: kernel auto is matmulinteger on a "
             "feature-extraction model, whose weights are rtn per channel")
-    refused(encoder, {"kernel": "rowwise", "block_size": 128}, "quantize.block_size: kernel rowwise is rowwise")
+    refused(encoder, {"kernel": "rowwise", "block_size": 128}, "block_size: kernel rowwise, whose weights are not "
+            "in blocks")  # a named kernel: refused by the options themselves
     refused({**BASE}, {"per_channel": False}, "quantize.per_channel: kernel auto is matmulnbits on a causal-lm "
             "model, whose weight scales are per block")
     fine = validate({**encoder, "passes": [{"export": {}}, {"quantize": {"method": "ort-int8-dynamic",

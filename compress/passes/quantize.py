@@ -189,33 +189,52 @@ class OrtDynamicConfig(_Calibration):
 
     @model_validator(mode="after")
     def _algorithm_bits(self):
-        if self.blockwise and self.kernel in ("matmulnbits", "rowwise"):
-            raise ValueError(f"blockwise applies to kernel matmulinteger (the rest per tensor); {self.kernel} "
-                             f"{'is block-wise throughout' if self.kernel == 'matmulnbits' else 'scales per row'}")
+        if self.kernel != "auto" and (problem := _kernel_problem(self, self.kernel, f"kernel {self.kernel}")):
+            raise ValueError(problem)  # with kernel auto, the pass's check_task once the task is known
         if self.algorithm in ("minmax", "k_quant", "gptq") and self.weight_bits != 4:
             raise ValueError(f"algorithm {self.algorithm} quantizes to 4 bits; set weight_bits: 4 or use rtn / hqq")
         if self.offset_roundings and (self.algorithm not in ("minmax", "hqq") or self.weight_bits != 4):
             raise ValueError("offset_roundings folds the per-block offsets of algorithm minmax or hqq at "
                              "weight_bits 4; the others have none: set offset_roundings: 0")
-        if self.weight_bits == 4 and self.kernel in ("matmulinteger", "rowwise"):
-            raise ValueError(f"weight_bits 4 needs kernel matmulnbits (or auto on a causal LM); {self.kernel} is "
-                             "8-bit only")
-        if self.smooth_alpha is not None and self.kernel == "rowwise":
-            raise ValueError("smooth_alpha applies to kernels matmulinteger and matmulnbits; rowwise scales "
-                             "activations per row and weights per column already")
         if self.smooth_alpha is not None and self.weight_bits == 4:
             raise ValueError("smooth_alpha applies to 8-bit weights: at 4 bits the outliers it moves into the "
                              "weights cost more than they save; set weight_bits: 8 or smooth_alpha: null")
-        if self.algorithm != "rtn" and self.kernel in ("matmulinteger", "rowwise"):
-            raise ValueError("algorithm applies to kernel matmulnbits (block-wise weights); matmulinteger is rtn")
-        if self.embedding_bits == 4 and (not self.quantize_embeddings or self.kernel in ("matmulinteger", "rowwise")):
-            raise ValueError("embedding_bits 4 needs quantize_embeddings: true and kernel matmulnbits (or auto on a "
-                             "causal LM)")
+        if self.embedding_bits == 4 and not self.quantize_embeddings:
+            raise ValueError("embedding_bits 4 needs quantize_embeddings: true")
         for name in ("keep_8bit", "keep_8bit_blocks"):
             if getattr(self, name) and self.weight_bits != 4:  # (4 bits off matmulnbits is refused above)
                 raise ValueError(f"{name} keeps MatMuls at 8 bits when the rest is at 4: it needs kernel "
                                  f"matmulnbits (or auto on a causal LM) and weight_bits: 4")
         return self
+
+
+def _kernel_problem(cfg: OrtDynamicConfig, kernel: str, which: str) -> str | None:
+    """The first option of `cfg` that `kernel` cannot take or would ignore, as a message naming it and the fix;
+    None when there is none. `which` says how the kernel was chosen (e.g. 'kernel rowwise', 'kernel auto is
+    matmulinteger on a feature-extraction model')."""
+    nbits = kernel == "matmulnbits"
+    if not nbits and (cfg.keep_8bit or cfg.keep_8bit_blocks):
+        return f"keep_8bit / keep_8bit_blocks: {which}; mixed 4/8 bits needs kernel: matmulnbits"
+    if not nbits and cfg.weight_bits == 4:
+        return f"weight_bits: {which}, which is 8-bit only; 4-bit weights need kernel: matmulnbits"
+    if not nbits and cfg.embedding_bits == 4:
+        return (f"embedding_bits: {which}; 4-bit embedding tables need kernel: matmulnbits (or embedding_bits: "
+                "8)")
+    if not nbits and cfg.algorithm != "rtn":
+        return (f"algorithm: {which}, whose weights are rtn per channel; algorithm applies to kernel: "
+                "matmulnbits")
+    if kernel != "matmulinteger" and cfg.blockwise:
+        return (f"blockwise: {which}, {'block-wise throughout' if nbits else 'which scales per row'}; blockwise "
+                "applies to kernel: matmulinteger (the rest per tensor)")
+    if not nbits and cfg.block_size != 32 and not (kernel == "matmulinteger" and cfg.blockwise):
+        return f"block_size: {which}, whose weights are not in blocks; block_size applies to kernel: matmulnbits"
+    if kernel != "matmulinteger" and not cfg.per_channel:
+        return (f"per_channel: {which}, whose weight scales are per {'block' if nbits else 'column'}; "
+                "per_channel: false applies to kernel: matmulinteger")
+    if kernel == "rowwise" and cfg.smooth_alpha is not None:
+        return (f"smooth_alpha: {which}, which scales activations per row and weights per column already; "
+                "smooth_alpha applies to kernels matmulinteger and matmulnbits")
+    return None
 
 
 class OrtStaticConfig(_Calibration):
@@ -283,28 +302,8 @@ class Quantize(Pass):
         if cfg.method != "ort-int8-dynamic":
             return None
         kernel = cfg.kernel if cfg.kernel != "auto" else AUTO_KERNEL[task]
-        if kernel != "matmulnbits" and (cfg.keep_8bit or cfg.keep_8bit_blocks):
-            return (f"quantize.keep_8bit / keep_8bit_blocks: kernel {cfg.kernel} is {kernel} on a {task} model; "
-                    "mixed 4/8 bits needs kernel: matmulnbits")
-        if kernel != "matmulnbits" and cfg.weight_bits == 4:
-            return (f"quantize.weight_bits: kernel {cfg.kernel} is {kernel} on a {task} model, which is 8-bit only; "
-                    "4-bit weights need kernel: matmulnbits")
-        if kernel != "matmulnbits" and cfg.embedding_bits == 4:
-            return (f"quantize.embedding_bits: kernel {cfg.kernel} is {kernel} on a {task} model; 4-bit embedding "
-                    "tables need kernel: matmulnbits (or embedding_bits: 8)")
-        if kernel != "matmulnbits" and cfg.algorithm != "rtn":
-            return (f"quantize.algorithm: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are rtn "
-                    "per channel; algorithm applies to kernel: matmulnbits")
-        if kernel != "matmulinteger" and cfg.blockwise:
-            return (f"quantize.blockwise: kernel {cfg.kernel} is {kernel} on a {task} model; blockwise applies to "
-                    "kernel: matmulinteger")
-        if kernel != "matmulnbits" and cfg.block_size != 32 and not (kernel == "matmulinteger" and cfg.blockwise):
-            return (f"quantize.block_size: kernel {cfg.kernel} is {kernel} on a {task} model, whose weights are not "
-                    "in blocks; block_size applies to kernel: matmulnbits")
-        if kernel != "matmulinteger" and not cfg.per_channel:
-            return (f"quantize.per_channel: kernel {cfg.kernel} is {kernel} on a {task} model, whose weight scales "
-                    f"are per {'block' if kernel == 'matmulnbits' else 'column'}; per_channel: false applies to "
-                    "kernel: matmulinteger")
+        if problem := _kernel_problem(cfg, kernel, f"kernel {cfg.kernel} is {kernel} on a {task} model"):
+            return f"quantize.{problem}"
         if cfg.keep_8bit_blocks and task != "causal-lm":
             return (f"quantize.keep_8bit_blocks: ranks the decoder blocks of a causal LM, not a {task} model; name "
                     "the nodes with keep_8bit instead")
