@@ -6,7 +6,8 @@
 The minmax graph (studies.fast_decoder's `fused int4 minmax (Q4_1's grid)`, compress/quant/ort.py
 `_add_offsets`) with `offset_roundings: 0` (the default) adds to each 4-bit projection the block sums of its
 input times a [blocks, N] table of offsets, stored fp16 and read as fp32 (ONNX Runtime folds the Cast): about
-13 MB a token for SmolLM2, beside the 4-bit weights, and a MatMul and an Add per projection. The two forms tried here (the quantizer writes the second with `offset_roundings`):
+13 MB a token for SmolLM2, beside the 4-bit weights, and a MatMul and an Add per projection. The two forms
+tried here (the quantizer writes the second with `offset_roundings`):
 - `int8 table`: the offsets table as an 8-bit MatMulNBits (blocks of 16 rows, accuracy level 4): a quarter of
   the bytes, the same nodes;
 - `folded into K`: the block sums concatenated to the projection's input and the offsets appended to its

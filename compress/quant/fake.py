@@ -15,8 +15,9 @@ Grids reproduced bit for bit (checked against ONNX Runtime in tests/test_qad.py)
     s = (max - min) / 15, q = clamp(round_half_even((w - min) * (1 / s)), 0, 15)  (1/s = 0 when s = 0),
     offset = fp16(min + 8 s), w_hat = (q - 8) s + offset.
   A weight already on such a grid (a dequantized Q4_1 GGUF) is reproduced exactly, up to fp16's rounding of
-  the offset and, where the export folds the offsets into the weights as rows (ort.py `_fold_offsets`), their
-  three 4-bit roundings (within 1/2744 of the largest offset of each group of block_size blocks).
+  the offset and, where quantize's `offset_roundings` folds the offsets into the weights as rows (ort.py
+  `_fold_offsets`), their 4-bit roundings (within 1/14^roundings of the largest offset of each group of
+  block_size blocks).
 - Embedding tables read by a Gather, and a tied LM head (the same table) -> int8 blocks of compress/quant/ort.py
   `_quantize_tables`: s = max(absmax / 127, 1e-12) per block of the row, q = clip(round_half_even(w / s), -127, 127),
   w_hat = q * s; with `embedding_bits` 4, MatMulNBits' symmetric 4-bit RTN grid above in blocks of `block_size`.

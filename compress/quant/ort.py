@@ -306,7 +306,7 @@ def _integer_zero_points(model, roundings: int) -> int:
 def _minmax_4bit(model, skip: set[str], block_size: int, roundings: int) -> tuple[int, dict[str, int]]:
     """`algorithm: minmax` (the grid of compress/quant/fake.py `minmax_grid`, llama.cpp's Q4_1): every MatMul
     with a float [K, N] weight initializer, not in `skip`, becomes MatMulNBits (4-bit codes around the default
-    zero point 8, float32 scales) plus its fp16 per-block offsets (_add_offsets). Returns how many, and the
+    zero point 8, float32 scales) plus its per-block offsets (_add_offsets). Returns how many, and the
     MatMuls left float because K is not a multiple of the block size (name -> K)."""
     from collections import Counter
 
