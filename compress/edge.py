@@ -271,6 +271,8 @@ class EdgeModel:
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         if prompt.ndim == 1:
             prompt = prompt[None, :]
+        if max_new_tokens < 0:  # the shared cache would be sized below the prompt
+            raise ValueError(f"max_new_tokens must be at least 0 (got {max_new_tokens})")
         self._check_length(prompt.shape[1], max_new_tokens)  # before any work, not at the step that fails
         logits, state = self.prefill(prompt, attention_mask, max_new_tokens=max_new_tokens)
         out, done = [], np.zeros(prompt.shape[0], dtype=bool)

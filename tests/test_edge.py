@@ -276,3 +276,20 @@ def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a
     (path / "config.json").symlink_to(tmp_path / "config.json")  # same bytes, outside the folder
     with pytest.raises(ValueError, match="config.json is a link"):
         EdgeModel(path)
+
+
+def test_a_negative_max_new_tokens_is_refused_by_both_loops(tmp_path):
+    """The plain loop returned the prompt for max_new_tokens < 0 while the shared-cache loop sized its buffers
+    below the prompt and failed inside ONNX Runtime; both refuse it now (0 still returns the prompt)."""
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer("causal"),
+                   model=tiny_llama(hidden_size=64, intermediate_size=128))
+    out = get("export")(max_length=24, check_seq_len=16).run(art, PassContext(task="causal-lm",
+                                                                              scratch=tmp_path / "scratch"))
+    path = save(out, tmp_path / "bundle")
+    ids = np.arange(5, 10)[None]
+    for loop in (EdgeModel(path), EdgeModel(path, shared_cache=False)):
+        assert loop.generate(ids, 0).tolist() == ids.tolist()
+        with pytest.raises(ValueError, match=r"max_new_tokens must be at least 0 \(got -1\)"):
+            loop.generate(ids, -1)
+        with pytest.raises(ValueError, match=r"max_new_tokens must be at least 0 \(got -3\)"):
+            loop.generate_text("To be", -3)
