@@ -213,6 +213,7 @@ class EdgeModel:
             mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
             logits, _ = self._run_decoder(feed["input_ids"], mask, self._empty_past(batch))
             return logits
+        self._check_length(feed["input_ids"].shape[1])
         named = dict(zip(self.output_names, self.session.run(None, feed)))
         if "logits" not in named:
             raise ValueError(f"this model ({self.task}) has no logits output; outputs: {self.output_names}")
@@ -220,6 +221,7 @@ class EdgeModel:
 
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
         feed = self._feed(input_ids, attention_mask)
+        self._check_length(feed["input_ids"].shape[1])
         named = dict(zip(self.output_names, self.session.run(None, feed)))
         if "last_hidden_state" not in named:
             raise ValueError(f"this model ({self.task}) has no last_hidden_state output; outputs: "

@@ -293,3 +293,18 @@ def test_a_negative_max_new_tokens_is_refused_by_both_loops(tmp_path):
             loop.generate(ids, -1)
         with pytest.raises(ValueError, match=r"max_new_tokens must be at least 0 \(got -3\)"):
             loop.generate_text("To be", -3)
+
+
+def test_encoder_ids_past_the_position_table_are_refused_in_one_line(tmp_path):
+    """Text is truncated to the positions an encoder holds, but ids given to logits / embed were not checked: one
+    past BERT's table read its position table out of range inside ONNX Runtime ('input index out of range')."""
+    for task in ("sequence-classification", "feature-extraction"):
+        path = bundle(tiny_bert(task, max_position_embeddings=40), task, "encoder", tmp_path / task)
+        edge = EdgeModel(path)
+        assert edge.max_length == 40
+        run = edge.logits if task == "sequence-classification" else edge.embed
+        assert run(np.arange(5, 45)[None]).shape == ((1, 5) if task == "sequence-classification" else (1, 32))
+        with pytest.raises(ValueError, match=r"41 tokens need more positions than the 40 this model holds "
+                                             r"\(max_position_embeddings in config.json\): shorten the input to at "
+                                             r"most 40 tokens"):
+            run(np.arange(5, 46)[None])
