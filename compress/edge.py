@@ -325,6 +325,8 @@ class EdgeModel:
 
     def encode(self, texts: str | list[str]) -> tuple[np.ndarray, np.ndarray]:
         texts = [texts] if isinstance(texts, str) else list(texts)
+        if not texts:  # np.array of no rows would read as one empty row
+            raise ValueError("no texts given: give at least one")
         encs = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in encs], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encs], dtype=np.int64)

@@ -308,3 +308,14 @@ def test_encoder_ids_past_the_position_table_are_refused_in_one_line(tmp_path):
                                              r"\(max_position_embeddings in config.json\): shorten the input to at "
                                              r"most 40 tokens"):
             run(np.arange(5, 46)[None])
+
+
+def test_an_empty_list_of_texts_is_refused(tmp_path):
+    """encode([]) made ids of shape (0,), which read as one empty row: embed_texts([]) returned one all-zero
+    embedding and classify([]) failed inside ONNX Runtime; both refuse the empty list now."""
+    for task in ("sequence-classification", "feature-extraction"):
+        edge = EdgeModel(bundle(tiny_bert(task), task, "encoder", tmp_path / task))
+        run = edge.classify if task == "sequence-classification" else edge.embed_texts
+        assert len(run(["a", "b c"])) == 2
+        with pytest.raises(ValueError, match="no texts given: give at least one"):
+            run([])
