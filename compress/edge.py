@@ -241,6 +241,8 @@ class EdgeModel:
         sizes the shared cache (default HEADROOM; it grows if a sequence outgrows it)."""
         self._require_past()
         feed = self._feed(input_ids, attention_mask)
+        if feed["input_ids"].shape[1] == 0:
+            raise ValueError("the prompt is empty (no tokens): give some text to continue")
         mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
         if self.shared_cache:
             past, binding = self._buffers(mask.shape[0], mask.shape[1] + (max_new_tokens or self.HEADROOM))
@@ -334,8 +336,6 @@ class EdgeModel:
 
     def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
         ids, mask = self.encode(prompt)
-        if ids.shape[1] == 0:
-            raise ValueError("the prompt is empty (no tokens): give some text to continue")
         # generation_config.json's ids first, as transformers' generate reads them (chat models list several)
         eos = _read_json(self.path / "generation_config.json").get("eos_token_id", self.config.get("eos_token_id"))
         out = self.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)

@@ -319,3 +319,19 @@ def test_an_empty_list_of_texts_is_refused(tmp_path):
         assert len(run(["a", "b c"])) == 2
         with pytest.raises(ValueError, match="no texts given: give at least one"):
             run([])
+
+
+def test_an_empty_prompt_of_ids_is_refused_by_both_loops(tmp_path):
+    """generate_text refused an empty prompt, but generate / prefill given no ids failed inside ONNX Runtime
+    (GroupQueryAttention 'total_sequence_length must be positive', Reshape in optimum's graph)."""
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer("causal"),
+                   model=tiny_llama(hidden_size=64, intermediate_size=128))
+    out = get("export")(max_length=24, check_seq_len=16).run(art, PassContext(task="causal-lm",
+                                                                              scratch=tmp_path / "scratch"))
+    fused = save(out, tmp_path / "bundle")
+    plain = bundle(tiny_llama(), "causal-lm", "causal", tmp_path / "optimum")  # head_dim 8: optimum's graph
+    for loop in (EdgeModel(fused), EdgeModel(fused, shared_cache=False), EdgeModel(plain)):
+        for call in (lambda: loop.generate(np.zeros((1, 0), np.int64), 4), lambda: loop.prefill(np.zeros((2, 0))),
+                     lambda: loop.generate_text("", 4)):
+            with pytest.raises(ValueError, match=r"the prompt is empty \(no tokens\): give some text to continue"):
+                call()
