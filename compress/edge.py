@@ -220,12 +220,12 @@ class EdgeModel:
         return named["logits"]
 
     def hidden_states(self, input_ids, attention_mask=None) -> np.ndarray:
+        if "last_hidden_state" not in self.output_names:  # before the run, which fails on a decoder's unfed past
+            raise ValueError(f"this model ({self.task}) has no last_hidden_state output; outputs: "
+                             f"{self.output_names}")
         feed = self._feed(input_ids, attention_mask)
         self._check_length(feed["input_ids"].shape[1])
         named = dict(zip(self.output_names, self.session.run(None, feed)))
-        if "last_hidden_state" not in named:
-            raise ValueError(f"this model ({self.task}) has no last_hidden_state output; outputs: "
-                             f"{self.output_names}")
         return named["last_hidden_state"]
 
     def embed(self, input_ids, attention_mask=None) -> np.ndarray:
@@ -343,6 +343,8 @@ class EdgeModel:
 
     def classify(self, texts: str | list[str]) -> list[tuple[str, float]]:
         """(label, probability) of the most likely class for each text."""
+        if self.task == "causal-lm":  # its logits are per position, not per text
+            raise ValueError("classify needs a sequence-classification model; this checkpoint is causal-lm")
         ids, mask = self.encode(texts)
         logits = self.logits(ids, mask).astype(np.float64)
         probs = np.exp(logits - logits.max(-1, keepdims=True))

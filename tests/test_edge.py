@@ -335,3 +335,16 @@ def test_an_empty_prompt_of_ids_is_refused_by_both_loops(tmp_path):
                      lambda: loop.generate_text("", 4)):
             with pytest.raises(ValueError, match=r"the prompt is empty \(no tokens\): give some text to continue"):
                 call()
+
+
+def test_classify_or_embed_on_a_causal_lm_is_refused_naming_the_task(tmp_path):
+    """The command line refuses --classify / --embed on a decoder, but from Python classify() failed on the
+    per-position logits (TypeError: only 0-dimensional arrays ...) and embed_texts() in ONNX Runtime (missing
+    past_key_values inputs)."""
+    edge = EdgeModel(bundle(tiny_llama(), "causal-lm", "causal", tmp_path))
+    with pytest.raises(ValueError, match="classify needs a sequence-classification model; this checkpoint is "
+                                         "causal-lm"):
+        edge.classify("To be")
+    with pytest.raises(ValueError, match=r"this model \(causal-lm\) has no last_hidden_state output; outputs: "
+                                         r"\['logits', 'present.0.key'"):
+        edge.embed_texts("To be")
