@@ -251,6 +251,7 @@ def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
     path, _ = export("gpt2", tmp_path / "auto", model=tiny_gpt2(activation_function="relu"))
     info = load(path).info
     assert info["graph"] == "optimum" and "gpt2 activation 'relu'" in info["fused_fallback"]
+    assert info["note"].startswith("graph auto wrote optimum's graph") and "activation 'relu'" in info["note"]
     with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2 activation 'relu'"):
         export("gpt2", tmp_path / "fused", model=tiny_gpt2(activation_function="relu"), graph="fused")
     with pytest.raises(UnsupportedModelError, match="head_dim 8"):  # tiny_llama's heads are too narrow

@@ -254,6 +254,9 @@ class Export(Pass):
         info = {"graph": "optimum", "optimum_task": optimum_task}
         if fallback and task == "causal-lm":
             info["fused_fallback"] = fallback  # why auto did not write a fused graph
+            info["note"] = (f"graph auto wrote optimum's graph (slower to decode): the fused writer does not take "
+                            f"this model: {fallback}" + (f"; max_length {cfg.max_length} does not apply to it"
+                                                         if cfg.max_length is not None else ""))
         return info
 
     def _export(self, torch_model, folder: Path, optimum_task: str) -> None:
