@@ -69,6 +69,8 @@ VARIANTS = {
     "fused int4 minmax (Q4_1's grid)": ("ort-cpu", FUSED + [int4("minmax")]),
     "fused int4 minmax, offsets folded": ("ort-cpu", FUSED + [("quantize", {**int4("minmax")[1],
                                                                            "offset_roundings": 3})]),
+    "fused int4 minmax, offsets folded in 2 roundings": ("ort-cpu", FUSED + [("quantize", {
+        **int4("minmax")[1], "offset_roundings": 2})]),
     "fused int4 k_quant": ("ort-cpu", FUSED + [int4("k_quant")]),
     "fused int4 gptq": ("ort-cpu", FUSED + [int4("gptq")]),
     "llama.cpp Q8_0": ("llamacpp-cpu", "gguf-q8_0"),
