@@ -156,8 +156,9 @@ class OrtDynamicConfig(_Calibration):
         "0: an fp16 table, a MatMul and an Add per projection. 2 or 3: folded into its 4-bit weights as rows read "
         "against the block sums appended to its input, in that many 4-bit roundings (each of what the ones before "
         "left), where K is a multiple of block_size. SmolLM2 int4 minmax at 3: decode 1.10x the table's, "
-        "prefill 0.95x, 3.6% larger, KL to fp32 +4%; at 2: 1.13x, 1.01x, 0.3% larger, KL +15% "
-        "(benchmarks/results/fast_decoder/vnni/offsets/)", json_schema_extra=search([0, 2, 3]))
+        "prefill 0.95x, 3.6% larger, KL to fp32 +4%; at 2: 1.13x, 1.01x, 0.3% larger, KL +15%, and 1.13x "
+        "llama.cpp Q4_1's decode at its perplexity (benchmarks/results/fast_decoder/vnni/offsets/ and folded/)",
+        json_schema_extra=search([0, 2, 3]))
     per_channel: bool = Field(True, description="matmulinteger: one weight scale per output channel instead of "
                               "per tensor")
     keep_8bit: list[str] | None = Field(
