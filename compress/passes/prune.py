@@ -85,8 +85,9 @@ class PruneConfig(PassConfig):
         if self.importance == "taylor" and "hidden" in self.targets:
             raise ValueError("targets hidden: importance taylor is not offered for hidden channels; use activation "
                              "(Minitron's criterion) or magnitude")
-        for option, target in (("layer_ratio", "layers"), ("gqa", "heads")):
-            if option in self.model_fields_set and target not in self.targets:
+        for option, given, target in (("layer_ratio", self.layer_ratio is not None, "layers"),
+                                      ("gqa", self.gqa != "groups", "heads")):
+            if given and target not in self.targets:  # it would be ignored
                 raise ValueError(f"{option} applies to targets: [{target}], which are not pruned here; add "
                                  f"{target} to targets or remove {option}")
         if self.scope == "global" and "mlp" not in self.targets:
