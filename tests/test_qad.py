@@ -396,8 +396,11 @@ def test_int4_embedding_table_is_what_the_fake_forward_sees(teacher, tmp):
     with torch.no_grad():
         plain = a.model(input_ids=ids).logits.numpy()
     assert np.abs(exact - plain).max() < 1e-3 * np.abs(plain).max()
-    with pytest.raises(ConfigError, match="embedding_bits 4 needs"):
+    with pytest.raises(ConfigError, match="embedding_bits: kernel matmulinteger; 4-bit embedding tables need "
+                                          "kernel: matmulnbits"):
         get("quantize")(method="ort-int8-dynamic", kernel="matmulinteger", embedding_bits=4)
+    with pytest.raises(ConfigError, match="embedding_bits 4 needs quantize_embeddings: true"):
+        get("quantize")(method="ort-int8-dynamic", quantize_embeddings=False, embedding_bits=4)
     assert "embedding_bits 8 (trained for 4)" in fake.grid_mismatch(
         _qad_record(MINMAX | {"embedding_bits": 4}), bits=4, block_size=32, symmetric=False, algorithm="minmax")
 
