@@ -150,6 +150,37 @@ def test_rowwise_int8_on_a_fused_encoder_keeps_the_embeddings(tmp_path):
     assert results["rowwise"]["embedding_cosine_mean"] > 0.9995
 
 
+def test_block_wise_int8_on_a_fused_encoder_reaches_the_attention_projection(tmp_path):
+    """kernel matmulnbits on a fused encoder: the QKV weights inside each Attention were left fp32 (a quarter of
+    the projections); the Attention becomes MatMul + Split + MultiHeadAttention, the same attention exactly,
+    and its MatMul is quantized like the others."""
+    import onnxruntime
+
+    from compress.quant import ort as ort_quant
+
+    parent = load(export(tmp_path / "fp32", tiny_bert("feature-extraction", hidden_size=64, intermediate_size=256),
+                         "feature-extraction"))
+    proto = onnx.load(str(parent.path / "model.onnx"))
+    sessions = [onnxruntime.InferenceSession(proto.SerializeToString())]
+    assert ort_quant.unfuse_attention_projections(proto) == LAYERS
+    sessions.append(onnxruntime.InferenceSession(proto.SerializeToString()))
+    ids = np.random.default_rng(0).integers(5, 100, (2, 12))
+    mask = np.ones_like(ids)
+    mask[1, 8:] = 0  # a padded row: the mask index reaches MultiHeadAttention as it reached Attention
+    feeds = {i.name: {"input_ids": ids, "attention_mask": mask}.get(i.name, np.zeros_like(ids))
+             for i in sessions[0].get_inputs()}
+    before, after = (s.run(None, feeds)[0] for s in sessions)
+    assert np.abs(before - after).max() < 1e-5
+    out = get("quantize")(method="ort-int8-dynamic", kernel="matmulnbits", check_seq_len=32).run(
+        parent, PassContext(task="feature-extraction", scratch=tmp_path / "s"))
+    ops = op_types(out.onnx_dir)
+    assert ops["MatMulNBits"] == 4 * LAYERS and ops["MultiHeadAttention"] == LAYERS and "Attention" not in ops
+    assert out.info["unfused_attention_projections"] == LAYERS
+    graph = onnx.load(str(out.onnx_dir / "model.onnx")).graph
+    assert not [i.name for i in graph.initializer if i.data_type == onnx.TensorProto.FLOAT and list(i.dims) == [64, 192]]
+    assert out.info["discrepancy"]["passed"] and out.info["discrepancy"]["embedding_cosine_min"] > 0.999
+
+
 def test_smoothing_before_per_tensor_int8_on_a_fused_encoder(tmp_path):
     """quantize.smooth_alpha with kernel matmulinteger: BERT's LayerNorm outputs also feed the residual and its
     GELU outputs have no constant to fold into, so every quantized input gets an inserted per-channel Mul;

@@ -150,6 +150,40 @@ def decoder_blocks(model) -> dict[int, list[str]]:
     return dict(sorted(out.items()))
 
 
+def unfuse_attention_projections(model) -> int:
+    """Each fused encoder Attention (ORT's BERT fusion: the QKV projection inside the op, fp32 weights that
+    weight-only quantizers do not reach) as MatMul + Split + MultiHeadAttention, the same attention on the
+    projected q, k, v with the same bias and mask: the MatMul is then quantized like every other. Only the
+    plain form (input, weights, bias, optional mask index; no past, no causal mask) is rewritten. Returns how
+    many were."""
+    from onnx import helper, numpy_helper
+
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    done = 0
+    for node in list(graph.node):
+        attrs = {a.name: a for a in node.attribute}
+        if (node.op_type != "Attention" or node.domain != "com.microsoft" or not 3 <= len(node.input) <= 4
+                or node.input[1] not in inits or len(inits[node.input[1]].dims) != 2
+                or set(attrs) - {"num_heads", "mask_filter_value", "scale", "unidirectional"}
+                or (attrs.get("unidirectional") and attrs["unidirectional"].i)):
+            continue
+        hidden = inits[node.input[1]].dims[1] // 3
+        name = node.name or f"Attention_{done}"
+        qkv, parts, sizes = f"{name}/qkv", [f"{name}/{p}" for p in "qkv"], f"{name}/qkv_sizes"
+        graph.initializer.append(numpy_helper.from_array(np.array([hidden] * 3, np.int64), sizes))
+        mha = helper.make_node("MultiHeadAttention", parts + [node.input[2]] + list(node.input[3:4]),
+                               list(node.output[:1]), name=f"{name}/MultiHeadAttention", domain="com.microsoft",
+                               **{k: helper.get_attribute_value(a) for k, a in attrs.items() if k != "unidirectional"})
+        at = list(graph.node).index(node)
+        graph.node.remove(node)
+        for new in reversed([helper.make_node("MatMul", [node.input[0], node.input[1]], [qkv], name=f"{name}/MatMul"),
+                             helper.make_node("Split", [qkv, sizes], parts, name=f"{name}/Split", axis=-1), mha]):
+            graph.node.insert(at, new)
+        done += 1
+    return done
+
+
 def weight_of(model, node_name: str) -> np.ndarray:
     """The [K, N] weight initializer a MatMul multiplies by."""
     from onnx import numpy_helper
@@ -184,6 +218,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     for name in ("onnxruntime.quantization.matmul_nbits_quantizer", "neural_compressor"):
         logging.getLogger(name).setLevel(logging.WARNING)
     model = _load(src)
+    unfused = unfuse_attention_projections(model)  # a fused encoder's QKV weights, out of reach inside Attention
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     if eight_bit and bits != 4:
         raise ValueError("eight_bit: MatMuls kept at 8 bits need bits=4 for the rest")
@@ -229,7 +264,7 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
     tables = (_quantize_tables(model, excluded, four_bit_block=block_size if embedding_bits == 4 else None)
               if embeddings else {"int8_embedding_tables": []})
     _finish(model, dst, src)
-    return {"excluded_nodes": excluded, **tables, "int8_head": head,
+    return {"excluded_nodes": excluded, **tables, "int8_head": head, "unfused_attention_projections": unfused,
             "int8_matmuls": kept, "offset_corrections": offsets, "smoothing": smoothing,
             **({"float_matmuls": list(left), "float_matmul_rows": sorted(set(left.values()))} if left else {})}
 
