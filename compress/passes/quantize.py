@@ -127,10 +127,11 @@ class OrtDynamicConfig(_Calibration):
     kernel: Literal["auto", "matmulnbits", "matmulinteger", "rowwise"] = Field(
         "auto", description="rowwise = int8 weights per column with activations quantized per row (token) at "
         "run time (MatMulIntegerToFloat; encoders: fast on x86 CPUs without VNNI and keeps MiniLM's embeddings "
-        "near cosine 0.999 where per-tensor matmulinteger drops to 0.994; benchmarks/results/encoder_speed/); "
+        "near cosine 0.999 where per-tensor matmulinteger drops to 0.994; a fused Attention's QKV projection "
+        "stays float: per row it cost MiniLM cosine 0.9992 -> 0.9978, benchmarks/results/encoder_speed/); "
         "matmulnbits = int8 weights in blocks with activations quantized per block at run time (MatMulNBits, "
-        "accuracy level 4); both take a fused encoder Attention's QKV projection out of the op to quantize it "
-        "(MultiHeadAttention runs the rest); matmulinteger = classic "
+        "accuracy level 4; a fused encoder Attention's QKV projection is taken out of the op and quantized too); "
+        "matmulinteger = classic "
         "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
         "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
         "has the evidence). For decoding speed on a causal LM use matmulinteger with exclude: ['*down_proj*']")

@@ -772,12 +772,12 @@ def rowwise_int8(src: Path, dst: Path, *, exclude: list[str], embeddings: bool =
     per-column weight scales) times s. Inputs produced by a GELU are shifted by 0.17 first (non-negative,
     so all 256 levels are used; the shift times the weights' column sums is added back exactly). Weights are
     int8 per output column (stored as uint8 with zero point 128, see below). The quantization of one input is
-    shared by the MatMuls that read it. A fused Attention's QKV projection is taken out of the op first
-    (unfuse_attention_projections). MatMuls whose weight is not a 2-D float initializer stay float."""
+    shared by the MatMuls that read it.
+    MatMuls whose weight is not a 2-D float initializer, and fused Attention nodes, stay float (per-row int8
+    of the QKV projection, unfuse_attention_projections, cost MiniLM-L6's cosine 0.9992 -> 0.9978)."""
     from onnx import TensorProto, helper, numpy_helper
 
     model = _load(src)
-    unfuse_attention_projections(model)
     graph = model.graph
     excluded = matching_nodes(model, exclude, QUANTIZABLE)
     inits = {i.name: i for i in graph.initializer}
