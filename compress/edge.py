@@ -447,7 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("text", nargs="+", help="prompt(s) or text(s)")
     ap.add_argument("--max-new-tokens", type=int, default=32, help="decoders: tokens to generate (greedy decoding, "
                     "stopping at any end-of-text id of generation_config.json)")
-    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime's intra-op threads (default: its "
+                    "own choice); at most the machine's cores")
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--classify", action="store_true")
     mode.add_argument("--embed", action="store_true")
@@ -456,6 +457,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error(f"--max-new-tokens must be at least 1 (got {args.max_new_tokens})")
+    cores = os.cpu_count() or 1
+    if args.threads is not None and not 1 <= args.threads <= cores:  # more only waste: ORT spins them all
+        ap.error(f"--threads must be between 1 and this machine's {cores} cores (got {args.threads})")
     state = ort.capi.onnxruntime_pybind11_state  # ONNX Runtime's errors for a graph it cannot load
     ort_errors = tuple(getattr(state, n) for n in ("Fail", "InvalidProtobuf", "InvalidGraph", "NoSuchFile")
                        if hasattr(state, n))

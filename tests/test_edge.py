@@ -110,7 +110,9 @@ def test_bundle_refuses_damaged_files_and_misuse_in_one_line(tmp_path):
         return proc.returncode, proc.stderr
 
     for args, expected in [(["hi", "--classify"], "--classify needs a sequence-classification model"),
-                           (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1")]:
+                           (["hi", "--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+                           (["hi", "--threads", "0"], "--threads must be between 1 and"),
+                           (["hi", "--threads", "100000"], "--threads must be between 1 and")]:  # it hung
         rc, err = cli(*args)
         assert rc == 2 and expected in err and "Traceback" not in err, err
     config = path / "config.json"
