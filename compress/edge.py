@@ -112,6 +112,10 @@ class EdgeModel:
         input_ids = np.asarray(input_ids, dtype=np.int64)
         if input_ids.ndim == 1:
             input_ids = input_ids[None, :]
+        vocab = self.config.get("vocab_size")  # ONNX Runtime's Gather reads a negative id from the table's end
+        if vocab and input_ids.size and not 0 <= input_ids.min() <= input_ids.max() < vocab:
+            raise ValueError(f"token ids must be in 0..{vocab - 1} (vocab_size in config.json); got "
+                             f"{input_ids.min()}..{input_ids.max()}")
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.ndim == 1:
             mask = mask[None, :]

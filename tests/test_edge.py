@@ -312,6 +312,17 @@ def test_encoder_ids_past_the_position_table_are_refused_in_one_line(tmp_path):
             run(np.arange(5, 46)[None])
 
 
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    """A negative id was read from the end of the embedding table (ONNX Runtime's Gather wraps), silently."""
+    path = bundle(tiny_bert("feature-extraction"), "feature-extraction", "encoder", tmp_path)
+    edge = EdgeModel(path)
+    vocab = edge.config["vocab_size"]
+    assert edge.embed(np.array([[5, vocab - 1]])).shape == (1, 32)
+    for bad in ([[5, -1]], [[5, vocab]]):
+        with pytest.raises(ValueError, match=rf"token ids must be in 0..{vocab - 1} \(vocab_size in config.json\)"):
+            edge.embed(np.array(bad))
+
+
 def test_an_empty_list_of_texts_is_refused(tmp_path):
     """encode([]) made ids of shape (0,), which read as one empty row: embed_texts([]) returned one all-zero
     embedding and classify([]) failed inside ONNX Runtime; both refuse the empty list now."""
