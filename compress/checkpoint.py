@@ -313,7 +313,14 @@ def _load_torch_model(path: Path, manifest: dict) -> nn.Module:
     loader = auto_class(manifest["task"])
     structure = manifest.get("structure") or []
     if not structure:  # a stock architecture: the plain Hugging Face path
-        model = loader.from_pretrained(path, dtype=dtype)
+        model, loaded = loader.from_pretrained(path, dtype=dtype, output_loading_info=True)
+        # from_pretrained initializes what the weights lack at random (a manifest without its structure)
+        if loaded["missing_keys"] or loaded["unexpected_keys"] or loaded["mismatched_keys"]:
+            raise CheckpointError(
+                f"checkpoint {path}: weights do not match the model its config and manifest describe (missing "
+                f"{sorted(loaded['missing_keys'])[:5]}, unexpected {sorted(loaded['unexpected_keys'])[:5]}); its "
+                f"{MANIFEST} lacks structure the weights need, or is from another checkpoint. Re-run the pass."
+            )
         return model.eval()
     config = AutoConfig.from_pretrained(path)
     model = loader.from_config(config, dtype=torch.float32)

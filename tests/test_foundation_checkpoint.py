@@ -188,3 +188,24 @@ def test_a_head_the_source_lacks_is_the_same_in_every_load(tmp_path):
     torch.manual_seed(123)
     assert torch.equal(torch.rand(4), after_load)
     assert torch.equal(a.classifier.weight, b.classifier.weight) and a.classifier.weight.abs().sum() > 0
+
+
+def test_weights_that_do_not_fit_a_structureless_manifest_are_refused_not_initialized(tiny_llama_dir, tmp_path):
+    """A manifest that lost its structure entries (an older manifest has no content hash to notice) must not
+    load the stock model with the factorized layer initialized at random."""
+    from compress.pruning.lowrank import apply_lowrank
+
+    model, tok = load_model(str(tiny_llama_dir), "causal-lm")
+    entry = {"type": "lowrank", "ranks": {"model.layers.0.mlp.down_proj": 4}}
+    apply_lowrank(model, entry)
+    checkpoint.save(Artifact(kind="torch", task="causal-lm", tokenizer=tok, model=model, structure=[entry]),
+                    tmp_path / "ckpt")
+    mf = tmp_path / "ckpt" / "manifest.json"
+    manifest = json.loads(mf.read_text())
+    del manifest["content"]
+    manifest["structure"] = []
+    mf.write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match=r"weights do not match the model its config and manifest describe "
+                                              r"\(missing \['model.layers.0.mlp.down_proj.weight'\], unexpected "
+                                              r"\['model.layers.0.mlp.down_proj.first.weight'"):
+        compress.load(tmp_path / "ckpt")
