@@ -192,6 +192,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
             f"{path} has no {MANIFEST}: it is not a finished compress checkpoint (for a plain save_pretrained "
             "folder use it as a model source instead)"
         )
+    _member(path, MANIFEST)  # a folder, a pipe or a link out of the checkpoint is refused as any listed file is
     try:
         manifest = json.loads(mf.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
     except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError

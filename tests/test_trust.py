@@ -741,3 +741,16 @@ def test_sigkill_at_random_points_then_every_rerun_resumes_and_loads(tiny_llama_
         Path(os.environ["COMPRESS_TRUST_RESULTS"]).write_text(json.dumps(record, indent=1) + "\n")
     assert counts["failed_resumes"] == counts["bad_loads"] == counts["finished_steps_not_reused"] == 0
     assert counts["killed_mid_run"] >= kills // 4, counts  # the kills did land inside runs
+
+
+@pytest.mark.parametrize("how", ["folder", "pipe", "link-out"])
+def test_a_manifest_that_is_not_a_regular_file_inside_the_folder_is_refused(lowrank_ckpt, tmp_path, how):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    mf = ckpt / "manifest.json"
+    outside = tmp_path / "outside.json"
+    shutil.copy(mf, outside)
+    mf.unlink()
+    {"folder": mf.mkdir, "pipe": lambda: os.mkfifo(mf), "link-out": lambda: mf.symlink_to(outside)}[how]()
+    expected = "outside the checkpoint folder" if how == "link-out" else "manifest.json is not a regular file"
+    with pytest.raises(CheckpointError, match=expected):
+        compress.load(ckpt)  # (a pipe hung reading it; a folder was an IsADirectoryError)
