@@ -199,10 +199,11 @@ def read_manifest(path: str | os.PathLike) -> dict:
         raise CheckpointError(f"{mf} is corrupted: {exc}") from exc
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{mf} is corrupted: expected a JSON object, got {type(manifest).__name__}")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise CheckpointError(
-            f"{path} has checkpoint format {manifest.get('format_version')}, this suite reads {FORMAT_VERSION}"
-        )
+    version = manifest.get("format_version")
+    if type(version) is not int or version != FORMAT_VERSION:  # "1" printed as 1 read "format 1, ... reads 1"
+        found = f"format {version!r}" if "format_version" in manifest else "no format_version"
+        raise CheckpointError(f"{path} has checkpoint {found}, this suite reads format {FORMAT_VERSION}; re-run the "
+                              "pass with this version of the suite")
     check_manifest(path, manifest)
     return manifest
 

@@ -754,3 +754,14 @@ def test_a_manifest_that_is_not_a_regular_file_inside_the_folder_is_refused(lowr
     expected = "outside the checkpoint folder" if how == "link-out" else "manifest.json is not a regular file"
     with pytest.raises(CheckpointError, match=expected):
         compress.load(ckpt)  # (a pipe hung reading it; a folder was an IsADirectoryError)
+
+
+@pytest.mark.parametrize("version,expected", [("1", "has checkpoint format '1', this suite reads format 1"),
+                                              (True, "has checkpoint format True,"), (1.0, "format 1.0,"),
+                                              (None, "format None,"), ("missing", "has checkpoint no format_version,")])
+def test_a_format_version_of_another_type_is_named_as_it_is(lowrank_ckpt, tmp_path, version, expected):
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    _edit_manifest(ckpt, lambda m: m.pop("format_version") if version == "missing"
+                   else m.update(format_version=version))
+    with pytest.raises(CheckpointError, match=expected):
+        compress.load(ckpt)  # ("1" read "format 1, this suite reads 1"; true and 1.0 loaded)
