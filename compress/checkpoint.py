@@ -230,8 +230,9 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if _REQUIRED_FILE[kind] not in files:
         raise CheckpointError(f"{mf}: kind {kind} needs {_REQUIRED_FILE[kind]} in the file table, and it is not "
                               "there (wrong kind, or an incomplete checkpoint)")
-    if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
-        raise CheckpointError(f"{mf}: dtype {dtype!r} is not a torch dtype (e.g. float32, bfloat16)")
+    torch_dtype = getattr(torch, str(dtype), None)
+    if dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+        raise CheckpointError(f"{mf}: dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
     structure = manifest.get("structure") or []
     if not isinstance(structure, list) or not all(isinstance(e, dict) for e in structure):
         raise CheckpointError(f"{mf}: structure must be a list of {{\"type\": ...}} entries")

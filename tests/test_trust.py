@@ -394,6 +394,8 @@ BAD_INPUTS = [
     ("manifest-no-files", "manifest", _manifest(lambda m: m.pop("files")), "`files` is missing"),
     ("manifest-empty-files", "manifest", _manifest(lambda m: m.update(files={})), "`files` is missing or empty"),
     ("manifest-unknown-dtype", "manifest", _manifest(lambda m: m.update(dtype="float99")), "dtype 'float99'"),
+    ("manifest-dtype-bool", "manifest", _manifest(lambda m: m.update(dtype="bool")),
+     "dtype 'bool' is not a floating-point torch dtype"),
     ("manifest-kind-onnx", "manifest", _manifest(lambda m: m.update(kind="onnx")), "kind onnx needs model.onnx"),
     ("manifest-kind-unknown", "manifest", _manifest(lambda m: m.update(kind="tflite")), "kind is 'tflite'"),
     ("manifest-no-task", "manifest", _manifest(lambda m: m.pop("task")), "task is missing"),
