@@ -233,6 +233,10 @@ def check_manifest(path: Path, manifest: dict) -> None:
     torch_dtype = getattr(torch, str(dtype), None)
     if dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
         raise CheckpointError(f"{mf}: dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
+    for name in ("parent", "pass", "info"):  # not in the content hash; lineage and passes read them as objects
+        if manifest.get(name) is not None and not isinstance(manifest[name], dict):
+            raise CheckpointError(f"{mf}: {name} must be a JSON object, got {type(manifest[name]).__name__} "
+                                  f"{manifest[name]!r:.60}; the manifest was edited. Re-run the pass.")
     structure = manifest.get("structure") or []
     if not isinstance(structure, list) or not all(isinstance(e, dict) for e in structure):
         raise CheckpointError(f"{mf}: structure must be a list of {{\"type\": ...}} entries")

@@ -767,3 +767,16 @@ def test_a_format_version_of_another_type_is_named_as_it_is(lowrank_ckpt, tmp_pa
                    else m.update(format_version=version))
     with pytest.raises(CheckpointError, match=expected):
         compress.load(ckpt)  # ("1" read "format 1, this suite reads 1"; true and 1.0 loaded)
+
+
+@pytest.mark.parametrize("field,value", [("parent", "gone"), ("pass", ["prune"]), ("info", "x")])
+def test_lineage_fields_of_another_type_are_refused_by_name(lowrank_ckpt, tmp_path, field, value):
+    """parent, pass and info are outside the content hash, and the lineage (model card, the quantize pass's
+    walk up to the torch parent) reads them as objects: an AttributeError traceback before."""
+    from compress.model_card import lineage
+
+    ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
+    _edit_manifest(ckpt, lambda m: m.update({field: value}), rehash=False)
+    for read in (compress.load, lineage):
+        with pytest.raises(CheckpointError, match=f"manifest.json: {field} must be a JSON object, got "):
+            read(ckpt)
