@@ -195,7 +195,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     _member(path, MANIFEST)  # a folder, a pipe or a link out of the checkpoint is refused as any listed file is
     try:
         manifest = json.loads(mf.read_bytes().decode("utf-8"), parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError is a ValueError
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:  # JSONDecodeError is a ValueError
         raise CheckpointError(f"{mf} is corrupted: {exc}") from exc
     if not isinstance(manifest, dict):
         raise CheckpointError(f"{mf} is corrupted: expected a JSON object, got {type(manifest).__name__}")

@@ -402,6 +402,8 @@ BAD_INPUTS = [
     ("manifest-format-99", "manifest", _manifest(lambda m: m.update(format_version=99)), "format 99"),
     ("manifest-not-json", "manifest", lambda ck: (ck / "manifest.json").write_text("{"),
      "manifest.json is corrupted"),
+    ("manifest-nested-too-deep", "manifest", lambda ck: (ck / "manifest.json").write_text("[" * 100000),
+     "manifest.json is corrupted: maximum recursion depth exceeded"),
     ("manifest-a-list", "manifest", lambda ck: (ck / "manifest.json").write_text("[]"), "expected a JSON object"),
     ("manifest-bare-nan", "manifest", _manifest(lambda m: m["info"].update(loss=float("nan"))), "NaN"),
     ("manifest-size-text", "manifest", _manifest(lambda m: m["files"]["config.json"].update(size="big")),
