@@ -415,6 +415,8 @@ BAD_INPUTS = [
      "manifest.json: lowrank structure names model.layers.9.mlp"),
     ("structure-rank-too-large", "manifest", _structure({"type": "lowrank", "ranks": {LOWRANK: 8}}),
      "structure entries do not fit"),
+    ("structure-hidden-width-huge", "manifest", _structure({"type": "hidden_width", "size": 10**9}),
+     "manifest.json: hidden_width size 1000000000 is not a width between 1 and the model's 32"),
     ("structure-unknown-type", "manifest", _structure({"type": "from-the-future"}),
      "manifest.json: the checkpoint needs structure 'from-the-future'"),
     ("file-dotdot", "manifest", _manifest(lambda m: m["files"].update({"../x": {"size": 1, "sha256": "0"}})),

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from ..architecture import Architecture, build_from_config, find, is_linear, rebuild_mismatch
-from ..errors import UnsupportedModelError
+from ..errors import CheckpointError, UnsupportedModelError
 from .arch import linear_weight, out_features, set_module
 from .width import select_rows
 
@@ -161,4 +161,7 @@ def prune_hidden(model: nn.Module, ad: Architecture, keep: list[int], stock: boo
 
 def apply_hidden_width(model: nn.Module, entry: dict) -> None:
     """Structure entry `hidden_width`: every hidden-wide part resized to the recorded width (weights load next)."""
-    prune_hidden(model, find(model), list(range(entry["size"])), stock=False)
+    size, full = entry["size"], model.config.hidden_size
+    if type(size) is not int or not 1 <= size <= full:  # a size of 10**9 built a 10**9-element index list first
+        raise CheckpointError(f"hidden_width size {size!r} is not a width between 1 and the model's {full}")
+    prune_hidden(model, find(model), list(range(size)), stock=False)
