@@ -210,6 +210,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 # The file that must be in the table for each kind: what the loader starts from.
 _REQUIRED_FILE = {"torch": "config.json", "onnx": "model.onnx"}
+_DTYPES = ("float32", "bfloat16", "float16", "float64")  # what model_dtype can record
 
 
 def check_manifest(path: Path, manifest: dict) -> None:
@@ -230,9 +231,8 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if _REQUIRED_FILE[kind] not in files:
         raise CheckpointError(f"{mf}: kind {kind} needs {_REQUIRED_FILE[kind]} in the file table, and it is not "
                               "there (wrong kind, or an incomplete checkpoint)")
-    torch_dtype = getattr(torch, str(dtype), None)
-    if dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
-        raise CheckpointError(f"{mf}: dtype {dtype!r} is not a floating-point torch dtype (e.g. float32, bfloat16)")
+    if dtype is not None and dtype not in _DTYPES:  # (bool, int8, float8: a traceback building or running the model)
+        raise CheckpointError(f"{mf}: dtype {dtype!r} is not one a model loads in ({', '.join(_DTYPES)})")
     for name in ("parent", "pass", "info"):  # not in the content hash; lineage and passes read them as objects
         if manifest.get(name) is not None and not isinstance(manifest[name], dict):
             raise CheckpointError(f"{mf}: {name} must be a JSON object, got {type(manifest[name]).__name__} "
