@@ -149,9 +149,7 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
         }
         manifest["content"] = content_hash(json.loads(_strict_json(manifest, path)))  # as a reader will see it
         (tmp / MANIFEST).write_text(_strict_json(manifest, path))
-        if path.exists():  # an outdated checkpoint (other key): replaced whole
-            shutil.rmtree(path)
-        os.rename(tmp, path)
+        replace_folder(tmp, path)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         disk = disk_error(exc, path)
@@ -160,6 +158,24 @@ def save(artifact: Artifact, path: str | os.PathLike, **manifest_fields) -> Path
         raise
     artifact.path, artifact.manifest = path, manifest
     return path
+
+
+def replace_folder(new: Path, path: Path) -> None:
+    """`new` renamed to `path`. An existing `path` (an outdated checkpoint) is renamed aside first and deleted
+    after, so a kill at any moment leaves the old or the new folder whole at `path` (at worst with a hidden
+    .<name>.old-<pid> beside it), never a half-deleted one."""
+    old = path.with_name(f".{path.name}.old-{os.getpid()}") if path.exists() else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)  # a leftover of this pid's earlier kill
+        os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        if old is not None:
+            os.rename(old, path)  # the old one back
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def _strict_json(manifest: dict, where: Path) -> str:

@@ -302,6 +302,9 @@ class Runner:
             for tmp in chain_dir.glob(".*.tmp-*"):
                 self.log(f"removing unfinished {tmp.name} from an interrupted run")
                 shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+            for aside in chain_dir.glob(".*.old-*"):  # an outdated checkpoint a killed replace_folder left aside
+                if not _pid_alive(aside.name.rsplit("-", 1)[-1]):
+                    shutil.rmtree(aside, ignore_errors=True)
             names = {step_dir_name(i, p.name) for i, p in enumerate(passes)}
             for old in chain_dir.glob("[0-9][0-9]-*"):
                 if not old.is_dir() or old.name in names:
@@ -367,9 +370,7 @@ class Runner:
             # store's own is unchanged; the parent is not part of the content hash)
             manifest["parent"] = {**(manifest.get("parent") or {}), "path": parent_ref}
             write_atomic(tmp / checkpoint.MANIFEST, json.dumps(manifest, indent=2, default=str) + "\n")
-            if path.exists():  # an outdated checkpoint (other key): replaced whole
-                shutil.rmtree(path)
-            os.rename(tmp, path)
+            checkpoint.replace_folder(tmp, path)  # an outdated checkpoint (other key): replaced whole
             return manifest
         except CheckpointError as exc:
             self.log(f"step store: not using {entry.name}: {exc}; removing it")

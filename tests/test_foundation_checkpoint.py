@@ -111,6 +111,30 @@ def test_save_replaces_a_checkpoint_but_never_deletes_other_files(tiny_llama_dir
     assert [p.name for p in notes.iterdir()] == ["mine.txt"] and (notes / "mine.txt").read_text() == "keep me"
 
 
+def test_a_kill_while_replacing_a_checkpoint_leaves_one_whole(tiny_llama_dir, tmp_path, monkeypatch):
+    """Replacing deleted the outdated checkpoint in place, then renamed the new one in: a kill mid-delete left
+    a half-deleted folder that never loads, and lost both. The old one is renamed aside first now."""
+    import shutil
+
+    ckpt = tmp_path / "ckpt"
+    _save_tiny(tiny_llama_dir, ckpt)
+    real, killed = shutil.rmtree, []
+
+    def kill_mid_delete(path, *args, **kwargs):  # a checkpoint's deletion stops after one file
+        if (Path(path) / "manifest.json").is_file() and not killed:
+            killed.append(Path(path))
+            (Path(path) / "config.json").unlink()
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", kill_mid_delete)
+    with pytest.raises(KeyboardInterrupt):
+        _save_tiny(tiny_llama_dir, ckpt, parent={"path": "again", "key": "k0"})
+    monkeypatch.undo()
+    assert killed and killed[0] != ckpt  # the outdated one, aside
+    assert compress.load(ckpt).info is not None and "again" in (ckpt / "manifest.json").read_text()
+
+
 class _Doubled(torch.nn.Module):
     """A Linear replaced by two (in -> in -> out): structure no stock config can express."""
 

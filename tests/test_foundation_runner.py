@@ -113,10 +113,11 @@ def test_run_killed_mid_pass_resumes_there(tiny_llama_dir, tmp_path):
     assert not (run_dir / "02-test-scale").exists()
     stamp = _created(run_dir / "01-test-scale")
     (run_dir / ".02-test-scale.tmp-stale").mkdir()  # as a kill during the final write would leave
+    (run_dir / ".01-test-scale.old-999999999").mkdir()  # and a kill while replacing an outdated checkpoint
     result = _run(config2, out)
     assert [s.reused for s in result.steps] == [True, False, False]
     assert _created(run_dir / "01-test-scale") == stamp
-    assert not list(run_dir.glob(".*tmp*"))
+    assert not list(run_dir.glob(".*tmp*")) and not list(run_dir.glob(".*.old-*"))
     assert not (run_dir / "02-quantize").exists(), "a step of the old pipeline was left beside the new ones"
     assert (run_dir / "03-quantize" / "manifest.json").exists()
 
