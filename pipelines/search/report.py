@@ -19,7 +19,7 @@ from compress.errors import ConfigError
 from ..runner import write_atomic  # a full disk or a kill mid-write leaves the old file
 from .config import SearchSetup
 from .figures import METRICS, pareto
-from .study import NOT_RUN
+from .study import given_back
 
 STATES = {"COMPLETE": "complete", "PRUNED": "pruned", "FAIL": "failed", "RUNNING": "running", "WAITING": "waiting"}
 
@@ -38,7 +38,7 @@ def trial_rows(study) -> list[dict]:
     rows, refused = [], set()
     for t in study.get_trials(deepcopy=False):
         a = t.user_attrs
-        if (a.get("reason") or "").startswith(NOT_RUN):  # asked for, given back: no recipe was tried
+        if given_back(t):  # no recipe was tried
             continue
         if a.get("refused") or a.get("same_as") in refused:  # a copy is what its original was
             refused.add(t.number)

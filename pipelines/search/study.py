@@ -437,11 +437,15 @@ class Search:
 NOT_RUN = "not run"  # the reason of a trial asked for and given back: other processes took the budget meanwhile
 
 
+def given_back(t) -> bool:
+    """A trial asked for and given back unrun (no recipe was tried)."""
+    return (t.user_attrs.get("reason") or "").startswith(NOT_RUN)
+
+
 def took_budget(t) -> bool:
     """A trial that is part of the study's budget: not one failed as interrupted (it is retried) or given
     back unrun."""
-    reason = t.user_attrs.get("reason") or ""
-    return "interrupted" not in reason and not reason.startswith(NOT_RUN)
+    return "interrupted" not in (t.user_attrs.get("reason") or "") and not given_back(t)
 
 
 def _finished(study) -> list:
