@@ -116,6 +116,7 @@ class EdgeModel:
         if vocab and input_ids.size and not 0 <= input_ids.min() <= input_ids.max() < vocab:
             raise ValueError(f"token ids must be in 0..{vocab - 1} (vocab_size in config.json); got "
                              f"{input_ids.min()}..{input_ids.max()}")
+        self._check_length(input_ids.shape[1])  # else ONNX Runtime reads past the position table
         mask = np.ones_like(input_ids) if attention_mask is None else np.asarray(attention_mask, dtype=np.int64)
         if mask.ndim == 1:
             mask = mask[None, :]
@@ -217,7 +218,6 @@ class EdgeModel:
             mask = feed.get("attention_mask", np.ones_like(feed["input_ids"]))
             logits, _ = self._run_decoder(feed["input_ids"], mask, self._empty_past(batch))
             return logits
-        self._check_length(feed["input_ids"].shape[1])
         named = dict(zip(self.output_names, self.session.run(None, feed)))
         if "logits" not in named:
             raise ValueError(f"this model ({self.task}) has no logits output; outputs: {self.output_names}")
@@ -228,7 +228,6 @@ class EdgeModel:
             raise ValueError(f"this model ({self.task}) has no last_hidden_state output; outputs: "
                              f"{self.output_names}")
         feed = self._feed(input_ids, attention_mask)
-        self._check_length(feed["input_ids"].shape[1])
         named = dict(zip(self.output_names, self.session.run(None, feed)))
         return named["last_hidden_state"]
 
