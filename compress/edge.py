@@ -233,9 +233,9 @@ class EdgeModel:
 
     def embed(self, input_ids, attention_mask=None) -> np.ndarray:
         """Mean-pooled sentence embeddings [B, H] (as sentence-transformers pools MiniLM)."""
-        feed = self._feed(input_ids, attention_mask)
-        hidden = self.hidden_states(feed["input_ids"], feed.get("attention_mask"))
-        mask = feed.get("attention_mask", np.ones(hidden.shape[:2], dtype=np.int64))[..., None].astype(hidden.dtype)
+        hidden = self.hidden_states(input_ids, attention_mask)
+        mask = np.ones(hidden.shape[:2], dtype=np.int64) if attention_mask is None else np.asarray(attention_mask)
+        mask = mask[..., None].astype(hidden.dtype)
         return (hidden * mask).sum(1) / np.clip(mask.sum(1), 1e-9, None)
 
     def prefill(self, input_ids, attention_mask=None,
@@ -317,6 +317,13 @@ class EdgeModel:
                                  "tokenizers than this one; copy the checkpoint again or upgrade tokenizers") from None
             tcfg = _read_json(self.path / "tokenizer_config.json")
             pad = _token_text(tcfg.get("pad_token"))
+            if pad is not None and not isinstance(pad, str):
+                raise ValueError(f"{self.path / 'tokenizer_config.json'}: pad_token is {pad!r}, not a token's text: "
+                                 "edited by hand; copy the checkpoint again")
+            limit = tcfg.get("model_max_length")
+            if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int | float) or limit < 1):
+                raise ValueError(f"{self.path / 'tokenizer_config.json'}: model_max_length is {limit!r}, not a "
+                                 "positive number: edited by hand; copy the checkpoint again")
             pad_id = self._tokenizer.token_to_id(pad) if pad else None
             if pad_id is not None:
                 self._tokenizer.enable_padding(pad_id=pad_id, pad_token=pad,
@@ -341,6 +348,10 @@ class EdgeModel:
         ids, mask = self.encode(prompt)
         # generation_config.json's ids first, as transformers' generate reads them (chat models list several)
         eos = _read_json(self.path / "generation_config.json").get("eos_token_id", self.config.get("eos_token_id"))
+        listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
+        if not all(type(i) is int for i in listed):  # "2" or 2.5 read as an id, a dict raised a TypeError
+            raise ValueError(f"eos_token_id is {eos!r} in {self.path / 'generation_config.json'} (or config.json): "
+                             "an id is an integer, or a list of them; copy the checkpoint again")
         out = self.generate(ids, max_new_tokens, attention_mask=mask, eos_token_id=eos)
         return self.tokenizer.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
 
@@ -417,6 +428,10 @@ def _verify_files(folder: Path, manifest: dict) -> None:
             raise ValueError(f"{folder / name} is not in manifest.json's table of files, and the runner reads it: "
                              "added after the checkpoint was written; remove it, or copy the checkpoint again")
     for name, meta in files.items():
+        # compress.checkpoint's rule: a plain relative path inside the folder
+        if not name or Path(name).is_absolute() or ".." in Path(name).parts or "\\" in name or "\0" in name:
+            raise ValueError(f"{folder / 'manifest.json'} lists {name!r}, which is not a plain relative path inside "
+                             "the checkpoint's folder: edited; refusing to open it (copy the checkpoint again)")
         f = folder / name
         if f.is_symlink():
             raise ValueError(f"{f} is a link, where the checkpoint was written with a file: copy the checkpoint "

@@ -361,3 +361,41 @@ def test_classify_or_embed_on_a_causal_lm_is_refused_naming_the_task(tmp_path):
     with pytest.raises(ValueError, match=r"this model \(causal-lm\) has no last_hidden_state output; outputs: "
                                          r"\['logits', 'present.0.key'"):
         edge.embed_texts("To be")
+
+
+def test_a_manifest_naming_a_file_outside_the_folder_is_refused(tmp_path):
+    """The runner hashed whatever the file table named, ../ and absolute paths included (compress.load refuses
+    them): a re-hashed manifest could make it read any file on the device."""
+    import hashlib
+
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"secret")
+    manifest = json.loads((path / "manifest.json").read_text())
+    for name in ("../outside.bin", str(outside)):
+        files = dict(manifest["files"], **{name: {"size": 6, "sha256": hashlib.sha256(b"secret").hexdigest()}})
+        held = {k: manifest.get(k) for k in ("kind", "task", "dtype", "structure", "quantization")}
+        held["files"] = files
+        content = hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:20]
+        (path / "manifest.json").write_text(json.dumps(dict(manifest, files=files, content=content)))
+        with pytest.raises(ValueError, match="is not a plain relative path inside the checkpoint's folder"):
+            EdgeModel(path)
+
+
+@pytest.mark.parametrize("file, edit, field", [
+    ("tokenizer_config.json", {"pad_token": ["<pad>"]}, "pad_token"),
+    ("tokenizer_config.json", {"model_max_length": "512"}, "model_max_length"),
+    ("generation_config.json", {"eos_token_id": {"id": 2}}, "eos_token_id"),
+    ("generation_config.json", {"eos_token_id": "2"}, "eos_token_id"),
+])
+def test_hand_edited_settings_are_one_line_errors_under_no_verify(tmp_path, capsys, file, edit, field):
+    """With --no-verify a hand-edited tokenizer_config / generation_config of the wrong types gave a TypeError
+    traceback (or read "2" as an id); now exit 2 with one line naming the file and the field."""
+    from compress import edge
+
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    target = path / file
+    target.write_text(json.dumps({**(json.loads(target.read_text()) if target.exists() else {}), **edit}))
+    assert edge.main([str(path), "To be", "--no-verify", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and field in err and file in err, err
