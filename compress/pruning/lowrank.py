@@ -194,17 +194,29 @@ def is_factorized(structure: list[dict]) -> bool:
 
 def apply_lowrank(model: nn.Module, entry: dict) -> None:
     """Structure entry `lowrank`: the named linear layers become empty LowRankLinear of the recorded ranks."""
-    for name, r in entry["ranks"].items():
+    ranks = entry.get("ranks")
+    if not isinstance(ranks, dict):
+        raise CheckpointError(f"lowrank structure's ranks must map layer names to ranks, got {ranks!r:.60}")
+    for name, r in ranks.items():
         try:
             m = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"lowrank structure names {name}, which the model does not have") from None
         w = linear_weight(m)
+        _check_rank(f"lowrank rank of {name}", r, min(w.shape))
         set_module(model, name, LowRankLinear(w.shape[1], w.shape[0], r, bias=m.bias is not None))
 
 
 def apply_lowrank_embedding(model: nn.Module, entry: dict) -> None:
     """Structure entry `lowrank_embedding`: a factorized (tied) embedding of the recorded rank."""
+    emb = model.get_input_embeddings()
+    _check_rank("lowrank_embedding rank", entry.get("rank"), min(emb.num_embeddings, emb.embedding_dim))
     install_embedding(model, entry["rank"])
+
+
+def _check_rank(what: str, rank, most: int) -> None:
+    """Before the factors are allocated (a rank of 10**9 in an edited manifest allocated gigabytes first)."""
+    if type(rank) is not int or not 1 <= rank <= most:
+        raise CheckpointError(f"{what} is {rank!r}, not a rank between 1 and the layer's {most}")
 
 
