@@ -71,6 +71,11 @@ VARIANTS = {
                                                                            "offset_roundings": 3})]),
     "fused int4 minmax, offsets folded in 2 roundings": ("ort-cpu", FUSED + [("quantize", {
         **int4("minmax")[1], "offset_roundings": 2})]),
+    "fused int4 hqq b64": ("ort-cpu", FUSED + [("quantize", {**int4("hqq")[1], "block_size": 64})]),
+    "fused int4 hqq b64, offsets folded in 2 roundings": ("ort-cpu", FUSED + [("quantize", {
+        **int4("hqq")[1], "block_size": 64, "offset_roundings": 2})]),
+    "fused int4 minmax b64, offsets folded in 2 roundings": ("ort-cpu", FUSED + [("quantize", {
+        **int4("minmax")[1], "block_size": 64, "offset_roundings": 2})]),
     "fused int4 k_quant": ("ort-cpu", FUSED + [int4("k_quant")]),
     "fused int4 gptq": ("ort-cpu", FUSED + [int4("gptq")]),
     "llama.cpp Q8_0": ("llamacpp-cpu", "gguf-q8_0"),
