@@ -248,12 +248,12 @@ def test_auto_writes_a_fused_gpt2_graph_that_quantizes_to_matmulnbits(tmp_path):
 
 def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
     """auto takes optimum where the fused writer does not apply and says why; fused refuses instead."""
-    path, _ = export("gpt2", tmp_path / "auto", model=tiny_gpt2(activation_function="relu"))
+    path, _ = export("gpt2", tmp_path / "auto", model=tiny_gpt2(activation_function="silu"))
     info = load(path).info
-    assert info["graph"] == "optimum" and "gpt2 activation 'relu'" in info["fused_fallback"]
-    assert info["note"].startswith("graph auto wrote optimum's graph") and "activation 'relu'" in info["note"]
-    with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2 activation 'relu'"):
-        export("gpt2", tmp_path / "fused", model=tiny_gpt2(activation_function="relu"), graph="fused")
+    assert info["graph"] == "optimum" and "gpt2 activation 'silu'" in info["fused_fallback"]
+    assert info["note"].startswith("graph auto wrote optimum's graph") and "activation 'silu'" in info["note"]
+    with pytest.raises(UnsupportedModelError, match="export.graph: fused: .*gpt2 activation 'silu'"):
+        export("gpt2", tmp_path / "fused", model=tiny_gpt2(activation_function="silu"), graph="fused")
     with pytest.raises(UnsupportedModelError, match="head_dim 8"):  # tiny_llama's heads are too narrow
         export("llama-gqa", tmp_path / "narrow", graph="fused")
     path, _ = export("llama-gqa", tmp_path / "optimum", model=_fusable_llama(), graph="optimum")

@@ -1,6 +1,6 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
-packed projections and Gemma; GPT-2) match torch (logits and greedy tokens), keep a small constant node count per
-block, follow the modules' own widths (depth / width / head pruning, low-rank layers), and are chosen by
+packed projections and Gemma; GPT-2 and OPT) match torch (logits and greedy tokens), keep a small constant node
+count per block, follow the modules' own widths (depth / width / head pruning, low-rank layers), and are chosen by
 structure, not by model_type."""
 import numpy as np
 import onnx
@@ -331,13 +331,72 @@ def test_gpt2_per_layer_widths_pruned_heads_and_low_rank(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(), 8)
 
 
+def tiny_opt(**overrides):
+    """A random OPT: GPT-2's block with separate q / k / v (biased), fc1 / fc2 in the block itself, a ReLU and
+    position rows offset by 2; hidden 64, 4 layers, 4 heads (head_dim 16)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, ffn_dim=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+               max_position_embeddings=64, word_embed_proj_dim=64, init_std=0.3, bos_token_id=None,
+               eos_token_id=None, pad_token_id=1)
+    cfg.update(overrides)
+    return OPTForCausalLM(OPTConfig(**cfg)).eval()
+
+
+def test_opt_matches_torch_logits_and_greedy_tokens(tmp_path):
+    """OPT goes to the GPT-2 writer by structure: q / k / v packed into one MatMul, Add + Relu, positions read
+    from row 2 on; 10 nodes per block (GPT-2's 9, the ReLU's bias an Add of its own)."""
+    torch.set_num_threads(1)
+    model = tiny_opt()
+    figures = build_fused(model, tmp_path)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+    assert figures["max_nodes_per_block"] == GPT2_BLOCK_NODES + 1
+    assert figures["ops"]["Relu"] == LAYERS and figures["ops"]["GroupQueryAttention"] == LAYERS
+    assert figures["cache_length"] == 64  # the 66-row table less OPT's offset of 2
+
+
+def test_head_pruned_opt_exports_with_the_kv_cache_by_default(tmp_path):
+    """prune records OPT's cut heads as an attention_heads entry (its config keeps 4): optimum cannot export that
+    with the KV cache, the fused writer does (it reads the widths from the modules)."""
+    import compress
+    from family_cases import OPTIONS, context
+
+    from compress.checkpoint import Artifact
+    from compress.passes import get
+    from tiny_models import VOCAB as TOKENIZER_VOCAB, family_tokenizer
+
+    torch.set_num_threads(1)
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("opt"),
+                   model=tiny_opt(vocab_size=TOKENIZER_VOCAB))  # the calibration text's ids
+    ctx = context("causal-lm", tmp_path / "scratch")
+    pruned = get("prune")(**OPTIONS["heads"][1]).run(art, ctx)
+    assert pruned.structure[0]["heads"] == [2] * LAYERS and "carries the pruned heads" in pruned.info["heads"]["note"]
+    out = get("export")(check_samples=2, check_seq_len=16).run(pruned, ctx)
+    assert out.info["graph"] == "fused"
+    path = compress.save(out, tmp_path / "onnx")
+    assert_generates_like_torch(pruned.model, path, prompt(length=10), 8)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    ({"do_layer_norm_before": False}, "one final norm outside the blocks, found none"),  # post-norm OPT has none
+    ({"word_embed_proj_dim": 32}, "no projection outside the blocks but the LM head; found model.decoder.project_out"),
+], ids=["post-norm", "projected-embeddings"])
+def test_unsupported_opt_is_refused_clearly(tmp_path, overrides, match):
+    with pytest.raises(UnsupportedModelError, match=match):
+        build_fused(tiny_opt(**overrides), tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 @pytest.mark.parametrize("overrides,match", [
     ({"scale_attn_by_inverse_layer_idx": True}, "scale_attn_by_inverse_layer_idx"),
     ({"scale_attn_weights": False}, "scale_attn_weights"),
     ({"add_cross_attention": True}, "add_cross_attention"),
-    ({"activation_function": "relu"}, "activation 'relu'"),
+    ({"activation_function": "silu"}, "activation 'silu'"),
     ({"n_embd": 48, "n_head": 4}, "head_dim 12"),  # GroupQueryAttention without rotary: head_dim % 8
-], ids=["inverse-layer-scale", "unscaled", "cross-attention", "relu", "head-dim-12"])
+], ids=["inverse-layer-scale", "unscaled", "cross-attention", "silu", "head-dim-12"])
 def test_unsupported_gpt2_is_refused_clearly(tmp_path, overrides, match):
     with pytest.raises(UnsupportedModelError, match=match):
         build_fused(tiny_gpt2(**overrides), tmp_path)
@@ -449,13 +508,14 @@ def test_gemma_scaled_embeddings_offset_norms_and_tanh_gelu(tmp_path):
     assert_matches_torch(model, tmp_path)
 
 
-def test_erf_gelu_exports_and_other_activations_are_refused(tmp_path):
-    model = tiny(hidden_act="gelu")
-    figures = build_fused(model, tmp_path / "gelu")
-    assert figures["ops"]["Gelu"] == LAYERS
-    assert_logits_match(model, EdgeModel(tmp_path / "gelu", threads=1), prompt())
-    with pytest.raises(UnsupportedModelError, match="activation 'relu'"):
-        build_fused(tiny(hidden_act="relu"), tmp_path / "relu")
+def test_erf_gelu_and_relu_export_and_other_activations_are_refused(tmp_path):
+    for act, op in (("gelu", "Gelu"), ("relu", "Relu")):
+        model = tiny(hidden_act=act)
+        figures = build_fused(model, tmp_path / act)
+        assert figures["ops"][op] == LAYERS
+        assert_logits_match(model, EdgeModel(tmp_path / act, threads=1), prompt())
+    with pytest.raises(UnsupportedModelError, match="activation 'sigmoid'"):
+        build_fused(tiny(hidden_act="sigmoid"), tmp_path / "sigmoid")
 
 
 def test_layout_no_writer_handles_is_refused_naming_the_part(tmp_path):

@@ -1,10 +1,11 @@
-"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel, or any model_type with that
-layout), fp32.
+"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel and OPTForCausalLM, or any
+model_type with that layout), fp32.
 
 GPT-2-shaped is decided by structure (compress.architecture.find plus graph.py's probe_block), not by
-model_type: one packed [q heads | k heads | v heads] projection (c_attn, Conv1D or Linear), a plain MLP
-(c_fc / c_proj) with a GELU, two LayerNorm pre-norms per block, a final LayerNorm, learned position embeddings
-(a second nn.Embedding outside the blocks) added to the token embeddings, no rotary embedding.
+model_type: one packed [q heads | k heads | v heads] projection (c_attn, Conv1D or Linear) or separate q / k / v
+(OPT's, packed into one MatMul here), a plain MLP (c_fc / c_proj, OPT's fc1 / fc2) with a GELU or a ReLU, two
+LayerNorm pre-norms per block, a final LayerNorm, learned position embeddings (a second nn.Embedding outside
+the blocks, its rows read from an offset: OPT's start at 2) added to the token embeddings, no rotary embedding.
 
 The same approach as llama.py (see its docstring for why), with GPT-2's parts:
 
@@ -15,9 +16,10 @@ The same approach as llama.py (see its docstring for why), with GPT-2's parts:
     per block (9 nodes when c_attn, c_proj, c_fc and c_proj are plain Conv1D / Linear):
         SkipLayerNormalization ln_1 (adds the previous block's MLP output and its c_proj bias to the residual;
         in block 0 the token embeddings to the position embeddings)
-        -> packed QKV MatMul (c_attn) -> Add bias -> GroupQueryAttention (no rotary, kv heads = heads)
-        -> c_proj MatMul -> SkipLayerNormalization ln_2 (+ the c_proj bias)
-        -> c_fc MatMul -> FastGelu (with c_fc's bias; Gelu with a bias for exact "gelu") -> c_proj MatMul
+        -> packed QKV MatMul (c_attn, or q / k / v) -> Add bias -> GroupQueryAttention (no rotary, kv heads =
+        heads) -> c_proj MatMul -> SkipLayerNormalization ln_2 (+ the c_proj bias)
+        -> c_fc MatMul -> FastGelu (with c_fc's bias; BiasGelu for exact "gelu"; Add + Relu for a ReLU)
+        -> c_proj MatMul
     SkipLayerNormalization ln_f -> lm_head: MatMul by the Transpose of wte (tied) or its own weight
 
 Positions are computed in the graph the way GroupQueryAttention derives its own: total length - S .. total
@@ -35,9 +37,10 @@ reads it).
 GroupQueryAttention on the CPU execution provider without rotary takes head_dim a multiple of 8 (16 with
 rotary). Refused with UnsupportedModelError: head_dim not a multiple of 8, a layer without heads,
 scale_attn_by_inverse_layer_idx and scale_attn_weights: false (torch's eager attention applies them, its sdpa
-attention ignores them: no one result to match), add_cross_attention, activations other than the GELUs,
-non-LayerNorm norms, modules other than Conv1D / nn.Linear / LowRankLinear (quantized layers, low-rank
-embeddings), fp16/bf16 graphs."""
+attention ignores them: no one result to match), add_cross_attention, activations other than the GELUs and
+ReLU, non-LayerNorm norms (and OPT's post-norm blocks, do_layer_norm_before: false), a projection outside the
+blocks besides the LM head (OPT's project_in / project_out), modules other than Conv1D / nn.Linear /
+LowRankLinear (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -51,8 +54,10 @@ from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activati
                     is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rotary, save)
 
 # activation (graph.py's names) -> the com.microsoft op (bias input folded in): FastGelu = tanh approximation,
-# BiasGelu = erf
+# BiasGelu = erf; a ReLU is Add (the bias) + Relu
 GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
+ACTS = (*GELUS, "relu")
+QKV_LAYOUTS = ("blocks", "separate")  # one packed [q | k | v] projection, or three
 # config flag -> the value the writer refuses. The two scalings: torch's eager attention applies them, its sdpa
 # attention does not, so there is no one reference to match. (reorder_and_upcast_attn only changes the order of
 # fp32 operations: it exports, with the same logits.)
@@ -60,16 +65,17 @@ REFUSED = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False,
 
 
 def is_gpt2(model, arch: Architecture | None = None) -> bool:
-    """GPT-2-shaped at first sight: a plain MLP and one packed [q | k | v] attention projection (the writer
-    checks the rest)."""
+    """GPT-2-shaped at first sight: a plain MLP and one packed [q | k | v] attention projection or separate
+    q / k / v (the writer checks the rest)."""
     arch = arch or find(model)
     b = arch.blocks[0]
-    return b.mlp.kind == "plain" and b.attn.qkv_layout == "blocks"
+    return b.mlp.kind == "plain" and b.attn.qkv_layout in QKV_LAYOUTS
 
 
 def _positions(model, arch: Architecture) -> str:
-    """The learned position embeddings: the one nn.Embedding of hidden width besides the token table."""
-    found = [n for n, m in model.named_modules() if type(m).__name__ == "Embedding" and n != arch.embedding
+    """The learned position embeddings: the one nn.Embedding (or subclass: OPT's) of hidden width besides the
+    token table."""
+    found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and n != arch.embedding
              and m.embedding_dim == arch.hidden_size and not n.startswith(arch.layers_name + ".")]
     if len(found) != 1:
         raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one learned position embedding (an "
@@ -84,15 +90,16 @@ def _check(model, arch: Architecture) -> dict:
         if bool(getattr(cfg, flag, not value)) == value:
             raise UnsupportedModelError(f"fused export: gpt2 with {flag}={value} is not supported")
     for i, b in enumerate(arch.blocks):
-        if b.mlp.kind != "plain" or b.attn.qkv_layout != "blocks":
-            raise UnsupportedModelError(f"fused export: the GPT-2 writer takes a packed [q | k | v] attention and a "
-                                        f"plain MLP; block {i} has {b.attn.qkv_layout} q/k/v and a {b.mlp.kind} MLP")
+        if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
+            raise UnsupportedModelError(f"fused export: the GPT-2 writer takes a packed [q | k | v] or separate q / "
+                                        f"k / v attention and a plain MLP; block {i} has {b.attn.qkv_layout} q/k/v "
+                                        f"and a {b.mlp.kind} MLP")
         if hasattr(arch.layers()[i], "crossattention"):
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has cross-attention (not supported)")
         act = activation(arch.mlp_act(i), "gpt2 activation", config_activation(cfg))
-        if act not in GELUS:
+        if act not in ACTS:
             raise UnsupportedModelError(f"fused export: gpt2 activation {config_activation(cfg) or act!r} is not "
-                                        f"supported (the GPT-2 writer takes the GELUs)")
+                                        f"supported (the GPT-2 writer takes the GELUs and ReLU)")
     if rotary(model) is not None:
         raise UnsupportedModelError("fused export: the GPT-2 writer takes learned positions; this model has a "
                                     "rotary embedding")
@@ -105,11 +112,19 @@ def _check(model, arch: Architecture) -> dict:
     if len(finals) != 1:
         raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one final norm outside the blocks, "
                                     f"found {finals or 'none'}")
+    outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
+               and not n.startswith(arch.layers_name + ".")]
+    if outside:  # OPT's project_in / project_out: a width the writer does not carry
+        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes no projection outside the blocks but "
+                                    f"the LM head; found {', '.join(outside)}")
     probe = probe_block(model, arch)
     with torch.no_grad():
         ids = probe["ids"]
-        want = arch.module(arch.embedding)(ids) + wpe(torch.arange(ids.shape[1], device=ids.device))
-    if not _close(probe["x"], want):
+        tokens = arch.module(arch.embedding)(ids)
+    rows = wpe.weight.shape[0] - ids.shape[1]
+    probe["offset"] = next((k for k in range(min(rows, 3) + 1)  # OPT reads position p from row p + 2
+                            if _close(probe["x"], tokens + wpe.weight[k:k + ids.shape[1]].detach())), None)
+    if probe["offset"] is None:
         raise UnsupportedModelError("fused export: block 0 does not read token + position embeddings (an "
                                     "embedding scale or norm is not supported by the GPT-2 writer)")
     return probe
@@ -126,7 +141,8 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
     cfg = model.config
     wpe_name = _positions(model, arch)
     wte, wpe, head = arch.module(arch.embedding), arch.module(wpe_name), arch.module(arch.head)
-    positions = wpe.weight.shape[0]
+    wpe_table = _np(wpe.weight)[probe["offset"]:]  # the rows positions 0, 1, ... read
+    positions = wpe_table.shape[0]
     if max_length and max_length > positions:
         raise UnsupportedModelError(f"fused export: max_length {max_length} exceeds gpt2's {positions} positions")
     out = output_file(path)
@@ -141,7 +157,7 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
     length = g.op("Shape", ["input_ids"], "/transformer/wpe/Shape", start=1, end=2)
     first = g.op("Sub", [total64, length], "/transformer/wpe/Sub")
     axis = g.const("/transformer/constants/INT64/[0]", np.array([0], np.int64))
-    position = g.op("Slice", [g.const(f"{wpe_name}.weight", _np(wpe.weight)), first, total64, axis],
+    position = g.op("Slice", [g.const(f"{wpe_name}.weight", wpe_table), first, total64, axis],
                     "/transformer/wpe/Slice")
 
     label = config_activation(cfg)
@@ -149,8 +165,8 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
     pending, residual, bias = tokens, position, None  # block 0's ln_1 adds the two embeddings
     for i, b in enumerate(arch.blocks):
         p = f"/transformer/h.{i}"
-        c_attn = arch.module(b.attn.qkv)
-        width, n = _out_features(c_attn), arch.num_heads(i)
+        c_attn = [arch.module(nm) for nm in b.attn.inputs]  # [c_attn], or [q, k, v]
+        width, n = sum(_out_features(m) for m in c_attn), arch.num_heads(i)
         n_kv = arch.num_kv_heads(i)
         if n == 0 or n_kv == 0 or n % n_kv or width != (n + 2 * n_kv) * head_dim or head_dim % 8:
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has {n} heads of head_dim {head_dim} "
@@ -161,20 +177,26 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
             raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
         ln_1, ln_2 = (arch.module(nm) for nm in names)
         x, residual = layer_norm(g, ln_1, pending, residual, f"{p}/ln_1", bias)
-        qkv = g.linear(x, [c_attn], f"{p}/attn/c_attn")  # packed [Q heads | K heads | V heads]
+        if len(c_attn) == 1 or all(_is_linear(m) for m in c_attn):  # packed [Q heads | K heads | V heads]
+            qkv = [g.linear(x, c_attn, f"{p}/attn/c_attn"), "", ""]
+        else:  # OPT's q / k / v, one of them low-rank: three inputs
+            qkv = [g.linear(x, [m], f"{p}/attn/{n}") for m, n in zip(c_attn, ("q_proj", "k_proj", "v_proj"))]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
-        y = g.op("GroupQueryAttention", [qkv, "", "", *past, seqlens_k, total_len], f"{p}/attn/GQA",
+        y = g.op("GroupQueryAttention", [*qkv, *past, seqlens_k, total_len], f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
                  scale=float(head_dim) ** -0.5, do_rotary=0, local_window_size=-1)[0]
         y, bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attn/c_proj", keep_bias=True)
         x, residual = layer_norm(g, ln_2, y, residual, f"{p}/ln_2", bias)
         c_fc = arch.module(b.mlp.ins[0])
-        h, bias = g.linear(x, [c_fc], f"{p}/mlp/c_fc", keep_bias=True)
-        if bias is None:  # both ops want one
-            bias = g.const(f"{p.lstrip('/').replace('/', '.')}.mlp.c_fc.bias",
-                           np.zeros(_out_features(c_fc), np.float32))
-        act = GELUS[activation(arch.mlp_act(i), "gpt2 activation", label)]
-        h = g.op(act, [h, bias], f"{p}/mlp/act/{act}", domain=MS)
+        act = activation(arch.mlp_act(i), "gpt2 activation", label)
+        if act == "relu":
+            h = g.op("Relu", [g.linear(x, [c_fc], f"{p}/mlp/c_fc")], f"{p}/mlp/act/Relu")
+        else:
+            h, bias = g.linear(x, [c_fc], f"{p}/mlp/c_fc", keep_bias=True)
+            if bias is None:  # both ops want one
+                bias = g.const(f"{p.lstrip('/').replace('/', '.')}.mlp.c_fc.bias",
+                               np.zeros(_out_features(c_fc), np.float32))
+            h = g.op(GELUS[act], [h, bias], f"{p}/mlp/act/{GELUS[act]}", domain=MS)
         pending, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/c_proj", keep_bias=True)
 
     x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/transformer/ln_f", bias, last=True)

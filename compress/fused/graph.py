@@ -199,7 +199,7 @@ def rms_weight(norm, name: str) -> tuple[np.ndarray, float]:
 # activation -> how the writers compute it; recognized by its values, whatever the module's class
 GELU_TANH = lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))  # noqa: E731
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": GELU_TANH,
-               "gelu": lambda x: torch.nn.functional.gelu(x)}
+               "gelu": lambda x: torch.nn.functional.gelu(x), "relu": torch.relu}
 
 
 def activation(act, name: str, label: str | None = None) -> str:
@@ -214,7 +214,7 @@ def activation(act, name: str, label: str | None = None) -> str:
             if torch.allclose(y, fn(x), rtol=0, atol=1e-5):
                 return key
     raise UnsupportedModelError(f"fused export: {name} {label!r} is not supported (supported: silu, gelu "
-                                "(erf), gelu with the tanh approximation)")
+                                "(erf), gelu with the tanh approximation, relu)")
 
 
 def config_activation(config) -> str | None:
@@ -241,14 +241,17 @@ def probe_block(model, arch) -> dict:
     """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
     input (embedding scale, position embeddings) and how it wires its two norms, attention and MLP. Refuses
     any block 0 that is not pre-norm sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)) (a parallel
-    residual, post-norms). Returns {"ids", "x" (block 0's input), "norms" (in the order they ran)}."""
+    residual, post-norms). The MLP is seen at its projections (OPT's fc1 / fc2 sit in the block itself, no
+    MLP module), its input at the first, its output at the last; shapes are compared flattened to [tokens,
+    hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's input), "norms" (in the order
+    they ran)}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if len(norms) != 2:
         raise UnsupportedModelError(f"fused export: block {b.name} has {len(norms)} norms over the hidden width "
                                     f"({', '.join(b.norms) or 'none'}); the writers take two pre-norms")
-    parts = {"attn": arch.module(b.attn.name), "mlp": arch.module(b.mlp.name), **{n: m for n, m in zip(b.norms,
-                                                                                                     norms)}}
+    parts = {"attn": arch.module(b.attn.name), "mlp_in": arch.module(b.mlp.ins[0]), "mlp": arch.module(b.mlp.out),
+             **{n: m for n, m in zip(b.norms, norms)}}
     seen, order = {}, []
 
     def record(key):
@@ -277,15 +280,20 @@ def probe_block(model, arch) -> dict:
         model.train(training)
         for h in handles:
             h.remove()
-    if "block" not in seen or len(order) != 4:
+    if "block" not in seen or len(order) != 5:
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
                                     f"(ran: {', '.join(order) or 'nothing'})")
     x, out = seen["block"]
-    n1, n2 = (k for k in order if k not in ("attn", "mlp"))
+    n1, n2 = (k for k in order if k not in ("attn", "mlp_in", "mlp"))
     a, m = seen["attn"][1], seen["mlp"][1]
 
-    wired = (order == [n1, "attn", n2, "mlp"] and _close(seen[n1][0], x) and _close(seen["attn"][0], seen[n1][1])
-             and _close(seen[n2][0], x + a) and _close(seen["mlp"][0], seen[n2][1]) and _close(out, x + a + m))
+    def same(u, v):
+        return u.numel() == v.numel() and _close(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]))
+
+    wired = (order == [n1, "attn", n2, "mlp_in", "mlp"] and same(seen[n1][0], x)
+             and same(seen["attn"][0], seen[n1][1]) and same(seen[n2][0], x + a)
+             and same(seen["mlp_in"][0], seen[n2][1]) and m.numel() == a.numel()
+             and same(out, x + a + m.reshape(a.shape)))
     if not wired:
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
                                     "mlp(norm(.)) (a parallel residual, post-norms or extra steps); the writers "

@@ -56,7 +56,7 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
   (use_sliding_window: per layer, from max_window_layers on) are written as it; -1 is full attention.
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic, longrope), partial rotary, activations other than SiLU / GELU, per-head packed qkv (GPT-NeoX),
+(dynamic, longrope), partial rotary, activations other than SiLU / GELU / ReLU, per-head packed qkv (GPT-NeoX),
 parallel residuals, more or fewer than two norms per block, logit soft-capping, non-Linear modules (quantized
 layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
@@ -243,6 +243,8 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
     kind = activation(arch.mlp_act(i), "activation", act_label)
     if kind == "silu":
         h = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}/mlp/act/Sigmoid")], f"{p}/mlp/act/Mul")
+    elif kind == "relu":  # ReGLU
+        h = g.op("Relu", [gate], f"{p}/mlp/act/Relu")
     else:  # FastGelu: the tanh approximation; Gelu: erf
         h = g.op("FastGelu" if kind == "gelu_tanh" else "Gelu", [gate], f"{p}/mlp/act/{kind}", domain=MS)
     return g.linear(g.op("Mul", [h, up], f"{p}/mlp/Mul"), [arch.module(mlp.out)], f"{p}/mlp/down_proj")

@@ -382,7 +382,9 @@ class Prune(Pass):
             set_config_heads(net, new_q, new_kv, ad.head_dim())
             return info, None
         after = find(net)
-        info["note"] = "export this model with `export: {with_past: false}` (the config keeps the original heads)"
+        info["note"] = ("the default export (the fused graph, for the families its writers take) carries the "
+                        "pruned heads with the KV cache; optimum's exporter (export graph: optimum, and auto's "
+                        "fallback) needs with_past: false, as the config keeps the original heads")
         return info, {"type": "attention_heads", "heads": [after.num_heads(i) for i in range(after.num_layers())],
                       "kv_heads": [after.num_kv_heads(i) for i in range(after.num_layers())]}
 
