@@ -62,7 +62,7 @@ def run_pass(key: str, art: Artifact, ctx: PassContext, family: str | None = Non
     name, opts = OPTIONS[key]
     opts = {**opts, **OVERRIDES.get((family, key), {})}
     if key == "export":
-        opts.update(export_options(art))
+        opts.update(export_options(art, family))
     return passes.get(name)(**opts).run(art, ctx)
 
 
@@ -135,12 +135,18 @@ def check_onnx(torch_model, onnx_art: Artifact, task: str, n_new: int = 8) -> st
     return None if err < 1e-3 else f"outputs differ by {err:.3g}"
 
 
-def export_options(art: Artifact) -> dict:
+# The families whose chain ends in the fused graph (the export default). The other decoders' tiny head_dim of 8 is
+# below GroupQueryAttention's minimum with rotary (16), or their layout is one the fused writers refuse.
+FUSED = ("qwen3", "opt", "gpt2")
+
+
+def export_options(art: Artifact, family: str | None = None) -> dict:
     """Head-pruned decoders whose config keeps the original head count (GPT-2's pruned_heads, an
-    attention_heads entry) export without the KV cache: optimum sizes the cache from the config."""
+    attention_heads entry) export through optimum without the KV cache (optimum sizes the cache from the
+    config); the fused writer reads the heads from the modules and keeps the cache."""
     pruned = bool(getattr(art.model.config, "pruned_heads", None)) or any(
         e["type"] == "attention_heads" for e in art.structure)
-    return {"with_past": False} if pruned and art.task == "causal-lm" else {}
+    return {"with_past": False} if pruned and art.task == "causal-lm" and family not in FUSED else {}
 
 
 def refusal(exc: Exception) -> str:
@@ -151,5 +157,5 @@ def is_input_error(exc: Exception) -> bool:
     return isinstance(exc, CompressInputError)
 
 
-__all__ = ["IDS", "PASSES", "OPTIONS", "TORCH_PASSES", "cases", "context", "artifact", "run_pass", "outputs",
+__all__ = ["IDS", "PASSES", "OPTIONS", "TORCH_PASSES", "FUSED", "cases", "context", "artifact", "run_pass", "outputs",
            "fresh_outputs", "check_onnx", "export_options", "refusal", "is_input_error", "save", "ENCODERS"]

@@ -14,7 +14,7 @@ import yaml
 import compress
 from compress import passes
 from compress.errors import UnsupportedModelError
-from family_cases import (IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
+from family_cases import (FUSED, IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
 from tiny_models import ENCODERS, tiny_family
 
 CHAIN = ("distill", "layers", "heads", "mlp", "hidden", "lowrank")
@@ -65,7 +65,8 @@ def test_every_pass_reloads_and_matches(chains, fam, task):
     assert arch.hidden_size == src.hidden_size - (8 if src.hidden_size == 32 else 16)  # 25% -> round_to 8
     assert any(e["type"] == "lowrank" for e in final.structure)
     # configs that carry head_dim, and no embedding scale derived from hidden_size (Gemma's sqrt(hidden))
-    stock_hidden = fam not in ("gpt2", "gpt_neox", "gemma", *ENCODERS)
+    # (OPT, like GPT-2, derives head_dim from hidden_size)
+    stock_hidden = fam not in ("gpt2", "gpt_neox", "gemma", "opt", *ENCODERS)
     assert any(e["type"] == "hidden_width" for e in final.structure) != stock_hidden
     if stock_hidden:
         assert final.model.config.hidden_size == arch.hidden_size
@@ -76,7 +77,9 @@ def test_export_matches_torch_and_int8_reloads(chains, fam, task):
     built, _ = chains
     b = built[(fam, task)]
     final = b["steps"][-1][1]
-    assert check_onnx(final.model, compress.load(b["export"]), task) is None
+    exported = compress.load(b["export"])
+    assert check_onnx(final.model, exported, task) is None
+    assert (exported.info["graph"] == "fused") == (fam in FUSED), exported.info.get("note")
     assert b["int8"].info["discrepancy"]["passed"]
     back = compress.load(b["int8_path"])
     assert back.kind == "onnx" and back.quantization["method"] == "ort-int8-dynamic"

@@ -106,6 +106,10 @@ def _family_specs() -> dict:
         "granite": (T.GraniteConfig, {lm: T.GraniteForCausalLM},
                     dict(dec, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
                          attention_multiplier=0.125, logits_scaling=8.0, tie_word_embeddings=True)),
+        # OPT: GPT-2's block with separate q/k/v, fc1 / fc2 in the block itself, positions offset by 2, ReLU
+        "opt": (T.OPTConfig, {lm: T.OPTForCausalLM},
+                dict(common, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
+                     bos_token_id=1, eos_token_id=1)),
         "gpt2": (T.GPT2Config, {lm: T.GPT2LMHeadModel},
                  dict(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=4, n_positions=256, pad_token_id=0,
                       eos_token_id=1, bos_token_id=1)),
@@ -142,7 +146,7 @@ def _family_specs() -> dict:
     }
 
 
-FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "gpt2", "bert",
+FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "opt", "gpt2", "bert",
             "roberta", "distilbert")
 ENCODERS = ("bert", "roberta", "distilbert")
 

@@ -6,7 +6,7 @@ projection reading the residual stream (q/k/v or fused qkv, the MLP's input proj
 classifier's first layer), output row j of every projection writing it (attention output, MLP output, a
 pooler). Head_dim and head counts stay; the config's hidden_size follows, with head_dim written explicitly,
 so a stock config rebuilds the model where its attention reads head_dim from the config (Llama, Qwen2/3,
-Mistral, Phi-3). Families that derive head_dim from hidden_size (GPT-2, GPT-NeoX, BERT-style encoders) or
+Mistral, Phi-3). Families that derive head_dim from hidden_size (GPT-2, GPT-NeoX, OPT, BERT-style encoders) or
 their embedding scale (Gemma's sqrt(hidden_size)) keep the config's hidden_size and get a `hidden_width`
 structure entry instead.
 
