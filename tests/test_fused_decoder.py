@@ -1,7 +1,7 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
-packed projections and Gemma; GPT-2 and OPT) match torch (logits and greedy tokens), keep a small constant node
-count per block, follow the modules' own widths (depth / width / head pruning, low-rank layers), and are chosen by
-structure, not by model_type."""
+packed projections and Gemma; GPT-2 and OPT; GPT-NeoX) match torch (logits and greedy tokens), keep a small
+constant node count per block, follow the modules' own widths (depth / width / head pruning, low-rank layers),
+and are chosen by structure, not by model_type."""
 import numpy as np
 import onnx
 import pytest
@@ -464,6 +464,17 @@ def test_phi3_packed_qkv_and_gate_up(tmp_path):
         build_fused(longrope, tmp_path / "longrope")
 
 
+def test_partial_rotary_in_the_llama_writer(tmp_path):
+    """Phi-4-mini's layout: rotary over the first part of each head's channels (Phi-4-mini: 3/4; here 32 of 64,
+    partial_rotary_factor 0.5); a width GroupQueryAttention cannot rotate (8) is refused."""
+    model = tiny_phi3(hidden_size=128, num_attention_heads=2, num_key_value_heads=1, partial_rotary_factor=0.5)
+    build_fused(model, tmp_path)
+    assert_matches_torch(model, tmp_path)
+    with pytest.raises(UnsupportedModelError, match="rotary embedding over 8 of 64 channels per head"):
+        build_fused(tiny_phi3(hidden_size=128, num_attention_heads=2, num_key_value_heads=1,
+                              partial_rotary_factor=0.125), tmp_path / "narrow")
+
+
 def test_smoothing_divides_the_up_half_of_the_packed_gate_up(tmp_path):
     """SmoothQuant-style smoothing on the fused graph: the SwiGLU product's `up` is the second half of the
     packed gate_up MatMul (through a Split), so down_proj's group divides those columns only, and the graph
@@ -519,14 +530,79 @@ def test_erf_gelu_and_relu_export_and_other_activations_are_refused(tmp_path):
 
 
 def test_layout_no_writer_handles_is_refused_naming_the_part(tmp_path):
-    """GPT-NeoX: plain MLP (the GPT-2 writer's) but q/k/v packed per head: refused, naming query_key_value."""
+    """BLOOM: a plain MLP, no rotary embedding (ALiBi) and q/k/v packed per head: refused, naming
+    query_key_value."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_head=4, n_layer=2)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"no rotary embedding and its attention "
+                                                    r"transformer\.h\.0\.self_attention\.query_key_value packs q/k/v "
+                                                    "per head"):
+        build_fused(model, tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
+def tiny_neox(**overrides):
+    """A random GPT-NeoX (Pythia's layout): hidden 64, 4 layers, 2 heads of 32 with rotary over the first 16
+    channels (rotary_pct 0.5), q/k/v packed per head, parallel residual."""
     from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
-    model = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
-                                             num_hidden_layers=2, num_attention_heads=4)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"attention gpt_neox\.layers\.0\.attention\.query_key_value "
-                                                    "packs q/k/v per head"):
-        build_fused(model, tmp_path)
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+               num_attention_heads=2, max_position_embeddings=64, rotary_pct=0.5, initializer_range=0.3,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.update(overrides)
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**cfg)).eval()
+
+
+@pytest.mark.parametrize("parallel", [True, False], ids=["parallel", "sequential"])
+def test_neox_matches_torch_logits_and_greedy_tokens(tmp_path, parallel):
+    """GPT-NeoX goes to its writer by structure (a plain MLP with rotary positions): the per-head packed q/k/v
+    reordered into one [Q | K | V] MatMul, partial rotary inside GroupQueryAttention; 10 nodes per parallel
+    block (the second norm a LayerNormalization of the same sum, one Add of the two branches), 9 sequential."""
+    torch.set_num_threads(1)
+    model = tiny_neox(use_parallel_residual=parallel)
+    figures = build_fused(model, tmp_path)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+    assert figures["parallel_residual"] == parallel and figures["max_nodes_per_block"] == 9 + parallel
+    assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["MatMul"] == 4 * LAYERS + 1
+    assert not {"Concat", "Unsqueeze", "Reshape", "Range", "Expand", "Where"} & set(figures["ops"])
+
+
+def test_pruned_and_low_rank_neox_exports_fused_with_the_kv_cache(tmp_path):
+    """What prune and lowrank make of GPT-NeoX: one of two heads per layer (an attention_heads entry: the config
+    keeps 2, optimum cannot export it with the cache), half the MLP, low-rank projections: fused by default."""
+    import compress
+    from family_cases import OPTIONS, context
+
+    from compress.checkpoint import Artifact
+    from compress.passes import get
+    from tiny_models import VOCAB as TOKENIZER_VOCAB, family_tokenizer
+
+    torch.set_num_threads(1)
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("gpt_neox"),
+                   model=tiny_neox(vocab_size=TOKENIZER_VOCAB))  # the calibration text's ids
+    ctx = context("causal-lm", tmp_path / "scratch")
+    for key in ("heads", "mlp", "lowrank"):
+        name, opts = OPTIONS[key]
+        art = get(name)(**opts).run(art, ctx)
+    from compress.architecture import find
+
+    assert [e["type"] for e in art.structure] == ["attention_heads", "lowrank"]  # the MLP cut: a stock config
+    assert find(art.model).mlp_width(0) == 64
+    out = get("export")(check_samples=2, check_seq_len=16).run(art, ctx)
+    assert out.info["graph"] == "fused"
+    path = compress.save(out, tmp_path / "onnx")
+    edge = EdgeModel(path, threads=1)
+    assert [edge.inputs[f"past_key_values.{i}.key"].shape[1] for i in range(LAYERS)] == [1] * LAYERS
+    assert_generates_like_torch(art.model, path, prompt(length=10), 8)
+
+
+def test_neox_rotary_over_a_width_ortgqa_cannot_rotate_is_refused(tmp_path):
+    with pytest.raises(UnsupportedModelError, match="rotary embedding over 8 of 32 channels per head"):
+        build_fused(tiny_neox(rotary_pct=0.25), tmp_path)
     assert not (tmp_path / "model.onnx").exists()
 
 

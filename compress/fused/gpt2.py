@@ -51,7 +51,8 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, config_activation, io_info,
-                    is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rotary, save)
+                    is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, refuse_parallel,
+                    rotary, save)
 
 # activation (graph.py's names) -> the com.microsoft op (bias input folded in): FastGelu = tanh approximation,
 # BiasGelu = erf; a ReLU is Add (the bias) + Relu
@@ -118,6 +119,7 @@ def _check(model, arch: Architecture) -> dict:
         raise UnsupportedModelError(f"fused export: the GPT-2 writer takes no projection outside the blocks but "
                                     f"the LM head; found {', '.join(outside)}")
     probe = probe_block(model, arch)
+    refuse_parallel(probe, "GPT-2")
     with torch.no_grad():
         ids = probe["ids"]
         tokens = arch.module(arch.embedding)(ids)

@@ -75,6 +75,11 @@ class _Graph:
         self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
         return name
 
+    def take(self, name: str) -> np.ndarray:
+        """Remove initializer `name` (its value folded into another) and return its value."""
+        self.inits = [t for t in self.inits if t.name != name]
+        return self._consts.pop(name)
+
     def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "",
            **attrs):
         outs = [f"{name}/output_{k}" for k in range(outputs)] if isinstance(outputs, int) else outputs
@@ -233,18 +238,44 @@ def rotary(model):
     return found[0] if found else None
 
 
+STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
+
+
+def rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [length, rotary_dim / 2] from the model's own inv_freq (rope_scaling already applied).
+    GroupQueryAttention rotates the first rotary_dim channels of each head (non-interleaved halves, as
+    transformers' rotate_half), as many as the caches are wide: partial rotary (GPT-NeoX's rotary_pct) needs
+    rotary_dim a multiple of 16."""
+    rope = rotary(model)
+    if rope is None:
+        raise UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
+                                    "inv_freq); the writer takes rotary positions")
+    rope_type = getattr(rope, "rope_type", "default")
+    if rope_type not in STATIC_ROPE:
+        raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
+                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}")
+    inv_freq = _np(rope.inv_freq)
+    rotary_dim = 2 * inv_freq.shape[0]
+    if rotary_dim > head_dim or (rotary_dim < head_dim and rotary_dim % 16):
+        raise UnsupportedModelError(f"fused export: a rotary embedding over {rotary_dim} of {head_dim} channels per "
+                                    "head is not supported (GroupQueryAttention rotates a multiple of 16)")
+    freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq)  # fp32 like transformers
+    scale = np.float32(getattr(rope, "attention_scaling", 1.0))  # yarn scales cos and sin
+    return np.cos(freqs) * scale, np.sin(freqs) * scale
+
+
 class _Stop(Exception):
     pass
 
 
 def probe_block(model, arch) -> dict:
     """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
-    input (embedding scale, position embeddings) and how it wires its two norms, attention and MLP. Refuses
-    any block 0 that is not pre-norm sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)) (a parallel
-    residual, post-norms). The MLP is seen at its projections (OPT's fc1 / fc2 sit in the block itself, no
-    MLP module), its input at the first, its output at the last; shapes are compared flattened to [tokens,
-    hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's input), "norms" (in the order
-    they ran)}."""
+    input (embedding scale, position embeddings) and how it wires its two norms, attention and MLP: pre-norm
+    sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)), or pre-norm parallel (GPT-NeoX),
+    x + attn(norm_1(x)) + mlp(norm_2(x)); anything else (post-norms, extra steps) is refused. The MLP is seen
+    at its projections (OPT's fc1 / fc2 sit in the block itself, no MLP module), its input at the first, its
+    output at the last; shapes are compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view).
+    Returns {"ids", "x" (block 0's input), "norms" (in the order they ran), "parallel"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if len(norms) != 2:
@@ -291,14 +322,20 @@ def probe_block(model, arch) -> dict:
         return u.numel() == v.numel() and _close(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]))
 
     wired = (order == [n1, "attn", n2, "mlp_in", "mlp"] and same(seen[n1][0], x)
-             and same(seen["attn"][0], seen[n1][1]) and same(seen[n2][0], x + a)
-             and same(seen["mlp_in"][0], seen[n2][1]) and m.numel() == a.numel()
-             and same(out, x + a + m.reshape(a.shape)))
-    if not wired:
+             and same(seen["attn"][0], seen[n1][1]) and same(seen["mlp_in"][0], seen[n2][1])
+             and m.numel() == a.numel() and same(out, x + a + m.reshape(a.shape)))
+    parallel = wired and same(seen[n2][0], x)
+    if not (parallel or wired and same(seen[n2][0], x + a)):
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
-                                    "mlp(norm(.)) (a parallel residual, post-norms or extra steps); the writers "
-                                    "take pre-norm sequential blocks")
-    return {"ids": ids, "x": x, "norms": [n1, n2]}
+                                    "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
+                                    "steps); the writers take pre-norm blocks")
+    return {"ids": ids, "x": x, "norms": [n1, n2], "parallel": parallel}
+
+
+def refuse_parallel(probe: dict, writer: str) -> None:
+    if probe["parallel"]:
+        raise UnsupportedModelError(f"fused export: block 0 adds attention and MLP of the same input (a parallel "
+                                    f"residual); the {writer} writer takes sequential blocks")
 
 
 def rms_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
@@ -315,11 +352,11 @@ def rms_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, las
     return (y, None) if last else (y[0], y[3])
 
 
-def layer_norm(g: _Graph, norm, pending: str, residual: str, name: str, bias: str | None = None,
+def layer_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, bias: str | None = None,
                last: bool = False):
     """LayerNorm (with beta) of residual + pending (+ `bias`, the bias of the projection that wrote pending):
     one SkipLayerNormalization, (normed, the new residual). `residual` may be [S, hidden], broadcast over the
-    batch (GPT-2's position embeddings)."""
+    batch (GPT-2's position embeddings). Nothing pending: a LayerNormalization of `residual` (itself returned)."""
     if type(norm).__name__ != "LayerNorm" or norm.weight is None or norm.weight.dim() != 1:
         raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; only nn.LayerNorm with "
                                     "elementwise affine weights is supported")
@@ -327,6 +364,9 @@ def layer_norm(g: _Graph, norm, pending: str, residual: str, name: str, bias: st
     gamma = g.const(param + ".weight", _np(norm.weight))
     beta = g.const(param + ".bias", _np(norm.bias) if norm.bias is not None else
                    np.zeros(norm.weight.shape[0], np.float32))
+    if pending is None:
+        return g.op("LayerNormalization", [residual, gamma, beta], f"{name}/LayerNorm", axis=-1,
+                    epsilon=float(norm.eps)), residual
     outs = [f"{name}/output_0"] if last else [f"{name}/output_0", "", "", f"{name}/output_3"]  # 3: the sum
     y = g.op("SkipLayerNormalization", [pending, residual, gamma, beta] + ([bias] if bias else []),
              f"{name}/SkipLayerNorm", outputs=outs, domain=MS, epsilon=float(norm.eps))

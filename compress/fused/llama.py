@@ -43,7 +43,8 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 - fp32 is supported (T = float); seqlens_k is int32 [batch] = total length - 1, total_sequence_length an int32
   scalar (or 1-element vector);
 - num_heads must be a multiple of kv_num_heads, head_size a multiple of 16 with rotary (cos/sin caches are
-  [cache_length, head_size / 2], and cache_length must be >= the total sequence length);
+  [cache_length, rotary_dim / 2], and cache_length must be >= the total sequence length; a partial rotary
+  embedding, rotary_dim < head_size, rotates the first rotary_dim channels and needs rotary_dim % 16 == 0);
 - positions come from seqlens_k: 0..S-1 for a prompt (sequence_length == total length), seqlens_k for a
   one-token step. So prompts are assumed right-padded (or unpadded); left padding as used by Hugging Face's
   batched generate gives wrong positions. A prompt continued on a past (S > 1 with past) needs batch 1;
@@ -56,9 +57,9 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
   (use_sliding_window: per layer, from max_window_layers on) are written as it; -1 is full attention.
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic, longrope), partial rotary, activations other than SiLU / GELU / ReLU, per-head packed qkv (GPT-NeoX),
-parallel residuals, more or fewer than two norms per block, logit soft-capping, non-Linear modules (quantized
-layers, low-rank embeddings), fp16/bf16 graphs."""
+(dynamic, longrope), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU /
+ReLU, per-head packed qkv and parallel residuals (GPT-NeoX's: neox.py), more or fewer than two norms per
+block, logit soft-capping, non-Linear modules (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
 import math
@@ -70,28 +71,10 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, config_activation, io_info,
-                    is_tied, kv_io, lm_head, mask_lengths, output_file, probe_block, rms_norm, rotary, save)
+                    is_tied, kv_io, lm_head, mask_lengths, output_file, probe_block, refuse_parallel, rms_norm,
+                    rope_caches, save)
 
-STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")  # Gemma 2: tanh caps the writer has no node for
-
-
-def _rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin [length, head_dim / 2] from the model's own inv_freq (rope_scaling already applied)."""
-    rope = rotary(model)
-    if rope is None:
-        raise UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
-                                    "inv_freq); the Llama writer takes rotary positions")
-    rope_type = getattr(rope, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
-        raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
-                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}")
-    inv_freq = _np(rope.inv_freq)
-    if inv_freq.shape[0] * 2 != head_dim:
-        raise UnsupportedModelError("fused export: partial rotary embeddings are not supported")
-    freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq)  # fp32 like transformers
-    scale = np.float32(getattr(rope, "attention_scaling", 1.0))  # yarn scales cos and sin
-    return np.cos(freqs) * scale, np.sin(freqs) * scale
 
 
 def _window(model, attn) -> int | None:
@@ -123,7 +106,9 @@ def _check(model, arch: Architecture) -> dict:
     if len(finals) != 1:
         raise UnsupportedModelError(f"fused export: the Llama writer takes one final norm outside the blocks, "
                                     f"found {finals or 'none'}")
-    return probe_block(model, arch)
+    probe = probe_block(model, arch)
+    refuse_parallel(probe, "Llama")
+    return probe
 
 
 def _embedding_scale(arch: Architecture, probe: dict) -> float:
@@ -168,7 +153,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
 
     head_dim = arch.head_dim()
     cache_length = max_length or cfg.max_position_embeddings
-    cos, sin = _rope_caches(model, cache_length, head_dim)
+    cos, sin = rope_caches(model, cache_length, head_dim)
     cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
     act_label = config_activation(cfg)
 

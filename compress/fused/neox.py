@@ -1,0 +1,183 @@
+"""An op-by-op ONNX writer for LayerNorm decoders with rotary positions and a plain MLP (transformers'
+GPTNeoXForCausalLM: Pythia; or any model_type with that layout), fp32.
+
+Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed
+per head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered
+here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q | k | v]
+or separate; a rotary embedding over all of each head's channels or the first rotary_dim of them (GPT-NeoX's
+rotary_pct: GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of
+16); two LayerNorms per block, a final LayerNorm; a plain MLP with a GELU; the block wired in parallel
+(GPT-NeoX's use_parallel_residual, the default), x + attn(norm_1(x)) + mlp(norm_2(x)), or sequentially.
+
+    attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers)
+    input_ids -> Gather (embed_in)
+    per block (10 nodes, parallel):
+        SkipLayerNormalization input_layernorm: residual + the previous block's attention and MLP outputs
+        (+ their biases), normed; block 0: LayerNormalization of the embeddings
+        LayerNormalization post_attention_layernorm of the same sum
+        packed QKV MatMul -> Add bias -> GroupQueryAttention (rotary inside) -> dense MatMul
+        dense_h_to_4h MatMul -> FastGelu / BiasGelu (with its bias) -> dense_4h_to_h MatMul
+        Add: attention + MLP outputs, pending for the next norm
+    (sequential: post_attention_layernorm is a SkipLayerNormalization adding the attention output, as in
+    gpt2.py, and the MLP output is pending)
+    SkipLayerNormalization final_layer_norm -> embed_out MatMul (or the Transpose of the table, tied)
+
+Every width is read from the modules, as in gpt2.py: depth-, width- and head-pruned models (an
+attention_heads entry keeps the config's head count; the projection's rows tell the heads), low-rank
+projections (two MatMuls; a low-rank packed q/k/v has its second factor's rows reordered). The KV cache has
+the layout and names of the other writers' graphs, so compress.edge's shared-cache loop and the int8 / int4
+quantizers take it unchanged.
+
+Refused with UnsupportedModelError: head_dim not a multiple of 16, a rotary width not a multiple of 16,
+sequence-length dependent rope types, activations other than the GELUs, non-LayerNorm norms, an embedding
+scale or norm before block 0, a projection outside the blocks besides the LM head, modules other than
+nn.Linear / LowRankLinear, fp16/bf16 graphs."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..architecture import Architecture, find
+from ..errors import UnsupportedModelError
+from .graph import (MS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation, config_activation,
+                    io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rope_caches,
+                    save)
+
+GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in
+QKV_LAYOUTS = ("per_head", "blocks", "separate")
+
+
+def _check(model, arch: Architecture) -> dict:
+    """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
+    cfg = model.config
+    for i, b in enumerate(arch.blocks):
+        if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
+            raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes a plain MLP; block {i} has a "
+                                        f"{b.mlp.kind} MLP and {b.attn.qkv_layout} q/k/v")
+        act = activation(arch.mlp_act(i), "activation", config_activation(cfg))
+        if act not in GELUS:
+            raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
+                                        "supported by the GPT-NeoX writer (it takes the GELUs)")
+    head = arch.module(arch.head) if arch.head else None
+    if head is None or not _is_linear(head):
+        raise UnsupportedModelError("fused export: the output head must be an nn.Linear, not "
+                                    f"{type(head).__name__ if head is not None else 'missing'}")
+    if len(finals := arch.outer_norms()) != 1:
+        raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes one final norm outside the blocks, "
+                                    f"found {finals or 'none'}")
+    outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
+               and not n.startswith(arch.layers_name + ".")]
+    if outside:
+        raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes no projection outside the blocks but "
+                                    f"the LM head; found {', '.join(outside)}")
+    probe = probe_block(model, arch)
+    with torch.no_grad():
+        tokens = arch.module(arch.embedding)(probe["ids"])
+    if not _close(probe["x"], tokens):
+        raise UnsupportedModelError("fused export: block 0 does not read the token embeddings as they are (an "
+                                    "embedding scale, norm or position table is not supported by the GPT-NeoX "
+                                    "writer)")
+    return probe
+
+
+def _rows(m, order: list[int]):
+    """A copy of projection `m` whose outputs come in `order` (a low-rank one: its second factor's rows)."""
+    if _is_lowrank(m):
+        out = copy.copy(m)
+        out.second = _rows(m.second, order)
+        return out
+    if not isinstance(m, torch.nn.Linear):
+        raise UnsupportedModelError(f"fused export: a per-head packed q/k/v projection that is a {type(m).__name__} "
+                                    "is not supported (nn.Linear or LowRankLinear)")
+    out = torch.nn.Linear(m.in_features, len(order), bias=m.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(m.weight[order])
+        if m.bias is not None:
+            out.bias.copy_(m.bias[order])
+    return out
+
+
+def _blocks_order(heads: int, head_dim: int) -> list[int]:
+    """Rows [q k v] of head 0, of head 1, ... -> [Q of every head | K of every head | V of every head]."""
+    return [h * 3 * head_dim + part * head_dim + j for part in range(3) for h in range(heads) for j in range(head_dim)]
+
+
+def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None) -> dict:
+    """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data).
+
+    `path` is a folder, or a file name ending in .onnx. `max_length` bounds prompt + generated tokens (the
+    rotary cache length; default config.max_position_embeddings). `arch` is compress.architecture.find(model)
+    (found here when not given). Returns figures of the graph."""
+    arch = arch or find(model)
+    probe = _check(model, arch)
+    cfg = model.config
+    out = output_file(path)
+    g = _Graph()
+    head = arch.module(arch.head)
+    inputs, outputs = io_info(_out_features(head))
+    seqlens_k, total_len, _ = mask_lengths(g)
+
+    embed = arch.module(arch.embedding)
+    tied = is_tied(head, embed)
+    table = g.const(f"{arch.embedding}.weight", _np(embed.weight))
+    x = g.op("Gather", [table, "input_ids"], "/gpt_neox/embed_in/Gather", axis=0)
+    head_dim = arch.head_dim()
+    cache_length = max_length or cfg.max_position_embeddings
+    cos, sin = (g.const(n, c) for n, c in zip(("cos_cache", "sin_cache"), rope_caches(model, cache_length, head_dim)))
+
+    label = config_activation(cfg)
+    residual, pending, bias = x, None, None
+    for i, b in enumerate(arch.blocks):
+        p = f"/gpt_neox/layers.{i}"
+        n, n_kv = arch.num_heads(i), arch.num_kv_heads(i)
+        if n == 0 or n_kv == 0 or n % n_kv or head_dim % 16:
+            raise UnsupportedModelError(f"fused export: layer {i} has {n} heads, {n_kv} KV heads, head_dim "
+                                        f"{head_dim}; GroupQueryAttention needs at least one head, heads % kv_heads "
+                                        "== 0 and head_dim % 16 == 0 (with rotary)")
+        names = [f"{b.name}{nm[len(arch.blocks[0].name):]}" for nm in probe["norms"]]  # block 0's order
+        if sorted(names) != sorted(b.norms):
+            raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
+        norm_1, norm_2 = (arch.module(nm) for nm in names)
+        x, residual = layer_norm(g, norm_1, pending, residual, f"{p}/input_layernorm", bias)
+        if probe["parallel"]:  # the MLP reads the same sum, normed its own way
+            x_mlp, _ = layer_norm(g, norm_2, None, residual, f"{p}/post_attention_layernorm")
+
+        qkv = [arch.module(nm) for nm in b.attn.inputs]
+        if b.attn.qkv_layout == "per_head":
+            qkv = [_rows(qkv[0], _blocks_order(n, head_dim))]
+        if len(qkv) == 1 or all(_is_linear(m) for m in qkv):  # one packed [Q | K | V] input
+            qkv_in = [g.linear(x, qkv, f"{p}/attention/query_key_value"), "", ""]
+        else:  # separate q / k / v, one of them low-rank
+            qkv_in = [g.linear(x, [m], f"{p}/attention/{nm}") for m, nm in zip(qkv, ("query", "key", "value"))]
+        if sum(_out_features(m) for m in qkv) != (n + 2 * n_kv) * head_dim:
+            raise UnsupportedModelError(f"fused export: layer {i}'s q/k/v projection is not {n} query and {n_kv} "
+                                        f"key / value heads of {head_dim}")
+        past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
+        y = g.op("GroupQueryAttention", [*qkv_in, *past, seqlens_k, total_len, cos, sin], f"{p}/attention/GQA",
+                 outputs=[f"{p}/attention/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
+                 scale=float(head_dim) ** -0.5, do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+        attn_out, attn_bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attention/dense", keep_bias=True)
+        if not probe["parallel"]:
+            x_mlp, residual = layer_norm(g, norm_2, attn_out, residual, f"{p}/post_attention_layernorm", attn_bias)
+
+        fc_in = arch.module(b.mlp.ins[0])
+        h, h_bias = g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h", keep_bias=True)
+        if h_bias is None:  # both GELU ops want one
+            h_bias = g.const(f"{p.lstrip('/')}.mlp.dense_h_to_4h.bias", np.zeros(_out_features(fc_in), np.float32))
+        act = GELUS[activation(arch.mlp_act(i), "activation", label)]
+        h = g.op(act, [h, h_bias], f"{p}/mlp/act/{act}", domain=MS)
+        mlp_out, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/dense_4h_to_h", keep_bias=True)
+        pending = mlp_out
+        if probe["parallel"]:  # one pending sum, one bias (both projections' biases added ahead of time)
+            pending = g.op("Add", [attn_out, mlp_out], f"{p}/Add")
+            biases = [g.take(nm) for nm in (attn_bias, bias) if nm]
+            bias = g.const(f"{p.lstrip('/')}.attention_mlp.bias", sum(biases)) if biases else None
+
+    x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/gpt_neox/final_layer_norm", bias,
+                      last=True)
+    lm_head(g, x, head, table, tied)
+    return save(g, inputs, outputs, out, block_prefix="/gpt_neox/layers.", layers=len(arch.blocks),
+                tied_embeddings=tied, cache_length=cache_length, parallel_residual=probe["parallel"])
