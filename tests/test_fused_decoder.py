@@ -1,7 +1,7 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
-packed projections and Gemma; GPT-2 and OPT; GPT-NeoX) match torch (logits and greedy tokens), keep a small
-constant node count per block, follow the modules' own widths (depth / width / head pruning, low-rank layers),
-and are chosen by structure, not by model_type."""
+packed projections and Gemma; GPT-2 and OPT; GPT-NeoX, Phi and Falcon) match torch (logits and greedy tokens),
+keep a small constant node count per block, follow the modules' own widths (depth / width / head pruning,
+low-rank layers), and are chosen by structure, not by model_type."""
 import numpy as np
 import onnx
 import pytest
@@ -598,6 +598,34 @@ def test_pruned_and_low_rank_neox_exports_fused_with_the_kv_cache(tmp_path):
     edge = EdgeModel(path, threads=1)
     assert [edge.inputs[f"past_key_values.{i}.key"].shape[1] for i in range(LAYERS)] == [1] * LAYERS
     assert_generates_like_torch(art.model, path, prompt(length=10), 8)
+
+
+def tiny_parallel_one_norm(family: str):
+    """Parallel blocks with one norm for attention and MLP: Phi (separate biased q / k / v, rotary over half of
+    each head, an LM head with a bias) or Falcon-7B's layout (multi-query [q heads | k | v], FalconLinear, tied)."""
+    from transformers import FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS, num_attention_heads=2,
+                  max_position_embeddings=64, initializer_range=0.3, bos_token_id=None, eos_token_id=None)
+    if family == "phi":
+        return PhiForCausalLM(PhiConfig(**common, intermediate_size=128, partial_rotary_factor=0.5)).eval()
+    return FalconForCausalLM(FalconConfig(**common)).eval()
+
+
+@pytest.mark.parametrize("family", ["phi", "falcon"])
+def test_parallel_blocks_with_one_norm_match_torch(tmp_path, family):
+    """One LayerNorm read by both branches: 9 nodes per block for Phi (its q / k / v packed into one MatMul),
+    8 for Falcon (no biases: no Add after the QKV MatMul); Falcon's multi-query attention is one KV head."""
+    torch.set_num_threads(1)
+    model = tiny_parallel_one_norm(family)
+    figures = build_fused(model, tmp_path)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+    assert figures["parallel_residual"] and figures["ops"]["LayerNormalization"] == 1  # block 0's, alone
+    assert figures["max_nodes_per_block"] == {"phi": 9, "falcon": 8}[family]
+    assert edge.inputs["past_key_values.0.key"].shape[1] == {"phi": 2, "falcon": 1}[family]
 
 
 def test_neox_rotary_over_a_width_ortgqa_cannot_rotate_is_refused(tmp_path):

@@ -35,8 +35,13 @@ def _is_conv1d(m) -> bool:
     return type(m).__name__ == "Conv1D" and hasattr(m, "nf") and m.weight.dim() == 2
 
 
+# nn.Linear by class name, not isinstance: quantized subclasses (bitsandbytes') compute something else.
+# FalconLinear is x @ W.T + b, as nn.Linear.
+LINEARS = ("Linear", "FalconLinear")
+
+
 def _is_linear(m) -> bool:
-    return (type(m).__name__ == "Linear" and m.weight.dim() == 2) or _is_conv1d(m)
+    return (type(m).__name__ in LINEARS and m.weight.dim() == 2) or _is_conv1d(m)
 
 
 def _is_lowrank(m) -> bool:
@@ -270,17 +275,20 @@ class _Stop(Exception):
 
 def probe_block(model, arch) -> dict:
     """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
-    input (embedding scale, position embeddings) and how it wires its two norms, attention and MLP: pre-norm
-    sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)), or pre-norm parallel (GPT-NeoX),
-    x + attn(norm_1(x)) + mlp(norm_2(x)); anything else (post-norms, extra steps) is refused. The MLP is seen
+    input (embedding scale, position embeddings) and how it wires its norms, attention and MLP: pre-norm
+    sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)), or pre-norm parallel, x + attn(norm_1(x)) +
+    mlp(norm_2(x)) (GPT-NeoX) or with one norm for both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon);
+    anything else (post-norms, extra steps) is refused. The MLP is seen
     at its projections (OPT's fc1 / fc2 sit in the block itself, no MLP module), its input at the first, its
     output at the last; shapes are compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view).
-    Returns {"ids", "x" (block 0's input), "norms" (in the order they ran), "parallel"}."""
+    Returns {"ids", "x" (block 0's input), "norms" (in the order they ran: two, or the shared one),
+    "parallel"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
-    if len(norms) != 2:
+    if len(norms) not in (1, 2):
         raise UnsupportedModelError(f"fused export: block {b.name} has {len(norms)} norms over the hidden width "
-                                    f"({', '.join(b.norms) or 'none'}); the writers take two pre-norms")
+                                    f"({', '.join(b.norms) or 'none'}); the writers take two pre-norms, or one "
+                                    "shared by a parallel attention and MLP")
     parts = {"attn": arch.module(b.attn.name), "mlp_in": arch.module(b.mlp.ins[0]), "mlp": arch.module(b.mlp.out),
              **{n: m for n, m in zip(b.norms, norms)}}
     seen, order = {}, []
@@ -288,7 +296,8 @@ def probe_block(model, arch) -> dict:
     def record(key):
         def hook(mod, args, kwargs, out):
             x = args[0] if args else next(iter(kwargs.values()))
-            seen[key] = (x, out[0] if isinstance(out, tuple) else out)
+            y = out[0] if isinstance(out, tuple) else out
+            seen[key] = (x.clone(), y.clone())  # copies: Falcon adds to its MLP output in place
             order.append(key)
         return hook
 
@@ -311,25 +320,27 @@ def probe_block(model, arch) -> dict:
         model.train(training)
         for h in handles:
             h.remove()
-    if "block" not in seen or len(order) != 5:
+    ran = [k for k in order if k not in ("attn", "mlp_in", "mlp")]
+    if "block" not in seen or len(order) != 3 + len(norms) or sorted(ran) != sorted(b.norms):
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
                                     f"(ran: {', '.join(order) or 'nothing'})")
     x, out = seen["block"]
-    n1, n2 = (k for k in order if k not in ("attn", "mlp_in", "mlp"))
+    n1, n2 = ran if len(ran) == 2 else ran * 2  # one norm: shared by attention and MLP
     a, m = seen["attn"][1], seen["mlp"][1]
 
     def same(u, v):
         return u.numel() == v.numel() and _close(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]))
 
-    wired = (order == [n1, "attn", n2, "mlp_in", "mlp"] and same(seen[n1][0], x)
+    runs = [n1, "attn", n2, "mlp_in", "mlp"] if n1 != n2 else [n1, "attn", "mlp_in", "mlp"]
+    wired = (order == runs and same(seen[n1][0], x)
              and same(seen["attn"][0], seen[n1][1]) and same(seen["mlp_in"][0], seen[n2][1])
              and m.numel() == a.numel() and same(out, x + a + m.reshape(a.shape)))
     parallel = wired and same(seen[n2][0], x)
-    if not (parallel or wired and same(seen[n2][0], x + a)):
+    if not (parallel or wired and n1 != n2 and same(seen[n2][0], x + a)):
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
                                     "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
                                     "steps); the writers take pre-norm blocks")
-    return {"ids": ids, "x": x, "norms": [n1, n2], "parallel": parallel}
+    return {"ids": ids, "x": x, "norms": [n1, n2][:len(norms)], "parallel": parallel}
 
 
 def refuse_parallel(probe: dict, writer: str) -> None:

@@ -1,20 +1,23 @@
 """An op-by-op ONNX writer for LayerNorm decoders with rotary positions and a plain MLP (transformers'
-GPTNeoXForCausalLM: Pythia; or any model_type with that layout), fp32.
+GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout; or any
+model_type with that layout), fp32.
 
 Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed
 per head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered
-here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q | k | v]
-or separate; a rotary embedding over all of each head's channels or the first rotary_dim of them (GPT-NeoX's
-rotary_pct: GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of
-16); two LayerNorms per block, a final LayerNorm; a plain MLP with a GELU; the block wired in parallel
-(GPT-NeoX's use_parallel_residual, the default), x + attn(norm_1(x)) + mlp(norm_2(x)), or sequentially.
+here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads |
+k heads | v heads] (Falcon's multi-query: one KV head) or separate (Phi's); a rotary embedding over all of each
+head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor:
+GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of 16); LayerNorms, a
+final LayerNorm; a plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x))
+(GPT-NeoX's use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) +
+mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
 
     attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers)
     input_ids -> Gather (embed_in)
-    per block (10 nodes, parallel):
+    per block (10 nodes, parallel with two norms and biases):
         SkipLayerNormalization input_layernorm: residual + the previous block's attention and MLP outputs
         (+ their biases), normed; block 0: LayerNormalization of the embeddings
-        LayerNormalization post_attention_layernorm of the same sum
+        LayerNormalization post_attention_layernorm of the same sum (one norm: the MLP reads the first's)
         packed QKV MatMul -> Add bias -> GroupQueryAttention (rotary inside) -> dense MatMul
         dense_h_to_4h MatMul -> FastGelu / BiasGelu (with its bias) -> dense_4h_to_h MatMul
         Add: attention + MLP outputs, pending for the next norm
@@ -140,10 +143,11 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
         names = [f"{b.name}{nm[len(arch.blocks[0].name):]}" for nm in probe["norms"]]  # block 0's order
         if sorted(names) != sorted(b.norms):
             raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
-        norm_1, norm_2 = (arch.module(nm) for nm in names)
-        x, residual = layer_norm(g, norm_1, pending, residual, f"{p}/input_layernorm", bias)
-        if probe["parallel"]:  # the MLP reads the same sum, normed its own way
-            x_mlp, _ = layer_norm(g, norm_2, None, residual, f"{p}/post_attention_layernorm")
+        norms = [arch.module(nm) for nm in names]
+        x, residual = layer_norm(g, norms[0], pending, residual, f"{p}/input_layernorm", bias)
+        x_mlp = x  # one norm: the MLP reads what the attention reads
+        if probe["parallel"] and len(norms) == 2:  # the MLP reads the same sum, normed its own way
+            x_mlp, _ = layer_norm(g, norms[1], None, residual, f"{p}/post_attention_layernorm")
 
         qkv = [arch.module(nm) for nm in b.attn.inputs]
         if b.attn.qkv_layout == "per_head":
@@ -161,7 +165,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
                  scale=float(head_dim) ** -0.5, do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
         attn_out, attn_bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attention/dense", keep_bias=True)
         if not probe["parallel"]:
-            x_mlp, residual = layer_norm(g, norm_2, attn_out, residual, f"{p}/post_attention_layernorm", attn_bias)
+            x_mlp, residual = layer_norm(g, norms[1], attn_out, residual, f"{p}/post_attention_layernorm",
+                                         attn_bias)
 
         fc_in = arch.module(b.mlp.ins[0])
         h, h_bias = g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h", keep_bias=True)
