@@ -571,6 +571,13 @@ def test_neox_matches_torch_logits_and_greedy_tokens(tmp_path, parallel):
     assert not {"Concat", "Unsqueeze", "Reshape", "Range", "Expand", "Where"} & set(figures["ops"])
 
 
+def test_neox_with_a_relu(tmp_path):
+    model = tiny_neox(hidden_act="relu")
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["Relu"] == LAYERS
+    assert_logits_match(model, EdgeModel(tmp_path, threads=1), prompt())
+
+
 def test_pruned_and_low_rank_neox_exports_fused_with_the_kv_cache(tmp_path):
     """What prune and lowrank make of GPT-NeoX: one of two heads per layer (an attention_heads entry: the config
     keeps 2, optimum cannot export it with the cache), half the MLP, low-rank projections: fused by default."""
@@ -626,6 +633,29 @@ def test_parallel_blocks_with_one_norm_match_torch(tmp_path, family):
     assert figures["parallel_residual"] and figures["ops"]["LayerNormalization"] == 1  # block 0's, alone
     assert figures["max_nodes_per_block"] == {"phi": 9, "falcon": 8}[family]
     assert edge.inputs["past_key_values.0.key"].shape[1] == {"phi": 2, "falcon": 1}[family]
+
+
+@pytest.mark.parametrize("family,match", [
+    ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
+    ("falcon-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
+    ("biogpt", "block 0 does not read token \\+ position embeddings"),  # its embedding module scales the table
+], ids=["phi-qk-norm", "falcon-alibi", "biogpt"])
+def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, family, match):
+    """These exported with wrong logits (max error 0.8-4.6): Phi's q / k LayerNorms and Falcon's ALiBi sit
+    inside the attention module, BioGPT's embedding module scales the table the graph Gathers. The last line of
+    defence, build_fused's check of the logits, catches what no part shows, and leaves no graph behind."""
+    from transformers import BioGptConfig, BioGptForCausalLM, FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                  max_position_embeddings=64)
+    model = {"phi-qk-norm": lambda: PhiForCausalLM(PhiConfig(**common, intermediate_size=128, qk_layernorm=True,
+                                                                 partial_rotary_factor=0.5)),
+             "falcon-alibi": lambda: FalconForCausalLM(FalconConfig(**common, alibi=True, initializer_range=0.3)),
+             "biogpt": lambda: BioGptForCausalLM(BioGptConfig(**common, intermediate_size=128))}[family]().eval()
+    with pytest.raises(UnsupportedModelError, match=match):
+        build_fused(model, tmp_path)
+    assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.data").exists()
 
 
 def test_neox_rotary_over_a_width_ortgqa_cannot_rotate_is_refused(tmp_path):

@@ -6,6 +6,8 @@ share.
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
 falls back to optimum (graph: auto) or stops (graph: fused)."""
+from pathlib import Path
+
 from ..architecture import find
 from ..errors import UnsupportedModelError
 from ..pruning.lowrank import LowRankEmbedding
@@ -16,7 +18,8 @@ from .neox import build_neox
 
 
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
-    """Write path/model.onnx for `model` with the writer for its layout; the figures to record.
+    """Write path/model.onnx for `model` with the writer for its layout; the figures to record. The graph is
+    run once against torch before it is kept (`_self_check`).
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
     embedding to the GPT-NeoX writer, with learned positions and one packed [q | k | v] attention projection or
@@ -30,12 +33,46 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
     b = arch.blocks[0]
     if b.mlp.kind in ("gated", "fused_gated"):
-        return build_llama(model, path, max_length=max_length, arch=arch)
-    if b.mlp.kind == "plain" and rotary(model) is not None:
-        return build_neox(model, path, max_length=max_length, arch=arch)
-    if is_gpt2(model, arch):
-        return build_gpt2(model, path, max_length=max_length, arch=arch)
-    raise UnsupportedModelError(  # a plain MLP, no rotary embedding, q/k/v packed per head (BLOOM)
+        writer, build = "Llama", build_llama
+    elif b.mlp.kind == "plain" and rotary(model) is not None:
+        writer, build = "GPT-NeoX", build_neox
+    elif is_gpt2(model, arch):
+        writer, build = "GPT-2", build_gpt2
+    else:
+        raise _no_writer(model, b)
+    figures = build(model, path, max_length=max_length, arch=arch)
+    _self_check(model, Path(figures["path"]), writer)
+    return figures
+
+
+def _self_check(model, onnx_file: Path, writer: str) -> None:
+    """The writers check the layout part by part (compress.architecture.find, graph.probe_block); what no part
+    shows (Falcon's alibi: ALiBi biases inside the attention module, a position table the writer does not
+    know) shows in the logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits
+    differ is deleted and refused (export's graph: auto then writes optimum's)."""
+    import numpy as np
+    import torch
+
+    from ..edge import EdgeModel
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        ref = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
+                    use_cache=False).logits.float().cpu().numpy()
+    got = EdgeModel(onnx_file.parent, verify=False).logits(ids.numpy(), np.ones_like(ids.numpy()))
+    err = float(np.abs(got - ref).max())
+    if not err <= 1e-3 * max(1.0, float(np.abs(ref).max())):  # fp32 both ways: rounding is ~1e-5
+        for f in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
+            f.unlink(missing_ok=True)
+        raise UnsupportedModelError(f"fused export: the {writer} writer's graph gives logits {err:.3g} away from "
+                                    f"torch's on {type(model).__name__}: it has something the writer does not "
+                                    "write (a config option, a module inside a block)")
+
+
+def _no_writer(model, b) -> UnsupportedModelError:
+    return UnsupportedModelError(  # a plain MLP, no rotary embedding, q/k/v packed per head (BLOOM)
         f"fused export: no writer for the layout of {type(model).__name__}: its MLP {b.mlp.name} is plain "
         f"({', '.join(b.mlp.ins)} -> {b.mlp.out}), it has no rotary embedding and its attention {b.attn.qkv} packs "
         "q/k/v per head (rows [q k v] of head 0, of head 1, ...); the Llama writer takes a gated MLP, the GPT-NeoX "

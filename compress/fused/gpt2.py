@@ -91,6 +91,9 @@ def _check(model, arch: Architecture) -> dict:
         if bool(getattr(cfg, flag, not value)) == value:
             raise UnsupportedModelError(f"fused export: gpt2 with {flag}={value} is not supported")
     for i, b in enumerate(arch.blocks):
+        if b.attn.q_norm or b.attn.k_norm:
+            raise UnsupportedModelError(f"fused export: {b.attn.q_norm or b.attn.k_norm} normalizes queries / keys "
+                                        "per head, which the GPT-2 writer does not write")
         if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
             raise UnsupportedModelError(f"fused export: the GPT-2 writer takes a packed [q | k | v] or separate q / "
                                         f"k / v attention and a plain MLP; block {i} has {b.attn.qkv_layout} q/k/v "
@@ -122,7 +125,7 @@ def _check(model, arch: Architecture) -> dict:
     refuse_parallel(probe, "GPT-2")
     with torch.no_grad():
         ids = probe["ids"]
-        tokens = arch.module(arch.embedding)(ids)
+        tokens = torch.nn.functional.embedding(ids, arch.module(arch.embedding).weight)  # the table, as Gather
     rows = wpe.weight.shape[0] - ids.shape[1]
     probe["offset"] = next((k for k in range(min(rows, 3) + 1)  # OPT reads position p from row p + 2
                             if _close(probe["x"], tokens + wpe.weight[k:k + ids.shape[1]].detach())), None)

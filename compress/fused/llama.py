@@ -114,7 +114,7 @@ def _check(model, arch: Architecture) -> dict:
 def _embedding_scale(arch: Architecture, probe: dict) -> float:
     """What block 0's input is times the token embedding: 1, or Gemma's sqrt(hidden); one scalar, else refused."""
     with torch.no_grad():
-        e = arch.module(arch.embedding)(probe["ids"]).float()
+        e = torch.nn.functional.embedding(probe["ids"], arch.module(arch.embedding).weight).float()  # the table
     x = probe["x"].float()
     scale = float((x * e).sum() / (e * e).sum()) if x.shape == e.shape else 0.0
     if not scale or not _close(x, e * scale):

@@ -19,7 +19,7 @@ mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
         (+ their biases), normed; block 0: LayerNormalization of the embeddings
         LayerNormalization post_attention_layernorm of the same sum (one norm: the MLP reads the first's)
         packed QKV MatMul -> Add bias -> GroupQueryAttention (rotary inside) -> dense MatMul
-        dense_h_to_4h MatMul -> FastGelu / BiasGelu (with its bias) -> dense_4h_to_h MatMul
+        dense_h_to_4h MatMul -> FastGelu / BiasGelu (with its bias; Add + Relu) -> dense_4h_to_h MatMul
         Add: attention + MLP outputs, pending for the next norm
     (sequential: post_attention_layernorm is a SkipLayerNormalization adding the attention output, as in
     gpt2.py, and the MLP output is pending)
@@ -32,9 +32,10 @@ the layout and names of the other writers' graphs, so compress.edge's shared-cac
 quantizers take it unchanged.
 
 Refused with UnsupportedModelError: head_dim not a multiple of 16, a rotary width not a multiple of 16,
-sequence-length dependent rope types, activations other than the GELUs, non-LayerNorm norms, an embedding
-scale or norm before block 0, a projection outside the blocks besides the LM head, modules other than
-nn.Linear / LowRankLinear, fp16/bf16 graphs."""
+sequence-length dependent rope types, activations other than the GELUs and ReLU, q / k norms (Phi's
+qk_layernorm), non-LayerNorm norms, an embedding scale or norm before block 0, a projection outside the
+blocks besides the LM head, modules other than nn.Linear / LowRankLinear, fp16/bf16 graphs; what none of
+these shows (Falcon's alibi) by build_fused's check of the logits."""
 from __future__ import annotations
 
 import copy
@@ -49,7 +50,8 @@ from .graph import (MS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_featu
                     io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rope_caches,
                     save)
 
-GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in
+GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in;
+ACTS = (*GELUS, "relu")  # a ReLU is Add (the bias) + Relu
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
 
 
@@ -57,13 +59,16 @@ def _check(model, arch: Architecture) -> dict:
     """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
     cfg = model.config
     for i, b in enumerate(arch.blocks):
+        if b.attn.q_norm or b.attn.k_norm:
+            raise UnsupportedModelError(f"fused export: {b.attn.q_norm or b.attn.k_norm} normalizes queries / keys "
+                                        "per head, which the GPT-NeoX writer does not write")
         if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
             raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes a plain MLP; block {i} has a "
                                         f"{b.mlp.kind} MLP and {b.attn.qkv_layout} q/k/v")
         act = activation(arch.mlp_act(i), "activation", config_activation(cfg))
-        if act not in GELUS:
+        if act not in ACTS:
             raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
-                                        "supported by the GPT-NeoX writer (it takes the GELUs)")
+                                        "supported by the GPT-NeoX writer (it takes the GELUs and ReLU)")
     head = arch.module(arch.head) if arch.head else None
     if head is None or not _is_linear(head):
         raise UnsupportedModelError("fused export: the output head must be an nn.Linear, not "
@@ -78,7 +83,7 @@ def _check(model, arch: Architecture) -> dict:
                                     f"the LM head; found {', '.join(outside)}")
     probe = probe_block(model, arch)
     with torch.no_grad():
-        tokens = arch.module(arch.embedding)(probe["ids"])
+        tokens = torch.nn.functional.embedding(probe["ids"], arch.module(arch.embedding).weight)  # as Gather reads
     if not _close(probe["x"], tokens):
         raise UnsupportedModelError("fused export: block 0 does not read the token embeddings as they are (an "
                                     "embedding scale, norm or position table is not supported by the GPT-NeoX "
@@ -169,11 +174,15 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
                                          attn_bias)
 
         fc_in = arch.module(b.mlp.ins[0])
-        h, h_bias = g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h", keep_bias=True)
-        if h_bias is None:  # both GELU ops want one
-            h_bias = g.const(f"{p.lstrip('/')}.mlp.dense_h_to_4h.bias", np.zeros(_out_features(fc_in), np.float32))
-        act = GELUS[activation(arch.mlp_act(i), "activation", label)]
-        h = g.op(act, [h, h_bias], f"{p}/mlp/act/{act}", domain=MS)
+        act = activation(arch.mlp_act(i), "activation", label)
+        if act == "relu":
+            h = g.op("Relu", [g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h")], f"{p}/mlp/act/Relu")
+        else:
+            h, h_bias = g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h", keep_bias=True)
+            if h_bias is None:  # both GELU ops want one
+                h_bias = g.const(f"{p.lstrip('/')}.mlp.dense_h_to_4h.bias",
+                                 np.zeros(_out_features(fc_in), np.float32))
+            h = g.op(GELUS[act], [h, h_bias], f"{p}/mlp/act/{GELUS[act]}", domain=MS)
         mlp_out, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/dense_4h_to_h", keep_bias=True)
         pending = mlp_out
         if probe["parallel"]:  # one pending sum, one bias (both projections' biases added ahead of time)
