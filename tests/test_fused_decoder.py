@@ -635,6 +635,22 @@ def test_parallel_blocks_with_one_norm_match_torch(tmp_path, family):
     assert edge.inputs["past_key_values.0.key"].shape[1] == {"phi": 2, "falcon": 1}[family]
 
 
+def test_an_embedding_module_that_scales_its_table_gets_a_mul(tmp_path):
+    """Gemma 3's embedding module scales the table inside its forward; the graph Gathers the table itself, so
+    the scale is read against the table (it was read against the module's output: 1, and the logits were off)."""
+    class ScaledEmbedding(nn.Embedding):
+        def forward(self, ids):
+            return super().forward(ids) * 3.0
+
+    model = tiny()
+    scaled = ScaledEmbedding(VOCAB, 64)
+    scaled.weight = model.model.embed_tokens.weight  # still tied to the head
+    model.model.embed_tokens = scaled
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["Mul"] == 1 + 2 * LAYERS  # the scale; per block the SiLU and the gate
+    assert_matches_torch(model, tmp_path)
+
+
 @pytest.mark.parametrize("family,match", [
     ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
     ("falcon-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
