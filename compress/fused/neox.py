@@ -50,7 +50,7 @@ from .graph import (MS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_featu
                     io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rope_caches,
                     save)
 
-GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in;
+GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in
 ACTS = (*GELUS, "relu")  # a ReLU is Add (the bias) + Relu
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
 
@@ -97,7 +97,7 @@ def _rows(m, order: list[int]):
         out = copy.copy(m)
         out.second = _rows(m.second, order)
         return out
-    if not isinstance(m, torch.nn.Linear):
+    if not (_is_linear(m) and isinstance(m, torch.nn.Linear)):  # not a Conv1D (transposed), not quantized
         raise UnsupportedModelError(f"fused export: a per-head packed q/k/v projection that is a {type(m).__name__} "
                                     "is not supported (nn.Linear or LowRankLinear)")
     out = torch.nn.Linear(m.in_features, len(order), bias=m.bias is not None)
@@ -156,6 +156,9 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
 
         qkv = [arch.module(nm) for nm in b.attn.inputs]
         if b.attn.qkv_layout == "per_head":
+            if n != n_kv:  # [q k v] per head is multi-head attention's packing
+                raise UnsupportedModelError(f"fused export: layer {i} packs q/k/v per head with {n} query and "
+                                            f"{n_kv} key / value heads; the GPT-NeoX writer reads that as one of each")
             qkv = [_rows(qkv[0], _blocks_order(n, head_dim))]
         if len(qkv) == 1 or all(_is_linear(m) for m in qkv):  # one packed [Q | K | V] input
             qkv_in = [g.linear(x, qkv, f"{p}/attention/query_key_value"), "", ""]
