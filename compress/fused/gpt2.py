@@ -185,7 +185,7 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
         if len(c_attn) == 1 or all(_is_linear(m) for m in c_attn):  # packed [Q heads | K heads | V heads]
             qkv = [g.linear(x, c_attn, f"{p}/attn/c_attn"), "", ""]
         else:  # OPT's q / k / v, one of them low-rank: three inputs
-            qkv = [g.linear(x, [m], f"{p}/attn/{n}") for m, n in zip(c_attn, ("q_proj", "k_proj", "v_proj"))]
+            qkv = [g.linear(x, [m], f"{p}/attn/{nm}") for m, nm in zip(c_attn, ("q_proj", "k_proj", "v_proj"))]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", [*qkv, *past, seqlens_k, total_len], f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
