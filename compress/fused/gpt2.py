@@ -50,14 +50,11 @@ import torch
 
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, config_activation, io_info,
-                    is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, refuse_parallel,
-                    rotary, save)
+from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
+                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, lm_head,
+                    mask_lengths, output_file, plain_mlp_in, probe_block, refuse_head_norms, refuse_parallel, rotary,
+                    save)
 
-# activation (graph.py's names) -> the com.microsoft op (bias input folded in): FastGelu = tanh approximation,
-# BiasGelu = erf; a ReLU is Add (the bias) + Relu
-GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
-ACTS = (*GELUS, "relu")
 QKV_LAYOUTS = ("blocks", "separate")  # one packed [q | k | v] projection, or three
 # config flag -> the value the writer refuses. The two scalings: torch's eager attention applies them, its sdpa
 # attention does not, so there is no one reference to match. (reorder_and_upcast_attn only changes the order of
@@ -91,9 +88,7 @@ def _check(model, arch: Architecture) -> dict:
         if bool(getattr(cfg, flag, not value)) == value:
             raise UnsupportedModelError(f"fused export: gpt2 with {flag}={value} is not supported")
     for i, b in enumerate(arch.blocks):
-        if b.attn.q_norm or b.attn.k_norm:
-            raise UnsupportedModelError(f"fused export: {b.attn.q_norm or b.attn.k_norm} normalizes queries / keys "
-                                        "per head, which the GPT-2 writer does not write")
+        refuse_head_norms(b, "GPT-2")
         if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
             raise UnsupportedModelError(f"fused export: the GPT-2 writer takes a packed [q | k | v] or separate q / "
                                         f"k / v attention and a plain MLP; block {i} has {b.attn.qkv_layout} q/k/v "
@@ -101,26 +96,14 @@ def _check(model, arch: Architecture) -> dict:
         if hasattr(arch.layers()[i], "crossattention"):
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has cross-attention (not supported)")
         act = activation(arch.mlp_act(i), "gpt2 activation", config_activation(cfg))
-        if act not in ACTS:
+        if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: gpt2 activation {config_activation(cfg) or act!r} is not "
                                         f"supported (the GPT-2 writer takes the GELUs and ReLU)")
     if rotary(model) is not None:
         raise UnsupportedModelError("fused export: the GPT-2 writer takes learned positions; this model has a "
                                     "rotary embedding")
-    head = arch.module(arch.head) if arch.head else None
-    if head is None or not _is_linear(head):
-        raise UnsupportedModelError("fused export: gpt2's lm_head must be an nn.Linear, not "
-                                    f"{type(head).__name__ if head is not None else 'missing'}")
+    check_outside_blocks(model, arch, "GPT-2")
     wpe = arch.module(_positions(model, arch))
-    finals = arch.outer_norms()
-    if len(finals) != 1:
-        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one final norm outside the blocks, "
-                                    f"found {finals or 'none'}")
-    outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
-               and not n.startswith(arch.layers_name + ".")]
-    if outside:  # OPT's project_in / project_out: a width the writer does not carry
-        raise UnsupportedModelError(f"fused export: the GPT-2 writer takes no projection outside the blocks but "
-                                    f"the LM head; found {', '.join(outside)}")
     probe = probe_block(model, arch)
     refuse_parallel(probe, "GPT-2")
     with torch.no_grad():
@@ -177,10 +160,7 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
             raise UnsupportedModelError(f"fused export: gpt2 layer {i} has {n} heads of head_dim {head_dim} "
                                         f"(c_attn width {width}); GroupQueryAttention needs at least one head and "
                                         "head_dim % 8 == 0")
-        names = [f"{b.name}{nm[len(arch.blocks[0].name):]}" for nm in probe["norms"]]  # block 0's order
-        if sorted(names) != sorted(b.norms):
-            raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
-        ln_1, ln_2 = (arch.module(nm) for nm in names)
+        ln_1, ln_2 = block_norms(arch, b, probe)
         x, residual = layer_norm(g, ln_1, pending, residual, f"{p}/ln_1", bias)
         if len(c_attn) == 1 or all(_is_linear(m) for m in c_attn):  # packed [Q heads | K heads | V heads]
             qkv = [g.linear(x, c_attn, f"{p}/attn/c_attn"), "", ""]
@@ -192,16 +172,8 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
                  scale=float(head_dim) ** -0.5, do_rotary=0, local_window_size=-1)[0]
         y, bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attn/c_proj", keep_bias=True)
         x, residual = layer_norm(g, ln_2, y, residual, f"{p}/ln_2", bias)
-        c_fc = arch.module(b.mlp.ins[0])
         act = activation(arch.mlp_act(i), "gpt2 activation", label)
-        if act == "relu":
-            h = g.op("Relu", [g.linear(x, [c_fc], f"{p}/mlp/c_fc")], f"{p}/mlp/act/Relu")
-        else:
-            h, bias = g.linear(x, [c_fc], f"{p}/mlp/c_fc", keep_bias=True)
-            if bias is None:  # both ops want one
-                bias = g.const(f"{p.lstrip('/').replace('/', '.')}.mlp.c_fc.bias",
-                               np.zeros(_out_features(c_fc), np.float32))
-            h = g.op(GELUS[act], [h, bias], f"{p}/mlp/act/{GELUS[act]}", domain=MS)
+        h = plain_mlp_in(g, x, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/c_fc")
         pending, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/c_proj", keep_bias=True)
 
     x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/transformer/ln_f", bias, last=True)

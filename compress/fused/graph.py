@@ -212,6 +212,23 @@ ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": GELU_TANH,
                "gelu": lambda x: torch.nn.functional.gelu(x), "relu": torch.relu}
 
 
+# a plain MLP's activation (ACTIVATIONS' names) -> the com.microsoft op taking the input projection's bias:
+# FastGelu = the tanh approximation, BiasGelu = erf; a ReLU is Add (the bias) + Relu
+GELU_OPS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
+PLAIN_MLP_ACTS = (*GELU_OPS, "relu")
+
+
+def plain_mlp_in(g: "_Graph", x: str, fc_in, act: str, name: str) -> str:
+    """act(x @ fc_in + bias), a plain MLP's first half: MatMul, then FastGelu / BiasGelu with the bias as their
+    input (a zero bias where fc_in has none: both ops take one), or Add + Relu. `name` is the projection's."""
+    if act == "relu":
+        return g.op("Relu", [g.linear(x, [fc_in], name)], f"{name}/act/Relu")
+    h, bias = g.linear(x, [fc_in], name, keep_bias=True)
+    if bias is None:
+        bias = g.const(f"{_param(name)}.bias", np.zeros(_out_features(fc_in), np.float32))
+    return g.op(GELU_OPS[act], [h, bias], f"{name}/act/{GELU_OPS[act]}", domain=MS)
+
+
 def activation(act, name: str, label: str | None = None) -> str:
     """Which of ACTIVATIONS the module `act` computes (compared on [-8, 8]); UnsupportedModelError naming
     `label` (the config's activation name, else the module's class) otherwise."""
@@ -341,6 +358,38 @@ def probe_block(model, arch) -> dict:
                                     "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
                                     "steps); the writers take pre-norm blocks")
     return {"ids": ids, "x": x, "norms": [n1, n2][:len(norms)], "parallel": parallel}
+
+
+def check_outside_blocks(model, arch, writer: str) -> None:
+    """What every writer takes outside the blocks: an nn.Linear head, one final norm, and no other projection
+    (OPT's project_in / project_out: a width the writers do not carry)."""
+    head = arch.module(arch.head) if arch.head else None
+    if head is None or not _is_linear(head):
+        raise UnsupportedModelError(f"fused export: the output head must be an nn.Linear, not "
+                                    f"{type(head).__name__ if head is not None else 'missing'}")
+    if len(finals := arch.outer_norms()) != 1:
+        raise UnsupportedModelError(f"fused export: the {writer} writer takes one final norm outside the blocks, "
+                                    f"found {finals or 'none'}")
+    outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
+               and not n.startswith(arch.layers_name + ".")]
+    if outside:
+        raise UnsupportedModelError(f"fused export: the {writer} writer takes no projection outside the blocks but "
+                                    f"the LM head; found {', '.join(outside)}")
+
+
+def refuse_head_norms(b, writer: str) -> None:
+    """Per-head q / k norms (Qwen3's, Phi's qk_layernorm): only the Llama writer writes them."""
+    if b.attn.q_norm or b.attn.k_norm:
+        raise UnsupportedModelError(f"fused export: {b.attn.q_norm or b.attn.k_norm} normalizes queries / keys per "
+                                    f"head, which the {writer} writer does not write")
+
+
+def block_norms(arch, b, probe: dict) -> list:
+    """Block b's norm modules in the order block 0 ran its own (probe_block); refused where b's differ."""
+    names = [f"{b.name}{n[len(arch.blocks[0].name):]}" for n in probe["norms"]]
+    if sorted(names) != sorted(b.norms):
+        raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
+    return [arch.module(n) for n in names]
 
 
 def refuse_parallel(probe: dict, writer: str) -> None:

@@ -70,9 +70,9 @@ import torch
 
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, config_activation, io_info,
-                    is_tied, kv_io, lm_head, mask_lengths, output_file, probe_block, refuse_parallel, rms_norm,
-                    rope_caches, save)
+from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
+                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, lm_head, mask_lengths,
+                    output_file, probe_block, refuse_parallel, rms_norm, rope_caches, save)
 
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")  # Gemma 2: tanh caps the writer has no node for
 
@@ -98,14 +98,7 @@ def _check(model, arch: Architecture) -> dict:
                                         "projection")
     if capped := [f for f in SOFTCAPS if getattr(cfg, f, None)]:
         raise UnsupportedModelError(f"fused export: {', '.join(capped)} is not supported")
-    head = arch.module(arch.head) if arch.head else None
-    if head is None or not _is_linear(head):
-        raise UnsupportedModelError(f"fused export: the output head must be an nn.Linear, not "
-                                    f"{type(head).__name__ if head is not None else 'missing'}")
-    finals = arch.outer_norms()
-    if len(finals) != 1:
-        raise UnsupportedModelError(f"fused export: the Llama writer takes one final norm outside the blocks, "
-                                    f"found {finals or 'none'}")
+    check_outside_blocks(model, arch, "Llama")
     probe = probe_block(model, arch)
     refuse_parallel(probe, "Llama")
     return probe
@@ -170,10 +163,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                                         "head_dim % 16 == 0")
         window = _window(model, attn)
         windows.append(window)
-        names = [f"{b.name}{n[len(arch.blocks[0].name):]}" for n in probe["norms"]]  # block 0's order
-        if sorted(names) != sorted(b.norms):
-            raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
-        norm_1, norm_2 = (arch.module(n) for n in names)
+        norm_1, norm_2 = block_norms(arch, b, probe)
         x, residual = rms_norm(g, norm_1, pending, residual, f"{p}/input_layernorm")
 
         qkv = [arch.module(n) for n in a.inputs]  # [q, k, v], or [qkv] packed [q | k | v] (Phi-3)

@@ -41,17 +41,15 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation, config_activation,
-                    io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, probe_block, rope_caches,
+from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation,
+                    block_norms, check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm,
+                    lm_head, mask_lengths, output_file, plain_mlp_in, probe_block, refuse_head_norms, rope_caches,
                     save)
 
-GELUS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}  # as gpt2.py: the com.microsoft op, its bias folded in
-ACTS = (*GELUS, "relu")  # a ReLU is Add (the bias) + Relu
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
 
 
@@ -59,28 +57,15 @@ def _check(model, arch: Architecture) -> dict:
     """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
     cfg = model.config
     for i, b in enumerate(arch.blocks):
-        if b.attn.q_norm or b.attn.k_norm:
-            raise UnsupportedModelError(f"fused export: {b.attn.q_norm or b.attn.k_norm} normalizes queries / keys "
-                                        "per head, which the GPT-NeoX writer does not write")
+        refuse_head_norms(b, "GPT-NeoX")
         if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
             raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes a plain MLP; block {i} has a "
                                         f"{b.mlp.kind} MLP and {b.attn.qkv_layout} q/k/v")
         act = activation(arch.mlp_act(i), "activation", config_activation(cfg))
-        if act not in ACTS:
+        if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
                                         "supported by the GPT-NeoX writer (it takes the GELUs and ReLU)")
-    head = arch.module(arch.head) if arch.head else None
-    if head is None or not _is_linear(head):
-        raise UnsupportedModelError("fused export: the output head must be an nn.Linear, not "
-                                    f"{type(head).__name__ if head is not None else 'missing'}")
-    if len(finals := arch.outer_norms()) != 1:
-        raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes one final norm outside the blocks, "
-                                    f"found {finals or 'none'}")
-    outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
-               and not n.startswith(arch.layers_name + ".")]
-    if outside:
-        raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes no projection outside the blocks but "
-                                    f"the LM head; found {', '.join(outside)}")
+    check_outside_blocks(model, arch, "GPT-NeoX")
     probe = probe_block(model, arch)
     with torch.no_grad():
         tokens = torch.nn.functional.embedding(probe["ids"], arch.module(arch.embedding).weight)  # as Gather reads
@@ -145,10 +130,7 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
             raise UnsupportedModelError(f"fused export: layer {i} has {n} heads, {n_kv} KV heads, head_dim "
                                         f"{head_dim}; GroupQueryAttention needs at least one head, heads % kv_heads "
                                         "== 0 and head_dim % 16 == 0 (with rotary)")
-        names = [f"{b.name}{nm[len(arch.blocks[0].name):]}" for nm in probe["norms"]]  # block 0's order
-        if sorted(names) != sorted(b.norms):
-            raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
-        norms = [arch.module(nm) for nm in names]
+        norms = block_norms(arch, b, probe)
         x, residual = layer_norm(g, norms[0], pending, residual, f"{p}/input_layernorm", bias)
         x_mlp = x  # one norm: the MLP reads what the attention reads
         if probe["parallel"] and len(norms) == 2:  # the MLP reads the same sum, normed its own way
@@ -176,16 +158,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
             x_mlp, residual = layer_norm(g, norms[1], attn_out, residual, f"{p}/post_attention_layernorm",
                                          attn_bias)
 
-        fc_in = arch.module(b.mlp.ins[0])
         act = activation(arch.mlp_act(i), "activation", label)
-        if act == "relu":
-            h = g.op("Relu", [g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h")], f"{p}/mlp/act/Relu")
-        else:
-            h, h_bias = g.linear(x_mlp, [fc_in], f"{p}/mlp/dense_h_to_4h", keep_bias=True)
-            if h_bias is None:  # both GELU ops want one
-                h_bias = g.const(f"{p.lstrip('/')}.mlp.dense_h_to_4h.bias",
-                                 np.zeros(_out_features(fc_in), np.float32))
-            h = g.op(GELUS[act], [h, h_bias], f"{p}/mlp/act/{GELUS[act]}", domain=MS)
+        h = plain_mlp_in(g, x_mlp, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/dense_h_to_4h")
         mlp_out, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/dense_4h_to_h", keep_bias=True)
         pending = mlp_out
         if probe["parallel"]:  # one pending sum, one bias (both projections' biases added ahead of time)
