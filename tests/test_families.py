@@ -65,8 +65,8 @@ def test_every_pass_reloads_and_matches(chains, fam, task):
     assert arch.hidden_size == src.hidden_size - (8 if src.hidden_size == 32 else 16)  # 25% -> round_to 8
     assert any(e["type"] == "lowrank" for e in final.structure)
     # configs that carry head_dim, and no embedding scale derived from hidden_size (Gemma's sqrt(hidden))
-    # (OPT, like GPT-2, derives head_dim from hidden_size)
-    stock_hidden = fam not in ("gpt2", "gpt_neox", "gemma", "opt", *ENCODERS)
+    # (OPT and GPT-NeoX, like GPT-2, derive head_dim from hidden_size)
+    stock_hidden = fam not in ("gpt2", "gpt_neox", "pythia", "gemma", "opt", *ENCODERS)
     assert any(e["type"] == "hidden_width" for e in final.structure) != stock_hidden
     if stock_hidden:
         assert final.model.config.hidden_size == arch.hidden_size

@@ -102,6 +102,12 @@ def _family_specs() -> dict:
         "gemma": (T.GemmaConfig, {lm: T.GemmaForCausalLM}, dict(dec, num_key_value_heads=1, head_dim=8)),
         "phi3": (T.Phi3Config, {lm: T.Phi3ForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=False)),
         "gpt_neox": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM}, dict(dec, use_parallel_residual=True)),
+        # Pythia's layout with heads GroupQueryAttention can rotate (32 wide, rotary over 16): the fused graph
+        "pythia": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM},
+                   dict(dec, hidden_size=64, num_attention_heads=2, rotary_pct=0.5)),
+        # Phi-1.5 / 2: parallel blocks with one LayerNorm, separate biased q / k / v, partial rotary
+        "phi": (T.PhiConfig, {lm: T.PhiForCausalLM},
+                dict(dec, hidden_size=64, num_attention_heads=2, partial_rotary_factor=0.5)),
         # Llama with multipliers (embedding, residual, attention, logits): exports through optimum
         "granite": (T.GraniteConfig, {lm: T.GraniteForCausalLM},
                     dict(dec, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
@@ -146,7 +152,8 @@ def _family_specs() -> dict:
     }
 
 
-FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "opt", "gpt2", "bert",
+FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "pythia", "phi",
+            "opt", "gpt2", "bert",
             "roberta", "distilbert")
 ENCODERS = ("bert", "roberta", "distilbert")
 
