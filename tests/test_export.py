@@ -260,6 +260,29 @@ def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
     assert load(path).info["graph"] == "optimum" and "fused_fallback" not in load(path).info
 
 
+def test_a_fused_graph_that_fails_the_check_falls_back_under_auto(tmp_path, monkeypatch):
+    """A fused graph that passed the writer's own check but not the export's (here: Falcon's alibi, with that
+    check switched off) made the export fail; under graph: auto it is optimum's graph instead, saying why, and
+    graph: fused still stops."""
+    import compress.fused
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from compress.onnx_tools import DiscrepancyError
+    from tiny_models import VOCAB as TOKENIZER_VOCAB
+
+    monkeypatch.setattr(compress.fused, "_self_check", lambda *args: None)
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=2, alibi=True, initializer_range=0.3)).eval()
+    path, _ = export("llama-gqa", tmp_path / "auto", model=model, check_samples=2, check_seq_len=16)
+    info = load(path).info
+    assert info["graph"] == "optimum" and info["discrepancy"]["passed"]
+    assert info["fused_fallback"].startswith("the fused graph failed the discrepancy check")
+    assert info["note"].startswith("graph auto wrote optimum's graph (slower to decode): the fused graph failed")
+    with pytest.raises(DiscrepancyError):
+        export("llama-gqa", tmp_path / "fused", model=model, graph="fused", check_samples=2, check_seq_len=16)
+
+
 def test_4bit_algorithms_on_a_fused_graph_keep_the_head_8bit(tmp_path):
     """k-quant, HQQ and minmax choose a better 4-bit grid than round-to-nearest (lower output error on the same
     weights); GPTQ runs on the calibration data; an untied LM head stays 8-bit."""

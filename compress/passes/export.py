@@ -162,6 +162,10 @@ class Export(Pass):
             info["discrepancy"] = onnx_tools.check(ref, edge, task, ids, mask, max_abs_error=cfg.max_abs_error,
                                                    min_agreement=cfg.min_agreement, section="export")
         except onnx_tools.DiscrepancyError as exc:
+            if info["graph"] == "fused" and cfg.graph == "auto":  # optimum's graph instead, saying why
+                del edge
+                shutil.rmtree(out, ignore_errors=True)
+                return self._optimum_instead(model, ctx, f"the fused graph failed the discrepancy check ({exc})")
             if plain is None:  # nothing to fall back to (no fusion, or optimize: true)
                 raise
             del edge
@@ -186,6 +190,14 @@ class Export(Pass):
         if model.structure:  # torch-side structure is baked into the graph; kept as lineage only
             info["torch_structure"] = model.structure
         return model.derive(kind="onnx", model=None, onnx_dir=out, structure=[], info=info)
+
+    def _optimum_instead(self, model: Artifact, ctx: PassContext, why: str) -> Artifact:
+        """graph: auto's fallback for a fused graph that failed the discrepancy check: the export again with
+        optimum's graph, the reason in its manifest and printed, as for a model the fused writer refuses."""
+        out = type(self)(self.config.model_copy(update={"graph": "optimum"})).apply(model, ctx)
+        out.info["fused_fallback"] = why
+        out.info["note"] = f"graph auto wrote optimum's graph (slower to decode): {why}"  # the runner prints it
+        return out
 
     def _optimize(self, out: Path, config, task: str, info: dict, ctx: PassContext) -> Path | None:
         """ONNX Runtime's fusions on an optimum graph as `optimize` says; figures and notes into
