@@ -475,6 +475,28 @@ def test_partial_rotary_in_the_llama_writer(tmp_path):
                               partial_rotary_factor=0.125), tmp_path / "narrow")
 
 
+def test_stablelm_layer_norms_qkv_bias_and_partial_rotary(tmp_path):
+    """StableLM 2's layout goes to the Llama writer: LayerNorms with biases (SkipLayerNormalization), q/k/v
+    biases, rotary over the first half of each head; its parallel-residual variant is refused by that writer."""
+    from transformers import StableLmConfig, StableLmForCausalLM
+
+    def stablelm(**overrides):
+        torch.manual_seed(0)
+        cfg = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=LAYERS,
+                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                   partial_rotary_factor=0.5, use_qkv_bias=True, initializer_range=0.15, bos_token_id=None,
+                   eos_token_id=None, pad_token_id=None)
+        return StableLmForCausalLM(StableLmConfig(**{**cfg, **overrides})).eval()
+
+    model = stablelm()
+    figures = build_fused(model, tmp_path)
+    ops = figures["ops"]
+    assert ops["SkipLayerNormalization"] == 2 * LAYERS and "SkipSimplifiedLayerNormalization" not in ops
+    assert_matches_torch(model, tmp_path)
+    with pytest.raises(UnsupportedModelError, match="parallel residual"):
+        build_fused(stablelm(use_parallel_residual=True), tmp_path / "parallel")
+
+
 def test_smoothing_divides_the_up_half_of_the_packed_gate_up(tmp_path):
     """SmoothQuant-style smoothing on the fused graph: the SwiGLU product's `up` is the second half of the
     packed gate_up MatMul (through a Split), so down_proj's group divides those columns only, and the graph

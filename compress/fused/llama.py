@@ -1,15 +1,17 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma; any model_type with that layout), fp32. (GPT-2 has its own writer, gpt2.py; what both share is in
-graph.py.)
+Phi-3; Gemma; StableLM; any model_type with that layout), fp32. (GPT-2 and GPT-NeoX have their own writers,
+gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
 (Phi-3, rows [q | k | v]), optional per-head q/k RMSNorms, a gated MLP (gate / up / down, or Phi-3's packed
 gate_up_proj; both written as one MatMul [gate | up] and a Split) with SiLU, GELU or tanh-GELU (Gemma:
 FastGelu), two RMSNorm pre-norms per block wired x + attn(norm(x)), + mlp(norm(.)) (an RMSNorm computing
-x / rms(x) * (1 + weight), Gemma's, is written with 1 + weight folded), a final RMSNorm, a rotary embedding
-with a static rope type, and token embeddings fed to block 0 as they are or times one scalar (Gemma's
-sqrt(hidden): a Mul after the Gather, the table stays the one the tied head reads).
+x / rms(x) * (1 + weight), Gemma's, is written with 1 + weight folded; StableLM's LayerNorms with their biases
+as SkipLayerNormalization), a final norm of the same kind, a rotary embedding with a static rope type (over
+all of each head or, partial, a multiple of 16 of its channels), and token embeddings fed to block 0 as they
+are or times one scalar (Gemma's sqrt(hidden): a Mul after the Gather, the table stays the one the tied head
+reads).
 
 optimum's exporter traces the model and leaves ~7,400 nodes for SmolLM2-135M, most of them Shape / Gather /
 Concat / Unsqueeze arithmetic that ONNX Runtime recomputes every decode step. Like onnxruntime-genai's model
@@ -71,8 +73,8 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
-                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, lm_head, mask_lengths,
-                    output_file, probe_block, refuse_parallel, rms_norm, rope_caches, save)
+                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, lm_head,
+                    mask_lengths, output_file, probe_block, refuse_parallel, rms_norm, rope_caches, save)
 
 SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")  # Gemma 2: tanh caps the writer has no node for
 
@@ -164,7 +166,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         window = _window(model, attn)
         windows.append(window)
         norm_1, norm_2 = block_norms(arch, b, probe)
-        x, residual = rms_norm(g, norm_1, pending, residual, f"{p}/input_layernorm")
+        x, residual = _norm(g, norm_1, pending, residual, f"{p}/input_layernorm")
 
         qkv = [arch.module(n) for n in a.inputs]  # [q, k, v], or [qkv] packed [q | k | v] (Phi-3)
         packed = len(qkv) == 1 or all(_is_linear(m) for m in qkv)
@@ -192,10 +194,10 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                  local_window_size=window or -1)[0]
         y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj")
 
-        x, residual = rms_norm(g, norm_2, y, residual, f"{p}/post_attention_layernorm")
+        x, residual = _norm(g, norm_2, y, residual, f"{p}/post_attention_layernorm")
         pending = _mlp(g, arch, i, x, p, act_label)
 
-    x, _ = rms_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
+    x, _ = _norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
     lm_head(g, x, head, table, tied)
     return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
                 cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}))
@@ -223,6 +225,13 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
     else:  # FastGelu: the tanh approximation; Gelu: erf
         h = g.op("FastGelu" if kind == "gelu_tanh" else "Gelu", [gate], f"{p}/mlp/act/{kind}", domain=MS)
     return g.linear(g.op("Mul", [h, up], f"{p}/mlp/Mul"), [arch.module(mlp.out)], f"{p}/mlp/down_proj")
+
+
+def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
+    """The block's and the final norms: RMSNorm (Llama's), or LayerNorm with its bias (StableLM's)."""
+    if isinstance(norm, torch.nn.LayerNorm):
+        return layer_norm(g, norm, pending, residual, name, last=last)
+    return rms_norm(g, norm, pending, residual, name, last=last)
 
 
 def _head_norm(g: _Graph, norm, x: str, heads_view: str, flat: str, name: str) -> str:
