@@ -673,6 +673,30 @@ def test_an_embedding_module_that_scales_its_table_gets_a_mul(tmp_path):
     assert_matches_torch(model, tmp_path)
 
 
+@pytest.mark.parametrize("family,writer", [("starcoder2", "GPT-NeoX"), ("gpt_bigcode", "GPT-2")])
+def test_more_layouts_by_structure(tmp_path, family, writer):
+    """StarCoder 2 (LayerNorm, rotary, a plain MLP, sequential blocks, one KV head) and GPT-BigCode / StarCoder
+    (GPT-2's block with multi-query attention) need nothing of their own: the writers read their layout."""
+    from transformers import GPTBigCodeConfig, GPTBigCodeForCausalLM, Starcoder2Config, Starcoder2ForCausalLM
+
+    torch.manual_seed(0)
+    if family == "starcoder2":
+        model = Starcoder2ForCausalLM(Starcoder2Config(
+            vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=2,
+            num_key_value_heads=1, max_position_embeddings=64, sliding_window=None, initializer_range=0.3,
+            bos_token_id=None, eos_token_id=None))
+    else:
+        model = GPTBigCodeForCausalLM(GPTBigCodeConfig(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=4,
+                                                       n_positions=64, multi_query=True, initializer_range=0.3,
+                                                       bos_token_id=None, eos_token_id=None))
+    figures = build_fused(model.eval(), tmp_path)
+    assert figures.get("parallel_residual") is (False if writer == "GPT-NeoX" else None)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert edge.inputs["past_key_values.0.key"].shape[1] == 1  # one KV head
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 8)
+
+
 @pytest.mark.parametrize("family,match", [
     ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
     ("falcon-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
