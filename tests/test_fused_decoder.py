@@ -673,6 +673,25 @@ def test_an_embedding_module_that_scales_its_table_gets_a_mul(tmp_path):
     assert_matches_torch(model, tmp_path)
 
 
+@pytest.mark.parametrize("family", ["helium", "glm"])
+def test_interleaved_rotary_is_found_by_the_logits(tmp_path, family):
+    """Helium and GLM turn channel pairs (2i, 2i + 1), the Llama family the halves: the module tree looks the
+    same (an inv_freq), so the graph with halves fails build_fused's check and the interleaved one is written
+    (GLM: over half of each head, with its packed gate_up and q/k/v biases)."""
+    from transformers import GlmConfig, GlmForCausalLM, HeliumConfig, HeliumForCausalLM
+
+    torch.manual_seed(0)
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=2, num_key_value_heads=2, head_dim=32, max_position_embeddings=64,
+                  initializer_range=0.3, pad_token_id=0, bos_token_id=None, eos_token_id=None)
+    model = (HeliumForCausalLM(HeliumConfig(**common)) if family == "helium"
+             else GlmForCausalLM(GlmConfig(**common))).eval()
+    figures = build_fused(model, tmp_path)
+    assert figures["rotary_interleaved"]
+    assert_matches_torch(model, tmp_path)
+    assert not build_fused(tiny(), tmp_path / "llama")["rotary_interleaved"]
+
+
 @pytest.mark.parametrize("family,writer", [("starcoder2", "GPT-NeoX"), ("gpt_bigcode", "GPT-2")])
 def test_more_layouts_by_structure(tmp_path, family, writer):
     """StarCoder 2 (LayerNorm, rotary, a plain MLP, sequential blocks, one KV head) and GPT-BigCode / StarCoder

@@ -19,7 +19,8 @@ from .neox import build_neox
 
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
     """Write path/model.onnx for `model` with the writer for its layout; the figures to record. The graph is
-    run once against torch before it is kept (`_self_check`).
+    run once against torch before it is kept (`_self_check`); a rotary graph that fails it is written once
+    more with the rotary embedding turning channel pairs (GLM, Helium) instead of halves.
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
     embedding to the GPT-NeoX writer, with learned positions and one packed [q | k | v] attention projection or
@@ -41,7 +42,15 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     else:
         raise _no_writer(model, b)
     figures = build(model, path, max_length=max_length, arch=arch)
-    _self_check(model, Path(figures["path"]), writer)
+    try:
+        _self_check(model, Path(figures["path"]), writer)
+    except UnsupportedModelError:
+        if writer == "GPT-2":  # no rotary embedding: nothing else to try
+            raise
+        # the rotary embedding may turn channel pairs (GLM, Helium) rather than halves: the module tree does not
+        # say which, the logits do
+        figures = build(model, path, max_length=max_length, arch=arch, interleaved=True)
+        _self_check(model, Path(figures["path"]), writer)
     return figures
 
 

@@ -121,12 +121,15 @@ def _embedding_scale(arch: Architecture, probe: dict) -> float:
     return scale
 
 
-def build_llama(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None) -> dict:
+def build_llama(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None,
+                interleaved: bool = False) -> dict:
     """Write `model` (a Llama-shaped ForCausalLM, torch, whatever its model_type) as `path`/model.onnx (+ .data).
 
     `path` is a folder, or a file name ending in .onnx. `max_length` bounds prompt + generated tokens (the
     rotary cache length; default config.max_position_embeddings). `arch` is compress.architecture.find(model)
-    (found here when not given). Returns figures of the graph."""
+    (found here when not given). `interleaved`: the rotary embedding turns channel pairs (2i, 2i + 1) (GLM's,
+    Helium's) rather than the halves (i, i + rotary_dim / 2); the module tree does not say which, so
+    build_fused tries the halves first. Returns figures of the graph."""
     arch = arch or find(model)
     probe = _check(model, arch)
     out = output_file(path)
@@ -190,8 +193,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len, cos, sin], f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
-                 scale=float(getattr(attn, "scaling", head_dim ** -0.5)), do_rotary=1, rotary_interleaved=0,
-                 local_window_size=window or -1)[0]
+                 scale=float(getattr(attn, "scaling", head_dim ** -0.5)), do_rotary=1,
+                 rotary_interleaved=int(interleaved), local_window_size=window or -1)[0]
         y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj")
 
         x, residual = _norm(g, norm_2, y, residual, f"{p}/post_attention_layernorm")
@@ -200,7 +203,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
     x, _ = _norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
     lm_head(g, x, head, table, tied)
     return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
-                cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}))
+                cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}),
+                rotary_interleaved=interleaved)
 
 
 def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None) -> str:

@@ -98,12 +98,15 @@ def _blocks_order(heads: int, head_dim: int) -> list[int]:
     return [h * 3 * head_dim + part * head_dim + j for part in range(3) for h in range(heads) for j in range(head_dim)]
 
 
-def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None) -> dict:
+def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None,
+               interleaved: bool = False) -> dict:
     """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data).
 
     `path` is a folder, or a file name ending in .onnx. `max_length` bounds prompt + generated tokens (the
     rotary cache length; default config.max_position_embeddings). `arch` is compress.architecture.find(model)
-    (found here when not given). Returns figures of the graph."""
+    (found here when not given). `interleaved`: the rotary embedding turns channel pairs (2i, 2i + 1) (GLM's,
+    Helium's) rather than the halves (i, i + rotary_dim / 2); the module tree does not say which, so
+    build_fused tries the halves first. Returns figures of the graph."""
     arch = arch or find(model)
     probe = _check(model, arch)
     cfg = model.config
@@ -152,7 +155,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", [*qkv_in, *past, seqlens_k, total_len, cos, sin], f"{p}/attention/GQA",
                  outputs=[f"{p}/attention/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
-                 scale=float(head_dim) ** -0.5, do_rotary=1, rotary_interleaved=0, local_window_size=-1)[0]
+                 scale=float(head_dim) ** -0.5, do_rotary=1, rotary_interleaved=int(interleaved),
+                 local_window_size=-1)[0]
         attn_out, attn_bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attention/dense", keep_bias=True)
         if not probe["parallel"]:
             x_mlp, residual = layer_norm(g, norms[1], attn_out, residual, f"{p}/post_attention_layernorm",
@@ -171,4 +175,5 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
                       last=True)
     lm_head(g, x, head, table, tied)
     return save(g, inputs, outputs, out, block_prefix="/gpt_neox/layers.", layers=len(arch.blocks),
-                tied_embeddings=tied, cache_length=cache_length, parallel_residual=probe["parallel"])
+                tied_embeddings=tied, cache_length=cache_length, parallel_residual=probe["parallel"],
+                rotary_interleaved=interleaved)
