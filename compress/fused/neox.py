@@ -100,13 +100,8 @@ def _blocks_order(heads: int, head_dim: int) -> list[int]:
 
 def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None,
                interleaved: bool = False) -> dict:
-    """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data).
-
-    `path` is a folder, or a file name ending in .onnx. `max_length` bounds prompt + generated tokens (the
-    rotary cache length; default config.max_position_embeddings). `arch` is compress.architecture.find(model)
-    (found here when not given). `interleaved`: the rotary embedding turns channel pairs (2i, 2i + 1) (GLM's,
-    Helium's) rather than the halves (i, i + rotary_dim / 2); the module tree does not say which, so
-    build_fused tries the halves first. Returns figures of the graph."""
+    """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data); the arguments
+    are build_llama's (llama.py). Returns figures of the graph."""
     arch = arch or find(model)
     probe = _check(model, arch)
     cfg = model.config
