@@ -195,9 +195,15 @@ class Export(Pass):
         """graph: auto's fallback for a fused graph that failed the discrepancy check: the export again with
         optimum's graph, the reason in its manifest and printed, as for a model the fused writer refuses."""
         out = type(self)(self.config.model_copy(update={"graph": "optimum"})).apply(model, ctx)
-        out.info["fused_fallback"] = why
-        out.info["note"] = f"graph auto wrote optimum's graph (slower to decode): {why}"  # the runner prints it
+        self._fallback(out.info, why)
         return out
+
+    def _fallback(self, info: dict, why: str, lead: str = "") -> None:
+        """Why graph auto wrote optimum's graph: in the manifest, and as a note the runner prints."""
+        info["fused_fallback"] = why
+        info["note"] = (f"graph auto wrote optimum's graph (slower to decode): {lead}{why}"
+                        + (f"; max_length {self.config.max_length} does not apply to it"
+                           if self.config.max_length is not None else ""))
 
     def _optimize(self, out: Path, config, task: str, info: dict, ctx: PassContext) -> Path | None:
         """ONNX Runtime's fusions on an optimum graph as `optimize` says; figures and notes into
@@ -265,10 +271,7 @@ class Export(Pass):
         self._export(torch_model, folder, optimum_task)
         info = {"graph": "optimum", "optimum_task": optimum_task}
         if fallback and task == "causal-lm":
-            info["fused_fallback"] = fallback  # why auto did not write a fused graph
-            info["note"] = (f"graph auto wrote optimum's graph (slower to decode): the fused writer does not take "
-                            f"this model: {fallback}" + (f"; max_length {cfg.max_length} does not apply to it"
-                                                         if cfg.max_length is not None else ""))
+            self._fallback(info, fallback, lead="the fused writer does not take this model: ")
         return info
 
     def _export(self, torch_model, folder: Path, optimum_task: str) -> None:
