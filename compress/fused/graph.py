@@ -295,11 +295,10 @@ def probe_block(model, arch) -> dict:
     input (embedding scale, position embeddings) and how it wires its norms, attention and MLP: pre-norm
     sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)), or pre-norm parallel, x + attn(norm_1(x)) +
     mlp(norm_2(x)) (GPT-NeoX) or with one norm for both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon);
-    anything else (post-norms, extra steps) is refused. The MLP is seen
-    at its projections (OPT's fc1 / fc2 sit in the block itself, no MLP module), its input at the first, its
-    output at the last; shapes are compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view).
-    Returns {"ids", "x" (block 0's input), "norms" (in the order they ran: two, or the shared one),
-    "parallel"}."""
+    anything else (post-norms, extra steps) is refused. The MLP is seen at its projections (OPT's fc1 / fc2
+    sit in the block itself, no MLP module), its input at the first, its output at the last; shapes are
+    compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's
+    input), "norms" (in the order they ran: two, or the shared one), "parallel"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if len(norms) not in (1, 2):
@@ -342,22 +341,22 @@ def probe_block(model, arch) -> dict:
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
                                     f"(ran: {', '.join(order) or 'nothing'})")
     x, out = seen["block"]
-    n1, n2 = ran if len(ran) == 2 else ran * 2  # one norm: shared by attention and MLP
+    shared = len(ran) == 1  # one norm read by attention and MLP
+    n1, n2 = ran * 2 if shared else ran
     a, m = seen["attn"][1], seen["mlp"][1]
 
     def same(u, v):
         return u.numel() == v.numel() and _close(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]))
 
-    runs = [n1, "attn", n2, "mlp_in", "mlp"] if n1 != n2 else [n1, "attn", "mlp_in", "mlp"]
-    wired = (order == runs and same(seen[n1][0], x)
+    wired = (order == [n1, "attn", *([] if shared else [n2]), "mlp_in", "mlp"] and same(seen[n1][0], x)
              and same(seen["attn"][0], seen[n1][1]) and same(seen["mlp_in"][0], seen[n2][1])
              and m.numel() == a.numel() and same(out, x + a + m.reshape(a.shape)))
     parallel = wired and same(seen[n2][0], x)
-    if not (parallel or wired and n1 != n2 and same(seen[n2][0], x + a)):
+    if not (parallel or wired and not shared and same(seen[n2][0], x + a)):
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
                                     "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
                                     "steps); the writers take pre-norm blocks")
-    return {"ids": ids, "x": x, "norms": [n1, n2][:len(norms)], "parallel": parallel}
+    return {"ids": ids, "x": x, "norms": ran, "parallel": parallel}
 
 
 def check_outside_blocks(model, arch, writer: str) -> None:
