@@ -14,7 +14,8 @@ import yaml
 import compress
 from compress import passes
 from compress.errors import UnsupportedModelError
-from family_cases import (FUSED, IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass, save)
+from family_cases import (FUSED, IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass,
+                          save)
 from tiny_models import ENCODERS, tiny_family
 
 CHAIN = ("distill", "layers", "heads", "mlp", "hidden", "lowrank")

@@ -131,8 +131,8 @@ class OrtDynamicConfig(_Calibration):
         "stays float: per row it cost MiniLM cosine 0.9992 -> 0.9978, benchmarks/results/encoder_speed/); "
         "matmulnbits = int8 weights in blocks with activations quantized per block at run time (MatMulNBits, "
         "accuracy level 4; a fused encoder Attention's QKV projection is taken out of the op and quantized too); "
-        "matmulinteger = classic "
-        "quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; auto = matmulnbits for "
+        "matmulinteger = classic quantize_dynamic (per-tensor activations), what optimum's ORTQuantizer produces; "
+        "auto = matmulnbits for "
         "causal LMs (keeps perplexity within 1%), matmulinteger for encoders (benchmarks/results/quantize/README.md "
         "has the evidence). For decoding speed on a causal LM use matmulinteger with exclude: ['*down_proj*']")
     quantize_embeddings: bool = Field(True, description="embedding tables (Gather) to int8 too; a tied LM head "
