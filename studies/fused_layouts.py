@@ -1,0 +1,148 @@
+"""Which decoder layouts the fused writers take, and that none is written wrong: tiny random models of many
+transformers families through compress.fused.build_fused.
+
+    python -m studies.fused_layouts [--out benchmarks/results/fused_layouts]
+
+Each layout (hidden 64, 2 layers, 2 heads of 32) is written by build_fused, then its logits on 2 x 10 tokens are
+compared with torch's (a second run, other tokens than build_fused's own check). A row is "exported" (the
+writer, whether its rotary embedding turns channel pairs, the largest logit difference), "refused" (the
+message, cut), or "WRONG" when a written graph's logits differ by more than 1e-3: the study exists to show
+there is none. Writes README.md and results.json to --out. About a minute on one core."""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import transformers as T
+
+from compress.edge import EdgeModel
+from compress.errors import UnsupportedModelError
+from compress.fused import build_fused
+
+COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64,
+              initializer_range=0.3, pad_token_id=0)
+DEC = dict(COMMON, intermediate_size=128)
+
+
+def _hf(name: str, **options):
+    return lambda: getattr(T, f"{name}ForCausalLM")(getattr(T, f"{name}Config")(**options))
+
+
+# label -> a function building the model (transformers' classes with tiny configs)
+LAYOUTS = {
+    "Llama, biases on attention and MLP": _hf("Llama", **DEC, num_key_value_heads=1, mlp_bias=True,
+                                               attention_bias=True),
+    "Mistral": _hf("Mistral", **DEC, num_key_value_heads=1),
+    "Qwen2": _hf("Qwen2", **DEC, num_key_value_heads=1),
+    "Qwen3 (q/k norms)": _hf("Qwen3", **DEC, num_key_value_heads=1, head_dim=32),
+    "Phi-3, partial rotary": _hf("Phi3", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5),
+    "Granite, default multipliers": _hf("Granite", **DEC, num_key_value_heads=1),
+    "Granite with multipliers": _hf("Granite", **DEC, num_key_value_heads=1, embedding_multiplier=12.0,
+                                    residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0),
+    "StableLM": _hf("StableLm", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5, use_qkv_bias=True),
+    "StableLM, parallel residual": _hf("StableLm", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5,
+                                       use_parallel_residual=True),
+    "GLM (interleaved rotary)": _hf("Glm", **DEC, num_key_value_heads=2, head_dim=32),
+    "Helium (interleaved rotary)": _hf("Helium", **DEC, num_key_value_heads=2, head_dim=32),
+    "SmolLM3 (no rotary in every 4th layer)": _hf("SmolLM3", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1),
+    "Gemma 2 (soft-capping)": _hf("Gemma2", **DEC, num_key_value_heads=1, head_dim=32),
+    "Cohere": _hf("Cohere", **DEC, num_key_value_heads=1),
+    "OLMo": _hf("Olmo", **DEC, num_key_value_heads=1),
+    "OLMo 2": _hf("Olmo2", **DEC, num_key_value_heads=1),
+    "GPT-NeoX (Pythia), parallel": _hf("GPTNeoX", **DEC, rotary_pct=0.5),
+    "GPT-NeoX, sequential, ReLU, tied": _hf("GPTNeoX", **DEC, rotary_pct=0.5, use_parallel_residual=False,
+                                           hidden_act="relu", tie_word_embeddings=True),
+    "GPT-NeoX, rotary over 8 channels": _hf("GPTNeoX", **DEC, rotary_pct=0.25),
+    "Phi-2": _hf("Phi", **DEC, partial_rotary_factor=0.5),
+    "Phi-2 with qk_layernorm": _hf("Phi", **DEC, partial_rotary_factor=0.5, qk_layernorm=True),
+    "StarCoder 2": _hf("Starcoder2", **DEC, num_key_value_heads=1, sliding_window=None),
+    "Falcon-7B (multi-query)": _hf("Falcon", **COMMON),
+    "Falcon, multi-head, biases": _hf("Falcon", **COMMON, multi_query=False, bias=True),
+    "Falcon, sequential": _hf("Falcon", **COMMON, parallel_attn=False),
+    "Falcon with alibi": _hf("Falcon", **COMMON, alibi=True),
+    "Falcon-40B (new decoder architecture)": _hf("Falcon", **COMMON, new_decoder_architecture=True, num_kv_heads=1),
+    "OPT": _hf("OPT", **{k: v for k, v in COMMON.items() if k != "initializer_range"}, ffn_dim=128,
+               word_embed_proj_dim=64, init_std=0.3),
+    "OPT without biases": _hf("OPT", **{k: v for k, v in COMMON.items() if k != "initializer_range"}, ffn_dim=128,
+                              word_embed_proj_dim=64, init_std=0.3, enable_bias=False),
+    "OPT-350m (projected embeddings, post-norm)": _hf(
+        "OPT", **{k: v for k, v in COMMON.items() if k != "initializer_range"}, ffn_dim=128,
+        word_embed_proj_dim=32, do_layer_norm_before=False, init_std=0.3),
+    "GPT-2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=64,
+                                                     initializer_range=0.3)),
+    "GPT-BigCode (multi-query)": lambda: T.GPTBigCodeForCausalLM(T.GPTBigCodeConfig(
+        vocab_size=128, n_embd=64, n_layer=2, n_head=2, n_positions=64, multi_query=True, initializer_range=0.3)),
+    "BioGPT (scaled embeddings)": _hf("BioGpt", **DEC),
+    "XGLM (sinusoidal positions)": lambda: T.XGLMForCausalLM(T.XGLMConfig(
+        vocab_size=128, d_model=64, ffn_dim=128, num_layers=2, attention_heads=2, max_position_embeddings=64)),
+    "GPT-J": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=2, rotary_dim=16,
+                                                     n_positions=64)),
+    "CodeGen": lambda: T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=2,
+                                                             rotary_dim=16, n_positions=64)),
+    "BLOOM (ALiBi)": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=2)),
+    "MPT (ALiBi)": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2,
+                                                        max_seq_len=64)),
+}
+
+
+def row(label: str, work: Path) -> dict:
+    torch.manual_seed(0)
+    model = LAYOUTS[label]().eval()
+    try:
+        figures = build_fused(model, work)
+    except UnsupportedModelError as exc:
+        return {"layout": label, "result": "refused", "why": str(exc).removeprefix("fused export: ")}
+    ids = torch.randint(2, 128, (2, 10), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    err = float(np.abs(EdgeModel(work, threads=1).logits(ids.numpy()) - ref).max())
+    return {"layout": label, "result": "exported" if err <= 1e-3 else "WRONG", "max_logit_difference": err,
+            "nodes_per_block": figures["max_nodes_per_block"],
+            "rotary_interleaved": figures.get("rotary_interleaved", False),
+            "parallel_residual": figures.get("parallel_residual", False)}
+
+
+def markdown(rows: list[dict], command: str) -> str:
+    wrong = [r["layout"] for r in rows if r["result"] == "WRONG"]
+    lines = ["# Decoder layouts through the fused writers (tiny random models)", "",
+             f"`{command}`, transformers {T.__version__}. Each layout is written by `compress.fused.build_fused` "
+             "and its logits compared with torch's on 2 x 10 tokens.", "",
+             f"{sum(r['result'] == 'exported' for r in rows)} exported, "
+             f"{sum(r['result'] == 'refused' for r in rows)} refused (export's graph: auto then writes optimum's), "
+             f"{len(wrong)} written wrong{': ' + ', '.join(wrong) if wrong else ''}.", "",
+             "| layout | result | detail |", "| --- | --- | --- |"]
+    for r in rows:
+        if r["result"] == "refused":
+            detail = r["why"][:150].replace("|", "/")
+        else:
+            extras = [k.replace("_", " ") for k in ("rotary_interleaved", "parallel_residual") if r[k]]
+            detail = (f"max logit difference {r['max_logit_difference']:.1e}, {r['nodes_per_block']} nodes per block"
+                      + "".join(f", {e}" for e in extras))
+        lines.append(f"| {r['layout']} | {r['result']} | {detail} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fused_layouts"))
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for i, label in enumerate(LAYOUTS):
+            rows.append(row(label, Path(tmp) / str(i)))
+            print(f"{label:45s} {rows[-1]['result']}", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "results.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (args.out / "README.md").write_text(markdown(rows, "python -m studies.fused_layouts"))
+    return 1 if any(r["result"] == "WRONG" for r in rows) else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
