@@ -45,7 +45,7 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     try:
         _self_check(model, Path(figures["path"]), writer)
     except UnsupportedModelError:
-        if writer == "GPT-2":  # no rotary embedding: nothing else to try
+        if build is build_gpt2:  # no rotary embedding: nothing else to try
             raise
         # the rotary embedding may turn channel pairs (GLM, Helium) rather than halves: the module tree does not
         # say which, the logits do
