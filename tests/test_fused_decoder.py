@@ -1,5 +1,6 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
-packed projections and Gemma; GPT-2 and OPT; GPT-NeoX, Phi and Falcon) match torch (logits and greedy tokens),
+packed projections, Gemma 1-3, OLMo 2 and SmolLM3; GPT-2 and OPT; GPT-NeoX, Phi and Falcon) match torch (logits
+and greedy tokens),
 keep a small constant node count per block, follow the modules' own widths (depth / width / head pruning,
 low-rank layers), and are chosen by structure, not by model_type."""
 import numpy as np
@@ -760,3 +761,144 @@ def test_parallel_residual_block_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", parallel)
     with pytest.raises(UnsupportedModelError, match="parallel residual"):
         build_fused(tiny(), tmp_path)
+
+
+# ---------------------------------------------------------------------- post-norms, two rotaries, NoPE, caps
+def randomize_norms(model, mean: float):
+    """Norm weights away from their neutral value (Gemma's 0, others' 1), so that a missed norm would show."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(mean, 0.3)
+
+
+def gqa_attributes(path, key: str) -> list:
+    nodes = onnx.load(str(path / "model.onnx"), load_external_data=False).graph.node
+    return [next((onnx.helper.get_attribute_value(a) for a in n.attribute if a.name == key), None)
+            for n in nodes if n.op_type == "GroupQueryAttention"]
+
+
+def test_gemma3_sandwich_norms_head_norms_and_local_rotary_in_sliding_layers(tmp_path):
+    """Gemma 3: a norm before and after both attention and MLP, per-head q/k norms, a window of 4 on the
+    sliding layers and their own rotary base (rope_local_base_freq): the local layers' GQA reads the second
+    cos / sin cache, the global layer the first, and prompt + generated tokens (12 + 8) cross the window."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, query_pre_attn_scalar=24, max_position_embeddings=128,
+        sliding_window=4, layer_types=["sliding_attention"] * 3 + ["full_attention"], rope_local_base_freq=100.0,
+        rope_theta=10000.0, tie_word_embeddings=False,  # (tied, a random Gemma 3 repeats the last token)
+        initializer_range=0.3, attn_implementation="eager", bos_token_id=None, eos_token_id=None,
+        pad_token_id=None)).eval()
+    randomize_norms(model, 0.0)
+    figures = build_fused(model, tmp_path)
+    assert figures["post_norms"] and figures["rotary_caches"] == 2 and figures["sliding_windows"] == [4]
+    # input norm, QKV MatMul + Split, q / k norms (Reshape, norm, Reshape), GQA, o_proj, post-attention norm,
+    # pre-MLP Skip norm, gate_up + Split, FastGelu, Mul, down, post-MLP norm
+    assert figures["max_nodes_per_block"] == 19
+    # per block q / k / post-attention / post-MLP norms and block 0's input norm; the others add the residual
+    assert figures["ops"]["SimplifiedLayerNormalization"] == 4 * LAYERS + 1
+    assert figures["ops"]["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert [n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"] == ["cos_cache"] * 3 + ["cos_cache.1"]
+    caches = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith("cos_cache")}
+    for name, base in (("cos_cache", 100.0), ("cos_cache.1", 10000.0)):  # the local base, then the global one
+        inv_freq = base ** -(np.arange(0, 16, 2) / 16)
+        np.testing.assert_allclose(caches[name], np.cos(np.outer(np.arange(128), inv_freq)), atol=1e-4)
+    assert gqa_attributes(tmp_path, "local_window_size") == [4, 4, 4, -1]
+    assert gqa_attributes(tmp_path, "scale") == pytest.approx([24 ** -0.5] * LAYERS)
+    ids = prompt(length=12)
+    edge, plain = EdgeModel(tmp_path, threads=1), EdgeModel(tmp_path, threads=1, shared_cache=False)
+    assert_logits_match(model, edge, ids)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    assert len(set(ref[0, 12:].tolist())) > 2
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())
+    np.testing.assert_array_equal(greedy(plain, ids.numpy(), 8), ref[:, 12:].numpy())
+
+
+def test_gemma2_attention_and_final_logit_soft_capping(tmp_path):
+    """Gemma 2 caps attention scores (GQA's softcap) and the logits (Div, Tanh, Mul after the head); caps small
+    enough here that leaving either out changes the logits by more than 0.4."""
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, max_position_embeddings=128, sliding_window=4,
+        attn_logit_softcapping=0.5, final_logit_softcapping=3.0, initializer_range=0.15,
+        attn_implementation="eager", bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    randomize_norms(model, 0.0)
+    figures = build_fused(model, tmp_path)
+    assert figures["softcap"] == 0.5 and gqa_attributes(tmp_path, "softcap") == [0.5] * LAYERS
+    assert gqa_attributes(tmp_path, "local_window_size") == [4, -1, 4, -1]  # Gemma 2 alternates, sliding first
+    assert figures["ops"]["Tanh"] == 1
+    ids = prompt(length=12)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, ids)
+    logits = edge.logits(ids.numpy())
+    assert np.abs(logits).max() <= 3.0
+    with torch.no_grad():  # (a random Gemma 2 repeats few tokens; the logits above are the finer comparison)
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())
+    with torch.no_grad():  # each cap matters on this model (the attention's is read from the modules)
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = None
+        assert np.abs(model(ids, use_cache=False).logits.numpy() - logits).max() > 0.4
+        for layer in model.model.layers:
+            layer.self_attn.attn_logit_softcapping = 0.5
+        model.config.final_logit_softcapping = None
+        assert np.abs(model(ids, use_cache=False).logits.numpy() - logits).max() > 0.4
+
+
+def test_olmo2_post_norms_only_and_q_k_norms_over_all_heads(tmp_path):
+    """OLMo 2 norms each sublayer's output, not its input (x + norm(attn(x)): an Add carries the residual), and
+    its q / k norms span all heads' channels at once (no per-head Reshape)."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM(Olmo2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None)).eval()
+    randomize_norms(model, 1.0)
+    figures = build_fused(model, tmp_path)
+    assert figures["post_norms"] and "Reshape" not in figures["ops"]
+    assert "SkipSimplifiedLayerNormalization" not in figures["ops"] or figures["ops"][
+        "SkipSimplifiedLayerNormalization"] == 1  # only the final norm adds the last block's output
+    assert figures["ops"]["Add"] == 2 * LAYERS - 1  # the residual adds (block 0's attention reads the embedding)
+    assert_matches_torch(model, tmp_path)
+
+
+def test_smollm3_layers_without_rotary(tmp_path):
+    """SmolLM3 leaves the rotary embedding out of every 4th layer (no_rope_layers): that layer's GQA does not
+    rotate (it was written rotating, and the logits were 7 away from torch's)."""
+    from transformers import SmolLM3Config, SmolLM3ForCausalLM
+
+    torch.manual_seed(0)
+    model = SmolLM3ForCausalLM(SmolLM3Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.15, bos_token_id=None,
+        eos_token_id=None, pad_token_id=None)).eval()
+    assert [layer.self_attn.use_rope for layer in model.model.layers] == [1, 1, 1, 0]
+    figures = build_fused(model, tmp_path)
+    assert figures["layers_without_rotary"] == [3] and gqa_attributes(tmp_path, "do_rotary") == [1, 1, 1, 0]
+    assert_matches_torch(model, tmp_path)
+
+
+def test_sandwich_norms_are_refused_by_the_writers_without_them(tmp_path):
+    """Only the Llama writer writes a norm on a sublayer's output; the probe refuses it for the others."""
+    from compress.architecture import find
+    from compress.fused.graph import probe_block
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
+                                           head_dim=16)).eval()
+    probe = probe_block(model, find(model), post_norms=True)
+    assert probe["pre"] == ("model.layers.0.input_layernorm", "model.layers.0.pre_feedforward_layernorm")
+    assert probe["post"] == ("model.layers.0.post_attention_layernorm", "model.layers.0.post_feedforward_layernorm")
+    with pytest.raises(UnsupportedModelError, match="post-norms or extra steps"):
+        probe_block(model, find(model))

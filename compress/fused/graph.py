@@ -163,21 +163,26 @@ def is_tied(head, embed) -> bool:
     return head.weight.data_ptr() == embed.weight.data_ptr() and getattr(head, "bias", None) is None
 
 
-def lm_head(g: _Graph, x: str, head, table: str, tied: bool, name: str = "/lm_head") -> None:
+def lm_head(g: _Graph, x: str, head, table: str, tied: bool, name: str = "/lm_head",
+            softcap: float | None = None) -> None:
     """logits of the last `logits_to_keep` positions (0: all): generation reads the last position only, and the
     head over every position of a prompt is a fifth of the prefill's work (SmolLM2, 128 tokens). A tied head
     multiplies by the Transpose of the embedding table (stored once: ONNX Runtime folds the Transpose at
-    session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits)."""
+    session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits). `softcap` (Gemma 2's
+    final_logit_softcapping): logits = softcap * tanh(logits / softcap)."""
     starts = g.op("Neg", ["logits_to_keep"], f"{name}/logits_to_keep/Neg")
     ends = g.const("/model/constants/INT64/[INT64_MAX]", np.array([np.iinfo(np.int64).max], np.int64))
     x = g.op("Slice", [x, starts, ends, g.const("/model/constants/INT64/[1]", np.array([1], np.int64))],
              f"{name}/logits_to_keep/Slice")
     if tied:
-        table_t = g.op("Transpose", [table], f"{name}/Transpose", perm=[1, 0])
-        g.op("MatMul", [x, table_t], f"{name}/MatMul", outputs=["logits"])
+        y = g.op("MatMul", [x, g.op("Transpose", [table], f"{name}/Transpose", perm=[1, 0])], f"{name}/MatMul")
     else:
-        g.linear(x, [head], name)
-        g.nodes[-1].output[0] = "logits"  # the last node writes the graph output
+        y = g.linear(x, [head], name)
+    if softcap:
+        cap = g.const(f"{_param(name)}.softcap", np.array(softcap, np.float32))
+        y = g.op("Tanh", [g.op("Div", [y, cap], f"{name}/softcap/Div")], f"{name}/softcap/Tanh")
+        g.op("Mul", [y, cap], f"{name}/softcap/Mul")
+    g.nodes[-1].output[0] = "logits"  # the last node writes the graph output
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -250,28 +255,70 @@ def config_activation(config) -> str | None:
                  if isinstance(v := getattr(config, f, None), str)), None)
 
 
+def _rotaries(model) -> list:
+    """The model's distinct rotary embedding modules (those holding inv_freq; equal copies count once)."""
+    found = []
+    for m in model.modules():
+        if isinstance(getattr(m, "inv_freq", None), torch.Tensor) and not any(_same_rope(m, f) for f in found):
+            found.append(m)
+    return found
+
+
+def _same_rope(a, b) -> bool:
+    return (a.inv_freq.shape == b.inv_freq.shape and torch.equal(a.inv_freq, b.inv_freq)
+            and getattr(a, "rope_type", None) == getattr(b, "rope_type", None)
+            and getattr(a, "attention_scaling", 1.0) == getattr(b, "attention_scaling", 1.0))
+
+
 def rotary(model):
     """The model's rotary embedding module (the one holding inv_freq; copies per layer must agree), or None."""
-    found = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
-    if any(m.inv_freq.shape != found[0].inv_freq.shape or not torch.equal(m.inv_freq, found[0].inv_freq)
-           or getattr(m, "rope_type", None) != getattr(found[0], "rope_type", None) for m in found[1:]):
+    found = _rotaries(model)
+    if len(found) > 1:
         raise UnsupportedModelError(f"fused export: {type(model).__name__} has rotary embeddings that differ "
-                                    "(per layer or local / global); the writer takes one")
+                                    "(per layer or local / global); this writer takes one")
     return found[0] if found else None
+
+
+def layer_rotaries(model, arch) -> list:
+    """The rotary embedding module each layer's attention reads, None where it reads none (SmolLM3's NoPE
+    layers: attention `use_rope` false). Where the model has several that differ (Gemma 3: local layers with
+    their own base frequency), the model runs on 4 tokens and each attention's `position_embeddings` is
+    matched to the module that computed them."""
+    found = _rotaries(model)
+    attns = [arch.module(b.attn.name) for b in arch.blocks]
+    if len(found) <= 1:
+        reads = [found[0] if found else None] * len(attns)
+    else:
+        made, got = [], {}  # (cos a rotary module computed, the module); layer -> the cos its attention read
+        handles = [m.register_forward_hook(lambda mod, args, out: made.append((out[0], mod))) for m in found]
+        for i, a in enumerate(attns):
+            def hook(mod, args, kwargs, i=i):
+                cos_sin = kwargs.get("position_embeddings") or next((v for v in args if isinstance(v, tuple)), None)
+                got[i] = cos_sin[0] if cos_sin else None
+            handles.append(a.register_forward_pre_hook(hook, with_kwargs=True))
+        emb = arch.module(arch.embedding)
+        try:
+            with torch.no_grad():
+                model(input_ids=torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+        reads = [next((mod for cos, mod in made if cos is got.get(i)), None) for i in range(len(attns))]
+        if None in reads:
+            raise UnsupportedModelError(f"fused export: {type(model).__name__} has {len(found)} rotary embeddings "
+                                        f"that differ and layer {reads.index(None)}'s attention reads none of them "
+                                        "as position_embeddings")
+    return [None if getattr(a, "use_rope", True) in (False, 0) else r for a, r in zip(attns, reads)]
 
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
 
 
-def rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin [length, rotary_dim / 2] from the model's own inv_freq (rope_scaling already applied).
-    GroupQueryAttention rotates the first rotary_dim channels of each head (non-interleaved halves, as
-    transformers' rotate_half), as many as the caches are wide: partial rotary (GPT-NeoX's rotary_pct) needs
-    rotary_dim a multiple of 16."""
-    rope = rotary(model)
-    if rope is None:
-        raise UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
-                                    "inv_freq); the writer takes rotary positions")
+def rope_caches(rope, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos / sin [length, rotary_dim / 2] from a rotary embedding module's own inv_freq (rope_scaling already
+    applied). GroupQueryAttention rotates the first rotary_dim channels of each head (non-interleaved halves,
+    as transformers' rotate_half), as many as the caches are wide: partial rotary (GPT-NeoX's rotary_pct)
+    needs rotary_dim a multiple of 16."""
     rope_type = getattr(rope, "rope_type", "default")
     if rope_type not in STATIC_ROPE:
         raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
@@ -286,25 +333,33 @@ def rope_caches(model, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarr
     return np.cos(freqs) * scale, np.sin(freqs) * scale
 
 
+def no_rotary(model) -> UnsupportedModelError:
+    return UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
+                                 "inv_freq); the writer takes rotary positions")
+
+
 class _Stop(Exception):
     pass
 
 
-def probe_block(model, arch) -> dict:
+def probe_block(model, arch, *, post_norms: bool = False) -> dict:
     """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
-    input (embedding scale, position embeddings) and how it wires its norms, attention and MLP: pre-norm
-    sequential, x + attn(norm_1(x)) then + mlp(norm_2(.)), or pre-norm parallel, x + attn(norm_1(x)) +
-    mlp(norm_2(x)) (GPT-NeoX) or with one norm for both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon);
-    anything else (post-norms, extra steps) is refused. The MLP is seen at its projections (OPT's fc1 / fc2
-    sit in the block itself, no MLP module), its input at the first, its output at the last; shapes are
-    compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's
-    input), "norms" (in the order they ran: two, or the shared one), "parallel"}."""
+    input (embedding scale, position embeddings) and how it wires its norms, attention and MLP. Each of the
+    two sublayers has a norm before it (pre) or, with `post_norms` (the Llama writer), may have one on its
+    output (post, before the residual add: Gemma 2 / 3 have both, OLMo 2 post-norms only); blocks are sequential,
+    x + post(attn(pre(x))), then + post(mlp(pre(.))), or parallel pre-norm, x + attn(norm_1(x)) +
+    mlp(norm_2(x)) (GPT-NeoX) or with one norm for both (Phi, Falcon); anything else (extra steps, post-norms
+    where the writer takes none) is refused. The MLP is seen at its projections (OPT's fc1 / fc2 sit in the
+    block itself, no MLP module), its input at the first, its output at the last; shapes are compared
+    flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's input),
+    "pre" / "post" ((attention's, MLP's) norm names, None where there is none; a shared norm is both pre),
+    "norms" (the distinct pre-norms in the order they ran), "parallel"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
-    if len(norms) not in (1, 2):
+    if not 1 <= len(norms) <= 4:
         raise UnsupportedModelError(f"fused export: block {b.name} has {len(norms)} norms over the hidden width "
-                                    f"({', '.join(b.norms) or 'none'}); the writers take two pre-norms, or one "
-                                    "shared by a parallel attention and MLP")
+                                    f"({', '.join(b.norms) or 'none'}); the writers take a norm before or after "
+                                    "each of attention and MLP, or one shared by a parallel attention and MLP")
     parts = {"attn": arch.module(b.attn.name), "mlp_in": arch.module(b.mlp.ins[0]), "mlp": arch.module(b.mlp.out),
              **{n: m for n, m in zip(b.norms, norms)}}
     seen, order = {}, []
@@ -340,23 +395,54 @@ def probe_block(model, arch) -> dict:
     if "block" not in seen or len(order) != 3 + len(norms) or sorted(ran) != sorted(b.norms):
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
                                     f"(ran: {', '.join(order) or 'nothing'})")
-    x, out = seen["block"]
-    shared = len(ran) == 1  # one norm read by attention and MLP
-    n1, n2 = ran * 2 if shared else ran
-    a, m = seen["attn"][1], seen["mlp"][1]
+    wiring = _wiring(order, seen)
+    pre_norm = wiring and wiring["pre"][0] and (wiring["pre"][1] or wiring["parallel"]) and not any(wiring["post"])
+    if wiring is None or not (post_norms or pre_norm):
+        raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
+                                    "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x))"
+                                    + (" (extra steps); " if post_norms else " (post-norms or extra steps); the ")
+                                    + ("the Llama writer also takes a norm on each sublayer's output" if post_norms
+                                       else "writer takes pre-norm blocks"))
+    return {"ids": ids, "x": seen["block"][0], **wiring,
+            "norms": list(dict.fromkeys(n for n in wiring["pre"] if n))}
 
+
+def _wiring(order: list[str], seen: dict) -> dict | None:
+    """How block 0 wires what ran in `order` (seen: key -> (input, output); "block": the block's), as
+    probe_block returns it: {"pre", "post", "parallel"}; None for anything else. Norms run before the
+    attention (its pre-norm), between it and the MLP (the attention's post-norm, the one reading the
+    attention's output, and / or the MLP's pre-norm) or after the MLP (its post-norm)."""
     def same(u, v):
         return u.numel() == v.numel() and _close(u.reshape(-1, u.shape[-1]), v.reshape(-1, v.shape[-1]))
 
-    wired = (order == [n1, "attn", *([] if shared else [n2]), "mlp_in", "mlp"] and same(seen[n1][0], x)
-             and same(seen["attn"][0], seen[n1][1]) and same(seen["mlp_in"][0], seen[n2][1])
-             and m.numel() == a.numel() and same(out, x + a + m.reshape(a.shape)))
-    parallel = wired and same(seen[n2][0], x)
-    if not (parallel or wired and not shared and same(seen[n2][0], x + a)):
-        raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
-                                    "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
-                                    "steps); the writers take pre-norm blocks")
-    return {"ids": ids, "x": x, "norms": ran, "parallel": parallel}
+    attn, mlp_in = order.index("attn"), order.index("mlp_in")
+    before, between, after = order[:attn], order[attn + 1:mlp_in], order[mlp_in + 2:]
+    if order.index("mlp") != mlp_in + 1 or len(before) > 1 or len(between) > 2 or len(after) > 1:
+        return None
+    x, out = seen["block"]
+    a, m = seen["attn"][1], seen["mlp"][1]
+    post_attn = next((n for n in between[:1] if same(seen[n][0], a)), None)
+    pre_mlp = [n for n in between if n != post_attn]
+    if len(pre_mlp) > 1 or m.numel() != a.numel():
+        return None
+    pre = (before[0] if before else None, pre_mlp[0] if pre_mlp else None)
+    post = (post_attn, after[0] if after else None)
+
+    def output(norm, default):  # a norm's output, or `default` where there is no norm
+        return seen[norm][1] if norm else default
+
+    a_in = output(pre[0], x)
+    if not (same(seen["attn"][0], a_in) and (pre[0] is None or same(seen[pre[0]][0], x))
+            and (post[1] is None or same(seen[post[1]][0], m))):
+        return None
+    a, m = output(post[0], a), output(post[1], m).reshape(a.shape)
+    for parallel in (False, True):  # parallel: the MLP reads the block's input (normed), not x + attention
+        h = x if parallel else x + a
+        m_in = output(pre[1], a_in if parallel else h)  # parallel with one shared norm: the attention's input
+        if (same(seen["mlp_in"][0], m_in) and (pre[1] is None or same(seen[pre[1]][0], h))
+                and same(out, x + a + m) and not (parallel and any(post))):
+            return {"pre": pre, "post": post, "parallel": parallel}
+    return None
 
 
 def check_outside_blocks(model, arch, writer: str) -> None:
@@ -383,12 +469,15 @@ def refuse_head_norms(b, writer: str) -> None:
                                     f"head, which the {writer} writer does not write")
 
 
-def block_norms(arch, b, probe: dict) -> list:
-    """Block b's norm modules in the order block 0 ran its own (probe_block); refused where b's differ."""
-    names = [f"{b.name}{n[len(arch.blocks[0].name):]}" for n in probe["norms"]]
-    if sorted(names) != sorted(b.norms):
+def block_norms(arch, b, probe: dict, which: str = "norms") -> list:
+    """Block b's norm modules for probe_block's `which` of block 0 ("norms", "pre" or "post"; None stays
+    None); refused where b's norms differ from block 0's."""
+    def here(name):
+        return f"{b.name}{name[len(arch.blocks[0].name):]}"
+
+    if sorted(here(n) for n in {*probe["pre"], *probe["post"]} if n) != sorted(b.norms):
         raise UnsupportedModelError(f"fused export: block {b.name}'s norms {b.norms} differ from block 0's")
-    return [arch.module(n) for n in names]
+    return [arch.module(here(n)) if n else None for n in probe[which]]
 
 
 def refuse_parallel(probe: dict, writer: str) -> None:

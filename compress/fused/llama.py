@@ -1,17 +1,22 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma; StableLM; any model_type with that layout), fp32. (GPT-2 and GPT-NeoX have their own writers,
-gpt2.py and neox.py; what they share is in graph.py.)
+Phi-3; Gemma 1-3; OLMo 2; SmolLM3; StableLM; any model_type with that layout), fp32. (GPT-2 and GPT-NeoX
+have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
 (Phi-3, rows [q | k | v]), optional per-head q/k RMSNorms, a gated MLP (gate / up / down, or Phi-3's packed
 gate_up_proj; both written as one MatMul [gate | up] and a Split) with SiLU, GELU or tanh-GELU (Gemma:
-FastGelu), two RMSNorm pre-norms per block wired x + attn(norm(x)), + mlp(norm(.)) (an RMSNorm computing
-x / rms(x) * (1 + weight), Gemma's, is written with 1 + weight folded; StableLM's LayerNorms with their biases
-as SkipLayerNormalization), a final norm of the same kind, a rotary embedding with a static rope type (over
-all of each head or, partial, a multiple of 16 of its channels), and token embeddings fed to block 0 as they
-are or times one scalar (Gemma's sqrt(hidden): a Mul after the Gather, the table stays the one the tied head
-reads).
+FastGelu), RMSNorms wired x + attn(norm(x)), + mlp(norm(.)) (Llama's pre-norms), and where the probe run of
+block 0 finds them a norm on each sublayer's output too, x + post(attn(pre(x))) (Gemma 2 / 3: four norms per
+block, two of them plain SimplifiedLayerNormalization), or post-norms only, x + post(attn(x)) (OLMo 2: the
+residual sums are Adds). An RMSNorm computing x / rms(x) * (1 + weight), Gemma's, is written with 1 + weight
+folded; StableLM's LayerNorms with their biases as SkipLayerNormalization. A final norm of the same kind; a
+rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
+channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
+sin cache), SmolLM3's NoPE layers (attention `use_rope` false) none (do_rotary 0). Gemma 2's soft-capping:
+GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head for the logits. Token embeddings
+are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden): a Mul after the Gather, the table
+stays the one the tied head reads).
 
 optimum's exporter traces the model and leaves ~7,400 nodes for SmolLM2-135M, most of them Shape / Gather /
 Concat / Unsqueeze arithmetic that ONNX Runtime recomputes every decode step. Like onnxruntime-genai's model
@@ -32,7 +37,7 @@ counts and low-rank factorized projections (`.first` / `.second` Linears: two Ma
 to GroupQueryAttention unpacked, gate and up written as two) all export. A bias adds one Add node. Qwen3's
 per-head q_norm / k_norm add 7 nodes per block: the packed QKV output is Split, and Q and K each go through
 Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), SimplifiedLayerNormalization and
-Reshape back before GQA.
+Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes).
 
 Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
 Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
@@ -60,8 +65,9 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
 (dynamic, longrope), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU /
-ReLU, per-head packed qkv and parallel residuals (GPT-NeoX's: neox.py), more or fewer than two norms per
-block, logit soft-capping, non-Linear modules (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
+ReLU, per-head packed qkv and parallel residuals (GPT-NeoX's: neox.py), blocks with other steps than the
+norms, attention and MLP (Granite's multipliers: build_fused's logits check), non-Linear modules (quantized
+layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
 import math
@@ -73,10 +79,9 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
-                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, lm_head,
-                    mask_lengths, output_file, probe_block, refuse_parallel, rms_norm, rope_caches, save)
-
-SOFTCAPS = ("attn_logit_softcapping", "final_logit_softcapping")  # Gemma 2: tanh caps the writer has no node for
+                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, layer_rotaries,
+                    lm_head, mask_lengths, no_rotary, output_file, probe_block, refuse_parallel, rms_norm,
+                    rope_caches, save)
 
 
 def _window(model, attn) -> int | None:
@@ -98,10 +103,8 @@ def _check(model, arch: Architecture) -> dict:
             raise UnsupportedModelError(f"fused export: {b.attn.qkv} packs q/k/v per head (rows [q k v] of head 0, "
                                         "of head 1, ...); the Llama writer takes separate q/k/v or one [q | k | v] "
                                         "projection")
-    if capped := [f for f in SOFTCAPS if getattr(cfg, f, None)]:
-        raise UnsupportedModelError(f"fused export: {', '.join(capped)} is not supported")
     check_outside_blocks(model, arch, "Llama")
-    probe = probe_block(model, arch)
+    probe = probe_block(model, arch, post_norms=True)
     refuse_parallel(probe, "Llama")
     return probe
 
@@ -151,9 +154,20 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
 
     head_dim = arch.head_dim()
     cache_length = max_length or cfg.max_position_embeddings
-    cos, sin = rope_caches(model, cache_length, head_dim)
-    cos, sin = g.const("cos_cache", cos), g.const("sin_cache", sin)
+    ropes = layer_rotaries(model, arch)
+    if not any(ropes):
+        raise no_rotary(model)
+    caches = {}  # id(rotary module) -> its (cos, sin) initializers, written once (Gemma 3 has two)
+
+    def rope_inputs(rope) -> list[str]:
+        if id(rope) not in caches:
+            suffix = f".{len(caches)}" if caches else ""
+            cos, sin = rope_caches(rope, cache_length, head_dim)
+            caches[id(rope)] = [g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin)]
+        return caches[id(rope)]
+
     act_label = config_activation(cfg)
+    softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)  # Gemma 2: cap * tanh(scores / cap)
 
     residual, pending = x, None  # pending: the last block's output, added to residual by the next Skip norm
     windows = []
@@ -168,8 +182,11 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                                         "head_dim % 16 == 0")
         window = _window(model, attn)
         windows.append(window)
-        norm_1, norm_2 = block_norms(arch, b, probe)
-        x, residual = _norm(g, norm_1, pending, residual, f"{p}/input_layernorm")
+        (pre_attn, pre_mlp), (post_attn, post_mlp) = (block_norms(arch, b, probe, k) for k in ("pre", "post"))
+        # norm nodes are named as the modules (Llama: input_layernorm, post_attention_layernorm)
+        (pre_attn_name, pre_mlp_name), (post_attn_name, post_mlp_name) = (
+            [f"{p}/{n[len(arch.blocks[0].name) + 1:]}" if n else None for n in probe[k]] for k in ("pre", "post"))
+        x, residual = _enter(g, pre_attn, pending, residual, pre_attn_name or f"{p}/attn_residual")
 
         qkv = [arch.module(n) for n in a.inputs]  # [q, k, v], or [qkv] packed [q | k | v] (Phi-3)
         packed = len(qkv) == 1 or all(_is_linear(m) for m in qkv)
@@ -182,29 +199,37 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                           outputs=3, axis=-1)
         else:
             qkv_in = [g.linear(x, [m], f"{p}/attn/{n}") for m, n in zip(qkv, ("q_proj", "k_proj", "v_proj"))]
-        if a.q_norm:  # RMSNorm over each head's head_dim before the rotary embedding
+        if a.q_norm:  # RMSNorm over each head's head_dim (Qwen3, Gemma 3) or over all heads (OLMo 2)
             if heads_view is None:
                 heads_view = g.const(f"/model/constants/INT64/[0, 0, -1, {head_dim}]",
                                      np.array([0, 0, -1, head_dim], np.int64))
                 flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
-            qkv_in = [_head_norm(g, arch.module(a.q_norm), qkv_in[0], heads_view, flat, f"{p}/attn/q_norm"),
-                      _head_norm(g, arch.module(a.k_norm), qkv_in[1], heads_view, flat, f"{p}/attn/k_norm"),
+            qkv_in = [_qk_norm(g, arch.module(a.q_norm), qkv_in[0], head_dim, heads_view, flat, f"{p}/attn/q_norm"),
+                      _qk_norm(g, arch.module(a.k_norm), qkv_in[1], head_dim, heads_view, flat, f"{p}/attn/k_norm"),
                       qkv_in[2]]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
-        y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len, cos, sin], f"{p}/attn/GQA",
+        rope = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
+        y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len]
+                 + (rope_inputs(ropes[i]) if ropes[i] else []), f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
-                 scale=float(getattr(attn, "scaling", head_dim ** -0.5)), do_rotary=1,
-                 rotary_interleaved=int(interleaved), local_window_size=window or -1)[0]
+                 scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
+                 **rope, **({"softcap": softcap} if softcap else {}))[0]
         y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj")
+        if post_attn is not None:
+            y = _norm(g, post_attn, None, y, post_attn_name)[0]
 
-        x, residual = _norm(g, norm_2, y, residual, f"{p}/post_attention_layernorm")
+        x, residual = _enter(g, pre_mlp, y, residual, pre_mlp_name or f"{p}/mlp_residual")
         pending = _mlp(g, arch, i, x, p, act_label)
+        if post_mlp is not None:
+            pending = _norm(g, post_mlp, None, pending, post_mlp_name)[0]
 
     x, _ = _norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
-    lm_head(g, x, head, table, tied)
+    lm_head(g, x, head, table, tied, softcap=getattr(cfg, "final_logit_softcapping", None))
     return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
                 cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}),
-                rotary_interleaved=interleaved)
+                rotary_interleaved=interleaved, rotary_caches=len(caches),
+                layers_without_rotary=[i for i, r in enumerate(ropes) if r is None],
+                post_norms=any(probe["post"]), softcap=softcap or None)
 
 
 def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None) -> str:
@@ -238,7 +263,22 @@ def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: 
     return rms_norm(g, norm, pending, residual, name, last=last)
 
 
-def _head_norm(g: _Graph, norm, x: str, heads_view: str, flat: str, name: str) -> str:
-    """Qwen3's q_norm / k_norm: RMSNorm of every head's [head_dim] slice (Reshape, norm, Reshape back)."""
+def _enter(g: _Graph, norm, pending: str | None, residual: str, name: str):
+    """A sublayer's input and the new residual: its pre-norm of residual + pending (one Skip norm), or,
+    without a pre-norm (OLMo 2), the sum itself."""
+    if norm is not None:
+        return _norm(g, norm, pending, residual, name)
+    if pending is None:
+        return residual, residual
+    total = g.op("Add", [pending, residual], f"{name}/Add")
+    return total, total
+
+
+def _qk_norm(g: _Graph, norm, x: str, head_dim: int, heads_view: str, flat: str, name: str) -> str:
+    """q_norm / k_norm: an RMSNorm of every head's [head_dim] slice (Qwen3, Gemma 3: Reshape, norm, Reshape
+    back) or of the whole projection (OLMo 2)."""
+    width = norm.weight.shape[0] if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
+    if width != head_dim:
+        return rms_norm(g, norm, None, x, name)[0]
     y = rms_norm(g, norm, None, g.op("Reshape", [x, heads_view], f"{name}/Reshape"), name)[0]
     return g.op("Reshape", [y, flat], f"{name}/Reshape_1")

@@ -47,8 +47,8 @@ from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation,
                     block_norms, check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm,
-                    lm_head, mask_lengths, output_file, plain_mlp_in, probe_block, refuse_head_norms, rope_caches,
-                    save)
+                    lm_head, mask_lengths, no_rotary, output_file, plain_mlp_in, probe_block, refuse_head_norms,
+                    rope_caches, rotary, save)
 
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
 
@@ -117,7 +117,9 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     x = g.op("Gather", [table, "input_ids"], "/gpt_neox/embed_in/Gather", axis=0)
     head_dim = arch.head_dim()
     cache_length = max_length or cfg.max_position_embeddings
-    cos, sin = (g.const(n, c) for n, c in zip(("cos_cache", "sin_cache"), rope_caches(model, cache_length, head_dim)))
+    if (rope := rotary(model)) is None:
+        raise no_rotary(model)
+    cos, sin = (g.const(n, c) for n, c in zip(("cos_cache", "sin_cache"), rope_caches(rope, cache_length, head_dim)))
 
     label = config_activation(cfg)
     residual, pending, bias = x, None, None
