@@ -1,8 +1,7 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
 packed projections, Gemma 1-3, OLMo 2 and SmolLM3; GPT-2 and OPT; GPT-NeoX, Phi and Falcon) match torch (logits
-and greedy tokens),
-keep a small constant node count per block, follow the modules' own widths (depth / width / head pruning,
-low-rank layers), and are chosen by structure, not by model_type."""
+and greedy tokens), keep a small constant node count per block, follow the modules' own widths (depth / width /
+head pruning, low-rank layers), and are chosen by structure, not by model_type."""
 import numpy as np
 import onnx
 import pytest
