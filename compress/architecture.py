@@ -33,6 +33,8 @@ PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"),
          ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
 ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
 MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size")
+# config lists with one entry per layer (Gemma 2 / 3, Qwen2: attention kind; SmolLM3: rotary or not)
+PER_LAYER_FIELDS = ("layer_types", "sliding_window_layers", "no_rope_layers")
 
 
 def is_conv1d(m: nn.Module) -> bool:
@@ -360,6 +362,15 @@ def output_head(model: nn.Module, task: str | None = None) -> str | None:
     linear = [(n, m) for n, m in model.named_modules() if is_linear(m)]
     labels = getattr(getattr(model, "config", None), "num_labels", None)
     return linear[-1][0] if linear and features(linear[-1][1])[1] == labels else None
+
+
+def keep_layer_fields(config, keep: list[int], total: int) -> None:
+    """Keep the kept layers' entries of the config's per-layer lists (PER_LAYER_FIELDS), as the block list keeps
+    their modules, so that the config rebuilds the pruned model (from_pretrained reads layer i's kind there)."""
+    for name in PER_LAYER_FIELDS:
+        value = getattr(config, name, None)
+        if isinstance(value, list) and len(value) == total:
+            setattr(config, name, [value[i] for i in keep])
 
 
 def find_layers(model: nn.Module) -> str:

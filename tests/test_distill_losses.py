@@ -162,3 +162,29 @@ def test_the_cached_tail_is_exact_at_its_temperatures_and_close_between():
     for T in (1.2, 2.5, 5.0, 20.0):  # interpolated in 1/T (towards log(184) at T -> infinity)
         exact = _tail(z, torch.from_numpy(indices).long(), T)
         assert (tail_at(tail, T, 200 - 16) - exact).abs().max() < 0.05
+
+
+def test_per_layer_config_lists_follow_kept_and_fresh_layers(tmp_path):
+    """SmolLM3's no_rope_layers and Gemma 3's layer_types say what each layer is: a student keeping layers
+    [0, 1, 3] keeps their entries (it kept the list, so layer 3's NoPE attention reloaded rotating), and a
+    fresh student of another depth gets a list of its own length."""
+    from tiny_models import tiny_family
+    from transformers import AutoModelForCausalLM
+
+    from compress.distill.students import fresh_student
+
+    teacher = tiny_family("smollm3")
+    assert teacher.config.no_rope_layers == [1, 1, 1, 0]
+    student = keep_layers(teacher, [0, 1, 3])
+    assert student.config.no_rope_layers == [1, 1, 0]
+    student.save_pretrained(tmp_path / "kept")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kept").eval()
+    assert [layer.self_attn.use_rope for layer in reloaded.model.layers] == [1, 1, 0]
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+    gemma3 = tiny_family("gemma3")
+    assert keep_layers(gemma3, [1, 2]).config.layer_types == ["sliding_attention", "full_attention"]
+    for model, field in ((teacher, "no_rope_layers"), (gemma3, "layer_types")):
+        fresh = fresh_student(model, {"num_hidden_layers": 6}, "causal-lm")
+        assert len(getattr(fresh.config, field)) == 6 and len(get_layers(fresh)) == 6

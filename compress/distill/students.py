@@ -11,6 +11,7 @@ import copy
 import torch
 from torch import nn
 
+from ..architecture import PER_LAYER_FIELDS, keep_layer_fields
 from ..errors import ConfigError, UnsupportedModelError  # noqa: F401
 
 
@@ -84,10 +85,7 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     if getattr(cfg, "pruned_heads", None):  # per-layer, keyed by the old index
         old_heads = {int(k): v for k, v in cfg.pruned_heads.items()}
         cfg.pruned_heads = {new: old_heads[o] for new, o in enumerate(keep) if old_heads.get(o)}
-    for name in ("layer_types", "sliding_window_layers"):  # per-layer lists some configs carry
-        value = getattr(cfg, name, None)
-        if isinstance(value, list) and len(value) == total:
-            setattr(cfg, name, [value[i] for i in keep])
+    keep_layer_fields(cfg, keep, total)
     return student
 
 
@@ -104,8 +102,10 @@ def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
         )
     for k, v in overrides.items():
         setattr(cfg, k, v)
-    if "num_hidden_layers" in overrides and isinstance(getattr(cfg, "layer_types", None), list):
-        cfg.layer_types = cfg.layer_types[:1] * cfg.num_hidden_layers
+    if "num_hidden_layers" in overrides:  # a new depth: every layer of the first one's kind
+        for name in PER_LAYER_FIELDS:
+            if isinstance(value := getattr(cfg, name, None), list):
+                setattr(cfg, name, value[:1] * cfg.num_hidden_layers)
     heads = getattr(cfg, "num_attention_heads", None)
     if heads and getattr(cfg, "hidden_size", 0) % heads:
         raise ConfigError(f"distill.student.config: hidden_size {cfg.hidden_size} is not divisible by "

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..architecture import Architecture
+from ..architecture import Architecture, keep_layer_fields
 from .arch import set_module
 
 
@@ -21,8 +21,7 @@ def drop_layers(model: nn.Module, ad: Architecture, drop: list[int]) -> None:
                 m.layer_idx = new
     cfg = model.config
     cfg.num_hidden_layers = len(keep)  # GPT-2's attribute_map sends this to n_layer
-    if getattr(cfg, "layer_types", None):
-        cfg.layer_types = [cfg.layer_types[i] for i in keep]
+    keep_layer_fields(cfg, keep, len(layers))
     if getattr(cfg, "pruned_heads", None):
         old = {int(k): v for k, v in cfg.pruned_heads.items()}
         cfg.pruned_heads = {new: old[o] for new, o in enumerate(keep) if old.get(o)}
