@@ -101,6 +101,14 @@ def _family_specs() -> dict:
         "mistral": (T.MistralConfig, {lm: T.MistralForCausalLM}, dict(dec, num_key_value_heads=2, sliding_window=None)),
         "gemma": (T.GemmaConfig, {lm: T.GemmaForCausalLM}, dict(dec, num_key_value_heads=1, head_dim=8)),
         "phi3": (T.Phi3Config, {lm: T.Phi3ForCausalLM}, dict(dec, num_key_value_heads=2, tie_word_embeddings=False)),
+        # Gemma 3: a norm before and after attention and MLP, per-head q/k norms, sliding layers with their own
+        # rotary base; head_dim 16 (the fused graph)
+        "gemma3": (T.Gemma3TextConfig, {lm: T.Gemma3ForCausalLM},
+                   dict(dec, num_key_value_heads=2, head_dim=16, sliding_window=4, rope_local_base_freq=100.0,
+                        layer_types=["sliding_attention", "sliding_attention", "full_attention", "sliding_attention"])),
+        # SmolLM3: no rotary embedding in every 4th layer (no_rope_layers); head_dim 16 (the fused graph)
+        "smollm3": (T.SmolLM3Config, {lm: T.SmolLM3ForCausalLM},
+                    dict(dec, hidden_size=64, num_key_value_heads=2, tie_word_embeddings=True)),
         "gpt_neox": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM}, dict(dec, use_parallel_residual=True)),
         # Pythia's layout with heads GroupQueryAttention can rotate (32 wide, rotary over 16): the fused graph
         "pythia": (T.GPTNeoXConfig, {lm: T.GPTNeoXForCausalLM},
@@ -152,9 +160,8 @@ def _family_specs() -> dict:
     }
 
 
-FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "phi3", "granite", "gpt_neox", "pythia", "phi",
-            "opt", "gpt2", "bert",
-            "roberta", "distilbert")
+FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", "phi3", "smollm3", "granite",
+            "gpt_neox", "pythia", "phi", "opt", "gpt2", "bert", "roberta", "distilbert")
 ENCODERS = ("bert", "roberta", "distilbert")
 
 
