@@ -398,11 +398,14 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
     wiring = _wiring(order, seen)
     pre_norm = wiring and wiring["pre"][0] and (wiring["pre"][1] or wiring["parallel"]) and not any(wiring["post"])
     if wiring is None or not (post_norms or pre_norm):
+        if post_norms:
+            raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + post(attn(pre(x))), then + "
+                                        "post(mlp(pre(.))) (each norm there or not), nor x + attn(norm_1(x)) + "
+                                        "mlp(norm_2(x)): it has steps the writer does not write (multipliers, "
+                                        "norms elsewhere)")
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
-                                    "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x))"
-                                    + (" (extra steps); " if post_norms else " (post-norms or extra steps); the ")
-                                    + ("the Llama writer also takes a norm on each sublayer's output" if post_norms
-                                       else "writer takes pre-norm blocks"))
+                                    "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
+                                    "steps); the writer takes pre-norm blocks")
     return {"ids": ids, "x": seen["block"][0], **wiring,
             "norms": list(dict.fromkeys(n for n in wiring["pre"] if n))}
 
