@@ -308,7 +308,7 @@ def layer_rotaries(model, arch) -> list:
             raise UnsupportedModelError(f"fused export: {type(model).__name__} has {len(found)} rotary embeddings "
                                         f"that differ and layer {reads.index(None)}'s attention reads none of them "
                                         "as position_embeddings")
-    return [None if getattr(a, "use_rope", True) in (False, 0) else r for a, r in zip(attns, reads)]
+    return [r if getattr(a, "use_rope", True) else None for a, r in zip(attns, reads)]
 
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
@@ -396,7 +396,8 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
                                     f"(ran: {', '.join(order) or 'nothing'})")
     wiring = _wiring(order, seen)
-    pre_norm = wiring and wiring["pre"][0] and (wiring["pre"][1] or wiring["parallel"]) and not any(wiring["post"])
+    pre_norm = bool(wiring and wiring["pre"][0] and (wiring["pre"][1] or wiring["parallel"])
+                    and not any(wiring["post"]))  # what the GPT-2 and GPT-NeoX writers take
     if wiring is None or not (post_norms or pre_norm):
         if post_norms:
             raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + post(attn(pre(x))), then + "
