@@ -78,6 +78,25 @@ def test_matches_torch_logits_and_greedy_tokens(tmp_path, kv_heads, tied):
     assert edge.shared_cache  # compress.edge runs the graph with past and present in one buffer
 
 
+def test_rotary_caches_are_computed_at_session_start_not_stored(tmp_path):
+    """cos / sin are Mul, Cos, Sin of positions and inv_freq: the file holds 4 bytes per position, not 4 x
+    head_dim (the stored tables were 67 MB for Gemma-3-270M at its 32k positions), and ONNX Runtime folds the
+    three nodes when the session starts, so no decode step computes them."""
+    import onnxruntime as ort
+
+    model = tiny()
+    small = build_llama(model, tmp_path / "short", max_length=64)["initializer_bytes"]
+    long = build_llama(model, tmp_path / "long", max_length=64 + 1000)["initializer_bytes"]
+    assert long - small == 4 * 1000
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "folded.onnx")
+    ort.InferenceSession(str(tmp_path / "long" / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False).graph.node}
+    assert not {"Cos", "Sin"} & ops and "GroupQueryAttention" in ops
+    assert_logits_match(model, EdgeModel(tmp_path / "long", threads=1), prompt())
+
+
 def test_shared_cache_loop_equals_the_plain_loop_and_grows(tmp_path, monkeypatch):
     """The copy-free loop (one buffer per layer bound as past and present) gives the plain loop's tokens,
     also when the sequence outgrows the buffer the prefill reserved (it doubles, copying once)."""
@@ -537,7 +556,8 @@ def test_gemma_scaled_embeddings_offset_norms_and_tanh_gelu(tmp_path):
                 p.normal_(0, 0.3)
     figures = build_fused(model, tmp_path)
     assert figures["tied_embeddings"] and figures["max_nodes_per_block"] == 10  # FastGelu for Sigmoid + Mul
-    assert figures["ops"]["FastGelu"] == LAYERS and figures["ops"]["Mul"] == LAYERS + 1  # act * up; the embedding scale
+    # act * up per block; the embedding scale; positions x inv_freq of the rotary caches
+    assert figures["ops"]["FastGelu"] == LAYERS and figures["ops"]["Mul"] == LAYERS + 2
     assert_matches_torch(model, tmp_path)
 
 
@@ -669,7 +689,7 @@ def test_an_embedding_module_that_scales_its_table_gets_a_mul(tmp_path):
     scaled.weight = model.model.embed_tokens.weight  # still tied to the head
     model.model.embed_tokens = scaled
     figures = build_fused(model, tmp_path)
-    assert figures["ops"]["Mul"] == 1 + 2 * LAYERS  # the scale; per block the SiLU and the gate
+    assert figures["ops"]["Mul"] == 2 + 2 * LAYERS  # the scale, the rotary caches'; per block the SiLU and the gate
     assert_matches_torch(model, tmp_path)
 
 
@@ -801,11 +821,11 @@ def test_gemma3_sandwich_norms_head_norms_and_local_rotary_in_sliding_layers(tmp
     assert figures["ops"]["SimplifiedLayerNormalization"] == 4 * LAYERS + 1
     assert figures["ops"]["SkipSimplifiedLayerNormalization"] == 2 * LAYERS
     graph = onnx.load(str(tmp_path / "model.onnx")).graph
-    assert [n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"] == ["cos_cache"] * 3 + ["cos_cache.1"]
-    caches = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer if t.name.startswith("cos_cache")}
-    for name, base in (("cos_cache", 100.0), ("cos_cache.1", 10000.0)):  # the local base, then the global one
-        inv_freq = base ** -(np.arange(0, 16, 2) / 16)
-        np.testing.assert_allclose(caches[name], np.cos(np.outer(np.arange(128), inv_freq)), atol=1e-4)
+    cos = [n.input[7] for n in graph.node if n.op_type == "GroupQueryAttention"]
+    assert cos == ["/cos_sin_cache/Cos/output_0"] * 3 + ["/cos_sin_cache.1/Cos/output_0"]
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+    for name, base in (("cos_sin_cache", 100.0), ("cos_sin_cache.1", 10000.0)):  # the local base, then the global
+        np.testing.assert_allclose(inits[f"{name}.inv_freq"], base ** -(np.arange(0, 16, 2) / 16), rtol=1e-6)
     assert gqa_attributes(tmp_path, "local_window_size") == [4, 4, 4, -1]
     assert gqa_attributes(tmp_path, "scale") == pytest.approx([24 ** -0.5] * LAYERS)
     ids = prompt(length=12)

@@ -314,11 +314,14 @@ def layer_rotaries(model, arch) -> list:
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
 
 
-def rope_caches(rope, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos / sin [length, rotary_dim / 2] from a rotary embedding module's own inv_freq (rope_scaling already
-    applied). GroupQueryAttention rotates the first rotary_dim channels of each head (non-interleaved halves,
-    as transformers' rotate_half), as many as the caches are wide: partial rotary (GPT-NeoX's rotary_pct)
-    needs rotary_dim a multiple of 16."""
+def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_sin_cache") -> list[str]:
+    """GroupQueryAttention's cos / sin caches [length, rotary_dim / 2] from a rotary embedding module's own
+    inv_freq (rope_scaling already applied), written as Mul (positions x inv_freq, fp32 like transformers), Cos
+    and Sin of two initializers: ONNX Runtime folds them into constants when the session starts, so the file
+    holds length + rotary_dim / 2 floats instead of 2 x length x rotary_dim / 2 (Gemma-3-270M's two rotary
+    embeddings at its 32k positions stored were 67 MB). GroupQueryAttention rotates the first rotary_dim
+    channels of each head (non-interleaved halves, as transformers' rotate_half), as many as the caches are
+    wide: partial rotary (GPT-NeoX's rotary_pct) needs rotary_dim a multiple of 16. Returns [cos, sin]."""
     rope_type = getattr(rope, "rope_type", "default")
     if rope_type not in STATIC_ROPE:
         raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
@@ -328,9 +331,14 @@ def rope_caches(rope, length: int, head_dim: int) -> tuple[np.ndarray, np.ndarra
     if rotary_dim > head_dim or (rotary_dim < head_dim and rotary_dim % 16):
         raise UnsupportedModelError(f"fused export: a rotary embedding over {rotary_dim} of {head_dim} channels per "
                                     "head is not supported (GroupQueryAttention rotates a multiple of 16)")
-    freqs = np.outer(np.arange(length, dtype=np.float32), inv_freq)  # fp32 like transformers
-    scale = np.float32(getattr(rope, "attention_scaling", 1.0))  # yarn scales cos and sin
-    return np.cos(freqs) * scale, np.sin(freqs) * scale
+    positions = g.const(f"{name}.positions", np.arange(length, dtype=np.float32)[:, None])
+    freqs = g.op("Mul", [positions, g.const(f"{name}.inv_freq", inv_freq)], f"/{name}/Mul")
+    caches = [g.op(op, [freqs], f"/{name}/{op}") for op in ("Cos", "Sin")]
+    scale = float(getattr(rope, "attention_scaling", 1.0))  # yarn scales cos and sin
+    if scale != 1.0:
+        factor = g.const(f"{name}.attention_scaling", np.array(scale, np.float32))
+        caches = [g.op("Mul", [c, factor], f"/{name}/{op}/Mul") for c, op in zip(caches, ("Cos", "Sin"))]
+    return caches
 
 
 def no_rotary(model) -> UnsupportedModelError:

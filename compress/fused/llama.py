@@ -157,13 +157,12 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
     ropes = layer_rotaries(model, arch)
     if not any(ropes):
         raise no_rotary(model)
-    caches = {}  # id(rotary module) -> its (cos, sin) initializers, written once (Gemma 3 has two)
+    caches = {}  # id(rotary module) -> its [cos, sin], written once (Gemma 3 has two)
 
     def rope_inputs(rope) -> list[str]:
         if id(rope) not in caches:
-            suffix = f".{len(caches)}" if caches else ""
-            cos, sin = rope_caches(rope, cache_length, head_dim)
-            caches[id(rope)] = [g.const(f"cos_cache{suffix}", cos), g.const(f"sin_cache{suffix}", sin)]
+            name = f"cos_sin_cache.{len(caches)}" if caches else "cos_sin_cache"
+            caches[id(rope)] = rope_caches(g, rope, cache_length, head_dim, name)
         return caches[id(rope)]
 
     act_label = config_activation(cfg)

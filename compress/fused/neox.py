@@ -119,7 +119,7 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     cache_length = max_length or cfg.max_position_embeddings
     if (rope := rotary(model)) is None:
         raise no_rotary(model)
-    cos, sin = (g.const(n, c) for n, c in zip(("cos_cache", "sin_cache"), rope_caches(rope, cache_length, head_dim)))
+    cos, sin = rope_caches(g, rope, cache_length, head_dim)
 
     label = config_activation(cfg)
     residual, pending, bias = x, None, None
