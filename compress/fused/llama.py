@@ -191,7 +191,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         packed = len(qkv) == 1 or all(_is_linear(m) for m in qkv)
         if packed and not a.q_norm:  # packed: query carries Q, K and V, key / value stay empty
             qkv_in = [g.linear(x, qkv, f"{p}/attn/qkv_proj"), "", ""]
-        elif packed:  # Qwen3: one MatMul, split to norm Q and K per head
+        elif packed:  # Qwen3, Gemma 3, OLMo 2: one MatMul, split to norm Q and K
             sizes = g.const(f"model.layers.{i}.attn.qkv_proj.split_sizes",
                             np.array([n_q * head_dim, n_kv * head_dim, n_kv * head_dim], np.int64))
             qkv_in = g.op("Split", [g.linear(x, qkv, f"{p}/attn/qkv_proj"), sizes], f"{p}/attn/qkv_proj/Split",

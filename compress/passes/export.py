@@ -2,8 +2,9 @@
 
 Two writers. Decoders whose structure the suite's own writers know (compress/fused, chosen through
 compress.architecture, whatever the model_type: Llama-shaped ones incl. SmolLM2, Mistral with its sliding
-window, Qwen2, Qwen3, Phi-3, Gemma; GPT-2-shaped ones) become a fused graph: GroupQueryAttention (rotary inside
-for the Llama-shaped), packed QKV, skip RMSNorms / LayerNorms, about 9-11 nodes per block, and compress.edge
+window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3; GPT-2-shaped ones; GPT-NeoX-shaped ones) become a fused
+graph: GroupQueryAttention (rotary inside), packed QKV, skip RMSNorms / LayerNorms, about 8-11 nodes per block
+(up to 19 with q/k norms and norms after attention and MLP), and compress.edge
 runs it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer refuses,
 decoders without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a
 decoder; BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
@@ -39,8 +40,9 @@ OPTIMUM_TASKS = {"causal-lm": "text-generation", "sequence-classification": "tex
 class ExportConfig(PassConfig):
     format: Literal["onnx"] = Field("onnx", description="export format (ONNX is the only one)")
     graph: Literal["auto", "fused", "optimum"] = Field(
-        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, ~9-11 nodes per block, "
-        "copy-free KV cache; Llama-shaped decoders incl. SmolLM2, Mistral, Qwen2/3, Phi-3, Gemma, and GPT-2); optimum = optimum's traced "
+        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-19 nodes per block, "
+        "copy-free KV cache; Llama-, GPT-2- and GPT-NeoX-shaped decoders: SmolLM2, Mistral, Qwen2/3, Phi-3, "
+        "Gemma 1-3, OLMo 2, SmolLM3, GPT-2, OPT, Pythia, Phi, Falcon, ...); optimum = optimum's traced "
         "export; auto = fused where the model is supported, else optimum, with the reason in the manifest",
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
@@ -96,8 +98,9 @@ class Export(Pass):
     description = ("Export to ONNX (the fused decoder graph, or optimum's; decoders with KV cache), optional ORT "
                    "fusions, discrepancy check")
     Config = ExportConfig
-    version = 3  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
-    # 3: gate and up packed into one MatMul
+    version = 4  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
+    # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
+    # SmolLM3 fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

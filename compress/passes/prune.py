@@ -146,7 +146,8 @@ class Prune(Pass):
     name = "prune"
     # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss);
     # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
-    version = 4
+    # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers
+    version = 5
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
