@@ -256,7 +256,11 @@ def check_manifest(path: Path, manifest: dict) -> None:
     structure = manifest.get("structure") or []
     if not isinstance(structure, list) or not all(isinstance(e, dict) for e in structure):
         raise CheckpointError(f"{mf}: structure must be a list of {{\"type\": ...}} entries")
-    if "content" in manifest and manifest["content"] != content_hash(manifest):  # absent: written before 2026-12-07
+    if "content" not in manifest:  # deleting it would otherwise skip the check below
+        raise CheckpointError(f"{mf}: it has no content hash (a checkpoint written before 2026-12-07, or the field "
+                              "was removed), so its kind, task, dtype, structure and file table cannot be trusted; "
+                              "re-run the pass")
+    if manifest["content"] != content_hash(manifest):
         raise CheckpointError(f"{mf}: its kind, task, dtype, structure, quantization or file table was changed "
                               "after the checkpoint was written (its content hash differs); re-run the pass")
 

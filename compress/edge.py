@@ -419,10 +419,12 @@ def _verify_files(folder: Path, manifest: dict) -> None:
                          "again, or skip the check (--no-verify)")
     held = {k: manifest.get(k) for k in ("kind", "task", "dtype", "structure", "quantization", "files")}
     content = hashlib.sha256(json.dumps(held, sort_keys=True, default=str).encode()).hexdigest()[:20]
-    if "content" in manifest and manifest["content"] != content:  # compress.checkpoint.content_hash's rule
-        raise ValueError(f"{folder / 'manifest.json'}: its kind, task, dtype, structure, quantization or file table "
-                         "was changed after the checkpoint was written (its content hash differs); copy the "
-                         "checkpoint again")
+    if manifest.get("content") != content:  # compress.checkpoint.content_hash's rule
+        raise ValueError(f"{folder / 'manifest.json'}: " + (
+            "it has no content hash (written before 2026-12-07, or the field was removed), so its task and file "
+            "table cannot be trusted; export it again, or skip the check (--no-verify)" if "content" not in manifest
+            else "its kind, task, dtype, structure, quantization or file table was changed after the checkpoint "
+                 "was written (its content hash differs); copy the checkpoint again"))
     for name in _READS:  # a file the runner reads must be one the checkpoint was written with
         if name not in files and (folder / name).exists():
             raise ValueError(f"{folder / name} is not in manifest.json's table of files, and the runner reads it: "

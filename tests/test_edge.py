@@ -11,7 +11,7 @@ import torch
 from tiny_models import tiny_bert, tiny_llama, tiny_tokenizer
 
 from compress import save
-from compress.checkpoint import Artifact
+from compress.checkpoint import Artifact, content_hash
 from compress.edge import EdgeModel
 from compress.passes import PassContext, get
 
@@ -253,7 +253,12 @@ def test_the_runner_refuses_an_edited_manifest_as_compress_load_does(tmp_path):
     with pytest.raises(ValueError, match="manifest.json: its kind, task, dtype, structure, quantization or file "
                                          "table was changed after the checkpoint was written"):
         EdgeModel(path)
-    del manifest["files"]["model.onnx"]["sha256"], manifest["content"]  # a table without a hash to check
+    del manifest["content"]  # deleting the content hash skipped its check
+    (path / "manifest.json").write_text(json.dumps(dict(manifest, task="feature-extraction")))
+    with pytest.raises(ValueError, match="manifest.json: it has no content hash"):
+        EdgeModel(path)
+    del manifest["files"]["model.onnx"]["sha256"]  # a table without a hash to check (the content hash redone)
+    manifest["content"] = content_hash(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ValueError, match="manifest.json lists model.onnx without a sha256"):
         EdgeModel(path)

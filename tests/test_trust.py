@@ -438,6 +438,9 @@ BAD_INPUTS = [
     ("manifest-unknown-task", "manifest", _manifest(lambda m: m.update(task="translation")), "'translation'"),
     ("manifest-task-edited", "manifest", lambda ck: _edit_manifest(ck, lambda m: m.update(task="feature-extraction"),
                                                                    rehash=False), "was changed after the checkpoint"),
+    ("manifest-content-removed", "manifest", lambda ck: _edit_manifest(
+        ck, lambda m: (m.pop("content"), m.update(task="feature-extraction")), rehash=False),
+     "it has no content hash"),
     ("file-listed-missing", "manifest", lambda ck: (ck / "config.json").unlink(), "config.json is missing"),
     ("file-unlisted-weights", "manifest", _add_file("zz-extra.safetensors"), "zz-extra.safetensors"),
     ("file-unlisted-config", "manifest", _add_file("extra_config.json", b"{}"), "does not list: extra_config.json"),
