@@ -148,17 +148,24 @@ OFFSETS = "/offsets"
 def onnx_params(path: Path) -> int:
     """Elements of the graph's weight initializers, quantized weights counted once each (the model's parameters,
     as torch counts them). Not parameters: quantization's scales, zero points and per-block offsets, integer
-    shape / axis constants, and the rotary cos / sin caches a fused graph stores (torch derives them from the
-    config too)."""
+    shape / axis constants, and the rotary cos / sin caches of a fused graph, or the positions and inv_freq it
+    computes them from (torch derives them from the config too)."""
     import onnx
 
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
-    skip = {n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
-            for i in (7, 8) if len(n.input) > i}
+    producer = {o: n for n in model.graph.node for o in n.output}
+
+    def sources(name: str, depth: int = 4) -> set[str]:  # what a cos / sin cache is computed from (Mul, Cos, Sin)
+        node = producer.get(name)
+        if node is None or depth == 0:
+            return {name}
+        return set().union(*(sources(i, depth - 1) for i in node.input if i))
+
+    skip = set().union(*(sources(n.input[i]) for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                         for i in (7, 8) if len(n.input) > i))
     # packed 4-bit weights hold two a byte: count the weights, not the bytes
     counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
     two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8
-    producer = {o: n for n in model.graph.node for o in n.output}
     dims = {i.name: list(i.dims) for i in model.graph.initializer}
     for n in model.graph.node:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}

@@ -95,6 +95,10 @@ def test_rotary_caches_are_computed_at_session_start_not_stored(tmp_path):
     ops = {n.op_type for n in onnx.load(str(tmp_path / "folded.onnx"), load_external_data=False).graph.node}
     assert not {"Cos", "Sin"} & ops and "GroupQueryAttention" in ops
     assert_logits_match(model, EdgeModel(tmp_path / "long", threads=1), prompt())
+    from benchmarks.harness import onnx_params  # positions and inv_freq are not parameters (torch counts none)
+    from compress.models import count_parameters
+
+    assert onnx_params(tmp_path / "long") == count_parameters(model)
 
 
 def test_shared_cache_loop_equals_the_plain_loop_and_grows(tmp_path, monkeypatch):
