@@ -9,6 +9,7 @@ import torch
 
 from benchmarks.config import BenchmarkConfig
 from benchmarks.harness import measure, resolve_target
+from compress.checkpoint import content_hash
 from compress.data import DataSpec, load_dataset
 
 DATA = {"source": "builtin:wikipedia", "max_tokens": 600, "seq_len": 64}
@@ -116,8 +117,8 @@ def test_missing_backends_give_skip_records(tiny_llama_dir, tmp_path, work_dir, 
     (onnx_ckpt / "model.onnx").write_bytes(b"not read: the torch backend refuses ONNX checkpoints first")
     graph = {"size": (onnx_ckpt / "model.onnx").stat().st_size,
              "sha256": hashlib.sha256((onnx_ckpt / "model.onnx").read_bytes()).hexdigest()}
-    (onnx_ckpt / "manifest.json").write_text(json.dumps(
-        {"format_version": 1, "kind": "onnx", "task": "causal-lm", "files": {"model.onnx": graph}, "key": "k"}))
+    manifest = {"format_version": 1, "kind": "onnx", "task": "causal-lm", "files": {"model.onnx": graph}, "key": "k"}
+    (onnx_ckpt / "manifest.json").write_text(json.dumps({**manifest, "content": content_hash(manifest)}))
     r = measure(str(onnx_ckpt), backend="torch-cpu", settings=SETTINGS, work_dir=work_dir)
     assert "ONNX checkpoint" in r["skipped"]
     import compress.passes

@@ -246,7 +246,7 @@ def test_orders_that_cannot_run_on_factors_are_refused_before_any_work(ctx, tmp_
     `validate` refuses them with the fix, instead of the run failing after the factorization."""
     import json
 
-    from compress.checkpoint import FORMAT_VERSION
+    from compress.checkpoint import FORMAT_VERSION, content_hash
     from pipelines.config import validate
 
     base = {"name": "order", "model": {"source": "builtin:smollm2-135m"}, "task": "causal-lm"}
@@ -260,9 +260,9 @@ def test_orders_that_cannot_run_on_factors_are_refused_before_any_work(ctx, tmp_
     assert [p.name for p in valid.passes] == ["prune", "lowrank", "quantize"]
     folder = tmp_path / "factorized"
     folder.mkdir()
-    (folder / "manifest.json").write_text(json.dumps({
-        "kind": "torch", "task": "causal-lm", "format_version": FORMAT_VERSION, "structure": [
-            {"type": "lowrank_embedding", "rank": 8}], "files": {"config.json": {"size": 1, "sha256": "0" * 64}}}))
+    manifest = {"kind": "torch", "task": "causal-lm", "format_version": FORMAT_VERSION, "structure": [
+        {"type": "lowrank_embedding", "rank": 8}], "files": {"config.json": {"size": 1, "sha256": "0" * 64}}}
+    (folder / "manifest.json").write_text(json.dumps({**manifest, "content": content_hash(manifest)}))
     with pytest.raises(ConfigError, match=r"passes.0 \(lowrank\) needs plain linear layers, but model.source "
                                           r"\(lowrank\) factorized them.*give the model it was factorized from"):
         validate({**base, "model": {"source": str(folder)}, "passes": [one]})

@@ -50,13 +50,14 @@ def test_a_checkpoint_source_starts_the_chain_as_it_is(tmp_path):
     pruned, exported or quantized again: each refused before any work, with the fix for a source."""
     import json
 
-    from compress.checkpoint import FORMAT_VERSION
+    from compress.checkpoint import FORMAT_VERSION, content_hash
 
     def source(name, manifest):
         folder = tmp_path / name
         folder.mkdir()
         files = {"model.onnx" if manifest["kind"] == "onnx" else "config.json": {"size": 1, "sha256": "0" * 64}}
-        (folder / "manifest.json").write_text(json.dumps({**manifest, "format_version": FORMAT_VERSION, "files": files}))
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
+        (folder / "manifest.json").write_text(json.dumps({**manifest, "content": content_hash(manifest)}))
         return {**BASE, "model": {"source": str(folder)}}
 
     onnx = source("onnx", {"kind": "onnx", "task": "causal-lm"})
