@@ -925,3 +925,23 @@ def test_sandwich_norms_are_refused_by_the_writers_without_them(tmp_path):
     assert probe["post"] == ("model.layers.0.post_attention_layernorm", "model.layers.0.post_feedforward_layernorm")
     with pytest.raises(UnsupportedModelError, match="post-norms or extra steps"):
         probe_block(model, find(model))
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_granite_multipliers_are_folded(tmp_path, tied):
+    """Granite scales the embeddings (a Mul), the attention scores (GQA's scale), each sublayer's output before
+    the residual add (folded into o_proj and down_proj: no node) and the logits (1 / logits_scaling: folded
+    into an untied head, a Mul after a tied one). The block was refused as 'extra steps'."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    torch.manual_seed(0)
+    model = GraniteForCausalLM(GraniteConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3, embedding_multiplier=4.0,
+        residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0, tie_word_embeddings=tied,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    figures = build_fused(model, tmp_path)
+    assert figures["residual_scale"] == pytest.approx(0.22) and figures["max_nodes_per_block"] == 11
+    assert gqa_attributes(tmp_path, "scale") == pytest.approx([0.125] * LAYERS)
+    assert figures["ops"]["Mul"] == 2 * LAYERS + 2 + tied  # SiLU and gate per block; embedding, rotary; head
+    assert_matches_torch(model, tmp_path)

@@ -91,24 +91,25 @@ class _Graph:
         self.nodes.append(helper.make_node(op_type, inputs, outs, name=name, domain=domain, **attrs))
         return outs[0] if len(outs) == 1 else outs
 
-    def linear(self, x: str, modules: list, name: str, *, keep_bias: bool = False):
+    def linear(self, x: str, modules: list, name: str, *, keep_bias: bool = False, scale: float = 1.0):
         """x @ [W_1; W_2; ...]^T (+ bias): one MatMul for plain Linears / Conv1Ds sharing an input, two for a
         low-rank one. With `keep_bias` the bias is not added but returned, (y, bias name or None), for an op
-        that takes a bias input (SkipLayerNormalization, FastGelu)."""
+        that takes a bias input (SkipLayerNormalization, FastGelu). `scale` multiplies the output, folded into
+        the weights and bias (Granite's residual multiplier)."""
         if len(modules) == 1 and _is_lowrank(modules[0]):
             x = self.linear(x, [modules[0].first], f"{name}/first")
-            return self.linear(x, [modules[0].second], f"{name}/second", keep_bias=keep_bias)
+            return self.linear(x, [modules[0].second], f"{name}/second", keep_bias=keep_bias, scale=scale)
         for m in modules:
             if not _is_linear(m):
                 raise UnsupportedModelError(f"fused export: {name} is a {type(m).__name__}; only nn.Linear, "
                                             "Conv1D and LowRankLinear (.first / .second) projections are "
                                             "supported")
-        weight = np.concatenate([_in_out(m) for m in modules], axis=1)
+        weight = np.concatenate([_in_out(m) for m in modules], axis=1) * np.float32(scale)
         param = _param(name)
         y = self.op("MatMul", [x, self.const(f"{param}.weight", weight)], f"{name}/MatMul")
         bias = None
         if any(m.bias is not None for m in modules):
-            bias = self.const(f"{param}.bias", np.concatenate(
+            bias = self.const(f"{param}.bias", np.float32(scale) * np.concatenate(
                 [_np(m.bias) if m.bias is not None else np.zeros(_out_features(m), np.float32) for m in modules]))
         if keep_bias:
             return y, bias
@@ -164,20 +165,23 @@ def is_tied(head, embed) -> bool:
 
 
 def lm_head(g: _Graph, x: str, head, table: str, tied: bool, name: str = "/lm_head",
-            softcap: float | None = None) -> None:
+            softcap: float | None = None, scale: float = 1.0) -> None:
     """logits of the last `logits_to_keep` positions (0: all): generation reads the last position only, and the
     head over every position of a prompt is a fifth of the prefill's work (SmolLM2, 128 tokens). A tied head
     multiplies by the Transpose of the embedding table (stored once: ONNX Runtime folds the Transpose at
-    session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits). `softcap` (Gemma 2's
-    final_logit_softcapping): logits = softcap * tanh(logits / softcap)."""
+    session start, the int8 quantizer makes the pair GatherBlockQuantized + MatMulNBits). `scale` multiplies
+    the logits (Granite's 1 / logits_scaling: folded into an untied head, a Mul after a tied one); `softcap`
+    (Gemma 2's final_logit_softcapping): logits = softcap * tanh(logits / softcap)."""
     starts = g.op("Neg", ["logits_to_keep"], f"{name}/logits_to_keep/Neg")
     ends = g.const("/model/constants/INT64/[INT64_MAX]", np.array([np.iinfo(np.int64).max], np.int64))
     x = g.op("Slice", [x, starts, ends, g.const("/model/constants/INT64/[1]", np.array([1], np.int64))],
              f"{name}/logits_to_keep/Slice")
     if tied:
         y = g.op("MatMul", [x, g.op("Transpose", [table], f"{name}/Transpose", perm=[1, 0])], f"{name}/MatMul")
+        if scale != 1.0:
+            y = g.op("Mul", [y, g.const(f"{_param(name)}.scale", np.array(scale, np.float32))], f"{name}/Mul")
     else:
-        y = g.linear(x, [head], name)
+        y = g.linear(x, [head], name, scale=scale)
     if softcap:
         cap = g.const(f"{_param(name)}.softcap", np.array(softcap, np.float32))
         y = g.op("Tanh", [g.op("Div", [y, cap], f"{name}/softcap/Div")], f"{name}/softcap/Tanh")
@@ -359,9 +363,10 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
     mlp(norm_2(x)) (GPT-NeoX) or with one norm for both (Phi, Falcon); anything else (extra steps, post-norms
     where the writer takes none) is refused. The MLP is seen at its projections (OPT's fc1 / fc2 sit in the
     block itself, no MLP module), its input at the first, its output at the last; shapes are compared
-    flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). Returns {"ids", "x" (block 0's input),
-    "pre" / "post" ((attention's, MLP's) norm names, None where there is none; a shared norm is both pre),
-    "norms" (the distinct pre-norms in the order they ran), "parallel"}."""
+    flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). With `post_norms` the sublayers' outputs
+    may also be scaled by one scalar before the residual add (Granite's residual_multiplier). Returns {"ids",
+    "x" (block 0's input), "pre" / "post" ((attention's, MLP's) norm names, None where there is none; a shared
+    norm is both pre), "norms" (the distinct pre-norms in the order they ran), "parallel", "residual_scale"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if not 1 <= len(norms) <= 4:
@@ -405,7 +410,7 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
                                     f"(ran: {', '.join(order) or 'nothing'})")
     wiring = _wiring(order, seen)
     pre_norm = bool(wiring and wiring["pre"][0] and (wiring["pre"][1] or wiring["parallel"])
-                    and not any(wiring["post"]))  # what the GPT-2 and GPT-NeoX writers take
+                    and not any(wiring["post"]) and wiring["residual_scale"] == 1.0)  # what GPT-2 / NeoX take
     if wiring is None or not (post_norms or pre_norm):
         if post_norms:
             raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + post(attn(pre(x))), then + "
@@ -448,13 +453,22 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
             and (post[1] is None or same(seen[post[1]][0], m))):
         return None
     a, m = output(post[0], a), output(post[1], m).reshape(a.shape)
+    r = _scale(out - x, a + m)  # Granite's residual_multiplier: x + r * attention, + r * MLP
+    a, m = r * a, r * m
     for parallel in (False, True):  # parallel: the MLP reads the block's input (normed), not x + attention
         h = x if parallel else x + a
         m_in = output(pre[1], a_in if parallel else h)  # parallel with one shared norm: the attention's input
         if (same(seen["mlp_in"][0], m_in) and (pre[1] is None or same(seen[pre[1]][0], h))
                 and same(out, x + a + m) and not (parallel and any(post))):
-            return {"pre": pre, "post": post, "parallel": parallel}
+            return {"pre": pre, "post": post, "parallel": parallel, "residual_scale": r}
     return None
+
+
+def _scale(y: torch.Tensor, x: torch.Tensor) -> float:
+    """The scalar r with y ~ r * x (least squares), 1.0 when within rounding of it."""
+    y, x = y.double().flatten(), x.double().flatten()
+    r = float(y @ x / (x @ x)) if float(x @ x) else 1.0
+    return 1.0 if abs(r - 1.0) < 1e-5 else r
 
 
 def check_outside_blocks(model, arch, writer: str) -> None:

@@ -1,6 +1,6 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma 1-3; OLMo 2; SmolLM3; StableLM; any model_type with that layout), fp32. (GPT-2 and GPT-NeoX
-have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
+Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; any model_type with that layout), fp32. (GPT-2 and
+GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
@@ -15,8 +15,10 @@ rotary embedding with a static rope type (over all of each head or, partial, a m
 channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
 sin cache), SmolLM3's NoPE layers (attention `use_rope` false) none (do_rotary 0). Gemma 2's soft-capping:
 GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head for the logits. Token embeddings
-are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden): a Mul after the Gather, the table
-stays the one the tied head reads).
+are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden), Granite's embedding_multiplier: a
+Mul after the Gather, the table stays the one the tied head reads). Granite's other multipliers: the
+attention's own `scaling` (as every model's) for the scores, the residual multiplier (found by the probe run:
+x + r * attn(.)) folded into o_proj and down_proj, 1 / logits_scaling into the head (a Mul after a tied one).
 
 optimum's exporter traces the model and leaves ~7,400 nodes for SmolLM2-135M, most of them Shape / Gather /
 Concat / Unsqueeze arithmetic that ONNX Runtime recomputes every decode step. Like onnxruntime-genai's model
@@ -66,8 +68,8 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
 (dynamic, longrope), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU /
 ReLU, per-head packed qkv and parallel residuals (GPT-NeoX's: neox.py), blocks with other steps than the
-norms, attention and MLP (Granite's multipliers: build_fused's logits check), non-Linear modules (quantized
-layers, low-rank embeddings), fp16/bf16 graphs."""
+norms, attention, MLP and a residual multiplier, non-Linear modules (quantized layers, low-rank embeddings),
+fp16/bf16 graphs."""
 from __future__ import annotations
 
 import math
@@ -106,6 +108,10 @@ def _check(model, arch: Architecture) -> dict:
     check_outside_blocks(model, arch, "Llama")
     probe = probe_block(model, arch, post_norms=True)
     refuse_parallel(probe, "Llama")
+    if any(probe["post"]) and probe["residual_scale"] != 1.0:
+        raise UnsupportedModelError("fused export: block 0 scales its sublayers' outputs and norms them too; the "
+                                    "Llama writer folds the scale into the output projections, so takes one or "
+                                    "the other")
     return probe
 
 
@@ -213,29 +219,31 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
                  scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
                  **rope, **({"softcap": softcap} if softcap else {}))[0]
-        y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj")
+        y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj", scale=probe["residual_scale"])
         if post_attn is not None:
             y = _norm(g, post_attn, None, y, post_attn_name)[0]
 
         x, residual = _enter(g, pre_mlp, y, residual, pre_mlp_name or f"{p}/mlp_residual")
-        pending = _mlp(g, arch, i, x, p, act_label)
+        pending = _mlp(g, arch, i, x, p, act_label, probe["residual_scale"])
         if post_mlp is not None:
             pending = _norm(g, post_mlp, None, pending, post_mlp_name)[0]
 
     x, _ = _norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
-    lm_head(g, x, head, table, tied, softcap=getattr(cfg, "final_logit_softcapping", None))
+    lm_head(g, x, head, table, tied, softcap=getattr(cfg, "final_logit_softcapping", None),
+            scale=1.0 / float(getattr(cfg, "logits_scaling", None) or 1.0))  # Granite divides the logits
     return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
                 cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}),
                 rotary_interleaved=interleaved, rotary_caches=len(caches),
                 layers_without_rotary=[i for i, r in enumerate(ropes) if r is None],
-                post_norms=any(probe["post"]), softcap=softcap or None)
+                post_norms=any(probe["post"]), softcap=softcap or None, residual_scale=probe["residual_scale"])
 
 
-def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None) -> str:
+def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None, scale: float) -> str:
     """down(act(gate(x)) * up(x)): gate and up as one MatMul [gate | up] and a Split (Phi-3's gate_up_proj is
     stored so; separate plain gate / up Linears are packed so: one MatMulNBits call instead of two, reading
     the same bytes and quantizing the shared input once: 1.034x the decode speed at int8, faster in 9 of 10
-    process pairs of studies.packed_mlp), or two MatMuls where a projection is low-rank."""
+    process pairs of studies.packed_mlp), or two MatMuls where a projection is low-rank. `scale` (the residual
+    multiplier) is folded into down."""
     mlp = arch.blocks[i].mlp
     ins = [arch.module(n) for n in mlp.ins]
     if mlp.kind == "fused_gated" or all(_is_linear(m) for m in ins):
@@ -252,7 +260,7 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
         h = g.op("Relu", [gate], f"{p}/mlp/act/Relu")
     else:  # FastGelu: the tanh approximation; Gelu: erf
         h = g.op("FastGelu" if kind == "gelu_tanh" else "Gelu", [gate], f"{p}/mlp/act/{kind}", domain=MS)
-    return g.linear(g.op("Mul", [h, up], f"{p}/mlp/Mul"), [arch.module(mlp.out)], f"{p}/mlp/down_proj")
+    return g.linear(g.op("Mul", [h, up], f"{p}/mlp/Mul"), [arch.module(mlp.out)], f"{p}/mlp/down_proj", scale=scale)
 
 
 def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
