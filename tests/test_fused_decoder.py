@@ -500,7 +500,7 @@ def test_partial_rotary_in_the_llama_writer(tmp_path):
 
 def test_stablelm_layer_norms_qkv_bias_and_partial_rotary(tmp_path):
     """StableLM 2's layout goes to the Llama writer: LayerNorms with biases (SkipLayerNormalization), q/k/v
-    biases, rotary over the first half of each head; its parallel-residual variant is refused by that writer."""
+    biases, rotary over the first half of each head; its parallel-residual variant too (it was refused)."""
     from transformers import StableLmConfig, StableLmForCausalLM
 
     def stablelm(**overrides):
@@ -516,8 +516,9 @@ def test_stablelm_layer_norms_qkv_bias_and_partial_rotary(tmp_path):
     ops = figures["ops"]
     assert ops["SkipLayerNormalization"] == 2 * LAYERS and "SkipSimplifiedLayerNormalization" not in ops
     assert_matches_torch(model, tmp_path)
-    with pytest.raises(UnsupportedModelError, match="parallel residual"):
-        build_fused(stablelm(use_parallel_residual=True), tmp_path / "parallel")
+    parallel = stablelm(use_parallel_residual=True)
+    assert build_fused(parallel, tmp_path / "parallel")["parallel_residual"]
+    assert_matches_torch(parallel, tmp_path / "parallel")
 
 
 def test_smoothing_divides_the_up_half_of_the_packed_gate_up(tmp_path):
@@ -769,9 +770,9 @@ def test_neox_rotary_over_a_width_ortgqa_cannot_rotate_is_refused(tmp_path):
     assert not (tmp_path / "model.onnx").exists()
 
 
-def test_parallel_residual_block_is_refused(tmp_path, monkeypatch):
-    """The module tree cannot tell a parallel residual (x + attn(norm(x)) + mlp(norm(x))) from Llama's; the probe
-    run of block 0 can: refused rather than written wrong."""
+def test_parallel_residual_llama_block_is_written_as_one_sum(tmp_path, monkeypatch):
+    """The module tree cannot tell a parallel residual (x + attn(norm(x)) + mlp(norm_2(x))) from Llama's; the
+    probe run of block 0 can (it was refused; now the MLP reads the same sum, normed by its own norm)."""
     from transformers.models.llama import modeling_llama
 
     def parallel(self, hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
@@ -782,8 +783,31 @@ def test_parallel_residual_block_is_refused(tmp_path, monkeypatch):
         return hidden_states + a + self.mlp(self.post_attention_layernorm(hidden_states))
 
     monkeypatch.setattr(modeling_llama.LlamaDecoderLayer, "forward", parallel)
-    with pytest.raises(UnsupportedModelError, match="parallel residual"):
-        build_fused(tiny(), tmp_path)
+    model = tiny()
+    randomize_norms(model, 1.0)
+    figures = build_fused(model, tmp_path)
+    assert figures["parallel_residual"] and figures["max_nodes_per_block"] == 12  # + the second norm, the Add
+    assert_matches_torch(model, tmp_path)
+
+
+def test_cohere_parallel_block_with_one_bias_free_layer_norm_and_logit_scale(tmp_path):
+    """Cohere: attention and MLP read one LayerNorm without a bias (its own class, found by running it), the
+    rotary embedding turns channel pairs, the logits are scaled by logit_scale (folded into the tied head's
+    Mul); its optional q / k LayerNorms over [heads, head_dim] are refused by name."""
+    from transformers import CohereConfig, CohereForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, initializer_range=0.3,
+                  logit_scale=0.5, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = CohereForCausalLM(CohereConfig(**common)).eval()
+    randomize_norms(model, 1.0)
+    figures = build_fused(model, tmp_path / "cohere")
+    assert figures["parallel_residual"] and figures["rotary_interleaved"] and figures["max_nodes_per_block"] == 11
+    assert figures["ops"]["SkipLayerNormalization"] == LAYERS  # blocks 1.. and the final norm; block 0 plain
+    assert_matches_torch(model, tmp_path / "cohere")
+    with pytest.raises(UnsupportedModelError, match="q_norm is a CohereLayerNorm"):
+        build_fused(CohereForCausalLM(CohereConfig(**common, use_qk_norm=True)).eval(), tmp_path / "qk")
 
 
 # ---------------------------------------------------------------------- post-norms, two rotaries, NoPE, caps

@@ -531,20 +531,41 @@ def layer_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, b
     """LayerNorm (with beta) of residual + pending (+ `bias`, the bias of the projection that wrote pending):
     one SkipLayerNormalization, (normed, the new residual). `residual` may be [S, hidden], broadcast over the
     batch (GPT-2's position embeddings). Nothing pending: a LayerNormalization of `residual` (itself returned)."""
-    if type(norm).__name__ != "LayerNorm" or norm.weight is None or norm.weight.dim() != 1:
-        raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; only nn.LayerNorm with "
-                                    "elementwise affine weights is supported")
+    if not is_layer_norm(norm):
+        raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; the writer takes a LayerNorm "
+                                    "(x - mean) / std * weight (+ bias) with elementwise affine weights")
     param = _param(name)
+    eps = float(_eps(norm))
     gamma = g.const(param + ".weight", _np(norm.weight))
-    beta = g.const(param + ".bias", _np(norm.bias) if norm.bias is not None else
+    beta = g.const(param + ".bias", _np(norm.bias) if getattr(norm, "bias", None) is not None else
                    np.zeros(norm.weight.shape[0], np.float32))
     if pending is None:
         return g.op("LayerNormalization", [residual, gamma, beta], f"{name}/LayerNorm", axis=-1,
-                    epsilon=float(norm.eps)), residual
+                    epsilon=eps), residual
     outs = [f"{name}/output_0"] if last else [f"{name}/output_0", "", "", f"{name}/output_3"]  # 3: the sum
     y = g.op("SkipLayerNormalization", [pending, residual, gamma, beta] + ([bias] if bias else []),
-             f"{name}/SkipLayerNorm", outputs=outs, domain=MS, epsilon=float(norm.eps))
+             f"{name}/SkipLayerNorm", outputs=outs, domain=MS, epsilon=eps)
     return (y, None) if last else (y[0], y[3])
+
+
+def _eps(norm):
+    return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+
+
+def is_layer_norm(norm) -> bool:
+    """Whether `norm` computes (x - mean) / sqrt(var + eps) * weight (+ bias), found by running it: nn.LayerNorm,
+    or a class of a family's own (Cohere's LayerNorm without a bias)."""
+    w, eps = getattr(norm, "weight", None), _eps(norm)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float | int):
+        return False
+    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    with torch.no_grad():
+        y = norm(x)
+        xf = x.float()
+        want = torch.nn.functional.layer_norm(xf, (w.shape[0],), w.float(), None, float(eps))
+        if getattr(norm, "bias", None) is not None:
+            want = want + norm.bias.float()
+    return _close(y, want)
 
 
 def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str, layers: int, **figures) -> dict:

@@ -1,6 +1,6 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; any model_type with that layout), fp32. (GPT-2 and
-GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
+Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; Cohere; any model_type with that layout), fp32. (GPT-2
+and GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
@@ -9,8 +9,10 @@ gate_up_proj; both written as one MatMul [gate | up] and a Split) with SiLU, GEL
 FastGelu), RMSNorms wired x + attn(norm(x)), + mlp(norm(.)) (Llama's pre-norms), and where the probe run of
 block 0 finds them a norm on each sublayer's output too, x + post(attn(pre(x))) (Gemma 2 / 3: four norms per
 block, two of them plain SimplifiedLayerNormalization), or post-norms only, x + post(attn(x)) (OLMo 2: the
-residual sums are Adds). An RMSNorm computing x / rms(x) * (1 + weight), Gemma's, is written with 1 + weight
-folded; StableLM's LayerNorms with their biases as SkipLayerNormalization. A final norm of the same kind; a
+residual sums are Adds), or in parallel, x + attn(norm(x)) + mlp(norm_2(x)) with one norm or two (Cohere,
+StableLM's parallel variant: one Add of the two outputs). An RMSNorm computing x / rms(x) * (1 + weight),
+Gemma's, is written with 1 + weight folded; LayerNorms (StableLM's with biases, Cohere's without: any module
+that computes one, found by running it) as SkipLayerNormalization. A final norm of the same kind; a
 rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
 channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
 sin cache), SmolLM3's NoPE layers (attention `use_rope` false) none (do_rotary 0). Gemma 2's soft-capping:
@@ -18,7 +20,8 @@ GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head fo
 are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden), Granite's embedding_multiplier: a
 Mul after the Gather, the table stays the one the tied head reads). Granite's other multipliers: the
 attention's own `scaling` (as every model's) for the scores, the residual multiplier (found by the probe run:
-x + r * attn(.)) folded into o_proj and down_proj, 1 / logits_scaling into the head (a Mul after a tied one).
+x + r * attn(.)) folded into o_proj and down_proj, 1 / logits_scaling (and Cohere's logit_scale) into the head
+(a Mul after a tied one).
 
 optimum's exporter traces the model and leaves ~7,400 nodes for SmolLM2-135M, most of them Shape / Gather /
 Concat / Unsqueeze arithmetic that ONNX Runtime recomputes every decode step. Like onnxruntime-genai's model
@@ -67,9 +70,9 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
 (dynamic, longrope), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU /
-ReLU, per-head packed qkv and parallel residuals (GPT-NeoX's: neox.py), blocks with other steps than the
-norms, attention, MLP and a residual multiplier, non-Linear modules (quantized layers, low-rank embeddings),
-fp16/bf16 graphs."""
+ReLU, per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms (Cohere's optional per-head
+LayerNorms), blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear
+modules (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
 import math
@@ -81,8 +84,8 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
-                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, layer_rotaries,
-                    lm_head, mask_lengths, no_rotary, output_file, probe_block, refuse_parallel, rms_norm,
+                    check_outside_blocks, config_activation, io_info, is_layer_norm, is_tied, kv_io, layer_norm,
+                    layer_rotaries, lm_head, mask_lengths, no_rotary, output_file, probe_block, rms_norm,
                     rope_caches, save)
 
 
@@ -107,7 +110,6 @@ def _check(model, arch: Architecture) -> dict:
                                         "projection")
     check_outside_blocks(model, arch, "Llama")
     probe = probe_block(model, arch, post_norms=True)
-    refuse_parallel(probe, "Llama")
     if any(probe["post"]) and probe["residual_scale"] != 1.0:
         raise UnsupportedModelError("fused export: block 0 scales its sublayers' outputs and norms them too; the "
                                     "Llama writer folds the scale into the output projections, so takes one or "
@@ -192,6 +194,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         (pre_attn_name, pre_mlp_name), (post_attn_name, post_mlp_name) = (
             [f"{p}/{n[len(arch.blocks[0].name) + 1:]}" if n else None for n in probe[k]] for k in ("pre", "post"))
         x, residual = _enter(g, pre_attn, pending, residual, pre_attn_name or f"{p}/attn_residual")
+        if probe["parallel"]:  # the MLP reads the same sum: normed its own way (StableLM), or the shared norm's
+            x_mlp = x if pre_mlp is None else _norm(g, pre_mlp, None, residual, pre_mlp_name)[0]
 
         qkv = [arch.module(n) for n in a.inputs]  # [q, k, v], or [qkv] packed [q | k | v] (Phi-3)
         packed = len(qkv) == 1 or all(_is_linear(m) for m in qkv)
@@ -220,6 +224,9 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                  scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
                  **rope, **({"softcap": softcap} if softcap else {}))[0]
         y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj", scale=probe["residual_scale"])
+        if probe["parallel"]:  # one pending sum: attention + MLP (no post-norms: probe_block)
+            pending = g.op("Add", [y, _mlp(g, arch, i, x_mlp, p, act_label, probe["residual_scale"])], f"{p}/Add")
+            continue
         if post_attn is not None:
             y = _norm(g, post_attn, None, y, post_attn_name)[0]
 
@@ -230,12 +237,14 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
 
     x, _ = _norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/model/norm", last=True)
     lm_head(g, x, head, table, tied, softcap=getattr(cfg, "final_logit_softcapping", None),
-            scale=1.0 / float(getattr(cfg, "logits_scaling", None) or 1.0))  # Granite divides the logits
+            scale=float(getattr(cfg, "logit_scale", None) or 1.0)  # Cohere multiplies the logits,
+            / float(getattr(cfg, "logits_scaling", None) or 1.0))  # Granite divides them
     return save(g, inputs, outputs, out, block_prefix="/model/layers.", layers=len(layers), tied_embeddings=tied,
                 cache_length=cache_length, sliding_windows=sorted({w for w in windows if w}),
                 rotary_interleaved=interleaved, rotary_caches=len(caches),
                 layers_without_rotary=[i for i, r in enumerate(ropes) if r is None],
-                post_norms=any(probe["post"]), softcap=softcap or None, residual_scale=probe["residual_scale"])
+                post_norms=any(probe["post"]), softcap=softcap or None, residual_scale=probe["residual_scale"],
+                parallel_residual=probe["parallel"])
 
 
 def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None, scale: float) -> str:
@@ -264,8 +273,9 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
 
 
 def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
-    """The block's and the final norms: RMSNorm (Llama's), or LayerNorm with its bias (StableLM's)."""
-    if isinstance(norm, torch.nn.LayerNorm):
+    """The block's and the final norms: RMSNorm (Llama's), or LayerNorm with its bias (StableLM's) or without
+    (Cohere's)."""
+    if is_layer_norm(norm):
         return layer_norm(g, norm, pending, residual, name, last=last)
     return rms_norm(g, norm, pending, residual, name, last=last)
 
