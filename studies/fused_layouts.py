@@ -3,7 +3,7 @@ transformers families through compress.fused.build_fused.
 
     python -m studies.fused_layouts [--out benchmarks/results/fused_layouts]
 
-Each layout (hidden 64, 2 layers, 2 heads of 32) is written by build_fused, then its logits on 2 x 10 tokens are
+Each layout (hidden 64, 2-4 layers, 2 heads of 32) is written by build_fused, then its logits on 2 x 10 tokens are
 compared with torch's (a second run, other tokens than build_fused's own check). A row is "exported" (the
 writer, whether its rotary embedding turns channel pairs, the largest logit difference), "refused" (the
 message, cut), or "WRONG" when a written graph's logits differ by more than 1e-3: the study exists to show
@@ -57,6 +57,9 @@ LAYOUTS = {
         **{**DEC, "num_hidden_layers": 3}, num_key_value_heads=1, head_dim=32, sliding_window=4,
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], rope_local_base_freq=100.0)),
     "Cohere": _hf("Cohere", **DEC, num_key_value_heads=1),
+    "Cohere with q/k norms": _hf("Cohere", **DEC, num_key_value_heads=1, use_qk_norm=True),
+    "Cohere 2 (sliding layers, no rotary in the global ones)": _hf(
+        "Cohere2", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1, sliding_window=4),
     "OLMo": _hf("Olmo", **DEC, num_key_value_heads=1),
     "OLMo 2": _hf("Olmo2", **DEC, num_key_value_heads=1),
     "GPT-NeoX (Pythia), parallel": _hf("GPTNeoX", **DEC, rotary_pct=0.5),
