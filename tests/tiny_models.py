@@ -116,10 +116,11 @@ def _family_specs() -> dict:
         # Phi-1.5 / 2: parallel blocks with one LayerNorm, separate biased q / k / v, partial rotary
         "phi": (T.PhiConfig, {lm: T.PhiForCausalLM},
                 dict(dec, hidden_size=64, num_attention_heads=2, partial_rotary_factor=0.5)),
-        # Llama with multipliers (embedding, residual, attention, logits): exports through optimum
+        # Llama with multipliers (embedding, residual, attention, logits); head_dim 16 (the fused graph)
         "granite": (T.GraniteConfig, {lm: T.GraniteForCausalLM},
-                    dict(dec, num_key_value_heads=2, embedding_multiplier=12.0, residual_multiplier=0.22,
-                         attention_multiplier=0.125, logits_scaling=8.0, tie_word_embeddings=True)),
+                    dict(dec, hidden_size=64, num_key_value_heads=2, embedding_multiplier=12.0,
+                         residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0,
+                         tie_word_embeddings=True)),
         # OPT: GPT-2's block with separate q/k/v, fc1 / fc2 in the block itself, positions offset by 2, ReLU
         "opt": (T.OPTConfig, {lm: T.OPTForCausalLM},
                 dict(common, hidden_size=32, ffn_dim=64, num_attention_heads=4, word_embed_proj_dim=32,
