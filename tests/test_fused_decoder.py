@@ -969,3 +969,26 @@ def test_granite_multipliers_are_folded(tmp_path, tied):
     assert gqa_attributes(tmp_path, "scale") == pytest.approx([0.125] * LAYERS)
     assert figures["ops"]["Mul"] == 2 * LAYERS + 2 + tied  # SiLU and gate per block; embedding, rotary; head
     assert_matches_torch(model, tmp_path)
+
+
+def test_cohere2_global_layers_without_rotary_found_by_running_them(tmp_path):
+    """Cohere 2 rotates only in its sliding layers (its attention module has no flag saying so): each
+    attention is run again with a rotation by nothing, and the global layer, whose output does not change, is
+    written without rotary. Prompt + generated tokens (12 + 8) cross the window of 4."""
+    from transformers import Cohere2Config, Cohere2ForCausalLM
+
+    torch.manual_seed(0)
+    model = Cohere2ForCausalLM(Cohere2Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=4, initializer_range=0.3,
+        logit_scale=1.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    assert [layer.self_attn.sliding_window for layer in model.model.layers] == [4, 4, 4, None]
+    figures = build_fused(model, tmp_path)
+    assert figures["layers_without_rotary"] == [3] and gqa_attributes(tmp_path, "do_rotary") == [1, 1, 1, 0]
+    assert gqa_attributes(tmp_path, "local_window_size") == [4, 4, 4, -1]
+    ids = prompt(length=12)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, ids)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())

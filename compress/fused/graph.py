@@ -284,35 +284,57 @@ def rotary(model):
 
 
 def layer_rotaries(model, arch) -> list:
-    """The rotary embedding module each layer's attention reads, None where it reads none (SmolLM3's NoPE
-    layers: attention `use_rope` false). Where the model has several that differ (Gemma 3: local layers with
-    their own base frequency), the model runs on 4 tokens and each attention's `position_embeddings` is
-    matched to the module that computed them."""
+    """The rotary embedding module each layer's attention reads, None where it reads none. The model runs on 4
+    tokens: each attention's `position_embeddings` is matched to the module that computed them (Gemma 3 has
+    two that differ: its sliding layers' own base frequency), and each attention is run again on the same
+    inputs with cos / sin that turn nothing: a layer whose output does not change uses no positions (SmolLM3's
+    NoPE layers, Cohere 2's global ones; their modules say so each their own way)."""
     found = _rotaries(model)
     attns = [arch.module(b.attn.name) for b in arch.blocks]
-    if len(found) <= 1:
-        reads = [found[0] if found else None] * len(attns)
-    else:
-        made, got = [], {}  # (cos a rotary module computed, the module); layer -> the cos its attention read
-        handles = [m.register_forward_hook(lambda mod, args, out: made.append((out[0], mod))) for m in found]
-        for i, a in enumerate(attns):
-            def hook(mod, args, kwargs, i=i):
-                cos_sin = kwargs.get("position_embeddings") or next((v for v in args if isinstance(v, tuple)), None)
-                got[i] = cos_sin[0] if cos_sin else None
-            handles.append(a.register_forward_pre_hook(hook, with_kwargs=True))
-        emb = arch.module(arch.embedding)
-        try:
-            with torch.no_grad():
-                model(input_ids=torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings, use_cache=False)
-        finally:
-            for h in handles:
-                h.remove()
-        reads = [next((mod for cos, mod in made if cos is got.get(i)), None) for i in range(len(attns))]
-        if None in reads:
+    if not found:
+        return [None] * len(attns)
+    made, calls = [], {}  # (cos a rotary module computed, the module); layer -> (args, kwargs, output)
+    handles = [m.register_forward_hook(lambda mod, args, out: made.append((out[0], mod))) for m in found]
+    for i, a in enumerate(attns):
+        def hook(mod, args, kwargs, out, i=i):
+            calls[i] = (args, kwargs, out[0] if isinstance(out, tuple) else out)
+        handles.append(a.register_forward_hook(hook, with_kwargs=True))
+    emb = arch.module(arch.embedding)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings, use_cache=False)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    reads = []
+    for i, attn in enumerate(attns):
+        args, kwargs, out = calls.get(i, ((), {}, None))
+        at = "kwargs" if isinstance(kwargs.get("position_embeddings"), tuple) else next(
+            (k for k, v in enumerate(args) if isinstance(v, tuple) and len(v) == 2), None)
+        if at is None:  # positions computed inside the attention: the one rotary module it holds
+            if len(found) > 1:
+                raise UnsupportedModelError(f"fused export: {type(model).__name__} has {len(found)} rotary "
+                                            f"embeddings that differ and layer {i}'s attention is not given "
+                                            "position_embeddings, so the writer cannot tell which it reads")
+            reads.append(found[0])
+            continue
+        cos_sin = kwargs["position_embeddings"] if at == "kwargs" else args[at]
+        rope = next((mod for cos, mod in made if cos is cos_sin[0]), found[0] if len(found) == 1 else None)
+        if rope is None:
             raise UnsupportedModelError(f"fused export: {type(model).__name__} has {len(found)} rotary embeddings "
-                                        f"that differ and layer {reads.index(None)}'s attention reads none of them "
-                                        "as position_embeddings")
-    return [r if getattr(a, "use_rope", True) else None for a, r in zip(attns, reads)]
+                                        f"that differ and layer {i}'s attention reads none of them")
+        still = (torch.ones_like(cos_sin[0]), torch.zeros_like(cos_sin[1]))  # a rotation by nothing
+        if at == "kwargs":
+            kwargs = {**kwargs, "position_embeddings": still}
+        else:
+            args = (*args[:at], still, *args[at + 1:])
+        with torch.no_grad():
+            again = attn(*args, **kwargs)
+        reads.append(rope if not _close(again[0] if isinstance(again, tuple) else again, out) else None)
+    return reads
 
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length

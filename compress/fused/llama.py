@@ -15,7 +15,8 @@ Gemma's, is written with 1 + weight folded; LayerNorms (StableLM's with biases, 
 that computes one, found by running it) as SkipLayerNormalization. A final norm of the same kind; a
 rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
 channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
-sin cache), SmolLM3's NoPE layers (attention `use_rope` false) none (do_rotary 0). Gemma 2's soft-capping:
+sin cache), SmolLM3's NoPE layers and Cohere 2's global ones none (do_rotary 0; graph.layer_rotaries
+finds which by running each attention again with a rotation by nothing). Gemma 2's soft-capping:
 GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head for the logits. Token embeddings
 are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden), Granite's embedding_multiplier: a
 Mul after the Gather, the table stays the one the tied head reads). Granite's other multipliers: the
