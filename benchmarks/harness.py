@@ -152,17 +152,11 @@ def onnx_params(path: Path) -> int:
     computes them from (torch derives them from the config too)."""
     import onnx
 
+    from compress.onnx_tools import rotary_cache_nodes
+
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
-
-    def sources(name: str, depth: int = 4) -> set[str]:  # what a cos / sin cache is computed from (Mul, Cos, Sin)
-        node = producer.get(name)
-        if node is None or depth == 0:
-            return {name}
-        return set().union(*(sources(i, depth - 1) for i in node.input if i))
-
-    skip = set().union(*(sources(n.input[i]) for n in model.graph.node if n.op_type == "GroupQueryAttention"
-                         for i in (7, 8) if len(n.input) > i))
+    skip = rotary_cache_nodes(model)[1]
     # packed 4-bit weights hold two a byte: count the weights, not the bytes
     counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
     two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8

@@ -193,6 +193,53 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     return out
 
 
+def rotary_cache_nodes(model) -> tuple[list[str], set[str]]:
+    """The nodes computing a fused graph's rotary cos / sin caches (GroupQueryAttention's inputs 7 and 8:
+    Mul, Cos, Sin of positions and inv_freq, folded when a session starts) and the initializers they read:
+    (node names, initializer names)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    nodes, inits = [], set()
+    todo = [n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)
+            if len(n.input) > i and n.input[i]]
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if node is None:
+            inits.add(name)
+        elif node.name not in nodes:
+            nodes.append(node.name)
+            todo += [i for i in node.input if i]
+    return nodes, inits
+
+
+def fold_rotary_caches(model) -> int:
+    """Replace the nodes computing a fused graph's cos / sin caches by their values (fp32 tables, as the
+    graph computed them), for a float16 graph: fp16 holds positions exactly only up to 2048 and angles of
+    thousands of radians to about 2, so computed in fp16 the logits drifted by 4 at position 3,000; stored,
+    the tables become fp16 values of cos / sin (1e-3 relative). Returns the tables written."""
+    from onnx import TensorProto, helper, numpy_helper
+    from onnx.reference import ReferenceEvaluator
+
+    names, inits = rotary_cache_nodes(model)
+    if not names:
+        return 0
+    nodes = [n for n in model.graph.node if n.name in names]
+    tables = sorted({n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)
+                     if len(n.input) > i and n.input[i]})
+    sub = helper.make_graph(nodes, "rotary_caches", [],
+                            [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tables],
+                            [t for t in model.graph.initializer if t.name in inits])
+    values = ReferenceEvaluator(helper.make_model(sub, opset_imports=model.opset_import)).run(None, {})
+    for n in nodes:
+        model.graph.node.remove(n)
+    readers = {i for n in model.graph.node for i in n.input}
+    keep = [t for t in model.graph.initializer if t.name not in inits or t.name in readers]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(keep)
+    model.graph.initializer.extend(numpy_helper.from_array(v.astype(np.float32), t) for t, v in zip(tables, values))
+    return len(tables)
+
+
 def _trim_rotary_caches(model, max_positions: int) -> int:
     """The rotary fusion stores cos/sin tables for 131,072 positions (33 MB for SmolLM2, as much as 8 of its
     blocks in int8); rows past the model's max_position_embeddings are never read, so they are cut.

@@ -47,7 +47,7 @@ def lm_head_nodes(model) -> list[str]:
     """The MatMul producing `logits` (the LM head), found by walking back from the output."""
     producers = {o: n for n in model.graph.node for o in n.output}
     name = "logits"
-    for _ in range(4):  # through a Reshape/Cast or two
+    for _ in range(6):  # through a Reshape / Cast, or a scale and a soft-cap (Mul, Div, Tanh, Mul)
         node = producers.get(name)
         if node is None:
             return []
@@ -739,6 +739,7 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
     model = _load(src)
+    tables = onnx_tools.fold_rotary_caches(model)  # a fused graph's rotary angles need fp32 (see there)
     excluded = matching_nodes(model, exclude)
     if excluded:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
         _infer_types(model)  # inference (its own) does not after contrib ops (fused graphs)
@@ -753,7 +754,7 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
             converted.graph.node.remove(node)
         names.add(node.name)
     _finish(converted, dst, src)
-    return {"excluded_nodes": excluded}
+    return {"excluded_nodes": excluded, **({"rotary_tables": tables} if tables else {})}
 
 
 # ----------------------------------------------------------------------------- encoders: per-row int8
