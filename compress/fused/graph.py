@@ -77,7 +77,7 @@ class _Graph:
                 raise ValueError(f"fused export: initializer {name} written twice with different values")
             return name
         self._consts[name] = array
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.inits.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # (scalars stay 0-d)
         return name
 
     def take(self, name: str) -> np.ndarray:
@@ -284,15 +284,16 @@ def rotary(model):
 
 
 def layer_rotaries(model, arch) -> list:
-    """The rotary embedding module each layer's attention reads, None where it reads none. The model runs on 4
+    """The rotary embedding module each layer's attention reads, None where it reads none (all None is fine: a
+    model without positions); a model without any rotary module is refused. The model runs on 4
     tokens: each attention's `position_embeddings` is matched to the module that computed them (Gemma 3 has
     two that differ: its sliding layers' own base frequency), and each attention is run again on the same
     inputs with cos / sin that turn nothing: a layer whose output does not change uses no positions (SmolLM3's
     NoPE layers, Cohere 2's global ones; their modules say so each their own way)."""
     found = _rotaries(model)
-    attns = [arch.module(b.attn.name) for b in arch.blocks]
     if not found:
-        return [None] * len(attns)
+        raise no_rotary(model)
+    attns = [arch.module(b.attn.name) for b in arch.blocks]
     made, calls = [], {}  # (cos a rotary module computed, the module); layer -> (args, kwargs, output)
     handles = [m.register_forward_hook(lambda mod, args, out: made.append((out[0], mod))) for m in found]
     for i, a in enumerate(attns):
@@ -475,7 +476,9 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
             and (post[1] is None or same(seen[post[1]][0], m))):
         return None
     a, m = output(post[0], a), output(post[1], m).reshape(a.shape)
-    r = _scale(out - x, a + m)  # Granite's residual_multiplier: x + r * attention, + r * MLP
+    # Granite's residual_multiplier: x + r * attention, + r * MLP (1 where the sum is plain, to the model's
+    # precision: half-precision rounding alone moves a least-squares r by 1e-4)
+    r = 1.0 if same(out, x + a + m) else _scale(out - x, a + m)
     a, m = r * a, r * m
     for parallel in (False, True):  # parallel: the MLP reads the block's input (normed), not x + attention
         h = x if parallel else x + a
@@ -487,10 +490,9 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
 
 
 def _scale(y: torch.Tensor, x: torch.Tensor) -> float:
-    """The scalar r with y ~ r * x (least squares), 1.0 when within rounding of it."""
+    """The scalar r with y ~ r * x (least squares)."""
     y, x = y.double().flatten(), x.double().flatten()
-    r = float(y @ x / (x @ x)) if float(x @ x) else 1.0
-    return 1.0 if abs(r - 1.0) < 1e-5 else r
+    return float(y @ x / (x @ x)) if float(x @ x) else 1.0
 
 
 def check_outside_blocks(model, arch, writer: str) -> None:

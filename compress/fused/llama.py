@@ -86,7 +86,7 @@ from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
                     check_outside_blocks, config_activation, io_info, is_layer_norm, is_tied, kv_io, layer_norm,
-                    layer_rotaries, lm_head, mask_lengths, no_rotary, output_file, probe_block, rms_norm,
+                    layer_rotaries, lm_head, mask_lengths, output_file, probe_block, rms_norm,
                     rope_caches, save)
 
 
@@ -164,8 +164,6 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
     head_dim = arch.head_dim()
     cache_length = max_length or cfg.max_position_embeddings
     ropes = layer_rotaries(model, arch)
-    if not any(ropes):
-        raise no_rotary(model)
     caches = {}  # id(rotary module) -> its [cos, sin], written once (Gemma 3 has two)
 
     def rope_inputs(rope) -> list[str]:
@@ -179,7 +177,6 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
 
     residual, pending = x, None  # pending: the last block's output, added to residual by the next Skip norm
     windows = []
-    heads_view = flat = None  # per-head q/k norms: [B, S, heads * head_dim] <-> [B, S, heads, head_dim]
     for i, b in enumerate(arch.blocks):
         p, a = f"/model/layers.{i}", b.attn
         attn = arch.module(a.name)
@@ -210,13 +207,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         else:
             qkv_in = [g.linear(x, [m], f"{p}/attn/{n}") for m, n in zip(qkv, ("q_proj", "k_proj", "v_proj"))]
         if a.q_norm:  # RMSNorm over each head's head_dim (Qwen3, Gemma 3) or over all heads (OLMo 2)
-            if heads_view is None:
-                heads_view = g.const(f"/model/constants/INT64/[0, 0, -1, {head_dim}]",
-                                     np.array([0, 0, -1, head_dim], np.int64))
-                flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
-            qkv_in = [_qk_norm(g, arch.module(a.q_norm), qkv_in[0], head_dim, heads_view, flat, f"{p}/attn/q_norm"),
-                      _qk_norm(g, arch.module(a.k_norm), qkv_in[1], head_dim, heads_view, flat, f"{p}/attn/k_norm"),
-                      qkv_in[2]]
+            qkv_in = [_qk_norm(g, arch.module(a.q_norm), qkv_in[0], head_dim, f"{p}/attn/q_norm"),
+                      _qk_norm(g, arch.module(a.k_norm), qkv_in[1], head_dim, f"{p}/attn/k_norm"), qkv_in[2]]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         rope = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len]
@@ -292,11 +284,13 @@ def _enter(g: _Graph, norm, pending: str | None, residual: str, name: str):
     return total, total
 
 
-def _qk_norm(g: _Graph, norm, x: str, head_dim: int, heads_view: str, flat: str, name: str) -> str:
-    """q_norm / k_norm: an RMSNorm of every head's [head_dim] slice (Qwen3, Gemma 3: Reshape, norm, Reshape
-    back) or of the whole projection (OLMo 2)."""
+def _qk_norm(g: _Graph, norm, x: str, head_dim: int, name: str) -> str:
+    """q_norm / k_norm: an RMSNorm of every head's [head_dim] slice (Qwen3, Gemma 3: Reshape [B, S, heads,
+    head_dim], a constant shape, norm, Reshape back) or of the whole projection (OLMo 2)."""
     width = norm.weight.shape[0] if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
     if width != head_dim:
         return rms_norm(g, norm, None, x, name)[0]
+    heads_view = g.const(f"/model/constants/INT64/[0, 0, -1, {head_dim}]", np.array([0, 0, -1, head_dim], np.int64))
+    flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
     y = rms_norm(g, norm, None, g.op("Reshape", [x, heads_view], f"{name}/Reshape"), name)[0]
     return g.op("Reshape", [y, flat], f"{name}/Reshape_1")
