@@ -60,6 +60,9 @@ LAYOUTS = {
     "Cohere with q/k norms": _hf("Cohere", **DEC, num_key_value_heads=1, use_qk_norm=True),
     "Cohere 2 (sliding layers, no rotary in the global ones)": _hf(
         "Cohere2", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1, sliding_window=4),
+    "EXAONE 4 (post-norms, sliding layers, no rotary in the global ones)": _hf(
+        "Exaone4", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1, sliding_window=4,
+        sliding_window_pattern=4),
     "OLMo": _hf("Olmo", **DEC, num_key_value_heads=1),
     "OLMo 2": _hf("Olmo2", **DEC, num_key_value_heads=1),
     "GPT-NeoX (Pythia), parallel": _hf("GPTNeoX", **DEC, rotary_pct=0.5),

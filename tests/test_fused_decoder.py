@@ -1028,3 +1028,27 @@ def test_half_precision_blocks_are_not_read_as_scaled(tmp_path, family):
 
     model = (tiny_gpt2() if family == "gpt2" else tiny()).half()
     assert probe_block(model, find(model), post_norms=family == "llama")["residual_scale"] == 1.0
+
+
+def test_exaone4_window_only_in_the_layers_config_layer_types_call_sliding(tmp_path):
+    """EXAONE 4 gives every attention module the window and slides only in its sliding layers (layer_types);
+    its global layers also skip the rotary embedding, and it norms each sublayer's output (post-norms) and
+    each query / key head. The window was written into the global layer too."""
+    from transformers import Exaone4Config, Exaone4ForCausalLM
+
+    torch.manual_seed(0)
+    model = Exaone4ForCausalLM(Exaone4Config(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, sliding_window=4, sliding_window_pattern=4,
+        initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    assert model.config.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
+    assert all(layer.self_attn.sliding_window == 4 for layer in model.model.layers)
+    figures = build_fused(model, tmp_path)
+    assert gqa_attributes(tmp_path, "local_window_size") == [4, 4, 4, -1]
+    assert figures["layers_without_rotary"] == [3] and figures["post_norms"]
+    ids = prompt(length=12)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, ids)
+    with torch.no_grad():
+        ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
+    np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())

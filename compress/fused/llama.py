@@ -1,6 +1,6 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; Cohere; any model_type with that layout), fp32. (GPT-2
-and GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
+Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; Cohere 1-2; EXAONE 4; any model_type with that layout),
+fp32. (GPT-2 and GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
@@ -15,7 +15,7 @@ Gemma's, is written with 1 + weight folded; LayerNorms (StableLM's with biases, 
 that computes one, found by running it) as SkipLayerNormalization. A final norm of the same kind; a
 rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
 channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
-sin cache), SmolLM3's NoPE layers and Cohere 2's global ones none (do_rotary 0; graph.layer_rotaries
+sin cache), SmolLM3's NoPE layers and Cohere 2's and EXAONE 4's global ones none (do_rotary 0; graph.layer_rotaries
 finds which by running each attention again with a rotation by nothing). Gemma 2's soft-capping:
 GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head for the logits. Token embeddings
 are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden), Granite's embedding_multiplier: a
@@ -90,10 +90,14 @@ from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activati
                     rope_caches, save)
 
 
-def _window(model, attn) -> int | None:
-    """Layer's sliding window (keys a query sees, itself included), None for full attention. Qwen2 keeps it
+def _window(model, attn, i: int) -> int | None:
+    """Layer i's sliding window (keys a query sees, itself included), None for full attention. Qwen2 keeps it
     per layer on the attention module (layers below max_window_layers have none), Mistral and Phi-3 in the
-    config."""
+    config; where the config lists layer_types, a layer not of "sliding_attention" has none (EXAONE 4 gives
+    every attention module the window and slides only in its sliding layers)."""
+    types = getattr(model.config, "layer_types", None)
+    if isinstance(types, list) and i < len(types) and types[i] != "sliding_attention":
+        return None
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(model.config, "sliding_window", None)
     return int(window) if window else None
 
@@ -185,7 +189,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
             raise UnsupportedModelError(f"fused export: layer {i} has {n_q} heads, {n_kv} KV heads, head_dim "
                                         f"{head_dim}; GroupQueryAttention needs heads % kv_heads == 0 and "
                                         "head_dim % 16 == 0")
-        window = _window(model, attn)
+        window = _window(model, attn, i)
         windows.append(window)
         (pre_attn, pre_mlp), (post_attn, post_mlp) = (block_norms(arch, b, probe, k) for k in ("pre", "post"))
         # norm nodes are named as the modules (Llama: input_layernorm, post_attention_layernorm)

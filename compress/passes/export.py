@@ -2,12 +2,12 @@
 
 Two writers. Decoders whose structure the suite's own writers know (compress/fused, chosen through
 compress.architecture, whatever the model_type: Llama-shaped ones incl. SmolLM2, Mistral with its sliding
-window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2; GPT-2- and GPT-NeoX-shaped
-ones) become a fused graph: GroupQueryAttention (rotary inside), packed QKV, skip RMSNorms / LayerNorms,
-about 8-11 nodes per block (up to 19 with q/k norms and norms after attention and MLP), and compress.edge runs
-it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer refuses, decoders
-without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a decoder;
-BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
+window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2, EXAONE 4; GPT-2- and
+GPT-NeoX-shaped ones) become a fused graph: GroupQueryAttention (rotary inside), packed QKV, skip RMSNorms /
+LayerNorms, about 8-11 nodes per block (up to 19 with q/k norms and norms after attention and MLP), and
+compress.edge runs it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer
+refuses, decoders without past) goes through optimum's exporter, a traced graph with thousands of shape ops
+for a decoder; BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
 `graph: auto` picks the fused writer where it applies and records why it did not otherwise.
 
 The output is an edge bundle: model.onnx (+ model.onnx.data for graphs over 64 MB), config.json, the
@@ -42,8 +42,9 @@ class ExportConfig(PassConfig):
     graph: Literal["auto", "fused", "optimum"] = Field(
         "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-19 nodes per block, "
         "copy-free KV cache; Llama-, GPT-2- and GPT-NeoX-shaped decoders: SmolLM2, Mistral, Qwen2/3, Phi-3, "
-        "Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2, GPT-2, OPT, Pythia, Phi, Falcon, ...); optimum = optimum's "
-        "traced export; auto = fused where the model is supported, else optimum, with the reason in the manifest",
+        "Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, Pythia, Phi, Falcon, ...); optimum "
+        "= optimum's traced export; auto = fused where the model is supported, else optimum, with the reason in "
+        "the manifest",
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
