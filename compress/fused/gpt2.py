@@ -106,12 +106,10 @@ def _check(model, arch: Architecture) -> dict:
     wpe = arch.module(_positions(model, arch))
     probe = probe_block(model, arch)
     refuse_parallel(probe, "GPT-2")
-    with torch.no_grad():
-        ids = probe["ids"]
-        tokens = torch.nn.functional.embedding(ids, arch.module(arch.embedding).weight)  # the table, as Gather
-    rows = wpe.weight.shape[0] - ids.shape[1]
+    n = probe["ids"].shape[1]
+    rows = wpe.weight.shape[0] - n
     probe["offset"] = next((k for k in range(min(rows, 3) + 1)  # OPT reads position p from row p + 2
-                            if _close(probe["x"], tokens + wpe.weight[k:k + ids.shape[1]].detach())), None)
+                            if _close(probe["x"], probe["tokens"] + wpe.weight[k:k + n].detach())), None)
     if probe["offset"] is None:
         raise UnsupportedModelError("fused export: block 0 does not read token + position embeddings (an "
                                     "embedding scale or norm is not supported by the GPT-2 writer)")

@@ -199,8 +199,7 @@ def rms_weight(norm, name: str) -> tuple[np.ndarray, float]:
     """(the weight SimplifiedLayerNormalization multiplies by, epsilon) of an RMSNorm, found by running it:
     x / rms(x) * weight (Llama) or * (1 + weight) (Gemma: the +1 is folded into the weight). Anything else
     (a LayerNorm, which subtracts the mean; no weight; no epsilon) is refused."""
-    w = getattr(norm, "weight", None)
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    w, eps = getattr(norm, "weight", None), _eps(norm)
     if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float | int):
         raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; the writer takes an RMSNorm "
                                     "(one weight vector, an eps / variance_epsilon)")
@@ -300,16 +299,7 @@ def layer_rotaries(model, arch) -> list:
         def hook(mod, args, kwargs, out, i=i):
             calls[i] = (args, kwargs, out[0] if isinstance(out, tuple) else out)
         handles.append(a.register_forward_hook(hook, with_kwargs=True))
-    emb = arch.module(arch.embedding)
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings, use_cache=False)
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    _run(model, arch, handles)
     reads = []
     for i, attn in enumerate(attns):
         args, kwargs, out = calls.get(i, ((), {}, None))
@@ -374,7 +364,26 @@ def no_rotary(model) -> UnsupportedModelError:
 
 
 class _Stop(Exception):
-    pass
+    """Raised by a hook to end the probe run early (probe_block stops after block 0)."""
+
+
+def _run(model, arch, handles: list) -> torch.Tensor:
+    """The model on 4 tokens in eval mode without gradients, its hooks (`handles`) removed and its mode
+    restored afterwards; a hook may end it with _Stop. Returns the token ids."""
+    emb = arch.module(arch.embedding)
+    ids = torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+    return ids
 
 
 def probe_block(model, arch, *, post_norms: bool = False) -> dict:
@@ -388,8 +397,9 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
     block itself, no MLP module), its input at the first, its output at the last; shapes are compared
     flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). With `post_norms` the sublayers' outputs
     may also be scaled by one scalar before the residual add (Granite's residual_multiplier). Returns {"ids",
-    "x" (block 0's input), "pre" / "post" ((attention's, MLP's) norm names, None where there is none; a shared
-    norm is both pre), "norms" (the distinct pre-norms in the order they ran), "parallel", "residual_scale"}."""
+    "x" (block 0's input), "tokens" (the embedding table's rows for ids), "pre" / "post" ((attention's, MLP's)
+    norm names, None where there is none; a shared norm is both pre), "norms" (the distinct pre-norms in the
+    order they ran), "parallel", "residual_scale"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if not 1 <= len(norms) <= 4:
@@ -412,21 +422,9 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
         seen["block"] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
         raise _Stop
 
-    emb = arch.module(arch.embedding)
-    ids = torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings
     handles = [m.register_forward_hook(record(k), with_kwargs=True) for k, m in parts.items()]
     handles.append(block.register_forward_hook(stop, with_kwargs=True))
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        model.train(training)
-        for h in handles:
-            h.remove()
+    ids = _run(model, arch, handles)
     ran = [k for k in order if k not in ("attn", "mlp_in", "mlp")]
     if "block" not in seen or len(order) != 3 + len(norms) or sorted(ran) != sorted(b.norms):
         raise UnsupportedModelError(f"fused export: could not follow block {b.name} of {type(model).__name__} "
@@ -443,7 +441,9 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
         raise UnsupportedModelError(f"fused export: block {b.name} is not wired x + attn(norm(x)), then + "
                                     "mlp(norm(.)), nor x + attn(norm_1(x)) + mlp(norm_2(x)) (post-norms or extra "
                                     "steps); the writer takes pre-norm blocks")
-    return {"ids": ids, "x": seen["block"][0], **wiring,
+    with torch.no_grad():  # the rows of the table the graph's Gather reads (a module may scale them: Gemma 3)
+        tokens = torch.nn.functional.embedding(ids, arch.module(arch.embedding).weight)
+    return {"ids": ids, "x": seen["block"][0], "tokens": tokens, **wiring,
             "norms": list(dict.fromkeys(n for n in wiring["pre"] if n))}
 
 
@@ -478,7 +478,7 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
     a, m = output(post[0], a), output(post[1], m).reshape(a.shape)
     # Granite's residual_multiplier: x + r * attention, + r * MLP (1 where the sum is plain, to the model's
     # precision: half-precision rounding alone moves a least-squares r by 1e-4)
-    r = 1.0 if same(out, x + a + m) else _scale(out - x, a + m)
+    r = 1.0 if same(out, x + a + m) else fit_scale(out - x, a + m)
     a, m = r * a, r * m
     for parallel in (False, True):  # parallel: the MLP reads the block's input (normed), not x + attention
         h = x if parallel else x + a
@@ -489,8 +489,8 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
     return None
 
 
-def _scale(y: torch.Tensor, x: torch.Tensor) -> float:
-    """The scalar r with y ~ r * x (least squares)."""
+def fit_scale(y: torch.Tensor, x: torch.Tensor) -> float:
+    """The scalar r with y ~ r * x (least squares; 1.0 for an x of zeros)."""
     y, x = y.double().flatten(), x.double().flatten()
     return float(y @ x / (x @ x)) if float(x @ x) else 1.0
 

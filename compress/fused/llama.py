@@ -85,8 +85,8 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
-                    check_outside_blocks, config_activation, io_info, is_layer_norm, is_tied, kv_io, layer_norm,
-                    layer_rotaries, lm_head, mask_lengths, output_file, probe_block, rms_norm,
+                    check_outside_blocks, config_activation, fit_scale, io_info, is_layer_norm, is_tied, kv_io,
+                    layer_norm, layer_rotaries, lm_head, mask_lengths, output_file, probe_block, rms_norm,
                     rope_caches, save)
 
 
@@ -104,7 +104,6 @@ def _window(model, attn, i: int) -> int | None:
 
 def _check(model, arch: Architecture) -> dict:
     """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
-    cfg = model.config
     for i, b in enumerate(arch.blocks):
         if b.mlp.kind not in ("gated", "fused_gated"):
             raise UnsupportedModelError(f"fused export: the Llama writer takes a gated MLP (gate / up / down or "
@@ -123,11 +122,10 @@ def _check(model, arch: Architecture) -> dict:
 
 
 def _embedding_scale(arch: Architecture, probe: dict) -> float:
-    """What block 0's input is times the token embedding: 1, or Gemma's sqrt(hidden); one scalar, else refused."""
-    with torch.no_grad():
-        e = torch.nn.functional.embedding(probe["ids"], arch.module(arch.embedding).weight).float()  # the table
-    x = probe["x"].float()
-    scale = float((x * e).sum() / (e * e).sum()) if x.shape == e.shape else 0.0
+    """What block 0's input is times the token embedding: 1, Gemma's sqrt(hidden), Granite's
+    embedding_multiplier; one scalar, else refused."""
+    e, x = probe["tokens"].float(), probe["x"].float()
+    scale = fit_scale(x, e) if x.shape == e.shape else 0.0
     if not scale or not _close(x, e * scale):
         raise UnsupportedModelError("fused export: block 0 does not read the token embeddings (times a scalar); "
                                     "position embeddings or an embedding norm are not supported by the Llama writer")
@@ -180,6 +178,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
     softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)  # Gemma 2: cap * tanh(scores / cap)
 
     residual, pending = x, None  # pending: the last block's output, added to residual by the next Skip norm
+    # norm nodes are named as the modules within the block (Llama: input_layernorm, post_attention_layernorm)
+    leaves = {k: [n[len(arch.blocks[0].name) + 1:] if n else None for n in probe[k]] for k in ("pre", "post")}
     windows = []
     for i, b in enumerate(arch.blocks):
         p, a = f"/model/layers.{i}", b.attn
@@ -192,9 +192,8 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         window = _window(model, attn, i)
         windows.append(window)
         (pre_attn, pre_mlp), (post_attn, post_mlp) = (block_norms(arch, b, probe, k) for k in ("pre", "post"))
-        # norm nodes are named as the modules (Llama: input_layernorm, post_attention_layernorm)
         (pre_attn_name, pre_mlp_name), (post_attn_name, post_mlp_name) = (
-            [f"{p}/{n[len(arch.blocks[0].name) + 1:]}" if n else None for n in probe[k]] for k in ("pre", "post"))
+            [f"{p}/{leaf}" if leaf else None for leaf in leaves[k]] for k in ("pre", "post"))
         x, residual = _enter(g, pre_attn, pending, residual, pre_attn_name or f"{p}/attn_residual")
         if probe["parallel"]:  # the MLP reads the same sum: normed its own way (StableLM), or the shared norm's
             x_mlp = x if pre_mlp is None else _norm(g, pre_mlp, None, residual, pre_mlp_name)[0]
@@ -214,12 +213,12 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
             qkv_in = [_qk_norm(g, arch.module(a.q_norm), qkv_in[0], head_dim, f"{p}/attn/q_norm"),
                       _qk_norm(g, arch.module(a.k_norm), qkv_in[1], head_dim, f"{p}/attn/k_norm"), qkv_in[2]]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
-        rope = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
+        rotation = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len]
                  + (rope_inputs(ropes[i]) if ropes[i] else []), f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
                  scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
-                 **rope, **({"softcap": softcap} if softcap else {}))[0]
+                 **rotation, **({"softcap": softcap} if softcap else {}))[0]
         y = g.linear(y, [arch.module(a.o)], f"{p}/attn/o_proj", scale=probe["residual_scale"])
         if probe["parallel"]:  # one pending sum: attention + MLP (no post-norms: probe_block)
             pending = g.op("Add", [y, _mlp(g, arch, i, x_mlp, p, act_label, probe["residual_scale"])], f"{p}/Add")
