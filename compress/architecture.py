@@ -31,7 +31,7 @@ GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 FUSED_GATED = (("gate_up_proj", "down_proj"),)
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
          ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
-ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn")
+ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn", "gelu_impl")  # BLOOM: gelu_impl
 MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size")
 # config lists with one entry per layer (Gemma 2 / 3, Qwen2: attention kind; SmolLM3: rotary or not)
 PER_LAYER_FIELDS = ("layer_types", "sliding_window_layers", "no_rope_layers")

@@ -193,13 +193,14 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     return out
 
 
-def rotary_cache_nodes(model) -> tuple[list[str], set[str]]:
+def rotary_cache_nodes(model, inputs: tuple[int, ...] = (7, 8)) -> tuple[list[str], set[str]]:
     """The nodes computing a fused graph's rotary cos / sin caches (GroupQueryAttention's inputs 7 and 8:
     Mul, Cos, Sin of positions and inv_freq, folded when a session starts) and the initializers they read:
-    (node names, initializer names)."""
+    (node names, initializer and graph input names). `inputs` (10): those computing its attention_bias
+    (ALiBi)."""
     producer = {o: n for n in model.graph.node for o in n.output}
     nodes, inits = [], set()
-    todo = [n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)
+    todo = [n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in inputs
             if len(n.input) > i and n.input[i]]
     while todo:
         name = todo.pop()
@@ -210,6 +211,9 @@ def rotary_cache_nodes(model) -> tuple[list[str], set[str]]:
             nodes.append(node.name)
             todo += [i for i in node.input if i]
     return nodes, inits
+
+
+ATTENTION_BIAS = (10,)  # GroupQueryAttention's attention_bias input
 
 
 def fold_rotary_caches(model) -> int:

@@ -119,7 +119,10 @@ def row(label: str, work: Path) -> dict:
 
 def _extras(figures: dict) -> list[str]:
     """What the graph writes beyond a plain pre-norm block, from build_fused's figures."""
-    out = [k.replace("_", " ") for k in ("rotary_interleaved", "parallel_residual", "post_norms") if figures.get(k)]
+    out = [k.replace("_", " ") for k in ("rotary_interleaved", "parallel_residual", "post_norms", "embedding_norm")
+           if figures.get(k)]
+    if figures.get("alibi"):
+        out.append(f"ALiBi {'before' if figures['alibi'] == 'scaled' else 'after'} the scaling")
     if figures.get("rotary_caches", 1) > 1:
         out.append(f"{figures['rotary_caches']} rotary embeddings")
     if figures.get("layers_without_rotary"):

@@ -1,5 +1,5 @@
 """compress.fused: the hand-written ONNX decoders (Llama-shaped incl. Mistral's and Qwen2's sliding window, Phi-3's
-packed projections, Gemma 1-3, OLMo 2 and SmolLM3; GPT-2 and OPT; GPT-NeoX, Phi and Falcon) match torch (logits
+packed projections, Gemma 1-3, OLMo 2 and SmolLM3; GPT-2 and OPT; GPT-NeoX, Phi, Falcon and BLOOM) match torch (logits
 and greedy tokens), keep a small constant node count per block, follow the modules' own widths (depth / width /
 head pruning, low-rank layers), and are chosen by structure, not by model_type."""
 import numpy as np
@@ -581,16 +581,91 @@ def test_erf_gelu_and_relu_export_and_other_activations_are_refused(tmp_path):
 
 
 def test_layout_no_writer_handles_is_refused_naming_the_part(tmp_path):
-    """BLOOM: a plain MLP, no rotary embedding (ALiBi) and q/k/v packed per head: refused, naming
-    query_key_value."""
-    from transformers import BloomConfig, BloomForCausalLM
+    """A plain MLP with q/k/v packed per head and no positions at all (a GPT-NeoX whose rotary embedding turns
+    nothing and holds no inv_freq): no rotary, no ALiBi, no learned table; refused, naming the parts."""
+    class NoPositions(nn.Module):
+        def forward(self, x, position_ids):
+            shape = (*position_ids.shape, 16)
+            return torch.ones(shape, dtype=x.dtype), torch.zeros(shape, dtype=x.dtype)
 
-    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=64, n_head=4, n_layer=2)).eval()
-    with pytest.raises(UnsupportedModelError, match=r"no rotary embedding and its attention "
-                                                    r"transformer\.h\.0\.self_attention\.query_key_value packs q/k/v "
-                                                    "per head"):
+    model = tiny_neox()
+    model.gpt_neox.rotary_emb = NoPositions()
+    with pytest.raises(UnsupportedModelError, match=r"gpt_neox\.layers\.0\.mlp is plain .* no rotary embedding, no "
+                                                    "ALiBi bias, and no learned position table"):
         build_fused(model, tmp_path)
     assert not (tmp_path / "model.onnx").exists()
+
+
+def tiny_bloom(heads: int = 6):
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    return BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=8 * heads, n_head=heads, n_layer=LAYERS,
+                                        initializer_range=0.3, bos_token_id=None, eos_token_id=None)).eval()
+
+
+def test_bloom_alibi_with_its_embedding_norm(tmp_path):
+    """BLOOM: ALiBi positions (the slopes read from the bias the model hands block 0; 6 heads, not a power of
+    two, so the second series of slopes too) as GroupQueryAttention's attention_bias, computed once per run;
+    the LayerNorm of the embeddings before block 0; q/k/v packed per head; the residual added inside its
+    attention and MLP modules (the attention's contribution read at its output projection). Prompts of 280
+    tokens put positions past 256 in the comparison."""
+    torch.set_num_threads(1)
+    model = tiny_bloom()
+    figures = build_fused(model, tmp_path)
+    assert figures["alibi"] == "added" and figures["embedding_norm"] and figures["max_nodes_per_block"] == 9
+    assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["Expand"] == 1  # one bias
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_logits_match(model, edge, prompt(length=280))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+
+
+def test_bloom_fused_export_and_int8_through_the_passes(tmp_path):
+    """export's graph: auto takes BLOOM fused now; the int8 quantizer and the edge loop take the graph with
+    its attention bias as they take the others."""
+    import compress
+    from family_cases import check_onnx, context, run_pass
+
+    from compress.checkpoint import Artifact
+    from tiny_models import VOCAB as TOKENIZER_VOCAB, family_tokenizer
+
+    torch.manual_seed(0)
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=TOKENIZER_VOCAB, hidden_size=32, n_head=4, n_layer=2,
+                                         initializer_range=0.3)).eval()
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("bloom"), model=model)
+    ctx = context("causal-lm", tmp_path / "scratch")
+    out = run_pass("export", art, ctx)
+    assert out.info["graph"] == "fused"
+    path = compress.save(out, tmp_path / "onnx")
+    assert check_onnx(model, compress.load(path), "causal-lm") is None
+    q = run_pass("int8", compress.load(path), ctx)
+    assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.9
+
+
+def test_falcon_alibi_added_before_scaling_and_rounded_to_bfloat16(tmp_path):
+    """Falcon with alibi: the bias is added before the scores are scaled (the second reading build_fused tries,
+    the first fails its check of the logits), and transformers rounds slope x position to bfloat16, which shows
+    past position 256 (the graph rounds it too: a Cast there and back). Its rotary module exists but is unused."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
+                                           num_attention_heads=4, alibi=True, initializer_range=0.3,
+                                           bos_token_id=None, eos_token_id=None)).eval()
+    figures = build_fused(model, tmp_path)
+    assert figures["alibi"] == "scaled" and "rotary_interleaved" not in figures
+    graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
+    assert [n.attribute[0].i for n in graph.node if n.op_type == "Cast" and n.name.startswith("/model/alibi/Cast_")
+            ] == [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT]
+    assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 0
+               for n in graph.node if n.op_type == "GroupQueryAttention")
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(length=300))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
 def tiny_neox(**overrides):
@@ -747,13 +822,22 @@ def test_more_layouts_by_structure(tmp_path, family, writer):
 
 @pytest.mark.parametrize("family,match", [
     ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
-    ("falcon-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
+    ("falcon-steeper-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
     ("biogpt", "block 0 does not read token \\+ position embeddings"),  # its embedding module scales the table
-], ids=["phi-qk-norm", "falcon-alibi", "biogpt"])
-def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, family, match):
-    """These exported with wrong logits (max error 0.8-4.6): Phi's q / k LayerNorms and Falcon's ALiBi sit
-    inside the attention module, BioGPT's embedding module scales the table the graph Gathers. The last line of
-    defence, build_fused's check of the logits, catches what no part shows, and leaves no graph behind."""
+], ids=["phi-qk-norm", "falcon-steeper-alibi", "biogpt"])
+def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, family, match, monkeypatch):
+    """These exported with wrong logits (max error 0.8-4.6): Phi's q / k LayerNorms sit inside the attention
+    module, BioGPT's embedding module scales the table the graph Gathers; an attention using its ALiBi bias
+    in a way neither of the writer's readings takes (here: twice as steep) shows only in the logits. The last
+    line of defence, build_fused's check of the logits, catches what no part shows, and leaves no graph."""
+    from transformers.models.falcon import modeling_falcon
+
+    forward = modeling_falcon.FalconAttention.forward
+
+    def steeper(self, hidden_states, alibi, *args, **kwargs):
+        return forward(self, hidden_states, None if alibi is None else 2 * alibi, *args, **kwargs)
+
+    monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", steeper)
     from transformers import BioGptConfig, BioGptForCausalLM, FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
@@ -761,7 +845,8 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
                   max_position_embeddings=64)
     model = {"phi-qk-norm": lambda: PhiForCausalLM(PhiConfig(**common, intermediate_size=128, qk_layernorm=True,
                                                                  partial_rotary_factor=0.5)),
-             "falcon-alibi": lambda: FalconForCausalLM(FalconConfig(**common, alibi=True, initializer_range=0.3)),
+             "falcon-steeper-alibi": lambda: FalconForCausalLM(FalconConfig(  # eager: alibi read in attention
+                 **common, alibi=True, initializer_range=0.3, attn_implementation="eager")),
              "biogpt": lambda: BioGptForCausalLM(BioGptConfig(**common, intermediate_size=128))}[family]().eval()
     with pytest.raises(UnsupportedModelError, match=match):
         build_fused(model, tmp_path)
@@ -1017,6 +1102,26 @@ def test_fp16_of_a_fused_graph_keeps_rotary_angles_in_fp32_tables(tmp_path):
         ref = model(ids, use_cache=False).logits.numpy()[0]
     got = EdgeModel(tmp_path / "fp16", threads=1, verify=False).logits(ids.numpy())[0]
     assert np.abs(got - ref)[2048:].max() < 0.1  # fp16 rounding; the angles in fp16 gave 3
+
+
+def test_fp16_of_an_alibi_graph_computes_the_bias_in_fp32(tmp_path):
+    """Falcon's ALiBi bias (slope x position, then scaled) computed in fp16 moved the logits by 0.26 at position
+    2,000 (fp16's spacing near 500 is 0.25); the conversion keeps those nodes in fp32 and casts the bias once."""
+    from transformers import FalconConfig, FalconForCausalLM
+
+    from compress.quant.ort import fp16
+
+    torch.manual_seed(0)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=96, num_hidden_layers=2,
+                                           num_attention_heads=6, alibi=True, initializer_range=0.1)).eval()
+    build_fused(model, tmp_path / "fp32", max_length=2048)
+    info = fp16(tmp_path / "fp32", tmp_path / "fp16", exclude=[])
+    assert info["alibi_fp32_nodes"] >= 8 and info["excluded_nodes"] == []
+    ids = torch.randint(2, VOCAB, (1, 2000), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref = model(ids, use_cache=False).logits.numpy()[0]
+    got = EdgeModel(tmp_path / "fp16", threads=1, verify=False).logits(ids.numpy())[0]
+    assert np.abs(got - ref).max() < 0.02  # fp16 rounding elsewhere; the bias in fp16 gave 0.26
 
 
 @pytest.mark.parametrize("family", ["gpt2", "llama"])

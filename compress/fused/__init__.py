@@ -1,7 +1,7 @@
 """Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2,
 Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere, EXAONE 4),
-gpt2.py (GPT-2-shaped: GPT-2, OPT), neox.py (LayerNorm, rotary, parallel or sequential blocks: GPT-NeoX /
-Pythia, Phi, Falcon); graph.py holds what they share.
+gpt2.py (GPT-2-shaped: GPT-2, OPT), neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential
+blocks: GPT-NeoX / Pythia, Phi, Falcon, BLOOM); graph.py holds what they share.
 
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
@@ -12,7 +12,7 @@ from ..architecture import find
 from ..errors import UnsupportedModelError
 from ..pruning.lowrank import LowRankEmbedding
 from .gpt2 import build_gpt2, is_gpt2
-from .graph import rotary
+from .graph import alibi_slopes, rotary
 from .llama import build_llama
 from .neox import build_neox
 
@@ -20,11 +20,12 @@ from .neox import build_neox
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
     """Write path/model.onnx for `model` with the writer for its layout; the figures to record. The graph is
     run once against torch before it is kept (`_self_check`); a rotary graph that fails it is written once
-    more with the rotary embedding turning channel pairs (GLM, Helium) instead of halves.
+    more with the rotary embedding turning channel pairs (GLM, Helium) instead of halves, or with an ALiBi bias
+    added before the scores are scaled (Falcon) instead of after (BLOOM).
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
-    embedding to the GPT-NeoX writer, with learned positions and one packed [q | k | v] attention projection or
-    separate q / k / v to the GPT-2 writer; anything else is refused, naming the part."""
+    embedding or an ALiBi bias to the GPT-NeoX writer, with learned positions and one packed [q | k | v]
+    attention projection or separate q / k / v to the GPT-2 writer; anything else is refused, naming the part."""
     if isinstance(model.get_input_embeddings(), LowRankEmbedding):  # the layout finder would only say 'no embedding'
         raise UnsupportedModelError("fused export: the writers take a plain embedding table, and "
                                     "lowrank.embedding_rank factorized this one (its linear layers alone are fine)")
@@ -33,9 +34,10 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
     b = arch.blocks[0]
+    alibi = b.mlp.kind == "plain" and alibi_slopes(model, arch) is not None
     if b.mlp.kind in ("gated", "fused_gated"):
         writer, build = "Llama", build_llama
-    elif b.mlp.kind == "plain" and rotary(model) is not None:
+    elif b.mlp.kind == "plain" and (alibi or rotary(model) is not None):
         writer, build = "GPT-NeoX", build_neox
     elif is_gpt2(model, arch):
         writer, build = "GPT-2", build_gpt2
@@ -47,9 +49,10 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     except UnsupportedModelError:
         if build is build_gpt2:  # no rotary embedding: nothing else to try
             raise
-        # the rotary embedding may turn channel pairs (GLM, Helium) rather than halves: the module tree does not
-        # say which, the logits do
-        figures = build(model, path, max_length=max_length, arch=arch, interleaved=True)
+        # the module tree does not say whether the rotary embedding turns channel pairs (GLM, Helium) rather than
+        # halves, or where the ALiBi bias is added: the logits do
+        second = {"alibi_scaled": True} if alibi else {"interleaved": True}
+        figures = build(model, path, max_length=max_length, arch=arch, **second)
         _self_check(model, Path(figures["path"]), writer)
     return figures
 
@@ -81,11 +84,11 @@ def _self_check(model, onnx_file: Path, writer: str) -> None:
 
 
 def _no_writer(model, b) -> UnsupportedModelError:
-    return UnsupportedModelError(  # a plain MLP, no rotary embedding, q/k/v packed per head (BLOOM)
+    return UnsupportedModelError(  # a plain MLP, no positions the writers know
         f"fused export: no writer for the layout of {type(model).__name__}: its MLP {b.mlp.name} is plain "
-        f"({', '.join(b.mlp.ins)} -> {b.mlp.out}), it has no rotary embedding and its attention {b.attn.qkv} packs "
-        "q/k/v per head (rows [q k v] of head 0, of head 1, ...); the Llama writer takes a gated MLP, the GPT-NeoX "
-        "writer rotary positions, the GPT-2 writer a [q | k | v] packed attention projection or separate q / k / v")
+        f"({', '.join(b.mlp.ins)} -> {b.mlp.out}), it has no rotary embedding, no ALiBi bias, and no learned "
+        "position table the GPT-2 writer reads; the Llama writer takes a gated MLP, the GPT-NeoX writer rotary "
+        "or ALiBi positions, the GPT-2 writer learned positions")
 
 
 __all__ = ["build_fused", "build_gpt2", "build_llama", "build_neox"]

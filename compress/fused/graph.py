@@ -358,6 +358,64 @@ def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_si
     return caches
 
 
+ALIBI_PROBE = 300  # positions read: past 256, slope x position needs more than bfloat16's 8 significant bits
+
+
+def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
+    """An ALiBi position bias (BLOOM, Falcon with alibi): (the slope of each head, whether the model rounds
+    slope x position to bfloat16 as transformers' Falcon does), None where block 0 is given no `alibi`. The
+    bias is read from block 0's call on ALIBI_PROBE tokens (the model builds it before its blocks): per head
+    slope x the key's position, plus any constant per query row (softmax ignores it); another form is refused."""
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    cfg = model.config  # a model with a position table reads no further than it
+    length = min(ALIBI_PROBE, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+                 or ALIBI_PROBE)
+    _run(model, arch, [arch.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)], length)
+    bias = seen.get("alibi")
+    if not isinstance(bias, torch.Tensor):
+        return None
+    heads = arch.num_heads(0)
+    if bias.numel() != heads * length:
+        raise UnsupportedModelError(f"fused export: block 0's alibi has shape {list(bias.shape)}, not one row of "
+                                    f"{length} positions for each of {heads} heads")
+    bias = bias.detach().float().reshape(heads, length).cpu()
+    bias = bias - bias[:, :1]
+    slopes, j = bias[:, 1], torch.arange(length, dtype=torch.float32)
+    linear = slopes[:, None] * j
+    for rounded in (False, True):  # exactly as transformers computes it (fp32; Falcon's bfloat16)
+        if torch.equal(linear.bfloat16().float() if rounded else linear, bias):
+            return slopes.numpy(), rounded
+    raise UnsupportedModelError(f"fused export: block 0's alibi is not a slope per head times the key's position "
+                                f"({type(model).__name__}); the writer takes ALiBi in that form")
+
+
+def alibi_bias(g: _Graph, slopes: np.ndarray, rounded: bool, total64: str, scale: float = 1.0) -> str:
+    """GroupQueryAttention's attention_bias [1, heads, sequence, total] for ALiBi, once for all layers: slope x
+    the key's position (0 .. total - 1; rounded to bfloat16 and back where the model does), times `scale`,
+    added to the scaled scores. The op takes no bias broadcast over the query rows, hence the Expand."""
+    name = "/model/alibi"
+    total = g.op("Squeeze", [total64], f"{name}/Squeeze")
+    zero, one = (g.const(f"/model/constants/INT64/{v}", np.array(v, np.int64)) for v in (0, 1))
+    positions = g.op("Cast", [g.op("Range", [zero, total, one], f"{name}/Range")], f"{name}/Range/Cast",
+                     to=TensorProto.FLOAT)
+    bias = g.op("Mul", [g.const("model.alibi.slopes", slopes.astype(np.float32)[:, None, None]), positions],
+                f"{name}/Mul")  # [heads, 1, total]
+    if rounded:
+        bias = g.op("Cast", [g.op("Cast", [bias], f"{name}/Cast_bf16", to=TensorProto.BFLOAT16)],
+                    f"{name}/Cast_fp32", to=TensorProto.FLOAT)
+    if scale != 1.0:  # after the rounding, as the model scales it
+        bias = g.op("Mul", [bias, g.const("model.alibi.scale", np.array(scale, np.float32))], f"{name}/Mul_scale")
+    sequence = g.op("Shape", ["input_ids"], f"{name}/Shape", start=1, end=2)
+    shape = g.op("Concat", [g.const("/model/constants/INT64/[1, heads]", np.array([1, len(slopes)], np.int64)),
+                            sequence, total64], f"{name}/Concat", axis=0)
+    return g.op("Expand", [bias, shape], f"{name}/Expand")
+
+
 def no_rotary(model) -> UnsupportedModelError:
     return UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
                                  "inv_freq); the writer takes rotary positions")
@@ -367,11 +425,11 @@ class _Stop(Exception):
     """Raised by a hook to end the probe run early (probe_block stops after block 0)."""
 
 
-def _run(model, arch, handles: list) -> torch.Tensor:
-    """The model on 4 tokens in eval mode without gradients, its hooks (`handles`) removed and its mode
+def _run(model, arch, handles: list, length: int = 4) -> torch.Tensor:
+    """The model on `length` tokens in eval mode without gradients, its hooks (`handles`) removed and its mode
     restored afterwards; a hook may end it with _Stop. Returns the token ids."""
     emb = arch.module(arch.embedding)
-    ids = torch.arange(4, device=emb.weight.device)[None] % emb.num_embeddings
+    ids = torch.arange(length, device=emb.weight.device)[None] % emb.num_embeddings
     training = model.training
     model.eval()
     try:
@@ -422,7 +480,11 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
         seen["block"] = (args[0] if args else kwargs["hidden_states"], out[0] if isinstance(out, tuple) else out)
         raise _Stop
 
+    def attn_out(mod, args, out):  # the attention's own output (BLOOM's attention module adds the residual)
+        seen["attn_out"] = out.clone()
+
     handles = [m.register_forward_hook(record(k), with_kwargs=True) for k, m in parts.items()]
+    handles.append(arch.module(b.attn.o).register_forward_hook(attn_out))
     handles.append(block.register_forward_hook(stop, with_kwargs=True))
     ids = _run(model, arch, handles)
     ran = [k for k in order if k not in ("attn", "mlp_in", "mlp")]
@@ -460,7 +522,7 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
     if order.index("mlp") != mlp_in + 1 or len(before) > 1 or len(between) > 2 or len(after) > 1:
         return None
     x, out = seen["block"]
-    a, m = seen["attn"][1], seen["mlp"][1]
+    a, m = seen["attn_out"], seen["mlp"][1]
     post_attn = next((n for n in between[:1] if same(seen[n][0], a)), None)
     pre_mlp = [n for n in between if n != post_attn]
     if len(pre_mlp) > 1 or m.numel() != a.numel():
@@ -495,14 +557,22 @@ def fit_scale(y: torch.Tensor, x: torch.Tensor) -> float:
     return float(y @ x / (x @ x)) if float(x @ x) else 1.0
 
 
-def check_outside_blocks(model, arch, writer: str) -> None:
-    """What every writer takes outside the blocks: an nn.Linear head, one final norm, and no other projection
-    (OPT's project_in / project_out: a width the writers do not carry)."""
+def embedding_norm(arch, probe: dict) -> str | None:
+    """The norm outside the blocks that block 0's input comes out of (BLOOM's word_embeddings_layernorm), None
+    where there is none."""
+    with torch.no_grad():
+        return next((n for n in arch.outer_norms() if _close(arch.module(n)(probe["tokens"]), probe["x"])), None)
+
+
+def check_outside_blocks(model, arch, writer: str, embed_norm: str | None = None) -> str:
+    """What every writer takes outside the blocks: an nn.Linear head, one final norm besides `embed_norm` (a
+    norm of the embeddings, if the writer takes one), and no other projection (OPT's project_in / project_out:
+    a width the writers do not carry). Returns the final norm's name."""
     head = arch.module(arch.head) if arch.head else None
     if head is None or not _is_linear(head):
         raise UnsupportedModelError(f"fused export: the output head must be an nn.Linear, not "
                                     f"{type(head).__name__ if head is not None else 'missing'}")
-    if len(finals := arch.outer_norms()) != 1:
+    if len(finals := [n for n in arch.outer_norms() if n != embed_norm]) != 1:
         raise UnsupportedModelError(f"fused export: the {writer} writer takes one final norm outside the blocks, "
                                     f"found {finals or 'none'}")
     outside = [n for n, m in model.named_modules() if _is_linear(m) and n != arch.head
@@ -510,6 +580,7 @@ def check_outside_blocks(model, arch, writer: str) -> None:
     if outside:
         raise UnsupportedModelError(f"fused export: the {writer} writer takes no projection outside the blocks but "
                                     f"the LM head; found {', '.join(outside)}")
+    return finals[0]
 
 
 def refuse_head_norms(b, writer: str) -> None:

@@ -1,19 +1,21 @@
-"""An op-by-op ONNX writer for LayerNorm decoders with rotary positions and a plain MLP (transformers'
-GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout; or any
-model_type with that layout), fp32.
+"""An op-by-op ONNX writer for LayerNorm decoders with rotary or ALiBi positions and a plain MLP (transformers'
+GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with
+alibi; BloomForCausalLM; or any model_type with that layout), fp32.
 
 Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed
 per head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered
 here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads |
 k heads | v heads] (Falcon's multi-query: one KV head) or separate (Phi's); a rotary embedding over all of each
 head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor:
-GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of 16); LayerNorms, a
-final LayerNorm; a plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x))
-(GPT-NeoX's use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) +
-mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
+GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi
+bias (BLOOM, Falcon with alibi: GroupQueryAttention's attention_bias, slope x key position computed once per
+run from the slopes the model itself hands its blocks); LayerNorms, one of the embeddings where block 0 reads
+them normed (BLOOM), a final LayerNorm; a plain MLP with a GELU; the block wired in parallel, x +
+attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's use_parallel_residual, the default) or with one norm read by both,
+x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
 
-    attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers)
-    input_ids -> Gather (embed_in)
+    attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers); ALiBi: the bias too
+    input_ids -> Gather (embed_in) (-> LayerNormalization, BLOOM)
     per block (10 nodes, parallel with two norms and biases):
         SkipLayerNormalization input_layernorm: residual + the previous block's attention and MLP outputs
         (+ their biases), normed; block 0: LayerNormalization of the embeddings
@@ -31,11 +33,12 @@ projections (two MatMuls; a low-rank packed q/k/v has its second factor's rows r
 the layout and names of the other writers' graphs, so compress.edge's shared-cache loop and the int8 / int4
 quantizers take it unchanged.
 
-Refused with UnsupportedModelError: head_dim not a multiple of 16, a rotary width not a multiple of 16,
+Refused with UnsupportedModelError: with rotary, head_dim or the rotary width not a multiple of 16;
 sequence-length dependent rope types, activations other than the GELUs and ReLU, q / k norms (Phi's
-qk_layernorm), non-LayerNorm norms, an embedding scale or norm before block 0, a projection outside the
-blocks besides the LM head, modules other than nn.Linear / LowRankLinear, fp16/bf16 graphs; what none of
-these shows (Falcon's alibi) by build_fused's check of the logits."""
+qk_layernorm), non-LayerNorm norms, an embedding scale before block 0, a projection outside the
+blocks besides the LM head, modules other than nn.Linear / LowRankLinear, fp16/bf16 graphs, head-pruned ALiBi
+models (the slopes follow the config's head count); what none of these shows by build_fused's check of the
+logits."""
 from __future__ import annotations
 
 import copy
@@ -46,15 +49,17 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation,
-                    block_norms, check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm,
-                    lm_head, mask_lengths, no_rotary, output_file, plain_mlp_in, probe_block, refuse_head_norms,
-                    rope_caches, rotary, save)
+                    alibi_bias, alibi_slopes, block_norms, check_outside_blocks, config_activation, embedding_norm,
+                    io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, no_rotary, output_file, plain_mlp_in,
+                    probe_block, refuse_head_norms, rope_caches, rotary, save)
 
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
+ALIBI_LENGTH = 2048  # positions of an ALiBi model without a position table (BLOOM's training length)
 
 
-def _check(model, arch: Architecture) -> dict:
-    """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
+def _check(model, arch: Architecture) -> tuple[dict, str | None, str]:
+    """Refuse what the writer cannot write, naming the part; (what probe_block found in block 0, the embedding
+    norm or None, the final norm)."""
     cfg = model.config
     for i, b in enumerate(arch.blocks):
         refuse_head_norms(b, "GPT-NeoX")
@@ -65,13 +70,14 @@ def _check(model, arch: Architecture) -> dict:
         if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
                                         "supported by the GPT-NeoX writer (it takes the GELUs and ReLU)")
-    check_outside_blocks(model, arch, "GPT-NeoX")
     probe = probe_block(model, arch)
-    if not _close(probe["x"], probe["tokens"]):
-        raise UnsupportedModelError("fused export: block 0 does not read the token embeddings as they are (an "
-                                    "embedding scale, norm or position table is not supported by the GPT-NeoX "
-                                    "writer)")
-    return probe
+    embed_norm = embedding_norm(arch, probe)
+    final = check_outside_blocks(model, arch, "GPT-NeoX", embed_norm)
+    if embed_norm is None and not _close(probe["x"], probe["tokens"]):
+        raise UnsupportedModelError("fused export: block 0 does not read the token embeddings as they are or "
+                                    "through one norm (an embedding scale or position table is not supported by "
+                                    "the GPT-NeoX writer)")
+    return probe, embed_norm, final
 
 
 def _rows(m, order: list[int]):
@@ -97,37 +103,50 @@ def _blocks_order(heads: int, head_dim: int) -> list[int]:
 
 
 def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None,
-               interleaved: bool = False) -> dict:
+               interleaved: bool = False, alibi_scaled: bool = False) -> dict:
     """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data); the arguments
-    are build_llama's (llama.py). Returns figures of the graph."""
+    are build_llama's (llama.py); `alibi_scaled`: the ALiBi bias is added before the scores are scaled by
+    head_dim ** -0.5 (Falcon; BLOOM adds it after). Returns figures of the graph."""
     arch = arch or find(model)
-    probe = _check(model, arch)
+    probe, embed_norm, final_norm = _check(model, arch)
     cfg = model.config
     out = output_file(path)
     g = _Graph()
     head = arch.module(arch.head)
     inputs, outputs = io_info(_out_features(head))
-    seqlens_k, total_len, _ = mask_lengths(g)
+    seqlens_k, total_len, total64 = mask_lengths(g)
 
     embed = arch.module(arch.embedding)
     tied = is_tied(head, embed)
     table = g.const(f"{arch.embedding}.weight", _np(embed.weight))
     x = g.op("Gather", [table, "input_ids"], "/gpt_neox/embed_in/Gather", axis=0)
+    if embed_norm:
+        x, _ = layer_norm(g, arch.module(embed_norm), None, x, "/gpt_neox/embed_layernorm")
     head_dim = arch.head_dim()
-    cache_length = max_length or cfg.max_position_embeddings
-    if (rope := rotary(model)) is None:
+    cache_length = max_length or getattr(cfg, "max_position_embeddings", None) or ALIBI_LENGTH
+    if (alibi := alibi_slopes(model, arch)) is not None:  # a bias per head, no rotary (Falcon has the module)
+        slopes, rounded = alibi
+        attention_bias = alibi_bias(g, slopes, rounded, total64, head_dim ** -0.5 if alibi_scaled else 1.0)
+        positions = {"do_rotary": 0}
+        position_inputs = ["", "", "", attention_bias]  # cos, sin, position_ids, attention_bias
+    elif (rope := rotary(model)) is not None:
+        positions = {"do_rotary": 1, "rotary_interleaved": int(interleaved)}
+        position_inputs = rope_caches(g, rope, cache_length, head_dim)
+    else:
         raise no_rotary(model)
-    cos, sin = rope_caches(g, rope, cache_length, head_dim)
 
     label = config_activation(cfg)
     residual, pending, bias = x, None, None
     for i, b in enumerate(arch.blocks):
         p = f"/gpt_neox/layers.{i}"
         n, n_kv = arch.num_heads(i), arch.num_kv_heads(i)
-        if n == 0 or n_kv == 0 or n % n_kv or head_dim % 16:
+        if n == 0 or n_kv == 0 or n % n_kv or (head_dim % 16 and positions["do_rotary"]):
             raise UnsupportedModelError(f"fused export: layer {i} has {n} heads, {n_kv} KV heads, head_dim "
                                         f"{head_dim}; GroupQueryAttention needs at least one head, heads % kv_heads "
                                         "== 0 and head_dim % 16 == 0 (with rotary)")
+        if alibi is not None and n != len(slopes):
+            raise UnsupportedModelError(f"fused export: layer {i} has {n} heads and the ALiBi bias {len(slopes)} "
+                                        "slopes (a head-pruned ALiBi model)")
         norms = block_norms(arch, b, probe)
         x, residual = layer_norm(g, norms[0], pending, residual, f"{p}/input_layernorm", bias)
         x_mlp = x  # one norm: the MLP reads what the attention reads
@@ -148,10 +167,9 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
             raise UnsupportedModelError(f"fused export: layer {i}'s q/k/v projection is not {n} query and {n_kv} "
                                         f"key / value heads of {head_dim}")
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
-        y = g.op("GroupQueryAttention", [*qkv_in, *past, seqlens_k, total_len, cos, sin], f"{p}/attention/GQA",
-                 outputs=[f"{p}/attention/GQA/output_0", *present], domain=MS, num_heads=n, kv_num_heads=n_kv,
-                 scale=float(head_dim) ** -0.5, do_rotary=1, rotary_interleaved=int(interleaved),
-                 local_window_size=-1)[0]
+        y = g.op("GroupQueryAttention", [*qkv_in, *past, seqlens_k, total_len, *position_inputs],
+                 f"{p}/attention/GQA", outputs=[f"{p}/attention/GQA/output_0", *present], domain=MS, num_heads=n,
+                 kv_num_heads=n_kv, scale=float(head_dim) ** -0.5, local_window_size=-1, **positions)[0]
         attn_out, attn_bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attention/dense", keep_bias=True)
         if not probe["parallel"]:
             x_mlp, residual = layer_norm(g, norms[1], attn_out, residual, f"{p}/post_attention_layernorm",
@@ -166,9 +184,9 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
             biases = [g.take(nm) for nm in (attn_bias, bias) if nm]
             bias = g.const(f"{p.lstrip('/')}.attention_mlp.bias", sum(biases)) if biases else None
 
-    x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/gpt_neox/final_layer_norm", bias,
-                      last=True)
+    x, _ = layer_norm(g, arch.module(final_norm), pending, residual, "/gpt_neox/final_layer_norm", bias, last=True)
     lm_head(g, x, head, table, tied)
     return save(g, inputs, outputs, out, block_prefix="/gpt_neox/layers.", layers=len(arch.blocks),
                 tied_embeddings=tied, cache_length=cache_length, parallel_residual=probe["parallel"],
-                rotary_interleaved=interleaved)
+                **({"alibi": "scaled" if alibi_scaled else "added"} if alibi is not None
+                   else {"rotary_interleaved": interleaved}), embedding_norm=bool(embed_norm))

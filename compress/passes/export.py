@@ -42,13 +42,14 @@ class ExportConfig(PassConfig):
     graph: Literal["auto", "fused", "optimum"] = Field(
         "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-19 nodes per block, "
         "copy-free KV cache; Llama-, GPT-2- and GPT-NeoX-shaped decoders: SmolLM2, Mistral, Qwen2/3, Phi-3, "
-        "Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, Pythia, Phi, Falcon, ...); optimum "
+        "Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, Pythia, Phi, Falcon, BLOOM, ...); "
+        "optimum "
         "= optimum's traced export; auto = fused where the model is supported, else optimum, with the reason in "
         "the manifest",
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
-                                   "max_position_embeddings")
+                                   "max_position_embeddings (ALiBi models without one, BLOOM: 2,048)")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, le=20, description="ONNX opset of optimum's exporter (torch's exports "

@@ -740,11 +740,15 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
 
     model = _load(src)
     tables = onnx_tools.fold_rotary_caches(model)  # a fused graph's rotary angles need fp32 (see there)
+    # and its ALiBi bias: slope x position in fp16 (a spacing of 0.25 at 500) moved Falcon's logits by 0.26 at
+    # position 2,000; computed in fp32, it is cast once to fp16
+    alibi = onnx_tools.rotary_cache_nodes(model, onnx_tools.ATTENTION_BIAS)[0]
     excluded = matching_nodes(model, exclude)
-    if excluded:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
+    blocked = list(dict.fromkeys(excluded + alibi))
+    if blocked:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
         _infer_types(model)  # inference (its own) does not after contrib ops (fused graphs)
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded or None,
-                                         disable_shape_infer=bool(excluded)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked or None,
+                                         disable_shape_infer=bool(blocked)
                                          or model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
     # the converter gives each excluded reader of an fp16 tensor its own Cast back to fp32, all with one name
     # and one output (an invalid graph when two excluded nodes read it): the first computes it for all
@@ -754,7 +758,8 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
             converted.graph.node.remove(node)
         names.add(node.name)
     _finish(converted, dst, src)
-    return {"excluded_nodes": excluded, **({"rotary_tables": tables} if tables else {})}
+    return {"excluded_nodes": excluded, **({"rotary_tables": tables} if tables else {}),
+            **({"alibi_fp32_nodes": len(alibi)} if alibi else {})}
 
 
 # ----------------------------------------------------------------------------- encoders: per-row int8
