@@ -35,6 +35,17 @@ def is_external_data(name: str) -> bool:
     return name.endswith(".data") or name.endswith("_data")
 
 
+def proto_bytes(model) -> int:
+    """model.ByteSize(); past 2 GiB protobuf refuses to measure a message (BLOOM-560M in fp32), so there the
+    bytes of its initializers, which are already over the limit."""
+    from google.protobuf.message import EncodeError
+
+    try:
+        return model.ByteSize()
+    except EncodeError:
+        return sum(len(t.raw_data) for t in model.graph.initializer)
+
+
 def save_model(model, folder: Path, external: str = "auto") -> Path:
     """Write `model` (onnx.ModelProto, external data already loaded) as folder/model.onnx.
 
@@ -47,7 +58,7 @@ def save_model(model, folder: Path, external: str = "auto") -> Path:
     for f in folder.iterdir():  # stale graph / data files from an earlier save
         if f.name.startswith(ONNX_FILE) or is_external_data(f.name):
             f.unlink()
-    use_external = external == "always" or (external == "auto" and model.ByteSize() > EXTERNAL_ABOVE)
+    use_external = external == "always" or (external == "auto" and proto_bytes(model) > EXTERNAL_ABOVE)
     path = folder / ONNX_FILE
     if use_external:
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -1,5 +1,5 @@
 """Decode speed of the fused graph against optimum's on a family no packaged model covers: a real model's
-config (Gemma-3-270M), random weights. Speed depends on the shapes, not on the values, so only latency is
+config (Gemma-3-270M; BLOOM-560M, ALiBi), random weights. Speed depends on the shapes, not on the values, so only latency is
 measured: perplexity or agreement of random weights would mean nothing.
 
     flock /tmp/compress-heavy.lock .venv/bin/python -m studies.shape_speed [--model gemma-3-270m] [--rounds 2]
@@ -27,6 +27,10 @@ SHAPES = {
         layer_types=(["sliding_attention"] * 5 + ["full_attention"]) * 3, rope_theta=1_000_000.0,
         rope_local_base_freq=10_000.0, query_pre_attn_scalar=256, hidden_activation="gelu_pytorch_tanh",
         rms_norm_eps=1e-6, tie_word_embeddings=True, attn_logit_softcapping=None, final_logit_softcapping=None)),
+    # config.json of bigscience/bloom-560m (ALiBi positions, a LayerNorm of the embeddings, tied head)
+    "bloom-560m": ("BloomConfig", "BloomForCausalLM", dict(
+        vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16, layer_norm_epsilon=1e-5,
+        apply_residual_connection_post_layernorm=False, bos_token_id=1, eos_token_id=2, pad_token_id=3)),
 }
 
 PIPELINE = """\

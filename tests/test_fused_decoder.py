@@ -645,6 +645,29 @@ def test_bloom_fused_export_and_int8_through_the_passes(tmp_path):
     assert q.info["discrepancy"]["passed"] and q.info["discrepancy"]["top1_agreement"] >= 0.9
 
 
+def test_gptj_rotary_table_read_back_into_frequencies(tmp_path):
+    """GPT-J keeps its rotary embedding as a table in each attention module (embed_positions: sin | cos of
+    position x inv_freq, no module with inv_freq): the frequencies are read back from the table (to 3e-7),
+    GroupQueryAttention computes the rest; rotary over the first 16 of 32 channels, turning channel pairs
+    (found by the logits); parallel blocks with one norm, an LM head with a bias. Compared over 500 tokens."""
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    from compress.fused.graph import rotary
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = GPTJForCausalLM(GPTJConfig(vocab_size=VOCAB, n_embd=64, n_layer=LAYERS, n_head=2, rotary_dim=16,
+                                       n_positions=512, initializer_range=0.3, bos_token_id=None,
+                                       eos_token_id=None)).eval()
+    want = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
+    torch.testing.assert_close(rotary(model).inv_freq.double(), want, rtol=3e-7, atol=0)
+    figures = build_fused(model, tmp_path)
+    assert figures["rotary_interleaved"] and figures["parallel_residual"] and figures["max_nodes_per_block"] == 8
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(length=500))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+
+
 def test_falcon_alibi_added_before_scaling_and_rounded_to_bfloat16(tmp_path):
     """Falcon with alibi: the bias is added before the scores are scaled (the second reading build_fused tries,
     the first fails its check of the logits), and transformers rounds slope x position to bfloat16, which shows
@@ -824,10 +847,12 @@ def test_more_layouts_by_structure(tmp_path, family, writer):
     ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
     ("falcon-steeper-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
     ("biogpt", "block 0 does not read token \\+ position embeddings"),  # its embedding module scales the table
-], ids=["phi-qk-norm", "falcon-steeper-alibi", "biogpt"])
+    ("codegen", "the GPT-NeoX writer's graph gives logits .* away from torch's on CodeGenForCausalLM"),
+], ids=["phi-qk-norm", "falcon-steeper-alibi", "biogpt", "codegen"])
 def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, family, match, monkeypatch):
     """These exported with wrong logits (max error 0.8-4.6): Phi's q / k LayerNorms sit inside the attention
-    module, BioGPT's embedding module scales the table the graph Gathers; an attention using its ALiBi bias
+    module, BioGPT's embedding module scales the table the graph Gathers, CodeGen packs its qkv_proj in four
+    chunks of [q v k] (read as [q | k | v]); an attention using its ALiBi bias
     in a way neither of the writer's readings takes (here: twice as steep) shows only in the logits. The last
     line of defence, build_fused's check of the logits, catches what no part shows, and leaves no graph."""
     from transformers.models.falcon import modeling_falcon
@@ -838,7 +863,8 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
         return forward(self, hidden_states, None if alibi is None else 2 * alibi, *args, **kwargs)
 
     monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", steeper)
-    from transformers import BioGptConfig, BioGptForCausalLM, FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import (BioGptConfig, BioGptForCausalLM, CodeGenConfig, CodeGenForCausalLM, FalconConfig,
+                              FalconForCausalLM, PhiConfig, PhiForCausalLM)
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -847,7 +873,10 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
                                                                  partial_rotary_factor=0.5)),
              "falcon-steeper-alibi": lambda: FalconForCausalLM(FalconConfig(  # eager: alibi read in attention
                  **common, alibi=True, initializer_range=0.3, attn_implementation="eager")),
-             "biogpt": lambda: BioGptForCausalLM(BioGptConfig(**common, intermediate_size=128))}[family]().eval()
+             "biogpt": lambda: BioGptForCausalLM(BioGptConfig(**common, intermediate_size=128)),
+             "codegen": lambda: CodeGenForCausalLM(CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=4,
+                                                                 rotary_dim=16, initializer_range=0.3)),
+             }[family]().eval()
     with pytest.raises(UnsupportedModelError, match=match):
         build_fused(model, tmp_path)
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.data").exists()

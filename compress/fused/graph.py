@@ -273,9 +273,56 @@ def _same_rope(a, b) -> bool:
             and getattr(a, "attention_scaling", 1.0) == getattr(b, "attention_scaling", 1.0))
 
 
+class TableRotary:
+    """A rotary embedding given as a table (GPT-J's and CodeGen's embed_positions: [positions, rotary_dim], the
+    sines then the cosines of position x inv_freq), standing in for a module with inv_freq."""
+    rope_type, attention_scaling = "default", 1.0
+
+    def __init__(self, inv_freq: torch.Tensor):
+        self.inv_freq = inv_freq
+
+
+def _table_inv_freq(t: torch.Tensor) -> torch.Tensor | None:
+    """inv_freq of a [positions, 2 x k] table of sin | cos of position x inv_freq, None for anything else: the
+    angle at position 1 is inv_freq to about 1e-7, good enough to count the turns the last row's angle has
+    made, which gives it to about 1e-7 / positions; the table is then checked row by row."""
+    if not (t.dtype.is_floating_point and t.dim() == 2 and t.shape[0] > 2 and t.shape[1] % 2 == 0):
+        return None
+    t = t.detach().double().cpu()
+    half = t.shape[1] // 2
+    sin, cos = t[:, :half], t[:, half:]
+    last = t.shape[0] - 1
+    first, turned = torch.atan2(sin[1], cos[1]), torch.atan2(sin[last], cos[last])
+    inv_freq = (turned + 2 * torch.pi * torch.round((first * last - turned) / (2 * torch.pi))) / last
+    angles = torch.arange(t.shape[0], dtype=torch.float64)[:, None] * inv_freq
+    if not (torch.allclose(torch.sin(angles), sin, atol=1e-4) and torch.allclose(torch.cos(angles), cos, atol=1e-4)):
+        return None
+    return inv_freq.float()
+
+
+def _table_rotaries(model) -> list:
+    """The rotary tables the attention modules hold (plain tensors or buffers), as TableRotary; equal copies
+    count once."""
+    from ..architecture import find
+
+    try:
+        arch = find(model)
+    except UnsupportedModelError:
+        return []
+    found = []
+    for b in arch.blocks:
+        attn = arch.module(b.attn.name)
+        for t in [*attn.buffers(recurse=False), *(v for v in vars(attn).values() if isinstance(v, torch.Tensor))]:
+            inv_freq = _table_inv_freq(t)
+            if inv_freq is not None and not any(torch.equal(inv_freq, f.inv_freq) for f in found):
+                found.append(TableRotary(inv_freq))
+    return found
+
+
 def rotary(model):
-    """The model's rotary embedding module (the one holding inv_freq; copies per layer must agree), or None."""
-    found = _rotaries(model)
+    """The model's rotary embedding module (the one holding inv_freq; copies per layer must agree), or a
+    TableRotary for the table the attention modules hold; None where there is neither."""
+    found = _rotaries(model) or _table_rotaries(model)
     if len(found) > 1:
         raise UnsupportedModelError(f"fused export: {type(model).__name__} has rotary embeddings that differ "
                                     "(per layer or local / global); this writer takes one")

@@ -1,13 +1,14 @@
 """An op-by-op ONNX writer for LayerNorm decoders with rotary or ALiBi positions and a plain MLP (transformers'
 GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with
-alibi; BloomForCausalLM; or any model_type with that layout), fp32.
+alibi; GPTJForCausalLM; BloomForCausalLM; or any model_type with that layout), fp32.
 
 Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed
 per head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered
 here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads |
 k heads | v heads] (Falcon's multi-query: one KV head) or separate (Phi's); a rotary embedding over all of each
-head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor:
-GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi
+head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor, GPT-J's
+rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
+channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi
 bias (BLOOM, Falcon with alibi: GroupQueryAttention's attention_bias, slope x key position computed once per
 run from the slopes the model itself hands its blocks); LayerNorms, one of the embeddings where block 0 reads
 them normed (BLOOM), a final LayerNorm; a plain MLP with a GELU; the block wired in parallel, x +

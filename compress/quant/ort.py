@@ -749,7 +749,7 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
         _infer_types(model)  # inference (its own) does not after contrib ops (fused graphs)
     converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked or None,
                                          disable_shape_infer=bool(blocked)
-                                         or model.ByteSize() > onnx_tools.PROTOBUF_LIMIT // 2)
+                                         or onnx_tools.proto_bytes(model) > onnx_tools.PROTOBUF_LIMIT // 2)
     # the converter gives each excluded reader of an fp16 tensor its own Cast back to fp32, all with one name
     # and one output (an invalid graph when two excluded nodes read it): the first computes it for all
     names = set()
