@@ -20,15 +20,15 @@ from .errors import UnsupportedModelError
 
 # attention: separate (q, k, v) names, fused names with their row layout, output names, q/k norm names
 SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
-                ("wq", "wk", "wv"))
+                ("wq", "wk", "wv"), ("q", "k", "v"), ("query_proj", "key_proj", "value_proj"))  # MPNet, DeBERTa
 # blocks: rows [q heads | k heads | v heads] (Phi-3, GPT-2); per_head: rows [q k v] of head 0, of head 1, ...
 # (GPT-NeoX views the output as [heads, 3 * head_dim])
 FUSED_QKV = {"qkv_proj": "blocks", "c_attn": "blocks", "Wqkv": "blocks", "query_key_value": "per_head"}
-ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo")
+ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo", "o", "Wo")  # MPNet: o; ModernBERT: Wo
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 # MLP: gated (gate, up, down), fused gated (gate_up: gate rows first, then up rows; down), plain (in, out)
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
-FUSED_GATED = (("gate_up_proj", "down_proj"),)
+FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))  # ModernBERT: Wi = [activated half | gate]
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
          ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
 ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn", "gelu_impl")  # BLOOM: gelu_impl
@@ -365,12 +365,68 @@ def output_head(model: nn.Module, task: str | None = None) -> str | None:
 
 
 def keep_layer_fields(config, keep: list[int], total: int) -> None:
-    """Keep the kept layers' entries of the config's per-layer lists (PER_LAYER_FIELDS), as the block list keeps
-    their modules, so that the config rebuilds the pruned model (from_pretrained reads layer i's kind there)."""
+    """The config of a model keeping only layers `keep` (old indices) of `total`, in place: the layer count, the
+    kept layers' entries of its per-layer lists (PER_LAYER_FIELDS: from_pretrained reads layer i's kind there)
+    and of GPT-2 / BERT's pruned_heads (keyed by layer)."""
+    config.num_hidden_layers = len(keep)  # GPT-2's attribute_map sends this to n_layer
     for name in PER_LAYER_FIELDS:
         value = getattr(config, name, None)
         if isinstance(value, list) and len(value) == total:
             setattr(config, name, [value[i] for i in keep])
+    if getattr(config, "pruned_heads", None):
+        old = {int(k): v for k, v in config.pruned_heads.items()}
+        config.pruned_heads = {new: old[o] for new, o in enumerate(keep) if old.get(o)}
+
+
+LAYER_INDICES = ("layer_idx", "layer_id")  # what modules call their layer's index (ModernBERT: layer_id)
+
+
+def keep_layers_of(model: nn.Module, layers_name: str, keep: list[int], what: str) -> None:
+    """Cut the model's layer list (`layers_name`) to `keep` (old indices), renumber the layer indices its modules
+    keep (the KV cache reads layer_idx) and bring its config along (keep_layer_fields). Refused, before
+    anything changes, where the config would rebuild a kept layer as another kind than it is: ModernBERT makes
+    every n-th layer global by its index when it is built, which no config field can move (`what`: the
+    option to name)."""
+    layers = model.get_submodule(layers_name)
+    total = len(layers)
+    config = copy.deepcopy(model.config)
+    keep_layer_fields(config, keep, total)
+    if (diff := _layer_kind_change(model, layers_name, config, keep)) is not None:
+        raise UnsupportedModelError(
+            f"{what}: keeping layers {keep} of {type(model).__name__}, {diff}: its layers' kinds follow from "
+            "their positions (e.g. global_attn_every_n_layers); keep layers whose kinds match the positions they "
+            "move to")
+    parent, _, attr = layers_name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new, block in enumerate(model.get_submodule(layers_name)):
+        for m in block.modules():
+            for index in LAYER_INDICES:
+                if isinstance(getattr(m, index, None), int):
+                    setattr(m, index, new)
+    keep_layer_fields(model.config, keep, total)
+
+
+def _setting(v) -> bool:
+    """A value a module keeps as a setting: a number, flag or string (or a tuple of them)."""
+    return v is None or isinstance(v, bool | int | float | str) or (isinstance(v, tuple) and all(map(_setting, v)))
+
+
+def _layer_kind_change(model: nn.Module, layers_name: str, config, keep: list[int]) -> str | None:
+    """Where the layers `config` builds (on the meta device) differ from the kept ones the model's config builds
+    in a setting a module keeps (a number, flag or string besides its index): "layer i at position j would be
+    built with name.attr = X, not Y", None where none does."""
+    old = build_from_config(type(model), model.config).get_submodule(layers_name)
+    new = build_from_config(type(model), config).get_submodule(layers_name)
+    for j, i in enumerate(keep):
+        was = dict(old[i].named_modules())
+        for name, m in new[j].named_modules():
+            for key, value in vars(m).items():
+                if key.startswith("_") or key in ("training", *LAYER_INDICES) or not _setting(value):
+                    continue
+                if (before := vars(was[name]).get(key, value)) != value:
+                    where = f"{name}.{key}" if name else key
+                    return f"layer {i} moved to position {j} would be built with {where} = {value!r}, not {before!r}"
+    return None
 
 
 def find_layers(model: nn.Module) -> str:

@@ -188,3 +188,28 @@ def test_per_layer_config_lists_follow_kept_and_fresh_layers(tmp_path):
     for model, field in ((teacher, "no_rope_layers"), (gemma3, "layer_types")):
         fresh = fresh_student(model, {"num_hidden_layers": 6}, "causal-lm")
         assert len(getattr(fresh.config, field)) == 6 and len(get_layers(fresh)) == 6
+
+
+def test_layers_whose_kind_follows_their_position_are_refused_where_the_config_cannot_rebuild_them(tmp_path):
+    """ModernBERT fixes each layer's attention (global every n-th layer, else a local window) by its index when
+    it is built: keeping layers [0, 1, 3] of 4 (global every 2nd) moves local layer 3 to position 2, which
+    from_pretrained builds global (the student reloaded with other outputs). Refused, naming the setting;
+    [0, 1] keeps every layer's kind and reloads equal."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from compress.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    teacher = ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4,
+        global_attn_every_n_layers=2, local_attention=4, num_labels=3, pad_token_id=0)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"layer 3 moved to position 2 would be built with "
+                                                    r"attn\.local_attention = \(-1, -1\), not \(2, 2\)"):
+        keep_layers(teacher, [0, 1, 3])
+    assert len(teacher.model.layers) == 4  # refused before anything changed
+    student = keep_layers(teacher, [0, 1])
+    student.save_pretrained(tmp_path / "kept")
+    reloaded = ModernBertForSequenceClassification.from_pretrained(tmp_path / "kept").eval()
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)

@@ -492,3 +492,30 @@ def test_an_mlp_ratio_that_removes_nothing_at_round_to_1_names_only_the_ratio():
     round_to', which no round_to can be."""
     out = prune(art(tiny_llama()), PassContext(), targets=["mlp"], ratio=0.005, round_to=1)  # 63.68 -> 64
     assert out.info["mlp"]["note"] == "ratio=0.005 removes no MLP channels: 64 x 0.995 rounds to 64; use a larger ratio"
+
+
+def test_depth_pruning_refuses_a_cut_the_config_cannot_rebuild(tmp_path):
+    """ModernBERT makes every n-th layer global by its index (global_attn_every_n_layers): dropping layer 1 of
+    4 (global every 2nd) would move global layer 2 to a local position, and from_pretrained would build it
+    local. Refused, the model untouched; dropping layer 3 keeps every kind in place and reloads equal."""
+    from transformers import ModernBertConfig, ModernBertForSequenceClassification
+
+    from compress.architecture import find
+    from compress.errors import UnsupportedModelError
+    from compress.pruning.depth import drop_layers
+
+    torch.manual_seed(0)
+    model = ModernBertForSequenceClassification(ModernBertConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=4,
+        global_attn_every_n_layers=2, local_attention=4, num_labels=3, pad_token_id=0)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"prune\.targets: layers: keeping layers \[0, 2, 3\] .* layer 2 "
+                                                    r"moved to position 1 would be built with attn\.local_attention"):
+        drop_layers(model, find(model), [1])
+    assert len(model.model.layers) == 4 and model.config.num_hidden_layers == 4
+    drop_layers(model, find(model), [3])
+    assert [layer.attn.layer_id for layer in model.model.layers] == [0, 1, 2]
+    model.save_pretrained(tmp_path / "pruned")
+    reloaded = ModernBertForSequenceClassification.from_pretrained(tmp_path / "pruned").eval()
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import nn
 
-from ..architecture import PER_LAYER_FIELDS, keep_layer_fields
+from ..architecture import PER_LAYER_FIELDS, keep_layers_of
 from ..errors import ConfigError, UnsupportedModelError  # noqa: F401
 
 
@@ -69,23 +69,8 @@ def resolve_keep(spec, total: int) -> list[int]:
 def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     """A copy of `model` with only the blocks `keep` (their weights copied), a consistent config and
     renumbered per-layer indices (`layer_idx`, used by the KV cache of decoder models)."""
-    total = num_layers(model)
     student = copy.deepcopy(model)
-    path = layer_path(student)
-    parent_path, _, attr = path.rpartition(".")
-    parent = _get(student, parent_path) if parent_path else student
-    old = getattr(parent, attr)
-    setattr(parent, attr, nn.ModuleList([old[i] for i in keep]))
-    for new_idx, block in enumerate(getattr(parent, attr)):
-        for module in block.modules():
-            if hasattr(module, "layer_idx"):
-                module.layer_idx = new_idx
-    cfg = student.config
-    cfg.num_hidden_layers = len(keep)  # GPT-2's config maps this name to n_layer
-    if getattr(cfg, "pruned_heads", None):  # per-layer, keyed by the old index
-        old_heads = {int(k): v for k, v in cfg.pruned_heads.items()}
-        cfg.pruned_heads = {new: old_heads[o] for new, o in enumerate(keep) if old_heads.get(o)}
-    keep_layer_fields(cfg, keep, total)
+    keep_layers_of(student, layer_path(student), keep, "distill.student.keep_layers")
     return student
 
 
