@@ -15,7 +15,7 @@ from compress.checkpoint import Artifact, save
 from compress.data import DataSpec, PipelineData
 from compress.errors import CompressInputError
 from compress.passes import PassContext
-from tiny_models import ENCODERS, FAMILIES, family_tasks, family_tokenizer, tiny_family
+from tiny_models import ENCODERS, FAMILIES, MATRIX_EXTRA, family_tasks, family_tokenizer, tiny_family
 
 IDS = torch.tensor([[5, 17, 42, 99, 7, 300, 12, 8, 64, 33], [9, 9, 120, 250, 31, 4, 77, 200, 18, 6]])
 PASSES = ("distill", "mlp", "heads", "layers", "hidden", "lowrank", "export", "int8")
@@ -36,9 +36,10 @@ OVERRIDES = {("gemma", "heads"): {"gqa": "query"}}
 TORCH_PASSES = ("distill", "mlp", "heads", "layers", "hidden", "lowrank")
 
 
-def cases() -> list[tuple[str, str]]:
-    """(family, task): decoders as causal LMs, encoders as classifiers and feature extractors."""
-    return [(f, t) for f in FAMILIES for t in family_tasks(f)]
+def cases(extra: bool = False) -> list[tuple[str, str]]:
+    """(family, task): decoders as causal LMs, encoders as classifiers and feature extractors; `extra`: with
+    the families only the study's matrix shows (MATRIX_EXTRA)."""
+    return [(f, t) for f in FAMILIES + (MATRIX_EXTRA if extra else ()) for t in family_tasks(f)]
 
 
 def context(task: str, scratch: Path) -> PassContext:
@@ -137,7 +138,7 @@ def check_onnx(torch_model, onnx_art: Artifact, task: str, n_new: int = 8) -> st
 
 # The families whose chain ends in the fused graph (the export default). The other decoders' tiny head_dim of 8 is
 # below GroupQueryAttention's minimum with rotary (16), or their layout is one the fused writers refuse.
-FUSED = ("qwen3", "gemma3", "smollm3", "granite", "pythia", "phi", "opt", "gpt2")
+FUSED = ("qwen3", "gemma3", "smollm3", "granite", "pythia", "phi", "opt", "gpt2", "bloom", "gptj")
 
 
 def export_options(art: Artifact, family: str | None = None) -> dict:

@@ -86,6 +86,41 @@ def test_export_matches_torch_and_int8_reloads(chains, fam, task):
     assert back.kind == "onnx" and back.quantization["method"] == "ort-int8-dynamic"
 
 
+# ---------------------------------------------------------------------- families beside the chain
+EXTRA_CASES = [c for c in cases(extra=True) if c not in CASES]
+EXTRA_PASSES = ("mlp", "hidden", "lowrank")
+
+
+@pytest.fixture(scope="module")
+def extra_passes(tmp_path_factory):
+    """Falcon, BLOOM, GPT-J, MPNet, DeBERTa-v2, ModernBERT: each refuses a pass of the chain (studies.family_matrix
+    shows which), so MLP / hidden-width pruning and lowrank run one by one from the unpruned model and reload in
+    one fresh process."""
+    root = tmp_path_factory.mktemp("extra")
+    built = {}
+    for fam, task in EXTRA_CASES:
+        ctx = context(task, root / "scratch")
+        for key in EXTRA_PASSES:
+            out = run_pass(key, artifact(fam, task), ctx, fam)
+            built[(fam, task, key)] = (out, str(save(out, root / f"{fam}-{task}-{key}")))
+    return built, fresh_outputs([(p, not out.structure) for out, p in built.values()])
+
+
+@pytest.mark.parametrize("fam,task", EXTRA_CASES, ids=[f"{f}-{t}" for f, t in EXTRA_CASES])
+def test_families_beside_the_chain_prune_and_reload(extra_passes, fam, task):
+    built, fresh = extra_passes
+    for key in EXTRA_PASSES:
+        out, path = built[(fam, task, key)]
+        got = fresh[path]
+        assert "error" not in got, (key, got.get("error"))
+        expected = outputs(out.model)
+        torch.testing.assert_close(torch.tensor(got["load"]), expected, atol=1e-5, rtol=1e-5, msg=key)
+        if not out.structure:
+            torch.testing.assert_close(torch.tensor(got["plain"]), expected, atol=1e-5, rtol=1e-5, msg=key)
+        n_before = sum(p.numel() for p in artifact(fam, task).model.parameters())
+        assert sum(p.numel() for p in out.model.parameters()) < n_before, f"{key} removed nothing"
+
+
 # ---------------------------------------------------------------------- fused projections: exact on dead structure
 def _dead(model, fam: str, kind: str):
     from compress.architecture import find

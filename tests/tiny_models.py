@@ -156,6 +156,22 @@ def _family_specs() -> dict:
         "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
                     dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
                          num_labels=5)),
+        # GPT-J: parallel blocks with one norm, rotary over 16 of 16 channels from a table (no inv_freq), LM head bias
+        "gptj": (T.GPTJConfig, {lm: T.GPTJForCausalLM}, dict(vocab_size=VOCAB, n_embd=64, n_head=4, n_layer=4,
+                                                             rotary_dim=16, n_positions=256, bos_token_id=1,
+                                                             eos_token_id=1, pad_token_id=0)),
+        # encoders beside BERT's layout: MPNet (q / k / v / o, a relative position bias per head), DeBERTa-v2
+        # (query_proj / key_proj / value_proj, disentangled attention), ModernBERT (packed Wqkv, a gated Wi, rotary,
+        # a local window in all but every global_attn_every_n_layers-th layer)
+        "mpnet": (T.MPNetConfig, {"sequence-classification": T.MPNetForSequenceClassification,
+                                  "feature-extraction": T.MPNetModel},
+                  dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
+                       max_position_embeddings=260)),
+        "deberta_v2": (T.DebertaV2Config, {"sequence-classification": T.DebertaV2ForSequenceClassification},
+                       dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5)),
+        "modernbert": (T.ModernBertConfig, {"sequence-classification": T.ModernBertForSequenceClassification},
+                       dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
+                            global_attn_every_n_layers=2, local_attention=16)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -163,7 +179,10 @@ def _family_specs() -> dict:
 
 FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", "phi3", "smollm3", "granite",
             "gpt_neox", "pythia", "phi", "opt", "gpt2", "bert", "roberta", "distilbert")
-ENCODERS = ("bert", "roberta", "distilbert")
+ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
+# families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
+# pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
+MATRIX_EXTRA = ("falcon", "bloom", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:
