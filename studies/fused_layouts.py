@@ -93,8 +93,8 @@ LAYOUTS = {
         vocab_size=128, d_model=64, ffn_dim=128, num_layers=2, attention_heads=2, max_position_embeddings=64)),
     "GPT-J": lambda: T.GPTJForCausalLM(T.GPTJConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=2, rotary_dim=16,
                                                      n_positions=64)),
-    "CodeGen": lambda: T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=2,
-                                                             rotary_dim=16, n_positions=64)),
+    "CodeGen": lambda: T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
+                                                             rotary_dim=16, n_positions=64)),  # 4 | its mp_num
     "BLOOM (ALiBi)": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=2)),
     "MPT (ALiBi)": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2,
                                                         max_seq_len=64)),

@@ -882,6 +882,18 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.data").exists()
 
 
+def test_a_model_whose_own_forward_fails_is_refused_naming_the_error(tmp_path):
+    """CodeGen with 2 heads cannot run (its code splits q/k/v into 4 chunks of heads): the writers' probe run
+    raised the model's RuntimeError; now a refusal naming it (export's graph: auto then tries optimum's)."""
+    from transformers import CodeGenConfig, CodeGenForCausalLM
+
+    model = CodeGenForCausalLM(CodeGenConfig(vocab_size=VOCAB, n_embd=64, n_layer=2, n_head=2, rotary_dim=16)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"CodeGenForCausalLM fails on \d+ tokens before the writer "
+                                                    r"could read it \(RuntimeError: shape"):
+        build_fused(model, tmp_path)
+    assert not (tmp_path / "model.onnx").exists()
+
+
 def test_neox_rotary_over_a_width_ortgqa_cannot_rotate_is_refused(tmp_path):
     with pytest.raises(UnsupportedModelError, match="rotary embedding over 8 of 32 channels per head"):
         build_fused(tiny_neox(rotary_pct=0.25), tmp_path)

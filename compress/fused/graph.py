@@ -465,7 +465,8 @@ def alibi_bias(g: _Graph, slopes: np.ndarray, rounded: bool, total64: str, scale
 
 def no_rotary(model) -> UnsupportedModelError:
     return UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
-                                 "inv_freq); the writer takes rotary positions")
+                                 "inv_freq, or a sin | cos table in its attention); the writer takes rotary "
+                                 "positions")
 
 
 class _Stop(Exception):
@@ -484,6 +485,9 @@ def _run(model, arch, handles: list, length: int = 4) -> torch.Tensor:
             model(input_ids=ids, use_cache=False)
     except _Stop:
         pass
+    except Exception as exc:  # noqa: BLE001 - whatever the model's own code raises, as a refusal naming it
+        raise UnsupportedModelError(f"fused export: {type(model).__name__} fails on {length} tokens before the "
+                                    f"writer could read it ({type(exc).__name__}: {exc})") from exc
     finally:
         model.train(training)
         for h in handles:
