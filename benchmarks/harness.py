@@ -149,14 +149,14 @@ def onnx_params(path: Path) -> int:
     """Elements of the graph's weight initializers, quantized weights counted once each (the model's parameters,
     as torch counts them). Not parameters: quantization's scales, zero points and per-block offsets, integer
     shape / axis constants, and the rotary cos / sin caches of a fused graph, or the positions and inv_freq it
-    computes them from (torch derives them from the config too)."""
+    computes them from, and its ALiBi slopes (torch derives them from the config too)."""
     import onnx
 
-    from compress.onnx_tools import rotary_cache_nodes
+    from compress.onnx_tools import ATTENTION_BIAS, gqa_input_nodes
 
     model = onnx.load(str(path / "model.onnx"), load_external_data=False)
     producer = {o: n for n in model.graph.node for o in n.output}
-    skip = rotary_cache_nodes(model)[1]
+    skip = gqa_input_nodes(model)[1] | gqa_input_nodes(model, ATTENTION_BIAS)[1]
     # packed 4-bit weights hold two a byte: count the weights, not the bytes
     counts: dict[str, int] = {}  # MatMulNBits' packed B -> N * K
     two_a_byte: set[str] = set()  # 4-bit GatherBlockQuantized tables stored as uint8

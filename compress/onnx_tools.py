@@ -204,11 +204,13 @@ def optimize_graph(folder: Path, model_type: str, num_heads: int, hidden_size: i
     return out
 
 
-def rotary_cache_nodes(model, inputs: tuple[int, ...] = (7, 8)) -> tuple[list[str], set[str]]:
-    """The nodes computing a fused graph's rotary cos / sin caches (GroupQueryAttention's inputs 7 and 8:
-    Mul, Cos, Sin of positions and inv_freq, folded when a session starts) and the initializers they read:
-    (node names, initializer and graph input names). `inputs` (10): those computing its attention_bias
-    (ALiBi)."""
+ROTARY_CACHES, ATTENTION_BIAS = (7, 8), (10,)  # GroupQueryAttention's cos / sin caches, its attention_bias
+
+
+def gqa_input_nodes(model, inputs: tuple[int, ...] = ROTARY_CACHES) -> tuple[list[str], set[str]]:
+    """The nodes computing a fused graph's GroupQueryAttention `inputs` and the initializers and graph inputs
+    they read: (node names, those names). ROTARY_CACHES: Mul, Cos, Sin of positions and inv_freq, folded
+    when a session starts; ATTENTION_BIAS: ALiBi's slope x position, computed every run."""
     producer = {o: n for n in model.graph.node for o in n.output}
     nodes, inits = [], set()
     todo = [n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in inputs
@@ -224,9 +226,6 @@ def rotary_cache_nodes(model, inputs: tuple[int, ...] = (7, 8)) -> tuple[list[st
     return nodes, inits
 
 
-ATTENTION_BIAS = (10,)  # GroupQueryAttention's attention_bias input
-
-
 def fold_rotary_caches(model) -> int:
     """Replace the nodes computing a fused graph's cos / sin caches by their values (fp32 tables, as the
     graph computed them), for a float16 graph: fp16 holds positions exactly only up to 2048 and angles of
@@ -235,7 +234,7 @@ def fold_rotary_caches(model) -> int:
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
 
-    names, inits = rotary_cache_nodes(model)
+    names, inits = gqa_input_nodes(model)
     if not names:
         return 0
     nodes = [n for n in model.graph.node if n.name in names]

@@ -615,6 +615,10 @@ def test_bloom_alibi_with_its_embedding_norm(tmp_path):
     figures = build_fused(model, tmp_path)
     assert figures["alibi"] == "added" and figures["embedding_norm"] and figures["max_nodes_per_block"] == 9
     assert figures["ops"]["GroupQueryAttention"] == LAYERS and figures["ops"]["Expand"] == 1  # one bias
+    from benchmarks.harness import onnx_params  # the slopes are not parameters (torch computes them)
+    from compress.models import count_parameters
+
+    assert onnx_params(tmp_path) == count_parameters(model)
     edge = EdgeModel(tmp_path, threads=1)
     assert_logits_match(model, edge, prompt(batch=2, length=10))
     assert_logits_match(model, edge, prompt(length=280))

@@ -742,7 +742,7 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
     tables = onnx_tools.fold_rotary_caches(model)  # a fused graph's rotary angles need fp32 (see there)
     # and its ALiBi bias: slope x position in fp16 (a spacing of 0.25 at 500) moved Falcon's logits by 0.26 at
     # position 2,000; computed in fp32, it is cast once to fp16
-    alibi = onnx_tools.rotary_cache_nodes(model, onnx_tools.ATTENTION_BIAS)[0]
+    alibi = onnx_tools.gqa_input_nodes(model, onnx_tools.ATTENTION_BIAS)[0]
     excluded = matching_nodes(model, exclude)
     blocked = list(dict.fromkeys(excluded + alibi))
     if blocked:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
