@@ -519,3 +519,31 @@ def test_depth_pruning_refuses_a_cut_the_config_cannot_rebuild(tmp_path):
     ids = torch.randint(5, 300, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_stablelm_heads_prune_and_reload_and_per_head_norms_are_refused(tmp_path, monkeypatch):
+    """StableLM reshapes its attention output to the module's hidden_size: head pruning failed its forward
+    pass until that width follows the kept heads (an attention_heads entry: its config derives head_dim from
+    hidden_size). Its qk_layernorm variant, one LayerNorm module per head, is refused by name (it raised an
+    AttributeError)."""
+    import transformers as T
+    from family_cases import artifact, context, outputs, run_pass
+    from transformers.models.stablelm import modeling_stablelm
+
+    from tiny_models import VOCAB, family_tokenizer
+
+    ctx = context("causal-lm", tmp_path / "scratch")
+    out = run_pass("heads", artifact("stablelm", "causal-lm"), ctx, "stablelm")
+    assert [e["type"] for e in out.structure] == ["attention_heads"]
+    assert out.model.model.layers[0].self_attn.hidden_size == 2 * 8
+    path = save(out, tmp_path / "pruned")
+    torch.testing.assert_close(torch.tensor(fresh_outputs([(str(path), False)])[str(path)]["load"]),
+                               outputs(out.model), atol=1e-5, rtol=1e-5)
+    # transformers 4.57 cannot initialise the per-head norms (bias=False); their init does not matter here
+    monkeypatch.setattr(modeling_stablelm.StableLmPreTrainedModel, "_init_weights", lambda self, m: None)
+    model = T.StableLmForCausalLM(T.StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                                   num_attention_heads=4, num_key_value_heads=4, num_hidden_layers=2,
+                                                   qk_layernorm=True))
+    qk = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("stablelm"), model=model.eval())
+    with pytest.raises(UnsupportedModelError, match="q_layernorm is a StableLmLayerNormPerHead"):
+        run_pass("heads", qk, ctx, "stablelm")

@@ -106,8 +106,13 @@ def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
     return torch.cat([torch.arange(h * hd, (h + 1) * hd) for h in heads]) if heads else torch.zeros(0, dtype=torch.long)
 
 
-def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int) -> None:
-    """Head counts some attention modules keep as attributes (read in forward)."""
+def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
+    """Head counts some attention modules keep as attributes (read in forward), and the width of the heads
+    where a module keeps it as hidden_size (StableLM reshapes its attention output to that)."""
+    heads = next((v for a in ("num_heads", "num_attention_heads") if isinstance(v := getattr(attn, a, None), int)),
+                 None)
+    if heads is not None and getattr(attn, "hidden_size", None) == heads * hd:
+        attn.hidden_size = n_q * hd
     for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv),
                         ("num_key_value_groups", n_q // n_kv)):
         if isinstance(getattr(attn, attr, None), int):
@@ -128,6 +133,11 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
         assert all(q // rep == kv for q in keep_q[g * per_group:(g + 1) * per_group]), (keep_q, keep_kv)
     hd = ad.head_dim()
     a = ad.attn(i)
+    for norm in (a.q_norm, a.k_norm):  # StableLM's qk_layernorm: a LayerNorm module per head
+        if norm and not isinstance(getattr(model.get_submodule(norm), "weight", None), torch.Tensor):
+            raise UnsupportedModelError(f"prune targets heads: {norm} is a {type(model.get_submodule(norm)).__name__}"
+                                        " (a norm module per head), which head pruning does not cut; prune other "
+                                        "targets")
     q_rows, kv_rows = _head_rows(keep_q, hd), _head_rows(keep_kv, hd)
     if a.qkv_layout == "separate":
         for name, rows in ((a.q, q_rows), (a.k, kv_rows), (a.v, kv_rows)):
@@ -144,7 +154,7 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
         m = model.get_submodule(norm) if norm else None
         if m is not None and m.weight.shape[0] == width != hd:  # OLMo-2: one q (k) norm over all heads
             m.weight = nn.Parameter(m.weight.detach()[rows].clone())
-    _set_head_attrs(model.get_submodule(a.name), len(keep_q), len(keep_kv))
+    _set_head_attrs(model.get_submodule(a.name), len(keep_q), len(keep_kv), hd)
 
 
 prune_llama_heads = prune_attention_heads
@@ -224,7 +234,7 @@ def apply_attention_heads(model: nn.Module, entry: dict) -> None:
             m = model.get_submodule(name)
             set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), rows))
         set_module(model, a.o, empty_like_linear(model.get_submodule(a.o), n_q * hd, hidden))
-        _set_head_attrs(model.get_submodule(a.name), n_q, n_kv)
+        _set_head_attrs(model.get_submodule(a.name), n_q, n_kv, hd)
 
 
 def hf_prunes_heads(model: nn.Module) -> bool:
