@@ -3,8 +3,9 @@
     python -m studies.family_matrix [--out benchmarks/results/families] [--families llama gpt2 ...]
 
 Each family (tests/tiny_models.py: Llama, SmolLM2-shaped, Qwen2, Qwen3, Mistral, Gemma, Gemma 3, Phi-3, SmolLM3,
-Granite, GPT-NeoX, Pythia-shaped GPT-NeoX, Phi, OPT, GPT-2, BERT, RoBERTa, DistilBERT, and beside the chain tests'
-families Falcon, BLOOM, GPT-J; encoders as classifiers and feature extractors) goes through each pass on its own, from the unpruned model: distill (a keep-layers
+Granite, GPT-NeoX, Pythia-shaped GPT-NeoX, Phi, StableLM, OPT, GPT-2, BERT, RoBERTa, DistilBERT, and beside the
+chain tests' families Falcon, BLOOM, GPT-J, MPNet, DeBERTa-v2, ModernBERT; encoders as classifiers and feature
+extractors) goes through each pass on its own, from the unpruned model: distill (a keep-layers
 student), prune MLP / heads / layers / hidden width, lowrank, export, int8 (export then quantize
 ort-int8-dynamic). A torch cell is "reloads + matches" when
 compress.load in a fresh process (and plain from_pretrained when the structure is stock) gives the

@@ -67,7 +67,7 @@ def test_every_pass_reloads_and_matches(chains, fam, task):
     assert any(e["type"] == "lowrank" for e in final.structure)
     # configs that carry head_dim, and no embedding scale derived from hidden_size (Gemma's sqrt(hidden))
     # (OPT and GPT-NeoX, like GPT-2, derive head_dim from hidden_size)
-    stock_hidden = fam not in ("gpt2", "gpt_neox", "pythia", "gemma", "gemma3", "opt", *ENCODERS)
+    stock_hidden = fam not in ("gpt2", "gpt_neox", "pythia", "gemma", "gemma3", "opt", "stablelm", *ENCODERS)
     assert any(e["type"] == "hidden_width" for e in final.structure) != stock_hidden
     if stock_hidden:
         assert final.model.config.hidden_size == arch.hidden_size

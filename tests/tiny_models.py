@@ -178,11 +178,11 @@ def _family_specs() -> dict:
 
 
 FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", "phi3", "smollm3", "granite",
-            "gpt_neox", "pythia", "phi", "opt", "gpt2", "bert", "roberta", "distilbert")
+            "gpt_neox", "pythia", "phi", "stablelm", "opt", "gpt2", "bert", "roberta", "distilbert")
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("stablelm", "falcon", "bloom", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "bloom", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:
