@@ -391,7 +391,8 @@ def keep_layers_of(model: nn.Module, layers_name: str, keep: list[int], what: st
     total = len(layers)
     config = copy.deepcopy(model.config)
     keep_layer_fields(config, keep, total)
-    if (diff := _layer_kind_change(model, layers_name, config, keep)) is not None:
+    diff, indices = _layer_kind_change(model, layers_name, config, keep)
+    if diff is not None:
         raise UnsupportedModelError(
             f"{what}: keeping layers {keep} of {type(model).__name__}, {diff}: its layers' kinds follow from "
             "their positions (e.g. global_attn_every_n_layers); keep layers whose kinds match the positions they "
@@ -400,8 +401,8 @@ def keep_layers_of(model: nn.Module, layers_name: str, keep: list[int], what: st
     setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([layers[i] for i in keep]))
     for new, block in enumerate(model.get_submodule(layers_name)):
         for m in block.modules():
-            for index in LAYER_INDICES:
-                if isinstance(getattr(m, index, None), int):
+            for index in indices:
+                if type(getattr(m, index, None)) is int:
                     setattr(m, index, new)
     keep_layer_fields(model.config, keep, total)
 
@@ -411,22 +412,33 @@ def _setting(v) -> bool:
     return v is None or isinstance(v, bool | int | float | str) or (isinstance(v, tuple) and all(map(_setting, v)))
 
 
-def _layer_kind_change(model: nn.Module, layers_name: str, config, keep: list[int]) -> str | None:
-    """Where the layers `config` builds (on the meta device) differ from the kept ones the model's config builds
-    in a setting a module keeps (a number, flag or string besides its index): "layer i at position j would be
-    built with name.attr = X, not Y", None where none does."""
+def _layer_kind_change(model: nn.Module, layers_name: str, config, keep: list[int]) -> tuple[str | None, set]:
+    """(where the layers `config` builds (on the meta device) differ from the kept ones the model's config
+    builds: another module, or another setting a module keeps (a number, flag or string), None where none
+    does; the settings that are the layer's index: LAYER_INDICES and any other reading i in layer i and j at
+    position j, e.g. GPT-NeoX-Japanese's layer_number)."""
     old = build_from_config(type(model), model.config).get_submodule(layers_name)
     new = build_from_config(type(model), config).get_submodule(layers_name)
+    indices = set(LAYER_INDICES)
     for j, i in enumerate(keep):
         was = dict(old[i].named_modules())
         for name, m in new[j].named_modules():
+            where = f"layer {i} {'at' if i == j else 'moved to'} position {j} would be built with {name or 'a block'}"
+            if type(was.get(name)) is not type(m):  # Qwen2-MoE's mlp_only_layers: dense MLP or experts by index
+                return f"{where} a {type(m).__name__}, not {type(was.get(name)).__name__}", indices
+            params = [sorted(n for n, _ in x.named_parameters(recurse=False)) for x in (m, was[name])]
+            if params[0] != params[1]:
+                return f"{where} holding parameters {params[0]}, not {params[1]}", indices
             for key, value in vars(m).items():
-                if key.startswith("_") or key in ("training", *LAYER_INDICES) or not _setting(value):
+                if key.startswith("_") or key in ("training", *indices) or not _setting(value):
                     continue
-                if (before := vars(was[name]).get(key, value)) != value:
-                    where = f"{name}.{key}" if name else key
-                    return f"layer {i} moved to position {j} would be built with {where} = {value!r}, not {before!r}"
-    return None
+                if (before := vars(was[name]).get(key, value)) == value:
+                    continue
+                if type(value) is int and (before, value) == (i, j):  # an index under another name
+                    indices.add(key)
+                    continue
+                return f"{where}.{key} = {value!r}, not {before!r}" if name else f"{where} {key} = {value!r}", indices
+    return None, indices
 
 
 def find_layers(model: nn.Module) -> str:

@@ -213,3 +213,37 @@ def test_layers_whose_kind_follows_their_position_are_refused_where_the_config_c
     ids = torch.randint(5, 300, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+
+
+def test_layer_index_under_another_name_is_renumbered_and_other_modules_by_index_refused(tmp_path):
+    """GPT-NeoX-Japanese keeps its index as layer_number: found as an index (layer i holds i, position j gets
+    j), renumbered, not read as a change of kind (such cuts were refused); its last layer alone has an
+    attention bias, so dropping the last layer is refused. Qwen2-MoE builds a dense MLP or
+    experts by index (mlp_only_layers): a kept layer whose module would change is refused by name (a KeyError
+    escaped)."""
+    from transformers import (AutoModelForCausalLM, GPTNeoXJapaneseConfig, GPTNeoXJapaneseForCausalLM,
+                              Qwen2MoeConfig, Qwen2MoeForCausalLM)
+
+    from compress.errors import UnsupportedModelError
+
+    torch.manual_seed(0)
+    teacher = GPTNeoXJapaneseForCausalLM(GPTNeoXJapaneseConfig(
+        vocab_size=384, hidden_size=32, intermediate_multiple_size=2, num_attention_heads=4,
+        num_hidden_layers=4)).eval()
+    student = keep_layers(teacher, [0, 2, 3])
+    assert [layer.layer_number for layer in student.gpt_neox_japanese.layers] == [0, 1, 2]
+    with pytest.raises(UnsupportedModelError, match=r"layer 2 at position 2 would be built with attention "
+                                                    r"holding parameters \['dense_bias'\], not \[\]"):
+        keep_layers(teacher, [0, 1, 2])  # its last layer's attention alone has a bias
+    student.save_pretrained(tmp_path / "kept")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kept").eval()
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+    moe = Qwen2MoeForCausalLM(Qwen2MoeConfig(
+        vocab_size=384, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+        shared_expert_intermediate_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=4,
+        num_experts=4, num_experts_per_tok=2, mlp_only_layers=[0])).eval()
+    with pytest.raises(UnsupportedModelError, match=r"layer 1 moved to position 0 would be built with mlp a "
+                                                    r"Qwen2MoeMLP, not Qwen2MoeSparseMoeBlock"):
+        keep_layers(moe, [1, 2, 3])

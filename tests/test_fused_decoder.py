@@ -625,6 +625,31 @@ def test_bloom_alibi_with_its_embedding_norm(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
+def test_alibi_head_dim_ortgqa_cannot_run_is_refused_and_nothing_left(tmp_path):
+    """GroupQueryAttention needs head_dim % 8 == 0 without rotary: BLOOM with heads of 12 raised ONNX Runtime's
+    error from the self-check and left the graph on disk; now refused by the writer, naming the rule."""
+    from transformers import BloomConfig, BloomForCausalLM
+
+    model = BloomForCausalLM(BloomConfig(vocab_size=VOCAB, hidden_size=48, n_head=4, n_layer=2)).eval()
+    with pytest.raises(UnsupportedModelError, match=r"head_dim 12; .* % 8 without"):
+        build_fused(model, tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_graph_onnx_runtime_cannot_run_is_refused_and_deleted(tmp_path, monkeypatch):
+    """Whatever ONNX Runtime raises on the written graph (an op's own limits) is a refusal, and the files go."""
+    from compress.edge import EdgeModel as Edge
+
+    def fails(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : head_size must be a multiple of 8")
+
+    monkeypatch.setattr(Edge, "logits", fails)
+    with pytest.raises(UnsupportedModelError, match="ONNX Runtime cannot run the Llama writer's graph of "
+                                                    "LlamaForCausalLM .*head_size must be a multiple of 8"):
+        build_fused(tiny(), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_bloom_fused_export_and_int8_through_the_passes(tmp_path):
     """export's graph: auto takes BLOOM fused now; the int8 quantizer and the edge loop take the graph with
     its attention bias as they take the others."""
@@ -651,9 +676,10 @@ def test_bloom_fused_export_and_int8_through_the_passes(tmp_path):
 
 def test_gptj_rotary_table_read_back_into_frequencies(tmp_path):
     """GPT-J keeps its rotary embedding as a table in each attention module (embed_positions: sin | cos of
-    position x inv_freq, no module with inv_freq): the frequencies are read back from the table (to 3e-7),
-    GroupQueryAttention computes the rest; rotary over the first 16 of 32 channels, turning channel pairs
-    (found by the logits); parallel blocks with one norm, an LM head with a bias. Compared over 500 tokens."""
+    position x inv_freq, no module with inv_freq): the frequencies are read back from the table (exactly
+    from 2,048 rows, to 3e-7 from 512), GroupQueryAttention computes the rest; rotary over the first 16 of 32
+    channels, turning channel pairs (found by the logits); parallel blocks with one norm, an LM head with a
+    bias. Compared over 500 tokens."""
     from transformers import GPTJConfig, GPTJForCausalLM
 
     from compress.fused.graph import rotary
@@ -665,6 +691,13 @@ def test_gptj_rotary_table_read_back_into_frequencies(tmp_path):
                                        eos_token_id=None)).eval()
     want = 1.0 / 10000 ** (torch.arange(0, 16, 2, dtype=torch.float64) / 16)
     torch.testing.assert_close(rotary(model).inv_freq.double(), want, rtol=3e-7, atol=0)
+    from transformers.models.gptj.modeling_gptj import create_sinusoidal_positions
+
+    from compress.fused.graph import _table_inv_freq
+
+    for positions in (2048, 8192):  # long tables: read back exactly (8,192 rows were not recognised)
+        exact = (1.0 / (10000 ** (torch.arange(0, 64, 2, dtype=torch.int64) / 64))).float()
+        assert torch.equal(_table_inv_freq(create_sinusoidal_positions(positions, 64)), exact)
     figures = build_fused(model, tmp_path)
     assert figures["rotary_interleaved"] and figures["parallel_residual"] and figures["max_nodes_per_block"] == 8
     edge = EdgeModel(tmp_path, threads=1)
@@ -672,26 +705,31 @@ def test_gptj_rotary_table_read_back_into_frequencies(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
-def test_falcon_alibi_added_before_scaling_and_rounded_to_bfloat16(tmp_path):
+@pytest.mark.parametrize("heads,table", [(4, 2048), (12, 200)], ids=["4-heads", "12-heads-200-positions"])
+def test_falcon_alibi_added_before_scaling_and_rounded_to_bfloat16(tmp_path, heads, table):
     """Falcon with alibi: the bias is added before the scores are scaled (the second reading build_fused tries,
-    the first fails its check of the logits), and transformers rounds slope x position to bfloat16, which shows
-    past position 256 (the graph rounds it too: a Cast there and back). Its rotary module exists but is unused."""
+    the first fails its check of the logits), and transformers computes slope x position in bfloat16 (the
+    position rounded, then the product), which shows past position 256 (the graph rounds both: Casts there
+    and back). 12 heads (Falcon-RW-1B's count) have slopes that are not powers of two (refused when only the
+    product was rounded); with 200 positions in its config the probe still reads past 256 (the rounding was
+    missed, and an export for 600 positions was 0.11 off past 256). Its rotary module exists but is unused."""
     from transformers import FalconConfig, FalconForCausalLM
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
-    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2,
-                                           num_attention_heads=4, alibi=True, initializer_range=0.3,
-                                           bos_token_id=None, eos_token_id=None)).eval()
-    figures = build_fused(model, tmp_path)
+    model = FalconForCausalLM(FalconConfig(vocab_size=VOCAB, hidden_size=16 * heads, num_hidden_layers=2,
+                                           num_attention_heads=heads, alibi=True, initializer_range=0.3,
+                                           max_position_embeddings=table, bos_token_id=None,
+                                           eos_token_id=None)).eval()
+    figures = build_fused(model, tmp_path, max_length=600)
     assert figures["alibi"] == "scaled" and "rotary_interleaved" not in figures
     graph = onnx.load(tmp_path / "model.onnx", load_external_data=False).graph
-    assert [n.attribute[0].i for n in graph.node if n.op_type == "Cast" and n.name.startswith("/model/alibi/Cast_")
-            ] == [onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT]
+    casts = [n.attribute[0].i for n in graph.node if n.op_type == "Cast" and n.name.startswith("/model/alibi/")]
+    assert casts.count(onnx.TensorProto.BFLOAT16) == 2  # the positions, the product
     assert all(next(a.i for a in n.attribute if a.name == "do_rotary") == 0
                for n in graph.node if n.op_type == "GroupQueryAttention")
     edge = EdgeModel(tmp_path, threads=1)
-    assert_logits_match(model, edge, prompt(length=300))
+    assert_logits_match(model, edge, prompt(length=500))
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 

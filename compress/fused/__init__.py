@@ -73,14 +73,23 @@ def _self_check(model, onnx_file: Path, writer: str) -> None:
     with torch.no_grad():
         ref = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
                     use_cache=False).logits.float().cpu().numpy()
-    got = EdgeModel(onnx_file.parent, verify=False).logits(ids.numpy(), np.ones_like(ids.numpy()))
+    try:
+        got = EdgeModel(onnx_file.parent, verify=False).logits(ids.numpy(), np.ones_like(ids.numpy()))
+    except Exception as exc:  # noqa: BLE001 - an op's own limits (ONNX Runtime's errors): refused, nothing left
+        _remove(onnx_file)
+        raise UnsupportedModelError(f"fused export: ONNX Runtime cannot run the {writer} writer's graph of "
+                                    f"{type(model).__name__} ({type(exc).__name__}: {exc})") from exc
     err = float(np.abs(got - ref).max())
     if not err <= 1e-3 * max(1.0, float(np.abs(ref).max())):  # fp32 both ways: rounding is ~1e-5
-        for f in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
-            f.unlink(missing_ok=True)
+        _remove(onnx_file)
         raise UnsupportedModelError(f"fused export: the {writer} writer's graph gives logits {err:.3g} away from "
                                     f"torch's on {type(model).__name__}: it has something the writer does not "
                                     "write (a config option, a module inside a block)")
+
+
+def _remove(onnx_file: Path) -> None:
+    for f in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
+        f.unlink(missing_ok=True)
 
 
 def _no_writer(model, b) -> UnsupportedModelError:

@@ -10,6 +10,7 @@ one buffer per layer. Input `logits_to_keep` (int64 [1]): logits of the last k p
 (generation asks for 1, scoring for 0)."""
 from __future__ import annotations
 
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -283,21 +284,24 @@ class TableRotary:
 
 
 def _table_inv_freq(t: torch.Tensor) -> torch.Tensor | None:
-    """inv_freq of a [positions, 2 x k] table of sin | cos of position x inv_freq, None for anything else: the
-    angle at position 1 is inv_freq to about 1e-7, good enough to count the turns the last row's angle has
-    made, which gives it to about 1e-7 / positions; the table is then checked row by row."""
+    """inv_freq of a [positions, 2 x k] table of sin | cos of position x inv_freq (computed in fp32, as GPT-J's
+    create_sinusoidal_positions does), None for anything else. The angle at position 1 gives inv_freq to about
+    1e-7, enough to count the turns made by the angle at the last power-of-two position p (where p x inv_freq is
+    exact in fp32), which then gives it to about 1e-7 / p; the table is checked row by row against the fp32
+    product."""
     if not (t.dtype.is_floating_point and t.dim() == 2 and t.shape[0] > 2 and t.shape[1] % 2 == 0):
         return None
-    t = t.detach().double().cpu()
+    t = t.detach().float().cpu()
     half = t.shape[1] // 2
     sin, cos = t[:, :half], t[:, half:]
-    last = t.shape[0] - 1
-    first, turned = torch.atan2(sin[1], cos[1]), torch.atan2(sin[last], cos[last])
-    inv_freq = (turned + 2 * torch.pi * torch.round((first * last - turned) / (2 * torch.pi))) / last
-    angles = torch.arange(t.shape[0], dtype=torch.float64)[:, None] * inv_freq
-    if not (torch.allclose(torch.sin(angles), sin, atol=1e-4) and torch.allclose(torch.cos(angles), cos, atol=1e-4)):
+    p = 2 ** int(math.log2(t.shape[0] - 1))
+    first = torch.atan2(sin[1].double(), cos[1].double())
+    turned = torch.atan2(sin[p].double(), cos[p].double())
+    inv_freq = ((turned + 2 * math.pi * torch.round((first * p - turned) / (2 * math.pi))) / p).float()
+    angles = torch.arange(t.shape[0], dtype=torch.float32)[:, None] * inv_freq
+    if not (torch.allclose(torch.sin(angles), sin, atol=1e-5) and torch.allclose(torch.cos(angles), cos, atol=1e-5)):
         return None
-    return inv_freq.float()
+    return inv_freq
 
 
 def _table_rotaries(model) -> list:
@@ -409,23 +413,19 @@ ALIBI_PROBE = 300  # positions read: past 256, slope x position needs more than 
 
 
 def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
-    """An ALiBi position bias (BLOOM, Falcon with alibi): (the slope of each head, whether the model rounds
-    slope x position to bfloat16 as transformers' Falcon does), None where block 0 is given no `alibi`. The
-    bias is read from block 0's call on ALIBI_PROBE tokens (the model builds it before its blocks): per head
-    slope x the key's position, plus any constant per query row (softmax ignores it); another form is refused."""
-    seen = {}
-
-    def grab(mod, args, kwargs):
-        seen.update(kwargs)
-        raise _Stop
-
+    """An ALiBi position bias (BLOOM, Falcon with alibi): (the slope of each head, whether the model computes
+    slope x position in bfloat16 as transformers' Falcon does: the position rounded, then the product), None
+    where block 0 is given no `alibi`. The bias is read from block 0's call (the model builds it before its
+    blocks) on ALIBI_PROBE tokens: per head slope x the key's position, plus any constant per query row
+    (softmax ignores it); another form is refused."""
     cfg = model.config  # a model with a position table reads no further than it
-    length = min(ALIBI_PROBE, getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
-                 or ALIBI_PROBE)
-    _run(model, arch, [arch.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)], length)
-    bias = seen.get("alibi")
-    if not isinstance(bias, torch.Tensor):
+    table = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    length = min(ALIBI_PROBE, table or ALIBI_PROBE)
+    bias = _block0_alibi(model, arch, length)
+    if bias is None:
         return None
+    if length < ALIBI_PROBE:  # ALiBi reads no position table: again past 256, where the rounding shows
+        length, bias = ALIBI_PROBE, _block0_alibi(model, arch, ALIBI_PROBE)
     heads = arch.num_heads(0)
     if bias.numel() != heads * length:
         raise UnsupportedModelError(f"fused export: block 0's alibi has shape {list(bias.shape)}, not one row of "
@@ -433,34 +433,54 @@ def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
     bias = bias.detach().float().reshape(heads, length).cpu()
     bias = bias - bias[:, :1]
     slopes, j = bias[:, 1], torch.arange(length, dtype=torch.float32)
-    linear = slopes[:, None] * j
     for rounded in (False, True):  # exactly as transformers computes it (fp32; Falcon's bfloat16)
-        if torch.equal(linear.bfloat16().float() if rounded else linear, bias):
+        linear = (slopes[:, None] * j.bfloat16().float()).bfloat16().float() if rounded else slopes[:, None] * j
+        if torch.equal(linear, bias):
             return slopes.numpy(), rounded
     raise UnsupportedModelError(f"fused export: block 0's alibi is not a slope per head times the key's position "
                                 f"({type(model).__name__}); the writer takes ALiBi in that form")
 
 
+def _block0_alibi(model, arch, length: int) -> torch.Tensor | None:
+    """The `alibi` argument block 0 is called with on `length` tokens (None where there is none)."""
+    seen = {}
+
+    def grab(mod, args, kwargs):
+        seen.update(kwargs)
+        raise _Stop
+
+    _run(model, arch, [arch.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)], length)
+    return seen["alibi"] if isinstance(seen.get("alibi"), torch.Tensor) else None
+
+
 def alibi_bias(g: _Graph, slopes: np.ndarray, rounded: bool, total64: str, scale: float = 1.0) -> str:
     """GroupQueryAttention's attention_bias [1, heads, sequence, total] for ALiBi, once for all layers: slope x
-    the key's position (0 .. total - 1; rounded to bfloat16 and back where the model does), times `scale`,
-    added to the scaled scores. The op takes no bias broadcast over the query rows, hence the Expand."""
+    the key's position (0 .. total - 1; with `rounded`, the position and the product rounded to bfloat16 as
+    the model does), times `scale`, added to the scaled scores. The op takes no bias broadcast over the query
+    rows, hence the Expand."""
     name = "/model/alibi"
     total = g.op("Squeeze", [total64], f"{name}/Squeeze")
     zero, one = (g.const(f"/model/constants/INT64/{v}", np.array(v, np.int64)) for v in (0, 1))
     positions = g.op("Cast", [g.op("Range", [zero, total, one], f"{name}/Range")], f"{name}/Range/Cast",
                      to=TensorProto.FLOAT)
+    if rounded:
+        positions = _bfloat16(g, positions, f"{name}/positions")
     bias = g.op("Mul", [g.const("model.alibi.slopes", slopes.astype(np.float32)[:, None, None]), positions],
                 f"{name}/Mul")  # [heads, 1, total]
     if rounded:
-        bias = g.op("Cast", [g.op("Cast", [bias], f"{name}/Cast_bf16", to=TensorProto.BFLOAT16)],
-                    f"{name}/Cast_fp32", to=TensorProto.FLOAT)
+        bias = _bfloat16(g, bias, name)
     if scale != 1.0:  # after the rounding, as the model scales it
         bias = g.op("Mul", [bias, g.const("model.alibi.scale", np.array(scale, np.float32))], f"{name}/Mul_scale")
     sequence = g.op("Shape", ["input_ids"], f"{name}/Shape", start=1, end=2)
     shape = g.op("Concat", [g.const("/model/constants/INT64/[1, heads]", np.array([1, len(slopes)], np.int64)),
                             sequence, total64], f"{name}/Concat", axis=0)
     return g.op("Expand", [bias, shape], f"{name}/Expand")
+
+
+def _bfloat16(g: _Graph, x: str, name: str) -> str:
+    """x rounded to bfloat16 and back to float32."""
+    return g.op("Cast", [g.op("Cast", [x], f"{name}/Cast_bf16", to=TensorProto.BFLOAT16)], f"{name}/Cast_fp32",
+                to=TensorProto.FLOAT)
 
 
 def no_rotary(model) -> UnsupportedModelError:

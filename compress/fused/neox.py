@@ -34,9 +34,9 @@ projections (two MatMuls; a low-rank packed q/k/v has its second factor's rows r
 the layout and names of the other writers' graphs, so compress.edge's shared-cache loop and the int8 / int4
 quantizers take it unchanged.
 
-Refused with UnsupportedModelError: with rotary, head_dim or the rotary width not a multiple of 16;
-sequence-length dependent rope types, activations other than the GELUs and ReLU, q / k norms (Phi's
-qk_layernorm), non-LayerNorm norms, an embedding scale before block 0, a projection outside the
+Refused with UnsupportedModelError: head_dim not a multiple of 8 (with rotary: it and the rotary width not a
+multiple of 16); sequence-length dependent rope types, activations other than the GELUs and ReLU, q / k norms
+(Phi's qk_layernorm), non-LayerNorm norms, an embedding scale before block 0, a projection outside the
 blocks besides the LM head, modules other than nn.Linear / LowRankLinear, fp16/bf16 graphs, head-pruned ALiBi
 models (the slopes follow the config's head count); what none of these shows by build_fused's check of the
 logits."""
@@ -141,10 +141,10 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     for i, b in enumerate(arch.blocks):
         p = f"/gpt_neox/layers.{i}"
         n, n_kv = arch.num_heads(i), arch.num_kv_heads(i)
-        if n == 0 or n_kv == 0 or n % n_kv or (head_dim % 16 and positions["do_rotary"]):
+        if n == 0 or n_kv == 0 or n % n_kv or head_dim % (16 if positions["do_rotary"] else 8):
             raise UnsupportedModelError(f"fused export: layer {i} has {n} heads, {n_kv} KV heads, head_dim "
                                         f"{head_dim}; GroupQueryAttention needs at least one head, heads % kv_heads "
-                                        "== 0 and head_dim % 16 == 0 (with rotary)")
+                                        "== 0 and head_dim % 16 == 0 with rotary, % 8 without")
         if alibi is not None and n != len(slopes):
             raise UnsupportedModelError(f"fused export: layer {i} has {n} heads and the ALiBi bias {len(slopes)} "
                                         "slopes (a head-pruned ALiBi model)")
