@@ -521,24 +521,32 @@ def test_depth_pruning_refuses_a_cut_the_config_cannot_rebuild(tmp_path):
         torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
 
 
-def test_stablelm_heads_prune_and_reload_and_per_head_norms_are_refused(tmp_path, monkeypatch):
-    """StableLM reshapes its attention output to the module's hidden_size: head pruning failed its forward
-    pass until that width follows the kept heads (an attention_heads entry: its config derives head_dim from
-    hidden_size). Its qk_layernorm variant, one LayerNorm module per head, is refused by name (it raised an
+@pytest.mark.parametrize("fam,attr", [("stablelm", "hidden_size"), ("modernbert", "all_head_size")])
+def test_heads_of_attention_that_reshapes_to_its_own_width(tmp_path, fam, attr):
+    """StableLM reshapes its attention output to the module's hidden_size, ModernBERT to its all_head_size: head
+    pruning failed their forward pass until that width follows the kept heads (an attention_heads entry: their
+    configs derive head_dim from hidden_size); reloaded in a fresh process."""
+    from family_cases import artifact, context, outputs, run_pass
+
+    task = "causal-lm" if fam == "stablelm" else "sequence-classification"
+    out = run_pass("heads", artifact(fam, task), context(task, tmp_path / "scratch"), fam)
+    assert [e["type"] for e in out.structure] == ["attention_heads"]
+    attn = out.model.model.layers[0].self_attn if fam == "stablelm" else out.model.model.layers[0].attn
+    assert getattr(attn, attr) == 2 * 8
+    path = save(out, tmp_path / "pruned")
+    torch.testing.assert_close(torch.tensor(fresh_outputs([(str(path), False)])[str(path)]["load"]),
+                               outputs(out.model), atol=1e-5, rtol=1e-5)
+
+
+def test_per_head_norm_modules_are_refused_by_head_pruning(tmp_path, monkeypatch):
+    """StableLM's qk_layernorm variant, one LayerNorm module per head, is refused by name (it raised an
     AttributeError)."""
     import transformers as T
-    from family_cases import artifact, context, outputs, run_pass
+    from family_cases import context, run_pass
     from transformers.models.stablelm import modeling_stablelm
 
     from tiny_models import VOCAB, family_tokenizer
 
-    ctx = context("causal-lm", tmp_path / "scratch")
-    out = run_pass("heads", artifact("stablelm", "causal-lm"), ctx, "stablelm")
-    assert [e["type"] for e in out.structure] == ["attention_heads"]
-    assert out.model.model.layers[0].self_attn.hidden_size == 2 * 8
-    path = save(out, tmp_path / "pruned")
-    torch.testing.assert_close(torch.tensor(fresh_outputs([(str(path), False)])[str(path)]["load"]),
-                               outputs(out.model), atol=1e-5, rtol=1e-5)
     # transformers 4.57 cannot initialise the per-head norms (bias=False); their init does not matter here
     monkeypatch.setattr(modeling_stablelm.StableLmPreTrainedModel, "_init_weights", lambda self, m: None)
     model = T.StableLmForCausalLM(T.StableLmConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
@@ -546,4 +554,4 @@ def test_stablelm_heads_prune_and_reload_and_per_head_norms_are_refused(tmp_path
                                                    qk_layernorm=True))
     qk = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("stablelm"), model=model.eval())
     with pytest.raises(UnsupportedModelError, match="q_layernorm is a StableLmLayerNormPerHead"):
-        run_pass("heads", qk, ctx, "stablelm")
+        run_pass("heads", qk, context("causal-lm", tmp_path / "scratch"), "stablelm")
