@@ -59,9 +59,9 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
 
 def _self_check(model, onnx_file: Path, writer: str) -> None:
     """The writers check the layout part by part (compress.architecture.find, graph.probe_block); what no part
-    shows (Falcon's alibi: ALiBi biases inside the attention module, a position table the writer does not
-    know) shows in the logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits
-    differ is deleted and refused (export's graph: auto then writes optimum's)."""
+    shows (CodeGen's q/k/v packed in chunks of [q v k], a position table the writer does not know) shows in
+    the logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits differ, or that
+    ONNX Runtime cannot run, is deleted and refused (export's graph: auto then writes optimum's)."""
     import numpy as np
     import torch
 

@@ -8,12 +8,12 @@ here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed
 k heads | v heads] (Falcon's multi-query: one KV head) or separate (Phi's); a rotary embedding over all of each
 head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor, GPT-J's
 rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
-channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi
-bias (BLOOM, Falcon with alibi: GroupQueryAttention's attention_bias, slope x key position computed once per
-run from the slopes the model itself hands its blocks); LayerNorms, one of the embeddings where block 0 reads
-them normed (BLOOM), a final LayerNorm; a plain MLP with a GELU; the block wired in parallel, x +
-attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's use_parallel_residual, the default) or with one norm read by both,
-x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
+channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi:
+GroupQueryAttention's attention_bias, slope x key position computed once per run from the slopes the model
+itself hands its blocks); LayerNorms, one of the embeddings where block 0 reads them normed (BLOOM), a final
+LayerNorm; a plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x))
+(GPT-NeoX's use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) +
+mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
 
     attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers); ALiBi: the bias too
     input_ids -> Gather (embed_in) (-> LayerNormalization, BLOOM)
