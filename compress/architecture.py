@@ -376,6 +376,10 @@ def keep_layer_fields(config, keep: list[int], total: int) -> None:
     if getattr(config, "pruned_heads", None):
         old = {int(k): v for k, v in config.pruned_heads.items()}
         config.pruned_heads = {new: old[o] for new, o in enumerate(keep) if old.get(o)}
+    kinds = getattr(config, "attention_layers", None)  # GPT-Neo: expanded from attention_types, checked against it
+    if isinstance(kinds, list) and len(kinds) == total and isinstance(getattr(config, "attention_types", None), list):
+        config.attention_layers = [kinds[i] for i in keep]
+        config.attention_types = [[[kind], 1] for kind in config.attention_layers]
 
 
 LAYER_INDICES = ("layer_idx", "layer_id")  # what modules call their layer's index (ModernBERT: layer_id)
@@ -391,6 +395,11 @@ def keep_layers_of(model: nn.Module, layers_name: str, keep: list[int], what: st
     total = len(layers)
     config = copy.deepcopy(model.config)
     keep_layer_fields(config, keep, total)
+    try:  # what from_pretrained will read back (GPT-Neo checks its per-layer kinds against its layer count)
+        type(config).from_dict(config.to_dict())
+    except Exception as exc:  # noqa: BLE001 - a config class raises what it likes
+        raise UnsupportedModelError(f"{what}: keeping layers {keep} of {type(model).__name__} leaves a config that "
+                                    f"does not load back ({type(exc).__name__}: {exc})") from exc
     diff, indices = _layer_kind_change(model, layers_name, config, keep)
     if diff is not None:
         raise UnsupportedModelError(
@@ -417,8 +426,11 @@ def _layer_kind_change(model: nn.Module, layers_name: str, config, keep: list[in
     builds: another module, or another setting a module keeps (a number, flag or string), None where none
     does; the settings that are the layer's index: LAYER_INDICES and any other reading i in layer i and j at
     position j, e.g. GPT-NeoX-Japanese's layer_number)."""
-    old = build_from_config(type(model), model.config).get_submodule(layers_name)
-    new = build_from_config(type(model), config).get_submodule(layers_name)
+    configs = [copy.deepcopy(c) for c in (model.config, config)]
+    for c in configs:  # pruned_heads changes shapes only, and makes the build run on the CPU (GPT-2 XL: minutes)
+        if getattr(c, "pruned_heads", None):
+            c.pruned_heads = {}
+    old, new = (build_from_config(type(model), c).get_submodule(layers_name) for c in configs)
     indices = set(LAYER_INDICES)
     for j, i in enumerate(keep):
         was = dict(old[i].named_modules())

@@ -247,3 +247,22 @@ def test_layer_index_under_another_name_is_renumbered_and_other_modules_by_index
     with pytest.raises(UnsupportedModelError, match=r"layer 1 moved to position 0 would be built with mlp a "
                                                     r"Qwen2MoeMLP, not Qwen2MoeSparseMoeBlock"):
         keep_layers(moe, [1, 2, 3])
+
+
+def test_gpt_neo_kept_layers_keep_their_local_or_global_kind(tmp_path):
+    """GPT-Neo expands attention_types into one kind per layer and checks the count on load: keeping layers
+    [0, 2] of [global, local, global, local] left 4 kinds for 2 layers (the checkpoint did not load). Now the
+    kept layers' kinds are written back as attention_types, and a config that would not load is refused."""
+    from transformers import AutoModelForCausalLM, GPTNeoConfig, GPTNeoForCausalLM
+
+    torch.manual_seed(0)
+    teacher = GPTNeoForCausalLM(GPTNeoConfig(vocab_size=384, hidden_size=32, num_layers=4, num_heads=4,
+                                             attention_types=[[["global", "local"], 2]], window_size=4,
+                                             max_position_embeddings=64)).eval()
+    student = keep_layers(teacher, [0, 2])
+    assert student.config.attention_types == [[["global"], 1], [["global"], 1]]
+    student.save_pretrained(tmp_path / "kept")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "kept").eval()
+    ids = torch.randint(5, 300, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)

@@ -250,11 +250,13 @@ def test_hidden_ratio_that_leaves_nothing_names_hidden_ratio(tmp_path):
 
 
 def test_prune_refuses_a_cut_the_modeling_code_cannot_run(tmp_path):
-    """StableLM's attention reshapes its output to config.hidden_size: with half the heads the pruned model
-    cannot run, so prune refuses (it handed on a model that crashed in its first forward)."""
-    with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the pruned StableLmForCausalLM fails "
-                       r"its forward pass \(RuntimeError: shape .*prune other targets"):
-        run_pass("heads", artifact("stablelm", "causal-lm"), context("causal-lm", tmp_path), "stablelm")
+    """MPNet adds one relative position bias for all heads, computed once for the model from the config's head
+    count: with half the heads in a layer the pruned model cannot run, so prune refuses (it handed on a model
+    that crashed in its first forward; StableLM did so until its attention width followed the kept heads)."""
+    task = "sequence-classification"
+    with pytest.raises(UnsupportedModelError, match=r"prune targets heads: the pruned MPNetForSequenceClassification "
+                       r"fails its forward pass \(RuntimeError: The size of tensor .*prune other targets"):
+        run_pass("heads", artifact("mpnet", task), context(task, tmp_path), "mpnet")
 
 
 def test_mixture_of_experts_is_refused_not_mapped_as_its_first_expert(tmp_path):
