@@ -740,16 +740,14 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
 
     model = _load(src)
     tables = onnx_tools.fold_rotary_caches(model)  # a fused graph's rotary angles need fp32 (see there)
-    # and its ALiBi bias: slope x position in fp16 (a spacing of 0.25 at 500) moved Falcon's logits by 0.26 at
-    # position 2,000; computed in fp32, it is cast once to fp16
-    alibi = onnx_tools.gqa_input_nodes(model, onnx_tools.ATTENTION_BIAS)[0]
+    alibi = _take_alibi(model)  # and its ALiBi bias (see there)
     excluded = matching_nodes(model, exclude)
-    blocked = list(dict.fromkeys(excluded + alibi))
-    if blocked:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
+    if excluded:  # the converter casts around excluded nodes where it knows the types, which ONNX's shape
         _infer_types(model)  # inference (its own) does not after contrib ops (fused graphs)
-    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=blocked or None,
-                                         disable_shape_infer=bool(blocked)
+    converted = convert_float_to_float16(model, keep_io_types=True, node_block_list=excluded or None,
+                                         disable_shape_infer=bool(excluded)
                                          or onnx_tools.proto_bytes(model) > onnx_tools.PROTOBUF_LIMIT // 2)
+    _put_back_alibi(converted, *alibi)
     # the converter gives each excluded reader of an fp16 tensor its own Cast back to fp32, all with one name
     # and one output (an invalid graph when two excluded nodes read it): the first computes it for all
     names = set()
@@ -759,7 +757,42 @@ def fp16(src: Path, dst: Path, *, exclude: list[str]) -> dict:
         names.add(node.name)
     _finish(converted, dst, src)
     return {"excluded_nodes": excluded, **({"rotary_tables": tables} if tables else {}),
-            **({"alibi_fp32_nodes": len(alibi)} if alibi else {})}
+            **({"alibi_fp32_nodes": len(alibi[0])} if alibi[0] else {})}
+
+
+def _take_alibi(model) -> tuple[list, list]:
+    """Remove from a fused graph the nodes computing its ALiBi bias that nothing else reads, and the
+    initializers only they read: (nodes, initializers), for _put_back_alibi after the fp16 conversion. Left
+    in, the converter rounds each of their outputs to fp16 (blocked nodes get a Cast to fp16 and back after
+    them): slope x position, in the hundreds, to 0.25, which moved Falcon's logits by 0.6 by position 2,000."""
+    names = set(onnx_tools.gqa_input_nodes(model, onnx_tools.ATTENTION_BIAS)[0])
+    read_elsewhere = {x for n in model.graph.node if n.name not in names for i, x in enumerate(n.input)
+                      if not (n.op_type == "GroupQueryAttention" and i in onnx_tools.ATTENTION_BIAS)}
+    own = [n for n in model.graph.node if n.name in names and not set(n.output) & read_elsewhere]
+    for n in own:
+        model.graph.node.remove(n)
+    still = {i for n in model.graph.node for i in n.input}
+    inits = [t for t in model.graph.initializer if t.name in {i for n in own for i in n.input} - still]
+    for t in inits:
+        model.graph.initializer.remove(t)
+    return own, inits
+
+
+def _put_back_alibi(model, nodes: list, inits: list) -> None:
+    """The ALiBi nodes _take_alibi removed, in fp32, before the first GroupQueryAttention, their result cast
+    once to fp16 (the attention's type)."""
+    if not nodes:
+        return
+    from onnx import TensorProto, helper
+
+    bias = next(n.input[10] for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    last = next(n for n in nodes if bias in n.output)
+    last.output[list(last.output).index(bias)] = f"{bias}/fp32"
+    cast = helper.make_node("Cast", [f"{bias}/fp32"], [bias], name="/model/alibi/Cast_fp16", to=TensorProto.FLOAT16)
+    at = next(i for i, n in enumerate(model.graph.node) if n.op_type == "GroupQueryAttention")
+    for k, n in enumerate([*nodes, cast]):
+        model.graph.node.insert(at + k, n)
+    model.graph.initializer.extend(inits)
 
 
 # ----------------------------------------------------------------------------- encoders: per-row int8
