@@ -457,8 +457,8 @@ def alibi_bias(g: _Graph, slopes: np.ndarray, rounded: bool, total64: str, scale
     """GroupQueryAttention's attention_bias [1, heads, sequence, total] for ALiBi, once for all layers: slope x
     the key's position (0 .. total - 1; with `rounded`, the position and the product rounded to bfloat16 as
     the model does), times `scale`, less the same at each query's own position (softmax ignores a constant per
-    row, and the bias stays near 0 where attention looks most: fp16 holds it to 1e-3 there, where slope x
-    position, in the hundreds, it held to 0.25), added to the scaled scores."""
+    row, and the bias stays near 0 where attention looks most: in fp16, slope x position in the hundreds was
+    rounded to 0.25), added to the scaled scores."""
     name = "/model/alibi"
     total = g.op("Squeeze", [total64], f"{name}/Squeeze")
     zero, one = (g.const(f"/model/constants/INT64/{v}", np.array(v, np.int64)) for v in (0, 1))
@@ -598,7 +598,7 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
     if order.index("mlp") != mlp_in + 1 or len(before) > 1 or len(between) > 2 or len(after) > 1:
         return None
     x, out = seen["block"]
-    a, m = seen["attn_out"], seen["mlp"][1]
+    a, m = seen.get("attn_out", seen["attn"][1]), seen["mlp"][1]
     post_attn = next((n for n in between[:1] if same(seen[n][0], a)), None)
     pre_mlp = [n for n in between if n != post_attn]
     if len(pre_mlp) > 1 or m.numel() != a.numel():
