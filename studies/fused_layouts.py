@@ -121,6 +121,8 @@ def _extras(figures: dict) -> list[str]:
     """What the graph writes beyond a plain pre-norm block, from build_fused's figures."""
     out = [k.replace("_", " ") for k in ("rotary_interleaved", "parallel_residual", "post_norms", "embedding_norm")
            if figures.get(k)]
+    if figures.get("qkv_chunks"):
+        out.append(f"q/k/v in {figures['qkv_chunks']} chunks of [q v k]")
     if figures.get("alibi"):
         out.append(f"ALiBi {'before' if figures['alibi'] == 'scaled' else 'after'} the scaling")
     if figures.get("rotary_caches", 1) > 1:

@@ -1,7 +1,7 @@
 """Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2,
 Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere, EXAONE 4),
 gpt2.py (GPT-2-shaped: GPT-2, OPT), neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential
-blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J, BLOOM); graph.py holds what they share.
+blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J, CodeGen, BLOOM); graph.py holds what they share.
 
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
@@ -19,9 +19,8 @@ from .neox import build_neox
 
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
     """Write path/model.onnx for `model` with the writer for its layout; the figures to record. The graph is
-    run once against torch before it is kept (`_self_check`); a rotary graph that fails it is written once
-    more with the rotary embedding turning channel pairs (GLM, Helium) instead of halves, or with an ALiBi bias
-    added before the scores are scaled (Falcon) instead of after (BLOOM).
+    run once against torch before it is kept (`_self_check`); a graph that fails it is written again under
+    the other readings of what the module tree does not say (`_readings`), until one passes or none is left.
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
     embedding or an ALiBi bias to the GPT-NeoX writer, with learned positions and one packed [q | k | v]
@@ -43,24 +42,34 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
         writer, build = "GPT-2", build_gpt2
     else:
         raise _no_writer(model, b)
-    figures = build(model, path, max_length=max_length, arch=arch)
-    try:
-        _self_check(model, Path(figures["path"]), writer)
-    except UnsupportedModelError:
-        if build is build_gpt2:  # no rotary embedding: nothing else to try
-            raise
-        # the module tree does not say whether the rotary embedding turns channel pairs (GLM, Helium) rather than
-        # halves, or where the ALiBi bias is added: the logits do
-        second = {"alibi_scaled": True} if alibi else {"interleaved": True}
-        figures = build(model, path, max_length=max_length, arch=arch, **second)
-        _self_check(model, Path(figures["path"]), writer)
-    return figures
+    for k, reading in enumerate(readings := _readings(build, b, alibi)):
+        figures = build(model, path, max_length=max_length, arch=arch, **reading)
+        try:
+            _self_check(model, Path(figures["path"]), writer)
+            return figures
+        except UnsupportedModelError:
+            if k == len(readings) - 1:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _readings(build, b, alibi: bool) -> list[dict]:
+    """The writer's arguments to try, in turn, for what the module tree does not say and the logits do: whether
+    the rotary embedding turns channel pairs (GLM, Helium) rather than halves, where the ALiBi bias is added
+    (before the scaling: Falcon), whether one packed q/k/v projection holds chunks of [q v k] (CodeGen's four)."""
+    if build is build_gpt2:  # no rotary embedding: nothing else to try
+        return [{}]
+    if alibi:
+        return [{}, {"alibi_scaled": True}]
+    chunks = [{"qkv_chunks": 4}, {"qkv_chunks": 4, "interleaved": True}] if (
+        build is build_neox and b.attn.qkv_layout == "blocks") else []
+    return [{}, {"interleaved": True}, *chunks]
 
 
 def _self_check(model, onnx_file: Path, writer: str) -> None:
     """The writers check the layout part by part (compress.architecture.find, graph.probe_block); what no part
-    shows (CodeGen's q/k/v packed in chunks of [q v k], a position table the writer does not know) shows in
-    the logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits differ, or that
+    shows (how a packed projection orders its rows, arithmetic inside an attention module) shows in the
+    logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits differ, or that
     ONNX Runtime cannot run, is deleted and refused (export's graph: auto then writes optimum's)."""
     import numpy as np
     import torch

@@ -1,19 +1,19 @@
 """An op-by-op ONNX writer for LayerNorm decoders with rotary or ALiBi positions and a plain MLP (transformers'
 GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with
-alibi; GPTJForCausalLM; BloomForCausalLM; or any model_type with that layout), fp32.
+alibi; GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; or any model_type with that layout), fp32.
 
-Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed
-per head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered
-here into [Q heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads |
-k heads | v heads] (Falcon's multi-query: one KV head) or separate (Phi's); a rotary embedding over all of each
-head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor, GPT-J's
-rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
+Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed per
+head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered here into [Q
+heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads | k heads | v heads]
+(Falcon's multi-query: one KV head), in chunks of [q v k] (CodeGen's), or separate (Phi's); a rotary embedding over
+all of each head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor,
+GPT-J's rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
 channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi:
-GroupQueryAttention's attention_bias, slope x key position computed once per run from the slopes the model
-itself hands its blocks); LayerNorms, one of the embeddings where block 0 reads them normed (BLOOM), a final
-LayerNorm; a plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x))
-(GPT-NeoX's use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) +
-mlp(norm(x)) (Phi, Falcon), or sequentially with two norms.
+GroupQueryAttention's attention_bias, slope x key position computed once per run from the slopes the model itself
+hands its blocks); LayerNorms, one of the embeddings where block 0 reads them normed (BLOOM), a final LayerNorm; a
+plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's
+use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon),
+or sequentially with two norms.
 
     attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers); ALiBi: the bias too
     input_ids -> Gather (embed_in) (-> LayerNormalization, BLOOM)
@@ -103,11 +103,18 @@ def _blocks_order(heads: int, head_dim: int) -> list[int]:
     return [h * 3 * head_dim + part * head_dim + j for part in range(3) for h in range(heads) for j in range(head_dim)]
 
 
+def _chunks_order(width: int, chunks: int) -> list[int]:
+    """Rows of `chunks` chunks of [q v k] (CodeGen's qkv_proj, each chunk its share of the heads) -> [Q | K | V]."""
+    part = width // chunks
+    return [c * 3 * part + offset * part + j for offset in (0, 2, 1) for c in range(chunks) for j in range(part)]
+
+
 def build_neox(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None,
-               interleaved: bool = False, alibi_scaled: bool = False) -> dict:
+               interleaved: bool = False, alibi_scaled: bool = False, qkv_chunks: int = 0) -> dict:
     """Write `model` (a GPT-NeoX-shaped LM, torch) as `path`/model.onnx (+ model.onnx.data); the arguments
     are build_llama's (llama.py); `alibi_scaled`: the ALiBi bias is added before the scores are scaled by
-    head_dim ** -0.5 (Falcon; BLOOM adds it after). Returns figures of the graph."""
+    head_dim ** -0.5 (Falcon; BLOOM adds it after); `qkv_chunks`: the packed q/k/v projection holds that many
+    chunks of [q v k], each for as many heads (CodeGen: 4). Returns figures of the graph."""
     arch = arch or find(model)
     probe, embed_norm, final_norm = _check(model, arch)
     cfg = model.config
@@ -160,6 +167,11 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
                 raise UnsupportedModelError(f"fused export: layer {i} packs q/k/v per head with {n} query and "
                                             f"{n_kv} key / value heads; the GPT-NeoX writer reads that as one of each")
             qkv = [_rows(qkv[0], _blocks_order(n, head_dim))]
+        elif qkv_chunks:
+            if len(qkv) != 1 or n != n_kv or n % qkv_chunks:
+                raise UnsupportedModelError(f"fused export: layer {i}'s q/k/v is not one projection of {n} heads in "
+                                            f"{qkv_chunks} chunks")
+            qkv = [_rows(qkv[0], _chunks_order(n * head_dim, qkv_chunks))]
         if len(qkv) == 1 or all(_is_linear(m) for m in qkv):  # one packed [Q | K | V] input
             qkv_in = [g.linear(x, qkv, f"{p}/attention/query_key_value"), "", ""]
         else:  # separate q / k / v, one of them low-rank
@@ -190,4 +202,5 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     return save(g, inputs, outputs, out, block_prefix="/gpt_neox/layers.", layers=len(arch.blocks),
                 tied_embeddings=tied, cache_length=cache_length, parallel_residual=probe["parallel"],
                 **({"alibi": "scaled" if alibi_scaled else "added"} if alibi is not None
-                   else {"rotary_interleaved": interleaved}), embedding_norm=bool(embed_norm))
+                   else {"rotary_interleaved": interleaved}), embedding_norm=bool(embed_norm),
+                **({"qkv_chunks": qkv_chunks} if qkv_chunks else {}))
