@@ -12,19 +12,20 @@ from ..architecture import find
 from ..errors import UnsupportedModelError
 from ..pruning.lowrank import LowRankEmbedding
 from .gpt2 import build_gpt2, is_gpt2
-from .graph import alibi_slopes, rotary
+from .graph import rotary
 from .llama import build_llama
 from .neox import build_neox
 
 
 def build_fused(model, path, *, max_length: int | None = None) -> dict:
     """Write path/model.onnx for `model` with the writer for its layout; the figures to record. The graph is
-    run once against torch before it is kept (`_self_check`); a graph that fails it is written again under
+    run once against torch before it is kept (`_SelfCheck`); a graph that fails it is written again under
     the other readings of what the module tree does not say (`_readings`), until one passes or none is left.
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
-    embedding or an ALiBi bias to the GPT-NeoX writer, with learned positions and one packed [q | k | v]
-    attention projection or separate q / k / v to the GPT-2 writer; anything else is refused, naming the part."""
+    embedding, or q/k/v packed per head, to the GPT-NeoX writer (which reads rotary or ALiBi positions and
+    refuses a model with neither); the rest (learned positions, one packed [q | k | v] projection or separate q /
+    k / v) to the GPT-2 writer."""
     if isinstance(model.get_input_embeddings(), LowRankEmbedding):  # the layout finder would only say 'no embedding'
         raise UnsupportedModelError("fused export: the writers take a plain embedding table, and "
                                     "lowrank.embedding_rank factorized this one (its linear layers alone are fine)")
@@ -33,25 +34,23 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
     b = arch.blocks[0]
-    alibi = b.mlp.kind == "plain" and alibi_slopes(model, arch) is not None
     if b.mlp.kind in ("gated", "fused_gated"):
         writer, build = "Llama", build_llama
-    elif b.mlp.kind == "plain" and (alibi or rotary(model) is not None):
+    elif rotary(model, arch) is not None or not is_gpt2(model, arch):  # rotary or ALiBi positions (it reads which)
         writer, build = "GPT-NeoX", build_neox
-    elif is_gpt2(model, arch):
-        writer, build = "GPT-2", build_gpt2
     else:
-        raise _no_writer(model, b)
+        writer, build = "GPT-2", build_gpt2
     figures = build(model, path, max_length=max_length, arch=arch)  # a refusal here names a part: final
+    check = _SelfCheck(model, writer)
     try:
-        _self_check(model, Path(figures["path"]), writer)
+        check(Path(figures["path"]))
         return figures
     except UnsupportedModelError as exc:
         first = exc  # what a user is told if no other reading agrees either
-    for reading in _readings(build, b, alibi)[1:]:
+    for reading in _readings(build, b, "alibi" in figures)[1:]:
         try:
             figures = build(model, path, max_length=max_length, arch=arch, **reading)
-            _self_check(model, Path(figures["path"]), writer)
+            check(Path(figures["path"]))
             return figures
         except UnsupportedModelError:
             continue
@@ -71,47 +70,47 @@ def _readings(build, b, alibi: bool) -> list[dict]:
     return [{}, {"interleaved": True}, *chunks]
 
 
-def _self_check(model, onnx_file: Path, writer: str) -> None:
+class _SelfCheck:
     """The writers check the layout part by part (compress.architecture.find, graph.probe_block); what no part
     shows (how a packed projection orders its rows, arithmetic inside an attention module) shows in the
-    logits. So 2 x 8 tokens go through torch and ONNX Runtime, and a graph whose logits differ, or that
-    ONNX Runtime cannot run, is deleted and refused (export's graph: auto then writes optimum's)."""
-    import numpy as np
-    import torch
+    logits. So 2 x 8 tokens go through torch (once, for every reading) and ONNX Runtime, and a graph whose
+    logits differ, or that ONNX Runtime cannot run, is deleted and refused (export's graph: auto then writes
+    optimum's)."""
 
-    from ..edge import EdgeModel
+    def __init__(self, model, writer: str):
+        import torch
 
-    vocab = model.get_output_embeddings().weight.shape[0]
-    ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
-    device = next(model.parameters()).device
-    with torch.no_grad():
-        ref = model(input_ids=ids.to(device), attention_mask=torch.ones_like(ids).to(device),
-                    use_cache=False).logits.float().cpu().numpy()
-    try:
-        got = EdgeModel(onnx_file.parent, verify=False).logits(ids.numpy(), np.ones_like(ids.numpy()))
-    except Exception as exc:  # noqa: BLE001 - an op's own limits (ONNX Runtime's errors): refused, nothing left
-        _remove(onnx_file)
-        raise UnsupportedModelError(f"fused export: ONNX Runtime cannot run the {writer} writer's graph of "
-                                    f"{type(model).__name__} ({type(exc).__name__}: {exc})") from exc
-    err = float(np.abs(got - ref).max())
-    if not err <= 1e-3 * max(1.0, float(np.abs(ref).max())):  # fp32 both ways: rounding is ~1e-5
-        _remove(onnx_file)
-        raise UnsupportedModelError(f"fused export: the {writer} writer's graph gives logits {err:.3g} away from "
-                                    f"torch's on {type(model).__name__}: it has something the writer does not "
-                                    "write (a config option, a module inside a block)")
+        self.name, self.writer = type(model).__name__, writer
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self.ids = torch.randint(0, vocab, (2, 8), generator=torch.Generator().manual_seed(0))
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            self.ref = model(input_ids=self.ids.to(device), attention_mask=torch.ones_like(self.ids).to(device),
+                             use_cache=False).logits.float().cpu().numpy()
+
+    def __call__(self, onnx_file: Path) -> None:
+        import numpy as np
+
+        from ..edge import EdgeModel
+
+        ids = self.ids.numpy()
+        try:
+            got = EdgeModel(onnx_file.parent, verify=False).logits(ids, np.ones_like(ids))
+        except Exception as exc:  # noqa: BLE001 - an op's own limits (ONNX Runtime's errors): refused, nothing left
+            _remove(onnx_file)
+            raise UnsupportedModelError(f"fused export: ONNX Runtime cannot run the {self.writer} writer's graph of "
+                                        f"{self.name} ({type(exc).__name__}: {exc})") from exc
+        err = float(np.abs(got - self.ref).max())
+        if not err <= 1e-3 * max(1.0, float(np.abs(self.ref).max())):  # fp32 both ways: rounding is ~1e-5
+            _remove(onnx_file)
+            raise UnsupportedModelError(f"fused export: the {self.writer} writer's graph gives logits {err:.3g} "
+                                        f"away from torch's on {self.name}: it has something the writer does not "
+                                        "write (a config option, a module inside a block)")
 
 
 def _remove(onnx_file: Path) -> None:
     for f in (onnx_file, onnx_file.with_name(onnx_file.name + ".data")):
         f.unlink(missing_ok=True)
-
-
-def _no_writer(model, b) -> UnsupportedModelError:
-    return UnsupportedModelError(  # a plain MLP, no positions the writers know
-        f"fused export: no writer for the layout of {type(model).__name__}: its MLP {b.mlp.name} is plain "
-        f"({', '.join(b.mlp.ins)} -> {b.mlp.out}), it has no rotary embedding, no ALiBi bias, and no learned "
-        "position table the GPT-2 writer reads; the Llama writer takes a gated MLP, the GPT-NeoX writer rotary "
-        "or ALiBi positions, the GPT-2 writer learned positions")
 
 
 __all__ = ["build_fused", "build_gpt2", "build_llama", "build_neox"]

@@ -99,7 +99,7 @@ def _check(model, arch: Architecture) -> dict:
         if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: gpt2 activation {config_activation(cfg) or act!r} is not "
                                         f"supported (the GPT-2 writer takes the GELUs and ReLU)")
-    if rotary(model) is not None:
+    if rotary(model, arch) is not None:
         raise UnsupportedModelError("fused export: the GPT-2 writer takes learned positions; this model has a "
                                     "rotary embedding")
     check_outside_blocks(model, arch, "GPT-2")

@@ -304,15 +304,9 @@ def _table_inv_freq(t: torch.Tensor) -> torch.Tensor | None:
     return inv_freq
 
 
-def _table_rotaries(model) -> list:
+def _table_rotaries(arch) -> list:
     """The rotary tables the attention modules hold (plain tensors or buffers), as TableRotary; equal copies
     count once."""
-    from ..architecture import find
-
-    try:
-        arch = find(model)
-    except UnsupportedModelError:
-        return []
     found = []
     for b in arch.blocks:
         attn = arch.module(b.attn.name)
@@ -323,10 +317,14 @@ def _table_rotaries(model) -> list:
     return found
 
 
-def rotary(model):
+def rotary(model, arch=None):
     """The model's rotary embedding module (the one holding inv_freq; copies per layer must agree), or a
-    TableRotary for the table the attention modules hold; None where there is neither."""
-    found = _rotaries(model) or _table_rotaries(model)
+    TableRotary for the table the attention modules hold (`arch`: compress.architecture.find(model), found if
+    not given); None where there is neither."""
+    if not (found := _rotaries(model)):
+        from ..architecture import find
+
+        found = _table_rotaries(arch or find(model))
     if len(found) > 1:
         raise UnsupportedModelError(f"fused export: {type(model).__name__} has rotary embeddings that differ "
                                     "(per layer or local / global); this writer takes one")
@@ -490,8 +488,7 @@ def _bfloat16(g: _Graph, x: str, name: str) -> str:
 
 def no_rotary(model) -> UnsupportedModelError:
     return UnsupportedModelError(f"fused export: {type(model).__name__} has no rotary embedding (a module with "
-                                 "inv_freq, or a sin | cos table in its attention); the writer takes rotary "
-                                 "positions")
+                                 "inv_freq); the writer takes rotary positions")
 
 
 class _Stop(Exception):

@@ -51,7 +51,7 @@ from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation,
                     alibi_bias, alibi_slopes, block_norms, check_outside_blocks, config_activation, embedding_norm,
-                    io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, no_rotary, output_file, plain_mlp_in,
+                    io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, plain_mlp_in,
                     probe_block, refuse_head_norms, rope_caches, rotary, save)
 
 QKV_LAYOUTS = ("per_head", "blocks", "separate")
@@ -79,6 +79,15 @@ def _check(model, arch: Architecture) -> tuple[dict, str | None, str]:
                                     "through one norm (an embedding scale or position table is not supported by "
                                     "the GPT-NeoX writer)")
     return probe, embed_norm, final
+
+
+def _no_positions(model, b) -> UnsupportedModelError:
+    return UnsupportedModelError(  # a plain MLP and q/k/v packed per head, but no positions a writer knows
+        f"fused export: no writer for the layout of {type(model).__name__}: its MLP {b.mlp.name} is plain "
+        f"({', '.join(b.mlp.ins)} -> {b.mlp.out}), it has no rotary embedding, no ALiBi bias, and no learned "
+        "position table the GPT-2 writer reads; the Llama writer takes a gated MLP, the GPT-NeoX writer rotary "
+        "(a module with inv_freq, or a sin | cos table in the attention) or ALiBi positions, the GPT-2 writer "
+        "learned positions")
 
 
 def _rows(m, order: list[int]):
@@ -137,11 +146,11 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
         attention_bias = alibi_bias(g, slopes, rounded, total64, head_dim ** -0.5 if alibi_scaled else 1.0)
         positions = {"do_rotary": 0}
         position_inputs = ["", "", "", attention_bias]  # cos, sin, position_ids, attention_bias
-    elif (rope := rotary(model)) is not None:
+    elif (rope := rotary(model, arch)) is not None:
         positions = {"do_rotary": 1, "rotary_interleaved": int(interleaved)}
         position_inputs = rope_caches(g, rope, cache_length, head_dim)
     else:
-        raise no_rotary(model)
+        raise _no_positions(model, arch.blocks[0])
 
     label = config_activation(cfg)
     residual, pending, bias = x, None, None
