@@ -282,8 +282,8 @@ def test_graph_choice_falls_back_or_refuses_clearly(tmp_path):
 
 def test_a_fused_graph_that_fails_the_check_falls_back_under_auto(tmp_path, monkeypatch):
     """A fused graph that passed the writer's own check but not the export's (here: Falcon's alibi read as added
-    after the scaling, its first reading, with that check switched off) made the export fail; under graph: auto it is optimum's graph instead, saying why, and
-    graph: fused still stops."""
+    after the scaling, its first reading, with that check switched off) made the export fail; under graph: auto
+    it is optimum's graph instead, saying why, and graph: fused still stops."""
     import compress.fused
     from transformers import FalconConfig, FalconForCausalLM
 
