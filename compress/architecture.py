@@ -56,6 +56,11 @@ def is_projection(m: nn.Module) -> bool:
                             and isinstance(getattr(m, "out_features", None), int))
 
 
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
+
+
 def features(m: nn.Module) -> tuple[int, int]:
     """(in, out) of a Linear, a GPT-2 Conv1D (weight stored in x out) or a stand-in with in/out_features."""
     if is_conv1d(m):
@@ -406,8 +411,7 @@ def keep_layers_of(model: nn.Module, layers_name: str, keep: list[int], what: st
             f"{what}: keeping layers {keep} of {type(model).__name__}, {diff}: its layers' kinds follow from "
             "their positions (e.g. global_attn_every_n_layers); keep layers whose kinds match the positions they "
             "move to")
-    parent, _, attr = layers_name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([layers[i] for i in keep]))
+    set_module(model, layers_name, nn.ModuleList([layers[i] for i in keep]))
     for new, block in enumerate(model.get_submodule(layers_name)):
         for m in block.modules():
             for index in indices:

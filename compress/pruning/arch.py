@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architecture import is_conv1d, is_linear, linear_weight  # noqa: F401  (re-exported for pruning modules)
+# re-exported for the pruning modules
+from ..architecture import is_conv1d, is_linear, linear_weight, set_module  # noqa: F401
 
 
 # ---------------------------------------------------------------------- Linear / Conv1D helpers
@@ -37,11 +38,6 @@ def to_conv1d(lin: nn.Linear) -> nn.Module:
         conv.bias = nn.Parameter(lin.bias.detach().clone() if lin.bias is not None
                                  else torch.zeros(lin.out_features, dtype=lin.weight.dtype))
     return conv
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr, module)
 
 
 def empty_like_linear(m: nn.Module, in_features: int, out_features_: int) -> nn.Module:
