@@ -229,7 +229,7 @@ def gqa_input_nodes(model, inputs: tuple[int, ...] = ROTARY_CACHES) -> tuple[lis
 def fold_rotary_caches(model) -> int:
     """Replace the nodes computing a fused graph's cos / sin caches by their values (fp32 tables, as the
     graph computed them), for a float16 graph: fp16 holds positions exactly only up to 2048 and angles of
-    thousands of radians to about 2, so computed in fp16 the logits drifted by 4 at position 3,000; stored,
+    thousands of radians to about 2, so computed in fp16 the logits drifted by whole units past 2,048; stored,
     the tables become fp16 values of cos / sin (1e-3 relative). Returns the tables written."""
     from onnx import TensorProto, helper, numpy_helper
     from onnx.reference import ReferenceEvaluator
@@ -238,8 +238,8 @@ def fold_rotary_caches(model) -> int:
     if not names:
         return 0
     nodes = [n for n in model.graph.node if n.name in names]
-    tables = sorted({n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention" for i in (7, 8)
-                     if len(n.input) > i and n.input[i]})
+    tables = sorted({n.input[i] for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                     for i in ROTARY_CACHES if len(n.input) > i and n.input[i]})
     sub = helper.make_graph(nodes, "rotary_caches", [],
                             [helper.make_tensor_value_info(t, TensorProto.FLOAT, None) for t in tables],
                             [t for t in model.graph.initializer if t.name in inits])

@@ -1183,7 +1183,7 @@ def test_cohere2_global_layers_without_rotary_found_by_running_them(tmp_path):
 
 
 def test_fp16_of_a_fused_graph_keeps_rotary_angles_in_fp32_tables(tmp_path):
-    """The rotary angles (positions x inv_freq, computed in the graph) in fp16 drifted the logits by 3 past
+    """The rotary angles (positions x inv_freq, computed in the graph) in fp16 drifted the logits by whole units past
     position 2,048 (fp16 holds integers exactly to 2048): the fp16 conversion stores the cos / sin tables
     computed in fp32 instead."""
     from compress.quant.ort import fp16
@@ -1198,14 +1198,14 @@ def test_fp16_of_a_fused_graph_keeps_rotary_angles_in_fp32_tables(tmp_path):
     with torch.no_grad():
         ref = model(ids, use_cache=False).logits.numpy()[0]
     got = EdgeModel(tmp_path / "fp16", threads=1, verify=False).logits(ids.numpy())[0]
-    assert np.abs(got - ref)[2048:].max() < 0.1  # fp16 rounding; the angles in fp16 gave 3
+    assert np.abs(got - ref)[2048:].max() < 0.1  # fp16 rounding; the angles in fp16 gave whole units
 
 
 def test_fp16_of_an_alibi_graph_computes_the_bias_in_fp32(tmp_path):
     """Falcon's ALiBi bias (slope x position, rounded to bfloat16, scaled) computed in fp16 moved the logits by
-    0.26 at position 2,000; kept in fp32 by blocking its nodes, the converter still rounded each of their
-    outputs to fp16 and back (0.6 with 12 heads, whose slopes are not powers of two). Now the nodes stay out
-    of the conversion and the bias, relative to each query's position, is cast to fp16 once."""
+    tenths by position 2,000; kept in fp32 by blocking its nodes, the converter still rounded each of their
+    outputs to fp16 and back (as far off with 12 heads, whose slopes are not powers of two). Now the nodes stay
+    out of the conversion and the bias, relative to each query's position, is cast to fp16 once."""
     from transformers import FalconConfig, FalconForCausalLM
 
     from compress.quant.ort import fp16
