@@ -44,8 +44,9 @@ class Distill(Pass):
     name = "distill"
     # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss);
     # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
-    # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers
-    version = 5
+    # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers; 6: layer cuts the config
+    # cannot rebuild refused (ModernBERT's stored ones reloaded with other outputs), GPT-Neo's kinds follow
+    version = 6
     description = ("Knowledge distillation: a student (layer-dropped, configured, or the input itself) "
                    "learns the teacher's soft targets, hidden states and attention; cached teacher outputs")
     Config = DistillConfig

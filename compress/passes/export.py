@@ -99,9 +99,9 @@ class Export(Pass):
     description = ("Export to ONNX (the fused decoder graph, or optimum's; decoders with KV cache), optional ORT "
                    "fusions, discrepancy check")
     Config = ExportConfig
-    version = 4  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
+    version = 5  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
-    # SmolLM3 fused
+    # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph)
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

@@ -146,8 +146,10 @@ class Prune(Pass):
     name = "prune"
     # 2: cached top-k soft targets renormalized; 3: and one bucket for the rest (losses.topk_soft_loss);
     # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
-    # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers
-    version = 5
+    # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers; 6: layer cuts the config
+    # cannot rebuild refused (ModernBERT's stored ones reloaded with other outputs), GPT-Neo's kinds follow,
+    # StableLM / ModernBERT heads
+    version = 6
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig
 
