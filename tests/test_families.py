@@ -109,6 +109,7 @@ def extra_passes(tmp_path_factory):
 @pytest.mark.parametrize("fam,task", EXTRA_CASES, ids=[f"{f}-{t}" for f, t in EXTRA_CASES])
 def test_families_beside_the_chain_prune_and_reload(extra_passes, fam, task):
     built, fresh = extra_passes
+    n_before = sum(p.numel() for p in artifact(fam, task).model.parameters())
     for key in EXTRA_PASSES:
         out, path = built[(fam, task, key)]
         got = fresh[path]
@@ -117,7 +118,6 @@ def test_families_beside_the_chain_prune_and_reload(extra_passes, fam, task):
         torch.testing.assert_close(torch.tensor(got["load"]), expected, atol=1e-5, rtol=1e-5, msg=key)
         if not out.structure:
             torch.testing.assert_close(torch.tensor(got["plain"]), expected, atol=1e-5, rtol=1e-5, msg=key)
-        n_before = sum(p.numel() for p in artifact(fam, task).model.parameters())
         assert sum(p.numel() for p in out.model.parameters()) < n_before, f"{key} removed nothing"
 
 
