@@ -30,7 +30,7 @@ QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))  # ModernBERT: Wi = [activated half | gate]
 PLAIN = (("c_fc", "c_proj"), ("fc1", "fc2"), ("dense_h_to_4h", "dense_4h_to_h"), ("lin1", "lin2"),
-         ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"))
+         ("intermediate.dense", "output.dense"), ("fc_in", "fc_out"), ("up_proj", "down_proj"))  # MPT
 ACTIVATIONS = ("act_fn", "act", "activation_fn", "activation", "intermediate_act_fn", "gelu_impl")  # BLOOM: gelu_impl
 MLP_WIDTH_FIELDS = ("intermediate_size", "n_inner", "hidden_dim", "ffn_dim", "ffn_hidden_size")
 # config lists with one entry per layer (Gemma 2 / 3, Qwen2: attention kind; SmolLM3: rotary or not)
@@ -71,8 +71,17 @@ def features(m: nn.Module) -> tuple[int, int]:
 
 
 def is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__ and isinstance(getattr(m, "weight", None),
-                                                                                     nn.Parameter)
+    """A norm over the last dimension: nn.LayerNorm, or a family's own *Norm class with a weight vector or, weightless
+    (OLMo's LayerNorm), a normalized_shape."""
+    weight = getattr(m, "weight", None)
+    return isinstance(m, nn.LayerNorm) or "Norm" in type(m).__name__ and (
+        isinstance(weight, nn.Parameter) or weight is None and isinstance(getattr(m, "normalized_shape", None), tuple))
+
+
+def norm_width(m: nn.Module) -> int:
+    """The width a norm (is_norm) normalizes."""
+    weight = getattr(m, "weight", None)
+    return weight.shape[0] if weight is not None else m.normalized_shape[-1]
 
 
 @dataclass
@@ -340,7 +349,7 @@ class Architecture:
         """Norms over the hidden width outside the blocks (embedding LayerNorm, final norm)."""
         prefix = self.layers_name + "."
         return [n for n, m in self.model.named_modules() if is_norm(m) and not n.startswith(prefix)
-                and m.weight.shape == (self.hidden_size,)]
+                and norm_width(m) == self.hidden_size]
 
     def describe(self) -> dict:
         b = self.blocks[0]

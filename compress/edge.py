@@ -377,7 +377,7 @@ def max_positions(meta: dict, config: dict) -> tuple[int | None, str]:
     padding offset (the rule of compress.models.max_tokens, which this self-contained file cannot import)."""
     if meta.get("compress.max_length"):
         return int(meta["compress.max_length"]), "export.max_length"
-    key = next((k for k in ("max_position_embeddings", "n_positions") if config.get(k)), None)
+    key = next((k for k in ("max_position_embeddings", "n_positions", "max_seq_len") if config.get(k)), None)
     if key is None:
         return None, "no position table in config.json"
     limit = int(config[key])

@@ -319,8 +319,9 @@ _POSITIONS_AFTER_PADDING = ("roberta", "xlm-roberta", "camembert")
 
 def max_tokens(config: dict) -> int | None:
     """The longest sequence a model takes, from its config.json: its position table (max_position_embeddings /
-    GPT-2's n_positions), less the offset of RoBERTa's position ids; None when it has no such table."""
-    limit = config.get("max_position_embeddings", config.get("n_positions"))
+    GPT-2's n_positions / MPT's max_seq_len, where its ALiBi bias ends), less the offset of RoBERTa's position
+    ids; None when it has no such table."""
+    limit = next((config[k] for k in ("max_position_embeddings", "n_positions", "max_seq_len") if config.get(k)), None)
     if limit is not None and config.get("model_type") in _POSITIONS_AFTER_PADDING:
         pad = config.get("pad_token_id")
         limit -= (1 if pad is None else pad) + 1  # RobertaConfig's default padding index is 1
@@ -333,7 +334,7 @@ def check_length(model: nn.Module, length: int, field: str, role: str = "model")
     limit = max_tokens(model.config.to_dict())
     if limit is not None and length > limit:
         raise ConfigError(f"{field}: {length} tokens, more than the {role}'s {limit} positions "
-                          f"(max_position_embeddings / n_positions); set {field} to at most {limit}")
+                          f"(max_position_embeddings / n_positions / max_seq_len); set {field} to at most {limit}")
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

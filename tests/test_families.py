@@ -365,6 +365,19 @@ def test_hidden_width_narrows_weightless_norms(tmp_path):
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
 
 
+def test_hidden_activation_importance_reads_weightless_norms():
+    """Hidden-width importance by activation is read at the norms' outputs; OLMo's weightless norms were not
+    found, so every channel scored 0 and the cut kept the first ones, whatever they carried."""
+    from compress.architecture import find
+    from compress.pruning.hidden import activation_scores, norms
+
+    model = artifact("olmo", "causal-lm").model
+    arch = find(model)
+    assert len(norms(arch)) == 2 * arch.num_layers() + 1
+    scores = activation_scores(model, arch, [{"input_ids": IDS, "attention_mask": torch.ones_like(IDS)}], "causal-lm")
+    assert scores.shape == (arch.hidden_size,) and bool((scores > 0).all())
+
+
 def test_hidden_width_of_embeddings_narrower_than_the_blocks(tmp_path):
     """ELECTRA's embeddings are 16 wide and embeddings_project maps them to the 32-wide residual stream: the
     layout took 16 as the hidden size and prune hidden crashed in calibration (RuntimeError, size 16 vs 32)."""

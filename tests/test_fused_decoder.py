@@ -627,6 +627,47 @@ def test_bloom_alibi_with_its_embedding_norm(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
+def tiny_mpt(heads: int = 6, **attn_config):
+    from transformers import MptConfig, MptForCausalLM
+
+    torch.manual_seed(0)
+    return MptForCausalLM(MptConfig(vocab_size=VOCAB, d_model=8 * heads, n_heads=heads, n_layers=LAYERS,
+                                    expansion_ratio=2, max_seq_len=320, initializer_range=0.3,
+                                    attn_config=attn_config or None)).eval()
+
+
+def test_mpt_alibi_counted_from_the_last_position(tmp_path):
+    """MPT: no position table; ALiBi as `position_bias`, built once over max_seq_len as slope x (key position -
+    the last position) and sliced in the attention (the slopes read where it is 0, at the last position; 6
+    heads: its second series too). The layout (packed Wqkv, up_proj / down_proj without a gate, LayerNorms
+    without biases, the MLP adding the residual itself) goes to the GPT-NeoX writer, which the GPT-2 writer's
+    missing position table used to stop. The config's max_seq_len is the graph's length."""
+    from compress.architecture import find
+    from compress.fused.graph import alibi_slopes
+
+    torch.set_num_threads(1)
+    model = tiny_mpt()
+    slopes, rounded = alibi_slopes(model, find(model))
+    pow2 = 2.0 ** -np.arange(1, 9)  # 8 / 8 per step on the next power of two, odd ones first
+    np.testing.assert_array_equal(slopes, np.concatenate([pow2[1::2], pow2[::2]])[:6].astype(np.float32))
+    assert not rounded
+    figures = build_fused(model, tmp_path)
+    assert figures["alibi"] == "added" and figures["cache_length"] == 320 and figures["max_nodes_per_block"] == 8
+    edge = EdgeModel(tmp_path, threads=1)
+    assert edge.max_length == 320
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_logits_match(model, edge, prompt(length=300))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+
+
+def test_clipped_qkv_is_refused_by_its_field(tmp_path):
+    """MPT's (and OLMo's) clip_qkv clamps q/k/v, which no writer writes; a self-check on a few random tokens
+    need not reach the bound, so the field itself refuses."""
+    with pytest.raises(UnsupportedModelError, match=r"MptForCausalLM clamps q/k/v to \+-8.0 \(clip_qkv\)"):
+        build_fused(tiny_mpt(clip_qkv=8.0), tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
 def test_alibi_head_dim_ortgqa_cannot_run_is_refused_and_nothing_left(tmp_path):
     """GroupQueryAttention needs head_dim % 8 == 0 without rotary: BLOOM with heads of 12 raised ONNX Runtime's
     error from the self-check and left the graph on disk; now refused by the writer, naming the rule."""
@@ -1104,6 +1145,35 @@ def test_olmo2_post_norms_only_and_q_k_norms_over_all_heads(tmp_path):
     assert figures["ops"]["Add"] == 2 * LAYERS - 1  # the residual adds (block 0's attention reads the embedding)
     graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
     assert {t.name for t in graph.initializer} <= {i for n in graph.node for i in n.input}  # none unused
+    assert_matches_torch(model, tmp_path)
+
+
+def test_olmo_weightless_layer_norms_with_their_epsilon_measured(tmp_path):
+    """OLMo (1) norms with F.layer_norm and no weight, no bias and no eps attribute (1e-5 in its forward): the
+    norms were not seen at all ("takes one final norm outside the blocks, found none"). They are written as
+    LayerNormalization with ones and zeros, the epsilon measured from the module's output (here, and 1e-6 on a
+    copy whose forward uses that)."""
+    from transformers import OlmoConfig, OlmoForCausalLM
+
+    from compress.fused.graph import _layer_norm_params
+
+    torch.manual_seed(0)
+    model = OlmoForCausalLM(OlmoConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128,
+                                       num_hidden_layers=LAYERS, num_attention_heads=4, num_key_value_heads=2,
+                                       max_position_embeddings=128, initializer_range=0.3, bos_token_id=None,
+                                       eos_token_id=None, pad_token_id=None)).eval()
+    weight, bias, eps = _layer_norm_params(model.model.norm)
+    assert eps == 1e-5 and (weight == 1).all() and (bias == 0).all()
+
+    class Eps6(nn.Module):
+        normalized_shape = (64,)
+
+        def forward(self, x):
+            return nn.functional.layer_norm(x, self.normalized_shape, None, None, eps=1e-6)
+
+    assert _layer_norm_params(Eps6())[2] == 1e-6
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["SkipLayerNormalization"] == 2 * LAYERS and figures["ops"]["LayerNormalization"] == 1
     assert_matches_torch(model, tmp_path)
 
 

@@ -172,6 +172,11 @@ def _family_specs() -> dict:
         "modernbert": (T.ModernBertConfig, {"sequence-classification": T.ModernBertForSequenceClassification},
                        dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
                             global_attn_every_n_layers=2, local_attention=16)),
+        # MPT: ALiBi (its bias over max_seq_len, sliced in the attention), packed Wqkv, up_proj / down_proj without a
+        # gate, LayerNorms without biases, the MLP width a multiple of the hidden width (expansion_ratio)
+        "mpt": (T.MptConfig, {lm: T.MptForCausalLM}, dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=4,
+                                                           expansion_ratio=2, max_seq_len=256, pad_token_id=0,
+                                                           bos_token_id=1, eos_token_id=1)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -182,7 +187,7 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "bloom", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "bloom", "mpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -1,7 +1,7 @@
 """Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2,
-Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 2, SmolLM3, Granite, Cohere, EXAONE 4),
+Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere, EXAONE 4),
 gpt2.py (GPT-2-shaped: GPT-2, OPT), neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential
-blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J, CodeGen, BLOOM); graph.py holds what they share.
+blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J, CodeGen, BLOOM, MPT); graph.py holds what they share.
 
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
@@ -23,9 +23,9 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     the other readings of what the module tree does not say (`_readings`), until one passes or none is left.
 
     A gated MLP (gate / up / down or a packed gate_up) goes to the Llama writer; a plain MLP with a rotary
-    embedding, or q/k/v packed per head, to the GPT-NeoX writer (which reads rotary or ALiBi positions and
-    refuses a model with neither); the rest (learned positions, one packed [q | k | v] projection or separate q /
-    k / v) to the GPT-2 writer."""
+    embedding, q/k/v packed per head, or no learned position table, to the GPT-NeoX writer (which reads rotary
+    or ALiBi positions and refuses a model with neither); the rest (learned positions, one packed [q | k | v]
+    projection or separate q / k / v) to the GPT-2 writer."""
     if isinstance(model.get_input_embeddings(), LowRankEmbedding):  # the layout finder would only say 'no embedding'
         raise UnsupportedModelError("fused export: the writers take a plain embedding table, and "
                                     "lowrank.embedding_rank factorized this one (its linear layers alone are fine)")
@@ -33,10 +33,11 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
         arch = find(model)
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
+    refuse_clipped_qkv(model)
     b = arch.blocks[0]
     if b.mlp.kind in ("gated", "fused_gated"):
         writer, build = "Llama", build_llama
-    elif rotary(model, arch) is not None or not is_gpt2(model, arch):  # rotary or ALiBi positions (it reads which)
+    elif rotary(model, arch) is not None or not is_gpt2(model, arch):  # rotary or ALiBi (MPT: no position table)
         writer, build = "GPT-NeoX", build_neox
     else:
         writer, build = "GPT-2", build_gpt2
@@ -55,6 +56,18 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
         except UnsupportedModelError:
             continue
     raise first
+
+
+def refuse_clipped_qkv(model) -> None:
+    """OLMo and MPT may clamp q/k/v to +-clip_qkv (a config field; MPT's under attn_config), which no writer
+    writes, and 2 x 8 random tokens of the self-check need not reach the bound: refused by the field."""
+    cfg = model.config
+    attn = getattr(cfg, "attn_config", None)
+    clip = getattr(cfg, "clip_qkv", None) or (attn.get("clip_qkv") if isinstance(attn, dict)
+                                              else getattr(attn, "clip_qkv", None))
+    if clip:
+        raise UnsupportedModelError(f"fused export: {type(model).__name__} clamps q/k/v to +-{clip} (clip_qkv), "
+                                    "which the writers do not write")
 
 
 def _readings(build, b, alibi: bool) -> list[dict]:

@@ -63,18 +63,22 @@ REFUSED = {"scale_attn_by_inverse_layer_idx": True, "scale_attn_weights": False,
 
 
 def is_gpt2(model, arch: Architecture | None = None) -> bool:
-    """GPT-2-shaped at first sight: a plain MLP and one packed [q | k | v] attention projection or separate
-    q / k / v (the writer checks the rest)."""
+    """GPT-2-shaped at first sight: a plain MLP, one packed [q | k | v] attention projection or separate q / k /
+    v, and a learned position table (the writer checks the rest)."""
     arch = arch or find(model)
     b = arch.blocks[0]
-    return b.mlp.kind == "plain" and b.attn.qkv_layout in QKV_LAYOUTS
+    return b.mlp.kind == "plain" and b.attn.qkv_layout in QKV_LAYOUTS and len(_position_tables(model, arch)) == 1
+
+
+def _position_tables(model, arch: Architecture) -> list[str]:
+    """The nn.Embeddings (or subclasses: OPT's) of hidden width besides the token table."""
+    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and n != arch.embedding
+            and m.embedding_dim == arch.hidden_size and not n.startswith(arch.layers_name + ".")]
 
 
 def _positions(model, arch: Architecture) -> str:
-    """The learned position embeddings: the one nn.Embedding (or subclass: OPT's) of hidden width besides the
-    token table."""
-    found = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and n != arch.embedding
-             and m.embedding_dim == arch.hidden_size and not n.startswith(arch.layers_name + ".")]
+    """The learned position embeddings: the one position table."""
+    found = _position_tables(model, arch)
     if len(found) != 1:
         raise UnsupportedModelError(f"fused export: the GPT-2 writer takes one learned position embedding (an "
                                     f"nn.Embedding besides the token table), found {found or 'none'}")

@@ -411,26 +411,33 @@ ALIBI_PROBE = 300  # positions read: past 256, slope x position needs more than 
 
 
 def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
-    """An ALiBi position bias (BLOOM, Falcon with alibi): (the slope of each head, whether the model computes
+    """An ALiBi position bias (BLOOM, Falcon with alibi, MPT): (the slope of each head, whether the model computes
     slope x position in bfloat16 as transformers' Falcon does: the position rounded, then the product), None
-    where block 0 is given no `alibi`. The bias is read from block 0's call (the model builds it before its
-    blocks) on ALIBI_PROBE tokens: per head slope x the key's position, plus any constant per query row
-    (softmax ignores it); another form is refused."""
+    where block 0 is given no `alibi` / `position_bias`. The bias is read from block 0's call (the model builds
+    it before its blocks) on ALIBI_PROBE tokens, or over the model's whole length where it builds the bias for
+    that (MPT: slope x (key position - last position), sliced in the attention): per head slope x the key's
+    position, plus any constant per query row (softmax ignores it); another form is refused."""
     cfg = model.config  # a model with a position table reads no further than it
-    table = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+    table = next((v for f in ("max_position_embeddings", "n_positions", "max_seq_len")
+                  if isinstance(v := getattr(cfg, f, None), int)), None)
     length = min(ALIBI_PROBE, table or ALIBI_PROBE)
     bias = _block0_alibi(model, arch, length)
     if bias is None:
         return None
-    if length < ALIBI_PROBE:  # ALiBi reads no position table: again past 256, where the rounding shows
+    if bias.shape[-1] == length < ALIBI_PROBE:  # built for the input, not a table: again past 256
         length, bias = ALIBI_PROBE, _block0_alibi(model, arch, ALIBI_PROBE)
-    heads = arch.num_heads(0)
+    heads, length = arch.num_heads(0), bias.shape[-1]
     if bias.numel() != heads * length:
         raise UnsupportedModelError(f"fused export: block 0's alibi has shape {list(bias.shape)}, not one row of "
                                     f"{length} positions for each of {heads} heads")
     bias = bias.detach().float().reshape(heads, length).cpu()
-    bias = bias - bias[:, :1]
-    slopes, j = bias[:, 1], torch.arange(length, dtype=torch.float32)
+    zero = torch.nonzero((bias == 0).all(0)).flatten()  # the position the model counts from: 0, MPT's last
+    if len(zero) != 1:
+        raise UnsupportedModelError(f"fused export: block 0's alibi is not a slope per head times a position "
+                                    f"({type(model).__name__}): no one position where it is 0 for every head")
+    z = int(zero[0])
+    j = torch.arange(length, dtype=torch.float32) - z
+    slopes = bias[:, z + 1] if z + 1 < length else -bias[:, z - 1]  # slope x 1, exactly
     for rounded in (False, True):  # exactly as transformers computes it (fp32; Falcon's bfloat16)
         linear = (slopes[:, None] * j.bfloat16().float()).bfloat16().float() if rounded else slopes[:, None] * j
         if torch.equal(linear, bias):
@@ -440,7 +447,8 @@ def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
 
 
 def _block0_alibi(model, arch, length: int) -> torch.Tensor | None:
-    """The `alibi` argument block 0 is called with on `length` tokens (None where there is none)."""
+    """The ALiBi bias block 0 is called with on `length` tokens (`alibi`, MPT's `position_bias`; None where
+    there is none)."""
     seen = {}
 
     def grab(mod, args, kwargs):
@@ -448,7 +456,7 @@ def _block0_alibi(model, arch, length: int) -> torch.Tensor | None:
         raise _Stop
 
     _run(model, arch, [arch.layers()[0].register_forward_pre_hook(grab, with_kwargs=True)], length)
-    return seen["alibi"] if isinstance(seen.get("alibi"), torch.Tensor) else None
+    return next((seen[k] for k in ("alibi", "position_bias") if isinstance(seen.get(k), torch.Tensor)), None)
 
 
 def alibi_bias(g: _Graph, slopes: np.ndarray, rounded: bool, total64: str, scale: float = 1.0) -> str:
@@ -701,12 +709,11 @@ def layer_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, b
     batch (GPT-2's position embeddings). Nothing pending: a LayerNormalization of `residual` (itself returned)."""
     if not is_layer_norm(norm):
         raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; the writer takes a LayerNorm "
-                                    "(x - mean) / std * weight (+ bias) with elementwise affine weights")
+                                    "(x - mean) / std (* weight) (+ bias)")
     param = _param(name)
-    eps = float(_eps(norm))
-    gamma = g.const(param + ".weight", _np(norm.weight))
-    beta = g.const(param + ".bias", _np(norm.bias) if getattr(norm, "bias", None) is not None else
-                   np.zeros(norm.weight.shape[0], np.float32))
+    weight, beta, eps = _layer_norm_params(norm)
+    gamma = g.const(param + ".weight", weight)
+    beta = g.const(param + ".bias", beta)
     if pending is None:
         return g.op("LayerNormalization", [residual, gamma, beta], f"{name}/LayerNorm", axis=-1,
                     epsilon=eps), residual
@@ -720,20 +727,51 @@ def _eps(norm):
     return getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
 
 
+def _layer_norm_params(norm) -> tuple[np.ndarray, np.ndarray, float]:
+    """(weight, bias, epsilon) of a LayerNorm: ones / zeros where it has none (OLMo's has neither, nor an eps
+    attribute: its epsilon is measured, see _measured_eps)."""
+    w = getattr(norm, "weight", None)
+    width = w.shape[0] if w is not None else norm.normalized_shape[-1]
+    weight = _np(w) if w is not None else np.ones(width, np.float32)
+    bias = _np(norm.bias) if getattr(norm, "bias", None) is not None else np.zeros(width, np.float32)
+    eps = _eps(norm)
+    return weight, bias, float(eps if isinstance(eps, float | int) else _measured_eps(norm, width))
+
+
+def _measured_eps(norm, width: int) -> float:
+    """The epsilon of a norm that does not say it: on a row of +-1e-3 (variance 1e-6, where an epsilon of
+    1e-5 shows) y = x / sqrt(var + eps), so eps = (x / y)^2 - var, to two significant digits."""
+    x = torch.full((1, width), 1e-3)
+    x[:, 1::2] = -1e-3
+    x = x - x.mean()
+    with torch.no_grad():
+        y = norm(_like(x, norm)).double().cpu()
+    k = int(x.abs().argmax())
+    eps = float((x[0, k].double() / y[0, k]) ** 2 - x.double().pow(2).mean())
+    return float(f"{eps:.2g}") if eps > 0 else 0.0
+
+
+def _like(x: torch.Tensor, norm) -> torch.Tensor:
+    """x on the device and in the dtype of `norm`'s parameters (as it is where it has none)."""
+    p = next(norm.parameters(), None)
+    return x if p is None else x.to(p)
+
+
 def is_layer_norm(norm) -> bool:
-    """Whether `norm` computes (x - mean) / sqrt(var + eps) * weight (+ bias), found by running it: nn.LayerNorm,
-    or a class of a family's own (Cohere's LayerNorm without a bias)."""
-    w, eps = getattr(norm, "weight", None), _eps(norm)
-    if not isinstance(w, torch.Tensor) or w.dim() != 1 or not isinstance(eps, float | int):
+    """Whether `norm` computes (x - mean) / sqrt(var + eps) (* weight) (+ bias), found by running it: nn.LayerNorm,
+    or a class of a family's own (Cohere's LayerNorm without a bias; OLMo's without weights)."""
+    w = getattr(norm, "weight", None)
+    if w is None and not isinstance(getattr(norm, "normalized_shape", None), tuple):
         return False
-    x = torch.randn(3, w.shape[0], generator=torch.Generator().manual_seed(0)).to(w)
+    if w is not None and (not isinstance(w, torch.Tensor) or w.dim() != 1):
+        return False
+    weight, bias, eps = _layer_norm_params(norm)
+    x = _like(torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)), norm)
     with torch.no_grad():
         y = norm(x)
-        xf = x.float()
-        want = torch.nn.functional.layer_norm(xf, (w.shape[0],), w.float(), None, float(eps))
-        if getattr(norm, "bias", None) is not None:
-            want = want + norm.bias.float()
-    return _close(y, want)
+    want = torch.nn.functional.layer_norm(x.float().cpu(), (weight.shape[0],), torch.from_numpy(weight),
+                                          torch.from_numpy(bias), eps)
+    return _close(y.cpu(), want.to(y.dtype))
 
 
 def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str, layers: int, **figures) -> dict:

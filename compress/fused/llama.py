@@ -1,5 +1,5 @@
 """An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma 1-3; OLMo 2; SmolLM3; Granite; StableLM; Cohere 1-2; EXAONE 4; any model_type with that layout),
+Phi-3; Gemma 1-3; OLMo 1-2; SmolLM3; Granite; StableLM; Cohere 1-2; EXAONE 4; any model_type with that layout),
 fp32. (GPT-2 and GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
@@ -11,12 +11,12 @@ block 0 finds them a norm on each sublayer's output too, x + post(attn(pre(x))) 
 block, two of them plain SimplifiedLayerNormalization), or post-norms only, x + post(attn(x)) (OLMo 2: the
 residual sums are Adds), or in parallel, x + attn(norm(x)) + mlp(norm_2(x)) with one norm or two (Cohere,
 StableLM's parallel variant: one Add of the two outputs). An RMSNorm computing x / rms(x) * (1 + weight),
-Gemma's, is written with 1 + weight folded; LayerNorms (StableLM's with biases, Cohere's without: any module
-that computes one, found by running it) as SkipLayerNormalization. A final norm of the same kind; a
-rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
-channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos /
-sin cache), SmolLM3's NoPE layers and Cohere 2's and EXAONE 4's global ones none (do_rotary 0; graph.layer_rotaries
-finds which by running each attention again with a rotation by nothing). Gemma 2's soft-capping:
+Gemma's, is written with 1 + weight folded; LayerNorms (StableLM's with biases, Cohere's without, OLMo's with
+neither weight nor bias: any module that computes one, found by running it) as SkipLayerNormalization. A final norm of
+the same kind; a rotary embedding with a static rope type (over all of each head or, partial, a multiple of 16 of its
+channels), per layer: Gemma 3's sliding layers read a second one (their own base frequency: a second cos / sin cache),
+SmolLM3's NoPE layers and Cohere 2's and EXAONE 4's global ones none (do_rotary 0; graph.layer_rotaries finds which by
+running each attention again with a rotation by nothing). Gemma 2's soft-capping:
 GroupQueryAttention's softcap for the scores, Div / Tanh / Mul after the head for the logits. Token embeddings
 are fed to block 0 as they are or times one scalar (Gemma's sqrt(hidden), Granite's embedding_multiplier: a
 Mul after the Gather, the table stays the one the tied head reads). Granite's other multipliers: the

@@ -1,6 +1,6 @@
 """An op-by-op ONNX writer for LayerNorm decoders with rotary or ALiBi positions and a plain MLP (transformers'
 GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with
-alibi; GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; or any model_type with that layout), fp32.
+alibi; GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; MptForCausalLM; or any model_type with that layout), fp32.
 
 Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed per
 head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered here into [Q
@@ -8,7 +8,7 @@ heads | K heads | V heads], so GroupQueryAttention reads one packed input), pack
 (Falcon's multi-query: one KV head), in chunks of [q v k] (CodeGen's), or separate (Phi's); a rotary embedding over
 all of each head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor,
 GPT-J's rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
-channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi:
+channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi, MPT:
 GroupQueryAttention's attention_bias, slope x key position computed once per run from the slopes the model itself
 hands its blocks); LayerNorms, one of the embeddings where block 0 reads them normed (BLOOM), a final LayerNorm; a
 plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's
@@ -140,7 +140,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     if embed_norm:
         x, _ = layer_norm(g, arch.module(embed_norm), None, x, "/gpt_neox/embed_layernorm")
     head_dim = arch.head_dim()
-    cache_length = max_length or getattr(cfg, "max_position_embeddings", None) or ALIBI_LENGTH
+    cache_length = (max_length or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_seq_len", None)
+                    or ALIBI_LENGTH)
     if (alibi := alibi_slopes(model, arch)) is not None:  # a bias per head, no rotary (Falcon has the module)
         slopes, rounded = alibi
         attention_bias = alibi_bias(g, slopes, rounded, total64, head_dim ** -0.5 if alibi_scaled else 1.0)

@@ -128,13 +128,11 @@ def prune_hidden(model: nn.Module, ad: Architecture, keep: list[int], stock: boo
         emb.embedding_dim = len(idx)
     for n in norms(ad):
         m = model.get_submodule(n)
-        m.weight = nn.Parameter(m.weight.detach()[idx].clone())
+        if getattr(m, "weight", None) is not None:  # weightless norms (OLMo's LayerNorm) hold only their shape
+            m.weight = nn.Parameter(m.weight.detach()[idx].clone())
         if getattr(m, "bias", None) is not None:
             m.bias = nn.Parameter(m.bias.detach()[idx].clone())
         if isinstance(getattr(m, "normalized_shape", None), tuple):
-            m.normalized_shape = (len(idx),)
-    for m in model.modules():  # weightless norms (OLMo's LayerNorm) hold only their shape
-        if getattr(m, "weight", None) is None and getattr(m, "normalized_shape", None) == (ad.hidden_size,):
             m.normalized_shape = (len(idx),)
     for n in dict.fromkeys(reads + writes):
         if ad.tied and n == ad.head:
