@@ -118,7 +118,10 @@ def write(result: dict, out: Path, seconds: float) -> None:
         "(decoders) or its outputs are within 1e-3 (encoders); *int8*: export then `quantize: ort-int8-dynamic`, "
         "its discrepancy check passes and the checkpoint reloads. Options: `distill` keep 3 of 4 layers (1 step); "
         "prune 50% of MLP channels / heads (GQA: whole KV groups; Gemma's single KV group: query heads), 25% of "
-        "layers, 25% of hidden channels, activation importance; `lowrank` rank 8.",
+        "layers, 25% of hidden channels, activation importance; `lowrank` rank 8. The export cell names the graph: "
+        "tiny models with rotary positions and heads of 8 get optimum's (GroupQueryAttention rotates a multiple "
+        "of 16 channels); the same families with heads of 16 or more export fused "
+        "([fused_layouts](../fused_layouts/README.md)).",
         "",
         "| family (task) | " + " | ".join(PASSES) + " |",
         "| --- | " + " | ".join("---" for _ in PASSES) + " |",

@@ -50,6 +50,7 @@ LAYOUTS = {
     "GLM (interleaved rotary)": _hf("Glm", **DEC, num_key_value_heads=2, head_dim=32),
     "Helium (interleaved rotary)": _hf("Helium", **DEC, num_key_value_heads=2, head_dim=32),
     "SmolLM3 (no rotary in every 4th layer)": _hf("SmolLM3", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1),
+    "Gemma (embedding scale, 1 + weight norms)": _hf("Gemma", **DEC, num_key_value_heads=1, head_dim=32),
     # eager attention: transformers' sdpa path leaves the attention soft-capping out (logits 4e-3 off here)
     "Gemma 2 (soft-capping, sliding window)": _hf("Gemma2", **DEC, num_key_value_heads=1, head_dim=32,
                                                   sliding_window=4, attn_implementation="eager"),
