@@ -3,7 +3,6 @@ VENV    ?= .venv
 PY      := $(VENV)/bin/python
 PIP     := $(PY) -m pip --disable-pip-version-check
 STAMP   := $(VENV)/.installed
-THREADS ?= 2
 # Where torch comes from: pip's configured index by default; e.g. TORCH_INDEX='--index-url
 # https://download.pytorch.org/whl/cpu' for the CPU build where plain PyPI would pull the CUDA wheels.
 TORCH_INDEX ?=
