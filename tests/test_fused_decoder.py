@@ -381,6 +381,28 @@ def test_opt_matches_torch_logits_and_greedy_tokens(tmp_path):
     assert figures["cache_length"] == 64  # the 66-row table less OPT's offset of 2
 
 
+def test_biogpt_scaled_token_embeddings(tmp_path):
+    """BioGPT scales its token embeddings by sqrt(hidden) before adding the positions (offset 2, as OPT's):
+    refused before ("an embedding scale ... is not supported"); the scale is read from block 0's input and
+    written as one Mul after the Gather (the tied head reads the table unscaled)."""
+    from transformers import BioGptConfig, BioGptForCausalLM
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = BioGptForCausalLM(BioGptConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=LAYERS,
+                                           num_attention_heads=2, intermediate_size=128, max_position_embeddings=64,
+                                           initializer_range=0.3, pad_token_id=0, bos_token_id=None,
+                                           eos_token_id=None)).eval()
+    figures = build_fused(model, tmp_path)
+    assert figures["tied_embeddings"] and figures["cache_length"] == 64 and figures["ops"]["Mul"] == 1
+    graph = onnx.load(str(tmp_path / "model.onnx"), load_external_data=False).graph
+    scale = next(t for t in graph.initializer if t.name == "/transformer/wte/scale")
+    assert onnx.numpy_helper.to_array(scale) == np.float32(8.0)  # sqrt(64)
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
+
+
 def test_head_pruned_opt_exports_with_the_kv_cache_by_default(tmp_path):
     """prune records OPT's cut heads as an attention_heads entry (its config keeps 4): optimum cannot export that
     with the KV cache, the fused writer does (it reads the widths from the modules)."""
@@ -949,11 +971,11 @@ def test_more_layouts_by_structure(tmp_path, family, writer):
 @pytest.mark.parametrize("family,match", [
     ("phi-qk-norm", "q_layernorm normalizes queries / keys per head, which the GPT-NeoX writer does not write"),
     ("falcon-steeper-alibi", "the GPT-NeoX writer's graph gives logits .* away from torch's on FalconForCausalLM"),
-    ("biogpt", "block 0 does not read token \\+ position embeddings"),  # its embedding module scales the table
-], ids=["phi-qk-norm", "falcon-steeper-alibi", "biogpt"])
+], ids=["phi-qk-norm", "falcon-steeper-alibi"])
 def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, family, match, monkeypatch):
     """These exported with wrong logits (max error 0.8-4.6): Phi's q / k LayerNorms sit inside the attention
-    module, BioGPT's embedding module scales the table the graph Gathers; an attention using its ALiBi bias
+    module (BioGPT's embedding module, which scales the table the graph Gathers, was the third: its scale is
+    now read and written, test_biogpt_scaled_token_embeddings); an attention using its ALiBi bias
     in a way neither of the writer's readings takes (here: twice as steep) shows only in the logits. The last
     line of defence, build_fused's check of the logits, catches what no part shows, and leaves no graph."""
     from transformers.models.falcon import modeling_falcon
@@ -964,7 +986,7 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
         return forward(self, hidden_states, None if alibi is None else 2 * alibi, *args, **kwargs)
 
     monkeypatch.setattr(modeling_falcon.FalconAttention, "forward", steeper)
-    from transformers import BioGptConfig, BioGptForCausalLM, FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
+    from transformers import FalconConfig, FalconForCausalLM, PhiConfig, PhiForCausalLM
 
     torch.manual_seed(0)
     common = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -972,8 +994,7 @@ def test_what_a_writer_does_not_write_is_refused_not_written_wrong(tmp_path, fam
     model = {"phi-qk-norm": lambda: PhiForCausalLM(PhiConfig(**common, intermediate_size=128, qk_layernorm=True,
                                                                  partial_rotary_factor=0.5)),
              "falcon-steeper-alibi": lambda: FalconForCausalLM(FalconConfig(  # eager: alibi read in attention
-                 **common, alibi=True, initializer_range=0.3, attn_implementation="eager")),
-             "biogpt": lambda: BioGptForCausalLM(BioGptConfig(**common, intermediate_size=128))}[family]().eval()
+                 **common, alibi=True, initializer_range=0.3, attn_implementation="eager"))}[family]().eval()
     with pytest.raises(UnsupportedModelError, match=match):
         build_fused(model, tmp_path)
     assert not (tmp_path / "model.onnx").exists() and not (tmp_path / "model.onnx.data").exists()

@@ -177,6 +177,8 @@ def _family_specs() -> dict:
         "mpt": (T.MptConfig, {lm: T.MptForCausalLM}, dict(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=4,
                                                            expansion_ratio=2, max_seq_len=256, pad_token_id=0,
                                                            bos_token_id=1, eos_token_id=1)),
+        # BioGPT: OPT's block and position offset, token embeddings scaled by sqrt(hidden) inside their module
+        "biogpt": (T.BioGptConfig, {lm: T.BioGptForCausalLM}, dict(dec, bos_token_id=1, eos_token_id=1)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -187,7 +189,7 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "bloom", "mpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -1,11 +1,12 @@
-"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel and OPTForCausalLM, or any
-model_type with that layout), fp32.
+"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel, OPTForCausalLM and
+BioGptForCausalLM, or any model_type with that layout), fp32.
 
 GPT-2-shaped is decided by structure (compress.architecture.find plus graph.py's probe_block), not by
 model_type: one packed [q heads | k heads | v heads] projection (c_attn, Conv1D or Linear) or separate q / k / v
 (OPT's, packed into one MatMul here), a plain MLP (c_fc / c_proj, OPT's fc1 / fc2) with a GELU or a ReLU, two
 LayerNorm pre-norms per block, a final LayerNorm, learned position embeddings (a second nn.Embedding outside
-the blocks, its rows read from an offset: OPT's start at 2) added to the token embeddings, no rotary embedding.
+the blocks, its rows read from an offset: OPT's start at 2) added to the token embeddings (times a scale: BioGPT's
+sqrt(hidden), read from block 0's input, one Mul), no rotary embedding.
 
 The same approach as llama.py (see its docstring for why), with GPT-2's parts:
 
@@ -51,7 +52,7 @@ import torch
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
-                    check_outside_blocks, config_activation, io_info, is_tied, kv_io, layer_norm, lm_head,
+                    check_outside_blocks, config_activation, fit_scale, io_info, is_tied, kv_io, layer_norm, lm_head,
                     mask_lengths, output_file, plain_mlp_in, probe_block, refuse_head_norms, refuse_parallel, rotary,
                     save)
 
@@ -112,12 +113,15 @@ def _check(model, arch: Architecture) -> dict:
     refuse_parallel(probe, "GPT-2")
     n = probe["ids"].shape[1]
     rows = wpe.weight.shape[0] - n
-    probe["offset"] = next((k for k in range(min(rows, 3) + 1)  # OPT reads position p from row p + 2
-                            if _close(probe["x"], probe["tokens"] + wpe.weight[k:k + n].detach())), None)
-    if probe["offset"] is None:
-        raise UnsupportedModelError("fused export: block 0 does not read token + position embeddings (an "
-                                    "embedding scale or norm is not supported by the GPT-2 writer)")
-    return probe
+    for k in range(min(rows, 3) + 1):  # OPT and BioGPT read position p from row p + 2
+        pos = wpe.weight[k:k + n].detach()
+        scale = float(np.float32(fit_scale(probe["x"] - pos, probe["tokens"])))  # BioGPT: sqrt(hidden)
+        scale = 1.0 if _close(probe["x"], probe["tokens"] + pos) else scale
+        if _close(probe["x"], scale * probe["tokens"] + pos):
+            probe["offset"], probe["embed_scale"] = k, scale
+            return probe
+    raise UnsupportedModelError("fused export: block 0 does not read token embeddings (times a scale) + position "
+                                "embeddings (an embedding norm is not supported by the GPT-2 writer)")
 
 
 def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Architecture | None = None) -> dict:
@@ -144,6 +148,9 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
     tied = is_tied(head, wte)
     table = g.const(f"{arch.embedding}.weight", _np(wte.weight))
     tokens = g.op("Gather", [table, "input_ids"], "/transformer/wte/Gather", axis=0)
+    if probe["embed_scale"] != 1.0:  # BioGPT's scale_embedding
+        tokens = g.op("Mul", [tokens, g.const("/transformer/wte/scale", np.array(probe["embed_scale"], np.float32))],
+                      "/transformer/wte/Mul")
     length = g.op("Shape", ["input_ids"], "/transformer/wpe/Shape", start=1, end=2)
     first = g.op("Sub", [total64, length], "/transformer/wpe/Sub")
     axis = g.const("/transformer/constants/INT64/[0]", np.array([0], np.int64))

@@ -102,7 +102,7 @@ class Export(Pass):
     version = 6  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
-    # 6: MPT and OLMo (1) fused
+    # 6: MPT, OLMo (1) and BioGPT fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 
