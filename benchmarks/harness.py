@@ -77,16 +77,15 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
     """What `target` is: a compress checkpoint (torch or onnx), a bare ONNX folder, a GGUF file (llama.cpp's
     format, a peer's), or a model source."""
     from compress.checkpoint import read_manifest
-    from compress.models import check_task, resolve_source, source_fingerprint
+    from compress.models import check_task, file_stamp, resolve_source, source_fingerprint
 
     ref = str(target)
     path = Path(ref).expanduser()
     if path.is_file() and path.suffix == ".gguf":  # a peer's format: llama.cpp runs it (llamacpp-cpu)
         if task not in (None, "causal-lm"):
             raise ModelSourceError(f"{path} is a GGUF file, a causal LM; it cannot be measured as {task}")
-        st = path.stat()
         return Target(ref, path, "gguf", "checkpoint", "causal-lm",
-                      _hash("gguf", str(path.resolve()), st.st_size, st.st_mtime))
+                      _hash("gguf", str(path.resolve()), file_stamp(path)))
     if path.is_dir() and (path / "manifest.json").exists():
         m = read_manifest(path)
         _verified(str(path.resolve()), (path / "manifest.json").stat().st_mtime_ns)  # measured = what was written
@@ -102,8 +101,7 @@ def resolve_target(target: str | os.PathLike, task: str | None = None) -> Target
             raise ModelSourceError(f"{path}: no tokenizer in this ONNX folder (tokenizer.json or "
                                    "tokenizer_config.json) to make its inputs; save the model's tokenizer into it "
                                    "(tokenizer.save_pretrained)")
-        return Target(ref, path, "onnx", "checkpoint", task, _hash("onnx", str(path.resolve()),
-                                                                  (path / "model.onnx").stat().st_mtime))
+        return Target(ref, path, "onnx", "checkpoint", task, _hash("onnx", source_fingerprint(str(path))))
     if path.is_dir() and not (path / "config.json").is_file():
         steps = sorted(p.name for p in path.iterdir() if (p / "manifest.json").is_file())
         raise ModelSourceError(f"{ref}: not a checkpoint, an ONNX folder or a model folder (no manifest.json, "

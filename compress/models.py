@@ -191,9 +191,15 @@ def source_fingerprint(source: str) -> str:
     h = hashlib.sha256()
     for f in sorted(path.glob("*")):
         if f.is_file():
-            st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{int(st.st_mtime)}".encode())
+            h.update(f"{f.name}:{file_stamp(f)}".encode())
     return f"local:{path}:{h.hexdigest()[:16]}"
+
+
+def file_stamp(f: Path) -> str:
+    """Size and times that change when a file's contents are replaced: ctime too, as copies that keep the
+    mtime (cp -p, rsync -a, archives) still set it; nanoseconds, as a rewrite within a second keeps the second."""
+    st = f.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
 
 def _hub_unreachable(timeout: float = 3.0) -> str | None:
@@ -236,6 +242,15 @@ def _from_pretrained(loader, location, source: str, **kwargs):
             else ""
         )
         raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {str(exc).rstrip('.')}.{hint}") from exc
+    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' error on a truncated file: the files, not the code
+        raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {type(exc).__name__}: "
+                               f"{str(exc).rstrip('.')}; the files are damaged or incomplete: save the model again "
+                               "(save_pretrained)") from exc
+
+
+# a folder without any of these has no tokenizer (AutoTokenizer then fails with an AttributeError)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "spiece.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(source: str, *, trust_remote_code: bool = False):
@@ -244,6 +259,9 @@ def load_tokenizer(source: str, *, trust_remote_code: bool = False):
     kind, location = resolve_source(source)
     if kind == "checkpoint":
         return AutoTokenizer.from_pretrained(location)
+    if kind == "local" and not any((Path(location) / f).exists() for f in TOKENIZER_FILES):
+        raise ModelSourceError(f"model source {source!r} has no tokenizer ({', '.join(TOKENIZER_FILES)}): save it "
+                               "beside the model (tokenizer.save_pretrained(folder))")
     tok = _from_pretrained(AutoTokenizer, location, source, trust_remote_code=trust_remote_code)
     return prepare_tokenizer(tok)
 

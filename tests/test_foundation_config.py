@@ -283,3 +283,48 @@ def test_eval_classes_the_training_data_lacks_are_refused_before_the_run(tmp_pat
                 data={"train": {"source": str(tmp_path / "tr.jsonl")}, "eval": {"source": str(tmp_path / "ev.jsonl")}})
     assert main(["validate", _write(tmp_path, cfg)]) == 2
     assert "data.eval: labels ['fish'] are not among data.train's classes (cats, dogs)" in capsys.readouterr().err
+
+
+def test_a_local_source_fingerprint_follows_replaced_contents(tiny_llama_dir, tmp_path):
+    """A local model folder was keyed on its files' sizes and whole-second mtimes: weights replaced by others of
+    the same size with the mtime kept (cp -p, rsync -a, an archive) reused the checkpoints made from the old ones."""
+    import os
+    import shutil
+
+    from compress.models import source_fingerprint
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, src)
+    before = source_fingerprint(str(src))
+    assert source_fingerprint(str(src)) == before  # stable while nothing changes
+    weights = src / "model.safetensors"
+    st = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1  # other contents, the same size
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))  # the mtime put back, as cp -p does
+    assert weights.stat().st_size == st.st_size and weights.stat().st_mtime_ns == st.st_mtime_ns
+    assert source_fingerprint(str(src)) != before
+
+
+def test_a_model_folder_without_a_tokenizer_or_with_damaged_weights_is_refused_by_name(tiny_llama_dir, tmp_path):
+    """A folder with config.json and weights but no tokenizer failed with "AttributeError: 'NoneType' object has no
+    attribute 'endswith'", and truncated safetensors with the library's SafetensorError, both as tracebacks."""
+    import shutil
+
+    from compress.errors import ModelSourceError
+    from compress.models import load_model
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / f, bare / f)
+    with pytest.raises(ModelSourceError, match=r"has no tokenizer \(tokenizer.json, .*tokenizer.save_pretrained"):
+        load_model(str(bare), "causal-lm")
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_llama_dir, cut)
+    with open(cut / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    with pytest.raises(ModelSourceError, match=r"SafetensorError: .*the files are damaged or incomplete: save the "
+                                               r"model again"):
+        load_model(str(cut), "causal-lm")
