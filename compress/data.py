@@ -374,6 +374,7 @@ def lm_windows(tokenizer, dataset: TextDataset, seq_len: int, max_tokens: int | 
             ids.append(eos)
         if max_tokens and len(ids) >= max_tokens:
             break
+    capped = bool(max_tokens) and len(ids) >= max_tokens  # max_tokens stopped it, not the data
     if max_tokens:
         if len(ids) < max_tokens:
             _ran_out(dataset.source, dataset.split, len(ids), max_tokens)
@@ -382,7 +383,7 @@ def lm_windows(tokenizer, dataset: TextDataset, seq_len: int, max_tokens: int | 
     if n == 0:
         raise DataSourceError(
             f"{dataset.source} ({dataset.split}) gives {len(ids)} tokens, fewer than one window of {seq_len}; "
-            "lower seq_len or raise max_tokens"
+            + ("lower seq_len or raise max_tokens" if capped else "lower seq_len or give more text")
         )
     return torch.tensor(ids[: n * seq_len], dtype=torch.long).view(n, seq_len)
 

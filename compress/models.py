@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .errors import ConfigError, ModelSourceError
@@ -115,7 +116,7 @@ def check_source(source: str) -> None:
             )
     elif not source.startswith("hf:"):
         path = Path(source).expanduser()
-        if not path.is_dir():
+        if not path.is_dir() or not source.strip():
             resolve_source(source)  # raises with the full message
         if not (path / "config.json").is_file() and not (path / "manifest.json").is_file():
             raise ModelSourceError(f"model source {source!r} is a folder with no config.json: give a folder saved "
@@ -151,6 +152,9 @@ def check_task(source: str, task: str) -> None:
 def resolve_source(source: str) -> tuple[str, str | Path]:
     """Split a source into (kind, location): ('builtin', folder), ('hf', hub id), ('checkpoint', dir) or
     ('local', dir)."""
+    if not source.strip():  # Path('') is the current folder
+        raise ModelSourceError(f"model source is empty: give builtin:<name> ({', '.join(BUILTIN_MODELS)}), "
+                               "hf:<hub id>, or the path of a directory saved with save_pretrained or by compress")
     if source.startswith("builtin:"):
         check_source(source)
         return "builtin", _BUILTIN_RESOLVERS[source.split(":", 1)[1]]()
@@ -242,7 +246,7 @@ def _from_pretrained(loader, location, source: str, **kwargs):
             else ""
         )
         raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {str(exc).rstrip('.')}.{hint}") from exc
-    except Exception as exc:  # noqa: BLE001 - e.g. safetensors' error on a truncated file: the files, not the code
+    except SafetensorError as exc:  # a truncated or damaged weights file
         raise ModelSourceError(f"cannot load {source!r} ({kind} {location}): {type(exc).__name__}: "
                                f"{str(exc).rstrip('.')}; the files are damaged or incomplete: save the model again "
                                "(save_pretrained)") from exc

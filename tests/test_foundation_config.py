@@ -328,3 +328,11 @@ def test_a_model_folder_without_a_tokenizer_or_with_damaged_weights_is_refused_b
     with pytest.raises(ModelSourceError, match=r"SafetensorError: .*the files are damaged or incomplete: save the "
                                                r"model again"):
         load_model(str(cut), "causal-lm")
+
+
+def test_an_empty_model_source_is_refused_as_empty(tmp_path, capsys):
+    """model.source: '' was read as the current folder ("'' is a folder with no config.json")."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\nmodel: {source: ''}\npasses: [{quantize: {method: fp16}}]\n")
+    assert main(["run", str(cfg), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
+    assert "model.source: model source is empty: give builtin:<name>" in capsys.readouterr().err

@@ -49,8 +49,17 @@ def test_lm_windows_shape_limit_and_determinism():
     assert torch.equal(w, lm_windows(tok, ds, seq_len=64, max_tokens=1000))
     first = tok(ds.texts[0], add_special_tokens=False).input_ids
     assert w.flatten()[:200].tolist() == first[:200]
-    with pytest.raises(DataSourceError, match="fewer than one window"):
+    with pytest.raises(DataSourceError, match="fewer than one window of 64; lower seq_len or raise max_tokens"):
         lm_windows(tok, ds, seq_len=64, max_tokens=10)
+
+
+def test_too_little_text_says_to_give_more_not_to_raise_max_tokens(tmp_path):
+    """An empty or short file was told to "raise max_tokens", which cannot help: the text itself ran out."""
+    (tmp_path / "short.txt").write_text("a few words")
+    ds = load_dataset(DataSpec(source=str(tmp_path / "short.txt")))
+    with pytest.raises(DataSourceError, match=r"short.txt \(all\) gives \d+ tokens, fewer than one window of 64; "
+                                              "lower seq_len or give more text"):
+        lm_windows(tiny_tokenizer(), ds, seq_len=64, max_tokens=1000)
 
 
 def test_local_text_glob_and_jsonl(tmp_path):
