@@ -259,6 +259,32 @@ def test_prune_refuses_a_cut_the_modeling_code_cannot_run(tmp_path):
         run_pass("heads", artifact("mpnet", task), context(task, tmp_path), "mpnet")
 
 
+@pytest.mark.parametrize("share_att_key", [True, False])
+def test_deberta_heads_with_its_relative_position_projections(tmp_path, share_att_key):
+    """DeBERTa's prune_heads is a stub that raises, so its heads were refused; they are now cut like the decoders'
+    (query / key / value rows, the output's columns, and without share_att_key the relative-position
+    projections pos_key_proj / pos_query_proj, per head too) and recorded as an attention_heads entry."""
+    from compress.checkpoint import Artifact
+    from tiny_models import family_tokenizer
+
+    task = "sequence-classification"
+    art = artifact("deberta_v2", task)
+    if not share_att_key:
+        art.model.config.share_att_key = False
+        torch.manual_seed(0)
+        art = Artifact(kind="torch", task=task, tokenizer=family_tokenizer("deberta_v2"),
+                       model=type(art.model)(art.model.config).eval())
+    out = run_pass("heads", art, context(task, tmp_path), "deberta_v2")
+    attn = out.model.deberta.encoder.layer[0].attention.self
+    assert attn.num_attention_heads == 2 and attn.query_proj.out_features == 16 and attn.all_head_size == 16
+    assert [e["type"] for e in out.structure] == ["attention_heads"]
+    if not share_att_key:
+        assert attn.pos_key_proj.out_features == attn.pos_query_proj.out_features == 16
+    back = compress.load(save(out, tmp_path / "deberta-heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    assert sum(p.numel() for p in back.model.parameters()) < sum(p.numel() for p in art.model.parameters())
+
+
 def test_mixture_of_experts_is_refused_not_mapped_as_its_first_expert(tmp_path):
     """Mixtral's experts.0.w1/w3/w2 match the gated-MLP names: the map took expert 0 for the block's MLP, and
     prune mlp cut that expert alone. Now the map refuses, naming the experts."""

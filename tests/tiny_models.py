@@ -81,6 +81,11 @@ def save_tiny(model, path: Path, tokenizer_kind: str | None = None) -> Path:
     return Path(path)
 
 
+# DeBERTa-v3's attention: relative positions in buckets, content-to-position and back, q / k projections shared
+DEBERTA_V3 = dict(relative_attention=True, pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=16,
+                  max_relative_positions=-1, norm_rel_ebd="layer_norm", position_biased_input=False)
+
+
 # ---------------------------------------------------------------------- every family the suite maps
 def _family_specs() -> dict:
     """name -> (config class, {task: model class}, config kwargs): tiny sizes, 4 layers, 4 heads."""
@@ -168,7 +173,8 @@ def _family_specs() -> dict:
                   dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
                        max_position_embeddings=260)),
         "deberta_v2": (T.DebertaV2Config, {"sequence-classification": T.DebertaV2ForSequenceClassification},
-                       dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5)),
+                       dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
+                            **DEBERTA_V3)),
         "modernbert": (T.ModernBertConfig, {"sequence-classification": T.ModernBertForSequenceClassification},
                        dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_labels=5,
                             global_attn_every_n_layers=2, local_attention=16)),

@@ -148,7 +148,8 @@ class Prune(Pass):
     # 4: quantize_aware's int8 embedding table on the quantize pass's new grid (blocks of 32, fp16 scales)
     # 5: per-layer config lists (SmolLM3's no_rope_layers) follow the kept layers; 6: layer cuts the config
     # cannot rebuild refused (ModernBERT's stored ones reloaded with other outputs), GPT-Neo's kinds follow,
-    # StableLM / ModernBERT heads; 7: hidden-width activation importance reads weightless norms (OLMo's scored 0)
+    # StableLM / ModernBERT heads; 7: hidden-width activation importance reads weightless norms (OLMo's scored 0),
+    # DeBERTa heads
     version = 7
     description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
     Config = PruneConfig

@@ -121,6 +121,27 @@ def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
             setattr(attn, attr, value)
 
 
+# per-head projections of an attention besides q / k / v: DeBERTa's relative-position ones (without share_att_key)
+PER_HEAD_EXTRAS = ("pos_key_proj", "pos_query_proj")
+
+
+def _head_holders(model: nn.Module, a) -> list[str]:
+    """The attention module and, where q/k/v sit one level deeper (DeBERTa's attention.self), that module too:
+    each may keep head counts read in forward."""
+    inner = (a.q or a.qkv).rpartition(".")[0]
+    return [a.name] + ([inner] if inner != a.name else [])
+
+
+def _extra_head_projections(model: nn.Module, a) -> list[str]:
+    return [f"{a.name}.{n}" for n, m in model.get_submodule(a.name).named_modules()
+            if n.rpartition(".")[2] in PER_HEAD_EXTRAS and isinstance(m, nn.Linear)]
+
+
+def _set_heads(model: nn.Module, a, n_q: int, n_kv: int, hd: int) -> None:
+    for name in _head_holders(model, a):
+        _set_head_attrs(model.get_submodule(name), n_q, n_kv, hd)
+
+
 def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: list[int], keep_kv: list[int]) -> None:
     """Keep query heads `keep_q` and KV heads `keep_kv` of block i, for separate or fused q/k/v.
 
@@ -152,11 +173,13 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
             rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
         set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
     set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
+    for name in _extra_head_projections(model, a):  # multi-head only (DeBERTa)
+        set_module(model, name, select_rows(model.get_submodule(name), q_rows, 0))
     for norm, rows, width in ((a.q_norm, q_rows, n_q * hd), (a.k_norm, kv_rows, n_kv * hd)):
         m = model.get_submodule(norm) if norm else None
         if m is not None and m.weight.shape[0] == width != hd:  # OLMo-2: one q (k) norm over all heads
             m.weight = nn.Parameter(m.weight.detach()[rows].clone())
-    _set_head_attrs(model.get_submodule(a.name), len(keep_q), len(keep_kv), hd)
+    _set_heads(model, a, len(keep_q), len(keep_kv), hd)
 
 
 prune_llama_heads = prune_attention_heads
@@ -236,12 +259,23 @@ def apply_attention_heads(model: nn.Module, entry: dict) -> None:
             m = model.get_submodule(name)
             set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), rows))
         set_module(model, a.o, empty_like_linear(model.get_submodule(a.o), n_q * hd, hidden))
-        _set_head_attrs(model.get_submodule(a.name), n_q, n_kv, hd)
+        for name in _extra_head_projections(model, a):
+            m = model.get_submodule(name)
+            set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), n_q * hd))
+        _set_heads(model, a, n_q, n_kv, hd)
 
 
 def hf_prunes_heads(model: nn.Module) -> bool:
-    """Does the model implement Hugging Face's prune_heads (GPT-2, BERT, RoBERTa, DistilBERT)?"""
-    return hasattr(getattr(model, "base_model", model), "_prune_heads")
+    """Does the model implement Hugging Face's prune_heads (GPT-2, BERT, RoBERTa, DistilBERT)? DeBERTa's is a
+    stub raising NotImplementedError (at once: asked to prune nothing, it says so and changes nothing)."""
+    base = getattr(model, "base_model", model)
+    if not hasattr(base, "_prune_heads"):
+        return False
+    try:
+        base._prune_heads({})
+    except NotImplementedError:
+        return False
+    return True
 
 
 def prune_hf_heads(model: nn.Module, heads: dict[int, list[int]]) -> None:
