@@ -109,18 +109,17 @@ def _check_output_folder(folder: str, option: str) -> None:
     """ConfigError when `folder` is, or lies inside, a checkpoint: the files written there (report, plots,
     inputs) are not in its manifest, so the checkpoint would refuse to load afterwards. Also when it is the
     folder of a `compress run`, whose results.json and reports the bench's would replace."""
-    from compress.checkpoint import MANIFEST
+    from compress.checkpoint import enclosing_checkpoint
 
-    path = Path(folder).expanduser().resolve()
-    if option == "--output" and (path / "run.json").is_file():
+    if option == "--output" and (Path(folder).expanduser() / "run.json").is_file():
         raise ConfigError(f"{option} {folder}: is the folder of a `compress run` (run.json); the bench's "
                           "results.json and reports would replace the run's; give another folder, e.g. "
                           f"{Path(folder) / 'bench'}")
-    for parent in (path, *path.parents):
-        if (parent / MANIFEST).is_file():
-            raise ConfigError(f"{option} {folder}: is inside the checkpoint {parent}; the files written there "
-                              "would not be in its manifest and it would refuse to load; give a folder outside "
-                              "it, e.g. runs/bench")
+    parent = enclosing_checkpoint(folder)
+    if parent is not None:
+        raise ConfigError(f"{option} {folder}: is inside the checkpoint {parent}; the files written there "
+                          "would not be in its manifest and it would refuse to load; give a folder outside "
+                          "it, e.g. runs/bench")
 
 
 def _keep_previous(out: Path) -> Path | None:

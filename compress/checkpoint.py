@@ -194,6 +194,13 @@ def _strict_json(manifest: dict, where: Path) -> str:
     return json.dumps(manifest, indent=2, default=str, allow_nan=False) + "\n"
 
 
+def enclosing_checkpoint(path: str | os.PathLike) -> Path | None:
+    """The checkpoint (a folder with a manifest) that `path` is or lies inside, else None. Files written there
+    are not in its manifest, so the checkpoint would refuse to load afterwards."""
+    path = Path(path).expanduser().resolve()
+    return next((p for p in (path, *path.parents) if (p / MANIFEST).is_file()), None)
+
+
 def _refuse_constant(name: str):
     raise ValueError(f"{name} is not valid in strict JSON")
 

@@ -30,8 +30,10 @@ def _cmd_run(args) -> int:
                           f"run it with `compress search {args.config}`, or run the recipe a search chose with "
                           "`compress run runs/<name>/search/best.yaml`")
     pipeline = load_config(args.config, args.set)
-    output_folder(args.output_dir or pipeline.config.output_dir,
-                  "--output-dir" if args.output_dir else "output_dir:")
+    cfg = pipeline.config
+    option = "--output-dir" if args.output_dir else "output_dir:"
+    _check_run_folder(args.output_dir or cfg.output_dir, option, cfg.name, cfg.model.source)
+    output_folder(args.output_dir or cfg.output_dir, option)
     # progress bars on a terminal only: piped or redirected output gets the log lines, not redrawn bars
     runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress and sys.stderr.isatty(),
                     log=log, remeasure=args.remeasure)
@@ -53,6 +55,32 @@ def _cmd_run(args) -> int:
                   "the checkpoints are written", file=sys.stderr)
             return EXIT_FAILURE
     return EXIT_OK
+
+
+def _check_run_folder(output_dir: str, option: str, name: str, source: str) -> None:
+    """ConfigError, before anything is written, when the run folder <output_dir>/<name> (which a search's folder
+    lies in) is or lies inside a checkpoint: the run's files would not be in its manifest, so it would refuse to
+    load. Also when it is the model source's folder or lies inside it: the run's files would change the
+    source's fingerprint, so every run would compute every step again."""
+    from compress.checkpoint import MANIFEST, enclosing_checkpoint
+
+    run_dir = Path(output_dir) / name
+    at = run_dir.expanduser().resolve()
+    ckpt = enclosing_checkpoint(run_dir)
+    if ckpt == at:
+        raise ConfigError(f"name: the run folder {run_dir} is a checkpoint ({MANIFEST}); the run's files would "
+                          "not be in its manifest and it would refuse to load; give the run another name, or "
+                          f"another {option.rstrip(':')}")
+    if ckpt is not None:
+        raise ConfigError(f"{option} {output_dir}: is inside the checkpoint {ckpt}; the run's files would not be "
+                          "in its manifest and it would refuse to load; give a folder outside it, e.g. runs")
+    if source.startswith(("builtin:", "hf:")) or not Path(source).expanduser().is_dir():
+        return
+    src = Path(source).expanduser().resolve()
+    if at == src or src in at.parents:
+        raise ConfigError(f"{option} {output_dir}: the run folder {run_dir} would be in the model source {source} "
+                          "(model.source), whose folder would then change with every run; give a folder outside "
+                          "it, e.g. runs, or another name")
 
 
 def _cmd_validate(args) -> int:
@@ -104,7 +132,10 @@ def _cmd_search(args) -> int:
     if args.pick is not None and not args.storage and not (study_dir / "study.db").exists():
         raise ConfigError(f"--pick {args.pick}: there is no study at {study_dir} yet; run "
                           f"`compress search {args.config}` first (with the same --output-dir)")
-    out = output_folder(study_dir, "--output-dir" if args.output_dir else "output_dir:")
+    cfg = setup.pipeline.config
+    option = "--output-dir" if args.output_dir else "output_dir:"
+    _check_run_folder(args.output_dir or cfg.output_dir, option, setup.name, cfg.model.source)
+    out = output_folder(study_dir, option)
     with capture(out / "search.log", verbose=args.verbose):
         suite_log(f"compress {' '.join(sys.argv[1:]) or 'search ' + str(args.config)}")
         outcome, search = run_search(args.config, overrides=args.set, trials=args.trials, minutes=args.minutes,

@@ -235,3 +235,36 @@ def test_the_run_folders_pipeline_yaml_runs_again_into_the_same_folder(tiny_llam
     again = Runner(load_config(saved), show_progress=False, log=lambda *_: None).run()
     assert again.run_dir == out / "tiny"
     assert [s.reused for s in again.steps] == [True, True, True]
+
+
+def _files(folder) -> list:
+    return sorted((str(p.relative_to(folder)), p.stat().st_mtime_ns) for p in Path(folder).rglob("*"))
+
+
+def test_a_run_never_writes_into_a_checkpoint_or_the_model_source(tiny_llama_dir, tmp_path, capsys):
+    import shutil
+
+    from pipelines.cli import main
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, src)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "model": {"source": str(src)},
+                                      "passes": [{"quantize": {"method": "bf16"}}], "threads": 1}))
+    assert main(["run", str(config), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 0
+    ckpt = tmp_path / "runs" / "tiny" / "01-quantize"
+    before = _files(ckpt), _files(src)
+    cases = [
+        (["--output-dir", str(ckpt)], f"--output-dir {ckpt}: is inside the checkpoint {ckpt}"),
+        (["--output-dir", str(ckpt / "deeper")], f"is inside the checkpoint {ckpt}"),
+        (["--set", f"output_dir={ckpt}"], f"output_dir: {ckpt}: is inside the checkpoint"),
+        (["--output-dir", str(ckpt.parent), "--set", "name=01-quantize"], "name: the run folder"),  # a run's step
+        (["--output-dir", str(tmp_path), "--set", "name=model"], "(model.source)"),  # the run folder is the source
+        (["--output-dir", str(src)], f"--output-dir {src}: the run folder {src / 'tiny'} would be in the model "),
+    ]
+    for extra, message in cases:
+        assert main(["run", str(config), "--no-progress", *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (extra, err)
+    assert (_files(ckpt), _files(src)) == before
+    compress.load(ckpt)

@@ -921,3 +921,21 @@ def test_a_failed_write_of_the_outputs_leaves_the_earlier_ones_whole(tiny_llama_
     assert "No space left on device" in capsys.readouterr().err
     assert {n: (search / n).read_text() for n in before} == before  # was: trials.json cut in half
     assert not list(search.glob(".*.tmp-*"))
+
+
+def test_a_search_never_writes_into_a_checkpoint_or_the_model_source(tiny_llama_dir, tmp_path, capsys):
+    import shutil
+
+    src = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, src)
+    ckpt = tmp_path / "ckpt"  # what the check looks for: a folder with a manifest
+    ckpt.mkdir()
+    (ckpt / "manifest.json").write_text("{}")
+    config = _config(tmp_path, src)
+    before = sorted(ckpt.rglob("*")), sorted(src.rglob("*"))
+    for out, message in [(ckpt, f"--output-dir {ckpt}: is inside the checkpoint {ckpt}"),
+                         (src, f"--output-dir {src}: the run folder {src / 'tiny-search'} would be in the model ")]:
+        assert main(["search", str(config), "--output-dir", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+    assert (sorted(ckpt.rglob("*")), sorted(src.rglob("*"))) == before
