@@ -79,7 +79,7 @@ class PipelineConfig(Options):
     branches: list[BranchConfig] = Field(default_factory=list, description="alternative chains measured "
                                          "beside the main one")
     benchmark: BenchmarkConfig | None = Field(None, description="what to measure on every checkpoint")
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**64, description="seeds the passes (the i-th pass of a chain gets seed + i)")
     threads: int | None = Field(None, gt=0, description="torch threads for the passes, and for the benchmarks "
                                 "unless benchmark.threads says otherwise (default: all cores)")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="where passes run; auto = cuda if present")
@@ -325,6 +325,10 @@ def validate(raw: dict) -> Pipeline:
         if not problem and not perrors and len(states) > start:
             errors += check_order(bpasses, f"{where}.passes", state=states[start])
         branches.append(Branch(b.name, start or 0, bpasses))
+    longest = max([len(cfg.passes), *(len(b.passes) for b in cfg.branches)])
+    if cfg.seed + longest - 1 >= 2**64:  # the i-th pass of a chain is seeded with seed + i; torch takes < 2**64
+        errors.append(f"seed: the last of {longest} passes would get seed {cfg.seed + longest - 1}, and torch "
+                      f"takes seeds below 2**64; give a seed below {2**64 - longest + 1}")
     errors += _check_data(cfg)
     chains = [("passes", passes)] + [(f"branches.{j}.passes", b.passes) for j, b in enumerate(branches)]
     errors += _check_data_needed(cfg, chains)

@@ -45,6 +45,12 @@ CASES = [
                                                             data={"train": {"source": "builtin:shakespeare", "split": "all"}}),
      ["benchmark.data: uses the same source as data.train (builtin:shakespeare) and the splits overlap (all / test)"]),
     ("bad name", _with(name="a b/c"), ["name", "'a b/c'"]),
+    # torch.manual_seed takes seeds below 2**64, and the i-th pass gets seed + i: a ValueError traceback at run time
+    ("seed of 2**64", _with(seed=2**64), ["seed: Input should be less than 18446744073709551616"]),
+    ("negative seed", _with(seed=-1), ["seed: Input should be greater than or equal to 0"]),
+    ("the last pass's seed", _with(seed=2**64 - 1, passes=[{"lowrank": {"method": "svd"}},
+                                                           {"quantize": {"method": "bf16"}}]),
+     ["seed: the last of 2 passes would get seed 18446744073709551616", "give a seed below 18446744073709551615"]),
     ("branch from a missing step", _with(branches=[{"name": "b", "from": "07-prune", "passes": []}]),
      ["branches.0.from", "'07-prune'", "01-quantize"]),
     # a branch folder named like a file the run writes: the run failed after the main chain, with a traceback
