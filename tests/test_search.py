@@ -939,3 +939,12 @@ def test_a_search_never_writes_into_a_checkpoint_or_the_model_source(tiny_llama_
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, err
     assert (sorted(ckpt.rglob("*")), sorted(src.rglob("*"))) == before
+
+
+def test_a_seed_optuna_refuses_is_refused_before_the_search(tiny_llama_dir, tmp_path, capsys):
+    config = _config(tmp_path, tiny_llama_dir)
+    assert main(["validate", str(config), "--set", f"seed={2**32 - 1}"]) == 2  # a ValueError in the first trial
+    err = capsys.readouterr().err
+    assert f"seed: a search seeds Optuna's sampler, which takes seeds below 2**32; give a seed below {2**32 - 64}" \
+        in err and "Traceback" not in err
+    assert main(["validate", str(config), "--set", f"seed={2**32 - 65}"]) == 0

@@ -214,6 +214,10 @@ def validate_search(raw: dict) -> SearchSetup:
     setup_raw["passes"] = space.fill(passes, space.first())
     pipeline = validate(setup_raw)
     task = pipeline.config.task
+    if pipeline.config.seed >= 2**32 - 64:  # Optuna's samplers take seeds below 2**32; each search process adds its
+        # work slot (below 64) to the seed
+        errors.append(f"seed: a search seeds Optuna's sampler, which takes seeds below 2**32; give a seed below "
+                      f"{2**32 - 64} (got {pipeline.config.seed})")
     # a constraint on a figure the task never gets would be skipped by every trial, so all would pass it
     measured = fig.measured_for(task)
     named = [(f"objectives.{i}", n) for i, (n, _) in enumerate(objectives)]
