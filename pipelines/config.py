@@ -295,6 +295,10 @@ def validate(raw: dict) -> Pipeline:
     """Validate a parsed config; raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping at the top level, got {type(raw).__name__}")
+    keys = [k for k in raw if not isinstance(k, str)]  # PipelineConfig(**raw) takes text keys only
+    if keys:
+        raise ConfigError("\n".join(f"{k!r}: unknown option {k!r}: the keys of a config are option names (allowed: "
+                                     f"{', '.join(sorted(PipelineConfig.model_fields))})" for k in keys))
     try:
         cfg = PipelineConfig(**raw)
     except ValidationError as exc:
@@ -433,6 +437,9 @@ def read_config_file(path: str | Path) -> Any:
         return yaml.load(stream, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to read (hundreds of levels of lists or mappings); a config "
+                          "needs a few") from None
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Pipeline:

@@ -95,6 +95,14 @@ def test_file_and_yaml_errors_exit_2(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
     assert main(["validate", _write(tmp_path, "- a list")]) == 2
     assert "mapping at the top level" in capsys.readouterr().err
+    # a key that is no text was a TypeError from PipelineConfig(**raw); deep nesting a RecursionError in the parser
+    assert main(["validate", _write(tmp_path, yaml.safe_dump(BASE) + "1: 2\n")]) == 2
+    err = capsys.readouterr().err
+    assert "1: unknown option 1: the keys of a config are option names (allowed: " in err and "Traceback" not in err
+    deep = _write(tmp_path, "a: " + "[" * 5000 + "]" * 5000 + "\n")
+    assert main(["validate", deep]) == 2
+    err = capsys.readouterr().err
+    assert f"{deep}: nested too deeply to read" in err and "Traceback" not in err
 
 
 def test_overrides(tmp_path, capsys):
