@@ -393,7 +393,7 @@ def _read_json(path: Path) -> dict:
         return {}
     try:
         data = json.loads(path.read_text())
-    except ValueError as exc:  # bad JSON or bad UTF-8
+    except (ValueError, RecursionError) as exc:  # bad JSON, bad UTF-8, or nested too deeply to parse
         raise ValueError(f"{path} is not valid JSON ({exc}): damaged; copy the checkpoint again") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} holds a JSON {type(data).__name__}, not an object: damaged; copy the checkpoint "

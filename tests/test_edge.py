@@ -194,6 +194,7 @@ def test_a_missing_or_damaged_manifest_is_refused_in_one_line(tmp_path):
     for text, expected in [(None, "manifest.json not found, so the files cannot be checked"),
                            ("[1, 2]", "manifest.json holds a JSON list, not an object"),
                            ("{bad", "manifest.json is not valid JSON"),
+                           ("[" * 100_000 + "]" * 100_000, "manifest.json is not valid JSON"),  # RecursionError
                            ('{"files": {}}', "manifest.json has no table of files to check")]:
         (path / "manifest.json").unlink(missing_ok=True)
         if text is not None:
