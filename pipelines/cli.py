@@ -246,6 +246,17 @@ def _terminate(signum, frame):
     raise _Terminated
 
 
+def _bad_path(exc: Exception) -> str | None:
+    """What is wrong with a path no file system takes (too long, or holding a NUL byte), named wherever the
+    suite met it (a name, output_dir, a model or data source, the config file, a bench target); else None."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENAMETOOLONG:
+        return (f"{exc.filename or 'a path given'}: too long for the file system (over 255 bytes in one name, or "
+                "4096 in all); give a shorter path or name")
+    if isinstance(exc, ValueError) and "embedded null byte" in str(exc):
+        return "a path given holds a NUL byte (\\0), which no file name can; remove it"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -272,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_FAILURE
     except Exception as exc:
+        bad = _bad_path(exc)
+        if bad:
+            if verbose:
+                traceback.print_exc()
+            print(f"error: {bad}", file=sys.stderr)
+            return EXIT_BAD_INPUT
         disk = disk_error(exc)  # an OSError, or safetensors' error type for the same causes
         if disk is None:  # a bug or an environment failure, with the trace for the report
             traceback.print_exc()

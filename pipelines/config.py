@@ -50,7 +50,8 @@ class BranchConfig(Options):
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="runs/<name>/<branch name>/")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100,
+                      description="runs/<name>/<branch name>/")
     start: str | int = Field("source", alias="from", description="source, or a step of `passes`: its number "
                              "(1 = the first pass) or its directory name such as 02-prune")
     passes: list[dict[str, dict[str, Any] | None]] = Field(description="run top to bottom from `from`")
@@ -70,7 +71,7 @@ class BranchConfig(Options):
 class PipelineConfig(Options):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="run name: runs/<name>/")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", max_length=100, description="run name: runs/<name>/")
     model: ModelSpec
     task: Literal["causal-lm", "sequence-classification", "feature-extraction"] = "causal-lm"
     data: DataConfig = Field(default_factory=DataConfig)
@@ -291,6 +292,15 @@ def _same_data(a: str, b: str) -> bool:
         return False
 
 
+def _nul_bytes(node, where: str = "") -> list[str]:
+    """A message for each text in the config holding a NUL byte, which no path (nor name) can hold."""
+    if isinstance(node, str):
+        return [f"{where or 'config'}: {node!r} holds a NUL byte (\\0), which no path can; remove it"] \
+            if "\0" in node else []
+    items = node.items() if isinstance(node, dict) else enumerate(node) if isinstance(node, list) else []
+    return [e for k, v in items for e in _nul_bytes(v, f"{where}.{k}" if where else str(k))]
+
+
 def validate(raw: dict) -> Pipeline:
     """Validate a parsed config; raise ConfigError listing every problem."""
     if not isinstance(raw, dict):
@@ -299,6 +309,9 @@ def validate(raw: dict) -> Pipeline:
     if keys:
         raise ConfigError("\n".join(f"{k!r}: unknown option {k!r}: the keys of a config are option names (allowed: "
                                      f"{', '.join(sorted(PipelineConfig.model_fields))})" for k in keys))
+    nul = _nul_bytes(raw)  # before any path is opened: the OS refuses them with a ValueError naming no field
+    if nul:
+        raise ConfigError("\n".join(nul))
     try:
         cfg = PipelineConfig(**raw)
     except ValidationError as exc:

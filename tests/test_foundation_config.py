@@ -45,6 +45,14 @@ CASES = [
                                                             data={"train": {"source": "builtin:shakespeare", "split": "all"}}),
      ["benchmark.data: uses the same source as data.train (builtin:shakespeare) and the splits overlap (all / test)"]),
     ("bad name", _with(name="a b/c"), ["name", "'a b/c'"]),
+    # names over 255 bytes were an ENAMETOOLONG traceback when the run made its folder; 100 characters is plenty
+    ("long name", _with(name="a" * 101), ["name: String should have at most 100 characters"]),
+    ("long branch name", _with(branches=[{"name": "b" * 101, "passes": []}]),
+     ["branches.0.name: String should have at most 100 characters"]),
+    # a NUL byte (YAML's "\0") was a ValueError traceback from the first os call on the path
+    ("NUL byte in a path", _with(output_dir="runs\0x", data={"train": {"source": "d\0.txt"}}),
+     ["output_dir: 'runs\\x00x' holds a NUL byte (\\0), which no path can; remove it",
+      "data.train.source: 'd\\x00.txt' holds a NUL byte"]),
     # torch.manual_seed takes seeds below 2**64, and the i-th pass gets seed + i: a ValueError traceback at run time
     ("seed of 2**64", _with(seed=2**64), ["seed: Input should be less than 18446744073709551616"]),
     ("negative seed", _with(seed=-1), ["seed: Input should be greater than or equal to 0"]),
@@ -350,3 +358,19 @@ def test_an_empty_model_source_is_refused_as_empty(tmp_path, capsys):
     cfg.write_text("name: x\nmodel: {source: ''}\npasses: [{quantize: {method: fp16}}]\n")
     assert main(["run", str(cfg), "--output-dir", str(tmp_path / "runs"), "--no-progress"]) == 2
     assert "model.source: model source is empty: give builtin:<name>" in capsys.readouterr().err
+
+
+def test_a_path_too_long_for_the_file_system_is_bad_input(tmp_path, capsys):
+    """ENAMETOOLONG from the first os call on a path was a traceback and exit 1."""
+    long = str(tmp_path / ("a" * 300))
+    path = _write(tmp_path, BASE)
+    for argv in (["validate", path, "--set", f"model.source={long}"],
+                 ["validate", path, "--set", f"data.train.source={long}.txt"],
+                 ["validate", long + ".yaml"],
+                 ["run", path, "--output-dir", long],
+                 ["bench", long, "--output", str(tmp_path / "bench")]):
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert f"error: {long}" in err and ": too long for the file system" in err and "Traceback" not in err, err
+        if argv[0] == "run":
+            assert sorted(p.name for p in tmp_path.iterdir()) == ["c.yaml"]  # nothing written
