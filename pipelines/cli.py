@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import errno
 import json
+import math
 import os
 import signal
 import sys
@@ -125,8 +126,9 @@ def _cmd_search(args) -> int:
     from .search.study import search_dir
 
     for flag in ("trials", "minutes"):
-        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
-            raise ConfigError(f"--{flag}: must be above 0 (got {getattr(args, flag):g})")
+        value = getattr(args, flag)
+        if value is not None and not 0 < value < math.inf:  # nan too: it compares false with every number
+            raise ConfigError(f"--{flag}: must be a finite number above 0 (got {value:g})")
     setup = load_search_config(args.config, args.set)  # every check before the log or the study exist
     study_dir = search_dir(setup, args.output_dir)
     if args.pick is not None and not args.storage and not (study_dir / "study.db").exists():

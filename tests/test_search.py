@@ -948,3 +948,16 @@ def test_a_seed_optuna_refuses_is_refused_before_the_search(tiny_llama_dir, tmp_
     assert f"seed: a search seeds Optuna's sampler, which takes seeds below 2**32; give a seed below {2**32 - 64}" \
         in err and "Traceback" not in err
     assert main(["validate", str(config), "--set", f"seed={2**32 - 65}"]) == 0
+
+
+def test_a_time_budget_that_never_ends_is_refused(tiny_llama_dir, tmp_path, capsys):
+    # --minutes nan compared false with the elapsed time, so the search never stopped on time (and exited 0)
+    config = _config(tmp_path, tiny_llama_dir)
+    for value in ("nan", "inf", "0"):
+        assert main(["search", str(config), "--minutes", value, "--output-dir", str(tmp_path / "runs")]) == 2
+        err = capsys.readouterr().err
+        assert f"--minutes: must be a finite number above 0 (got {float(value):g})" in err and "Traceback" not in err
+    assert not (tmp_path / "runs").exists()
+    for value in (".inf", ".nan"):
+        assert main(["validate", str(config), "--set", f"budget.minutes={value}"]) == 2
+        assert "budget.minutes: Input should be a finite number" in capsys.readouterr().err

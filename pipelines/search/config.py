@@ -34,7 +34,8 @@ class Budget(BaseModel):
 
     trials: int | None = Field(20, gt=0, description="trials in the study in all (a rerun adds trials up to this; "
                                "20 unless only minutes are given)")
-    minutes: float | None = Field(None, gt=0, description="stop starting trials after this many minutes")
+    minutes: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                  description="stop starting trials after this many minutes")
 
     @model_validator(mode="after")
     def _some_limit(self):
