@@ -454,8 +454,8 @@ def rebuild(run_dir) -> Path:
         raise CompressInputError(f"{run_dir} has no {RESULTS}: give a run directory written by `compress run` "
                                  "or `compress bench`")
     try:
-        results = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        results = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, RecursionError) as exc:  # not JSON, not UTF-8, or nested too deeply to parse
         raise CompressInputError(f"{path} is not valid JSON: {exc}") from None
     if not isinstance(results, dict) or not isinstance(results.get("records"), list):
         raise CompressInputError(f"{path} is not a results file of `compress run` or `compress bench` (expected "

@@ -150,6 +150,19 @@ def test_report_names_a_damaged_record_instead_of_a_traceback(tmp_path, capsys, 
     assert message in capsys.readouterr().err and not (tmp_path / "report.md").exists()
 
 
+@pytest.mark.parametrize("content", [b"{bad", b"\xff\xfe\x00", b"[" * 100_000 + b"]" * 100_000],
+                         ids=["not JSON", "not UTF-8", "nested too deeply"])
+def test_report_of_a_damaged_results_file_is_one_line(tmp_path, capsys, content):
+    """A results.json that is not UTF-8 was a UnicodeDecodeError traceback (invalid JSON was handled)."""
+    from pipelines.cli import main
+
+    (tmp_path / "results.json").write_bytes(content)
+    assert main(["report", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'results.json'} is not valid JSON" in err and "Traceback" not in err, err
+    assert not (tmp_path / "report.md").exists()
+
+
 def test_report_lists_each_rows_notes(tmp_path):
     """A row's notes (teacher-agreement not computed, a failed timing round) were kept in results.json only."""
     records = _records()
