@@ -34,6 +34,7 @@ def _cmd_run(args) -> int:
     cfg = pipeline.config
     option = "--output-dir" if args.output_dir else "output_dir:"
     _check_run_folder(args.output_dir or cfg.output_dir, option, cfg.name, cfg.model.source)
+    _check_sources_outside(pipeline, Path(args.output_dir or cfg.output_dir) / cfg.name)
     output_folder(args.output_dir or cfg.output_dir, option)
     # progress bars on a terminal only: piped or redirected output gets the log lines, not redrawn bars
     runner = Runner(pipeline, output_dir=args.output_dir, show_progress=not args.no_progress and sys.stderr.isatty(),
@@ -82,6 +83,27 @@ def _check_run_folder(output_dir: str, option: str, name: str, source: str) -> N
         raise ConfigError(f"{option} {output_dir}: the run folder {run_dir} would be in the model source {source} "
                           "(model.source), whose folder would then change with every run; give a folder outside "
                           "it, e.g. runs, or another name")
+
+
+def _check_sources_outside(pipeline, run_dir: Path) -> None:
+    """ConfigError when model.source or a distill teacher lies in the run folder: the run replaces its step
+    folders and removes the ones that are no longer steps of the pipeline, so it would overwrite or delete it."""
+    at = run_dir.expanduser().resolve()
+    chains = [("passes", pipeline.passes)] + [(f"branches.{b.name}.passes", b.passes) for b in pipeline.branches]
+    sources = [("model.source", pipeline.config.model.source)]
+    for where, passes in chains:
+        for i, p in enumerate(passes):
+            teacher = getattr(p.config, "teacher", None)
+            entries = [teacher] if isinstance(teacher, str) else [t.model for t in teacher or []]
+            sources += [(f"{where}.{i}.{p.name}.teacher", t) for t in entries]
+    for field, source in sources:
+        path = Path(source).expanduser()
+        if source in ("source", "input") or source.startswith(("builtin:", "hf:")) or not path.is_dir():
+            continue
+        if path.resolve() == at or at in path.resolve().parents:
+            raise ConfigError(f"{field}: {source} lies in this run's folder {run_dir}, whose step folders the run "
+                              "replaces or removes; copy it out of the run folder first, or give the run another "
+                              "name")
 
 
 def _cmd_validate(args) -> int:

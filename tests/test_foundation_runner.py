@@ -268,3 +268,14 @@ def test_a_run_never_writes_into_a_checkpoint_or_the_model_source(tiny_llama_dir
         assert message in err and "Traceback" not in err, (extra, err)
     assert (_files(ckpt), _files(src)) == before
     compress.load(ckpt)
+    # the other way round: a step of this run as its own source would be replaced, or removed as a stale step
+    runs = ["run", str(config), "--no-progress", "--output-dir", str(tmp_path / "runs"), "--set", "name=float"]
+    assert main([*runs, "--set", "passes=[{test-scale: {factor: 1.0}}]"]) == 0
+    step = tmp_path / "runs" / "float" / "01-test-scale"
+    kept = _files(step)
+    for passes in ("[{test-scale: {factor: 2.0}}]", "[{quantize: {method: fp16}}]"):  # replaced; removed
+        assert main([*runs, "--set", f"model.source={step}", "--set", f"passes={passes}"]) == 2
+        err = capsys.readouterr().err
+        assert f"model.source: {step} lies in this run's folder {step.parent}" in err, err
+    assert _files(step) == kept
+    compress.load(step)
