@@ -1186,11 +1186,13 @@ def test_olmo_weightless_layer_norms_with_their_epsilon_measured(tmp_path):
     weight, bias, eps = _layer_norm_params(model.model.norm)
     assert eps == 1e-5 and (weight == 1).all() and (bias == 0).all()
 
-    class Eps6(nn.Module):
-        normalized_shape = (64,)
+    class Eps6(nn.Module):  # with a weight and a bias, no eps attribute either
+        def __init__(self):
+            super().__init__()
+            self.weight, self.bias = nn.Parameter(torch.randn(64)), nn.Parameter(torch.randn(64))
 
         def forward(self, x):
-            return nn.functional.layer_norm(x, self.normalized_shape, None, None, eps=1e-6)
+            return nn.functional.layer_norm(x, (64,), self.weight, self.bias, eps=1e-6)
 
     assert _layer_norm_params(Eps6())[2] == 1e-6
     figures = build_fused(model, tmp_path)

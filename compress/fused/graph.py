@@ -735,19 +735,21 @@ def _layer_norm_params(norm) -> tuple[np.ndarray, np.ndarray, float]:
     weight = _np(w) if w is not None else np.ones(width, np.float32)
     bias = _np(norm.bias) if getattr(norm, "bias", None) is not None else np.zeros(width, np.float32)
     eps = _eps(norm)
-    return weight, bias, float(eps if isinstance(eps, float | int) else _measured_eps(norm, width))
+    return weight, bias, float(eps if isinstance(eps, float | int) else _measured_eps(norm, weight, bias))
 
 
-def _measured_eps(norm, width: int) -> float:
+def _measured_eps(norm, weight: np.ndarray, bias: np.ndarray) -> float:
     """The epsilon of a norm that does not say it: on a row of +-1e-3 (variance 1e-6, where an epsilon of
-    1e-5 shows) y = x / sqrt(var + eps), so eps = (x / y)^2 - var, to two significant digits."""
-    x = torch.full((1, width), 1e-3)
+    1e-5 shows) (y - bias) / weight = x / sqrt(var + eps), so eps = (x / that)^2 - var, to two significant
+    digits (a norm of another kind then fails is_layer_norm's comparison)."""
+    x = torch.full((1, weight.shape[0]), 1e-3)
     x[:, 1::2] = -1e-3
     x = x - x.mean()
     with torch.no_grad():
-        y = norm(_like(x, norm)).double().cpu()
-    k = int(x.abs().argmax())
-    eps = float((x[0, k].double() / y[0, k]) ** 2 - x.double().pow(2).mean())
+        y = norm(_like(x, norm)).double().cpu()[0]
+    k = int(np.argmax(np.abs(weight)))  # a channel the weight does not zero
+    normed = (y[k] - float(bias[k])) / float(weight[k])
+    eps = float((x[0, k].double() / normed) ** 2 - x.double().pow(2).mean())
     return float(f"{eps:.2g}") if eps > 0 else 0.0
 
 

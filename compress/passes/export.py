@@ -42,9 +42,9 @@ class ExportConfig(PassConfig):
     graph: Literal["auto", "fused", "optimum"] = Field(
         "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-20 nodes per block, "
         "copy-free KV cache; Llama-, GPT-2- and GPT-NeoX-shaped decoders: SmolLM2, Mistral, Qwen2/3, Phi-3, "
-        "Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, Pythia, Phi, Falcon, GPT-J, "
-        "CodeGen, BLOOM, MPT, ...); optimum = optimum's traced export; auto = fused where the model is supported, "
-        "else optimum, with the reason in the manifest",
+        "Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, BioGPT, Pythia, Phi, Falcon, "
+        "GPT-J, CodeGen, BLOOM, MPT, ...); optimum = optimum's traced export; auto = fused where the model is "
+        "supported, else optimum, with the reason in the manifest",
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
