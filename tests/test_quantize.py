@@ -128,6 +128,30 @@ def test_each_method_takes_only_its_own_options():
         get("export")(opset=99)
     dumped = get("quantize")(method="bnb-nf4").config.model_dump()
     assert set(dumped) == {"method", "exclude", "bnb_blocksize", "bnb_compute_dtype"}
+
+
+@pytest.mark.parametrize("method", ["ort-int8-dynamic", "ort-int8-static", "ort-fp16"])
+def test_check_options_with_check_off_are_refused(method):
+    """check: false with a tolerance (or sample count) the user set would silently drop the quality gate they
+    asked for: refused, naming both options. Defaults never trip it."""
+    with pytest.raises(ConfigError, match=r"quantize: min_agreement applies to the discrepancy check, which "
+                                          r"check: false turns off; set check: true or remove min_agreement"):
+        get("quantize")(method=method, check=False, min_agreement=0.999)
+    with pytest.raises(ConfigError, match=r"check_samples / max_abs_error apply to .* check: false"):
+        get("quantize")(method=method, check=False, max_abs_error=0.1, check_samples=8)
+    assert not get("quantize")(method=method, check=False).config.check
+    assert get("quantize")(method=method, min_agreement=0.999).config.min_agreement == 0.999
+
+
+def test_check_off_with_a_tolerance_exits_2_at_validate(tiny_llama_dir, tmp_path, capsys):
+    from pipelines.cli import main
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"name: q\nmodel: {{source: {tiny_llama_dir}}}\npasses:\n  - export: {{}}\n"
+                   "  - quantize: {method: ort-int8-dynamic, check: false, min_agreement: 0.999}\n")
+    assert main(["validate", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "min_agreement" in err and "check: false" in err and "Traceback" not in err
     assert get("quantize")().config.model_dump() == {"method": "bf16"}
 
 

@@ -86,6 +86,16 @@ class _Check(_Exclude):
         "cosine (encoder) with the parent; default 0.75 / 0.9 / 0.95 by task")
     check: bool = Field(True, description="run the discrepancy check (figures always recorded when on)")
 
+    @model_validator(mode="after")
+    def _check_is_on(self):
+        given = [n for n in ("check_samples", "check_seq_len", "max_abs_error", "min_agreement")
+                 if n in self.model_fields_set]  # set by the user: a default never trips this
+        if given and not self.check:  # they would be ignored, the quality gate silently dropped
+            names = " / ".join(given)
+            raise ValueError(f"{names} appl{'y' if len(given) > 1 else 'ies'} to the discrepancy check, which check: "
+                             f"false turns off; set check: true or remove {names}")
+        return self
+
 
 class _Calibration(_Check):
     """Calibration data for the methods that use it (from data.calibration, else data.train)."""
