@@ -353,6 +353,16 @@ def test_a_param_ratio_above_max_param_ratio_is_refused():
     assert passes.get("lowrank")(param_ratio=0.75, max_param_ratio=0.8).config.param_ratio == 0.75
 
 
+@pytest.mark.parametrize("method", ["svd", "whiten"])
+def test_alpha_without_asvd_is_refused(method):
+    """alpha scales asvd's activations; set under another method it would be ignored."""
+    with pytest.raises(ConfigError, match=rf"lowrank: alpha applies to method: asvd .*not {method}; set method: "
+                                          r"asvd or remove alpha"):
+        passes.get("lowrank")(method=method, alpha=1.5)
+    assert passes.get("lowrank")(method=method).config.alpha == 0.5
+    assert passes.get("lowrank")(method="asvd", alpha=1.5).config.alpha == 1.5
+
+
 def test_distill_recovers_a_model_with_a_factorized_embedding(ctx):
     """Training after lowrank needs only the block list, but distill mapped the whole layout, which wants a plain
     embedding table: 'found no the input embedding (get_input_embeddings() is LowRankEmbedding)'."""

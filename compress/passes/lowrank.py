@@ -69,6 +69,9 @@ class LowRankConfig(PassConfig):
         if self.param_ratio is not None and self.param_ratio > self.max_param_ratio:  # every layer would stay dense
             raise ValueError(f"param_ratio={self.param_ratio} asks for factors larger than max_param_ratio="
                              f"{self.max_param_ratio} lets any layer keep; lower param_ratio or raise max_param_ratio")
+        if "alpha" in self.model_fields_set and self.method != "asvd":  # set by the user, and ignored
+            raise ValueError(f"alpha applies to method: asvd (the exponent of its activation scaling), not "
+                             f"{self.method}; set method: asvd or remove alpha")
         if not rules:
             self.energy = 0.95
         return self
