@@ -272,6 +272,22 @@ def test_bad_combinations_are_refused(ctx):
         passes.get("prune")(targets=["layers"], scope="global")
 
 
+def test_options_another_setting_would_ignore_are_refused():
+    """norm (magnitude importance of MLP channels / heads) and min_keep (global scope) set where nothing reads
+    them: refused, naming the option and the setting; their defaults never are."""
+    with pytest.raises(ConfigError, match=r"prune: norm applies to importance: magnitude .*not activation; set "
+                                          r"importance: magnitude or remove norm"):
+        passes.get("prune")(importance="activation", norm=1)
+    with pytest.raises(ConfigError, match=r"prune: norm applies to targets mlp and heads .*remove norm"):
+        passes.get("prune")(targets=["layers"], norm=1)
+    with pytest.raises(ConfigError, match=r"prune: min_keep applies to scope: global .*not uniform; set scope: "
+                                          r"global or remove min_keep"):
+        passes.get("prune")(scope="uniform", min_keep=0.9)
+    assert passes.get("prune")(importance="activation").config.norm == 2
+    assert passes.get("prune")(targets=["heads"], norm=1).config.norm == 1
+    assert passes.get("prune")(scope="global", min_keep=0.9).config.min_keep == 0.9
+
+
 def test_unsupported_architecture_is_named():
     from transformers import MambaConfig, MambaForCausalLM
 

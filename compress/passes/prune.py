@@ -90,6 +90,17 @@ class PruneConfig(PassConfig):
             if given and target not in self.targets:  # it would be ignored
                 raise ValueError(f"{option} applies to targets: [{target}], which are not pruned here; add "
                                  f"{target} to targets or remove {option}")
+        given = self.model_fields_set  # set by the user: a default never trips the checks below
+        if "norm" in given and self.importance != "magnitude":
+            raise ValueError(f"norm applies to importance: magnitude (the L1 / L2 norm of the weights), not "
+                             f"{self.importance}; set importance: magnitude or remove norm")
+        if "norm" in given and not {"mlp", "heads"} & set(self.targets):
+            raise ValueError("norm applies to targets mlp and heads (hidden channels are ranked by their L2 norm, "
+                             "layers by how much they change their input); add mlp or heads to targets or remove "
+                             "norm")
+        if "min_keep" in given and self.scope != "global":
+            raise ValueError(f"min_keep applies to scope: global (each layer's floor), not {self.scope}; set scope: "
+                             "global or remove min_keep")
         if self.scope == "global" and "mlp" not in self.targets:
             raise ValueError("scope: global ranks MLP channels across layers; add mlp to targets or use scope: "
                              "uniform")
