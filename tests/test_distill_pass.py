@@ -242,6 +242,17 @@ def test_bad_options_are_refused():
                        "attention_weight above 0"):
         get("distill")(layer_map={0: 3})
     assert get("distill")(layer_map={0: 3}, hidden_weight=1.0).config.layer_map == {0: 3}
+    # options another setting turns off would be ignored: refused when given, never by their defaults
+    with pytest.raises(ConfigError, match="distill: hidden_loss is the loss of hidden-state matching, which "
+                       "hidden_weight 0 turns off; set hidden_weight above 0, or remove hidden_loss"):
+        get("distill")(hidden_loss="mse")
+    assert get("distill")(hidden_loss="mse", hidden_weight=1.0).config.hidden_loss == "mse"
+    with pytest.raises(ConfigError, match="distill: cache_top_k sizes the teacher cache, which is off; set "
+                       "teacher_cache: true or remove cache_top_k"):
+        get("distill")(cache_top_k=4)
+    with pytest.raises(ConfigError, match="prune.recover: cache_top_k sizes the teacher cache"):
+        get("prune")(recover={"cache_top_k": 4})
+    assert get("distill")(cache_top_k=4, teacher_cache=True).config.cache_top_k == 4
     with pytest.raises(ConfigError, match="tempreature|unknown option"):
         get("distill")(tempreature=2)
 

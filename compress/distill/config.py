@@ -142,6 +142,9 @@ class LossConfig(PassConfig):
         if self.layer_map and not self.matches_features():
             raise ValueError("layer_map pairs layers for hidden-state / attention matching, which is off; set "
                              "hidden_weight or attention_weight above 0, or remove layer_map")
+        if "hidden_loss" in self.model_fields_set and self.hidden_weight == 0:  # set by the user, and ignored
+            raise ValueError("hidden_loss is the loss of hidden-state matching, which hidden_weight 0 turns off; set "
+                             "hidden_weight above 0, or remove hidden_loss")
         return self
 
     def matches_features(self) -> bool:
@@ -185,6 +188,9 @@ class DistillConfig(LossConfig, TrainConfig):
         if self.teacher_cache and isinstance(self.teacher, list) and len(self.teacher) > 1:
             raise ValueError("teacher_cache works with a single teacher; remove the extra teachers or set "
                              "teacher_cache: false")
+        if "cache_top_k" in self.model_fields_set and not self.teacher_cache:  # set by the user, and ignored
+            raise ValueError("cache_top_k sizes the teacher cache, which is off; set teacher_cache: true or remove "
+                             "cache_top_k")
         return self
 
     def teacher_entries(self) -> list[TeacherEntry]:
