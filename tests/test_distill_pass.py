@@ -257,6 +257,14 @@ def test_bad_options_are_refused():
         get("distill")(tempreature=2)
 
 
+def test_an_empty_teacher_list_is_refused():
+    """teacher: [] validated and then failed in the loss (IndexError) after loading everything."""
+    with pytest.raises(ConfigError, match=r"^distill.teacher: list at least one teacher \({model, weight}\), or "
+                                          r"remove teacher for the default, source \(got \[\]\)$"):
+        get("distill")(teacher=[])
+    assert len(get("distill")(teacher=[{"model": "source"}]).config.teacher_entries()) == 1
+
+
 def test_classifier_finetune_then_distill_from_input(tiny_bert_dir, tmp_path, monkeypatch):
     """The BBC pipeline shape: distill(alpha 0) fine-tunes the input, then distill(keep_layers, teacher input);
     from the teacher cache (top 64 of 5 classes: the whole distribution, no rest bucket) it learns the same."""

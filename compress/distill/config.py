@@ -177,6 +177,8 @@ class DistillConfig(LossConfig, TrainConfig):
     @field_validator("teacher")
     @classmethod
     def _teacher_exists(cls, value):
+        if value == []:  # the soft targets would average over no teacher
+            raise ValueError("list at least one teacher ({model, weight}), or remove teacher for the default, source")
         return _existing_source(value) if isinstance(value, str) else value
 
     @model_validator(mode="after")
