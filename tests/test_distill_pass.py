@@ -265,6 +265,15 @@ def test_an_empty_teacher_list_is_refused():
     assert len(get("distill")(teacher=[{"model": "source"}]).config.teacher_entries()) == 1
 
 
+@pytest.mark.parametrize("seed,why", [(2**64, "less than 18446744073709551616"), (-1, "greater than or equal to 0")])
+def test_a_seed_torch_cannot_take_is_refused(seed, why):
+    """torch.manual_seed takes 0 to 2^64 - 1 (a negative one aliases seed + 2^64; 2^64 was a ValueError traceback
+    at run time)."""
+    with pytest.raises(ConfigError, match=rf"^distill.seed: Input should be {why} \(got {seed}\)$"):
+        get("distill")(seed=seed)
+    assert get("distill")(seed=2**64 - 1).config.seed == 2**64 - 1
+
+
 def test_classifier_finetune_then_distill_from_input(tiny_bert_dir, tmp_path, monkeypatch):
     """The BBC pipeline shape: distill(alpha 0) fine-tunes the input, then distill(keep_layers, teacher input);
     from the teacher cache (top 64 of 5 classes: the whole distribution, no rest bucket) it learns the same."""

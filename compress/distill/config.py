@@ -104,8 +104,8 @@ class TrainConfig(PassConfig):
     eval_every: int | None = Field(None, gt=0, description="evaluate on held-out data every N steps "
                                    "(always once at the end)")
     keep_best: bool = Field(True, description="return the weights of the best evaluation, not the last step")
-    seed: int | None = Field(None, description="seed for student init, shuffling and dropout (default: "
-                             "the pipeline's)")
+    seed: int | None = Field(None, ge=0, lt=2**64, description="seed for student init, shuffling and dropout, "
+                             "0 to 2^64 - 1 (torch's range; default: the pipeline's)")
     log_every: int = Field(10, gt=0, description="record the loss curve every N steps")
 
 
