@@ -380,6 +380,23 @@ def test_an_opset_the_fused_writer_cannot_write_is_refused_or_falls_back(tmp_pat
     assert info["fused_fallback"] == "opset: 14 (the fused graph is written in opset 17)"
 
 
+@pytest.mark.parametrize("optimize", [True, False, "auto"])
+def test_optimize_under_graph_fused_is_refused_before_the_run(optimize):
+    """optimize applies ONNX Runtime's fusions to optimum's graph only; graph: fused never writes one, so any
+    optimize given there was silently ignored (graph: auto may fall back to optimum's graph: left alone)."""
+    from compress.errors import ConfigError
+    from pipelines.config import validate
+
+    raw = {"name": "x", "model": {"source": "builtin:smollm2-135m"},
+           "passes": [{"export": {"graph": "fused", "optimize": optimize}}]}
+    with pytest.raises(ConfigError, match="passes.0.export: optimize applies ONNX Runtime's fusions to optimum's "
+                                          "graph, which graph: fused does not write .* drop optimize, or use graph: "
+                                          "auto or optimum"):
+        validate(raw)
+    assert get("export")(graph="fused").config.optimize == "auto"
+    assert get("export")(graph="auto", optimize=optimize).config.optimize == optimize
+
+
 def test_the_manifest_counts_the_nodes_of_the_graph_it_holds(tmp_path):
     """info.nodes was counted before ONNX Runtime's fusions (411 for the tiny BERT classifier whose written graph
     has 37)."""

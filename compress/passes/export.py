@@ -81,6 +81,9 @@ class ExportConfig(PassConfig):
             which = "graph: optimum" if self.graph == "optimum" else "with_past: false"
             raise ValueError(f"max_length sizes the fused decoder graph, which {which} does not write; drop "
                              "max_length (the graph holds the model's positions)")
+        if self.graph == "fused" and "optimize" in self.model_fields_set:  # set by the user, and ignored
+            raise ValueError("optimize applies ONNX Runtime's fusions to optimum's graph, which graph: fused does not "
+                             "write (the fused graph is fused already); drop optimize, or use graph: auto or optimum")
         if self.graph == "fused" and self.opset is not None and self.opset != _fused_opset():
             raise ValueError(f"opset {self.opset}: the fused graph is written in opset {_fused_opset()}; drop opset, "
                              "or use graph: optimum (or auto) for another opset")
