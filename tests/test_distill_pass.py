@@ -4,11 +4,13 @@ import copy
 import numpy as np
 import pytest
 import torch
+from tiny_models import tiny_gpt2, tiny_llama
 
 from compress.checkpoint import Artifact
 from compress.data import DataSpec, PipelineData
 from compress.errors import ConfigError
 from compress.models import load_model
+from compress.distill.students import fresh_student
 from compress.distill.teacher_cache import TAIL_BETAS
 from compress.passes import PassContext, get
 
@@ -263,6 +265,37 @@ def test_an_empty_teacher_list_is_refused():
                                           r"remove teacher for the default, source \(got \[\]\)$"):
         get("distill")(teacher=[])
     assert len(get("distill")(teacher=[{"model": "source"}]).config.teacher_entries()) == 1
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_hidden_layers": "two"}, "num_hidden_layers: 'two' is not a size"),  # were TypeError tracebacks
+    ({"num_hidden_layers": 1.5}, "num_hidden_layers: 1.5 is not a size"),
+    ({"num_hidden_layers": [2]}, r"num_hidden_layers: \[2\] is not a size"),
+    ({"num_hidden_layers": True}, "num_hidden_layers: True is not a size"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers: -1 is not a size"),  # was an unrelated layout error
+    ({"num_attention_heads": 0}, "num_attention_heads: 0 is not a size"),  # were ZeroDivisionErrors
+    ({"hidden_size": 0}, "hidden_size: 0 is not a size"),
+    ({"intermediate_size": -1}, "intermediate_size: -1 is not a size"),  # was a RuntimeError
+    ({"rope_theta": "x"}, r"rope_theta: LlamaConfig with {'rope_theta': 'x'} builds no working model \(TypeError"),
+    ({"hidden_act": "nope"}, r"hidden_act: LlamaConfig with .* builds no working model \(KeyError"),
+])
+def test_bad_fresh_student_config_values_are_config_errors(overrides, message):
+    with pytest.raises(ConfigError, match=rf"^distill.student.config.{message}"):
+        fresh_student(tiny_llama(), overrides, "causal-lm")
+
+
+def test_fresh_student_sizes_by_a_familys_own_names(tiny_gpt2_dir, tiny_llama_dir):
+    """GPT-2's n_layer is its num_hidden_layers (the config's attribute_map); values that only fail together
+    name the config; a bad value stops the pass before any training."""
+    with pytest.raises(ConfigError, match=r"^distill.student.config.n_layer: 0 is not a size; give a positive"):
+        fresh_student(tiny_gpt2(), {"n_layer": 0}, "causal-lm")
+    assert fresh_student(tiny_gpt2(), {"n_layer": 1}, "causal-lm").config.n_layer == 1
+    with pytest.raises(ConfigError, match=r"^distill.student.config: LlamaConfig with {'head_dim': 3, 'hidden_size': "
+                                          r"32} builds no working model \(RuntimeError"):
+        fresh_student(tiny_llama(), {"head_dim": 3, "hidden_size": 32}, "causal-lm")
+    with pytest.raises(ConfigError, match="distill.student.config.num_attention_heads: 0 is not a size"):
+        run(dict(student={"config": {"num_attention_heads": 0}}, max_steps=1), art(tiny_llama_dir),
+            PassContext(source=str(tiny_llama_dir), task="causal-lm", data=lm_data()))
 
 
 @pytest.mark.parametrize("seed,why", [(2**64, "less than 18446744073709551616"), (-1, "greater than or equal to 0")])

@@ -74,6 +74,13 @@ def keep_layers(model: nn.Module, keep: list[int]) -> nn.Module:
     return student
 
 
+# Config fields that are sizes (a positive int), by their standard names; a family's own name for one (GPT-2's
+# n_layer) is found through its config's attribute_map. GPT-2's n_inner and OPT's ffn_dim are MLP widths.
+SIZE_FIELDS = frozenset({"num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads",
+                         "intermediate_size", "head_dim", "vocab_size", "max_position_embeddings", "n_inner",
+                         "ffn_dim"})
+
+
 def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
     """A new model of the teacher's architecture with some config values changed and fresh weights."""
     from ..tasks import auto_class
@@ -85,8 +92,16 @@ def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
             f"distill.student.config: {', '.join(unknown)} is not a {type(cfg).__name__} field; use names "
             "such as num_hidden_layers, hidden_size, num_attention_heads, intermediate_size"
         )
+    standard = {own: name for name, own in getattr(cfg, "attribute_map", {}).items()}
     for k, v in overrides.items():
-        setattr(cfg, k, v)
+        if standard.get(k, k) in SIZE_FIELDS and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise ConfigError(f"distill.student.config.{k}: {v!r} is not a size; give a positive integer")
+    where = f"distill.student.config.{next(iter(overrides))}" if len(overrides) == 1 else "distill.student.config"
+    for k, v in overrides.items():
+        try:
+            setattr(cfg, k, v)
+        except Exception as exc:  # noqa: BLE001 - a config class may refuse a value in its own way
+            raise ConfigError(f"distill.student.config.{k}: {type(cfg).__name__} refuses {v!r} ({exc})") from None
     if "num_hidden_layers" in overrides:  # a new depth: every layer of the first one's kind
         for name in PER_LAYER_FIELDS:
             if isinstance(value := getattr(cfg, name, None), list):
@@ -99,7 +114,15 @@ def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
         cfg.num_key_value_heads = heads  # plain multi-head attention when the old GQA grouping no longer fits
     if "head_dim" in cfg.to_dict() and "hidden_size" in overrides and "head_dim" not in overrides and heads:
         cfg.head_dim = cfg.hidden_size // heads
-    student = auto_class(task).from_config(cfg, dtype=torch.float32)
+    try:
+        student = auto_class(task).from_config(cfg, dtype=torch.float32)
+        with torch.no_grad():  # a size the modeling code cannot use may fail only on the first batch
+            student(input_ids=torch.zeros(1, 1, dtype=torch.long))
+    except torch.OutOfMemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever the modeling code raises, the values do not fit together
+        raise ConfigError(f"{where}: {type(cfg).__name__} with {overrides} builds no working model "
+                          f"({type(exc).__name__}: {exc}); change the values") from None
     return student
 
 
