@@ -54,7 +54,7 @@ def main() -> None:
 
 def measure(student: dict, teacher, tok, data, args, threads: int) -> dict:
     opts = dict(student=student, alpha=0.8, temperature=2.0, epochs=2, batch_size=args.batch,
-                lr=2e-4, precision="bf16", eval_tokens=256, keep_best=False, seed=0, cache_top_k=args.k)
+                lr=2e-4, precision="bf16", eval_tokens=256, keep_best=False, seed=0)
     rows = {}
     with tempfile.TemporaryDirectory(prefix="distill-cache-bench-") as cold:  # a cold teacher cache per student
         os.environ["COMPRESS_CACHE_DIR"] = cold
@@ -62,7 +62,8 @@ def measure(student: dict, teacher, tok, data, args, threads: int) -> dict:
             ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
             ctx = ctx.with_teacher(Artifact("torch", "causal-lm", tok, teacher))
             t0 = time.perf_counter()
-            out = get("distill")(**opts, teacher_cache=cache).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
+            cached = {"teacher_cache": True, "cache_top_k": args.k} if cache else {}  # cache_top_k applies to the cache only
+            out = get("distill")(**opts, **cached).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
             wall = time.perf_counter() - t0
             info = out.info
             rows[key] = {"pass_seconds": round(wall, 1), "train_seconds": info["seconds"], "tokens": info["tokens"],
