@@ -62,7 +62,8 @@ def measure(student: dict, teacher, tok, data, args, threads: int) -> dict:
             ctx = PassContext(source=SOURCE, task="causal-lm", data=data, show_progress=False, seed=0)
             ctx = ctx.with_teacher(Artifact("torch", "causal-lm", tok, teacher))
             t0 = time.perf_counter()
-            cached = {"teacher_cache": True, "cache_top_k": args.k} if cache else {}  # cache_top_k applies to the cache only
+            # cache_top_k applies to the cache only
+            cached = {"teacher_cache": True, "cache_top_k": args.k} if cache else {}
             out = get("distill")(**opts, **cached).run(Artifact("torch", "causal-lm", tok, teacher), ctx)
             wall = time.perf_counter() - t0
             info = out.info
