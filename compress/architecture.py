@@ -1,13 +1,13 @@
 """Where a transformer's parts are, found from its module tree and config (never from `model_type`).
 
-`find(model)` probes the loaded model: the block list is the ModuleList of identical blocks holding the most
-parameters; inside a block, attention is the sub-tree that holds q/k/v projections (separate or fused), its
-output projection sits in the same sub-tree; the MLP is the pair (or triple) of projections outside it. The
-names probed are the ones Hugging Face families use (Llama / Qwen / Mistral / Gemma: q_proj..., gate_proj...;
-Phi-3: qkv_proj, gate_up_proj; GPT-NeoX: query_key_value, dense_h_to_4h; GPT-2: c_attn, c_fc; BERT /
-RoBERTa: query, intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes (heads, KV heads, head_dim, MLP
-width) are read from the weights' shapes, so a pruned model is described as it is now. A model whose parts
-cannot be found is refused with one `UnsupportedModelError` naming the part."""
+`find(model)` probes the loaded model: the block list is the ModuleList of identical blocks holding the most parameters;
+inside a block, attention is the sub-tree that holds q/k/v projections (separate or fused), its output projection sits
+in the same sub-tree; the MLP is the pair (or triple) of projections outside it, or a mixture of experts (a ModuleList
+of expert MLPs and the router beside it: kind `moe`). The names probed are the ones Hugging Face families use (Llama /
+Qwen / Mistral / Gemma: q_proj..., gate_proj...; Phi-3: qkv_proj, gate_up_proj; GPT-NeoX: query_key_value,
+dense_h_to_4h; GPT-2: c_attn, c_fc; BERT / RoBERTa: query, intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes
+(heads, KV heads, head_dim, MLP width) are read from the weights' shapes, so a pruned model is described as it is now. A
+model whose parts cannot be found is refused with one `UnsupportedModelError` naming the part."""
 from __future__ import annotations
 
 import copy
@@ -104,11 +104,13 @@ class Attention:
 
 @dataclass
 class MLP:
-    name: str
-    ins: list[str]               # gate, up (gated) | gate_up (fused gated) | fc_in (plain)
-    out: str
-    kind: str                    # gated | fused_gated | plain
+    name: str                    # the MLP (moe: the block holding router and experts)
+    ins: list[str]               # gate, up (gated) | gate_up (fused gated) | fc_in (plain) | none (moe)
+    out: str                     # down / fc_out ("" for moe)
+    kind: str                    # gated | fused_gated | plain | moe
     act: nn.Module | None = None
+    experts: str | None = None   # moe: the ModuleList of expert MLPs
+    router: str | None = None    # moe: the linear layer scoring the experts for each token
 
 
 @dataclass
@@ -229,12 +231,7 @@ class Architecture:
         kind, got = found
         parts = [n.split(".") for n in got]
         if any(seg.isdigit() for seg in parts[0]):  # experts.0.w1: the first expert of a ModuleList, not the MLP
-            experts = ".".join(parts[0][:[seg.isdigit() for seg in parts[0]].index(True)])
-            raise UnsupportedModelError(
-                f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of experts "
-                f"({len(self.model.get_submodule(f'{prefix}.{experts}'))} experts under {prefix}.{experts}); the suite "
-                "maps one dense MLP per block (distill keep_layers and prune need it; lowrank, export and quantize "
-                "take the model as it is)")
+            return self._moe(prefix, ".".join(parts[0][:[seg.isdigit() for seg in parts[0]].index(True)]), i)
         common = []
         for segs in zip(*[p[:-1] for p in parts]):
             if len(set(segs)) != 1:
@@ -244,6 +241,19 @@ class Architecture:
         holder = self.model.get_submodule(f"{prefix}.{got[0]}".rpartition(".")[0])
         act = next((getattr(holder, a) for a in ACTIVATIONS if isinstance(getattr(holder, a, None), nn.Module)), None)
         return MLP(name, [f"{prefix}.{n}" for n in got[:-1]], f"{prefix}.{got[-1]}", kind, act)
+
+    def _moe(self, prefix: str, experts: str, i: int) -> MLP:
+        """A mixture of experts (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE): a ModuleList of expert MLPs and, beside
+        it, the router: the linear layer with one output per expert (a shared expert's gate has one output)."""
+        holder = f"{prefix}.{experts}".rpartition(".")[0]
+        n = len(self.model.get_submodule(f"{prefix}.{experts}"))
+        router = next((f"{holder}.{name}" for name, m in self.model.get_submodule(holder).named_children()
+                       if is_linear(m) and features(m)[1] == n), None)
+        if router is None:
+            raise UnsupportedModelError(
+                f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of {n} experts "
+                f"under {prefix}.{experts} with no router beside them (a linear layer with {n} outputs)")
+        return MLP(holder, [], "", "moe", experts=f"{prefix}.{experts}", router=router)
 
     def _check_heads(self) -> None:
         for i in range(len(self.blocks)):
@@ -283,6 +293,13 @@ class Architecture:
 
     def mlp_width(self, i: int) -> int:
         return features(self.module(self.mlp_out(i)))[0]
+
+    def moe_blocks(self) -> list[int]:
+        """The blocks whose MLP is a mixture of experts."""
+        return [i for i, b in enumerate(self.blocks) if b.mlp.kind == "moe"]
+
+    def num_experts(self, i: int) -> int:
+        return len(self.module(self.blocks[i].mlp.experts))
 
     @property
     def intermediate_field(self) -> str:

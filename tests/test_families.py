@@ -13,7 +13,7 @@ import yaml
 
 import compress
 from compress import passes
-from compress.errors import UnsupportedModelError
+from compress.errors import ConfigError, UnsupportedModelError
 from family_cases import (FUSED, IDS, OPTIONS, artifact, cases, check_onnx, context, fresh_outputs, outputs, run_pass,
                           save)
 from tiny_models import ENCODERS, tiny_family
@@ -217,7 +217,6 @@ def test_unmapped_family_names_the_part():
 
 def test_hidden_options_are_checked():
     from compress import passes
-    from compress.errors import ConfigError
 
     with pytest.raises(ConfigError, match="apply to targets: \\[hidden\\]"):
         passes.get("prune")(targets=["mlp"], hidden_size=16)
@@ -241,7 +240,6 @@ def test_hidden_width_after_per_layer_mlp_widths_reloads(tmp_path):
 
 
 def test_hidden_ratio_that_leaves_nothing_names_hidden_ratio(tmp_path):
-    from compress.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"prune.hidden_ratio=0.99 would leave no hidden channels .*smaller "
                                           "hidden_ratio"):
@@ -285,16 +283,83 @@ def test_deberta_heads_with_its_relative_position_projections(tmp_path, share_at
     assert sum(p.numel() for p in back.model.parameters()) < sum(p.numel() for p in art.model.parameters())
 
 
-def test_mixture_of_experts_is_refused_not_mapped_as_its_first_expert(tmp_path):
-    """Mixtral's experts.0.w1/w3/w2 match the gated-MLP names: the map took expert 0 for the block's MLP, and
-    prune mlp cut that expert alone. Now the map refuses, naming the experts."""
-    from compress.architecture import find
+def _tiny_moe(family: str):
+    """Mixtral (4 experts, top 2), Qwen2-MoE (a shared expert beside them, block 1 dense: mlp_only_layers), OLMoE."""
+    import transformers as T
 
-    with pytest.raises(UnsupportedModelError, match=r"block 0's MLP is a mixture of experts \(4 experts under "
-                       r"model\.layers\.0\.block_sparse_moe\.experts\)"):
-        find(tiny_family("mixtral"))
-    with pytest.raises(UnsupportedModelError, match="mixture of experts"):
-        run_pass("mlp", artifact("mixtral", "causal-lm"), context("causal-lm", tmp_path), "mixtral")
+    from tiny_models import VOCAB
+
+    common = dict(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1)
+    torch.manual_seed(0)
+    if family == "mixtral":
+        return tiny_family("mixtral")
+    if family == "qwen2_moe":
+        return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
+                                                      shared_expert_intermediate_size=32, num_experts=4,
+                                                      mlp_only_layers=[1])).eval()
+    return T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=16, num_experts=4)).eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+def test_experts_prune_to_the_ones_routed_to_and_reload_stock(family, tmp_path):
+    """Mixture-of-experts blocks are mapped (router + experts; the map used to take expert 0 for the block's MLP,
+    then refused them): prune targets experts keeps, in every block, the experts the router gives the largest
+    share of calibration tokens, slices the router's rows and states the new count in the stock config. An
+    expert the router never picks goes first."""
+    from compress.architecture import find
+    from compress.checkpoint import Artifact
+    from tiny_models import family_tokenizer
+
+    model = _tiny_moe(family)
+    arch = find(model)
+    moe = arch.moe_blocks()
+    assert moe == ([0, 2, 3] if family == "qwen2_moe" else [0, 1, 2, 3])
+    def never_3(mod, args, out):  # expert 3 of the first block is never routed to (a no-op once it is cut)
+        if out.shape[-1] == 4:
+            out = out.clone()
+            out[..., 3] = -1e4
+        return out
+
+    model.get_submodule(arch.blocks[0].mlp.router).register_forward_hook(never_3)
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("llama"), model=model)
+    out = passes.get("prune")(targets=["experts"], ratio=0.5).run(art, context("causal-lm", tmp_path))
+    info = out.info["experts"]
+    assert info["kept"] == 2 and info["of"] == 4 and 3 not in info["experts"]["0"]
+    assert out.structure == [] and find(out.model).num_experts(moe[0]) == 2
+    assert min(info["routing_share_kept"].values()) > 0.5  # the better half of the routing
+    back = compress.load(save(out, tmp_path / family))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    assert sum(p.numel() for p in back.model.parameters()) < sum(p.numel() for p in model.parameters())
+
+
+def test_mixture_of_experts_refusals_name_the_experts(tmp_path):
+    """What cuts a dense MLP is refused on experts, naming them; fewer experts than each token is routed to, and
+    experts on a dense model, name the fix; the fused writers refuse them (optimum's graph takes them)."""
+    from compress.fused import build_fused
+
+    art, ctx = artifact("mixtral", "causal-lm"), context("causal-lm", tmp_path)
+    with pytest.raises(UnsupportedModelError, match=r"prune targets mlp: block 0's MLP is a mixture of 4 experts "
+                       r"\(model\.layers\.0\.block_sparse_moe\.experts\), .* prune experts, heads or layers"):
+        run_pass("mlp", art, ctx, "mixtral")
+    with pytest.raises(ConfigError, match=r"prune.ratio=0.75 would keep 1 of 4 experts per block, fewer than the 2 "
+                       r"each token is routed to .* at most 0.50"):
+        passes.get("prune")(targets=["experts"], ratio=0.75).run(art, ctx)
+    with pytest.raises(ConfigError, match="prune.targets: experts, but LlamaForCausalLM has no mixture-of-experts"):
+        passes.get("prune")(targets=["experts"]).run(artifact("llama", "causal-lm"), ctx)
+    with pytest.raises(UnsupportedModelError, match="fused export: block 0's MLP is a mixture of experts"):
+        build_fused(art.model, tmp_path / "fused")
+
+
+def test_layers_heads_and_students_of_a_mixture_of_experts(tmp_path):
+    """Depth and head pruning and keep-layers students need only the block list and the attention, which a
+    mixture-of-experts model has like any other: they were refused with the rest."""
+    art, ctx = artifact("mixtral", "causal-lm"), context("causal-lm", tmp_path)
+    for key in ("layers", "heads", "distill"):
+        out = run_pass(key, art, ctx, "mixtral")
+        back = compress.load(save(out, tmp_path / key))
+        torch.testing.assert_close(outputs(back.model), outputs(out.model), msg=key)
+        assert sum(p.numel() for p in out.model.parameters()) < sum(p.numel() for p in art.model.parameters())
 
 
 def test_mlp_widths_recorded_where_the_config_has_no_width_field(tmp_path):

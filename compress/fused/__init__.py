@@ -34,6 +34,9 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     except UnsupportedModelError as exc:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
     refuse_clipped_qkv(model)
+    if moe := arch.moe_blocks():
+        raise UnsupportedModelError(f"fused export: block {moe[0]}'s MLP is a mixture of experts, which the writers "
+                                    "do not write")
     b = arch.blocks[0]
     if b.mlp.kind in ("gated", "fused_gated"):
         writer, build = "Llama", build_llama

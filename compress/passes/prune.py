@@ -1,14 +1,15 @@
 """prune: structured pruning that removes real structure (MLP channels, attention heads, whole blocks, hidden
-channels).
+channels, the experts of mixture-of-experts blocks).
 
-The model's parts come from compress/architecture.py (found by structure, any family it maps). Width: MLP
-intermediate channels go through torch-pruning's dependency graph (fused gate_up projections are sliced,
-gate and up channels together); attention heads through our own GQA-aware code, separate or fused q/k/v
-(compress/pruning/width.py says why); hidden width (Minitron-style) through compress/pruning/hidden.py. Depth: blocks that change their input least on
-calibration data are dropped. Uniform pruning keeps a stock Hugging Face config (plain `from_pretrained`
-works); a global ratio gives per-layer MLP widths, recorded as an `mlp_widths` structure entry that
-`compress.load` re-applies. Per-layer *head* counts are not offered: Hugging Face's Llama config and the
-ONNX exporter's KV-cache shapes assume one head count for every layer."""
+The model's parts come from compress/architecture.py (found by structure, any family it maps). Width: MLP intermediate
+channels go through torch-pruning's dependency graph (fused gate_up projections are sliced, gate and up channels
+together); attention heads through our own GQA-aware code, separate or fused q/k/v (compress/pruning/width.py says why);
+hidden width (Minitron-style) through compress/pruning/hidden.py; experts (the ones routed to least on calibration data,
+the same count per block) through compress/pruning/experts.py. Depth: blocks that change their input least on
+calibration data are dropped. Uniform pruning keeps a stock Hugging Face config (plain `from_pretrained` works); a
+global ratio gives per-layer MLP widths, recorded as an `mlp_widths` structure entry that `compress.load` re-applies.
+Per-layer *head* counts are not offered: Hugging Face's Llama config and the ONNX exporter's KV-cache shapes assume one
+head count for every layer."""
 from __future__ import annotations
 
 import copy
@@ -24,6 +25,7 @@ from ..errors import ConfigError, UnsupportedModelError
 from ..models import count_parameters
 from ..pruning import importance as imp
 from ..architecture import Architecture, find, is_linear
+from ..pruning import experts as ex
 from ..pruning.depth import drop_layers
 from ..pruning import hidden as hid
 from ..pruning.width import (check_qkv_rows, config_expresses_heads, hf_prunes_heads, original_head_ids,
@@ -34,15 +36,16 @@ from .base import Pass, PassConfig, PassContext
 
 
 class PruneConfig(PassConfig):
-    targets: list[Literal["mlp", "heads", "layers", "hidden"]] = Field(
+    targets: list[Literal["mlp", "heads", "layers", "hidden", "experts"]] = Field(
         ["mlp"], min_length=1, description="what to remove: mlp (intermediate channels), heads, layers (blocks), "
-        "hidden (channels of the residual stream, Minitron-style: embeddings, norms, every projection, the head)",
+        "hidden (channels of the residual stream, Minitron-style: embeddings, norms, every projection, the head), "
+        "experts (of mixture-of-experts blocks, the least routed to; the same count in every block)",
         json_schema_extra=search([["mlp"], ["layers"], ["mlp", "layers"], ["mlp", "heads"]]))
     hidden_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="target `hidden`: fraction of hidden channels to remove (default: ratio)")
     hidden_size: int | None = Field(
         None, ge=1, description="target `hidden`: the hidden size to keep (instead of hidden_ratio)")
-    ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads to remove",
+    ratio: float = Field(0.25, ge=0.0, lt=1.0, description="fraction of MLP channels / heads / experts to remove",
                          json_schema_extra=search([0.1, 0.2, 0.3, 0.4]))
     layer_ratio: float | None = Field(
         None, ge=0.0, lt=1.0, description="fraction of blocks to remove (target `layers`); default: ratio",
@@ -162,7 +165,8 @@ class Prune(Pass):
     # StableLM / ModernBERT heads; 7: hidden-width activation importance reads weightless norms (OLMo's scored 0),
     # DeBERTa heads
     version = 7
-    description = "Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width"
+    description = ("Structured pruning: MLP channels, attention heads (GQA-aware), whole layers, hidden width, "
+                   "experts")
     Config = PruneConfig
 
     def accepts_factorized_input(self) -> bool:
@@ -178,8 +182,9 @@ class Prune(Pass):
         c = self.config
         if c.recover is not None:
             return ("train",), "prune.recover trains on data.train"
-        if "layers" in c.targets or c.importance != "magnitude":
-            why = "targets: layers" if "layers" in c.targets else f"importance: {c.importance}"
+        if {"layers", "experts"} & set(c.targets) or c.importance != "magnitude":
+            scored = [t for t in ("layers", "experts") if t in c.targets]
+            why = f"targets: {', '.join(scored)}" if scored else f"importance: {c.importance}"
             return ("calibration", "train"), f"prune ({why}) scores on calibration data"
         return None
 
@@ -188,6 +193,7 @@ class Prune(Pass):
         c = self.config
         net = copy.deepcopy(model.model).float().eval()
         ad = find(net)
+        self._check_experts(net, ad)
         self._check_plain(net, ad)
         self._check_ignore(net, ad)
         if "heads" in c.targets:
@@ -217,6 +223,11 @@ class Prune(Pass):
                 structure = [e for e in structure if e["type"] != "attention_heads"] + [entry]
             _check_runs(net, "heads")
             ad = find(net)
+        if "experts" in c.targets:
+            info["experts"] = self._prune_experts(net, ad)
+            _check_reload(net, structure)
+            _check_runs(net, "experts")
+            ad = find(net)
         if "mlp" in c.targets:
             info["mlp"], entry = self._prune_mlp(net, ad)
             # the widths now in the model replace any recorded by an earlier prune pass
@@ -237,9 +248,28 @@ class Prune(Pass):
             out = self._recover(model, out, ctx)
         return out
 
+    def _check_experts(self, net, ad: Architecture) -> None:
+        """Targets that cut a dense MLP refused on mixture-of-experts blocks, and experts without any, by name."""
+        moe, targets = ad.moe_blocks(), self.config.targets
+        if moe and {"mlp", "hidden"} & set(targets):
+            b = ad.blocks[moe[0]].mlp
+            raise UnsupportedModelError(
+                f"prune targets {' / '.join(t for t in targets if t in ('mlp', 'hidden'))}: block {moe[0]}'s MLP is a "
+                f"mixture of {ad.num_experts(moe[0])} experts ({b.experts}), which those cuts do not take; prune "
+                "experts, heads or layers")
+        if "experts" in targets and not moe:
+            raise ConfigError(f"prune.targets: experts, but {type(net).__name__} has no mixture-of-experts block; "
+                              "remove experts from targets")
+        if "experts" in targets and any(self._ignored(ad.layer_name(i), ad.mlp_name(i)) for i in moe):
+            raise ConfigError("prune.ignore: skipping some mixture-of-experts blocks would leave them with other "
+                              "expert counts than the rest, which a stock config cannot state; prune experts in "
+                              "every block (ignore fits mlp)")
+
     def _check_plain(self, net, ad: Architecture) -> None:
         for i in range(ad.num_layers()):
-            for name in [*ad.mlp_in(i), ad.mlp_out(i), ad.attn_out(i), *ad.attn(i).inputs]:
+            mlp = ad.blocks[i].mlp
+            parts = [mlp.router] if mlp.kind == "moe" else [*ad.mlp_in(i), ad.mlp_out(i)]
+            for name in [*parts, ad.attn_out(i), *ad.attn(i).inputs]:
                 if not is_linear(net.get_submodule(name)):
                     raise UnsupportedModelError(
                         f"prune: {name} is a {type(net.get_submodule(name)).__name__}, not a plain linear layer "
@@ -450,6 +480,23 @@ class Prune(Pass):
         batches = None if c.importance == "magnitude" else self._calib(net, f"importance: {c.importance}")
         return imp.mlp_channel_scores(net, ad, layers, c.importance, batches=batches, task=self.task,
                                       norm=c.norm, device=self.ctx.device)
+
+    # ------------------------------------------------------------------ experts
+    def _prune_experts(self, net, ad: Architecture) -> dict:
+        """Keep the experts each mixture-of-experts block routes to most (the same count in every block)."""
+        blocks = ad.moe_blocks()
+        before = ad.num_experts(blocks[0])
+        keep = ex.keep_count(net, ad, self.config.ratio)
+        scores = imp.expert_scores(net, ad, self._calib(net, "prune targets: experts"), self.task, self.ctx.device)
+        kept = {}
+        for i in blocks:
+            kept[i] = sorted(torch.argsort(scores[i], descending=True)[:keep].tolist())
+            ex.keep_experts(net, ad, i, kept[i])
+        ex.set_expert_count(net, before, keep)
+        return {"kept": keep, "of": before, "ratio_actual": round(1 - keep / before, 4),
+                "importance": "mean router probability on calibration tokens",
+                "experts": {str(i): kept[i] for i in blocks},
+                "routing_share_kept": {str(i): round(float(scores[i][kept[i]].sum()), 4) for i in blocks}}
 
     def _prune_mlp(self, net, ad: Architecture) -> tuple[dict, dict | None]:
         c = self.config

@@ -253,3 +253,29 @@ def block_scores(model: nn.Module, ad: Architecture, batches: list[dict], task: 
             mask_now[0] = batch.get("attention_mask")
             _forward(model, batch, task)
     return total / count.clamp_min(1)
+
+
+def expert_scores(model: nn.Module, ad: Architecture, batches: list[dict], task: str, device=None) -> dict:
+    """{block: the mean router probability of each expert over calibration tokens} for the mixture-of-experts
+    blocks: the share of the routing each expert gets (its softmax over the router's logits, padding left out).
+    Low = rarely routed to, removable."""
+    blocks = ad.moe_blocks()
+    total = {i: torch.zeros(ad.num_experts(i), dtype=torch.float64) for i in blocks}
+    count = dict.fromkeys(blocks, 0)
+    mask_now: list[torch.Tensor | None] = [None]
+
+    def make_hook(i):
+        def hook(mod, args, output):
+            p = torch.softmax(output.float(), dim=-1).reshape(-1, output.shape[-1])  # [tokens, experts]
+            if mask_now[0] is not None:
+                p = p[mask_now[0].reshape(-1).bool().to(p.device)]
+            total[i] += p.sum(0).double().cpu()
+            count[i] += p.shape[0]
+        return hook
+
+    handles = [model.get_submodule(ad.blocks[i].mlp.router).register_forward_hook(make_hook(i)) for i in blocks]
+    with on_device(model, device), _hooks(handles), torch.no_grad():
+        for batch in batches:
+            mask_now[0] = batch.get("attention_mask")
+            _forward(model, batch, task)
+    return {i: total[i] / max(count[i], 1) for i in blocks}
