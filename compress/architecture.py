@@ -26,6 +26,8 @@ SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_l
 FUSED_QKV = {"qkv_proj": "blocks", "c_attn": "blocks", "Wqkv": "blocks", "query_key_value": "per_head"}
 ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo", "o", "Wo")  # MPNet: o; ModernBERT: Wo
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+# per-head projections of an attention besides q / k / v: DeBERTa's relative-position ones (without share_att_key)
+PER_HEAD_EXTRAS = ("pos_key_proj", "pos_query_proj")
 # MLP: gated (gate, up, down), fused gated (gate_up: gate rows first, then up rows; down), plain (in, out)
 GATED = (("gate_proj", "up_proj", "down_proj"), ("w1", "w3", "w2"))
 FUSED_GATED = (("gate_up_proj", "down_proj"), ("Wi", "Wo"))  # ModernBERT: Wi = [activated half | gate]
@@ -95,6 +97,7 @@ class Attention:
     o: str
     q_norm: str | None = None
     k_norm: str | None = None
+    extras: list[str] = field(default_factory=list)  # PER_HEAD_EXTRAS: hidden-wide input, rows per head
 
     @property
     def inputs(self) -> list[str]:
@@ -212,7 +215,10 @@ class Architecture:
             if qn_ and kn_:
                 break
         full = lambda n: f"{prefix}.{n}" if n else None  # noqa: E731
-        return Attention(full(root), full(q), full(k), full(v), full(qkv), layout, full(o), full(qn_), full(kn_))
+        extras = [full(n) for n, m in rel.items() if n.startswith(root + ".") and is_linear(m)
+                  and n.rpartition(".")[2] in PER_HEAD_EXTRAS]
+        return Attention(full(root), full(q), full(k), full(v), full(qkv), layout, full(o), full(qn_), full(kn_),
+                         extras)
 
     def _find_mlp(self, prefix: str, rel: dict, attn: Attention, i: int) -> MLP:
         root = attn.name[len(prefix) + 1:]

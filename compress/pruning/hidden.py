@@ -61,7 +61,7 @@ def hidden_readers_writers(model: nn.Module, ad: Architecture) -> tuple[list[str
     """(projections whose input is hidden-wide, projections whose output is), blocks by role, the rest by shape."""
     reads, writes = [], []
     for b in ad.blocks:
-        reads += b.attn.inputs + b.mlp.ins
+        reads += b.attn.inputs + b.attn.extras + b.mlp.ins
         writes += [b.attn.o, b.mlp.out]
     prefix = ad.layers_name + "."
     for n, m in model.named_modules():

@@ -121,20 +121,11 @@ def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
             setattr(attn, attr, value)
 
 
-# per-head projections of an attention besides q / k / v: DeBERTa's relative-position ones (without share_att_key)
-PER_HEAD_EXTRAS = ("pos_key_proj", "pos_query_proj")
-
-
 def _head_holders(model: nn.Module, a) -> list[str]:
     """The attention module and, where q/k/v sit one level deeper (DeBERTa's attention.self), that module too:
     each may keep head counts read in forward."""
     inner = (a.q or a.qkv).rpartition(".")[0]
     return [a.name] + ([inner] if inner != a.name else [])
-
-
-def _extra_head_projections(model: nn.Module, a) -> list[str]:
-    return [f"{a.name}.{n}" for n, m in model.get_submodule(a.name).named_modules()
-            if n.rpartition(".")[2] in PER_HEAD_EXTRAS and isinstance(m, nn.Linear)]
 
 
 def _set_heads(model: nn.Module, a, n_q: int, n_kv: int, hd: int) -> None:
@@ -173,7 +164,7 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
             rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
         set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
     set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
-    for name in _extra_head_projections(model, a):  # multi-head only (DeBERTa)
+    for name in a.extras:  # multi-head only (DeBERTa)
         set_module(model, name, select_rows(model.get_submodule(name), q_rows, 0))
     for norm, rows, width in ((a.q_norm, q_rows, n_q * hd), (a.k_norm, kv_rows, n_kv * hd)):
         m = model.get_submodule(norm) if norm else None
@@ -259,7 +250,7 @@ def apply_attention_heads(model: nn.Module, entry: dict) -> None:
             m = model.get_submodule(name)
             set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), rows))
         set_module(model, a.o, empty_like_linear(model.get_submodule(a.o), n_q * hd, hidden))
-        for name in _extra_head_projections(model, a):
+        for name in a.extras:
             m = model.get_submodule(name)
             set_module(model, name, empty_like_linear(m, out_features(m, inputs=True), n_q * hd))
         _set_heads(model, a, n_q, n_kv, hd)
