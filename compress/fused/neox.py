@@ -90,6 +90,12 @@ def _no_positions(model, b) -> UnsupportedModelError:
         "learned positions")
 
 
+def _scale(attn, head_dim: int) -> float:
+    """The scores' scale: head_dim ** -0.5, or the one an attention module keeps (MPT's softmax_scale)."""
+    scale = getattr(attn, "softmax_scale", None)
+    return float(scale) if isinstance(scale, float | int) and not isinstance(scale, bool) else head_dim ** -0.5
+
+
 def _rows(m, order: list[int]):
     """A copy of projection `m` whose outputs come in `order` (a low-rank one: its second factor's rows)."""
     if _is_lowrank(m):
@@ -192,7 +198,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         y = g.op("GroupQueryAttention", [*qkv_in, *past, seqlens_k, total_len, *position_inputs],
                  f"{p}/attention/GQA", outputs=[f"{p}/attention/GQA/output_0", *present], domain=MS, num_heads=n,
-                 kv_num_heads=n_kv, scale=float(head_dim) ** -0.5, local_window_size=-1, **positions)[0]
+                 kv_num_heads=n_kv, scale=_scale(arch.module(b.attn.name), head_dim), local_window_size=-1,
+                 **positions)[0]
         attn_out, attn_bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attention/dense", keep_bias=True)
         if not probe["parallel"]:
             x_mlp, residual = layer_norm(g, norms[1], attn_out, residual, f"{p}/post_attention_layernorm",
