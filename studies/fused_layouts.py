@@ -97,6 +97,17 @@ LAYOUTS = {
     "CodeGen": lambda: T.CodeGenForCausalLM(T.CodeGenConfig(vocab_size=128, n_embd=64, n_layer=2, n_head=4,
                                                              rotary_dim=16, n_positions=64)),  # 4 | its mp_num
     "BLOOM (ALiBi)": lambda: T.BloomForCausalLM(T.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=2)),
+    "Mixtral (mixture of experts)": _hf("Mixtral", **DEC, num_key_value_heads=1, num_local_experts=4,
+                                        num_experts_per_tok=2),
+    "Qwen2-MoE (shared expert, a dense layer)": _hf("Qwen2Moe", **DEC, num_key_value_heads=1, num_experts=4,
+                                                    num_experts_per_tok=2, moe_intermediate_size=64,
+                                                    shared_expert_intermediate_size=96, mlp_only_layers=[1]),
+    "OLMoE (q/k norms, top-k not renormalized)": _hf("Olmoe", **DEC, num_key_value_heads=1, num_experts=4,
+                                                     num_experts_per_tok=2),
+    "Qwen3-MoE": _hf("Qwen3Moe", **DEC, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
+                     moe_intermediate_size=64, head_dim=32, norm_topk_prob=True),
+    "PhiMoE (sparsemixer routing)": _hf("Phimoe", **DEC, num_key_value_heads=1, num_local_experts=4,
+                                        num_experts_per_tok=2),
     "MPT (ALiBi)": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2,
                                                         max_seq_len=64)),
 }

@@ -682,6 +682,13 @@ def test_mpt_alibi_counted_from_the_last_position(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
+def test_mpt_softmax_scale_is_the_attention_scale(tmp_path):
+    """MPT's attn_config.softmax_scale replaces head_dim ** -0.5 (the graph was refused, its logits 1.9 away)."""
+    model = tiny_mpt(softmax_scale=0.2)
+    build_fused(model, tmp_path)
+    assert_logits_match(model, EdgeModel(tmp_path, threads=1), prompt(batch=2, length=10))
+
+
 def test_clipped_qkv_is_refused_by_its_field(tmp_path):
     """MPT's (and OLMo's) clip_qkv clamps q/k/v, which no writer writes; a self-check on a few random tokens
     need not reach the bound, so the field itself refuses."""
@@ -1195,6 +1202,12 @@ def test_olmo_weightless_layer_norms_with_their_epsilon_measured(tmp_path):
             return nn.functional.layer_norm(x, (64,), self.weight, self.bias, eps=1e-6)
 
     assert _layer_norm_params(Eps6())[2] == 1e-6
+
+    class Eps12(Eps6):  # BERT's epsilon: far below the variance of the first probe row
+        def forward(self, x):
+            return nn.functional.layer_norm(x, (64,), self.weight, self.bias, eps=1e-12)
+
+    assert _layer_norm_params(Eps12())[2] == 1e-12
     figures = build_fused(model, tmp_path)
     assert figures["ops"]["SkipLayerNormalization"] == 2 * LAYERS and figures["ops"]["LayerNormalization"] == 1
     assert_matches_torch(model, tmp_path)
@@ -1353,3 +1366,102 @@ def test_exaone4_window_only_in_the_layers_config_layer_types_call_sliding(tmp_p
     with torch.no_grad():
         ref = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False)
     np.testing.assert_array_equal(greedy(edge, ids.numpy(), 8), ref[:, 12:].numpy())
+
+
+def tiny_moe(family: str, vocab: int = VOCAB):
+    """Mixtures of SwiGLU experts: Mixtral (renormalized top 2 of 4), Qwen2-MoE (a shared expert with its sigmoid
+    gate; block 1 dense), OLMoE (q / k norms, top-k weights not renormalized), Qwen3-MoE (per-head q / k norms)."""
+    import transformers as T
+
+    common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                  num_experts_per_tok=2, max_position_embeddings=128, initializer_range=0.3, bos_token_id=None,
+                  eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    return {"mixtral": lambda: T.MixtralForCausalLM(T.MixtralConfig(**common, intermediate_size=32,
+                                                                     num_local_experts=4)),
+            "qwen2_moe": lambda: T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(
+                **common, intermediate_size=64, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                num_experts=4, mlp_only_layers=[1])),
+            "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=32, num_experts=4)),
+            "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
+                **common, intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=16,
+                norm_topk_prob=True))}[family]().eval()
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+def test_mixtures_of_experts_as_onnx_runtime_moe(tmp_path, family):
+    """A mixture of experts is one MoE node (softmax routing, top-k, SwiGLU experts with gate and up rows
+    interleaved) after the router's MatMul, plus Qwen2-MoE's gated shared expert; optimum cannot export these
+    (Mixtral: 'unsupported architecture'), and the fused writers refused them."""
+    torch.set_num_threads(1)
+    model = tiny_moe(family)
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["MoE"] == (1 if family == "qwen2_moe" else 2)  # of 2 blocks
+    edge = EdgeModel(tmp_path, threads=1)
+    assert_logits_match(model, edge, prompt(batch=2, length=10))
+    if family == "mixtral":
+        assert_generates_like_torch(model, tmp_path, prompt(length=10), 8)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_experts_as_qmoe_compute_with_their_rounded_weights(tmp_path, bits):
+    """quantize's weight-only path turns each MoE node into QMoE: the experts symmetric int8 per row or int4 in
+    blocks of 32, in the layouts ONNX Runtime's CPU kernel reads. Its logits equal those of the float MoE graph
+    holding the same rounded weights, so the codes, scales and nibble order are what the kernel expects."""
+    from compress.onnx_tools import ONNX_FILE
+    from compress.quant.ort import _symmetric_codes, quantize_experts
+
+    model = tiny_moe("mixtral")
+    build_fused(model, tmp_path / "float")
+    proto = onnx.load(str(tmp_path / "float" / ONNX_FILE))
+    rounded = onnx.load(str(tmp_path / "float" / ONNX_FILE))
+    inits = {t.name: t for t in rounded.graph.initializer}
+    for node in [n for n in rounded.graph.node if n.op_type == "MoE"]:
+        for name in (node.input[2], node.input[4]):
+            w = onnx.numpy_helper.to_array(inits[name])
+            codes, scales = _symmetric_codes(w, bits, 32 if bits == 4 else None)
+            if bits == 4:
+                codes = np.stack([codes & 15, codes >> 4], -1).reshape(w.shape)
+                scales = np.repeat(scales, 32, -1)
+            else:
+                scales = scales[..., None]
+            inits[name].CopyFrom(onnx.numpy_helper.from_array(
+                ((codes.astype(np.float32) - 2 ** (bits - 1)) * scales).astype(np.float32), name))
+    assert quantize_experts(proto, bits, 32, []) == ["/model/layers.0/mlp/MoE", "/model/layers.1/mlp/MoE"]
+    assert {n.op_type for n in proto.graph.node} >= {"QMoE"} and "MoE" not in {n.op_type for n in proto.graph.node}
+    for folder, m in (("qmoe", proto), ("rounded", rounded)):
+        (tmp_path / folder).mkdir()
+        onnx.save(m, str(tmp_path / folder / ONNX_FILE), save_as_external_data=False)
+        for f in (tmp_path / "float").iterdir():
+            if f.suffix == ".json":
+                (tmp_path / folder / f.name).write_bytes(f.read_bytes())
+    ids = prompt(batch=2, length=10).numpy()
+    got = EdgeModel(tmp_path / "qmoe", threads=1, verify=False).logits(ids)
+    want = EdgeModel(tmp_path / "rounded", threads=1, verify=False).logits(ids)
+    np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+    with torch.no_grad():  # and the rounding moved them: the test compares quantized weights, not float ones
+        assert np.abs(got - model(torch.from_numpy(ids), use_cache=False).logits.numpy()).max() > 1e-3
+
+
+def test_a_mixture_of_experts_through_export_and_int8(tmp_path):
+    """export's graph: auto takes Mixtral fused (optimum's exporter does not know it); the int8 pass writes its
+    experts as QMoE beside the MatMulNBits projections and its discrepancy check passes."""
+    import compress
+    from benchmarks.harness import onnx_params
+    from family_cases import context, run_pass
+
+    from compress.checkpoint import Artifact
+    from compress.models import count_parameters
+    from tiny_models import VOCAB as TOKENIZER_VOCAB, family_tokenizer
+
+    model = tiny_moe("mixtral", TOKENIZER_VOCAB)
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("llama"), model=model)
+    ctx = context("causal-lm", tmp_path / "scratch")
+    out = run_pass("export", art, ctx)
+    assert out.info["graph"] == "fused"
+    path = compress.save(out, tmp_path / "onnx")
+    assert onnx_params(path) == count_parameters(model)
+    q = run_pass("int8", compress.load(path), ctx)
+    assert q.info["discrepancy"]["passed"] and len(q.info["quantized_experts"]) == 2
+    graph = onnx.load(str(compress.save(q, tmp_path / "int8") / "model.onnx"), load_external_data=False).graph
+    assert sum(n.op_type == "QMoE" for n in graph.node) == 2 and not any(n.op_type == "MoE" for n in graph.node)

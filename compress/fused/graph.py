@@ -545,7 +545,9 @@ def probe_block(model, arch, *, post_norms: bool = False) -> dict:
         raise UnsupportedModelError(f"fused export: block {b.name} has {len(norms)} norms over the hidden width "
                                     f"({', '.join(b.norms) or 'none'}); the writers take a norm before or after "
                                     "each of attention and MLP, or one shared by a parallel attention and MLP")
-    parts = {"attn": arch.module(b.attn.name), "mlp_in": arch.module(b.mlp.ins[0]), "mlp": arch.module(b.mlp.out),
+    moe = arch.module(b.mlp.name) if b.mlp.kind == "moe" else None  # its input and output: the MLP's
+    parts = {"attn": arch.module(b.attn.name), "mlp_in": arch.module(b.mlp.ins[0]) if moe is None else moe,
+             "mlp": arch.module(b.mlp.out) if moe is None else moe,
              **{n: m for n, m in zip(b.norms, norms)}}
     seen, order = {}, []
 
@@ -739,18 +741,22 @@ def _layer_norm_params(norm) -> tuple[np.ndarray, np.ndarray, float]:
 
 
 def _measured_eps(norm, weight: np.ndarray, bias: np.ndarray) -> float:
-    """The epsilon of a norm that does not say it: on a row of +-1e-3 (variance 1e-6, where an epsilon of
-    1e-5 shows) (y - bias) / weight = x / sqrt(var + eps), so eps = (x / that)^2 - var, to two significant
-    digits (a norm of another kind then fails is_layer_norm's comparison)."""
-    x = torch.full((1, weight.shape[0]), 1e-3)
-    x[:, 1::2] = -1e-3
-    x = x - x.mean()
-    with torch.no_grad():
-        y = norm(_like(x, norm)).double().cpu()[0]
+    """The epsilon of a norm that does not say it: on a row of +-a (variance a^2) (y - bias) / weight =
+    x / sqrt(a^2 + eps), so eps = (x / that)^2 - a^2, read to two significant digits with a^2 no more than 1000
+    x eps (a = 1e-3 for 1e-5; smaller for BERT's 1e-12); a norm of another kind then fails is_layer_norm's
+    comparison."""
     k = int(np.argmax(np.abs(weight)))  # a channel the weight does not zero
-    normed = (y[k] - float(bias[k])) / float(weight[k])
-    eps = float((x[0, k].double() / normed) ** 2 - x.double().pow(2).mean())
-    return float(f"{eps:.2g}") if eps > 0 else 0.0
+    for a in (1e-3, 1e-5, 1e-7):
+        x = torch.full((1, weight.shape[0]), a)
+        x[:, 1::2] = -a
+        x = x - x.mean()
+        with torch.no_grad():
+            y = norm(_like(x, norm)).double().cpu()[0]
+        normed = (y[k] - float(bias[k])) / float(weight[k])
+        eps = float((x[0, k].double() / normed) ** 2 - x.double().pow(2).mean())
+        if eps > 1e-3 * a * a:
+            return float(f"{eps:.2g}")
+    return 0.0
 
 
 def _like(x: torch.Tensor, norm) -> torch.Tensor:

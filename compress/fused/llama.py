@@ -1,6 +1,7 @@
-"""An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3;
-Phi-3; Gemma 1-3; OLMo 1-2; SmolLM3; Granite; StableLM; Cohere 1-2; EXAONE 4; any model_type with that layout),
-fp32. (GPT-2 and GPT-NeoX have their own writers, gpt2.py and neox.py; what they share is in graph.py.)
+"""An op-by-op ONNX writer for Llama-shaped decoders (Llama incl. SmolLM2, GQA or MHA; Mistral; Qwen2; Qwen3; Phi-3;
+Gemma 1-3; OLMo 1-2; SmolLM3; Granite; StableLM; Cohere 1-2; EXAONE 4; the mixtures of experts Mixtral, Qwen2/3-MoE,
+OLMoE; any model_type with that layout), fp32. (GPT-2 and GPT-NeoX have their own writers, gpt2.py and neox.py; what
+they share is in graph.py.)
 
 Llama-shaped is decided by structure (compress.architecture.find plus a short probe run of block 0, graph.py's
 probe_block), never by model_type: q/k/v projections, separate (with or without bias) or one packed qkv_proj
@@ -45,6 +46,12 @@ per-head q_norm / k_norm add 7 nodes per block: the packed QKV output is Split, 
 Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), SimplifiedLayerNormalization and
 Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes).
 
+A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE) is ONNX Runtime's MoE op: the router's MatMul on the
+rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob
+says not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the CPU
+kernel's SwiGLU layout: swiglu_fusion 1) and down as [experts, hidden, inter]; Qwen2-MoE's shared expert is a
+plain SwiGLU MLP beside it times the sigmoid of its gate. The int8 / int4 quantizer turns MoE into QMoE.
+
 Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
 Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
 quantizer (compress/quant/ort.py) turns the pair into GatherBlockQuantized + MatMulNBits over one int8 table.
@@ -82,7 +89,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..architecture import Architecture, find
+from ..architecture import ACTIVATIONS, GATED, Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
                     check_outside_blocks, config_activation, fit_scale, io_info, is_layer_norm, is_tied, kv_io,
@@ -105,9 +112,9 @@ def _window(model, attn, i: int) -> int | None:
 def _check(model, arch: Architecture) -> dict:
     """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
     for i, b in enumerate(arch.blocks):
-        if b.mlp.kind not in ("gated", "fused_gated"):
+        if b.mlp.kind not in ("gated", "fused_gated", "moe"):
             raise UnsupportedModelError(f"fused export: the Llama writer takes a gated MLP (gate / up / down or "
-                                        f"gate_up / down); {b.mlp.name} is {b.mlp.kind}")
+                                        f"gate_up / down) or a mixture of them; {b.mlp.name} is {b.mlp.kind}")
         if b.attn.qkv_layout not in ("separate", "blocks"):
             raise UnsupportedModelError(f"fused export: {b.attn.qkv} packs q/k/v per head (rows [q k v] of head 0, "
                                         "of head 1, ...); the Llama writer takes separate q/k/v or one [q | k | v] "
@@ -250,6 +257,8 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
     process pairs of studies.packed_mlp), or two MatMuls where a projection is low-rank. `scale` (the residual
     multiplier) is folded into down."""
     mlp = arch.blocks[i].mlp
+    if mlp.kind == "moe":
+        return _moe(g, arch, i, x, p, scale)
     ins = [arch.module(n) for n in mlp.ins]
     if mlp.kind == "fused_gated" or all(_is_linear(m) for m in ins):
         halves = [_out_features(ins[0]) // 2] * 2 if mlp.kind == "fused_gated" else [_out_features(m) for m in ins]
@@ -297,3 +306,66 @@ def _qk_norm(g: _Graph, norm, x: str, head_dim: int, name: str) -> str:
     flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
     y = rms_norm(g, norm, None, g.op("Reshape", [x, heads_view], f"{name}/Reshape"), name)[0]
     return g.op("Reshape", [y, flat], f"{name}/Reshape_1")
+
+
+def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) -> str:
+    """A mixture of SwiGLU experts as ONNX Runtime's MoE op: the router's MatMul, then softmax over its logits,
+    the top num_experts_per_tok experts of each token (their weights renormalized unless the config's
+    norm_topk_prob says not: Qwen2-MoE, OLMoE), each expert's gate and up rows interleaved in one [experts,
+    2 x inter, hidden] table (the CPU kernel's SwiGLU layout), down as [experts, hidden, inter]; plus a shared
+    expert scaled by the sigmoid of its own gate, where there is one (Qwen2-MoE)."""
+    mlp, cfg = arch.blocks[i].mlp, arch.model.config
+    holder = arch.module(mlp.name)
+    experts = list(arch.module(mlp.experts))
+    shared, shared_gate = getattr(holder, "shared_expert", None), getattr(holder, "shared_expert_gate", None)
+    known = {mlp.experts.rpartition(".")[2], mlp.router.rpartition(".")[2], "shared_expert", "shared_expert_gate"}
+    other = [n for n, _ in holder.named_children() if n not in known]
+    if other:
+        raise UnsupportedModelError(f"fused export: {mlp.name} holds {', '.join(other)} besides its router and "
+                                    "experts, which the Llama writer does not write")
+    gate, up, down = zip(*[_expert_weights(e, f"{mlp.experts}.{j}") for j, e in enumerate(experts)])
+    fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # rows g0 u0 g1..
+    hidden = fc1.shape[2]
+    flat = g.const(f"/model/constants/INT64/[-1, {hidden}]", np.array([-1, hidden], np.int64))
+    rows = g.op("Reshape", [x, flat], f"{p}/mlp/Reshape")  # [tokens, hidden]
+    logits = g.linear(rows, [arch.module(mlp.router)], f"{p}/mlp/router")
+    prefix = f"model.layers.{i}.mlp.experts"
+    y = g.op("MoE", [rows, logits, g.const(f"{prefix}.gate_up.weight", fc1), "",
+                     g.const(f"{prefix}.down.weight", np.stack(down))], f"{p}/mlp/MoE", domain=MS,
+             k=int(getattr(cfg, "num_experts_per_tok")), activation_type="swiglu", swiglu_fusion=1,
+             normalize_routing_weights=int(bool(getattr(cfg, "norm_topk_prob", True))))
+    if shared is not None:
+        s = _shared_expert(g, shared, rows, f"{p}/mlp/shared_expert", f"model.layers.{i}.mlp.shared_expert")
+        if shared_gate is not None:
+            s = g.op("Mul", [s, g.op("Sigmoid", [g.linear(rows, [shared_gate], f"{p}/mlp/shared_expert_gate")],
+                                     f"{p}/mlp/shared_expert_gate/Sigmoid")], f"{p}/mlp/shared_expert_gate/Mul")
+        y = g.op("Add", [y, s], f"{p}/mlp/Add")
+    if scale != 1.0:
+        y = g.op("Mul", [y, g.const(f"{p}/mlp/residual_scale", np.array(scale, np.float32))], f"{p}/mlp/Mul_scale")
+    shape = g.op("Shape", [x], f"{p}/mlp/Shape")
+    return g.op("Reshape", [y, shape], f"{p}/mlp/Reshape_back")
+
+
+def _expert_weights(expert, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(gate, up, down) weights of one SwiGLU expert, each [out, in]; other experts refused by name."""
+    found = next(((getattr(expert, a), getattr(expert, b), getattr(expert, c)) for a, b, c in GATED
+                  if all(hasattr(expert, n) for n in (a, b, c))), None)
+    act = next((getattr(expert, n) for n in ACTIVATIONS if isinstance(getattr(expert, n, None), torch.nn.Module)), None)
+    if found is None or not all(isinstance(m, torch.nn.Linear) and m.bias is None for m in found) or \
+            activation(act, "expert activation") != "silu":
+        raise UnsupportedModelError(f"fused export: expert {name} is not a SwiGLU MLP of bias-free nn.Linear "
+                                    "layers (gate / up / down), which ONNX Runtime's MoE op takes")
+    return tuple(_np(m.weight) for m in found)
+
+
+def _shared_expert(g: _Graph, mlp, x: str, name: str, param: str) -> str:
+    """Qwen2-MoE's shared expert, a SwiGLU MLP every token goes through: gate and up as one MatMul and a Split."""
+    _expert_weights(mlp, param)  # a SwiGLU of plain linears, else refused
+    gate, up, down = next((getattr(mlp, a), getattr(mlp, b), getattr(mlp, c)) for a, b, c in GATED
+                          if all(hasattr(mlp, n) for n in (a, b, c)))
+    sizes = g.const(f"{param}.gate_up_proj.split_sizes", np.array([gate.out_features, up.out_features], np.int64))
+    gt, u = g.op("Split", [g.linear(x, [gate, up], f"{name}/gate_up_proj"), sizes], f"{name}/gate_up_proj/Split",
+                 outputs=2, axis=-1)
+    h = g.op("Mul", [g.op("Mul", [gt, g.op("Sigmoid", [gt], f"{name}/act/Sigmoid")], f"{name}/act/Mul"), u],
+             f"{name}/Mul")
+    return g.linear(h, [down], f"{name}/down_proj")

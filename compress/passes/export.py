@@ -1,14 +1,14 @@
 """export: torch -> ONNX, with a torch-vs-ONNX discrepancy check.
 
 Two writers. Decoders whose structure the suite's own writers know (compress/fused, chosen through
-compress.architecture, whatever the model_type: Llama-shaped ones incl. SmolLM2, Mistral with its sliding
-window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere 1-2, EXAONE 4; GPT-2- and
-GPT-NeoX-shaped ones) become a fused graph: GroupQueryAttention (rotary inside), packed QKV, skip RMSNorms /
-LayerNorms, about 8-11 nodes per block (up to 20 with q/k norms and norms after attention and MLP), and
-compress.edge runs it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer
-refuses, decoders without past) goes through optimum's exporter, a traced graph with thousands of shape ops
-for a decoder; BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`).
-`graph: auto` picks the fused writer where it applies and records why it did not otherwise.
+compress.architecture, whatever the model_type: Llama-shaped ones incl. SmolLM2, Mistral with its sliding window, Qwen2,
+Qwen3, Phi-3, Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, Mixtral, Qwen2/3-MoE, OLMoE; GPT-2- and
+GPT-NeoX-shaped ones) become a fused graph: GroupQueryAttention (rotary inside), packed QKV, skip RMSNorms / LayerNorms,
+about 8-11 nodes per block (up to 21: q/k norms and norms after attention and MLP, Qwen2-MoE's shared expert), and
+compress.edge runs it with a copy-free KV cache. Everything else (encoders, other layouts, variants a writer refuses,
+decoders without past) goes through optimum's exporter, a traced graph with thousands of shape ops for a decoder;
+BERT-family encoders then get ONNX Runtime's fusions by default (`optimize: auto`). `graph: auto` picks the fused writer
+where it applies and records why it did not otherwise.
 
 The output is an edge bundle: model.onnx (+ model.onnx.data for graphs over 64 MB), config.json, the
 tokenizer (written by the runner), edge_runner.py (compress/edge.py, runs with onnxruntime + numpy +
@@ -40,11 +40,11 @@ OPTIMUM_TASKS = {"causal-lm": "text-generation", "sequence-classification": "tex
 class ExportConfig(PassConfig):
     format: Literal["onnx"] = Field("onnx", description="export format (ONNX is the only one)")
     graph: Literal["auto", "fused", "optimum"] = Field(
-        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-20 nodes per block, "
+        "auto", description="decoders: fused = the suite's own graph (GroupQueryAttention, 8-21 nodes per block, "
         "copy-free KV cache; Llama-, GPT-2- and GPT-NeoX-shaped decoders: SmolLM2, Mistral, Qwen2/3, Phi-3, "
         "Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere 1-2, EXAONE 4, GPT-2, OPT, BioGPT, Pythia, Phi, Falcon, "
-        "GPT-J, CodeGen, BLOOM, MPT, ...); optimum = optimum's traced export; auto = fused where the model is "
-        "supported, else optimum, with the reason in the manifest",
+        "GPT-J, CodeGen, BLOOM, MPT, Mixtral, Qwen2/3-MoE, OLMoE, ...); optimum = optimum's traced export; "
+        "auto = fused where the model is supported, else optimum, with the reason in the manifest",
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
@@ -105,7 +105,7 @@ class Export(Pass):
     version = 6  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
-    # 6: MPT, OLMo (1) and BioGPT fused
+    # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

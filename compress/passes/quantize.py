@@ -284,9 +284,9 @@ class Quantize(Pass):
     name = "quantize"
     description = "Lower weight precision: torch dtypes, torch/bitsandbytes int8 and 4-bit, ONNX Runtime int8/fp16"
     Config = QuantizeConfig
-    version = 3  # 2: int8 embedding tables in blocks of 32 with fp16 scales (fake.table_grid), not 64 or 128;
+    version = 4  # 2: int8 embedding tables in blocks of 32 with fp16 scales (fake.table_grid), not 64 or 128;
     # 3: algorithm gptq leaves the excluded MatMuls float (they were 4-bit), and so does exclude a fused encoder's
-    # vocabulary table (it was int8)
+    # vocabulary table (it was int8); 4: the fused graph's mixtures of experts as QMoE (int8 per row, int4 blocks)
 
     @classmethod
     def config_class(cls, options: dict) -> type[PassConfig]:

@@ -261,12 +261,63 @@ def weight_only(src: Path, dst: Path, *, bits: int, block_size: int, accuracy_le
         model = q.model.model if hasattr(q.model, "model") else q.model
         offsets = _integer_zero_points(model, offset_roundings) if algorithm == "hqq" else 0
     _set_accuracy_level(model, accuracy_level)
+    experts = quantize_experts(model, bits, block_size, exclude)
     tables = (_quantize_tables(model, excluded, four_bit_block=block_size if embedding_bits == 4 else None)
               if embeddings else {"int8_embedding_tables": []})
     _finish(model, dst, src)
     return {"excluded_nodes": excluded, **tables, "int8_head": head, "unfused_attention_projections": unfused,
+            **({"quantized_experts": experts} if experts else {}),
             "int8_matmuls": kept, "offset_corrections": offsets, "smoothing": smoothing,
             **({"float_matmuls": list(left), "float_matmul_rows": sorted(set(left.values()))} if left else {})}
+
+
+def quantize_experts(model, bits: int, block_size: int, exclude: list[str]) -> list[str]:
+    """Every MoE node (the fused graph's mixtures of experts) as QMoE with its experts' weights symmetric int8 per
+    output row, or int4 in blocks of `block_size` along the input (the layouts ONNX Runtime's CPU kernel takes:
+    uint8 codes around 128 / 8, two 4-bit codes a byte, low nibble first; scales float32). Returns the nodes."""
+    import onnx
+
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    skip = set(matching_nodes(model, exclude, ("MoE",)))
+    done = []
+    for node in [n for n in graph.node if n.op_type == "MoE" and n.name not in skip]:
+        x, router, fc1, _, fc2 = list(node.input)[:5]
+        quantized = []
+        for name in (fc1, fc2):  # fc1: gate and up rows interleaved; fc2: down; both [experts, out, in]
+            w = onnx.numpy_helper.to_array(inits[name]).astype(np.float32)
+            codes, scales = _symmetric_codes(w, bits, block_size if bits == 4 else None)
+            graph.initializer.remove(inits[name])
+            graph.initializer.extend([onnx.numpy_helper.from_array(codes, f"{name}.quantized"),
+                                      onnx.numpy_helper.from_array(scales, f"{name}.scales")])
+            quantized += [f"{name}.quantized", f"{name}.scales", ""]  # codes, scales, no bias
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
+        q = onnx.helper.make_node("QMoE", [x, router, *quantized], list(node.output), node.name, domain=node.domain,
+                                  **attrs, expert_weight_bits=bits, **({"block_size": block_size} if bits == 4 else {}))
+        _replace(graph, node, q)
+        done.append(node.name)
+    return done
+
+
+def _symmetric_codes(w: np.ndarray, bits: int, block: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric round-to-nearest codes of w [experts, out, in] in blocks of `block` along `in` (scales [experts,
+    out, blocks]; None: per row, scales [experts, out]), as unsigned codes around 2^(bits - 1), 4-bit ones packed
+    two a byte."""
+    e, rows, cols = w.shape
+    per_row = block is None
+    block = cols if per_row else block
+    if cols % block:
+        raise ValueError(f"experts' inputs of {cols} are not a multiple of block_size {block}")
+    blocks = w.reshape(e, rows, cols // block, block)
+    qmax = 2 ** (bits - 1) - 1
+    scales = np.abs(blocks).max(-1) / qmax
+    scales[scales == 0] = 1.0
+    codes = (np.clip(np.round(blocks / scales[..., None]), -qmax, qmax) + qmax + 1).astype(np.uint8)
+    codes = codes.reshape(e, rows, cols)
+    if bits == 4:
+        codes = (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
+    return codes, (scales[..., 0] if per_row else scales).astype(np.float32)
 
 
 def _int8_blocks(model, nodes: list[str], block_size: int, accuracy_level: int):
