@@ -6,7 +6,8 @@ measured decode speed against that bound.
   plus bytes written), a few tenths of a second;
 - `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files (or GGUF file)
   without loading the model. Embedding tables that only a lookup reads (one row per token) are left out; a
-  table the tied LM head multiplies by is counted."""
+  table the tied LM head multiplies by is counted; of a mixture of experts' tables (ONNX MoE / QMoE), the share
+  of the k experts a token is routed to."""
 from __future__ import annotations
 
 import json
@@ -99,7 +100,20 @@ def _onnx_bytes(model_file: Path) -> int:
             return False
         return True
 
-    return sum(_initializer_bytes(i) for i in model.graph.initializer if not looked_up_only(i.name))
+    share = _expert_shares(model)
+    return round(sum(_initializer_bytes(i) * share.get(i.name, 1.0) for i in model.graph.initializer
+                     if not looked_up_only(i.name)))
+
+
+def _expert_shares(model) -> dict[str, float]:
+    """The experts' tables of MoE / QMoE nodes -> the share a token reads: k of its experts."""
+    shares = {}
+    for node in model.graph.node:
+        if node.op_type in ("MoE", "QMoE"):
+            k = next((a.i for a in node.attribute if a.name == "k"), 1)
+            experts = next(i for i in model.graph.initializer if i.name == node.input[2]).dims[0]
+            shares.update(dict.fromkeys([n for n in node.input[2:] if n], k / experts))
+    return shares
 
 
 def _initializer_bytes(init) -> int:

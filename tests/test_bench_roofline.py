@@ -46,6 +46,21 @@ def test_onnx_lookup_tables_are_skipped_unless_a_matmul_reads_them(tmp_path):
     assert weight_bytes_per_token(graph(True), "onnx") == w.nbytes + table.nbytes
 
 
+def test_a_mixture_of_experts_counts_the_experts_a_token_reads(tmp_path):
+    """An MoE node's expert tables are read k of its experts at a time (OLMoE: 8 of 64); every expert was
+    counted, putting a decode at 430% of its bound."""
+    router, fc1, fc2 = (np.ones(s, np.float32) for s in ((8, 4), (4, 32, 8), (4, 8, 16)))
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "router"], ["logits"]),
+         helper.make_node("MoE", ["x", "logits", "fc1", "", "fc2"], ["y"], domain="com.microsoft", k=2)],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(a, n) for a, n in ((router, "router"), (fc1, "fc1"), (fc2, "fc2"))])
+    (tmp_path / "moe").mkdir()
+    onnx.save(helper.make_model(g), str(tmp_path / "moe" / "model.onnx"))
+    assert weight_bytes_per_token(tmp_path / "moe", "onnx") == router.nbytes + (fc1.nbytes + fc2.nbytes) // 2
+
+
 def test_bound():
     assert memory_bandwidth_gb_s(threads=2, mib=8, rounds=1) > 0.1
     assert percent_of_bound(50.0, 100_000_000, 10.0) == 50.0  # 10 GB/s / 100 MB = 100 tok/s bound
