@@ -6,8 +6,8 @@ measured decode speed against that bound.
   plus bytes written), a few tenths of a second;
 - `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files (or GGUF file)
   without loading the model. Embedding tables that only a lookup reads (one row per token) are left out; a
-  table the tied LM head multiplies by is counted; of a mixture of experts' tables (ONNX MoE / QMoE), the share
-  of the k experts a token is routed to."""
+  table the tied LM head multiplies by is counted; of a mixture of experts' tables (torch: `.experts.` tensors;
+  ONNX: MoE / QMoE inputs), the share of the k experts a token is routed to."""
 from __future__ import annotations
 
 import json
@@ -61,7 +61,10 @@ def weight_bytes_per_token(path: Path, kind: str) -> int | None:
     has_head = any(name.endswith("lm_head.weight") for name in tensors)
     tied = config.get("tie_word_embeddings", True) and not has_head
     head_tables = ("embed_tokens.weight", "wte.weight") if tied else ()  # the tied head multiplies by these
-    return sum(n for name, n in tensors.items() if not name.endswith(_TORCH_TABLES) or name.endswith(head_tables))
+    experts = next((config[f] for f in ("num_local_experts", "num_experts") if config.get(f)), None)
+    share = config.get("num_experts_per_tok", 1) / experts if experts else 1.0  # each token: k of the experts
+    return round(sum(n * (share if ".experts." in name else 1.0) for name, n in tensors.items()
+                     if not name.endswith(_TORCH_TABLES) or name.endswith(head_tables)))
 
 
 def _safetensors_header(path: Path) -> dict[str, int]:
