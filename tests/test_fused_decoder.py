@@ -1465,3 +1465,9 @@ def test_a_mixture_of_experts_through_export_and_int8(tmp_path):
     assert q.info["discrepancy"]["passed"] and len(q.info["quantized_experts"]) == 2
     graph = onnx.load(str(compress.save(q, tmp_path / "int8") / "model.onnx"), load_external_data=False).graph
     assert sum(n.op_type == "QMoE" for n in graph.node) == 2 and not any(n.op_type == "MoE" for n in graph.node)
+    from compress.passes import get
+
+    kept = get("quantize")(method="ort-int8-dynamic", exclude=["*/mlp/MoE"]).run(compress.load(path), ctx)
+    graph = onnx.load(str(compress.save(kept, tmp_path / "int8-float-experts") / "model.onnx"),
+                      load_external_data=False).graph
+    assert sum(n.op_type == "MoE" for n in graph.node) == 2 and "quantized_experts" not in kept.info
