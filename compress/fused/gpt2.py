@@ -115,8 +115,8 @@ def _check(model, arch: Architecture) -> dict:
     rows = wpe.weight.shape[0] - n
     for k in range(min(rows, 3) + 1):  # OPT and BioGPT read position p from row p + 2
         pos = wpe.weight[k:k + n].detach()
-        scale = float(np.float32(fit_scale(probe["x"] - pos, probe["tokens"])))  # BioGPT: sqrt(hidden)
-        scale = 1.0 if _close(probe["x"], probe["tokens"] + pos) else scale
+        scale = 1.0 if _close(probe["x"], probe["tokens"] + pos) else float(
+            np.float32(fit_scale(probe["x"] - pos, probe["tokens"])))  # BioGPT: sqrt(hidden)
         if _close(probe["x"], scale * probe["tokens"] + pos):
             probe["offset"], probe["embed_scale"] = k, scale
             return probe

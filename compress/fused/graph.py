@@ -417,9 +417,9 @@ def alibi_slopes(model, arch) -> tuple[np.ndarray, bool] | None:
     it before its blocks) on ALIBI_PROBE tokens, or over the model's whole length where it builds the bias for
     that (MPT: slope x (key position - last position), sliced in the attention): per head slope x the key's
     position, plus any constant per query row (softmax ignores it); another form is refused."""
-    cfg = model.config  # a model with a position table reads no further than it
-    table = next((v for f in ("max_position_embeddings", "n_positions", "max_seq_len")
-                  if isinstance(v := getattr(cfg, f, None), int)), None)
+    from ..models import max_tokens
+
+    table = max_tokens(model.config.to_dict())  # a model with a position table reads no further than it
     length = min(ALIBI_PROBE, table or ALIBI_PROBE)
     bias = _block0_alibi(model, arch, length)
     if bias is None:

@@ -323,7 +323,8 @@ def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) ->
     if other:
         raise UnsupportedModelError(f"fused export: {mlp.name} holds {', '.join(other)} besides its router and "
                                     "experts, which the Llama writer does not write")
-    gate, up, down = zip(*[_expert_weights(e, f"{mlp.experts}.{j}") for j, e in enumerate(experts)])
+    gate, up, down = zip(*[[_np(m.weight) for m in _expert_linears(e, f"{mlp.experts}.{j}")]
+                           for j, e in enumerate(experts)])
     fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # rows g0 u0 g1..
     hidden = fc1.shape[2]
     flat = g.const(f"/model/constants/INT64/[-1, {hidden}]", np.array([-1, hidden], np.int64))
@@ -346,8 +347,8 @@ def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) ->
     return g.op("Reshape", [y, shape], f"{p}/mlp/Reshape_back")
 
 
-def _expert_weights(expert, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(gate, up, down) weights of one SwiGLU expert, each [out, in]; other experts refused by name."""
+def _expert_linears(expert, name: str) -> tuple:
+    """(gate, up, down) nn.Linears of one SwiGLU expert; other experts refused by name."""
     found = next(((getattr(expert, a), getattr(expert, b), getattr(expert, c)) for a, b, c in GATED
                   if all(hasattr(expert, n) for n in (a, b, c))), None)
     act = next((getattr(expert, n) for n in ACTIVATIONS if isinstance(getattr(expert, n, None), torch.nn.Module)), None)
@@ -355,14 +356,12 @@ def _expert_weights(expert, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
             activation(act, "expert activation") != "silu":
         raise UnsupportedModelError(f"fused export: expert {name} is not a SwiGLU MLP of bias-free nn.Linear "
                                     "layers (gate / up / down), which ONNX Runtime's MoE op takes")
-    return tuple(_np(m.weight) for m in found)
+    return found
 
 
 def _shared_expert(g: _Graph, mlp, x: str, name: str, param: str) -> str:
     """Qwen2-MoE's shared expert, a SwiGLU MLP every token goes through: gate and up as one MatMul and a Split."""
-    _expert_weights(mlp, param)  # a SwiGLU of plain linears, else refused
-    gate, up, down = next((getattr(mlp, a), getattr(mlp, b), getattr(mlp, c)) for a, b, c in GATED
-                          if all(hasattr(mlp, n) for n in (a, b, c)))
+    gate, up, down = _expert_linears(mlp, param)
     sizes = g.const(f"{param}.gate_up_proj.split_sizes", np.array([gate.out_features, up.out_features], np.int64))
     gt, u = g.op("Split", [g.linear(x, [gate, up], f"{name}/gate_up_proj"), sizes], f"{name}/gate_up_proj/Split",
                  outputs=2, axis=-1)

@@ -49,6 +49,7 @@ import torch
 
 from ..architecture import Architecture, find
 from ..errors import UnsupportedModelError
+from ..models import max_tokens
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank, _np, _out_features, activation,
                     alibi_bias, alibi_slopes, block_norms, check_outside_blocks, config_activation, embedding_norm,
                     io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, plain_mlp_in,
@@ -146,8 +147,7 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
     if embed_norm:
         x, _ = layer_norm(g, arch.module(embed_norm), None, x, "/gpt_neox/embed_layernorm")
     head_dim = arch.head_dim()
-    cache_length = (max_length or getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "max_seq_len", None)
-                    or ALIBI_LENGTH)
+    cache_length = max_length or max_tokens(cfg.to_dict()) or ALIBI_LENGTH
     if (alibi := alibi_slopes(model, arch)) is not None:  # a bias per head, no rotary (Falcon has the module)
         slopes, rounded = alibi
         attention_bias = alibi_bias(g, slopes, rounded, total64, head_dim ** -0.5 if alibi_scaled else 1.0)
