@@ -22,7 +22,8 @@ from .errors import UnsupportedModelError
 SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_lin", "k_lin", "v_lin"),
                 ("wq", "wk", "wv"), ("q", "k", "v"), ("query_proj", "key_proj", "value_proj"))  # MPNet, DeBERTa
 # blocks: rows [q heads | k heads | v heads] (Phi-3, GPT-2); per_head: rows [q k v] of head 0, of head 1, ...
-# (GPT-NeoX views the output as [heads, 3 * head_dim])
+# (GPT-NeoX views the output as [heads, 3 * head_dim]); grouped: rows [its q heads, k, v] of KV head 0, of KV
+# head 1, ... (Falcon-40B / Falcon2's query_key_value: found where query_key_value's rows are not per head)
 FUSED_QKV = {"qkv_proj": "blocks", "c_attn": "blocks", "Wqkv": "blocks", "query_key_value": "per_head"}
 ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo", "o", "Wo")  # MPNet: o; ModernBERT: Wo
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
@@ -93,7 +94,7 @@ class Attention:
     k: str | None
     v: str | None
     qkv: str | None              # fused projection
-    qkv_layout: str              # separate | blocks | per_head
+    qkv_layout: str              # separate | blocks | per_head | grouped
     o: str
     q_norm: str | None = None
     k_norm: str | None = None
@@ -200,13 +201,17 @@ class Architecture:
             raise self._refuse(f"attention output projection in block {i} (looked for {', '.join(ATTN_OUT)} "
                                f"under {prefix}.{root})")
         if layout == "per_head":  # rows [q k v] per head need 3 x the output width; [q heads | k | v] of one
-            # KV head is Falcon's multi-query; other packings (Falcon's grouped [q.. k v] per KV head) are not mapped
-            rows, width = features(rel[qkv])[1], features(rel[o])[0]
-            if rows == width + 2 * self.head_dim() and rows != 3 * width:
+            # KV head is Falcon's multi-query; [its q heads, k, v] per KV head Falcon-40B's grouped packing
+            rows, width, hd = features(rel[qkv])[1], features(rel[o])[0], self.head_dim()
+            kv = (rows - width) // (2 * hd) if hd and (rows - width) % (2 * hd) == 0 else 0
+            if rows == width + 2 * hd and rows != 3 * width:
                 layout = "blocks"
+            elif rows != 3 * width and kv > 1 and width % (kv * hd) == 0:
+                layout = "grouped"
             elif rows != 3 * width:
                 raise self._refuse(f"known q/k/v packing in block {i} ({prefix}.{qkv} has {rows} rows: neither "
-                                   f"3 x {width}, per head [q k v], nor {width} + 2 x head_dim, one KV head)")
+                                   f"3 x {width}, per head [q k v], nor {width} + 2 x head_dim x the KV heads, "
+                                   "[q heads k v] per KV head)")
         qn_, kn_ = None, None
         for a, b in QK_NORMS:
             mods = {n: m for n, m in rel.items() if n.startswith(root + ".")}
@@ -343,15 +348,16 @@ class Architecture:
         if a.qkv_layout == "per_head":
             return self.num_heads(i)
         rows = features(self.module(a.qkv))[1]
-        return (rows - self.num_heads(i) * hd) // (2 * hd)
+        return (rows - self.num_heads(i) * hd) // (2 * hd)  # blocks and grouped: (q + 2 x kv heads) x head_dim
 
     def qkv_rows(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Row indices of q (per q head, [nq, hd]), k and v ([nkv, hd]) in the fused projection's output."""
         nq, nkv, hd = self.num_heads(i), self.num_kv_heads(i), self.head_dim()
-        layout = self.attn(i).qkv_layout
-        if layout == "per_head":
-            base = torch.arange(nq)[:, None] * 3 * hd + torch.arange(hd)[None, :]
-            return base, base + hd, base + 2 * hd
+        if self.attn(i).qkv_layout in ("per_head", "grouped"):  # per KV head [its q heads, k, v] (per head: one q)
+            per = nq // nkv
+            group = torch.arange(nkv)[:, None] * (per + 2) * hd + torch.arange(hd)[None, :]  # [nkv, hd]: q 0 of each
+            q = (group[:, None, :] + torch.arange(per)[None, :, None] * hd).reshape(nq, hd)
+            return q, group + per * hd, group + (per + 1) * hd
         ar = torch.arange(nq * hd + 2 * nkv * hd)
         return ar[:nq * hd].view(nq, hd), ar[nq * hd:(nq + nkv) * hd].view(nkv, hd), ar[(nq + nkv) * hd:].view(nkv, hd)
 

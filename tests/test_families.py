@@ -383,12 +383,10 @@ def test_hidden_width_of_a_config_whose_head_dim_is_read_only(tmp_path):
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
 
 
-def test_falcon_multi_query_mapped_and_grouped_refused(tmp_path):
+def test_falcon_multi_query_mapped(tmp_path):
     """Falcon-7B packs [q heads | k | v] of one KV head into query_key_value: it was taken for GPT-NeoX's per-head
-    [q k v] (4 KV heads, rows past the weight's end); its MLP width lives in ffn_hidden_size. Falcon-40B's
-    grouped packing is refused by name."""
+    [q k v] (4 KV heads, rows past the weight's end); its MLP width lives in ffn_hidden_size."""
     from compress.architecture import find
-    from tiny_models import _family_specs
 
     d = find(tiny_family("falcon")).describe()
     assert (d["attention"], d["heads"], d["kv_heads"], d["head_dim"]) == ("blocks", 4, 1, 8)
@@ -396,11 +394,32 @@ def test_falcon_multi_query_mapped_and_grouped_refused(tmp_path):
     assert out.structure == [] and out.model.config.ffn_hidden_size == 64  # stock: from_pretrained rebuilds it
     back = compress.load(save(out, tmp_path / "falcon-mlp"))
     torch.testing.assert_close(outputs(back.model), outputs(out.model))
-    cfg_cls, classes, kwargs = _family_specs()["falcon"]
-    grouped = classes["causal-lm"](cfg_cls(**kwargs, new_decoder_architecture=True, num_kv_heads=2))
-    with pytest.raises(UnsupportedModelError, match=r"found no known q/k/v packing in block 0 \(transformer\.h\.0\."
-                       r"self_attention\.query_key_value has 64 rows: neither 3 x 32"):
-        find(grouped)
+
+
+def test_falcon_grouped_kv_heads_prune_and_export_fused(tmp_path):
+    """Falcon-40B / Falcon2 pack query_key_value per KV head as [its q heads, k, v], and normalize both sublayers'
+    inputs before the attention (ln_attn, ln_mlp). The packing was refused by name (nothing could be pruned), the
+    block's wiring by the fused writer, and optimum's exporter fails on it: no ONNX at all. Now the rows map as
+    "grouped", head pruning keeps whole KV groups in that packing and reloads, and the pruned model's fused graph
+    gives torch's greedy tokens."""
+    from compress.architecture import find
+    from compress.pruning.width import check_qkv_rows
+
+    art = artifact("falcon_40b", "causal-lm")
+    arch = find(art.model)
+    d = arch.describe()
+    assert (d["attention"], d["heads"], d["kv_heads"], d["head_dim"]) == ("grouped", 4, 2, 16)
+    q, k, v = arch.qkv_rows(0)  # groups of (2 q + k + v) x 16 rows
+    assert (q[:, 0].tolist(), k[:, 0].tolist(), v[:, 0].tolist()) == ([0, 16, 64, 80], [32, 96], [48, 112])
+    check_qkv_rows(art.model, arch)  # zeroing the rows it calls v leaves the output projection zeros
+    ctx = context("causal-lm", tmp_path)
+    out = run_pass("heads", art, ctx, "falcon_40b")
+    assert out.structure == [{"type": "attention_heads", "heads": [2] * 4, "kv_heads": [1] * 4}]
+    back = compress.load(save(out, tmp_path / "falcon-40b-heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    exported = run_pass("export", out, ctx, "falcon_40b")
+    assert exported.info["graph"] == "fused" and exported.info["fused"]["parallel_residual"]
+    assert check_onnx(out.model, exported, "causal-lm") is None
 
 
 def test_hidden_width_keeps_gemmas_embedding_scale(tmp_path):

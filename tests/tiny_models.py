@@ -157,6 +157,11 @@ def _family_specs() -> dict:
         # Falcon-7B's shape: multi-query [q heads | k | v] in query_key_value, head_dim a read-only property
         "falcon": (T.FalconConfig, {lm: T.FalconForCausalLM}, dict(common, hidden_size=32, num_attention_heads=4,
                                                                      bos_token_id=1, eos_token_id=1)),
+        # Falcon-40B / Falcon2's shape: query_key_value packs [its q heads, k, v] per KV head (2 here), and blocks
+        # normalize both sublayers' inputs first (ln_attn, ln_mlp), in parallel; head_dim 16 (the fused graph)
+        "falcon_40b": (T.FalconConfig, {lm: T.FalconForCausalLM},
+                       dict(common, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
+                            new_decoder_architecture=True, bos_token_id=1, eos_token_id=1)),
         # ELECTRA: embeddings narrower than the hidden width (embedding_size), embeddings_project maps them up
         "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
                     dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
@@ -195,7 +200,7 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -526,19 +526,18 @@ def _run(model, arch, handles: list, length: int = 4) -> torch.Tensor:
 
 
 def probe_block(model, arch, *, post_norms: bool = False) -> dict:
-    """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's
-    input (embedding scale, position embeddings) and how it wires its norms, attention and MLP. Each of the
-    two sublayers has a norm before it (pre) or, with `post_norms` (the Llama writer), may have one on its
-    output (post, before the residual add: Gemma 2 / 3 have both, OLMo 2 post-norms only); blocks are sequential,
-    x + post(attn(pre(x))), then + post(mlp(pre(.))), or parallel pre-norm, x + attn(norm_1(x)) +
-    mlp(norm_2(x)) (GPT-NeoX) or with one norm for both (Phi, Falcon); anything else (extra steps, post-norms
-    where the writer takes none) is refused. The MLP is seen at its projections (OPT's fc1 / fc2 sit in the
-    block itself, no MLP module), its input at the first, its output at the last; shapes are compared
-    flattened to [tokens, hidden] (OPT runs its MLP on a 2-D view). With `post_norms` the sublayers' outputs
-    may also be scaled by one scalar before the residual add (Granite's residual_multiplier). Returns {"ids",
-    "x" (block 0's input), "tokens" (the embedding table's rows for ids), "pre" / "post" ((attention's, MLP's)
-    norm names, None where there is none; a shared norm is both pre), "norms" (the distinct pre-norms in the
-    order they ran), "parallel", "residual_scale"}."""
+    """Run the model on 4 tokens until block 0 has run, recording what the module tree cannot tell: block 0's input
+    (embedding scale, position embeddings) and how it wires its norms, attention and MLP. Each of the two sublayers has
+    a norm before it (pre) or, with `post_norms` (the Llama writer), may have one on its output (post, before the
+    residual add: Gemma 2 / 3 have both, OLMo 2 post-norms only); blocks are sequential, x + post(attn(pre(x))), then +
+    post(mlp(pre(.))), or parallel pre-norm, x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX; Falcon-40B runs both norms
+    first) or with one norm for both (Phi, Falcon); anything else (extra steps, post-norms where the writer takes none)
+    is refused. The MLP is seen at its projections (OPT's fc1 / fc2 sit in the block itself, no MLP module), its input
+    at the first, its output at the last; shapes are compared flattened to [tokens, hidden] (OPT runs its MLP on a 2-D
+    view). With `post_norms` the sublayers' outputs may also be scaled by one scalar before the residual add (Granite's
+    residual_multiplier). Returns {"ids", "x" (block 0's input), "tokens" (the embedding table's rows for ids), "pre" /
+    "post" ((attention's, MLP's) norm names, None where there is none; a shared norm is both pre), "norms" (the distinct
+    pre-norms in the order they ran), "parallel", "residual_scale"}."""
     block, b = arch.layers()[0], arch.blocks[0]
     norms = [arch.module(n) for n in b.norms]
     if not 1 <= len(norms) <= 4:
@@ -602,6 +601,8 @@ def _wiring(order: list[str], seen: dict) -> dict | None:
 
     attn, mlp_in = order.index("attn"), order.index("mlp_in")
     before, between, after = order[:attn], order[attn + 1:mlp_in], order[mlp_in + 2:]
+    if len(before) == 2 and not between:  # both sublayers' norms first (Falcon-40B's ln_attn, ln_mlp): parallel
+        before, between = before[:1], before[1:]
     if order.index("mlp") != mlp_in + 1 or len(before) > 1 or len(between) > 2 or len(after) > 1:
         return None
     x, out = seen["block"]

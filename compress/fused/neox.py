@@ -4,8 +4,9 @@ alibi; GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; MptForCausalLM; or
 
 Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed per
 head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered here into [Q
-heads | K heads | V heads], so GroupQueryAttention reads one packed input), packed [q heads | k heads | v heads]
-(Falcon's multi-query: one KV head), in chunks of [q v k] (CodeGen's), or separate (Phi's); a rotary embedding over
+heads | K heads | V heads], so GroupQueryAttention reads one packed input), per KV head [its q heads, k, v]
+(Falcon-40B's, reordered the same way), packed [q heads | k heads | v heads] (Falcon's multi-query: one KV head),
+in chunks of [q v k] (CodeGen's), or separate (Phi's); a rotary embedding over
 all of each head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor,
 GPT-J's rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
 channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi, MPT:
@@ -55,7 +56,7 @@ from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _is_lowrank,
                     io_info, is_tied, kv_io, layer_norm, lm_head, mask_lengths, output_file, plain_mlp_in,
                     probe_block, refuse_head_norms, rope_caches, rotary, save)
 
-QKV_LAYOUTS = ("per_head", "blocks", "separate")
+QKV_LAYOUTS = ("per_head", "grouped", "blocks", "separate")
 ALIBI_LENGTH = 2048  # positions of an ALiBi model without a position table (BLOOM's training length)
 
 
@@ -66,8 +67,9 @@ def _check(model, arch: Architecture) -> tuple[dict, str | None, str]:
     for i, b in enumerate(arch.blocks):
         refuse_head_norms(b, "GPT-NeoX")
         if b.mlp.kind != "plain" or b.attn.qkv_layout not in QKV_LAYOUTS:
-            raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes a plain MLP; block {i} has a "
-                                        f"{b.mlp.kind} MLP and {b.attn.qkv_layout} q/k/v")
+            raise UnsupportedModelError(f"fused export: the GPT-NeoX writer takes a plain MLP and q/k/v laid out "
+                                        f"{' | '.join(QKV_LAYOUTS)}; block {i} has a {b.mlp.kind} MLP and "
+                                        f"{b.attn.qkv_layout} q/k/v")
         act = activation(arch.mlp_act(i), "activation", config_activation(cfg))
         if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
@@ -114,9 +116,10 @@ def _rows(m, order: list[int]):
     return out
 
 
-def _blocks_order(heads: int, head_dim: int) -> list[int]:
-    """Rows [q k v] of head 0, of head 1, ... -> [Q of every head | K of every head | V of every head]."""
-    return [h * 3 * head_dim + part * head_dim + j for part in range(3) for h in range(heads) for j in range(head_dim)]
+def _heads_order(arch: Architecture, i: int) -> list[int]:
+    """Rows [q k v] per head, or [its q heads, k, v] per KV head -> [Q of every head | K of every KV head | V of every
+    KV head]."""
+    return torch.cat([part.reshape(-1) for part in arch.qkv_rows(i)]).tolist()
 
 
 def _chunks_order(width: int, chunks: int) -> list[int]:
@@ -178,11 +181,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
             x_mlp, _ = layer_norm(g, norms[1], None, residual, f"{p}/post_attention_layernorm")
 
         qkv = [arch.module(nm) for nm in b.attn.inputs]
-        if b.attn.qkv_layout == "per_head":
-            if n != n_kv:  # [q k v] per head is multi-head attention's packing
-                raise UnsupportedModelError(f"fused export: layer {i} packs q/k/v per head with {n} query and "
-                                            f"{n_kv} key / value heads; the GPT-NeoX writer reads that as one of each")
-            qkv = [_rows(qkv[0], _blocks_order(n, head_dim))]
+        if b.attn.qkv_layout in ("per_head", "grouped"):
+            qkv = [_rows(qkv[0], _heads_order(arch, i))]
         elif qkv_chunks:
             if len(qkv) != 1 or n != n_kv or n % qkv_chunks:
                 raise UnsupportedModelError(f"fused export: layer {i}'s q/k/v is not one projection of {n} heads in "

@@ -116,7 +116,7 @@ def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
         if heads is not None and getattr(attn, width, None) == heads * hd:
             setattr(attn, width, n_q * hd)
     for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv),
-                        ("num_key_value_groups", n_q // n_kv)):
+                        ("num_kv_heads", n_kv), ("num_key_value_groups", n_q // n_kv)):  # num_kv_heads: Falcon
         if isinstance(getattr(attn, attr, None), int):
             setattr(attn, attr, value)
 
@@ -158,8 +158,9 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
             set_module(model, name, select_rows(model.get_submodule(name), rows, 0))
     else:
         q, k, v = ad.qkv_rows(i)
-        if a.qkv_layout == "per_head":
-            rows = torch.cat([torch.cat([q[h], k[h], v[h]]) for h in keep_q])
+        if a.qkv_layout in ("per_head", "grouped"):  # per kept KV head [its kept q heads, k, v]
+            rows = torch.cat([torch.cat([*q[keep_q[j * per_group:(j + 1) * per_group]], k[kv], v[kv]])
+                              for j, kv in enumerate(keep_kv)])
         else:
             rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
         set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
