@@ -422,6 +422,30 @@ def test_falcon_grouped_kv_heads_prune_and_export_fused(tmp_path):
     assert check_onnx(out.model, exported, "causal-lm") is None
 
 
+def test_cohere_per_head_qk_norms_prune_and_export_fused(tmp_path):
+    """Cohere's q / k norms are LayerNorms of each head's slice with gains per head ([heads, head_dim]): head
+    pruning left those gains at the old head count (the pruned model failed its forward pass, refused), and the
+    fused writer refused them (export fell back to optimum's graph). Now pruning keeps the kept heads' gains and
+    reloads, and the pruned model's fused graph gives torch's greedy tokens."""
+    art = artifact("cohere", "causal-lm")
+    with torch.no_grad():  # gains other than ones, different per head: a graph that shared or dropped them differs
+        for name, p in art.model.named_parameters():
+            if name.endswith(("q_norm.weight", "k_norm.weight")):
+                p.copy_(torch.rand(p.shape, generator=torch.Generator().manual_seed(len(name))) + 0.5)
+    q_norm = art.model.model.layers[0].self_attn.q_norm.weight
+    ctx = context("causal-lm", tmp_path)
+    out = run_pass("heads", art, ctx, "cohere")
+    assert out.structure == [] and out.model.config.num_key_value_heads == 1  # stock: the config says the heads
+    kept = out.model.model.layers[0].self_attn.q_norm.weight
+    assert kept.shape == (2, 16) and any(torch.equal(kept, q_norm[rows]) for rows in ([0, 1], [2, 3]))
+    back = compress.load(save(out, tmp_path / "cohere-heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    exported = run_pass("export", out, ctx, "cohere")
+    assert exported.info["graph"] == "fused"
+    assert exported.info["fused"]["ops"]["LayerNormalization"] == 1 + 2 * 4  # block 0's input, q and k in each
+    assert check_onnx(out.model, exported, "causal-lm") is None
+
+
 def test_hidden_width_keeps_gemmas_embedding_scale(tmp_path):
     """Gemma feeds block 0 the embeddings times sqrt(config.hidden_size): a stock config with the narrower width
     silently changed that scale (sqrt(32) -> sqrt(24)); Gemma 3 computes it once at build, so its checkpoint

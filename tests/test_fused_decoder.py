@@ -1048,7 +1048,8 @@ def test_parallel_residual_llama_block_is_written_as_one_sum(tmp_path, monkeypat
 def test_cohere_parallel_block_with_one_bias_free_layer_norm_and_logit_scale(tmp_path):
     """Cohere: attention and MLP read one LayerNorm without a bias (its own class, found by running it), the
     rotary embedding turns channel pairs, the logits are scaled by logit_scale (folded into the tied head's
-    Mul); its optional q / k LayerNorms over [heads, head_dim] are refused by name."""
+    Mul); its optional q / k LayerNorms of each head's slice, with gains per head ([heads, head_dim]), are a
+    LayerNormalization and a Mul each (they were refused)."""
     from transformers import CohereConfig, CohereForCausalLM
 
     common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
@@ -1061,8 +1062,12 @@ def test_cohere_parallel_block_with_one_bias_free_layer_norm_and_logit_scale(tmp
     assert figures["parallel_residual"] and figures["rotary_interleaved"] and figures["max_nodes_per_block"] == 11
     assert figures["ops"]["SkipLayerNormalization"] == LAYERS  # blocks 1.. and the final norm; block 0 plain
     assert_matches_torch(model, tmp_path / "cohere")
-    with pytest.raises(UnsupportedModelError, match="q_norm is a CohereLayerNorm"):
-        build_fused(CohereForCausalLM(CohereConfig(**common, use_qk_norm=True)).eval(), tmp_path / "qk")
+    torch.manual_seed(0)
+    qk = CohereForCausalLM(CohereConfig(**common, use_qk_norm=True)).eval()
+    randomize_norms(qk, 1.0)  # q / k gains other than ones, different per head
+    figures = build_fused(qk, tmp_path / "qk")
+    assert figures["max_nodes_per_block"] == 11 + 9  # Split; per q / k: Reshape, LayerNormalization, Mul, Reshape
+    assert_matches_torch(qk, tmp_path / "qk")
 
 
 # ---------------------------------------------------------------------- post-norms, two rotaries, NoPE, caps

@@ -162,6 +162,10 @@ def _family_specs() -> dict:
         "falcon_40b": (T.FalconConfig, {lm: T.FalconForCausalLM},
                        dict(common, hidden_size=64, num_attention_heads=4, num_kv_heads=2,
                             new_decoder_architecture=True, bos_token_id=1, eos_token_id=1)),
+        # Cohere with q/k norms: a LayerNorm of each head's slice with gains per head ([heads, head_dim]), parallel
+        # blocks, interleaved rotary; head_dim 16 (the fused graph)
+        "cohere": (T.CohereConfig, {lm: T.CohereForCausalLM},
+                   dict(dec, hidden_size=64, num_key_value_heads=2, use_qk_norm=True)),
         # ELECTRA: embeddings narrower than the hidden width (embedding_size), embeddings_project maps them up
         "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
                     dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
@@ -200,7 +204,7 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

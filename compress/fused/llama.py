@@ -44,7 +44,8 @@ counts and low-rank factorized projections (`.first` / `.second` Linears: two Ma
 to GroupQueryAttention unpacked, gate and up written as two) all export. A bias adds one Add node. Qwen3's
 per-head q_norm / k_norm add 7 nodes per block: the packed QKV output is Split, and Q and K each go through
 Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), SimplifiedLayerNormalization and
-Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes).
+Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes); Cohere's LayerNorms with gains per head
+are a LayerNormalization with unit gains and a Mul by them (9 nodes).
 
 A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE) is ONNX Runtime's MoE op: the router's MatMul on the
 rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob
@@ -91,7 +92,7 @@ import torch
 
 from ..architecture import ACTIVATIONS, GATED, Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, activation, block_norms,
+from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, _param, activation, block_norms,
                     check_outside_blocks, config_activation, fit_scale, io_info, is_layer_norm, is_tied, kv_io,
                     layer_norm, layer_rotaries, lm_head, mask_lengths, output_file, probe_block, rms_norm,
                     rope_caches, save)
@@ -298,14 +299,32 @@ def _enter(g: _Graph, norm, pending: str | None, residual: str, name: str):
 
 def _qk_norm(g: _Graph, norm, x: str, head_dim: int, name: str) -> str:
     """q_norm / k_norm: an RMSNorm of every head's [head_dim] slice (Qwen3, Gemma 3: Reshape [B, S, heads,
-    head_dim], a constant shape, norm, Reshape back) or of the whole projection (OLMo 2)."""
-    width = norm.weight.shape[0] if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
-    if width != head_dim:
+    head_dim], a constant shape, norm, Reshape back), a LayerNorm of it with gains per head (Cohere's [heads,
+    head_dim]: LayerNormalization with unit gains, then Mul by them), or an RMSNorm of the whole projection (OLMo 2)."""
+    w = norm.weight if isinstance(getattr(norm, "weight", None), torch.Tensor) else None
+    per_head = w is not None and w.dim() == 2 and w.shape[1] == head_dim
+    if w is None or w.shape[-1] != head_dim:
         return rms_norm(g, norm, None, x, name)[0]
     heads_view = g.const(f"/model/constants/INT64/[0, 0, -1, {head_dim}]", np.array([0, 0, -1, head_dim], np.int64))
     flat = g.const("/model/constants/INT64/[0, 0, -1]", np.array([0, 0, -1], np.int64))
-    y = rms_norm(g, norm, None, g.op("Reshape", [x, heads_view], f"{name}/Reshape"), name)[0]
+    heads = g.op("Reshape", [x, heads_view], f"{name}/Reshape")
+    y = _head_layer_norm(g, norm, heads, name) if per_head else rms_norm(g, norm, None, heads, name)[0]
     return g.op("Reshape", [y, flat], f"{name}/Reshape_1")
+
+
+def _head_layer_norm(g: _Graph, norm, x: str, name: str) -> str:
+    """A LayerNorm without bias of each head's slice of x [B, S, heads, head_dim], each head with its own gains
+    (norm.weight [heads, head_dim]: Cohere's q / k norms), checked against the module on random input."""
+    w, eps = norm.weight.detach(), getattr(norm, "variance_epsilon", getattr(norm, "eps", None))
+    t = torch.randn(3, *w.shape, generator=torch.Generator().manual_seed(0)).to(w)
+    with torch.no_grad():
+        same = isinstance(eps, float) and _close(norm(t), torch.nn.functional.layer_norm(t, w.shape[-1:], eps=eps) * w)
+    if not same:
+        raise UnsupportedModelError(f"fused export: {name.lstrip('/')} ({type(norm).__name__}) has gains per head "
+                                    "but is not a LayerNorm of each head's slice; the writer takes those or RMSNorms")
+    ones = g.const(_param(name) + ".unit_gains", np.ones(w.shape[-1], np.float32))
+    y = g.op("LayerNormalization", [x, ones], f"{name}/LayerNorm", axis=-1, epsilon=eps)
+    return g.op("Mul", [y, g.const(_param(name) + ".weight", _np(w))], f"{name}/Mul")
 
 
 def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) -> str:

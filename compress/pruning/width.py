@@ -167,9 +167,11 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
     set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
     for name in a.extras:  # multi-head only (DeBERTa)
         set_module(model, name, select_rows(model.get_submodule(name), q_rows, 0))
-    for norm, rows, width in ((a.q_norm, q_rows, n_q * hd), (a.k_norm, kv_rows, n_kv * hd)):
+    for norm, keep, rows, width in ((a.q_norm, keep_q, q_rows, n_q * hd), (a.k_norm, keep_kv, kv_rows, n_kv * hd)):
         m = model.get_submodule(norm) if norm else None
-        if m is not None and m.weight.shape[0] == width != hd:  # OLMo-2: one q (k) norm over all heads
+        if m is not None and m.weight.dim() == 2:  # Cohere: gains per head, [heads, head_dim]
+            m.weight = nn.Parameter(m.weight.detach()[keep].clone())
+        elif m is not None and m.weight.shape[0] == width != hd:  # OLMo-2: one q (k) norm over all heads
             m.weight = nn.Parameter(m.weight.detach()[rows].clone())
     _set_heads(model, a, len(keep_q), len(keep_kv), hd)
 
