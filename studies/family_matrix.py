@@ -111,7 +111,7 @@ def write(result: dict, out: Path, seconds: float) -> None:
         "",
         f"`python -m studies.family_matrix` ({seconds / 60:.1f} min on {platform.machine()}, torch "
         f"{torch.__version__}; transformers {__import__('transformers').__version__}). Each pass runs on its own "
-        "from the unpruned tiny model (4 layers, hidden 32 or 48, 4-6 heads). A torch cell is *reloads + matches* "
+        "from the unpruned tiny model (4 layers, hidden 32 to 64, 4-6 heads). A torch cell is *reloads + matches* "
         "when `compress.load` in a fresh process, and plain `AutoModelFor*.from_pretrained` where the config is "
         "stock, give the in-memory outputs within 1e-5; *export*: the ONNX model's greedy tokens equal torch's "
         "(decoders) or its outputs are within 1e-3 (encoders); *int8*: export then `quantize: ort-int8-dynamic`, "

@@ -77,7 +77,12 @@ LAYOUTS = {
     "Falcon, multi-head, biases": _hf("Falcon", **COMMON, multi_query=False, bias=True),
     "Falcon, sequential": _hf("Falcon", **COMMON, parallel_attn=False),
     "Falcon with alibi": _hf("Falcon", **COMMON, alibi=True),
-    "Falcon-40B (new decoder architecture)": _hf("Falcon", **COMMON, new_decoder_architecture=True, num_kv_heads=1),
+    # new decoder architecture: query_key_value packs [its q heads, k, v] per KV head; ln_attn and ln_mlp, parallel
+    "Falcon-40B (grouped KV heads, two norms)": _hf("Falcon", **{**COMMON, "num_attention_heads": 4},
+                                                    new_decoder_architecture=True, num_kv_heads=2),
+    "Falcon2-11B (grouped KV heads, one norm)": _hf("Falcon", **{**COMMON, "num_attention_heads": 4},
+                                                    new_decoder_architecture=True, num_kv_heads=2,
+                                                    num_ln_in_parallel_attn=1),
     "OPT": _hf("OPT", **{k: v for k, v in COMMON.items() if k != "initializer_range"}, ffn_dim=128,
                word_embed_proj_dim=64, init_std=0.3),
     "OPT without biases": _hf("OPT", **{k: v for k, v in COMMON.items() if k != "initializer_range"}, ffn_dim=128,
