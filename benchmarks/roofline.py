@@ -6,8 +6,9 @@ measured decode speed against that bound.
   plus bytes written), a few tenths of a second;
 - `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files (or GGUF file)
   without loading the model. Embedding tables that only a lookup reads (one row per token) are left out; a
-  table the tied LM head multiplies by is counted; of a mixture of experts' tables (torch: `.experts.` tensors;
-  ONNX: MoE / QMoE inputs), the share of the k experts a token is routed to."""
+  table the tied LM head multiplies by is counted; of a mixture of experts' tables (torch: `.experts.` tensors
+  and [experts, out, in] ones, Granite-MoE's; ONNX: MoE / QMoE inputs), the share of the k experts a token is
+  routed to."""
 from __future__ import annotations
 
 import json
@@ -54,25 +55,30 @@ def weight_bytes_per_token(path: Path, kind: str) -> int | None:
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return None
-    tensors = {}
+    tensors, shapes = {}, {}
     for f in files:
-        tensors.update(_safetensors_header(f))
+        for name, (n, shape) in _safetensors_header(f).items():
+            tensors[name], shapes[name] = n, shape
     config = json.loads((path / "config.json").read_text()) if (path / "config.json").exists() else {}
     has_head = any(name.endswith("lm_head.weight") for name in tensors)
     tied = config.get("tie_word_embeddings", True) and not has_head
     head_tables = ("embed_tokens.weight", "wte.weight") if tied else ()  # the tied head multiplies by these
     experts = next((config[f] for f in ("num_local_experts", "num_experts") if config.get(f)), None)
     share = config.get("num_experts_per_tok", 1) / experts if experts else 1.0  # each token: k of the experts
-    return round(sum(n * (share if ".experts." in name else 1.0) for name, n in tensors.items()
+    def expert_table(name: str) -> bool:  # an expert's tensor, or every expert's at once ([experts, out, in])
+        return ".experts." in name or (experts is not None and len(shapes[name]) == 3 and shapes[name][0] == experts)
+
+    return round(sum(n * (share if expert_table(name) else 1.0) for name, n in tensors.items()
                      if not name.endswith(_TORCH_TABLES) or name.endswith(head_tables)))
 
 
-def _safetensors_header(path: Path) -> dict[str, int]:
+def _safetensors_header(path: Path) -> dict[str, tuple[int, list[int]]]:
+    """name -> (bytes, shape) of each tensor in a safetensors file."""
     with open(path, "rb") as fh:
         size = struct.unpack("<Q", fh.read(8))[0]
         header = json.loads(fh.read(size))
-    return {name: int(np.prod(meta["shape"], dtype=np.int64)) * _SAFETENSORS_BYTES.get(meta["dtype"], 4)
-            for name, meta in header.items() if name != "__metadata__"}
+    return {name: (int(np.prod(meta["shape"], dtype=np.int64)) * _SAFETENSORS_BYTES.get(meta["dtype"], 4),
+                   list(meta["shape"])) for name, meta in header.items() if name != "__metadata__"}
 
 
 def _gguf_bytes(path: Path) -> int:

@@ -3,7 +3,8 @@
 `find(model)` probes the loaded model: the block list is the ModuleList of identical blocks holding the most parameters;
 inside a block, attention is the sub-tree that holds q/k/v projections (separate or fused), its output projection sits
 in the same sub-tree; the MLP is the pair (or triple) of projections outside it, or a mixture of experts (a ModuleList
-of expert MLPs and the router beside it: kind `moe`). The names probed are the ones Hugging Face families use (Llama /
+of expert MLPs, or two modules holding every expert's weights as [experts, out, in], and the router beside them:
+kind `moe`). The names probed are the ones Hugging Face families use (Llama /
 Qwen / Mistral / Gemma: q_proj..., gate_proj...; Phi-3: qkv_proj, gate_up_proj; GPT-NeoX: query_key_value,
 dense_h_to_4h; GPT-2: c_attn, c_fc; BERT / RoBERTa: query, intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes
 (heads, KV heads, head_dim, MLP width) are read from the weights' shapes, so a pruned model is described as it is now. A
@@ -115,6 +116,9 @@ class MLP:
     act: nn.Module | None = None
     experts: str | None = None   # moe: the ModuleList of expert MLPs
     router: str | None = None    # moe: the linear layer scoring the experts for each token
+    # moe without a ModuleList (Granite-MoE's parallel experts): the modules whose weights hold every expert's gate
+    # and up rows ([experts, 2 x inter, hidden], gate first) and down ([experts, hidden, inter])
+    parallel: tuple[str, str] | None = None
 
 
 @dataclass
@@ -236,9 +240,12 @@ class Architecture:
                     break
             if found:
                 break
+        if found is None and (moe := self._parallel_moe(prefix, rel, root, i)):
+            return moe
         if found is None:
             raise self._refuse(f"MLP projections in block {i} (gated: gate_proj/up_proj/down_proj; fused: "
-                               f"gate_up_proj/down_proj; plain: {', '.join('/'.join(p) for p in PLAIN)})")
+                               f"gate_up_proj/down_proj; plain: {', '.join('/'.join(p) for p in PLAIN)}; or "
+                               "experts: a ModuleList of them, or two modules with [experts, out, in] weights)")
         kind, got = found
         parts = [n.split(".") for n in got]
         if any(seg.isdigit() for seg in parts[0]):  # experts.0.w1: the first expert of a ModuleList, not the MLP
@@ -265,6 +272,33 @@ class Architecture:
                 f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of {n} experts "
                 f"under {prefix}.{experts} with no router beside them (a linear layer with {n} outputs)")
         return MLP(holder, [], "", "moe", experts=f"{prefix}.{experts}", router=router)
+
+    def _parallel_moe(self, prefix: str, rel: dict, root: str, i: int) -> MLP | None:
+        """Experts held as two modules with [experts, out, in] weights under one parent (Granite-MoE's
+        input_linear: gate and up rows, output_linear: down) and the router's linear layer beside them; None
+        where the block has no such pair."""
+        held = [n for n, m in rel.items() if not n.startswith(root + ".")
+                and isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dim() == 3]
+        if len(held) != 2 or held[0].rpartition(".")[0] != held[1].rpartition(".")[0]:
+            return None
+        holder = held[0].rpartition(".")[0]
+        w1, w2 = (rel[n].weight for n in held)  # in module order: gate_up [E, 2 x inter, hidden], down
+        n = w1.shape[0]
+        if w2.shape[0] != n or w1.shape[1] != 2 * w2.shape[2] or w1.shape[2] != w2.shape[1]:
+            raise UnsupportedModelError(
+                f"cannot map the layout of {type(self.model).__name__}: block {i}'s {prefix}.{held[0]} "
+                f"{list(w1.shape)} and {prefix}.{held[1]} {list(w2.shape)} are not experts' [experts, 2 x inter, "
+                "hidden] gate / up and [experts, hidden, inter] down weights")
+        router = next((f"{prefix}.{name}" for name, m in rel.items() if name.startswith(holder + ".")
+                       and is_linear(m) and features(m)[1] == n), None)
+        if router is None:
+            raise UnsupportedModelError(
+                f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of {n} experts "
+                f"under {prefix}.{holder} with no router beside them (a linear layer with {n} outputs)")
+        mod = self.model.get_submodule(f"{prefix}.{holder}")
+        act = next((getattr(mod, a) for a in ACTIVATIONS if isinstance(getattr(mod, a, None), nn.Module)), None)
+        return MLP(f"{prefix}.{holder}", [], "", "moe", act, router=router,
+                   parallel=(f"{prefix}.{held[0]}", f"{prefix}.{held[1]}"))
 
     def _check_heads(self) -> None:
         for i in range(len(self.blocks)):
@@ -310,7 +344,8 @@ class Architecture:
         return [i for i, b in enumerate(self.blocks) if b.mlp.kind == "moe"]
 
     def num_experts(self, i: int) -> int:
-        return len(self.module(self.blocks[i].mlp.experts))
+        mlp = self.blocks[i].mlp
+        return self.module(mlp.parallel[0]).weight.shape[0] if mlp.parallel else len(self.module(mlp.experts))
 
     @property
     def intermediate_field(self) -> str:

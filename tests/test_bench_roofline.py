@@ -48,7 +48,8 @@ def test_onnx_lookup_tables_are_skipped_unless_a_matmul_reads_them(tmp_path):
 
 def test_a_mixture_of_experts_counts_the_experts_a_token_reads(tmp_path):
     """An MoE node's expert tables are read k of its experts at a time (OLMoE: 8 of 64); every expert was
-    counted, putting a decode at 430% of its bound. The same for a torch checkpoint's expert tensors."""
+    counted, putting a decode at 430% of its bound. The same for a torch checkpoint's expert tensors (Mixtral's
+    per expert, Granite-MoE's [experts, out, in] for all of them)."""
     import transformers as T
 
     moe = T.MixtralForCausalLM(T.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
@@ -58,6 +59,14 @@ def test_a_mixture_of_experts_counts_the_experts_a_token_reads(tmp_path):
     experts = sum(p.numel() * 4 for n, p in moe.named_parameters() if ".experts." in n)
     dense = _param_bytes(moe, skip=("embed_tokens.weight",)) - experts
     assert weight_bytes_per_token(tmp_path / "torch", "torch") == dense + experts // 4
+    granite = T.GraniteMoeForCausalLM(T.GraniteMoeConfig(  # every expert's weights in two [experts, out, in] tensors
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=1, tie_word_embeddings=False))
+    granite.save_pretrained(tmp_path / "granite")
+    experts = sum(p.numel() * 4 for n, p in granite.named_parameters() if n.endswith(("input_linear.weight",
+                                                                                       "output_linear.weight")))
+    dense = _param_bytes(granite, skip=("embed_tokens.weight",)) - experts
+    assert weight_bytes_per_token(tmp_path / "granite", "torch") == dense + experts // 4
     router, fc1, fc2 = (np.ones(s, np.float32) for s in ((8, 4), (4, 32, 8), (4, 8, 16)))
     g = helper.make_graph(
         [helper.make_node("MatMul", ["x", "router"], ["logits"]),

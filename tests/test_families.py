@@ -91,6 +91,12 @@ EXTRA_CASES = [c for c in cases(extra=True) if c not in CASES]
 EXTRA_PASSES = ("mlp", "hidden", "lowrank")
 
 
+def extra_passes_of(fam: str) -> tuple[str, ...]:
+    """Granite-MoE's experts refuse MLP and hidden-width cuts by name (test_mixture_of_experts_refusals_...);
+    its experts prune in test_experts_prune_to_the_ones_routed_to_and_reload_stock."""
+    return ("lowrank",) if fam == "granite_moe" else EXTRA_PASSES
+
+
 @pytest.fixture(scope="module")
 def extra_passes(tmp_path_factory):
     """Falcon, BLOOM, GPT-J, MPNet, DeBERTa-v2, ModernBERT: each refuses a pass of the chain (studies.family_matrix
@@ -100,7 +106,7 @@ def extra_passes(tmp_path_factory):
     built = {}
     for fam, task in EXTRA_CASES:
         ctx = context(task, root / "scratch")
-        for key in EXTRA_PASSES:
+        for key in extra_passes_of(fam):
             out = run_pass(key, artifact(fam, task), ctx, fam)
             built[(fam, task, key)] = (out, str(save(out, root / f"{fam}-{task}-{key}")))
     return built, fresh_outputs([(p, not out.structure) for out, p in built.values()])
@@ -110,7 +116,7 @@ def extra_passes(tmp_path_factory):
 def test_families_beside_the_chain_prune_and_reload(extra_passes, fam, task):
     built, fresh = extra_passes
     n_before = sum(p.numel() for p in artifact(fam, task).model.parameters())
-    for key in EXTRA_PASSES:
+    for key in extra_passes_of(fam):
         out, path = built[(fam, task, key)]
         got = fresh[path]
         assert "error" not in got, (key, got.get("error"))
@@ -290,7 +296,8 @@ def test_deberta_heads_with_its_relative_position_projections(tmp_path, share_at
 
 
 def _tiny_moe(family: str):
-    """Mixtral (4 experts, top 2), Qwen2-MoE (a shared expert beside them, block 1 dense: mlp_only_layers), OLMoE."""
+    """Mixtral (4 experts, top 2), Qwen2-MoE (a shared expert beside them, block 1 dense: mlp_only_layers), OLMoE,
+    Granite-MoE (every expert's weights in two [experts, out, in] tensors, no ModuleList)."""
     import transformers as T
 
     from tiny_models import VOCAB
@@ -304,10 +311,12 @@ def _tiny_moe(family: str):
         return T.Qwen2MoeForCausalLM(T.Qwen2MoeConfig(**common, intermediate_size=64, moe_intermediate_size=16,
                                                       shared_expert_intermediate_size=32, num_experts=4,
                                                       mlp_only_layers=[1])).eval()
+    if family == "granite_moe":
+        return T.GraniteMoeForCausalLM(T.GraniteMoeConfig(**common, intermediate_size=16, num_local_experts=4)).eval()
     return T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=16, num_experts=4)).eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "granite_moe"])
 def test_experts_prune_to_the_ones_routed_to_and_reload_stock(family, tmp_path):
     """Mixture-of-experts blocks are mapped (router + experts; the map used to take expert 0 for the block's MLP,
     then refused them): prune targets experts keeps, in every block, the experts the router gives the largest

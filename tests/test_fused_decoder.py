@@ -1375,7 +1375,9 @@ def test_exaone4_window_only_in_the_layers_config_layer_types_call_sliding(tmp_p
 
 def tiny_moe(family: str, vocab: int = VOCAB):
     """Mixtures of SwiGLU experts: Mixtral (renormalized top 2 of 4), Qwen2-MoE (a shared expert with its sigmoid
-    gate; block 1 dense), OLMoE (q / k norms, top-k weights not renormalized), Qwen3-MoE (per-head q / k norms)."""
+    gate; block 1 dense), OLMoE (q / k norms, top-k weights not renormalized), Qwen3-MoE (per-head q / k norms),
+    Granite-MoE (the experts' weights in two [experts, out, in] tensors; softmax over the top-k logits; Granite's
+    multipliers)."""
     import transformers as T
 
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -1390,10 +1392,13 @@ def tiny_moe(family: str, vocab: int = VOCAB):
             "olmoe": lambda: T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=32, num_experts=4)),
             "qwen3_moe": lambda: T.Qwen3MoeForCausalLM(T.Qwen3MoeConfig(
                 **common, intermediate_size=64, moe_intermediate_size=32, num_experts=4, head_dim=16,
-                norm_topk_prob=True))}[family]().eval()
+                norm_topk_prob=True)),
+            "granite_moe": lambda: T.GraniteMoeForCausalLM(T.GraniteMoeConfig(
+                **common, intermediate_size=32, num_local_experts=4, embedding_multiplier=12.0,
+                residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0))}[family]().eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "granite_moe"])
 def test_mixtures_of_experts_as_onnx_runtime_moe(tmp_path, family):
     """A mixture of experts is one MoE node (softmax routing, top-k, SwiGLU experts with gate and up rows
     interleaved) after the router's MatMul, plus Qwen2-MoE's gated shared expert; optimum cannot export these

@@ -194,6 +194,12 @@ def _family_specs() -> dict:
                                                            bos_token_id=1, eos_token_id=1)),
         # BioGPT: OPT's block and position offset, token embeddings scaled by sqrt(hidden) inside their module
         "biogpt": (T.BioGptConfig, {lm: T.BioGptForCausalLM}, dict(dec, bos_token_id=1, eos_token_id=1)),
+        # Granite-MoE: every expert's weights in two [experts, out, in] tensors (no ModuleList), Granite's multipliers;
+        # head_dim 16 (the fused graph)
+        "granite_moe": (T.GraniteMoeConfig, {lm: T.GraniteMoeForCausalLM},
+                        dict(dec, hidden_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.125,
+                             logits_scaling=8.0)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -204,7 +210,8 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2",
+                "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -47,11 +47,11 @@ Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), Simplif
 Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes); Cohere's LayerNorms with gains per head
 are a LayerNormalization with unit gains and a Mul by them (9 nodes).
 
-A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE) is ONNX Runtime's MoE op: the router's MatMul on the
-rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob
-says not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the CPU
-kernel's SwiGLU layout: swiglu_fusion 1) and down as [experts, hidden, inter]; Qwen2-MoE's shared expert is a
-plain SwiGLU MLP beside it times the sigmoid of its gate. The int8 / int4 quantizer turns MoE into QMoE.
+A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE) is ONNX Runtime's MoE op: the router's MatMul on
+the rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob says
+not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the CPU kernel's SwiGLU
+layout: swiglu_fusion 1) and down as [experts, hidden, inter]; Qwen2-MoE's shared expert is a plain SwiGLU MLP beside it
+times the sigmoid of its gate. The int8 / int4 quantizer turns MoE into QMoE.
 
 Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
 Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
@@ -330,28 +330,43 @@ def _head_layer_norm(g: _Graph, norm, x: str, name: str) -> str:
 def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) -> str:
     """A mixture of SwiGLU experts as ONNX Runtime's MoE op: the router's MatMul, then softmax over its logits,
     the top num_experts_per_tok experts of each token (their weights renormalized unless the config's
-    norm_topk_prob says not: Qwen2-MoE, OLMoE), each expert's gate and up rows interleaved in one [experts,
-    2 x inter, hidden] table (the CPU kernel's SwiGLU layout), down as [experts, hidden, inter]; plus a shared
-    expert scaled by the sigmoid of its own gate, where there is one (Qwen2-MoE)."""
+    norm_topk_prob says not: Qwen2-MoE, OLMoE; Granite-MoE's softmax over the top logits is the renormalized
+    one), each expert's gate and up rows interleaved in one [experts, 2 x inter, hidden] table (the CPU kernel's
+    SwiGLU layout), down as [experts, hidden, inter]; plus a shared expert scaled by the sigmoid of its own
+    gate, where there is one (Qwen2-MoE)."""
     mlp, cfg = arch.blocks[i].mlp, arch.model.config
     holder = arch.module(mlp.name)
-    experts = list(arch.module(mlp.experts))
     shared, shared_gate = getattr(holder, "shared_expert", None), getattr(holder, "shared_expert_gate", None)
-    known = {mlp.experts.rpartition(".")[2], mlp.router.rpartition(".")[2], "shared_expert", "shared_expert_gate"}
+
+    def child(path: str) -> str:  # the holder's child a module sits in
+        return path[len(mlp.name) + 1:].split(".")[0]
+
+    known = {child(n) for n in (mlp.experts, mlp.router, *(mlp.parallel or ())) if n}
+    known |= {"shared_expert", "shared_expert_gate"} | ({n for n, m in holder.named_children() if m is mlp.act}
+                                                        if mlp.parallel else set())
     other = [n for n, _ in holder.named_children() if n not in known]
     if other:
         raise UnsupportedModelError(f"fused export: {mlp.name} holds {', '.join(other)} besides its router and "
                                     "experts, which the Llama writer does not write")
-    gate, up, down = zip(*[[_np(m.weight) for m in _expert_linears(e, f"{mlp.experts}.{j}")]
-                           for j, e in enumerate(experts)])
-    fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # rows g0 u0 g1..
+    if mlp.parallel:  # Granite-MoE: [experts, 2 x inter, hidden] (every expert's gate rows, then its up rows), down
+        if activation(mlp.act, "expert activation") != "silu":
+            raise UnsupportedModelError(f"fused export: the experts of {mlp.name} are not SwiGLU MLPs (activation "
+                                        f"{type(mlp.act).__name__}), which ONNX Runtime's MoE op takes")
+        gate_up, down = (_np(arch.module(n).weight) for n in mlp.parallel)
+        inter = down.shape[2]
+        fc1 = np.stack([gate_up[:, :inter], gate_up[:, inter:]], 2).reshape(gate_up.shape)  # rows g0 u0 g1 u1 ..
+    else:
+        gate, up, down = zip(*[[_np(m.weight) for m in _expert_linears(e, f"{mlp.experts}.{j}")]
+                               for j, e in enumerate(arch.module(mlp.experts))])
+        fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # g0 u0 g1..
+        down = np.stack(down)
     hidden = fc1.shape[2]
     flat = g.const(f"/model/constants/INT64/[-1, {hidden}]", np.array([-1, hidden], np.int64))
     rows = g.op("Reshape", [x, flat], f"{p}/mlp/Reshape")  # [tokens, hidden]
     logits = g.linear(rows, [arch.module(mlp.router)], f"{p}/mlp/router")
     prefix = f"model.layers.{i}.mlp.experts"
     y = g.op("MoE", [rows, logits, g.const(f"{prefix}.gate_up.weight", fc1), "",
-                     g.const(f"{prefix}.down.weight", np.stack(down))], f"{p}/mlp/MoE", domain=MS,
+                     g.const(f"{prefix}.down.weight", down)], f"{p}/mlp/MoE", domain=MS,
              k=int(getattr(cfg, "num_experts_per_tok")), activation_type="swiglu", swiglu_fusion=1,
              normalize_routing_weights=int(bool(getattr(cfg, "norm_topk_prob", True))))
     if shared is not None:

@@ -102,10 +102,11 @@ class Export(Pass):
     description = ("Export to ONNX (the fused decoder graph, or optimum's; decoders with KV cache), optional ORT "
                    "fusions, discrepancy check")
     Config = ExportConfig
-    version = 6  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
+    version = 7  # 2: the fused graph's logits_to_keep input; weights of graphs over 64 MB in model.onnx.data;
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
-    # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused
+    # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused; 7: Falcon-40B / Falcon2,
+    # Cohere's q / k norms and Granite-MoE fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

@@ -255,8 +255,8 @@ class Prune(Pass):
             b = ad.blocks[moe[0]].mlp
             raise UnsupportedModelError(
                 f"prune targets {' / '.join(t for t in targets if t in ('mlp', 'hidden'))}: block {moe[0]}'s MLP is a "
-                f"mixture of {ad.num_experts(moe[0])} experts ({b.experts}), which those cuts do not take; prune "
-                "experts, heads or layers")
+                f"mixture of {ad.num_experts(moe[0])} experts ({b.experts or b.name}), which those cuts do not take; "
+                "prune experts, heads or layers")
         if "experts" in targets and not moe:
             raise ConfigError(f"prune.targets: experts, but {type(net).__name__} has no mixture-of-experts block; "
                               "remove experts from targets")

@@ -1,5 +1,5 @@
-"""Expert pruning for mixture-of-experts blocks (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE): keep some of a block's
-experts and the router's rows that score them, so tokens are routed among the kept ones only.
+"""Expert pruning for mixture-of-experts blocks (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, Granite-MoE): keep some of a
+block's experts and the router's rows that score them, so tokens are routed among the kept ones only.
 
 Every mixture-of-experts block keeps the same number of experts, which the config's expert count then states
 (num_local_experts / num_experts): the pruned model reloads with plain from_pretrained. Experts are ranked by
@@ -36,19 +36,23 @@ def keep_count(model: nn.Module, ad: Architecture, ratio: float, field: str = "p
 
 
 def keep_experts(model: nn.Module, ad: Architecture, i: int, keep: list[int]) -> None:
-    """Keep experts `keep` (sorted) of block i: its ModuleList and the router's rows (and bias) for them."""
+    """Keep experts `keep` (sorted) of block i: its ModuleList (or the [experts, out, in] weights' slices of
+    parallel experts) and the router's rows (and bias) for them."""
     b = ad.blocks[i].mlp
-    experts = model.get_submodule(b.experts)
     router = model.get_submodule(b.router)
     idx = torch.tensor(keep)
     with torch.no_grad():
         router.weight = nn.Parameter(router.weight.detach()[idx].clone())
         if router.bias is not None:
             router.bias = nn.Parameter(router.bias.detach()[idx].clone())
+        for name in b.parallel or ():
+            m = model.get_submodule(name)
+            m.weight = nn.Parameter(m.weight.detach()[idx].clone())
     router.out_features = len(keep)
-    experts_list = nn.ModuleList([experts[j] for j in keep])
-    parent, _, attr = b.experts.rpartition(".")
-    setattr(model.get_submodule(parent), attr, experts_list)
+    if b.experts:
+        experts = model.get_submodule(b.experts)
+        parent, _, attr = b.experts.rpartition(".")
+        setattr(model.get_submodule(parent), attr, nn.ModuleList([experts[j] for j in keep]))
 
 
 def set_expert_count(model: nn.Module, before: int, after: int) -> None:
