@@ -111,6 +111,11 @@ LAYOUTS = {
                                                      num_experts_per_tok=2),
     "Qwen3-MoE": _hf("Qwen3Moe", **DEC, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2,
                      moe_intermediate_size=64, head_dim=32, norm_topk_prob=True),
+    "Granite-MoE (experts in [experts, out, in] tensors, multipliers)": _hf(
+        "GraniteMoe", **DEC, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
+        embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0),
+    "Granite-MoE with a shared MLP": _hf("GraniteMoeShared", **DEC, num_key_value_heads=1, num_local_experts=4,
+                                         num_experts_per_tok=2, shared_intermediate_size=64),
     "PhiMoE (sparsemixer routing)": _hf("Phimoe", **DEC, num_key_value_heads=1, num_local_experts=4,
                                         num_experts_per_tok=2),
     "MPT (ALiBi)": lambda: T.MptForCausalLM(T.MptConfig(vocab_size=128, d_model=64, n_layers=2, n_heads=2,
