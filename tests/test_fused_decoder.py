@@ -496,17 +496,33 @@ def tiny_phi3(**overrides):
 
 def test_phi3_packed_qkv_and_gate_up(tmp_path):
     """Phi-3's qkv_proj is already [q | k | v] (one MatMul into GQA); its gate_up_proj is one MatMul and a
-    Split. longrope (cos/sin depend on the sequence length) is refused."""
+    Split."""
     model = tiny_phi3()
     figures = build_fused(model, tmp_path)
     assert figures["max_nodes_per_block"] == 11  # + Split, - the second MLP MatMul
     assert figures["ops"]["MatMul"] == 4 * LAYERS + 1 and figures["ops"]["Split"] == LAYERS
     assert_matches_torch(model, tmp_path)
 
-    longrope = tiny_phi3(rope_scaling={"type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8},
-                         original_max_position_embeddings=64)
-    with pytest.raises(UnsupportedModelError, match="rope type 'longrope'"):
-        build_fused(longrope, tmp_path / "longrope")
+
+def test_longrope_written_with_its_short_factors_for_its_short_positions(tmp_path):
+    """Phi-3.5-mini / Phi-4-mini's longrope: transformers uses the short factors while a pass stays within
+    original_max_position_embeddings and switches every position to the long ones past it. It was refused (the
+    export fell back to optimum's graph); now the graph holds those positions, with the short factors, even after
+    a long pass swapped the module's inv_freq to the long ones, and a longer max_length is refused by name."""
+    longrope = tiny_phi3(rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
+                                       "long_factor": [3.0 + 0.5 * i for i in range(8)]},
+                         original_max_position_embeddings=32)
+    with torch.no_grad():
+        longrope(prompt(length=40))  # past 32 positions: transformers now holds the long inv_freq
+    figures = build_fused(longrope, tmp_path)
+    assert figures["cache_length"] == 32
+    edge = EdgeModel(tmp_path, threads=1)
+    assert edge.max_length == 32
+    assert_logits_match(longrope, edge, prompt(length=24))
+    assert_generates_like_torch(longrope, tmp_path, prompt(length=20), 12)  # 32 positions: the short factors
+    with pytest.raises(UnsupportedModelError, match="switches to its long factors past 32 positions, .*set "
+                       "export.max_length to at most 32"):
+        build_fused(longrope, tmp_path / "long", max_length=64)
 
 
 def test_partial_rotary_in_the_llama_writer(tmp_path):

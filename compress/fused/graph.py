@@ -380,6 +380,17 @@ def layer_rotaries(model, arch) -> list:
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length
 
 
+def longrope_positions(rope) -> int | None:
+    """The positions a longrope embedding (Phi-3 / 3.5 / 4-mini's) uses its short factors for: transformers
+    switches every position of a forward pass to the long factors once the pass reaches past
+    original_max_position_embeddings. None for other rope types."""
+    if getattr(rope, "rope_type", "default") != "longrope":
+        return None
+    cfg = rope.config  # as transformers' longrope_frequency_update reads it
+    return cfg.original_max_position_embeddings if hasattr(cfg, "original_max_position_embeddings") else \
+        cfg.max_position_embeddings
+
+
 def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_sin_cache") -> list[str]:
     """GroupQueryAttention's cos / sin caches [length, rotary_dim / 2] from a rotary embedding module's own
     inv_freq (rope_scaling already applied), written as Mul (positions x inv_freq, fp32 like transformers), Cos
@@ -387,12 +398,19 @@ def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_si
     holds length + rotary_dim / 2 floats instead of 2 x length x rotary_dim / 2 (Gemma-3-270M's two rotary
     embeddings at its 32k positions stored were 67 MB). GroupQueryAttention rotates the first rotary_dim
     channels of each head (non-interleaved halves, as transformers' rotate_half), as many as the caches are
-    wide: partial rotary (GPT-NeoX's rotary_pct) needs rotary_dim a multiple of 16. Returns [cos, sin]."""
-    rope_type = getattr(rope, "rope_type", "default")
-    if rope_type not in STATIC_ROPE:
+    wide: partial rotary (GPT-NeoX's rotary_pct) needs rotary_dim a multiple of 16. A longrope embedding is
+    written with its short factors, for at most the positions it uses them for (longrope_positions). Returns
+    [cos, sin]."""
+    rope_type, short = getattr(rope, "rope_type", "default"), longrope_positions(rope)
+    if rope_type not in STATIC_ROPE and short is None:
         raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
-                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}")
-    inv_freq = _np(rope.inv_freq)
+                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}, and longrope "
+                                    "up to its original_max_position_embeddings")
+    if short is not None and length > short:
+        raise UnsupportedModelError(f"fused export: a longrope embedding switches to its long factors past {short} "
+                                    f"positions, which the graph does not write; set export.max_length to at most "
+                                    f"{short} (the default for it) or export through graph: optimum")
+    inv_freq = _np(rope.original_inv_freq if short else rope.inv_freq)  # a long pass swaps inv_freq in place
     rotary_dim = 2 * inv_freq.shape[0]
     if rotary_dim > head_dim or (rotary_dim < head_dim and rotary_dim % 16):
         raise UnsupportedModelError(f"fused export: a rotary embedding over {rotary_dim} of {head_dim} channels per "

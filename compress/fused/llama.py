@@ -77,11 +77,15 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
   Hugging Face's sliding window (kv_idx > q_idx - sliding_window). So Mistral's sliding_window and Qwen2's
   (use_sliding_window: per layer, from max_window_layers on) are written as it; -1 is full attention.
 
+A longrope embedding (Phi-3 / 3.5 / 4-mini) is written with its short factors, and the graph holds the positions
+transformers uses them for (original_max_position_embeddings, 4,096 for those: the default cache length, and the
+most export.max_length may ask for); past them transformers switches every position to its long factors.
+
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic, longrope), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU /
-ReLU, per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms (Cohere's optional per-head
-LayerNorms), blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear
-modules (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
+(dynamic; longrope past its short positions), partial rotary over a width not a multiple of 16, activations other
+than SiLU / GELU / ReLU, per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
+LayerNorms, blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear modules
+(quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
 
 import math
@@ -94,8 +98,8 @@ from ..architecture import ACTIVATIONS, GATED, Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, _param, activation, block_norms,
                     check_outside_blocks, config_activation, fit_scale, io_info, is_layer_norm, is_tied, kv_io,
-                    layer_norm, layer_rotaries, lm_head, mask_lengths, output_file, probe_block, rms_norm,
-                    rope_caches, save)
+                    layer_norm, layer_rotaries, lm_head, longrope_positions, mask_lengths, output_file, probe_block,
+                    rms_norm, rope_caches, save)
 
 
 def _window(model, attn, i: int) -> int | None:
@@ -172,8 +176,9 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                  "/model/embed_tokens/Mul")
 
     head_dim = arch.head_dim()
-    cache_length = max_length or cfg.max_position_embeddings
     ropes = layer_rotaries(model, arch)
+    short = [n for r in ropes if r is not None and (n := longrope_positions(r))]  # longrope: its short positions
+    cache_length = max_length or min(short, default=cfg.max_position_embeddings)
     caches = {}  # id(rotary module) -> its [cos, sin], written once (Gemma 3 has two)
 
     def rope_inputs(rope) -> list[str]:

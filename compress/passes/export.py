@@ -48,7 +48,8 @@ class ExportConfig(PassConfig):
         json_schema_extra=search(["fused", "optimum"]))
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
-                                   "max_position_embeddings (ALiBi models without one, BLOOM: 2,048)")
+                                   "max_position_embeddings (ALiBi models without one, BLOOM: 2,048; longrope: "
+                                   "original_max_position_embeddings, past which it switches factors)")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, le=20, description="ONNX opset of optimum's exporter (torch's exports "
@@ -106,7 +107,7 @@ class Export(Pass):
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
     # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused; 7: Falcon-40B / Falcon2,
-    # Cohere's q / k norms and Granite-MoE fused
+    # Cohere's q / k norms, Granite-MoE and longrope (its short positions) fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 
