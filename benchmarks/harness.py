@@ -415,7 +415,11 @@ def _reference_backend(baseline: Target) -> Backend:
 
 
 def _reference_path(baseline: Target, inputs_hash: str, s: BenchmarkConfig, work_dir: Path) -> Path:
-    return work_dir / "refs" / f"{_hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch)}.npz"
+    # Each extra corpus's seq_len sets its scoring windows, as window / stride do the main data's; the inputs
+    # (the token streams) stay the same when it changes, so it is part of the key too.
+    extra_windows = {name: d.seq_len for name, d in s.extra_data.items()}
+    key = _hash(baseline.key, inputs_hash, s.window, s.stride, s.kl_top_k, s.eval_batch, extra_windows)
+    return work_dir / "refs" / f"{key}.npz"
 
 
 def _reference(baseline: Target, inputs: Path, inputs_hash: str, s: BenchmarkConfig, work_dir: Path,

@@ -323,3 +323,19 @@ def test_named_eval_labels_go_by_the_classifiers_class_names(tmp_path):
     (tmp_path / "eval.jsonl").write_text(json.dumps({"text": "rain", "label": "weather"}))
     with pytest.raises(DataSourceError, match=r"labels \['weather'\] are not classes of .*clf \(business, "):
         build_inputs(t, s.resolved(t.task))
+
+
+def test_an_extra_corpus_seq_len_change_makes_a_new_reference(tiny_llama_dir, tmp_path):
+    """The baseline's reference was keyed without each extra corpus's seq_len (its scoring windows; the token
+    stream stays the same): after a change the old one was reused, and the baseline against itself got a top-1
+    agreement of 0.898 on that corpus, or "the baseline was scored on other tokens"."""
+    for seq_len in (60, 70):
+        settings = BenchmarkConfig(threads=1, data={**DATA, "max_tokens": 100}, window=64, kl_top_k=16, latency=None,
+                                   extra_data={"shk": {"source": "builtin:shakespeare", "max_tokens": 100,
+                                                       "seq_len": seq_len}})
+        r = measure(str(tiny_llama_dir), backend="torch-cpu", settings=settings, baseline=str(tiny_llama_dir),
+                    work_dir=tmp_path)
+        assert "error" not in r, r["error"]
+        shk = r["quality"]["extra_data"]["shk"]
+        assert (shk["top1_agreement"], shk["kl"]) == (1.0, 0.0), seq_len
+    assert len(list((tmp_path / "refs").glob("*.npz"))) == 2
