@@ -288,17 +288,25 @@ def build_inputs(t: Target, s: BenchmarkConfig, tok=None) -> dict[str, np.ndarra
             out["prompt"] = np.tile(tokens, reps)[:need].reshape(lat.batch, lat.prompt_tokens)
         return out
     ds = load_dataset(s.data, "eval")
-    enc = tok(ds.texts, padding=True, truncation=True, max_length=s.data.max_length, return_tensors="np")
+    enc = _encode(tok, ds.texts, padding=True, max_length=s.data.max_length)
     out = {"input_ids": enc["input_ids"].astype(np.int64), "attention_mask": enc["attention_mask"].astype(np.int64)}
     if ds.labels is not None and t.task == "sequence-classification":
         out["labels"] = _labels_by_name(t, s.data, ds)
         _check_labels(t, s.data, out["labels"])
     if lat:
-        fixed = tok(ds.texts[: lat.throughput_batch], padding="max_length", truncation=True,
-                    max_length=lat.seq_tokens, return_tensors="np")
+        fixed = _encode(tok, ds.texts[: lat.throughput_batch], padding="max_length", max_length=lat.seq_tokens)
         out["lat_ids"] = fixed["input_ids"].astype(np.int64)
         out["lat_mask"] = fixed["attention_mask"].astype(np.int64)
     return out
+
+
+def _encode(tok, texts: list[str], padding, max_length: int):
+    """An encoder's inputs, padded on the right whatever the tokenizer's padding_side: a row's real tokens then
+    start at position 0 (the [CLS] a classifier pools; the models get no position ids from the mask), so its
+    outputs do not depend on how much padding its batch has, and the worker can trim a batch's padding
+    columns from the right."""
+    return tok(texts, padding=padding, padding_side="right", truncation=True, max_length=max_length,
+               return_tensors="np")
 
 
 def _labels_by_name(t: Target, spec, ds) -> np.ndarray:

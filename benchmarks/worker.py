@@ -113,7 +113,7 @@ def _batches(inputs, batch: int):
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     for start in range(0, len(ids), batch):
         m = mask[start:start + batch]
-        width = int(m.sum(1).max())  # trim the padding this batch does not need
+        width = int(m.sum(1).max())  # trim the padding this batch does not need (the harness pads on the right)
         yield ids[start:start + batch, :width], m[:, :width]
 
 

@@ -339,3 +339,25 @@ def test_an_extra_corpus_seq_len_change_makes_a_new_reference(tiny_llama_dir, tm
         shk = r["quality"]["extra_data"]["shk"]
         assert (shk["top1_agreement"], shk["kl"]) == (1.0, 0.0), seq_len
     assert len(list((tmp_path / "refs").glob("*.npz"))) == 2
+
+
+def test_a_left_padding_tokenizer_has_all_its_tokens_scored(tmp_path):
+    """The worker trims each batch's padding from the right; a tokenizer with padding_side left had its real
+    tokens cut instead (some rows fed padding only). The harness now pads encoder inputs on the right."""
+    from benchmarks.harness import build_inputs
+    from benchmarks.worker import _batches
+    from tiny_models import save_tiny, tiny_bert
+
+    d = save_tiny(tiny_bert(), tmp_path / "clf")
+    config = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**config, "padding_side": "left"}))
+    rows = [{"text": " ".join(["to be or not"] * (1 + i % 7)) + f" {i}", "label": i % 5} for i in range(16)]
+    (tmp_path / "eval.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    s = BenchmarkConfig(threads=1, latency={"seq_tokens": 32}, quality=["accuracy"], eval_batch=4,
+                        data={"source": str(tmp_path / "eval.jsonl"), "split": "all", "max_length": 64})
+    t = resolve_target(d)
+    inputs = build_inputs(t, s.resolved(t.task))
+    fed = sum(int(mask.sum()) for _, mask in _batches(inputs, 4))
+    assert fed == int(inputs["attention_mask"].sum()) > 16 * 8
+    cls = 3  # tiny_tokenizer("encoder")'s [CLS], each row's first token
+    assert (inputs["input_ids"][:, 0] == cls).all() and (inputs["lat_ids"][:, 0] == cls).all()
