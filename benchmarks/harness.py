@@ -221,12 +221,14 @@ def backend_problem(backend: Backend | str) -> str | None:
     return None
 
 
-def _export_on_the_fly(t: Target, work_dir: Path) -> Target | str:
-    """The ONNX export of torch target `t`, cached by its key; a string says why there is none."""
+def _export_on_the_fly(t: Target, work_dir: Path) -> Target | dict:
+    """The ONNX export of torch target `t`, cached by its key; else what the record says instead:
+    {"skipped": why} when there is no export for it here, {"error": why} when the export failed."""
     from compress import checkpoint, passes
 
     if "export" not in passes.available():
-        return "the export pass is not available in this version, so a torch model cannot run on ONNX Runtime"
+        return {"skipped": "the export pass is not available in this version, so a torch model cannot run on "
+                           "ONNX Runtime"}
     out = work_dir / "onnx" / t.key
     if not (out / "manifest.json").exists():
         from compress.checkpoint import Artifact
@@ -243,12 +245,13 @@ def _export_on_the_fly(t: Target, work_dir: Path) -> Target | str:
             ctx = PassContext(source=t.ref, task=t.task, scratch=work_dir / "scratch", show_progress=False)
             ctx.scratch.mkdir(parents=True, exist_ok=True)
             if art.quantization and not exporter.accepts_quantized_input():
-                return f"export on the fly: the export pass does not take quantized models ({art.quantization})"
+                return {"skipped": "export on the fly: the export pass does not take quantized models "
+                                   f"({art.quantization})"}
             checkpoint.save(exporter.run(art, ctx), out, key=t.key, source=t.ref,
                             parent={"path": str(t.path), "key": t.key},
                             **{"pass": {"name": "export", "config": exporter.config.model_dump(mode="json")}})
         except CompressInputError as exc:
-            return f"export on the fly failed: {exc}"
+            return {"error": f"export on the fly failed: {exc}"}  # e.g. damaged weights: as on torch, an error
     return Target(t.ref, out, "onnx", "checkpoint", t.task, t.key, t.quantization, exported_from=str(t.path))
 
 
@@ -482,8 +485,8 @@ def measure(target, *, backend: Backend | str, settings: BenchmarkConfig, baseli
     run_t = t
     if t.kind == "torch" and backend.runtime == "ort":
         exported = _export_on_the_fly(t, work_dir)
-        if isinstance(exported, str):
-            return {**record, "skipped": f"{backend}: {exported}"}
+        if isinstance(exported, dict):
+            return {**record, **{k: f"{backend}: {why}" for k, why in exported.items()}}
         run_t = exported
         record["exported_on_the_fly"] = str(exported.path)
     show = _show_progress(show_progress)

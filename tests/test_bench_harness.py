@@ -361,3 +361,16 @@ def test_a_left_padding_tokenizer_has_all_its_tokens_scored(tmp_path):
     assert fed == int(inputs["attention_mask"].sum()) > 16 * 8
     cls = 3  # tiny_tokenizer("encoder")'s [CLS], each row's first token
     assert (inputs["input_ids"][:, 0] == cls).all() and (inputs["lat_ids"][:, 0] == cls).all()
+
+
+def test_a_failed_export_on_the_fly_is_an_error_not_a_skip(tiny_llama_dir, tmp_path):
+    """Damaged weights on ort-cpu (the export on the fly cannot load them) were filed as skipped and
+    `compress bench` exited 0, where torch-cpu gives the same model an error row and exit 1."""
+    import shutil
+
+    broken = shutil.copytree(tiny_llama_dir, tmp_path / "broken")
+    with open(broken / "model.safetensors", "r+b") as f:
+        f.truncate(1000)
+    r = measure(str(broken), backend="ort-cpu", settings=SETTINGS, work_dir=tmp_path / "w")
+    assert "skipped" not in r
+    assert r["error"].startswith(f"ort-cpu: export on the fly failed: cannot load '{broken}'"), r["error"]
