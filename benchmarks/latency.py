@@ -27,7 +27,8 @@ def _rates(lat: dict) -> dict:
     """The per-token / per-item figures derived from the medians."""
     if "decode" in lat:
         n, batch = lat["new_tokens"], lat["batch"]
-        return {"decode_ms_per_token": lat["decode"]["median_ms"] / n,
+        # each of the n decode steps makes a token for each of the batch's rows
+        return {"decode_ms_per_token": lat["decode"]["median_ms"] / (batch * n),
                 "decode_tokens_per_s": batch * n / (lat["decode"]["median_ms"] / 1e3),
                 "prefill_tokens_per_s": batch * lat["prompt_tokens"] / (lat["prefill"]["median_ms"] / 1e3)}
     return {"throughput_items_per_s": lat["throughput_batch"] / (lat["throughput"]["median_ms"] / 1e3)}

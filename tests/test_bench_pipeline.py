@@ -154,6 +154,16 @@ def test_pooled_rounds_resummarize_runs():
     assert pool(p, b)["rounds"] == 3
 
 
+def test_decode_ms_per_token_counts_every_row_of_the_batch():
+    """With --batch 4 the decode ms per token (the latency plot's x axis) was the median over new_tokens alone,
+    4x what decode tok/s says; now the two are each other's inverse."""
+    from benchmarks.latency import pool, summarize
+
+    a = {"prefill": summarize([0.1]), "decode": summarize([1.2]), "batch": 4, "prompt_tokens": 8, "new_tokens": 4}
+    p = pool(a, {**a, "decode": summarize([1.2])})
+    assert p["decode_ms_per_token"] == pytest.approx(1200 / 16) and p["decode_tokens_per_s"] == pytest.approx(16 / 1.2)
+
+
 def test_timing_rounds_take_turns_and_pool_runs(tiny_llama_dir, tmp_path, monkeypatch):
     import benchmarks.harness
 
