@@ -1086,6 +1086,27 @@ def test_cohere_parallel_block_with_one_bias_free_layer_norm_and_logit_scale(tmp
     assert_matches_torch(qk, tmp_path / "qk")
 
 
+@pytest.mark.parametrize("family", ["arcee", "nemotron"])
+def test_plain_squared_relu_mlps_with_rms_norms_or_layernorm1p(tmp_path, family):
+    """Arcee (AFM): RMSNorms and a plain up / down MLP with a squared ReLU: the plain MLP went to the GPT-NeoX
+    writer, which takes LayerNorms only, and the activation was unknown; now the Llama writer takes plain MLPs. Nemotron
+    / Minitron: LayerNorm1P (the gain stored less one) and the squared ReLU, partial rotary, in the GPT-NeoX
+    writer. The squared ReLU is a Relu and a Mul by itself."""
+    from transformers import ArceeConfig, ArceeForCausalLM, NemotronConfig, NemotronForCausalLM
+
+    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=128,
+                  initializer_range=0.3, bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    torch.manual_seed(0)
+    model = (ArceeForCausalLM(ArceeConfig(**common)) if family == "arcee"
+             else NemotronForCausalLM(NemotronConfig(**common, partial_rotary_factor=0.5))).eval()
+    randomize_norms(model, 0.0 if family == "nemotron" else 1.0)  # LayerNorm1P's weight is its gain less one
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["Relu"] == LAYERS and figures["ops"]["Mul"] >= LAYERS  # relu(x) * relu(x)
+    assert figures["max_nodes_per_block"] <= 12
+    assert_matches_torch(model, tmp_path)
+
+
 # ---------------------------------------------------------------------- post-norms, two rotaries, NoPE, caps
 def randomize_norms(model, mean: float):
     """Norm weights away from their neutral value (Gemma's 0, others' 1), so that a missed norm would show."""

@@ -166,6 +166,12 @@ def _family_specs() -> dict:
         # blocks, interleaved rotary; head_dim 16 (the fused graph)
         "cohere": (T.CohereConfig, {lm: T.CohereForCausalLM},
                    dict(dec, hidden_size=64, num_key_value_heads=2, use_qk_norm=True)),
+        # squared-ReLU plain MLPs (up / down): Arcee with RMSNorms, Nemotron / Minitron with LayerNorm1P and partial
+        # rotary; head_dim 32 (the fused graph)
+        "arcee": (T.ArceeConfig, {lm: T.ArceeForCausalLM},
+                  dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32)),
+        "nemotron": (T.NemotronConfig, {lm: T.NemotronForCausalLM},
+                     dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5)),
         # ELECTRA: embeddings narrower than the hidden width (embedding_size), embeddings_project maps them up
         "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
                     dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
@@ -210,8 +216,8 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2",
-                "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "arcee", "nemotron", "bloom", "mpt", "biogpt", "gptj",
+                "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

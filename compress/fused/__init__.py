@@ -1,8 +1,8 @@
 """Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2,
-Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 1-2, SmolLM3, Granite, Cohere, EXAONE 4,
-Mixtral, Qwen2/3-MoE, OLMoE),
-gpt2.py (GPT-2-shaped: GPT-2, OPT, BioGPT), neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential
-blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J, CodeGen, BLOOM, MPT); graph.py holds what they share.
+Mistral incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 1-3, SmolLM3, Granite, Cohere, EXAONE 4,
+GLM-4, ERNIE 4.5, Arcee, Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE), gpt2.py (GPT-2-shaped: GPT-2, OPT, BioGPT),
+neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J,
+CodeGen, BLOOM, MPT, Nemotron); graph.py holds what they share.
 
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then
@@ -13,7 +13,7 @@ from ..architecture import find
 from ..errors import UnsupportedModelError
 from ..pruning.lowrank import LowRankEmbedding
 from .gpt2 import build_gpt2, is_gpt2
-from .graph import rotary
+from .graph import is_layer_norm, rotary
 from .llama import build_llama
 from .neox import build_neox
 
@@ -23,10 +23,11 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
     run once against torch before it is kept (`_SelfCheck`); a graph that fails it is written again under
     the other readings of what the module tree does not say (`_readings`), until one passes or none is left.
 
-    A gated MLP (gate / up / down or a packed gate_up), or a mixture of gated experts, goes to the Llama writer; a plain
-    MLP with a rotary embedding, q/k/v packed per head, or no learned position table, to the GPT-NeoX writer (which
-    reads rotary or ALiBi positions and refuses a model with neither); the rest (learned positions, one packed [q | k |
-    v] projection or separate q / k / v) to the GPT-2 writer."""
+    A gated MLP (gate / up / down or a packed gate_up), a mixture of gated experts, or a plain MLP in blocks normed
+    otherwise than by LayerNorms (Arcee's RMSNorms) goes to the Llama writer; a plain MLP with a rotary embedding,
+    q/k/v packed per head, or no learned position table, to the GPT-NeoX writer (which reads rotary or ALiBi positions
+    and refuses a model with neither); the rest (learned positions, one packed [q | k | v] projection or separate q / k
+    / v) to the GPT-2 writer."""
     if isinstance(model.get_input_embeddings(), LowRankEmbedding):  # the layout finder would only say 'no embedding'
         raise UnsupportedModelError("fused export: the writers take a plain embedding table, and "
                                     "lowrank.embedding_rank factorized this one (its linear layers alone are fine)")
@@ -36,7 +37,8 @@ def build_fused(model, path, *, max_length: int | None = None) -> dict:
         raise UnsupportedModelError(f"fused export: {exc}") from exc
     refuse_clipped_qkv(model)
     b = arch.blocks[0]
-    if arch.moe_blocks() or b.mlp.kind in ("gated", "fused_gated"):  # mixtures of gated experts too
+    rms = b.mlp.kind == "plain" and not all(is_layer_norm(arch.module(n)) for n in b.norms)  # the others' LayerNorms
+    if arch.moe_blocks() or b.mlp.kind in ("gated", "fused_gated") or rms:  # mixtures of gated experts too
         writer, build = "Llama", build_llama
     elif rotary(model, arch) is not None or not is_gpt2(model, arch):  # rotary or ALiBi (MPT: no position table)
         writer, build = "GPT-NeoX", build_neox

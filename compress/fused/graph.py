@@ -218,20 +218,23 @@ def rms_weight(norm, name: str) -> tuple[np.ndarray, float]:
 # activation -> how the writers compute it; recognized by its values, whatever the module's class
 GELU_TANH = lambda x: 0.5 * x * (1 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3)))  # noqa: E731
 ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": GELU_TANH,
-               "gelu": lambda x: torch.nn.functional.gelu(x), "relu": torch.relu}
+               "gelu": lambda x: torch.nn.functional.gelu(x), "relu": torch.relu,
+               "relu2": lambda x: torch.relu(x) ** 2}  # squared ReLU: Nemotron / Minitron, Arcee
 
 
 # a plain MLP's activation (ACTIVATIONS' names) -> the com.microsoft op taking the input projection's bias:
-# FastGelu = the tanh approximation, BiasGelu = erf; a ReLU is Add (the bias) + Relu
+# FastGelu = the tanh approximation, BiasGelu = erf; a ReLU is Add (the bias) + Relu, a squared one a Mul more
 GELU_OPS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
-PLAIN_MLP_ACTS = (*GELU_OPS, "relu")
+PLAIN_MLP_ACTS = (*GELU_OPS, "relu", "relu2")
 
 
 def plain_mlp_in(g: "_Graph", x: str, fc_in, act: str, name: str) -> str:
     """act(x @ fc_in + bias), a plain MLP's first half: MatMul, then FastGelu / BiasGelu with the bias as their
-    input (a zero bias where fc_in has none: both ops take one), or Add + Relu. `name` is the projection's."""
-    if act == "relu":
-        return g.op("Relu", [g.linear(x, [fc_in], name)], f"{name}/act/Relu")
+    input (a zero bias where fc_in has none: both ops take one), or Add + Relu (+ Mul by itself: squared).
+    `name` is the projection's."""
+    if act in ("relu", "relu2"):
+        r = g.op("Relu", [g.linear(x, [fc_in], name)], f"{name}/act/Relu")
+        return r if act == "relu" else g.op("Mul", [r, r], f"{name}/act/Square")
     h, bias = g.linear(x, [fc_in], name, keep_bias=True)
     if bias is None:
         bias = g.const(f"{_param(name)}.bias", np.zeros(_out_features(fc_in), np.float32))
@@ -250,7 +253,7 @@ def activation(act, name: str, label: str | None = None) -> str:
             if torch.allclose(y, fn(x), rtol=0, atol=1e-5):
                 return key
     raise UnsupportedModelError(f"fused export: {name} {label!r} is not supported (supported: silu, gelu "
-                                "(erf), gelu with the tanh approximation, relu)")
+                                "(erf), gelu with the tanh approximation, relu, squared relu)")
 
 
 def config_activation(config) -> str | None:
@@ -724,15 +727,17 @@ def rms_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, las
 
 
 def layer_norm(g: _Graph, norm, pending: str | None, residual: str, name: str, bias: str | None = None,
-               last: bool = False):
+               last: bool = False, params: tuple | None = None):
     """LayerNorm (with beta) of residual + pending (+ `bias`, the bias of the projection that wrote pending):
     one SkipLayerNormalization, (normed, the new residual). `residual` may be [S, hidden], broadcast over the
-    batch (GPT-2's position embeddings). Nothing pending: a LayerNormalization of `residual` (itself returned)."""
-    if not is_layer_norm(norm):
+    batch (GPT-2's position embeddings). Nothing pending: a LayerNormalization of `residual` (itself returned).
+    `params`: layer_norm_params(norm), where the caller has them."""
+    params = params or layer_norm_params(norm)
+    if params is None:
         raise UnsupportedModelError(f"fused export: {name} is a {type(norm).__name__}; the writer takes a LayerNorm "
                                     "(x - mean) / std (* weight) (+ bias)")
     param = _param(name)
-    weight, beta, eps = _layer_norm_params(norm)
+    weight, beta, eps = params
     gamma = g.const(param + ".weight", weight)
     beta = g.const(param + ".bias", beta)
     if pending is None:
@@ -762,7 +767,7 @@ def _layer_norm_params(norm) -> tuple[np.ndarray, np.ndarray, float]:
 def _measured_eps(norm, weight: np.ndarray, bias: np.ndarray) -> float:
     """The epsilon of a norm that does not say it: on a row of +-a (variance a^2) (y - bias) / weight =
     x / sqrt(a^2 + eps), so eps = (x / that)^2 - a^2, read to two significant digits with a^2 no more than 1000
-    x eps (a = 1e-3 for 1e-5; smaller for BERT's 1e-12); a norm of another kind then fails is_layer_norm's
+    x eps (a = 1e-3 for 1e-5; smaller for BERT's 1e-12); a norm of another kind then fails layer_norm_params'
     comparison."""
     k = int(np.argmax(np.abs(weight)))  # a channel the weight does not zero
     for a in (1e-3, 1e-5, 1e-7):
@@ -784,21 +789,29 @@ def _like(x: torch.Tensor, norm) -> torch.Tensor:
     return x if p is None else x.to(p)
 
 
-def is_layer_norm(norm) -> bool:
-    """Whether `norm` computes (x - mean) / sqrt(var + eps) (* weight) (+ bias), found by running it: nn.LayerNorm,
-    or a class of a family's own (Cohere's LayerNorm without a bias; OLMo's without weights)."""
+def layer_norm_params(norm) -> tuple[np.ndarray, np.ndarray, float] | None:
+    """(gain, bias, epsilon) of a norm computing (x - mean) / sqrt(var + eps) * gain (+ bias), found by running it:
+    nn.LayerNorm, or a class of a family's own (Cohere's LayerNorm without a bias; OLMo's without weights;
+    Nemotron's LayerNorm1P, whose weight is gain - 1); None for any other norm."""
     w = getattr(norm, "weight", None)
     if w is None and not isinstance(getattr(norm, "normalized_shape", None), tuple):
-        return False
+        return None
     if w is not None and (not isinstance(w, torch.Tensor) or w.dim() != 1):
-        return False
+        return None
     weight, bias, eps = _layer_norm_params(norm)
     x = _like(torch.randn(3, weight.shape[0], generator=torch.Generator().manual_seed(0)), norm)
     with torch.no_grad():
         y = norm(x)
-    want = torch.nn.functional.layer_norm(x.float().cpu(), (weight.shape[0],), torch.from_numpy(weight),
-                                          torch.from_numpy(bias), eps)
-    return _close(y.cpu(), want.to(y.dtype))
+    for gain in (weight, 1 + weight):
+        want = torch.nn.functional.layer_norm(x.float().cpu(), (weight.shape[0],), torch.from_numpy(gain),
+                                              torch.from_numpy(bias), eps)
+        if _close(y.cpu(), want.to(y.dtype)):
+            return gain, bias, eps
+    return None
+
+
+def is_layer_norm(norm) -> bool:
+    return layer_norm_params(norm) is not None
 
 
 def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str, layers: int, **figures) -> dict:

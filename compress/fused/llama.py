@@ -47,6 +47,9 @@ Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), Simplif
 Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes); Cohere's LayerNorms with gains per head
 are a LayerNormalization with unit gains and a Mul by them (9 nodes).
 
+A plain MLP (up, activation, down) in blocks with RMSNorms (Arcee's squared ReLU) is up's MatMul, the activation
+(a Relu and a Mul by itself) and down's MatMul.
+
 A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE) is ONNX Runtime's MoE op: the router's MatMul on
 the rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob says
 not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the CPU kernel's SwiGLU
@@ -96,10 +99,10 @@ import torch
 
 from ..architecture import ACTIVATIONS, GATED, Architecture, find
 from ..errors import UnsupportedModelError
-from .graph import (MS, _close, _Graph, _is_linear, _np, _out_features, _param, activation, block_norms,
-                    check_outside_blocks, config_activation, fit_scale, io_info, is_layer_norm, is_tied, kv_io,
-                    layer_norm, layer_rotaries, lm_head, longrope_positions, mask_lengths, output_file, probe_block,
-                    rms_norm, rope_caches, save)
+from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _np, _out_features, _param, activation,
+                    block_norms, check_outside_blocks, config_activation, fit_scale, io_info, is_tied, kv_io,
+                    layer_norm, layer_norm_params, layer_rotaries, lm_head, longrope_positions, mask_lengths,
+                    output_file, plain_mlp_in, probe_block, rms_norm, rope_caches, save)
 
 
 def _window(model, attn, i: int) -> int | None:
@@ -117,9 +120,10 @@ def _window(model, attn, i: int) -> int | None:
 def _check(model, arch: Architecture) -> dict:
     """Refuse what the writer cannot write, naming the part; what probe_block found in block 0."""
     for i, b in enumerate(arch.blocks):
-        if b.mlp.kind not in ("gated", "fused_gated", "moe"):
+        if b.mlp.kind not in ("gated", "fused_gated", "moe", "plain"):
             raise UnsupportedModelError(f"fused export: the Llama writer takes a gated MLP (gate / up / down or "
-                                        f"gate_up / down) or a mixture of them; {b.mlp.name} is {b.mlp.kind}")
+                                        f"gate_up / down), a mixture of them or a plain one; {b.mlp.name} is "
+                                        f"{b.mlp.kind}")
         if b.attn.qkv_layout not in ("separate", "blocks"):
             raise UnsupportedModelError(f"fused export: {b.attn.qkv} packs q/k/v per head (rows [q k v] of head 0, "
                                         "of head 1, ...); the Llama writer takes separate q/k/v or one [q | k | v] "
@@ -265,6 +269,13 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
     mlp = arch.blocks[i].mlp
     if mlp.kind == "moe":
         return _moe(g, arch, i, x, p, scale)
+    if mlp.kind == "plain":  # up -> activation -> down (Arcee's squared ReLU)
+        act = activation(arch.mlp_act(i), "activation", act_label)
+        if act not in PLAIN_MLP_ACTS:
+            raise UnsupportedModelError(f"fused export: a plain MLP's activation {act_label or act!r} is not "
+                                        f"supported (the Llama writer's plain MLPs take {', '.join(PLAIN_MLP_ACTS)})")
+        h = plain_mlp_in(g, x, arch.module(mlp.ins[0]), act, f"{p}/mlp/up_proj")
+        return g.linear(h, [arch.module(mlp.out)], f"{p}/mlp/down_proj", scale=scale)
     ins = [arch.module(n) for n in mlp.ins]
     if mlp.kind == "fused_gated" or all(_is_linear(m) for m in ins):
         halves = [_out_features(ins[0]) // 2] * 2 if mlp.kind == "fused_gated" else [_out_features(m) for m in ins]
@@ -286,8 +297,8 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
 def _norm(g: _Graph, norm, pending: str | None, residual: str, name: str, last: bool = False):
     """The block's and the final norms: RMSNorm (Llama's), or LayerNorm with its bias (StableLM's) or without
     (Cohere's)."""
-    if is_layer_norm(norm):
-        return layer_norm(g, norm, pending, residual, name, last=last)
+    if params := layer_norm_params(norm):
+        return layer_norm(g, norm, pending, residual, name, last=last, params=params)
     return rms_norm(g, norm, pending, residual, name, last=last)
 
 

@@ -1,20 +1,21 @@
 """An op-by-op ONNX writer for LayerNorm decoders with rotary or ALiBi positions and a plain MLP (transformers'
-GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with
-alibi; GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; MptForCausalLM; or any model_type with that layout), fp32.
+GPTNeoXForCausalLM: Pythia; PhiForCausalLM: Phi-1.5 / Phi-2; FalconForCausalLM in Falcon-7B's layout or with alibi;
+GPTJForCausalLM; CodeGenForCausalLM; BloomForCausalLM; MptForCausalLM; NemotronForCausalLM; or any model_type with
+that layout), fp32.
 
-Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed per
-head in one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered here into [Q
-heads | K heads | V heads], so GroupQueryAttention reads one packed input), per KV head [its q heads, k, v]
-(Falcon-40B's, reordered the same way), packed [q heads | k heads | v heads] (Falcon's multi-query: one KV head),
-in chunks of [q v k] (CodeGen's), or separate (Phi's); a rotary embedding over
-all of each head's channels or the first rotary_dim of them (GPT-NeoX's rotary_pct, Phi's partial_rotary_factor,
-GPT-J's rotary_dim with the frequencies read back from the table it keeps: GroupQueryAttention rotates as many
-channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi bias (BLOOM, Falcon with alibi, MPT:
-GroupQueryAttention's attention_bias, slope x key position computed once per run from the slopes the model itself
-hands its blocks); LayerNorms, one of the embeddings where block 0 reads them normed (BLOOM), a final LayerNorm; a
-plain MLP with a GELU; the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's
-use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon),
-or sequentially with two norms.
+Told by structure (compress.architecture.find plus graph.py's probe_block), not by model_type: q/k/v packed per head in
+one projection (GPT-NeoX's query_key_value, rows [q k v] of head 0, of head 1, ...: reordered here into [Q heads | K
+heads | V heads], so GroupQueryAttention reads one packed input), per KV head [its q heads, k, v] (Falcon-40B's,
+reordered the same way), packed [q heads | k heads | v heads] (Falcon's multi-query: one KV head), in chunks of [q v k]
+(CodeGen's), or separate (Phi's); a rotary embedding over all of each head's channels or the first rotary_dim of them
+(GPT-NeoX's rotary_pct, Phi's partial_rotary_factor, GPT-J's rotary_dim with the frequencies read back from the table it
+keeps: GroupQueryAttention rotates as many channels as its cos / sin caches are wide, a multiple of 16), or an ALiBi
+bias (BLOOM, Falcon with alibi, MPT: GroupQueryAttention's attention_bias, slope x key position computed once per run
+from the slopes the model itself hands its blocks); LayerNorms (Nemotron's LayerNorm1P: the gain stored less one), one
+of the embeddings where block 0 reads them normed (BLOOM), a final LayerNorm; a plain MLP with a GELU, a ReLU or a
+squared ReLU (Nemotron); the block wired in parallel, x + attn(norm_1(x)) + mlp(norm_2(x)) (GPT-NeoX's
+use_parallel_residual, the default) or with one norm read by both, x + attn(norm(x)) + mlp(norm(x)) (Phi, Falcon), or
+sequentially with two norms.
 
     attention_mask -> seqlens_k, total_sequence_length (once, shared by all layers); ALiBi: the bias too
     input_ids -> Gather (embed_in) (-> LayerNormalization, BLOOM)
@@ -36,8 +37,8 @@ the layout and names of the other writers' graphs, so compress.edge's shared-cac
 quantizers take it unchanged.
 
 Refused with UnsupportedModelError: head_dim not a multiple of 8 (with rotary: it and the rotary width not a
-multiple of 16); sequence-length dependent rope types, activations other than the GELUs and ReLU, q / k norms
-(Phi's qk_layernorm), non-LayerNorm norms, an embedding scale before block 0, a projection outside the
+multiple of 16); sequence-length dependent rope types, activations other than the GELUs and (squared) ReLU, q / k
+norms (Phi's qk_layernorm), non-LayerNorm norms, an embedding scale before block 0, a projection outside the
 blocks besides the LM head, modules other than nn.Linear / LowRankLinear, fp16/bf16 graphs, head-pruned ALiBi
 models (the slopes follow the config's head count); what none of these shows by build_fused's check of the
 logits."""
@@ -73,7 +74,8 @@ def _check(model, arch: Architecture) -> tuple[dict, str | None, str]:
         act = activation(arch.mlp_act(i), "activation", config_activation(cfg))
         if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: activation {config_activation(cfg) or act!r} is not "
-                                        "supported by the GPT-NeoX writer (it takes the GELUs and ReLU)")
+                                        "supported by the GPT-NeoX writer (it takes the GELUs and the (squared) "
+                                        "ReLU)")
     probe = probe_block(model, arch)
     embed_norm = embedding_norm(arch, probe)
     final = check_outside_blocks(model, arch, "GPT-NeoX", embed_norm)
