@@ -63,17 +63,18 @@ class EdgeModel:
     def __init__(self, path: str | os.PathLike, providers: list[str] | None = None, threads: int | None = None,
                  session_options: "ort.SessionOptions | None" = None, shared_cache: bool | None = None,
                  verify: bool | None = None):
-        """`verify`: check the files against manifest.json's sizes and sha256; None: where the manifest has a
-        table of files (a bare ONNX folder has none to check), True: a folder without one is refused."""
+        """`verify`: check the files against manifest.json's sizes and sha256; None: where there is a manifest.json
+        (a compress bundle; a bare ONNX folder has none to check), True: a folder without one is refused."""
         self.path = Path(path)
         if not self.path.exists():
             raise FileNotFoundError(f"{self.path} not found: give the directory of an exported checkpoint")
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
             self.path = self.path.parent
+        bundle = (self.path / "manifest.json").exists()  # not its "files": deleting them would skip the check
         self.manifest = _read_json(self.path / "manifest.json")
-        check = verify or (verify is None and "files" in self.manifest)
-        if check and (self.manifest or onnx_file.exists()):  # a folder with neither is no bundle: said below
+        check = bundle if verify is None else verify
+        if check and (bundle or onnx_file.exists()):  # a folder with neither is no bundle: said below
             _verify_files(self.path, self.manifest)  # first: a listed model.onnx that is gone is named as missing
         if not onnx_file.exists():
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")

@@ -266,6 +266,20 @@ def test_the_runner_refuses_an_edited_manifest_as_compress_load_does(tmp_path):
     assert EdgeModel(path, verify=False).task == "causal-lm"
 
 
+def test_deleting_the_file_table_does_not_turn_the_check_off(tmp_path):
+    """EdgeModel checked the files only where the manifest had a "files" key: deleting it (no content hash
+    redone) skipped the check, and an edited config.json was used. A folder with a manifest.json is checked."""
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    manifest = json.loads((path / "manifest.json").read_text())
+    del manifest["files"]
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    config = path / "config.json"
+    config.write_text(config.read_text().replace("{", '{"id2label": {"0": "x"}, ', 1))
+    with pytest.raises(ValueError, match="manifest.json has no table of files to check"):
+        EdgeModel(path)
+    assert EdgeModel(path, verify=False).config["id2label"] == {"0": "x"}  # only when asked to skip it
+
+
 def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a_link(tmp_path):
     """compress.load refuses unlisted files; the runner read an added generation_config.json (its eos ids) or
     followed a link put where a listed file was."""
