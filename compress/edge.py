@@ -75,7 +75,8 @@ class EdgeModel:
         self.manifest = _read_json(self.path / "manifest.json")
         check = bundle if verify is None else verify
         if check and (bundle or onnx_file.exists()):  # a folder with neither is no bundle: said below
-            _verify_files(self.path, self.manifest)  # first: a listed model.onnx that is gone is named as missing
+            # first: a listed model.onnx that is gone is named as missing
+            _verify_files(self.path, self.manifest, onnx_file.name)
         if not onnx_file.exists():
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
         self.config = _read_json(self.path / "config.json")
@@ -406,9 +407,9 @@ _READS = ("model.onnx", "model.onnx.data", "config.json", "generation_config.jso
           "tokenizer_config.json")  # what the runner opens besides manifest.json
 
 
-def _verify_files(folder: Path, manifest: dict) -> None:
+def _verify_files(folder: Path, manifest: dict, model_file: str = "model.onnx") -> None:
     """ValueError unless the manifest lists files and every one is there with its size and sha256 (what
-    compress.checkpoint.verify checks of them)."""
+    compress.checkpoint.verify checks of them), the graph `model_file` among them."""
     import hashlib
 
     files = manifest.get("files")
@@ -426,7 +427,7 @@ def _verify_files(folder: Path, manifest: dict) -> None:
             "table cannot be trusted; export it again, or skip the check (--no-verify)" if "content" not in manifest
             else "its kind, task, dtype, structure, quantization or file table was changed after the checkpoint "
                  "was written (its content hash differs); copy the checkpoint again"))
-    for name in _READS:  # a file the runner reads must be one the checkpoint was written with
+    for name in (*_READS, model_file):  # a file the runner reads must be one the checkpoint was written with
         if name not in files and (folder / name).exists():
             raise ValueError(f"{folder / name} is not in manifest.json's table of files, and the runner reads it: "
                              "added after the checkpoint was written; remove it, or copy the checkpoint again")

@@ -300,6 +300,20 @@ def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a
         EdgeModel(path)
 
 
+def test_a_graph_file_the_manifest_does_not_list_is_refused(tmp_path):
+    """Given a file (DIR/other.onnx) the runner checked the folder's listed files, then ran the unlisted graph."""
+    import shutil
+
+    path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
+    shutil.copy(path / "model.onnx", path / "other.onnx")
+    proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path / "other.onnx"), "hi"],
+                          capture_output=True, text=True, timeout=120, env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"error: {path / 'other.onnx'} is not in manifest.json's table of files" in proc.stderr
+    assert EdgeModel(path / "model.onnx").task == "causal-lm"  # the listed graph, named as a file
+    assert EdgeModel(path / "other.onnx", verify=False).task == "causal-lm"  # unchecked only when asked
+
+
 def test_a_negative_max_new_tokens_is_refused_by_both_loops(tmp_path):
     """The plain loop returned the prompt for max_new_tokens < 0 while the shared-cache loop sized its buffers
     below the prompt and failed inside ONNX Runtime; both refuse it now (0 still returns the prompt)."""
