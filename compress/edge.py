@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 from pathlib import Path
 
@@ -71,15 +72,15 @@ class EdgeModel:
         onnx_file = self.path / "model.onnx" if self.path.is_dir() else self.path
         if self.path.is_file():
             self.path = self.path.parent
+        self.manifest = _read_json(self.path, "manifest.json")  # refuses a pipe, a folder, a link out of the folder
         bundle = (self.path / "manifest.json").exists()  # not its "files": deleting them would skip the check
-        self.manifest = _read_json(self.path / "manifest.json")
         check = bundle if verify is None else verify
         if check and (bundle or onnx_file.exists()):  # a folder with neither is no bundle: said below
             # first: a listed model.onnx that is gone is named as missing
             _verify_files(self.path, self.manifest, onnx_file.name)
         if not onnx_file.exists():
             raise FileNotFoundError(f"{onnx_file} not found: give the directory of an exported checkpoint")
-        self.config = _read_json(self.path / "config.json")
+        self.config = _read_json(self.path, "config.json")
         opts = session_options or ort.SessionOptions()  # e.g. with profiling enabled
         if threads:
             opts.intra_op_num_threads = int(threads)
@@ -309,15 +310,16 @@ class EdgeModel:
         if self._tokenizer is None:
             from tokenizers import Tokenizer
 
-            file = self.path / "tokenizer.json"
-            if not file.exists():
-                raise FileNotFoundError(f"{file} not found: the checkpoint has no fast tokenizer")
+            file = _regular(self.path, "tokenizer.json")
+            if file is None:
+                raise FileNotFoundError(f"{self.path / 'tokenizer.json'} not found: the checkpoint has no fast "
+                                        "tokenizer")
             try:
                 self._tokenizer = Tokenizer.from_file(str(file))
             except Exception as exc:  # noqa: BLE001 - tokenizers raises a bare Exception on a file it cannot parse
                 raise ValueError(f"{file} cannot be read by tokenizers ({exc}): damaged, or written by a newer "
                                  "tokenizers than this one; copy the checkpoint again or upgrade tokenizers") from None
-            tcfg = _read_json(self.path / "tokenizer_config.json")
+            tcfg = _read_json(self.path, "tokenizer_config.json")
             pad = _token_text(tcfg.get("pad_token"))
             if pad is not None and not isinstance(pad, str):
                 raise ValueError(f"{self.path / 'tokenizer_config.json'}: pad_token is {pad!r}, not a token's text: "
@@ -349,7 +351,7 @@ class EdgeModel:
     def generate_text(self, prompt: str, max_new_tokens: int = 32) -> str:
         ids, mask = self.encode(prompt)
         # generation_config.json's ids first, as transformers' generate reads them (chat models list several)
-        eos = _read_json(self.path / "generation_config.json").get("eos_token_id", self.config.get("eos_token_id"))
+        eos = _read_json(self.path, "generation_config.json").get("eos_token_id", self.config.get("eos_token_id"))
         listed = eos if isinstance(eos, list) else [] if eos is None else [eos]
         if not all(type(i) is int for i in listed):  # "2" or 2.5 read as an id, a dict raised a TypeError
             raise ValueError(f"eos_token_id is {eos!r} in {self.path / 'generation_config.json'} (or config.json): "
@@ -389,9 +391,31 @@ def max_positions(meta: dict, config: dict) -> tuple[int | None, str]:
     return limit, f"{key} in config.json"
 
 
-def _read_json(path: Path) -> dict:
-    """The JSON object in `path` ({} when there is no such file); ValueError naming the file when it holds none."""
-    if not path.exists():
+def _regular(folder: Path, name: str) -> Path | None:
+    """`folder / name` if it is a regular file inside `folder`, None if there is nothing there; ValueError for a
+    folder, pipe or device (reading a pipe waits forever) or a link out of the folder (compress.checkpoint's
+    rule, which this self-contained file cannot import)."""
+    path = folder / name
+    try:
+        mode = os.stat(path).st_mode  # follows links: what open() would read
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # e.g. a listed "config.json/x", config.json being no folder
+        raise ValueError(f"{path} cannot be read ({exc.strerror}): the checkpoint is damaged; copy it again") from None
+    if not path.resolve().is_relative_to(folder.resolve()):
+        raise ValueError(f"{path} is a link to {path.resolve()}, outside the checkpoint's folder: copy the checkpoint "
+                         "again (with cp -L or rsync -L)")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"{path} is not a regular file (a folder, pipe or device): the checkpoint is damaged; copy it "
+                         "again")
+    return path
+
+
+def _read_json(folder: Path, name: str) -> dict:
+    """The JSON object in `folder / name` ({} when there is no such file); ValueError naming the file when it
+    holds none or is no regular file inside the folder."""
+    path = _regular(folder, name)
+    if path is None:
         return {}
     try:
         data = json.loads(path.read_text())
@@ -443,10 +467,13 @@ def _verify_files(folder: Path, manifest: dict, model_file: str = "model.onnx") 
         if not isinstance(meta.get("sha256"), str):
             raise ValueError(f"{folder / 'manifest.json'} lists {name} without a sha256 to check it against: damaged; "
                              "copy the checkpoint again, or skip the check (--no-verify)")
-        if not f.is_file():
+        if type(meta.get("size")) is not int:  # "678" printed as 678 read "is 678 bytes where ... says 678"
+            raise ValueError(f"{folder / 'manifest.json'} lists {name} with size {meta.get('size')!r}, not a whole "
+                             "number of bytes: damaged; copy the checkpoint again, or skip the check (--no-verify)")
+        if _regular(folder, name) is None:
             raise ValueError(f"{f} is missing: the checkpoint is incomplete; copy it again")
-        if f.stat().st_size != meta.get("size"):
-            raise ValueError(f"{f} is {f.stat().st_size} bytes where manifest.json says {meta.get('size')}: "
+        if f.stat().st_size != meta["size"]:
+            raise ValueError(f"{f} is {f.stat().st_size} bytes where manifest.json says {meta['size']}: "
                              "truncated or changed; copy the checkpoint again")
         h = hashlib.sha256()
         with open(f, "rb") as fh:

@@ -1,6 +1,8 @@
 """The edge runner copied into an exported bundle runs without torch or transformers."""
 import json
+import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -95,8 +97,8 @@ def test_edge_module_imports_only_onnxruntime_numpy_tokenizers():
     tree = ast.parse(Path(compress.edge.__file__).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
-    assert roots <= {"__future__", "hashlib", "json", "os", "sys", "pathlib", "argparse", "numpy", "onnxruntime",
-                     "tokenizers"}, roots
+    assert roots <= {"__future__", "hashlib", "json", "os", "stat", "sys", "pathlib", "argparse", "numpy",
+                     "onnxruntime", "tokenizers"}, roots
 
 
 def test_bundle_refuses_damaged_files_and_misuse_in_one_line(tmp_path):
@@ -283,8 +285,6 @@ def test_deleting_the_file_table_does_not_turn_the_check_off(tmp_path):
 def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a_link(tmp_path):
     """compress.load refuses unlisted files; the runner read an added generation_config.json (its eos ids) or
     followed a link put where a listed file was."""
-    import shutil
-
     from compress.edge import _READS
 
     path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
@@ -302,8 +302,6 @@ def test_the_runner_refuses_a_file_it_reads_that_the_manifest_does_not_list_or_a
 
 def test_a_graph_file_the_manifest_does_not_list_is_refused(tmp_path):
     """Given a file (DIR/other.onnx) the runner checked the folder's listed files, then ran the unlisted graph."""
-    import shutil
-
     path = bundle(tiny_llama(), "causal-lm", "causal", tmp_path)
     shutil.copy(path / "model.onnx", path / "other.onnx")
     proc = subprocess.run([sys.executable, str(path / "edge_runner.py"), str(path / "other.onnx"), "hi"],
@@ -312,6 +310,54 @@ def test_a_graph_file_the_manifest_does_not_list_is_refused(tmp_path):
     assert f"error: {path / 'other.onnx'} is not in manifest.json's table of files" in proc.stderr
     assert EdgeModel(path / "model.onnx").task == "causal-lm"  # the listed graph, named as a file
     assert EdgeModel(path / "other.onnx", verify=False).task == "causal-lm"  # unchecked only when asked
+
+
+@pytest.fixture(scope="module")
+def llama_bundle(tmp_path_factory):
+    return bundle(tiny_llama(), "causal-lm", "causal", tmp_path_factory.mktemp("llama"))
+
+
+def _rehashed(change):
+    def edit(path, _):
+        manifest = json.loads((path / "manifest.json").read_text())
+        change(manifest["files"])
+        manifest["content"] = content_hash(manifest)
+        (path / "manifest.json").write_text(json.dumps(manifest))
+    return edit
+
+
+def _replace(name, how):
+    def edit(path, outside):
+        shutil.move(path / name, outside / name)
+        how(path / name, outside / name)
+    return edit
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_replace("manifest.json", lambda f, _: os.mkfifo(f)), "manifest.json is not a regular file"),  # it hung
+    (_replace("manifest.json", lambda f, _: f.mkdir()), "manifest.json is not a regular file"),
+    (_replace("manifest.json", lambda f, copy: f.symlink_to(copy)), "manifest.json is a link to {outside}"),
+    (_replace("config.json", lambda f, _: f.mkdir()), "config.json is not a regular file"),  # "is missing"
+    (_rehashed(lambda files: files["config.json"].update(size=str(files["config.json"]["size"]))),
+     "manifest.json lists config.json with size '{size}', not a whole number of bytes"),
+    (_rehashed(lambda files: files.update({"config.json/x": files["config.json"]})),
+     "config.json/x cannot be read (Not a directory)"),
+], ids=["manifest-pipe", "manifest-folder", "manifest-link-out", "listed-folder", "size-as-text", "under-a-file"])
+def test_a_manifest_or_listed_file_that_is_no_regular_file_in_the_folder_is_refused(llama_bundle, tmp_path, edit,
+                                                                                     expected):
+    """The runner opened manifest.json without compress.checkpoint's checks: a pipe hung it, a link to a copy
+    outside the folder was read, a folder was "[Errno 21] Is a directory"; a listed folder was "missing", and a
+    size "678" (text) read "is 678 bytes where manifest.json says 678"."""
+    path = shutil.copytree(llama_bundle, tmp_path / "bundle")
+    size = (path / "config.json").stat().st_size
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    edit(path, outside)
+    proc = subprocess.run([sys.executable, str(llama_bundle / "edge_runner.py"), str(path), "hi"], capture_output=True,
+                          text=True, timeout=60, env={"PYTHONDONTWRITEBYTECODE": "1", "PATH": ""})
+    err = proc.stderr
+    assert proc.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert f"error: {path}/" + expected.format(outside=outside / "manifest.json", size=size) in err, err
 
 
 def test_a_negative_max_new_tokens_is_refused_by_both_loops(tmp_path):
