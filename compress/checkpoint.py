@@ -293,6 +293,9 @@ def _member(path: Path, name: str) -> Path:
         st = os.stat(f)  # follows links: what open() would read
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing") from None
+    except OSError as exc:  # e.g. a listed "config.json/x", config.json being no folder
+        raise CheckpointError(f"checkpoint {path}: {name} cannot be read ({exc.strerror}); the manifest names a "
+                              "file the folder cannot hold. Re-run the pass or copy the checkpoint again.") from None
     if not f.resolve().is_relative_to(path.resolve()):
         raise CheckpointError(f"checkpoint {path}: {name} is a link to {f.resolve()}, outside the checkpoint "
                               "folder; refusing to read it")
