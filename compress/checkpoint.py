@@ -233,6 +233,8 @@ def read_manifest(path: str | os.PathLike) -> dict:
 
 # The file that must be in the table for each kind: what the loader starts from.
 _REQUIRED_FILE = {"torch": "config.json", "onnx": "model.onnx"}
+# Where from_pretrained reads a torch checkpoint's weights (the file save_pretrained writes, or its shards' index)
+_TORCH_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 _DTYPES = ("float32", "bfloat16", "float16", "float64")  # what model_dtype can record
 
 
@@ -254,6 +256,9 @@ def check_manifest(path: Path, manifest: dict) -> None:
     if _REQUIRED_FILE[kind] not in files:
         raise CheckpointError(f"{mf}: kind {kind} needs {_REQUIRED_FILE[kind]} in the file table, and it is not "
                               "there (wrong kind, or an incomplete checkpoint)")
+    if kind == "torch" and not any(name in files for name in _TORCH_WEIGHTS):
+        raise CheckpointError(f"{mf}: kind torch needs its weights ({' or '.join(_TORCH_WEIGHTS)}) in the file "
+                              "table, and neither is there (an incomplete checkpoint); re-run the pass")
     if dtype is not None and dtype not in _DTYPES:  # (bool, int8, float8: a traceback building or running the model)
         raise CheckpointError(f"{mf}: dtype {dtype!r} is not one a model loads in ({', '.join(_DTYPES)})")
     for name in ("parent", "pass", "info"):  # not in the content hash; lineage and passes read them as objects

@@ -261,7 +261,8 @@ def test_orders_that_cannot_run_on_factors_are_refused_before_any_work(ctx, tmp_
     folder = tmp_path / "factorized"
     folder.mkdir()
     manifest = {"kind": "torch", "task": "causal-lm", "format_version": FORMAT_VERSION, "structure": [
-        {"type": "lowrank_embedding", "rank": 8}], "files": {"config.json": {"size": 1, "sha256": "0" * 64}}}
+        {"type": "lowrank_embedding", "rank": 8}], "files": {name: {"size": 1, "sha256": "0" * 64}
+                                                            for name in ("config.json", "model.safetensors")}}
     (folder / "manifest.json").write_text(json.dumps({**manifest, "content": content_hash(manifest)}))
     with pytest.raises(ConfigError, match=r"passes.0 \(lowrank\) needs plain linear layers, but model.source "
                                           r"\(lowrank\) factorized them.*give the model it was factorized from"):

@@ -55,7 +55,8 @@ def test_a_checkpoint_source_starts_the_chain_as_it_is(tmp_path):
     def source(name, manifest):
         folder = tmp_path / name
         folder.mkdir()
-        files = {"model.onnx" if manifest["kind"] == "onnx" else "config.json": {"size": 1, "sha256": "0" * 64}}
+        names = ("model.onnx",) if manifest["kind"] == "onnx" else ("config.json", "model.safetensors")
+        files = {name: {"size": 1, "sha256": "0" * 64} for name in names}
         manifest = {**manifest, "format_version": FORMAT_VERSION, "files": files}
         (folder / "manifest.json").write_text(json.dumps({**manifest, "content": content_hash(manifest)}))
         return {**BASE, "model": {"source": str(folder)}}

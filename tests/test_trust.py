@@ -284,6 +284,23 @@ def _alter(name, how):
     return change
 
 
+def _weights_as(name):
+    """The weights renamed to `name` (None: deleted), the table rehashed and the structure dropped: the plain
+    from_pretrained path, which reads model.safetensors (or its shards' index), nothing else."""
+    def change(ckpt):
+        weights = ckpt / "model.safetensors"
+        if name is None:
+            weights.unlink()
+        else:
+            weights.rename(ckpt / name)
+
+        def edit(m):
+            entry = m["files"].pop("model.safetensors")
+            m.update(structure=[], files={**m["files"], **({name: entry} if name else {})})
+        _edit_manifest(ckpt, edit)
+    return change
+
+
 def _lie_about_size(ckpt):
     f = ckpt / "config.json"
     f.write_bytes(f.read_bytes() + b"\n")
@@ -446,6 +463,9 @@ BAD_INPUTS = [
                                                                                    "sha256": "0" * 64}})),
      "config.json/x cannot be read (Not a directory)"),
     ("file-unlisted-weights", "manifest", _add_file("zz-extra.safetensors"), "zz-extra.safetensors"),
+    ("weights-unlisted-and-gone", "manifest", _weights_as(None), "kind torch needs its weights (model.safetensors "
+     "or model.safetensors.index.json) in the file table"),
+    ("weights-renamed", "manifest", _weights_as("weights.safetensors"), "kind torch needs its weights"),
     ("file-unlisted-config", "manifest", _add_file("extra_config.json", b"{}"), "does not list: extra_config.json"),
     ("file-listed-bad-hash", "manifest", _add_file("notes.txt", listed=True), "notes.txt does not match"),
     ("weights-truncated", "manifest", _alter("model.safetensors", "truncate"), "model.safetensors has"),
