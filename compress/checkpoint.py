@@ -319,7 +319,7 @@ def _unlisted(path: Path, files: dict) -> list[str]:
 
 def verify(path: str | os.PathLike, manifest: dict | None = None, *, hashes: bool = True) -> None:
     """Raise CheckpointError unless the folder holds exactly the files of the manifest's table, each a regular
-    file inside the folder with the listed size and (with `hashes`) sha256."""
+    file inside the folder with the listed size and (with `hashes`) sha256, every shard a torch index names too."""
     path = Path(path)
     manifest = manifest or read_manifest(path)
     check_manifest(path, manifest)
@@ -342,6 +342,24 @@ def verify(path: str | os.PathLike, manifest: dict | None = None, *, hashes: boo
                 f"checkpoint {path} is corrupted: {name} does not match its sha256 in the manifest. "
                 "Re-run the pass or copy the checkpoint again."
             )
+    _check_shards(path, manifest["files"])
+
+
+def _check_shards(path: Path, files: dict) -> None:
+    """Every shard a torch checkpoint's index names is in the table: from_pretrained reads them all."""
+    index = _TORCH_WEIGHTS[1]
+    if index not in files:
+        return
+    try:
+        shards = set(json.loads((path / index).read_bytes())["weight_map"].values())
+    except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+        raise CheckpointError(f"checkpoint {path}: {index} is not a safetensors index ({type(exc).__name__}: "
+                              f"{exc}); re-run the pass") from None
+    missing = sorted(str(s) for s in shards if s not in files)
+    if missing:
+        raise CheckpointError(f"checkpoint {path}: {index} names shards the manifest does not list: "
+                              f"{', '.join(missing[:5])} (an incomplete checkpoint); re-run the pass or copy the "
+                              "checkpoint again")
 
 
 def _load_torch_model(path: Path, manifest: dict) -> nn.Module:

@@ -160,6 +160,25 @@ def test_a_listed_file_that_is_missing_is_named(lowrank_ckpt, tmp_path):
         compress.load(ckpt)
 
 
+def test_a_shard_the_index_names_that_the_table_does_not_list_is_refused(tiny_llama_dir, tmp_path):
+    """from_pretrained reads every shard a sharded checkpoint's index names: one dropped from the folder and a
+    rehashed table passed verification, then loading was a FileNotFoundError traceback."""
+    model, tok = load_model(str(tiny_llama_dir), "causal-lm")
+    ckpt = checkpoint.save(Artifact(kind="torch", task="causal-lm", tokenizer=tok, model=model), tmp_path / "ckpt")
+    (ckpt / "model.safetensors").unlink()
+    model.save_pretrained(ckpt, max_shard_size="40KB")
+    _edit_manifest(ckpt, lambda m: m.update(files=checkpoint._file_table(ckpt)))
+    shards = sorted(ckpt.glob("model-*.safetensors"))
+    ids = torch.arange(5, 20)[None]
+    with torch.no_grad():
+        assert len(shards) > 1 and torch.equal(compress.load(ckpt).model(ids).logits, model(ids).logits)
+    shards[-1].unlink()
+    _edit_manifest(ckpt, lambda m: m.update(files=checkpoint._file_table(ckpt)))
+    with pytest.raises(CheckpointError, match="model.safetensors.index.json names shards the manifest does not "
+                                              f"list: {shards[-1].name}"):
+        compress.load(ckpt)
+
+
 def test_a_rehashed_file_whose_manifest_lies_about_its_size_is_refused(lowrank_ckpt, tmp_path):
     ckpt = _copy(lowrank_ckpt, tmp_path / "ckpt")
     weights = ckpt / "model.safetensors"
