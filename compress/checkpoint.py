@@ -10,6 +10,7 @@ complete, so a crash never leaves something a later run could mistake for a fini
 safetensors or ONNX only: nothing is unpickled."""
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -90,6 +91,33 @@ def model_dtype(model: nn.Module) -> str:
         if p.is_floating_point():
             return str(p.dtype).removeprefix("torch.")
     return "float32"
+
+
+def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`model`, in place, in `dtype` as from_pretrained(dtype=) loads it: each float parameter and buffer in the
+    dtype its class makes it in under that default dtype (Llama's rotary inv_freq stays float32, which
+    model.to(dtype) rounds, changing the logits), one the class does not make (a structure's) in `dtype`."""
+    made = _made_dtypes(model, dtype)
+    for prefix, module in model.named_modules():
+        for store in (module._parameters, module._buffers):
+            for name, tensor in store.items():
+                if tensor is not None and tensor.is_floating_point():
+                    tensor.data = tensor.data.to(made.get(f"{prefix}.{name}" if prefix else name, dtype))
+    return model
+
+
+def _made_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """Name -> dtype of each float tensor the model's class makes under default dtype `dtype`, as from_pretrained
+    builds the model before loading its weights (here on the meta device: nothing allocated)."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            fresh = type(model)(copy.deepcopy(model.config))  # a copy: building may set fields of the config
+    finally:
+        torch.set_default_dtype(default)
+    tensors = [*fresh.named_parameters(remove_duplicate=False), *fresh.named_buffers(remove_duplicate=False)]
+    return {name: t.dtype for name, t in tensors if t.is_floating_point()}
 
 
 def _ordinary_permissions(folder: Path) -> None:
@@ -406,7 +434,7 @@ def _load_torch_model(path: Path, manifest: dict) -> nn.Module:
             f"(missing {really_missing[:5]}, unexpected {unexpected[:5]})"
         )
     if dtype != torch.float32:
-        model.to(dtype)
+        cast_model(model, dtype)
     return model.eval()
 
 

@@ -356,6 +356,41 @@ def test_torch_side_round_trip_in_fresh_process(tmp_path):
         assert 0 < err < (0.02 if method in ("torch-int8-dynamic", "bnb-int8") else 0.3), (arch, method, err)
 
 
+@pytest.mark.parametrize("method", ["bf16", "fp16"])
+@pytest.mark.parametrize("family, structured", [("llama", False), ("llama", True), ("gemma3", False)],
+                         ids=["llama", "llama-lowrank", "gemma3"])
+def test_a_dtype_cast_equals_its_reload_and_leaves_its_input_as_it_was(tmp_path, method, family, structured):
+    """model.to(dtype) also rounded Llama's rotary inv_freq (a buffer not saved), which from_pretrained keeps float32:
+    the cast model's logits differed from its reload (3.9e-3 in bf16, 4.9e-4 in fp16), and the input was cast in
+    place. Gemma 3's embed_scale is made in the default dtype, so it follows the cast; a structured checkpoint
+    (from_config, then its structure) reloads with the same dtypes as a stock one."""
+    from tiny_models import family_tokenizer, tiny_family
+
+    from compress.pruning.lowrank import apply_lowrank
+
+    model = tiny_family(family)
+    structure = [{"type": "lowrank", "ranks": {"model.layers.0.mlp.down_proj": 4}}] if structured else []
+    for entry in structure:
+        apply_lowrank(model, entry)
+    before = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    before.update({k: v.clone() for k, v in model.named_buffers()})  # with the ones not saved (inv_freq)
+    config_dtype = model.config.dtype
+    art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer(family), model=model, structure=structure)
+    out = get("quantize")(method=method).run(art, PassContext(task="causal-lm"))
+    after = {**model.state_dict(keep_vars=True), **dict(model.named_buffers())}
+    assert all(v.dtype == before[k].dtype and torch.equal(v, before[k]) for k, v in after.items())
+    assert model.config.dtype == config_dtype
+    reloaded = load(save(out, tmp_path / "cast")).model
+    dtypes = {k: v.dtype for k, v in out.model.named_buffers()}
+    assert dtypes == {k: v.dtype for k, v in reloaded.named_buffers()}
+    assert dtypes["model.rotary_emb.inv_freq"] == torch.float32
+    if family == "gemma3":
+        assert dtypes["model.embed_tokens.embed_scale"] == out.model.dtype
+    ids = torch.randint(5, 384, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(out.model(input_ids=ids).logits, reloaded(input_ids=ids).logits, rtol=0, atol=0)
+
+
 def test_fp32_cast_keeps_working(tmp_path):
     art = Artifact(kind="torch", task="causal-lm", tokenizer=tiny_tokenizer(), model=tiny_llama())
     out = get("quantize")(method="bf16").run(art, PassContext())

@@ -9,6 +9,7 @@ fails the pass with the numbers. Torch-side int8/4-bit layers are recorded as st
 rebuilds them (compress/quant/torch_side.py)."""
 from __future__ import annotations
 
+import copy
 import difflib
 import logging
 import tempfile
@@ -19,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .. import onnx_tools
-from ..checkpoint import Artifact
+from ..checkpoint import Artifact, cast_model
 from ..errors import ConfigError
 from ..options import search
 from ..logs import SUITE_LOGGER
@@ -342,7 +343,7 @@ class Quantize(Pass):
     # ------------------------------------------------------------------ torch side
     def _cast(self, model: Artifact) -> Artifact:
         dtype = DTYPE_METHODS[self.config.method]
-        module = model.model.to(dtype)
+        module = cast_model(copy.deepcopy(model.model), dtype)  # a copy: the input artifact keeps its weights
         module.config.dtype = dtype  # `config.json` then says what the weights are
         q = None if self.config.method == "fp32" else {"method": self.config.method, "bits": 16}
         return model.derive(model=module, quantization=q, info={"dtype": str(dtype).removeprefix("torch.")})
