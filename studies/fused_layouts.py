@@ -45,6 +45,15 @@ LAYOUTS = {
         "Phi3", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5, original_max_position_embeddings=32,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
                       "long_factor": [3.0 + 0.5 * i for i in range(8)]}),
+    "GLM-4 (norms after attention and MLP, packed gate_up, partial rotary)": _hf(
+        "Glm4", **DEC, num_key_value_heads=1, head_dim=32),
+    "ERNIE 4.5": _hf("Ernie4_5", **DEC, num_key_value_heads=1, head_dim=32),
+    "Seed-OSS (attention biases)": _hf("SeedOss", **DEC, num_key_value_heads=1, head_dim=32),
+    "OLMo 3 (post-norms, sliding layers)": _hf("Olmo3", **{**DEC, "num_hidden_layers": 4}, num_key_value_heads=1,
+                                               sliding_window=4),
+    "Arcee (RMSNorms, plain MLP with a squared ReLU)": _hf("Arcee", **DEC, num_key_value_heads=1, head_dim=32),
+    "Nemotron / Minitron (LayerNorm1P, squared ReLU, partial rotary)": _hf(
+        "Nemotron", **DEC, num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.5),
     "Granite, default multipliers": _hf("Granite", **DEC, num_key_value_heads=1),
     "Granite with multipliers": _hf("Granite", **DEC, num_key_value_heads=1, embedding_multiplier=12.0,
                                     residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0),
