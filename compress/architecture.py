@@ -28,6 +28,12 @@ SEPARATE_QKV = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"), ("q_l
 FUSED_QKV = {"qkv_proj": "blocks", "c_attn": "blocks", "Wqkv": "blocks", "query_key_value": "per_head"}
 ATTN_OUT = ("o_proj", "out_proj", "out_lin", "dense", "c_proj", "wo", "o", "Wo")  # MPNet: o; ModernBERT: Wo
 QK_NORMS = (("q_norm", "k_norm"), ("q_layernorm", "k_layernorm"))
+# experts held as [experts, ...] tensors instead of a ModuleList: (gate / up parameter, down parameter, layout).
+# out_in: [experts, 2 x inter, hidden], each expert's gate rows then its up rows, and [experts, hidden, inter]
+# (Granite-MoE's input_linear / output_linear); in_out_interleaved: [experts, hidden, 2 x inter], columns gate, up,
+# gate, up, ..., and [experts, inter, hidden], each with a bias per expert (gpt-oss's experts)
+PARALLEL_EXPERTS = (("input_linear.weight", "output_linear.weight", "out_in"),
+                    ("gate_up_proj", "down_proj", "in_out_interleaved"))
 # per-head projections of an attention besides q / k / v: DeBERTa's relative-position ones (without share_att_key)
 PER_HEAD_EXTRAS = ("pos_key_proj", "pos_query_proj")
 # MLP: gated (gate, up, down), fused gated (gate_up: gate rows first, then up rows; down), plain (in, out)
@@ -116,9 +122,9 @@ class MLP:
     act: nn.Module | None = None
     experts: str | None = None   # moe: the ModuleList of expert MLPs
     router: str | None = None    # moe: the linear layer scoring the experts for each token
-    # moe without a ModuleList (Granite-MoE's parallel experts): the modules whose weights hold every expert's gate
-    # and up rows ([experts, 2 x inter, hidden], gate first) and down ([experts, hidden, inter])
+    # moe without a ModuleList: the parameters holding every expert's gate and up, and down (PARALLEL_EXPERTS)
     parallel: tuple[str, str] | None = None
+    parallel_layout: str | None = None  # out_in | in_out_interleaved
 
 
 @dataclass
@@ -240,7 +246,7 @@ class Architecture:
                     break
             if found:
                 break
-        if found is None and (moe := self._parallel_moe(prefix, rel, root, i)):
+        if found is None and (moe := self._parallel_moe(prefix, rel, attn, i)):
             return moe
         if found is None:
             raise self._refuse(f"MLP projections in block {i} (gated: gate_proj/up_proj/down_proj; fused: "
@@ -273,32 +279,44 @@ class Architecture:
                 f"under {prefix}.{experts} with no router beside them (a linear layer with {n} outputs)")
         return MLP(holder, [], "", "moe", experts=f"{prefix}.{experts}", router=router)
 
-    def _parallel_moe(self, prefix: str, rel: dict, root: str, i: int) -> MLP | None:
-        """Experts held as two modules with [experts, out, in] weights under one parent (Granite-MoE's
-        input_linear: gate and up rows, output_linear: down) and the router's linear layer beside them; None
-        where the block has no such pair."""
-        held = [n for n, m in rel.items() if not n.startswith(root + ".")
-                and isinstance(w := getattr(m, "weight", None), torch.Tensor) and w.dim() == 3]
-        if len(held) != 2 or held[0].rpartition(".")[0] != held[1].rpartition(".")[0]:
+    def _parallel_moe(self, prefix: str, rel: dict, attn: Attention, i: int) -> MLP | None:
+        """Experts held as [experts, ...] tensors (PARALLEL_EXPERTS: Granite-MoE's, gpt-oss's) and the router beside
+        them: the nearest module around them holding a [experts, hidden] weight (an nn.Linear or a router of its
+        own); None where the block has no such pair."""
+        root = attn.name[len(prefix) + 1:]
+        params = {n: p for n, p in self.model.get_submodule(prefix).named_parameters()
+                  if not n.startswith(root + ".") and p.dim() == 3}
+        found = next(((n, n[:-len(first)] + second, layout) for n in params
+                      for first, second, layout in PARALLEL_EXPERTS
+                      if n.endswith("." + first) and n[:-len(first)] + second in params), None)
+        if found is None:
             return None
-        holder = held[0].rpartition(".")[0]
-        w1, w2 = (rel[n].weight for n in held)  # in module order: gate_up [E, 2 x inter, hidden], down
-        n = w1.shape[0]
-        if w2.shape[0] != n or w1.shape[1] != 2 * w2.shape[2] or w1.shape[2] != w2.shape[1]:
+        first, second, layout = found
+        w1, w2 = params[first], params[second]
+        o = self.model.get_submodule(attn.o)
+        n, hidden = w1.shape[0], o.weight.shape[1] if is_conv1d(o) else o.out_features  # the residual width
+        gate_up, down = (w1.shape[1:], w2.shape[1:]) if layout == "out_in" else (w1.shape[:0:-1], w2.shape[:0:-1])
+        if w2.shape[0] != n or gate_up[1] != hidden or down[0] != hidden or gate_up[0] != 2 * down[1]:
             raise UnsupportedModelError(
-                f"cannot map the layout of {type(self.model).__name__}: block {i}'s {prefix}.{held[0]} "
-                f"{list(w1.shape)} and {prefix}.{held[1]} {list(w2.shape)} are not experts' [experts, 2 x inter, "
-                "hidden] gate / up and [experts, hidden, inter] down weights")
-        router = next((f"{prefix}.{name}" for name, m in rel.items() if name.startswith(holder + ".")
-                       and is_linear(m) and features(m)[1] == n), None)
+                f"cannot map the layout of {type(self.model).__name__}: block {i}'s {prefix}.{first} "
+                f"{list(w1.shape)} and {prefix}.{second} {list(w2.shape)} are not experts' gate / up and down weights "
+                f"({layout}) of hidden width {hidden}")
+        holder = first.rpartition(".")[0]
+        while True:  # the router: a [experts, hidden] weight beside the experts, or one level up
+            router = next((name for name, m in rel.items() if name.startswith(holder + ".") and not name.startswith(
+                first.rpartition(".")[0]) and isinstance(w := getattr(m, "weight", None), torch.Tensor)
+                and tuple(w.shape) == (n, hidden)), None)
+            if router or "." not in holder:
+                break
+            holder = holder.rpartition(".")[0]
         if router is None:
             raise UnsupportedModelError(
                 f"cannot map the layout of {type(self.model).__name__}: block {i}'s MLP is a mixture of {n} experts "
                 f"under {prefix}.{holder} with no router beside them (a linear layer with {n} outputs)")
         mod = self.model.get_submodule(f"{prefix}.{holder}")
         act = next((getattr(mod, a) for a in ACTIVATIONS if isinstance(getattr(mod, a, None), nn.Module)), None)
-        return MLP(f"{prefix}.{holder}", [], "", "moe", act, router=router,
-                   parallel=(f"{prefix}.{held[0]}", f"{prefix}.{held[1]}"))
+        return MLP(f"{prefix}.{holder}", [], "", "moe", act, router=f"{prefix}.{router}",
+                   parallel=(f"{prefix}.{first}", f"{prefix}.{second}"), parallel_layout=layout)
 
     def _check_heads(self) -> None:
         for i in range(len(self.blocks)):
@@ -345,7 +363,7 @@ class Architecture:
 
     def num_experts(self, i: int) -> int:
         mlp = self.blocks[i].mlp
-        return self.module(mlp.parallel[0]).weight.shape[0] if mlp.parallel else len(self.module(mlp.experts))
+        return self.model.get_parameter(mlp.parallel[0]).shape[0] if mlp.parallel else len(self.module(mlp.experts))
 
     @property
     def intermediate_field(self) -> str:

@@ -92,9 +92,9 @@ EXTRA_PASSES = ("mlp", "hidden", "lowrank")
 
 
 def extra_passes_of(fam: str) -> tuple[str, ...]:
-    """Granite-MoE's experts refuse MLP and hidden-width cuts by name (test_mixture_of_experts_refusals_...);
-    its experts prune in test_experts_prune_to_the_ones_routed_to_and_reload_stock."""
-    return ("lowrank",) if fam == "granite_moe" else EXTRA_PASSES
+    """Granite-MoE's and gpt-oss's experts refuse MLP and hidden-width cuts by name
+    (test_mixture_of_experts_refusals_...); their experts prune in test_experts_prune_to_the_ones_routed_to_..."""
+    return ("lowrank",) if fam in ("granite_moe", "gpt_oss") else EXTRA_PASSES
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,8 @@ def test_deberta_heads_with_its_relative_position_projections(tmp_path, share_at
 
 def _tiny_moe(family: str):
     """Mixtral (4 experts, top 2), Qwen2-MoE (a shared expert beside them, block 1 dense: mlp_only_layers), OLMoE,
-    Granite-MoE (every expert's weights in two [experts, out, in] tensors, no ModuleList)."""
+    Granite-MoE (every expert's weights in two [experts, out, in] tensors, no ModuleList), gpt-oss (such tensors with
+    biases, a router of its own with a bias)."""
     import transformers as T
 
     from tiny_models import VOCAB
@@ -313,10 +314,12 @@ def _tiny_moe(family: str):
                                                       mlp_only_layers=[1])).eval()
     if family == "granite_moe":
         return T.GraniteMoeForCausalLM(T.GraniteMoeConfig(**common, intermediate_size=16, num_local_experts=4)).eval()
+    if family == "gpt_oss":
+        return tiny_family("gpt_oss")
     return T.OlmoeForCausalLM(T.OlmoeConfig(**common, intermediate_size=16, num_experts=4)).eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "granite_moe"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "granite_moe", "gpt_oss"])
 def test_experts_prune_to_the_ones_routed_to_and_reload_stock(family, tmp_path):
     """Mixture-of-experts blocks are mapped (router + experts; the map used to take expert 0 for the block's MLP,
     then refused them): prune targets experts keeps, in every block, the experts the router gives the largest
@@ -336,7 +339,12 @@ def test_experts_prune_to_the_ones_routed_to_and_reload_stock(family, tmp_path):
             out[..., 3] = -1e4
         return out
 
-    model.get_submodule(arch.blocks[0].mlp.router).register_forward_hook(never_3)
+    router = model.get_submodule(arch.blocks[0].mlp.router)
+    if getattr(router, "bias", None) is not None:  # gpt-oss's router returns its top-k, not its logits
+        with torch.no_grad():
+            router.bias[3] = -1e4
+    else:
+        router.register_forward_hook(never_3)
     art = Artifact(kind="torch", task="causal-lm", tokenizer=family_tokenizer("llama"), model=model)
     out = passes.get("prune")(targets=["experts"], ratio=0.5).run(art, context("causal-lm", tmp_path))
     info = out.info["experts"]
@@ -371,6 +379,30 @@ def test_layers_heads_and_students_of_a_mixture_of_experts(tmp_path):
         back = compress.load(save(out, tmp_path / key))
         torch.testing.assert_close(outputs(back.model), outputs(out.model), msg=key)
         assert sum(p.numel() for p in out.model.parameters()) < sum(p.numel() for p in art.model.parameters())
+
+
+def test_gpt_oss_heads_keep_their_sinks_and_export_fused(tmp_path):
+    """gpt-oss adds a sink logit per query head to each softmax: head pruning left the sinks at the old head
+    count (the pruned model failed its forward pass); now the kept heads keep theirs, the stock config reloads it,
+    and the pruned model's fused graph (the sinks as GroupQueryAttention's head_sink, the experts as MoE with their
+    biases) gives torch's greedy tokens. A depth-pruned one keeps its layers' sliding / full pattern."""
+    art, ctx = artifact("gpt_oss", "causal-lm"), context("causal-lm", tmp_path)
+    with torch.no_grad():  # sinks and biases away from their zero init, so a dropped or misplaced one shows
+        for name, p in art.model.named_parameters():
+            if name.endswith(("sinks", "bias")):
+                p.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(len(name)))
+    sinks = art.model.model.layers[0].self_attn.sinks.detach().clone()
+    out = run_pass("heads", art, ctx, "gpt_oss")
+    assert out.structure == [] and out.model.config.num_attention_heads == 2
+    kept = out.model.model.layers[0].self_attn.sinks
+    assert kept.shape == (2,) and any(torch.equal(kept, sinks[rows]) for rows in ([0, 1], [2, 3]))
+    back = compress.load(save(out, tmp_path / "heads"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model))
+    exported = run_pass("export", out, ctx, "gpt_oss")
+    assert exported.info["graph"] == "fused" and exported.info["fused"]["ops"]["MoE"] == 4
+    assert check_onnx(out.model, exported, "causal-lm") is None
+    layers = run_pass("layers", artifact("gpt_oss", "causal-lm"), ctx, "gpt_oss")
+    assert len(layers.model.config.layer_types) == layers.model.config.num_hidden_layers == 3
 
 
 def test_mlp_widths_recorded_where_the_config_has_no_width_field(tmp_path):

@@ -1414,7 +1414,7 @@ def tiny_moe(family: str, vocab: int = VOCAB):
     """Mixtures of SwiGLU experts: Mixtral (renormalized top 2 of 4), Qwen2-MoE (a shared expert with its sigmoid
     gate; block 1 dense), OLMoE (q / k norms, top-k weights not renormalized), Qwen3-MoE (per-head q / k norms),
     Granite-MoE (the experts' weights in two [experts, out, in] tensors; softmax over the top-k logits; Granite's
-    multipliers)."""
+    multipliers), gpt-oss (see _gpt_oss)."""
     import transformers as T
 
     common = dict(vocab_size=vocab, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -1432,10 +1432,24 @@ def tiny_moe(family: str, vocab: int = VOCAB):
                 norm_topk_prob=True)),
             "granite_moe": lambda: T.GraniteMoeForCausalLM(T.GraniteMoeConfig(
                 **common, intermediate_size=32, num_local_experts=4, embedding_multiplier=12.0,
-                residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0))}[family]().eval()
+                residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0)),
+            "gpt_oss": lambda: _gpt_oss(T, common)}[family]().eval()
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "granite_moe"])
+def _gpt_oss(T, common):
+    """gpt-oss: experts as [experts, in, out] tensors with biases and a clamped SwiGLU, a router with a bias,
+    attention sinks (a logit per head), every other layer sliding; biases and sinks drawn away from their zero init."""
+    model = T.GptOssForCausalLM(T.GptOssConfig(**common, intermediate_size=32, num_local_experts=4, head_dim=16,
+                                               sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                               rope_scaling=None))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "bias")):
+                p.normal_(0.0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "granite_moe", "gpt_oss"])
 def test_mixtures_of_experts_as_onnx_runtime_moe(tmp_path, family):
     """A mixture of experts is one MoE node (softmax routing, top-k, SwiGLU experts with gate and up rows
     interleaved) after the router's MatMul, plus Qwen2-MoE's gated shared expert; optimum cannot export these
@@ -1450,15 +1464,16 @@ def test_mixtures_of_experts_as_onnx_runtime_moe(tmp_path, family):
         assert_generates_like_torch(model, tmp_path, prompt(length=10), 8)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_experts_as_qmoe_compute_with_their_rounded_weights(tmp_path, bits):
+@pytest.mark.parametrize("bits,family", [(8, "mixtral"), (4, "mixtral"), (4, "gpt_oss")])
+def test_experts_as_qmoe_compute_with_their_rounded_weights(tmp_path, bits, family):
     """quantize's weight-only path turns each MoE node into QMoE: the experts symmetric int8 per row or int4 in
     blocks of 32, in the layouts ONNX Runtime's CPU kernel reads. Its logits equal those of the float MoE graph
-    holding the same rounded weights, so the codes, scales and nibble order are what the kernel expects."""
+    holding the same rounded weights, so the codes, scales and nibble order are what the kernel expects; gpt-oss's
+    expert biases and clamped SwiGLU are kept (its biases were dropped)."""
     from compress.onnx_tools import ONNX_FILE
     from compress.quant.ort import _symmetric_codes, quantize_experts
 
-    model = tiny_moe("mixtral")
+    model = tiny_moe(family)
     build_fused(model, tmp_path / "float")
     proto = onnx.load(str(tmp_path / "float" / ONNX_FILE))
     rounded = onnx.load(str(tmp_path / "float" / ONNX_FILE))

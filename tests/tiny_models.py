@@ -206,6 +206,12 @@ def _family_specs() -> dict:
                         dict(dec, hidden_size=64, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
                              embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.125,
                              logits_scaling=8.0)),
+        # gpt-oss: experts as [experts, in, out] tensors with biases (a clamped SwiGLU), a router with a bias, a sink
+        # logit per attention head, sliding and full layers in turn; head_dim 16 (the fused graph)
+        "gpt_oss": (T.GptOssConfig, {lm: T.GptOssForCausalLM},
+                    dict(dec, hidden_size=64, intermediate_size=32, num_key_value_heads=2, head_dim=16,
+                         num_local_experts=4, num_experts_per_tok=2, sliding_window=4, rope_scaling=None,
+                         layer_types=["sliding_attention", "full_attention"] * 2)),
         "mixtral": (T.MixtralConfig, {lm: T.MixtralForCausalLM},
                     dict(dec, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)),
     }
@@ -216,8 +222,8 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "arcee", "nemotron", "bloom", "mpt", "biogpt", "gptj",
-                "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "gpt_oss", "arcee", "nemotron", "bloom", "mpt",
+                "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -50,11 +50,13 @@ are a LayerNormalization with unit gains and a Mul by them (9 nodes).
 A plain MLP (up, activation, down) in blocks with RMSNorms (Arcee's squared ReLU) is up's MatMul, the activation
 (a Relu and a Mul by itself) and down's MatMul.
 
-A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE) is ONNX Runtime's MoE op: the router's MatMul on
-the rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's norm_topk_prob says
-not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the CPU kernel's SwiGLU
-layout: swiglu_fusion 1) and down as [experts, hidden, inter]; Qwen2-MoE's shared expert is a plain SwiGLU MLP beside it
-times the sigmoid of its gate. The int8 / int4 quantizer turns MoE into QMoE.
+A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, gpt-oss) is ONNX Runtime's MoE op: the router's
+MatMul on the rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's
+norm_topk_prob says not) and the experts, each one's gate and up rows interleaved in [experts, 2 x inter, hidden] (the
+CPU kernel's SwiGLU layout: swiglu_fusion 1) and down as [experts, hidden, inter]; Qwen2-MoE's shared expert is a plain
+SwiGLU MLP beside it times the sigmoid of its gate; gpt-oss's experts add biases and a clamped SwiGLU (the op's
+activation_alpha, beta and swiglu_limit), and its attention sinks (a logit per head in the softmax) are
+GroupQueryAttention's head_sink. The int8 / int4 quantizer turns MoE into QMoE.
 
 Tied embeddings are stored once, as the [vocab, hidden] table the Gather reads; the LM head multiplies by its
 Transpose. In fp32 ONNX Runtime folds that Transpose into a second constant when the session starts; the int8
@@ -231,8 +233,10 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                       _qk_norm(g, arch.module(a.k_norm), qkv_in[1], head_dim, f"{p}/attn/k_norm"), qkv_in[2]]
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         rotation = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
-        y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len]
-                 + (rope_inputs(ropes[i]) if ropes[i] else []), f"{p}/attn/GQA",
+        positions = [*rope_inputs(ropes[i])] if ropes[i] else ["", ""]  # a copy: rope_inputs keeps its list
+        if isinstance(sinks := getattr(attn, "sinks", None), torch.Tensor):  # gpt-oss: a logit per head in softmax
+            positions += ["", "", g.const(f"model.layers.{i}.attn.sinks", _np(sinks))]  # position_ids, bias, sink
+        y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len] + positions, f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
                  scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
                  **rotation, **({"softcap": softcap} if softcap else {}))[0]
@@ -364,27 +368,18 @@ def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) ->
     if other:
         raise UnsupportedModelError(f"fused export: {mlp.name} holds {', '.join(other)} besides its router and "
                                     "experts, which the Llama writer does not write")
-    if mlp.parallel:  # Granite-MoE: [experts, 2 x inter, hidden] (every expert's gate rows, then its up rows), down
-        if activation(mlp.act, "expert activation") != "silu":
-            raise UnsupportedModelError(f"fused export: the experts of {mlp.name} are not SwiGLU MLPs (activation "
-                                        f"{type(mlp.act).__name__}), which ONNX Runtime's MoE op takes")
-        gate_up, down = (_np(arch.module(n).weight) for n in mlp.parallel)
-        inter = down.shape[2]
-        fc1 = np.stack([gate_up[:, :inter], gate_up[:, inter:]], 2).reshape(gate_up.shape)  # rows g0 u0 g1 u1 ..
-    else:
-        gate, up, down = zip(*[[_np(m.weight) for m in _expert_linears(e, f"{mlp.experts}.{j}")]
-                               for j, e in enumerate(arch.module(mlp.experts))])
-        fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # g0 u0 g1..
-        down = np.stack(down)
+    prefix = f"model.layers.{i}.mlp.experts"
+    fc1, down, biases, swiglu = _parallel_experts(arch, mlp) if mlp.parallel else _listed_experts(arch, mlp)
     hidden = fc1.shape[2]
     flat = g.const(f"/model/constants/INT64/[-1, {hidden}]", np.array([-1, hidden], np.int64))
     rows = g.op("Reshape", [x, flat], f"{p}/mlp/Reshape")  # [tokens, hidden]
-    logits = g.linear(rows, [arch.module(mlp.router)], f"{p}/mlp/router")
-    prefix = f"model.layers.{i}.mlp.experts"
-    y = g.op("MoE", [rows, logits, g.const(f"{prefix}.gate_up.weight", fc1), "",
-                     g.const(f"{prefix}.down.weight", down)], f"{p}/mlp/MoE", domain=MS,
+    router = arch.module(mlp.router)
+    logits = g.linear(rows, [router if _is_linear(router) else _as_linear(router)], f"{p}/mlp/router")
+    b1, b2 = (g.const(f"{prefix}.{n}.bias", b) if b is not None else "" for n, b in zip(("gate_up", "down"), biases))
+    y = g.op("MoE", [rows, logits, g.const(f"{prefix}.gate_up.weight", fc1), b1,
+                     g.const(f"{prefix}.down.weight", down)] + ([b2] if b2 else []), f"{p}/mlp/MoE", domain=MS,
              k=int(getattr(cfg, "num_experts_per_tok")), activation_type="swiglu", swiglu_fusion=1,
-             normalize_routing_weights=int(bool(getattr(cfg, "norm_topk_prob", True))))
+             normalize_routing_weights=int(bool(getattr(cfg, "norm_topk_prob", True))), **swiglu)
     if shared is not None:
         s = _shared_expert(g, shared, rows, f"{p}/mlp/shared_expert", f"model.layers.{i}.mlp.shared_expert")
         if shared_gate is not None:
@@ -395,6 +390,49 @@ def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) ->
         y = g.op("Mul", [y, g.const(f"{p}/mlp/residual_scale", np.array(scale, np.float32))], f"{p}/mlp/Mul_scale")
     shape = g.op("Shape", [x], f"{p}/mlp/Shape")
     return g.op("Reshape", [y, shape], f"{p}/mlp/Reshape_back")
+
+
+def _listed_experts(arch: Architecture, mlp) -> tuple:
+    """A ModuleList of SwiGLU experts as the MoE op's tables: (fc1 [experts, 2 x inter, hidden] with each
+    expert's gate and up rows interleaved, fc2 [experts, hidden, inter], (no biases), no activation options)."""
+    gate, up, down = zip(*[[_np(m.weight) for m in _expert_linears(e, f"{mlp.experts}.{j}")]
+                           for j, e in enumerate(arch.module(mlp.experts))])
+    fc1 = np.stack([np.stack([gw, uw], 1).reshape(-1, gw.shape[1]) for gw, uw in zip(gate, up)])  # rows g0 u0 g1..
+    return fc1, np.stack(down), (None, None), {}
+
+
+def _parallel_experts(arch: Architecture, mlp) -> tuple:
+    """Experts held as [experts, ...] tensors (architecture.PARALLEL_EXPERTS) as the MoE op's tables, as
+    _listed_experts returns them. Granite-MoE (out_in): SwiGLU, each expert's gate rows then its up rows,
+    interleaved here. gpt-oss (in_out_interleaved): transposed, gate / up already interleaved, biases, and its
+    clamped SwiGLU, (min(up, limit) clamped below at -limit + 1) x gate' x sigmoid(alpha x gate') with gate' =
+    min(gate, limit): the op's activation_alpha, activation_beta 1 and swiglu_limit."""
+    w1, w2 = (_np(arch.model.get_parameter(n)) for n in mlp.parallel)
+    if mlp.parallel_layout == "out_in":
+        if activation(mlp.act, "expert activation") != "silu":
+            raise UnsupportedModelError(f"fused export: the experts of {mlp.name} are not SwiGLU MLPs (activation "
+                                        f"{type(mlp.act).__name__}), which ONNX Runtime's MoE op takes")
+        inter = w2.shape[2]
+        return np.stack([w1[:, :inter], w1[:, inter:]], 2).reshape(w1.shape), w2, (None, None), {}
+    owner = arch.module(mlp.parallel[0].rpartition(".")[0])
+    alpha, limit = getattr(owner, "alpha", None), getattr(owner, "limit", None)
+    if not all(isinstance(v, float | int) for v in (alpha, limit)):
+        raise UnsupportedModelError(f"fused export: the experts of {mlp.name} hold gate_up_proj / down_proj without "
+                                    "the alpha and limit of gpt-oss's clamped SwiGLU, which the writer takes")
+    biases = tuple(_np(b) if isinstance(b := getattr(owner, f"{n.rpartition('.')[2]}_bias", None), torch.Tensor)
+                   else None for n in mlp.parallel)
+    return (np.ascontiguousarray(w1.transpose(0, 2, 1)), np.ascontiguousarray(w2.transpose(0, 2, 1)), biases,
+            {"activation_alpha": float(alpha), "activation_beta": 1.0, "swiglu_limit": float(limit)})
+
+
+def _as_linear(m) -> torch.nn.Linear:
+    """A router module holding its own [experts, hidden] weight and bias (gpt-oss's) as the nn.Linear it computes."""
+    out = torch.nn.Linear(m.weight.shape[1], m.weight.shape[0], bias=getattr(m, "bias", None) is not None)
+    with torch.no_grad():
+        out.weight.copy_(m.weight)
+        if out.bias is not None:
+            out.bias.copy_(m.bias)
+    return out
 
 
 def _expert_linears(expert, name: str) -> tuple:

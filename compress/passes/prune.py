@@ -270,7 +270,9 @@ class Prune(Pass):
             mlp = ad.blocks[i].mlp
             parts = [mlp.router] if mlp.kind == "moe" else [*ad.mlp_in(i), ad.mlp_out(i)]
             for name in [*parts, ad.attn_out(i), *ad.attn(i).inputs]:
-                if not is_linear(net.get_submodule(name)):
+                m = net.get_submodule(name)  # a router may hold its own [experts, hidden] weight (gpt-oss)
+                own = isinstance(w := getattr(m, "weight", None), torch.nn.Parameter) and w.dim() == 2
+                if not (is_linear(m) or (own and name == mlp.router)):
                     raise UnsupportedModelError(
                         f"prune: {name} is a {type(net.get_submodule(name)).__name__}, not a plain linear layer "
                         "(low-rank factorized or quantized?); run prune before lowrank / quantize")

@@ -1,5 +1,5 @@
-"""Expert pruning for mixture-of-experts blocks (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, Granite-MoE): keep some of a
-block's experts and the router's rows that score them, so tokens are routed among the kept ones only.
+"""Expert pruning for mixture-of-experts blocks (Mixtral, Qwen2/3-MoE, OLMoE, PhiMoE, Granite-MoE, gpt-oss): keep some
+of a block's experts and the router's rows that score them, so tokens are routed among the kept ones only.
 
 Every mixture-of-experts block keeps the same number of experts, which the config's expert count then states
 (num_local_experts / num_experts): the pruned model reloads with plain from_pretrained. Experts are ranked by
@@ -40,14 +40,16 @@ def keep_experts(model: nn.Module, ad: Architecture, i: int, keep: list[int]) ->
     parallel experts) and the router's rows (and bias) for them."""
     b = ad.blocks[i].mlp
     router = model.get_submodule(b.router)
-    idx = torch.tensor(keep)
+    idx, before = torch.tensor(keep), router.weight.shape[0]
     with torch.no_grad():
         router.weight = nn.Parameter(router.weight.detach()[idx].clone())
         if router.bias is not None:
             router.bias = nn.Parameter(router.bias.detach()[idx].clone())
-        for name in b.parallel or ():
-            m = model.get_submodule(name)
-            m.weight = nn.Parameter(m.weight.detach()[idx].clone())
+        for owner in dict.fromkeys(name.rpartition(".")[0] for name in b.parallel or ()):  # and their biases
+            m = model.get_submodule(owner)
+            for name, p in list(m.named_parameters(recurse=False)):
+                if p.shape[0] == before:
+                    setattr(m, name, nn.Parameter(p.detach()[idx].clone()))
     router.out_features = len(keep)
     if b.experts:
         experts = model.get_submodule(b.experts)

@@ -265,8 +265,10 @@ def expert_scores(model: nn.Module, ad: Architecture, batches: list[dict], task:
     mask_now: list[torch.Tensor | None] = [None]
 
     def make_hook(i):
-        def hook(mod, args, output):
-            p = torch.softmax(output.float(), dim=-1).reshape(-1, output.shape[-1])  # [tokens, experts]
+        def hook(mod, args, output):  # gpt-oss's router returns its top-k: its logits from its input then
+            logits = output if isinstance(output, torch.Tensor) else \
+                torch.nn.functional.linear(args[0], mod.weight, mod.bias)
+            p = torch.softmax(logits.float(), dim=-1).reshape(-1, logits.shape[-1])  # [tokens, experts]
             if mask_now[0] is not None:
                 p = p[mask_now[0].reshape(-1).bool().to(p.device)]
             total[i] += p.sum(0).double().cpu()

@@ -165,6 +165,10 @@ def prune_attention_heads(model: nn.Module, ad: Architecture, i: int, keep_q: li
             rows = torch.cat([q[keep_q].reshape(-1), k[keep_kv].reshape(-1), v[keep_kv].reshape(-1)])
         set_module(model, a.qkv, select_rows(model.get_submodule(a.qkv), rows, 0))
     set_module(model, a.o, select_rows(model.get_submodule(a.o), q_rows, 1))
+    attn = model.get_submodule(a.name)
+    for name, p in list(attn.named_parameters(recurse=False)):  # one value per query head: gpt-oss's sinks
+        if p.dim() == 1 and p.shape[0] == n_q:
+            setattr(attn, name, nn.Parameter(p.detach()[keep_q].clone()))
     for name in a.extras:  # multi-head only (DeBERTa)
         set_module(model, name, select_rows(model.get_submodule(name), q_rows, 0))
     for norm, keep, rows, width in ((a.q_norm, keep_q, q_rows, n_q * hd), (a.k_norm, keep_kv, kv_rows, n_kv * hd)):

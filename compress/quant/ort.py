@@ -282,15 +282,15 @@ def quantize_experts(model, bits: int, block_size: int, exclude: list[str]) -> l
     skip = set(matching_nodes(model, exclude, ("MoE",)))
     done = []
     for node in [n for n in graph.node if n.op_type == "MoE" and n.name not in skip]:
-        x, router, fc1, _, fc2 = list(node.input)[:5]
+        x, router, fc1, fc1_bias, fc2, fc2_bias = (list(node.input) + [""])[:6]  # MoE's biases are optional
         quantized = []
-        for name in (fc1, fc2):  # fc1: gate and up rows interleaved; fc2: down; both [experts, out, in]
+        for name, bias in ((fc1, fc1_bias), (fc2, fc2_bias)):  # fc1: gate and up interleaved; fc2: down; [E, out, in]
             w = onnx.numpy_helper.to_array(inits[name]).astype(np.float32)
             codes, scales = _symmetric_codes(w, bits, block_size if bits == 4 else None)
             graph.initializer.remove(inits[name])
             graph.initializer.extend([onnx.numpy_helper.from_array(codes, f"{name}.quantized"),
                                       onnx.numpy_helper.from_array(scales, f"{name}.scales")])
-            quantized += [f"{name}.quantized", f"{name}.scales", ""]  # codes, scales, no bias
+            quantized += [f"{name}.quantized", f"{name}.scales", bias]  # codes, scales, the float bias (gpt-oss)
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         attrs = {k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()}
         q = onnx.helper.make_node("QMoE", [x, router, *quantized], list(node.output), node.name, domain=node.domain,
