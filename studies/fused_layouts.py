@@ -33,6 +33,18 @@ def _hf(name: str, **options):
     return lambda: getattr(T, f"{name}ForCausalLM")(getattr(T, f"{name}Config")(**options))
 
 
+def _gpt_oss():
+    """gpt-oss with its sinks and biases drawn away from their zero init (a dropped one would show)."""
+    model = T.GptOssForCausalLM(T.GptOssConfig(**{**DEC, "intermediate_size": 32}, num_key_value_heads=1,
+                                               num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"], rope_scaling=None))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("sinks", "bias")):
+                p.normal_(0.0, 0.5)
+    return model
+
+
 # label -> a function building the model (transformers' classes with tiny configs)
 LAYOUTS = {
     "Llama, biases on attention and MLP": _hf("Llama", **DEC, num_key_value_heads=1, mlp_bias=True,
@@ -127,6 +139,7 @@ LAYOUTS = {
     "Granite-MoE (experts in [experts, out, in] tensors, multipliers)": _hf(
         "GraniteMoe", **DEC, num_key_value_heads=1, num_local_experts=4, num_experts_per_tok=2,
         embedding_multiplier=12.0, residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0),
+    "gpt-oss (experts with biases, clamped SwiGLU, attention sinks, sliding layers)": lambda: _gpt_oss(),
     "Granite-MoE with a shared MLP": _hf("GraniteMoeShared", **DEC, num_key_value_heads=1, num_local_experts=4,
                                          num_experts_per_tok=2, shared_intermediate_size=64),
     "PhiMoE (sparsemixer routing)": _hf("Phimoe", **DEC, num_key_value_heads=1, num_local_experts=4,
