@@ -101,6 +101,9 @@ class EdgeModel:
         # past the positions the model holds ONNX Runtime fails mid-run (a rotary cache too short) or a learned
         # position table is read out of range
         self.max_length, self.max_length_source = max_positions(meta, self.config)
+        # a longrope graph: past these positions a run takes the long factors, and generate recomputes the cache
+        self.longrope_short = int(meta["compress.longrope_short_positions"]) if meta.get(
+            "compress.longrope_short_positions") else None
         self._tokenizer = None
 
     # ------------------------------------------------------------------ shape helpers
@@ -276,7 +279,8 @@ class EdgeModel:
                  eos_token_id: int | list[int] | None = None) -> np.ndarray:
         """Greedy decoding with the KV cache. Returns prompt + new tokens [B, T + n] (like HF generate);
         with `eos_token_id` (one id or several), stops once every row has produced one (finished rows are
-        padded with the first)."""
+        padded with the first). A longrope graph holding both factors runs the whole sequence again once it grows
+        past the short factors' positions, as transformers' Phi-3 generation does."""
         eos = np.atleast_1d(np.asarray([] if eos_token_id is None else eos_token_id, dtype=np.int64))
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         if prompt.ndim == 1:
@@ -294,6 +298,11 @@ class EdgeModel:
             out.append(nxt)
             if step == max_new_tokens - 1 or (eos.size and done.all()):
                 break
+            if state.length == self.longrope_short:  # as transformers' Phi-3: the whole sequence again, long factors
+                seen = np.concatenate([prompt, np.stack(out, axis=1)], axis=1)
+                mask = np.concatenate([state.attention_mask, np.ones_like(nxt[:, None])], axis=1)
+                logits, state = self.prefill(seen, mask, max_new_tokens=max_new_tokens - step - 1)
+                continue
             logits, state = self.decode_step(nxt[:, None], state)
         return np.concatenate([prompt, np.stack(out, axis=1)], axis=1) if out else prompt
 

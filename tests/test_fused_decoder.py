@@ -504,25 +504,31 @@ def test_phi3_packed_qkv_and_gate_up(tmp_path):
     assert_matches_torch(model, tmp_path)
 
 
-def test_longrope_written_with_its_short_factors_for_its_short_positions(tmp_path):
+def test_longrope_short_and_long_factors_as_transformers_switches_them(tmp_path):
     """Phi-3.5-mini / Phi-4-mini's longrope: transformers uses the short factors while a pass stays within
-    original_max_position_embeddings and switches every position to the long ones past it. It was refused (the
-    export fell back to optimum's graph); now the graph holds those positions, with the short factors, even after
-    a long pass swapped the module's inv_freq to the long ones, and a longer max_length is refused by name."""
+    original_max_position_embeddings and the long ones, for every position, once it reaches past them; its Phi-3
+    generation then recomputes the cache once with them. It was refused (the export fell back to optimum's graph).
+    By default the graph holds the short positions only, with the short factors (even after a long pass swapped the
+    module's inv_freq in place); with a longer max_length it holds both factors' rows and picks them per run
+    (position_ids), and compress.edge's generate recomputes the cache where transformers does."""
     longrope = tiny_phi3(rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
                                        "long_factor": [3.0 + 0.5 * i for i in range(8)]},
                          original_max_position_embeddings=32)
     with torch.no_grad():
         longrope(prompt(length=40))  # past 32 positions: transformers now holds the long inv_freq
-    figures = build_fused(longrope, tmp_path)
-    assert figures["cache_length"] == 32
-    edge = EdgeModel(tmp_path, threads=1)
+    figures = build_fused(longrope, tmp_path / "short")
+    assert figures["cache_length"] == 32 and figures["longrope_short_positions"] is None
+    edge = EdgeModel(tmp_path / "short", threads=1)
     assert edge.max_length == 32
     assert_logits_match(longrope, edge, prompt(length=24))
-    assert_generates_like_torch(longrope, tmp_path, prompt(length=20), 12)  # 32 positions: the short factors
-    with pytest.raises(UnsupportedModelError, match="switches to its long factors past 32 positions, .*set "
-                       "export.max_length to at most 32"):
-        build_fused(longrope, tmp_path / "long", max_length=64)
+    assert_generates_like_torch(longrope, tmp_path / "short", prompt(length=20), 12)  # 32 positions: short only
+
+    figures = build_fused(longrope, tmp_path / "both", max_length=64)
+    assert figures["cache_length"] == 64 and figures["longrope_short_positions"] == 32
+    edge = EdgeModel(tmp_path / "both", threads=1)
+    for length in (24, 40):  # a pass within the short positions, and one past them
+        assert_logits_match(longrope, edge, prompt(length=length))
+    assert_generates_like_torch(longrope, tmp_path / "both", prompt(length=24), 16)  # crosses 32 at step 9
 
 
 def test_partial_rotary_in_the_llama_writer(tmp_path):

@@ -25,6 +25,9 @@ MS = "com.microsoft"
 GRAPH_KEY = "compress.graph"  # model metadata naming the writer; compress.edge reads it
 OPSET = 17  # the ONNX opset the fused writers write
 LENGTH_KEY = "compress.max_length"  # metadata: the most positions (prompt + generated) the graph holds
+# metadata: the positions a longrope graph runs with its short factors (compress.edge's generate then recomputes the
+# cache once, as transformers' Phi-3 generation does, when a sequence grows past them)
+LONGROPE_KEY = "compress.longrope_short_positions"
 
 
 def _np(t) -> np.ndarray:
@@ -386,7 +389,7 @@ STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend o
 def longrope_positions(rope) -> int | None:
     """The positions a longrope embedding (Phi-3 / 3.5 / 4-mini's) uses its short factors for: transformers
     switches every position of a forward pass to the long factors once the pass reaches past
-    original_max_position_embeddings. None for other rope types."""
+    original_max_position_embeddings (longrope_position_ids). None for other rope types."""
     if getattr(rope, "rope_type", "default") != "longrope":
         return None
     cfg = rope.config  # as transformers' longrope_frequency_update reads it
@@ -402,17 +405,12 @@ def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_si
     embeddings at its 32k positions stored were 67 MB). GroupQueryAttention rotates the first rotary_dim
     channels of each head (non-interleaved halves, as transformers' rotate_half), as many as the caches are
     wide: partial rotary (GPT-NeoX's rotary_pct) needs rotary_dim a multiple of 16. A longrope embedding is
-    written with its short factors, for at most the positions it uses them for (longrope_positions). Returns
-    [cos, sin]."""
+    written with its short factors where `length` is within the positions it uses them for, else as `length` rows
+    of each, short then long, read through longrope_position_ids. Returns [cos, sin]."""
     rope_type, short = getattr(rope, "rope_type", "default"), longrope_positions(rope)
     if rope_type not in STATIC_ROPE and short is None:
         raise UnsupportedModelError(f"fused export: rope type {rope_type!r} is not supported (its cos/sin depend "
-                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}, and longrope "
-                                    "up to its original_max_position_embeddings")
-    if short is not None and length > short:
-        raise UnsupportedModelError(f"fused export: a longrope embedding switches to its long factors past {short} "
-                                    f"positions, which the graph does not write; set export.max_length to at most "
-                                    f"{short} (the default for it) or export through graph: optimum")
+                                    f"on the sequence length); supported: {', '.join(STATIC_ROPE)}, longrope")
     inv_freq = _np(rope.original_inv_freq if short else rope.inv_freq)  # a long pass swaps inv_freq in place
     rotary_dim = 2 * inv_freq.shape[0]
     if rotary_dim > head_dim or (rotary_dim < head_dim and rotary_dim % 16):
@@ -420,12 +418,38 @@ def rope_caches(g: _Graph, rope, length: int, head_dim: int, name: str = "cos_si
                                     "head is not supported (GroupQueryAttention rotates a multiple of 16)")
     positions = g.const(f"{name}.positions", np.arange(length, dtype=np.float32)[:, None])
     freqs = g.op("Mul", [positions, g.const(f"{name}.inv_freq", inv_freq)], f"/{name}/Mul")
+    if short is not None and length > short:  # rows [short factors | long factors], picked by position_ids
+        long_freq = _np(rope.rope_init_fn(rope.config, rope.original_inv_freq.device, seq_len=short + 1)[0])
+        longs = g.op("Mul", [positions, g.const(f"{name}.long_inv_freq", long_freq)], f"/{name}/Mul_long")
+        freqs = g.op("Concat", [freqs, longs], f"/{name}/Concat", axis=0)
     caches = [g.op(op, [freqs], f"/{name}/{op}") for op in ("Cos", "Sin")]
     scale = float(getattr(rope, "attention_scaling", 1.0))  # yarn scales cos and sin
     if scale != 1.0:
         factor = g.const(f"{name}.attention_scaling", np.array(scale, np.float32))
         caches = [g.op("Mul", [c, factor], f"/{name}/{op}/Mul") for c, op in zip(caches, ("Cos", "Sin"))]
     return caches
+
+
+def longrope_position_ids(g: _Graph, seqlens_k: str, total64: str, short: int, length: int) -> str:
+    """GroupQueryAttention's position_ids [batch, tokens] for a longrope cache of `length` short rows then `length`
+    long ones: the positions the op would compute itself (0, 1, ... for a first prompt; after each row's past
+    otherwise), plus `length` when the run reaches past `short` positions, where transformers switches to the long
+    factors (by the longest position of a forward pass). Computed once per run for all layers."""
+    def const(name, value):
+        return g.const(f"/model/longrope/{name}", np.array(value, np.int64))
+
+    tokens = g.op("Shape", ["input_ids"], "/model/longrope/Shape", start=1, end=2)  # [1]
+    steps = g.op("Range", [const("zero", 0), g.op("Squeeze", [tokens], "/model/longrope/Squeeze"), const("one", 1)],
+                 "/model/longrope/Range")  # [tokens]
+    past = g.op("Sub", [g.op("Cast", [seqlens_k], "/model/longrope/Cast", to=TensorProto.INT64),
+                        g.op("Sub", [tokens, const("one_1d", [1])], "/model/longrope/Sub")], "/model/longrope/Past")
+    later = g.op("Add", [g.op("Unsqueeze", [past, const("axis", [1])], "/model/longrope/Unsqueeze"), steps],
+                 "/model/longrope/Add")  # [batch, tokens]
+    first = g.op("Equal", [tokens, total64], "/model/longrope/Equal")  # a first prompt: no past
+    positions = g.op("Where", [first, steps, later], "/model/longrope/Where")
+    offset = g.op("Where", [g.op("Greater", [total64, const("short", [short])], "/model/longrope/Greater"),
+                            const("length", [length]), const("zeros", [0])], "/model/longrope/Offset")
+    return g.op("Add", [positions, offset], "/model/longrope/position_ids")
 
 
 ALIBI_PROBE = 300  # positions read: past 256, slope x position needs more than bfloat16's 8 significant bits
@@ -821,7 +845,8 @@ def save(g: _Graph, inputs: list, outputs: list, out: Path, *, block_prefix: str
     proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(MS, 1)],
                               producer_name="compress.fused")
     proto.ir_version = 10  # what onnxruntime >= 1.16 reads, whatever IR the installed onnx writes
-    helper.set_model_props(proto, {GRAPH_KEY: "fused", LENGTH_KEY: str(figures["cache_length"])})
+    helper.set_model_props(proto, {GRAPH_KEY: "fused", LENGTH_KEY: str(figures["cache_length"]), **(
+        {LONGROPE_KEY: str(figures["longrope_short_positions"])} if figures.get("longrope_short_positions") else {})})
     ops = Counter(n.op_type for n in g.nodes)
     per_block = Counter(n.name[len(block_prefix):].split("/")[0] for n in g.nodes if n.name.startswith(block_prefix))
     result = {"path": str(out), "nodes": len(g.nodes), "ops": dict(sorted(ops.items())), "layers": layers,

@@ -82,12 +82,15 @@ GroupQueryAttention on the CPU execution provider (onnxruntime 1.31), constraint
   Hugging Face's sliding window (kv_idx > q_idx - sliding_window). So Mistral's sliding_window and Qwen2's
   (use_sliding_window: per layer, from max_window_layers on) are written as it; -1 is full attention.
 
-A longrope embedding (Phi-3 / 3.5 / 4-mini) is written with its short factors, and the graph holds the positions
-transformers uses them for (original_max_position_embeddings, 4,096 for those: the default cache length, and the
-most export.max_length may ask for); past them transformers switches every position to its long factors.
+A longrope embedding (Phi-3 / 3.5 / 4-mini) takes its short factors while a pass stays within
+original_max_position_embeddings (4,096 for those) and its long ones, for every position, once it reaches past them.
+By default the graph holds those short positions, with the short factors; a longer export.max_length writes both
+factors' cos / sin rows and GroupQueryAttention's position_ids pick them per run (computed once, from the mask), and
+the graph's metadata tells compress.edge's generate to recompute the cache there, as transformers' Phi-3 generation
+does.
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic; longrope past its short positions), partial rotary over a width not a multiple of 16, activations other
+(dynamic), partial rotary over a width not a multiple of 16, activations other
 than SiLU / GELU / ReLU, per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
 LayerNorms, blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear modules
 (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
@@ -103,8 +106,8 @@ from ..architecture import ACTIVATIONS, GATED, Architecture, find
 from ..errors import UnsupportedModelError
 from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _np, _out_features, _param, activation,
                     block_norms, check_outside_blocks, config_activation, fit_scale, io_info, is_tied, kv_io,
-                    layer_norm, layer_norm_params, layer_rotaries, lm_head, longrope_positions, mask_lengths,
-                    output_file, plain_mlp_in, probe_block, rms_norm, rope_caches, save)
+                    layer_norm, layer_norm_params, layer_rotaries, lm_head, longrope_position_ids, longrope_positions,
+                    mask_lengths, output_file, plain_mlp_in, probe_block, rms_norm, rope_caches, save)
 
 
 def _window(model, attn, i: int) -> int | None:
@@ -169,7 +172,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
     g = _Graph()
     head = arch.module(arch.head)
     inputs, outputs = io_info(_out_features(head))
-    seqlens_k, total_len, _ = mask_lengths(g)  # once for all layers
+    seqlens_k, total_len, total64 = mask_lengths(g)  # once for all layers
 
     # embedding; a tied LM head reads the same [vocab, hidden] table through a Transpose (see the docstring)
     embed = arch.module(arch.embedding)
@@ -192,6 +195,13 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
             name = f"cos_sin_cache.{len(caches)}" if caches else "cos_sin_cache"
             caches[id(rope)] = rope_caches(g, rope, cache_length, head_dim, name)
         return caches[id(rope)]
+
+    longrope = {}  # short positions -> position_ids picking the short or the long factors' rows, written once
+
+    def longrope_ids(short: int) -> str:
+        if short not in longrope:
+            longrope[short] = longrope_position_ids(g, seqlens_k, total64, short, cache_length)
+        return longrope[short]
 
     act_label = config_activation(cfg)
     softcap = float(getattr(cfg, "attn_logit_softcapping", None) or 0.0)  # Gemma 2: cap * tanh(scores / cap)
@@ -234,8 +244,10 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
         past, present = kv_io(inputs, outputs, i, n_kv, head_dim)
         rotation = {"do_rotary": 1, "rotary_interleaved": int(interleaved)} if ropes[i] else {"do_rotary": 0}
         positions = [*rope_inputs(ropes[i])] if ropes[i] else ["", ""]  # a copy: rope_inputs keeps its list
+        if ropes[i] is not None and (short := longrope_positions(ropes[i])) and cache_length > short:
+            positions.append(longrope_ids(short))  # past `short` positions the long factors' rows
         if isinstance(sinks := getattr(attn, "sinks", None), torch.Tensor):  # gpt-oss: a logit per head in softmax
-            positions += ["", "", g.const(f"model.layers.{i}.attn.sinks", _np(sinks))]  # position_ids, bias, sink
+            positions += [""] * (4 - len(positions)) + [g.const(f"model.layers.{i}.attn.sinks", _np(sinks))]
         y = g.op("GroupQueryAttention", qkv_in + past + [seqlens_k, total_len] + positions, f"{p}/attn/GQA",
                  outputs=[f"{p}/attn/GQA/output_0", *present], domain=MS, num_heads=n_q, kv_num_heads=n_kv,
                  scale=float(getattr(attn, "scaling", head_dim ** -0.5)), local_window_size=window or -1,
@@ -261,7 +273,7 @@ def build_llama(model, path: Path, *, max_length: int | None = None, arch: Archi
                 rotary_interleaved=interleaved, rotary_caches=len(caches),
                 layers_without_rotary=[i for i, r in enumerate(ropes) if r is None],
                 post_norms=any(probe["post"]), softcap=softcap or None, residual_scale=probe["residual_scale"],
-                parallel_residual=probe["parallel"])
+                parallel_residual=probe["parallel"], longrope_short_positions=min(longrope, default=None))
 
 
 def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str | None, scale: float) -> str:

@@ -49,7 +49,7 @@ class ExportConfig(PassConfig):
     max_length: int | None = Field(None, ge=2, description="fused graphs: longest prompt + generation (the "
                                    "rotary cache length; GPT-2: at most its n_positions); default the model's "
                                    "max_position_embeddings (ALiBi models without one, BLOOM: 2,048; longrope: "
-                                   "original_max_position_embeddings, past which it switches factors)")
+                                   "original_max_position_embeddings, the positions of its short factors)")
     with_past: bool = Field(True, description="decoders: export past key values as inputs/outputs so "
                             "generation is incremental (one model.onnx for prefill and decode)")
     opset: int | None = Field(None, ge=14, le=20, description="ONNX opset of optimum's exporter (torch's exports "
@@ -107,7 +107,7 @@ class Export(Pass):
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
     # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused; 7: Falcon-40B / Falcon2,
-    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope (its short positions), Arcee and Nemotron fused
+    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope, Arcee and Nemotron fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 
