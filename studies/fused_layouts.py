@@ -53,7 +53,7 @@ LAYOUTS = {
     "Qwen2": _hf("Qwen2", **DEC, num_key_value_heads=1),
     "Qwen3 (q/k norms)": _hf("Qwen3", **DEC, num_key_value_heads=1, head_dim=32),
     "Phi-3, partial rotary": _hf("Phi3", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5),
-    "Phi-3.5-mini (longrope, within its short positions)": _hf(
+    "Phi-3.5-mini (longrope, its short positions: the default length)": _hf(
         "Phi3", **DEC, num_key_value_heads=1, partial_rotary_factor=0.5, original_max_position_embeddings=32,
         rope_scaling={"type": "longrope", "short_factor": [1.0 + 0.5 * i for i in range(8)],
                       "long_factor": [3.0 + 0.5 * i for i in range(8)]}),
