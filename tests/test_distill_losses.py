@@ -266,3 +266,14 @@ def test_gpt_neo_kept_layers_keep_their_local_or_global_kind(tmp_path):
     ids = torch.randint(5, 300, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, student.eval()(input_ids=ids).logits)
+
+
+def test_a_models_digest_takes_zero_dimensional_tensors_of_any_width():
+    """Apertus keeps bf16 scalars (its xIELU's beta and eps): the teacher's fingerprint viewed each tensor as bytes,
+    which a 0-d tensor of another width cannot be (RuntimeError: distill failed on any such teacher)."""
+    from compress.distill.teacher_cache import tensor_digest
+
+    half = torch.tensor(0.5, dtype=torch.bfloat16)
+    assert tensor_digest(half) == tensor_digest(half.clone())
+    assert tensor_digest(half) != tensor_digest(torch.tensor(0.25, dtype=torch.bfloat16))
+    assert tensor_digest(half) != tensor_digest(half.reshape(1))  # the shape is part of it
