@@ -93,6 +93,20 @@ def model_dtype(model: nn.Module) -> str:
     return "float32"
 
 
+def as_float32(model: nn.Module) -> nn.Module:
+    """`model`, in place, with the float tensors of its own dtype (its first float parameter's) in float32 and the
+    others as they are, as from_pretrained(dtype=float32) loads it: a class may keep some tensors in another dtype
+    (Apertus' xIELU parameters in bfloat16), which model.float() would cast too, so that the result would differ
+    from its reload."""
+    own = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    for module in model.modules():
+        for store in (module._parameters, module._buffers):
+            for tensor in store.values():
+                if tensor is not None and tensor.dtype == own:
+                    tensor.data = tensor.data.float()
+    return model
+
+
 def cast_model(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """`model`, in place, in `dtype` as from_pretrained(dtype=) loads it: each float parameter and buffer in the
     dtype its class makes it in under that default dtype (Llama's rotary inv_freq stays float32, which
@@ -114,6 +128,8 @@ def _made_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]
     try:
         with torch.device("meta"):
             fresh = type(model)(copy.deepcopy(model.config))  # a copy: building may set fields of the config
+    except Exception:  # noqa: BLE001 - a class that reads values while built (Apertus' xIELU): every tensor in dtype
+        return {}
     finally:
         torch.set_default_dtype(default)
     tensors = [*fresh.named_parameters(remove_duplicate=False), *fresh.named_buffers(remove_duplicate=False)]

@@ -25,7 +25,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .. import onnx_tools
-from ..checkpoint import Artifact
+from ..checkpoint import Artifact, as_float32
 from ..errors import UnsupportedModelError
 from ..models import check_length
 from ..options import search
@@ -107,7 +107,7 @@ class Export(Pass):
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
     # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused; 7: Falcon-40B / Falcon2,
-    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope, Arcee and Nemotron fused
+    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope, Arcee, Nemotron and Apertus fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 
@@ -129,7 +129,7 @@ class Export(Pass):
         from ..edge import EdgeModel
 
         cfg = self.config
-        torch_model = model.model.float().eval().to("cpu")  # no-op for the fp32 models this accepts
+        torch_model = as_float32(model.model).eval().to("cpu")  # no-op for the fp32 models this accepts
         task = model.task
         decoder = task == "causal-lm"
         optimum_task = OPTIMUM_TASKS[task] + ("-with-past" if decoder and cfg.with_past else "")

@@ -18,7 +18,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from ..checkpoint import Artifact
+from ..checkpoint import Artifact, as_float32
 from ..architecture import output_head
 from ..errors import ConfigError
 from ..models import count_parameters
@@ -102,7 +102,7 @@ class LowRank(Pass):
         c = self.config
         if is_factorized(model.structure):
             raise ConfigError("lowrank: the model is already factorized; use one lowrank pass")
-        net = copy.deepcopy(model.model).float().eval()
+        net = as_float32(copy.deepcopy(model.model)).eval()
         head = output_head(net, model.task)  # LM or classifier head: factors there change the logits directly
         linear = _candidates(net, head)
         every_linear = [n for n, m in net.named_modules() if is_linear(m)]  # the head too: ignoring it is no typo

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..checkpoint import Artifact
+from ..checkpoint import Artifact, as_float32
 from ..distill.config import RecoverConfig
 from ..errors import ConfigError, UnsupportedModelError
 from ..models import count_parameters
@@ -191,7 +191,7 @@ class Prune(Pass):
     # ------------------------------------------------------------------ entry point
     def apply(self, model: Artifact, ctx: PassContext) -> Artifact:
         c = self.config
-        net = copy.deepcopy(model.model).float().eval()
+        net = as_float32(copy.deepcopy(model.model)).eval()
         ad = find(net)
         self._check_experts(net, ad)
         self._check_plain(net, ad)

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 
 from .. import onnx_tools
-from ..checkpoint import Artifact, cast_model
+from ..checkpoint import Artifact, as_float32, cast_model
 from ..errors import ConfigError
 from ..options import search
 from ..logs import SUITE_LOGGER
@@ -350,7 +350,7 @@ class Quantize(Pass):
 
     def _torch_int(self, model: Artifact) -> Artifact:
         cfg, method = self.config, self.config.method
-        module = model.model.float().eval()
+        module = as_float32(model.model).eval()
         exclude = _default_torch_exclude(module) if cfg.exclude is None else cfg.exclude
         if cfg.exclude and not torch_side.matches_a_module(module, cfg.exclude):
             raise ConfigError(f"quantize.exclude: {cfg.exclude} matches no module of the model; patterns match "
