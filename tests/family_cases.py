@@ -139,7 +139,7 @@ def check_onnx(torch_model, onnx_art: Artifact, task: str, n_new: int = 8) -> st
 # The families whose chain ends in the fused graph (the export default). The other decoders' tiny head_dim of 8 is
 # below GroupQueryAttention's minimum with rotary (16), or their layout is one the fused writers refuse.
 FUSED = ("qwen3", "gemma3", "smollm3", "granite", "pythia", "phi", "opt", "gpt2", "bloom", "gptj", "falcon_40b",
-         "cohere", "arcee", "nemotron")
+         "cohere", "arcee", "nemotron", "apertus")
 
 
 def export_options(art: Artifact, family: str | None = None) -> dict:

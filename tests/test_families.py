@@ -405,6 +405,52 @@ def test_gpt_oss_heads_keep_their_sinks_and_export_fused(tmp_path):
     assert len(layers.model.config.layer_types) == layers.model.config.num_hidden_layers == 3
 
 
+def test_a_class_that_keeps_bf16_parameters_casts_and_reloads_as_it_is(tmp_path):
+    """Apertus' xIELU keeps its parameters in bfloat16 whatever the model's dtype: the passes' model.float() cast
+    them too, so a pruned model differed from its reload (3.6e-5 on the logits); building the class on the meta
+    device to learn its dtypes (the bf16 cast) failed on it (its init reads a value). Now the passes keep such
+    tensors as loaded and the bf16 cast falls back to casting them all."""
+    art, ctx = artifact("apertus", "causal-lm"), context("causal-lm", tmp_path)
+    out = run_pass("mlp", art, ctx, "apertus")
+    assert out.model.model.layers[0].mlp.act_fn.alpha_p.dtype == torch.bfloat16
+    back = compress.load(save(out, tmp_path / "mlp"))
+    torch.testing.assert_close(outputs(back.model), outputs(out.model), atol=0, rtol=0)
+    half = passes.get("quantize")(method="bf16").run(artifact("apertus", "causal-lm"), ctx)
+    assert half.model.model.embed_tokens.weight.dtype == torch.bfloat16
+
+
+def test_a_rotary_layer_with_small_outputs_is_not_taken_for_one_without_positions(tmp_path):
+    """Arcee with heads pruned then low-rank: layer 0's attention output moved by less than the probe's slack
+    when its rotation was taken away, so the writer wrote it without rotary positions, the self-check refused the
+    graph (logits 1.2e-3 away) and export fell back to optimum's. Only an output equal to rounding now means a
+    layer reads no positions."""
+    from compress.architecture import find
+    from compress.fused.graph import layer_rotaries
+
+    ctx = context("causal-lm", tmp_path)
+    art = run_pass("lowrank", run_pass("heads", artifact("arcee", "causal-lm"), ctx, "arcee"), ctx, "arcee")
+    assert all(r is not None for r in layer_rotaries(art.model, find(art.model)))
+    exported = run_pass("export", art, ctx, "arcee")
+    assert exported.info["graph"] == "fused" and exported.info["fused"]["layers_without_rotary"] == []
+    assert check_onnx(art.model, exported, "causal-lm") is None
+
+
+def test_a_block_part_the_writer_does_not_write_is_named(tmp_path):
+    """Granite-MoE-shared adds a shared_mlp beside its experts: the refusal said only that the block is not wired
+    as the writer writes; now it names the module."""
+    import transformers as T
+
+    from compress.errors import UnsupportedModelError
+    from compress.fused import build_fused
+    from tiny_models import VOCAB
+
+    model = T.GraniteMoeSharedForCausalLM(T.GraniteMoeSharedConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2, shared_intermediate_size=48)).eval()
+    with pytest.raises(UnsupportedModelError, match="block model.layers.0 holds shared_mlp beside its attention"):
+        build_fused(model, tmp_path)
+
+
 def test_mlp_widths_recorded_where_the_config_has_no_width_field(tmp_path):
     """Bloom's MLP is always 4 x hidden (no intermediate_size): the pruned width went into a config field Bloom
     ignores and the checkpoint did not reload. Now an mlp_widths entry carries it."""

@@ -1113,6 +1113,27 @@ def test_plain_squared_relu_mlps_with_rms_norms_or_layernorm1p(tmp_path, family)
     assert_matches_torch(model, tmp_path)
 
 
+def test_apertus_xielu_with_its_learned_parameters_per_layer(tmp_path):
+    """Apertus: a plain MLP with xIELU, an activation with learned parameters per layer (alpha_p, alpha_n; beta,
+    eps), q / k norms and RMSNorms. The activation was unknown (and the plain MLP went to the GPT-NeoX writer, which
+    refused the q / k norms); now the Llama writer writes xIELU as its formula with each layer's values."""
+    from transformers import ApertusConfig, ApertusForCausalLM
+
+    torch.manual_seed(0)
+    model = ApertusForCausalLM(ApertusConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=LAYERS, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=128, initializer_range=0.3, rope_scaling=None,
+        bos_token_id=None, eos_token_id=None, pad_token_id=None)).eval()
+    randomize_norms(model, 1.0)
+    with torch.no_grad():  # each layer's own activation parameters, away from their shared init
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp.act_fn.alpha_p.fill_(0.2 + 0.3 * i)
+            layer.mlp.act_fn.alpha_n.fill_(-0.5 + 0.4 * i)
+    figures = build_fused(model, tmp_path)
+    assert figures["ops"]["Where"] == LAYERS and figures["ops"]["Exp"] == LAYERS
+    assert_matches_torch(model, tmp_path)
+
+
 # ---------------------------------------------------------------------- post-norms, two rotaries, NoPE, caps
 def randomize_norms(model, mean: float):
     """Norm weights away from their neutral value (Gemma's 0, others' 1), so that a missed norm would show."""

@@ -172,6 +172,9 @@ def _family_specs() -> dict:
                   dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32)),
         "nemotron": (T.NemotronConfig, {lm: T.NemotronForCausalLM},
                      dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5)),
+        # Apertus: a plain MLP with xIELU (learned parameters per layer), q / k norms, RMSNorms
+        "apertus": (T.ApertusConfig, {lm: T.ApertusForCausalLM},
+                    dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32, rope_scaling=None)),
         # ELECTRA: embeddings narrower than the hidden width (embedding_size), embeddings_project maps them up
         "electra": (T.ElectraConfig, {"sequence-classification": T.ElectraForSequenceClassification},
                     dict(common, hidden_size=32, intermediate_size=64, num_attention_heads=4, embedding_size=16,
@@ -222,8 +225,8 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "gpt_oss", "arcee", "nemotron", "bloom", "mpt",
-                "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "gpt_oss", "arcee", "nemotron", "apertus", "bloom",
+                "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -182,7 +182,7 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
         y, bias = g.linear(y, [arch.module(b.attn.o)], f"{p}/attn/c_proj", keep_bias=True)
         x, residual = layer_norm(g, ln_2, y, residual, f"{p}/ln_2", bias)
         act = activation(arch.mlp_act(i), "gpt2 activation", label)
-        h = plain_mlp_in(g, x, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/c_fc")
+        h = plain_mlp_in(g, x, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/c_fc", arch.mlp_act(i))
         pending, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/c_proj", keep_bias=True)
 
     x, _ = layer_norm(g, arch.module(arch.outer_norms()[0]), pending, residual, "/transformer/ln_f", bias, last=True)

@@ -228,13 +228,15 @@ ACTIVATIONS = {"silu": torch.nn.functional.silu, "gelu_tanh": GELU_TANH,
 # a plain MLP's activation (ACTIVATIONS' names) -> the com.microsoft op taking the input projection's bias:
 # FastGelu = the tanh approximation, BiasGelu = erf; a ReLU is Add (the bias) + Relu, a squared one a Mul more
 GELU_OPS = {"gelu_tanh": "FastGelu", "gelu": "BiasGelu"}
-PLAIN_MLP_ACTS = (*GELU_OPS, "relu", "relu2")
+PLAIN_MLP_ACTS = (*GELU_OPS, "relu", "relu2", "xielu")
 
 
-def plain_mlp_in(g: "_Graph", x: str, fc_in, act: str, name: str) -> str:
+def plain_mlp_in(g: "_Graph", x: str, fc_in, act: str, name: str, module=None) -> str:
     """act(x @ fc_in + bias), a plain MLP's first half: MatMul, then FastGelu / BiasGelu with the bias as their
     input (a zero bias where fc_in has none: both ops take one), or Add + Relu (+ Mul by itself: squared).
-    `name` is the projection's."""
+    `name` is the projection's; `module`: the activation module (xIELU: its learned parameters)."""
+    if act == "xielu":
+        return _xielu(g, g.linear(x, [fc_in], name), xielu_params(module), f"{name}/act")
     if act in ("relu", "relu2"):
         r = g.op("Relu", [g.linear(x, [fc_in], name)], f"{name}/act/Relu")
         return r if act == "relu" else g.op("Mul", [r, r], f"{name}/act/Square")
@@ -245,8 +247,8 @@ def plain_mlp_in(g: "_Graph", x: str, fc_in, act: str, name: str) -> str:
 
 
 def activation(act, name: str, label: str | None = None) -> str:
-    """Which of ACTIVATIONS the module `act` computes (compared on [-8, 8]); UnsupportedModelError naming
-    `label` (the config's activation name, else the module's class) otherwise."""
+    """Which of ACTIVATIONS the module `act` computes (compared on [-8, 8]), or "xielu" (xielu_params);
+    UnsupportedModelError naming `label` (the config's activation name, else the module's class) otherwise."""
     label = label or type(act).__name__
     if isinstance(act, torch.nn.Module):
         x = torch.linspace(-8, 8, 801)
@@ -255,8 +257,39 @@ def activation(act, name: str, label: str | None = None) -> str:
         for key, fn in ACTIVATIONS.items():
             if torch.allclose(y, fn(x), rtol=0, atol=1e-5):
                 return key
+        if (params := xielu_params(act)) and torch.allclose(y, _xielu_torch(x, *params), rtol=0, atol=1e-5):
+            return "xielu"
     raise UnsupportedModelError(f"fused export: {name} {label!r} is not supported (supported: silu, gelu "
-                                "(erf), gelu with the tanh approximation, relu, squared relu)")
+                                "(erf), gelu with the tanh approximation, relu, squared relu, xielu)")
+
+
+def xielu_params(act) -> tuple[float, float, float, float] | None:
+    """(alpha_p, alpha_n, beta, eps) of an xIELU activation (Apertus'), the values its forward uses: its alpha_p
+    through softplus, beta + softplus of its alpha_n, computed in its parameters' dtype as it does; None for a
+    module without those parameters."""
+    if not all(isinstance(getattr(act, n, None), torch.Tensor) for n in ("alpha_p", "alpha_n", "beta", "eps")):
+        return None
+    with torch.no_grad():
+        return (float(torch.nn.functional.softplus(act.alpha_p)),
+                float(act.beta + torch.nn.functional.softplus(act.alpha_n)), float(act.beta), float(act.eps))
+
+
+def _xielu_torch(x, alpha_p: float, alpha_n: float, beta: float, eps: float):
+    negative = (torch.expm1(torch.clamp(x, max=eps)) - x) * alpha_n
+    return torch.where(x > 0, alpha_p * x * x, negative) + beta * x
+
+
+def _xielu(g: "_Graph", h: str, params: tuple, name: str) -> str:
+    """xIELU of h: beta x + (x > 0 ? alpha_p x^2 : alpha_n (exp(min(x, eps)) - 1 - x))."""
+    alpha_p, alpha_n, beta, eps = (g.const(f"{_param(name)}.{k}", np.array(v, np.float32))
+                                   for k, v in zip(("alpha_p", "alpha_n", "beta", "eps"), params))
+    one = g.const("/model/constants/FLOAT/1", np.array(1.0, np.float32))
+    positive = g.op("Mul", [g.op("Mul", [h, h], f"{name}/Square"), alpha_p], f"{name}/Mul_p")
+    expm1 = g.op("Sub", [g.op("Exp", [g.op("Min", [h, eps], f"{name}/Min")], f"{name}/Exp"), one], f"{name}/Expm1")
+    negative = g.op("Mul", [g.op("Sub", [expm1, h], f"{name}/Sub"), alpha_n], f"{name}/Mul_n")
+    zero = g.const("/model/constants/FLOAT/0", np.array(0.0, np.float32))
+    picked = g.op("Where", [g.op("Greater", [h, zero], f"{name}/Greater"), positive, negative], f"{name}/Where")
+    return g.op("Add", [picked, g.op("Mul", [h, beta], f"{name}/Mul_beta")], f"{name}/Add")
 
 
 def config_activation(config) -> str | None:
@@ -379,8 +412,14 @@ def layer_rotaries(model, arch) -> list:
             args = (*args[:at], still, *args[at + 1:])
         with torch.no_grad():
             again = attn(*args, **kwargs)
-        reads.append(rope if not _close(again[0] if isinstance(again, tuple) else again, out) else None)
+        reads.append(None if _unchanged(again[0] if isinstance(again, tuple) else again, out) else rope)
     return reads
+
+
+def _unchanged(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal to fp32 rounding relative to b's scale: a layer that reads no positions runs the very same ops without
+    them. (_close's absolute slack took a rotary layer with small outputs, heads pruned then low-rank, for one.)"""
+    return a.shape == b.shape and float((a.float() - b.float()).abs().max()) <= 1e-6 * (float(b.abs().max()) or 1.0)
 
 
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")  # cos/sin do not depend on the sequence length

@@ -47,8 +47,8 @@ Reshape [B, S, heads, head_dim] (a constant shape, no shape arithmetic), Simplif
 Reshape back before GQA; OLMo 2's span all heads (no Reshapes: 3 nodes); Cohere's LayerNorms with gains per head
 are a LayerNormalization with unit gains and a Mul by them (9 nodes).
 
-A plain MLP (up, activation, down) in blocks with RMSNorms (Arcee's squared ReLU) is up's MatMul, the activation
-(a Relu and a Mul by itself) and down's MatMul.
+A plain MLP (up, activation, down) in blocks with RMSNorms is up's MatMul, the activation (Arcee's squared ReLU: a
+Relu and a Mul by itself; Apertus' xIELU: its formula, 10 nodes, with each layer's learned values) and down's MatMul.
 
 A mixture of SwiGLU experts (Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, gpt-oss) is ONNX Runtime's MoE op: the router's
 MatMul on the rows [tokens, hidden], then softmax, top num_experts_per_tok (renormalized unless the config's
@@ -110,6 +110,20 @@ from .graph import (MS, PLAIN_MLP_ACTS, _close, _Graph, _is_linear, _np, _out_fe
                     mask_lengths, output_file, plain_mlp_in, probe_block, rms_norm, rope_caches, save)
 
 
+def _refuse_other_parts(arch: Architecture) -> None:
+    """A module with weights in block 0 beside its attention, MLP and norms (Granite-MoE-shared's shared_mlp) is
+    refused by name: the block probe would only say it is not wired as the writer writes."""
+    b = arch.blocks[0]
+    mlp = b.mlp
+    parts = [b.attn.name, mlp.name, *mlp.ins, mlp.out, *b.norms, mlp.router, mlp.experts, *(mlp.parallel or ())]
+    known = {n[len(b.name) + 1:].split(".")[0] for n in parts if n and n.startswith(b.name + ".")}
+    other = [n for n, m in arch.layers()[0].named_children()
+             if n not in known and next(m.parameters(), None) is not None]
+    if other:
+        raise UnsupportedModelError(f"fused export: block {b.name} holds {', '.join(other)} beside its attention, MLP "
+                                    "and norms, which the Llama writer does not write")
+
+
 def _window(model, attn, i: int) -> int | None:
     """Layer i's sliding window (keys a query sees, itself included), None for full attention. Qwen2 keeps it
     per layer on the attention module (layers below max_window_layers have none), Mistral and Phi-3 in the
@@ -134,6 +148,7 @@ def _check(model, arch: Architecture) -> dict:
                                         "of head 1, ...); the Llama writer takes separate q/k/v or one [q | k | v] "
                                         "projection")
     check_outside_blocks(model, arch, "Llama")
+    _refuse_other_parts(arch)
     probe = probe_block(model, arch, post_norms=True)
     if any(probe["post"]) and probe["residual_scale"] != 1.0:
         raise UnsupportedModelError("fused export: block 0 scales its sublayers' outputs and norms them too; the "
@@ -290,7 +305,7 @@ def _mlp(g: _Graph, arch: Architecture, i: int, x: str, p: str, act_label: str |
         if act not in PLAIN_MLP_ACTS:
             raise UnsupportedModelError(f"fused export: a plain MLP's activation {act_label or act!r} is not "
                                         f"supported (the Llama writer's plain MLPs take {', '.join(PLAIN_MLP_ACTS)})")
-        h = plain_mlp_in(g, x, arch.module(mlp.ins[0]), act, f"{p}/mlp/up_proj")
+        h = plain_mlp_in(g, x, arch.module(mlp.ins[0]), act, f"{p}/mlp/up_proj", arch.mlp_act(i))
         return g.linear(h, [arch.module(mlp.out)], f"{p}/mlp/down_proj", scale=scale)
     ins = [arch.module(n) for n in mlp.ins]
     if mlp.kind == "fused_gated" or all(_is_linear(m) for m in ins):

@@ -208,7 +208,8 @@ def build_neox(model, path: Path, *, max_length: int | None = None, arch: Archit
                                          attn_bias)
 
         act = activation(arch.mlp_act(i), "activation", label)
-        h = plain_mlp_in(g, x_mlp, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/dense_h_to_4h")
+        h = plain_mlp_in(g, x_mlp, arch.module(b.mlp.ins[0]), act, f"{p}/mlp/dense_h_to_4h",
+                         arch.mlp_act(i))
         mlp_out, bias = g.linear(h, [arch.module(b.mlp.out)], f"{p}/mlp/dense_4h_to_h", keep_bias=True)
         pending = mlp_out
         if probe["parallel"]:  # one pending sum, one bias (both projections' biases added ahead of time)
