@@ -7,8 +7,8 @@ measured decode speed against that bound.
 - `weight_bytes_per_token`: the weights a decode step reads, from the checkpoint's files (or GGUF file)
   without loading the model. Embedding tables that only a lookup reads (one row per token) are left out; a
   table the tied LM head multiplies by is counted; of a mixture of experts' tables (torch: `.experts.` tensors
-  and [experts, out, in] ones, Granite-MoE's; ONNX: MoE / QMoE inputs), the share of the k experts a token is
-  routed to."""
+  and [experts, ...] ones holding all of them, Granite-MoE's; ONNX: MoE / QMoE inputs), the share of the k experts
+  a token is routed to."""
 from __future__ import annotations
 
 import json
@@ -65,7 +65,7 @@ def weight_bytes_per_token(path: Path, kind: str) -> int | None:
     head_tables = ("embed_tokens.weight", "wte.weight") if tied else ()  # the tied head multiplies by these
     experts = next((config[f] for f in ("num_local_experts", "num_experts") if config.get(f)), None)
     share = config.get("num_experts_per_tok", 1) / experts if experts else 1.0  # each token: k of the experts
-    def expert_table(name: str) -> bool:  # an expert's tensor, or every expert's at once ([experts, out, in])
+    def expert_table(name: str) -> bool:  # an expert's tensor, or every expert's at once ([experts, ...])
         return ".experts." in name or (experts is not None and len(shapes[name]) == 3 and shapes[name][0] == experts)
 
     return round(sum(n * (share if expert_table(name) else 1.0) for name, n in tensors.items()

@@ -3,12 +3,12 @@
 `find(model)` probes the loaded model: the block list is the ModuleList of identical blocks holding the most parameters;
 inside a block, attention is the sub-tree that holds q/k/v projections (separate or fused), its output projection sits
 in the same sub-tree; the MLP is the pair (or triple) of projections outside it, or a mixture of experts (a ModuleList
-of expert MLPs, or two modules holding every expert's weights as [experts, out, in], and the router beside them:
-kind `moe`). The names probed are the ones Hugging Face families use (Llama /
-Qwen / Mistral / Gemma: q_proj..., gate_proj...; Phi-3: qkv_proj, gate_up_proj; GPT-NeoX: query_key_value,
-dense_h_to_4h; GPT-2: c_attn, c_fc; BERT / RoBERTa: query, intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes
-(heads, KV heads, head_dim, MLP width) are read from the weights' shapes, so a pruned model is described as it is now. A
-model whose parts cannot be found is refused with one `UnsupportedModelError` naming the part."""
+of expert MLPs, or [experts, ...] tensors holding every expert's weights, and the router beside them: kind `moe`). The
+names probed are the ones Hugging Face families use (Llama / Qwen / Mistral / Gemma: q_proj..., gate_proj...; Phi-3:
+qkv_proj, gate_up_proj; GPT-NeoX: query_key_value, dense_h_to_4h; GPT-2: c_attn, c_fc; BERT / RoBERTa: query,
+intermediate.dense; DistilBERT: q_lin, ffn.lin1); sizes (heads, KV heads, head_dim, MLP width) are read from the
+weights' shapes, so a pruned model is described as it is now. A model whose parts cannot be found is refused with one
+`UnsupportedModelError` naming the part."""
 from __future__ import annotations
 
 import copy
@@ -251,7 +251,7 @@ class Architecture:
         if found is None:
             raise self._refuse(f"MLP projections in block {i} (gated: gate_proj/up_proj/down_proj; fused: "
                                f"gate_up_proj/down_proj; plain: {', '.join('/'.join(p) for p in PLAIN)}; or "
-                               "experts: a ModuleList of them, or two modules with [experts, out, in] weights)")
+                               "experts: a ModuleList of them, or [experts, ...] tensors, Granite-MoE's or gpt-oss's)")
         kind, got = found
         parts = [n.split(".") for n in got]
         if any(seg.isdigit() for seg in parts[0]):  # experts.0.w1: the first expert of a ModuleList, not the MLP

@@ -90,8 +90,8 @@ the graph's metadata tells compress.edge's generate to recompute the cache there
 does.
 
 Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic), partial rotary over a width not a multiple of 16, activations other
-than SiLU / GELU / ReLU, per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
+(dynamic), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU / ReLU (and in plain
+MLPs the squared ReLU and xIELU), per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
 LayerNorms, blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear modules
 (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations
@@ -432,8 +432,8 @@ def _parallel_experts(arch: Architecture, mlp) -> tuple:
     """Experts held as [experts, ...] tensors (architecture.PARALLEL_EXPERTS) as the MoE op's tables, as
     _listed_experts returns them. Granite-MoE (out_in): SwiGLU, each expert's gate rows then its up rows,
     interleaved here. gpt-oss (in_out_interleaved): transposed, gate / up already interleaved, biases, and its
-    clamped SwiGLU, (min(up, limit) clamped below at -limit + 1) x gate' x sigmoid(alpha x gate') with gate' =
-    min(gate, limit): the op's activation_alpha, activation_beta 1 and swiglu_limit."""
+    clamped SwiGLU, (clamp(up, -limit, limit) + 1) x g x sigmoid(alpha x g) with g = min(gate, limit): the op's
+    swiglu_limit, activation_alpha and activation_beta 1."""
     w1, w2 = (_np(arch.model.get_parameter(n)) for n in mlp.parallel)
     if mlp.parallel_layout == "out_in":
         if activation(mlp.act, "expert activation") != "silu":

@@ -36,8 +36,8 @@ def keep_count(model: nn.Module, ad: Architecture, ratio: float, field: str = "p
 
 
 def keep_experts(model: nn.Module, ad: Architecture, i: int, keep: list[int]) -> None:
-    """Keep experts `keep` (sorted) of block i: its ModuleList (or the [experts, out, in] weights' slices of
-    parallel experts) and the router's rows (and bias) for them."""
+    """Keep experts `keep` (sorted) of block i: its ModuleList (or the slices of the [experts, ...] tensors holding
+    them, biases too) and the router's rows (and bias) for them."""
     b = ad.blocks[i].mlp
     router = model.get_submodule(b.router)
     idx, before = torch.tensor(keep), router.weight.shape[0]
