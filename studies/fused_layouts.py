@@ -66,6 +66,8 @@ LAYOUTS = {
     "Arcee (RMSNorms, plain MLP with a squared ReLU)": _hf("Arcee", **DEC, num_key_value_heads=1, head_dim=32),
     "Nemotron / Minitron (LayerNorm1P, squared ReLU, partial rotary)": _hf(
         "Nemotron", **DEC, num_key_value_heads=1, head_dim=32, partial_rotary_factor=0.5),
+    "Apertus (xIELU with learned parameters, q/k norms, plain MLP)": _hf(
+        "Apertus", **DEC, num_key_value_heads=1, head_dim=32, rope_scaling=None),
     "Granite, default multipliers": _hf("Granite", **DEC, num_key_value_heads=1),
     "Granite with multipliers": _hf("Granite", **DEC, num_key_value_heads=1, embedding_multiplier=12.0,
                                     residual_multiplier=0.22, attention_multiplier=0.125, logits_scaling=8.0),
