@@ -403,6 +403,21 @@ def test_biogpt_scaled_token_embeddings(tmp_path):
     assert_generates_like_torch(model, tmp_path, prompt(length=10), 12)
 
 
+def test_xglm_sinusoidal_positions_as_the_position_table(tmp_path):
+    """XGLM adds fixed sinusoidal positions (a `weights` buffer, rows read from offset 2) to its token embeddings
+    times sqrt(hidden): the GPT-2 writer read only nn.Embedding position tables, so XGLM went to the GPT-NeoX
+    writer and was refused; now the fixed table is its position table."""
+    from transformers import XGLMConfig, XGLMForCausalLM
+
+    torch.manual_seed(0)
+    model = XGLMForCausalLM(XGLMConfig(vocab_size=VOCAB, d_model=64, num_layers=LAYERS, attention_heads=2, ffn_dim=128,
+                                       max_position_embeddings=64, init_std=0.3, pad_token_id=0, bos_token_id=None,
+                                       eos_token_id=None)).eval()
+    figures = build_fused(model, tmp_path)
+    assert figures["cache_length"] == 64 and figures["ops"]["Mul"] == 1  # the embedding scale
+    assert_logits_match(model, EdgeModel(tmp_path, threads=1), prompt(batch=2, length=10))
+
+
 def test_head_pruned_opt_exports_with_the_kv_cache_by_default(tmp_path):
     """prune records OPT's cut heads as an attention_heads entry (its config keeps 4): optimum cannot export that
     with the KV cache, the fused writer does (it reads the widths from the modules)."""

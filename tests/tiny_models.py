@@ -172,6 +172,10 @@ def _family_specs() -> dict:
                   dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32)),
         "nemotron": (T.NemotronConfig, {lm: T.NemotronForCausalLM},
                      dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32, partial_rotary_factor=0.5)),
+        # XGLM: OPT's block with fixed sinusoidal positions (a buffer, offset 2) and token embeddings times sqrt(hidden)
+        "xglm": (T.XGLMConfig, {lm: T.XGLMForCausalLM},
+                 dict(vocab_size=VOCAB, d_model=32, num_layers=4, attention_heads=4, ffn_dim=64,
+                      max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=1)),
         # Apertus: a plain MLP with xIELU (learned parameters per layer), q / k norms, RMSNorms
         "apertus": (T.ApertusConfig, {lm: T.ApertusForCausalLM},
                     dict(dec, hidden_size=64, num_key_value_heads=2, head_dim=32, rope_scaling=None)),
@@ -225,8 +229,8 @@ FAMILIES = ("llama", "smollm2", "qwen2", "qwen3", "mistral", "gemma", "gemma3", 
 ENCODERS = ("bert", "roberta", "distilbert", "mpnet", "deberta_v2", "modernbert")
 # families studies/family_matrix.py shows beside FAMILIES, each pass on its own (tests/test_families.py chains every
 # pass, and these refuse one, mostly head pruning; tests/test_families.py checks what they take)
-MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "gpt_oss", "arcee", "nemotron", "apertus", "bloom",
-                "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
+MATRIX_EXTRA = ("falcon", "falcon_40b", "cohere", "granite_moe", "gpt_oss", "arcee", "nemotron", "apertus", "xglm",
+                "bloom", "mpt", "biogpt", "gptj", "mpnet", "deberta_v2", "modernbert")
 
 
 def family_tasks(name: str) -> tuple[str, ...]:

@@ -1,8 +1,8 @@
 """Hand-written ONNX graphs for decoders (few fused nodes per block): llama.py (Llama-shaped: Llama, SmolLM2, Mistral
 incl. its sliding window, Qwen2, Qwen3, Phi-3, Gemma 1-3, OLMo 1-3, SmolLM3, Granite, Cohere, EXAONE 4, GLM-4, ERNIE
-4.5, Arcee, Apertus, Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, gpt-oss), gpt2.py (GPT-2-shaped: GPT-2, OPT, BioGPT),
-neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential blocks: GPT-NeoX / Pythia, Phi, Falcon, GPT-J,
-CodeGen, BLOOM, MPT, Nemotron); graph.py holds what they share.
+4.5, Arcee, Apertus, Mixtral, Qwen2/3-MoE, OLMoE, Granite-MoE, gpt-oss), gpt2.py (GPT-2-shaped: GPT-2, OPT, BioGPT,
+XGLM), neox.py (LayerNorm, rotary or ALiBi positions, parallel or sequential blocks: GPT-NeoX / Pythia, Phi, Falcon,
+GPT-J, CodeGen, BLOOM, MPT, Nemotron); graph.py holds what they share.
 
 `build_fused` picks the writer for a model by its structure (compress.architecture.find), never by model_type;
 each writer refuses what it cannot write with UnsupportedModelError naming the part, and the export pass then

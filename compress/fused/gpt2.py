@@ -1,12 +1,12 @@
-"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel, OPTForCausalLM and
-BioGptForCausalLM, or any model_type with that layout), fp32.
+"""An op-by-op ONNX writer for GPT-2-shaped decoders (transformers' GPT2LMHeadModel, OPTForCausalLM,
+BioGptForCausalLM and XGLMForCausalLM, or any model_type with that layout), fp32.
 
 GPT-2-shaped is decided by structure (compress.architecture.find plus graph.py's probe_block), not by
 model_type: one packed [q heads | k heads | v heads] projection (c_attn, Conv1D or Linear) or separate q / k / v
 (OPT's, packed into one MatMul here), a plain MLP (c_fc / c_proj, OPT's fc1 / fc2) with a GELU or a ReLU, two
-LayerNorm pre-norms per block, a final LayerNorm, learned position embeddings (a second nn.Embedding outside
-the blocks, its rows read from an offset: OPT's start at 2) added to the token embeddings (times a scale: BioGPT's
-sqrt(hidden), read from block 0's input, one Mul), no rotary embedding.
+LayerNorm pre-norms per block, a final LayerNorm, position embeddings (a second nn.Embedding outside the blocks, or
+XGLM's fixed sinusoidal table, its rows read from an offset: OPT's and XGLM's start at 2) added to the token
+embeddings (times a scale: BioGPT's and XGLM's sqrt(hidden), read from block 0's input, one Mul), no rotary embedding.
 
 The same approach as llama.py (see its docstring for why), with GPT-2's parts:
 
@@ -72,9 +72,18 @@ def is_gpt2(model, arch: Architecture | None = None) -> bool:
 
 
 def _position_tables(model, arch: Architecture) -> list[str]:
-    """The nn.Embeddings (or subclasses: OPT's) of hidden width besides the token table."""
-    return [n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding) and n != arch.embedding
-            and m.embedding_dim == arch.hidden_size and not n.startswith(arch.layers_name + ".")]
+    """The position tables of hidden width outside the blocks besides the token table: nn.Embeddings (or
+    subclasses: OPT's), or a module keeping a fixed [positions, hidden] table (XGLM's sinusoidal `weights`)."""
+    return [n for n, m in model.named_modules() if n != arch.embedding and not n.startswith(arch.layers_name + ".")
+            and (t := _table(m)) is not None and t.shape[1] == arch.hidden_size]
+
+
+def _table(m) -> torch.Tensor | None:
+    """The [positions, width] rows a position module reads: an nn.Embedding's weight or a fixed `weights` table."""
+    if isinstance(m, torch.nn.Embedding):
+        return m.weight
+    t = getattr(m, "weights", None)
+    return t if isinstance(t, torch.Tensor) and t.dim() == 2 and not list(m.children()) else None
 
 
 def _positions(model, arch: Architecture) -> str:
@@ -112,9 +121,9 @@ def _check(model, arch: Architecture) -> dict:
     probe = probe_block(model, arch)
     refuse_parallel(probe, "GPT-2")
     n = probe["ids"].shape[1]
-    rows = wpe.weight.shape[0] - n
-    for k in range(min(rows, 3) + 1):  # OPT and BioGPT read position p from row p + 2
-        pos = wpe.weight[k:k + n].detach()
+    rows = _table(wpe).shape[0] - n
+    for k in range(min(rows, 3) + 1):  # OPT, BioGPT and XGLM read position p from row p + 2
+        pos = _table(wpe)[k:k + n].detach()
         scale = 1.0 if _close(probe["x"], probe["tokens"] + pos) else float(
             np.float32(fit_scale(probe["x"] - pos, probe["tokens"])))  # BioGPT: sqrt(hidden)
         if _close(probe["x"], scale * probe["tokens"] + pos):
@@ -135,7 +144,7 @@ def build_gpt2(model, path: Path, *, max_length: int | None = None, arch: Archit
     cfg = model.config
     wpe_name = _positions(model, arch)
     wte, wpe, head = arch.module(arch.embedding), arch.module(wpe_name), arch.module(arch.head)
-    wpe_table = _np(wpe.weight)[probe["offset"]:]  # the rows positions 0, 1, ... read
+    wpe_table = _np(_table(wpe))[probe["offset"]:]  # the rows positions 0, 1, ... read
     positions = wpe_table.shape[0]
     if max_length and max_length > positions:
         raise UnsupportedModelError(f"fused export: max_length {max_length} exceeds gpt2's {positions} positions")

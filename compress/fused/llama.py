@@ -89,9 +89,9 @@ factors' cos / sin rows and GroupQueryAttention's position_ids pick them per run
 the graph's metadata tells compress.edge's generate to recompute the cache there, as transformers' Phi-3 generation
 does.
 
-Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types
-(dynamic), partial rotary over a width not a multiple of 16, activations other than SiLU / GELU / ReLU (and in plain
-MLPs the squared ReLU and xIELU), per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
+Not supported yet (refused with UnsupportedModelError, naming the part): sequence-length dependent rope types (dynamic),
+partial rotary over a width not a multiple of 16, activations other than SiLU / GELU / ReLU (and in plain MLPs the
+squared ReLU and xIELU), per-head packed qkv (GPT-NeoX's: neox.py), q / k norms other than RMSNorms and per-head
 LayerNorms, blocks with other steps than the norms, attention, MLP and a residual multiplier, non-Linear modules
 (quantized layers, low-rank embeddings), fp16/bf16 graphs."""
 from __future__ import annotations

@@ -107,7 +107,7 @@ class Export(Pass):
     # 3: gate and up packed into one MatMul; 4: rotary caches computed at session start, Gemma 2 / 3, OLMo 2,
     # SmolLM3 fused; 5: BLOOM, Falcon with alibi, GPT-J, CodeGen fused (their stored steps held optimum's graph);
     # 6: MPT, OLMo (1), BioGPT and mixtures of experts (ONNX Runtime's MoE op) fused; 7: Falcon-40B / Falcon2,
-    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope, Arcee, Nemotron and Apertus fused
+    # Cohere's q / k norms, Granite-MoE, gpt-oss, longrope, Arcee, Nemotron, Apertus and XGLM fused
     quantized_input_fix = ("export the float model and quantize on the ONNX side afterwards "
                            "(quantize: {method: ort-int8-dynamic})")
 

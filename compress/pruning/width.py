@@ -108,11 +108,11 @@ def _head_rows(heads: list[int], hd: int) -> torch.Tensor:
 
 def _set_head_attrs(attn: nn.Module, n_q: int, n_kv: int, hd: int) -> None:
     """Head counts some attention modules keep as attributes (read in forward), and the width of the heads
-    where a module keeps it (StableLM's hidden_size, ModernBERT's all_head_size: their attention outputs are
-    reshaped to it)."""
+    where a module keeps it (StableLM's hidden_size, ModernBERT's all_head_size, XGLM's embed_dim: their attention
+    outputs are reshaped to it)."""
     heads = next((v for a in ("num_heads", "num_attention_heads") if isinstance(v := getattr(attn, a, None), int)),
                  None)
-    for width in ("hidden_size", "all_head_size"):
+    for width in ("hidden_size", "all_head_size", "embed_dim"):
         if heads is not None and getattr(attn, width, None) == heads * hd:
             setattr(attn, width, n_q * hd)
     for attr, value in (("num_heads", n_q), ("num_attention_heads", n_q), ("num_key_value_heads", n_kv),
