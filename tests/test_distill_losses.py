@@ -277,3 +277,40 @@ def test_a_models_digest_takes_zero_dimensional_tensors_of_any_width():
     assert tensor_digest(half) == tensor_digest(half.clone())
     assert tensor_digest(half) != tensor_digest(torch.tensor(0.25, dtype=torch.bfloat16))
     assert tensor_digest(half) != tensor_digest(half.reshape(1))  # the shape is part of it
+
+
+def test_the_default_layer_map_of_a_student_deeper_than_its_teacher_stays_in_range():
+    """round((i + 1) * L_t / L_s) - 1 gave teacher layer -1 to a deeper student's first layers, and the run stopped
+    on a layer_map the user never wrote."""
+    deeper = losses.default_layer_map(8, 4)
+    assert min(deeper.values()) == 0 and deeper[7] == 3 and list(deeper.values()) == sorted(deeper.values())
+    assert losses.default_layer_map(3, 1) == {0: 0, 1: 0, 2: 0}
+    assert losses.default_layer_map(2, 4) == {0: 1, 1: 3}  # a shallower student: as before
+
+
+def test_a_students_key_value_heads_that_do_not_divide_its_heads_are_refused():
+    """A student.config num_key_value_heads of 3 with 4 heads was silently replaced by 4; the fallback to plain
+    multi-head attention stays for a head count the inherited grouping no longer divides."""
+    from tiny_models import tiny_llama
+
+    from compress.distill.students import fresh_student
+
+    with pytest.raises(ConfigError, match=r"distill.student.config.num_key_value_heads: 3 does not divide "
+                                          r"num_attention_heads 4"):
+        fresh_student(tiny_llama(), {"num_key_value_heads": 3}, "causal-lm")
+    student = fresh_student(tiny_llama(), {"num_attention_heads": 2, "hidden_size": 32}, "causal-lm")
+    assert student.config.num_key_value_heads in (1, 2)
+
+
+def test_every_teacher_of_an_embedding_student_counts_with_its_weight():
+    """Multi-teacher distillation of a feature-extraction model took its target from the first teacher only;
+    now it is the teachers' pooled embeddings averaged with their normalized weights."""
+    from types import SimpleNamespace
+
+    from compress.distill.objective import teacher_embedding
+
+    mask = torch.tensor([[1, 1, 0]])
+    outs = [SimpleNamespace(last_hidden_state=torch.full((1, 3, 2), v)) for v in (1.0, 3.0)]
+    teachers = [SimpleNamespace(weight=1.0), SimpleNamespace(weight=3.0)]
+    torch.testing.assert_close(teacher_embedding(teachers, outs, mask), torch.full((1, 2), 2.5))
+    torch.testing.assert_close(teacher_embedding(teachers[:1], outs[:1], mask), torch.full((1, 2), 1.0))

@@ -10,8 +10,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from ..models import mean_pool
 from .examples import Examples
+from .objective import teacher_embedding
 
 
 def evaluator(task: str, examples: Examples, teachers: list, device) -> Callable[[torch.nn.Module], dict]:
@@ -45,7 +45,7 @@ def evaluator(task: str, examples: Examples, teachers: list, device) -> Callable
         for b in examples.batches(16):
             ids, mask = b["input_ids"].to(device), b["attention_mask"].to(device)
             s = module(input_ids=ids, attention_mask=mask)["embedding"]
-            t = mean_pool(teachers[0].model(input_ids=ids, attention_mask=mask).last_hidden_state, mask)
+            t = teacher_embedding(teachers, [t.model(input_ids=ids, attention_mask=mask) for t in teachers], mask)
             sims.append(F.cosine_similarity(s.float(), t.float(), dim=-1).cpu())
         cos = float(torch.cat(sims).mean())
         return {"metric": cos, "cosine_to_teacher": round(cos, 5), "higher_is_better": True}

@@ -116,8 +116,9 @@ def attention_loss(student_attn: torch.Tensor, teacher_attn: torch.Tensor,
 
 
 def default_layer_map(student_layers: int, teacher_layers: int) -> dict[int, int]:
-    """Student layer i -> teacher layer round((i + 1) * L_t / L_s) - 1 (the last layers always meet)."""
-    return {i: int(round((i + 1) * teacher_layers / student_layers)) - 1 for i in range(student_layers)}
+    """Student layer i -> teacher layer round((i + 1) * L_t / L_s) - 1 (the last layers always meet), at least 0
+    (a student deeper than its teacher mapped its first layers to -1)."""
+    return {i: max(0, int(round((i + 1) * teacher_layers / student_layers)) - 1) for i in range(student_layers)}
 
 
 def temperature_at(step: int, total_steps: int, start: float, end: float | None, schedule: str) -> float:

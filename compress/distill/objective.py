@@ -69,6 +69,13 @@ class DistillModule(nn.Module):
         return res
 
 
+def teacher_embedding(teachers: list[Teacher], outs: list, mask: torch.Tensor) -> torch.Tensor:
+    """A feature-extraction student's target: the teachers' mean-pooled embeddings averaged with their weights
+    (normalized, as the logits' soft targets are)."""
+    total = sum(t.weight for t in teachers)
+    return sum(t.weight / total * mean_pool(o.last_hidden_state, mask) for t, o in zip(teachers, outs))
+
+
 @dataclass
 class Objective:
     """The loss of one training step. `loss` holds the options; the rest is resolved by the distill pass."""
@@ -114,7 +121,7 @@ class Objective:
         parts: dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=ids.device)
         if self.task == "feature-extraction":
-            t_emb = mean_pool(t_outs[0].last_hidden_state, mask)
+            t_emb = teacher_embedding(self.teachers, t_outs, mask)  # every teacher (it read the first only)
             parts["embed"] = losses.representation_loss(out["embedding"], t_emb, c.embedding_loss)
             total = total + parts["embed"]
         else:

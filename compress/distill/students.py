@@ -111,6 +111,9 @@ def fresh_student(model: nn.Module, overrides: dict, task: str) -> nn.Module:
         raise ConfigError(f"distill.student.config: hidden_size {cfg.hidden_size} is not divisible by "
                           f"num_attention_heads {heads}")
     if getattr(cfg, "num_key_value_heads", None) and heads and heads % cfg.num_key_value_heads:
+        if standard.get("num_key_value_heads", "num_key_value_heads") in {standard.get(k, k) for k in overrides}:
+            raise ConfigError(f"distill.student.config.num_key_value_heads: {cfg.num_key_value_heads} does not divide "
+                              f"num_attention_heads {heads}; give a divisor of it")
         cfg.num_key_value_heads = heads  # plain multi-head attention when the old GQA grouping no longer fits
     if "head_dim" in cfg.to_dict() and "hidden_size" in overrides and "head_dim" not in overrides and heads:
         cfg.head_dim = cfg.hidden_size // heads

@@ -110,6 +110,10 @@ class Distill(Pass):
         if layer_map:
             info["layer_map"] = {str(i): j for i, j in layer_map.items()}
         t_width = hidden_width(teachers[0].model) if teachers else None
+        widths = sorted({hidden_width(t.model) for t in teachers})
+        if task == "feature-extraction" and len(widths) > 1:
+            raise ConfigError(f"distill.teacher: the teachers' embeddings are {widths} wide and the student learns "
+                              "their weighted average; give teachers of one width")
         torch.manual_seed(seed)  # projections start the same in every process
         module = DistillModule(student, task, layer_map, t_width, hidden=c.hidden_weight > 0,
                                attentions=c.attention_weight > 0).to(device)
