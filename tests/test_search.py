@@ -866,6 +866,21 @@ def test_a_rerun_on_other_data_refuses_the_old_study(tiny_llama_dir, tmp_path, c
     assert len(_trials(out)["trials"]) == 2
 
 
+def test_a_rerun_with_another_seed_refuses_the_old_study(tiny_llama_dir, tmp_path, capsys):
+    """Every pass is seeded from the pipeline's seed: a study resumed under another one reported the old trials'
+    figures and wrote a best.yaml (with the new seed) whose model was never measured."""
+    config = _config(tmp_path, tiny_llama_dir, factors=(1.0,))
+    out = tmp_path / "runs"
+    assert main(["search", str(config), "--output-dir", str(out)]) == 0
+    capsys.readouterr()
+    cfg = yaml.safe_load(config.read_text())
+    cfg["seed"] = 7
+    changed = tmp_path / "seeded.yaml"
+    changed.write_text(yaml.safe_dump(cfg))
+    assert main(["search", str(changed), "--output-dir", str(out), "--trials", "3"]) == 2
+    assert "was measured with other seed settings than this config's" in capsys.readouterr().err
+
+
 def test_a_storage_that_is_not_a_database_url_is_bad_input_not_a_traceback(tiny_llama_dir, tmp_path, capsys):
     config = _config(tmp_path, tiny_llama_dir)
     for storage, why in [(str(tmp_path / "study.db"), "ArgumentError: Could not parse SQLAlchemy URL"),

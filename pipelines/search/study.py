@@ -142,6 +142,8 @@ def open_study(setup: SearchSetup, url: str, seed: int):
     # nor with another model, data, fixed pass option or measurement: its figures would sit beside the old ones
     wanted = json.loads(json.dumps(_conditions(setup)))
     stored = study.user_attrs.get("conditions")
+    if stored is not None and "seed" not in stored:  # recorded before the seed was: measured at the default, 0
+        stored = {**stored, "seed": 0}
     if stored is None:
         study.set_user_attr("conditions", wanted)
     elif stored != wanted:
@@ -153,8 +155,10 @@ def open_study(setup: SearchSetup, url: str, seed: int):
 
 
 def _conditions(setup: SearchSetup) -> dict:
-    """What a trial's figures depend on besides its searched values."""
-    config = setup.pipeline.config.model_dump(mode="json", include={"model", "task", "data", "passes", "benchmark"})
+    """What a trial's figures depend on besides its searched values: the seed too (every pass is seeded from it;
+    a study resumed under another seed chose a recipe whose model was never measured)."""
+    config = setup.pipeline.config.model_dump(mode="json", include={"model", "task", "data", "passes", "benchmark",
+                                                                     "seed"})
     screen = setup.settings.screen
     return {**config, "screen": {"max_tokens": screen.max_tokens, "max_examples": screen.max_examples}}
 
