@@ -4,14 +4,15 @@
 
 Each family (tests/tiny_models.py: Llama, SmolLM2-shaped, Qwen2, Qwen3, Mistral, Gemma, Gemma 3, Phi-3, SmolLM3,
 Granite, GPT-NeoX, Pythia-shaped GPT-NeoX, Phi, StableLM, OPT, GPT-2, BERT, RoBERTa, DistilBERT, and beside the chain
-tests' families Falcon, BLOOM, MPT, BioGPT, GPT-J, MPNet, DeBERTa-v2, ModernBERT; encoders as classifiers and feature
-extractors) goes through each pass on its own, from the unpruned model: distill (a keep-layers student), prune MLP /
-heads / layers / hidden width, lowrank, export, int8 (export then quantize ort-int8-dynamic). A torch cell is "reloads +
-matches" when compress.load in a fresh process (and plain from_pretrained when the structure is stock) gives the
-in-memory model's outputs within 1e-5; export when the ONNX model's greedy tokens (decoders, through the KV
-cache when it has one) equal torch's, or its outputs are within 1e-3 (encoders); int8 when the quantize
-pass's discrepancy check passes and the checkpoint reloads. A refusal is shown with its message. Writes
-README.md and results.json to --out. Tiny models: a few minutes on one core."""
+tests' families Falcon (7B's and 40B's layouts), Cohere with q/k norms, Granite-MoE, gpt-oss, Arcee, Nemotron, Apertus,
+XGLM, BLOOM, MPT, BioGPT, GPT-J, MPNet, DeBERTa-v2, ModernBERT; encoders as classifiers and feature extractors) goes
+through each pass on its own, from the unpruned model: distill (a keep-layers student), prune MLP / heads / layers /
+hidden width, lowrank, export, int8 (export then quantize ort-int8-dynamic). A torch cell is "reloads + matches" when
+compress.load in a fresh process (and plain from_pretrained when the structure is stock) gives the in-memory model's
+outputs within 1e-5; export when the ONNX model's greedy tokens (decoders, through the KV cache when it has one) equal
+torch's, or its outputs are within 1e-3 (encoders); int8 when the quantize pass's discrepancy check passes and the
+checkpoint reloads. A refusal is shown with its message. Writes README.md and results.json to --out. Tiny models: a few
+minutes on one core."""
 from __future__ import annotations
 
 import argparse
