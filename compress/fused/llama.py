@@ -389,8 +389,7 @@ def _moe(g: _Graph, arch: Architecture, i: int, x: str, p: str, scale: float) ->
         return path[len(mlp.name) + 1:].split(".")[0]
 
     known = {child(n) for n in (mlp.experts, mlp.router, *(mlp.parallel or ())) if n}
-    known |= {"shared_expert", "shared_expert_gate"} | ({n for n, m in holder.named_children() if m is mlp.act}
-                                                        if mlp.parallel else set())
+    known |= {"shared_expert", "shared_expert_gate"} | {n for n, m in holder.named_children() if m is mlp.act}
     other = [n for n, _ in holder.named_children() if n not in known]
     if other:
         raise UnsupportedModelError(f"fused export: {mlp.name} holds {', '.join(other)} besides its router and "
